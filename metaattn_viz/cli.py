@@ -46,7 +46,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="do not log runs to DuckDB")
     p.set_defaults(handler=_cmd_serve)
 
+    p = sub.add_parser("route", help="route a prompt (and optionally generate) and print the trace")
+    p.add_argument("--prompt", required=True, help="text to route")
+    _add_routing_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate (default 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_model_args(p)
+    _add_db_args(p)
+    p.add_argument("--json", action="store_true", help="print the trace as one JSON object")
+    p.set_defaults(handler=_cmd_route)
+
     return parser
+
+
+def _add_routing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", default="0.5",
+                   help="mean notional cost per decision in [0.15, 1], or 'none' for the "
+                        "posterior's own argmax (default 0.5)")
+    p.add_argument("--controller", default="bayes", choices=["bayes", "priorfree"])
+    p.add_argument("--scope", default="layer", choices=["layer", "global"],
+                   help="budget met by every layer (default) or over all layers")
+    p.add_argument("--hedge", default="off", choices=["off", "soft", "full"],
+                   help="hedging policy for uncertain cheap decisions (default off)")
+    p.add_argument("--hedge-threshold", type=float, default=0.9,
+                   help="total uncertainty (fraction of log 3) above which to hedge")
+    p.add_argument("--window", type=int, default=64, help="local expert window (default 64)")
+    p.add_argument("--sinks", type=int, default=4, help="attention sinks (default 4)")
+
+
+def _add_db_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
+    g.add_argument("--no-log", action="store_true", help="do not log this run")
+
+
+def settings_from_args(args):
+    from metaattn_viz.settings import RoutingSettings
+
+    budget = None if str(args.budget).strip().lower() == "none" else args.budget
+    if budget is not None:
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise UserError(f"--budget must be a number in [0.15, 1] or 'none', got "
+                            f"{args.budget!r}") from None
+    return RoutingSettings(budget=budget, scope=args.scope, hedge_policy=args.hedge,
+                           hedge_threshold=args.hedge_threshold, window=args.window,
+                           n_sink=args.sinks)
 
 
 def _cmd_serve(args) -> int:
@@ -54,6 +102,43 @@ def _cmd_serve(args) -> int:
 
     serve(host=args.host, port=args.port, model=args.model, db=args.db, log_runs=not args.no_log)
     return 0
+
+
+def _cmd_route(args) -> int:
+    import json
+
+    from metaattn_viz.routing import RoutedModel, Sampling
+
+    settings = settings_from_args(args)  # validate before loading anything
+    sampling = Sampling(temperature=args.temperature, seed=args.seed)
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty: give some text to route")
+    routed = RoutedModel.load(args.model)
+    trace = routed.route(args.prompt, settings, max_new_tokens=args.max_new_tokens,
+                         controller=args.controller, sampling=sampling, chat=args.chat)
+    if not args.no_log:
+        trace.run_id = _log_trace(trace, args.db)
+    if args.json:
+        print(json.dumps(trace.to_json(), ensure_ascii=False))
+    else:
+        from metaattn_viz.report import trace_table
+
+        print(trace_table(trace))
+    return 0
+
+
+def _log_trace(trace, db) -> str | None:
+    """Write a finished trace to the routing log; a log problem never loses the result."""
+    from metaattn_viz import store
+
+    try:
+        log = store.RunLog(db)
+        run_id = log.start_run(trace, kind="route")
+        log.finish(run_id, trace, status="done")
+        return run_id
+    except store.StoreUnavailable as exc:
+        print(f"warning: run not logged: {exc}", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ def tiny_config(arch: str = "llama", **overrides):
     """A tiny random causal-LM config with RoPE and grouped-query attention."""
     import transformers
 
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    common = dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=16,
                   max_position_embeddings=1024, tie_word_embeddings=False)
     common.update(overrides)

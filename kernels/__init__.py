@@ -1,0 +1,73 @@
+"""Routed attention: one dispatch API over the experts' kernels.
+
+`routed_attention(q, k, v, weights, ...)` mixes three causal attention experts per
+token (full, linear, local; ids FULL, LINEAR, LOCAL) and runs each only on the rows
+routed to it. Backends: "reference" (dense PyTorch twins, the specification),
+"cpu" (fast PyTorch path, also the autograd path on any device), "triton" (CUDA, or
+the Triton interpreter when TRITON_INTERPRET=1), "auto" (triton for CUDA tensors
+that need no gradient, cpu otherwise). Triton is imported lazily, only when used.
+
+Never: import metaattn_viz, or know how the routing weights were chosen (no
+controllers, Dirichlets, budgets here).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.checks import check_routed_attention_args
+from kernels.experts import EXPERTS, FULL, LINEAR, LOCAL
+from kernels.flops import attention_flops
+
+__all__ = ["FULL", "LINEAR", "LOCAL", "EXPERTS", "routed_attention", "routes_to_weights",
+           "attention_flops", "resolve_backend"]
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """The backend "auto" stands for with these tensors; other names are returned as given."""
+    if backend != "auto":
+        return backend
+    if tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return "triton"
+    return "cpu"
+
+
+def routed_attention(q, k, v, weights, *, window: int, n_sink: int, scale: float | None = None,
+                     linear_state=None, backend: str = "auto", eps: float = 1e-6):
+    """Per-token mixture of the full, linear and local attention experts.
+
+    q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D], Tk >= Tq, Hq % Hkv == 0 (grouped-query).
+    Query i sits at absolute position Tk - Tq + i, key j at position j (KV-cache layout).
+    weights: [B, Tq, 3] non-negative mixing weights over (full, linear, local), shared by
+    all heads; an expert is computed only for rows where its weight is > 0.
+    Experts (causal): full = softmax(scale q k^T) over keys j <= p_i; local = softmax
+    over j in [p_i - window + 1, p_i] plus the first n_sink keys; linear = phi(q)^T S_i /
+    (phi(q)^T z_i + eps), phi = elu + 1, S_i, z_i summing phi(k_j) v_j^T, phi(k_j) over j <= p_i.
+    linear_state: None or (S [B, Hkv, D, D], z [B, Hkv, D]) float32 summarising the keys
+    before position Tk - Tq (None: summed from k, v).
+    Returns (y [B, Hq, Tq, D] in q's dtype, (S, z) float32 after all Tk keys).
+    Bad arguments raise ValueError naming the argument.
+    """
+    check_routed_attention_args(q, k, v, weights, window, n_sink, scale, linear_state, backend, eps)
+    args = dict(window=window, n_sink=n_sink, scale=scale, linear_state=linear_state, eps=eps)
+    backend = resolve_backend(backend, q, k, v, weights)
+    if backend == "reference":
+        from kernels.reference import routed_attention_reference
+        return routed_attention_reference(q, k, v, weights, **args)
+    if backend == "cpu":
+        from kernels.cpu import routed_attention_cpu
+        return routed_attention_cpu(q, k, v, weights, **args)
+    if q.dtype == torch.float64:
+        raise ValueError("backend='triton' takes float16, bfloat16 or float32 tensors, got torch.float64")
+    from kernels.triton_routed import routed_attention_triton
+    return routed_attention_triton(q, k, v, weights, **args)
+
+
+def routes_to_weights(routes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Hard routes [B, T] of expert ids -> one-hot weights [B, T, 3]; unknown ids raise ValueError."""
+    if not isinstance(routes, torch.Tensor) or routes.dtype.is_floating_point or routes.dtype == torch.bool:
+        raise ValueError("routes must be an integer tensor of expert ids")
+    if routes.numel() and (int(routes.min()) < 0 or int(routes.max()) >= len(EXPERTS)):
+        raise ValueError(f"routes must hold expert ids in 0..{len(EXPERTS) - 1} {EXPERTS}, "
+                         f"got values in [{int(routes.min())}, {int(routes.max())}]")
+    return torch.nn.functional.one_hot(routes.long(), len(EXPERTS)).to(dtype)

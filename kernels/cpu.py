@@ -1,0 +1,211 @@
+"""Routed attention in plain PyTorch: the fast path on CPU (and the autograd path anywhere).
+
+Each expert runs only on the rows routed to it (weight > 0), in batched blocks with no
+per-token Python loop:
+
+- full: the routed rows in position order, blocks of FULL_BLOCK rows, each block against
+  keys [0, its last position] (key blocks beyond are skipped); all rows full in a
+  prefill go straight to SDPA (flash kernel, causal).
+- local: rows grouped by tiles of LOCAL_TILE positions; a tile reads one band of
+  LOCAL_TILE + window - 1 keys plus the n_sink sink keys.
+- linear: chunks of LINEAR_CHUNK positions; per-chunk states phi(k)^T [v, 1] summed
+  by a cumulative sum give the state before each chunk, the chunk itself is quadratic.
+  The state is updated with every key whatever its route.
+
+A decode step (Tq = 1) thus reads the whole cache for full, window + sinks for local
+and the recurrent state plus the new key for linear. K/V heads are never repeated:
+queries are reshaped to [B, Hkv, G * rows, D] so each kv head serves its G query heads
+in one matmul. Everything is differentiable (no in-place ops on graph tensors).
+
+Never: validate arguments (kernels.checks does), import metaattn_viz, or know how the
+weights were chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.experts import FULL, LINEAR, LOCAL
+from kernels.reference import compute_dtype, feature_map
+from kernels.rows import sorted_rows, tiled_rows
+
+FULL_BLOCK = 256    # query rows per step of the gathered full expert
+LOCAL_TILE = 32     # positions per tile of the local expert
+LINEAR_CHUNK = 64   # positions per chunk of the linear expert
+
+
+def _gather_queries(q_bt: torch.Tensor, rows: torch.Tensor, hkv: int) -> torch.Tensor:
+    """q_bt [B, Tq, Hq, D], rows [B, *R] -> [B, Hkv, *R[:-1], G * R[-1], D] (G query heads per kv head)."""
+    b, _, hq, d = q_bt.shape
+    g = hq // hkv
+    bidx = torch.arange(b, device=rows.device).view(b, *([1] * (rows.dim() - 1)))
+    x = q_bt[bidx, rows]  # [B, *R, Hq, D]
+    x = x.view(*rows.shape, hkv, g, d)  # [B, *R, Hkv, G, D]
+    nr = rows.dim() - 1
+    # move Hkv to dim 1 and G next to the last row axis
+    perm = [0, nr + 1, *range(1, nr), nr + 2, nr, nr + 3]
+    x = x.permute(perm)  # [B, Hkv, *R[:-1], G, R[-1], D]
+    return x.reshape(b, hkv, *rows.shape[1:-1], g * rows.shape[-1], d)
+
+
+def _scatter_rows(o: torch.Tensor, rows: torch.Tensor, hq: int) -> torch.Tensor:
+    """Inverse layout of _gather_queries: o [B, Hkv, *R[:-1], G * R[-1], D] -> [B * prod(R), Hq, D]."""
+    b, hkv = o.shape[:2]
+    d = o.shape[-1]
+    g = hq // hkv
+    nr = rows.dim() - 1
+    x = o.reshape(b, hkv, *rows.shape[1:-1], g, rows.shape[-1], d)  # [B, Hkv, *R[:-1], G, R[-1], D]
+    perm = [0, *range(2, nr + 1), nr + 2, 1, nr + 1, nr + 3]
+    return x.permute(perm).reshape(-1, hq, d)  # [B * prod(R), Hq, D]
+
+
+def _row_positions(rows: torch.Tensor, g: int, p0: int) -> torch.Tensor:
+    """rows [B, *R] -> absolute positions laid out like the gathered queries: [B, 1, *R[:-1], G * R[-1], 1]."""
+    pos = (rows + p0).unsqueeze(-2).expand(*rows.shape[:-1], g, rows.shape[-1])  # [B, *R[:-1], G, R[-1]]
+    return pos.reshape(*rows.shape[:-1], -1).unsqueeze(1).unsqueeze(-1)
+
+
+def _rows_to_heads(q_bt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q_bt [B, Tq, Hq, D], rows [B, *R] -> the gathered rows [B, *R[:-1], Hq, R[-1], D]."""
+    bidx = torch.arange(q_bt.shape[0], device=rows.device).view(-1, *([1] * (rows.dim() - 1)))
+    return q_bt[bidx, rows].transpose(-2, -3)
+
+
+def _full_rows(q_bt, k, v, active, scale, p0):
+    """Full expert on the active rows. Returns (o [B * N, Hq, D], rows [B, N], valid [B, N]).
+
+    Rows go in blocks of FULL_BLOCK in position order; a block reads keys [0, its last
+    position] only, through SDPA with the block's staircase mask.
+    """
+    sr = sorted_rows(active)
+    outs = []
+    for start in range(0, sr.rows.shape[1], FULL_BLOCK):
+        rows = sr.rows[:, start:start + FULL_BLOCK]  # [B, m]
+        end = int(rows.max()) + p0 + 1  # keys past the block's last row are never read
+        allowed = torch.arange(end, device=k.device) <= (rows + p0)[:, None, :, None]  # [B, 1, m, end]
+        outs.append(F.scaled_dot_product_attention(
+            _rows_to_heads(q_bt, rows), k[:, :, :end], v[:, :, :end], attn_mask=allowed, scale=scale,
+            enable_gqa=k.shape[1] != q_bt.shape[2]))  # [B, Hq, m, D]
+    o = torch.cat(outs, dim=2).transpose(1, 2)  # [B, N, Hq, D]
+    return o.reshape(-1, *o.shape[2:]), sr.rows, sr.valid
+
+
+def _local_rows(q_bt, k, v, active, scale, p0, window, n_sink):
+    """Local expert (window + sinks) on the active rows, by position tiles.
+
+    A tile of LOCAL_TILE positions reads one band of keys, [tile start - window + 1,
+    tile end], plus the sink keys that lie before the band; tiles are SDPA's batch.
+    Returns (o [B * nA * M, Hq, D], rows [B, nA, M], valid [B, nA, M]).
+    """
+    b, hkv, tk, d = k.shape
+    hq = q_bt.shape[2]
+    tile = min(LOCAL_TILE, q_bt.shape[1])
+    tr = tiled_rows(active, tile)
+    n_a, m = tr.rows.shape[1:]
+    band = min(tile + window - 1, tk)
+    lo = (p0 + tr.tiles * tile - window + 1).clamp(min=0)  # [nA] first key of each tile's band
+    n_s = min(n_sink, tk)
+    kpos = torch.cat([torch.arange(n_s, device=k.device).expand(n_a, n_s),
+                      lo[:, None] + torch.arange(band, device=k.device)], dim=1)  # [nA, L]
+    kidx = kpos.clamp(max=tk - 1)
+    in_band = torch.arange(kpos.shape[1], device=k.device) >= n_s  # [L]
+    kpos = kpos[None, :, None, :]  # [1, nA, 1, L]
+    qpos = (tr.rows + p0)[..., None]  # [B, nA, M, 1]
+    # a sink already inside the window is counted by the band, not twice
+    allowed = (kpos <= qpos) & torch.where(in_band, kpos > qpos - window, kpos <= qpos - window)  # [B, nA, M, L]
+    qg = _rows_to_heads(q_bt, tr.rows).reshape(b * n_a, hq, m, d)  # [B * nA, Hq, M, D]
+    kg = k[:, :, kidx].transpose(1, 2).reshape(b * n_a, hkv, -1, d)  # [B * nA, Hkv, L, D]
+    vg = v[:, :, kidx].transpose(1, 2).reshape(b * n_a, hkv, -1, d)
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed.reshape(b * n_a, 1, m, -1), scale=scale,
+                                       enable_gqa=hkv != hq)  # [B * nA, Hq, M, D]
+    o = o.view(b, n_a, hq, m, d).transpose(2, 3)  # [B, nA, M, Hq, D]
+    return o.reshape(-1, hq, d), tr.rows, tr.valid
+
+
+def _augment(v: torch.Tensor) -> torch.Tensor:
+    """[.., T, D] -> [.., T, D + 1]: a ones column makes the normaliser z ride along with S."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def _linear_state_aug(k, v, linear_state, p0, ct):
+    """Augmented state [S | z] [B, Hkv, D, D + 1] of all keys before position p0."""
+    if linear_state is not None:
+        s, z = linear_state
+        return torch.cat([s.to(ct), z.to(ct)[..., None]], dim=-1)
+    pk = feature_map(k[:, :, :p0])  # [B, Hkv, p0, D]
+    return pk.transpose(-1, -2) @ _augment(v[:, :, :p0])  # [B, Hkv, D, D + 1]
+
+
+def _linear_rows(q_bt, k, v, active, p0, s0, eps, need_rows):
+    """Linear expert on the active rows, chunked; also the state after all keys.
+
+    Returns (o [B * nA * M, Hq, D] or None, rows, valid, state_aug [B, Hkv, D, D + 1]).
+    """
+    hq, (b, hkv, tk, d) = q_bt.shape[2], k.shape
+    g = hq // hkv
+    tq = tk - p0
+    pk = feature_map(k[:, :, p0:])  # [B, Hkv, Tq, D]
+    va = _augment(v[:, :, p0:])  # [B, Hkv, Tq, D + 1]
+    if not need_rows:
+        return None, None, None, s0 + pk.transpose(-1, -2) @ va
+    chunk = min(LINEAR_CHUNK, tq)
+    n_ch = -(-tq // chunk)
+    pad = n_ch * chunk - tq
+    pk = F.pad(pk, (0, 0, 0, pad)).view(b, hkv, n_ch, chunk, d)  # zero phi(k): padding adds nothing
+    va = F.pad(va, (0, 0, 0, pad)).view(b, hkv, n_ch, chunk, d + 1)
+    kv = pk.transpose(-1, -2) @ va  # [B, Hkv, nC, D, D + 1]
+    cum = kv.cumsum(dim=2)
+    before = s0[:, :, None] + torch.cat([torch.zeros_like(kv[:, :, :1]), cum[:, :, :-1]], dim=2)
+    tr = tiled_rows(active, chunk)
+    pq = feature_map(_gather_queries(q_bt, tr.rows, hkv))  # [B, Hkv, nA, G * M, D]
+    qpos = _row_positions(tr.rows, g, p0)  # [B, 1, nA, G * M, 1]
+    kpos = (p0 + tr.tiles[:, None] * chunk + torch.arange(chunk, device=k.device))[None, None, :, None, :]
+    a = (pq @ pk[:, :, tr.tiles].transpose(-1, -2)).masked_fill(kpos > qpos, 0.0)  # [B, Hkv, nA, G * M, C]
+    num = a @ va[:, :, tr.tiles] + pq @ before[:, :, tr.tiles]  # [B, Hkv, nA, G * M, D + 1]
+    o = num[..., :d] / (num[..., d:] + eps)
+    return _scatter_rows(o, tr.rows, hq), tr.rows, tr.valid, s0 + cum[:, :, -1]
+
+
+def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: float | None = None,
+                         linear_state=None, eps: float = 1e-6):
+    """Routed attention, each expert on its own rows only. Arguments as kernels.routed_attention."""
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    p0 = tk - tq
+    scale = d ** -0.5 if scale is None else float(scale)
+    out_dtype, ct = q.dtype, compute_dtype(q.dtype)
+    q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    w = weights.to(ct)
+    active = weights > 0  # [B, Tq, 3]
+    bidx = torch.arange(b, device=q.device)
+    y = q.new_zeros(b * tq, hq, d)  # [B * Tq, Hq, D]
+    dense = []  # (expert, o [B, Hq, Tq, D]) for experts every row is routed to
+
+    def add(y, o, rows, valid, e):
+        bi = bidx.view(b, *([1] * (rows.dim() - 1)))
+        wr = (w[bi, rows, e] * valid).reshape(-1, 1, 1)  # padding rows get weight 0
+        return y.index_add(0, (bi * tq + rows).reshape(-1), o * wr)
+
+    act_full = active[..., FULL]
+    if bool(act_full.all()) and (tq == tk or tq == 1):
+        dense.append((FULL, F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale,
+                                                           enable_gqa=hq != hkv)))
+    elif bool(act_full.any()):
+        y = add(y, *_full_rows(q.transpose(1, 2), k, v, act_full, scale, p0), FULL)
+
+    act_local = active[..., LOCAL]
+    if bool(act_local.any()):
+        y = add(y, *_local_rows(q.transpose(1, 2), k, v, act_local, scale, p0, window, n_sink), LOCAL)
+
+    act_lin = active[..., LINEAR]
+    s0 = _linear_state_aug(k, v, linear_state, p0, ct)
+    o, rows, valid, state = _linear_rows(q.transpose(1, 2), k, v, act_lin, p0, s0, eps, bool(act_lin.any()))
+    if o is not None:
+        y = add(y, o, rows, valid, LINEAR)
+
+    y = y.view(b, tq, hq, d).transpose(1, 2)  # [B, Hq, Tq, D]
+    for e, o in dense:
+        y = y + w[:, None, :, e, None] * o
+    new_state = (state[..., :d].float(), state[..., d].float())
+    return y.to(out_dtype), new_state

@@ -1,0 +1,130 @@
+"""Routing policy under a compute budget (docs/meta-attention.md §6).
+
+Hard routing: k_t(lambda) = argmax_k [log m_{t,k} - lambda c_k]. The mean cost falls
+monotonically as lambda grows, so bisection finds the lambda whose realised mean cost is
+closest to the budget B. Decode-time: lambda follows the running cost by dual ascent.
+Hedging: a decision routed to a cheap expert whose uncertainty exceeds the threshold is
+mixed softly over the experts with non-negligible weight, or escalated to full attention;
+its real cost (every expert it computes) counts against the budget.
+
+Pure tensor maths on [N, K] posteriors: never sees the model, the kernels or the UI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metaattn_viz.settings import COSTS, FULL, LINEAR, MIN_COST, RoutingSettings
+
+LAM_MAX = 1.0e4  # |lambda| beyond which every decision is already at an extreme
+_BISECT_STEPS = 64
+
+
+@dataclass
+class Decisions:
+    routes: torch.Tensor  # [N] long: the expert each decision chose
+    weights: torch.Tensor  # [N, K] mixing weights actually applied (one-hot unless hedged)
+    hedged: torch.Tensor  # [N] bool
+    cost: torch.Tensor  # [N] real notional cost (sum over the experts computed)
+
+
+def costs_tensor(device=None) -> torch.Tensor:
+    return torch.tensor(COSTS, dtype=torch.float32, device=device)
+
+
+def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSettings) -> Decisions:
+    """Route N decisions. m: [N, K] posterior means; uncertainty: [N] (fraction of log K);
+    lam: scalar or [N] tensor."""
+    c = costs_tensor(m.device)
+    lam_t = torch.as_tensor(lam, dtype=torch.float32, device=m.device)
+    if lam_t.dim() == 1:
+        lam_t = lam_t[:, None]
+    score = torch.log(m.float().clamp_min(1e-30)) - lam_t * c  # [N, K]
+    routes = score.argmax(-1)  # [N]
+    weights = torch.nn.functional.one_hot(routes, len(COSTS)).to(m.dtype)  # [N, K]
+    hedged = torch.zeros_like(routes, dtype=torch.bool)
+    if settings.hedge_policy != "off":
+        hedged = (routes != FULL) & (uncertainty > settings.hedge_threshold)
+        if hedged.any():
+            if settings.hedge_policy == "full":
+                soft = torch.nn.functional.one_hot(torch.full_like(routes, FULL), len(COSTS))
+                soft = soft.to(m.dtype)
+            else:
+                keep = (m >= settings.hedge_min_weight) | weights.bool()
+                soft = m * keep
+                soft = soft / soft.sum(-1, keepdim=True)
+            weights = torch.where(hedged[:, None], soft, weights)
+    cost = ((weights > 0).to(c.dtype) * c).sum(-1)  # [N]
+    return Decisions(routes, weights, hedged, cost)
+
+
+def all_to(expert: int, n: int, device=None) -> Decisions:
+    routes = torch.full((n,), expert, dtype=torch.long, device=device)
+    weights = torch.nn.functional.one_hot(routes, len(COSTS)).float()
+    return Decisions(routes, weights, torch.zeros(n, dtype=torch.bool, device=device),
+                     torch.full((n,), COSTS[expert], device=device))
+
+
+def extreme_lambda(budget: float) -> float | None:
+    """The lambda of a budget at either end of the range, or None if it must be solved."""
+    if budget >= 1.0:
+        return -LAM_MAX
+    if budget <= MIN_COST:
+        return LAM_MAX
+    return None
+
+
+def solve_lambda(m: torch.Tensor, uncertainty: torch.Tensor, budget: float,
+                 settings: RoutingSettings) -> float:
+    """The lambda whose realised mean cost over these decisions is closest to the budget."""
+    ext = extreme_lambda(budget)
+    if ext is not None:
+        return ext
+
+    def mean_cost(lam: float) -> float:
+        return float(decide(m, uncertainty, lam, settings).cost.mean())
+
+    lo, hi = -LAM_MAX, LAM_MAX  # cost(lo) >= budget > cost(hi) is what we keep
+    c_lo, c_hi = mean_cost(lo), mean_cost(hi)
+    if c_hi >= budget:
+        return hi
+    if c_lo <= budget:
+        return lo
+    for _ in range(_BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        c_mid = mean_cost(mid)
+        if c_mid >= budget:
+            lo, c_lo = mid, c_mid
+        else:
+            hi, c_hi = mid, c_mid
+        if hi - lo < 1e-6:
+            break
+    return lo if abs(c_lo - budget) <= abs(c_hi - budget) else hi
+
+
+def route_under_budget(m: torch.Tensor, uncertainty: torch.Tensor,
+                       settings: RoutingSettings) -> tuple[Decisions, float]:
+    """One group of decisions (a layer, or all layers) meeting settings' budget or lambda."""
+    n = m.shape[0]
+    if settings.lam is not None:
+        return decide(m, uncertainty, settings.lam, settings), settings.lam
+    if settings.budget is None:
+        return decide(m, uncertainty, 0.0, settings), 0.0
+    if settings.budget >= 1.0:
+        return all_to(FULL, n, m.device), -LAM_MAX
+    if settings.budget <= MIN_COST:
+        return all_to(LINEAR, n, m.device), LAM_MAX
+    lam = solve_lambda(m, uncertainty, settings.budget, settings)
+    return decide(m, uncertainty, lam, settings), lam
+
+
+def dual_ascent(lam: float, cost: float, settings: RoutingSettings) -> float:
+    """Decode-time update lambda <- lambda + eta (cost_t - B), so the running mean tracks B."""
+    if settings.lam is not None or settings.budget is None:
+        return lam
+    if extreme_lambda(settings.budget) is not None:
+        return extreme_lambda(settings.budget)
+    lam = lam + settings.dual_step * (cost - settings.budget)
+    return float(min(max(lam, -LAM_MAX), LAM_MAX))

@@ -1,0 +1,207 @@
+"""The meta-controllers: one small network per layer reading a token's causal features.
+
+- Bayesian: u_t -> Linear(D+2, H) -> GELU -> Linear(H, K) -> softplus + beta_min = beta_t,
+  the concentrations of the Dirichlet posterior q(alpha_t | x) = Dir(beta_t).
+- Prior-free baseline (the paper's ablation): the same network ending in a softmax, a point
+  estimate of the routing weights.
+
+Features (all causal, so prefill and token-by-token decoding route identically): the
+normalised attention input h_t, the residual-stream salience ||x_t|| / sqrt(D), and the
+position feature log(1+t) / log(1+T_ref) (never normalised by the current length).
+
+Weights are stored as safetensors plus a meta.json; a content hash of the weights names
+exactly which controllers ran. This module never imports gradio, kernels or the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metaattn_viz import paths
+from metaattn_viz.dirichlet import prior_concentration
+from metaattn_viz.settings import COSTS
+
+log = logging.getLogger(__name__)
+
+KINDS = ("bayes", "priorfree")
+WEIGHTS_FILE = "controller.safetensors"
+META_FILE = "meta.json"
+
+
+@dataclass
+class ControllerConfig:
+    kind: str = "bayes"
+    d_model: int = 576
+    n_layers: int = 30
+    hidden: int = 96
+    n_experts: int = 3
+    beta_min: float = 0.05
+    t_ref: int = 2048
+    prior_strength: float = 3.0
+    prior_gamma: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"controller must be one of {KINDS}, got {self.kind!r}")
+
+
+class LayerController(nn.Module):
+    """The per-layer network: features u_t [.., D+2] -> raw scores [.., K]."""
+
+    def __init__(self, d_in: int, hidden: int, n_experts: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, n_experts)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(u)))
+
+
+class ControllerStack(nn.Module):
+    """All layers' controllers plus what they need to turn scores into routing weights."""
+
+    def __init__(self, config: ControllerConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList(
+            LayerController(config.d_model + 2, config.hidden, config.n_experts)
+            for _ in range(config.n_layers))
+        alpha0 = prior_concentration(COSTS[: config.n_experts], config.prior_strength,
+                                     config.prior_gamma)
+        self.register_buffer("alpha0", alpha0, persistent=False)
+        with torch.no_grad():
+            for layer in self.layers:
+                for lin in (layer.fc1, layer.fc2):
+                    bound = 1.0 / math.sqrt(lin.in_features)
+                    lin.weight.uniform_(-bound, bound, generator=gen)
+                    lin.bias.zero_()
+                layer.fc2.weight.mul_(0.1)
+                if config.kind == "bayes":  # start at the prior: softplus(b) + beta_min = alpha0
+                    target = (alpha0 - config.beta_min).clamp_min(1e-3)
+                    layer.fc2.bias.copy_(target + torch.log(-torch.expm1(-target)))
+        self.trained = False
+        self.meta: dict = {}
+        self._hash: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def point_estimate(self) -> bool:
+        return self.config.kind == "priorfree"
+
+    def features(self, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """u_t = [h_t, ||x_t||/sqrt(D), log(1+t)/log(1+T_ref)]   h, x: [B, T, D]; positions [T]."""
+        d = x.shape[-1]
+        salience = x.float().norm(dim=-1, keepdim=True) / math.sqrt(d)  # [B, T, 1]
+        pos = torch.log1p(positions.float()) / math.log1p(self.config.t_ref)  # [T]
+        pos = pos.view(1, -1, 1).expand(x.shape[0], -1, 1)  # [B, T, 1]
+        return torch.cat([h.float(), salience, pos], dim=-1)  # [B, T, D+2]
+
+    def concentration(self, layer: int, h, x, positions) -> torch.Tensor:
+        """Bayesian: beta [B, T, K] (> beta_min). Prior-free: its probability vector [B, T, K]."""
+        scores = self.layers[layer](self.features(h, x, positions))
+        if self.config.kind == "bayes":
+            return F.softplus(scores) + self.config.beta_min
+        return torch.softmax(scores, dim=-1)
+
+    # -- identity ---------------------------------------------------------------------------
+    def content_hash(self) -> str:
+        if self._hash is None:
+            h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+            for name, t in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            self._hash = h.hexdigest()[:16]
+        return self._hash
+
+    def invalidate_hash(self) -> None:
+        self._hash = None
+
+    @property
+    def controller_id(self) -> str:
+        state = "trained" if self.trained else "untrained"
+        return f"{self.kind}-{state}-{self.content_hash()}"
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, folder: Path, meta: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        tmp.replace(folder / WEIGHTS_FILE)
+        self.invalidate_hash()
+        full_meta = {"config": asdict(self.config), "content_hash": self.content_hash(),
+                     **(meta or {})}
+        (folder / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        self.meta = full_meta
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> ControllerStack:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text())
+        stack = cls(ControllerConfig(**meta["config"]))
+        stack.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        stack.trained = True
+        stack.meta = meta
+        stack.eval()
+        return stack
+
+
+@dataclass
+class ControllerChoice:
+    stack: ControllerStack
+    source: str  # folder it came from, or "untrained"
+    notes: list[str] = field(default_factory=list)
+
+
+def default_folder(model_slug: str, kind: str) -> Path:
+    return paths.CONTROLLERS_DIR / model_slug / kind
+
+
+def config_for_model(model_config, kind: str) -> ControllerConfig:
+    return ControllerConfig(kind=kind, d_model=model_config.hidden_size,
+                            n_layers=model_config.num_hidden_layers)
+
+
+def load_for_model(model_config, model_slug: str, kind: str = "bayes",
+                   folder: Path | None = None) -> ControllerChoice:
+    """The shipped controllers for this model, or untrained ones (said plainly) if none fit."""
+    if kind not in KINDS:
+        raise ValueError(f"controller must be one of {KINDS}, got {kind!r}")
+    folder = Path(folder) if folder else default_folder(model_slug, kind)
+    expected = config_for_model(model_config, kind)
+    notes = []
+    if (folder / WEIGHTS_FILE).is_file():
+        try:
+            stack = ControllerStack.load(folder)
+            c = stack.config
+            if (c.kind, c.d_model, c.n_layers) == (kind, expected.d_model, expected.n_layers):
+                return ControllerChoice(stack, str(folder))
+            notes.append(f"{folder}: made for another model shape ({c.kind}, D={c.d_model}, "
+                         f"L={c.n_layers})")
+        except Exception as exc:  # corrupt file: fall back, and say so
+            notes.append(f"{folder}: unreadable ({type(exc).__name__}: {exc})")
+    else:
+        notes.append(f"no trained {kind} controllers at {folder}")
+    for n in notes:
+        log.warning("%s; using UNTRAINED controllers (run `metaattn-viz calibrate`)", n)
+    stack = ControllerStack(expected)
+    stack.eval()
+    return ControllerChoice(stack, "untrained", notes)

@@ -1,0 +1,553 @@
+"""The routed model: a pretrained Hugging Face causal LM whose every attention layer routes
+every token to full, linear or local attention through the meta-controller.
+
+Plugging in (no forked model code): an attention function is registered with transformers'
+``AttentionInterface`` under the name "metaattn"; forward pre-hooks on each decoder layer
+and its attention module capture the residual stream x and the normalised attention input
+h that the controller reads. Outside a routing session the function is plain SDPA, so the
+model behaves exactly as before (``model.generate`` keeps working, with its KV cache).
+
+A *session* (thread-local, so several requests can share one model) carries the settings,
+the controllers, the lambdas of the budget solver, the linear experts' recurrent state per
+layer, and the records of every decision. Phases are told apart by shapes: a forward whose
+keys are as many as its queries is a prefill (lambda solved per layer); one with a cache is
+a decode step (lambda follows the running cost by dual ascent). The routing *policy* lives
+in budget.py and controller.py; the *mechanics* (experts) in the kernels package.
+
+Padded batches are not supported: every row of a batch must be a full, unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import kernels
+from metaattn_viz import budget as budget_mod
+from metaattn_viz.controller import ControllerStack, load_for_model
+from metaattn_viz.dirichlet import entropy_of_mean
+from metaattn_viz.settings import COSTS, FULL, LINEAR, MIN_COST, RoutingSettings
+from metaattn_viz.trace import RoutingTrace
+
+log = logging.getLogger(__name__)
+
+ATTN_NAME = "metaattn"
+K = len(COSTS)
+_LOG_K = math.log(K)
+_local = threading.local()
+_registered = False
+_register_lock = threading.Lock()
+
+
+def _current() -> Session | None:
+    return getattr(_local, "session", None)
+
+
+def _dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+def metaattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       **kwargs):
+    """transformers attention function: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D]
+    (post-RoPE, cache included) -> ([B, Tq, Hq, D], None)."""
+    session = _current()
+    if session is None or session.mode == "dense":
+        return _dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                dropout=dropout, **kwargs)
+    return session.attend(module, query, key, value, scaling), None
+
+
+def register_attention() -> None:
+    global _registered
+    with _register_lock:
+        if not _registered:
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(ATTN_NAME, metaattn_attention)
+            _registered = True
+
+
+@dataclass
+class TrainRouting:
+    """How a calibration session mixes experts: a reparameterised Dirichlet sample (Bayes) or
+    the softmax point estimate (prior-free); with ``hard`` the forward pass uses the one-hot
+    argmax and the gradient flows through the soft weights (straight-through)."""
+
+    hard: bool = False
+    generator: torch.Generator | None = None
+
+
+class Session:
+    """State of one routed pass (prefill + decode steps) in one thread."""
+
+    def __init__(self, routed: RoutedModel, controller: ControllerStack,
+                 settings: RoutingSettings, mode: str = "route", train: TrainRouting | None = None,
+                 lam=None, forced_weights=None, capture_qk: bool = False):
+        self.routed = routed
+        self.controller = controller
+        self.settings = settings
+        self.mode = mode  # "route" | "dense" | "train"
+        self.train = train
+        L = routed.n_layers
+        self.x: list = [None] * L
+        self.h: list = [None] * L
+        self.lin_state: list = [None] * L
+        self.lin_len = [0] * L
+        # lambda per layer: None until the prefill solves it (or given: global scope, replay)
+        self.lam: list[float | None] = list(lam) if lam is not None else [None] * L
+        self.lam_given = lam is not None
+        self.forced = forced_weights  # [L] list of [B, T, K] tensors, or None
+        self.capture_qk = capture_qk
+        self.qk: list = [None] * L
+        self.records: list[list[dict]] = [[] for _ in range(L)]
+        self._decode_cost = 0.0
+        self.beta_graph: list = []  # training: (layer, beta) with graph, for the KL term
+
+    # -- capture hooks ----------------------------------------------------------------------
+    def capture(self, which: str, layer: int, hidden: torch.Tensor) -> None:
+        (self.x if which == "x" else self.h)[layer] = hidden
+
+    # -- the routed attention ---------------------------------------------------------------
+    def attend(self, module, q, k, v, scaling):
+        layer = module.layer_idx
+        B, Hq, Tq, D = q.shape
+        Tk = k.shape[2]
+        offset = Tk - Tq
+        s = self.settings
+        x, h = self.x[layer], self.h[layer]
+        if x is None or h is None or x.shape[1] != Tq:
+            raise RuntimeError("routing hooks did not capture this layer's input; is the model "
+                               "installed with RoutedModel?")
+        positions = torch.arange(offset, Tk, device=q.device)
+        beta = self.controller.concentration(layer, h, x, positions)  # [B, Tq, K]
+
+        if self.mode == "train":
+            weights = self._train_weights(beta)
+            self.beta_graph.append((layer, beta))
+            rec = None
+        else:
+            beta = beta.detach()
+            weights, rec = self._route(layer, beta, offset)
+
+        state = self.lin_state[layer] if (offset > 0 and self.lin_len[layer] == offset) else None
+        if self.mode != "train" and s.dense and self.forced is None and not self.capture_qk:
+            # Budget 1: every decision is full attention, which is exactly the dense model.
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=Hq != k.shape[1])
+            self.lin_state[layer], self.lin_len[layer] = None, 0
+        else:
+            backend = "reference" if self.mode == "train" else s.backend
+            y, new_state = kernels.routed_attention(
+                q, k, v, weights.to(q.dtype), window=s.window, n_sink=s.n_sink, scale=scaling,
+                linear_state=state, backend=backend)
+            self.lin_state[layer], self.lin_len[layer] = new_state, Tk
+        if self.capture_qk:
+            self.qk[layer] = (q.detach(), k.detach(), scaling)
+        if rec is not None:
+            self.records[layer].append(rec)
+        self.x[layer] = self.h[layer] = None
+        return y.transpose(1, 2).contiguous()  # [B, Tq, Hq, D]
+
+    def _train_weights(self, beta: torch.Tensor) -> torch.Tensor:
+        if self.controller.point_estimate:
+            w = beta
+        else:
+            w = torch.distributions.Dirichlet(beta).rsample()
+            w = w.clamp_min(1e-6)
+            w = w / w.sum(-1, keepdim=True)
+        if self.train is not None and self.train.hard:
+            hard = torch.nn.functional.one_hot(w.argmax(-1), K).to(w.dtype)
+            w = hard + w - w.detach()
+        return w
+
+    def _route(self, layer: int, beta: torch.Tensor, offset: int):
+        B, Tq, _ = beta.shape
+        s = self.settings
+        m = beta / beta.sum(-1, keepdim=True)  # [B, Tq, K]
+        flat_m = m.reshape(-1, K).float()
+        unc = entropy_of_mean(flat_m) / _LOG_K  # [N]
+        n = flat_m.shape[0]
+        if self.forced is not None:
+            w = self.forced[layer].reshape(-1, K).to(flat_m)
+            routes = w.argmax(-1)
+            hedged = (w > 0).sum(-1) > 1
+            dec = budget_mod.Decisions(routes, w, hedged, ((w > 0).float()
+                                                           * budget_mod.costs_tensor()).sum(-1))
+            lam = 0.0
+        elif s.dense:
+            dec, lam = budget_mod.all_to(FULL, n), -budget_mod.LAM_MAX
+        elif s.lam is None and s.budget is not None and s.budget <= MIN_COST:
+            dec, lam = budget_mod.all_to(LINEAR, n), budget_mod.LAM_MAX
+        elif self.lam[layer] is None or (offset == 0 and not self.lam_given):
+            # a prefill: this layer's lambda meets the budget over its own decisions
+            dec, lam = budget_mod.route_under_budget(flat_m, unc, s)
+            self.lam[layer] = lam
+        else:
+            lam = self.lam[layer]
+            dec = budget_mod.decide(flat_m, unc, lam, s)
+            if offset > 0:  # a decode step: lambda follows the running cost
+                self._dual_ascent(layer, float(dec.cost.mean()))
+        rec = {"beta": beta.float().cpu(), "routes": dec.routes.view(B, Tq).cpu(),
+               "hedged": dec.hedged.view(B, Tq).cpu(), "weights": dec.weights.view(B, Tq, K).cpu(),
+               "cost": dec.cost.view(B, Tq).cpu(), "lam": torch.full((B, Tq), float(lam))}
+        return dec.weights.view(B, Tq, K), rec
+
+    def _dual_ascent(self, layer: int, cost: float) -> None:
+        s = self.settings
+        if s.lam is not None or s.budget is None:
+            return
+        if s.scope == "layer":
+            self.lam[layer] = budget_mod.dual_ascent(self.lam[layer], cost, s)
+            return
+        self._decode_cost += cost
+        if layer == self.routed.n_layers - 1:  # one global update per token, after all layers
+            mean_cost = self._decode_cost / self.routed.n_layers
+            new = budget_mod.dual_ascent(self.lam[layer], mean_cost, s)
+            self.lam = [new] * self.routed.n_layers
+            self._decode_cost = 0.0
+
+    # -- results ----------------------------------------------------------------------------
+    def pop_records(self) -> dict[str, np.ndarray] | None:
+        """Every decision since the last pop: arrays [L, B, T, ...] (numpy)."""
+        if not self.records[0]:
+            return None
+        out = {}
+        for key in self.records[0][0]:
+            per_layer = [torch.cat([r[key] for r in recs], dim=1) for recs in self.records]
+            out[key] = torch.stack(per_layer).numpy()
+        self.records = [[] for _ in self.records]
+        return out
+
+
+@dataclass
+class Sampling:
+    """Decoding settings: greedy when temperature == 0."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        t = float(self.temperature)
+        if not math.isfinite(t) or not 0.0 <= t <= 5.0:
+            raise ValueError(f"temperature must be a finite number in [0, 5], got "
+                             f"{self.temperature!r}")
+        p = float(self.top_p)
+        if not math.isfinite(p) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [B, T, V]
+    records: dict
+    lam: list
+    cache: object
+    passes: int = 1
+    session: Session | None = field(default=None, repr=False)
+
+
+class RoutedModel:
+    """A causal LM plus its controllers. Thread-safe for concurrent sessions."""
+
+    def __init__(self, model, tokenizer, controllers: dict[str, ControllerStack],
+                 name: str = "model", controller_sources: dict | None = None):
+        register_attention()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.controllers = controllers
+        self.controller_sources = controller_sources or {}
+        cfg = model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self._install()
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | None = None, controllers_dir: dict | None = None) -> RoutedModel:
+        """Load the model (model_loading) and both controllers (shipped ones, else untrained)."""
+        from metaattn_viz import model_loading
+
+        loaded = model_loading.load(model)
+        return cls.from_loaded(loaded, controllers_dir)
+
+    @classmethod
+    def from_loaded(cls, loaded, controllers_dir: dict | None = None) -> RoutedModel:
+        controllers, sources = {}, {}
+        for kind in ("bayes", "priorfree"):
+            folder = (controllers_dir or {}).get(kind)
+            choice = load_for_model(loaded.model.config, loaded.slug, kind, folder)
+            controllers[kind], sources[kind] = choice.stack, choice.source
+        return cls(loaded.model, loaded.tokenizer, controllers, loaded.name, sources)
+
+    def _install(self) -> None:
+        model = self.model
+        model.set_attn_implementation(ATTN_NAME)
+        layers = _decoder_layers(model)
+        if len(layers) != self.n_layers:
+            raise ValueError(f"found {len(layers)} decoder layers, config says {self.n_layers}")
+        for idx, layer in enumerate(layers):
+            attn = layer.self_attn
+            if getattr(attn, "layer_idx", idx) != idx:
+                raise ValueError("attention modules must carry their layer_idx")
+            layer.register_forward_pre_hook(_capture_hook("x", idx), with_kwargs=True)
+            attn.register_forward_pre_hook(_capture_hook("h", idx), with_kwargs=True)
+
+    def controller(self, kind: str) -> ControllerStack:
+        if kind not in self.controllers:
+            raise ValueError(f"controller must be one of {sorted(self.controllers)}, got {kind!r}")
+        return self.controllers[kind]
+
+    @contextlib.contextmanager
+    def session(self, settings: RoutingSettings, controller: str | ControllerStack = "bayes",
+                **kwargs):
+        stack = controller if isinstance(controller, ControllerStack) else self.controller(controller)
+        sess = Session(self, stack, settings, **kwargs)
+        prev = _current()
+        _local.session = sess
+        try:
+            yield sess
+        finally:
+            _local.session = prev
+
+    # -- passes -----------------------------------------------------------------------------
+    def dense_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The unrouted model's logits [B, T, V] (the shadow pass for quality)."""
+        with torch.no_grad(), self.session(RoutingSettings(budget=1.0), mode="dense"):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def prefill(self, input_ids: torch.Tensor, settings: RoutingSettings,
+                controller: str | ControllerStack = "bayes", forced_weights=None,
+                capture_qk: bool = False, use_cache: bool = True) -> PrefillResult:
+        """Route a whole text in one forward (two or three for the global scope)."""
+        from transformers import DynamicCache
+
+        def one_pass(s: RoutingSettings, lam=None):
+            cache = DynamicCache() if use_cache else None
+            with torch.no_grad(), self.session(s, controller, lam=lam,
+                                               forced_weights=forced_weights,
+                                               capture_qk=capture_qk) as sess:
+                out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=use_cache)
+            return PrefillResult(out.logits, sess.pop_records(), list(sess.lam), cache, 1, sess)
+
+        needs_global = (settings.scope == "global" and settings.lam is None
+                        and settings.budget is not None and forced_weights is None
+                        and budget_mod.extreme_lambda(settings.budget) is None)
+        if not needs_global:
+            return one_pass(settings)
+        # Global scope: one lambda for all layers. Each layer's posterior depends on the
+        # routes of the layers below, so solve on a per-layer-routed pass, route with that
+        # lambda, and re-solve once more on the resulting posteriors if still off budget.
+        res = one_pass(settings.with_(scope="layer"))
+        best, passes = None, 1
+        for _ in range(2):
+            lam = self._solve_global(res.records, settings)
+            res = one_pass(settings, lam=[lam] * self.n_layers)
+            passes += 1
+            gap = abs(float(res.records["cost"].mean()) - settings.budget)
+            if best is None or gap < best[0]:
+                best = (gap, res)
+            if gap <= 0.01:
+                break
+        best[1].passes = passes
+        return best[1]
+
+    def _solve_global(self, records: dict, settings: RoutingSettings) -> float:
+        beta = torch.from_numpy(records["beta"]).reshape(-1, K)
+        m = beta / beta.sum(-1, keepdim=True)
+        unc = entropy_of_mean(m) / _LOG_K
+        return budget_mod.solve_lambda(m, unc, settings.budget, settings)
+
+    # -- text -> trace ------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be text")
+        if not prompt.strip():
+            raise ValueError("prompt is empty: type some text to route")
+        tok = self.tokenizer
+        if chat and getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                          add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("prompt is empty after tokenisation")
+        return list(ids)
+
+    def token_texts(self, ids) -> list[str]:
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def new_trace(self, controller: str, settings: RoutingSettings, prompt: str = "") -> RoutingTrace:
+        stack = self.controller(controller)
+        return RoutingTrace(model=self.name, controller=controller,
+                            controller_id=stack.controller_id, controller_trained=stack.trained,
+                            settings=settings, n_layers=self.n_layers, head_dim=self.head_dim,
+                            prompt=prompt)
+
+    def _extend(self, trace: RoutingTrace, ids, rec: dict) -> None:
+        b = 0  # batch row
+        trace.extend(ids, self.token_texts(ids), rec["beta"][:, b], rec["routes"][:, b],
+                     rec["hedged"][:, b], rec["weights"][:, b], rec["cost"][:, b], rec["lam"][:, b])
+
+    def stream(self, prompt: str | list[int], settings: RoutingSettings | None = None,
+               max_new_tokens: int = 64, controller: str = "bayes",
+               sampling: Sampling | None = None, chat: bool = False,
+               stop_event: threading.Event | None = None, max_context: int | None = None):
+        """Prefill the prompt, then decode token by token; yields the growing trace after the
+        prefill and after every new token (the same object, extended in place)."""
+        settings = settings or RoutingSettings()
+        sampling = sampling or Sampling()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not (
+                0 <= max_new_tokens <= 4096):
+            raise ValueError(f"max_new_tokens must be a whole number in [0, 4096], got "
+                             f"{max_new_tokens!r}")
+        self.controller(controller)  # validates the name
+        ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt, chat)
+        if not ids:
+            raise ValueError("prompt is empty: type some text to route")
+        limit = min(max_context or self.max_context, self.max_context) - max_new_tokens
+        if limit < 1:
+            raise ValueError(f"max_new_tokens must leave room for the prompt in the "
+                             f"{self.max_context}-token context")
+        truncated = max(0, len(ids) - limit)
+        if truncated:
+            log.info("prompt truncated from the left: %d of %d tokens dropped", truncated, len(ids))
+            ids = ids[truncated:]
+        trace = self.new_trace(controller, settings, prompt if isinstance(prompt, str) else "")
+        trace.truncated = truncated
+        trace.n_prompt_tokens = len(ids)
+
+        t0 = time.perf_counter()
+        input_ids = torch.tensor([ids])
+        res = self.prefill(input_ids, settings, controller)
+        trace.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)
+        trace.timings["prefill_passes"] = res.passes
+        self._extend(trace, ids, res.records)
+        yield trace
+
+        eos = _eos_ids(self.tokenizer, self.model)
+        gen = torch.Generator().manual_seed(int(sampling.seed))
+        logits = res.logits[0, -1]
+        cache = res.cache
+        new_ids: list[int] = []
+        t1 = time.perf_counter()
+        with torch.no_grad(), self.session(settings, controller, lam=res.lam) as sess:
+            # decode steps: the prefill's lambdas, then dual ascent per token
+            for lay in range(self.n_layers):  # carry the prefill's linear states over
+                sess.lin_state[lay] = res.session.lin_state[lay]
+                sess.lin_len[lay] = res.session.lin_len[lay]
+            for _ in range(max_new_tokens):
+                if stop_event is not None and stop_event.is_set():
+                    trace.timings["stopped"] = True
+                    break
+                nxt = _sample(logits, sampling, gen)
+                if nxt in eos:
+                    break
+                new_ids.append(nxt)
+                out = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
+                                 use_cache=True)
+                logits = out.logits[0, -1]
+                self._extend(trace, [nxt], sess.pop_records())
+                dt = time.perf_counter() - t1
+                trace.timings["decode_ms"] = 1000 * dt
+                trace.timings["tokens_per_s"] = len(new_ids) / dt if dt > 0 else None
+                trace.output_text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                yield trace
+        trace.timings["total_ms"] = 1000 * (time.perf_counter() - t0)
+        trace.output_text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+
+    def route(self, prompt, settings: RoutingSettings | None = None, max_new_tokens: int = 0,
+              **kwargs) -> RoutingTrace:
+        trace = None
+        for trace in self.stream(prompt, settings, max_new_tokens, **kwargs):
+            pass
+        return trace
+
+    def reroute(self, trace: RoutingTrace, settings: RoutingSettings,
+                controller: str | None = None, quality: bool = True) -> RoutingTrace:
+        """Route the same text (prompt and generated tokens) again under new settings, as one
+        prefill; with ``quality`` also the KL per token to the dense model."""
+        controller = controller or trace.controller
+        ids = list(trace.token_ids)
+        if not ids:
+            raise ValueError("nothing to re-route: the trace has no tokens")
+        new = self.new_trace(controller, settings, trace.prompt)
+        new.n_prompt_tokens, new.truncated = trace.n_prompt_tokens, trace.truncated
+        new.output_text = trace.output_text
+        t0 = time.perf_counter()
+        res = self.prefill(torch.tensor([ids]), settings, controller, use_cache=False)
+        new.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)
+        new.timings["prefill_passes"] = res.passes
+        self._extend(new, ids, res.records)
+        if quality:
+            t1 = time.perf_counter()
+            dense = self.dense_logits(torch.tensor([ids]))
+            new.kl_to_dense = kl_per_token(dense[0], res.logits[0]).numpy()
+            new.timings["dense_ms"] = 1000 * (time.perf_counter() - t1)
+        return new
+
+
+def kl_per_token(dense_logits: torch.Tensor, routed_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_dense || p_routed) of the next-token distribution at every position [T]."""
+    p_log = torch.log_softmax(dense_logits.float(), -1)
+    q_log = torch.log_softmax(routed_logits.float(), -1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def _decoder_layers(model):
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (need a LLaMA-style "
+                         "model using transformers' attention interface)")
+    return layers
+
+
+def _capture_hook(which: str, layer: int):
+    def hook(module, args, kwargs):
+        sess = _current()
+        if sess is not None and sess.mode != "dense":
+            hidden = args[0] if args else kwargs["hidden_states"]
+            sess.capture(which, layer, hidden)
+        return None
+
+    return hook
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(i) for i in e)
+    return ids
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> int:
+    if sampling.temperature == 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, -1)
+    if sampling.top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))

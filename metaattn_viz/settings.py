@@ -1,0 +1,119 @@
+"""Routing settings: the experts, their notional costs, and every knob a user can turn.
+
+One frozen dataclass, validated on construction, so a bad value is refused with a message
+that names the setting and its valid range before any model work starts. Knows nothing of
+torch or of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+EXPERTS = ("full", "linear", "local")
+FULL, LINEAR, LOCAL = 0, 1, 2
+# The paper's notional costs (docs/meta-attention.md §2): they drive the prior and the budget.
+COSTS = (1.00, 0.15, 0.30)
+MIN_COST = min(COSTS)
+SCOPES = ("layer", "global")
+HEDGE_POLICIES = ("off", "soft", "full")
+UNCERTAINTY_MEASURES = ("total", "aleatoric", "epistemic", "vacuity")
+
+
+def _finite(name: str, value, lo: float | None = None, hi: float | None = None,
+            what: str | None = None) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number{_range(lo, hi, what)}, got {value!r}") from None
+    if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be a finite number{_range(lo, hi, what)}, got {value!r}")
+    return v
+
+
+def _range(lo, hi, what) -> str:
+    if what:
+        return f" {what}"
+    if lo is not None and hi is not None:
+        return f" in [{lo:g}, {hi:g}]"
+    if lo is not None:
+        return f" >= {lo:g}"
+    return ""
+
+
+def _int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and (not math.isfinite(value) or value != int(value))):
+        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """How the routed model spends compute. Defaults are the app's defaults.
+
+    budget: mean notional cost per routed decision, in [0.15, 1]; None = no budget (the
+        posterior's own argmax, lambda = 0: the paper's "projected normalised cost" mode).
+    scope: "layer" (every layer meets the budget; one pass, the default) or "global" (one
+        lambda for all layers, so layers compete; prefill takes 2-3 passes to settle it).
+    hedge_policy: "off"; "soft" (an uncertain cheap decision mixes the experts whose
+        posterior weight is >= hedge_min_weight); "full" (escalate it to full attention).
+    hedge_threshold: total uncertainty (entropy of the posterior mean, as a fraction of
+        log K) above which a decision routed to a cheap expert is hedged.
+    window, n_sink: the local expert's sliding window and number of attention sinks.
+    lam: a fixed lambda for every decision (overrides the budget; for replays and tests).
+    dual_step: decode-time dual-ascent step, lambda += dual_step * (cost_t - budget).
+    backend: expert kernels, "auto" (Triton on CUDA, fast PyTorch on CPU), "cpu",
+        "triton" or "reference".
+    """
+
+    budget: float | None = 0.5
+    scope: str = "layer"
+    hedge_policy: str = "off"
+    hedge_threshold: float = 0.9
+    hedge_min_weight: float = 0.1
+    window: int = 64
+    n_sink: int = 4
+    lam: float | None = None
+    dual_step: float = 1.0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.budget is not None:
+            object.__setattr__(self, "budget", _finite("budget", self.budget, MIN_COST, 1.0))
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.hedge_policy not in HEDGE_POLICIES:
+            raise ValueError(f"hedge_policy must be one of {HEDGE_POLICIES}, got "
+                             f"{self.hedge_policy!r}")
+        object.__setattr__(self, "hedge_threshold",
+                           _finite("hedge_threshold", self.hedge_threshold, 0.0, 1.0))
+        object.__setattr__(self, "hedge_min_weight",
+                           _finite("hedge_min_weight", self.hedge_min_weight, 0.0, 1.0))
+        object.__setattr__(self, "window", _int("window", self.window, 1, 1 << 20))
+        object.__setattr__(self, "n_sink", _int("n_sink", self.n_sink, 0, 1024))
+        if self.lam is not None:
+            object.__setattr__(self, "lam", _finite("lam", self.lam, -1e4, 1e4))
+        object.__setattr__(self, "dual_step", _finite("dual_step", self.dual_step, 0.0, 100.0))
+        if self.backend not in ("auto", "cpu", "triton", "reference"):
+            raise ValueError("backend must be one of auto, cpu, triton, reference, got "
+                             f"{self.backend!r}")
+
+    def with_(self, **changes) -> RoutingSettings:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RoutingSettings:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def dense(self) -> bool:
+        """Budget 1 with no fixed lambda: every decision is full attention."""
+        return self.lam is None and self.budget is not None and self.budget >= 1.0

@@ -1,0 +1,168 @@
+"""RoutingTrace: the one value object that travels from the routed model to the plots,
+the store and the CLI (docs/architecture.md, "Data flow").
+
+It holds numpy arrays (never tensors), so views and storage need neither torch nor the
+model; a replay from the database rebuilds an equal trace. Derived quantities
+(uncertainties, FLOPs ratio, realised cost) are computed from the stored fields, never
+stored twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from metaattn_viz.settings import COSTS, EXPERTS, FULL, LINEAR, LOCAL, RoutingSettings
+
+K = len(EXPERTS)
+
+
+@dataclass
+class RoutingTrace:
+    model: str
+    controller: str  # "bayes" | "priorfree"
+    controller_id: str  # e.g. "bayes-trained-3f2a..." (a content hash of the weights)
+    controller_trained: bool
+    settings: RoutingSettings
+    n_layers: int
+    head_dim: int
+    token_ids: list[int] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    n_prompt_tokens: int = 0
+    concentration: np.ndarray = None  # [L, T, K] float32 (prior-free: its probabilities)
+    routes: np.ndarray = None  # [L, T] int8: expert chosen (see hedged)
+    hedged: np.ndarray = None  # [L, T] bool
+    weights: np.ndarray = None  # [L, T, K] float32 mixing weights actually applied
+    cost: np.ndarray = None  # [L, T] float32 real notional cost of each decision
+    lam: np.ndarray = None  # [L, T] float32 lambda in force for each decision
+    kl_to_dense: np.ndarray | None = None  # [T] KL(dense || routed) next-token, if measured
+    truncated: int = 0  # prompt tokens dropped from the left to fit the context
+    timings: dict = field(default_factory=dict)  # prefill_ms, decode_ms, tokens_per_s, ...
+    created_at: float = field(default_factory=time.time)
+    prompt: str = ""
+    output_text: str = ""
+    run_id: str | None = None
+
+    def __post_init__(self):
+        L = self.n_layers
+        if self.concentration is None:
+            self.concentration = np.zeros((L, 0, K), np.float32)
+            self.routes = np.zeros((L, 0), np.int8)
+            self.hedged = np.zeros((L, 0), bool)
+            self.weights = np.zeros((L, 0, K), np.float32)
+            self.cost = np.zeros((L, 0), np.float32)
+            self.lam = np.zeros((L, 0), np.float32)
+
+    # -- building ---------------------------------------------------------------------------
+    def extend(self, token_ids, tokens, concentration, routes, hedged, weights, cost, lam) -> None:
+        """Append T_new positions: arrays [L, T_new, ...]."""
+        self.token_ids.extend(int(t) for t in token_ids)
+        self.tokens.extend(tokens)
+        self.concentration = np.concatenate([self.concentration,
+                                             np.asarray(concentration, np.float32)], 1)
+        self.routes = np.concatenate([self.routes, np.asarray(routes, np.int8)], 1)
+        self.hedged = np.concatenate([self.hedged, np.asarray(hedged, bool)], 1)
+        self.weights = np.concatenate([self.weights, np.asarray(weights, np.float32)], 1)
+        self.cost = np.concatenate([self.cost, np.asarray(cost, np.float32)], 1)
+        self.lam = np.concatenate([self.lam, np.asarray(lam, np.float32)], 1)
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def point_estimate(self) -> bool:
+        return self.controller == "priorfree"
+
+    @property
+    def posterior_mean(self) -> np.ndarray:
+        c = self.concentration.astype(np.float64)
+        return (c / np.maximum(c.sum(-1, keepdims=True), 1e-30)).astype(np.float32)
+
+    def uncertainty(self, measure: str = "total") -> np.ndarray:
+        """[L, T] uncertainty of each decision (see dirichlet.uncertainties)."""
+        import torch
+
+        from metaattn_viz.dirichlet import uncertainties
+
+        if self.n_tokens == 0:
+            return np.zeros((self.n_layers, 0), np.float32)
+        u = uncertainties(torch.from_numpy(self.concentration.astype(np.float64)),
+                          point_estimate=self.point_estimate)
+        if measure not in u:
+            raise ValueError(f"uncertainty measure must be one of {sorted(u)}, got {measure!r}")
+        return u[measure].numpy().astype(np.float32)
+
+    @property
+    def realized_cost(self) -> float:
+        return float(self.cost.mean()) if self.cost.size else float("nan")
+
+    def positions(self) -> np.ndarray:
+        """Absolute position of every token (after any left truncation)."""
+        return np.arange(self.n_tokens)
+
+    def attention_flops(self) -> tuple[float, float]:
+        """(routed, dense) attention FLOPs per head summed over decisions: 4 d (t+1) for full,
+        4 d min(t+1, w+n_sink) for local, 4 d^2 for linear; hedged decisions pay every expert
+        they compute."""
+        d = self.head_dim
+        t1 = self.positions()[None, :].astype(np.float64) + 1  # [1, T]
+        s = self.settings
+        per_expert = np.stack([4 * d * t1, np.full_like(t1, 4.0 * d * d),
+                               4 * d * np.minimum(t1, s.window + s.n_sink)], -1)  # [1, T, K]
+        used = self.weights > 0  # [L, T, K]
+        routed = float((used * per_expert).sum())
+        dense = float(np.broadcast_to(per_expert[..., FULL], used.shape[:2]).sum())
+        return routed, dense
+
+    @property
+    def attention_flops_ratio(self) -> float:
+        routed, dense = self.attention_flops()
+        return routed / dense if dense else float("nan")
+
+    def full_share_per_token(self) -> np.ndarray:
+        """[T] share of layers that gave each token full attention (hedges count by weight)."""
+        return self.weights[..., FULL].mean(0) if self.n_tokens else np.zeros(0, np.float32)
+
+    def expert_shares(self) -> dict[str, float]:
+        if not self.n_tokens:
+            return {e: float("nan") for e in EXPERTS}
+        return {e: float(self.weights[..., k].mean()) for k, e in enumerate(EXPERTS)}
+
+    # -- export -----------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        """The `route --json` contract (docs/architecture.md)."""
+        def clean(x: float):
+            return None if x is None or not math.isfinite(x) else x
+
+        return {
+            "model": self.model,
+            "controller": self.controller,
+            "controller_id": self.controller_id,
+            "controller_trained": self.controller_trained,
+            "budget": self.settings.budget,
+            "settings": self.settings.to_dict(),
+            "experts": list(EXPERTS),
+            "costs": list(COSTS),
+            "tokens": list(self.tokens),
+            "token_ids": list(self.token_ids),
+            "n_prompt_tokens": self.n_prompt_tokens,
+            "truncated": self.truncated,
+            "routes": self.routes.astype(int).tolist(),
+            "hedged": self.hedged.astype(bool).tolist(),
+            "uncertainty": np.round(self.uncertainty("total"), 6).tolist(),
+            "concentration": np.round(self.concentration.astype(np.float64), 6).tolist(),
+            "realized_cost": clean(self.realized_cost),
+            "attention_flops_ratio": clean(self.attention_flops_ratio),
+            "expert_shares": self.expert_shares(),
+            "output_text": self.output_text,
+            "timings": self.timings,
+            "run_id": self.run_id,
+        }
+
+
+__all__ = ["RoutingTrace", "EXPERTS", "COSTS", "FULL", "LINEAR", "LOCAL"]

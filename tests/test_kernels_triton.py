@@ -1,0 +1,152 @@
+"""The Triton kernels against the reference twins, at awkward sizes.
+
+Without a GPU they run in the Triton interpreter (TRITON_INTERPRET=1, set by the
+module fixture before the kernel modules are imported) on CPU tensors; with CUDA the
+same tests run on the GPU. The interpreter is slow: shapes stay small and the grid of
+cases is a cover (every size, window, sink count and mix appears), not a product.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton picks interpreter or compiler when a @triton.jit function is defined (its own
+# standard library included), so the flag must be set before triton is first imported.
+_LATE = DEV == "cpu" and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if DEV == "cpu" and not _LATE:
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from test_kernels import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err  # noqa: E402
+
+in_this_process = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET could be set; "
+                                                   "test_triton_in_fresh_interpreter runs these tests")
+
+
+@pytest.mark.skipif(not _LATE, reason="the interpreter runs in this process")
+def test_triton_in_fresh_interpreter():
+    """Fallback: run this file in a fresh process with TRITON_INTERPRET=1 from the start."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def run(backend, q, k, v, w, **kw):
+    from kernels import routed_attention
+    return routed_attention(q, k, v, w, backend=backend, **kw)
+
+
+def to_dev(*xs):
+    return [x.to(DEV) for x in xs]
+
+
+# a cover of (mix, size, window/sinks): each mix meets each size once, windows cycle
+CASES = [(mix, *size, *WINDOWS[(i + j) % len(WINDOWS)])
+         for i, mix in enumerate(MIXES) for j, size in enumerate(SIZES)]
+
+
+@in_this_process
+@pytest.mark.parametrize("mix,tq,tk,window,n_sink", CASES)
+def test_triton_matches_reference(mix, tq, tk, window, n_sink):
+    q, k, v = to_dev(*make_qkv(tq=tq, tk=tk, seed=tq + tk))
+    w = make_weights(mix, 2, tq).to(DEV)
+    kw = dict(window=window, n_sink=n_sink)
+    y_ref, (s_ref, z_ref) = run("reference", q, k, v, w, **kw)
+    y, (s, z) = run("triton", q, k, v, w, **kw)
+    assert y.shape == q.shape and y.dtype == q.dtype
+    assert max_err(y, y_ref) <= TOL
+    assert max_err(s, s_ref) <= 1e-3 and max_err(z, z_ref) <= 1e-3
+
+
+@in_this_process
+def test_triton_full_equals_sdpa_causal():
+    q, k, v = to_dev(*make_qkv(b=1, tq=130))
+    y, _ = run("triton", q, k, v, make_weights("full", 1, 130).to(DEV), window=8, n_sink=4)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert max_err(y, want) <= TOL
+
+
+@in_this_process
+def test_triton_local_with_window_covering_t_equals_full():
+    q, k, v = to_dev(*make_qkv(b=1, tq=17, tk=130))
+    y_local, _ = run("triton", q, k, v, make_weights("local", 1, 17).to(DEV), window=130, n_sink=4)
+    y_full, _ = run("triton", q, k, v, make_weights("full", 1, 17).to(DEV), window=130, n_sink=4)
+    assert max_err(y_local, y_full) <= TOL
+
+
+@in_this_process
+def test_triton_decode_steps_with_linear_state_equal_prefill():
+    t, t0 = 24, 17
+    q, k, v = to_dev(*make_qkv(tq=t))
+    w = make_weights("hedged", 2, t).to(DEV)
+    kw = dict(window=8, n_sink=4)
+    y_all, state_all = run("triton", q, k, v, w, **kw)
+    y0, state = run("triton", q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], w[:, :t0], **kw)
+    ys = [y0]
+    for i in range(t0, t):
+        yi, state = run("triton", q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], w[:, i:i + 1],
+                        linear_state=state, **kw)
+        ys.append(yi)
+    assert max_err(torch.cat(ys, dim=2), y_all) <= 1e-5
+    assert max_err(state[0], state_all[0]) <= 1e-4 and max_err(state[1], state_all[1]) <= 1e-4
+    y_ref, _ = run("reference", q, k, v, w, **kw)
+    assert max_err(y_all, y_ref) <= TOL
+
+
+@in_this_process
+def test_triton_uneven_batch_odd_head_dim_no_gqa():
+    """Batch rows with different route counts (one with no linear row), D = 24, Hq == Hkv."""
+    q, k, v = make_qkv(b=3, hq=4, hkv=4, tq=70, d=24)
+    w = make_weights("random", 3, 70)
+    w[1] = torch.tensor([0.0, 0.0, 1.0])
+    w[2, 3:] = torch.tensor([1.0, 0.0, 0.0])
+    q, k, v, w = to_dev(q, k, v, w)
+    y_ref, _ = run("reference", q, k, v, w, window=16, n_sink=4)
+    y, _ = run("triton", q, k, v, w, window=16, n_sink=4)
+    assert max_err(y, y_ref) <= TOL
+
+
+@in_this_process
+def test_triton_non_contiguous_inputs():
+    q, k, v = to_dev(*make_qkv(tq=17, tk=30))
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kt = k.transpose(2, 3).contiguous().transpose(2, 3)
+    w = make_weights("hedged", 2, 17).to(DEV)
+    wt = w.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not qt.is_contiguous() and not kt.is_contiguous() and not wt.is_contiguous()
+    y_ref, _ = run("reference", q, k, v, w, window=8, n_sink=4)
+    y, _ = run("triton", qt, kt, v, wt, window=8, n_sink=4)
+    assert max_err(y, y_ref) <= TOL
+
+
+@in_this_process
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_precision(dtype):
+    q, k, v = to_dev(*make_qkv(tq=17, dtype=dtype))
+    w = make_weights("hedged", 2, 17).to(DEV)
+    y_ref, _ = run("reference", q, k, v, w, window=8, n_sink=4)
+    y, _ = run("triton", q, k, v, w, window=8, n_sink=4)
+    assert y.dtype == dtype and max_err(y, y_ref) <= 2e-2
+
+
+@in_this_process
+def test_triton_rejects_float64():
+    q, k, v = to_dev(*make_qkv(tq=5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float64"):
+        run("triton", q, k, v, make_weights("random", 2, 5).to(DEV), window=8, n_sink=4)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="auto picks triton only for CUDA tensors")
+def test_auto_backend_is_triton_on_cuda():
+    import kernels
+    q, k, v = to_dev(*make_qkv(tq=5))
+    assert kernels.resolve_backend("auto", q, k, v) == "triton"

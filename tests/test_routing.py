@@ -1,0 +1,305 @@
+"""The routing core inside real transformers models (tiny random ones, and SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from metaattn_viz.budget import Decisions, decide, dual_ascent, solve_lambda
+from metaattn_viz.controller import ControllerStack, config_for_model
+from metaattn_viz.routing import RoutedModel
+from metaattn_viz.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for tiny random models: ids are byte values."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", "replace")
+
+
+def routed_tiny(arch="llama", seed=0, spread=1.0, **overrides) -> RoutedModel:
+    """A tiny model with untrained controllers; spread > 1 makes their posteriors vary more
+    from token to token (untrained ones sit near the prior)."""
+    model = tiny_model(arch, seed=seed, **overrides)
+    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed)
+            for k in ("bayes", "priorfree")}
+    with torch.no_grad():
+        for stack in ctrl.values():
+            for layer in stack.layers:
+                layer.fc2.weight.mul_(spread)
+    return RoutedModel(model, CharTokenizer(), ctrl, f"tiny-{arch}")
+
+
+def random_ids(n, seed=0, vocab=250):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+# -- settings --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget=0.1), r"budget must be a finite number in \[0.15, 1\]"),
+    (dict(budget=1.5), r"budget .*\[0.15, 1\]"),
+    (dict(budget=float("nan")), "budget"),
+    (dict(budget=float("inf")), "budget"),
+    (dict(budget="lots"), "budget must be a number"),
+    (dict(window=0), r"window must be a whole number in \[1,"),
+    (dict(window=2.5), "window"),
+    (dict(n_sink=-1), "n_sink"),
+    (dict(hedge_threshold=float("nan")), "hedge_threshold"),
+    (dict(hedge_policy="maybe"), "hedge_policy"),
+    (dict(scope="galaxy"), "scope"),
+    (dict(lam=float("inf")), "lam"),
+])
+def test_bad_settings_name_the_setting_and_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RoutingSettings(**kwargs)
+
+
+# -- budget solver ---------------------------------------------------------------------------
+def _posteriors(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    beta = torch.rand(n, 3, generator=g) * 5 + 0.05
+    m = beta / beta.sum(-1, keepdim=True)
+    unc = -(m * m.log()).sum(-1) / np.log(3)
+    return m, unc
+
+
+def test_cost_falls_monotonically_with_lambda():
+    m, unc = _posteriors(500)
+    s = RoutingSettings()
+    costs = [float(decide(m, unc, lam, s).cost.mean()) for lam in np.linspace(-200, 200, 81)]
+    assert all(a >= b - 1e-9 for a, b in zip(costs, costs[1:]))
+    assert costs[0] == pytest.approx(1.0) and costs[-1] == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.3, 0.5, 0.75])
+def test_bisection_meets_budget(target):
+    m, unc = _posteriors(256, seed=3)
+    s = RoutingSettings(budget=target)
+    lam = solve_lambda(m, unc, target, s)
+    assert float(decide(m, unc, lam, s).cost.mean()) == pytest.approx(target, abs=0.01)
+
+
+def test_hedging_policies_and_their_real_cost():
+    m = torch.tensor([[0.30, 0.40, 0.30], [0.05, 0.90, 0.05]])
+    unc = torch.tensor([0.99, 0.2])
+    soft = decide(m, unc, 0.0, RoutingSettings(hedge_policy="soft", hedge_threshold=0.9))
+    assert soft.hedged.tolist() == [True, False]
+    assert torch.allclose(soft.weights[0], torch.tensor([0.3, 0.4, 0.3]))
+    assert soft.cost[0] == pytest.approx(sum(COSTS)) and soft.cost[1] == pytest.approx(COSTS[1])
+    esc = decide(m, unc, 0.0, RoutingSettings(hedge_policy="full", hedge_threshold=0.9))
+    assert esc.weights[0].tolist() == [1.0, 0.0, 0.0] and esc.cost[0] == pytest.approx(1.0)
+    off = decide(m, unc, 0.0, RoutingSettings())
+    assert not off.hedged.any() and off.routes.tolist() == [LINEAR, LINEAR]
+
+
+def test_dual_ascent_tracks_the_budget():
+    s = RoutingSettings(budget=0.5)
+    lam = 0.0
+    assert dual_ascent(lam, 1.0, s) > lam  # spent too much -> tighten
+    assert dual_ascent(lam, 0.15, s) < lam
+    assert dual_ascent(3.0, 1.0, s.with_(lam=3.0)) == 3.0  # fixed lambda never moves
+
+
+# -- inside the model ------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_budget_one_equals_dense(arch):
+    r = routed_tiny(arch)
+    ids = random_ids(70)
+    dense = r.dense_logits(ids)
+    for backend in ("auto", "reference"):
+        res = r.prefill(ids, RoutingSettings(budget=1.0, backend=backend))
+        assert (res.logits - dense).abs().max() <= 1e-4
+        assert (res.records["routes"] == FULL).all()
+    # also through the experts (a fixed very negative lambda routes all-full via the kernels)
+    res = r.prefill(ids, RoutingSettings(budget=None, lam=-1e4))
+    assert (res.records["routes"] == FULL).all()
+    assert (res.logits - dense).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_keeps_working_with_the_kv_cache(arch):
+    """model.generate inside a routing session at budget 1 equals the plain model's."""
+    r = routed_tiny(arch)
+    ids = random_ids(12)
+    with torch.no_grad():
+        plain = r.model.generate(ids, max_new_tokens=10, do_sample=False)
+        with r.session(RoutingSettings(budget=1.0)):
+            routed = r.model.generate(ids, max_new_tokens=10, do_sample=False)
+        with r.session(RoutingSettings(budget=0.4)) as sess:
+            cheap = r.model.generate(ids, max_new_tokens=10, do_sample=False)
+            rec = sess.pop_records()
+    assert torch.equal(plain, routed)
+    assert cheap.shape == plain.shape
+    assert rec["routes"].shape == (r.n_layers, 1, 12 + 9)  # prompt + 9 decode steps
+
+
+def test_local_with_window_covering_the_text_equals_full():
+    r = routed_tiny()
+    ids = random_ids(40)
+    dense = r.dense_logits(ids)
+    local = torch.nn.functional.one_hot(torch.full((1, 40), LOCAL), 3).float()
+    res = r.prefill(ids, RoutingSettings(window=64), forced_weights=[local] * r.n_layers)
+    assert (res.logits - dense).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prefill_and_token_by_token_decoding_route_identically(scope):
+    """Causality: at the same lambda, one prefill and step-by-step decoding agree."""
+    r = routed_tiny(seed=1, spread=30.0)
+    ids = random_ids(48, seed=2)
+    probe = r.prefill(ids, RoutingSettings(budget=0.5, window=8, n_sink=2))
+    lam = float(np.median(probe.lam))  # a lambda that gives a real mix of experts
+    s = RoutingSettings(budget=None, lam=lam, scope=scope, window=8, n_sink=2)
+    pre = r.prefill(ids, s)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    steps, logits = [], []
+    with torch.no_grad(), r.session(s) as sess:
+        for t in range(ids.shape[1]):
+            out = r.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+        rec = sess.pop_records()
+    assert np.array_equal(rec["routes"], pre.records["routes"])
+    assert len(set(pre.records["routes"].ravel().tolist())) == 3  # a real mix was exercised
+    assert (torch.cat(logits, 1) - pre.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("target", [0.2, 0.3, 0.5, 0.75])
+def test_realised_cost_meets_budget_in_the_model(scope, target):
+    r = routed_tiny(seed=3)
+    res = r.prefill(random_ids(96, seed=4), RoutingSettings(budget=target, scope=scope))
+    cost = res.records["cost"]
+    assert float(cost.mean()) == pytest.approx(target, abs=0.02)
+    if scope == "layer":
+        assert np.allclose(cost.mean(axis=(1, 2)), target, atol=0.02)
+
+
+def test_minimum_budget_routes_everything_linear():
+    r = routed_tiny()
+    res = r.prefill(random_ids(64), RoutingSettings(budget=0.15, hedge_policy="soft",
+                                                    hedge_threshold=0.0))
+    assert (res.records["routes"] == LINEAR).all()
+    assert float(res.records["cost"].mean()) == pytest.approx(0.15)
+
+
+def test_stream_decoding_tracks_budget_and_extends_trace():
+    r = routed_tiny(seed=5)
+    seen = []
+    for trace in r.stream("The quick brown fox jumps over the lazy dog. " * 2,
+                          RoutingSettings(budget=0.4), max_new_tokens=40):
+        seen.append(trace.n_tokens)
+    assert seen[0] == trace.n_prompt_tokens and seen[-1] == trace.n_prompt_tokens + 40
+    assert seen == sorted(seen)
+    assert trace.routes.shape == (r.n_layers, trace.n_tokens)
+    assert trace.realized_cost == pytest.approx(0.4, abs=0.05)
+    decode_cost = trace.cost[:, trace.n_prompt_tokens:].mean()
+    assert decode_cost == pytest.approx(0.4, abs=0.1)
+
+
+def test_bad_input_is_refused_clearly():
+    r = routed_tiny()
+    with pytest.raises(ValueError, match="prompt is empty"):
+        r.route("   ")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        r.route("hi", max_new_tokens=-1)
+    with pytest.raises(ValueError, match="controller must be one of"):
+        r.route("hi", controller="oracle")
+
+
+def test_long_prompt_is_truncated_from_the_left_and_recorded():
+    r = routed_tiny()  # context 1024
+    text = "".join(chr(ord("a") + i % 26) for i in range(1500))
+    trace = r.route(text, RoutingSettings(budget=0.5), max_new_tokens=4)
+    assert trace.truncated == 1500 - (1024 - 4)
+    assert trace.n_prompt_tokens == 1024 - 4
+    assert trace.to_json()["truncated"] == trace.truncated
+
+
+def test_reroute_same_text_with_quality():
+    r = routed_tiny()
+    trace = r.route("some text to route " * 4, RoutingSettings(budget=0.5), max_new_tokens=5)
+    dense = r.reroute(trace, RoutingSettings(budget=1.0))
+    assert dense.token_ids == trace.token_ids
+    assert np.abs(dense.kl_to_dense).max() < 1e-6
+    cheap = r.reroute(trace, RoutingSettings(budget=0.2))
+    assert cheap.kl_to_dense.mean() > 0
+    assert cheap.realized_cost == pytest.approx(0.2, abs=0.03)
+
+
+def test_trace_flops_ratio():
+    r = routed_tiny()
+    ids = random_ids(64)[0].tolist()
+    full = r.route(ids, RoutingSettings(budget=1.0))
+    assert full.attention_flops_ratio == pytest.approx(1.0)
+    lin = r.route(ids, RoutingSettings(budget=0.15))
+    d = r.head_dim
+    expected = (64 * 4 * d * d) / sum(4 * d * (t + 1) for t in range(64))
+    assert lin.attention_flops_ratio == pytest.approx(expected)
+
+
+# -- the real model --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def routed_real(real_model):
+    return RoutedModel.from_loaded(real_model)
+
+
+@pytest.mark.slow
+def test_real_model_budget_one_equals_dense_and_greedy_is_identical(routed_real):
+    r = routed_real
+    text = (ROOT.parent / "shared/data/wikitext2/wiki.dev.raw").read_text()[:2000]
+    ids = torch.tensor([r.tokenizer(text)["input_ids"][:128]])
+    dense = r.dense_logits(ids)
+    res = r.prefill(ids, RoutingSettings(budget=1.0))
+    assert (res.logits - dense).abs().max() <= 1e-4
+    prompt = ids[:, :16]
+    with torch.no_grad():
+        plain = r.model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    trace = r.route(prompt[0].tolist(), RoutingSettings(budget=1.0), max_new_tokens=32)
+    assert trace.token_ids == plain[0].tolist()
+
+
+@pytest.mark.slow
+def test_route_cli_json_contract():
+    out = subprocess.run([sys.executable, "-m", "metaattn_viz", "route", "--prompt",
+                          "The capital of France is", "--budget", "0.3", "--json", "--no-log"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    for key in ["model", "controller", "budget", "experts", "costs", "tokens", "n_prompt_tokens",
+                "routes", "uncertainty", "concentration", "realized_cost",
+                "attention_flops_ratio", "run_id"]:
+        assert key in data, key
+    assert data["experts"] == ["full", "linear", "local"]
+    assert len(data["routes"]) == 30 and len(data["uncertainty"]) == 30
+    T = len(data["tokens"])
+    assert all(len(row) == T for row in data["routes"])
+    assert np.asarray(data["concentration"]).shape == (30, T, 3)
+    assert data["realized_cost"] == pytest.approx(0.3, abs=0.05)
+    assert data["run_id"] is None and data["budget"] == 0.3
+
+
+def test_route_cli_refuses_bad_budget_plainly():
+    out = subprocess.run([sys.executable, "-m", "metaattn_viz", "route", "--prompt", "x",
+                          "--budget", "7", "--no-log"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 2
+    assert "budget" in out.stderr and "[0.15, 1]" in out.stderr
+    assert "Traceback" not in out.stderr
