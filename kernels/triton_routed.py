@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.checks import triton_interpreted
 from kernels.experts import FULL, LINEAR, LOCAL
 from kernels.rows import sorted_rows
 from kernels.triton_linear import linear_chunk_state_kernel, routed_linear_kernel
@@ -108,7 +109,8 @@ def routed_attention_triton(q, k, v, weights, *, window: int, n_sink: int, scale
     hkv, tk = k.shape[1], k.shape[2]
     g, p0, dev = hq // hkv, tk - tq, q.device
     scale = d ** -0.5 if scale is None else float(scale)
-    ieee = q.dtype == torch.float32
+    # float32 dots at full precision; the interpreter's bfloat16 dot is not trustworthy either
+    ieee = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and triton_interpreted())
     block_d = max(16, _next_pow2(d))
     hg = min(_next_pow2(g), 16) if tq <= 16 else 1  # decode: pack a kv head's query heads together
     block_m = min(BLOCK_M, max(16, hg * _next_pow2(tq)))

@@ -11,6 +11,9 @@ Heads: a program serves HG query heads of one kv head (HG = 1 for prefill; for a
 step the G heads sharing a kv head are packed into the rows of one block so the cache
 is read once per kv head). K/V are never repeated in memory.
 
+IEEE: float32 dots at full precision (float32 inputs; also bfloat16 under the
+interpreter, whose bfloat16 dot is not trustworthy). Otherwise half-precision dots.
+
 Output: the expert output of every task row, unweighted, float32, [B, Hq, n_tasks, D];
 kernels.triton_routed mixes them. Runs under TRITON_INTERPRET=1 on CPU tensors.
 Never: know about routing policy, or read keys a row's route does not see.
@@ -30,7 +33,7 @@ def _softmax_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, qpos, win, n_sin
     n_ok = n < tk
     k = tl.load(k_ptrs + n[None, :] * stride_kt, mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BD, BN]
     if IEEE:
-        s = tl.dot(q, k, input_precision="ieee") * scale  # [BM, BN]
+        s = tl.dot(q, k.to(tl.float32), input_precision="ieee") * scale  # [BM, BN]
     else:
         s = tl.dot(q, k) * scale
     qp = qpos[:, None]
@@ -90,6 +93,8 @@ def routed_softmax_kernel(
 
     q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=head_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
+    if IEEE:
+        q = q.to(tl.float32)
     k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_d[:, None] * stride_kd  # + key offsets per block
     v_ptrs = V + b * stride_vb + kvh * stride_vh + offs_d[None, :] * stride_vd
 

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="do not log runs to DuckDB")
     p.set_defaults(handler=_cmd_serve)
 
+    p = sub.add_parser("export", help="export the routing log as Parquet or CSV, partitioned by "
+                                      "day (hive style)")
+    p.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
+    p.add_argument("--out", required=True, help="output folder (runs/, tokens/, routes/ ...)")
+    p.add_argument("--format", default="parquet", choices=["parquet", "csv"])
+    p.set_defaults(handler=_cmd_export)
+
     p = sub.add_parser("route", help="route a prompt (and optionally generate) and print the trace")
     p.add_argument("--prompt", required=True, help="text to route")
     _add_routing_args(p)
@@ -57,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_args(p)
     p.add_argument("--json", action="store_true", help="print the trace as one JSON object")
     p.set_defaults(handler=_cmd_route)
+
+    p = sub.add_parser("calibrate", help="train the controllers (ELBO / prior-free baseline)")
+    p.add_argument("--data", required=True, help="UTF-8 text file (WikiText-2 raw works)")
+    p.add_argument("--controller", default="bayes", choices=["bayes", "priorfree"])
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beta-kl", type=float, default=None, help="weight of the prior KL (bayes)")
+    p.add_argument("--cost-weight", type=float, default=None,
+                   help="weight of E[cost] (priorfree)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default assets/controllers/<model>/<controller>)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_model_args(p)
+    p.set_defaults(handler=_cmd_calibrate)
 
     return parser
 
@@ -104,6 +125,18 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from metaattn_viz import store
+
+    try:
+        counts = store.export(store.resolve_db_path(args.db), args.out, args.format)
+    except store.StoreUnavailable as exc:
+        raise UserError(str(exc)) from None
+    print(f"exported {counts['runs']} runs, {counts['tokens']} tokens, {counts['routes']} route "
+          f"rows to {args.out} ({args.format}, partitioned by day)")
+    return 0
+
+
 def _cmd_route(args) -> int:
     import json
 
@@ -124,6 +157,30 @@ def _cmd_route(args) -> int:
         from metaattn_viz.report import trace_table
 
         print(trace_table(trace))
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    import json
+
+    from metaattn_viz import data as data_mod
+    from metaattn_viz.calibrate import CalibrationConfig, calibrate
+    from metaattn_viz.routing import RoutedModel
+
+    overrides = {k: v for k, v in [("steps", args.steps), ("beta_kl", args.beta_kl),
+                                   ("cost_weight", args.cost_weight)] if v is not None}
+    cfg = CalibrationConfig(controller=args.controller, seed=args.seed, **overrides)
+    try:
+        data_mod.load_split(args.data)  # fail on a bad file before loading the model
+    except data_mod.DataError as exc:
+        raise UserError(str(exc)) from None
+    routed = RoutedModel.load(args.model)
+    try:
+        meta = calibrate(routed, args.data, cfg, out_dir=args.out, resume=args.resume)
+    except data_mod.DataError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps({"controller": meta["controller"], "content_hash": meta["content_hash"],
+                      "final_validation_terms": meta["final_validation_terms"]}))
     return 0
 
 

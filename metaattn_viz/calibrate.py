@@ -1,0 +1,217 @@
+"""Calibration: train the controllers of a frozen model (docs/meta-attention.md §4).
+
+Bayesian: loss = E_{alpha~q}[task] + beta_kl * mean_{l,t} KL(Dir(beta) || Dir(alpha0)),
+with task = self-distillation KL(p_dense || p_routed) on real text and alpha drawn by the
+reparameterised Dirichlet sampler. Prior-free: the same network ending in a softmax, the
+same task loss plus cost_weight * E[cost], no KL.
+
+Soft to hard (documented choice): the first ``soft_fraction`` of the steps route softly
+with the sampled weights; the rest use straight-through hard routing (the forward pass
+takes the one-hot argmax of the sample, the gradient flows through the soft sample), so
+the controllers end trained for the hard routing they meet at inference.
+
+Only controller parameters train. Seeded; checkpoints every ``checkpoint_every`` steps and
+``--resume``; final ELBO terms are measured on fixed validation windows with a fixed seed,
+which is what makes a rerun comparable. Never imports gradio or the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from metaattn_viz import data as data_mod
+from metaattn_viz.controller import ControllerStack, config_for_model, default_folder
+from metaattn_viz.dirichlet import kl_dirichlet
+from metaattn_viz.routing import RoutedModel, TrainRouting, kl_per_token
+from metaattn_viz.settings import COSTS, RoutingSettings
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class CalibrationConfig:
+    controller: str = "bayes"
+    steps: int = 300
+    batch_size: int = 2
+    seq_len: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    beta_kl: float = 0.1  # weight of the Dirichlet KL to the compute-aware prior (Bayes)
+    cost_weight: float = 0.1  # weight of E[cost] (prior-free baseline)
+    soft_fraction: float = 0.6  # share of steps with soft routing before straight-through
+    window: int = 64
+    n_sink: int = 4
+    hidden: int = 96
+    prior_strength: float = 3.0
+    prior_gamma: float = 1.0
+    seed: int = 0
+    val_windows: int = 8
+    checkpoint_every: int = 25
+
+    def __post_init__(self):
+        if self.controller not in ("bayes", "priorfree"):
+            raise ValueError(f"--controller must be bayes or priorfree, got {self.controller!r}")
+        for name in ("steps", "batch_size", "seq_len", "val_windows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+        for name in ("lr", "beta_kl", "cost_weight", "soft_fraction", "prior_strength"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not 0 <= self.soft_fraction <= 1:
+            raise ValueError(f"soft_fraction must be in [0, 1], got {self.soft_fraction}")
+
+
+def elbo_terms(routed: RoutedModel, stack: ControllerStack, input_ids: torch.Tensor,
+               dense_logits: torch.Tensor, cfg: CalibrationConfig, hard: bool) -> dict:
+    """One forward of the routed model with sampled routing; returns the loss and its terms
+    (tensors with graph: task, kl, cost, loss)."""
+    settings = RoutingSettings(budget=None, window=cfg.window, n_sink=cfg.n_sink,
+                               backend="reference")
+    with routed.session(settings, stack, mode="train", train=TrainRouting(hard=hard)) as sess:
+        out = routed.model(input_ids=input_ids, use_cache=False)
+    task = kl_per_token(dense_logits.reshape(-1, dense_logits.shape[-1]),
+                        out.logits.reshape(-1, out.logits.shape[-1])).mean()
+    betas = torch.stack([b for _, b in sorted(sess.beta_graph, key=lambda lb: lb[0])])  # [L,B,T,K]
+    mean_w = betas / betas.sum(-1, keepdim=True)
+    cost = (mean_w * torch.tensor(COSTS, device=betas.device)).sum(-1).mean()
+    if stack.kind == "bayes":
+        kl = kl_dirichlet(betas, stack.alpha0.to(betas.device)).mean()
+        loss = task + cfg.beta_kl * kl
+    else:
+        kl = torch.zeros((), device=betas.device)
+        loss = task + cfg.cost_weight * cost
+    return {"loss": loss, "task": task, "kl": kl, "cost": cost}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def evaluate_terms(routed, stack, val_ids, dense_val, cfg) -> dict:
+    """Final ELBO terms on fixed validation windows, sampling with a fixed seed."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed + 12345)
+    totals = {"loss": 0.0, "task": 0.0, "kl": 0.0, "cost": 0.0}
+    with torch.no_grad():
+        for i in range(val_ids.shape[0]):
+            terms = elbo_terms(routed, stack, val_ids[i:i + 1], dense_val[i:i + 1], cfg, hard=True)
+            for k in totals:
+                totals[k] += float(terms[k]) / val_ids.shape[0]
+    torch.random.set_rng_state(state)
+    return totals
+
+
+def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: Path | None = None,
+              resume: bool = False, progress: bool = True, model_slug: str | None = None) -> dict:
+    """Train one controller stack; saves it (safetensors + meta.json) and returns the meta."""
+    split = data_mod.load_split(data_path)  # every data problem surfaces here, before training
+    tok = routed.tokenizer
+    train_ids = data_mod.windows(tok, split.train, cfg.seq_len, "training")
+    val_ids = data_mod.windows(tok, split.validation, cfg.seq_len, "validation")[: cfg.val_windows]
+    slug = model_slug or _slug(routed.name)
+    out_dir = Path(out_dir) if out_dir else default_folder(slug, cfg.controller)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(routed.model.parameters()).device
+
+    torch.manual_seed(cfg.seed)
+    ccfg = config_for_model(routed.model.config, cfg.controller)
+    ccfg.hidden, ccfg.prior_strength, ccfg.prior_gamma = cfg.hidden, cfg.prior_strength, cfg.prior_gamma
+    stack = ControllerStack(ccfg, seed=cfg.seed).to(device)
+    opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    start, history = 0, []
+    ckpt_path = out_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        if ckpt["config"] != asdict(cfg):
+            raise ValueError(f"--resume: {ckpt_path} was made with other settings; remove it or "
+                             "rerun with the same ones")
+        stack.load_state_dict(ckpt["stack"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        torch.random.set_rng_state(ckpt["rng"])
+        start, history = ckpt["step"], ckpt["history"]
+        log.info("resuming from step %d (%s)", start, ckpt_path)
+
+    for p in routed.model.parameters():
+        p.requires_grad_(False)
+    stack.train()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"calibrate {cfg.controller}",
+                   dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        idx = [int(order[(step * cfg.batch_size + j) % len(order)]) for j in range(cfg.batch_size)]
+        batch = train_ids[idx].to(device)
+        with torch.no_grad():
+            dense = routed.dense_logits(batch)
+        hard = step >= int(cfg.soft_fraction * cfg.steps)
+        terms = elbo_terms(routed, stack, batch, dense, cfg, hard)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(stack.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        row = {k: round(float(v), 5) for k, v in terms.items()} | {"step": step + 1, "hard": hard}
+        history.append(row)
+        if bar is not None:
+            bar.set_postfix(loss=row["loss"], task=row["task"], kl=row["kl"], cost=row["cost"],
+                            mode="hard" if hard else "soft")
+            bar.update(1)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"config": asdict(cfg), "stack": stack.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "rng": torch.random.get_rng_state(),
+                        "step": step + 1, "history": history}, tmp)
+            tmp.replace(ckpt_path)
+    if bar is not None:
+        bar.close()
+    stack.eval()
+    with torch.no_grad():
+        dense_val = routed.dense_logits(val_ids.to(device))
+    final = evaluate_terms(routed, stack, val_ids.to(device), dense_val, cfg)
+    meta = {
+        "controller": cfg.controller,
+        "model": routed.name,
+        "hyperparameters": asdict(cfg),
+        "data": split.describe(),
+        "train_windows": int(train_ids.shape[0]),
+        "validation_windows": int(val_ids.shape[0]),
+        "final_validation_terms": {k: round(v, 6) for k, v in final.items()},
+        "last_train_terms": history[-1] if history else None,
+        "loss_curve_every_10": history[::10],
+        "train_seconds_this_run": round(time.perf_counter() - t0, 1),
+        "project_commit": _git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    stack.cpu().save(out_dir, meta)
+    stack.trained = True
+    return stack.meta
+
+
+def _slug(name: str) -> str:
+    from metaattn_viz.model_loading import slugify
+
+    return slugify(name)

@@ -1,0 +1,96 @@
+"""Real text for calibration and evaluation: read, check, split by article, tokenise.
+
+WikiText-2 raw marks an article with a top-level heading line `` = Title = `` (sections
+use `` = = ... = = ``). The split is by article and deterministic: article i (0-based, in
+file order) goes to validation when i % 10 == 9, to training otherwise. Every problem with
+the file (missing, empty, binary, too short) raises DataError before any model work.
+Never imports the model or the UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VALIDATION_EVERY = 10
+_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class Split:
+    train: list[str]
+    validation: list[str]
+    sha256: str
+    path: str
+
+    def describe(self) -> dict:
+        return {"file": self.path, "sha256": self.sha256, "articles_train": len(self.train),
+                "articles_validation": len(self.validation),
+                "rule": f"article i goes to validation when i % {VALIDATION_EVERY} == "
+                        f"{VALIDATION_EVERY - 1} (file order), else to training"}
+
+
+def read_text(path) -> tuple[str, str]:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {p}")
+    if not p.is_file():
+        raise DataError(f"data path is not a file: {p}")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise DataError(f"data file is empty: {p}")
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"data file looks binary (NUL bytes), expected UTF-8 text: {p}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data file is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                        f"{p}") from None
+    return text, hashlib.sha256(raw).hexdigest()
+
+
+def split_articles(text: str) -> list[str]:
+    articles, current = [], []
+    for line in text.splitlines():
+        if _TITLE.match(line) and current:
+            articles.append("\n".join(current).strip())
+            current = []
+        current.append(line)
+    if current:
+        articles.append("\n".join(current).strip())
+    return [a for a in articles if a]
+
+
+def load_split(path) -> Split:
+    text, sha = read_text(path)
+    articles = split_articles(text)
+    if len(articles) < 2:  # a plain text file without headings: split it by paragraphs
+        articles = [a for a in re.split(r"\n\s*\n", text) if a.strip()]
+    val = [a for i, a in enumerate(articles) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
+    train = [a for i, a in enumerate(articles) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
+    if not val and len(train) > 1:  # few articles: keep the last one for validation
+        val = [train.pop()]
+    return Split(train, val or list(train), sha, str(path))
+
+
+def windows(tokenizer, articles: list[str], seq_len: int, what: str = "training") -> torch.Tensor:
+    """Concatenate the articles' tokens and cut them into [N, seq_len] windows."""
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for art in articles:
+        ids.extend(tokenizer(art, add_special_tokens=False)["input_ids"])
+        if isinstance(eos, int):
+            ids.append(eos)
+    n = len(ids) // seq_len
+    if n < 1:
+        raise DataError(f"the {what} text is shorter than one window ({len(ids)} tokens < "
+                        f"{seq_len}); give a longer file or a smaller --seq-len")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)

@@ -1,0 +1,236 @@
+"""The read-only SQL console over the routing log (the app's History tab).
+
+`run_readonly_query(log, sql)` answers one SELECT (or WITH ... SELECT, FROM-first,
+VALUES, DESCRIBE/SUMMARIZE of a log table) over the log's tables and nothing else. It
+must never let a statement write, change settings, attach or load anything, or touch a
+file or URL. The checks, in order, each enough to refuse on its own:
+
+1. DuckDB's own parser splits the text: exactly one statement, of type SELECT
+   (INSERT/UPDATE/DELETE/CREATE/DROP/ALTER, COPY, EXPORT/IMPORT, ATTACH/DETACH,
+   INSTALL/LOAD, SET/RESET/USE, PRAGMA, CALL, CHECKPOINT, VACUUM, transactions... are
+   refused by type, and "SELECT 1; DROP ..." by count).
+2. The parsed tree (json_serialize_sql) is walked: every table reference must be a
+   table of the log (runs, tokens, routes, experts, schema_version) or a CTE in scope;
+   string-literal and path-like table names ('x.csv', "s3://..."), other catalogs and
+   schemas, and table functions other than range/generate_series/unnest (read_csv*,
+   read_parquet, read_json*, read_text, read_blob, glob, parquet_scan, query,
+   duckdb_settings, ...) are refused, as are scalar functions with side effects or a
+   view outside the log (nextval, setseed, sleep_ms, current_setting, ...).
+3. It runs on a fresh cursor with Python replacement scans off, inside a READ ONLY
+   transaction that is rolled back, interrupted after `timeout_s`, and at most
+   `max_rows` rows are fetched (the result streams; the rest is never computed).
+
+Never imports gradio or the model; refusals raise ConsoleRefused with a message that
+says what was refused and why.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import duckdb
+import pandas as pd
+
+from metaattn_viz.store import LOG_TABLES, RunLog
+
+ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
+# Scalar functions with an effect, a wait, or a view of things outside the log.
+DENIED_FUNCTIONS = frozenset({
+    "nextval", "currval", "setval", "setseed", "write_log", "sleep_ms", "pg_sleep",
+    "current_setting", "getvariable", "json_execute_serialized_sql", "enable_logging",
+    "disable_logging", "enable_profiling", "disable_profiling", "checkpoint",
+    "force_checkpoint",
+})
+MAX_SQL_CHARS = 20_000
+_TABLE_LIST = ", ".join(LOG_TABLES)
+_STATEMENT_WORDS = {
+    "INSERT": "INSERT writes to the log", "UPDATE": "UPDATE writes to the log",
+    "DELETE": "DELETE/TRUNCATE writes to the log", "CREATE": "CREATE defines new objects",
+    "DROP": "DROP/DEALLOCATE removes objects", "ALTER": "ALTER changes the schema",
+    "COPY": "COPY reads or writes files", "COPY_DATABASE": "COPY FROM DATABASE copies a database",
+    "EXPORT": "EXPORT DATABASE writes files", "ATTACH": "ATTACH opens another database",
+    "DETACH": "DETACH closes a database", "LOAD": "INSTALL/LOAD adds extensions",
+    "EXTENSION": "INSTALL/LOAD adds extensions", "SET": "SET/RESET/USE changes settings",
+    "VARIABLE_SET": "SET VARIABLE changes state", "PRAGMA": "PRAGMA/IMPORT changes state",
+    "CALL": "CALL/CHECKPOINT runs procedures", "TRANSACTION": "transactions are managed by "
+    "the console", "VACUUM": "VACUUM/ANALYZE changes the database", "ANALYZE":
+    "ANALYZE changes the database", "PREPARE": "PREPARE creates state", "EXECUTE":
+    "EXECUTE runs a prepared statement", "EXPLAIN": "EXPLAIN (ANALYZE) runs plans",
+    "MERGE_INTO": "MERGE INTO writes to the log", "MULTI": "this statement expands into "
+    "several (a PIVOT without an IN list); name the values: PIVOT t ON c IN ('a', 'b')",
+    "CREATE_FUNC": "CREATE FUNCTION defines new objects",
+}
+
+
+class ConsoleError(Exception):
+    """A console query that did not produce a result (the message is for the user)."""
+
+
+class ConsoleRefused(ConsoleError):
+    """The statement is not a read-only query over the log's tables."""
+
+
+class ConsoleTimeout(ConsoleError):
+    """The query ran past the time limit and was interrupted."""
+
+
+def _refuse(what: str) -> ConsoleRefused:
+    return ConsoleRefused(f"refused: {what}. The console answers one read-only SELECT over "
+                          f"the log's tables ({_TABLE_LIST}).")
+
+
+def _statement_of(sql: str) -> str:
+    if not isinstance(sql, str) or not sql.strip():
+        raise _refuse("the query is empty")
+    if len(sql) > MAX_SQL_CHARS:
+        raise _refuse(f"the query is longer than {MAX_SQL_CHARS} characters")
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise ConsoleError(f"syntax error: {_first_line(exc)}") from None
+    if not statements:
+        raise _refuse("the query is empty (only comments?)")
+    if len(statements) > 1:
+        raise _refuse(f"{len(statements)} statements; only one is allowed")
+    kind = statements[0].type.name
+    if kind != "SELECT":
+        raise _refuse(_STATEMENT_WORDS.get(kind, f"{kind} statements are not queries"))
+    return statements[0].query
+
+
+def _path_like(name: str) -> bool:
+    return any(c in name for c in "./\\:~*?") or name.startswith("$")
+
+
+def _check_tree(node, ctes: frozenset, catalogs: frozenset) -> None:
+    """Walk json_serialize_sql's tree, CTE names in scope in `ctes`."""
+    if isinstance(node, list):
+        for x in node:
+            _check_tree(x, ctes, catalogs)
+        return
+    if not isinstance(node, dict):
+        return
+    cte_entries = (node.get("cte_map") or {}).get("map") or []
+    if cte_entries:
+        visible = set(ctes)
+        for entry in cte_entries:  # a CTE sees the ones before it (and itself if recursive)
+            name = str(entry["key"]).lower()
+            body = entry["value"]
+            recursive = (body.get("query_node") or {}).get("type") == "RECURSIVE_CTE_NODE"
+            _check_tree(body, frozenset(visible | {name}) if recursive else frozenset(visible),
+                        catalogs)
+            visible.add(name)
+        ctes = frozenset(visible)
+        node = {k: v for k, v in node.items() if k != "cte_map"}
+    kind = node.get("type")
+    if kind in ("BASE_TABLE", "SHOW_REF"):
+        _check_table(node, ctes, catalogs)
+    elif kind == "TABLE_FUNCTION":
+        fn = (node.get("function") or {}).get("function_name", "?")
+        if str(fn).lower() not in ALLOWED_TABLE_FUNCTIONS:
+            raise _refuse(f"the table function {fn}() is not allowed (file, URL and system "
+                          f"readers are off; allowed: {', '.join(sorted(ALLOWED_TABLE_FUNCTIONS))})")
+    fn = node.get("function_name")
+    if isinstance(fn, str) and fn.lower() in DENIED_FUNCTIONS:
+        raise _refuse(f"the function {fn}() has effects or reads state outside the log")
+    for value in node.values():
+        if isinstance(value, (dict, list)):
+            _check_tree(value, ctes, catalogs)
+
+
+def _check_table(node: dict, ctes: frozenset, catalogs: frozenset) -> None:
+    name = str(node.get("table_name") or "")
+    if node.get("type") == "SHOW_REF" and not name:
+        return  # DESCRIBE/SUMMARIZE of a query: the query itself is walked
+    catalog = str(node.get("catalog_name") or "").lower()
+    schema = str(node.get("schema_name") or "").lower()
+    if catalog and catalog not in catalogs:
+        raise _refuse(f"{catalog}.{schema or 'main'}.{name} is in another database")
+    if schema and schema != "main":
+        raise _refuse(f"{schema}.{name} is not in the log's schema")
+    if _path_like(name):
+        raise _refuse(f"'{name}' looks like a file or URL, and the console reads no files")
+    low = name.lower()
+    if low in LOG_TABLES or (not catalog and not schema and low in ctes):
+        return
+    raise _refuse(f"{name} is not a table of the log")
+
+
+def check_readonly(sql: str, cursor: duckdb.DuckDBPyConnection) -> str:
+    """Raise ConsoleRefused unless `sql` is one read-only query over the log's tables;
+    return the statement text."""
+    statement = _statement_of(sql)
+    raw = cursor.execute("SELECT json_serialize_sql($q)", {"q": statement}).fetchone()[0]
+    tree = json.loads(raw)
+    if tree.get("error"):
+        raise _refuse(f"the query could not be checked ({tree.get('error_message', 'unknown')})")
+    catalog = cursor.execute("SELECT current_database()").fetchone()[0]
+    _check_tree(tree.get("statements", []), frozenset(), frozenset({str(catalog).lower()}))
+    return statement
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def run_readonly_query(log_or_con: RunLog | duckdb.DuckDBPyConnection, sql: str,
+                       max_rows: int = 1000, timeout_s: float = 5.0
+                       ) -> tuple[pd.DataFrame, str]:
+    """Answer one read-only query: (DataFrame of at most max_rows rows, notice). Raises
+    ConsoleRefused (not allowed), ConsoleTimeout (interrupted after timeout_s) or
+    ConsoleError (a SQL error, with DuckDB's message)."""
+    if max_rows < 1 or timeout_s <= 0:
+        raise ValueError("max_rows must be >= 1 and timeout_s > 0")
+    cur = (log_or_con.fresh_cursor() if isinstance(log_or_con, RunLog)
+           else log_or_con.cursor())
+    try:
+        cur.execute("SET python_enable_replacements = false")  # no Python variables as tables
+        statement = check_readonly(sql, cur)
+        cur.execute("BEGIN TRANSACTION READ ONLY")
+        timer = threading.Timer(timeout_s, cur.interrupt)
+        timer.daemon = True
+        t0 = time.perf_counter()
+        timer.start()
+        try:
+            cur.execute(statement)
+            columns = [d[0] for d in cur.description or []]
+            rows = cur.fetchmany(max_rows + 1)
+        except duckdb.InterruptException:
+            raise ConsoleTimeout(f"stopped: the query ran past the {timeout_s:g} s time limit; "
+                                 "narrow it (WHERE, LIMIT) or aggregate") from None
+        except duckdb.Error as exc:
+            raise ConsoleError(_first_line(exc)) from None
+        finally:
+            timer.cancel()
+        elapsed = time.perf_counter() - t0
+    finally:
+        try:
+            cur.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+        cur.close()
+    capped = len(rows) > max_rows
+    df = pd.DataFrame.from_records(rows[:max_rows], columns=columns)
+    if capped:
+        notice = (f"showing the first {max_rows} rows (row cap); add LIMIT, WHERE or an "
+                  f"aggregate to see the rest ({elapsed:.2f} s)")
+    else:
+        notice = f"{len(df)} row{'s' if len(df) != 1 else ''} in {elapsed:.2f} s"
+    return df, notice
+
+
+def describe_log(log_or_con: RunLog | duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The tables and columns the console can read (table, column, type)."""
+    cur = (log_or_con.fresh_cursor() if isinstance(log_or_con, RunLog)
+           else log_or_con.cursor())
+    try:
+        return cur.execute(
+            "SELECT table_name AS \"table\", column_name AS \"column\", data_type AS type "
+            "FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND list_contains($tables, table_name) "
+            "ORDER BY list_position($tables, table_name), column_index",
+            {"tables": list(LOG_TABLES)}).df()
+    finally:
+        cur.close()
