@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.experts import FULL, LINEAR, LOCAL
-from kernels.reference import compute_dtype, feature_map
+from kernels.reference import compute_dtype
 from kernels.rows import sorted_rows, tiled_rows
 
 FULL_BLOCK = 256    # query rows per step of the gathered full expert
@@ -35,44 +35,25 @@ LOCAL_TILE = 32     # positions per tile of the local expert
 LINEAR_CHUNK = 64   # positions per chunk of the linear expert
 
 
-def _gather_queries(q_bt: torch.Tensor, rows: torch.Tensor, hkv: int) -> torch.Tensor:
-    """q_bt [B, Tq, Hq, D], rows [B, *R] -> [B, Hkv, *R[:-1], G * R[-1], D] (G query heads per kv head)."""
-    b, _, hq, d = q_bt.shape
+def _gather_rows(q: torch.Tensor, rows: torch.Tensor, hkv: int) -> torch.Tensor:
+    """q [B, Hq, Tq, D], rows [B, nA, M] -> [B, Hkv, nA, G, M, D]: each kv head's G query heads, in one copy."""
+    b, hq = q.shape[:2]
     g = hq // hkv
-    bidx = torch.arange(b, device=rows.device).view(b, *([1] * (rows.dim() - 1)))
-    x = q_bt[bidx, rows]  # [B, *R, Hq, D]
-    x = x.view(*rows.shape, hkv, g, d)  # [B, *R, Hkv, G, D]
+    bi = torch.arange(b, device=q.device).view(b, 1, 1, 1, 1)
+    hi = (torch.arange(hkv, device=q.device)[:, None] * g + torch.arange(g, device=q.device)).view(1, hkv, 1, g, 1)
+    return q[bi, hi, rows[:, None, :, None, :]]
+
+
+def _rows_to_heads(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, Tq, D], rows [B, *R] -> the gathered rows [B, *R[:-1], Hq, R[-1], D], in one copy."""
+    b, hq = q.shape[:2]
     nr = rows.dim() - 1
-    # move Hkv to dim 1 and G next to the last row axis
-    perm = [0, nr + 1, *range(1, nr), nr + 2, nr, nr + 3]
-    x = x.permute(perm)  # [B, Hkv, *R[:-1], G, R[-1], D]
-    return x.reshape(b, hkv, *rows.shape[1:-1], g * rows.shape[-1], d)
+    bi = torch.arange(b, device=q.device).view(b, *([1] * (nr + 1)))
+    hi = torch.arange(hq, device=q.device).view(hq, 1)
+    return q[bi, hi, rows.unsqueeze(-2)]
 
 
-def _scatter_rows(o: torch.Tensor, rows: torch.Tensor, hq: int) -> torch.Tensor:
-    """Inverse layout of _gather_queries: o [B, Hkv, *R[:-1], G * R[-1], D] -> [B * prod(R), Hq, D]."""
-    b, hkv = o.shape[:2]
-    d = o.shape[-1]
-    g = hq // hkv
-    nr = rows.dim() - 1
-    x = o.reshape(b, hkv, *rows.shape[1:-1], g, rows.shape[-1], d)  # [B, Hkv, *R[:-1], G, R[-1], D]
-    perm = [0, *range(2, nr + 1), nr + 2, 1, nr + 1, nr + 3]
-    return x.permute(perm).reshape(-1, hq, d)  # [B * prod(R), Hq, D]
-
-
-def _row_positions(rows: torch.Tensor, g: int, p0: int) -> torch.Tensor:
-    """rows [B, *R] -> absolute positions laid out like the gathered queries: [B, 1, *R[:-1], G * R[-1], 1]."""
-    pos = (rows + p0).unsqueeze(-2).expand(*rows.shape[:-1], g, rows.shape[-1])  # [B, *R[:-1], G, R[-1]]
-    return pos.reshape(*rows.shape[:-1], -1).unsqueeze(1).unsqueeze(-1)
-
-
-def _rows_to_heads(q_bt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """q_bt [B, Tq, Hq, D], rows [B, *R] -> the gathered rows [B, *R[:-1], Hq, R[-1], D]."""
-    bidx = torch.arange(q_bt.shape[0], device=rows.device).view(-1, *([1] * (rows.dim() - 1)))
-    return q_bt[bidx, rows].transpose(-2, -3)
-
-
-def _full_rows(q_bt, k, v, active, scale, p0):
+def _full_rows(q, k, v, active, scale, p0):
     """Full expert on the active rows. Returns (o [B * N, Hq, D], rows [B, N], valid [B, N]).
 
     Rows go in blocks of FULL_BLOCK in position order; a block reads keys [0, its last
@@ -85,13 +66,13 @@ def _full_rows(q_bt, k, v, active, scale, p0):
         end = int(rows.max()) + p0 + 1  # keys past the block's last row are never read
         allowed = torch.arange(end, device=k.device) <= (rows + p0)[:, None, :, None]  # [B, 1, m, end]
         outs.append(F.scaled_dot_product_attention(
-            _rows_to_heads(q_bt, rows), k[:, :, :end], v[:, :, :end], attn_mask=allowed, scale=scale,
-            enable_gqa=k.shape[1] != q_bt.shape[2]))  # [B, Hq, m, D]
+            _rows_to_heads(q, rows), k[:, :, :end], v[:, :, :end], attn_mask=allowed, scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1]))  # [B, Hq, m, D]
     o = torch.cat(outs, dim=2).transpose(1, 2)  # [B, N, Hq, D]
     return o.reshape(-1, *o.shape[2:]), sr.rows, sr.valid
 
 
-def _local_rows(q_bt, k, v, active, scale, p0, window, n_sink):
+def _local_rows(q, k, v, active, scale, p0, window, n_sink):
     """Local expert (window + sinks) on the active rows, by position tiles.
 
     A tile of LOCAL_TILE positions reads one band of keys, [tile start - window + 1,
@@ -99,8 +80,8 @@ def _local_rows(q_bt, k, v, active, scale, p0, window, n_sink):
     Returns (o [B * nA * M, Hq, D], rows [B, nA, M], valid [B, nA, M]).
     """
     b, hkv, tk, d = k.shape
-    hq = q_bt.shape[2]
-    tile = min(LOCAL_TILE, q_bt.shape[1])
+    hq, tq = q.shape[1:3]
+    tile = min(LOCAL_TILE, tq)
     tr = tiled_rows(active, tile)
     n_a, m = tr.rows.shape[1:]
     band = min(tile + window - 1, tk)
@@ -114,13 +95,18 @@ def _local_rows(q_bt, k, v, active, scale, p0, window, n_sink):
     qpos = (tr.rows + p0)[..., None]  # [B, nA, M, 1]
     # a sink already inside the window is counted by the band, not twice
     allowed = (kpos <= qpos) & torch.where(in_band, kpos > qpos - window, kpos <= qpos - window)  # [B, nA, M, L]
-    qg = _rows_to_heads(q_bt, tr.rows).reshape(b * n_a, hq, m, d)  # [B * nA, Hq, M, D]
+    qg = _rows_to_heads(q, tr.rows).view(b * n_a, hq, m, d)  # [B * nA, Hq, M, D]
     kg = k[:, :, kidx].transpose(1, 2).reshape(b * n_a, hkv, -1, d)  # [B * nA, Hkv, L, D]
     vg = v[:, :, kidx].transpose(1, 2).reshape(b * n_a, hkv, -1, d)
     o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed.reshape(b * n_a, 1, m, -1), scale=scale,
                                        enable_gqa=hkv != hq)  # [B * nA, Hq, M, D]
     o = o.view(b, n_a, hq, m, d).transpose(2, 3)  # [B, nA, M, Hq, D]
     return o.reshape(-1, hq, d), tr.rows, tr.valid
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 in one pass less than the reference (elu's backward keeps its input, not its output)."""
+    return F.elu(x).add_(1.0)
 
 
 def _augment(v: torch.Tensor) -> torch.Tensor:
@@ -137,17 +123,17 @@ def _linear_state_aug(k, v, linear_state, p0, ct):
     return pk.transpose(-1, -2) @ _augment(v[:, :, :p0])  # [B, Hkv, D, D + 1]
 
 
-def _linear_rows(q_bt, k, v, active, p0, s0, eps, need_rows):
+def _linear_rows(q, k, v, active, p0, s0, eps):
     """Linear expert on the active rows, chunked; also the state after all keys.
 
-    Returns (o [B * nA * M, Hq, D] or None, rows, valid, state_aug [B, Hkv, D, D + 1]).
+    Returns (o [B * nA * M, Hq, D] or None, rows [B, nA, M], valid [B, nA, M], state_aug [B, Hkv, D, D + 1]).
     """
-    hq, (b, hkv, tk, d) = q_bt.shape[2], k.shape
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
     g = hq // hkv
-    tq = tk - p0
     pk = feature_map(k[:, :, p0:])  # [B, Hkv, Tq, D]
     va = _augment(v[:, :, p0:])  # [B, Hkv, Tq, D + 1]
-    if not need_rows:
+    if not bool(active.any()):
         return None, None, None, s0 + pk.transpose(-1, -2) @ va
     chunk = min(LINEAR_CHUNK, tq)
     n_ch = -(-tq // chunk)
@@ -156,15 +142,19 @@ def _linear_rows(q_bt, k, v, active, p0, s0, eps, need_rows):
     va = F.pad(va, (0, 0, 0, pad)).view(b, hkv, n_ch, chunk, d + 1)
     kv = pk.transpose(-1, -2) @ va  # [B, Hkv, nC, D, D + 1]
     cum = kv.cumsum(dim=2)
-    before = s0[:, :, None] + torch.cat([torch.zeros_like(kv[:, :, :1]), cum[:, :, :-1]], dim=2)
+    before = s0[:, :, None] + (cum - kv)  # [B, Hkv, nC, D, D + 1]: the state before each chunk
     tr = tiled_rows(active, chunk)
-    pq = feature_map(_gather_queries(q_bt, tr.rows, hkv))  # [B, Hkv, nA, G * M, D]
-    qpos = _row_positions(tr.rows, g, p0)  # [B, 1, nA, G * M, 1]
-    kpos = (p0 + tr.tiles[:, None] * chunk + torch.arange(chunk, device=k.device))[None, None, :, None, :]
-    a = (pq @ pk[:, :, tr.tiles].transpose(-1, -2)).masked_fill(kpos > qpos, 0.0)  # [B, Hkv, nA, G * M, C]
-    num = a @ va[:, :, tr.tiles] + pq @ before[:, :, tr.tiles]  # [B, Hkv, nA, G * M, D + 1]
-    o = num[..., :d] / (num[..., d:] + eps)
-    return _scatter_rows(o, tr.rows, hq), tr.rows, tr.valid, s0 + cum[:, :, -1]
+    n_a, m = tr.rows.shape[1:]
+    if n_a < n_ch:  # chunks no batch row routes a token of to linear: only their state is needed
+        pk, va, before = pk[:, :, tr.tiles], va[:, :, tr.tiles], before[:, :, tr.tiles]
+    pq = feature_map(_gather_rows(q, tr.rows, hkv)).view(b, hkv, n_a, g * m, d)  # [B, Hkv, nA, G * M, D]
+    qpos = (tr.rows + p0)[:, None, :, None, :].expand(b, 1, n_a, g, m).reshape(b, 1, n_a, g * m, 1)
+    kpos = (p0 + tr.tiles[:, None] * chunk + torch.arange(chunk, device=k.device))[:, None, :]  # [nA, 1, C]
+    a = (pq @ pk.transpose(-1, -2)).masked_fill(kpos > qpos, 0.0)  # [B, Hkv, nA, G * M, C]
+    num = torch.baddbmm((pq @ before).flatten(0, 2), a.flatten(0, 2), va.flatten(0, 2))  # [B Hkv nA, G M, D + 1]
+    o = (num[..., :d] / (num[..., d:] + eps)).view(b, hkv, n_a, g, m, d)
+    o = o.permute(0, 2, 4, 1, 3, 5).reshape(-1, hq, d)  # [B * nA * M, Hq, D]
+    return o, tr.rows, tr.valid, s0 + cum[:, :, -1]
 
 
 def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: float | None = None,
@@ -192,15 +182,15 @@ def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: f
         dense.append((FULL, F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale,
                                                            enable_gqa=hq != hkv)))
     elif bool(act_full.any()):
-        y = add(y, *_full_rows(q.transpose(1, 2), k, v, act_full, scale, p0), FULL)
+        y = add(y, *_full_rows(q, k, v, act_full, scale, p0), FULL)
 
     act_local = active[..., LOCAL]
     if bool(act_local.any()):
-        y = add(y, *_local_rows(q.transpose(1, 2), k, v, act_local, scale, p0, window, n_sink), LOCAL)
+        y = add(y, *_local_rows(q, k, v, act_local, scale, p0, window, n_sink), LOCAL)
 
     act_lin = active[..., LINEAR]
     s0 = _linear_state_aug(k, v, linear_state, p0, ct)
-    o, rows, valid, state = _linear_rows(q.transpose(1, 2), k, v, act_lin, p0, s0, eps, bool(act_lin.any()))
+    o, rows, valid, state = _linear_rows(q, k, v, act_lin, p0, s0, eps)
     if o is not None:
         y = add(y, o, rows, valid, LINEAR)
 

@@ -40,10 +40,10 @@ CHECKPOINT = "checkpoint.pt"
 @dataclass
 class CalibrationConfig:
     controller: str = "bayes"
-    steps: int = 300
-    batch_size: int = 2
+    steps: int = 160
+    batch_size: int = 1
     seq_len: int = 256
-    lr: float = 3e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     beta_kl: float = 0.1  # weight of the Dirichlet KL to the compute-aware prior (Bayes)
     cost_weight: float = 0.1  # weight of E[cost] (prior-free baseline)
@@ -55,7 +55,7 @@ class CalibrationConfig:
     prior_gamma: float = 1.0
     seed: int = 0
     val_windows: int = 8
-    checkpoint_every: int = 25
+    checkpoint_every: int = 20
 
     def __post_init__(self):
         if self.controller not in ("bayes", "priorfree"):
@@ -111,7 +111,7 @@ def evaluate_terms(routed, stack, val_ids, dense_val, cfg) -> dict:
         for i in range(val_ids.shape[0]):
             terms = elbo_terms(routed, stack, val_ids[i:i + 1], dense_val[i:i + 1], cfg, hard=True)
             for k in totals:
-                totals[k] += float(terms[k]) / val_ids.shape[0]
+                totals[k] += terms[k].item() / val_ids.shape[0]
     torch.random.set_rng_state(state)
     return totals
 
@@ -172,7 +172,7 @@ def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: P
         torch.nn.utils.clip_grad_norm_(stack.parameters(), 1.0)
         opt.step()
         sched.step()
-        row = {k: round(float(v), 5) for k, v in terms.items()} | {"step": step + 1, "hard": hard}
+        row = {k: round(v.item(), 5) for k, v in terms.items()} | {"step": step + 1, "hard": hard}
         history.append(row)
         if bar is not None:
             bar.set_postfix(loss=row["loss"], task=row["task"], kl=row["kl"], cost=row["cost"],

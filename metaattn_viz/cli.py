@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="train the controllers (ELBO / prior-free baseline)")
     p.add_argument("--data", required=True, help="UTF-8 text file (WikiText-2 raw works)")
     p.add_argument("--controller", default="bayes", choices=["bayes", "priorfree"])
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 300)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 160)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta-kl", type=float, default=None, help="weight of the prior KL (bayes)")
     p.add_argument("--cost-weight", type=float, default=None,
@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _add_model_args(p)
     p.set_defaults(handler=_cmd_calibrate)
+
+    p = sub.add_parser("eval", help="compare routing policies on held-out text (JSON rows)")
+    p.add_argument("--data", required=True, help="UTF-8 text file; its validation split is used")
+    p.add_argument("--budgets", default="0.25,0.5,0.75,1.0", help="comma-separated budgets")
+    p.add_argument("--max-tokens", type=int, default=4096, help="validation tokens to score")
+    p.add_argument("--seq-len", type=int, default=256, help="window length")
+    p.add_argument("--window", type=int, default=64, help="local expert window")
+    p.add_argument("--report", default=None,
+                   help="also write the tables into this markdown file (and pareto.png beside it)")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.set_defaults(handler=_cmd_eval)
 
     return parser
 
@@ -181,6 +193,59 @@ def _cmd_calibrate(args) -> int:
         raise UserError(str(exc)) from None
     print(json.dumps({"controller": meta["controller"], "content_hash": meta["content_hash"],
                       "final_validation_terms": meta["final_validation_terms"]}))
+    return 0
+
+
+def _parse_budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--budgets must be comma-separated numbers in [0.15, 1], got {text!r}") \
+            from None
+    from metaattn_viz.settings import RoutingSettings
+
+    for b in budgets:
+        RoutingSettings(budget=b)  # validates the range
+    if not budgets:
+        raise UserError("--budgets is empty")
+    return budgets
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    from metaattn_viz import data as data_mod
+    from metaattn_viz.evaluate import evaluate
+    from metaattn_viz.routing import RoutedModel
+
+    budgets = _parse_budgets(args.budgets)
+    if args.max_tokens < args.seq_len:
+        raise UserError(f"--max-tokens must be at least --seq-len ({args.seq_len})")
+    try:
+        data_mod.load_split(args.data)
+    except data_mod.DataError as exc:
+        raise UserError(str(exc)) from None
+    routed = RoutedModel.load(args.model)
+
+    def progress(row):
+        print(f"{row['controller']:>14} budget={row['budget']} cost={row['realized_cost']:.3f} "
+              f"ppl={row['ppl']:.2f} kl={row['kl_to_dense']:.4f}", file=sys.stderr)
+
+    try:
+        rows = evaluate(routed, args.data, budgets, max_tokens=args.max_tokens,
+                        seq_len=args.seq_len, window=args.window, progress=progress)
+    except data_mod.DataError as exc:
+        raise UserError(str(exc)) from None
+    if args.report:
+        from metaattn_viz.results_report import write_report
+
+        cmd = "metaattn-viz eval " + " ".join(a for a in sys.argv[2:] if a)
+        write_report(rows, args.report, cmd)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            progress(row)
     return 0
 
 

@@ -94,7 +94,8 @@ class Session:
 
     def __init__(self, routed: RoutedModel, controller: ControllerStack,
                  settings: RoutingSettings, mode: str = "route", train: TrainRouting | None = None,
-                 lam=None, forced_weights=None, capture_qk: bool = False):
+                 lam=None, forced_weights=None, capture_qk: bool = False, policy=None,
+                 diagnose: bool = False):
         self.routed = routed
         self.controller = controller
         self.settings = settings
@@ -110,6 +111,12 @@ class Session:
         self.lam_given = lam is not None
         self.forced = forced_weights  # [L] list of [B, T, K] tensors, or None
         self.capture_qk = capture_qk
+        # policy(layer, x [B,T,D], m [N,K], unc [N]) -> Decisions: a baseline router that
+        # replaces the budget solver (evaluation's static, random and salience policies)
+        self.policy = policy
+        # diagnose: also run full attention for every routed query and record the relative
+        # error of the output actually used, ||o_used - o_full|| / ||o_full|| per decision
+        self.diagnose = diagnose
         self.qk: list = [None] * L
         self.records: list[list[dict]] = [[] for _ in range(L)]
         self._decode_cost = 0.0
@@ -139,7 +146,7 @@ class Session:
             rec = None
         else:
             beta = beta.detach()
-            weights, rec = self._route(layer, beta, offset)
+            weights, rec = self._route(layer, beta, offset, x)
 
         state = self.lin_state[layer] if (offset > 0 and self.lin_len[layer] == offset) else None
         if self.mode != "train" and s.dense and self.forced is None and not self.capture_qk:
@@ -155,6 +162,11 @@ class Session:
             self.lin_state[layer], self.lin_len[layer] = new_state, Tk
         if self.capture_qk:
             self.qk[layer] = (q.detach(), k.detach(), scaling)
+        if self.diagnose and rec is not None:
+            full = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=Hq != k.shape[1])
+            err = (y - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)  # [B, Hq, Tq]
+            rec["rel_error"] = err.mean(1).float().cpu()  # [B, Tq]
         if rec is not None:
             self.records[layer].append(rec)
         self.x[layer] = self.h[layer] = None
@@ -172,14 +184,16 @@ class Session:
             w = hard + w - w.detach()
         return w
 
-    def _route(self, layer: int, beta: torch.Tensor, offset: int):
+    def _route(self, layer: int, beta: torch.Tensor, offset: int, x: torch.Tensor):
         B, Tq, _ = beta.shape
         s = self.settings
         m = beta / beta.sum(-1, keepdim=True)  # [B, Tq, K]
         flat_m = m.reshape(-1, K).float()
         unc = entropy_of_mean(flat_m) / _LOG_K  # [N]
         n = flat_m.shape[0]
-        if self.forced is not None:
+        if self.policy is not None:
+            dec, lam = self.policy(layer, x, flat_m, unc), 0.0
+        elif self.forced is not None:
             w = self.forced[layer].reshape(-1, K).to(flat_m)
             routes = w.argmax(-1)
             hedged = (w > 0).sum(-1) > 1
@@ -332,7 +346,8 @@ class RoutedModel:
 
     def prefill(self, input_ids: torch.Tensor, settings: RoutingSettings,
                 controller: str | ControllerStack = "bayes", forced_weights=None,
-                capture_qk: bool = False, use_cache: bool = True) -> PrefillResult:
+                capture_qk: bool = False, use_cache: bool = True, policy=None,
+                diagnose: bool = False) -> PrefillResult:
         """Route a whole text in one forward (two or three for the global scope)."""
         from transformers import DynamicCache
 
@@ -340,12 +355,14 @@ class RoutedModel:
             cache = DynamicCache() if use_cache else None
             with torch.no_grad(), self.session(s, controller, lam=lam,
                                                forced_weights=forced_weights,
-                                               capture_qk=capture_qk) as sess:
+                                               capture_qk=capture_qk, policy=policy,
+                                               diagnose=diagnose) as sess:
                 out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=use_cache)
             return PrefillResult(out.logits, sess.pop_records(), list(sess.lam), cache, 1, sess)
 
         needs_global = (settings.scope == "global" and settings.lam is None
                         and settings.budget is not None and forced_weights is None
+                        and policy is None
                         and budget_mod.extreme_lambda(settings.budget) is None)
         if not needs_global:
             return one_pass(settings)

@@ -44,8 +44,8 @@ routing log written by a newer version, a DuckDB file that is not a routing log 
 `StoreUnavailable` naming the path and what to do (`--db` elsewhere or `--no-log`). The
 store never overwrites, truncates or deletes a file it did not create.
 
-This module never imports gradio, transformers or the model code; torch is imported (by
-dirichlet) only in the writer thread, to compute the uncertainty columns. All SQL lives
+This module never imports gradio, transformers, torch or the model code (the uncertainty
+columns are computed in numpy, checked against dirichlet.py by the tests). All SQL lives
 here, in `Q`, under names that say what each query answers.
 """
 
@@ -87,6 +87,13 @@ SETTINGS_COLUMNS = {"budget": "budget", "scope": "scope", "hedge_policy": "hedge
                     "dual_step": "dual_step", "backend": "backend"}
 UNCERTAINTY_COLUMNS = {"total": "uncertainty", "aleatoric": "aleatoric",
                        "epistemic": "epistemic", "vacuity": "vacuity"}
+# How long the writer lets queued appends gather before committing them (start_run,
+# finish and flush are written at once). Bounds what a crash can lose of a stream.
+COMMIT_WINDOW_S = 0.05
+# WAL size that triggers a checkpoint. DuckDB's 16 MB default checkpoints every few
+# thousand tokens of logging and rewrites the trailing row group each time (measured: 40 ms
+# per 30k route rows); 64 MB halves the cost of a commit, and a crash replays at most this.
+CHECKPOINT_THRESHOLD = "64MB"
 RECOVERED_ERROR = "the process writing this run ended while it was streaming (found on open)"
 CLOSED_ERROR = "the routing log was closed while this run was streaming"
 
@@ -363,7 +370,8 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
             raise StoreUnavailable(f"cannot create the folder for routing log {path}: {exc}. "
                                    "Pass --db with a writable path, or --no-log.") from exc
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        return duckdb.connect(str(path), read_only=read_only,
+                              config={"checkpoint_threshold": CHECKPOINT_THRESHOLD})
     except duckdb.Error as exc:
         raise _unavailable(path, exc) from exc
 
@@ -445,7 +453,6 @@ class _RunState:
     n_layers: int
     started: float  # time.monotonic() at start_run
     queued: int = 0  # positions handed to the writer
-    committed: int = 0  # positions committed
     finishing: bool = False
     error: BaseException | None = None
 
@@ -525,11 +532,33 @@ def _safe_text(s: str) -> str:
         return s.encode("utf-8", "replace").decode("utf-8")
 
 
+def uncertainty_columns(concentration: np.ndarray, point_estimate: bool) -> dict:
+    """The uncertainty columns of `routes` for concentrations [..., K]: the measures of
+    dirichlet.uncertainties (total and aleatoric as fractions of log K, epistemic in nats,
+    vacuity K/S; a point estimate has no epistemic part), computed in numpy on the writer
+    thread. torch would do (and tests/test_store.py checks that it agrees), but on a
+    small CPU its per-op cost on the writer thread was 5x the whole insert and competed
+    with the generation's intra-op pool."""
+    from scipy.special import digamma
+
+    beta = np.asarray(concentration, np.float64)
+    k = beta.shape[-1]
+    s = beta.sum(-1, keepdims=True)
+    m = beta / s
+    total = -(m * np.log(np.maximum(m, 1e-30))).sum(-1)
+    if point_estimate:
+        zero = np.zeros_like(total)
+        measures = {"total": total / math.log(k), "aleatoric": total / math.log(k),
+                    "epistemic": zero, "vacuity": zero}
+    else:
+        aleatoric = -(m * (digamma(beta + 1) - digamma(s + 1))).sum(-1)
+        measures = {"total": total / math.log(k), "aleatoric": aleatoric / math.log(k),
+                    "epistemic": np.maximum(total - aleatoric, 0.0), "vacuity": k / s[..., 0]}
+    return {UNCERTAINTY_COLUMNS[name]: v.astype(np.float32) for name, v in measures.items()}
+
+
 def _tables_for(slices: list[tuple[str, _Slice]]) -> tuple[pa.Table, pa.Table]:
     """(tokens, routes) Arrow tables for the slices of one writer round."""
-    from metaattn_viz.dirichlet import uncertainties  # torch: writer thread only
-    import torch
-
     run_ids = [rid for rid, _ in slices]
     dictionary = pa.array(run_ids, pa.string())
     tok_idx, route_idx, cols = [], [], {c: [] for c in (
@@ -554,10 +583,8 @@ def _tables_for(slices: list[tuple[str, _Slice]]) -> tuple[pa.Table, pa.Table]:
         for k, e in enumerate(EXPERTS):
             cols[f"conc_{e}"].append(s.concentration[..., k].astype(np.float32).ravel())
             cols[f"weight_{e}"].append(s.weights[..., k].astype(np.float32).ravel())
-        u = uncertainties(torch.from_numpy(s.concentration.astype(np.float64)),
-                          point_estimate=s.point_estimate)  # {measure: [L, n]}
-        for measure, column in UNCERTAINTY_COLUMNS.items():
-            cols[column].append(u[measure].numpy().astype(np.float32).ravel())
+        for column, values in uncertainty_columns(s.concentration, s.point_estimate).items():
+            cols[column].append(values.ravel())  # [L, n] -> layer-major
 
     def run_id_column(idx):
         return pa.DictionaryArray.from_arrays(pa.array(np.concatenate(idx)), dictionary)
@@ -601,6 +628,7 @@ class _Database:
         self._pending: list[_Work] = []
         self._seq = 0  # last ticket handed out
         self._done_seq = 0  # last ticket the writer has dealt with
+        self._waiting = 0  # threads blocked in wait(): the writer must not dawdle
         self._runs: dict[str, _RunState] = {}
         self._writer: threading.Thread | None = None
         self._stopping = False
@@ -639,7 +667,13 @@ class _Database:
 
     def wait(self, ticket: int, timeout: float | None = None) -> None:
         """Block until the writer has dealt with `ticket` (caller holds self._cond)."""
-        if not self._cond.wait_for(lambda: self._done_seq >= ticket, timeout):
+        self._waiting += 1
+        self._cond.notify_all()
+        try:
+            done = self._cond.wait_for(lambda: self._done_seq >= ticket, timeout)
+        finally:
+            self._waiting -= 1
+        if not done:
             raise StoreUnavailable(f"routing log {self.path}: a write did not complete within "
                                    f"{timeout:g} s")
 
@@ -648,6 +682,9 @@ class _Database:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self._stopping)
+                # Group commit: queued appends wait up to COMMIT_WINDOW_S for company (one
+                # fsync for many tokens and streams); someone blocked in wait() cannot.
+                self._cond.wait_for(lambda: self._waiting or self._stopping, COMMIT_WINDOW_S)
                 if not self._pending:
                     return
                 work, self._pending = self._pending, []
@@ -669,8 +706,6 @@ class _Database:
                         continue
                     if error is not None:
                         st.error = error
-                    elif w.rows is not None:
-                        st.committed = max(st.committed, w.rows.end)
                 self._done_seq = upto
                 self._cond.notify_all()
 
@@ -850,8 +885,9 @@ class RunLog:
     # -- writing ---------------------------------------------------------------------------
     def start_run(self, trace: RoutingTrace, kind: str = "generate") -> str:
         """Record a new run (status `running`, every setting) and return its id, which is
-        also set on `trace.run_id`. Positions already in the trace are written by the next
-        append or finish."""
+        also set on `trace.run_id`. Like append, it queues and returns: the row is committed
+        with the writer's next round (flush() waits for it; a failure is raised by the next
+        append or finish). Positions already in the trace go with the next append/finish."""
         self._check_writable()
         if not isinstance(kind, str) or not kind.strip() or len(kind) > 32:
             raise ValueError(f"kind must be a short name such as 'generate', got {kind!r}")
@@ -860,12 +896,7 @@ class RunLog:
         db = self._db
         with db._cond:
             db._runs[run_id] = _RunState(n_layers=int(trace.n_layers), started=time.monotonic())
-            ticket = db.submit(run_id, new_run=row)
-            db.wait(ticket)
-            st = db._runs[run_id]
-            if st.error is not None:
-                del db._runs[run_id]
-                raise st.error
+            db.submit(run_id, new_run=row)
         trace.run_id = run_id
         return run_id
 

@@ -39,6 +39,37 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+class CharTokenizer:
+    """Enough of a tokenizer for tiny random models: ids are byte values."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", "replace")
+
+
+def routed_tiny(arch="llama", seed=0, spread=1.0, **overrides):
+    """A tiny model with untrained controllers; spread > 1 makes their posteriors vary more
+    from token to token (untrained ones sit near the prior)."""
+    import torch
+
+    from metaattn_viz.controller import ControllerStack, config_for_model
+    from metaattn_viz.routing import RoutedModel
+
+    model = tiny_model(arch, seed=seed, **overrides)
+    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed)
+            for k in ("bayes", "priorfree")}
+    with torch.no_grad():
+        for stack in ctrl.values():
+            for layer in stack.layers:
+                layer.fc2.weight.mul_(spread)
+    return RoutedModel(model, CharTokenizer(), ctrl, f"tiny-{arch}")
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """The bundled SmolLM2-135M-Instruct (cached conversion)."""

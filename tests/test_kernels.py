@@ -282,3 +282,28 @@ def test_attention_flops_counts_visible_keys():
     assert got == [4 * 2 * 1, 4 * 2 * 2, 4 * 2 * (8 + 4)]
     hedged = torch.tensor([[0.5, 0, 0.5]])
     assert attention_flops(torch.tensor([9]), hedged, 8, 4, 2).tolist() == [4 * 2 * 10 + 4 * 2 * (8 + 2)]
+
+
+# -- the attention benchmark (smoke: tiny sizes, the row contract) ---------------------------
+
+def test_bench_attention_rows_follow_the_contract(capsys):
+    import json
+
+    from metaattn_viz import bench
+
+    rows = bench.run_bench(seq_lens=[96], json=True, repeats=1)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == rows and [r["mix"] for r in rows] == ["local", "linear", "mix"]
+    for r in rows:
+        assert {"seq_len", "budget", "backend", "dense_ms", "routed_ms", "ratio", "max_abs_err"} <= set(r)
+        assert r["seq_len"] == 96 and r["backend"] == "cpu" and r["max_abs_err"] <= TOL
+        assert r["ratio"] == pytest.approx(r["routed_ms"] / r["dense_ms"], rel=1e-2)
+    assert [r["budget"] for r in rows] == [0.3, 0.15, pytest.approx(0.25 + 0.25 * 0.15 + 0.5 * 0.3)]
+
+
+def test_bench_mix_weights_have_the_mix_fractions():
+    from metaattn_viz import bench
+
+    w = bench.mix_weights("mix", 400, seed=3)
+    assert w.shape == (1, 400, 3) and (w.sum(-1) == 1).all()
+    assert w[0].sum(0).tolist() == [100, 100, 200]

@@ -11,39 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
-from metaattn_viz.budget import Decisions, decide, dual_ascent, solve_lambda
-from metaattn_viz.controller import ControllerStack, config_for_model
+from conftest import routed_tiny
+from metaattn_viz.budget import decide, dual_ascent, solve_lambda
 from metaattn_viz.routing import RoutedModel
 from metaattn_viz.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class CharTokenizer:
-    """Enough of a tokenizer for tiny random models: ids are byte values."""
-
-    eos_token_id = None
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": list(text.encode("utf-8"))}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return bytes(int(i) % 256 for i in ids).decode("utf-8", "replace")
-
-
-def routed_tiny(arch="llama", seed=0, spread=1.0, **overrides) -> RoutedModel:
-    """A tiny model with untrained controllers; spread > 1 makes their posteriors vary more
-    from token to token (untrained ones sit near the prior)."""
-    model = tiny_model(arch, seed=seed, **overrides)
-    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed)
-            for k in ("bayes", "priorfree")}
-    with torch.no_grad():
-        for stack in ctrl.values():
-            for layer in stack.layers:
-                layer.fc2.weight.mul_(spread)
-    return RoutedModel(model, CharTokenizer(), ctrl, f"tiny-{arch}")
 
 
 def random_ids(n, seed=0, vocab=250):
@@ -264,7 +237,7 @@ def routed_real(real_model):
 @pytest.mark.slow
 def test_real_model_budget_one_equals_dense_and_greedy_is_identical(routed_real):
     r = routed_real
-    text = (ROOT.parent / "shared/data/wikitext2/wiki.dev.raw").read_text()[:2000]
+    text = (ROOT / "tests/data/wikitext2_excerpt.txt").read_text()[:2000]
     ids = torch.tensor([r.tokenizer(text)["input_ids"][:128]])
     dense = r.dense_logits(ids)
     res = r.prefill(ids, RoutingSettings(budget=1.0))

@@ -1,0 +1,564 @@
+"""The routing log (metaattn_viz/store.py): replay, streaming, concurrency, crashes,
+locked and corrupt files, migrations, readers, analytics, export. Synthetic traces
+(bench_store.synthetic_trace) keep it fast; the real-model replay is marked slow."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+from metaattn_viz import store
+from metaattn_viz.bench_store import empty_like, grow, synthetic_trace
+from metaattn_viz.dirichlet import uncertainties
+from metaattn_viz.settings import FULL, RoutingSettings
+from metaattn_viz.store import RunLog, StoreUnavailable, UnknownRun
+
+REPO = Path(__file__).resolve().parent.parent
+ARRAYS = ("concentration", "routes", "hedged", "weights", "cost", "lam")
+
+
+def assert_same_trace(got, want, n_tokens: int | None = None):
+    """`got` equals `want` (its first n_tokens positions): every field a replay restores."""
+    n = want.n_tokens if n_tokens is None else n_tokens
+    for name in ("model", "controller", "controller_id", "controller_trained", "settings",
+                 "n_layers", "head_dim", "n_prompt_tokens", "truncated", "prompt"):
+        assert getattr(got, name) == getattr(want, name), name
+    assert got.token_ids == want.token_ids[:n]
+    assert got.tokens == want.tokens[:n]
+    for name in ARRAYS:
+        a, b = getattr(got, name), getattr(want, name)[:, :n]
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)  # float32 exactly
+    assert got.created_at == pytest.approx(want.created_at, abs=1e-6)
+    if n_tokens is None:
+        assert got.output_text == want.output_text
+        assert got.timings == want.timings
+        if want.kl_to_dense is None:
+            assert got.kl_to_dense is None
+        else:
+            np.testing.assert_array_equal(got.kl_to_dense, want.kl_to_dense.astype(np.float32))
+
+
+def stream_run(log, full, chunks=3, kind="generate"):
+    """Stream `full` into the log as the app does: start, append as it grows, finish."""
+    trace = None
+    for trace in grow(full, chunks):
+        if trace.run_id is None:
+            log.start_run(trace, kind=kind)
+        log.append(trace.run_id, trace)
+    log.finish(trace.run_id, trace)
+    return trace.run_id
+
+
+def count(path_or_log, sql, **params):
+    if isinstance(path_or_log, RunLog):
+        return path_or_log.fresh_cursor().execute(sql, params).fetchone()[0]
+    with duckdb.connect(str(path_or_log), read_only=True) as con:
+        return con.execute(sql, params).fetchone()[0]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "log" / "routing.duckdb"  # the folder is created on open
+
+
+# -- replay -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("controller", ["bayes", "priorfree"])
+def test_replay_equals_the_trace_in_memory(db, controller):
+    full = synthetic_trace(n_layers=5, n_tokens=37, seed=3, controller=controller)
+    full.kl_to_dense = np.random.default_rng(0).random(37).astype(np.float32)
+    with RunLog(db) as log:
+        run_id = stream_run(log, full, chunks=[1, 4, 2] * 20)
+        got = log.load_trace(run_id)
+    assert got.run_id == run_id
+    assert_same_trace(got, full)
+
+
+def test_replay_of_bulk_write_with_no_budget_and_fixed_lambda(db):
+    full = synthetic_trace(n_layers=3, n_tokens=9, seed=4, budget=None)
+    full.settings = RoutingSettings(budget=None, lam=0.25, scope="global", window=7, n_sink=0,
+                                    backend="cpu", dual_step=0.5, hedge_min_weight=0.2)
+    with RunLog(db) as log:
+        run_id = log.start_run(full, kind="reroute")  # whole trace at once, as reroute does
+        log.finish(run_id, full)
+        got = log.load_trace(run_id)
+        assert log.get_run(run_id)["kind"] == "reroute"
+    assert_same_trace(got, full)
+
+
+def test_every_settings_field_has_a_column():
+    assert set(store.SETTINGS_COLUMNS) == set(RoutingSettings.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("controller", ["bayes", "priorfree"])
+def test_uncertainty_columns_agree_with_dirichlet(db, controller):
+    full = synthetic_trace(n_layers=4, n_tokens=25, seed=5, controller=controller)
+    with RunLog(db) as log:
+        run_id = stream_run(log, full)
+        rows = log.fresh_cursor().execute(
+            "SELECT layer, pos, uncertainty, aleatoric, epistemic, vacuity FROM routes "
+            "WHERE run_id = $r", {"r": run_id}).fetchnumpy()
+    ref = uncertainties(torch.from_numpy(full.concentration.astype(np.float64)),
+                        point_estimate=full.point_estimate)  # the independent reference
+    at = (rows["layer"].astype(int), rows["pos"].astype(int))
+    for measure, column in store.UNCERTAINTY_COLUMNS.items():
+        np.testing.assert_allclose(rows[column], ref[measure].numpy()[at], rtol=1e-5, atol=1e-6,
+                                   err_msg=column)
+    np.testing.assert_allclose(rows["uncertainty"], full.uncertainty("total")[at], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_replay_real_generation(tmp_path, real_model):
+    from metaattn_viz.routing import RoutedModel
+
+    routed = RoutedModel.from_loaded(real_model)
+    settings = RoutingSettings(budget=0.4, hedge_policy="soft")
+    with RunLog(tmp_path / "real.duckdb") as log:
+        trace = None
+        for i, trace in enumerate(routed.stream("The capital of France is", settings,
+                                                max_new_tokens=12)):
+            if trace.run_id is None:
+                log.start_run(trace)
+            if i % 3 == 0:
+                log.append(trace.run_id, trace)
+        log.finish(trace.run_id, trace)
+        got = log.load_trace(trace.run_id)
+    assert trace.n_tokens > trace.n_prompt_tokens
+    assert_same_trace(got, trace)
+    np.testing.assert_allclose(got.uncertainty(), trace.uncertainty(), rtol=1e-6)
+    assert got.attention_flops_ratio == pytest.approx(trace.attention_flops_ratio)
+
+
+# -- streaming --------------------------------------------------------------------------------
+def test_a_streaming_run_is_running_then_done_with_all_its_rows(db):
+    full = synthetic_trace(n_layers=4, n_tokens=30, seed=1)
+    with RunLog(db) as log:
+        parts = grow(full, 5)
+        trace = next(parts)  # the prefill
+        run_id = log.start_run(trace)
+        log.append(run_id, trace)
+        log.flush()
+        row = log.get_run(run_id)
+        assert row["status"] == "running"
+        assert row["n_tokens"] == trace.n_tokens == full.n_prompt_tokens
+        assert count(log, "SELECT count(*) FROM routes WHERE run_id = $r", r=run_id) == \
+            4 * trace.n_tokens
+        for trace in parts:
+            log.append(run_id, trace)
+            log.append(run_id, trace)  # twice: nothing is written twice
+        assert log.list_runs(status="running")["run_id"].tolist() == [run_id]
+        log.finish(run_id, trace)
+        row = log.get_run(run_id)
+        assert row["status"] == "done" and row["n_tokens"] == 30
+        assert row["realized_cost"] == pytest.approx(full.realized_cost, rel=1e-6)
+        assert row["flops_ratio"] == pytest.approx(full.attention_flops_ratio, rel=1e-6)
+        assert row["wall_ms"] > 0 and row["pid"] == os.getpid()
+        assert count(log, "SELECT count(*) FROM routes WHERE run_id = $r", r=run_id) == 4 * 30
+        assert count(log, "SELECT count(*) FROM tokens WHERE run_id = $r", r=run_id) == 30
+        assert count(log, "SELECT count(*) FROM (SELECT DISTINCT layer, pos FROM routes)") == 120
+        assert count(log, "SELECT count(*) FROM tokens WHERE is_prompt") == full.n_prompt_tokens
+
+
+def test_append_refuses_gaps_and_finished_runs(db):
+    full = synthetic_trace(n_layers=2, n_tokens=10, seed=2)
+    with RunLog(db) as log:
+        run_id = log.start_run(full)
+        assert log.append(run_id, full, start_pos=0) == 10
+        assert log.append(run_id, full, start_pos=3) == 10  # overlap: already queued
+        with pytest.raises(ValueError, match="gap"):
+            log.append(run_id, full, start_pos=11)
+        log.finish(run_id, full, status="failed", error="decoder blew up")
+        with pytest.raises(ValueError, match="not streaming"):
+            log.append(run_id, full)
+        with pytest.raises(ValueError, match="status must be one of"):
+            log.finish(log.start_run(full), full, status="great")
+        row = log.get_run(run_id)
+        assert (row["status"], row["error"]) == ("failed", "decoder blew up")
+        with pytest.raises(UnknownRun, match="no run 'nope'"):
+            log.load_trace("nope")
+
+
+def test_handles_on_one_file_share_one_connection_and_read_only_refuses_writes(db):
+    a = RunLog(db)
+    b = RunLog(db)
+    ro = RunLog(db, read_only=True)
+    assert a._db is b._db is ro._db
+    run_id = stream_run(a, synthetic_trace(n_layers=2, n_tokens=6))
+    a.close()
+    assert b.get_run(run_id)["status"] == "done"  # still open through b
+    with pytest.raises(StoreUnavailable, match="read-only"):
+        ro.start_run(synthetic_trace(n_layers=2, n_tokens=6))
+    b.close()
+    ro.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        ro.list_runs()
+
+
+def test_closing_the_log_mid_stream_marks_the_run_interrupted(db):
+    full = synthetic_trace(n_layers=3, n_tokens=20, seed=6)
+    log = RunLog(db)
+    parts = grow(full, 4)
+    trace = next(parts)
+    run_id = log.start_run(trace)
+    log.append(run_id, trace)
+    log.close()
+    with RunLog(db) as log:
+        row = log.get_run(run_id)
+        assert row["status"] == "interrupted" and "closed" in row["error"]
+        assert row["n_tokens"] == full.n_prompt_tokens
+        assert_same_trace(log.load_trace(run_id), full, n_tokens=full.n_prompt_tokens)
+        assert log.recovered_runs == []
+
+
+# -- concurrency ------------------------------------------------------------------------------
+def test_eight_threads_stream_100_token_runs_at_once(db):
+    L, T = 30, 100
+    fulls = [synthetic_trace(n_layers=L, n_tokens=T, seed=10 + i) for i in range(8)]
+    run_ids, errors = [None] * 8, []
+    barrier = threading.Barrier(8)
+
+    def worker(i):
+        try:
+            with RunLog(db) as log:  # each thread its own handle: one shared connection
+                barrier.wait()
+                rng = np.random.default_rng(i)
+                run_ids[i] = stream_run(log, fulls[i], chunks=iter(lambda: rng.integers(1, 6), -1))
+                log.list_runs(limit=3)  # readers run alongside the writer
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with RunLog(db) as log:
+        runs = log.list_runs(limit=100)
+        assert sorted(runs["run_id"]) == sorted(run_ids)
+        assert set(runs["status"]) == {"done"}
+        per_run = log.fresh_cursor().execute(
+            "SELECT run_id, count(*) FROM routes GROUP BY run_id").fetchall()
+        assert sorted(n for _, n in per_run) == [L * T] * 8
+        for i in (0, 7):
+            assert_same_trace(log.load_trace(run_ids[i]), fulls[i])
+
+
+# -- crashes ----------------------------------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import sys, time
+    from metaattn_viz.bench_store import grow, synthetic_trace
+    from metaattn_viz.store import RunLog
+    log = RunLog(sys.argv[1])
+    done = synthetic_trace(n_layers=6, n_tokens=20, seed=21)
+    log.finish(log.start_run(done), done)
+    print("done", done.run_id, flush=True)
+    full = synthetic_trace(n_layers=6, n_tokens=400, seed=22)
+    for trace in grow(full, 5):
+        if trace.run_id is None:
+            log.start_run(trace)
+            print("run", trace.run_id, flush=True)
+        log.append(trace.run_id, trace)
+        log.flush()
+        print("committed", trace.n_tokens, flush=True)
+        time.sleep(0.01)
+    time.sleep(600)  # never finishes: the parent kills it
+""")
+
+
+def test_sigkill_mid_run_marks_it_interrupted_and_keeps_committed_batches(db):
+    before = synthetic_trace(n_layers=6, n_tokens=15, seed=20)
+    with RunLog(db) as log:
+        before_id = stream_run(log, before)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    committed, ids = 0, {}
+    try:
+        for line in child.stdout:
+            word, value = line.split()
+            if word == "committed":
+                committed = int(value)
+                if committed >= 60:
+                    break
+            else:
+                ids[word] = value
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL and committed >= 60
+    with RunLog(db) as log:
+        assert log.recovered_runs == [ids["run"]]
+        row = log.get_run(ids["run"])
+        assert row["status"] == "interrupted" and "ended" in row["error"]
+        n = row["n_tokens"]
+        assert n >= committed  # every committed batch is there
+        assert count(log, "SELECT count(*) FROM routes WHERE run_id = $r", r=ids["run"]) == 6 * n
+        assert count(log, "SELECT count(*) FROM tokens WHERE run_id = $r", r=ids["run"]) == n
+        assert_same_trace(log.load_trace(ids["run"]), synthetic_trace(6, 400, seed=22), n)
+        # no other run is affected
+        assert log.get_run(ids["done"])["status"] == "done"
+        assert_same_trace(log.load_trace(ids["done"]), synthetic_trace(6, 20, seed=21))
+        assert log.get_run(before_id)["status"] == "done"
+        assert_same_trace(log.load_trace(before_id), before)
+    with RunLog(db) as log:
+        assert log.recovered_runs == []  # recovery happens once
+
+
+# -- locked and corrupt files -----------------------------------------------------------------
+HOLDER = ("import sys; from metaattn_viz.store import RunLog; log = RunLog(sys.argv[1]); "
+          "print('ready', flush=True); sys.stdin.read()")
+
+
+def test_a_database_locked_by_another_process_gives_a_clear_error(db):
+    with RunLog(db) as log:
+        stream_run(log, synthetic_trace(n_layers=2, n_tokens=5))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        digest = sha(db)
+        for read_only in (False, True):
+            with pytest.raises(StoreUnavailable) as err:
+                RunLog(db, read_only=read_only)
+            msg = str(err.value)
+            assert str(db) in msg and "another process" in msg
+            assert "--db" in msg and "--no-log" in msg
+        log, why = store.open_or_explain(db)  # the app runs on without logging
+        assert log is None and "Running without logging" in why
+        assert store.open_or_explain(db, enabled=False) == (None, "logging is off (--no-log)")
+        assert sha(db) == digest
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    with RunLog(db, read_only=True) as log:  # released: readable again
+        assert len(log.list_runs()) == 1
+
+
+@pytest.mark.parametrize("content", [os.urandom(5000), b"hello, not a database\n" * 300])
+def test_a_corrupt_file_gives_a_clear_error_and_is_never_overwritten(tmp_path, content):
+    path = tmp_path / "routing.duckdb"
+    path.write_bytes(content)
+    for read_only in (False, True):
+        with pytest.raises(StoreUnavailable) as err:
+            RunLog(path, read_only=read_only)
+        msg = str(err.value)
+        assert str(path) in msg and "not a DuckDB database" in msg and "untouched" in msg
+        assert "--db" in msg and "--no-log" in msg
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.duckdb"]  # no WAL either
+
+
+def test_a_duckdb_file_that_is_not_a_routing_log_is_left_alone(tmp_path):
+    path = tmp_path / "other.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE customers AS SELECT 1 AS id")
+    digest = sha(path)
+    with pytest.raises(StoreUnavailable, match="not a metaattn-viz routing log"):
+        RunLog(path)
+    assert sha(path) == digest
+
+
+def test_missing_log_read_only_and_directory_paths_are_explained(tmp_path):
+    with pytest.raises(StoreUnavailable, match="no routing log at"):
+        RunLog(tmp_path / "missing.duckdb", read_only=True)
+    assert not (tmp_path / "missing.duckdb").exists()
+    with pytest.raises(StoreUnavailable, match="is a directory"):
+        RunLog(tmp_path)
+
+
+# -- schema versions --------------------------------------------------------------------------
+def test_an_older_log_is_migrated_on_open_and_keeps_its_runs(db, monkeypatch):
+    full = synthetic_trace(n_layers=3, n_tokens=8, seed=7)
+    with RunLog(db) as log:
+        run_id = stream_run(log, full)
+    v = store.latest_schema_version()
+    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS + [
+        (v + 1, ("ALTER TABLE runs ADD COLUMN note VARCHAR",
+                 "UPDATE runs SET note = 'migrated'"))])
+    with pytest.raises(StoreUnavailable, match="open it once read-write"):
+        RunLog(db, read_only=True)
+    with RunLog(db) as log:
+        assert count(log, "SELECT max(version) FROM schema_version") == v + 1
+        assert log.get_run(run_id)["note"] == "migrated"
+        assert_same_trace(log.load_trace(run_id), full)
+
+
+def test_a_log_from_a_newer_version_is_refused_untouched(db):
+    with RunLog(db):
+        pass
+    with duckdb.connect(str(db)) as con:
+        con.execute("INSERT INTO schema_version VALUES (999, now()::TIMESTAMP)")
+    digest = sha(db)
+    with pytest.raises(StoreUnavailable, match="newer than this metaattn-viz"):
+        RunLog(db)
+    assert sha(db) == digest
+
+
+# -- readers and analytics --------------------------------------------------------------------
+@pytest.fixture
+def filled(db):
+    """A log with 6 runs at budgets 0.3 / 0.6, two controllers, one failed."""
+    traces = {}
+    with RunLog(db) as log:
+        for i in range(6):
+            tr = synthetic_trace(n_layers=4, n_tokens=12 + i, seed=30 + i,
+                                 controller="bayes" if i % 2 == 0 else "priorfree",
+                                 budget=0.3 if i < 3 else 0.6)
+            tr.created_at = dt.datetime(2026, 1, 1 + i // 2, 12, tzinfo=dt.timezone.utc).timestamp()
+            if i == 5:
+                tr.prompt = "A needle in the haystack"
+            rid = log.start_run(tr)
+            log.finish(rid, tr, status="failed" if i == 4 else "done")
+            traces[rid] = tr
+    return db, traces
+
+
+def test_list_runs_filters_and_orders(filled):
+    db, traces = filled
+    with RunLog(db, read_only=True) as log:
+        runs = log.list_runs()
+        assert len(runs) == 6
+        assert list(runs["created_at"]) == sorted(runs["created_at"], reverse=True)
+        assert len(log.list_runs(status="failed")) == 1
+        assert set(log.list_runs(controller="priorfree")["controller"]) == {"priorfree"}
+        assert len(log.list_runs(model="synthetic", limit=2)) == 2
+        assert log.list_runs(text="NEEDLE")["prompt"].tolist() == ["A needle in the haystack"]
+        assert list(log.list_runs(order_by="n_tokens")["n_tokens"]) == list(range(12, 18))
+        with pytest.raises(ValueError, match="order_by must be one of"):
+            log.list_runs(order_by="prompt; DROP TABLE runs")
+        with pytest.raises(ValueError, match="status must be one of"):
+            log.list_runs(status="weird")
+
+
+def test_compare_two_runs_token_by_token(db):
+    a = synthetic_trace(n_layers=4, n_tokens=10, seed=40)
+    b = synthetic_trace(n_layers=4, n_tokens=10, seed=40)
+    b.routes = b.routes.copy()
+    b.routes[:2, 3] = (b.routes[:2, 3] + 1) % 3  # two layers disagree at position 3
+    b.tokens = list(b.tokens)
+    b.tokens[5] = "changed"
+    with RunLog(db) as log:
+        ra, rb = stream_run(log, a), stream_run(log, b)
+        df = log.compare(ra, rb)
+        with pytest.raises(UnknownRun):
+            log.compare(ra, "missing")
+    assert list(df["pos"]) == list(range(10))
+    assert df.loc[3, "agreement"] == pytest.approx(0.5)
+    assert (df.drop(index=3)["agreement"] == 1.0).all()
+    assert df["same_token"].tolist() == [i != 5 for i in range(10)]
+    symbols = "FLW"
+    want = "".join(symbols[e].lower() if h else symbols[e]
+                   for e, h in zip(a.routes[:, 0], a.hedged[:, 0]))
+    assert df.loc[0, "routes_a"] == want
+    np.testing.assert_allclose(df["cost_a"], a.cost.mean(0), rtol=1e-6)
+    assert df.attrs["agreement"] == pytest.approx(1 - 0.5 / 10)
+
+
+def test_analytics_answer_from_the_routes(filled):
+    db, traces = filled
+    alltr = list(traces.values())
+    with RunLog(db, read_only=True) as log:
+        by_layer = log.full_attention_share_by_layer()
+        routes = np.concatenate([t.routes for t in alltr], 1)  # [L, sum T]
+        np.testing.assert_allclose(by_layer["full_share"], (routes == FULL).mean(1))
+        assert list(by_layer["decisions"]) == [routes.shape[1]] * 4
+        one = next(iter(traces))
+        np.testing.assert_allclose(log.full_attention_share_by_layer(one)["full_share"],
+                                   (traces[one].routes == FULL).mean(1))
+
+        by_budget = log.full_attention_share_by_budget()
+        assert len(by_budget) == 4  # 2 controllers x 2 budgets
+        sel = [t for t in alltr if t.controller == "bayes" and t.settings.budget == 0.3]
+        row = by_budget[(by_budget.controller == "bayes") & (by_budget.budget == 0.3)].iloc[0]
+        assert row["runs"] == len(sel)
+        assert row["full_share"] == pytest.approx(
+            np.concatenate([(t.routes == FULL).ravel() for t in sel]).mean())
+        assert row["realized_cost"] == pytest.approx(
+            np.concatenate([t.cost.ravel() for t in sel]).mean(), rel=1e-6)
+
+        unc = log.uncertainty_vs_budget()
+        row = unc[(unc.controller == "bayes") & (unc.budget == 0.3)].iloc[0]
+        assert row["mean_uncertainty"] == pytest.approx(
+            np.concatenate([t.uncertainty("total").ravel() for t in sel]).mean(), rel=1e-5)
+
+        top = log.tokens_most_often_full(limit=5, min_occurrences=3)
+        shares = {}
+        for t in alltr:
+            share = (t.routes == FULL).mean(0)
+            for text, s in zip(t.tokens, share):
+                shares.setdefault(text, []).append(s)
+        want = sorted(((np.mean(v), len(v), k) for k, v in shares.items() if len(v) >= 3),
+                      key=lambda x: (-x[0], -x[1], x[2]))[:5]
+        assert top["token"].tolist() == [k for _, _, k in want]
+        np.testing.assert_allclose(top["full_share"], [s for s, _, _ in want])
+
+        per_day = log.runs_over_time("day")
+        assert per_day["runs"].tolist() == [2, 2, 2]
+        assert per_day["failed"].tolist() == [0, 0, 1]
+        with pytest.raises(ValueError, match="every must be one of"):
+            log.runs_over_time("fortnight")
+
+
+# -- export -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_export_round_trip(filled, tmp_path, fmt):
+    db, traces = filled
+    out = tmp_path / "export"
+    counts = store.export(db, out, fmt)
+    n_routes = sum(t.n_layers * t.n_tokens for t in traces.values())
+    assert counts == {"runs": 6, "tokens": sum(t.n_tokens for t in traces.values()),
+                      "routes": n_routes, "experts": 3}
+    days = sorted(p.name for p in (out / "routes").iterdir())
+    assert days == ["day=2026-01-01", "day=2026-01-02", "day=2026-01-03"]
+    reader = "read_parquet" if fmt == "parquet" else "read_csv"
+    with duckdb.connect(str(db), read_only=True) as con:
+        for table in ("runs", "tokens", "routes"):
+            files = f"'{out / table}/**/*.{fmt}'"
+            exported = f"SELECT * EXCLUDE (day) FROM {reader}({files}, hive_partitioning = true)"
+            if fmt == "csv":  # CSV carries no types: cast back to the table's
+                exported = (f"SELECT * FROM (SELECT * FROM {table} LIMIT 0) UNION ALL BY NAME "
+                            f"({exported})")
+            for a, b in ((table, exported), (exported, table)):
+                assert con.execute(f"SELECT count(*) FROM (({a}) EXCEPT ALL ({b}))"
+                                   ).fetchone()[0] == 0, table
+        assert con.execute(f"SELECT count(DISTINCT day) FROM {reader}("
+                           f"'{out}/runs/**/*.{fmt}', hive_partitioning = true)").fetchone()[0] == 3
+    with pytest.raises(ValueError, match="already exists"):
+        store.export(db, out, fmt)
+
+
+def test_export_cli(filled, tmp_path, capsys):
+    from metaattn_viz.cli import main
+
+    db, _ = filled
+    assert main(["export", "--db", str(db), "--out", str(tmp_path / "x")]) == 0
+    assert "exported 6 runs" in capsys.readouterr().out
+    assert (tmp_path / "x" / "experts.parquet").exists()
+    assert main(["export", "--db", str(tmp_path / "none.duckdb"), "--out",
+                 str(tmp_path / "y")]) == 2
+    assert "no routing log at" in capsys.readouterr().err
+
+
+def test_export_from_an_open_log_in_this_process(db, tmp_path):
+    with RunLog(db) as log:
+        stream_run(log, synthetic_trace(n_layers=2, n_tokens=4))
+        assert log.export(tmp_path / "live")["routes"] == 8
