@@ -1,0 +1,132 @@
+"""Whole-model benchmarks: routing overhead and end-to-end routed vs dense speed.
+
+Every figure is a ratio against the dense model measured in the same run, in the same
+process, interleaved (dense, routed, dense, routed, ...) and summarised by the median, since
+these machines are noisy. Nothing here asserts on time; the rows are printed (and
+`metaattn-viz bench` includes them).
+
+Rows (the `bench --json` contract: seq_len, budget, backend, dense_ms, routed_ms, ratio,
+max_abs_err, plus `case`):
+- routing-overhead: prefill of 256 tokens at budget 1.0 (the controllers and the solver run,
+  the experts are exact SDPA); target ratio <= 1.15.
+- prefill: a 4096-token prefill at the budget; speed-up = dense_ms / routed_ms (target >= 1.15).
+- decode: tokens/s of greedy decoding after a context of 256 and 8192 tokens; speed-up =
+  dense_ms / routed_ms per token (targets >= 0.9 at 256 and >= 1.3 at 8192).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from metaattn_viz.routing import RoutedModel
+from metaattn_viz.settings import RoutingSettings
+
+
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(1000 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _text_ids(routed: RoutedModel, n: int) -> torch.Tensor:
+    from metaattn_viz.paths import REPO_ROOT
+
+    text = (REPO_ROOT / "tests" / "data" / "wikitext2_excerpt.txt").read_text()
+    ids = routed.tokenizer(text, add_special_tokens=False)["input_ids"]
+    while len(ids) < n:
+        ids = ids + ids
+    return torch.tensor([ids[:n]])
+
+
+def routing_overhead(routed: RoutedModel, seq_len: int = 256, repeats: int = 7) -> dict:
+    ids = _text_ids(routed, seq_len)
+    s = RoutingSettings(budget=1.0)
+    with torch.no_grad():
+        dense = routed.dense_logits(ids)
+        err = float((routed.prefill(ids, s, use_cache=False).logits - dense).abs().max())
+        t = _interleaved({"dense": lambda: routed.dense_logits(ids),
+                          "routed": lambda: routed.prefill(ids, s, use_cache=False)}, repeats)
+    return {"case": "routing-overhead", "seq_len": seq_len, "budget": 1.0, "backend": "cpu",
+            "dense_ms": t["dense"], "routed_ms": t["routed"], "ratio": t["routed"] / t["dense"],
+            "target": "ratio <= 1.15", "max_abs_err": err}
+
+
+def prefill_speed(routed: RoutedModel, seq_len: int = 4096, budget: float = 0.3,
+                  repeats: int = 3) -> dict:
+    ids = _text_ids(routed, seq_len)
+    s = RoutingSettings(budget=budget)
+    with torch.no_grad():
+        t = _interleaved({"dense": lambda: routed.dense_logits(ids),
+                          "routed": lambda: routed.prefill(ids, s, use_cache=False)}, repeats)
+    return {"case": "prefill", "seq_len": seq_len, "budget": budget, "backend": "cpu",
+            "dense_ms": t["dense"], "routed_ms": t["routed"], "ratio": t["routed"] / t["dense"],
+            "speedup": t["dense"] / t["routed"], "target": "speedup >= 1.15",
+            "max_abs_err": None}
+
+
+def decode_speed(routed: RoutedModel, context: int, budget: float = 0.3, new_tokens: int = 24
+                 ) -> dict:
+    """Per-token decode time after `context` tokens, dense vs routed (greedy, same text)."""
+    from transformers import DynamicCache
+
+    ids = _text_ids(routed, context - new_tokens)  # the last new token ends at `context`
+    s = RoutingSettings(budget=budget)
+
+    def dense_run():
+        cache = DynamicCache()
+        with torch.no_grad(), routed.session(RoutingSettings(budget=1.0), mode="dense"):
+            out = routed.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = routed.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+            return 1000 * (time.perf_counter() - t0) / new_tokens
+
+    def routed_run():
+        steps = []
+        trace_iter = routed.stream(ids[0].tolist(), s, max_new_tokens=new_tokens)
+        next(trace_iter)  # the prefill
+        t0 = time.perf_counter()
+        for _ in trace_iter:
+            steps.append(time.perf_counter())
+        return 1000 * (time.perf_counter() - t0) / max(1, len(steps))
+
+    dense_ms = [dense_run()]
+    routed_ms = [routed_run()]
+    dense_ms.append(dense_run())
+    routed_ms.append(routed_run())
+    d, r = min(dense_ms), min(routed_ms)
+    return {"case": "decode", "seq_len": context, "budget": budget, "backend": "cpu",
+            "dense_ms": d, "routed_ms": r, "ratio": r / d, "speedup": d / r,
+            "dense_tokens_per_s": 1000 / d, "routed_tokens_per_s": 1000 / r,
+            "target": "speedup >= 1.3" if context >= 8192 else "speedup >= 0.9",
+            "max_abs_err": None}
+
+
+def model_rows(routed: RoutedModel | None = None, budget: float = 0.3, long_context: int = 8192,
+               quick: bool = False) -> list[dict]:
+    routed = routed or RoutedModel.load()
+    torch.set_grad_enabled(False)
+    rows = [routing_overhead(routed)]
+    if quick:
+        rows.append(decode_speed(routed, 256, budget, new_tokens=8))
+        return rows
+    rows.append(prefill_speed(routed, 4096, budget))
+    rows.append(decode_speed(routed, 256, budget))
+    rows.append(decode_speed(routed, long_context, budget, new_tokens=16))
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+
+    for row in model_rows():
+        print(json.dumps(row))
