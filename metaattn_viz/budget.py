@@ -12,6 +12,7 @@ Pure tensor maths on [N, K] posteriors: never sees the model, the kernels or the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,32 @@ def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSet
             weights = torch.where(hedged[:, None], soft, weights)
     cost = ((weights > 0).to(c.dtype) * c).sum(-1)  # [N]
     return Decisions(routes, weights, hedged, cost)
+
+
+def decide_one(beta: list[float], lam: float, settings: RoutingSettings
+               ) -> tuple[int, list[float], bool, float]:
+    """`decide` for one decision in plain Python (the decode-time hot path):
+    concentrations (or probabilities) of K experts -> (route, weights, hedged, cost)."""
+    total = sum(beta)
+    m = [b / total for b in beta]
+    scores = [math.log(max(p, 1e-30)) - lam * c for p, c in zip(m, COSTS)]
+    route = max(range(len(scores)), key=scores.__getitem__)  # first max, like argmax
+    weights = [0.0] * len(COSTS)
+    weights[route] = 1.0
+    hedged = False
+    if settings.hedge_policy != "off" and route != FULL:
+        unc = -sum(p * math.log(p) for p in m if p > 0) / math.log(len(m))
+        if unc > settings.hedge_threshold:
+            hedged = True
+            if settings.hedge_policy == "full":
+                weights = [1.0] + [0.0] * (len(COSTS) - 1)
+            else:
+                keep = [p if (p >= settings.hedge_min_weight or k == route) else 0.0
+                        for k, p in enumerate(m)]
+                z = sum(keep)
+                weights = [p / z for p in keep]
+    cost = sum(c for w, c in zip(weights, COSTS) if w > 0)
+    return route, weights, hedged, cost
 
 
 def all_to(expert: int, n: int, device=None) -> Decisions:

@@ -191,6 +191,8 @@ class Session:
         flat_m = m.reshape(-1, K).float()
         unc = entropy_of_mean(flat_m) / _LOG_K  # [N]
         n = flat_m.shape[0]
+        if n == 1 and offset > 0 and self.policy is None and self.forced is None:
+            return self._route_one(layer, beta)
         if self.policy is not None:
             dec, lam = self.policy(layer, x, flat_m, unc), 0.0
         elif self.forced is not None:
@@ -213,10 +215,31 @@ class Session:
             dec = budget_mod.decide(flat_m, unc, lam, s)
             if offset > 0:  # a decode step: lambda follows the running cost
                 self._dual_ascent(layer, float(dec.cost.mean()))
-        rec = {"beta": beta.float().cpu(), "routes": dec.routes.view(B, Tq).cpu(),
-               "hedged": dec.hedged.view(B, Tq).cpu(), "weights": dec.weights.view(B, Tq, K).cpu(),
-               "cost": dec.cost.view(B, Tq).cpu(), "lam": torch.full((B, Tq), float(lam))}
+        rec = {"beta": beta.float().cpu().numpy(), "routes": dec.routes.view(B, Tq).cpu().numpy(),
+               "hedged": dec.hedged.view(B, Tq).cpu().numpy(),
+               "weights": dec.weights.view(B, Tq, K).float().cpu().numpy(),
+               "cost": dec.cost.view(B, Tq).float().cpu().numpy(),
+               "lam": np.full((B, Tq), float(lam), np.float32)}
         return dec.weights.view(B, Tq, K), rec
+
+    def _route_one(self, layer: int, beta: torch.Tensor):
+        """A single decode decision in plain Python: the same maths as budget.decide without
+        a dozen tiny tensor ops, which would dominate a decode step on a CPU."""
+        s = self.settings
+        b = beta.reshape(-1).tolist()
+        if s.dense:
+            route, w, hedged, cost, lam = FULL, [1.0, 0.0, 0.0], False, COSTS[FULL], -budget_mod.LAM_MAX
+        elif s.lam is None and s.budget is not None and s.budget <= MIN_COST:
+            route, w, hedged, cost, lam = LINEAR, [0.0, 1.0, 0.0], False, COSTS[LINEAR], budget_mod.LAM_MAX
+        else:
+            lam = self.lam[layer]
+            route, w, hedged, cost = budget_mod.decide_one(b, lam, s)
+            self._dual_ascent(layer, cost)
+        rec = {"beta": np.asarray(b, np.float32).reshape(1, 1, K),
+               "routes": np.array([[route]], np.int64), "hedged": np.array([[hedged]]),
+               "weights": np.asarray(w, np.float32).reshape(1, 1, K),
+               "cost": np.array([[cost]], np.float32), "lam": np.array([[lam]], np.float32)}
+        return torch.tensor(w, dtype=beta.dtype).view(1, 1, K), rec
 
     def _dual_ascent(self, layer: int, cost: float) -> None:
         s = self.settings
@@ -239,8 +262,8 @@ class Session:
             return None
         out = {}
         for key in self.records[0][0]:
-            per_layer = [torch.cat([r[key] for r in recs], dim=1) for recs in self.records]
-            out[key] = torch.stack(per_layer).numpy()
+            per_layer = [np.concatenate([r[key] for r in recs], axis=1) for recs in self.records]
+            out[key] = np.stack(per_layer)
         self.records = [[] for _ in self.records]
         return out
 

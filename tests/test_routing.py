@@ -276,3 +276,21 @@ def test_route_cli_refuses_bad_budget_plainly():
     assert out.returncode == 2
     assert "budget" in out.stderr and "[0.15, 1]" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("policy", ["off", "soft", "full"])
+def test_scalar_decode_path_agrees_with_the_tensor_path(policy):
+    from metaattn_viz.budget import decide_one
+
+    g = torch.Generator().manual_seed(11)
+    beta = torch.rand(300, 3, generator=g) * 4 + 0.05
+    m = beta / beta.sum(-1, keepdim=True)
+    unc = -(m * m.log()).sum(-1) / np.log(3)
+    s = RoutingSettings(hedge_policy=policy, hedge_threshold=0.8)
+    for lam in (-3.0, 0.0, 0.7, 4.0):
+        dec = decide(m, unc, lam, s)
+        for i in range(beta.shape[0]):
+            route, w, hedged, cost = decide_one(beta[i].tolist(), lam, s)
+            assert route == int(dec.routes[i]) and hedged == bool(dec.hedged[i])
+            assert np.allclose(w, dec.weights[i].numpy(), atol=1e-6)
+            assert cost == pytest.approx(float(dec.cost[i]))
