@@ -40,10 +40,10 @@ CHECKPOINT = "checkpoint.pt"
 @dataclass
 class CalibrationConfig:
     controller: str = "bayes"
-    steps: int = 160
+    steps: int = 64
     batch_size: int = 1
     seq_len: int = 256
-    lr: float = 5e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     beta_kl: float = 0.1  # weight of the Dirichlet KL to the compute-aware prior (Bayes)
     cost_weight: float = 0.1  # weight of E[cost] (prior-free baseline)
@@ -55,7 +55,7 @@ class CalibrationConfig:
     prior_gamma: float = 1.0
     seed: int = 0
     val_windows: int = 8
-    checkpoint_every: int = 20
+    checkpoint_every: int = 16
 
     def __post_init__(self):
         if self.controller not in ("bayes", "priorfree"):
@@ -134,7 +134,7 @@ def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: P
     stack = ControllerStack(ccfg, seed=cfg.seed).to(device)
     opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+        opt, lambda s: min(1.0, (s + 1) / 8) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     start, history = 0, []
     ckpt_path = out_dir / CHECKPOINT

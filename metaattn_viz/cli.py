@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="train the controllers (ELBO / prior-free baseline)")
     p.add_argument("--data", required=True, help="UTF-8 text file (WikiText-2 raw works)")
     p.add_argument("--controller", default="bayes", choices=["bayes", "priorfree"])
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 160)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta-kl", type=float, default=None, help="weight of the prior KL (bayes)")
     p.add_argument("--cost-weight", type=float, default=None,
