@@ -1,21 +1,24 @@
 """Routed attention in plain PyTorch: the fast path on CPU (and the autograd path anywhere).
 
-Each expert runs only on the rows routed to it (weight > 0), in batched blocks with no
+Each expert runs only on the rows routed to it (weight > 0), batched, with no
 per-token Python loop:
 
-- full: the routed rows in position order, blocks of FULL_BLOCK rows, each block against
-  keys [0, its last position] (key blocks beyond are skipped); all rows full in a
-  prefill go straight to SDPA (flash kernel, causal).
+- full: the routed rows in position order, in blocks of FULL_BLOCK rows; a block runs
+  SDPA against keys [0, its last position] with its staircase mask (later keys are
+  never read). All rows full in a prefill: one causal SDPA call (flash kernel).
 - local: rows grouped by tiles of LOCAL_TILE positions; a tile reads one band of
-  LOCAL_TILE + window - 1 keys plus the n_sink sink keys.
-- linear: chunks of LINEAR_CHUNK positions; per-chunk states phi(k)^T [v, 1] summed
-  by a cumulative sum give the state before each chunk, the chunk itself is quadratic.
-  The state is updated with every key whatever its route.
+  LOCAL_TILE + window - 1 keys plus the sinks before it, and the tiles are the batch
+  of one masked SDPA call. A sparse tile never widens the band.
+- linear: chunks of LINEAR_CHUNK positions; per-chunk states phi(k)^T [v, 1] and a
+  cumulative sum give the state before each chunk, the chunk itself is quadratic
+  (only for the chunks holding linear rows). The state is updated with every key,
+  whatever its route.
+- decode (Tq = 1): a few ops; full reads the cache, local slices its window and
+  sinks, linear reads the state and the new key.
 
-A decode step (Tq = 1) thus reads the whole cache for full, window + sinks for local
-and the recurrent state plus the new key for linear. K/V heads are never repeated:
-queries are reshaped to [B, Hkv, G * rows, D] so each kv head serves its G query heads
-in one matmul. Everything is differentiable (no in-place ops on graph tensors).
+K/V heads are never repeated in memory: SDPA takes grouped-query inputs, and the linear
+expert lays the G query heads of a kv head side by side ([B, Hkv, ..., G * rows, D]).
+Differentiable end to end (in-place ops only on fresh tensors autograd does not keep).
 
 Never: validate arguments (kernels.checks does), import metaattn_viz, or know how the
 weights were chosen.
@@ -30,8 +33,8 @@ from kernels.experts import FULL, LINEAR, LOCAL
 from kernels.reference import compute_dtype
 from kernels.rows import sorted_rows, tiled_rows
 
-FULL_BLOCK = 256    # query rows per step of the gathered full expert
-LOCAL_TILE = 32     # positions per tile of the local expert
+FULL_BLOCK = 128   # query rows per step of the gathered full expert
+LOCAL_TILE = 64    # positions per tile of the local expert
 LINEAR_CHUNK = 64   # positions per chunk of the linear expert
 
 
@@ -157,6 +160,56 @@ def _linear_rows(q, k, v, active, p0, s0, eps):
     return o, tr.rows, tr.valid, s0 + cum[:, :, -1]
 
 
+def _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps):
+    """One query per sequence (Tq = 1), in a handful of ops: full reads the cache, local its
+    window and sinks (slices, no gather), linear the state and the new key only.
+
+    q [B, Hq, 1, D]; k, v [B, Hkv, Tk, D]; w [B, 1, 3]; batch rows not routed to an expert skip it.
+    """
+    b, hq, _, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    y = None
+
+    def mix(y, e, o):
+        sel = active[:, 0, e]
+        contrib = w[:, 0, e, None, None, None] * o if bool(sel.all()) else \
+            torch.zeros_like(q).index_add_(0, sel.nonzero()[:, 0], w[sel, 0, e, None, None, None] * o)
+        return contrib if y is None else y + contrib
+
+    def rows_of(e, *xs):  # the batch rows routed to expert e (all of them: no copy)
+        sel = active[:, 0, e]
+        return xs if bool(sel.all()) else tuple(x[sel] for x in xs)
+
+    if bool(active[:, 0, FULL].any()):
+        qs, ks, vs = rows_of(FULL, q, k, v)
+        y = mix(y, FULL, F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=g > 1))
+    if bool(active[:, 0, LOCAL].any()):
+        lo = max(tk - window, 0)
+        n_s = min(n_sink, lo)  # sinks inside the window are already in it
+        kl, vl = k[:, :, lo:], v[:, :, lo:]
+        if n_s:
+            kl, vl = torch.cat([k[:, :, :n_s], kl], dim=2), torch.cat([v[:, :, :n_s], vl], dim=2)
+        qs, ks, vs = rows_of(LOCAL, q, kl, vl)
+        y = mix(y, LOCAL, F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=g > 1))
+    if linear_state is not None:
+        s, z = linear_state[0].to(q.dtype), linear_state[1].to(q.dtype)
+    else:
+        s_aug = _linear_state_aug(k, v, None, tk - 1, q.dtype)
+        s, z = s_aug[..., :d], s_aug[..., d]
+    pk = feature_map(k[:, :, -1:])  # [B, Hkv, 1, D]
+    s = s + pk.transpose(-1, -2) @ v[:, :, -1:]  # [B, Hkv, D, D]
+    z = z + pk[:, :, 0]  # [B, Hkv, D]
+    if bool(active[:, 0, LINEAR].any()):
+        qs, ss, zs = rows_of(LINEAR, q, s, z)
+        pq = feature_map(qs).view(qs.shape[0], hkv, g, d)  # [b, Hkv, G, D]
+        o = (pq @ ss) / ((pq * zs[:, :, None]).sum(-1, keepdim=True) + eps)  # [b, Hkv, G, D]
+        y = mix(y, LINEAR, o.view(qs.shape))
+    if y is None:
+        y = torch.zeros_like(q)
+    return y, (s.float(), z.float())
+
+
 def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: float | None = None,
                          linear_state=None, eps: float = 1e-6):
     """Routed attention, each expert on its own rows only. Arguments as kernels.routed_attention."""
@@ -168,6 +221,9 @@ def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: f
     q, k, v = q.to(ct), k.to(ct), v.to(ct)
     w = weights.to(ct)
     active = weights > 0  # [B, Tq, 3]
+    if tq == 1:
+        y, new_state = _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps)
+        return y.to(out_dtype), new_state
     bidx = torch.arange(b, device=q.device)
     y = q.new_zeros(b * tq, hq, d)  # [B * Tq, Hq, D]
     dense = []  # (expert, o [B, Hq, Tq, D]) for experts every row is routed to
@@ -175,7 +231,8 @@ def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: f
     def add(y, o, rows, valid, e):
         bi = bidx.view(b, *([1] * (rows.dim() - 1)))
         wr = (w[bi, rows, e] * valid).reshape(-1, 1, 1)  # padding rows get weight 0
-        return y.index_add(0, (bi * tq + rows).reshape(-1), o * wr)
+        # in place: y is our own zeros, so autograd only records the weighted rows added to it
+        return y.index_add_(0, (bi * tq + rows).reshape(-1), o * wr)
 
     act_full = active[..., FULL]
     if bool(act_full.all()) and (tq == tk or tq == 1):

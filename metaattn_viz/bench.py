@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json as json_mod
+import os
 import platform
 import statistics
 import time
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import FULL, LINEAR, LOCAL
+from metaattn_viz.bench_args import add_arguments
 from metaattn_viz.settings import COSTS
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 9, 3, 64
@@ -58,6 +60,18 @@ def mix_weights(mix: str, seq_len: int, seed: int = 0, device="cpu") -> torch.Te
 
 def notional_cost(mix: str) -> float:
     return round(sum(f * c for f, c in zip(MIXES[mix], COSTS)), 4)
+
+
+def _cpu_name() -> str:
+    """e.g. 'AMD EPYC, 2 cores, 1 torch thread'."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    n = torch.get_num_threads()
+    return f"{name}, {os.cpu_count()} cores, {n} torch thread{'s' if n > 1 else ''}"
 
 
 def _timed(fn, sync) -> float:
@@ -116,8 +130,7 @@ def attention_rows(seq_lens=(1024, 4096), repeats: int = 5, device: str | None =
     dtype = torch.bfloat16 if cuda else torch.float32
     backend = "triton" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    where = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} " \
-                                                      f"({torch.get_num_threads()} threads)"
+    where = torch.cuda.get_device_name() if cuda else _cpu_name()
     rows = []
     for t in seq_lens:
         g = torch.Generator().manual_seed(t)
@@ -146,29 +159,46 @@ def attention_rows(seq_lens=(1024, 4096), repeats: int = 5, device: str | None =
     return rows
 
 
-def run_bench(seq_lens=(1024, 4096), budget: float = 0.25, json: bool = False, repeats: int = 5) -> list[dict]:
-    """All benchmark rows; prints them (a JSON list with json=True, else one line per row)."""
+def run_bench(seq_lens=(1024, 4096), budget: float = 0.3, json: bool = False, repeats: int = 5,
+              model: bool = True, long_context: int = 8192) -> list[dict]:
+    """All benchmark rows; prints them (a JSON list with json=True, else one line per row).
+    model=True adds the whole-model rows of bench_model (routing overhead, prefill, decode)."""
     rows = attention_rows(seq_lens, repeats=repeats)
+    if model:
+        from metaattn_viz.bench_model import model_rows
+
+        rows += [dict(kind="model", mix=f"budget {r['budget']}", baseline="dense model",
+                      **r) for r in model_rows(budget=budget, long_context=long_context)]
     if json:
         print(json_mod.dumps(rows, indent=1))
     else:
         for r in rows:
-            print(f"{r['kind']:9s} T={r['seq_len']:6d} {r['mix']:6s} {r['backend']:6s} vs {r['baseline']:11s} "
-                  f"dense {r['dense_ms']:9.2f} ms  routed {r['routed_ms']:9.2f} ms  ratio {r['ratio']:.3f}  "
-                  f"err {r['max_abs_err']:.1e}")
+            err = "" if r.get("max_abs_err") is None else f"  err {r['max_abs_err']:.1e}"
+            label = r.get("case", r["mix"])
+            print(f"{r['kind']:9s} T={r['seq_len']:6d} {label:16s} {r['backend']:6s} vs "
+                  f"{r['baseline']:11s} dense {r['dense_ms']:9.2f} ms  routed {r['routed_ms']:9.2f} ms"
+                  f"  ratio {r['ratio']:.3f}{err}")
     return rows
+
+
+def run_from_args(a) -> int:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        seq_lens = [int(s) for s in a.seq_lens.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seq-lens must be comma-separated whole numbers, got {a.seq_lens!r}") from None
+    if not seq_lens or min(seq_lens) < 1:
+        raise ValueError(f"--seq-lens must be whole numbers >= 1, got {a.seq_lens!r}")
+    run_bench(seq_lens, a.budget, a.json, a.repeats, model=not a.no_model,
+              long_context=a.long_context)
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="metaattn-viz bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq-lens", default="1024,4096", help="comma-separated sequence lengths")
-    p.add_argument("--budget", type=float, default=0.25, help="compute budget of the end-to-end rows")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
-    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
-    a = p.parse_args(argv)
-    seq_lens = [int(s) for s in a.seq_lens.split(",") if s.strip()]
-    run_bench(seq_lens, a.budget, a.json, a.repeats)
-    return 0
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":

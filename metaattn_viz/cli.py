@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.set_defaults(handler=_cmd_eval)
 
+    p = sub.add_parser("bench", help="speed: routed vs dense attention and whole model (ratios)")
+    from metaattn_viz.bench_args import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(handler=_cmd_bench)
+
     return parser
 
 
@@ -247,6 +253,12 @@ def _cmd_eval(args) -> int:
         for row in rows:
             progress(row)
     return 0
+
+
+def _cmd_bench(args) -> int:
+    from metaattn_viz.bench import run_from_args
+
+    return run_from_args(args)
 
 
 def _log_trace(trace, db) -> str | None:

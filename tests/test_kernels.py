@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import EXPERTS, FULL, LINEAR, LOCAL, attention_flops, routed_attention, routes_to_weights
+from kernels import EXPERTS, LINEAR, attention_flops, routed_attention, routes_to_weights
 from kernels import reference as ref
 
 TOL = 1e-4  # max abs error, float32

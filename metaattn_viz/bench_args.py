@@ -1,0 +1,16 @@
+"""Arguments of `metaattn-viz bench` (kept apart so `--help` needs no torch import)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-lens", default="1024,4096", help="comma-separated sequence lengths")
+    p.add_argument("--budget", type=float, default=0.3, help="compute budget of the end-to-end rows")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--no-model", action="store_true", help="attention rows only (no SmolLM2 rows)")
+    p.add_argument("--long-context", type=int, default=8192,
+                   help="context of the long decode row (default 8192)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
