@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=4096, help="validation tokens to score")
     p.add_argument("--seq-len", type=int, default=256, help="window length")
     p.add_argument("--window", type=int, default=64, help="local expert window")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"],
+                   help="budget scope of the controllers' rows (default layer)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="only the controllers (skip static, random and salience rows)")
     p.add_argument("--report", default=None,
                    help="also write the tables into this markdown file (and pareto.png beside it)")
     _add_model_args(p)
@@ -239,7 +243,8 @@ def _cmd_eval(args) -> int:
 
     try:
         rows = evaluate(routed, args.data, budgets, max_tokens=args.max_tokens,
-                        seq_len=args.seq_len, window=args.window, progress=progress)
+                        seq_len=args.seq_len, window=args.window, progress=progress,
+                        scope=args.scope, baselines=not args.no_baselines)
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
     if args.report:

@@ -158,7 +158,8 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
 
 def evaluate(routed: RoutedModel, data_path, budgets=DEFAULT_BUDGETS, max_tokens: int = 4096,
              seq_len: int = 256, window: int = 64, n_sink: int = 4, seed: int = 0,
-             controllers=("bayes", "priorfree"), progress=None) -> list[dict]:
+             controllers=("bayes", "priorfree"), progress=None, scope: str = "layer",
+             baselines: bool = True) -> list[dict]:
     split = data_mod.load_split(data_path)
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")
     val = val[: max(1, max_tokens // seq_len)]
@@ -171,16 +172,17 @@ def evaluate(routed: RoutedModel, data_path, budgets=DEFAULT_BUDGETS, max_tokens
                                                              reduction="sum"))
         n += seq_len - 1
     dense_ppl = math.exp(dense_nll / n)
-    base = RoutingSettings(window=window, n_sink=n_sink)
+    base = RoutingSettings(window=window, n_sink=n_sink, scope=scope)
     common = {"dense_ppl": dense_ppl, "split": "validation", "seq_len": seq_len,
-              "window": window, "n_sink": n_sink}
+              "window": window, "n_sink": n_sink, "scope": scope}
     plan = []
     for c in controllers:
         for b in list(budgets) + [None]:
             plan.append((c, b, c, None))
-    plan.append(("all-local", COSTS[LOCAL], None, static_policy(LOCAL)))
-    plan.append(("all-linear", COSTS[LINEAR], None, static_policy(LINEAR)))
-    for b in budgets:
+    if baselines:
+        plan.append(("all-local", COSTS[LOCAL], None, static_policy(LOCAL)))
+        plan.append(("all-linear", COSTS[LINEAR], None, static_policy(LINEAR)))
+    for b in budgets if baselines else ():
         if b < 1.0:
             plan.append(("random", b, None, random_policy(b, seed)))
             plan.append(("salience-topk", b, None, salience_policy(b)))

@@ -34,7 +34,8 @@ def tables(rows: list[dict], command: str) -> str:
         "",
         f"Validation split of the data file (articles i % 10 == 9), {first['tokens']} scored "
         f"tokens in windows of {first['seq_len']}; local window {first['window']} + "
-        f"{first['n_sink']} sinks; budget scope per layer; hedging off. Dense perplexity "
+        f"{first['n_sink']} sinks; budget scope {first.get('scope', 'layer')}; hedging off. "
+        f"Dense perplexity "
         f"**{first['dense_ppl']:.3f}**.",
         "",
         "| policy | budget | realised cost | FLOPs ratio | ppl | ppl / dense | KL to dense "
