@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=4096, help="validation tokens to score")
     p.add_argument("--seq-len", type=int, default=256, help="window length")
     p.add_argument("--window", type=int, default=64, help="local expert window")
-    p.add_argument("--scope", default="layer", choices=["layer", "global"],
-                   help="budget scope of the controllers' rows (default layer)")
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="budget scope of the controllers' rows (default global)")
     p.add_argument("--no-baselines", action="store_true",
                    help="only the controllers (skip static, random and salience rows)")
     p.add_argument("--report", default=None,
@@ -109,8 +109,8 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
                    help="mean notional cost per decision in [0.15, 1], or 'none' for the "
                         "posterior's own argmax (default 0.5)")
     p.add_argument("--controller", default="bayes", choices=["bayes", "priorfree"])
-    p.add_argument("--scope", default="layer", choices=["layer", "global"],
-                   help="budget met by every layer (default) or over all layers")
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="budget met over all layers (default: layers compete) or by every layer")
     p.add_argument("--hedge", default="off", choices=["off", "soft", "full"],
                    help="hedging policy for uncertain cheap decisions (default off)")
     p.add_argument("--hedge-threshold", type=float, default=0.9,

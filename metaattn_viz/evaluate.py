@@ -158,7 +158,7 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
 
 def evaluate(routed: RoutedModel, data_path, budgets=DEFAULT_BUDGETS, max_tokens: int = 4096,
              seq_len: int = 256, window: int = 64, n_sink: int = 4, seed: int = 0,
-             controllers=("bayes", "priorfree"), progress=None, scope: str = "layer",
+             controllers=("bayes", "priorfree"), progress=None, scope: str = "global",
              baselines: bool = True) -> list[dict]:
     split = data_mod.load_split(data_path)
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")

@@ -15,7 +15,7 @@ FULL, LINEAR, LOCAL = 0, 1, 2
 # The paper's notional costs (docs/meta-attention.md §2): they drive the prior and the budget.
 COSTS = (1.00, 0.15, 0.30)
 MIN_COST = min(COSTS)
-SCOPES = ("layer", "global")
+SCOPES = ("global", "layer")
 HEDGE_POLICIES = ("off", "soft", "full")
 UNCERTAINTY_MEASURES = ("total", "aleatoric", "epistemic", "vacuity")
 
@@ -57,8 +57,9 @@ class RoutingSettings:
 
     budget: mean notional cost per routed decision, in [0.15, 1]; None = no budget (the
         posterior's own argmax, lambda = 0: the paper's "projected normalised cost" mode).
-    scope: "layer" (every layer meets the budget; one pass, the default) or "global" (one
-        lambda for all layers, so layers compete; prefill takes 2-3 passes to settle it).
+    scope: "global" (one lambda for all layers, so layers compete for compute: the default,
+        because layers differ in how much full attention they need; a prefill takes 2-3
+        passes to settle lambda) or "layer" (every layer meets the budget; one pass).
     hedge_policy: "off"; "soft" (an uncertain cheap decision mixes the experts whose
         posterior weight is >= hedge_min_weight); "full" (escalate it to full attention).
     hedge_threshold: total uncertainty (entropy of the posterior mean, as a fraction of
@@ -71,7 +72,7 @@ class RoutingSettings:
     """
 
     budget: float | None = 0.5
-    scope: str = "layer"
+    scope: str = "global"
     hedge_policy: str = "off"
     hedge_threshold: float = 0.9
     hedge_min_weight: float = 0.1
