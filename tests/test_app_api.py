@@ -1,0 +1,233 @@
+"""The app's named API endpoints against a real server (`python -m metaattn_viz serve`,
+subprocess, 127.0.0.1, free port, temporary routing log), driven by the official
+gradio_client: generate and re-route match `route --json` for the same settings; four
+clients at once all finish and are logged completely; bad input gets a clear message and
+the server keeps serving. `AppServer` is shared with test_app_browser.py."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# One torch thread in the server and in the CLI: the same arithmetic order, so the same
+# routes (and no oversubscription of the shared cores).
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "METAATTN_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PROMPT = "The capital of France is Paris. The capital of Italy is"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(tmp: Path) -> dict:
+    env = dict(os.environ, **THREAD_ENV)
+    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env.pop("SPACE_ID", None)
+    return env
+
+
+class AppServer:
+    """`python -m metaattn_viz serve --port N --db DB` in a subprocess, ready when /status
+    says the model is loaded. Its log goes to a file, printed if it fails to start."""
+
+    def __init__(self, tmp: Path, timeout: float = 240.0):
+        self.tmp = Path(tmp)
+        self.db = self.tmp / "routing.duckdb"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = self.tmp / "server.log"
+        self.timeout = timeout
+        self.proc = None
+
+    def __enter__(self) -> AppServer:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(self.port), "--db",
+             str(self.db)], cwd=ROOT, env=base_env(self.tmp), stdout=self._log,
+            stderr=subprocess.STDOUT)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "gradio_api/info", timeout=5) as r:
+                    if r.status == 200 and self.status().get("model_ready"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"server not ready after {self.timeout} s:\n{self.log_tail()}")
+
+    def status(self) -> dict:
+        from gradio_client import Client
+
+        return self.client().predict(api_name="/status")
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def route_json(prompt: str, *args: str, tmp: Path) -> dict:
+    """`metaattn-viz route --json --no-log` in a subprocess."""
+    out = subprocess.run([sys.executable, "-m", "metaattn_viz", "route", "--prompt", prompt,
+                          "--json", "--no-log", *args], cwd=ROOT, env=base_env(tmp),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with AppServer(tmp_path_factory.mktemp("app-api")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def cli_trace(tmp_path_factory):
+    """The CLI's trace for PROMPT at budget 0.3, greedy, 8 new tokens (started early, in a
+    thread, so it loads the model while the server starts)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    pool = cf.ThreadPoolExecutor(1)
+    fut = pool.submit(route_json, PROMPT, "--budget", "0.3", "--max-new-tokens", "8", tmp=tmp)
+    yield fut
+    pool.shutdown(wait=True)
+
+
+def _ask(client, api_name: str, **kw):
+    return client.predict(api_name=api_name, **kw)
+
+
+@pytest.mark.slow
+def test_generate_and_reroute_match_the_cli(cli_trace, server):
+    client = server.client()
+    gen = _ask(client, "/generate", prompt=PROMPT, budget=0.3, max_new_tokens=8,
+               temperature=0.0, chat=False, quality=True)
+    cli = cli_trace.result(timeout=300)
+    for key in ("tokens", "token_ids", "n_prompt_tokens", "routes", "hedged", "experts",
+                "costs", "controller", "budget", "model"):
+        assert gen[key] == cli[key], key
+    assert gen["realized_cost"] == pytest.approx(cli["realized_cost"], abs=1e-6)
+    assert gen["attention_flops_ratio"] == pytest.approx(cli["attention_flops_ratio"], rel=1e-9)
+    assert len(gen["kl_to_dense"]) == len(gen["tokens"])
+    assert all(k >= -1e-4 for k in gen["kl_to_dense"])
+    assert gen["run_id"]  # logged
+
+    # Re-route the prompt (routed at 0.5 first) to 0.3: one prefill of the same ids, which
+    # is what the CLI's stream did for the prompt positions.
+    prompt_only = _ask(client, "/generate", prompt=PROMPT, budget=0.5, max_new_tokens=0)
+    n = cli["n_prompt_tokens"]
+    assert prompt_only["token_ids"] == cli["token_ids"][:n]
+    again = _ask(client, "/reroute", trace=prompt_only, budget=0.3, quality=True)
+    assert again["token_ids"] == prompt_only["token_ids"]
+    assert again["routes"] == [row[:n] for row in cli["routes"]]
+    assert again["budget"] == 0.3 and prompt_only["budget"] == 0.5
+    assert again["routes"] != prompt_only["routes"]
+    assert again["realized_cost"] < prompt_only["realized_cost"]
+    assert again["kl_to_dense"] is not None and len(again["kl_to_dense"]) == n
+
+
+@pytest.mark.slow
+def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server):
+    from gradio_client.exceptions import AppError
+
+    client = server.client()
+    cases = [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(prompt="   \n\t "), "prompt is empty"),
+        (dict(prompt="a" * 100_000), "at most 16,000"),
+        (dict(prompt="hi", budget=5.0), "Budget must be between 0.15 and 1"),
+        (dict(prompt="hi", budget=0.05), "Budget must be between 0.15 and 1"),
+        (dict(prompt="hi", window=0), "Local window must be between"),
+        (dict(prompt="hi", max_new_tokens=100_000), "Max new tokens must be"),
+        (dict(prompt="hi", temperature=-1.0), "Temperature must be"),
+        (dict(prompt="hi", controller="oracle"), "Controller must be one of"),
+        (dict(prompt="hi", hedge_policy="always"), "Hedge policy must be one of"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(AppError) as err:
+            _ask(client, "/generate", **kw)
+        assert message in str(err.value), (kw, str(err.value))
+        assert "Traceback" not in str(err.value)
+    with pytest.raises(AppError, match="Expected a trace"):
+        _ask(client, "/reroute", trace={"routes": []}, budget=0.5)
+    with pytest.raises(AppError, match="token_ids must be"):
+        _ask(client, "/reroute", trace={"token_ids": [-1, 10**9]}, budget=0.5)
+    with pytest.raises(AppError, match="refused|not allowed|read-only|only"):
+        _ask(client, "/sql", query="DELETE FROM runs")
+
+    # control characters are removed (and said so); mixed scripts and emoji pass through
+    mixed = "Le chat\x00 dort\x07. 猫が寝ている。Кошка спит. \U0001F408 مرحبا"
+    out = _ask(client, "/generate", prompt=mixed, max_new_tokens=2, budget=0.4)
+    assert any("control character" in n for n in out["notes"])
+    assert out["prompt"] == mixed.replace("\x00", "").replace("\x07", "")
+    assert out["n_prompt_tokens"] > 10 and len(out["routes"][0]) == len(out["tokens"])
+    assert server.alive()
+    assert server.status()["model_ready"]
+
+
+@pytest.mark.slow
+def test_four_clients_at_once_all_finish_and_are_logged_completely(server):
+    prompts = [f"Write one sentence about the number {i}." for i in range(4)]
+
+    def one(prompt):
+        return _ask(server.client(), "/generate", prompt=prompt, max_new_tokens=6, budget=0.5,
+                    chat=True, quality=False)
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, prompts))
+    ids = [r["run_id"] for r in results]
+    assert all(ids) and len(set(ids)) == 4
+    for r in results:
+        assert len(r["tokens"]) > r["n_prompt_tokens"]
+        assert len(r["routes"]) == 30 and all(len(row) == len(r["tokens"]) for row in r["routes"])
+
+    quoted = ", ".join(f"'{i}'" for i in ids)
+    q = _ask(server.client(), "/sql", query=f"""
+        SELECT r.run_id, r.status, r.kind, r.n_tokens, r.n_layers,
+               (SELECT count(*) FROM tokens t WHERE t.run_id = r.run_id) AS token_rows,
+               (SELECT count(*) FROM routes d WHERE d.run_id = r.run_id) AS route_rows
+        FROM runs r WHERE r.run_id IN ({quoted})""")
+    rows = [dict(zip(q["columns"], row)) for row in q["rows"]]
+    assert len(rows) == 4
+    by_id = {r["run_id"]: r for r in rows}
+    for res in results:
+        row = by_id[res["run_id"]]
+        assert row["status"] == "done" and row["kind"] == "generate"
+        assert row["n_tokens"] == len(res["tokens"]) == row["token_rows"]
+        assert row["route_rows"] == row["n_layers"] * row["n_tokens"]
+    assert server.alive()

@@ -1,0 +1,325 @@
+"""The page in a real browser: Debian's Chromium driven by Playwright against a real server
+on 127.0.0.1, with every request to any other host aborted (the page must work offline).
+
+Type a prompt, generate, see both maps fill in while tokens stream; drag the budget slider
+and see the map and the cost meter change; click a token and see the ternary plot and the
+bertviz views render inside their iframes; open History and replay the run; bad input
+gives a plain message. Screenshots go to the test's tmp folder; with
+METAATTN_UPDATE_SCREENSHOT=1 the live page is also copied to assets/screenshot.png
+(the README's picture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from test_app_api import ROOT, AppServer
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+SCREENSHOT = ROOT / "assets" / "screenshot.png"
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                 reason="Debian chromium missing: apt-get install chromium")]
+
+# The live maps: one plotly figure drawn in place in #routing-maps (heatmap 0 = experts,
+# heatmap 1 = uncertainty); the History comparison maps are gr.Plot components.
+MAP_LEN = """(which) => {
+  const d = document.querySelector('#routing-maps .metaattn-plot');
+  if (!d || !d.data) return -1;
+  const h = d.data.filter(t => t.type === 'heatmap')[which];
+  return h && h.x ? h.x.length : 0;
+}"""
+MAP_Z = """() => {
+  const d = document.querySelector('#routing-maps .metaattn-plot');
+  const h = d && d.data ? d.data.find(t => t.type === 'heatmap') : null;
+  if (!h) return null;
+  // a base64 typed-array spec {dtype, bdata} as sent, or nested arrays: either way a string
+  return JSON.stringify(h.z, (k, v) => ArrayBuffer.isView(v) ? Array.from(v) : v);
+}"""
+PLOT_LEN = """(sel) => {
+  const d = document.querySelector(sel + ' .js-plotly-plot');
+  if (!d || !d.data) return -1;
+  const h = d.data.find(t => t.type === 'heatmap');
+  return h && h.x ? h.x.length : 0;
+}"""
+RECORDER = """() => {
+  window.__seen = [];
+  const len = (which) => {
+    const d = document.querySelector('#routing-maps .metaattn-plot');
+    const h = d && d.data ? d.data.filter(t => t.type === 'heatmap')[which] : null;
+    return h && h.x ? h.x.length : 0;
+  };
+  window.__recorder = setInterval(() => {
+    const s = document.querySelector('#run-status');
+    if (s && s.innerText.trim().startsWith('Generating'))
+      window.__seen.push([len(0), len(1)]);
+  }, 100);
+}"""
+COST_METER = """() => {
+  const m = document.querySelector('#meters [data-meter=cost]');
+  return m && m.dataset.value !== undefined ? parseFloat(m.dataset.value) : null;
+}"""
+KL_METER = """() => {
+  const m = document.querySelector('#meters [data-meter=kl]');
+  return m && m.dataset.value !== undefined ? parseFloat(m.dataset.value) : null;
+}"""
+TRACE_TYPES = """(sel) => {
+  const d = document.querySelector(sel + ' .js-plotly-plot');
+  return d && d.data ? d.data.map(t => t.type) : [];
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with AppServer(tmp_path_factory.mktemp("app-browser")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1700})
+    outside = []
+
+    def only_local(route):
+        url = route.request.url
+        if url.startswith("http://127.0.0.1:") or url.startswith(("data:", "blob:", "about:")):
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    context.route("**/*", only_local)
+    pg = context.new_page()
+    pg.outside_requests = outside
+    pg.goto(server.url)
+    pg.wait_for_selector("#prompt textarea", timeout=60_000)
+    pg.wait_for_function("() => document.querySelector('#model-status').innerText"
+                         ".includes('ready')", timeout=120_000)
+    yield pg
+    context.close()
+
+
+def _set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _status(page) -> str:
+    return page.inner_text("#run-status")
+
+
+def _wait_status(page, prefix: str, timeout: float = 180_000) -> None:
+    page.wait_for_function("(p) => document.querySelector('#run-status').innerText"
+                           ".trim().startsWith(p)", arg=prefix, timeout=timeout)
+
+
+def _drag_slider(page, elem_id: str, lo: float, hi: float, value: float) -> None:
+    """A real pointer drag of a range input from its thumb to `value`."""
+    track = page.locator(f"#{elem_id} input[type=range]")
+    track.scroll_into_view_if_needed()
+    box = track.bounding_box()
+    current = float(track.input_value())
+
+    def x_of(v):
+        return box["x"] + box["width"] * (v - lo) / (hi - lo)
+
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(x_of(current), y)
+    page.mouse.down()
+    for f in (0.33, 0.66, 1.0):
+        page.mouse.move(x_of(current + f * (value - current)), y, steps=3)
+    page.mouse.up()
+
+
+def test_live_page_stream_reroute_inspect_history(page, tmp_path):
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    page.fill("#prompt textarea", "Once upon a time, in a small village by the sea, there "
+                                  "lived an old lighthouse keeper who")
+    page.locator("#chat input[type=checkbox]").uncheck()
+    _set_number(page, "max-new", 64)
+    # record, inside the page, the length of both maps whenever the status says "Generating"
+    page.evaluate(RECORDER)
+    page.click("#generate")
+
+    # -- both maps fill in while the tokens stream --------------------------------------
+    _wait_status(page, "Done", 240_000)
+    seen = page.evaluate("() => window.__seen")
+    assert _status(page).startswith("Done"), _status(page)
+    final = page.locator("#strip span.token").count()
+    assert final > 20
+    # the page draws the newest frame once the previous draw is done: wait for the last one
+    page.wait_for_function(f"() => ({MAP_LEN})(0) === {final} && ({MAP_LEN})(1) === {final}",
+                           timeout=60_000)
+    growing_e = {e for e, u in seen if 0 < e < final}
+    growing_u = {u for e, u in seen if 0 < u < final}
+    assert len(growing_e) >= 2 and len(growing_u) >= 2, seen  # two partial maps, then final
+    page.wait_for_function(f"() => ({KL_METER})() !== null", timeout=60_000)
+    page.set_viewport_size({"width": 1400, "height": 2150})
+    page.screenshot(path=str(shots / "01-live.png"))
+    page.set_viewport_size({"width": 1400, "height": 1700})
+    page.screenshot(path=str(shots / "01-live-full.png"), full_page=True)
+    if os.environ.get("METAATTN_UPDATE_SCREENSHOT") == "1":  # refresh the README's picture
+        shutil.copyfile(shots / "01-live.png", SCREENSHOT)
+
+    # -- dragging the budget re-routes: the map and the cost meter follow ---------------
+    z_before = page.evaluate(MAP_Z)
+    cost_before = page.evaluate(COST_METER)
+    assert cost_before == pytest.approx(0.5, abs=0.05)
+    _drag_slider(page, "budget", 0.15, 1.0, 0.25)
+    _wait_status(page, "Re-routed", 120_000)
+    page.wait_for_function(f"() => Math.abs(({COST_METER})() - {cost_before}) > 0.05",
+                           timeout=60_000)
+    budget = float(page.locator("#budget input[type=range]").input_value())
+    assert 0.15 <= budget < 0.4
+    assert page.evaluate(COST_METER) == pytest.approx(budget, abs=0.06)
+    page.wait_for_function(f"() => ({MAP_Z})() !== {json.dumps(z_before)}", timeout=60_000)
+    assert page.evaluate(MAP_LEN, 0) == final
+    page.screenshot(path=str(shots / "02-rerouted.png"))
+
+    # -- inspector: ternary plot, concentration table, bertviz in its iframes ------------
+    page.locator("#strip span.token").nth(8).click()
+    page.wait_for_function("(s) => { const d = document.querySelector(s + ' .js-plotly-plot');"
+                           " return d && d.data && d.data.some(t => t.type === "
+                           "'scatterternary') }", arg="#ternary", timeout=120_000)
+    assert "scatterternary" in page.evaluate(TRACE_TYPES, "#ternary")
+    assert page.locator("#conc-table").inner_text().count("linear") + page.locator(
+        "#conc-table").inner_text().count("full") > 0
+    page.wait_for_selector("#head-view iframe", timeout=120_000)
+    head = page.frame_locator("#head-view iframe")
+    head.locator("svg text").first.wait_for(timeout=60_000)
+    assert head.locator("svg text").count() >= 2 * 9  # tokens on both sides
+    assert head.locator("#layer option").count() == 30
+    page.locator("#head-view iframe").scroll_into_view_if_needed()
+    time.sleep(0.5)
+    page.screenshot(path=str(shots / "03-inspector.png"))
+    page.get_by_role("tab", name="bertviz model view").click()
+    model = page.frame_locator("#model-view iframe")
+    model.locator("rect.attn_background").first.wait_for(timeout=60_000)
+    assert model.locator("rect.attn_background").count() == 30 * 9  # a thumbnail per head
+    page.locator("#model-view iframe").scroll_into_view_if_needed()
+    time.sleep(0.5)
+    page.screenshot(path=str(shots / "04-model-view.png"))
+
+    # -- the uncertainty measure is selectable; the budget sweep draws its Pareto plot -----
+    page.locator("#measure input").click()
+    page.get_by_role("option", name="vacuity").click()
+    page.wait_for_function("() => { const d = document.querySelector('#routing-maps "
+                           ".metaattn-plot'); return d && d.layout && d.layout.annotations"
+                           ".some(a => a.text.includes('vacuity')) }", timeout=30_000)
+    page.get_by_text("Budget sweep: quality against cost").click()
+    page.click("#sweep-button")
+    page.wait_for_function("() => { const d = document.querySelector('#pareto .js-plotly-plot');"
+                           " return d && d.data && d.data.length >= 6 }", timeout=180_000)
+    names = page.evaluate("() => document.querySelector('#pareto .js-plotly-plot').data"
+                          ".map(t => t.name)")
+    assert {"Bayesian controller", "prior-free controller", "random routing",
+            "salience top-k (MoD-like)"} <= set(names), names
+    page.locator("#pareto").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "05-sweep.png"))
+
+    # -- History: the runs are there; replay the generation into the live views ----------
+    page.get_by_role("tab", name="History").click()
+    page.click("#history-refresh")
+    rows = page.locator("#runs [role=row]:has([role=gridcell])")
+    rows.nth(1).wait_for(timeout=60_000)
+    texts = [rows.nth(i).inner_text() for i in range(rows.count())]
+    gen_row = next(i for i, t in enumerate(texts) if "\ngenerate\n" in t)
+    assert any("\nreroute\n" in t for t in texts), texts
+    assert all("\ndone\n" in t for t in texts), texts
+    rows.nth(gen_row).locator("[role=gridcell]").first.click()
+    page.wait_for_function("() => document.querySelector('#run-a textarea, #run-a input')"
+                           ".value.length > 10", timeout=30_000)
+    page.screenshot(path=str(shots / "06-history.png"))
+    page.click("#replay")
+    _wait_status(page, "Replayed run", 60_000)
+    page.wait_for_function(f"() => ({MAP_Z})() === {json.dumps(z_before)}", timeout=60_000)
+    assert page.evaluate(MAP_LEN, 0) == final  # the generation, budget 0.5, again
+    assert float(page.locator("#budget input[type=range]").input_value()) == pytest.approx(0.5)
+    page.screenshot(path=str(shots / "07-replayed.png"))
+
+    # -- compare two runs, the read-only SQL console, the download ------------------------
+    page.get_by_role("tab", name="History").click()
+    rows = page.locator("#runs [role=row]:has([role=gridcell])")
+    rows.nth(1).wait_for(timeout=30_000)
+    other = next(i for i in range(rows.count()) if i != gen_row)
+    rows.nth(other).locator("[role=gridcell]").first.click()
+    page.wait_for_function("() => document.querySelector('#run-b textarea, #run-b input')"
+                           ".value.length > 10", timeout=30_000)
+    page.click("#compare")
+    page.get_by_text("the same expert in").first.wait_for(timeout=60_000)
+    assert page.evaluate(PLOT_LEN, "#compare-a") == final
+    assert page.evaluate(PLOT_LEN, "#compare-b") == final
+    page.screenshot(path=str(shots / "08-compare.png"), full_page=True)
+    page.get_by_text("Read-only SQL console").click()
+    page.click("#sql-run")
+    page.get_by_text("30 rows in").first.wait_for(timeout=30_000)
+    page.get_by_text("Download the routing log").click()
+    page.click("#export")
+    page.locator("#export-file a").first.wait_for(timeout=60_000)
+    assert ".zip" in page.locator("#export-file").inner_text()
+
+    assert not [u for u in page.outside_requests if "cdnjs" in u or "cdn." in u], \
+        page.outside_requests
+    print(f"screenshots in {shots}")
+
+
+def _toast(page, text: str, timeout: float = 60_000) -> None:
+    page.get_by_text(text, exact=False).first.wait_for(timeout=timeout)
+
+
+def _dismiss_toasts(page) -> None:
+    for close in page.locator(".toast-close").all():
+        try:
+            close.click(timeout=2_000)
+        except Exception:  # already gone
+            pass
+
+
+def test_bad_input_in_the_page(page, server, tmp_path):
+    page.fill("#prompt textarea", "   ")
+    page.click("#generate")
+    _toast(page, "The prompt is empty")
+    page.fill("#prompt textarea", "x" * 100_000)
+    page.click("#generate")
+    _toast(page, "the app takes at most 16,000")
+    page.screenshot(path=str(tmp_path / "bad-input.png"))
+    _set_number(page, "max-new", 2)
+    page.fill("#prompt textarea", "Bonjour\x07 le monde \u2014 \u4f60\u597d\u4e16\u754c "
+                                  "\u041f\u0440\u0438\u0432\u0435\u0442")
+    page.click("#generate")
+    _toast(page, "Removed 1 control character")
+    _wait_status(page, "Done", 120_000)
+    assert page.evaluate(MAP_LEN, 0) > 5
+
+    # Stop ends a long generation early; the run is kept as interrupted
+    _dismiss_toasts(page)
+    _set_number(page, "max-new", 256)
+    page.locator("#chat input[type=checkbox]").uncheck()  # a continuation, not a short answer
+    page.fill("#prompt textarea", "Chapter one. It was a long and quiet winter, and")
+    page.click("#generate")
+    _wait_status(page, "Generating", 120_000)
+    page.click("#stop")
+    _wait_status(page, "Stopped", 60_000)
+    assert 0 < page.evaluate(MAP_LEN, 0) < 200
+    assert server.alive()

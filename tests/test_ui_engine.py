@@ -1,0 +1,395 @@
+"""engine.py (and ui.py's adapters) without a browser: a tiny random routed model, a
+temporary routing log. Generation streams throttled snapshots and logs complete runs; stop
+interrupts; the quality meter, re-route, sweep and inspector agree with independent
+computations; History reads the log; bad input is refused in plain words."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import routed_tiny
+
+from metaattn_viz import engine as eng
+from metaattn_viz.engine import AppError, Engine, parse_request, parse_settings
+from metaattn_viz.settings import RoutingSettings
+
+PROMPT = "The quick brown fox jumps over the lazy dog. "
+
+
+@pytest.fixture()
+def engine(tmp_path):
+    e = Engine(routed=routed_tiny(spread=3.0), db=str(tmp_path / "log.duckdb"))
+    yield e
+    e.close()
+
+
+def _request(prompt=PROMPT, budget=0.5, max_new=12, quality=True, **kw):
+    return parse_request(prompt, parse_settings(budget), max_new_tokens=max_new, quality=quality,
+                         **kw)
+
+
+def _consistent(tr):
+    T = tr.n_tokens
+    assert len(tr.tokens) == T
+    for arr in (tr.routes, tr.hedged, tr.cost, tr.lam):
+        assert arr.shape == (tr.n_layers, T)
+    for arr in (tr.concentration, tr.weights):
+        assert arr.shape == (tr.n_layers, T, 3)
+
+
+# -- parsing ------------------------------------------------------------------------------
+def test_clean_prompt_removes_control_characters_and_keeps_every_script():
+    mixed = "Grüße\x00 мир\x07 世界 \U0001F408 مرحبا\r\nline\ttab"
+    text, notes = eng.clean_prompt(mixed)
+    assert text == "Grüße мир 世界 \U0001F408 مرحبا\nline\ttab"
+    assert notes == ["Removed 2 control characters from the prompt."]
+    text, notes = eng.clean_prompt("half a pair \ud800 here")
+    assert "\ud800" not in text and notes
+    assert eng.clean_prompt("plain")[1] == []
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("", "prompt is empty"), ("  \n\t", "prompt is empty"), (None, "prompt is empty"),
+    ("\x00\x01", "prompt is empty"), ("a" * 100_000, "at most 16,000"), (42, "must be text"),
+])
+def test_clean_prompt_refuses_in_plain_words(bad, message):
+    with pytest.raises(AppError, match=message):
+        eng.clean_prompt(bad)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(budget=5), "Budget must be between 0.15 and 1, got 5"),
+    (dict(budget=0.1), "Budget must be between 0.15 and 1"),
+    (dict(budget=float("nan")), "Budget must be between"),
+    (dict(budget="lots"), "Budget must be a number"),
+    (dict(scope="galaxy"), "Budget scope must be one of (global, layer|layer, global)"),
+    (dict(hedge_policy="maybe"), "Hedge policy must be one of off, soft, full"),
+    (dict(hedge_threshold=1.5), "Hedge threshold must be between 0 and 1"),
+    (dict(window=0), "Local window must be between 1 and 4096"),
+    (dict(window=2.5), "Local window must be a whole number"),
+    (dict(n_sink=True), "Attention sinks must be a whole number"),
+])
+def test_parse_settings_names_the_setting_and_its_range(kw, message):
+    with pytest.raises(AppError, match=message):
+        parse_settings(**kw)
+
+
+def test_the_page_starts_from_the_projects_default_settings():
+    assert parse_settings() == RoutingSettings()
+
+
+def test_parse_settings_and_request_accept_good_values():
+    s = parse_settings(0.3, "global", "soft", 0.7, 32, 2)
+    assert s == RoutingSettings(budget=0.3, scope="global", hedge_policy="soft",
+                                hedge_threshold=0.7, window=32, n_sink=2)
+    assert parse_settings(None).budget is None
+    r = parse_request("hi\x07", s, "priorfree", 3.0, 0.7, 0.9, 5, True, False)
+    assert (r.prompt, r.controller, r.max_new_tokens, r.chat, r.quality) == (
+        "hi", "priorfree", 3, True, False)
+    assert r.notes
+    for kw, msg in [(dict(controller="oracle"), "Controller must be one of bayes, priorfree"),
+                    (dict(max_new_tokens=10**6), "Max new tokens must be between 0 and 256"),
+                    (dict(temperature=9), "Temperature must be between 0 and 2"),
+                    (dict(top_p=0), "Top-p must be between"), (dict(seed=-1), "Seed must be")]:
+        with pytest.raises(AppError, match=msg):
+            parse_request("hi", s, **kw)
+
+
+def test_text_from_json_checks_what_it_is_given():
+    ok = eng.text_from_json({"token_ids": [1, 2, 3], "tokens": ["a", "b", "c"],
+                             "controller": "priorfree", "n_prompt_tokens": 2}, 256)
+    assert ok.token_ids == [1, 2, 3] and ok.controller == "priorfree" and ok.n_prompt_tokens == 2
+    for bad, msg in [([], "Expected a trace"), ({"routes": []}, "Expected a trace"),
+                     ({"token_ids": []}, "token_ids must be"),
+                     ({"token_ids": [1, 999]}, "token_ids must be"),
+                     ({"token_ids": [1, True]}, "token_ids must be"),
+                     ({"token_ids": [1] * (eng.APP_MAX_CONTEXT + 1)}, "re-routes at most")]:
+        with pytest.raises(AppError, match=msg):
+            eng.text_from_json(bad, 256)
+
+
+# -- generation ---------------------------------------------------------------------------
+def test_generation_streams_throttled_consistent_snapshots_and_logs_the_run(engine):
+    job = engine.start(_request(max_new=24))
+    t0 = time.monotonic()
+    snaps, times = [], []
+    for snap in job.updates(interval=0.05):
+        snaps.append(snap)
+        times.append(time.monotonic() - t0)
+        _consistent(snap)
+    final = job.result()
+    assert job.status == "done" and job.run_id and snaps[-1].n_tokens == final.n_tokens
+    assert final.n_tokens == final.n_prompt_tokens + 24
+    sizes = [s.n_tokens for s in snaps]
+    assert sizes == sorted(sizes) and sizes[0] >= final.n_prompt_tokens
+    gaps = np.diff(times[:-1])
+    assert (gaps >= 0.04).all(), gaps  # throttled: never faster than the interval
+    assert final.kl_to_dense is not None and final.kl_to_dense.shape == (final.n_tokens,)
+    assert np.isfinite(final.kl_to_dense).all() and (final.kl_to_dense > -1e-5).all()
+
+    engine.flush()
+    run = engine.run_log.get_run(job.run_id)
+    assert run["status"] == "done" and run["kind"] == "generate"
+    assert run["n_tokens"] == final.n_tokens
+    again = engine.replay(job.run_id)
+    assert again.tokens == final.tokens and again.token_ids == final.token_ids
+    np.testing.assert_array_equal(again.routes, final.routes)
+    np.testing.assert_allclose(again.concentration, final.concentration, rtol=1e-6)
+    np.testing.assert_allclose(again.kl_to_dense, final.kl_to_dense, rtol=1e-5, atol=1e-7)
+
+
+def test_updates_hand_over_every_token_when_generation_is_slower_than_the_interval(engine):
+    original = engine._routed.stream
+
+    def slow_stream(*args, **kwargs):
+        for trace in original(*args, **kwargs):
+            time.sleep(0.03)
+            yield trace
+
+    engine._routed.stream = slow_stream
+    job = engine.start(_request(max_new=6, quality=False))
+    sizes = [s.n_tokens for s in job.updates(interval=0.001)]
+    job.result()
+    n_prompt = job.result().n_prompt_tokens
+    assert sizes[:7] == list(range(n_prompt, n_prompt + 7))
+
+
+def test_stop_interrupts_and_the_log_says_so(engine):
+    started = threading.Event()
+    original = engine._routed.stream
+
+    def slow_stream(*args, **kwargs):
+        for trace in original(*args, **kwargs):
+            started.set()
+            time.sleep(0.02)
+            yield trace
+
+    engine._routed.stream = slow_stream
+    job = engine.start(_request(max_new=200, quality=False), key="session-1")
+    assert engine.running("session-1")
+    started.wait(30)
+    time.sleep(0.1)
+    assert engine.stop("session-1")
+    final = job.result(30)
+    assert job.status == "interrupted" and final.n_tokens < final.n_prompt_tokens + 200
+    assert not engine.running("session-1") and not engine.stop("session-1")
+    engine.flush()
+    run = engine.run_log.get_run(job.run_id)
+    assert run["status"] == "interrupted" and run["n_tokens"] == final.n_tokens
+
+
+def test_a_new_generation_in_the_same_session_stops_the_old_one(engine):
+    first = engine.start(_request(max_new=200, quality=False), key="s")
+    second = engine.start(_request(max_new=2, quality=False), key="s")
+    first.result(60)
+    second.result(60)
+    assert first.status == "interrupted" and second.status == "done"
+
+
+def test_a_failing_model_is_reported_and_the_run_marked_failed(engine):
+    def broken(*args, **kwargs):
+        yield from engine._routed.__class__.stream(engine._routed, *args, **kwargs)
+        raise RuntimeError("kaboom")
+
+    engine._routed.stream = broken
+    job = engine.start(_request(max_new=2, quality=False))
+    with pytest.raises(RuntimeError, match="kaboom"):
+        job.result(60)
+    assert job.status == "failed"
+    engine.flush()
+    run = engine.run_log.get_run(job.run_id)
+    assert run["status"] == "failed" and "kaboom" in run["error"]
+
+
+def test_engine_without_log_runs_and_says_why(tmp_path):
+    e = Engine(routed=routed_tiny(), log_runs=False)
+    try:
+        tr = e.generate(_request(max_new=2, quality=False))
+        assert tr.run_id is None and e.status()["logging"] is False
+        with pytest.raises(AppError, match="logging is off"):
+            e.runs()
+    finally:
+        e.close()
+
+
+def test_model_that_cannot_load_is_a_plain_message(tmp_path):
+    e = Engine(model=str(tmp_path / "no-such-model"), log_runs=False, threads=False)
+    try:
+        with pytest.raises(AppError, match="could not be loaded"):
+            e.routed_model(timeout=60)
+        assert e.status()["model_error"]
+    finally:
+        e.close()
+
+
+# -- quality, re-route, sweep ---------------------------------------------------------------
+def test_quality_replays_the_decisions_and_matches_the_routed_models_own_kl(engine):
+    """On a prefill-only trace, KL from the forced-weights shadow equals the KL that
+    RoutedModel.reroute measures by routing the text itself."""
+    tr = engine.generate(_request(max_new=0, quality=False))
+    kl = engine.quality(tr)
+    ref = engine._routed.reroute(tr, tr.settings, quality=True).kl_to_dense
+    np.testing.assert_allclose(kl, ref, rtol=1e-4, atol=1e-6)
+    dense = parse_settings(1.0)
+    dense_trace = engine.reroute(tr, dense, log_run=False)
+    assert np.abs(engine.quality(dense_trace)).max() < 1e-5  # budget 1 is the dense model
+
+
+def test_reroute_meets_the_new_budget_and_is_logged(engine):
+    tr = engine.generate(_request(max_new=8, quality=False))
+    low = engine.reroute(tr, parse_settings(0.2))
+    high = engine.reroute(tr, parse_settings(0.8), controller="priorfree")
+    assert low.token_ids == tr.token_ids == high.token_ids
+    assert low.realized_cost == pytest.approx(0.2, abs=0.03)
+    assert high.realized_cost == pytest.approx(0.8, abs=0.03)
+    assert high.controller == "priorfree" and low.timings["reroute_ms"] > 0
+    engine.flush()
+    kinds = engine.runs()["kind"].tolist()
+    assert kinds.count("reroute") == 2 and kinds.count("generate") == 1
+    with pytest.raises(AppError, match="Nothing to re-route"):
+        engine.reroute(eng.Text([], []), parse_settings(0.5))
+
+
+def test_sweep_routes_every_policy_at_every_budget(engine):
+    tr = engine.generate(_request(max_new=4, quality=False))
+    seen = []
+    rows = engine.sweep(tr, parse_settings(0.5), budgets=(0.3, 0.6),
+                        progress=lambda f, d: seen.append(f))
+    by = {(r["policy"], r["budget"]) for r in rows}
+    for policy in ("bayes", "priorfree", "random", "salience"):
+        assert {(policy, 0.3), (policy, 0.6)} <= by
+    static = {r["label"]: r for r in rows if r["policy"] == "static"}
+    assert static["all-linear"]["realized_cost"] == pytest.approx(0.15)
+    assert static["all-local"]["realized_cost"] == pytest.approx(0.30)
+    for r in rows:
+        assert math.isfinite(r["kl_to_dense"]) and r["kl_to_dense"] > -1e-5
+        if r["policy"] in ("bayes", "priorfree"):
+            assert r["realized_cost"] == pytest.approx(r["budget"], abs=0.05)
+    assert rows[-1]["policy"] == "dense" and rows[-1]["kl_to_dense"] == 0.0
+    assert seen == sorted(seen) and len(seen) == len(rows) - 1
+
+
+# -- inspector ----------------------------------------------------------------------------
+def test_inspect_at_budget_one_is_the_models_own_softmax_attention(tmp_path):
+    """All-full decisions: the pattern bertviz gets equals transformers' eager attention
+    probabilities of the same (unrouted) model."""
+    routed = routed_tiny()
+    e = Engine(routed=routed, log_runs=False)
+    try:
+        tr = e.generate(parse_request(PROMPT, parse_settings(1.0), max_new_tokens=0,
+                                      quality=False))
+        pos = 30
+        view = e.inspect(tr, pos, max_tokens=8)
+        assert view.positions == [0, 1, 2, 3, 27, 28, 29, 30]
+        routed.model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                out = routed.model(torch.tensor([tr.token_ids[:pos + 1]]),
+                                   output_attentions=True)
+        finally:
+            routed.model.set_attn_implementation("metaattn")
+        idx = view.positions
+        for layer, att in enumerate(out.attentions):
+            ref = att[0][:, idx][:, :, idx].double().numpy()
+            np.testing.assert_allclose(view.attention[layer], ref, rtol=1e-4, atol=1e-6)
+        eager_mass = float(out.attentions[0][0][:, pos, idx].sum(-1).mean())
+        assert 0 < view.shown_mass <= 1 and eager_mass > 0
+    finally:
+        e.close()
+
+
+def test_inspect_refuses_what_it_cannot_show(engine):
+    tr = engine.generate(_request(max_new=2, quality=False))
+    with pytest.raises(AppError, match="Token position must be"):
+        engine.inspect(tr, tr.n_tokens)
+    with pytest.raises(AppError, match="Nothing to inspect"):
+        engine.inspect(None, 0)
+    tr.model = "another-model"
+    with pytest.raises(AppError, match="used the model another-model"):
+        engine.inspect(tr, 0)
+
+
+# -- history ------------------------------------------------------------------------------
+def test_history_lists_filters_compares_queries_and_exports(engine, tmp_path):
+    a = engine.generate(_request("Alpha beta gamma.", max_new=3, quality=False))
+    b = engine.reroute(a, parse_settings(0.25))
+    engine.flush()
+    runs = engine.runs()
+    assert len(runs) == 2 and a.run_id in set(runs["run_id"])
+    assert runs["kind"].tolist() == ["reroute", "generate"]  # newest first
+    assert engine.runs(text="alpha")["run_id"].tolist() != []
+    assert engine.runs(text="no such words").empty
+    assert engine.runs(status="failed").empty
+    with pytest.raises(AppError, match="order_by must be one of"):
+        engine.runs(order_by="-color")
+    rid_b = [r for r in runs["run_id"] if r != a.run_id][0]
+    ta, tb, df = engine.compare(a.run_id, rid_b)
+    assert ta.run_id == a.run_id and len(df) == a.n_tokens
+    np.testing.assert_array_equal(tb.routes, b.routes)
+    assert 0 <= df.attrs["agreement"] <= 1 and df.attrs["same_tokens"] == 1.0
+    with pytest.raises(AppError, match="no run 'nope'"):
+        engine.replay("nope")
+    with pytest.raises(AppError, match="Pick a run"):
+        engine.replay("  ")
+    df, notice = engine.sql("SELECT count(*) AS n FROM routes")
+    assert int(df["n"][0]) == a.n_layers * a.n_tokens * 2 and "row" in notice
+    for bad in ("DELETE FROM runs", "SELECT * FROM read_csv('/etc/passwd')", ""):
+        with pytest.raises(AppError):
+            engine.sql(bad)
+    archive = engine.export("parquet")
+    with zipfile.ZipFile(archive) as zf:
+        names = zf.namelist()
+    assert any(n.startswith("runs/day=") and n.endswith(".parquet") for n in names)
+    assert any(n.startswith("routes/day=") for n in names) and "experts.parquet" in names
+    with pytest.raises(AppError, match="Format must be one of"):
+        engine.export("xlsx")
+
+
+# -- the page's adapters -------------------------------------------------------------------
+def test_user_errors_turn_failures_into_plain_gradio_errors(caplog):
+    import gradio as gr
+
+    from metaattn_viz.ui import user_errors
+
+    @user_errors("doing a thing")
+    def plain(kind):
+        raise AppError("The prompt is empty.") if kind == "user" else KeyError("secret")
+
+    @user_errors("streaming")
+    def stream():
+        yield 1
+        raise AppError("Stopped in plain words.")
+
+    with pytest.raises(gr.Error) as err:
+        plain("user")
+    assert err.value.message == "The prompt is empty."
+    with pytest.raises(gr.Error) as err:
+        plain("bug")
+    assert "Something went wrong while doing a thing (KeyError)" in err.value.message
+    assert "secret" not in err.value.message
+    assert any("doing a thing failed" in r.message for r in caplog.records)
+    gen = stream()
+    assert next(gen) == 1
+    with pytest.raises(gr.Error, match="Stopped in plain words"):
+        next(gen)
+
+
+def test_the_page_builds_with_named_api_endpoints(engine):
+    from metaattn_viz.ui import build_app, load_examples, status_markdown
+
+    demo = build_app(engine=engine)
+    public = {d.api_name for d in demo.fns.values() if d.api_visibility == "public"}
+    assert public == {"generate", "reroute", "status", "sql"}
+    assert "ready" in status_markdown(engine)
+    examples = load_examples()
+    assert len(examples) >= 4 and all(e["prompt"].strip() for e in examples)
+    assert json.loads((Path(__file__).parent.parent / "assets" / "examples.json")
+                      .read_text(encoding="utf-8"))
