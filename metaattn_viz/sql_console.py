@@ -130,8 +130,9 @@ def _check_tree(node, ctes: frozenset, catalogs: frozenset) -> None:
     elif kind == "TABLE_FUNCTION":
         fn = (node.get("function") or {}).get("function_name", "?")
         if str(fn).lower() not in ALLOWED_TABLE_FUNCTIONS:
+            allowed = ", ".join(sorted(ALLOWED_TABLE_FUNCTIONS))
             raise _refuse(f"the table function {fn}() is not allowed (file, URL and system "
-                          f"readers are off; allowed: {', '.join(sorted(ALLOWED_TABLE_FUNCTIONS))})")
+                          f"readers are off; allowed: {allowed})")
     fn = node.get("function_name")
     if isinstance(fn, str) and fn.lower() in DENIED_FUNCTIONS:
         raise _refuse(f"the function {fn}() has effects or reads state outside the log")

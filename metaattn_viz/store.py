@@ -61,7 +61,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -87,9 +87,11 @@ SETTINGS_COLUMNS = {"budget": "budget", "scope": "scope", "hedge_policy": "hedge
                     "dual_step": "dual_step", "backend": "backend"}
 UNCERTAINTY_COLUMNS = {"total": "uncertainty", "aleatoric": "aleatoric",
                        "epistemic": "epistemic", "vacuity": "vacuity"}
-# How long the writer lets queued appends gather before committing them (start_run,
-# finish and flush are written at once). Bounds what a crash can lose of a stream.
-COMMIT_WINDOW_S = 0.05
+# How long the writer lets queued appends gather before committing them (finish and
+# flush are written at once). A round costs 5-10 ms of CPU whatever its size (DuckDB's
+# fixed cost per statement, measured on 2 busy cores), so this keeps logging a stream
+# to about 1% of a core, and bounds what a crash can lose of a stream: its last second.
+COMMIT_WINDOW_S = 1.0
 # WAL size that triggers a checkpoint. DuckDB's 16 MB default checkpoints every few
 # thousand tokens of logging and rewrites the trailing row group each time (measured: 40 ms
 # per 30k route rows); 64 MB halves the cost of a commit, and a crash replays at most this.
@@ -489,7 +491,8 @@ def _json_default(o):
 def _run_row(run_id: str, trace: RoutingTrace, kind: str) -> dict:
     row = {"run_id": run_id, "created_at": _utc(trace.created_at), "status": "running",
            "kind": kind, "model": trace.model, "controller": trace.controller,
-           "controller_id": trace.controller_id, "controller_trained": bool(trace.controller_trained),
+           "controller_id": trace.controller_id,
+           "controller_trained": bool(trace.controller_trained),
            "n_layers": int(trace.n_layers), "head_dim": int(trace.head_dim), "n_tokens": 0,
            "n_prompt_tokens": int(trace.n_prompt_tokens), "truncated": int(trace.truncated),
            "prompt": trace.prompt, "pid": os.getpid(), "host": socket.gethostname()}
@@ -509,7 +512,9 @@ RUNS_ARROW_SCHEMA = pa.schema([
     ("dual_step", pa.float64()), ("backend", pa.string()), ("n_layers", pa.int16()),
     ("head_dim", pa.int16()), ("n_tokens", pa.int32()), ("n_prompt_tokens", pa.int32()),
     ("truncated", pa.int32()), ("prompt", pa.string()), ("pid", pa.int32()),
-    ("host", pa.string()),
+    ("host", pa.string()), ("finished_at", pa.timestamp("us")), ("output_text", pa.string()),
+    ("realized_cost", pa.float64()), ("flops_ratio", pa.float64()), ("wall_ms", pa.float64()),
+    ("timings", pa.string()), ("error", pa.string()),
 ])
 FINAL_ARROW_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("status", pa.string()), ("finished_at", pa.timestamp("us")),
@@ -536,9 +541,9 @@ def uncertainty_columns(concentration: np.ndarray, point_estimate: bool) -> dict
     """The uncertainty columns of `routes` for concentrations [..., K]: the measures of
     dirichlet.uncertainties (total and aleatoric as fractions of log K, epistemic in nats,
     vacuity K/S; a point estimate has no epistemic part), computed in numpy on the writer
-    thread. torch would do (and tests/test_store.py checks that it agrees), but on a
-    small CPU its per-op cost on the writer thread was 5x the whole insert and competed
-    with the generation's intra-op pool."""
+    thread; tests/test_store.py checks them against dirichlet.py. Not torch: on 2 busy
+    cores its per-op cost made these columns 3-5x slower than numpy (and slower than the
+    whole DuckDB insert), competing with the generation for the intra-op pool."""
     from scipy.special import digamma
 
     beta = np.asarray(concentration, np.float64)
@@ -710,27 +715,43 @@ class _Database:
                 self._cond.notify_all()
 
     def _write(self, cur: duckdb.DuckDBPyConnection, work: list[_Work]) -> None:
-        """One transaction for everything the streams queued since the last round."""
+        """One transaction for everything the streams queued since the last round. A run
+        started in the same round is inserted with its progress and final fields folded in
+        (a whole trace logged at once costs one INSERT per table and no UPDATE)."""
         if not work:
             return
-        new_runs = [w.new_run for w in work if w.new_run is not None]
+        new_runs = {w.run_id: dict(w.new_run) for w in work if w.new_run is not None}
         slices = [(w.run_id, w.rows) for w in work if w.rows is not None]
         progress: dict[str, dict] = {}
-        for rid, s in slices:
-            progress[rid] = {"run_id": rid, "n_tokens": s.end,
-                             "n_prompt_tokens": s.n_prompt_tokens, "truncated": s.truncated}
-        finals = [w.final for w in work if w.final is not None]
+        finals: dict[str, dict] = {}
+        for rid, s in slices:  # in queue order: the last slice of a run wins
+            fields = {"n_tokens": s.end, "n_prompt_tokens": s.n_prompt_tokens,
+                      "truncated": s.truncated}
+            if rid in new_runs:
+                new_runs[rid].update(fields)
+            else:
+                progress.setdefault(rid, {"run_id": rid}).update(fields)
+        for w in work:
+            if w.final is None:
+                continue
+            if w.run_id in new_runs:
+                new_runs[w.run_id].update(w.final)
+            else:
+                finals[w.run_id] = w.final
         kls = [w.kl_to_dense for w in work if w.kl_to_dense is not None]
         # Build every Arrow table before the transaction: a bad value fails early.
         registered = {}
         if new_runs:
-            registered["_new_runs"] = pa.Table.from_pylist(new_runs, RUNS_ARROW_SCHEMA)
+            registered["_new_runs"] = pa.Table.from_pylist(list(new_runs.values()),
+                                                           RUNS_ARROW_SCHEMA)
         if slices:
             registered["_new_tokens"], registered["_new_routes"] = _tables_for(slices)
+        if progress:
             registered["_progress"] = pa.Table.from_pylist(list(progress.values()),
                                                            PROGRESS_ARROW_SCHEMA)
         if finals:
-            registered["_final"] = pa.Table.from_pylist(finals, FINAL_ARROW_SCHEMA)
+            registered["_final"] = pa.Table.from_pylist(list(finals.values()),
+                                                        FINAL_ARROW_SCHEMA)
         if kls:
             registered["_kl"] = pa.concat_tables(kls)
         for name, table in registered.items():
@@ -743,6 +764,7 @@ class _Database:
                 if slices:
                     cur.execute(Q.INSERT_TOKENS)
                     cur.execute(Q.INSERT_ROUTES)
+                if progress:
                     cur.execute(Q.UPDATE_PROGRESS)
                 if kls:
                     cur.execute(Q.UPDATE_KL_TO_DENSE)
@@ -925,7 +947,8 @@ class RunLog:
                error: str | None = None) -> None:
         """Write the remaining positions and the final fields (status, output_text,
         realized_cost, flops_ratio, timings, wall_ms, error, and kl_to_dense per token if
-        the trace has it) in one transaction and wait for it. `done` is only ever written together with the run's last rows."""
+        the trace has it) in one transaction and wait for it. `done` is only ever written
+        together with the run's last rows."""
         self._check_writable()
         if status not in FINAL_STATUSES:
             raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
@@ -1125,7 +1148,8 @@ def export(source: RunLog | str | os.PathLike, out_dir: str | os.PathLike,
     """Write runs, tokens and routes under out_dir/<table>/day=YYYY-MM-DD/ (hive style,
     by the run's UTC creation day) and the experts lookup as out_dir/experts.<fmt>, from
     one consistent snapshot. Refuses to write into existing non-empty table folders.
-    Returns the number of rows written per table."""
+    CSV has a header row; NULL is an empty field and an empty string is "" (DuckDB reads
+    that back with allow_quoted_nulls = false). Returns the rows written per table."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
     out = Path(out_dir).expanduser()

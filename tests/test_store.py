@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from metaattn_viz import store
-from metaattn_viz.bench_store import empty_like, grow, synthetic_trace
+from metaattn_viz.bench_store import grow, synthetic_trace
 from metaattn_viz.dirichlet import uncertainties
 from metaattn_viz.settings import FULL, RoutingSettings
 from metaattn_viz.store import RunLog, StoreUnavailable, UnknownRun
@@ -530,15 +530,23 @@ def test_export_round_trip(filled, tmp_path, fmt):
     days = sorted(p.name for p in (out / "routes").iterdir())
     assert days == ["day=2026-01-01", "day=2026-01-02", "day=2026-01-03"]
     reader = "read_parquet" if fmt == "parquet" else "read_csv"
-    with duckdb.connect(str(db), read_only=True) as con:
+    with duckdb.connect() as con:
+        con.execute(f"ATTACH '{db}' AS log (READ_ONLY)")
         for table in ("runs", "tokens", "routes"):
             files = f"'{out / table}/**/*.{fmt}'"
-            exported = f"SELECT * EXCLUDE (day) FROM {reader}({files}, hive_partitioning = true)"
-            if fmt == "csv":  # CSV carries no types: cast back to the table's
-                exported = (f"SELECT * FROM (SELECT * FROM {table} LIMIT 0) UNION ALL BY NAME "
-                            f"({exported})")
-            for a, b in ((table, exported), (exported, table)):
-                assert con.execute(f"SELECT count(*) FROM (({a}) EXCEPT ALL ({b}))"
+            options = "hive_partitioning = true" + (
+                ", allow_quoted_nulls = false" if fmt == "csv" else "")  # "" is not NULL
+            exported = f"{reader}({files}, {options})"
+            if fmt == "parquet":  # Parquet keeps the types
+                def columns(sql):
+                    return [r[:2] for r in con.execute(f"DESCRIBE {sql}").fetchall()]
+
+                assert columns(f"SELECT * EXCLUDE (day) FROM {exported}") == columns(f"log.{table}")
+            # read back into a table typed like the log's (CSV carries no types)
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM log.{table} LIMIT 0")
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * EXCLUDE (day) FROM {exported}")
+            for a, b in ((table, f"log.{table}"), (f"log.{table}", table)):
+                assert con.execute(f"SELECT count(*) FROM (FROM {a} EXCEPT ALL FROM {b})"
                                    ).fetchone()[0] == 0, table
         assert con.execute(f"SELECT count(DISTINCT day) FROM {reader}("
                            f"'{out}/runs/**/*.{fmt}', hive_partitioning = true)").fetchone()[0] == 3

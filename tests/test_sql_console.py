@@ -1,0 +1,202 @@
+"""The read-only SQL console (metaattn_viz/sql_console.py): hostile statements are
+refused with a reason, ordinary SELECTs are answered, the row cap and the time limit
+work, and nothing reaches a file, a setting or the log's contents."""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+import pytest
+
+from metaattn_viz.bench_store import synthetic_trace
+from metaattn_viz.sql_console import (ConsoleError, ConsoleRefused, ConsoleTimeout,
+                                      describe_log, run_readonly_query)
+from metaattn_viz.store import LOG_TABLES, RunLog
+
+
+@pytest.fixture
+def log(tmp_path):
+    with RunLog(tmp_path / "routing.duckdb") as log:
+        for seed in range(3):
+            tr = synthetic_trace(n_layers=4, n_tokens=10, seed=seed)
+            log.finish(log.start_run(tr), tr)
+        yield log
+
+
+def snapshot(log):
+    cur = log.fresh_cursor()
+    try:
+        return {t: cur.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in LOG_TABLES}, \
+            cur.execute("SELECT * FROM duckdb_settings() ORDER BY name").fetchall(), \
+            sorted(r[0] for r in cur.execute("SELECT database_name FROM duckdb_databases()")
+                   .fetchall())
+    finally:
+        cur.close()
+
+
+# (statement, words the refusal must contain)
+HOSTILE = [
+    # writes and DDL
+    ("INSERT INTO runs SELECT * FROM runs", "INSERT"),
+    ("UPDATE runs SET status = 'done'", "UPDATE"),
+    ("DELETE FROM routes", "DELETE"),
+    ("TRUNCATE routes", "DELETE/TRUNCATE"),
+    ("DROP TABLE runs", "DROP"),
+    ("CREATE TABLE x AS SELECT 1", "CREATE"),
+    ("CREATE MACRO m() AS 1", "CREATE"),
+    ("CREATE SECRET s (TYPE s3)", "CREATE"),
+    ("ALTER TABLE runs ADD COLUMN x INT", "ALTER"),
+    ("MERGE INTO runs USING runs r ON true WHEN MATCHED THEN DELETE", "MERGE"),
+    ("WITH x AS (SELECT 1) INSERT INTO experts SELECT 9, 'x', 1, 'X'", "INSERT"),
+    # other databases, extensions, files
+    ("ATTACH '{tmp}/other.duckdb' AS other", "ATTACH"),
+    ("DETACH other", "DETACH"),
+    ("INSTALL httpfs", "INSTALL/LOAD"),
+    ("LOAD httpfs", "INSTALL/LOAD"),
+    ("COPY runs TO '{tmp}/runs.csv'", "COPY"),
+    ("COPY (SELECT * FROM routes) TO '{tmp}/routes.parquet' (FORMAT parquet)", "COPY"),
+    ("COPY runs FROM '{tmp}/runs.csv'", "COPY"),
+    ("EXPORT DATABASE '{tmp}/dump'", "EXPORT"),
+    ("IMPORT DATABASE '{tmp}/dump'", "IMPORT"),
+    # settings and state
+    ("SET threads = 1", "SET"),
+    ("RESET threads", "SET"),
+    ("SET enable_external_access = true", "SET"),
+    ("USE memory", "USE"),
+    ("SET VARIABLE x = 1", "SET"),
+    ("PRAGMA version", "PRAGMA"),
+    ("CALL pragma_version()", "CALL"),
+    ("CHECKPOINT", "CHECKPOINT"),
+    ("VACUUM", "VACUUM"),
+    ("BEGIN TRANSACTION", "transactions"),
+    ("PREPARE p AS SELECT 1", "PREPARE"),
+    ("EXPLAIN ANALYZE SELECT * FROM runs", "EXPLAIN"),
+    # file and URL readers inside a SELECT
+    ("SELECT * FROM read_csv('/etc/passwd')", "read_csv()"),
+    ("SELECT * FROM read_csv_auto('/etc/passwd')", "read_csv_auto()"),
+    ("SELECT * FROM read_parquet('https://example.com/x.parquet')", "read_parquet()"),
+    ("SELECT * FROM parquet_scan('{tmp}/x.parquet')", "parquet_scan()"),
+    ("SELECT * FROM read_json_auto('{tmp}/x.json')", "read_json_auto()"),
+    ("FROM read_ndjson('{tmp}/x.json')", "read_ndjson()"),
+    ("SELECT * FROM read_text('/etc/passwd')", "read_text()"),
+    ("SELECT * FROM read_blob('/etc/hostname')", "read_blob()"),
+    ("SELECT * FROM glob('/*')", "glob()"),
+    ("SELECT * FROM sniff_csv('/etc/passwd')", "sniff_csv()"),
+    ("SELECT * FROM read_duckdb('{tmp}/other.duckdb')", "read_duckdb()"),
+    ("SELECT * FROM '/etc/passwd'", "file or URL"),
+    ("FROM 'runs.csv'", "file or URL"),
+    ("SELECT * FROM \"s3://bucket/x.parquet\"", "file or URL"),
+    ("DESCRIBE '/etc/passwd'", "file or URL"),
+    ("SUMMARIZE SELECT * FROM read_csv('/etc/passwd')", "read_csv()"),
+    ("SELECT * FROM query('SELECT * FROM read_text(''/etc/passwd'')')", "query()"),
+    ("SELECT * FROM duckdb_settings()", "duckdb_settings()"),
+    ("SELECT * FROM duckdb_secrets()", "duckdb_secrets()"),
+    ("SELECT * FROM system.main.duckdb_tables()", "duckdb_tables()"),
+    ("SELECT * FROM information_schema.tables", "not in the log's schema"),
+    ("SELECT * FROM temp.main.anything", "another database"),
+    ("SHOW TABLES", "not a table of the log"),
+    # hidden in subqueries and CTEs
+    ("WITH t AS (SELECT * FROM read_csv('/etc/passwd')) SELECT * FROM t", "read_csv()"),
+    ("SELECT (SELECT count(*) FROM read_text('/etc/passwd'))", "read_text()"),
+    ("SELECT * FROM runs WHERE run_id IN (SELECT content FROM read_text('/etc/passwd'))",
+     "read_text()"),
+    ("WITH \"x.csv\" AS (SELECT * FROM 'x.csv') SELECT * FROM \"x.csv\"", "file or URL"),
+    ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", "b is not a table"),
+    ("SELECT * FROM runs, secret_df", "secret_df is not a table"),
+    # functions with effects
+    ("SELECT nextval('seq')", "nextval()"),
+    ("SELECT setseed(0.5)", "setseed()"),
+    ("SELECT current_setting('threads')", "current_setting()"),
+    ("SELECT sleep_ms(100000)", "sleep_ms()"),
+    # several statements smuggling a write
+    ("SELECT 1; DROP TABLE runs", "2 statements"),
+    ("SELECT * FROM runs; COPY runs TO '{tmp}/x.csv'", "2 statements"),
+    ("SELECT 1; SELECT 2; UPDATE runs SET status = 'failed'", "3 statements"),
+    ("PIVOT runs ON status", "PIVOT"),
+    ("", "empty"),
+    ("-- just a comment", "empty"),
+]
+
+
+def test_at_least_25_hostile_statements_are_refused_with_a_reason(log, tmp_path):
+    assert len(HOSTILE) >= 25
+    before = snapshot(log)
+    secret_df = pd.DataFrame({"x": [1]})  # noqa: F841 - a Python variable must not be a table
+    for sql, reason in HOSTILE:
+        sql = sql.replace("{tmp}", str(tmp_path))
+        with pytest.raises(ConsoleRefused) as err:
+            run_readonly_query(log, sql)
+        msg = str(err.value)
+        assert msg.startswith("refused: ") and reason in msg, (sql, msg)
+        assert "read-only SELECT" in msg and "runs, tokens, routes" in msg
+    assert snapshot(log) == before  # nothing written, set or attached
+    made = {p.name for p in tmp_path.iterdir()} - {"routing.duckdb", "routing.duckdb.wal"}
+    assert not made  # no file written
+
+
+@pytest.mark.parametrize("sql, rows", [
+    ("SELECT count(*) AS n FROM routes", [(120,)]),
+    ("select status, count(*) from runs group by status", [("done", 3)]),
+    ("WITH r AS (SELECT * FROM runs) SELECT count(*) FROM r", [(3,)]),
+    ("FROM runs SELECT count(DISTINCT run_id)", [(3,)]),
+    ("SELECT e.name, count(*) > 0 FROM routes JOIN experts e USING (expert) "
+     "GROUP BY ALL ORDER BY 1 LIMIT 1", [("full", True)]),
+    ("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 4) "
+     "SELECT sum(n) FROM t", [(10,)]),
+    ("SELECT * FROM (PIVOT runs ON status IN ('done', 'failed') USING count(*) "
+     "GROUP BY model)", [("synthetic", 3, 0)]),
+    ("SELECT count(*) FROM Main.ROUTES WHERE layer IN (SELECT unnest([0, 1]))", [(60,)]),
+    ("SELECT max(range) FROM range(7);", [(6,)]),
+    ("VALUES (1, 'a')", [(1, "a")]),
+])
+def test_ordinary_selects_are_answered(log, sql, rows):
+    df, notice = run_readonly_query(log, sql)
+    assert [tuple(r) for r in df.itertuples(index=False)] == rows
+    assert notice.startswith(f"{len(rows)} row")
+
+
+def test_describe_and_summarize_of_a_log_table_work(log):
+    df, _ = run_readonly_query(log, "DESCRIBE routes")
+    assert "conc_full" in set(df["column_name"])
+    df, _ = run_readonly_query(log, "SUMMARIZE runs")
+    assert len(df) > 10
+    schema = describe_log(log)
+    assert list(dict.fromkeys(schema["table"])) == list(LOG_TABLES)
+
+
+def test_the_row_cap_stops_fetching(log):
+    df, notice = run_readonly_query(log, "SELECT * FROM range(1000000000)", max_rows=50)
+    assert len(df) == 50 and "first 50 rows (row cap)" in notice
+    df, notice = run_readonly_query(log, "SELECT * FROM routes", max_rows=120)
+    assert len(df) == 120 and "row cap" not in notice
+
+
+def test_the_time_limit_interrupts_a_long_query(log):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConsoleTimeout, match="0.5 s time limit"):
+        run_readonly_query(log, "SELECT count(*) FROM range(100000000) a, range(100000) b "
+                                "WHERE a.range + b.range = 7", timeout_s=0.5)
+    assert time.perf_counter() - t0 < 5
+    df, _ = run_readonly_query(log, "SELECT count(*) FROM runs")  # the log still answers
+    assert df.iloc[0, 0] == 3
+
+
+def test_sql_errors_are_reported_not_refused(log):
+    with pytest.raises(ConsoleError, match="syntax error") as err:
+        run_readonly_query(log, "SELEC * FROM runs")
+    assert not isinstance(err.value, ConsoleRefused)
+    with pytest.raises(ConsoleError, match="no_such_column"):
+        run_readonly_query(log, "SELECT no_such_column FROM runs")
+
+
+def test_works_on_a_plain_connection_too():
+    con = duckdb.connect()
+    con.execute("CREATE TABLE runs AS SELECT 1 AS run_id")
+    df, _ = run_readonly_query(con, "SELECT * FROM runs")
+    assert df.iloc[0, 0] == 1
+    with pytest.raises(ConsoleRefused):
+        run_readonly_query(con, "DROP TABLE runs")
+    with pytest.raises(ConsoleRefused):
+        run_readonly_query(con, "SELECT * FROM read_csv('/etc/passwd')")
