@@ -18,7 +18,7 @@ Tables (schema version in `schema_version`; older databases are migrated on open
 Interface (what the app, the CLI and the console use):
 
     log = RunLog(path)                      # or RunLog(path, read_only=True)
-    run_id = log.start_run(trace, kind="generate")   # row in `runs`, status "running"
+    run_id = log.start_run(trace, kind="generate")   # a `runs` row, status "running"
     log.append(run_id, trace)               # every few tokens while the trace grows
     log.finish(run_id, trace, "done")       # remaining rows + final fields, one transaction
     trace = log.load_trace(run_id)          # replay: an equal RoutingTrace
@@ -28,16 +28,20 @@ Interface (what the app, the CLI and the console use):
 Writes: one writer per process. RunLog objects on the same file share one connection
 (a module-level registry); a single writer thread owns the write cursor and commits what
 the streams have queued, in one transaction per round, from Arrow tables (never
-row-by-row INSERTs). `append` only copies the new positions out of the trace and returns,
-so logging costs a generation almost nothing; `start_run`, `finish` and `flush` wait
-for their commit and raise `StoreUnavailable` if it failed. A run is `done` only in the
-transaction that writes its last rows. Readers use a cursor per thread and see committed
-data only (DuckDB's MVCC), inside one transaction per call so a replay is consistent.
+row-by-row INSERTs). `start_run` and `append` only queue (append copies the new positions
+out of the trace) and return, so logging costs a generation almost nothing; the writer
+lets them gather for up to COMMIT_WINDOW_S (1 s) to share a commit. `finish` and
+`flush` wait for their commit and raise `StoreUnavailable` if it failed (so does the
+next append after a failed write). A run is `done` only in the transaction that writes
+its last rows. Readers use a cursor per thread and see committed data only (DuckDB's
+MVCC: call flush() first to read what was just queued), inside one transaction per call
+so a replay is consistent.
 
 Crashes: DuckDB lets one process open a file read-write, so a run still `running` when we
 open it read-write was left by a dead process: it is marked `interrupted` on open (its
-committed batches stay). Closing the log (or exiting the interpreter) while a run streams
-marks it `interrupted` too.
+committed batches stay; a crash loses at most the last COMMIT_WINDOW_S of a stream).
+Closing the log (or exiting the interpreter) while a run streams writes what was queued
+and marks the run `interrupted`.
 
 Errors: a database locked by another process, a file that is not a DuckDB database, a
 routing log written by a newer version, a DuckDB file that is not a routing log -> raise
