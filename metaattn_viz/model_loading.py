@@ -19,6 +19,7 @@ This module never touches routing: it returns a plain transformers model.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -214,9 +215,14 @@ def _load_hub(hub_id: str, tried: list[str]):
 
 
 def _gguf_fingerprint(gguf: Path) -> dict:
-    st = gguf.stat()
-    return {"format": CACHE_FORMAT, "gguf": gguf.name, "gguf_size": st.st_size,
-            "gguf_mtime_ns": st.st_mtime_ns}
+    """Content-based (not mtime): two virtual environments holding the same GGUF file share
+    one cache instead of invalidating each other's (about 0.3 s to hash 98 MB)."""
+    h = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"format": CACHE_FORMAT, "gguf": gguf.name, "gguf_size": gguf.stat().st_size,
+            "gguf_sha256": h.hexdigest()}
 
 
 def _cache_valid(folder: Path, fingerprint: dict) -> bool:
