@@ -291,7 +291,7 @@ def test_bench_attention_rows_follow_the_contract(capsys):
 
     from metaattn_viz import bench
 
-    rows = bench.run_bench(seq_lens=[96], json=True, repeats=1)
+    rows = bench.run_bench(seq_lens=[96], json=True, repeats=1, model=False)
     printed = json.loads(capsys.readouterr().out)
     assert printed == rows and [r["mix"] for r in rows] == ["local", "linear", "mix"]
     for r in rows:
