@@ -114,14 +114,14 @@ def decode_speed(routed: RoutedModel, context: int, budget: float = 0.3, new_tok
 def model_rows(routed: RoutedModel | None = None, budget: float = 0.3, long_context: int = 8192,
                quick: bool = False) -> list[dict]:
     routed = routed or RoutedModel.load()
-    torch.set_grad_enabled(False)
-    rows = [routing_overhead(routed)]
-    if quick:
-        rows.append(decode_speed(routed, 256, budget, new_tokens=8))
-        return rows
-    rows.append(prefill_speed(routed, 4096, budget))
-    rows.append(decode_speed(routed, 256, budget))
-    rows.append(decode_speed(routed, long_context, budget, new_tokens=16))
+    with torch.no_grad():  # scoped: never switch autograd off for the caller
+        rows = [routing_overhead(routed)]
+        if quick:
+            rows.append(decode_speed(routed, 256, budget, new_tokens=8))
+            return rows
+        rows.append(prefill_speed(routed, 4096, budget))
+        rows.append(decode_speed(routed, 256, budget))
+        rows.append(decode_speed(routed, long_context, budget, new_tokens=16))
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import routed_tiny
 from metaattn_viz.bench_model import model_rows
@@ -17,3 +18,4 @@ def test_model_rows_follow_the_contract():
         assert r["dense_ms"] > 0 and r["routed_ms"] > 0
         assert r["ratio"] == pytest.approx(r["routed_ms"] / r["dense_ms"])
     assert rows[0]["max_abs_err"] <= 1e-4  # budget 1 is the dense model
+    assert torch.is_grad_enabled()  # the benchmark leaves autograd as it found it
