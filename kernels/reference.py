@@ -89,7 +89,7 @@ def linear_attention(q, k, v, state=None, eps: float = 1e-6):
     (S, z) after all Tk keys).
     """
     b, hq, tq, d = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
+    tk = k.shape[2]
     ct = compute_dtype(q.dtype)
     s0, z0 = _initial_state(k, v, tq, state)  # [B, Hkv, D, D], [B, Hkv, D]
     kn, vn = k[:, :, tk - tq:].to(ct), v[:, :, tk - tq:].to(ct)  # the keys of the query rows
@@ -110,7 +110,7 @@ def linear_attention_recurrent(q, k, v, state=None, eps: float = 1e-6):
     Same contract as `linear_attention`; this is how a decoder sees it.
     """
     b, hq, tq, d = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
+    tk = k.shape[2]
     ct = compute_dtype(q.dtype)
     s, z = _initial_state(k, v, tq, state)
     outs = []

@@ -73,8 +73,6 @@ class AppServer:
         raise RuntimeError(f"server not ready after {self.timeout} s:\n{self.log_tail()}")
 
     def status(self) -> dict:
-        from gradio_client import Client
-
         return self.client().predict(api_name="/status")
 
     def client(self):

@@ -14,7 +14,7 @@ import torch
 from conftest import routed_tiny
 from metaattn_viz import data as data_mod
 from metaattn_viz.calibrate import CalibrationConfig, calibrate, elbo_terms
-from metaattn_viz.controller import ControllerStack, config_for_model
+from metaattn_viz.controller import ControllerStack
 from metaattn_viz.evaluate import auroc, budget_shares, evaluate
 from metaattn_viz.routing import kl_per_token
 from metaattn_viz.settings import COSTS

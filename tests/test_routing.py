@@ -143,7 +143,7 @@ def test_prefill_and_token_by_token_decoding_route_identically(scope):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    steps, logits = [], []
+    logits = []
     with torch.no_grad(), r.session(s) as sess:
         for t in range(ids.shape[1]):
             out = r.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
