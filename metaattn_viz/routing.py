@@ -370,8 +370,9 @@ class RoutedModel:
     def prefill(self, input_ids: torch.Tensor, settings: RoutingSettings,
                 controller: str | ControllerStack = "bayes", forced_weights=None,
                 capture_qk: bool = False, use_cache: bool = True, policy=None,
-                diagnose: bool = False) -> PrefillResult:
-        """Route a whole text in one forward (two or three for the global scope)."""
+                diagnose: bool = False, lam_hint: float | None = None) -> PrefillResult:
+        """Route a whole text in one forward (two or three for the global scope; one when a
+        global ``lam_hint`` already lands within 0.015 of the budget)."""
         from transformers import DynamicCache
 
         def one_pass(s: RoutingSettings, lam=None):
@@ -392,8 +393,15 @@ class RoutedModel:
         # Global scope: one lambda for all layers. Each layer's posterior depends on the
         # routes of the layers below, so solve on a per-layer-routed pass, route with that
         # lambda, and re-solve once more on the resulting posteriors if still > 0.015 off.
-        res = one_pass(settings.with_(scope="layer"))
-        best, passes = None, 1
+        if lam_hint is not None:  # e.g. solved on the posteriors of the previous routing
+            res = one_pass(settings, lam=[lam_hint] * self.n_layers)
+            gap = abs(float(res.records["cost"].mean()) - settings.budget)
+            if gap <= 0.015:
+                return res
+            best, passes = (gap, res), 1
+        else:
+            res = one_pass(settings.with_(scope="layer"))
+            best, passes = None, 1
         for _ in range(2):
             lam = self._solve_global(res.records, settings)
             res = one_pass(settings, lam=[lam] * self.n_layers)
@@ -530,8 +538,16 @@ class RoutedModel:
         new = self.new_trace(controller, settings, trace.prompt)
         new.n_prompt_tokens, new.truncated = trace.n_prompt_tokens, trace.truncated
         new.output_text = trace.output_text
+        hint = None
+        if (settings.scope == "global" and settings.lam is None and settings.budget is not None
+                and budget_mod.extreme_lambda(settings.budget) is None
+                and controller == trace.controller and trace.concentration.shape[1] == len(ids)):
+            # warm start: the lambda that meets the new budget on the previous posteriors;
+            # routing changes them a little, so prefill checks the cost and re-solves if off
+            hint = self._solve_global({"beta": trace.concentration[:, None]}, settings)
         t0 = time.perf_counter()
-        res = self.prefill(torch.tensor([ids]), settings, controller, use_cache=False)
+        res = self.prefill(torch.tensor([ids]), settings, controller, use_cache=False,
+                           lam_hint=hint)
         new.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)
         new.timings["prefill_passes"] = res.passes
         self._extend(new, ids, res.records)

@@ -294,3 +294,17 @@ def test_scalar_decode_path_agrees_with_the_tensor_path(policy):
             assert route == int(dec.routes[i]) and hedged == bool(dec.hedged[i])
             assert np.allclose(w, dec.weights[i].numpy(), atol=1e-6)
             assert cost == pytest.approx(float(dec.cost[i]))
+
+
+def test_reroute_warm_start_meets_the_budget_in_fewer_passes():
+    r = routed_tiny(seed=6, spread=10.0)
+    text = "a warm start for the budget slider " * 3
+    first = r.route(text, RoutingSettings(budget=0.5))
+    assert first.timings["prefill_passes"] >= 2  # a cold global solve
+    for target in (0.45, 0.55, 0.7):
+        again = r.reroute(first, RoutingSettings(budget=target), quality=False)
+        assert again.realized_cost == pytest.approx(target, abs=0.02)
+        assert again.timings["prefill_passes"] <= 3
+    near = r.reroute(first, RoutingSettings(budget=0.5), quality=False)
+    assert near.timings["prefill_passes"] == 1  # same budget: the hint is already right
+    assert (near.routes == first.routes).mean() >= 0.95  # lambda lands in the same place
