@@ -539,12 +539,15 @@ class RoutedModel:
         new.n_prompt_tokens, new.truncated = trace.n_prompt_tokens, trace.truncated
         new.output_text = trace.output_text
         hint = None
-        if (settings.scope == "global" and settings.lam is None and settings.budget is not None
+        previous = getattr(trace, "concentration", None)  # absent on a bare Text (the API)
+        if (previous is not None and previous.shape[1] == len(ids)
+                and settings.scope == "global" and settings.lam is None
+                and settings.budget is not None
                 and budget_mod.extreme_lambda(settings.budget) is None
-                and controller == trace.controller and trace.concentration.shape[1] == len(ids)):
+                and controller == trace.controller):
             # warm start: the lambda that meets the new budget on the previous posteriors;
             # routing changes them a little, so prefill checks the cost and re-solves if off
-            hint = self._solve_global({"beta": trace.concentration[:, None]}, settings)
+            hint = self._solve_global({"beta": previous[:, None]}, settings)
         t0 = time.perf_counter()
         res = self.prefill(torch.tensor([ids]), settings, controller, use_cache=False,
                            lam_hint=hint)

@@ -308,3 +308,14 @@ def test_reroute_warm_start_meets_the_budget_in_fewer_passes():
     near = r.reroute(first, RoutingSettings(budget=0.5), quality=False)
     assert near.timings["prefill_passes"] == 1  # same budget: the hint is already right
     assert (near.routes == first.routes).mean() >= 0.95  # lambda lands in the same place
+
+
+def test_reroute_of_a_bare_text_without_posteriors_solves_cold():
+    from types import SimpleNamespace
+
+    r = routed_tiny(seed=6, spread=10.0)
+    first = r.route("a bare text from the API " * 3, RoutingSettings(budget=0.5))
+    bare = SimpleNamespace(token_ids=first.token_ids, prompt=first.prompt, controller="bayes",
+                           n_prompt_tokens=first.n_prompt_tokens, truncated=0, output_text="")
+    again = r.reroute(bare, RoutingSettings(budget=0.5), quality=False)
+    assert np.array_equal(again.routes, first.routes)  # the same cold solve as the prefill
