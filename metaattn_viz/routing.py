@@ -86,7 +86,6 @@ class TrainRouting:
     argmax and the gradient flows through the soft weights (straight-through)."""
 
     hard: bool = False
-    generator: torch.Generator | None = None
 
 
 class Session:
