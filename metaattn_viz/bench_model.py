@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from metaattn_viz.kv_cache import GrowableCache
 from metaattn_viz.routing import RoutedModel
 from metaattn_viz.settings import RoutingSettings
 
@@ -71,39 +72,46 @@ def prefill_speed(routed: RoutedModel, seq_len: int = 4096, budget: float = 0.3,
             "max_abs_err": None}
 
 
-def decode_speed(routed: RoutedModel, context: int, budget: float = 0.3, new_tokens: int = 24
-                 ) -> dict:
-    """Per-token decode time after `context` tokens, dense vs routed (greedy, same text)."""
-    from transformers import DynamicCache
+def _dense_decoder(routed: RoutedModel, ids: torch.Tensor, capacity: int):
+    """Greedy decoding with the unrouted model: prefill, then yields once per new token."""
+    cache = GrowableCache(capacity)
+    with torch.no_grad(), routed.session(RoutingSettings(budget=1.0), mode="dense"):
+        out = routed.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    yield
+    while True:
+        nxt = out.logits[:, -1:].argmax(-1)
+        with torch.no_grad(), routed.session(RoutingSettings(budget=1.0), mode="dense"):
+            out = routed.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        yield
 
+
+def decode_speed(routed: RoutedModel, context: int, budget: float = 0.3, new_tokens: int = 24,
+                 block: int = 4) -> dict:
+    """Per-token decode time after `context` tokens, dense vs routed (greedy, same text).
+
+    Each side prefills once; then blocks of `block` tokens alternate (dense, routed, dense,
+    ...) and the per-token time is the median over the blocks. Both sides keep their KV in
+    the same cache class (kv_cache.GrowableCache); the routed side is `RoutedModel.stream`,
+    i.e. everything the app does per token (controllers, decisions, records, trace).
+    """
     ids = _text_ids(routed, context - new_tokens)  # the last new token ends at `context`
     s = RoutingSettings(budget=budget)
-
-    def dense_run():
-        cache = DynamicCache()
-        with torch.no_grad(), routed.session(RoutingSettings(budget=1.0), mode="dense"):
-            out = routed.model(input_ids=ids, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
+    dense = _dense_decoder(routed, ids, context)
+    routed_gen = routed.stream(ids[0].tolist(), s, max_new_tokens=new_tokens)
+    next(dense), next(routed_gen)  # the prefills
+    per_token = {"dense": [], "routed": []}
+    done = 0
+    while done < new_tokens:
+        n = min(block, new_tokens - done)
+        for name, gen in (("dense", dense), ("routed", routed_gen)):
             t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                out = routed.model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                nxt = out.logits[:, -1:].argmax(-1)
-            return 1000 * (time.perf_counter() - t0) / new_tokens
-
-    def routed_run():
-        steps = []
-        trace_iter = routed.stream(ids[0].tolist(), s, max_new_tokens=new_tokens)
-        next(trace_iter)  # the prefill
-        t0 = time.perf_counter()
-        for _ in trace_iter:
-            steps.append(time.perf_counter())
-        return 1000 * (time.perf_counter() - t0) / max(1, len(steps))
-
-    dense_ms = [dense_run()]
-    routed_ms = [routed_run()]
-    dense_ms.append(dense_run())
-    routed_ms.append(routed_run())
-    d, r = min(dense_ms), min(routed_ms)
+            for _ in range(n):
+                if next(gen, StopIteration) is StopIteration:  # the routed text hit EOS
+                    raise RuntimeError("decode benchmark: generation stopped early")
+            per_token[name].append(1000 * (time.perf_counter() - t0) / n)
+        done += n
+    routed_gen.close()
+    d, r = statistics.median(per_token["dense"]), statistics.median(per_token["routed"])
     return {"case": "decode", "seq_len": context, "budget": budget, "backend": "cpu",
             "dense_ms": d, "routed_ms": r, "ratio": r / d, "speedup": d / r,
             "dense_tokens_per_s": 1000 / d, "routed_tokens_per_s": 1000 / r,

@@ -33,6 +33,7 @@ import kernels
 from metaattn_viz import budget as budget_mod
 from metaattn_viz.controller import ControllerStack, load_for_model
 from metaattn_viz.dirichlet import entropy_of_mean
+from metaattn_viz.kv_cache import GrowableCache
 from metaattn_viz.settings import COSTS, FULL, LINEAR, MIN_COST, RoutingSettings
 from metaattn_viz.trace import RoutingTrace
 
@@ -43,6 +44,7 @@ K = len(COSTS)
 _LOG_K = math.log(K)
 _local = threading.local()
 _registered = False
+PILOT_TOKENS = 512  # the global scope's pilot pass reads at most this prefix of a long text
 _register_lock = threading.Lock()
 
 
@@ -291,8 +293,9 @@ class PrefillResult:
     records: dict
     lam: list
     cache: object
-    passes: int = 1
+    passes: int = 1  # forward passes over the whole text (a prefix pilot is not one)
     session: Session | None = field(default=None, repr=False)
+    pilot_tokens: int = 0  # tokens of the global scope's pilot pass (0: none)
 
 
 class RoutedModel:
@@ -369,19 +372,29 @@ class RoutedModel:
     def prefill(self, input_ids: torch.Tensor, settings: RoutingSettings,
                 controller: str | ControllerStack = "bayes", forced_weights=None,
                 capture_qk: bool = False, use_cache: bool = True, policy=None,
-                diagnose: bool = False, lam_hint: float | None = None) -> PrefillResult:
-        """Route a whole text in one forward (two or three for the global scope; one when a
-        global ``lam_hint`` already lands within 0.015 of the budget)."""
-        from transformers import DynamicCache
+                diagnose: bool = False, lam_hint: float | None = None,
+                cache_capacity: int = 0) -> PrefillResult:
+        """Route a whole text in one forward pass (global scope: see below). ``cache_capacity``:
+        tokens the KV cache should hold without regrowing (prompt + tokens to decode).
 
-        def one_pass(s: RoutingSettings, lam=None):
-            cache = DynamicCache() if use_cache else None
+        Global scope needs one lambda for all layers, but each layer's posterior depends on
+        the routes of the layers below, so lambda is solved on the posteriors of a pilot
+        pass and the text is routed with it; if the realised mean cost is > 0.015 off the
+        budget, lambda is solved again on the posteriors of that pass and the text routed
+        once more (at most twice). The pilot is a per-layer-scope pass over the text, or only
+        over its first PILOT_TOKENS tokens when the text is longer than twice that (a causal
+        prefix: the same posteriors those tokens get in the whole text). A ``lam_hint``
+        (e.g. solved on the posteriors of the previous routing of the same text) replaces
+        the pilot."""
+
+        def one_pass(s: RoutingSettings, lam=None, ids=input_ids, cache: bool = use_cache):
+            kv = GrowableCache(cache_capacity) if cache else None
             with torch.no_grad(), self.session(s, controller, lam=lam,
                                                forced_weights=forced_weights,
                                                capture_qk=capture_qk, policy=policy,
                                                diagnose=diagnose) as sess:
-                out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=use_cache)
-            return PrefillResult(out.logits, sess.pop_records(), list(sess.lam), cache, 1, sess)
+                out = self.model(input_ids=ids, past_key_values=kv, use_cache=cache)
+            return PrefillResult(out.logits, sess.pop_records(), list(sess.lam), kv, 1, sess)
 
         needs_global = (settings.scope == "global" and settings.lam is None
                         and settings.budget is not None and forced_weights is None
@@ -389,18 +402,19 @@ class RoutedModel:
                         and budget_mod.extreme_lambda(settings.budget) is None)
         if not needs_global:
             return one_pass(settings)
-        # Global scope: one lambda for all layers. Each layer's posterior depends on the
-        # routes of the layers below, so solve on a per-layer-routed pass, route with that
-        # lambda, and re-solve once more on the resulting posteriors if still > 0.015 off.
-        if lam_hint is not None:  # e.g. solved on the posteriors of the previous routing
+        pilot_tokens = 0
+        if lam_hint is not None:
             res = one_pass(settings, lam=[lam_hint] * self.n_layers)
             gap = abs(float(res.records["cost"].mean()) - settings.budget)
             if gap <= 0.015:
                 return res
             best, passes = (gap, res), 1
         else:
-            res = one_pass(settings.with_(scope="layer"))
-            best, passes = None, 1
+            t = input_ids.shape[1]
+            pilot_ids = input_ids[:, :PILOT_TOKENS] if t > 2 * PILOT_TOKENS else input_ids
+            res = one_pass(settings.with_(scope="layer"), ids=pilot_ids, cache=False)
+            pilot_tokens = pilot_ids.shape[1]
+            best, passes = None, int(pilot_tokens == t)  # a whole-text pilot is a pass
         for _ in range(2):
             lam = self._solve_global(res.records, settings)
             res = one_pass(settings, lam=[lam] * self.n_layers)
@@ -410,7 +424,7 @@ class RoutedModel:
                 best = (gap, res)
             if gap <= 0.015:
                 break
-        best[1].passes = passes
+        best[1].passes, best[1].pilot_tokens = passes, pilot_tokens
         return best[1]
 
     def _solve_global(self, records: dict, settings: RoutingSettings) -> float:
@@ -482,9 +496,11 @@ class RoutedModel:
 
         t0 = time.perf_counter()
         input_ids = torch.tensor([ids])
-        res = self.prefill(input_ids, settings, controller)
+        res = self.prefill(input_ids, settings, controller,
+                           cache_capacity=len(ids) + max_new_tokens)
         trace.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)
         trace.timings["prefill_passes"] = res.passes
+        trace.timings["pilot_tokens"] = res.pilot_tokens
         self._extend(trace, ids, res.records)
         yield trace
 

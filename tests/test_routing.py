@@ -319,3 +319,28 @@ def test_reroute_of_a_bare_text_without_posteriors_solves_cold():
                            n_prompt_tokens=first.n_prompt_tokens, truncated=0, output_text="")
     again = r.reroute(bare, RoutingSettings(budget=0.5), quality=False)
     assert np.array_equal(again.routes, first.routes)  # the same cold solve as the prefill
+
+
+def test_global_scope_pilots_a_long_text_on_its_prefix(monkeypatch):
+    """A text longer than twice PILOT_TOKENS solves lambda on a pilot pass over its prefix,
+    then routes the whole text once (twice if the cost misses), still meeting the budget;
+    the cache holds exactly the keys a DynamicCache would."""
+    from transformers import DynamicCache
+
+    import metaattn_viz.routing as routing_mod
+
+    r = routed_tiny(seed=6, spread=10.0)
+    text = "a pilot pass over the first tokens of a long text " * 2
+    ids = torch.tensor([r.encode(text)])
+    short = r.prefill(ids, RoutingSettings(budget=0.5))
+    assert short.pilot_tokens == ids.shape[1] and short.passes >= 2
+    monkeypatch.setattr(routing_mod, "PILOT_TOKENS", 16)
+    res = r.prefill(ids, RoutingSettings(budget=0.5), cache_capacity=ids.shape[1] + 4)
+    assert res.pilot_tokens == 16 and 1 <= res.passes <= 2
+    assert float(res.records["cost"].mean()) == pytest.approx(0.5, abs=0.02)
+    assert res.records["routes"].shape[2] == ids.shape[1]  # the records are the whole text's
+    ref = DynamicCache()
+    with torch.no_grad(), r.session(RoutingSettings(budget=1.0), mode="dense"):
+        r.model(input_ids=ids, past_key_values=ref, use_cache=True)
+    assert [lay.keys.shape for lay in res.cache.layers] == [lay.keys.shape for lay in ref.layers]
+    assert torch.equal(res.cache.layers[0].keys, ref.layers[0].keys)  # same input, same keys
