@@ -22,14 +22,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.special import erf as _erf
 
 from metaattn_viz import paths
 from metaattn_viz.dirichlet import prior_concentration
 from metaattn_viz.settings import COSTS
 
+_SQRT1_2 = 0.7071067811865476
 log = logging.getLogger(__name__)
 
 KINDS = ("bayes", "priorfree")
@@ -92,6 +95,7 @@ class ControllerStack(nn.Module):
         self.trained = False
         self.meta: dict = {}
         self._hash: str | None = None
+        self._np_cache: dict = {}  # layer -> (weights' identity, numpy copies) for concentration_one
 
     @property
     def kind(self) -> str:
@@ -115,6 +119,46 @@ class ControllerStack(nn.Module):
         if self.config.kind == "bayes":
             return F.softplus(scores) + self.config.beta_min
         return torch.softmax(scores, dim=-1)
+
+    def concentration_one(self, layer: int, h: torch.Tensor, x: torch.Tensor, position: int
+                          ) -> list[float]:
+        """`concentration` of one token (h, x [1, 1, D] at `position`) as K floats: the decode
+        hot path. On CPU in numpy, on float32 copies of the layer's weights (refreshed when
+        the weights change), since a dozen tiny torch ops in the middle of a forward pass
+        cost more than the arithmetic. Same maths (exact GELU via erf)."""
+        lay = self.layers[layer]
+        if h.is_cuda or x.is_cuda or lay.fc1.weight.is_cuda or torch.is_grad_enabled():
+            return self.concentration(layer, h, x, torch.tensor([position], device=x.device)
+                                      ).reshape(-1).tolist()
+        w1, w2 = self._numpy_weights(layer)  # [H, D + 3] with the bias last, [K, H + 1]
+        xv = x.detach().numpy().reshape(-1)
+        d = xv.shape[0]
+        u = np.empty(d + 3, np.float32)  # the features, as in `features`, then 1 for the bias
+        u[:d] = h.detach().numpy().reshape(-1)
+        u[d] = math.sqrt(float(np.dot(xv, xv))) / math.sqrt(d)
+        u[d + 1] = math.log1p(position) / math.log1p(self.config.t_ref)
+        u[d + 2] = 1.0
+        pre = w1 @ u
+        g = np.empty(pre.shape[0] + 1, np.float32)
+        g[:-1] = 0.5 * pre * (1.0 + _erf(pre * np.float32(_SQRT1_2)))
+        g[-1] = 1.0
+        scores = w2 @ g
+        if self.config.kind == "bayes":
+            return (np.logaddexp(np.float32(0.0), scores) + np.float32(self.config.beta_min)).tolist()
+        e = np.exp(scores - scores.max())
+        return (e / e.sum()).tolist()
+
+    def _numpy_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        lay = self.layers[layer]
+        params = (lay.fc1.weight, lay.fc1.bias, lay.fc2.weight, lay.fc2.bias)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = self._np_cache.get(layer)
+        if cached is None or cached[0] != key:
+            w1, b1, w2, b2 = (p.detach().float().numpy() for p in params)
+            cached = (key, np.ascontiguousarray(np.concatenate([w1, b1[:, None]], axis=1)),
+                      np.ascontiguousarray(np.concatenate([w2, b2[:, None]], axis=1)))
+            self._np_cache[layer] = cached
+        return cached[1], cached[2]
 
     # -- identity ---------------------------------------------------------------------------
     def content_hash(self) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import kernels
+from kernels.decode import decode_step, linear_state_upto
 from metaattn_viz import budget as budget_mod
 from metaattn_viz.controller import ControllerStack, load_for_model
 from metaattn_viz.dirichlet import entropy_of_mean
@@ -105,8 +106,7 @@ class Session:
         L = routed.n_layers
         self.x: list = [None] * L
         self.h: list = [None] * L
-        self.lin_state: list = [None] * L
-        self.lin_len = [0] * L
+        self.lin_state: list = [None] * L  # per layer: (S, z, n keys summarised) or None
         # lambda per layer: None until the prefill solves it (or given: global scope, replay)
         self.lam: list[float | None] = list(lam) if lam is not None else [None] * L
         self.lam_given = lam is not None
@@ -138,32 +138,45 @@ class Session:
         if x is None or h is None or x.shape[1] != Tq:
             raise RuntimeError("routing hooks did not capture this layer's input; is the model "
                                "installed with RoutedModel?")
-        positions = torch.arange(offset, Tk, device=q.device)
-        beta = self.controller.concentration(layer, h, x, positions)  # [B, Tq, K]
-
-        if self.mode == "train":
-            weights = self._train_weights(beta)
-            self.beta_graph.append((layer, beta))
-            rec = None
+        one = (B == 1 and Tq == 1 and offset > 0 and self.mode != "train" and self.policy is None
+               and self.forced is None)
+        if one:  # a decode step: the decision in plain Python (see _route_one)
+            beta = self.controller.concentration_one(layer, h, x, offset)  # K floats
+            weights, rec = self._route_one(layer, beta)
         else:
-            beta = beta.detach()
-            weights, rec = self._route(layer, beta, offset, x)
+            positions = torch.arange(offset, Tk, device=q.device)
+            beta = self.controller.concentration(layer, h, x, positions)  # [B, Tq, K]
+            if self.mode == "train":
+                weights = self._train_weights(beta)
+                self.beta_graph.append((layer, beta))
+                rec = None
+            else:
+                weights, rec = self._route(layer, beta.detach(), offset, x)
 
-        state = self.lin_state[layer] if (offset > 0 and self.lin_len[layer] == offset) else None
+        state = self.lin_state[layer]  # (S, z, n): the linear expert's state after n keys
         if self.mode != "train" and s.dense and self.forced is None and not self.capture_qk:
             # Budget 1: every decision is full attention, which is exactly the dense model.
             y = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=Hq != k.shape[1])
-            self.lin_state[layer], self.lin_len[layer] = None, 0
+            self.lin_state[layer] = None
+        elif one and not self.capture_qk and kernels.resolve_backend(s.backend, q) == "cpu":
+            y, self.lin_state[layer] = decode_step(q, k, v, weights, window=s.window,
+                                                   n_sink=s.n_sink, scale=scaling, state=state)
         else:
+            if one:
+                weights = torch.tensor(weights, dtype=q.dtype, device=q.device).view(1, 1, K)
+            if state is not None and state[2] != offset:  # stale (decode steps that skipped it)
+                state = linear_state_upto(state, k, v, offset) if state[2] < offset else None
             backend = "reference" if self.mode == "train" else s.backend
             y, new_state = kernels.routed_attention(
                 q, k, v, weights.to(q.dtype), window=s.window, n_sink=s.n_sink, scale=scaling,
-                linear_state=state, backend=backend)
-            self.lin_state[layer], self.lin_len[layer] = new_state, Tk
+                linear_state=None if state is None else state[:2], backend=backend)
+            self.lin_state[layer] = (*new_state, Tk)
         if self.capture_qk:
             self.qk[layer] = (q.detach(), k.detach(), scaling)
         if self.diagnose and rec is not None:
+            if type(rec) is tuple:
+                rec = _one_record(*rec)
             full = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=Hq != k.shape[1])
             err = (y - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)  # [B, Hq, Tq]
@@ -192,8 +205,6 @@ class Session:
         flat_m = m.reshape(-1, K).float()
         unc = entropy_of_mean(flat_m) / _LOG_K  # [N]
         n = flat_m.shape[0]
-        if n == 1 and offset > 0 and self.policy is None and self.forced is None:
-            return self._route_one(layer, beta)
         if self.policy is not None:
             dec, lam = self.policy(layer, x, flat_m, unc), 0.0
         elif self.forced is not None:
@@ -223,24 +234,21 @@ class Session:
                "lam": np.full((B, Tq), float(lam), np.float32)}
         return dec.weights.view(B, Tq, K), rec
 
-    def _route_one(self, layer: int, beta: torch.Tensor):
+    def _route_one(self, layer: int, beta: list[float]):
         """A single decode decision in plain Python: the same maths as budget.decide without
-        a dozen tiny tensor ops, which would dominate a decode step on a CPU."""
+        a dozen tiny tensor ops, which would dominate a decode step on a CPU. Returns the
+        weights as K floats, and the record."""
         s = self.settings
-        b = beta.reshape(-1).tolist()
         if s.dense:
             route, w, hedged, cost, lam = FULL, [1.0, 0.0, 0.0], False, COSTS[FULL], -budget_mod.LAM_MAX
         elif s.lam is None and s.budget is not None and s.budget <= MIN_COST:
             route, w, hedged, cost, lam = LINEAR, [0.0, 1.0, 0.0], False, COSTS[LINEAR], budget_mod.LAM_MAX
         else:
             lam = self.lam[layer]
-            route, w, hedged, cost = budget_mod.decide_one(b, lam, s)
+            route, w, hedged, cost = budget_mod.decide_one(beta, lam, s)
             self._dual_ascent(layer, cost)
-        rec = {"beta": np.asarray(b, np.float32).reshape(1, 1, K),
-               "routes": np.array([[route]], np.int64), "hedged": np.array([[hedged]]),
-               "weights": np.asarray(w, np.float32).reshape(1, 1, K),
-               "cost": np.array([[cost]], np.float32), "lam": np.array([[lam]], np.float32)}
-        return torch.tensor(w, dtype=beta.dtype).view(1, 1, K), rec
+        rec = (beta, route, hedged, w, cost, lam)  # a OneRecord: arrays only when popped
+        return w, rec
 
     def _dual_ascent(self, layer: int, cost: float) -> None:
         s = self.settings
@@ -261,12 +269,38 @@ class Session:
         """Every decision since the last pop: arrays [L, B, T, ...] (numpy)."""
         if not self.records[0]:
             return None
+        recs, self.records = self.records, [[] for _ in self.records]
+        if all(type(r) is tuple for layer in recs for r in layer):  # decode steps only
+            return _stack_one_records(recs)
+        recs = [[_one_record(*r) if type(r) is tuple else r for r in layer] for layer in recs]
         out = {}
-        for key in self.records[0][0]:
-            per_layer = [np.concatenate([r[key] for r in recs], axis=1) for recs in self.records]
+        for key in recs[0][0]:
+            per_layer = [np.concatenate([r[key] for r in layer], axis=1) for layer in recs]
             out[key] = np.stack(per_layer)
-        self.records = [[] for _ in self.records]
         return out
+
+
+ONE_RECORD = ("beta", "routes", "hedged", "weights", "cost", "lam")
+_ONE_DTYPES = (np.float32, np.int64, np.bool_, np.float32, np.float32, np.float32)
+
+
+def _one_record(beta, route, hedged, weights, cost, lam) -> dict[str, np.ndarray]:
+    """A decode decision (Session._route_one's tuple) as the record arrays [B=1, T=1, ...]."""
+    return {key: np.asarray(value, dtype).reshape(1, 1, -1) if key in ("beta", "weights")
+            else np.asarray([[value]], dtype)
+            for key, value, dtype in zip(ONE_RECORD, (beta, route, hedged, weights, cost, lam),
+                                         _ONE_DTYPES)}
+
+
+def _stack_one_records(recs: list[list[tuple]]) -> dict[str, np.ndarray]:
+    """[L][T] decode tuples -> the record arrays [L, 1, T, ...], one conversion per field."""
+    n_layers, n_tokens = len(recs), len(recs[0])
+    cols = list(zip(*(r for layer in recs for r in layer)))
+    out = {}
+    for key, col, dtype in zip(ONE_RECORD, cols, _ONE_DTYPES):
+        arr = np.asarray(col, dtype)
+        out[key] = arr.reshape(n_layers, 1, n_tokens, *arr.shape[1:])
+    return out
 
 
 @dataclass
@@ -512,9 +546,7 @@ class RoutedModel:
         t1 = time.perf_counter()
         with torch.no_grad(), self.session(settings, controller, lam=res.lam) as sess:
             # decode steps: the prefill's lambdas, then dual ascent per token
-            for lay in range(self.n_layers):  # carry the prefill's linear states over
-                sess.lin_state[lay] = res.session.lin_state[lay]
-                sess.lin_len[lay] = res.session.lin_len[lay]
+            sess.lin_state = list(res.session.lin_state)  # carry the prefill's linear states over
             for _ in range(max_new_tokens):
                 if stop_event is not None and stop_event.is_set():
                     trace.timings["stopped"] = True
