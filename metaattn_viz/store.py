@@ -566,6 +566,33 @@ def uncertainty_columns(concentration: np.ndarray, point_estimate: bool) -> dict
     return {UNCERTAINTY_COLUMNS[name]: v.astype(np.float32) for name, v in measures.items()}
 
 
+def _merge_slices(slices: list[tuple[str, _Slice]]) -> list[tuple[str, _Slice]]:
+    """Join each run's consecutive slices of a writer round into one (a stream appends a
+    few positions at a time; building tables per slice would cost more than inserting)."""
+    merged: dict[str, list[_Slice]] = {}
+    out: list[tuple[str, list[_Slice]]] = []
+    for rid, sl in slices:
+        group = merged.get(rid)
+        if group is not None and group[-1].end == sl.start:
+            group.append(sl)
+        else:
+            merged[rid] = group = [sl]
+            out.append((rid, group))
+    result = []
+    for rid, group in out:
+        if len(group) == 1:
+            result.append((rid, group[0]))
+            continue
+        last = group[-1]
+        cat = lambda field: np.concatenate([getattr(g, field) for g in group], axis=1)  # noqa: E731
+        result.append((rid, _Slice(
+            group[0].start, last.end, np.concatenate([g.token_ids for g in group]),
+            [t for g in group for t in g.texts], cat("concentration"), cat("routes"),
+            cat("hedged"), cat("weights"), cat("cost"), cat("lam"), last.n_prompt_tokens,
+            last.truncated, last.point_estimate)))
+    return result
+
+
 def _tables_for(slices: list[tuple[str, _Slice]]) -> tuple[pa.Table, pa.Table]:
     """(tokens, routes) Arrow tables for the slices of one writer round."""
     run_ids = [rid for rid, _ in slices]
@@ -725,7 +752,7 @@ class _Database:
         if not work:
             return
         new_runs = {w.run_id: dict(w.new_run) for w in work if w.new_run is not None}
-        slices = [(w.run_id, w.rows) for w in work if w.rows is not None]
+        slices = _merge_slices([(w.run_id, w.rows) for w in work if w.rows is not None])
         progress: dict[str, dict] = {}
         finals: dict[str, dict] = {}
         for rid, s in slices:  # in queue order: the last slice of a run wins

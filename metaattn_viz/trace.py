@@ -18,6 +18,7 @@ import numpy as np
 from metaattn_viz.settings import COSTS, EXPERTS, FULL, LINEAR, LOCAL, RoutingSettings
 
 K = len(EXPERTS)
+_GROWN = ("concentration", "routes", "hedged", "weights", "cost", "lam")  # [L, T, ...] fields
 
 
 @dataclass
@@ -58,16 +59,34 @@ class RoutingTrace:
 
     # -- building ---------------------------------------------------------------------------
     def extend(self, token_ids, tokens, concentration, routes, hedged, weights, cost, lam) -> None:
-        """Append T_new positions: arrays [L, T_new, ...]."""
+        """Append T_new positions: arrays [L, T_new, ...].
+
+        Amortised: the array fields are views of buffers with spare room (doubled when
+        full), so a trace grown token by token costs O(T) copying, not O(T^2). Positions
+        already in a field are never written again, so views handed out earlier (to a
+        plot, to the store's writer thread) stay valid."""
+        new = (np.asarray(concentration, np.float32), np.asarray(routes, np.int8),
+               np.asarray(hedged, bool), np.asarray(weights, np.float32),
+               np.asarray(cost, np.float32), np.asarray(lam, np.float32))
+        n_old = self.routes.shape[1]
+        n_new = n_old + new[1].shape[1]
+        bufs = self.__dict__.get("_bufs")
+        current = [getattr(self, f) for f in _GROWN]
+        if (bufs is None or self.__dict__.get("_buf_n") != n_old or bufs[0].shape[1] < n_new
+                or any(a.base is not b for a, b in zip(current, bufs))):
+            cap = max(n_new, 2 * n_old, 16)
+            bufs = []
+            for a, x in zip(current, new):
+                b = np.empty((a.shape[0], cap, *x.shape[2:]), x.dtype)
+                b[:, :n_old] = a
+                bufs.append(b)
+            self.__dict__["_bufs"] = bufs
+        for f, b, x in zip(_GROWN, bufs, new):
+            b[:, n_old:n_new] = x
+            setattr(self, f, b[:, :n_new])
+        self.__dict__["_buf_n"] = n_new
         self.token_ids.extend(int(t) for t in token_ids)
         self.tokens.extend(tokens)
-        self.concentration = np.concatenate([self.concentration,
-                                             np.asarray(concentration, np.float32)], 1)
-        self.routes = np.concatenate([self.routes, np.asarray(routes, np.int8)], 1)
-        self.hedged = np.concatenate([self.hedged, np.asarray(hedged, bool)], 1)
-        self.weights = np.concatenate([self.weights, np.asarray(weights, np.float32)], 1)
-        self.cost = np.concatenate([self.cost, np.asarray(cost, np.float32)], 1)
-        self.lam = np.concatenate([self.lam, np.asarray(lam, np.float32)], 1)
 
     # -- derived ----------------------------------------------------------------------------
     @property
