@@ -58,8 +58,9 @@ class RoutingSettings:
     budget: mean notional cost per routed decision, in [0.15, 1]; None = no budget (the
         posterior's own argmax, lambda = 0: the paper's "projected normalised cost" mode).
     scope: "global" (one lambda for all layers, so layers compete for compute: the default,
-        because layers differ in how much full attention they need; a prefill takes 2-3
-        passes to settle lambda) or "layer" (every layer meets the budget; one pass).
+        because layers differ in how much full attention they need; a prefill settles
+        lambda on a pilot pass, see RoutedModel.prefill) or "layer" (every layer meets the
+        budget; one pass).
     hedge_policy: "off"; "soft" (an uncertain cheap decision mixes the experts whose
         posterior weight is >= hedge_min_weight); "full" (escalate it to full attention).
     hedge_threshold: total uncertainty (entropy of the posterior mean, as a fraction of
