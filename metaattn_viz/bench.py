@@ -18,8 +18,9 @@ full 1.0, linear 0.15, local 0.30), not the --budget argument.
 `max_abs_err` compares the routed output with kernels' dense reference on the last
 (up to) 512 query rows.
 
-End-to-end rows (routed vs dense generation with the real model) belong in this
-module too, next to `attention_rows`; they are not implemented here.
+Whole-model rows (`kind` "model": routing overhead, a 4096-token prefill, decoding after
+256 and 8192 tokens of context, the real SmolLM2 against itself unrouted) come from
+bench_model.py; `--no-model` leaves them out.
 Never: report a number that was not measured in this run.
 """
 
