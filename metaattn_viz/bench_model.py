@@ -128,7 +128,7 @@ def model_rows(routed: RoutedModel | None = None, budget: float = 0.3, long_cont
             rows.append(decode_speed(routed, 256, budget, new_tokens=8))
             return rows
         rows.append(prefill_speed(routed, 4096, budget))
-        rows.append(decode_speed(routed, 256, budget))
+        rows.append(decode_speed(routed, 256, budget, new_tokens=48))
         rows.append(decode_speed(routed, long_context, budget, new_tokens=16))
     return rows
 

@@ -32,7 +32,6 @@ from metaattn_viz import paths
 from metaattn_viz.dirichlet import prior_concentration
 from metaattn_viz.settings import COSTS
 
-_SQRT1_2 = 0.7071067811865476
 log = logging.getLogger(__name__)
 
 KINDS = ("bayes", "priorfree")
@@ -125,40 +124,50 @@ class ControllerStack(nn.Module):
         """`concentration` of one token (h, x [1, 1, D] at `position`) as K floats: the decode
         hot path. On CPU in numpy, on float32 copies of the layer's weights (refreshed when
         the weights change), since a dozen tiny torch ops in the middle of a forward pass
-        cost more than the arithmetic. Same maths (exact GELU via erf)."""
-        lay = self.layers[layer]
-        if h.is_cuda or x.is_cuda or lay.fc1.weight.is_cuda or torch.is_grad_enabled():
+        cost more than the arithmetic. Same maths (exact GELU via erf); the copies are
+        pre-scaled so that GELU takes three numpy calls: with p = fc1(u) / sqrt(2),
+        fc2(gelu(fc1(u))) = (fc2.weight / sqrt(2)) @ (p * (1 + erf(p))) + fc2.bias."""
+        if h.is_cuda or torch.is_grad_enabled():
             return self.concentration(layer, h, x, torch.tensor([position], device=x.device)
                                       ).reshape(-1).tolist()
-        w1, w2 = self._numpy_weights(layer)  # [H, D + 3] with the bias last, [K, H + 1]
+        w1, w2, b2 = self._numpy_weights(layer)
         xv = x.detach().numpy().reshape(-1)
         d = xv.shape[0]
         u = np.empty(d + 3, np.float32)  # the features, as in `features`, then 1 for the bias
         u[:d] = h.detach().numpy().reshape(-1)
-        u[d] = math.sqrt(float(np.dot(xv, xv))) / math.sqrt(d)
+        u[d] = math.sqrt(xv.dot(xv)) / math.sqrt(d)
         u[d + 1] = math.log1p(position) / math.log1p(self.config.t_ref)
         u[d + 2] = 1.0
-        pre = w1 @ u
-        g = np.empty(pre.shape[0] + 1, np.float32)
-        g[:-1] = 0.5 * pre * (1.0 + _erf(pre * np.float32(_SQRT1_2)))
-        g[-1] = 1.0
-        scores = w2 @ g
+        p = w1 @ u
+        g = _erf(p)
+        g += 1.0
+        g *= p
+        scores = w2 @ g + b2
         if self.config.kind == "bayes":
-            return (np.logaddexp(np.float32(0.0), scores) + np.float32(self.config.beta_min)).tolist()
+            scores = np.logaddexp(np.float32(0.0), scores)
+            scores += np.float32(self.config.beta_min)
+            return scores.tolist()
         e = np.exp(scores - scores.max())
         return (e / e.sum()).tolist()
 
-    def _numpy_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def _numpy_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """([fc1.weight | fc1.bias] / sqrt(2) [H, D + 3], fc2.weight / sqrt(2) [K, H],
+        fc2.bias [K]) in float32 for concentration_one; rebuilt when a parameter is replaced
+        or changed in place (its _version moves). Read-only: safe across threads."""
+        cached = self._np_cache.get(layer)
+        if cached is not None:
+            params, versions = cached[0], cached[1]
+            if all(p._version == v for p, v in zip(params, versions)) and params[0] is (
+                    self.layers[layer].fc1.weight):
+                return cached[2]
         lay = self.layers[layer]
         params = (lay.fc1.weight, lay.fc1.bias, lay.fc2.weight, lay.fc2.bias)
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        cached = self._np_cache.get(layer)
-        if cached is None or cached[0] != key:
-            w1, b1, w2, b2 = (p.detach().float().numpy() for p in params)
-            cached = (key, np.ascontiguousarray(np.concatenate([w1, b1[:, None]], axis=1)),
-                      np.ascontiguousarray(np.concatenate([w2, b2[:, None]], axis=1)))
-            self._np_cache[layer] = cached
-        return cached[1], cached[2]
+        w1, b1, w2, b2 = (p.detach().cpu().double().numpy() for p in params)
+        r = math.sqrt(0.5)
+        arrays = (np.ascontiguousarray(np.concatenate([w1, b1[:, None]], axis=1) * r, np.float32),
+                  np.ascontiguousarray(w2 * r, np.float32), b2.astype(np.float32))
+        self._np_cache[layer] = (params, tuple(p._version for p in params), arrays)
+        return arrays
 
     # -- identity ---------------------------------------------------------------------------
     def content_hash(self) -> str:
