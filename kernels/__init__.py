@@ -7,6 +7,10 @@ routed to it. Backends: "reference" (dense PyTorch twins, the specification),
 the Triton interpreter when TRITON_INTERPRET=1), "auto" (triton for CUDA tensors
 that need no gradient, cpu otherwise). Triton is imported lazily, only when used.
 
+`kernels.decode.decode_step` is the CPU hot path of token-by-token generation for trusted
+callers (the routed model): routes as plain floats, no argument checks, a lazily
+caught-up linear state.
+
 Never: import metaattn_viz, or know how the routing weights were chosen (no
 controllers, Dirichlets, budgets here).
 """
