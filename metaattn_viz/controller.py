@@ -142,17 +142,18 @@ class ControllerStack(nn.Module):
         g = _erf(p)
         g += 1.0
         g *= p
-        scores = w2 @ g + b2
-        if self.config.kind == "bayes":
-            scores = np.logaddexp(np.float32(0.0), scores)
-            scores += np.float32(self.config.beta_min)
-            return scores.tolist()
-        e = np.exp(scores - scores.max())
-        return (e / e.sum()).tolist()
+        scores = [s + b for s, b in zip((w2 @ g).tolist(), b2)]  # K = 3: plain Python from here
+        if self.config.kind == "bayes":  # softplus as torch computes it (threshold 20)
+            bmin = self.config.beta_min
+            return [(s if s > 20.0 else math.log1p(math.exp(s))) + bmin for s in scores]
+        top = max(scores)
+        e = [math.exp(s - top) for s in scores]
+        total = sum(e)
+        return [v / total for v in e]
 
-    def _numpy_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """([fc1.weight | fc1.bias] / sqrt(2) [H, D + 3], fc2.weight / sqrt(2) [K, H],
-        fc2.bias [K]) in float32 for concentration_one; rebuilt when a parameter is replaced
+    def _numpy_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """([fc1.weight | fc1.bias] / sqrt(2) [H, D + 3], fc2.weight / sqrt(2) [K, H]) in
+        float32 and fc2.bias as K floats, for concentration_one; rebuilt when a parameter is replaced
         or changed in place (its _version moves). Read-only: safe across threads."""
         cached = self._np_cache.get(layer)
         if cached is not None:
@@ -165,7 +166,7 @@ class ControllerStack(nn.Module):
         w1, b1, w2, b2 = (p.detach().cpu().double().numpy() for p in params)
         r = math.sqrt(0.5)
         arrays = (np.ascontiguousarray(np.concatenate([w1, b1[:, None]], axis=1) * r, np.float32),
-                  np.ascontiguousarray(w2 * r, np.float32), b2.astype(np.float32))
+                  np.ascontiguousarray(w2 * r, np.float32), b2.astype(np.float32).tolist())
         self._np_cache[layer] = (params, tuple(p._version for p in params), arrays)
         return arrays
 
