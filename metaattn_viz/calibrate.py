@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from metaattn_viz import data as data_mod
-from metaattn_viz.controller import ControllerStack, config_for_model, default_folder
+from metaattn_viz.controller import (ControllerConfig, ControllerStack, config_for_model,
+                                     default_folder)
 from metaattn_viz.dirichlet import kl_dirichlet
 from metaattn_viz.routing import RoutedModel, TrainRouting, kl_per_token
 from metaattn_viz.settings import COSTS, RoutingSettings
@@ -50,9 +51,10 @@ class CalibrationConfig:
     soft_fraction: float = 0.6  # share of steps with soft routing before straight-through
     window: int = 64
     n_sink: int = 4
-    hidden: int = 96
-    prior_strength: float = 3.0
-    prior_gamma: float = 1.0
+    # the controller's shape and prior: ControllerConfig's defaults, overridable here
+    hidden: int = ControllerConfig.hidden
+    prior_strength: float = ControllerConfig.prior_strength
+    prior_gamma: float = ControllerConfig.prior_gamma
     seed: int = 0
     val_windows: int = 8
     checkpoint_every: int = 16
