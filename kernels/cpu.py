@@ -27,8 +27,9 @@ Gathers copy whole rows (index_select on a flat [rows, D] view). The experts' ou
 added to one [B, Tq, Hq, D] buffer: index_add for gathered rows, a strided multiply-add for
 an expert that holds every row (the first one writes the buffer instead of zeroing it).
 Without autograd, temporaries that die within the call (gathers, masks, the linear
-expert's matmuls) live in per-thread buffers reused from call to call (_scratch, each up
-to SCRATCH_MAX_BYTES): on CPU, fresh large allocations cost page faults every call.
+expert's matmuls) live in buffers reused from call to call (_scratch, each up to
+SCRATCH_MAX_BYTES; one set per process, used by one call at a time, the others allocate
+afresh): on CPU, fresh large allocations cost page faults every call.
 
 K/V heads are never repeated in memory: SDPA and the flash kernel take grouped-query
 inputs. Differentiable end to end (in-place ops only on fresh tensors autograd does not keep).
@@ -64,26 +65,32 @@ SCRATCH_MAX_BYTES = 64 << 20  # larger temporaries are allocated afresh, not kep
 
 
 class _Scratch(threading.local):
-    """Per-thread buffers reused across calls for temporaries that die within a call (no autograd,
-    CPU only): large fresh allocations cost page faults on every call, often more than the copy.
-    Each buffer keeps the largest size asked of it, up to SCRATCH_MAX_BYTES."""
+    """Whether this thread's current call may use the shared buffers (set by
+    routed_attention_cpu: no autograd, CPU tensors, and the buffers were free)."""
 
     def __init__(self):
-        self.bufs: dict = {}
-        self.on = False  # set by routed_attention_cpu: no autograd, CPU tensors
+        self.on = False
 
 
 _SCRATCH = _Scratch()
+# One set of buffers for the process, reused across calls for temporaries that die within a
+# call: large fresh allocations cost page faults on every call, often more than the copy.
+# Each keeps the largest size asked of it, up to SCRATCH_MAX_BYTES. A call that finds them
+# taken by another thread allocates afresh instead of waiting, so the memory kept is one
+# set (about 130 MB at T = 4096) however many server threads route at once.
+_BUFS: dict = {}
+_BUFS_LOCK = threading.Lock()
 
 
 def _scratch(name, shape, like: torch.Tensor) -> torch.Tensor | None:
-    """A reused buffer [shape] for `name`, or None where a fresh tensor is wanted (autograd, not CPU)."""
+    """A reused buffer [shape] for `name`, or None where a fresh tensor is wanted (autograd, not CPU,
+    buffers taken by another thread, or too large)."""
     n = math.prod(shape)
     if not _SCRATCH.on or n * like.element_size() > SCRATCH_MAX_BYTES:
         return None
-    buf = _SCRATCH.bufs.get(name)
+    buf = _BUFS.get(name)
     if buf is None or buf.numel() < n or buf.dtype != like.dtype:
-        buf = _SCRATCH.bufs[name] = torch.empty(n, dtype=like.dtype)
+        buf = _BUFS[name] = torch.empty(n, dtype=like.dtype)
     return buf[:n].view(shape)
 
 
@@ -425,12 +432,15 @@ def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: f
         y, new_state = _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps)
         return y.to(out_dtype), new_state
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w))
-    _SCRATCH.on = not grad and q.device.type == "cpu"
+    shared = not grad and q.device.type == "cpu" and _BUFS_LOCK.acquire(blocking=False)
+    _SCRATCH.on = shared
     try:
         y, new_state = _prefill(q, k, v, w, active, window, n_sink, scale, linear_state, eps, grad, ct,
                                 (b, hq, hkv, tq, tk, d, p0))
     finally:
         _SCRATCH.on = False
+        if shared:
+            _BUFS_LOCK.release()
     return y.to(out_dtype), new_state
 
 

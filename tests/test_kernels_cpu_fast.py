@@ -189,3 +189,30 @@ def test_without_reused_buffers_too():
                 check(q, k, v, weights(kind, 2, 130), 16, 4)
     finally:
         cpu.SCRATCH_MAX_BYTES = saved
+
+
+def test_threads_routing_at_once_share_the_buffers_safely():
+    """One set of reused buffers per process: a call that finds them taken allocates afresh.
+    Eight threads at once, each checked against the reference."""
+    import threading
+
+    errors, barrier = [], threading.Barrier(8)
+
+    def work(i):
+        q, k, v = qkv(1, 130, seed=40 + i)
+        w = weights(("random", "hedged", "local", "linear")[i % 4], 1, 130, seed=i)
+        barrier.wait()
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    check(q, k, v, w, 16, 4)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not cpu._BUFS_LOCK.locked()
