@@ -2,7 +2,8 @@
 
 Every figure is a ratio against the dense model measured in the same run, in the same
 process, interleaved (dense, routed, dense, routed, ...) and summarised by the median, since
-these machines are noisy. Nothing here asserts on time; the rows are printed (and
+these machines are noisy. The dense model is `plain_copy`: the same weights without the
+routing hooks, on transformers' SDPA attention. Nothing here asserts on time; the rows are printed (and
 `metaattn-viz bench` includes them).
 
 Rows (the `bench --json` contract: seq_len, budget, backend, dense_ms, routed_ms, ratio,
@@ -36,6 +37,25 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def plain_copy(routed: RoutedModel):
+    """The dense baseline: a copy of the routed model's transformer without the routing hooks,
+    on transformers' own SDPA attention, i.e. the model as it was before RoutedModel
+    touched it (the dormant hooks cost the model ~2 % per decode step)."""
+    import copy
+
+    model = copy.deepcopy(routed.model)
+    for module in model.modules():
+        module._forward_pre_hooks.clear()
+        module._forward_pre_hooks_with_kwargs.clear()
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def _dense_logits(plain, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return plain(input_ids=ids, use_cache=False).logits
+
+
 def _text_ids(routed: RoutedModel, n: int) -> torch.Tensor:
     from metaattn_viz.paths import REPO_ROOT
 
@@ -46,25 +66,25 @@ def _text_ids(routed: RoutedModel, n: int) -> torch.Tensor:
     return torch.tensor([ids[:n]])
 
 
-def routing_overhead(routed: RoutedModel, seq_len: int = 256, repeats: int = 7) -> dict:
+def routing_overhead(routed: RoutedModel, plain, seq_len: int = 256, repeats: int = 7) -> dict:
     ids = _text_ids(routed, seq_len)
     s = RoutingSettings(budget=1.0)
     with torch.no_grad():
-        dense = routed.dense_logits(ids)
+        dense = _dense_logits(plain, ids)
         err = float((routed.prefill(ids, s, use_cache=False).logits - dense).abs().max())
-        t = _interleaved({"dense": lambda: routed.dense_logits(ids),
+        t = _interleaved({"dense": lambda: _dense_logits(plain, ids),
                           "routed": lambda: routed.prefill(ids, s, use_cache=False)}, repeats)
     return {"case": "routing-overhead", "seq_len": seq_len, "budget": 1.0, "backend": "cpu",
             "dense_ms": t["dense"], "routed_ms": t["routed"], "ratio": t["routed"] / t["dense"],
             "target": "ratio <= 1.15", "max_abs_err": err}
 
 
-def prefill_speed(routed: RoutedModel, seq_len: int = 4096, budget: float = 0.3,
+def prefill_speed(routed: RoutedModel, plain, seq_len: int = 4096, budget: float = 0.3,
                   repeats: int = 3) -> dict:
     ids = _text_ids(routed, seq_len)
     s = RoutingSettings(budget=budget)
     with torch.no_grad():
-        t = _interleaved({"dense": lambda: routed.dense_logits(ids),
+        t = _interleaved({"dense": lambda: _dense_logits(plain, ids),
                           "routed": lambda: routed.prefill(ids, s, use_cache=False)}, repeats)
     return {"case": "prefill", "seq_len": seq_len, "budget": budget, "backend": "cpu",
             "dense_ms": t["dense"], "routed_ms": t["routed"], "ratio": t["routed"] / t["dense"],
@@ -72,21 +92,21 @@ def prefill_speed(routed: RoutedModel, seq_len: int = 4096, budget: float = 0.3,
             "max_abs_err": None}
 
 
-def _dense_decoder(routed: RoutedModel, ids: torch.Tensor, capacity: int):
-    """Greedy decoding with the unrouted model: prefill, then yields once per new token."""
+def _dense_decoder(plain, ids: torch.Tensor, capacity: int):
+    """Greedy decoding with the plain model: prefill, then yields once per new token."""
     cache = GrowableCache(capacity)
-    with torch.no_grad(), routed.session(RoutingSettings(budget=1.0), mode="dense"):
-        out = routed.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    with torch.no_grad():
+        out = plain(input_ids=ids, past_key_values=cache, use_cache=True)
     yield
     while True:
         nxt = out.logits[:, -1:].argmax(-1)
-        with torch.no_grad(), routed.session(RoutingSettings(budget=1.0), mode="dense"):
-            out = routed.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        with torch.no_grad():
+            out = plain(input_ids=nxt, past_key_values=cache, use_cache=True)
         yield
 
 
-def decode_speed(routed: RoutedModel, context: int, budget: float = 0.3, new_tokens: int = 24,
-                 block: int = 4) -> dict:
+def decode_speed(routed: RoutedModel, plain, context: int, budget: float = 0.3,
+                 new_tokens: int = 24, block: int = 4) -> dict:
     """Per-token decode time after `context` tokens, dense vs routed (greedy, same text).
 
     Each side prefills once; then blocks of `block` tokens alternate (dense, routed, dense,
@@ -96,7 +116,7 @@ def decode_speed(routed: RoutedModel, context: int, budget: float = 0.3, new_tok
     """
     ids = _text_ids(routed, context - new_tokens)  # the last new token ends at `context`
     s = RoutingSettings(budget=budget)
-    dense = _dense_decoder(routed, ids, context)
+    dense = _dense_decoder(plain, ids, context)
     routed_gen = routed.stream(ids[0].tolist(), s, max_new_tokens=new_tokens)
     next(dense), next(routed_gen)  # the prefills
     per_token = {"dense": [], "routed": []}
@@ -122,14 +142,15 @@ def decode_speed(routed: RoutedModel, context: int, budget: float = 0.3, new_tok
 def model_rows(routed: RoutedModel | None = None, budget: float = 0.3, long_context: int = 8192,
                quick: bool = False) -> list[dict]:
     routed = routed or RoutedModel.load()
+    plain = plain_copy(routed)
     with torch.no_grad():  # scoped: never switch autograd off for the caller
-        rows = [routing_overhead(routed)]
+        rows = [routing_overhead(routed, plain)]
         if quick:
-            rows.append(decode_speed(routed, 256, budget, new_tokens=8))
+            rows.append(decode_speed(routed, plain, 256, budget, new_tokens=8))
             return rows
-        rows.append(prefill_speed(routed, 4096, budget))
-        rows.append(decode_speed(routed, 256, budget, new_tokens=48))
-        rows.append(decode_speed(routed, long_context, budget, new_tokens=16))
+        rows.append(prefill_speed(routed, plain, 4096, budget))
+        rows.append(decode_speed(routed, plain, 256, budget, new_tokens=48))
+        rows.append(decode_speed(routed, plain, long_context, budget, new_tokens=16))
     return rows
 
 
