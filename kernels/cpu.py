@@ -45,6 +45,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from kernels.decode import linear_readout, window_keys
 from kernels.experts import FULL, LINEAR, LOCAL
 from kernels.reference import compute_dtype
 from kernels.rows import sorted_rows, tiled_rows
@@ -392,11 +393,7 @@ def _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps):
         qs, ks, vs = rows_of(FULL, q, k, v)
         y = mix(y, FULL, F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=g > 1))
     if bool(active[:, 0, LOCAL].any()):
-        lo = max(tk - window, 0)
-        n_s = min(n_sink, lo)  # sinks inside the window are already in it
-        kl, vl = k[:, :, lo:], v[:, :, lo:]
-        if n_s:
-            kl, vl = torch.cat([k[:, :, :n_s], kl], dim=2), torch.cat([v[:, :, :n_s], vl], dim=2)
+        kl, vl = window_keys(k, v, window, n_sink)
         qs, ks, vs = rows_of(LOCAL, q, kl, vl)
         y = mix(y, LOCAL, F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=g > 1))
     if linear_state is not None:
@@ -409,9 +406,7 @@ def _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps):
     z = z + pk[:, :, 0]  # [B, Hkv, D]
     if bool(active[:, 0, LINEAR].any()):
         qs, ss, zs = rows_of(LINEAR, q, s, z)
-        pq = feature_map(qs).view(qs.shape[0], hkv, g, d)  # [b, Hkv, G, D]
-        o = (pq @ ss) / ((pq * zs[:, :, None]).sum(-1, keepdim=True) + eps)  # [b, Hkv, G, D]
-        y = mix(y, LINEAR, o.view(qs.shape))
+        y = mix(y, LINEAR, linear_readout(qs, ss, zs, hkv, eps))
     if y is None:
         y = torch.zeros_like(q)
     return y, (s.float(), z.float())

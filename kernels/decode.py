@@ -29,12 +29,34 @@ import torch
 import torch.nn.functional as F
 
 from kernels.experts import FULL, LINEAR, LOCAL
+from kernels.reference import linear_state
 
 State = tuple  # (S [B, Hkv, D, D] float32, z [B, Hkv, D] float32, n keys summarised)
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x).add_(1.0)
+
+
+def window_keys(k: torch.Tensor, v: torch.Tensor, window: int, n_sink: int):
+    """The local expert's keys and values for the query at position Tk - 1: the last
+    `window` positions (a view) plus the sinks before them. Also kernels.cpu's decode step."""
+    lo = max(k.shape[2] - window, 0)
+    n_s = min(n_sink, lo)  # sinks inside the window are already in it
+    kl, vl = k[:, :, lo:], v[:, :, lo:]
+    if n_s:
+        kl, vl = torch.cat([k[:, :, :n_s], kl], dim=2), torch.cat([v[:, :, :n_s], vl], dim=2)
+    return kl, vl
+
+
+def linear_readout(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, hkv: int, eps: float
+                   ) -> torch.Tensor:
+    """phi(q)^T S / (phi(q)^T z + eps) for one query per row: q [b, Hq, 1, D], S [b, Hkv, D, D],
+    z [b, Hkv, D] -> [b, Hq, 1, D]. Also kernels.cpu's decode step."""
+    b, hq, _, d = q.shape
+    pq = _phi(q.to(s.dtype)).view(b, hkv, hq // hkv, d)  # [b, Hkv, G, D]
+    o = (pq @ s) / ((pq * z[:, :, None]).sum(-1, keepdim=True) + eps)
+    return o.view(q.shape)
 
 
 def linear_state_upto(state: State | None, k: torch.Tensor, v: torch.Tensor, n: int) -> State:
@@ -50,9 +72,8 @@ def linear_state_upto(state: State | None, k: torch.Tensor, v: torch.Tensor, n: 
     if have > n:
         raise ValueError(f"linear state summarises {have} keys, more than the {n} asked for")
     if have < n:
-        pk = _phi(k[:, :, have:n].float())  # [B, Hkv, m, D]
-        s = s + pk.transpose(-1, -2) @ v[:, :, have:n].float()
-        z = z + pk.sum(dim=2)
+        ds, dz = linear_state(k[:, :, have:n], v[:, :, have:n])
+        s, z = s + ds.float(), z + dz.float()
     return s, z, n
 
 
@@ -75,18 +96,11 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: Sequ
     if weights[FULL] > 0:
         y = add(y, weights[FULL], F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa))
     if weights[LOCAL] > 0:
-        lo = max(tk - window, 0)
-        n_s = min(n_sink, lo)  # sinks inside the window are already in it
-        kl, vl = k[:, :, lo:], v[:, :, lo:]
-        if n_s:
-            kl, vl = torch.cat([k[:, :, :n_s], kl], dim=2), torch.cat([v[:, :, :n_s], vl], dim=2)
+        kl, vl = window_keys(k, v, window, n_sink)
         y = add(y, weights[LOCAL], F.scaled_dot_product_attention(q, kl, vl, scale=scale, enable_gqa=gqa))
     if weights[LINEAR] > 0:
         state = linear_state_upto(state, k, v, tk)
-        s, z, _ = state
-        pq = _phi(q.float()).view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-        o = (pq @ s) / ((pq * z[:, :, None]).sum(-1, keepdim=True) + eps)
-        y = add(y, weights[LINEAR], o.view(b, hq, 1, d).to(q.dtype))
+        y = add(y, weights[LINEAR], linear_readout(q, state[0], state[1], hkv, eps).to(q.dtype))
     if y is None:
         y = torch.zeros_like(q)
     return y, state
