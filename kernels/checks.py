@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kernels.experts import EXPERTS
+from metaattn_kernels.experts import EXPERTS
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -45,10 +45,10 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from kernels.decode import linear_readout, window_keys
-from kernels.experts import FULL, LINEAR, LOCAL
-from kernels.reference import compute_dtype
-from kernels.rows import sorted_rows, tiled_rows
+from metaattn_kernels.decode import linear_readout, window_keys
+from metaattn_kernels.experts import FULL, LINEAR, LOCAL
+from metaattn_kernels.reference import compute_dtype
+from metaattn_kernels.rows import sorted_rows, tiled_rows
 
 FULL_BLOCK = 64    # query rows per block of the gathered full expert
 STAIR_SPLIT = 2    # a full block's staircase runs in this many slices of rows

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels.experts import FULL, LINEAR, LOCAL
-from kernels.reference import linear_state
+from metaattn_kernels.experts import FULL, LINEAR, LOCAL
+from metaattn_kernels.reference import linear_state
 
 State = tuple  # (S [B, Hkv, D, D] float32, z [B, Hkv, D] float32, n keys summarised)
 

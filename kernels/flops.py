@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.experts import FULL, LINEAR, LOCAL
+from metaattn_kernels.experts import FULL, LINEAR, LOCAL
 
 
 def attention_flops(positions: torch.Tensor, weights: torch.Tensor, window: int, n_sink: int,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.experts import FULL, LINEAR, LOCAL
+from metaattn_kernels.experts import FULL, LINEAR, LOCAL
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

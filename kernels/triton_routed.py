@@ -22,11 +22,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.checks import triton_interpreted
-from kernels.experts import FULL, LINEAR, LOCAL
-from kernels.rows import sorted_rows
-from kernels.triton_linear import linear_chunk_state_kernel, routed_linear_kernel
-from kernels.triton_softmax import routed_softmax_kernel
+from metaattn_kernels.checks import triton_interpreted
+from metaattn_kernels.experts import FULL, LINEAR, LOCAL
+from metaattn_kernels.rows import sorted_rows
+from metaattn_kernels.triton_linear import linear_chunk_state_kernel, routed_linear_kernel
+from metaattn_kernels.triton_softmax import routed_softmax_kernel
 
 BLOCK_M = 64         # query slots per program (rows x packed heads)
 BLOCK_N = 64         # keys per inner step

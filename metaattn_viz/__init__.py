@@ -5,4 +5,8 @@ evaluation, the routing log, plots, the Gradio UI and the CLI. Importing it is c
 torch, transformers or gradio import happens here.
 """
 
+from metaattn_viz.paths import ensure_kernels_importable
+
 __version__ = "0.1.0"
+
+ensure_kernels_importable()

@@ -9,9 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ASSETS_DIR = REPO_ROOT / "assets"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent  # the checkout, when running from one
+# `pip install .` places the repository's assets/ inside the package (pyproject maps it);
+# a checkout (or a Space, where the project is not installed) reads them in place.
+ASSETS_DIR = PACKAGE_DIR / "assets" if (PACKAGE_DIR / "assets").is_dir() else REPO_ROOT / "assets"
 CONTROLLERS_DIR = ASSETS_DIR / "controllers"
+KERNELS_DIR = REPO_ROOT / "kernels"
+KERNELS_PACKAGE = "metaattn_kernels"
 
 
 def _user_dir(env_xdg: str, default_sub: str) -> Path:
@@ -42,3 +47,24 @@ def default_db_path() -> Path:
     """The routing log: METAATTN_DB, else <data_dir>/routing.duckdb."""
     explicit = os.environ.get("METAATTN_DB")
     return Path(explicit) if explicit else data_dir() / "routing.duckdb"
+
+
+def ensure_kernels_importable() -> None:
+    """Make the repository's kernels/ folder importable as `metaattn_kernels`.
+
+    An installed project maps the folder to that name (pyproject's package-dir). A plain
+    checkout (a Space, scripts/device_check.sh) is not installed: there the folder is
+    registered as a namespace package under our name. It is never importable as the bare
+    name `kernels`, which belongs to Hugging Face's kernel-hub library.
+    """
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    if KERNELS_PACKAGE in sys.modules or importlib.util.find_spec(KERNELS_PACKAGE) is not None:
+        return
+    if not KERNELS_DIR.is_dir():
+        raise ImportError(f"{KERNELS_PACKAGE} is not installed and {KERNELS_DIR} does not exist")
+    spec = importlib.machinery.ModuleSpec(KERNELS_PACKAGE, None, is_package=True)
+    spec.submodule_search_locations = [str(KERNELS_DIR)]
+    sys.modules[KERNELS_PACKAGE] = importlib.util.module_from_spec(spec)

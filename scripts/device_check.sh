@@ -23,7 +23,7 @@ PY="${PYTHON:-python3}"
 status=0
 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels.py 2>&1 \
   | tee "$OUT/tests.log" || status=1
-"$PY" -m metaattn_viz.bench --no-model --seq-lens 4096,16384 --repeats 10 --json \
+"$PY" -m metaattn_viz.bench.attention --no-model --seq-lens 4096,16384 --repeats 10 --json \
   > "$OUT/bench.json" 2> "$OUT/bench.err" || status=1
 cat "$OUT/bench.json"
 tail -5 "$OUT/bench.err"

@@ -8,96 +8,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-# One torch thread in the server and in the CLI: the same arithmetic order, so the same
-# routes (and no oversubscription of the shared cores).
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "METAATTN_THREADS": "1", "MKL_NUM_THREADS": "1"}
-PROMPT = "The capital of France is Paris. The capital of Italy is"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def base_env(tmp: Path) -> dict:
-    env = dict(os.environ, **THREAD_ENV)
-    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    env.pop("SPACE_ID", None)
-    return env
-
-
-class AppServer:
-    """`python -m metaattn_viz serve --port N --db DB` in a subprocess, ready when /status
-    says the model is loaded. Its log goes to a file, printed if it fails to start."""
-
-    def __init__(self, tmp: Path, timeout: float = 240.0):
-        self.tmp = Path(tmp)
-        self.db = self.tmp / "routing.duckdb"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = self.tmp / "server.log"
-        self.timeout = timeout
-        self.proc = None
-
-    def __enter__(self) -> AppServer:
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(self.port), "--db",
-             str(self.db)], cwd=ROOT, env=base_env(self.tmp), stdout=self._log,
-            stderr=subprocess.STDOUT)
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "gradio_api/info", timeout=5) as r:
-                    if r.status == 200 and self.status().get("model_ready"):
-                        return self
-            except OSError:
-                pass
-            time.sleep(1.0)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"server not ready after {self.timeout} s:\n{self.log_tail()}")
-
-    def status(self) -> dict:
-        return self.client().predict(api_name="/status")
-
-    def client(self):
-        from gradio_client import Client
-
-        return Client(self.url, verbose=False)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+from helpers import PROMPT, ROOT, AppServer, base_env  # noqa: E402
 
 
 def route_json(prompt: str, *args: str, tmp: Path) -> dict:

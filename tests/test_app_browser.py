@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app_api import ROOT, AppServer
+from helpers import ROOT, AppServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import routed_tiny
-from metaattn_viz.bench_model import model_rows
+from helpers import routed_tiny
+from metaattn_viz.bench.model import model_rows
 
 
 def test_model_rows_follow_the_contract():
@@ -22,7 +22,7 @@ def test_model_rows_follow_the_contract():
 
 
 def test_plain_copy_is_the_unrouted_model_without_hooks():
-    from metaattn_viz.bench_model import plain_copy
+    from metaattn_viz.bench.model import plain_copy
 
     r = routed_tiny(seed=4)
     plain = plain_copy(r)

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import routed_tiny
-from metaattn_viz import data as data_mod
-from metaattn_viz.calibrate import CalibrationConfig, calibrate, elbo_terms
-from metaattn_viz.controller import ControllerStack
-from metaattn_viz.evaluate import auroc, budget_shares, evaluate
-from metaattn_viz.routing import kl_per_token
-from metaattn_viz.settings import COSTS
+from helpers import routed_tiny
+from metaattn_viz.training import data as data_mod
+from metaattn_viz.training.calibrate import CalibrationConfig, calibrate, elbo_terms
+from metaattn_viz.routing.controller import ControllerStack
+from metaattn_viz.training.evaluate import auroc, budget_shares, evaluate
+from metaattn_viz.routing.model import kl_per_token
+from metaattn_viz.core.settings import COSTS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCERPT = ROOT / "tests" / "data" / "wikitext2_excerpt.txt"
@@ -77,8 +77,8 @@ def test_elbo_terms_match_a_hand_computation():
 
     # by hand: recompute the routed logits with the same Dirichlet samples, then the terms
     torch.manual_seed(7)
-    from metaattn_viz.routing import TrainRouting
-    from metaattn_viz.settings import RoutingSettings
+    from metaattn_viz.routing.model import TrainRouting
+    from metaattn_viz.core.settings import RoutingSettings
 
     s = RoutingSettings(budget=None, window=cfg.window, n_sink=cfg.n_sink, backend="reference")
     with r.session(s, stack, mode="train", train=TrainRouting()) as sess:

@@ -7,7 +7,7 @@ import torch
 @pytest.mark.parametrize("kind", ["bayes", "priorfree"])
 def test_concentration_one_matches_the_batched_path(kind):
     """The decode hot path (numpy) gives the batched controller's numbers."""
-    from metaattn_viz.controller import ControllerConfig, ControllerStack
+    from metaattn_viz.routing.controller import ControllerConfig, ControllerStack
 
     stack = ControllerStack(ControllerConfig(kind=kind, d_model=48, n_layers=2), seed=1)
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import special, stats
 
-from metaattn_viz import dirichlet as D
+from metaattn_viz.core import dirichlet as D
 
 torch.manual_seed(0)
 BETAS = torch.tensor([[0.05, 0.05, 0.05], [1.0, 1.0, 1.0], [0.27, 1.82, 0.91],

@@ -82,7 +82,7 @@ def test_cli_help_lists_subcommands():
 
 
 def test_host_port_resolution(monkeypatch):
-    from metaattn_viz.app_server import resolve_host_port
+    from metaattn_viz.app.server import resolve_host_port
 
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("PORT", raising=False)
@@ -137,7 +137,7 @@ def test_missing_model_error_names_what_was_tried(tmp_path):
 
 
 def test_explicit_model_path_that_does_not_exist_is_reported(tmp_path):
-    from metaattn_viz import model_loading
+    from metaattn_viz.routing import loading as model_loading
 
     with pytest.raises(model_loading.ModelUnavailable, match="not a model folder"):
         model_loading.load(str(tmp_path / "nope.gguf"), cache_dir=tmp_path)
@@ -148,7 +148,7 @@ def test_real_model_loads_generates_and_caches(tmp_path):
     """First load converts the GGUF; the cached second load is at least 3x faster."""
     import torch
 
-    from metaattn_viz import model_loading
+    from metaattn_viz.routing import loading as model_loading
 
     first = model_loading.load(cache_dir=tmp_path)
     assert first.loaded_from == "gguf"

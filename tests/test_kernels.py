@@ -12,48 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import EXPERTS, LINEAR, attention_flops, routed_attention, routes_to_weights
-from kernels import reference as ref
+import metaattn_kernels.dispatch as kernels
+from metaattn_kernels.dispatch import LINEAR, attention_flops, routed_attention, routes_to_weights
+from metaattn_kernels import reference as ref
 
-TOL = 1e-4  # max abs error, float32
+from helpers import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err  # noqa: E402
 
-
-def make_qkv(b=2, hq=9, hkv=3, tq=17, tk=None, d=16, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tk = tq if tk is None else tk
-    q = torch.randn(b, hq, tq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
-    return q, k, v
-
-
-def make_weights(mix, b, t, seed=0):
-    """Routing weights [B, T, 3]: 'full' / 'linear' / 'local' (all one expert), 'random'
-    (one-hot, random experts), 'hedged' (a third of the rows soft over two or three experts)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    if mix in EXPERTS:
-        return routes_to_weights(torch.full((b, t), EXPERTS.index(mix)))
-    w = routes_to_weights(torch.randint(0, 3, (b, t), generator=g))
-    if mix == "hedged":
-        soft = torch.rand(b, t, 3, generator=g)
-        soft = soft * (torch.rand(b, t, 3, generator=g) > 0.3)  # some experts drop out of the hedge
-        soft = soft / soft.sum(-1, keepdim=True).clamp_min(1e-9)
-        hedge = (torch.rand(b, t, 1, generator=g) < 0.35) & (soft.sum(-1, keepdim=True) > 0)
-        w = torch.where(hedge, soft, w)
-    return w
-
-
-MIXES = ["full", "linear", "local", "random", "hedged"]
-SIZES = [(1, 1), (17, 17), (130, 130), (1, 40), (17, 130)]  # (Tq, Tk): prefill, decode, chunked prefill
-WINDOWS = [(8, 0), (8, 4), (200, 4)]  # (window, n_sink): window < T and window >= T
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-# -- the reference twins against independent formulas ----------------------------------------
 
 def test_reference_full_equals_sdpa_causal():
     q, k, v = make_qkv(tq=130)
@@ -289,7 +253,7 @@ def test_attention_flops_counts_visible_keys():
 def test_bench_attention_rows_follow_the_contract(capsys):
     import json
 
-    from metaattn_viz import bench
+    from metaattn_viz.bench import attention as bench
 
     rows = bench.run_bench(seq_lens=[96], json=True, repeats=1, model=False)
     printed = json.loads(capsys.readouterr().out)
@@ -302,7 +266,7 @@ def test_bench_attention_rows_follow_the_contract(capsys):
 
 
 def test_bench_mix_weights_have_the_mix_fractions():
-    from metaattn_viz import bench
+    from metaattn_viz.bench import attention as bench
 
     w = bench.mix_weights("mix", 400, seed=3)
     assert w.shape == (1, 400, 3) and (w.sum(-1) == 1).all()

@@ -12,15 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import (
+from metaattn_kernels.dispatch import (
     EXPERTS,
     FULL,
     LINEAR,
     LOCAL,
-    cpu,
     routed_attention,
     routes_to_weights,
 )
+from metaattn_kernels import cpu
 
 TOL = 1e-4
 
@@ -106,7 +106,7 @@ def test_single_query_head_group_and_mha(tq):
 
 def test_linear_state_given_with_chunked_prefill():
     q, k, v = qkv(2, 100, 170, seed=11)
-    from kernels import reference as ref
+    from metaattn_kernels import reference as ref
     state = ref.linear_state(k[:, :, :70], v[:, :, :70])
     check(q, k, v, weights("random", 2, 100), 16, 4, linear_state=state)
 

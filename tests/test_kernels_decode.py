@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.decode import decode_step, linear_state_upto
+from metaattn_kernels import reference as ref
+from metaattn_kernels.decode import decode_step, linear_state_upto
 
 WEIGHTS = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.2, 0.3), (0.0, 0.6, 0.4)]
 

@@ -24,7 +24,7 @@ if DEV == "cpu" and not _LATE:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from test_kernels import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err  # noqa: E402
+from helpers import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err  # noqa: E402
 
 in_this_process = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET could be set; "
                                                    "test_triton_in_fresh_interpreter runs these tests")
@@ -41,7 +41,7 @@ def test_triton_in_fresh_interpreter():
 
 
 def run(backend, q, k, v, w, **kw):
-    from kernels import routed_attention
+    from metaattn_kernels.dispatch import routed_attention
     return routed_attention(q, k, v, w, backend=backend, **kw)
 
 
@@ -147,6 +147,6 @@ def test_triton_rejects_float64():
 
 @pytest.mark.skipif(DEV != "cuda", reason="auto picks triton only for CUDA tensors")
 def test_auto_backend_is_triton_on_cuda():
-    import kernels
+    import metaattn_kernels.dispatch as kernels
     q, k, v = to_dev(*make_qkv(tq=5))
     assert kernels.resolve_backend("auto", q, k, v) == "triton"

@@ -4,9 +4,9 @@ logits step by step, through regrowth, crops and batch reorderings."""
 import torch
 from transformers import DynamicCache
 
-from metaattn_viz.kv_cache import GrowableCache, GrowableLayer
-from metaattn_viz.settings import RoutingSettings
-from conftest import routed_tiny
+from metaattn_viz.routing.kv_cache import GrowableCache, GrowableLayer
+from metaattn_viz.core.settings import RoutingSettings
+from helpers import routed_tiny
 
 
 def _decode(r, cache, ids, steps):

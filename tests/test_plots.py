@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from metaattn_viz import attention_maps, plots
-from metaattn_viz.settings import COSTS, EXPERTS, UNCERTAINTY_MEASURES, RoutingSettings
-from metaattn_viz.trace import RoutingTrace
+from metaattn_viz.app import attention_maps
+from metaattn_viz.app import plots
+from metaattn_viz.core.settings import COSTS, EXPERTS, UNCERTAINTY_MEASURES, RoutingSettings
+from metaattn_viz.core.trace import RoutingTrace
 
 
 def make_trace(L=4, T=9, seed=0, controller="bayes", budget=0.5, kl=True) -> RoutingTrace:
@@ -260,7 +261,7 @@ def test_pareto_plot_has_a_series_per_policy():
 def test_mixed_pattern_times_values_is_the_routed_output():
     """The implicit attention of the three experts, mixed by the router's weights, applied
     to v, gives kernels.reference's routed output: the pattern is what the token used."""
-    from kernels.reference import routed_attention_reference
+    from metaattn_kernels.reference import routed_attention_reference
 
     g = torch.Generator().manual_seed(0)
     Hq, Hkv, T, D, window, n_sink = 6, 2, 13, 8, 4, 2

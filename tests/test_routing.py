@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import routed_tiny
-from metaattn_viz.budget import decide, dual_ascent, solve_lambda
-from metaattn_viz.routing import RoutedModel
-from metaattn_viz.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
+from helpers import routed_tiny
+from metaattn_viz.routing.budget import decide, dual_ascent, solve_lambda
+from metaattn_viz.routing.model import RoutedModel
+from metaattn_viz.core.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -280,7 +280,7 @@ def test_route_cli_refuses_bad_budget_plainly():
 
 @pytest.mark.parametrize("policy", ["off", "soft", "full"])
 def test_scalar_decode_path_agrees_with_the_tensor_path(policy):
-    from metaattn_viz.budget import decide_one
+    from metaattn_viz.routing.budget import decide_one
 
     g = torch.Generator().manual_seed(11)
     beta = torch.rand(300, 3, generator=g) * 4 + 0.05
@@ -327,7 +327,7 @@ def test_global_scope_pilots_a_long_text_on_its_prefix(monkeypatch):
     the cache holds exactly the keys a DynamicCache would."""
     from transformers import DynamicCache
 
-    import metaattn_viz.routing as routing_mod
+    import metaattn_viz.routing.model as routing_mod
 
     r = routed_tiny(seed=6, spread=10.0)
     text = "a pilot pass over the first tokens of a long text " * 2

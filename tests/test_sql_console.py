@@ -8,8 +8,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from metaattn_viz.bench_store import synthetic_trace
-from metaattn_viz.sql_console import (ConsoleError, ConsoleRefused, ConsoleTimeout,
+from metaattn_viz.bench.store import synthetic_trace
+from metaattn_viz.store.console import (ConsoleError, ConsoleRefused, ConsoleTimeout,
                                       describe_log, run_readonly_query)
 from metaattn_viz.store import LOG_TABLES, RunLog
 

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from metaattn_viz import store
-from metaattn_viz.bench_store import grow, synthetic_trace
-from metaattn_viz.dirichlet import uncertainties
-from metaattn_viz.settings import FULL, RoutingSettings
+from metaattn_viz.store import runlog as store
+from metaattn_viz.bench.store import grow, synthetic_trace
+from metaattn_viz.core.dirichlet import uncertainties
+from metaattn_viz.core.settings import FULL, RoutingSettings
 from metaattn_viz.store import RunLog, StoreUnavailable, UnknownRun
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def test_uncertainty_columns_agree_with_dirichlet(db, controller):
 
 @pytest.mark.slow
 def test_replay_real_generation(tmp_path, real_model):
-    from metaattn_viz.routing import RoutedModel
+    from metaattn_viz.routing.model import RoutedModel
 
     routed = RoutedModel.from_loaded(real_model)
     settings = RoutingSettings(budget=0.4, hedge_policy="soft")
@@ -263,7 +263,7 @@ def test_eight_threads_stream_100_token_runs_at_once(db):
 # -- crashes ----------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import sys, time
-    from metaattn_viz.bench_store import grow, synthetic_trace
+    from metaattn_viz.bench.store import grow, synthetic_trace
     from metaattn_viz.store import RunLog
     log = RunLog(sys.argv[1])
     done = synthetic_trace(n_layers=6, n_tokens=20, seed=21)

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 
-from metaattn_viz.bench_store import empty_like, grow, synthetic_trace
+from metaattn_viz.bench.store import empty_like, grow, synthetic_trace
 
 
 def _fields(t):

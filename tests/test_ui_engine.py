@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import routed_tiny
+from helpers import routed_tiny
 
-from metaattn_viz import engine as eng
-from metaattn_viz.engine import AppError, Engine, parse_request, parse_settings
-from metaattn_viz.settings import RoutingSettings
+from metaattn_viz.app import engine as eng
+from metaattn_viz.app.engine import AppError, Engine, parse_request, parse_settings
+from metaattn_viz.core.settings import RoutingSettings
 
 PROMPT = "The quick brown fox jumps over the lazy dog. "
 
@@ -357,7 +357,7 @@ def test_history_lists_filters_compares_queries_and_exports(engine, tmp_path):
 def test_user_errors_turn_failures_into_plain_gradio_errors(caplog):
     import gradio as gr
 
-    from metaattn_viz.ui import user_errors
+    from metaattn_viz.app.ui import user_errors
 
     @user_errors("doing a thing")
     def plain(kind):
@@ -383,7 +383,7 @@ def test_user_errors_turn_failures_into_plain_gradio_errors(caplog):
 
 
 def test_the_page_builds_with_named_api_endpoints(engine):
-    from metaattn_viz.ui import build_app, load_examples, status_markdown
+    from metaattn_viz.app.ui import build_app, load_examples, status_markdown
 
     demo = build_app(engine=engine)
     public = {d.api_name for d in demo.fns.values() if d.api_visibility == "public"}

@@ -20,12 +20,13 @@ from pathlib import Path
 import gradio as gr
 import plotly as plotly_package
 
-from metaattn_viz import attention_maps, plots
-from metaattn_viz.engine import (APP_MAX_CONTEXT, CONTROLLERS, DEFAULTS, MAX_NEW_TOKENS,
+from metaattn_viz.app import attention_maps
+from metaattn_viz.app import plots
+from metaattn_viz.app.engine import (APP_MAX_CONTEXT, CONTROLLERS, DEFAULTS, MAX_NEW_TOKENS,
                                  AppError, Engine, parse_request, parse_settings,
                                  text_from_json)
 from metaattn_viz.paths import ASSETS_DIR
-from metaattn_viz.settings import HEDGE_POLICIES, SCOPES, UNCERTAINTY_MEASURES
+from metaattn_viz.core.settings import HEDGE_POLICIES, SCOPES, UNCERTAINTY_MEASURES
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +282,8 @@ def _live_tab(ui, examples) -> None:
 
 def plots_empty_trace():
     """An empty trace for the placeholders before the first run."""
-    from metaattn_viz.settings import RoutingSettings
-    from metaattn_viz.trace import RoutingTrace
+    from metaattn_viz.core.settings import RoutingSettings
+    from metaattn_viz.core.trace import RoutingTrace
 
     return RoutingTrace(model="", controller="bayes", controller_id="", controller_trained=False,
                         settings=RoutingSettings(), n_layers=1, head_dim=64)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from metaattn_viz.settings import COSTS
+from metaattn_viz.core.settings import COSTS
 
 
 def prior_concentration(costs=COSTS, strength: float | None = None, gamma: float = 1.0,

@@ -36,10 +36,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import FULL, LINEAR, LOCAL
-from metaattn_viz.bench_args import add_arguments
-from metaattn_viz.settings import COSTS
+import metaattn_kernels.dispatch as kernels
+from metaattn_kernels.dispatch import FULL, LINEAR, LOCAL
+from metaattn_viz.bench.args import add_arguments
+from metaattn_viz.core.settings import COSTS
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 9, 3, 64
 WINDOW, N_SINK = 64, 4
@@ -166,7 +166,7 @@ def run_bench(seq_lens=(1024, 4096), budget: float = 0.3, json: bool = False, re
     model=True adds the whole-model rows of bench_model (routing overhead, prefill, decode)."""
     rows = attention_rows(seq_lens, repeats=repeats)
     if model:
-        from metaattn_viz.bench_model import model_rows
+        from metaattn_viz.bench.model import model_rows
 
         rows += [dict(kind="model", mix=f"budget {r['budget']}", baseline="dense model",
                       **r) for r in model_rows(budget=budget, long_context=long_context)]

@@ -26,8 +26,8 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from metaattn_viz.settings import EXPERTS, UNCERTAINTY_MEASURES
-from metaattn_viz.trace import RoutingTrace
+from metaattn_viz.core.settings import EXPERTS, UNCERTAINTY_MEASURES
+from metaattn_viz.core.trace import RoutingTrace
 
 # Okabe & Ito (2008): vermillion, sky blue, yellow stay apart in luminance and hue under
 # protanopia, deuteranopia and tritanopia.

@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from metaattn_viz.kv_cache import GrowableCache
-from metaattn_viz.routing import RoutedModel
-from metaattn_viz.settings import RoutingSettings
+from metaattn_viz.routing.kv_cache import GrowableCache
+from metaattn_viz.routing.model import RoutedModel
+from metaattn_viz.core.settings import RoutingSettings
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:

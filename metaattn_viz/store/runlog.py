@@ -73,8 +73,8 @@ import numpy as np
 import pyarrow as pa
 
 from metaattn_viz.paths import default_db_path
-from metaattn_viz.settings import EXPERTS, RoutingSettings
-from metaattn_viz.trace import RoutingTrace
+from metaattn_viz.core.settings import EXPERTS, RoutingSettings
+from metaattn_viz.core.trace import RoutingTrace
 
 log = logging.getLogger(__name__)
 

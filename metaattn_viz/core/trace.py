@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from metaattn_viz.settings import COSTS, EXPERTS, FULL, LINEAR, LOCAL, RoutingSettings
+from metaattn_viz.core.settings import COSTS, EXPERTS, FULL, LINEAR, LOCAL, RoutingSettings
 
 K = len(EXPERTS)
 _GROWN = ("concentration", "routes", "hedged", "weights", "cost", "lam")  # [L, T, ...] fields
@@ -106,7 +106,7 @@ class RoutingTrace:
         """[L, T] uncertainty of each decision (see dirichlet.uncertainties)."""
         import torch
 
-        from metaattn_viz.dirichlet import uncertainties
+        from metaattn_viz.core.dirichlet import uncertainties
 
         if self.n_tokens == 0:
             return np.zeros((self.n_layers, 0), np.float32)

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_eval)
 
     p = sub.add_parser("bench", help="speed: routed vs dense attention and whole model (ratios)")
-    from metaattn_viz.bench_args import add_arguments as add_bench_arguments
+    from metaattn_viz.bench.args import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
@@ -126,7 +126,7 @@ def _add_db_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args):
-    from metaattn_viz.settings import RoutingSettings
+    from metaattn_viz.core.settings import RoutingSettings
 
     budget = None if str(args.budget).strip().lower() == "none" else args.budget
     if budget is not None:
@@ -141,7 +141,7 @@ def settings_from_args(args):
 
 
 def _cmd_serve(args) -> int:
-    from metaattn_viz.app_server import serve
+    from metaattn_viz.app.server import serve
 
     serve(host=args.host, port=args.port, model=args.model, db=args.db, log_runs=not args.no_log)
     return 0
@@ -162,7 +162,7 @@ def _cmd_export(args) -> int:
 def _cmd_route(args) -> int:
     import json
 
-    from metaattn_viz.routing import RoutedModel, Sampling
+    from metaattn_viz.routing.model import RoutedModel, Sampling
 
     settings = settings_from_args(args)  # validate before loading anything
     sampling = Sampling(temperature=args.temperature, seed=args.seed)
@@ -176,7 +176,7 @@ def _cmd_route(args) -> int:
     if args.json:
         print(json.dumps(trace.to_json(), ensure_ascii=False))
     else:
-        from metaattn_viz.report import trace_table
+        from metaattn_viz.cli.table import trace_table
 
         print(trace_table(trace))
     return 0
@@ -185,9 +185,9 @@ def _cmd_route(args) -> int:
 def _cmd_calibrate(args) -> int:
     import json
 
-    from metaattn_viz import data as data_mod
-    from metaattn_viz.calibrate import CalibrationConfig, calibrate
-    from metaattn_viz.routing import RoutedModel
+    from metaattn_viz.training import data as data_mod
+    from metaattn_viz.training.calibrate import CalibrationConfig, calibrate
+    from metaattn_viz.routing.model import RoutedModel
 
     overrides = {k: v for k, v in [("steps", args.steps), ("beta_kl", args.beta_kl),
                                    ("cost_weight", args.cost_weight)] if v is not None}
@@ -212,7 +212,7 @@ def _parse_budgets(text: str) -> list[float]:
     except ValueError:
         raise UserError(f"--budgets must be comma-separated numbers in [0.15, 1], got {text!r}") \
             from None
-    from metaattn_viz.settings import RoutingSettings
+    from metaattn_viz.core.settings import RoutingSettings
 
     for b in budgets:
         RoutingSettings(budget=b)  # validates the range
@@ -224,9 +224,9 @@ def _parse_budgets(text: str) -> list[float]:
 def _cmd_eval(args) -> int:
     import json
 
-    from metaattn_viz import data as data_mod
-    from metaattn_viz.evaluate import evaluate
-    from metaattn_viz.routing import RoutedModel
+    from metaattn_viz.training import data as data_mod
+    from metaattn_viz.training.evaluate import evaluate
+    from metaattn_viz.routing.model import RoutedModel
 
     budgets = _parse_budgets(args.budgets)
     if args.max_tokens < args.seq_len:
@@ -248,7 +248,7 @@ def _cmd_eval(args) -> int:
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
     if args.report:
-        from metaattn_viz.results_report import write_report
+        from metaattn_viz.training.report import write_report
 
         cmd = "metaattn-viz eval " + " ".join(a for a in sys.argv[2:] if a)
         write_report(rows, args.report, cmd)
@@ -261,7 +261,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from metaattn_viz.bench import run_from_args
+    from metaattn_viz.bench.attention import run_from_args
 
     return run_from_args(args)
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
-    from metaattn_viz.model_loading import ModelUnavailable
+    from metaattn_viz.routing.loading import ModelUnavailable
 
     try:
         return int(args.handler(args) or 0)

@@ -13,7 +13,7 @@
    watched / unwatched wall time. Target <= 1.15.
 
 Runs alternate (unwatched, watched, unwatched, ...) and medians are reported, because the
-CPUs may be shared. Usage: python -m metaattn_viz.bench_ui [--tokens 128] [--new-tokens 64]
+CPUs may be shared. Usage: python -m metaattn_viz.bench.ui [--tokens 128] [--new-tokens 64]
 [--repeats 5] [--json]. Never imports the store's writer path beyond what Engine does (it
 runs without logging so both sides do the same work).
 """
@@ -78,8 +78,8 @@ def serialise(views) -> int:
 def bench_reroute(engine, n_tokens: int, repeats: int, scope: str) -> dict:
     import torch
 
-    from metaattn_viz import plots
-    from metaattn_viz.engine import Text, parse_settings
+    from metaattn_viz.app import plots
+    from metaattn_viz.app.engine import Text, parse_settings
 
     routed = engine.routed_model()
     ids = routed.encode(TEXT)
@@ -115,8 +115,8 @@ def bench_reroute(engine, n_tokens: int, repeats: int, scope: str) -> dict:
 
 
 def bench_streaming(engine, new_tokens: int, repeats: int) -> dict:
-    from metaattn_viz import plots
-    from metaattn_viz.engine import STREAM_INTERVAL_S, parse_request, parse_settings
+    from metaattn_viz.app import plots
+    from metaattn_viz.app.engine import STREAM_INTERVAL_S, parse_request, parse_settings
 
     req = parse_request(TEXT[:400], parse_settings(0.5), max_new_tokens=new_tokens,
                         quality=False)
@@ -156,7 +156,7 @@ def bench_streaming(engine, new_tokens: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m metaattn_viz.bench_ui", description=__doc__
+    p = argparse.ArgumentParser(prog="python -m metaattn_viz.bench.ui", description=__doc__
                                 .split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=128, help="re-route text length (tokens)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-    from metaattn_viz.engine import Engine
-    from metaattn_viz.settings import SCOPES
+    from metaattn_viz.app.engine import Engine
+    from metaattn_viz.core.settings import SCOPES
 
     engine = Engine(args.model, log_runs=False)
     try:

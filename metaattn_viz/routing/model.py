@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import kernels
-from kernels.decode import decode_step, linear_state_upto
-from metaattn_viz import budget as budget_mod
-from metaattn_viz.controller import ControllerStack, load_for_model
-from metaattn_viz.dirichlet import entropy_of_mean
-from metaattn_viz.kv_cache import GrowableCache
-from metaattn_viz.settings import COSTS, FULL, LINEAR, MIN_COST, RoutingSettings
-from metaattn_viz.trace import RoutingTrace
+import metaattn_kernels.dispatch as kernels
+from metaattn_kernels.decode import decode_step, linear_state_upto
+from metaattn_viz.routing import budget as budget_mod
+from metaattn_viz.routing.controller import ControllerStack, load_for_model
+from metaattn_viz.core.dirichlet import entropy_of_mean
+from metaattn_viz.routing.kv_cache import GrowableCache
+from metaattn_viz.core.settings import COSTS, FULL, LINEAR, MIN_COST, RoutingSettings
+from metaattn_viz.core.trace import RoutingTrace
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class RoutedModel:
     @classmethod
     def load(cls, model: str | None = None, controllers_dir: dict | None = None) -> RoutedModel:
         """Load the model (model_loading) and both controllers (shipped ones, else untrained)."""
-        from metaattn_viz import model_loading
+        from metaattn_viz.routing import loading as model_loading
 
         loaded = model_loading.load(model)
         return cls.from_loaded(loaded, controllers_dir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metaattn_viz.trace import RoutingTrace
+from metaattn_viz.core.trace import RoutingTrace
 
 ROUTE_CHARS = "FLW"  # full, linear, local (W for window)
 

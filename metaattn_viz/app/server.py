@@ -29,7 +29,7 @@ def resolve_host_port(host: str | None, port: int | None) -> tuple[str, int]:
 def serve(host: str | None = None, port: int | None = None, model: str | None = None,
           db: str | None = None, log_runs: bool = True) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from metaattn_viz.ui import build_app
+    from metaattn_viz.app.ui import build_app
 
     host, port = resolve_host_port(host, port)
     demo = build_app(model=model, db=db, log_runs=log_runs)

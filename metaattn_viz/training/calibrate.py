@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from metaattn_viz import data as data_mod
-from metaattn_viz.controller import (ControllerConfig, ControllerStack, config_for_model,
+from metaattn_viz.training import data as data_mod
+from metaattn_viz.routing.controller import (ControllerConfig, ControllerStack, config_for_model,
                                      default_folder)
-from metaattn_viz.dirichlet import kl_dirichlet
-from metaattn_viz.routing import RoutedModel, TrainRouting, kl_per_token
-from metaattn_viz.settings import COSTS, RoutingSettings
+from metaattn_viz.core.dirichlet import kl_dirichlet
+from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
+from metaattn_viz.core.settings import COSTS, RoutingSettings
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -214,6 +214,6 @@ def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: P
 
 
 def _slug(name: str) -> str:
-    from metaattn_viz.model_loading import slugify
+    from metaattn_viz.routing.loading import slugify
 
     return slugify(name)

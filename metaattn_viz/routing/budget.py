@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metaattn_viz.settings import COSTS, FULL, LINEAR, MIN_COST, RoutingSettings
+from metaattn_viz.core.settings import COSTS, FULL, LINEAR, MIN_COST, RoutingSettings
 
 LAM_MAX = 1.0e4  # |lambda| beyond which every decision is already at an extreme
 _BISECT_STEPS = 64

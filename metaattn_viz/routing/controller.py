@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from scipy.special import erf as _erf
 
 from metaattn_viz import paths
-from metaattn_viz.dirichlet import prior_concentration
-from metaattn_viz.settings import COSTS
+from metaattn_viz.core.dirichlet import prior_concentration
+from metaattn_viz.core.settings import COSTS
 
 log = logging.getLogger(__name__)
 

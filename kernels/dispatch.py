@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.checks import check_routed_attention_args
-from kernels.experts import EXPERTS, FULL, LINEAR, LOCAL
-from kernels.flops import attention_flops
+from metaattn_kernels.checks import check_routed_attention_args
+from metaattn_kernels.experts import EXPERTS, FULL, LINEAR, LOCAL
+from metaattn_kernels.flops import attention_flops
 
 __all__ = ["FULL", "LINEAR", "LOCAL", "EXPERTS", "routed_attention", "routes_to_weights",
            "attention_flops", "resolve_backend"]
@@ -56,14 +56,14 @@ def routed_attention(q, k, v, weights, *, window: int, n_sink: int, scale: float
     args = dict(window=window, n_sink=n_sink, scale=scale, linear_state=linear_state, eps=eps)
     backend = resolve_backend(backend, q, k, v, weights)
     if backend == "reference":
-        from kernels.reference import routed_attention_reference
+        from metaattn_kernels.reference import routed_attention_reference
         return routed_attention_reference(q, k, v, weights, **args)
     if backend == "cpu":
-        from kernels.cpu import routed_attention_cpu
+        from metaattn_kernels.cpu import routed_attention_cpu
         return routed_attention_cpu(q, k, v, weights, **args)
     if q.dtype == torch.float64:
         raise ValueError("backend='triton' takes float16, bfloat16 or float32 tensors, got torch.float64")
-    from kernels.triton_routed import routed_attention_triton
+    from metaattn_kernels.triton_routed import routed_attention_triton
     return routed_attention_triton(q, k, v, weights, **args)
 
 

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from metaattn_viz.settings import (COSTS, HEDGE_POLICIES, LINEAR, LOCAL, MIN_COST, SCOPES,
+from metaattn_viz.core.settings import (COSTS, HEDGE_POLICIES, LINEAR, LOCAL, MIN_COST, SCOPES,
                                    RoutingSettings)
-from metaattn_viz.trace import RoutingTrace
+from metaattn_viz.core.trace import RoutingTrace
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class GenerationJob:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        from metaattn_viz.routing import Sampling
+        from metaattn_viz.routing.model import Sampling
 
         eng, req = self.engine, self.request
         trace = None
@@ -384,7 +384,7 @@ class Engine:
 
     # -- the model --------------------------------------------------------------------------
     def _load(self) -> None:
-        from metaattn_viz.routing import RoutedModel
+        from metaattn_viz.routing.model import RoutedModel
 
         t0 = time.perf_counter()
         try:
@@ -518,7 +518,7 @@ class Engine:
         weights), so a streamed generation is measured on exactly what it did."""
         import torch
 
-        from metaattn_viz.routing import kl_per_token
+        from metaattn_viz.routing.model import kl_per_token
 
         routed = self.routed_model()
         ids = list(trace.token_ids)
@@ -559,9 +559,9 @@ class Engine:
         all-linear and all-local), plus the dense point. Rows for plots.pareto."""
         import torch
 
-        from metaattn_viz.evaluate import (flops_ratio, random_policy, salience_policy,
+        from metaattn_viz.training.evaluate import (flops_ratio, random_policy, salience_policy,
                                            static_policy)
-        from metaattn_viz.routing import kl_per_token
+        from metaattn_viz.routing.model import kl_per_token
 
         routed = self.routed_model()
         ids = list(text.token_ids)
@@ -609,7 +609,7 @@ class Engine:
         prefill of its prefix with the trace's decisions forced."""
         import torch
 
-        from metaattn_viz import attention_maps
+        from metaattn_viz.app import attention_maps
 
         if trace is None or trace.n_tokens == 0:
             raise AppError("Nothing to inspect yet: generate (or replay) a text first.")
@@ -687,7 +687,8 @@ class Engine:
 
     def sql(self, query: str, max_rows: int = 500):
         """The read-only SQL console: (DataFrame, notice)."""
-        from metaattn_viz import sql_console, store
+        from metaattn_viz.store import console as sql_console
+        from metaattn_viz import store
 
         if not (query or "").strip():
             raise AppError("Type a query first, e.g. SELECT * FROM runs LIMIT 10.")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from metaattn_viz.paths import ASSETS_DIR
-from metaattn_viz.settings import FULL, LINEAR, LOCAL
+from metaattn_viz.core.settings import FULL, LINEAR, LOCAL
 
 VENDOR_DIR = ASSETS_DIR / "vendor"
 # bertviz 1.4.1's CDN addresses -> vendored file (require.js paths take no ".js").

@@ -1,5 +1,5 @@
 """Benchmark of the routing log: insert throughput and the logging overhead of a real
-generation (`python -m metaattn_viz.bench_store [--json]`; docs/benchmarks.md,
+generation (`python -m metaattn_viz.bench.store [--json]`; docs/benchmarks.md,
 "Routing log").
 
 - insert throughput, in route rows per second, end to end through RunLog (Arrow tables,
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metaattn_viz.settings import EXPERTS, RoutingSettings
-from metaattn_viz.trace import RoutingTrace
+from metaattn_viz.core.settings import EXPERTS, RoutingSettings
+from metaattn_viz.core.trace import RoutingTrace
 
 K = len(EXPERTS)
 
@@ -173,8 +173,8 @@ def bench_insert_streaming(folder: Path, n_streams: int = 8, n_layers: int = 30,
 def bench_logging_overhead(folder: Path, max_new_tokens: int = 64, repeats: int = 7,
                            prompt: str = "Once upon a time, in a small village,"
                            ) -> dict:
-    from metaattn_viz.engine import configure_threads
-    from metaattn_viz.routing import RoutedModel
+    from metaattn_viz.app.engine import configure_threads
+    from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.store import RunLog
 
     torch_threads = configure_threads()  # as the app server runs (half the cores)
@@ -222,7 +222,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m metaattn_viz.bench_store",
+    ap = argparse.ArgumentParser(prog="python -m metaattn_viz.bench.store",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-model", action="store_true",

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from metaattn_viz import data as data_mod
-from metaattn_viz.budget import Decisions
-from metaattn_viz.routing import RoutedModel, kl_per_token
-from metaattn_viz.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
+from metaattn_viz.training import data as data_mod
+from metaattn_viz.routing.budget import Decisions
+from metaattn_viz.routing.model import RoutedModel, kl_per_token
+from metaattn_viz.core.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 K = len(COSTS)
@@ -120,7 +120,7 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
         h = -(m * m.clamp_min(1e-30).log()).sum(-1) / math.log(K)
         ent.append(h.numpy())
         if diagnose:
-            from metaattn_viz.dirichlet import mutual_information
+            from metaattn_viz.core.dirichlet import mutual_information
 
             unc_total.append(h.numpy().ravel())
             unc_epi.append(mutual_information(beta).numpy().ravel())

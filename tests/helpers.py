@@ -1,0 +1,201 @@
+"""Shared test helpers (imported by test modules; conftest.py keeps only fixtures): tiny
+random causal LMs with untrained controllers, a byte-level tokenizer, attention inputs of
+awkward sizes for the kernel tests, and a real app server in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from metaattn_kernels.dispatch import EXPERTS, routes_to_weights
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    """A tiny random causal-LM config with RoPE and grouped-query attention."""
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=1024, tie_word_embeddings=False)
+    common.update(overrides)
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "mistral":
+        return transformers.MistralConfig(sliding_window=None, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides),
+                                                          dtype=torch.float32)
+    return model.eval()
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for tiny random models: ids are byte values."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", "replace")
+
+
+def routed_tiny(arch="llama", seed=0, spread=1.0, **overrides):
+    """A tiny model with untrained controllers; spread > 1 makes their posteriors vary more
+    from token to token (untrained ones sit near the prior)."""
+    import torch
+
+    from metaattn_viz.routing.controller import ControllerStack, config_for_model
+    from metaattn_viz.routing.model import RoutedModel
+
+    model = tiny_model(arch, seed=seed, **overrides)
+    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed)
+            for k in ("bayes", "priorfree")}
+    with torch.no_grad():
+        for stack in ctrl.values():
+            for layer in stack.layers:
+                layer.fc2.weight.mul_(spread)
+    return RoutedModel(model, CharTokenizer(), ctrl, f"tiny-{arch}")
+
+
+# Attention inputs for the kernel tests (reference, CPU and Triton backends)
+
+TOL = 1e-4  # max abs error, float32
+
+
+def make_qkv(b=2, hq=9, hkv=3, tq=17, tk=None, d=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tk = tq if tk is None else tk
+    q = torch.randn(b, hq, tq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def make_weights(mix, b, t, seed=0):
+    """Routing weights [B, T, 3]: 'full' / 'linear' / 'local' (all one expert), 'random'
+    (one-hot, random experts), 'hedged' (a third of the rows soft over two or three experts)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    if mix in EXPERTS:
+        return routes_to_weights(torch.full((b, t), EXPERTS.index(mix)))
+    w = routes_to_weights(torch.randint(0, 3, (b, t), generator=g))
+    if mix == "hedged":
+        soft = torch.rand(b, t, 3, generator=g)
+        soft = soft * (torch.rand(b, t, 3, generator=g) > 0.3)  # some experts drop out of the hedge
+        soft = soft / soft.sum(-1, keepdim=True).clamp_min(1e-9)
+        hedge = (torch.rand(b, t, 1, generator=g) < 0.35) & (soft.sum(-1, keepdim=True) > 0)
+        w = torch.where(hedge, soft, w)
+    return w
+
+
+MIXES = ["full", "linear", "local", "random", "hedged"]
+SIZES = [(1, 1), (17, 17), (130, 130), (1, 40), (17, 130)]  # (Tq, Tk): prefill, decode, chunked prefill
+WINDOWS = [(8, 0), (8, 4), (200, 4)]  # (window, n_sink): window < T and window >= T
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# -- the reference twins against independent formulas ----------------------------------------
+
+
+# A real app server in a subprocess (API and browser tests)
+
+ROOT = Path(__file__).resolve().parent.parent
+# One torch thread in the server and in the CLI: the same arithmetic order, so the same
+# routes (and no oversubscription of the shared cores).
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "METAATTN_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PROMPT = "The capital of France is Paris. The capital of Italy is"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(tmp: Path) -> dict:
+    env = dict(os.environ, **THREAD_ENV)
+    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env.pop("SPACE_ID", None)
+    return env
+
+
+class AppServer:
+    """`python -m metaattn_viz serve --port N --db DB` in a subprocess, ready when /status
+    says the model is loaded. Its log goes to a file, printed if it fails to start."""
+
+    def __init__(self, tmp: Path, timeout: float = 240.0):
+        self.tmp = Path(tmp)
+        self.db = self.tmp / "routing.duckdb"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = self.tmp / "server.log"
+        self.timeout = timeout
+        self.proc = None
+
+    def __enter__(self) -> AppServer:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(self.port), "--db",
+             str(self.db)], cwd=ROOT, env=base_env(self.tmp), stdout=self._log,
+            stderr=subprocess.STDOUT)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "gradio_api/info", timeout=5) as r:
+                    if r.status == 200 and self.status().get("model_ready"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"server not ready after {self.timeout} s:\n{self.log_tail()}")
+
+    def status(self) -> dict:
+        return self.client().predict(api_name="/status")
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
