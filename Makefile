@@ -8,13 +8,19 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 BROWSER_STAMP := $(VENV)/.installed-browser
 
-.PHONY: run test setup setup-dev browser calibrate eval bench clean
+.PHONY: run test lint setup setup-dev browser calibrate eval bench clean
 
 run: setup
 	$(PY) app.py
 
-test: setup-dev browser
+test: setup-dev browser lint
 	$(PY) -m pytest -q tests
+
+# Lint, format and types (config in pyproject.toml); part of make test, so CI runs them.
+lint: setup-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 setup: $(STAMP)
 
