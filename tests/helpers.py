@@ -199,3 +199,80 @@ class AppServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Routing traces for the store's tests: random but well-formed traces of any size, and
+# traces that grow as the routed model's stream does. (Appended section: its imports
+# live here so that other sections stay untouched.)
+# ---------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+
+from metaattn_viz.core.experts import COSTS, K  # noqa: E402
+from metaattn_viz.core.settings import RoutingSettings  # noqa: E402
+from metaattn_viz.core.trace import RoutingTrace  # noqa: E402
+
+
+def empty_like(trace: RoutingTrace) -> RoutingTrace:
+    """A trace with the same run fields as `trace` and no positions yet."""
+    return RoutingTrace(model=trace.model, controller=trace.controller,
+                        controller_id=trace.controller_id,
+                        controller_trained=trace.controller_trained, settings=trace.settings,
+                        n_layers=trace.n_layers, head_dim=trace.head_dim,
+                        n_prompt_tokens=trace.n_prompt_tokens, truncated=trace.truncated,
+                        created_at=trace.created_at, prompt=trace.prompt)
+
+
+def synthetic_trace(n_layers: int = 30, n_tokens: int = 100, seed: int = 0,
+                    controller: str = "bayes", budget: float | None = 0.5,
+                    n_prompt_tokens: int | None = None) -> RoutingTrace:
+    """A random but well-formed trace: Dirichlet concentrations, routes that follow the
+    posterior mean, some hedged decisions with mixed weights, costs, lambdas, odd tokens
+    (empty, NUL, non-ASCII, special)."""
+    rng = np.random.default_rng(seed)
+    L, T = n_layers, n_tokens
+    n_prompt = T // 4 if n_prompt_tokens is None else n_prompt_tokens
+    trace = RoutingTrace(
+        model="synthetic", controller=controller, controller_id=f"{controller}-synthetic-{seed}",
+        controller_trained=seed % 2 == 0, settings=RoutingSettings(budget=budget, window=32,
+                                                                   hedge_policy="soft"),
+        n_layers=L, head_dim=64, n_prompt_tokens=n_prompt, truncated=seed % 3,
+        prompt=f"synthetic prompt {seed} — ünïcode ✓", created_at=1.7e9 + seed * 3600.123456)
+    if controller == "priorfree":  # a point estimate: its "concentration" is a probability
+        conc = rng.dirichlet(np.ones(K), size=(L, T)).astype(np.float32)  # [L, T, K]
+    else:
+        conc = rng.gamma(2.0, 1.5, size=(L, T, K)).astype(np.float32) + 0.05  # [L, T, K]
+    routes = conc.argmax(-1).astype(np.int8)  # [L, T]
+    hedged = rng.random((L, T)) < 0.1
+    weights = np.eye(K, dtype=np.float32)[routes]  # [L, T, K]
+    mean = conc / conc.sum(-1, keepdims=True)
+    weights[hedged] = mean[hedged]
+    cost = (weights * np.array(COSTS, np.float32)).sum(-1)  # [L, T]
+    lam = rng.normal(0, 0.5, (L, T)).astype(np.float32)
+    words = ["the", " cat", " ünï", "\n", " ", "", "✓", "\x00", "<|im_end|>", " sat"]
+    tokens = [words[i % len(words)] + (str(i) if i % 7 == 0 else "") for i in range(T)]
+    trace.extend(rng.integers(0, 49152, T), tokens, conc, routes, hedged, weights, cost, lam)
+    trace.output_text = "".join(tokens[n_prompt:])
+    trace.timings = {"prefill_ms": 12.5, "decode_ms": 100.0 + seed, "tokens_per_s": 70.0}
+    return trace
+
+
+def grow(full: RoutingTrace, chunks):
+    """Yield a new trace that grows to `full` (prefill first, then by `chunks` sizes, an
+    int or an iterable of ints), as the routed model's stream does."""
+    trace = empty_like(full)
+    sizes = iter(chunks) if not isinstance(chunks, int) else None
+    pos = 0
+    while pos < full.n_tokens:
+        n = full.n_prompt_tokens if pos == 0 and full.n_prompt_tokens else (
+            chunks if sizes is None else next(sizes))
+        end = min(full.n_tokens, pos + max(1, int(n)))
+        trace.extend(full.token_ids[pos:end], full.tokens[pos:end],
+                     full.concentration[:, pos:end], full.routes[:, pos:end],
+                     full.hedged[:, pos:end], full.weights[:, pos:end], full.cost[:, pos:end],
+                     full.lam[:, pos:end])
+        pos = end
+        yield trace
+    # what the model sets once the run is complete
+    trace.output_text, trace.timings = full.output_text, dict(full.timings)
+    trace.kl_to_dense = full.kl_to_dense

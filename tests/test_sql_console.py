@@ -1,4 +1,4 @@
-"""The read-only SQL console (metaattn_viz/sql_console.py): hostile statements are
+"""The read-only SQL console (metaattn_viz/store/console.py): hostile statements are
 refused with a reason, ordinary SELECTs are answered, the row cap and the time limit
 work, and nothing reaches a file, a setting or the log's contents."""
 
@@ -7,11 +7,16 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 import pytest
+from helpers import synthetic_trace
 
-from metaattn_viz.bench.store import synthetic_trace
-from metaattn_viz.store.console import (ConsoleError, ConsoleRefused, ConsoleTimeout,
-                                      describe_log, run_readonly_query)
 from metaattn_viz.store import LOG_TABLES, RunLog
+from metaattn_viz.store.console import (
+    ConsoleError,
+    ConsoleRefused,
+    ConsoleTimeout,
+    describe_log,
+    run_readonly_query,
+)
 
 
 @pytest.fixture

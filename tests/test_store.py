@@ -1,6 +1,6 @@
-"""The routing log (metaattn_viz/store.py): replay, streaming, concurrency, crashes,
-locked and corrupt files, migrations, readers, analytics, export. Synthetic traces
-(bench_store.synthetic_trace) keep it fast; the real-model replay is marked slow."""
+"""The routing log (metaattn_viz/store/): replay, streaming, concurrency, crashes,
+locked and corrupt files, schema and migrations, readers, analytics, export. Synthetic
+traces (helpers.synthetic_trace) keep it fast; the real-model replay is marked slow."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import duckdb
 import numpy as np
 import pytest
 import torch
+from helpers import grow, synthetic_trace
 
-from metaattn_viz.store import runlog as store
-from metaattn_viz.bench.store import grow, synthetic_trace
+from metaattn_viz import store
 from metaattn_viz.core.dirichlet import uncertainties
 from metaattn_viz.core.settings import FULL, RoutingSettings
-from metaattn_viz.store import RunLog, StoreUnavailable, UnknownRun
+from metaattn_viz.store import RunLog, StoreUnavailable, UnknownRun, schema
 
 REPO = Path(__file__).resolve().parent.parent
 ARRAYS = ("concentration", "routes", "hedged", "weights", "cost", "lam")
@@ -197,8 +197,10 @@ def test_append_refuses_gaps_and_finished_runs(db):
 def test_handles_on_one_file_share_one_connection_and_read_only_refuses_writes(db):
     a = RunLog(db)
     b = RunLog(db)
-    ro = RunLog(db, read_only=True)
-    assert a._db is b._db is ro._db
+    ro = RunLog(db, read_only=True)  # would be refused as a second connection to the file
+    queued = a.start_run(synthetic_trace(n_layers=2, n_tokens=6))
+    b.flush()  # one writer: b waits for what a queued (else it commits up to 1 s later)
+    assert ro.get_run(queued)["status"] == "running"
     run_id = stream_run(a, synthetic_trace(n_layers=2, n_tokens=6))
     a.close()
     assert b.get_run(run_id)["status"] == "done"  # still open through b
@@ -263,7 +265,7 @@ def test_eight_threads_stream_100_token_runs_at_once(db):
 # -- crashes ----------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import sys, time
-    from metaattn_viz.bench.store import grow, synthetic_trace
+    from helpers import grow, synthetic_trace
     from metaattn_viz.store import RunLog
     log = RunLog(sys.argv[1])
     done = synthetic_trace(n_layers=6, n_tokens=20, seed=21)
@@ -288,7 +290,8 @@ def test_sigkill_mid_run_marks_it_interrupted_and_keeps_committed_batches(db):
         before_id = stream_run(log, before)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], cwd=REPO,
                              stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+                             env={**os.environ,
+                                  "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])})
     committed, ids = 0, {}
     try:
         for line in child.stdout:
@@ -391,7 +394,7 @@ def test_an_older_log_is_migrated_on_open_and_keeps_its_runs(db, monkeypatch):
     with RunLog(db) as log:
         run_id = stream_run(log, full)
     v = store.latest_schema_version()
-    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS + [
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + [
         (v + 1, ("ALTER TABLE runs ADD COLUMN note VARCHAR",
                  "UPDATE runs SET note = 'migrated'"))])
     with pytest.raises(StoreUnavailable, match="open it once read-write"):
@@ -400,6 +403,22 @@ def test_an_older_log_is_migrated_on_open_and_keeps_its_runs(db, monkeypatch):
         assert count(log, "SELECT max(version) FROM schema_version") == v + 1
         assert log.get_run(run_id)["note"] == "migrated"
         assert_same_trace(log.load_trace(run_id), full)
+
+
+def test_the_writers_arrow_schemas_match_the_tables(db):
+    """Each table has one column list: the DDL and the Arrow schemas agree with it."""
+    with RunLog(db) as log:
+        cur = log.fresh_cursor()
+        for table, columns in (("runs", schema.RUNS_COLUMNS), ("tokens", schema.TOKENS_COLUMNS),
+                               ("routes", schema.ROUTES_COLUMNS)):
+            described = [(r[0], r[1]) for r in cur.execute(f"DESCRIBE {table}").fetchall()]
+            assert described == [(c.name, c.type) for c in columns], table
+            arrow = cur.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table().schema
+            assert schema.arrow_schema(columns) == arrow.remove_metadata(), table
+    runs = {f.name: f.type for f in schema.RUNS_ARROW_SCHEMA}
+    for part in (schema.FINAL_ARROW_SCHEMA, schema.PROGRESS_ARROW_SCHEMA):
+        assert all(runs[f.name] == f.type for f in part)
+    assert set(schema.FINAL_COLUMNS) | set(schema.PROGRESS_COLUMNS) <= set(runs)
 
 
 def test_a_log_from_a_newer_version_is_refused_untouched(db):
@@ -467,7 +486,7 @@ def test_compare_two_runs_token_by_token(db):
     assert df["same_token"].tolist() == [i != 5 for i in range(10)]
     symbols = "FLW"
     want = "".join(symbols[e].lower() if h else symbols[e]
-                   for e, h in zip(a.routes[:, 0], a.hedged[:, 0]))
+                   for e, h in zip(a.routes[:, 0], a.hedged[:, 0], strict=True))
     assert df.loc[0, "routes_a"] == want
     np.testing.assert_allclose(df["cost_a"], a.cost.mean(0), rtol=1e-6)
     assert df.attrs["agreement"] == pytest.approx(1 - 0.5 / 10)
@@ -504,7 +523,7 @@ def test_analytics_answer_from_the_routes(filled):
         shares = {}
         for t in alltr:
             share = (t.routes == FULL).mean(0)
-            for text, s in zip(t.tokens, share):
+            for text, s in zip(t.tokens, share, strict=True):
                 shares.setdefault(text, []).append(s)
         want = sorted(((np.mean(v), len(v), k) for k, v in shares.items() if len(v) >= 3),
                       key=lambda x: (-x[0], -x[1], x[2]))[:5]

@@ -3,8 +3,7 @@
 import itertools
 
 import numpy as np
-
-from metaattn_viz.bench.store import empty_like, grow, synthetic_trace
+from helpers import empty_like, grow, synthetic_trace
 
 
 def _fields(t):
@@ -17,10 +16,10 @@ def test_grown_trace_equals_the_whole_and_old_views_stay_put():
     for trace in grow(full, itertools.cycle([1, 2, 5, 1, 30, 1, 3])):
         views.append((trace.n_tokens, [a.copy() for a in _fields(trace)], _fields(trace)))
     assert trace.n_tokens == full.n_tokens and trace.token_ids == full.token_ids
-    for got, want in zip(_fields(trace), _fields(full)):
+    for got, want in zip(_fields(trace), _fields(full), strict=True):
         assert got.dtype == want.dtype and np.array_equal(got, want)
     for n, copies, held in views:  # what a plot or the store's writer kept meanwhile
-        for c, v in zip(copies, held):
+        for c, v in zip(copies, held, strict=True):
             assert v.shape[1] == n and np.array_equal(c, v)
 
 
@@ -32,5 +31,5 @@ def test_extend_after_fields_were_replaced():
     trace.extend(*args(0, 4))
     trace.routes = trace.routes.copy()  # e.g. edited in place by a caller: no longer our buffer
     trace.extend(*args(4, 10))
-    for got, want in zip(_fields(trace), _fields(full)):
+    for got, want in zip(_fields(trace), _fields(full), strict=True):
         assert np.array_equal(got, want)

@@ -9,13 +9,13 @@ generation (`python -m metaattn_viz.bench.store [--json]`; docs/benchmarks.md,
   8 concurrent streams that append every 4 tokens, as the app does. Also per CPU-second
   of this process, a figure that other tenants of the machine blur less.
 - logging overhead: the same greedy generation with the real routed model (torch threads
-  as the app server sets them, engine.configure_threads), with and without logging (append after every token, finish at the end), in adjacent pairs of
-  alternating order; the ratio is the median of logged / unlogged over the pairs, all
-  measured in this run. Also the time spent inside the log's calls on the generating
+  as the app server sets them, engine.configure_threads), with and without logging
+  (append after every token, finish at the end), in adjacent pairs of alternating order;
+  the ratio is the median of logged / unlogged over the pairs, all measured in this run.
+  Also the time spent inside the log's calls on the generating
   thread, a figure that machine load does not blur.
 
-Also home of `synthetic_trace` / `grow`, random traces of any size that the store's tests
-use. Writes only under a temporary folder; never touches the user's log.
+Writes only under a temporary folder; never touches the user's log.
 """
 
 from __future__ import annotations
@@ -28,50 +28,38 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from metaattn_viz.core.settings import EXPERTS, RoutingSettings
+from metaattn_viz.core.experts import COSTS, K
+from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
-
-K = len(EXPERTS)
-
-
-def empty_like(trace: RoutingTrace) -> RoutingTrace:
-    """A trace with the same run fields as `trace` and no positions yet."""
-    return RoutingTrace(model=trace.model, controller=trace.controller,
-                        controller_id=trace.controller_id,
-                        controller_trained=trace.controller_trained, settings=trace.settings,
-                        n_layers=trace.n_layers, head_dim=trace.head_dim,
-                        n_prompt_tokens=trace.n_prompt_tokens, truncated=trace.truncated,
-                        created_at=trace.created_at, prompt=trace.prompt)
+from metaattn_viz.store.codec import TRACE_ARRAYS
 
 
-def synthetic_trace(n_layers: int = 30, n_tokens: int = 100, seed: int = 0,
-                    controller: str = "bayes", budget: float | None = 0.5,
-                    n_prompt_tokens: int | None = None) -> RoutingTrace:
-    """A random but well-formed trace: Dirichlet concentrations, routes that follow the
-    posterior mean, some hedged decisions with mixed weights, costs, lambdas, odd tokens."""
+# -- the traces it writes ---------------------------------------------------------------------
+def synthetic_trace(n_layers: int, n_tokens: int, seed: int) -> RoutingTrace:
+    """A random but well-formed trace of the size being measured: Dirichlet concentrations,
+    routes that follow the posterior mean, 10% hedged decisions with mixed weights, costs,
+    lambdas, and token texts with the odd characters a real decode produces."""
     rng = np.random.default_rng(seed)
     L, T = n_layers, n_tokens
-    n_prompt = T // 4 if n_prompt_tokens is None else n_prompt_tokens
+    n_prompt = T // 4
     trace = RoutingTrace(
-        model="synthetic", controller=controller, controller_id=f"{controller}-synthetic-{seed}",
-        controller_trained=seed % 2 == 0, settings=RoutingSettings(budget=budget, window=32,
-                                                                   hedge_policy="soft"),
+        model="synthetic", controller="bayes", controller_id=f"bayes-synthetic-{seed}",
+        controller_trained=seed % 2 == 0,
+        settings=RoutingSettings(budget=0.5, window=32, hedge_policy="soft"),
         n_layers=L, head_dim=64, n_prompt_tokens=n_prompt, truncated=seed % 3,
         prompt=f"synthetic prompt {seed} — ünïcode ✓", created_at=1.7e9 + seed * 3600.123456)
-    if controller == "priorfree":  # a point estimate: its "concentration" is a probability
-        conc = rng.dirichlet(np.ones(K), size=(L, T)).astype(np.float32)  # [L, T, K]
-    else:
-        conc = rng.gamma(2.0, 1.5, size=(L, T, K)).astype(np.float32) + 0.05  # [L, T, K]
+    conc = rng.gamma(2.0, 1.5, size=(L, T, K)).astype(np.float32) + 0.05  # [L, T, K]
     routes = conc.argmax(-1).astype(np.int8)  # [L, T]
     hedged = rng.random((L, T)) < 0.1
     weights = np.eye(K, dtype=np.float32)[routes]  # [L, T, K]
     mean = conc / conc.sum(-1, keepdims=True)
     weights[hedged] = mean[hedged]
-    cost = (weights * np.array([1.0, 0.15, 0.30], np.float32)).sum(-1)  # [L, T]
+    cost = (weights * np.array(COSTS, np.float32)).sum(-1)  # [L, T]
     lam = rng.normal(0, 0.5, (L, T)).astype(np.float32)
     words = ["the", " cat", " ünï", "\n", " ", "", "✓", "\x00", "<|im_end|>", " sat"]
     tokens = [words[i % len(words)] + (str(i) if i % 7 == 0 else "") for i in range(T)]
@@ -81,25 +69,24 @@ def synthetic_trace(n_layers: int = 30, n_tokens: int = 100, seed: int = 0,
     return trace
 
 
-def grow(full: RoutingTrace, chunks):
-    """Yield a new trace that grows to `full` (prefill first, then by `chunks` sizes, an
-    int or an iterable of ints), as the routed model's stream does."""
-    trace = empty_like(full)
-    sizes = iter(chunks) if not isinstance(chunks, int) else None
+def grow(full: RoutingTrace, every: int) -> Iterator[RoutingTrace]:
+    """Yield a new trace that grows to `full` (prefill first, then `every` positions at a
+    time), as the routed model's stream does."""
+    trace = RoutingTrace(model=full.model, controller=full.controller,
+                         controller_id=full.controller_id,
+                         controller_trained=full.controller_trained, settings=full.settings,
+                         n_layers=full.n_layers, head_dim=full.head_dim,
+                         n_prompt_tokens=full.n_prompt_tokens, truncated=full.truncated,
+                         created_at=full.created_at, prompt=full.prompt)
     pos = 0
     while pos < full.n_tokens:
-        n = full.n_prompt_tokens if pos == 0 and full.n_prompt_tokens else (
-            chunks if sizes is None else next(sizes))
-        end = min(full.n_tokens, pos + max(1, int(n)))
+        n = full.n_prompt_tokens if pos == 0 and full.n_prompt_tokens else every
+        end = min(full.n_tokens, pos + max(1, n))
         trace.extend(full.token_ids[pos:end], full.tokens[pos:end],
-                     full.concentration[:, pos:end], full.routes[:, pos:end],
-                     full.hedged[:, pos:end], full.weights[:, pos:end], full.cost[:, pos:end],
-                     full.lam[:, pos:end])
+                     *(getattr(full, name)[:, pos:end] for name in TRACE_ARRAYS))
         pos = end
         yield trace
-    # what the model sets once the run is complete
     trace.output_text, trace.timings = full.output_text, dict(full.timings)
-    trace.kl_to_dense = full.kl_to_dense
 
 
 # -- insert throughput ------------------------------------------------------------------------
@@ -206,7 +193,7 @@ def bench_logging_overhead(folder: Path, max_new_tokens: int = 64, repeats: int 
             for use_log in ((False, True) if r % 2 == 0 else (True, False)):
                 wall, cpu, spent, n_tokens = generate(log if use_log else None)
                 runs[use_log].append((wall, cpu, spent))
-    pairs = list(zip(runs[False], runs[True]))
+    pairs = list(zip(runs[False], runs[True], strict=True))
     return {"max_new_tokens": max_new_tokens, "tokens": n_tokens, "repeats": repeats,
             "torch_threads": torch_threads,
             "plain_s": statistics.median(p[0] for p, _ in pairs),

@@ -29,11 +29,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import duckdb
 import pandas as pd
 
-from metaattn_viz.store import LOG_TABLES, RunLog
+from metaattn_viz.store.runlog import RunLog
+from metaattn_viz.store.schema import LOG_TABLES
 
 ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
 # Scalar functions with an effect, a wait, or a view of things outside the log.
@@ -163,13 +165,20 @@ def check_readonly(sql: str, cursor: duckdb.DuckDBPyConnection) -> str:
     """Raise ConsoleRefused unless `sql` is one read-only query over the log's tables;
     return the statement text."""
     statement = _statement_of(sql)
-    raw = cursor.execute("SELECT json_serialize_sql($q)", {"q": statement}).fetchone()[0]
-    tree = json.loads(raw)
+    tree = json.loads(_scalar(cursor, "SELECT json_serialize_sql($q)", {"q": statement}))
     if tree.get("error"):
         raise _refuse(f"the query could not be checked ({tree.get('error_message', 'unknown')})")
-    catalog = cursor.execute("SELECT current_database()").fetchone()[0]
+    catalog = _scalar(cursor, "SELECT current_database()")
     _check_tree(tree.get("statements", []), frozenset(), frozenset({str(catalog).lower()}))
     return statement
+
+
+def _scalar(cursor: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> Any:
+    """The one value a one-row, one-column query answers."""
+    row = cursor.execute(sql, params or {}).fetchone()
+    if row is None:
+        raise ConsoleError(f"no answer from {sql!r}")
+    return row[0]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,178 @@
+"""The routing log's schema: its tables, their columns, and the migrations that create
+them (docs/architecture.md).
+
+Tables (schema version in `schema_version`; older databases are migrated on open):
+
+- `runs`    one row per run: status, kind, model, controller, every RoutingSettings field
+            (`window` is stored as `local_window`, `lam` as `fixed_lam`), prompt, output text,
+            n_tokens, realized_cost, flops_ratio, wall_ms, timings (JSON), error.
+- `tokens`  one row per (run, position): token_id, text, is_prompt, kl_to_dense (the
+            quality meter, when the run measured it; written by finish).
+- `routes`  one row per (run, layer, position): the chosen expert, hedged, the Dirichlet
+            concentrations (conc_full/linear/local), the mixing weights applied
+            (weight_full/linear/local), cost, lambda, and the uncertainty measures of
+            dirichlet.uncertainties (uncertainty = total, aleatoric, epistemic, vacuity),
+            stored so that SQL can ask about them; a replay recomputes them from the trace.
+- `experts` the lookup (expert, name, cost, symbol) for joins and route strings.
+
+Each data table has ONE definition, its column list (RUNS_COLUMNS, TOKENS_COLUMNS,
+ROUTES_COLUMNS): the DDL of the migrations and the Arrow schemas the writer builds its
+tables with are both derived from it. A migration is frozen: never change a column that
+has shipped; a later version appends `Column(..., since=N)` and adds
+(N, ("ALTER TABLE runs ADD COLUMN ...",)) to MIGRATIONS, which runs inside the
+transaction that records its version.
+
+Declarations only: this module never opens a database, and never imports the model code,
+torch or gradio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+STATUSES = ("running", "done", "interrupted", "failed")
+FINAL_STATUSES = ("done", "interrupted", "failed")
+# The log's tables: what the read-only console may read, and what export writes.
+LOG_TABLES = ("runs", "tokens", "routes", "experts", "schema_version")
+# RoutingSettings field -> runs column (`window` is an SQL keyword; `lam` would be
+# confused with the per-decision lambda in `routes`).
+SETTINGS_COLUMNS = {"budget": "budget", "scope": "scope", "hedge_policy": "hedge_policy",
+                    "hedge_threshold": "hedge_threshold", "hedge_min_weight": "hedge_min_weight",
+                    "window": "local_window", "n_sink": "n_sink", "lam": "fixed_lam",
+                    "dual_step": "dual_step", "backend": "backend"}
+# dirichlet.uncertainties measure -> routes column.
+UNCERTAINTY_COLUMNS = {"total": "uncertainty", "aleatoric": "aleatoric",
+                       "epistemic": "epistemic", "vacuity": "vacuity"}
+
+# The DuckDB types the log uses, and the Arrow type the writer hands DuckDB for each.
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "VARCHAR": pa.string(), "TIMESTAMP": pa.timestamp("us"), "BOOLEAN": pa.bool_(),
+    "TINYINT": pa.int8(), "SMALLINT": pa.int16(), "INTEGER": pa.int32(),
+    "FLOAT": pa.float32(), "DOUBLE": pa.float64(),
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # a key of ARROW_TYPES
+    constraint: str = ""  # e.g. "NOT NULL", "PRIMARY KEY", "NOT NULL CHECK (...)"
+    since: int = 1  # the schema version that added it (migration 1 creates since=1)
+
+    @property
+    def sql(self) -> str:
+        return f"{self.name} {self.type}{' ' + self.constraint if self.constraint else ''}"
+
+
+_STATUS_CHECK = "CHECK (status IN ({}))".format(", ".join(f"'{s}'" for s in STATUSES))
+NN = "NOT NULL"
+
+RUNS_COLUMNS: tuple[Column, ...] = (
+    Column("run_id", "VARCHAR", "PRIMARY KEY"),
+    Column("created_at", "TIMESTAMP", NN),  # UTC
+    Column("finished_at", "TIMESTAMP"),  # UTC
+    Column("status", "VARCHAR", f"{NN} {_STATUS_CHECK}"),
+    Column("kind", "VARCHAR", NN),
+    Column("model", "VARCHAR"),
+    Column("controller", "VARCHAR"),
+    Column("controller_id", "VARCHAR"),
+    Column("controller_trained", "BOOLEAN"),
+    Column("budget", "DOUBLE"),
+    Column("scope", "VARCHAR"),
+    Column("hedge_policy", "VARCHAR"),
+    Column("hedge_threshold", "DOUBLE"),
+    Column("hedge_min_weight", "DOUBLE"),
+    Column("local_window", "INTEGER"),
+    Column("n_sink", "INTEGER"),
+    Column("fixed_lam", "DOUBLE"),
+    Column("dual_step", "DOUBLE"),
+    Column("backend", "VARCHAR"),
+    Column("n_layers", "SMALLINT", NN),
+    Column("head_dim", "SMALLINT"),
+    Column("n_tokens", "INTEGER", NN),  # positions committed so far
+    Column("n_prompt_tokens", "INTEGER", NN),
+    Column("truncated", "INTEGER", NN),
+    Column("prompt", "VARCHAR"),
+    Column("output_text", "VARCHAR"),
+    Column("realized_cost", "DOUBLE"),
+    Column("flops_ratio", "DOUBLE"),
+    Column("wall_ms", "DOUBLE"),
+    Column("timings", "VARCHAR"),  # JSON object
+    Column("error", "VARCHAR"),
+    Column("pid", "INTEGER"),
+    Column("host", "VARCHAR"),
+)
+TOKENS_COLUMNS: tuple[Column, ...] = (
+    Column("run_id", "VARCHAR", NN),
+    Column("pos", "INTEGER", NN),
+    Column("token_id", "INTEGER", NN),
+    Column("text", "VARCHAR", NN),
+    Column("is_prompt", "BOOLEAN", NN),
+    Column("kl_to_dense", "FLOAT"),  # KL(dense || routed) of the next token, when measured
+)
+ROUTES_COLUMNS: tuple[Column, ...] = (
+    Column("run_id", "VARCHAR", NN),
+    Column("layer", "SMALLINT", NN),
+    Column("pos", "INTEGER", NN),
+    Column("expert", "TINYINT", NN),
+    Column("hedged", "BOOLEAN", NN),
+    Column("conc_full", "FLOAT", NN),
+    Column("conc_linear", "FLOAT", NN),
+    Column("conc_local", "FLOAT", NN),
+    Column("weight_full", "FLOAT", NN),
+    Column("weight_linear", "FLOAT", NN),
+    Column("weight_local", "FLOAT", NN),
+    Column("cost", "FLOAT", NN),
+    Column("lam", "FLOAT", NN),
+    Column("uncertainty", "FLOAT", NN),
+    Column("aleatoric", "FLOAT", NN),
+    Column("epistemic", "FLOAT", NN),
+    Column("vacuity", "FLOAT", NN),
+)
+
+# The runs columns that finish writes, and those every committed batch updates.
+FINAL_COLUMNS = ("status", "finished_at", "prompt", "output_text", "realized_cost",
+                 "flops_ratio", "wall_ms", "timings", "error")
+PROGRESS_COLUMNS = ("n_tokens", "n_prompt_tokens", "truncated")
+
+
+def create_table(name: str, columns: tuple[Column, ...], version: int = 1) -> str:
+    """CREATE TABLE for the columns that schema `version` added."""
+    body = ",\n  ".join(c.sql for c in columns if c.since == version)
+    return f"CREATE TABLE {name} (\n  {body})"
+
+
+def arrow_schema(columns: tuple[Column, ...], names: tuple[str, ...] | None = None) -> pa.Schema:
+    """The Arrow schema of `columns` (or of those named, in that order)."""
+    by_name = {c.name: c for c in columns}
+    chosen = columns if names is None else tuple(by_name[n] for n in names)
+    return pa.schema([(c.name, ARROW_TYPES[c.type]) for c in chosen])
+
+
+RUNS_ARROW_SCHEMA = arrow_schema(RUNS_COLUMNS)
+FINAL_ARROW_SCHEMA = arrow_schema(RUNS_COLUMNS, ("run_id", *FINAL_COLUMNS))
+PROGRESS_ARROW_SCHEMA = arrow_schema(RUNS_COLUMNS, ("run_id", *PROGRESS_COLUMNS))
+
+MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
+    (1, (
+        """CREATE TABLE schema_version (
+             version    INTEGER NOT NULL,
+             applied_at TIMESTAMP NOT NULL)""",
+        """CREATE TABLE experts (
+             expert TINYINT PRIMARY KEY,
+             name   VARCHAR NOT NULL,
+             cost   DOUBLE NOT NULL,
+             symbol VARCHAR NOT NULL)""",
+        """INSERT INTO experts VALUES (0, 'full', 1.00, 'F'), (1, 'linear', 0.15, 'L'),
+                                      (2, 'local', 0.30, 'W')""",
+        create_table("runs", RUNS_COLUMNS),
+        create_table("tokens", TOKENS_COLUMNS),
+        create_table("routes", ROUTES_COLUMNS),
+    )),
+]
+
+
+def latest_schema_version() -> int:
+    return MIGRATIONS[-1][0]
