@@ -50,11 +50,11 @@ $(BROWSER_STAMP):
 	@mkdir -p $(VENV) && touch $(BROWSER_STAMP)
 
 calibrate: setup
-	$(PY) -m metaattn_viz calibrate --data ../shared/data/wikitext2/wiki.dev.raw --controller bayes
-	$(PY) -m metaattn_viz calibrate --data ../shared/data/wikitext2/wiki.dev.raw --controller priorfree
+	$(PY) -m metaattn_viz calibrate --data corpus/wikitext2/wiki.dev.raw --controller bayes
+	$(PY) -m metaattn_viz calibrate --data corpus/wikitext2/wiki.dev.raw --controller priorfree
 
 eval: setup
-	$(PY) -m metaattn_viz eval --data ../shared/data/wikitext2/wiki.dev.raw --json
+	$(PY) -m metaattn_viz eval --data corpus/wikitext2/wiki.dev.raw --json
 
 bench: setup
 	$(PY) -m metaattn_viz bench --json
