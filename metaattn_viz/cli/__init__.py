@@ -2,19 +2,60 @@
 
 Subcommands and their JSON outputs are a contract (docs/architecture.md, "CLI"). Each
 handler is a thin adapter over a library call; heavy imports happen inside the handler so
-that `--help` is instant. User errors print one plain line and exit 2, never a traceback.
+that `--help` is instant. Choices and defaults are read from their one definition (core's
+RoutingSettings and experts, the controller registry, the store's export formats), never
+written here. User errors print one plain line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 from metaattn_viz import __version__
+from metaattn_viz.core.experts import K
+from metaattn_viz.core.settings import DEFAULTS, HEDGE_POLICIES, MIN_COST, SCOPES, RoutingSettings
 
 EXIT_USAGE = 2
+BUDGET_RANGE = f"[{MIN_COST:g}, 1]"
+
+
+class _Choices(Sequence):
+    """The choices of an option, read from a module's tuple (their one definition) the
+    first time argparse needs them: to check a value or to print that subcommand's help.
+    The controller registry imports torch and the store duckdb, which `metaattn-viz
+    --help` must not pay for."""
+
+    def __init__(self, module: str, name: str):
+        self._source = (module, name)
+        self._values: tuple | None = None
+
+    def _get(self) -> tuple:
+        if self._values is None:
+            module, name = self._source
+            self._values = tuple(getattr(importlib.import_module(module), name))
+        return self._values
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _add_choice(p: argparse.ArgumentParser, flag: str, module: str, name: str,
+                **kwargs) -> None:
+    # Set after add_argument: argparse formats the choices while adding an argument, which
+    # would import the module now.
+    p.add_argument(flag, **kwargs).choices = _Choices(module, name)
+
+
+def _add_controller_arg(p: argparse.ArgumentParser) -> None:
+    _add_choice(p, "--controller", "metaattn_viz.routing.controller", "KINDS", default="bayes")
 
 
 class UserError(Exception):
@@ -50,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "day (hive style)")
     p.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
     p.add_argument("--out", required=True, help="output folder (runs/, tokens/, routes/ ...)")
-    p.add_argument("--format", default="parquet", choices=["parquet", "csv"])
+    _add_choice(p, "--format", "metaattn_viz.store", "EXPORT_FORMATS", default="parquet")
     p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("route", help="route a prompt (and optionally generate) and print the trace")
@@ -67,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="train the controllers (ELBO / prior-free baseline)")
     p.add_argument("--data", required=True, help="UTF-8 text file (WikiText-2 raw works)")
-    p.add_argument("--controller", default="bayes", choices=["bayes", "priorfree"])
+    _add_controller_arg(p)
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta-kl", type=float, default=None, help="weight of the prior KL (bayes)")
@@ -81,12 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="compare routing policies on held-out text (JSON rows)")
     p.add_argument("--data", required=True, help="UTF-8 text file; its validation split is used")
-    p.add_argument("--budgets", default="0.25,0.5,0.75,1.0", help="comma-separated budgets")
-    p.add_argument("--max-tokens", type=int, default=4096, help="validation tokens to score")
-    p.add_argument("--seq-len", type=int, default=256, help="window length")
-    p.add_argument("--window", type=int, default=64, help="local expert window")
-    p.add_argument("--scope", default="global", choices=["global", "layer"],
-                   help="budget scope of the controllers' rows (default global)")
+    p.add_argument("--budgets", default=None, help="comma-separated budgets")
+    p.add_argument("--max-tokens", type=int, default=None, help="validation tokens to score")
+    p.add_argument("--seq-len", type=int, default=None, help="window length")
+    p.add_argument("--window", type=int, default=DEFAULTS.window, help="local expert window")
+    p.add_argument("--scope", default=DEFAULTS.scope, choices=SCOPES,
+                   help=f"budget scope of the controllers' rows (default {DEFAULTS.scope})")
     p.add_argument("--no-baselines", action="store_true",
                    help="only the controllers (skip static, random and salience rows)")
     p.add_argument("--report", default=None,
@@ -105,18 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_routing_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", default="0.5",
-                   help="mean notional cost per decision in [0.15, 1], or 'none' for the "
-                        "posterior's own argmax (default 0.5)")
-    p.add_argument("--controller", default="bayes", choices=["bayes", "priorfree"])
-    p.add_argument("--scope", default="global", choices=["global", "layer"],
+    p.add_argument("--budget", default=str(DEFAULTS.budget),
+                   help=f"mean notional cost per decision in {BUDGET_RANGE}, or 'none' for the "
+                        f"posterior's own argmax (default {DEFAULTS.budget})")
+    _add_controller_arg(p)
+    p.add_argument("--scope", default=DEFAULTS.scope, choices=SCOPES,
                    help="budget met over all layers (default: layers compete) or by every layer")
-    p.add_argument("--hedge", default="off", choices=["off", "soft", "full"],
-                   help="hedging policy for uncertain cheap decisions (default off)")
-    p.add_argument("--hedge-threshold", type=float, default=0.9,
-                   help="total uncertainty (fraction of log 3) above which to hedge")
-    p.add_argument("--window", type=int, default=64, help="local expert window (default 64)")
-    p.add_argument("--sinks", type=int, default=4, help="attention sinks (default 4)")
+    p.add_argument("--hedge", default=DEFAULTS.hedge_policy, choices=HEDGE_POLICIES,
+                   help="hedging policy for uncertain cheap decisions (default "
+                        f"{DEFAULTS.hedge_policy})")
+    p.add_argument("--hedge-threshold", type=float, default=DEFAULTS.hedge_threshold,
+                   help=f"total uncertainty (fraction of log {K}) above which to hedge")
+    p.add_argument("--window", type=int, default=DEFAULTS.window,
+                   help=f"local expert window (default {DEFAULTS.window})")
+    p.add_argument("--sinks", type=int, default=DEFAULTS.n_sink,
+                   help=f"attention sinks (default {DEFAULTS.n_sink})")
 
 
 def _add_db_args(p: argparse.ArgumentParser) -> None:
@@ -125,15 +169,13 @@ def _add_db_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-log", action="store_true", help="do not log this run")
 
 
-def settings_from_args(args):
-    from metaattn_viz.core.settings import RoutingSettings
-
+def settings_from_args(args) -> RoutingSettings:
     budget = None if str(args.budget).strip().lower() == "none" else args.budget
     if budget is not None:
         try:
             budget = float(budget)
         except ValueError:
-            raise UserError(f"--budget must be a number in [0.15, 1] or 'none', got "
+            raise UserError(f"--budget must be a number in {BUDGET_RANGE} or 'none', got "
                             f"{args.budget!r}") from None
     return RoutingSettings(budget=budget, scope=args.scope, hedge_policy=args.hedge,
                            hedge_threshold=args.hedge_threshold, window=args.window,
@@ -185,9 +227,9 @@ def _cmd_route(args) -> int:
 def _cmd_calibrate(args) -> int:
     import json
 
+    from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import data as data_mod
     from metaattn_viz.training.calibrate import CalibrationConfig, calibrate
-    from metaattn_viz.routing.model import RoutedModel
 
     overrides = {k: v for k, v in [("steps", args.steps), ("beta_kl", args.beta_kl),
                                    ("cost_weight", args.cost_weight)] if v is not None}
@@ -210,8 +252,8 @@ def _parse_budgets(text: str) -> list[float]:
     try:
         budgets = [float(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise UserError(f"--budgets must be comma-separated numbers in [0.15, 1], got {text!r}") \
-            from None
+        raise UserError(f"--budgets must be comma-separated numbers in {BUDGET_RANGE}, got "
+                        f"{text!r}") from None
     from metaattn_viz.core.settings import RoutingSettings
 
     for b in budgets:
@@ -224,13 +266,15 @@ def _parse_budgets(text: str) -> list[float]:
 def _cmd_eval(args) -> int:
     import json
 
-    from metaattn_viz.training import data as data_mod
-    from metaattn_viz.training.evaluate import evaluate
     from metaattn_viz.routing.model import RoutedModel
+    from metaattn_viz.training import data as data_mod
+    from metaattn_viz.training.evaluate import DEFAULT_BUDGETS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, evaluate
 
-    budgets = _parse_budgets(args.budgets)
-    if args.max_tokens < args.seq_len:
-        raise UserError(f"--max-tokens must be at least --seq-len ({args.seq_len})")
+    budgets = list(DEFAULT_BUDGETS) if args.budgets is None else _parse_budgets(args.budgets)
+    max_tokens = DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens
+    seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
+    if max_tokens < seq_len:
+        raise UserError(f"--max-tokens must be at least --seq-len ({seq_len})")
     try:
         data_mod.load_split(args.data)
     except data_mod.DataError as exc:
@@ -242,8 +286,8 @@ def _cmd_eval(args) -> int:
               f"ppl={row['ppl']:.2f} kl={row['kl_to_dense']:.4f}", file=sys.stderr)
 
     try:
-        rows = evaluate(routed, args.data, budgets, max_tokens=args.max_tokens,
-                        seq_len=args.seq_len, window=args.window, progress=progress,
+        rows = evaluate(routed, args.data, budgets, max_tokens=max_tokens,
+                        seq_len=seq_len, window=args.window, progress=progress,
                         scope=args.scope, baselines=not args.no_baselines)
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None

@@ -6,16 +6,8 @@ layer, the share of full attention, mean uncertainty and cost. Never imports tor
 
 from __future__ import annotations
 
-import numpy as np
-
+from metaattn_viz.core.experts import EXPERTS, FULL, LETTERS, route_string
 from metaattn_viz.core.trace import RoutingTrace
-
-ROUTE_CHARS = "FLW"  # full, linear, local (W for window)
-
-
-def route_string(routes_col: np.ndarray, hedged_col: np.ndarray) -> str:
-    return "".join(ROUTE_CHARS[r].lower() if h else ROUTE_CHARS[r]
-                   for r, h in zip(routes_col.tolist(), hedged_col.tolist()))
 
 
 def trace_table(trace: RoutingTrace) -> str:
@@ -25,8 +17,9 @@ def trace_table(trace: RoutingTrace) -> str:
         + ("" if trace.controller_trained else "   (UNTRAINED: run `metaattn-viz calibrate`)"),
         f"budget {trace.settings.budget}   scope {trace.settings.scope}   hedge "
         f"{trace.settings.hedge_policy}   window {trace.settings.window}+{trace.settings.n_sink}",
-        f"routes: one character per layer, {ROUTE_CHARS[0]}=full {ROUTE_CHARS[1]}=linear "
-        f"{ROUTE_CHARS[2]}=local (lower case = hedged)",
+        "routes: one character per layer, "
+        + " ".join(f"{c}={e}" for c, e in zip(LETTERS, EXPERTS, strict=True))
+        + " (lower case = hedged)",
         "",
         f"{'pos':>5}  {'token':<16} {'routes':<{trace.n_layers}}  full%  unc   cost",
     ]
@@ -36,7 +29,7 @@ def trace_table(trace: RoutingTrace) -> str:
         marker = " " if t < trace.n_prompt_tokens else "+"
         lines.append(
             f"{t:>4}{marker}  {tok:<16} {route_string(trace.routes[:, t], trace.hedged[:, t])}  "
-            f"{100 * trace.weights[:, t, 0].mean():4.0f}  {unc[:, t].mean():.2f}  "
+            f"{100 * trace.weights[:, t, FULL].mean():4.0f}  {unc[:, t].mean():.2f}  "
             f"{trace.cost[:, t].mean():.2f}")
     lines += ["", f"realised cost {trace.realized_cost:.3f}   attention FLOPs ratio "
               f"{trace.attention_flops_ratio:.3f}   truncated {trace.truncated}"]

@@ -1,8 +1,8 @@
-"""Routing settings: the experts, their notional costs, and every knob a user can turn.
+"""Routing settings: every knob a user can turn, and the valid choices for each.
 
 One frozen dataclass, validated on construction, so a bad value is refused with a message
-that names the setting and its valid range before any model work starts. Knows nothing of
-torch or of the model.
+that names the setting and its valid range before any model work starts. The CLI and the
+app take their choices and defaults from here. Never imports torch or the model.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-EXPERTS = ("full", "linear", "local")
-FULL, LINEAR, LOCAL = 0, 1, 2
-# The paper's notional costs (docs/meta-attention.md §2): they drive the prior and the budget.
-COSTS = (1.00, 0.15, 0.30)
-MIN_COST = min(COSTS)
+from metaattn_kernels.experts import BACKENDS
+
+# The experts and their costs are defined in core.experts; re-exported because much of the
+# package imports them from here.
+from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL, MIN_COST
+
 SCOPES = ("global", "layer")
 HEDGE_POLICIES = ("off", "soft", "full")
 UNCERTAINTY_MEASURES = ("total", "aleatoric", "epistemic", "vacuity")
@@ -55,14 +56,16 @@ def _int(name: str, value, lo: int, hi: int) -> int:
 class RoutingSettings:
     """How the routed model spends compute. Defaults are the app's defaults.
 
-    budget: mean notional cost per routed decision, in [0.15, 1]; None = no budget (the
-        posterior's own argmax, lambda = 0: the paper's "projected normalised cost" mode).
+    budget: mean notional cost per routed decision, in [MIN_COST, 1] = [0.15, 1]; None = no
+        budget (the posterior's own argmax, lambda = 0: the paper's "projected normalised
+        cost" mode; docs/method.md, "Budget").
     scope: "global" (one lambda for all layers, so layers compete for compute: the default,
         because layers differ in how much full attention they need; a prefill settles
         lambda on a pilot pass, see RoutedModel.prefill) or "layer" (every layer meets the
         budget; one pass).
-    hedge_policy: "off"; "soft" (an uncertain cheap decision mixes the experts whose
-        posterior weight is >= hedge_min_weight); "full" (escalate it to full attention).
+    hedge_policy (docs/method.md, "Hedging"): "off"; "soft" (an uncertain cheap decision
+        mixes the experts whose posterior weight is >= hedge_min_weight); "full" (escalate
+        it to full attention).
     hedge_threshold: total uncertainty (entropy of the posterior mean, as a fraction of
         log K) above which a decision routed to a cheap expert is hedged.
     window, n_sink: the local expert's sliding window and number of attention sinks.
@@ -100,8 +103,8 @@ class RoutingSettings:
         if self.lam is not None:
             object.__setattr__(self, "lam", _finite("lam", self.lam, -1e4, 1e4))
         object.__setattr__(self, "dual_step", _finite("dual_step", self.dual_step, 0.0, 100.0))
-        if self.backend not in ("auto", "cpu", "triton", "reference"):
-            raise ValueError("backend must be one of auto, cpu, triton, reference, got "
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got "
                              f"{self.backend!r}")
 
     def with_(self, **changes) -> RoutingSettings:
@@ -119,3 +122,10 @@ class RoutingSettings:
     def dense(self) -> bool:
         """Budget 1 with no fixed lambda: every decision is full attention."""
         return self.lam is None and self.budget is not None and self.budget >= 1.0
+
+
+DEFAULTS = RoutingSettings()  # the defaults, for the CLI's and the app's controls
+
+
+__all__ = ["RoutingSettings", "DEFAULTS", "SCOPES", "HEDGE_POLICIES", "BACKENDS",
+           "UNCERTAINTY_MEASURES", "COSTS", "EXPERTS", "FULL", "LINEAR", "LOCAL", "MIN_COST"]

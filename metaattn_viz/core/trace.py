@@ -4,7 +4,8 @@ the store and the CLI (docs/architecture.md, "Data flow").
 It holds numpy arrays (never tensors), so views and storage need neither torch nor the
 model; a replay from the database rebuilds an equal trace. Derived quantities
 (uncertainties, FLOPs ratio, realised cost) are computed from the stored fields, never
-stored twice.
+stored twice, and by the one definition of each: core.dirichlet's uncertainties (numpy
+path) and metaattn_kernels.flops. Never imports torch.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from metaattn_viz.core.settings import COSTS, EXPERTS, FULL, LINEAR, LOCAL, RoutingSettings
+from metaattn_kernels.flops import attention_flops_ratio, attention_flops_totals
+from metaattn_viz.core.dirichlet import uncertainties
+from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, K
+from metaattn_viz.core.settings import RoutingSettings
 
-K = len(EXPERTS)
+# Default of the array fields: __post_init__ replaces it with empty [L, 0, ...] arrays.
+# Typed Any so that the fields can be declared as the arrays they always are after it.
+_EMPTY: Any = None
 _GROWN = ("concentration", "routes", "hedged", "weights", "cost", "lam")  # [L, T, ...] fields
 
 
@@ -33,12 +40,12 @@ class RoutingTrace:
     token_ids: list[int] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     n_prompt_tokens: int = 0
-    concentration: np.ndarray = None  # [L, T, K] float32 (prior-free: its probabilities)
-    routes: np.ndarray = None  # [L, T] int8: expert chosen (see hedged)
-    hedged: np.ndarray = None  # [L, T] bool
-    weights: np.ndarray = None  # [L, T, K] float32 mixing weights actually applied
-    cost: np.ndarray = None  # [L, T] float32 real notional cost of each decision
-    lam: np.ndarray = None  # [L, T] float32 lambda in force for each decision
+    concentration: np.ndarray = _EMPTY  # [L, T, K] float32 (prior-free: its probabilities)
+    routes: np.ndarray = _EMPTY  # [L, T] int8: expert chosen (see hedged)
+    hedged: np.ndarray = _EMPTY  # [L, T] bool
+    weights: np.ndarray = _EMPTY  # [L, T, K] float32 mixing weights actually applied
+    cost: np.ndarray = _EMPTY  # [L, T] float32 real notional cost of each decision
+    lam: np.ndarray = _EMPTY  # [L, T] float32 lambda in force for each decision
     kl_to_dense: np.ndarray | None = None  # [T] KL(dense || routed) next-token, if measured
     truncated: int = 0  # prompt tokens dropped from the left to fit the context
     timings: dict = field(default_factory=dict)  # prefill_ms, decode_ms, tokens_per_s, ...
@@ -65,7 +72,7 @@ class RoutingTrace:
         full), so a trace grown token by token costs O(T) copying, not O(T^2). Positions
         already in a field are never written again, so views handed out earlier (to a
         plot, to the store's writer thread) stay valid."""
-        new = (np.asarray(concentration, np.float32), np.asarray(routes, np.int8),
+        new: tuple[np.ndarray, ...] = (np.asarray(concentration, np.float32), np.asarray(routes, np.int8),
                np.asarray(hedged, bool), np.asarray(weights, np.float32),
                np.asarray(cost, np.float32), np.asarray(lam, np.float32))
         n_old = self.routes.shape[1]
@@ -73,15 +80,15 @@ class RoutingTrace:
         bufs = self.__dict__.get("_bufs")
         current = [getattr(self, f) for f in _GROWN]
         if (bufs is None or self.__dict__.get("_buf_n") != n_old or bufs[0].shape[1] < n_new
-                or any(a.base is not b for a, b in zip(current, bufs))):
+                or any(a.base is not b for a, b in zip(current, bufs, strict=True))):
             cap = max(n_new, 2 * n_old, 16)
             bufs = []
-            for a, x in zip(current, new):
+            for a, x in zip(current, new, strict=True):
                 b = np.empty((a.shape[0], cap, *x.shape[2:]), x.dtype)
                 b[:, :n_old] = a
                 bufs.append(b)
             self.__dict__["_bufs"] = bufs
-        for f, b, x in zip(_GROWN, bufs, new):
+        for f, b, x in zip(_GROWN, bufs, new, strict=True):
             b[:, n_old:n_new] = x
             setattr(self, f, b[:, :n_new])
         self.__dict__["_buf_n"] = n_new
@@ -104,17 +111,12 @@ class RoutingTrace:
 
     def uncertainty(self, measure: str = "total") -> np.ndarray:
         """[L, T] uncertainty of each decision (see dirichlet.uncertainties)."""
-        import torch
-
-        from metaattn_viz.core.dirichlet import uncertainties
-
         if self.n_tokens == 0:
             return np.zeros((self.n_layers, 0), np.float32)
-        u = uncertainties(torch.from_numpy(self.concentration.astype(np.float64)),
-                          point_estimate=self.point_estimate)
+        u = uncertainties(self.concentration, point_estimate=self.point_estimate)  # float64
         if measure not in u:
             raise ValueError(f"uncertainty measure must be one of {sorted(u)}, got {measure!r}")
-        return u[measure].numpy().astype(np.float32)
+        return u[measure].astype(np.float32)
 
     @property
     def realized_cost(self) -> float:
@@ -125,23 +127,17 @@ class RoutingTrace:
         return np.arange(self.n_tokens)
 
     def attention_flops(self) -> tuple[float, float]:
-        """(routed, dense) attention FLOPs per head summed over decisions: 4 d (t+1) for full,
-        4 d min(t+1, w+n_sink) for local, 4 d^2 for linear; hedged decisions pay every expert
-        they compute."""
-        d = self.head_dim
-        t1 = self.positions()[None, :].astype(np.float64) + 1  # [1, T]
+        """(routed, dense) attention FLOPs per head summed over decisions (the model of
+        metaattn_kernels.flops: hedged decisions pay every expert they compute)."""
         s = self.settings
-        per_expert = np.stack([4 * d * t1, np.full_like(t1, 4.0 * d * d),
-                               4 * d * np.minimum(t1, s.window + s.n_sink)], -1)  # [1, T, K]
-        used = self.weights > 0  # [L, T, K]
-        routed = float((used * per_expert).sum())
-        dense = float(np.broadcast_to(per_expert[..., FULL], used.shape[:2]).sum())
-        return routed, dense
+        return attention_flops_totals(self.positions(), self.weights, s.window, s.n_sink,
+                                      self.head_dim)
 
     @property
     def attention_flops_ratio(self) -> float:
-        routed, dense = self.attention_flops()
-        return routed / dense if dense else float("nan")
+        s = self.settings
+        return attention_flops_ratio(self.positions(), self.weights, s.window, s.n_sink,
+                                     self.head_dim)
 
     def full_share_per_token(self) -> np.ndarray:
         """[T] share of layers that gave each token full attention (hedges count by weight)."""
@@ -184,4 +180,4 @@ class RoutingTrace:
         }
 
 
-__all__ = ["RoutingTrace", "EXPERTS", "COSTS", "FULL", "LINEAR", "LOCAL"]
+__all__ = ["RoutingTrace"]

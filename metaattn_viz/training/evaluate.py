@@ -11,7 +11,8 @@ Policies: the Bayesian and prior-free controllers (budgets and the unbudgeted ar
 all-local, all-linear, random routing at the same budget, and salience top-k (the tokens
 with the largest residual norm get full attention, the rest local; a Mixture-of-Depths-
 like baseline). Baselines share the budget's cost through `budget_shares`.
-Never imports gradio or the store.
+Never imports gradio or the store; computes no FLOPs or uncertainty of its own
+(metaattn_kernels.flops and core.dirichlet do).
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ import numpy as np
 import torch
 from scipy import stats
 
-from metaattn_viz.training import data as data_mod
+from metaattn_kernels.flops import attention_flops_ratio
+from metaattn_viz.core.dirichlet import uncertainties
+from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL, K
+from metaattn_viz.core.settings import DEFAULTS, RoutingSettings
 from metaattn_viz.routing.budget import Decisions
+from metaattn_viz.routing.controller import KINDS
 from metaattn_viz.routing.model import RoutedModel, kl_per_token
-from metaattn_viz.core.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
+from metaattn_viz.training import data as data_mod
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
-K = len(COSTS)
+DEFAULT_MAX_TOKENS = 4096  # validation tokens scored
+DEFAULT_SEQ_LEN = 256  # window length
 
 
 def budget_shares(budget: float) -> tuple[int, int, float]:
@@ -91,13 +97,11 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def flops_ratio(weights: np.ndarray, seq_len: int, head_dim: int, window: int, n_sink: int) -> float:
-    """Real attention FLOPs of the decisions [L, B, T, K] relative to all-full."""
-    t1 = np.arange(seq_len, dtype=np.float64) + 1
-    per = np.stack([4 * head_dim * t1, np.full_like(t1, 4.0 * head_dim ** 2),
-                    4 * head_dim * np.minimum(t1, window + n_sink)], -1)  # [T, K]
-    used = weights > 0
-    return float((used * per).sum() / (per[:, FULL] * np.prod(used.shape[:-1]) / seq_len).sum())
+def flops_ratio(weights: np.ndarray, seq_len: int, head_dim: int, window: int,
+                n_sink: int) -> float:
+    """Real attention FLOPs of the decisions [L, B, T, K] of windows starting at position 0,
+    relative to all-full (metaattn_kernels.flops)."""
+    return attention_flops_ratio(np.arange(seq_len), weights, window, n_sink, head_dim)
 
 
 def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, settings,
@@ -106,7 +110,8 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
     weights, costs, ent, unc_total, unc_epi, rel_err = [], [], [], [], [], []
     for i in range(windows.shape[0]):
         ids = windows[i:i + 1]
-        res = routed.prefill(ids, settings, controller or "bayes", use_cache=False,
+        # a baseline's policy overrides the routes; the controller only has to run
+        res = routed.prefill(ids, settings, controller or KINDS[0], use_cache=False,
                              policy=policy, diagnose=diagnose)
         logits = res.logits[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
@@ -115,15 +120,13 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
         rec = res.records
         weights.append(rec["weights"])
         costs.append(rec["cost"])
-        beta = torch.from_numpy(rec["beta"]).double()
-        m = beta / beta.sum(-1, keepdim=True)
-        h = -(m * m.clamp_min(1e-30).log()).sum(-1) / math.log(K)
-        ent.append(h.numpy())
+        # the torch path in float64: the numbers in docs/results.md were computed with it
+        u = uncertainties(torch.from_numpy(rec["beta"]).double())
+        h = u["total"].numpy()
+        ent.append(h)
         if diagnose:
-            from metaattn_viz.core.dirichlet import mutual_information
-
-            unc_total.append(h.numpy().ravel())
-            unc_epi.append(mutual_information(beta).numpy().ravel())
+            unc_total.append(h.ravel())
+            unc_epi.append(u["epistemic"].numpy().ravel())
             rel_err.append((rec["rel_error"], rec["routes"]))
     w = np.concatenate(weights, 1)
     row = {
@@ -133,8 +136,7 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
         "attention_flops_ratio": flops_ratio(w, windows.shape[1], routed.head_dim,
                                              settings.window, settings.n_sink),
         "routing_entropy": float(np.concatenate(ent, 1).mean()) * 100 if controller else None,
-        "expert_shares": {e: float(w[..., k].mean()) for k, e in enumerate(("full", "linear",
-                                                                              "local"))},
+        "expert_shares": {e: float(w[..., k].mean()) for k, e in enumerate(EXPERTS)},
         "tokens": int(n),
     }
     if diagnose:
@@ -156,9 +158,10 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
     return row
 
 
-def evaluate(routed: RoutedModel, data_path, budgets=DEFAULT_BUDGETS, max_tokens: int = 4096,
-             seq_len: int = 256, window: int = 64, n_sink: int = 4, seed: int = 0,
-             controllers=("bayes", "priorfree"), progress=None, scope: str = "global",
+def evaluate(routed: RoutedModel, data_path, budgets=DEFAULT_BUDGETS,
+             max_tokens: int = DEFAULT_MAX_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
+             window: int = DEFAULTS.window, n_sink: int = DEFAULTS.n_sink, seed: int = 0,
+             controllers=KINDS, progress=None, scope: str = DEFAULTS.scope,
              baselines: bool = True) -> list[dict]:
     split = data_mod.load_split(data_path)
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")
