@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny random models for unit tests, the real bundled model for
-integration tests (loaded once per session, from the user's model cache)."""
+"""Pytest set-up only: the environment every test runs in (offline, no analytics) and the
+real bundled model for integration tests (loaded once per session, from the user's model
+cache). Helpers that tests import (tiny models, attention inputs, the app server) live in
+tests/helpers.py; test modules never import this file."""
 
 from __future__ import annotations
 

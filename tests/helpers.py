@@ -114,9 +114,6 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-# -- the reference twins against independent formulas ----------------------------------------
-
-
 # A real app server in a subprocess (API and browser tests)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-
 from helpers import routed_tiny
+from scipy import stats
+
+from metaattn_viz.core.settings import COSTS, RoutingSettings
+from metaattn_viz.routing.controller import ControllerStack
+from metaattn_viz.routing.model import TrainRouting, kl_per_token
 from metaattn_viz.training import data as data_mod
 from metaattn_viz.training.calibrate import CalibrationConfig, calibrate, elbo_terms
-from metaattn_viz.routing.controller import ControllerStack
 from metaattn_viz.training.evaluate import auroc, budget_shares, evaluate
-from metaattn_viz.routing.model import kl_per_token
-from metaattn_viz.core.settings import COSTS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCERPT = ROOT / "tests" / "data" / "wikitext2_excerpt.txt"
@@ -30,6 +34,24 @@ def test_split_is_by_article_and_deterministic():
     assert a.validation and a.train
     assert not set(a.train) & set(a.validation)
     assert all(x.startswith(" = ") or x.startswith("=") for x in a.train + a.validation)
+    # the excerpt has two articles, too few for the 1-in-10 rule: the last one validates
+    titles = re.findall(r"^ ?= ([^=].*) = ?$", EXCERPT.read_text(), flags=re.M)
+    assert [x.splitlines()[0].strip(" =") for x in a.train + a.validation] == titles
+    assert len(a.validation) == 1 and a.validation[0].startswith(f"= {titles[-1]} =")
+
+
+def test_split_sends_every_tenth_article_to_validation(tmp_path):
+    """23 articles with sections: articles 9 and 19 (0-based, file order) validate, and an
+    article keeps its sections (`` = = ... = = `` lines do not start an article)."""
+    body = "".join(f" = Title {i} = \n text of article {i} .\n = = Section = = \n more {i} .\n"
+                   for i in range(23))
+    path = tmp_path / "wiki.raw"
+    path.write_text(body)
+    split = data_mod.load_split(path)
+    title = re.compile(r"= Title (\d+) =")
+    assert [int(title.match(a)[1]) for a in split.validation] == [9, 19]
+    assert [int(title.match(a)[1]) for a in split.train] == [i for i in range(23) if i not in (9, 19)]
+    assert all("= = Section = =" in a and a.count("= Title") == 1 for a in split.train)
 
 
 @pytest.mark.parametrize("content, match", [
@@ -77,9 +99,6 @@ def test_elbo_terms_match_a_hand_computation():
 
     # by hand: recompute the routed logits with the same Dirichlet samples, then the terms
     torch.manual_seed(7)
-    from metaattn_viz.routing.model import TrainRouting
-    from metaattn_viz.core.settings import RoutingSettings
-
     s = RoutingSettings(budget=None, window=cfg.window, n_sink=cfg.n_sink, backend="reference")
     with r.session(s, stack, mode="train", train=TrainRouting()) as sess:
         logits = r.model(input_ids=ids, use_cache=False).logits
@@ -92,10 +111,10 @@ def test_elbo_terms_match_a_hand_computation():
         prior = torch.distributions.Dirichlet(stack.alpha0.double().expand_as(beta))
         kl += float(torch.distributions.kl_divergence(d, prior).mean()) / len(sess.beta_graph)
     assert terms["task"].item() == pytest.approx(task, rel=1e-3, abs=1e-6)
-    assert float(terms["kl"]) == pytest.approx(kl, rel=1e-3)
-    assert float(terms["loss"]) == pytest.approx(task + 0.3 * kl, rel=1e-4)
-    m = torch.stack([b / b.sum(-1, keepdim=True) for _, b in sess.beta_graph])
-    assert float(terms["cost"]) == pytest.approx(float((m * torch.tensor(COSTS)).sum(-1).mean()),
+    assert terms["kl"].item() == pytest.approx(kl, rel=1e-3)
+    assert terms["loss"].item() == pytest.approx(task + 0.3 * kl, rel=1e-4)
+    m = torch.stack([b.detach() / b.detach().sum(-1, keepdim=True) for _, b in sess.beta_graph])
+    assert terms["cost"].item() == pytest.approx(float((m * torch.tensor(COSTS)).sum(-1).mean()),
                                                  rel=1e-5)
 
 
@@ -105,42 +124,68 @@ def test_priorfree_loss_is_task_plus_cost_penalty():
     dense = r.dense_logits(ids)
     cfg = CalibrationConfig(controller="priorfree", cost_weight=0.5, seq_len=20)
     terms = elbo_terms(r, r.controller("priorfree"), ids, dense, cfg, hard=False)
-    assert float(terms["kl"]) == 0.0
-    assert float(terms["loss"]) == pytest.approx(float(terms["task"]) + 0.5 * float(terms["cost"]),
+    assert terms["kl"].item() == 0.0
+    assert terms["loss"].item() == pytest.approx(terms["task"].item() + 0.5 * terms["cost"].item(),
                                                  rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bayes", "priorfree"])
 def test_calibration_on_a_tiny_model_lowers_the_loss_and_saves(tmp_path, kind):
     r = routed_tiny(seed=1)
-    text = EXCERPT.read_text()
     cfg = CalibrationConfig(controller=kind, steps=30, batch_size=2, seq_len=64, lr=1e-2,
                             soft_fraction=1.0, val_windows=2, checkpoint_every=10)
-    meta = calibrate(r, EXCERPT, cfg, out_dir=tmp_path, progress=False, model_slug="tiny")
+    hist = []
+    meta = calibrate(r, EXCERPT, cfg, out_dir=tmp_path, progress=False, model_slug="tiny",
+                     on_step=hist.append)
     curve = [row["loss"] for row in meta["loss_curve_every_10"]]
-    hist = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["history"]
+    assert [h["step"] for h in hist] == list(range(1, 31)) and curve == [h["loss"] for h in hist[::10]]
     first = sum(h["loss"] for h in hist[:5]) / 5
     last = sum(h["loss"] for h in hist[-5:]) / 5
     assert last < first, (first, last, curve)
     loaded = ControllerStack.load(tmp_path)
     assert loaded.trained and loaded.kind == kind
+    # the run read this very file: its meta names the file's own hash, computed here apart
+    assert meta["data"]["sha256"] == hashlib.sha256(EXCERPT.read_bytes()).hexdigest()
     assert json.loads((tmp_path / "meta.json").read_text())["data"]["sha256"] == meta["data"]["sha256"]
-    assert text  # the data file was read, not a cached copy
 
 
-def test_resume_continues_where_it_stopped(tmp_path):
+class Interrupted(Exception):
+    """Raised by a step callback to stop a calibration part-way, as Ctrl-C would."""
+
+
+def test_resume_continues_from_the_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
     r = routed_tiny(seed=1)
+    # 6 steps, checkpoints after steps 3 and 6; soft steps 1-3, hard (straight-through) 4-6
     cfg = CalibrationConfig(steps=6, seq_len=64, val_windows=1, checkpoint_every=3)
     full = calibrate(r, EXCERPT, cfg, out_dir=tmp_path / "a", progress=False, model_slug="t")
-    # run 3 steps (by asking for a checkpoint and stopping), then resume to 6
-    cfg3 = CalibrationConfig(steps=6, seq_len=64, val_windows=1, checkpoint_every=3)
+
+    def stop_after_step_4(row):
+        if row["step"] == 4:
+            raise Interrupted
+
     part = tmp_path / "b"
-    calibrate(r, EXCERPT, cfg3, out_dir=part, progress=False, model_slug="t")
-    ck = torch.load(part / "checkpoint.pt", weights_only=False)
-    assert ck["step"] == 6
-    resumed = calibrate(r, EXCERPT, cfg3, out_dir=part, resume=True, progress=False,
-                        model_slug="t")
+    with pytest.raises(Interrupted):
+        calibrate(r, EXCERPT, cfg, out_dir=part, progress=False, model_slug="t",
+                  on_step=stop_after_step_4)
+    assert not (part / "controller.safetensors").exists()  # an interrupted run saves no controller
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 3  # step 4 is lost
+
+    steps_run = []
+    resumed = calibrate(r, EXCERPT, cfg, out_dir=part, resume=True, progress=False,
+                        model_slug="t", on_step=lambda row: steps_run.append(row["step"]))
+    assert steps_run == [4, 5, 6]  # from the checkpoint, not from the start nor past step 4
+    assert resumed["content_hash"] == full["content_hash"]  # bit-identical controller weights
     assert resumed["final_validation_terms"] == full["final_validation_terms"]
+    assert resumed["last_train_terms"] == full["last_train_terms"]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    r = routed_tiny(seed=1)
+    cfg = CalibrationConfig(steps=2, seq_len=64, val_windows=1, checkpoint_every=1)
+    calibrate(r, EXCERPT, cfg, out_dir=tmp_path, progress=False, model_slug="t")
+    other = CalibrationConfig(steps=2, seq_len=64, val_windows=1, checkpoint_every=1, lr=1e-3)
+    with pytest.raises(ValueError, match="other settings"):
+        calibrate(r, EXCERPT, other, out_dir=tmp_path, resume=True, progress=False, model_slug="t")
 
 
 def test_budget_shares_meet_the_budget():
@@ -157,9 +202,24 @@ def test_auroc_against_a_direct_count():
     assert auroc(scores, labels) == pytest.approx(direct)
 
 
+def _byte_windows(articles: list[str], seq_len: int) -> torch.Tensor:
+    """The tiny model's tokens are the text's UTF-8 bytes (no EOS): its windows, built apart
+    from data.windows."""
+    ids = list(b"".join(a.encode("utf-8") for a in articles))
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the ranks (ties get their mean rank)."""
+    return float(np.corrcoef(stats.rankdata(a), stats.rankdata(b))[0, 1])
+
+
 def test_eval_runs_end_to_end_on_a_tiny_model():
     r = routed_tiny(seed=3, spread=10.0)
-    rows = evaluate(r, EXCERPT, budgets=(0.5, 1.0), max_tokens=128, seq_len=64)
+    seq_len, window, n_sink = 64, 16, 4
+    rows = evaluate(r, EXCERPT, budgets=(0.5, 1.0), max_tokens=128, seq_len=seq_len,
+                    window=window, n_sink=n_sink)
     names = {(row["controller"], row["budget"]) for row in rows}
     assert {("bayes", 0.5), ("bayes", 1.0), ("bayes", None), ("priorfree", None), ("all-local", 0.3),
             ("all-linear", 0.15), ("random", 0.5), ("salience-topk", 0.5)} <= names
@@ -167,13 +227,61 @@ def test_eval_runs_end_to_end_on_a_tiny_model():
         for key in ["controller", "budget", "realized_cost", "ppl", "dense_ppl", "kl_to_dense",
                     "routing_entropy", "tokens", "attention_flops_ratio"]:
             assert key in row
-        assert math.isfinite(row["ppl"]) and row["kl_to_dense"] >= -1e-6
-    dense_row = next(r_ for r_ in rows if r_["controller"] == "bayes" and r_["budget"] == 1.0)
+    row_of = {(row["controller"], row["budget"]): row for row in rows}
+
+    # the dense perplexity, from the unrouted model on windows built here
+    val = _byte_windows(data_mod.load_split(EXCERPT).validation, seq_len)[:2]
+    with torch.no_grad():
+        logits = r.model(input_ids=val, use_cache=False).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
+                                            val[:, 1:].reshape(-1))
+    assert rows[0]["dense_ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    assert all(row["tokens"] == val.shape[0] * (seq_len - 1) for row in rows)
+
+    # budget 1: every token gets full attention, i.e. the dense model
+    dense_row = row_of[("bayes", 1.0)]
     assert dense_row["ppl"] == pytest.approx(dense_row["dense_ppl"], rel=1e-5)
+    assert dense_row["kl_to_dense"] == pytest.approx(0.0, abs=1e-6)
     assert dense_row["attention_flops_ratio"] == pytest.approx(1.0)
+    # cheap experts change the output: a KL the dense row does not have
+    assert row_of[("all-local", 0.3)]["kl_to_dense"] > 1e-4
+
+    # attention FLOPs of one-expert routing, by hand: the query at position t sees t + 1 keys
+    # (full), min(t + 1, window + n_sink) keys (local), or reads a D x D state (linear)
+    t1 = np.arange(1, seq_len + 1)
+    assert row_of[("all-local", 0.3)]["attention_flops_ratio"] == pytest.approx(
+        np.minimum(t1, window + n_sink).sum() / t1.sum())
+    assert row_of[("all-linear", 0.15)]["attention_flops_ratio"] == pytest.approx(
+        seq_len * r.head_dim / t1.sum())
+    assert row_of[("all-local", 0.3)]["realized_cost"] == pytest.approx(COSTS[2])
     for name in ("random", "salience-topk"):
-        row = next(r_ for r_ in rows if r_["controller"] == name)
-        assert row["realized_cost"] == pytest.approx(0.5, abs=0.02)
-    unc = next(r_ for r_ in rows if "uncertainty" in r_)["uncertainty"]
-    assert -1 <= unc["spearman_total"] <= 1 and 0 <= unc["auroc_total_worst10"] <= 1
-    assert float(kl_per_token(torch.zeros(3, 5), torch.zeros(3, 5)).abs().max()) == 0
+        assert row_of[(name, 0.5)]["realized_cost"] == pytest.approx(0.5, abs=0.02)
+
+    # how informative the uncertainty is, recomputed from the routed passes' own records:
+    # total uncertainty = entropy of the posterior mean over log K, against the relative error
+    u, err = [], []
+    s = RoutingSettings(budget=None, window=window, n_sink=n_sink)
+    for i in range(val.shape[0]):
+        rec = r.prefill(val[i:i + 1], s, "bayes", use_cache=False, diagnose=True).records
+        beta = torch.as_tensor(rec["beta"]).double()  # [L, 1, T, K]
+        u.append((torch.distributions.Dirichlet(beta).mean.log().neg()
+                  * torch.distributions.Dirichlet(beta).mean).sum(-1).numpy().ravel() / math.log(3))
+        err.append(np.asarray(rec["rel_error"]).ravel())
+    u, err = np.concatenate(u), np.concatenate(err)
+    worst = err >= np.quantile(err, 0.9)
+    pos, neg = u[worst], u[~worst]
+    direct_auroc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
+        len(pos) * len(neg))
+    unc = row_of[("bayes", None)]["uncertainty"]
+    assert unc["decisions"] == u.size == r.model.config.num_hidden_layers * val.numel()
+    assert unc["spearman_total"] == pytest.approx(_spearman(u, err), abs=1e-6)
+    assert unc["auroc_total_worst10"] == pytest.approx(direct_auroc, abs=1e-6)
+
+
+def test_kl_per_token_against_torch():
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(7, 50, generator=g), torch.randn(7, 50, generator=g)
+    want = torch.nn.functional.kl_div(torch.log_softmax(q, -1), torch.log_softmax(p, -1),
+                                      log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(kl_per_token(p, q), want, atol=1e-6)
+    assert float(kl_per_token(p, p).abs().max()) <= 1e-6

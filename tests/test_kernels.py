@@ -3,7 +3,8 @@ path against the reference at awkward sizes (T = 1, 17, 130; windows shorter and
 than T; 0 and 4 sinks; grouped-query 9/3; hard, mixed and hedged routes; decode steps
 that carry the linear state), plus the dispatch API's argument checks.
 
-The case builders here are shared with tests/test_kernels_triton.py.
+The case builders (make_qkv, make_weights, the size and window grids) live in
+tests/helpers.py, shared with tests/test_kernels_triton.py.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err
 
 import metaattn_kernels.dispatch as kernels
-from metaattn_kernels.dispatch import LINEAR, attention_flops, routed_attention, routes_to_weights
 from metaattn_kernels import reference as ref
-
-from helpers import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err  # noqa: E402
+from metaattn_kernels.dispatch import LINEAR, attention_flops, routed_attention, routes_to_weights
 
 
 def test_reference_full_equals_sdpa_causal():
@@ -172,7 +172,7 @@ def test_cpu_gradients_match_reference():
         y, _ = routed_attention(*leaves, window=4, n_sink=2, backend=backend)
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
         grads[backend] = [x.grad for x in leaves]
-    for a, b in zip(grads["reference"], grads["cpu"]):
+    for a, b in zip(grads["reference"], grads["cpu"], strict=True):
         assert max_err(a, b) <= 1e-10
 
 

@@ -26,8 +26,9 @@ triton = pytest.importorskip("triton")
 
 from helpers import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err  # noqa: E402
 
-in_this_process = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET could be set; "
-                                                   "test_triton_in_fresh_interpreter runs these tests")
+in_this_process = pytest.mark.skipif(
+    _LATE, reason="triton was imported before TRITON_INTERPRET could be set; "
+                  "test_triton_in_fresh_interpreter runs these tests")
 
 
 @pytest.mark.skipif(not _LATE, reason="the interpreter runs in this process")

@@ -1,4 +1,5 @@
-"""Arguments of `metaattn-viz bench` (kept apart so `--help` needs no torch import)."""
+"""Arguments of `metaattn-viz bench`, kept apart so that `--help` needs no torch: never
+imports torch or the benchmarks themselves."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Every row is a ratio taken in one run on one machine: the routed call and its dense
 baseline are timed alternately (so that load from other processes hits both alike)
-and the medians are compared. Rows follow the CLI contract (docs/design.md):
-`seq_len, budget, backend, dense_ms, routed_ms, ratio, max_abs_err`, plus `kind`,
+and the medians are compared. Rows follow the `bench --json` contract (tests/test_kernels.py
+checks it): `seq_len, budget, backend, dense_ms, routed_ms, ratio, max_abs_err`, plus `kind`,
 `mix`, `baseline`, `dtype`, `device`.
 
 Attention-level rows (`attention_rows`): B = 1, 9 query heads, 3 kv heads, head dim 64
@@ -20,13 +20,14 @@ full 1.0, linear 0.15, local 0.30), not the --budget argument.
 
 Whole-model rows (`kind` "model": routing overhead, a 4096-token prefill, decoding after
 256 and 8192 tokens of context, the real SmolLM2 against itself unrouted) come from
-bench_model.py; `--no-model` leaves them out.
+bench/model.py; `--no-model` leaves them out.
 Never: report a number that was not measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json as json_mod
 import os
 import platform
@@ -60,7 +61,7 @@ def mix_weights(mix: str, seq_len: int, seed: int = 0, device="cpu") -> torch.Te
 
 
 def notional_cost(mix: str) -> float:
-    return round(sum(f * c for f, c in zip(MIXES[mix], COSTS)), 4)
+    return round(sum(f * c for f, c in zip(MIXES[mix], COSTS, strict=True)), 4)
 
 
 def _cpu_name() -> str:
@@ -138,12 +139,13 @@ def attention_rows(seq_lens=(1024, 4096), repeats: int = 5, device: str | None =
         q = torch.randn(1, HEADS_Q, t, HEAD_DIM, generator=g).to(device, dtype)
         k = torch.randn(1, HEADS_KV, t, HEAD_DIM, generator=g).to(device, dtype)
         v = torch.randn(1, HEADS_KV, t, HEAD_DIM, generator=g).to(device, dtype)
-        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
+                                 enable_gqa=True)
         for mix in mixes:
             w = mix_weights(mix, t, seed=t, device=device)
             with torch.no_grad():
-                call = lambda: kernels.routed_attention(q, k, v, w, window=WINDOW, n_sink=N_SINK,  # noqa: E731
-                                                        backend=backend)
+                call = functools.partial(kernels.routed_attention, q, k, v, w, window=WINDOW,
+                                         n_sink=N_SINK, backend=backend)
                 y, _ = call()
                 err = _max_abs_err(q, k, v, w, y)
                 baselines = [("sdpa", call, sdpa)]
@@ -163,7 +165,7 @@ def attention_rows(seq_lens=(1024, 4096), repeats: int = 5, device: str | None =
 def run_bench(seq_lens=(1024, 4096), budget: float = 0.3, json: bool = False, repeats: int = 5,
               model: bool = True, long_context: int = 8192) -> list[dict]:
     """All benchmark rows; prints them (a JSON list with json=True, else one line per row).
-    model=True adds the whole-model rows of bench_model (routing overhead, prefill, decode)."""
+    model=True adds the whole-model rows of bench/model.py (routing overhead, prefill, decode)."""
     rows = attention_rows(seq_lens, repeats=repeats)
     if model:
         from metaattn_viz.bench.model import model_rows

@@ -3,8 +3,9 @@
 Every figure is a ratio against the dense model measured in the same run, in the same
 process, interleaved (dense, routed, dense, routed, ...) and summarised by the median, since
 these machines are noisy. The dense model is `plain_copy`: the same weights without the
-routing hooks, on transformers' SDPA attention. Nothing here asserts on time; the rows are printed (and
-`metaattn-viz bench` includes them).
+routing hooks, on transformers' SDPA attention. Nothing here asserts on time; the rows are
+printed (and `metaattn-viz bench` includes them). Never: time the two sides in different runs,
+or leave autograd switched off for the caller.
 
 Rows (the `bench --json` contract: seq_len, budget, backend, dense_ms, routed_ms, ratio,
 max_abs_err, plus `case`):
@@ -22,9 +23,9 @@ import time
 
 import torch
 
+from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing.kv_cache import GrowableCache
 from metaattn_viz.routing.model import RoutedModel
-from metaattn_viz.core.settings import RoutingSettings
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -59,6 +60,8 @@ def _dense_logits(plain, ids: torch.Tensor) -> torch.Tensor:
 def _text_ids(routed: RoutedModel, n: int) -> torch.Tensor:
     from metaattn_viz.paths import REPO_ROOT
 
+    # the text every recorded row (docs/benchmarks.md) was measured on; another text would
+    # change the routes and the decoded tokens, so the rows would no longer be comparable
     text = (REPO_ROOT / "tests" / "data" / "wikitext2_excerpt.txt").read_text()
     ids = routed.tokenizer(text, add_special_tokens=False)["input_ids"]
     while len(ids) < n:

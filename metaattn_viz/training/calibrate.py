@@ -1,18 +1,20 @@
-"""Calibration: train the controllers of a frozen model (docs/meta-attention.md §4).
+"""Calibration: train the controllers of a frozen model (docs/method.md, ELBO).
 
-Bayesian: loss = E_{alpha~q}[task] + beta_kl * mean_{l,t} KL(Dir(beta) || Dir(alpha0)),
-with task = self-distillation KL(p_dense || p_routed) on real text and alpha drawn by the
-reparameterised Dirichlet sampler. Prior-free: the same network ending in a softmax, the
-same task loss plus cost_weight * E[cost], no KL.
+Bayesian (docs/method.md, Controller and Prior): loss = E_{alpha~q}[task]
++ beta_kl * mean_{l,t} KL(Dir(beta) || Dir(alpha0)), with task = self-distillation
+KL(p_dense || p_routed) on real text and alpha drawn by the reparameterised Dirichlet
+sampler. Prior-free: the same network ending in a softmax, the same task loss plus
+cost_weight * E[cost], no KL.
 
-Soft to hard (documented choice): the first ``soft_fraction`` of the steps route softly
-with the sampled weights; the rest use straight-through hard routing (the forward pass
-takes the one-hot argmax of the sample, the gradient flows through the soft sample), so
-the controllers end trained for the hard routing they meet at inference.
+Soft to hard (docs/method.md, Choices this project made): the first ``soft_fraction`` of
+the steps route softly with the sampled weights; the rest use straight-through hard routing
+(the forward pass takes the one-hot argmax of the sample, the gradient flows through the
+soft sample), so the controllers end trained for the hard routing they meet at inference.
 
 Only controller parameters train. Seeded; checkpoints every ``checkpoint_every`` steps and
 ``--resume``; final ELBO terms are measured on fixed validation windows with a fixed seed,
-which is what makes a rerun comparable. Never imports gradio or the store.
+which is what makes a rerun comparable. Never imports gradio or the store, and never
+changes the frozen model's weights.
 """
 
 from __future__ import annotations
@@ -21,18 +23,23 @@ import logging
 import math
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from metaattn_viz.training import data as data_mod
-from metaattn_viz.routing.controller import (ControllerConfig, ControllerStack, config_for_model,
-                                     default_folder)
 from metaattn_viz.core.dirichlet import kl_dirichlet
-from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
 from metaattn_viz.core.settings import COSTS, RoutingSettings
+from metaattn_viz.routing.controller import (
+    ControllerConfig,
+    ControllerStack,
+    config_for_model,
+    default_folder,
+)
+from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
+from metaattn_viz.training import data as data_mod
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -119,8 +126,15 @@ def evaluate_terms(routed, stack, val_ids, dense_val, cfg) -> dict:
 
 
 def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: Path | None = None,
-              resume: bool = False, progress: bool = True, model_slug: str | None = None) -> dict:
-    """Train one controller stack; saves it (safetensors + meta.json) and returns the meta."""
+              resume: bool = False, progress: bool = True, model_slug: str | None = None,
+              on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train one controller stack; saves it (safetensors + meta.json) and returns the meta.
+
+    ``on_step`` is called after every step (and its checkpoint, if one is due) with that
+    step's history row; an exception it raises stops the run there, like an interrupt, and
+    leaves the last checkpoint for ``resume``. It only observes: the results are the same
+    with or without it.
+    """
     split = data_mod.load_split(data_path)  # every data problem surfaces here, before training
     tok = routed.tokenizer
     train_ids = data_mod.windows(tok, split.train, cfg.seq_len, "training")
@@ -162,32 +176,36 @@ def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: P
         bar = tqdm(total=cfg.steps, initial=start, desc=f"calibrate {cfg.controller}",
                    dynamic_ncols=True)
     t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        idx = [int(order[(step * cfg.batch_size + j) % len(order)]) for j in range(cfg.batch_size)]
-        batch = train_ids[idx].to(device)
-        with torch.no_grad():
-            dense = routed.dense_logits(batch)
-        hard = step >= int(cfg.soft_fraction * cfg.steps)
-        terms = elbo_terms(routed, stack, batch, dense, cfg, hard)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(stack.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        row = {k: round(v.item(), 5) for k, v in terms.items()} | {"step": step + 1, "hard": hard}
-        history.append(row)
+    try:
+        for step in range(start, cfg.steps):
+            idx = [int(order[(step * cfg.batch_size + j) % len(order)]) for j in range(cfg.batch_size)]
+            batch = train_ids[idx].to(device)
+            with torch.no_grad():
+                dense = routed.dense_logits(batch)
+            hard = step >= int(cfg.soft_fraction * cfg.steps)
+            terms = elbo_terms(routed, stack, batch, dense, cfg, hard)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(stack.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            row = {k: round(v.item(), 5) for k, v in terms.items()} | {"step": step + 1, "hard": hard}
+            history.append(row)
+            if bar is not None:
+                bar.set_postfix(loss=row["loss"], task=row["task"], kl=row["kl"], cost=row["cost"],
+                                mode="hard" if hard else "soft")
+                bar.update(1)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                tmp = ckpt_path.with_suffix(".tmp")
+                torch.save({"config": asdict(cfg), "stack": stack.state_dict(), "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "rng": torch.random.get_rng_state(),
+                            "step": step + 1, "history": history}, tmp)
+                tmp.replace(ckpt_path)
+            if on_step is not None:
+                on_step(dict(row))  # a copy: the callback cannot alter the history
+    finally:  # an interrupted run closes its progress bar too
         if bar is not None:
-            bar.set_postfix(loss=row["loss"], task=row["task"], kl=row["kl"], cost=row["cost"],
-                            mode="hard" if hard else "soft")
-            bar.update(1)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"config": asdict(cfg), "stack": stack.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "rng": torch.random.get_rng_state(),
-                        "step": step + 1, "history": history}, tmp)
-            tmp.replace(ckpt_path)
-    if bar is not None:
-        bar.close()
+            bar.close()
     stack.eval()
     with torch.no_grad():
         dense_val = routed.dense_logits(val_ids.to(device))

@@ -1,5 +1,8 @@
 """Real text for calibration and evaluation: read, check, split by article, tokenise.
 
+Calibration measures its self-distillation task term on these windows (docs/method.md,
+ELBO); evaluation reports on the validation articles.
+
 WikiText-2 raw marks an article with a top-level heading line `` = Title = `` (sections
 use `` = = ... = = ``). The split is by article and deterministic: article i (0-based, in
 file order) goes to validation when i % 10 == 9, to training otherwise. Every problem with
