@@ -33,14 +33,22 @@ def cache_dir() -> Path:
 
 
 def data_dir() -> Path:
-    """Persistent data (the routing log): METAATTN_DATA, /data on a Space with a volume,
-    else $XDG_DATA_HOME/metaattn-viz."""
+    """Persistent data (the routing log): METAATTN_DATA, else $XDG_DATA_HOME/metaattn-viz.
+
+    On a Space, METAATTN_DATA points into a mounted storage bucket (`metaattn-viz deploy`
+    sets it); Spaces no longer have a `/data` volume of their own.
+    """
     explicit = os.environ.get("METAATTN_DATA")
     if explicit:
         return Path(explicit)
-    if os.environ.get("SPACE_ID") and Path("/data").is_dir() and os.access("/data", os.W_OK):
-        return Path("/data/metaattn-viz")
     return _user_dir("XDG_DATA_HOME", ".local/share") / "metaattn-viz"
+
+
+def storage_is_ephemeral() -> bool:
+    """True on a Space whose routing log has no mounted storage: its runs are lost when the
+    Space restarts (the page says so)."""
+    return bool(os.environ.get("SPACE_ID")) and not (os.environ.get("METAATTN_DATA")
+                                                     or os.environ.get("METAATTN_DB"))
 
 
 def default_db_path() -> Path:

@@ -1,6 +1,7 @@
 """Every binary file git tracks is covered by an LFS rule of .gitattributes, so that a
 `git push` to a Hugging Face Space is not refused (the Hub takes binary files only
-through LFS/Xet). Asks git itself (`git check-attr`), not a copy of the rules."""
+through LFS/Xet). Asks git itself (`git check-attr`, through the deploy plan's helpers), not
+a copy of the rules."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from metaattn_viz.deploy import plan
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,25 +19,11 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
-def is_binary(path: Path) -> bool:
-    """Git's own test (a NUL byte in the first 8000 bytes), plus: not valid UTF-8 text."""
-    data = path.read_bytes()
-    if b"\0" in data[:8000]:
-        return True
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return True
-    return False
-
-
 def lfs_covered(paths: list[str]) -> dict[str, bool]:
-    out = _git("check-attr", "filter", "--", *paths)
-    got = {}
-    for line in out.splitlines():
-        name, _, value = line.rpartition(": filter: ")
-        got[name] = value.strip() == "lfs"
-    return got
+    return plan.lfs_covered(ROOT, paths)
+
+
+is_binary = plan.is_binary
 
 
 @pytest.fixture(scope="module")

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
 
+    from metaattn_viz.deploy.cli import add_deploy_parser
+
+    add_deploy_parser(sub)
     return parser
 
 

@@ -1,0 +1,268 @@
+"""The Space manifest (`Spacefile`, YAML): read it and check it against its schema.
+
+Everything `metaattn-viz deploy` needs to know about a Space that is not code lives in the
+manifest: the default Space name, hardware and visibility, plain variables, the storage
+bucket mount, the model the Space preloads, what to upload, and which requirements file
+and Python version each hardware gets (docs/deploy.md, "The manifest"). A bad manifest
+raises `ManifestError` naming the field, before anything else happens.
+
+Pure reading and checking: never touches the network, never writes, never calls the Hub
+(only huggingface_hub's list of hardware names is used).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import SpaceHardware
+
+HARDWARE = tuple(h.value for h in SpaceHardware)
+ZEROGPU = "zero-a10g"
+# ZeroGPU builds only on these Pythons (Hub docs, mid-2026: "3.10 or 3.12").
+ZEROGPU_PYTHONS = ("3.10", "3.12")
+PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+class ManifestError(ValueError):
+    """The manifest does not fit its schema; `field` names the offending field."""
+
+    def __init__(self, field: str, problem: str, source: str = "Spacefile"):
+        self.field = field
+        super().__init__(f"{source}: field '{field}': {problem}")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A storage bucket mounted into the Space; the app's data folder lives on it."""
+
+    bucket: str  # bucket name in the Space owner's namespace
+    mount_path: str  # where the Space sees the bucket, e.g. /data
+    env: str  # the variable that points the app at its data folder (METAATTN_DATA)
+    subdir: str  # folder under mount_path that env points to ("" = the mount itself)
+
+    @property
+    def data_dir(self) -> str:
+        return f"{self.mount_path.rstrip('/')}/{self.subdir}" if self.subdir else self.mount_path
+
+
+@dataclass(frozen=True)
+class ModelPreload:
+    """The model repo the Space lists under `models:` and downloads at build time."""
+
+    repo: str
+    revision: str  # a 40-hex commit of `repo`: the Space never follows a moving branch
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What one family of hardware installs: a requirements file and a Python version."""
+
+    name: str
+    requirements: str  # path relative to the deployed folder
+    python_version: str
+    hardware: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    hardware: str
+    private: bool
+    app_file: str
+    variables: dict[str, str]
+    storage: Storage | None
+    model: ModelPreload
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    runtimes: tuple[Runtime, ...]
+
+    def runtime_for(self, hardware: str) -> Runtime:
+        """The runtime whose hardware list names `hardware`; ManifestError if none does."""
+        for runtime in self.runtimes:
+            if hardware in runtime.hardware:
+                return runtime
+        listed = sorted(h for r in self.runtimes for h in r.hardware)
+        raise ManifestError("runtimes", f"no runtime lists hardware '{hardware}' "
+                                        f"(listed: {', '.join(listed)})")
+
+
+# --- schema -------------------------------------------------------------------------------
+
+_TOP = {"name", "hardware", "private", "app_file", "variables", "storage", "model", "upload",
+        "runtimes"}
+_TOP_REQUIRED = {"name", "hardware", "model", "upload", "runtimes"}
+_STORAGE = {"bucket", "mount_path", "env", "subdir"}
+_MODEL = {"repo", "revision", "files"}
+_UPLOAD = {"include", "exclude"}
+_RUNTIME = {"requirements", "python_version", "hardware"}
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and check the manifest at `path` (ManifestError names the bad field)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError("(file)", f"{path} does not exist", str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ManifestError("(file)", f"not valid YAML ({exc})", str(path)) from None
+    return parse_manifest(raw, source=str(path))
+
+
+def parse_manifest(raw: Any, source: str = "Spacefile") -> Manifest:
+    """Check an already-parsed manifest (a mapping) and build the Manifest."""
+    c = _Checker(source)
+    top = c.mapping(raw, "", _TOP, _TOP_REQUIRED)
+    hardware = c.choice(top["hardware"], "hardware", HARDWARE)
+    storage_raw = top.get("storage")
+    storage = None if storage_raw is None else _storage(c, storage_raw)
+    manifest = Manifest(
+        name=c.match(top["name"], "name", _NAME, "a Space name (letters, digits, . _ -)"),
+        hardware=hardware,
+        private=c.boolean(top.get("private", False), "private"),
+        app_file=c.string(top.get("app_file", "app.py"), "app_file"),
+        variables=_variables(c, top.get("variables") or {}),
+        storage=storage,
+        model=_model(c, top["model"]),
+        include=c.strings(c.mapping(top["upload"], "upload", _UPLOAD, _UPLOAD)["include"],
+                          "upload.include"),
+        exclude=c.strings(top["upload"]["exclude"], "upload.exclude"),
+        runtimes=_runtimes(c, top["runtimes"]),
+    )
+    if storage is not None and storage.env in manifest.variables:
+        raise ManifestError(f"variables.{storage.env}",
+                            f"set by storage.env already (it points at {storage.data_dir})", source)
+    manifest.runtime_for(hardware)  # the default hardware must have requirements
+    return manifest
+
+
+def _storage(c: _Checker, raw: Any) -> Storage:
+    m = c.mapping(raw, "storage", _STORAGE, {"bucket", "mount_path", "env"})
+    mount = c.string(m["mount_path"], "storage.mount_path")
+    if not mount.startswith("/"):
+        raise ManifestError("storage.mount_path", f"must be an absolute path, got {mount!r}", c.source)
+    subdir = c.string(m.get("subdir", ""), "storage.subdir", empty=True)
+    if subdir.startswith("/") or ".." in subdir.split("/"):
+        raise ManifestError("storage.subdir", "must be a relative folder inside the mount", c.source)
+    return Storage(
+        bucket=c.match(m["bucket"], "storage.bucket", _NAME, "a bucket name (no owner/)"),
+        mount_path=mount,
+        env=c.match(m["env"], "storage.env", _ENV_NAME, "an environment variable name"),
+        subdir=subdir,
+    )
+
+
+def _model(c: _Checker, raw: Any) -> ModelPreload:
+    m = c.mapping(raw, "model", _MODEL, _MODEL)
+    files = c.strings(m["files"], "model.files")
+    if not files:
+        raise ManifestError("model.files", "must list at least one file", c.source)
+    return ModelPreload(
+        repo=c.match(m["repo"], "model.repo", _REPO_ID, "a repo id OWNER/NAME"),
+        revision=c.match(m["revision"], "model.revision", _COMMIT,
+                         "a 40-hex commit of the model repo (a branch name moves)"),
+        files=files,
+    )
+
+
+def _variables(c: _Checker, raw: Any) -> dict[str, str]:
+    m = c.mapping(raw, "variables", None, set())
+    out = {}
+    for key, value in m.items():
+        name = c.match(key, f"variables.{key}", _ENV_NAME, "an environment variable name")
+        # A YAML `False` or `1` would reach the Space as "False"/"1" anyway; asking for a
+        # quoted string keeps the manifest saying exactly what the Space gets.
+        out[name] = c.string(value, f"variables.{key}", empty=True)
+    return out
+
+
+def _runtimes(c: _Checker, raw: Any) -> tuple[Runtime, ...]:
+    m = c.mapping(raw, "runtimes", None, set())
+    if not m:
+        raise ManifestError("runtimes", "must name at least one runtime", c.source)
+    seen: dict[str, str] = {}
+    runtimes = []
+    for name, body in m.items():
+        where = f"runtimes.{name}"
+        r = c.mapping(body, where, _RUNTIME, _RUNTIME)
+        hardware = c.strings(r["hardware"], f"{where}.hardware")
+        for h in hardware:
+            c.choice(h, f"{where}.hardware", HARDWARE)
+            if h in seen:
+                raise ManifestError(f"{where}.hardware",
+                                    f"'{h}' is listed by runtimes.{seen[h]} already", c.source)
+            seen[h] = name
+        python = c.choice(r["python_version"], f"{where}.python_version", PYTHONS)
+        if ZEROGPU in hardware and python not in ZEROGPU_PYTHONS:
+            raise ManifestError(f"{where}.python_version",
+                                f"ZeroGPU builds only on Python {' or '.join(ZEROGPU_PYTHONS)}",
+                                c.source)
+        runtimes.append(Runtime(str(name), c.string(r["requirements"], f"{where}.requirements"),
+                                python, hardware))
+    return tuple(runtimes)
+
+
+class _Checker:
+    """Type checks that raise ManifestError with the field's dotted name."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, field: str, problem: str) -> ManifestError:
+        return ManifestError(field or "(top level)", problem, self.source)
+
+    def mapping(self, value: Any, field: str, allowed: set[str] | None,
+                required: set[str]) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(field, f"must be a mapping, got {type(value).__name__}")
+        prefix = f"{field}." if field else ""
+        for key in value:
+            if not isinstance(key, str):
+                raise self.fail(f"{prefix}{key}", "keys must be strings")
+            if allowed is not None and key not in allowed:
+                raise self.fail(f"{prefix}{key}",
+                                f"unknown field (known: {', '.join(sorted(allowed))})")
+        for key in sorted(required):
+            if key not in value:
+                raise self.fail(f"{prefix}{key}", "missing")
+        return value
+
+    def string(self, value: Any, field: str, empty: bool = False) -> str:
+        if not isinstance(value, str):
+            raise self.fail(field, f"must be a string, got {type(value).__name__} {value!r}"
+                                   " (quote it)")
+        if not empty and not value.strip():
+            raise self.fail(field, "must not be empty")
+        return value
+
+    def boolean(self, value: Any, field: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(field, f"must be true or false, got {value!r}")
+        return value
+
+    def strings(self, value: Any, field: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.fail(field, f"must be a list, got {type(value).__name__}")
+        return tuple(self.string(v, f"{field}[{i}]") for i, v in enumerate(value))
+
+    def choice(self, value: Any, field: str, options: tuple[str, ...]) -> str:
+        text = self.string(value, field)
+        if text not in options:
+            raise self.fail(field, f"unknown value {text!r} (one of: {', '.join(options)})")
+        return text
+
+    def match(self, value: Any, field: str, pattern: re.Pattern[str], what: str) -> str:
+        text = self.string(value, field)
+        if not pattern.match(text):
+            raise self.fail(field, f"{text!r} is not {what}")
+        return text

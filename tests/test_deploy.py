@@ -1,0 +1,307 @@
+"""`metaattn-viz deploy` (metaattn_viz/deploy/): the offline dry run, the manifest's schema
+errors, the Hub calls a deploy makes (against a fake HfApi, never the network), the
+missing-token error, and the per-hardware requirements files against requirements.txt."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import yaml
+
+from metaattn_viz.deploy import hub
+from metaattn_viz.deploy.cli import add_deploy_parser
+from metaattn_viz.deploy.manifest import HARDWARE, ManifestError, load_manifest, parse_manifest
+from metaattn_viz.deploy.plan import PLAIN_BINARY_LIMIT, pins, split_front_matter
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACEFILE = ROOT / "Spacefile"
+FAKE_TOKEN = "hf_fake_token_for_tests"
+
+
+def deploy(*argv: str, **kwargs) -> tuple[int, str]:
+    """Run `deploy ARGV` through a parser of our own, as the CLI registers it."""
+    parser = argparse.ArgumentParser(prog="metaattn-viz")
+    add_deploy_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["deploy", *argv])
+    printed: list[str] = []
+    code = args.handler(args, out=printed.append, **kwargs)
+    return code, "\n".join(printed)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network and no token: any connection or token lookup fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("the dry run touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token",
+                        lambda: (_ for _ in ()).throw(AssertionError("dry run asked for a token")))
+
+
+# --- the dry run ---------------------------------------------------------------------------
+
+def test_dry_run_is_offline_and_lists_every_file_with_its_size(offline):
+    code, text = deploy("--space", "someone/metaattn-viz", "--dry-run", "--json")
+    assert code == 0, text
+    plan = json.loads(text)
+    files = {f["path"]: f for f in plan["files"]}
+    assert plan["problems"] == []
+    # What the Space needs to run is there, with its size on disk; what it does not is not.
+    for needed in ("app.py", "metaattn_viz/app/server.py", "kernels/dispatch.py",
+                   "assets/controllers/smollm2-135m-instruct/bayes/controller.safetensors"):
+        assert files[needed]["size"] == (ROOT / needed).stat().st_size
+    assert not [p for p in files if p.startswith(("tests/", "docs/", ".venv/", "corpus/"))]
+    assert not [p for p in files if "__pycache__" in p or p.endswith(".duckdb")]
+    for f in plan["files"]:
+        if not f["generated"]:
+            assert f["size"] == (ROOT / f["path"]).stat().st_size, f["path"]
+    assert plan["total_bytes"] == sum(f["size"] for f in plan["files"])
+    # The Hub refuses plain binaries over ~1 MB: every such file has an LFS rule.
+    big_plain = [p for p, f in files.items() if f["size"] > PLAIN_BINARY_LIMIT and not f["lfs"]]
+    assert big_plain == []
+    assert files["assets/controllers/smollm2-135m-instruct/priorfree/controller.safetensors"]["lfs"]
+
+
+def test_dry_run_text_names_files_sizes_hardware_variables_front_matter(offline):
+    code, text = deploy("--space", "someone/metaattn-viz", "--dry-run")
+    assert code == 0, text
+    assert "someone/metaattn-viz" in text and "cpu-basic" in text
+    assert f"{(ROOT / 'app.py').stat().st_size:,d} B" in text
+    assert "METAATTN_DATA=/data/metaattn-viz" in text
+    assert "preload_from_hub:" in text and "HuggingFaceTB/SmolLM2-135M-Instruct" in text
+
+
+@pytest.mark.parametrize("hardware, runtime, python", [
+    ("cpu-basic", "cpu", "3.11"), ("t4-small", "gpu", "3.11"), ("zero-a10g", "zerogpu", "3.12")])
+def test_front_matter_and_requirements_follow_the_hardware(offline, hardware, runtime, python):
+    code, text = deploy("--space", "a/b", "--hardware", hardware, "--dry-run", "--json")
+    assert code == 0, text
+    plan = json.loads(text)
+    fm = plan["front_matter"]
+    req = (ROOT / plan["requirements"]).read_text()
+    assert plan["runtime"] == runtime and plan["requirements"].endswith(f"-{runtime}.txt")
+    assert fm["python_version"] == python and fm["suggested_hardware"] == hardware
+    assert fm["sdk"] == "gradio" and fm["sdk_version"] == pins(req)["gradio"]
+    assert fm["models"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    repo, files, revision = fm["preload_from_hub"][0].split(" ")
+    assert repo == fm["models"][0] and "model.safetensors" in files.split(",")
+    assert len(revision) == 40 and int(revision, 16) >= 0
+
+
+def test_a_big_binary_without_an_lfs_rule_is_a_problem(tmp_path, offline):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for name in ("Spacefile", "README.md", "app.py"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "requirements-cpu.txt").write_text("gradio==6.31.0\n")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "weights.npy").write_bytes(b"\0" * (PLAIN_BINARY_LIMIT + 1))
+    code, text = deploy("--space", "a/b", "--dry-run", "--root", str(tmp_path))
+    assert code == 1
+    assert "PROBLEM: assets/weights.npy" in text and ".gitattributes" in text
+    (tmp_path / ".gitattributes").write_text("*.npy filter=lfs diff=lfs merge=lfs -text\n")
+    code, text = deploy("--space", "a/b", "--dry-run", "--root", str(tmp_path))
+    assert code == 0, text
+
+
+# --- the manifest ---------------------------------------------------------------------------
+
+def _raw() -> dict:
+    return yaml.safe_load(SPACEFILE.read_text())
+
+
+def test_the_shipped_manifest_loads_and_every_hardware_has_requirements():
+    m = load_manifest(SPACEFILE)
+    for hardware in HARDWARE:
+        assert (ROOT / m.runtime_for(hardware).requirements).is_file()
+    assert m.storage is not None and m.storage.env == "METAATTN_DATA"
+
+
+def _set(path: str, value):
+    def edit(raw):
+        *parents, last = path.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, field", [
+    (_set("colour", "red"), "colour"),
+    (_set("private", "yes"), "private"),
+    (_set("hardware", "h100-huge"), "hardware"),
+    (_set("name", 42), "name"),
+    (_set("storage.mount_path", "data"), "storage.mount_path"),
+    (_set("storage.size", "10G"), "storage.size"),
+    (_set("variables.GRADIO_ANALYTICS_ENABLED", False), "variables.GRADIO_ANALYTICS_ENABLED"),
+    (_set("variables.METAATTN_DATA", "/tmp"), "variables.METAATTN_DATA"),
+    (_set("model.revision", "main"), "model.revision"),
+    (_set("model.files", []), "model.files"),
+    (_set("upload.include", "app.py"), "upload.include"),
+    (_set("runtimes.cpu.hardware", ["cpu-basic", "t4-small"]), "runtimes.gpu.hardware"),
+    (_set("runtimes.gpu.hardware", ["t4-smol"]), "runtimes.gpu.hardware"),
+    (_set("runtimes.zerogpu.python_version", "3.11"), "runtimes.zerogpu.python_version"),
+    (_set("runtimes.cpu.requirement", "x.txt"), "runtimes.cpu.requirement"),
+    (lambda raw: raw.pop("model"), "model"),
+])
+def test_a_bad_manifest_names_the_field(edit, field):
+    raw = copy.deepcopy(_raw())
+    parse_manifest(copy.deepcopy(raw))  # the unedited manifest is fine
+    edit(raw)
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(raw)
+    assert err.value.field == field
+    assert f"'{field}'" in str(err.value)
+
+
+def test_a_bad_manifest_stops_the_command_with_exit_2(tmp_path, offline, capsys):
+    raw = _raw()
+    raw["hardware"] = "h100-huge"
+    bad = tmp_path / "Spacefile"
+    bad.write_text(yaml.safe_dump(raw))
+    code, _ = deploy("--dry-run", "--manifest", str(bad))
+    assert code == 2
+    assert "field 'hardware'" in capsys.readouterr().err
+
+
+# --- the Hub calls --------------------------------------------------------------------------
+
+class FakeHfApi:
+    """Records every call; keeps what upload_folder found in the staged folder."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.uploaded: dict[str, bytes] = {}
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            if name == "whoami":
+                return {"name": "alice"}
+            if name == "create_repo":
+                return f"https://huggingface.co/spaces/{args[0]}"
+            if name == "upload_folder":
+                folder = Path(kwargs["folder_path"])
+                self.uploaded = {p.relative_to(folder).as_posix(): p.read_bytes()
+                                 for p in folder.rglob("*") if p.is_file()}
+            return None
+        return call
+
+
+def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypatch):
+    made: list[FakeHfApi] = []
+
+    def make_api(token):
+        made.append(FakeHfApi(token))
+        return made[-1]
+
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network"))
+    code, text = deploy("--space", "metaattn-demo", "--hardware", "zero-a10g", "--private",
+                        make_api=make_api, environ={"HF_TOKEN": FAKE_TOKEN})
+    assert code == 0, text
+    api = made[0]
+    assert api.token == FAKE_TOKEN
+    names = [c[0] for c in api.calls]
+    assert names == ["whoami", "create_repo", "create_bucket", "set_space_volumes",
+                     "add_space_variable", "add_space_variable", "request_space_hardware",
+                     "upload_folder"]
+    calls = {c[0]: c for c in api.calls}
+    space = "alice/metaattn-demo"
+    assert calls["create_repo"][1] == (space,)
+    assert calls["create_repo"][2] == {"repo_type": "space", "space_sdk": "gradio",
+                                       "private": True, "exist_ok": True}
+    assert calls["create_bucket"][1] == ("alice/metaattn-viz-data",)
+    volume = calls["set_space_volumes"][2]["volumes"][0]
+    assert (volume.type, volume.source, volume.mount_path) == (
+        "bucket", "alice/metaattn-viz-data", "/data")
+    variables = {c[1][1]: c[1][2] for c in api.calls if c[0] == "add_space_variable"}
+    assert variables == {"GRADIO_ANALYTICS_ENABLED": "False", "METAATTN_DATA": "/data/metaattn-viz"}
+    assert calls["request_space_hardware"][1] == (space, "zero-a10g")
+    upload = calls["upload_folder"][2]
+    assert upload["repo_id"] == space and upload["repo_type"] == "space"
+    manifest = load_manifest(SPACEFILE)
+    assert upload["allow_patterns"] == list(manifest.include)
+    assert upload["ignore_patterns"] == list(manifest.exclude)
+    # The staged folder holds the generated README and requirements, not the checkout's.
+    staged = api.uploaded
+    assert staged["requirements.txt"] == (ROOT / "spaces/requirements-zerogpu.txt").read_bytes()
+    front, body = split_front_matter(staged["README.md"].decode())
+    assert front["python_version"] == "3.12" and front["suggested_hardware"] == "zero-a10g"
+    assert body == split_front_matter((ROOT / "README.md").read_text())[1]
+    assert staged["app.py"] == (ROOT / "app.py").read_bytes()
+    assert not [p for p in staged if p.startswith("tests/")]
+    assert "https://huggingface.co/spaces/alice/metaattn-demo" in text
+
+
+def test_without_a_token_the_error_names_hf_token_and_login(monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    code, _ = deploy("--space", "a/b", environ=env,
+                     make_api=lambda token: pytest.fail("no API without a token"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "HF_TOKEN" in err and "hf auth login" in err and "Traceback" not in err
+
+
+def test_the_stored_login_is_used_when_hf_token_is_unset(monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_stored")
+    assert hub.resolve_token({}) == "hf_stored"
+    assert hub.resolve_token({"HF_TOKEN": "hf_env"}) == "hf_env"
+
+
+# --- requirements per hardware --------------------------------------------------------------
+
+HARDWARE_PINNED = {"torch", "triton", "spaces"}  # the only pins that may differ per hardware
+
+
+@pytest.mark.parametrize("runtime", ["cpu", "gpu", "zerogpu"])
+def test_requirements_agree_with_requirements_txt(runtime):
+    base = pins((ROOT / "requirements.txt").read_text())
+    text = (ROOT / f"spaces/requirements-{runtime}.txt").read_text()
+    mine = pins(text)
+    shared = {k: v for k, v in base.items() if k not in HARDWARE_PINNED}
+    assert {k: v for k, v in mine.items() if k not in HARDWARE_PINNED} == shared
+    assert "torch" in mine
+
+
+def test_each_hardware_gets_the_right_torch_build():
+    cpu = (ROOT / "spaces/requirements-cpu.txt").read_text()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in cpu
+    lines = [ln for ln in cpu.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert pins(cpu)["torch"].endswith("+cpu")
+    assert not [ln for ln in lines if ln.startswith("triton")]  # the CPU build needs none
+    gpu = pins((ROOT / "spaces/requirements-gpu.txt").read_text())
+    assert "+" not in gpu["torch"]  # PyPI's torch for Linux x86_64 is the CUDA build
+    zero = pins((ROOT / "spaces/requirements-zerogpu.txt").read_text())
+    assert tuple(int(x) for x in zero["torch"].split(".")[:2]) <= (2, 11) and "spaces" in zero
+
+
+def test_an_unknown_hardware_stops_the_command_with_exit_2(offline, capsys):
+    code, _ = deploy("--space", "a/b", "--hardware", "h100-huge", "--dry-run")
+    assert code == 2
+    assert "--hardware 'h100-huge'" in capsys.readouterr().err
+
+
+def test_registering_the_subcommand_does_not_import_huggingface_hub():
+    """`metaattn-viz --help` stays fast: the hub library loads only when deploy runs."""
+    code = ("import sys, argparse\n"
+            "from metaattn_viz.deploy.cli import add_deploy_parser\n"
+            "add_deploy_parser(argparse.ArgumentParser().add_subparsers())\n"
+            "print('huggingface_hub' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
