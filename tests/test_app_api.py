@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from helpers import PROMPT, ROOT, AppServer, base_env  # noqa: E402
+from helpers import PROMPT, ROOT, AppServer, base_env
 
 
 def route_json(prompt: str, *args: str, tmp: Path) -> dict:
@@ -137,7 +136,7 @@ def test_four_clients_at_once_all_finish_and_are_logged_completely(server):
                (SELECT count(*) FROM tokens t WHERE t.run_id = r.run_id) AS token_rows,
                (SELECT count(*) FROM routes d WHERE d.run_id = r.run_id) AS route_rows
         FROM runs r WHERE r.run_id IN ({quoted})""")
-    rows = [dict(zip(q["columns"], row)) for row in q["rows"]]
+    rows = [dict(zip(q["columns"], row, strict=True)) for row in q["rows"]]
     assert len(rows) == 4
     by_id = {r["run_id"]: r for r in rows}
     for res in results:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, AppServer
 
 CHROMIUM = "/usr/bin/chromium"

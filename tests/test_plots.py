@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from metaattn_viz.app import attention_maps
-from metaattn_viz.app import plots
+from metaattn_viz.app import attention_maps, plots
 from metaattn_viz.core.settings import COSTS, EXPERTS, UNCERTAINTY_MEASURES, RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
 
@@ -155,8 +154,15 @@ def test_routing_maps_refuse_unknown_measures_and_explain_point_estimates():
 def test_empty_trace_gives_placeholders_not_errors():
     tr = RoutingTrace(model="m", controller="bayes", controller_id="c", controller_trained=False,
                       settings=RoutingSettings(), n_layers=3, head_dim=8)
-    for fig in (plots.expert_map(tr), plots.routing_maps(tr), plots.pareto([])):
-        fig.to_json()
+    placeholders = {"Nothing routed yet": plots.expert_map(tr), plots.MAPS_EMPTY:
+                    plots.routing_maps(tr), "Sweep budgets": plots.pareto([])}
+    for message, fig in placeholders.items():
+        d = json.loads(fig.to_json())
+        assert d["data"] == []  # no trace drawn from no tokens
+        assert [message in a["text"] for a in d["layout"]["annotations"]] == [True]
+    assert plots.empty_trace().n_tokens == 0
+    assert json.loads(plots.routing_maps_json(plots.empty_trace())) == json.loads(
+        plots.routing_maps(tr).to_json())
     assert "\u2014" in plots.meters(tr)
     assert plots.token_strip(tr) == []
     assert plots.meter_values(tr)["realized_cost"] is None

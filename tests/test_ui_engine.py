@@ -1,7 +1,8 @@
-"""engine.py (and ui.py's adapters) without a browser: a tiny random routed model, a
-temporary routing log. Generation streams throttled snapshots and logs complete runs; stop
-interrupts; the quality meter, re-route, sweep and inspector agree with independent
-computations; History reads the log; bad input is refused in plain words."""
+"""The engine's parts (requests, generation, analysis, history, host) and the page's
+adapters without a browser: a tiny random routed model, a temporary routing log. Generation
+streams throttled snapshots and logs complete runs; stop interrupts; the quality meter,
+re-route, sweep and inspector agree with independent computations; History reads the log;
+bad input is refused in plain words."""
 
 from __future__ import annotations
 
@@ -17,18 +18,41 @@ import pytest
 import torch
 from helpers import routed_tiny
 
-from metaattn_viz.app import engine as eng
-from metaattn_viz.app.engine import AppError, Engine, parse_request, parse_settings
+from metaattn_viz.app import display
+from metaattn_viz.app import requests as app_requests
+from metaattn_viz.app.engine import Engine
+from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.requests import parse_request, parse_settings
 from metaattn_viz.core.settings import RoutingSettings
 
 PROMPT = "The quick brown fox jumps over the lazy dog. "
 
 
 @pytest.fixture()
-def engine(tmp_path):
-    e = Engine(routed=routed_tiny(spread=3.0), db=str(tmp_path / "log.duckdb"))
+def routed():
+    return routed_tiny(spread=3.0)
+
+
+@pytest.fixture()
+def engine(routed, tmp_path):
+    e = Engine(routed=routed, db=str(tmp_path / "log.duckdb"))
     yield e
     e.close()
+
+
+def slowed(routed, delay: float, on_token=None):
+    """Make `routed` stream one token every `delay` s (and call on_token(n) after the n-th
+    trace), so a test can watch or stop a generation while it runs."""
+    original = routed.stream
+
+    def slow_stream(*args, **kwargs):
+        for n, trace in enumerate(original(*args, **kwargs), 1):
+            if on_token is not None:
+                on_token(n)
+            time.sleep(delay)
+            yield trace
+
+    routed.stream = slow_stream
 
 
 def _request(prompt=PROMPT, budget=0.5, max_new=12, quality=True, **kw):
@@ -48,12 +72,12 @@ def _consistent(tr):
 # -- parsing ------------------------------------------------------------------------------
 def test_clean_prompt_removes_control_characters_and_keeps_every_script():
     mixed = "Grüße\x00 мир\x07 世界 \U0001F408 مرحبا\r\nline\ttab"
-    text, notes = eng.clean_prompt(mixed)
+    text, notes = app_requests.clean_prompt(mixed)
     assert text == "Grüße мир 世界 \U0001F408 مرحبا\nline\ttab"
     assert notes == ["Removed 2 control characters from the prompt."]
-    text, notes = eng.clean_prompt("half a pair \ud800 here")
+    text, notes = app_requests.clean_prompt("half a pair \ud800 here")
     assert "\ud800" not in text and notes
-    assert eng.clean_prompt("plain")[1] == []
+    assert app_requests.clean_prompt("plain")[1] == []
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -62,7 +86,7 @@ def test_clean_prompt_removes_control_characters_and_keeps_every_script():
 ])
 def test_clean_prompt_refuses_in_plain_words(bad, message):
     with pytest.raises(AppError, match=message):
-        eng.clean_prompt(bad)
+        app_requests.clean_prompt(bad)
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -104,21 +128,21 @@ def test_parse_settings_and_request_accept_good_values():
 
 
 def test_text_from_json_checks_what_it_is_given():
-    ok = eng.text_from_json({"token_ids": [1, 2, 3], "tokens": ["a", "b", "c"],
+    ok = app_requests.text_from_json({"token_ids": [1, 2, 3], "tokens": ["a", "b", "c"],
                              "controller": "priorfree", "n_prompt_tokens": 2}, 256)
     assert ok.token_ids == [1, 2, 3] and ok.controller == "priorfree" and ok.n_prompt_tokens == 2
     for bad, msg in [([], "Expected a trace"), ({"routes": []}, "Expected a trace"),
                      ({"token_ids": []}, "token_ids must be"),
                      ({"token_ids": [1, 999]}, "token_ids must be"),
                      ({"token_ids": [1, True]}, "token_ids must be"),
-                     ({"token_ids": [1] * (eng.APP_MAX_CONTEXT + 1)}, "re-routes at most")]:
+                     ({"token_ids": [1] * (app_requests.APP_MAX_CONTEXT + 1)}, "re-routes at most")]:
         with pytest.raises(AppError, match=msg):
-            eng.text_from_json(bad, 256)
+            app_requests.text_from_json(bad, 256)
 
 
 # -- generation ---------------------------------------------------------------------------
 def test_generation_streams_throttled_consistent_snapshots_and_logs_the_run(engine):
-    job = engine.start(_request(max_new=24))
+    job = engine.generations.start(_request(max_new=24))
     t0 = time.monotonic()
     snaps, times = [], []
     for snap in job.updates(interval=0.05):
@@ -135,87 +159,75 @@ def test_generation_streams_throttled_consistent_snapshots_and_logs_the_run(engi
     assert final.kl_to_dense is not None and final.kl_to_dense.shape == (final.n_tokens,)
     assert np.isfinite(final.kl_to_dense).all() and (final.kl_to_dense > -1e-5).all()
 
-    engine.flush()
-    run = engine.run_log.get_run(job.run_id)
+    engine.history.flush()
+    run = engine.history.run_log.get_run(job.run_id)
     assert run["status"] == "done" and run["kind"] == "generate"
     assert run["n_tokens"] == final.n_tokens
-    again = engine.replay(job.run_id)
+    again = engine.history.replay(job.run_id)
     assert again.tokens == final.tokens and again.token_ids == final.token_ids
     np.testing.assert_array_equal(again.routes, final.routes)
     np.testing.assert_allclose(again.concentration, final.concentration, rtol=1e-6)
     np.testing.assert_allclose(again.kl_to_dense, final.kl_to_dense, rtol=1e-5, atol=1e-7)
 
 
-def test_updates_hand_over_every_token_when_generation_is_slower_than_the_interval(engine):
-    original = engine._routed.stream
-
-    def slow_stream(*args, **kwargs):
-        for trace in original(*args, **kwargs):
-            time.sleep(0.03)
-            yield trace
-
-    engine._routed.stream = slow_stream
-    job = engine.start(_request(max_new=6, quality=False))
+def test_updates_hand_over_every_token_when_generation_is_slower_than_the_interval(
+        routed, engine):
+    slowed(routed, 0.03)
+    job = engine.generations.start(_request(max_new=6, quality=False))
     sizes = [s.n_tokens for s in job.updates(interval=0.001)]
-    job.result()
     n_prompt = job.result().n_prompt_tokens
     assert sizes[:7] == list(range(n_prompt, n_prompt + 7))
 
 
-def test_stop_interrupts_and_the_log_says_so(engine):
-    started = threading.Event()
-    original = engine._routed.stream
-
-    def slow_stream(*args, **kwargs):
-        for trace in original(*args, **kwargs):
-            started.set()
-            time.sleep(0.02)
-            yield trace
-
-    engine._routed.stream = slow_stream
-    job = engine.start(_request(max_new=200, quality=False), key="session-1")
-    assert engine.running("session-1")
-    started.wait(30)
-    time.sleep(0.1)
-    assert engine.stop("session-1")
+def test_stop_interrupts_and_the_log_says_so(routed, engine):
+    decoding = threading.Event()  # a few tokens generated after the prompt
+    slowed(routed, 0.02, on_token=lambda n: n >= 4 and decoding.set())
+    gens = engine.generations
+    job = gens.start(_request(max_new=200, quality=False), key="session-1")
+    assert gens.running("session-1")
+    assert decoding.wait(30), "the generation never got going"
+    assert gens.stop("session-1")
     final = job.result(30)
-    assert job.status == "interrupted" and final.n_tokens < final.n_prompt_tokens + 200
-    assert not engine.running("session-1") and not engine.stop("session-1")
-    engine.flush()
-    run = engine.run_log.get_run(job.run_id)
+    assert job.status == "interrupted"
+    assert final.n_prompt_tokens + 3 <= final.n_tokens < final.n_prompt_tokens + 200
+    assert not gens.running("session-1") and not gens.stop("session-1")
+    engine.history.flush()
+    run = engine.history.run_log.get_run(job.run_id)
     assert run["status"] == "interrupted" and run["n_tokens"] == final.n_tokens
 
 
 def test_a_new_generation_in_the_same_session_stops_the_old_one(engine):
-    first = engine.start(_request(max_new=200, quality=False), key="s")
-    second = engine.start(_request(max_new=2, quality=False), key="s")
+    first = engine.generations.start(_request(max_new=200, quality=False), key="s")
+    second = engine.generations.start(_request(max_new=2, quality=False), key="s")
     first.result(60)
     second.result(60)
     assert first.status == "interrupted" and second.status == "done"
 
 
-def test_a_failing_model_is_reported_and_the_run_marked_failed(engine):
+def test_a_failing_model_is_reported_and_the_run_marked_failed(routed, engine):
+    original = routed.stream
+
     def broken(*args, **kwargs):
-        yield from engine._routed.__class__.stream(engine._routed, *args, **kwargs)
+        yield from original(*args, **kwargs)
         raise RuntimeError("kaboom")
 
-    engine._routed.stream = broken
-    job = engine.start(_request(max_new=2, quality=False))
+    routed.stream = broken
+    job = engine.generations.start(_request(max_new=2, quality=False))
     with pytest.raises(RuntimeError, match="kaboom"):
         job.result(60)
     assert job.status == "failed"
-    engine.flush()
-    run = engine.run_log.get_run(job.run_id)
+    engine.history.flush()
+    run = engine.history.run_log.get_run(job.run_id)
     assert run["status"] == "failed" and "kaboom" in run["error"]
 
 
 def test_engine_without_log_runs_and_says_why(tmp_path):
     e = Engine(routed=routed_tiny(), log_runs=False)
     try:
-        tr = e.generate(_request(max_new=2, quality=False))
+        tr = e.generations.generate(_request(max_new=2, quality=False))
         assert tr.run_id is None and e.status()["logging"] is False
         with pytest.raises(AppError, match="logging is off"):
-            e.runs()
+            e.history.runs()
     finally:
         e.close()
 
@@ -224,7 +236,7 @@ def test_model_that_cannot_load_is_a_plain_message(tmp_path):
     e = Engine(model=str(tmp_path / "no-such-model"), log_runs=False, threads=False)
     try:
         with pytest.raises(AppError, match="could not be loaded"):
-            e.routed_model(timeout=60)
+            e.host.routed_model(timeout=60)
         assert e.status()["model_error"]
     finally:
         e.close()
@@ -234,34 +246,34 @@ def test_model_that_cannot_load_is_a_plain_message(tmp_path):
 def test_quality_replays_the_decisions_and_matches_the_routed_models_own_kl(engine):
     """On a prefill-only trace, KL from the forced-weights shadow equals the KL that
     RoutedModel.reroute measures by routing the text itself."""
-    tr = engine.generate(_request(max_new=0, quality=False))
-    kl = engine.quality(tr)
-    ref = engine._routed.reroute(tr, tr.settings, quality=True).kl_to_dense
+    tr = engine.generations.generate(_request(max_new=0, quality=False))
+    kl = engine.analysis.quality(tr)
+    ref = engine.host.routed_model().reroute(tr, tr.settings, quality=True).kl_to_dense
     np.testing.assert_allclose(kl, ref, rtol=1e-4, atol=1e-6)
     dense = parse_settings(1.0)
-    dense_trace = engine.reroute(tr, dense, log_run=False)
-    assert np.abs(engine.quality(dense_trace)).max() < 1e-5  # budget 1 is the dense model
+    dense_trace = engine.analysis.reroute(tr, dense, log_run=False)
+    assert np.abs(engine.analysis.quality(dense_trace)).max() < 1e-5  # budget 1 is dense
 
 
 def test_reroute_meets_the_new_budget_and_is_logged(engine):
-    tr = engine.generate(_request(max_new=8, quality=False))
-    low = engine.reroute(tr, parse_settings(0.2))
-    high = engine.reroute(tr, parse_settings(0.8), controller="priorfree")
+    tr = engine.generations.generate(_request(max_new=8, quality=False))
+    low = engine.analysis.reroute(tr, parse_settings(0.2))
+    high = engine.analysis.reroute(tr, parse_settings(0.8), controller="priorfree")
     assert low.token_ids == tr.token_ids == high.token_ids
     assert low.realized_cost == pytest.approx(0.2, abs=0.03)
     assert high.realized_cost == pytest.approx(0.8, abs=0.03)
     assert high.controller == "priorfree" and low.timings["reroute_ms"] > 0
-    engine.flush()
-    kinds = engine.runs()["kind"].tolist()
+    engine.history.flush()
+    kinds = engine.history.runs()["kind"].tolist()
     assert kinds.count("reroute") == 2 and kinds.count("generate") == 1
     with pytest.raises(AppError, match="Nothing to re-route"):
-        engine.reroute(eng.Text([], []), parse_settings(0.5))
+        engine.analysis.reroute(app_requests.Text([], []), parse_settings(0.5))
 
 
 def test_sweep_routes_every_policy_at_every_budget(engine):
-    tr = engine.generate(_request(max_new=4, quality=False))
+    tr = engine.generations.generate(_request(max_new=4, quality=False))
     seen = []
-    rows = engine.sweep(tr, parse_settings(0.5), budgets=(0.3, 0.6),
+    rows = engine.analysis.sweep(tr, parse_settings(0.5), budgets=(0.3, 0.6),
                         progress=lambda f, d: seen.append(f))
     by = {(r["policy"], r["budget"]) for r in rows}
     for policy in ("bayes", "priorfree", "random", "salience"):
@@ -284,10 +296,10 @@ def test_inspect_at_budget_one_is_the_models_own_softmax_attention(tmp_path):
     routed = routed_tiny()
     e = Engine(routed=routed, log_runs=False)
     try:
-        tr = e.generate(parse_request(PROMPT, parse_settings(1.0), max_new_tokens=0,
-                                      quality=False))
+        tr = e.generations.generate(parse_request(PROMPT, parse_settings(1.0),
+                                                  max_new_tokens=0, quality=False))
         pos = 30
-        view = e.inspect(tr, pos, max_tokens=8)
+        view = e.analysis.inspect(tr, pos, max_tokens=8)
         assert view.positions == [0, 1, 2, 3, 27, 28, 29, 30]
         routed.model.set_attn_implementation("eager")
         try:
@@ -300,64 +312,86 @@ def test_inspect_at_budget_one_is_the_models_own_softmax_attention(tmp_path):
         for layer, att in enumerate(out.attentions):
             ref = att[0][:, idx][:, :, idx].double().numpy()
             np.testing.assert_allclose(view.attention[layer], ref, rtol=1e-4, atol=1e-6)
-        eager_mass = float(out.attentions[0][0][:, pos, idx].sum(-1).mean())
-        assert 0 < view.shown_mass <= 1 and eager_mass > 0
+        # the share of token pos's attention on the shown positions, mean over layers and
+        # heads, from the eager probabilities (not all of it: 23 positions are hidden)
+        eager_mass = np.mean([float(att[0][:, pos, idx].sum(-1).mean())
+                              for att in out.attentions])
+        assert view.shown_mass == pytest.approx(eager_mass, rel=1e-4)
+        assert 0 < view.shown_mass < 0.9
     finally:
         e.close()
 
 
 def test_inspect_refuses_what_it_cannot_show(engine):
-    tr = engine.generate(_request(max_new=2, quality=False))
+    tr = engine.generations.generate(_request(max_new=2, quality=False))
+    inspect = engine.analysis.inspect
     with pytest.raises(AppError, match="Token position must be"):
-        engine.inspect(tr, tr.n_tokens)
+        inspect(tr, tr.n_tokens)
     with pytest.raises(AppError, match="Nothing to inspect"):
-        engine.inspect(None, 0)
+        inspect(None, 0)
     tr.model = "another-model"
     with pytest.raises(AppError, match="used the model another-model"):
-        engine.inspect(tr, 0)
+        inspect(tr, 0)
 
 
 # -- history ------------------------------------------------------------------------------
 def test_history_lists_filters_compares_queries_and_exports(engine, tmp_path):
-    a = engine.generate(_request("Alpha beta gamma.", max_new=3, quality=False))
-    b = engine.reroute(a, parse_settings(0.25))
-    engine.flush()
-    runs = engine.runs()
+    a = engine.generations.generate(_request("Alpha beta gamma.", max_new=3, quality=False))
+    b = engine.analysis.reroute(a, parse_settings(0.25))
+    history = engine.history
+    history.flush()
+    runs = history.runs()
     assert len(runs) == 2 and a.run_id in set(runs["run_id"])
     assert runs["kind"].tolist() == ["reroute", "generate"]  # newest first
-    assert engine.runs(text="alpha")["run_id"].tolist() != []
-    assert engine.runs(text="no such words").empty
-    assert engine.runs(status="failed").empty
+    assert history.runs(text="alpha")["run_id"].tolist() != []
+    assert history.runs(text="no such words").empty
+    assert history.runs(status="failed").empty
     with pytest.raises(AppError, match="order_by must be one of"):
-        engine.runs(order_by="-color")
+        history.runs(order_by="-color")
     rid_b = [r for r in runs["run_id"] if r != a.run_id][0]
-    ta, tb, df = engine.compare(a.run_id, rid_b)
+    ta, tb, df = history.compare(a.run_id, rid_b)
     assert ta.run_id == a.run_id and len(df) == a.n_tokens
     np.testing.assert_array_equal(tb.routes, b.routes)
     assert 0 <= df.attrs["agreement"] <= 1 and df.attrs["same_tokens"] == 1.0
     with pytest.raises(AppError, match="no run 'nope'"):
-        engine.replay("nope")
+        history.replay("nope")
     with pytest.raises(AppError, match="Pick a run"):
-        engine.replay("  ")
-    df, notice = engine.sql("SELECT count(*) AS n FROM routes")
+        history.replay("  ")
+    df, notice = history.sql("SELECT count(*) AS n FROM routes")
     assert int(df["n"][0]) == a.n_layers * a.n_tokens * 2 and "row" in notice
     for bad in ("DELETE FROM runs", "SELECT * FROM read_csv('/etc/passwd')", ""):
         with pytest.raises(AppError):
-            engine.sql(bad)
-    archive = engine.export("parquet")
+            history.sql(bad)
+    archive = history.export("parquet")
     with zipfile.ZipFile(archive) as zf:
         names = zf.namelist()
     assert any(n.startswith("runs/day=") and n.endswith(".parquet") for n in names)
     assert any(n.startswith("routes/day=") for n in names) and "experts.parquet" in names
     with pytest.raises(AppError, match="Format must be one of"):
-        engine.export("xlsx")
+        history.export("xlsx")
+
+
+def test_the_runs_table_shows_the_useful_columns_cut_and_rounded():
+    import pandas as pd
+
+    logged = pd.DataFrame({"n_layers": [30], "output_text": [None], "prompt": ["p" * 100],
+                           "realized_cost": [0.123456], "wall_ms": [12.6], "run_id": ["r1"],
+                           "created_at": [pd.Timestamp("2024-05-06 07:08:09.123")]})
+    shown = display.runs_table(logged)
+    assert list(shown.columns) == ["run_id", "created_at", "realized_cost", "wall_ms", "prompt",
+                                   "output_text"]
+    row = shown.iloc[0]
+    assert row["prompt"] == "p" * 79 + "\u2026" and row["output_text"] == ""
+    assert (row["realized_cost"], row["wall_ms"]) == (0.123, 13.0)
+    assert row["created_at"] == "2024-05-06 07:08:09"
+    assert logged["prompt"][0] == "p" * 100  # the log's own frame is left as it was
 
 
 # -- the page's adapters -------------------------------------------------------------------
 def test_user_errors_turn_failures_into_plain_gradio_errors(caplog):
     import gradio as gr
 
-    from metaattn_viz.app.ui import user_errors
+    from metaattn_viz.app.ui_errors import user_errors
 
     @user_errors("doing a thing")
     def plain(kind):
@@ -383,12 +417,13 @@ def test_user_errors_turn_failures_into_plain_gradio_errors(caplog):
 
 
 def test_the_page_builds_with_named_api_endpoints(engine):
-    from metaattn_viz.app.ui import build_app, load_examples, status_markdown
+    from metaattn_viz.app.ui import build_app, load_examples
 
     demo = build_app(engine=engine)
     public = {d.api_name for d in demo.fns.values() if d.api_visibility == "public"}
     assert public == {"generate", "reroute", "status", "sql"}
-    assert "ready" in status_markdown(engine)
+    header = display.status_markdown(engine.status())
+    assert "ready" in header and f"At most {app_requests.APP_MAX_CONTEXT} tokens" in header
     examples = load_examples()
     assert len(examples) >= 4 and all(e["prompt"].strip() for e in examples)
     assert json.loads((Path(__file__).parent.parent / "assets" / "examples.json")

@@ -7,8 +7,8 @@ the mixture, under the trace's `weights`, of each expert's implicit weights over
     local  = softmax over the window (i - window, i] plus the first n_sink keys
     linear = phi(q).phi(k_j) / (sum_j' phi(q).phi(k_j') + eps), phi = elu + 1
 
-(the same maths as kernels.reference, so pattern @ v equals the routed output: the tests
-check this). q and k come from a prefill with `capture_qk=True` whose weights were forced
+(the same maths as metaattn_kernels.reference, so pattern @ v equals the routed output:
+the tests check this). q and k come from a prefill with `capture_qk=True` whose weights were forced
 to the trace's, so the patterns are those of the decisions shown in the maps.
 
 bertviz draws a square token x token matrix for every layer and head; a long text would
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metaattn_viz.paths import ASSETS_DIR
 from metaattn_viz.core.settings import FULL, LINEAR, LOCAL
+from metaattn_viz.paths import ASSETS_DIR
 
 VENDOR_DIR = ASSETS_DIR / "vendor"
 # bertviz 1.4.1's CDN addresses -> vendored file (require.js paths take no ".js").
@@ -133,7 +133,7 @@ def attention_view(qk: list, weights: np.ndarray, tokens: list[str], pos: int, w
 
 def _display_tokens(tokens: list[str], positions: list[int]) -> list[str]:
     out = []
-    for p, t in zip(positions, tokens):
+    for p, t in zip(positions, tokens, strict=True):
         t = t.replace("\n", "\\n").replace("\t", "\\t")
         t = "".join(c if c.isprintable() else "\ufffd" for c in t)
         out.append(f"{t}" if t.strip() else f"[{p}]{t}")

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from metaattn_viz.core.settings import EXPERTS, UNCERTAINTY_MEASURES
+from metaattn_viz.core.settings import EXPERTS, UNCERTAINTY_MEASURES, RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
 
 # Okabe & Ito (2008): vermillion, sky blue, yellow stay apart in luminance and hue under
@@ -234,7 +234,7 @@ def token_strip(trace: RoutingTrace) -> list[tuple[str, float]]:
     """(token text, share of layers giving it full attention) per token, for a
     gr.HighlightedText: the darker a token, the more layers attended to it in full."""
     shares = trace.full_share_per_token()
-    return [(text, round(float(s), 3)) for text, s in zip(trace.tokens, shares.tolist())]
+    return [(text, round(float(s), 3)) for text, s in zip(trace.tokens, shares.tolist(), strict=True)]
 
 
 def _finite(x) -> float | None:
@@ -406,7 +406,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def pareto(rows: list[dict], height: int = 440) -> go.Figure:
     """KL to dense against realised cost; `rows` have policy, budget, realized_cost,
-    kl_to_dense (engine.Engine.sweep)."""
+    kl_to_dense (analysis.Analysis.sweep)."""
     title = "Budget sweep: quality against cost (lower left is better)"
     if not rows:
         return _empty(title, "Press \u201cSweep budgets\u201d to route the current text at "
@@ -447,7 +447,13 @@ def live_views(trace: RoutingTrace, measure: str = "total"):
     return routing_maps_json(trace, measure), token_strip(trace), meters(trace)
 
 
+def empty_trace() -> RoutingTrace:
+    """A trace with no tokens: what the views draw (as placeholders) before the first run."""
+    return RoutingTrace(model="", controller="bayes", controller_id="", controller_trained=False,
+                        settings=RoutingSettings(), n_layers=1, head_dim=64)
+
+
 __all__ = ["EXPERT_COLOURS", "UIREVISION", "expert_map", "routing_maps", "routing_maps_json",
            "token_strip", "token_label", "token_labels", "meters", "meter_values", "ternary",
            "ternary_placeholder", "concentration_table", "concentration_columns", "pareto",
-           "pareto_front", "live_views"]
+           "pareto_front", "live_views", "empty_trace"]

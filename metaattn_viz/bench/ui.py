@@ -2,9 +2,9 @@
 
 1. Slider re-route: a 128-token text routed again at a new budget (each budget scope: the
    default "global" settles one lambda for all layers in 2-3 forward passes, "layer" takes
-   one), timed on the server side
-   until the page's figures are built and serialised (Engine.reroute + plots.live_views +
-   the Gradio components' postprocess, i.e. the JSON that goes on the wire), as a ratio to
+   one), timed on the server side until the page's figures are built and serialised
+   (engine.analysis.reroute + plots.live_views + the Gradio components' postprocess, i.e.
+   the JSON that goes on the wire), as a ratio to
    one dense forward pass of the same text. Target <= 1.5. The quality meter's dense
    shadow pass runs after the figures are out (a chained event), so it is not included.
 2. Live views during streaming: the same greedy generation timed with nobody watching
@@ -70,7 +70,7 @@ def serialise(views) -> int:
 
     if not _COMPONENTS:
         _COMPONENTS.extend([gr.HTML(), gr.HighlightedText(), gr.HTML()])
-    out = [c.postprocess(v) for c, v in zip(_COMPONENTS, views)]
+    out = [c.postprocess(v) for c, v in zip(_COMPONENTS, views, strict=True)]
     return sum(len(orjson.dumps(o.model_dump() if hasattr(o, "model_dump") else o))
                for o in out)
 
@@ -79,9 +79,9 @@ def bench_reroute(engine, n_tokens: int, repeats: int, scope: str) -> dict:
     import torch
 
     from metaattn_viz.app import plots
-    from metaattn_viz.app.engine import Text, parse_settings
+    from metaattn_viz.app.requests import Text, parse_settings
 
-    routed = engine.routed_model()
+    routed = engine.host.routed_model()
     ids = routed.encode(TEXT)
     while len(ids) < n_tokens:
         ids = ids + ids
@@ -93,18 +93,18 @@ def bench_reroute(engine, n_tokens: int, repeats: int, scope: str) -> dict:
     routed.dense_logits(x)  # warm-up (and the first serialise imports gradio)
     # like the slider: each re-route starts from the trace on screen (its posteriors give the
     # global scope a warm start for lambda)
-    new = engine.reroute(text, parse_settings(0.5, scope), log_run=False)
+    new = engine.analysis.reroute(text, parse_settings(0.5, scope), log_run=False)
     serialise(plots.live_views(new))
     for i in range(repeats):
         t0 = time.perf_counter()
         routed.dense_logits(x)
         dense_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        new = engine.reroute(new, parse_settings(budgets[i % len(budgets)], scope),
-                             log_run=False)
+        new = engine.analysis.reroute(new, parse_settings(budgets[i % len(budgets)], scope),
+                                      log_run=False)
         sizes.append(serialise(plots.live_views(new)))
         reroute_s.append(time.perf_counter() - t0)
-    ratios = [r / d for r, d in zip(reroute_s, dense_s)]
+    ratios = [r / d for r, d in zip(reroute_s, dense_s, strict=True)]
     return {"benchmark": "reroute", "scope": scope, "tokens": n_tokens, "repeats": repeats,
             "passes": new.timings.get("prefill_passes"),
             "dense_ms": 1000 * statistics.median(dense_s),
@@ -116,19 +116,20 @@ def bench_reroute(engine, n_tokens: int, repeats: int, scope: str) -> dict:
 
 def bench_streaming(engine, new_tokens: int, repeats: int) -> dict:
     from metaattn_viz.app import plots
-    from metaattn_viz.app.engine import STREAM_INTERVAL_S, parse_request, parse_settings
+    from metaattn_viz.app.generation import STREAM_INTERVAL_S
+    from metaattn_viz.app.requests import parse_request, parse_settings
 
     req = parse_request(TEXT[:400], parse_settings(0.5), max_new_tokens=new_tokens,
                         quality=False)
 
     def unwatched():
         t0 = time.perf_counter()
-        trace = engine.start(req).result()
+        trace = engine.generations.start(req).result()
         return time.perf_counter() - t0, trace, 0
 
     def watched():
         t0 = time.perf_counter()
-        job = engine.start(req)
+        job = engine.generations.start(req)
         frames = 0
         for snap in job.updates(STREAM_INTERVAL_S):
             if snap is not None:
@@ -147,7 +148,7 @@ def bench_streaming(engine, new_tokens: int, repeats: int) -> dict:
         frames.append(f / s)
         n = tr.n_tokens - tr.n_prompt_tokens
         assert tr.token_ids == tr2.token_ids  # greedy: the same work both ways
-    slow = [w / p for w, p in zip(live, plain)]
+    slow = [w / p for w, p in zip(live, plain, strict=True)]
     return {"benchmark": "streaming", "new_tokens": n, "repeats": repeats,
             "unwatched_s": statistics.median(plain), "watched_s": statistics.median(live),
             "tokens_per_s_unwatched": n / statistics.median(plain),
@@ -171,14 +172,14 @@ def main(argv=None) -> int:
 
     engine = Engine(args.model, log_runs=False)
     try:
-        engine.routed_model()
+        engine.host.routed_model()
         rows = [bench_reroute(engine, args.tokens, args.repeats, scope) for scope in SCOPES]
         rows.append(bench_streaming(engine, args.new_tokens, args.repeats))
     finally:
         engine.close()
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
             "controllers_trained": {k: c.trained
-                                    for k, c in engine.routed_model().controllers.items()}}
+                                    for k, c in engine.host.routed_model().controllers.items()}}
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
     else:

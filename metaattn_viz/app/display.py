@@ -1,0 +1,120 @@
+"""What the page says in words: the status line, the run status while streaming, the notes
+after a re-route, replay, comparison or inspection, and the tables as shown (runs, sweep).
+
+Pure functions of the engine's values (status dicts, traces, jobs, DataFrames) -> strings
+or display-ready DataFrames, so the wording is tested without a browser. Never imports
+gradio or the model; never decides anything, only says it.
+"""
+
+from __future__ import annotations
+
+from metaattn_viz.app import plots
+
+# The columns of the History tab's runs table, in order; long texts are cut to this width.
+RUNS_COLUMNS = ["run_id", "created_at", "status", "kind", "controller", "budget", "scope",
+                "hedge_policy", "n_tokens", "realized_cost", "flops_ratio", "wall_ms",
+                "prompt", "output_text"]
+RUNS_TEXT_WIDTH = 80
+SWEEP_COLUMNS = ["policy", "budget", "label", "realized_cost", "kl_to_dense", "flops_ratio"]
+
+
+def status_markdown(status: dict) -> str:
+    """The page header from `Engine.status()`: the model, its controllers, logging."""
+    s = status
+    if s["model_error"]:
+        model = f"**Model unavailable:** {s['model_error']}"
+    elif not s["model_ready"]:
+        model = "Loading the model\u2026 (the page works; Generate waits for it)"
+    else:
+        untrained = [k for k, c in s["controllers"].items() if not c["trained"]]
+        model = f"Model **{s['model']}** ready"
+        if s["load_seconds"]:
+            model += f" (loaded in {s['load_seconds']:.1f} s)"
+        if untrained:
+            model += (f". \u26a0 Untrained controllers: {', '.join(untrained)} (routing is "
+                      "not calibrated; run `metaattn-viz calibrate`)")
+    logging_ = (f"runs logged to `{s['log_path']}`" if s["logging"]
+                else f"runs not logged: {s['log_problem']}")
+    return f"{model}. {logging_}. At most {s['max_context']} tokens are routed."
+
+
+def run_status(job, snap) -> str:
+    """The line under the meters while a generation runs (job: generation.GenerationJob;
+    snap: its newest snapshot, or None)."""
+    n = snap.n_tokens if snap is not None else 0
+    new = n - (snap.n_prompt_tokens if snap is not None else 0)
+    tps = snap.timings.get("tokens_per_s") if snap is not None else None
+    rate = f", {tps:.1f} tokens/s" if tps else ""
+    if job.phase in ("starting", "prefill"):
+        return "Routing the prompt\u2026"
+    if job.phase == "decoding":
+        return f"Generating\u2026 {n} tokens ({new} new{rate})"
+    if job.phase == "quality":
+        return f"Measuring quality against the dense model\u2026 ({n} tokens)"
+    if job.status == "failed":
+        return "The generation failed."
+    what = "Stopped" if job.status == "interrupted" else "Done"
+    logged = f"; run `{job.run_id}`" if job.run_id else ""
+    return f"{what}: {n} tokens ({new} generated{rate}){logged}."
+
+
+def reroute_note(trace) -> str:
+    """After a re-route: how many tokens, at which budget, how long it took."""
+    return (f"Re-routed {trace.n_tokens} tokens at budget {trace.settings.budget:.2f} "
+            f"({trace.timings['reroute_ms']:.0f} ms).")
+
+
+def replay_note(trace) -> str:
+    return (f"Replayed run `{trace.run_id}` from the routing log: {trace.n_tokens} tokens, "
+            f"{trace.controller} controller, budget {trace.settings.budget}.")
+
+
+def compare_note(a, b, df) -> str:
+    """Two runs and how much they agree (df: the log's comparison, with its attrs)."""
+    return (f"Run A `{a.run_id}` ({a.controller}, budget {a.settings.budget}, cost "
+            f"{a.realized_cost:.3f}) against run B `{b.run_id}` ({b.controller}, budget "
+            f"{b.settings.budget}, cost {b.realized_cost:.3f}): the same expert in "
+            f"{100 * df.attrs['agreement']:.0f}% of decisions, the same token at "
+            f"{100 * df.attrs['same_tokens']:.0f}% of positions.")
+
+
+def compare_title(label: str, trace) -> str:
+    """The title of one run's map in the comparison."""
+    return f"{label}: budget {trace.settings.budget}, {trace.controller}"
+
+
+def inspect_note(trace, pos: int, view) -> str:
+    """What the bertviz views show of token `pos` (view: attention_maps.AttentionView)."""
+    label = plots.token_label(pos, trace.tokens[pos], 30)
+    return (f"Token **{label}**. bertviz shows {len(view.positions)} of its "
+            f"{pos + 1} visible positions (the attention sinks and the last ones), holding "
+            f"{100 * view.shown_mass:.0f}% of its attention on average over layers and "
+            "heads; each head's row mixes the experts by the weights the router applied.")
+
+
+def runs_table(df):
+    """The runs table as shown: the useful columns, long texts cut, numbers rounded."""
+    df = df[[c for c in RUNS_COLUMNS if c in df.columns]].copy()
+    cut = RUNS_TEXT_WIDTH
+    for c in ("prompt", "output_text"):
+        if c in df.columns:
+            df[c] = df[c].fillna("").map(lambda s: s if len(s) <= cut else s[:cut - 1] + "\u2026")
+    for c in ("realized_cost", "flops_ratio"):
+        if c in df.columns:
+            df[c] = df[c].round(3)
+    if "wall_ms" in df.columns:
+        df["wall_ms"] = df["wall_ms"].round(0)
+    if "created_at" in df.columns:
+        df["created_at"] = df["created_at"].astype(str).str.slice(0, 19)
+    return df
+
+
+def sweep_table(rows: list[dict]):
+    """The sweep's rows (Analysis.sweep) as the table under the Pareto plot."""
+    import pandas as pd
+
+    return pd.DataFrame(rows)[SWEEP_COLUMNS].round(4)
+
+
+__all__ = ["status_markdown", "run_status", "reroute_note", "replay_note", "compare_note",
+           "compare_title", "inspect_note", "runs_table", "sweep_table", "RUNS_COLUMNS"]

@@ -1,0 +1,215 @@
+"""Generations running in their own threads, and the registry of them (one per browser
+session).
+
+A `GenerationJob` streams tokens from the hosted model in a worker thread, records the run
+as it grows (history.RunRecorder), measures the quality meter when the text is complete
+(if asked), and publishes snapshots of the growing trace; `updates(interval)` hands them to
+the page at most every `interval` seconds (every token when generation is slower).
+`Generations` starts jobs, stops a session's previous one when it starts a new one, and
+answers whether a session has one running. Never imports gradio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+
+from metaattn_viz.app.analysis import Analysis
+from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.history import RunHistory
+from metaattn_viz.app.host import ModelHost
+from metaattn_viz.app.requests import APP_MAX_CONTEXT, GenerateRequest
+from metaattn_viz.core.trace import RoutingTrace
+
+log = logging.getLogger(__name__)
+
+STREAM_INTERVAL_S = 0.25  # views refresh at most 4 times a second (every token if slower)
+
+
+def snapshot(trace: RoutingTrace) -> RoutingTrace:
+    """A consistent copy of a growing trace, cheap: arrays are replaced, never written in
+    place, when a trace grows, so sharing them is safe; the lists and dict are copied."""
+    return dataclasses.replace(trace, token_ids=list(trace.token_ids),
+                               tokens=list(trace.tokens), timings=dict(trace.timings))
+
+
+class GenerationJob:
+    """One streaming generation. The worker thread owns the RoutedModel stream and the
+    run's recorder; readers take snapshots through `updates()`."""
+
+    def __init__(self, host: ModelHost, history: RunHistory, analysis: Analysis,
+                 request: GenerateRequest, key: str | None = None):
+        self.host, self.analysis = host, analysis
+        self.request = request
+        self.key = key or uuid.uuid4().hex
+        self.stop_event = threading.Event()
+        self.phase = "starting"  # starting | prefill | decoding | quality | done
+        self.error: BaseException | None = None
+        self.notes: list[str] = list(request.notes)
+        self.status: str | None = None  # done | interrupted | failed
+        self._recorder = history.recorder("generate")
+        self._cond = threading.Condition()
+        self._latest: RoutingTrace | None = None
+        self._version = 0
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name=f"generate-{self.key[:8]}",
+                                        daemon=True)
+
+    def start(self) -> GenerationJob:
+        self._thread.start()
+        return self
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id in the routing log (None until logged, or if it is not)."""
+        return self._recorder.run_id
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _note(self, note: str | None) -> None:
+        if note:
+            self.notes.append(note)
+
+    def _publish(self, trace: RoutingTrace | None, done: bool = False) -> None:
+        snap = snapshot(trace) if trace is not None else None
+        with self._cond:
+            if snap is not None:
+                self._latest = snap
+            self._version += 1
+            self._done = self._done or done
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        from metaattn_viz.routing.model import Sampling
+
+        req, rec = self.request, self._recorder
+        trace = None
+        try:
+            routed = self.host.routed_model()
+            self.phase = "prefill"
+            sampling = Sampling(req.temperature, req.top_p, req.seed)
+            stream = routed.stream(req.prompt, req.settings, req.max_new_tokens, req.controller,
+                                   sampling=sampling, chat=req.chat, stop_event=self.stop_event,
+                                   max_context=APP_MAX_CONTEXT)
+            for trace in stream:
+                if rec.run_log is not None and not rec.started:  # the prompt, routed
+                    self._note(rec.start(trace))
+                    if trace.truncated:
+                        self.notes.append(f"The prompt was cut from the left to fit: "
+                                          f"{trace.truncated} tokens dropped.")
+                else:
+                    self._note(rec.update(trace))
+                self.phase = "decoding"
+                self._publish(trace)
+            self.status = "interrupted" if self.stop_event.is_set() else "done"
+            if req.quality and trace is not None and trace.n_tokens > 1:
+                self.phase = "quality"
+                self._publish(trace)
+                try:
+                    trace.kl_to_dense = self.analysis.quality(trace)
+                except Exception:  # the generation itself succeeded: keep it
+                    log.exception("quality (dense shadow) pass failed")
+                    self.notes.append("The quality meter could not be measured for this run.")
+        except AppError as exc:
+            self.error, self.status = exc, "failed"
+        except Exception as exc:  # shown as a short message; the detail stays in the log
+            log.exception("generation failed")
+            self.error, self.status = exc, "failed"
+        finally:
+            self._note(rec.finish(trace, self.status, self.error))
+            self.phase = "done"
+            self._publish(trace, done=True)
+
+    def updates(self, interval: float = STREAM_INTERVAL_S, timeout: float | None = None):
+        """Yield snapshots of the trace as it grows, at most one per `interval` seconds
+        (always the newest), and a last one when the job ends (possibly None if it failed
+        before the prefill). Raises TimeoutError if nothing happens for `timeout` s."""
+        seen = -1
+        next_at = 0.0
+        while True:
+            with self._cond:
+                # the predicate runs within this iteration, so it sees this `seen`
+                if not self._cond.wait_for(lambda: self._version != seen or self._done,  # noqa: B023
+                                           timeout=timeout):
+                    raise TimeoutError("the generation made no progress")
+                done, snap, seen = self._done, self._latest, self._version
+            if done:
+                yield snap
+                return
+            wait = next_at - time.monotonic()
+            if wait > 0:  # throttle: sleep, then hand over whatever is newest by then
+                with self._cond:
+                    self._cond.wait_for(lambda: self._done, timeout=wait)
+                    done, snap, seen = self._done, self._latest, self._version
+                if done:
+                    yield snap
+                    return
+            next_at = time.monotonic() + interval
+            if snap is not None:
+                yield snap
+
+    def result(self, timeout: float | None = None) -> RoutingTrace:
+        """Wait for the end; the final trace, or the AppError / error that stopped it."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("the generation is still running")
+        if self.error is not None:
+            raise self.error
+        return self._latest
+
+
+class Generations:
+    """The running generations, one per key (a browser session; API calls get their own)."""
+
+    def __init__(self, host: ModelHost, history: RunHistory, analysis: Analysis):
+        self.host, self.history, self.analysis = host, history, analysis
+        self._jobs: dict[str, GenerationJob] = {}
+        self._lock = threading.Lock()
+
+    def start(self, request: GenerateRequest, key: str | None = None) -> GenerationJob:
+        """Start a generation; a second one under the same key (a browser session) stops
+        the first."""
+        job = GenerationJob(self.host, self.history, self.analysis, request, key)
+        with self._lock:
+            old = self._jobs.get(job.key)
+            if old is not None and not old.done:
+                old.stop()
+            self._jobs[job.key] = job
+            for k in [k for k, j in self._jobs.items() if j.done and k != job.key]:
+                del self._jobs[k]
+        return job.start()
+
+    def stop(self, key: str) -> bool:
+        """Stop the running generation of `key`; False if there is none."""
+        with self._lock:
+            job = self._jobs.get(key)
+        if job is None or job.done:
+            return False
+        job.stop()
+        return True
+
+    def running(self, key: str) -> bool:
+        with self._lock:
+            job = self._jobs.get(key)
+        return job is not None and not job.done
+
+    def generate(self, request: GenerateRequest, timeout: float | None = None) -> RoutingTrace:
+        """Blocking generation (the API endpoint)."""
+        return self.start(request).result(timeout)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.stop()
+
+
+__all__ = ["GenerationJob", "Generations", "snapshot", "STREAM_INTERVAL_S"]

@@ -1,0 +1,212 @@
+"""The app's side of the routing log: writing runs as they happen, and reading them back
+for the History tab (replay, the runs table, compare, the SQL console, export).
+
+Two policies, each defined once:
+- writes (`write`, `RunRecorder`, `log_finished`) never fail a request: on a store problem
+  the server keeps serving without logging and says why (`log_problem`);
+- reads the user asked for (`_reading`) turn a store problem into AppError, a sentence.
+
+The DataFrames returned are the log's own; how they look on the page is the UI's business.
+Never imports gradio or the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.requests import choice
+from metaattn_viz.core.trace import RoutingTrace
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 0.25  # routing-log batches while streaming
+
+
+class RunHistory:
+    """The routing log of one server (None when logging is off or unavailable), its
+    background writer, and the queries of the History tab."""
+
+    def __init__(self, db: str | None = None, enabled: bool = True):
+        from metaattn_viz import store
+
+        self.run_log, self.log_problem = store.open_or_explain(db, enabled=enabled)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="run-log")
+
+    def status(self) -> dict:
+        """The log's part of the page header."""
+        return {"logging": self.run_log is not None,
+                "log_path": str(self.run_log.path) if self.run_log is not None else None,
+                "log_problem": self.log_problem}
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, fn, default=None):
+        """Run a routing-log write; on a store problem keep serving without logging:
+        remember why (`log_problem`) and return `default`."""
+        from metaattn_viz import store
+
+        try:
+            return fn()
+        except store.StoreUnavailable as exc:
+            log.warning("routing log: %s", exc)
+            self.log_problem = f"Runs are not being logged: {exc}"
+            return default
+
+    def log_finished(self, trace: RoutingTrace, kind: str) -> None:
+        """Log a complete trace (a re-route) off the request path."""
+        run_log = self.run_log
+        if run_log is None:
+            return
+
+        def write():
+            rid = self.write(lambda: run_log.start_run(trace, kind))
+            if rid is not None:
+                self.write(lambda: run_log.finish(rid, trace, "done"))
+
+        self._writer.submit(write)
+
+    def recorder(self, kind: str) -> RunRecorder:
+        """A recorder for one run that grows while it streams."""
+        return RunRecorder(self, kind)
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Wait until every run handed to the log so far is committed."""
+        self._writer.submit(lambda: None).result(timeout)
+        if self.run_log is not None:
+            self.write(lambda: self.run_log.flush(timeout))
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        if self.run_log is not None:
+            self.run_log.close()
+
+    # -- reading ----------------------------------------------------------------------------
+    @contextmanager
+    def _reading(self, *also: type[Exception]):
+        """The log, for a read the user asked for: AppError if there is none, and a store
+        problem (or any of `also`) becomes AppError with its own sentence."""
+        from metaattn_viz import store
+
+        if self.run_log is None:
+            raise AppError(self.log_problem or "The routing log is not available.")
+        caught: tuple[type[Exception], ...] = (store.StoreUnavailable, *also)
+        try:
+            yield self.run_log
+        except caught as exc:
+            raise AppError(str(exc)) from None
+
+    def replay(self, run_id: str) -> RoutingTrace:
+        """The trace of a logged run, rebuilt from the log (no model needed)."""
+        from metaattn_viz import store
+
+        with self._reading() as run_log:
+            run_id = (run_id or "").strip()
+            if not run_id:
+                raise AppError("Pick a run first (click a row of the runs table).")
+            try:
+                return run_log.load_trace(run_id)
+            except store.UnknownRun:
+                raise AppError(f"There is no run {run_id!r} in the routing log.") from None
+
+    def runs(self, text: str = "", status: str | None = None, controller: str | None = None,
+             order_by: str = "-created_at", limit: int = 200):
+        """The logged runs (a DataFrame, newest first by default), filtered."""
+        with self._reading(ValueError) as run_log:  # ValueError: an unknown order_by
+            return run_log.list_runs(limit=limit, status=status or None,
+                                     controller=controller or None,
+                                     text=(text or "").strip() or None, order_by=order_by)
+
+    def compare(self, run_a: str, run_b: str):
+        """Two runs side by side: (their traces, the per-token comparison DataFrame)."""
+        a, b = self.replay(run_a), self.replay(run_b)
+        with self._reading() as run_log:
+            return a, b, run_log.compare(a.run_id, b.run_id)
+
+    def sql(self, query: str, max_rows: int = 500):
+        """The read-only SQL console: (DataFrame, notice)."""
+        from metaattn_viz.store import console as sql_console
+
+        if not (query or "").strip():
+            raise AppError("Type a query first, e.g. SELECT * FROM runs LIMIT 10.")
+        with self._reading(sql_console.ConsoleError) as run_log:
+            return sql_console.run_readonly_query(run_log, query, max_rows=max_rows)
+
+    def export(self, fmt: str = "parquet") -> Path:
+        """The whole log as partitioned Parquet or CSV in one zip file."""
+        from metaattn_viz import store
+
+        fmt = choice("Format", fmt, store.EXPORT_FORMATS)
+        with self._reading() as run_log:
+            work = Path(tempfile.mkdtemp(prefix="metaattn-export-"))
+            out = work / "routing-log"
+            run_log.flush(timeout=10)
+            store.export(run_log, out, fmt)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        archive = work / f"metaattn-routing-log-{stamp}-{fmt}.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(out.rglob("*")):
+                if path.is_file():
+                    zf.write(path, path.relative_to(out).as_posix())
+        return archive
+
+
+class RunRecorder:
+    """Logs one streaming run: `start_run` after the prefill, `append` at most every
+    LOG_EVERY_S, `finish` at the end. If the log fails, the recorder stops logging this run
+    and each call that noticed returns a note for the user (otherwise None)."""
+
+    def __init__(self, history: RunHistory, kind: str):
+        self.history = history
+        self.kind = kind
+        self.run_log = history.run_log  # None once logging stops for this run
+        self.run_id: str | None = None
+        self._last = 0.0
+
+    @property
+    def started(self) -> bool:
+        return self.run_id is not None
+
+    def start(self, trace: RoutingTrace) -> str | None:
+        """Log the run's first trace (its prompt, routed)."""
+        run_log = self.run_log
+        if run_log is None:
+            return None
+        self.run_id = self.history.write(lambda: run_log.start_run(trace, self.kind))
+        self._last = time.monotonic()
+        if self.run_id is None:
+            self.run_log = None
+            return self.history.log_problem or "This run is not logged."
+        return None
+
+    def update(self, trace: RoutingTrace) -> str | None:
+        """Log the tokens since the last batch, if LOG_EVERY_S has passed."""
+        run_log, run_id = self.run_log, self.run_id
+        if run_log is None or run_id is None or time.monotonic() - self._last < LOG_EVERY_S:
+            return None
+        ok = self.history.write(lambda: run_log.append(run_id, trace))
+        self._last = time.monotonic()
+        if ok is None:
+            self.run_log = None
+            return self.history.log_problem or "This run is no longer logged."
+        return None
+
+    def finish(self, trace: RoutingTrace | None, status: str | None,
+               error: BaseException | None) -> str | None:
+        """Log how the run ended (done / interrupted / failed, with the error)."""
+        run_log, run_id = self.run_log, self.run_id
+        if run_id is None or run_log is None or trace is None:
+            return None
+        err = None if error is None else f"{type(error).__name__}: {error}"
+        if self.history.write(lambda: run_log.finish(run_id, trace, status, error=err),
+                              default=False) is False:
+            return self.history.log_problem or "The run could not be logged."
+        return None
+
+
+__all__ = ["RunHistory", "RunRecorder", "LOG_EVERY_S"]

@@ -1,0 +1,169 @@
+"""What the page (or an API client) sends, parsed and checked: prompts, routing settings,
+generation requests, and texts to re-route.
+
+Every function either returns a value the engine can use as it is or raises AppError with
+a sentence that names the control and its valid range. The choices and defaults come from
+their one definition (core.settings, routing.controller.KINDS); the limits on what the app
+takes are defined here. Pure functions: never touches the model, the log or gradio.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import unicodedata
+from dataclasses import dataclass
+
+from metaattn_viz.app.errors import AppError
+from metaattn_viz.core.settings import DEFAULTS, HEDGE_POLICIES, MIN_COST, SCOPES, RoutingSettings
+from metaattn_viz.routing.controller import KINDS
+
+MAX_PROMPT_CHARS = 16_000
+MAX_NEW_TOKENS = 256
+# The app routes at most this many tokens (prompt + generation; the prompt is cut from the
+# left): every view and the sweep stay interactive on two CPU cores.
+APP_MAX_CONTEXT = int(os.environ.get("METAATTN_APP_MAX_CONTEXT", "512"))
+
+
+def clean_prompt(text) -> tuple[str, list[str]]:
+    """The prompt as the model will see it, and notes on what was changed. Control
+    characters (other than newline and tab) and unpaired surrogates are removed; mixed
+    scripts and emoji pass unchanged. Empty or over-long prompts raise AppError."""
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise AppError(f"The prompt must be text, got {type(text).__name__}.")
+    notes = []
+    if len(text) > MAX_PROMPT_CHARS:
+        raise AppError(f"The prompt is {len(text):,} characters long; the app takes at most "
+                       f"{MAX_PROMPT_CHARS:,} (the model routes the last {APP_MAX_CONTEXT} "
+                       "tokens anyway). Shorten it and try again.")
+    kept, dropped = [], 0
+    for ch in text.replace("\r\n", "\n"):
+        cat = unicodedata.category(ch)
+        if (cat == "Cc" and ch not in "\n\t") or cat == "Cs":
+            dropped += 1
+        else:
+            kept.append(ch)
+    text = "".join(kept)
+    if dropped:
+        notes.append(f"Removed {dropped} control character{'s' if dropped != 1 else ''} "
+                     "from the prompt.")
+    if not text.strip():
+        raise AppError("The prompt is empty: type some text (or pick an example) first.")
+    return text, notes
+
+
+def number(name: str, value, lo: float, hi: float) -> float:
+    """`value` as a finite float in [lo, hi], or AppError naming the control `name`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise AppError(f"{name} must be a number between {lo:g} and {hi:g}, got {value!r}.") \
+            from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise AppError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}.")
+    return v
+
+
+def whole(name: str, value, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi] (booleans refused), or AppError naming `name`."""
+    if isinstance(value, bool):
+        raise AppError(f"{name} must be a whole number between {lo} and {hi}, got {value!r}.")
+    v = number(name, value, lo, hi)
+    if v != int(v):
+        raise AppError(f"{name} must be a whole number between {lo} and {hi}, got {value!r}.")
+    return int(v)
+
+
+def choice(name: str, value, options) -> str:
+    """`value` if it is one of `options`, else AppError listing them."""
+    if value not in options:
+        raise AppError(f"{name} must be one of {', '.join(map(str, options))}, got {value!r}.")
+    return value
+
+
+def parse_settings(budget=DEFAULTS.budget, scope=DEFAULTS.scope,
+                   hedge_policy=DEFAULTS.hedge_policy, hedge_threshold=DEFAULTS.hedge_threshold,
+                   window=DEFAULTS.window, n_sink=DEFAULTS.n_sink) -> RoutingSettings:
+    """RoutingSettings from the controls; budget None means no budget (the argmax)."""
+    b = None if budget is None else number("Budget", budget, MIN_COST, 1.0)
+    try:
+        return RoutingSettings(
+            budget=b, scope=choice("Budget scope", scope, SCOPES),
+            hedge_policy=choice("Hedge policy", hedge_policy, HEDGE_POLICIES),
+            hedge_threshold=number("Hedge threshold", hedge_threshold, 0.0, 1.0),
+            window=whole("Local window", window, 1, 4096),
+            n_sink=whole("Attention sinks", n_sink, 0, 64))
+    except ValueError as exc:  # anything RoutingSettings refuses beyond these checks
+        raise AppError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation, checked: the prompt as routed, its settings and sampling, and the
+    notes on what parsing changed (shown to the user)."""
+
+    prompt: str
+    settings: RoutingSettings
+    controller: str = "bayes"
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool = False
+    quality: bool = True
+    notes: tuple = ()
+
+
+def parse_request(prompt, settings: RoutingSettings, controller="bayes", max_new_tokens=48,
+                  temperature=0.0, top_p=1.0, seed=0, chat=False, quality=True
+                  ) -> GenerateRequest:
+    text, notes = clean_prompt(prompt)
+    return GenerateRequest(
+        prompt=text, settings=settings, controller=choice("Controller", controller, KINDS),
+        max_new_tokens=whole("Max new tokens", max_new_tokens, 0, MAX_NEW_TOKENS),
+        temperature=number("Temperature", temperature, 0.0, 2.0),
+        top_p=number("Top-p", top_p, 0.01, 1.0), seed=whole("Seed", seed, 0, 2**31 - 1),
+        chat=bool(chat), quality=bool(quality), notes=tuple(notes))
+
+
+@dataclass
+class Text:
+    """What a re-route needs of a trace: the token ids and where they came from (a
+    RoutingTrace has all of these; the API builds one from a trace's JSON)."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    prompt: str = ""
+    n_prompt_tokens: int = 0
+    truncated: int = 0
+    output_text: str = ""
+    controller: str = "bayes"
+
+
+def text_from_json(d, vocab_size: int) -> Text:
+    """A Text from the JSON of a trace (`trace.to_json()`), checked."""
+    if not isinstance(d, dict) or "token_ids" not in d:
+        raise AppError("Expected a trace as returned by the generate endpoint (a JSON object "
+                       "with token_ids).")
+    ids = d.get("token_ids")
+    if not isinstance(ids, list) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise AppError(f"token_ids must be a non-empty list of token ids in [0, {vocab_size}).")
+    if len(ids) > APP_MAX_CONTEXT:
+        raise AppError(f"The trace has {len(ids)} tokens; the app re-routes at most "
+                       f"{APP_MAX_CONTEXT}.")
+    tokens = d.get("tokens")
+    if not isinstance(tokens, list) or len(tokens) != len(ids):
+        tokens = [str(i) for i in ids]
+    controller = str(d["controller"]) if d.get("controller") in KINDS else "bayes"
+    n_prompt = d.get("n_prompt_tokens")
+    n_prompt = n_prompt if isinstance(n_prompt, int) and 0 <= n_prompt <= len(ids) else len(ids)
+    return Text(list(ids), [str(t) for t in tokens], str(d.get("prompt") or ""), n_prompt,
+                int(d.get("truncated") or 0), str(d.get("output_text") or ""), controller)
+
+
+__all__ = ["GenerateRequest", "Text", "clean_prompt", "number", "whole", "choice",
+           "parse_settings", "parse_request", "text_from_json", "MAX_PROMPT_CHARS",
+           "MAX_NEW_TOKENS", "APP_MAX_CONTEXT"]

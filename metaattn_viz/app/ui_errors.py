@@ -1,0 +1,60 @@
+"""How a page callback fails: an AppError shows its own sentence; anything unexpected is
+logged with its traceback and shown as one short sentence that names what was being done.
+
+`user_errors(what)` decorates every callback (plain or generator); `warn(notes)` shows a
+job's notes as warnings. Never holds page layout or model logic.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import gradio as gr
+
+from metaattn_viz.app.errors import AppError
+
+log = logging.getLogger(__name__)
+
+
+def as_gr_error(exc: BaseException, what: str) -> gr.Error:
+    """The gr.Error the page shows for `exc`, raised while `what` (e.g. "generating")."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, AppError):
+        return gr.Error(str(exc), print_exception=False)
+    log.error("%s failed", what, exc_info=exc)
+    return gr.Error(f"Something went wrong while {what} ({type(exc).__name__}). The server log "
+                    "has the details; the app is still running.", print_exception=False)
+
+
+def user_errors(what: str):
+    """Decorate a callback (plain or generator) so that failures become plain messages."""
+    def wrap(fn):
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as exc:
+                    raise as_gr_error(exc, what) from None
+            return gen
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                raise as_gr_error(exc, what) from None
+        return call
+    return wrap
+
+
+def warn(notes) -> None:
+    """Show each note as a gr.Warning (a toast)."""
+    for note in notes:
+        gr.Warning(note)
+
+
+__all__ = ["user_errors", "as_gr_error", "warn"]
