@@ -74,18 +74,6 @@ def test_requirements_are_pinned_to_what_the_tests_run_on():
     assert SpecifierSet(triton.group(1).strip()).contains(version), (triton.group(1), version)
 
 
-def test_spacefile_is_a_valid_manifest():
-    spec = yaml.safe_load((ROOT / "Spacefile").read_text())
-    assert spec["v"] == 0
-    micros = spec["micros"]
-    assert len(micros) == 1
-    micro = micros[0]
-    assert micro["primary"] is True
-    assert micro["run"] == "python app.py"
-    assert micro["engine"] == "custom"
-    assert any("requirements.txt" in c for c in micro["commands"])
-
-
 def _run_cli(*args, env=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "metaattn_viz", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=env)
@@ -94,7 +82,7 @@ def _run_cli(*args, env=None, timeout=120):
 def test_cli_help_lists_subcommands():
     out = _run_cli("--help")
     assert out.returncode == 0
-    for cmd in ["serve", "route", "calibrate", "eval", "bench", "export"]:
+    for cmd in ["serve", "route", "calibrate", "eval", "bench", "export", "deploy"]:
         assert cmd in out.stdout, f"`{cmd}` missing from --help"
 
 

@@ -2,11 +2,11 @@
 logits step by step, through regrowth, crops and batch reorderings."""
 
 import torch
+from helpers import routed_tiny
 from transformers import DynamicCache
 
-from metaattn_viz.routing.kv_cache import GrowableCache, GrowableLayer
 from metaattn_viz.core.settings import RoutingSettings
-from helpers import routed_tiny
+from metaattn_viz.routing.kv_cache import GrowableCache, GrowableLayer
 
 
 def _decode(r, cache, ids, steps):

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import routed_tiny
+
+from metaattn_viz.core.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
 from metaattn_viz.routing.budget import decide, dual_ascent, solve_lambda
 from metaattn_viz.routing.model import RoutedModel
-from metaattn_viz.core.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def test_cost_falls_monotonically_with_lambda():
     m, unc = _posteriors(500)
     s = RoutingSettings()
     costs = [float(decide(m, unc, lam, s).cost.mean()) for lam in np.linspace(-200, 200, 81)]
-    assert all(a >= b - 1e-9 for a, b in zip(costs, costs[1:]))
+    assert all(a >= b - 1e-9 for a, b in zip(costs[:-1], costs[1:], strict=True))
     assert costs[0] == pytest.approx(1.0) and costs[-1] == pytest.approx(0.15)
 
 
@@ -327,14 +327,14 @@ def test_global_scope_pilots_a_long_text_on_its_prefix(monkeypatch):
     the cache holds exactly the keys a DynamicCache would."""
     from transformers import DynamicCache
 
-    import metaattn_viz.routing.model as routing_mod
+    import metaattn_viz.routing.prefill as prefill_mod
 
     r = routed_tiny(seed=6, spread=10.0)
     text = "a pilot pass over the first tokens of a long text " * 2
     ids = torch.tensor([r.encode(text)])
     short = r.prefill(ids, RoutingSettings(budget=0.5))
     assert short.pilot_tokens == ids.shape[1] and short.passes >= 2
-    monkeypatch.setattr(routing_mod, "PILOT_TOKENS", 16)
+    monkeypatch.setattr(prefill_mod, "PILOT_TOKENS", 16)
     res = r.prefill(ids, RoutingSettings(budget=0.5), cache_capacity=ids.shape[1] + 4)
     assert res.pilot_tokens == 16 and 1 <= res.passes <= 2
     assert float(res.records["cost"].mean()) == pytest.approx(0.5, abs=0.02)
@@ -344,3 +344,103 @@ def test_global_scope_pilots_a_long_text_on_its_prefix(monkeypatch):
         r.model(input_ids=ids, past_key_values=ref, use_cache=True)
     assert [lay.keys.shape for lay in res.cache.layers] == [lay.keys.shape for lay in ref.layers]
     assert torch.equal(res.cache.layers[0].keys, ref.layers[0].keys)  # same input, same keys
+
+
+# -- the decode fast path against the prefill path --------------------------------------------
+def _spy_fast_path(monkeypatch) -> list[int]:
+    """Count the decisions taken on the decode fast path (BudgetPolicy.decide_one)."""
+    from metaattn_viz.routing.policies import BudgetPolicy
+
+    calls: list[int] = []
+    original = BudgetPolicy.decide_one
+
+    def spy(self, layer, beta):
+        calls.append(layer)
+        return original(self, layer, beta)
+
+    monkeypatch.setattr(BudgetPolicy, "decide_one", spy)
+    return calls
+
+
+@pytest.mark.parametrize("budget, hedge", [(None, "off"), (None, "soft"), (1.0, "off"),
+                                           (0.15, "soft")])
+def test_prefill_and_the_decode_fast_path_decide_alike(budget, hedge, monkeypatch):
+    """Where lambda does not move while decoding (no budget: 0; budget 1 or the minimum: its
+    extreme), feeding the tokens one at a time takes the decode fast path and must record
+    exactly the prefill's decisions and give its logits."""
+    from transformers import DynamicCache
+
+    r = routed_tiny(seed=1, spread=30.0)
+    ids = random_ids(40, seed=5)
+    s = RoutingSettings(budget=budget, scope="layer", hedge_policy=hedge, hedge_threshold=0.5,
+                        window=8, n_sink=2)
+    pre = r.prefill(ids, s)
+    calls = _spy_fast_path(monkeypatch)
+    cache, logits = DynamicCache(), []
+    with torch.no_grad(), r.session(s) as sess:
+        for t in range(ids.shape[1]):
+            out = r.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+        rec = sess.pop_records()
+    assert len(calls) == r.n_layers * (ids.shape[1] - 1)  # every step after the first
+    for key in ("routes", "hedged", "lam"):
+        assert np.array_equal(rec[key], pre.records[key]), key
+    for key in ("weights", "cost"):  # float32 sums against Python's double ones
+        assert np.allclose(rec[key], pre.records[key], atol=1e-6), key
+    assert np.allclose(rec["beta"], pre.records["beta"], rtol=1e-5, atol=1e-6)
+    assert (torch.cat(logits, 1) - pre.logits).abs().max() <= 1e-4
+    if budget is None:  # a real mix of experts was exercised
+        assert len(set(pre.records["routes"].ravel().tolist())) >= 2
+        if hedge == "soft":
+            assert rec["hedged"].any()
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.75])
+@pytest.mark.parametrize("hedge", ["off", "soft"])
+def test_budget_policy_decode_paths_agree_with_dual_ascent(scope, target, hedge):
+    """BudgetPolicy's decode fast path (decide_one, plain Python) and its tensor path
+    (decide on one token) make the same decisions and move lambda the same way, token
+    after token, from the same starting lambdas."""
+    from metaattn_viz.routing.policies import BudgetPolicy
+
+    n_layers, n_tokens = 4, 60
+    g = torch.Generator().manual_seed(7)
+    betas = torch.rand(n_tokens, n_layers, 3, generator=g) * 6 + 0.05
+    s = RoutingSettings(budget=target, scope=scope, hedge_policy=hedge, hedge_threshold=0.7)
+    start = [-1.0, 0.0, 0.5, 2.0]
+    fast, tensor = BudgetPolicy(s, n_layers, start), BudgetPolicy(s, n_layers, start)
+    routes, x = set(), torch.zeros(1, 1, 8)
+    for t in range(n_tokens):
+        for layer in range(n_layers):
+            beta = betas[t, layer]
+            w, (_, route, hedged, w_rec, cost, lam) = fast.decide_one(layer, beta.tolist())
+            weights, rec = tensor.decide(layer, beta.view(1, 1, 3), offset=10 + t, x=x)
+            assert route == int(rec["routes"][0, 0]) and hedged == bool(rec["hedged"][0, 0])
+            assert np.allclose(w, weights.view(-1).numpy(), atol=1e-6) and w is w_rec
+            assert cost == pytest.approx(float(rec["cost"][0, 0]), abs=1e-6)
+            assert lam == pytest.approx(float(rec["lam"][0, 0]), abs=1e-4)
+            routes.add(route)
+        assert fast.lam == pytest.approx(tensor.lam, abs=1e-4)
+    assert len(routes) >= 2 and fast.lam != start  # lambda moved, and routes varied
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("target", [0.3, 0.6])
+def test_stream_decodes_alike_without_the_fast_path(scope, target, monkeypatch):
+    """The same generation with the decode fast path switched off (every step through the
+    tensor path, controller and kernels included) gives the same tokens and routes."""
+    from metaattn_viz.routing.policies import BudgetPolicy
+
+    r = routed_tiny(seed=1, spread=30.0)
+    s = RoutingSettings(budget=target, scope=scope, window=8, n_sink=2)
+    prompt = "decoding the same text twice " * 2
+    fast = r.route(prompt, s, max_new_tokens=24)
+    monkeypatch.setattr(BudgetPolicy, "fast_decode", False)
+    calls = _spy_fast_path(monkeypatch)
+    slow = r.route(prompt, s, max_new_tokens=24)
+    assert not calls
+    assert slow.token_ids == fast.token_ids
+    assert np.array_equal(slow.routes, fast.routes)
+    assert np.allclose(slow.lam, fast.lam, atol=1e-3)
+    assert len(set(fast.routes[:, fast.n_prompt_tokens:].ravel().tolist())) >= 2

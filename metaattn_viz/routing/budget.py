@@ -1,4 +1,4 @@
-"""Routing policy under a compute budget (docs/meta-attention.md §6).
+"""Routing policy under a compute budget (docs/method.md, "Budget", "Hedging", "Decoding").
 
 Hard routing: k_t(lambda) = argmax_k [log m_{t,k} - lambda c_k]. The mean cost falls
 monotonically as lambda grows, so bisection finds the lambda whose realised mean cost is
@@ -7,7 +7,12 @@ Hedging: a decision routed to a cheap expert whose uncertainty exceeds the thres
 mixed softly over the experts with non-negligible weight, or escalated to full attention;
 its real cost (every expert it computes) counts against the budget.
 
-Pure tensor maths on [N, K] posteriors: never sees the model, the kernels or the UI.
+The ends of the budget range are defined once, in `extreme_route`: B >= 1 routes every
+decision to full attention (the dense model), B <= the cheapest cost routes every decision
+to the cheapest expert; lambda sits at -LAM_MAX / +LAM_MAX and is never solved or moved.
+
+Pure maths on [N, K] posteriors (tensors; `decide_one` in plain Python for one decode
+decision): never sees the model, the kernels or the UI.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from metaattn_viz.core.settings import COSTS, FULL, LINEAR, MIN_COST, RoutingSettings
+from metaattn_viz.core.experts import COSTS, FULL, MIN_COST, K
+from metaattn_viz.core.settings import RoutingSettings
 
 LAM_MAX = 1.0e4  # |lambda| beyond which every decision is already at an extreme
+CHEAPEST = COSTS.index(MIN_COST)  # the expert of the lowest budget (linear attention)
 _BISECT_STEPS = 64
 
 
@@ -44,13 +51,13 @@ def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSet
         lam_t = lam_t[:, None]
     score = torch.log(m.float().clamp_min(1e-30)) - lam_t * c  # [N, K]
     routes = score.argmax(-1)  # [N]
-    weights = torch.nn.functional.one_hot(routes, len(COSTS)).to(m.dtype)  # [N, K]
+    weights = torch.nn.functional.one_hot(routes, K).to(m.dtype)  # [N, K]
     hedged = torch.zeros_like(routes, dtype=torch.bool)
     if settings.hedge_policy != "off":
         hedged = (routes != FULL) & (uncertainty > settings.hedge_threshold)
         if hedged.any():
             if settings.hedge_policy == "full":
-                soft = torch.nn.functional.one_hot(torch.full_like(routes, FULL), len(COSTS))
+                soft = torch.nn.functional.one_hot(torch.full_like(routes, FULL), K)
                 soft = soft.to(m.dtype)
             else:
                 keep = (m >= settings.hedge_min_weight) | weights.bool()
@@ -67,9 +74,9 @@ def decide_one(beta: list[float], lam: float, settings: RoutingSettings
     concentrations (or probabilities) of K experts -> (route, weights, hedged, cost)."""
     total = sum(beta)
     m = [b / total for b in beta]
-    scores = [math.log(max(p, 1e-30)) - lam * c for p, c in zip(m, COSTS)]
+    scores = [math.log(max(p, 1e-30)) - lam * c for p, c in zip(m, COSTS, strict=True)]
     route = max(range(len(scores)), key=scores.__getitem__)  # first max, like argmax
-    weights = [0.0] * len(COSTS)
+    weights = [0.0] * K
     weights[route] = 1.0
     hedged = False
     if settings.hedge_policy != "off" and route != FULL:
@@ -77,30 +84,45 @@ def decide_one(beta: list[float], lam: float, settings: RoutingSettings
         if unc > settings.hedge_threshold:
             hedged = True
             if settings.hedge_policy == "full":
-                weights = [1.0] + [0.0] * (len(COSTS) - 1)
+                weights = [1.0] + [0.0] * (K - 1)
             else:
                 keep = [p if (p >= settings.hedge_min_weight or k == route) else 0.0
                         for k, p in enumerate(m)]
                 z = sum(keep)
                 weights = [p / z for p in keep]
-    cost = sum(c for w, c in zip(weights, COSTS) if w > 0)
+    cost = sum(c for w, c in zip(weights, COSTS, strict=True) if w > 0)
     return route, weights, hedged, cost
 
 
 def all_to(expert: int, n: int, device=None) -> Decisions:
     routes = torch.full((n,), expert, dtype=torch.long, device=device)
-    weights = torch.nn.functional.one_hot(routes, len(COSTS)).float()
+    weights = torch.nn.functional.one_hot(routes, K).float()
     return Decisions(routes, weights, torch.zeros(n, dtype=torch.bool, device=device),
                      torch.full((n,), COSTS[expert], device=device))
 
 
-def extreme_lambda(budget: float) -> float | None:
-    """The lambda of a budget at either end of the range, or None if it must be solved."""
+def extreme_route(budget: float | None) -> tuple[int, float] | None:
+    """(expert, lambda) of a budget at either end of the range: B >= 1 sends every decision
+    to full attention (lambda = -LAM_MAX), B <= the cheapest cost sends every decision to
+    the cheapest expert (+LAM_MAX). None in between, or without a budget: lambda is solved."""
+    if budget is None:
+        return None
     if budget >= 1.0:
-        return -LAM_MAX
+        return FULL, -LAM_MAX
     if budget <= MIN_COST:
-        return LAM_MAX
+        return CHEAPEST, LAM_MAX
     return None
+
+
+def settings_extreme(settings: RoutingSettings) -> tuple[int, float] | None:
+    """`extreme_route` of the settings' budget, unless a fixed lambda overrides the budget."""
+    return None if settings.lam is not None else extreme_route(settings.budget)
+
+
+def extreme_lambda(budget: float | None) -> float | None:
+    """The lambda of a budget at either end of the range, or None if it must be solved."""
+    ext = extreme_route(budget)
+    return None if ext is None else ext[1]
 
 
 def solve_lambda(m: torch.Tensor, uncertainty: torch.Tensor, budget: float,
@@ -139,10 +161,9 @@ def route_under_budget(m: torch.Tensor, uncertainty: torch.Tensor,
         return decide(m, uncertainty, settings.lam, settings), settings.lam
     if settings.budget is None:
         return decide(m, uncertainty, 0.0, settings), 0.0
-    if settings.budget >= 1.0:
-        return all_to(FULL, n, m.device), -LAM_MAX
-    if settings.budget <= MIN_COST:
-        return all_to(LINEAR, n, m.device), LAM_MAX
+    ext = extreme_route(settings.budget)
+    if ext is not None:
+        return all_to(ext[0], n, m.device), ext[1]
     lam = solve_lambda(m, uncertainty, settings.budget, settings)
     return decide(m, uncertainty, lam, settings), lam
 
@@ -151,7 +172,8 @@ def dual_ascent(lam: float, cost: float, settings: RoutingSettings) -> float:
     """Decode-time update lambda <- lambda + eta (cost_t - B), so the running mean tracks B."""
     if settings.lam is not None or settings.budget is None:
         return lam
-    if extreme_lambda(settings.budget) is not None:
-        return extreme_lambda(settings.budget)
+    ext = extreme_route(settings.budget)
+    if ext is not None:
+        return ext[1]
     lam = lam + settings.dual_step * (cost - settings.budget)
     return float(min(max(lam, -LAM_MAX), LAM_MAX))

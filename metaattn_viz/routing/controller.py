@@ -1,4 +1,5 @@
-"""The meta-controllers: one small network per layer reading a token's causal features.
+"""The meta-controllers: one small network per layer reading a token's causal features
+(docs/method.md, "Controller").
 
 - Bayesian: u_t -> Linear(D+2, H) -> GELU -> Linear(H, K) -> softplus + beta_min = beta_t,
   the concentrations of the Dirichlet posterior q(alpha_t | x) = Dir(beta_t).
@@ -34,6 +35,8 @@ from metaattn_viz.core.settings import COSTS
 
 log = logging.getLogger(__name__)
 
+# The controller registry: the kinds a routed model carries (one stack each), which the CLI,
+# the app and calibration offer; they take the list from here.
 KINDS = ("bayes", "priorfree")
 WEIGHTS_FILE = "controller.safetensors"
 META_FILE = "meta.json"
@@ -75,14 +78,14 @@ class ControllerStack(nn.Module):
         super().__init__()
         self.config = config
         gen = torch.Generator().manual_seed(seed)
-        self.layers = nn.ModuleList(
-            LayerController(config.d_model + 2, config.hidden, config.n_experts)
-            for _ in range(config.n_layers))
+        layers = [LayerController(config.d_model + 2, config.hidden, config.n_experts)
+                  for _ in range(config.n_layers)]
+        self.layers = nn.ModuleList(layers)
         alpha0 = prior_concentration(COSTS[: config.n_experts], config.prior_strength,
                                      config.prior_gamma)
         self.register_buffer("alpha0", alpha0, persistent=False)
         with torch.no_grad():
-            for layer in self.layers:
+            for layer in layers:
                 for lin in (layer.fc1, layer.fc2):
                     bound = 1.0 / math.sqrt(lin.in_features)
                     lin.weight.uniform_(-bound, bound, generator=gen)
@@ -142,7 +145,7 @@ class ControllerStack(nn.Module):
         g = _erf(p)
         g += 1.0
         g *= p
-        scores = [s + b for s, b in zip((w2 @ g).tolist(), b2)]  # K = 3: plain Python from here
+        scores = [s + b for s, b in zip((w2 @ g).tolist(), b2, strict=True)]  # K = 3: plain Python from here
         if self.config.kind == "bayes":  # softplus as torch computes it (threshold 20)
             bmin = self.config.beta_min
             return [(s if s > 20.0 else math.log1p(math.exp(s))) + bmin for s in scores]
@@ -155,13 +158,13 @@ class ControllerStack(nn.Module):
         """([fc1.weight | fc1.bias] / sqrt(2) [H, D + 3], fc2.weight / sqrt(2) [K, H]) in
         float32 and fc2.bias as K floats, for concentration_one; rebuilt when a parameter is replaced
         or changed in place (its _version moves). Read-only: safe across threads."""
+        lay: LayerController = self.layers[layer]  # type: ignore[assignment]  # ModuleList[LayerController]
         cached = self._np_cache.get(layer)
         if cached is not None:
             params, versions = cached[0], cached[1]
-            if all(p._version == v for p, v in zip(params, versions)) and params[0] is (
-                    self.layers[layer].fc1.weight):
+            if all(p._version == v for p, v in zip(params, versions, strict=True)) and (
+                    params[0] is lay.fc1.weight):
                 return cached[2]
-        lay = self.layers[layer]
         params = (lay.fc1.weight, lay.fc1.bias, lay.fc2.weight, lay.fc2.bias)
         w1, b1, w2, b2 = (p.detach().cpu().double().numpy() for p in params)
         r = math.sqrt(0.5)

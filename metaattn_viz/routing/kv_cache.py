@@ -34,10 +34,11 @@ class GrowableLayer(DynamicLayer):
     def _owns_views(self) -> bool:
         """Whether keys/values are still views of our buffers (crop keeps them; the batch
         reorderings of DynamicLayer replace them with fresh tensors)."""
-        return (self._kbuf is not None and self.keys is not None and self.keys.numel() > 0
-                and self.keys.data_ptr() == self._kbuf.data_ptr()
-                and self.keys.shape[:2] == self._kbuf.shape[:2]
-                and self.values.data_ptr() == self._vbuf.data_ptr())
+        kbuf, vbuf, keys, values = self._kbuf, self._vbuf, self.keys, self.values
+        return (kbuf is not None and vbuf is not None and keys is not None
+                and values is not None and keys.numel() > 0
+                and keys.data_ptr() == kbuf.data_ptr() and keys.shape[:2] == kbuf.shape[:2]
+                and values.data_ptr() == vbuf.data_ptr())
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,23 +47,26 @@ class GrowableLayer(DynamicLayer):
         n = self.get_seq_length()
         new = key_states.shape[-2]
         need = n + new
-        if not self._owns_views() or need > self._kbuf.shape[-2] or (
-                self._kbuf.dtype != key_states.dtype):
+        kbuf, vbuf = self._kbuf, self._vbuf
+        owns = self._owns_views()
+        if (kbuf is None or vbuf is None or not owns or need > kbuf.shape[-2]
+                or kbuf.dtype != key_states.dtype):
             cap = max(need, self.capacity_hint, MIN_CAPACITY)
-            if self._kbuf is not None and self._owns_views():
-                cap = max(cap, 2 * self._kbuf.shape[-2])
+            if kbuf is not None and owns:
+                cap = max(cap, 2 * kbuf.shape[-2])
             b, h, _, d = key_states.shape
             kbuf = key_states.new_empty(b, h, cap, d)
             vbuf = value_states.new_empty(b, h, cap, value_states.shape[-1])
             if n:
+                assert self.keys is not None and self.values is not None  # n keys are held
                 kbuf[:, :, :n].copy_(self.keys)
                 vbuf[:, :, :n].copy_(self.values)
             self._kbuf, self._vbuf = kbuf, vbuf
-        self._kbuf[:, :, n:need].copy_(key_states)
-        self._vbuf[:, :, n:need].copy_(value_states)
-        self.keys = self._kbuf[:, :, :need]
-        self.values = self._vbuf[:, :, :need]
-        return self.keys, self.values
+        kbuf[:, :, n:need].copy_(key_states)
+        vbuf[:, :, n:need].copy_(value_states)
+        keys, values = kbuf[:, :, :need], vbuf[:, :, :need]
+        self.keys, self.values = keys, values
+        return keys, values
 
     def reset(self) -> None:
         self._kbuf = self._vbuf = None
@@ -74,4 +78,5 @@ class GrowableCache(DynamicCache):
     (tokens) sizes the first buffer of each layer, e.g. prompt length + max new tokens."""
 
     def __init__(self, capacity: int = 0):
-        Cache.__init__(self, layer_class_to_replicate=lambda: GrowableLayer(capacity))
+        # transformers only calls layer_class_to_replicate(): a factory serves as the class
+        Cache.__init__(self, layer_class_to_replicate=lambda: GrowableLayer(capacity))  # type: ignore[arg-type]

@@ -1,0 +1,148 @@
+"""Generation with the routed model: prefill the prompt, then decode token by token,
+extending one routing trace in place (docs/method.md, "Decoding").
+
+Decoding starts from the prefill's lambdas (the budget policy then follows the running cost
+by dual ascent) and its linear experts' states; the KV cache is the prefill's, sized for the
+prompt plus the new tokens. Sampling is greedy at temperature 0, else temperature and
+nucleus (top-p) sampling from a seeded generator; generation stops at an EOS token, after
+``max_new_tokens``, or when ``stop_event`` is set.
+
+Never: decide routes (the session's policy does) or touch the store or the UI.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.core.trace import RoutingTrace
+
+if TYPE_CHECKING:
+    from metaattn_viz.routing.model import RoutedModel
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 4096
+
+
+@dataclass
+class Sampling:
+    """Decoding settings: greedy when temperature == 0."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        t = float(self.temperature)
+        if not math.isfinite(t) or not 0.0 <= t <= 5.0:
+            raise ValueError(f"temperature must be a finite number in [0, 5], got "
+                             f"{self.temperature!r}")
+        p = float(self.top_p)
+        if not math.isfinite(p) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> int:
+    """The next token from logits [V]."""
+    if sampling.temperature == 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, -1)
+    if sampling.top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def eos_ids(tokenizer, model) -> set[int]:
+    """Every end-of-sequence id the generation config, the model config or the tokenizer
+    names."""
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(i) for i in e)
+    return ids
+
+
+def stream(routed: RoutedModel, prompt: str | list[int],
+           settings: RoutingSettings | None = None, max_new_tokens: int = 64,
+           controller: str = "bayes", sampling: Sampling | None = None, chat: bool = False,
+           stop_event: threading.Event | None = None, max_context: int | None = None
+           ) -> Iterator[RoutingTrace]:
+    """Prefill the prompt, then decode token by token; yields the growing trace after the
+    prefill and after every new token (the same object, extended in place). A prompt too
+    long for the context (less room for the new tokens) is truncated from the left."""
+    settings = settings or RoutingSettings()
+    sampling = sampling or Sampling()
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not (
+            0 <= max_new_tokens <= MAX_NEW_TOKENS):
+        raise ValueError(f"max_new_tokens must be a whole number in [0, {MAX_NEW_TOKENS}], "
+                         f"got {max_new_tokens!r}")
+    routed.controller(controller)  # validates the name
+    ids = list(prompt) if isinstance(prompt, list) else routed.encode(prompt, chat)
+    if not ids:
+        raise ValueError("prompt is empty: type some text to route")
+    limit = min(max_context or routed.max_context, routed.max_context) - max_new_tokens
+    if limit < 1:
+        raise ValueError(f"max_new_tokens must leave room for the prompt in the "
+                         f"{routed.max_context}-token context")
+    truncated = max(0, len(ids) - limit)
+    if truncated:
+        log.info("prompt truncated from the left: %d of %d tokens dropped", truncated, len(ids))
+        ids = ids[truncated:]
+    trace = routed.new_trace(controller, settings, prompt if isinstance(prompt, str) else "")
+    trace.truncated = truncated
+    trace.n_prompt_tokens = len(ids)
+
+    t0 = time.perf_counter()
+    res = routed.prefill(torch.tensor([ids]), settings, controller,
+                         cache_capacity=len(ids) + max_new_tokens)
+    trace.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)
+    trace.timings["prefill_passes"] = res.passes
+    trace.timings["pilot_tokens"] = res.pilot_tokens
+    routed.extend_trace(trace, ids, res.records)
+    yield trace
+
+    eos = eos_ids(routed.tokenizer, routed.model)
+    gen = torch.Generator().manual_seed(int(sampling.seed))
+    logits = res.logits[0, -1]
+    cache = res.cache
+    new_ids: list[int] = []
+    t1 = time.perf_counter()
+    with torch.no_grad(), routed.session(settings, controller, lam=res.lam) as sess:
+        # decode steps: the prefill's lambdas, then dual ascent per token
+        sess.lin_state = list(res.session.lin_state)  # carry the prefill's linear states over
+        for _ in range(max_new_tokens):
+            if stop_event is not None and stop_event.is_set():
+                trace.timings["stopped"] = True
+                break
+            nxt = sample(logits, sampling, gen)
+            if nxt in eos:
+                break
+            new_ids.append(nxt)
+            out = routed.model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
+                               use_cache=True)
+            logits = out.logits[0, -1]
+            records = sess.pop_records()
+            assert records is not None  # the step routed every layer
+            routed.extend_trace(trace, [nxt], records)
+            dt = time.perf_counter() - t1
+            trace.timings["decode_ms"] = 1000 * dt
+            trace.timings["tokens_per_s"] = len(new_ids) / dt if dt > 0 else None
+            trace.output_text = routed.tokenizer.decode(new_ids, skip_special_tokens=True)
+            yield trace
+    trace.timings["total_ms"] = 1000 * (time.perf_counter() - t0)
+    trace.output_text = routed.tokenizer.decode(new_ids, skip_special_tokens=True)

@@ -1,0 +1,205 @@
+"""The routing modes of a session, one policy object each: given a layer's concentrations,
+decide the mixing weights of its experts (docs/method.md, "Budget", "Decoding", "ELBO").
+
+- ``BudgetPolicy``: the method itself. Hard routes under the budget (or a fixed lambda);
+  lambda is solved per layer on a prefill and follows the running cost by dual ascent on
+  decode steps. It alone has the decode fast path ``decide_one`` (plain Python, one token).
+- ``ForcedPolicy``: the weights are given (replaying a trace, attention maps).
+- ``BaselinePolicy``: a baseline router replaces the budget solver (evaluation's static,
+  random and salience policies).
+- ``TrainPolicy``: calibration; a reparameterised Dirichlet sample (or the prior-free
+  point estimate) mixes the experts, with the graph kept for the loss.
+
+Every policy answers ``decide(layer, beta, offset, x) -> (weights [B, T, K], record)``; the
+session (routing/session.py) runs the experts with the weights. A policy's class
+attributes tell the session what it may do around it. Never: run attention, or know
+transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from metaattn_viz.core.dirichlet import total_uncertainty
+from metaattn_viz.core.experts import COSTS, K
+from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.routing import budget as budget_mod
+from metaattn_viz.routing.budget import Decisions
+from metaattn_viz.routing.records import OneRecord, Record, record
+
+# A baseline router: (layer, x [B, T, D], m [N, K], uncertainty [N]) -> Decisions
+Baseline = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Decisions]
+
+
+class RoutingPolicy:
+    """How one session decides its routes. Subclasses implement ``decide``."""
+
+    fast_decode = False  # whether a one-token decode step may use ``decide_one``
+    # whether, at budget 1, the session may run plain SDPA (exactly the dense model)
+    # instead of the experts with these weights
+    sdpa_when_dense = True
+    backend: str | None = None  # the kernel backend to use instead of the settings'
+
+    def __init__(self, n_layers: int, lam: list[float | None] | None = None):
+        # lambda per layer, reported with the result (None: not solved / not routed by one)
+        self.lam: list[float | None] = list(lam) if lam is not None else [None] * n_layers
+
+    def decide(self, layer: int, beta: torch.Tensor, offset: int, x: torch.Tensor
+               ) -> tuple[torch.Tensor, Record | None]:
+        """beta [B, T, K]: the layer's concentrations for the queries at positions offset..;
+        x [B, T, D]: their residual stream. -> (weights [B, T, K], the record or None).
+        beta carries autograd's graph when it has one; policies that do not train detach it."""
+        raise NotImplementedError
+
+    def decide_one(self, layer: int, beta: list[float]) -> tuple[list[float], OneRecord]:
+        """One decode decision from K concentrations, in plain Python (``fast_decode``)."""
+        raise NotImplementedError
+
+
+def _posterior_means(beta: torch.Tensor) -> torch.Tensor:
+    """beta [B, T, K] -> the posterior means m [N, K] in float32."""
+    return (beta / beta.sum(-1, keepdim=True)).reshape(-1, K).float()
+
+
+class BudgetPolicy(RoutingPolicy):
+    """Hard routes under the settings' budget or fixed lambda (docs/method.md, "Budget")."""
+
+    fast_decode = True
+
+    def __init__(self, settings: RoutingSettings, n_layers: int,
+                 lam: list[float | None] | None = None):
+        super().__init__(n_layers, lam)
+        self.settings = settings
+        self.n_layers = n_layers
+        self.lam_given = lam is not None  # global scope and replays bring their lambdas
+        self._extreme = budget_mod.settings_extreme(settings)
+        if self._extreme is not None:  # built once: decode steps reuse it (never mutated)
+            self._extreme_weights = [float(k == self._extreme[0]) for k in range(K)]
+        self._decode_cost = 0.0  # global scope: this token's cost summed over the layers so far
+
+    def decide(self, layer, beta, offset, x):
+        beta = beta.detach()
+        m = _posterior_means(beta)
+        if self._extreme is not None:
+            expert, lam = self._extreme
+            dec = budget_mod.all_to(expert, m.shape[0])
+        else:
+            unc = total_uncertainty(m)
+            layer_lam = self.lam[layer]
+            if layer_lam is None or (offset == 0 and not self.lam_given):
+                # a prefill: this layer's lambda meets the budget over its own decisions
+                dec, lam = budget_mod.route_under_budget(m, unc, self.settings)
+                self.lam[layer] = lam
+            else:
+                lam = layer_lam
+                dec = budget_mod.decide(m, unc, lam, self.settings)
+                if offset > 0:  # a decode step: lambda follows the running cost
+                    self._dual_ascent(layer, float(dec.cost.mean()))
+        b, t, _ = beta.shape
+        return dec.weights.view(b, t, K), record(beta, dec, lam)
+
+    def decide_one(self, layer, beta):
+        """The same maths as ``decide`` without a dozen tiny tensor ops, which would dominate
+        a decode step on a CPU (budget.decide_one)."""
+        if self._extreme is not None:
+            route, lam = self._extreme
+            w, hedged, cost = self._extreme_weights, False, COSTS[route]
+        else:
+            layer_lam = self.lam[layer]
+            assert layer_lam is not None, "a decode step before the prefill solved lambda"
+            lam = layer_lam
+            route, w, hedged, cost = budget_mod.decide_one(beta, lam, self.settings)
+            self._dual_ascent(layer, cost)
+        return w, (beta, route, hedged, w, cost, lam)
+
+    def _dual_ascent(self, layer: int, cost: float) -> None:
+        """Decode time: per layer in layer scope; in global scope once per token, on the
+        mean cost over all layers, after the last one (docs/method.md, "Decoding")."""
+        s = self.settings
+        if s.lam is not None or s.budget is None:
+            return
+        lam = self.lam[layer]
+        assert lam is not None
+        if s.scope == "layer":
+            self.lam[layer] = budget_mod.dual_ascent(lam, cost, s)
+            return
+        self._decode_cost += cost
+        if layer == self.n_layers - 1:
+            new = budget_mod.dual_ascent(lam, self._decode_cost / self.n_layers, s)
+            self.lam = [new] * self.n_layers
+            self._decode_cost = 0.0
+
+
+class ForcedPolicy(RoutingPolicy):
+    """Given weights: [L] tensors [B, T, K], one per layer. Decisions mixing more than one
+    expert are recorded as hedged; each costs every expert it computes."""
+
+    sdpa_when_dense = False  # the given weights are what must run
+
+    def __init__(self, weights: list[torch.Tensor], n_layers: int):
+        super().__init__(n_layers)
+        self.weights = weights
+
+    def decide(self, layer, beta, offset, x):
+        beta = beta.detach()
+        w = self.weights[layer].reshape(-1, K).to(device=beta.device, dtype=torch.float32)
+        used = w > 0
+        dec = Decisions(w.argmax(-1), w, used.sum(-1) > 1,
+                        (used.float() * budget_mod.costs_tensor(w.device)).sum(-1))
+        b, t, _ = beta.shape
+        return w.view(b, t, K), record(beta, dec, 0.0)
+
+
+class BaselinePolicy(RoutingPolicy):
+    """A baseline router (a function, see ``Baseline``) instead of the budget solver."""
+
+    def __init__(self, router: Baseline, n_layers: int):
+        super().__init__(n_layers)
+        self.router = router
+
+    def decide(self, layer, beta, offset, x):
+        beta = beta.detach()
+        m = _posterior_means(beta)
+        dec = self.router(layer, x, m, total_uncertainty(m))
+        b, t, _ = beta.shape
+        return dec.weights.view(b, t, K), record(beta, dec, 0.0)
+
+
+@dataclass
+class TrainRouting:
+    """How a calibration session mixes experts: a reparameterised Dirichlet sample (Bayes) or
+    the softmax point estimate (prior-free); with ``hard`` the forward pass uses the one-hot
+    argmax and the gradient flows through the soft weights (straight-through)."""
+
+    hard: bool = False
+
+
+class TrainPolicy(RoutingPolicy):
+    """Calibration: sampled (or point-estimate) weights with their graph. Every layer's
+    concentrations, with graph, are appended to ``beta_graph`` for the KL term."""
+
+    sdpa_when_dense = False
+    backend = "reference"  # differentiable
+
+    def __init__(self, train: TrainRouting, point_estimate: bool, n_layers: int,
+                 beta_graph: list[tuple[int, torch.Tensor]]):
+        super().__init__(n_layers)
+        self.hard = train.hard
+        self.point_estimate = point_estimate
+        self.beta_graph = beta_graph
+
+    def decide(self, layer, beta, offset, x):
+        if self.point_estimate:
+            w = beta
+        else:
+            w = torch.distributions.Dirichlet(beta).rsample()
+            w = w.clamp_min(1e-6)
+            w = w / w.sum(-1, keepdim=True)
+        if self.hard:
+            hard = torch.nn.functional.one_hot(w.argmax(-1), K).to(w.dtype)
+            w = hard + w - w.detach()
+        self.beta_graph.append((layer, beta))
+        return w, None

@@ -1,0 +1,125 @@
+"""A prefill: one routed forward pass over a whole text, and the global scope's search for
+the one lambda that all layers share (docs/method.md, "Budget").
+
+Global scope needs one lambda for all layers, but each layer's posterior depends on the
+routes of the layers below, so lambda is solved on the posteriors of a pilot pass and the
+text is routed with it; if the realised mean cost misses the budget by more than
+``GLOBAL_COST_TOLERANCE``, lambda is solved again on the posteriors of that pass and the text
+routed once more (at most twice). The pilot is a per-layer-scope pass over the text, or only
+over its first ``PILOT_TOKENS`` tokens when the text is longer than twice that (a causal
+prefix: the same posteriors those tokens get in the whole text). A lambda hint (e.g. solved
+on the posteriors of the previous routing of the same text) replaces the pilot.
+
+Never: decode, sample or build traces (routing/generation.py and model.py do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from metaattn_viz.core.dirichlet import total_uncertainty
+from metaattn_viz.core.experts import K
+from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.routing import budget as budget_mod
+from metaattn_viz.routing.controller import ControllerStack
+from metaattn_viz.routing.kv_cache import GrowableCache
+from metaattn_viz.routing.policies import Baseline
+from metaattn_viz.routing.session import Session
+
+if TYPE_CHECKING:
+    from metaattn_viz.routing.model import RoutedModel
+
+PILOT_TOKENS = 512  # the global scope's pilot pass reads at most this prefix of a long text
+# |realised mean cost - budget| a global-scope pass may leave before lambda is solved again
+GLOBAL_COST_TOLERANCE = 0.015
+_MAX_RESOLVES = 2  # passes with a solved lambda after the pilot (or the hinted pass)
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [B, T, V]
+    records: dict[str, np.ndarray]  # the decisions, arrays [L, B, T, ...]
+    lam: list[float | None]  # the lambda per layer the pass ended at
+    cache: GrowableCache | None
+    session: Session  # its linear states seed decoding; its qk the attention maps
+    passes: int = 1  # forward passes over the whole text (a prefix pilot is not one)
+    pilot_tokens: int = 0  # tokens of the global scope's pilot pass (0: none)
+
+
+def solves_globally(settings: RoutingSettings) -> bool:
+    """Whether these settings need the global scope's search for a shared lambda (a budget
+    strictly inside the range, no fixed lambda)."""
+    return (settings.scope == "global" and settings.lam is None
+            and settings.budget is not None
+            and budget_mod.extreme_route(settings.budget) is None)
+
+
+def solve_global(beta: np.ndarray, settings: RoutingSettings) -> float:
+    """The one lambda that meets the budget over all decisions of concentrations beta
+    [..., K] (e.g. a pass's records["beta"] [L, B, T, K])."""
+    b = torch.from_numpy(beta).reshape(-1, K)
+    m = b / b.sum(-1, keepdim=True)
+    assert settings.budget is not None
+    return budget_mod.solve_lambda(m, total_uncertainty(m), settings.budget, settings)
+
+
+def _gap(res: PrefillResult, budget: float) -> float:
+    return abs(float(res.records["cost"].mean()) - budget)
+
+
+def prefill(routed: RoutedModel, input_ids: torch.Tensor, settings: RoutingSettings,
+            controller: str | ControllerStack = "bayes",
+            forced_weights: list[torch.Tensor] | None = None, capture_qk: bool = False,
+            use_cache: bool = True, policy: Baseline | None = None, diagnose: bool = False,
+            lam_hint: float | None = None, cache_capacity: int = 0) -> PrefillResult:
+    """Route a whole text in one forward pass (global scope: the module docstring).
+    ``cache_capacity``: tokens the KV cache should hold without regrowing (prompt + tokens
+    to decode)."""
+
+    def one_pass(s: RoutingSettings, lam: list[float | None] | None = None,
+                 ids: torch.Tensor = input_ids, cache: bool = use_cache) -> PrefillResult:
+        kv = GrowableCache(cache_capacity) if cache else None
+        with torch.no_grad(), routed.session(s, controller, lam=lam,
+                                             forced_weights=forced_weights,
+                                             capture_qk=capture_qk, policy=policy,
+                                             diagnose=diagnose) as sess:
+            out = routed.model(input_ids=ids, past_key_values=kv, use_cache=cache)
+        records = sess.pop_records()
+        assert records is not None  # every routed forward records its decisions
+        return PrefillResult(out.logits, records, list(sess.lam), kv, sess)
+
+    if not solves_globally(settings) or forced_weights is not None or policy is not None:
+        return one_pass(settings)
+    budget = settings.budget
+    assert budget is not None
+    n_layers = routed.n_layers
+    pilot_tokens = 0
+    best: tuple[float, PrefillResult] | None = None
+    if lam_hint is not None:
+        res = one_pass(settings, lam=[lam_hint] * n_layers)
+        gap = _gap(res, budget)
+        if gap <= GLOBAL_COST_TOLERANCE:
+            return res
+        best, passes = (gap, res), 1
+    else:
+        t = input_ids.shape[1]
+        pilot_ids = input_ids[:, :PILOT_TOKENS] if t > 2 * PILOT_TOKENS else input_ids
+        res = one_pass(settings.with_(scope="layer"), ids=pilot_ids, cache=False)
+        pilot_tokens = pilot_ids.shape[1]
+        passes = int(pilot_tokens == t)  # a whole-text pilot is a pass
+    for _ in range(_MAX_RESOLVES):
+        lam = solve_global(res.records["beta"], settings)
+        res = one_pass(settings, lam=[lam] * n_layers)
+        passes += 1
+        gap = _gap(res, budget)
+        if best is None or gap < best[0]:
+            best = (gap, res)
+        if gap <= GLOBAL_COST_TOLERANCE:
+            break
+    assert best is not None
+    best[1].passes, best[1].pilot_tokens = passes, pilot_tokens
+    return best[1]

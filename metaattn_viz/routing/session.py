@@ -1,0 +1,254 @@
+"""A routing session: the state of one routed pass (prefill + decode steps) in one thread,
+and the plumbing that lets transformers' attention layers reach it.
+
+Plugging in (no forked model code): an attention function is registered with transformers'
+``AttentionInterface`` under the name ``ATTN_NAME``; forward pre-hooks on each decoder
+layer and its attention module capture the residual stream x and the normalised attention
+input h that the controller reads. Outside a session (or in a "dense" one) the function is
+plain SDPA, so the model behaves exactly as before (``model.generate`` keeps working, with
+its KV cache). Sessions are thread-local, so several requests can share one model.
+
+A session carries the settings, the controllers, the routing policy (routing/policies.py:
+which mode decides the weights), the linear experts' recurrent state per layer, and the
+records of every decision. Phases are told apart by shapes: a forward whose keys are as
+many as its queries is a prefill; one with a cache is a decode step, and a one-token decode
+step of a policy with ``fast_decode`` takes the plain-Python path (numpy controller,
+``decide_one``, ``decode_step``) because a dozen tiny tensor ops would dominate it.
+
+Padded batches are not supported: every row of a batch must be a full, unpadded sequence.
+Never: decide routes (the policies do) or compute the experts (the kernels do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+import metaattn_kernels.dispatch as kernels
+from metaattn_kernels.decode import decode_step, linear_state_upto
+from metaattn_viz.core.experts import K
+from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.routing.controller import ControllerStack
+from metaattn_viz.routing.policies import (
+    Baseline,
+    BaselinePolicy,
+    BudgetPolicy,
+    ForcedPolicy,
+    RoutingPolicy,
+    TrainPolicy,
+    TrainRouting,
+)
+from metaattn_viz.routing.records import collect, one_record
+
+ATTN_NAME = "metaattn"
+MODES = ("route", "dense", "train")
+
+_local = threading.local()
+_registered = False
+_register_lock = threading.Lock()
+
+
+def current() -> Session | None:
+    """This thread's active session, if any."""
+    return getattr(_local, "session", None)
+
+
+@contextlib.contextmanager
+def active(session: Session) -> Iterator[Session]:
+    """Make `session` this thread's active one for the block (sessions nest)."""
+    prev = current()
+    _local.session = session
+    try:
+        yield session
+    finally:
+        _local.session = prev
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) -> torch.Tensor:
+    """Plain causal attention [B, Hq, Tq, D]: budget 1, and the reference of `diagnose`."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=q.shape[2] > 1, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+def metaattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       **kwargs):
+    """transformers attention function: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D]
+    (post-RoPE, cache included) -> ([B, Tq, Hq, D], None)."""
+    session = current()
+    if session is None or session.mode == "dense":
+        return _dense_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                dropout=dropout, **kwargs)
+    return session.attend(module, query, key, value, scaling), None
+
+
+def register_attention() -> None:
+    """Register ``metaattn_attention`` with transformers under ``ATTN_NAME`` (once)."""
+    global _registered
+    with _register_lock:
+        if not _registered:
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(ATTN_NAME, metaattn_attention)
+            _registered = True
+
+
+def _decoder_layers(model) -> Any:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (need a LLaMA-style "
+                         "model using transformers' attention interface)")
+    return layers
+
+
+def _capture_hook(which: str, layer: int):
+    def hook(module, args, kwargs):
+        sess = current()
+        if sess is not None and sess.mode != "dense":
+            hidden = args[0] if args else kwargs["hidden_states"]
+            sess.capture(which, layer, hidden)
+        return None
+
+    return hook
+
+
+def install(model, n_layers: int) -> None:
+    """Route `model`'s attention through sessions: the attention function and the hooks."""
+    register_attention()
+    model.set_attn_implementation(ATTN_NAME)
+    layers = _decoder_layers(model)
+    if len(layers) != n_layers:
+        raise ValueError(f"found {len(layers)} decoder layers, config says {n_layers}")
+    for idx, layer in enumerate(layers):
+        attn = layer.self_attn
+        if getattr(attn, "layer_idx", idx) != idx:
+            raise ValueError("attention modules must carry their layer_idx")
+        layer.register_forward_pre_hook(_capture_hook("x", idx), with_kwargs=True)
+        attn.register_forward_pre_hook(_capture_hook("h", idx), with_kwargs=True)
+
+
+class Session:
+    """State of one routed pass (prefill + decode steps) in one thread.
+
+    mode: "route" (inference), "dense" (plain SDPA, nothing recorded) or "train". The
+    routing policy is chosen once from the arguments: ``train`` (mode "train"), else a
+    baseline ``policy`` (a function, see policies.Baseline), else ``forced_weights`` ([L]
+    tensors [B, T, K]), else the budget (``lam``: lambdas per layer to start from, e.g. the
+    global scope's or a prefill's). ``capture_qk`` keeps every layer's q and k (attention
+    maps); ``diagnose`` also runs full attention and records the relative error of the
+    output actually used, ||o_used - o_full|| / ||o_full|| per decision.
+    """
+
+    def __init__(self, n_layers: int, controller: ControllerStack, settings: RoutingSettings,
+                 mode: str = "route", train: TrainRouting | None = None,
+                 lam: list[float | None] | None = None,
+                 forced_weights: list[torch.Tensor] | None = None, capture_qk: bool = False,
+                 policy: Baseline | None = None, diagnose: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if policy is not None and forced_weights is not None:
+            raise ValueError("give a baseline policy or forced weights, not both")
+        self.controller = controller
+        self.settings = settings
+        self.mode = mode
+        self.beta_graph: list[tuple[int, torch.Tensor]] = []  # training: (layer, beta), graph kept
+        self.routing: RoutingPolicy
+        if mode == "train":
+            self.routing = TrainPolicy(train or TrainRouting(), controller.point_estimate,
+                                       n_layers, self.beta_graph)
+        elif policy is not None:
+            self.routing = BaselinePolicy(policy, n_layers)
+        elif forced_weights is not None:
+            self.routing = ForcedPolicy(forced_weights, n_layers)
+        else:
+            self.routing = BudgetPolicy(settings, n_layers, lam)
+        self.capture_qk = capture_qk
+        self.diagnose = diagnose
+        # Budget 1: every decision is full attention, which is exactly the dense model
+        self._sdpa = self.routing.sdpa_when_dense and settings.dense and not capture_qk
+        self._backend = self.routing.backend or settings.backend
+        self.x: list[torch.Tensor | None] = [None] * n_layers
+        self.h: list[torch.Tensor | None] = [None] * n_layers
+        self.lin_state: list = [None] * n_layers  # per layer: (S, z, n keys summarised) or None
+        self.qk: list = [None] * n_layers
+        self.records: list[list[Any]] = [[] for _ in range(n_layers)]
+
+    @property
+    def lam(self) -> list[float | None]:
+        """The lambda per layer the routing stands at (None where none was solved)."""
+        return self.routing.lam
+
+    def capture(self, which: str, layer: int, hidden: torch.Tensor) -> None:
+        (self.x if which == "x" else self.h)[layer] = hidden
+
+    def attend(self, module, q, k, v, scaling) -> torch.Tensor:
+        """The routed attention of one layer: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]
+        (cache included) -> [B, Tq, Hq, D]."""
+        layer = module.layer_idx
+        B, Hq, Tq, D = q.shape
+        Tk = k.shape[2]
+        offset = Tk - Tq
+        s = self.settings
+        x, h = self.x[layer], self.h[layer]
+        if x is None or h is None or x.shape[1] != Tq:
+            raise RuntimeError("routing hooks did not capture this layer's input; is the model "
+                               "installed with RoutedModel?")
+        routing = self.routing
+        one = B == 1 and Tq == 1 and offset > 0 and routing.fast_decode
+        rec: Any
+        if one:  # a decode step: the decision in plain Python
+            beta_one = self.controller.concentration_one(layer, h, x, offset)  # K floats
+            weights_one, rec = routing.decide_one(layer, beta_one)
+        else:
+            positions = torch.arange(offset, Tk, device=q.device)
+            beta = self.controller.concentration(layer, h, x, positions)  # [B, Tq, K]
+            weights, rec = routing.decide(layer, beta, offset, x)
+
+        state = self.lin_state[layer]  # (S, z, n): the linear expert's state after n keys
+        if self._sdpa:
+            y = _sdpa(q, k, v, scaling)
+            self.lin_state[layer] = None
+        elif one and not self.capture_qk and kernels.resolve_backend(s.backend, q) == "cpu":
+            y, self.lin_state[layer] = decode_step(q, k, v, weights_one, window=s.window,
+                                                   n_sink=s.n_sink, scale=scaling, state=state)
+        else:
+            if one:
+                weights = torch.tensor(weights_one, dtype=q.dtype, device=q.device).view(1, 1, K)
+            if state is not None and state[2] != offset:  # stale (decode steps that skipped it)
+                state = linear_state_upto(state, k, v, offset) if state[2] < offset else None
+            y, new_state = kernels.routed_attention(
+                q, k, v, weights.to(q.dtype), window=s.window, n_sink=s.n_sink, scale=scaling,
+                linear_state=None if state is None else state[:2], backend=self._backend)
+            self.lin_state[layer] = (*new_state, Tk)
+        if self.capture_qk:
+            self.qk[layer] = (q.detach(), k.detach(), scaling)
+        if self.diagnose and rec is not None:
+            if type(rec) is tuple:
+                rec = one_record(*rec)
+            full = _sdpa(q, k, v, scaling)
+            err = (y - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)  # [B, Hq, Tq]
+            rec["rel_error"] = err.mean(1).float().cpu()  # [B, Tq]
+        if rec is not None:
+            self.records[layer].append(rec)
+        self.x[layer] = self.h[layer] = None
+        return y.transpose(1, 2).contiguous()  # [B, Tq, Hq, D]
+
+    def pop_records(self) -> dict[str, np.ndarray] | None:
+        """Every decision since the last pop: arrays [L, B, T, ...] (numpy)."""
+        if not self.records[0]:
+            return None
+        recs, self.records = self.records, [[] for _ in self.records]
+        return collect(recs)
