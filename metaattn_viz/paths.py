@@ -47,8 +47,9 @@ def data_dir() -> Path:
 def storage_is_ephemeral() -> bool:
     """True on a Space whose routing log has no mounted storage: its runs are lost when the
     Space restarts (the page says so)."""
-    return bool(os.environ.get("SPACE_ID")) and not (os.environ.get("METAATTN_DATA")
-                                                     or os.environ.get("METAATTN_DB"))
+    return bool(os.environ.get("SPACE_ID")) and not (
+        os.environ.get("METAATTN_DATA") or os.environ.get("METAATTN_DB")
+    )
 
 
 def default_db_path() -> Path:

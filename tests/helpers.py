@@ -21,9 +21,17 @@ def tiny_config(arch: str = "llama", **overrides):
     """A tiny random causal-LM config with RoPE and grouped-query attention."""
     import transformers
 
-    common = dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
-                  max_position_embeddings=1024, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=256,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     common.update(overrides)
     if arch == "llama":
         return transformers.LlamaConfig(**common)
@@ -39,8 +47,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides),
-                                                          dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
     return model.eval()
 
 
@@ -66,8 +73,7 @@ def routed_tiny(arch="llama", seed=0, spread=1.0, **overrides):
     from metaattn_viz.routing.model import RoutedModel
 
     model = tiny_model(arch, seed=seed, **overrides)
-    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed)
-            for k in ("bayes", "priorfree")}
+    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed) for k in ("bayes", "priorfree")}
     with torch.no_grad():
         for stack in ctrl.values():
             for layer in stack.layers:
@@ -131,8 +137,12 @@ def free_port() -> int:
 
 def base_env(tmp: Path) -> dict:
     env = dict(os.environ, **THREAD_ENV)
-    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("SPACE_ID", None)
     return env
 
@@ -153,9 +163,12 @@ class AppServer:
     def __enter__(self) -> AppServer:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(self.port), "--db",
-             str(self.db)], cwd=ROOT, env=base_env(self.tmp), stdout=self._log,
-            stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(self.port), "--db", str(self.db)],
+            cwd=ROOT,
+            env=base_env(self.tmp),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -212,17 +225,29 @@ from metaattn_viz.core.trace import RoutingTrace  # noqa: E402
 
 def empty_like(trace: RoutingTrace) -> RoutingTrace:
     """A trace with the same run fields as `trace` and no positions yet."""
-    return RoutingTrace(model=trace.model, controller=trace.controller,
-                        controller_id=trace.controller_id,
-                        controller_trained=trace.controller_trained, settings=trace.settings,
-                        n_layers=trace.n_layers, head_dim=trace.head_dim,
-                        n_prompt_tokens=trace.n_prompt_tokens, truncated=trace.truncated,
-                        created_at=trace.created_at, prompt=trace.prompt)
+    return RoutingTrace(
+        model=trace.model,
+        controller=trace.controller,
+        controller_id=trace.controller_id,
+        controller_trained=trace.controller_trained,
+        settings=trace.settings,
+        n_layers=trace.n_layers,
+        head_dim=trace.head_dim,
+        n_prompt_tokens=trace.n_prompt_tokens,
+        truncated=trace.truncated,
+        created_at=trace.created_at,
+        prompt=trace.prompt,
+    )
 
 
-def synthetic_trace(n_layers: int = 30, n_tokens: int = 100, seed: int = 0,
-                    controller: str = "bayes", budget: float | None = 0.5,
-                    n_prompt_tokens: int | None = None) -> RoutingTrace:
+def synthetic_trace(
+    n_layers: int = 30,
+    n_tokens: int = 100,
+    seed: int = 0,
+    controller: str = "bayes",
+    budget: float | None = 0.5,
+    n_prompt_tokens: int | None = None,
+) -> RoutingTrace:
     """A random but well-formed trace: Dirichlet concentrations, routes that follow the
     posterior mean, some hedged decisions with mixed weights, costs, lambdas, odd tokens
     (empty, NUL, non-ASCII, special)."""
@@ -230,11 +255,18 @@ def synthetic_trace(n_layers: int = 30, n_tokens: int = 100, seed: int = 0,
     L, T = n_layers, n_tokens
     n_prompt = T // 4 if n_prompt_tokens is None else n_prompt_tokens
     trace = RoutingTrace(
-        model="synthetic", controller=controller, controller_id=f"{controller}-synthetic-{seed}",
-        controller_trained=seed % 2 == 0, settings=RoutingSettings(budget=budget, window=32,
-                                                                   hedge_policy="soft"),
-        n_layers=L, head_dim=64, n_prompt_tokens=n_prompt, truncated=seed % 3,
-        prompt=f"synthetic prompt {seed} — ünïcode ✓", created_at=1.7e9 + seed * 3600.123456)
+        model="synthetic",
+        controller=controller,
+        controller_id=f"{controller}-synthetic-{seed}",
+        controller_trained=seed % 2 == 0,
+        settings=RoutingSettings(budget=budget, window=32, hedge_policy="soft"),
+        n_layers=L,
+        head_dim=64,
+        n_prompt_tokens=n_prompt,
+        truncated=seed % 3,
+        prompt=f"synthetic prompt {seed} — ünïcode ✓",
+        created_at=1.7e9 + seed * 3600.123456,
+    )
     if controller == "priorfree":  # a point estimate: its "concentration" is a probability
         conc = rng.dirichlet(np.ones(K), size=(L, T)).astype(np.float32)  # [L, T, K]
     else:
@@ -261,13 +293,22 @@ def grow(full: RoutingTrace, chunks):
     sizes = iter(chunks) if not isinstance(chunks, int) else None
     pos = 0
     while pos < full.n_tokens:
-        n = full.n_prompt_tokens if pos == 0 and full.n_prompt_tokens else (
-            chunks if sizes is None else next(sizes))
+        n = (
+            full.n_prompt_tokens
+            if pos == 0 and full.n_prompt_tokens
+            else (chunks if sizes is None else next(sizes))
+        )
         end = min(full.n_tokens, pos + max(1, int(n)))
-        trace.extend(full.token_ids[pos:end], full.tokens[pos:end],
-                     full.concentration[:, pos:end], full.routes[:, pos:end],
-                     full.hedged[:, pos:end], full.weights[:, pos:end], full.cost[:, pos:end],
-                     full.lam[:, pos:end])
+        trace.extend(
+            full.token_ids[pos:end],
+            full.tokens[pos:end],
+            full.concentration[:, pos:end],
+            full.routes[:, pos:end],
+            full.hedged[:, pos:end],
+            full.weights[:, pos:end],
+            full.cost[:, pos:end],
+            full.lam[:, pos:end],
+        )
         pos = end
         yield trace
     # what the model sets once the run is complete

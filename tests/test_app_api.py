@@ -18,9 +18,14 @@ from helpers import PROMPT, ROOT, AppServer, base_env
 
 def route_json(prompt: str, *args: str, tmp: Path) -> dict:
     """`metaattn-viz route --json --no-log` in a subprocess."""
-    out = subprocess.run([sys.executable, "-m", "metaattn_viz", "route", "--prompt", prompt,
-                          "--json", "--no-log", *args], cwd=ROOT, env=base_env(tmp),
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "metaattn_viz", "route", "--prompt", prompt, "--json", "--no-log", *args],
+        cwd=ROOT,
+        env=base_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -49,11 +54,29 @@ def _ask(client, api_name: str, **kw):
 @pytest.mark.slow
 def test_generate_and_reroute_match_the_cli(cli_trace, server):
     client = server.client()
-    gen = _ask(client, "/generate", prompt=PROMPT, budget=0.3, max_new_tokens=8,
-               temperature=0.0, chat=False, quality=True)
+    gen = _ask(
+        client,
+        "/generate",
+        prompt=PROMPT,
+        budget=0.3,
+        max_new_tokens=8,
+        temperature=0.0,
+        chat=False,
+        quality=True,
+    )
     cli = cli_trace.result(timeout=300)
-    for key in ("tokens", "token_ids", "n_prompt_tokens", "routes", "hedged", "experts",
-                "costs", "controller", "budget", "model"):
+    for key in (
+        "tokens",
+        "token_ids",
+        "n_prompt_tokens",
+        "routes",
+        "hedged",
+        "experts",
+        "costs",
+        "controller",
+        "budget",
+        "model",
+    ):
         assert gen[key] == cli[key], key
     assert gen["realized_cost"] == pytest.approx(cli["realized_cost"], abs=1e-6)
     assert gen["attention_flops_ratio"] == pytest.approx(cli["attention_flops_ratio"], rel=1e-9)
@@ -105,7 +128,7 @@ def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server):
         _ask(client, "/sql", query="DELETE FROM runs")
 
     # control characters are removed (and said so); mixed scripts and emoji pass through
-    mixed = "Le chat\x00 dort\x07. 猫が寝ている。Кошка спит. \U0001F408 مرحبا"
+    mixed = "Le chat\x00 dort\x07. 猫が寝ている。Кошка спит. \U0001f408 مرحبا"
     out = _ask(client, "/generate", prompt=mixed, max_new_tokens=2, budget=0.4)
     assert any("control character" in n for n in out["notes"])
     assert out["prompt"] == mixed.replace("\x00", "").replace("\x07", "")
@@ -119,8 +142,15 @@ def test_four_clients_at_once_all_finish_and_are_logged_completely(server):
     prompts = [f"Write one sentence about the number {i}." for i in range(4)]
 
     def one(prompt):
-        return _ask(server.client(), "/generate", prompt=prompt, max_new_tokens=6, budget=0.5,
-                    chat=True, quality=False)
+        return _ask(
+            server.client(),
+            "/generate",
+            prompt=prompt,
+            max_new_tokens=6,
+            budget=0.5,
+            chat=True,
+            quality=False,
+        )
 
     with cf.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(one, prompts))
@@ -131,11 +161,15 @@ def test_four_clients_at_once_all_finish_and_are_logged_completely(server):
         assert len(r["routes"]) == 30 and all(len(row) == len(r["tokens"]) for row in r["routes"])
 
     quoted = ", ".join(f"'{i}'" for i in ids)
-    q = _ask(server.client(), "/sql", query=f"""
+    q = _ask(
+        server.client(),
+        "/sql",
+        query=f"""
         SELECT r.run_id, r.status, r.kind, r.n_tokens, r.n_layers,
                (SELECT count(*) FROM tokens t WHERE t.run_id = r.run_id) AS token_rows,
                (SELECT count(*) FROM routes d WHERE d.run_id = r.run_id) AS route_rows
-        FROM runs r WHERE r.run_id IN ({quoted})""")
+        FROM runs r WHERE r.run_id IN ({quoted})""",
+    )
     rows = [dict(zip(q["columns"], row, strict=True)) for row in q["rows"]]
     assert len(rows) == 4
     by_id = {r["run_id"]: r for r in rows}

@@ -20,14 +20,23 @@ import pytest
 from helpers import ROOT, AppServer
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT = ROOT / "assets" / "screenshot.png"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                 reason="Debian chromium missing: apt-get install chromium")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="Debian chromium missing: apt-get install chromium"
+    ),
+]
 
 # The live maps: one plotly figure drawn in place in #routing-maps (heatmap 0 = experts,
 # heatmap 1 = uncertainty); the History comparison maps are gr.Plot components.
@@ -111,8 +120,9 @@ def page(browser, server):
     pg.outside_requests = outside
     pg.goto(server.url)
     pg.wait_for_selector("#prompt textarea", timeout=60_000)
-    pg.wait_for_function("() => document.querySelector('#model-status').innerText"
-                         ".includes('ready')", timeout=120_000)
+    pg.wait_for_function(
+        "() => document.querySelector('#model-status').innerText.includes('ready')", timeout=120_000
+    )
     yield pg
     context.close()
 
@@ -128,8 +138,11 @@ def _status(page) -> str:
 
 
 def _wait_status(page, prefix: str, timeout: float = 180_000) -> None:
-    page.wait_for_function("(p) => document.querySelector('#run-status').innerText"
-                           ".trim().startsWith(p)", arg=prefix, timeout=timeout)
+    page.wait_for_function(
+        "(p) => document.querySelector('#run-status').innerText.trim().startsWith(p)",
+        arg=prefix,
+        timeout=timeout,
+    )
 
 
 def _drag_slider(page, elem_id: str, lo: float, hi: float, value: float) -> None:
@@ -153,8 +166,10 @@ def _drag_slider(page, elem_id: str, lo: float, hi: float, value: float) -> None
 def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    page.fill("#prompt textarea", "Once upon a time, in a small village by the sea, there "
-                                  "lived an old lighthouse keeper who")
+    page.fill(
+        "#prompt textarea",
+        "Once upon a time, in a small village by the sea, there lived an old lighthouse keeper who",
+    )
     page.locator("#chat input[type=checkbox]").uncheck()
     _set_number(page, "max-new", 64)
     # record, inside the page, the length of both maps whenever the status says "Generating"
@@ -168,8 +183,7 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     final = page.locator("#strip span.token").count()
     assert final > 20
     # the page draws the newest frame once the previous draw is done: wait for the last one
-    page.wait_for_function(f"() => ({MAP_LEN})(0) === {final} && ({MAP_LEN})(1) === {final}",
-                           timeout=60_000)
+    page.wait_for_function(f"() => ({MAP_LEN})(0) === {final} && ({MAP_LEN})(1) === {final}", timeout=60_000)
     growing_e = {e for e, u in seen if 0 < e < final}
     growing_u = {u for e, u in seen if 0 < u < final}
     assert len(growing_e) >= 2 and len(growing_u) >= 2, seen  # two partial maps, then final
@@ -187,8 +201,7 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     assert cost_before == pytest.approx(0.5, abs=0.05)
     _drag_slider(page, "budget", 0.15, 1.0, 0.25)
     _wait_status(page, "Re-routed", 120_000)
-    page.wait_for_function(f"() => Math.abs(({COST_METER})() - {cost_before}) > 0.05",
-                           timeout=60_000)
+    page.wait_for_function(f"() => Math.abs(({COST_METER})() - {cost_before}) > 0.05", timeout=60_000)
     budget = float(page.locator("#budget input[type=range]").input_value())
     assert 0.15 <= budget < 0.4
     assert page.evaluate(COST_METER) == pytest.approx(budget, abs=0.06)
@@ -198,12 +211,19 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
 
     # -- inspector: ternary plot, concentration table, bertviz in its iframes ------------
     page.locator("#strip span.token").nth(8).click()
-    page.wait_for_function("(s) => { const d = document.querySelector(s + ' .js-plotly-plot');"
-                           " return d && d.data && d.data.some(t => t.type === "
-                           "'scatterternary') }", arg="#ternary", timeout=120_000)
+    page.wait_for_function(
+        "(s) => { const d = document.querySelector(s + ' .js-plotly-plot');"
+        " return d && d.data && d.data.some(t => t.type === "
+        "'scatterternary') }",
+        arg="#ternary",
+        timeout=120_000,
+    )
     assert "scatterternary" in page.evaluate(TRACE_TYPES, "#ternary")
-    assert page.locator("#conc-table").inner_text().count("linear") + page.locator(
-        "#conc-table").inner_text().count("full") > 0
+    assert (
+        page.locator("#conc-table").inner_text().count("linear")
+        + page.locator("#conc-table").inner_text().count("full")
+        > 0
+    )
     page.wait_for_selector("#head-view iframe", timeout=120_000)
     head = page.frame_locator("#head-view iframe")
     head.locator("svg text").first.wait_for(timeout=60_000)
@@ -223,17 +243,26 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     # -- the uncertainty measure is selectable; the budget sweep draws its Pareto plot -----
     page.locator("#measure input").click()
     page.get_by_role("option", name="vacuity").click()
-    page.wait_for_function("() => { const d = document.querySelector('#routing-maps "
-                           ".metaattn-plot'); return d && d.layout && d.layout.annotations"
-                           ".some(a => a.text.includes('vacuity')) }", timeout=30_000)
+    page.wait_for_function(
+        "() => { const d = document.querySelector('#routing-maps "
+        ".metaattn-plot'); return d && d.layout && d.layout.annotations"
+        ".some(a => a.text.includes('vacuity')) }",
+        timeout=30_000,
+    )
     page.get_by_text("Budget sweep: quality against cost").click()
     page.click("#sweep-button")
-    page.wait_for_function("() => { const d = document.querySelector('#pareto .js-plotly-plot');"
-                           " return d && d.data && d.data.length >= 6 }", timeout=180_000)
-    names = page.evaluate("() => document.querySelector('#pareto .js-plotly-plot').data"
-                          ".map(t => t.name)")
-    assert {"Bayesian controller", "prior-free controller", "random routing",
-            "salience top-k (MoD-like)"} <= set(names), names
+    page.wait_for_function(
+        "() => { const d = document.querySelector('#pareto .js-plotly-plot');"
+        " return d && d.data && d.data.length >= 6 }",
+        timeout=180_000,
+    )
+    names = page.evaluate("() => document.querySelector('#pareto .js-plotly-plot').data.map(t => t.name)")
+    assert {
+        "Bayesian controller",
+        "prior-free controller",
+        "random routing",
+        "salience top-k (MoD-like)",
+    } <= set(names), names
     page.locator("#pareto").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "05-sweep.png"))
 
@@ -247,8 +276,9 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     assert any("\nreroute\n" in t for t in texts), texts
     assert all("\ndone\n" in t for t in texts), texts
     rows.nth(gen_row).locator("[role=gridcell]").first.click()
-    page.wait_for_function("() => document.querySelector('#run-a textarea, #run-a input')"
-                           ".value.length > 10", timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#run-a textarea, #run-a input').value.length > 10", timeout=30_000
+    )
     page.screenshot(path=str(shots / "06-history.png"))
     page.click("#replay")
     _wait_status(page, "Replayed run", 60_000)
@@ -263,8 +293,9 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     rows.nth(1).wait_for(timeout=30_000)
     other = next(i for i in range(rows.count()) if i != gen_row)
     rows.nth(other).locator("[role=gridcell]").first.click()
-    page.wait_for_function("() => document.querySelector('#run-b textarea, #run-b input')"
-                           ".value.length > 10", timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#run-b textarea, #run-b input').value.length > 10", timeout=30_000
+    )
     page.click("#compare")
     page.get_by_text("the same expert in").first.wait_for(timeout=60_000)
     assert page.evaluate(PLOT_LEN, "#compare-a") == final
@@ -278,8 +309,7 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     page.locator("#export-file a").first.wait_for(timeout=60_000)
     assert ".zip" in page.locator("#export-file").inner_text()
 
-    assert not [u for u in page.outside_requests if "cdnjs" in u or "cdn." in u], \
-        page.outside_requests
+    assert not [u for u in page.outside_requests if "cdnjs" in u or "cdn." in u], page.outside_requests
     print(f"screenshots in {shots}")
 
 
@@ -304,8 +334,10 @@ def test_bad_input_in_the_page(page, server, tmp_path):
     _toast(page, "the app takes at most 16,000")
     page.screenshot(path=str(tmp_path / "bad-input.png"))
     _set_number(page, "max-new", 2)
-    page.fill("#prompt textarea", "Bonjour\x07 le monde \u2014 \u4f60\u597d\u4e16\u754c "
-                                  "\u041f\u0440\u0438\u0432\u0435\u0442")
+    page.fill(
+        "#prompt textarea",
+        "Bonjour\x07 le monde \u2014 \u4f60\u597d\u4e16\u754c \u041f\u0440\u0438\u0432\u0435\u0442",
+    )
     page.click("#generate")
     _toast(page, "Removed 1 control character")
     _wait_status(page, "Done", 120_000)

@@ -14,8 +14,7 @@ def test_model_rows_follow_the_contract():
     rows = model_rows(routed_tiny(seed=2), budget=0.3, quick=True)
     assert [r["case"] for r in rows] == ["routing-overhead", "decode"]
     for r in rows:
-        assert {"seq_len", "budget", "backend", "dense_ms", "routed_ms", "ratio",
-                "max_abs_err"} <= set(r)
+        assert {"seq_len", "budget", "backend", "dense_ms", "routed_ms", "ratio", "max_abs_err"} <= set(r)
         assert r["dense_ms"] > 0 and r["routed_ms"] > 0
         assert r["ratio"] == pytest.approx(r["routed_ms"] / r["dense_ms"])
     assert rows[0]["max_abs_err"] <= 1e-4  # budget 1 is the dense model

@@ -43,8 +43,9 @@ def test_split_is_by_article_and_deterministic():
 def test_split_sends_every_tenth_article_to_validation(tmp_path):
     """23 articles with sections: articles 9 and 19 (0-based, file order) validate, and an
     article keeps its sections (`` = = ... = = `` lines do not start an article)."""
-    body = "".join(f" = Title {i} = \n text of article {i} .\n = = Section = = \n more {i} .\n"
-                   for i in range(23))
+    body = "".join(
+        f" = Title {i} = \n text of article {i} .\n = = Section = = \n more {i} .\n" for i in range(23)
+    )
     path = tmp_path / "wiki.raw"
     path.write_text(body)
     split = data_mod.load_split(path)
@@ -54,13 +55,16 @@ def test_split_sends_every_tenth_article_to_validation(tmp_path):
     assert all("= = Section = =" in a and a.count("= Title") == 1 for a in split.train)
 
 
-@pytest.mark.parametrize("content, match", [
-    (None, "not found"),
-    (b"", "empty"),
-    (b"   \n\n ", "empty"),
-    (b"\x00\x01\x02binary\x00", "binary"),
-    (b"\xff\xfe\xfa not utf8", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "not found"),
+        (b"", "empty"),
+        (b"   \n\n ", "empty"),
+        (b"\x00\x01\x02binary\x00", "binary"),
+        (b"\xff\xfe\xfa not utf8", "not UTF-8"),
+    ],
+)
 def test_bad_data_files_are_refused_before_training(tmp_path, content, match):
     path = tmp_path / "data.txt"
     if content is not None:
@@ -74,15 +78,18 @@ def test_too_short_for_one_window_is_refused(tmp_path):
     path.write_text(" = A =\n short text\n = B =\n more\n")
     r = routed_tiny()
     with pytest.raises(data_mod.DataError, match="shorter than one window"):
-        calibrate(r, path, CalibrationConfig(steps=1, seq_len=64), out_dir=tmp_path / "out",
-                  progress=False)
+        calibrate(r, path, CalibrationConfig(steps=1, seq_len=64), out_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "controller.safetensors").exists()
 
 
 def test_calibrate_cli_refuses_missing_file_plainly(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "metaattn_viz", "calibrate", "--data",
-                          str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "metaattn_viz", "calibrate", "--data", str(tmp_path / "nope.txt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 2 and "data file not found" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -114,8 +121,7 @@ def test_elbo_terms_match_a_hand_computation():
     assert terms["kl"].item() == pytest.approx(kl, rel=1e-3)
     assert terms["loss"].item() == pytest.approx(task + 0.3 * kl, rel=1e-4)
     m = torch.stack([b.detach() / b.detach().sum(-1, keepdim=True) for _, b in sess.beta_graph])
-    assert terms["cost"].item() == pytest.approx(float((m * torch.tensor(COSTS)).sum(-1).mean()),
-                                                 rel=1e-5)
+    assert terms["cost"].item() == pytest.approx(float((m * torch.tensor(COSTS)).sum(-1).mean()), rel=1e-5)
 
 
 def test_priorfree_loss_is_task_plus_cost_penalty():
@@ -125,18 +131,26 @@ def test_priorfree_loss_is_task_plus_cost_penalty():
     cfg = CalibrationConfig(controller="priorfree", cost_weight=0.5, seq_len=20)
     terms = elbo_terms(r, r.controller("priorfree"), ids, dense, cfg, hard=False)
     assert terms["kl"].item() == 0.0
-    assert terms["loss"].item() == pytest.approx(terms["task"].item() + 0.5 * terms["cost"].item(),
-                                                 rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(terms["task"].item() + 0.5 * terms["cost"].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bayes", "priorfree"])
 def test_calibration_on_a_tiny_model_lowers_the_loss_and_saves(tmp_path, kind):
     r = routed_tiny(seed=1)
-    cfg = CalibrationConfig(controller=kind, steps=30, batch_size=2, seq_len=64, lr=1e-2,
-                            soft_fraction=1.0, val_windows=2, checkpoint_every=10)
+    cfg = CalibrationConfig(
+        controller=kind,
+        steps=30,
+        batch_size=2,
+        seq_len=64,
+        lr=1e-2,
+        soft_fraction=1.0,
+        val_windows=2,
+        checkpoint_every=10,
+    )
     hist = []
-    meta = calibrate(r, EXCERPT, cfg, out_dir=tmp_path, progress=False, model_slug="tiny",
-                     on_step=hist.append)
+    meta = calibrate(
+        r, EXCERPT, cfg, out_dir=tmp_path, progress=False, model_slug="tiny", on_step=hist.append
+    )
     curve = [row["loss"] for row in meta["loss_curve_every_10"]]
     assert [h["step"] for h in hist] == list(range(1, 31)) and curve == [h["loss"] for h in hist[::10]]
     first = sum(h["loss"] for h in hist[:5]) / 5
@@ -165,14 +179,21 @@ def test_resume_continues_from_the_checkpoint_and_ends_as_an_uninterrupted_run(t
 
     part = tmp_path / "b"
     with pytest.raises(Interrupted):
-        calibrate(r, EXCERPT, cfg, out_dir=part, progress=False, model_slug="t",
-                  on_step=stop_after_step_4)
+        calibrate(r, EXCERPT, cfg, out_dir=part, progress=False, model_slug="t", on_step=stop_after_step_4)
     assert not (part / "controller.safetensors").exists()  # an interrupted run saves no controller
     assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 3  # step 4 is lost
 
     steps_run = []
-    resumed = calibrate(r, EXCERPT, cfg, out_dir=part, resume=True, progress=False,
-                        model_slug="t", on_step=lambda row: steps_run.append(row["step"]))
+    resumed = calibrate(
+        r,
+        EXCERPT,
+        cfg,
+        out_dir=part,
+        resume=True,
+        progress=False,
+        model_slug="t",
+        on_step=lambda row: steps_run.append(row["step"]),
+    )
     assert steps_run == [4, 5, 6]  # from the checkpoint, not from the start nor past step 4
     assert resumed["content_hash"] == full["content_hash"]  # bit-identical controller weights
     assert resumed["final_validation_terms"] == full["final_validation_terms"]
@@ -218,14 +239,32 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def test_eval_runs_end_to_end_on_a_tiny_model():
     r = routed_tiny(seed=3, spread=10.0)
     seq_len, window, n_sink = 64, 16, 4
-    rows = evaluate(r, EXCERPT, budgets=(0.5, 1.0), max_tokens=128, seq_len=seq_len,
-                    window=window, n_sink=n_sink)
+    rows = evaluate(
+        r, EXCERPT, budgets=(0.5, 1.0), max_tokens=128, seq_len=seq_len, window=window, n_sink=n_sink
+    )
     names = {(row["controller"], row["budget"]) for row in rows}
-    assert {("bayes", 0.5), ("bayes", 1.0), ("bayes", None), ("priorfree", None), ("all-local", 0.3),
-            ("all-linear", 0.15), ("random", 0.5), ("salience-topk", 0.5)} <= names
+    assert {
+        ("bayes", 0.5),
+        ("bayes", 1.0),
+        ("bayes", None),
+        ("priorfree", None),
+        ("all-local", 0.3),
+        ("all-linear", 0.15),
+        ("random", 0.5),
+        ("salience-topk", 0.5),
+    } <= names
     for row in rows:
-        for key in ["controller", "budget", "realized_cost", "ppl", "dense_ppl", "kl_to_dense",
-                    "routing_entropy", "tokens", "attention_flops_ratio"]:
+        for key in [
+            "controller",
+            "budget",
+            "realized_cost",
+            "ppl",
+            "dense_ppl",
+            "kl_to_dense",
+            "routing_entropy",
+            "tokens",
+            "attention_flops_ratio",
+        ]:
             assert key in row
     row_of = {(row["controller"], row["budget"]): row for row in rows}
 
@@ -233,8 +272,9 @@ def test_eval_runs_end_to_end_on_a_tiny_model():
     val = _byte_windows(data_mod.load_split(EXCERPT).validation, seq_len)[:2]
     with torch.no_grad():
         logits = r.model(input_ids=val, use_cache=False).logits[:, :-1]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
-                                            val[:, 1:].reshape(-1))
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).double(), val[:, 1:].reshape(-1)
+    )
     assert rows[0]["dense_ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
     assert all(row["tokens"] == val.shape[0] * (seq_len - 1) for row in rows)
 
@@ -250,9 +290,11 @@ def test_eval_runs_end_to_end_on_a_tiny_model():
     # (full), min(t + 1, window + n_sink) keys (local), or reads a D x D state (linear)
     t1 = np.arange(1, seq_len + 1)
     assert row_of[("all-local", 0.3)]["attention_flops_ratio"] == pytest.approx(
-        np.minimum(t1, window + n_sink).sum() / t1.sum())
+        np.minimum(t1, window + n_sink).sum() / t1.sum()
+    )
     assert row_of[("all-linear", 0.15)]["attention_flops_ratio"] == pytest.approx(
-        seq_len * r.head_dim / t1.sum())
+        seq_len * r.head_dim / t1.sum()
+    )
     assert row_of[("all-local", 0.3)]["realized_cost"] == pytest.approx(COSTS[2])
     for name in ("random", "salience-topk"):
         assert row_of[(name, 0.5)]["realized_cost"] == pytest.approx(0.5, abs=0.02)
@@ -262,16 +304,22 @@ def test_eval_runs_end_to_end_on_a_tiny_model():
     u, err = [], []
     s = RoutingSettings(budget=None, window=window, n_sink=n_sink)
     for i in range(val.shape[0]):
-        rec = r.prefill(val[i:i + 1], s, "bayes", use_cache=False, diagnose=True).records
+        rec = r.prefill(val[i : i + 1], s, "bayes", use_cache=False, diagnose=True).records
         beta = torch.as_tensor(rec["beta"]).double()  # [L, 1, T, K]
-        u.append((torch.distributions.Dirichlet(beta).mean.log().neg()
-                  * torch.distributions.Dirichlet(beta).mean).sum(-1).numpy().ravel() / math.log(3))
+        u.append(
+            (torch.distributions.Dirichlet(beta).mean.log().neg() * torch.distributions.Dirichlet(beta).mean)
+            .sum(-1)
+            .numpy()
+            .ravel()
+            / math.log(3)
+        )
         err.append(np.asarray(rec["rel_error"]).ravel())
     u, err = np.concatenate(u), np.concatenate(err)
     worst = err >= np.quantile(err, 0.9)
     pos, neg = u[worst], u[~worst]
     direct_auroc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
-        len(pos) * len(neg))
+        len(pos) * len(neg)
+    )
     unc = row_of[("bayes", None)]["uncertainty"]
     assert unc["decisions"] == u.size == r.model.config.num_hidden_layers * val.numel()
     assert unc["spearman_total"] == pytest.approx(_spearman(u, err), abs=1e-6)
@@ -281,7 +329,8 @@ def test_eval_runs_end_to_end_on_a_tiny_model():
 def test_kl_per_token_against_torch():
     g = torch.Generator().manual_seed(0)
     p, q = torch.randn(7, 50, generator=g), torch.randn(7, 50, generator=g)
-    want = torch.nn.functional.kl_div(torch.log_softmax(q, -1), torch.log_softmax(p, -1),
-                                      log_target=True, reduction="none").sum(-1)
+    want = torch.nn.functional.kl_div(
+        torch.log_softmax(q, -1), torch.log_softmax(p, -1), log_target=True, reduction="none"
+    ).sum(-1)
     assert torch.allclose(kl_per_token(p, q), want, atol=1e-6)
     assert float(kl_per_token(p, p).abs().max()) <= 1e-6

@@ -40,17 +40,22 @@ def deploy(*argv: str, **kwargs) -> tuple[int, str]:
 @pytest.fixture
 def offline(monkeypatch):
     """No network and no token: any connection or token lookup fails the test."""
+
     def refuse(*a, **k):
         raise AssertionError("the dry run touched the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(huggingface_hub, "get_token",
-                        lambda: (_ for _ in ()).throw(AssertionError("dry run asked for a token")))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "get_token",
+        lambda: (_ for _ in ()).throw(AssertionError("dry run asked for a token")),
+    )
 
 
 # --- the dry run ---------------------------------------------------------------------------
+
 
 def test_dry_run_is_offline_and_lists_every_file_with_its_size(offline):
     code, text = deploy("--space", "someone/metaattn-viz", "--dry-run", "--json")
@@ -59,8 +64,12 @@ def test_dry_run_is_offline_and_lists_every_file_with_its_size(offline):
     files = {f["path"]: f for f in plan["files"]}
     assert plan["problems"] == []
     # What the Space needs to run is there, with its size on disk; what it does not is not.
-    for needed in ("app.py", "metaattn_viz/app/server.py", "kernels/dispatch.py",
-                   "assets/controllers/smollm2-135m-instruct/bayes/controller.safetensors"):
+    for needed in (
+        "app.py",
+        "metaattn_viz/app/server.py",
+        "kernels/dispatch.py",
+        "assets/controllers/smollm2-135m-instruct/bayes/controller.safetensors",
+    ):
         assert files[needed]["size"] == (ROOT / needed).stat().st_size
     assert not [p for p in files if p.startswith(("tests/", "docs/", ".venv/", "corpus/"))]
     assert not [p for p in files if "__pycache__" in p or p.endswith(".duckdb")]
@@ -83,8 +92,10 @@ def test_dry_run_text_names_files_sizes_hardware_variables_front_matter(offline)
     assert "preload_from_hub:" in text and "HuggingFaceTB/SmolLM2-135M-Instruct" in text
 
 
-@pytest.mark.parametrize("hardware, runtime, python", [
-    ("cpu-basic", "cpu", "3.11"), ("t4-small", "gpu", "3.11"), ("zero-a10g", "zerogpu", "3.12")])
+@pytest.mark.parametrize(
+    "hardware, runtime, python",
+    [("cpu-basic", "cpu", "3.11"), ("t4-small", "gpu", "3.11"), ("zero-a10g", "zerogpu", "3.12")],
+)
 def test_front_matter_and_requirements_follow_the_hardware(offline, hardware, runtime, python):
     code, text = deploy("--space", "a/b", "--hardware", hardware, "--dry-run", "--json")
     assert code == 0, text
@@ -118,6 +129,7 @@ def test_a_big_binary_without_an_lfs_rule_is_a_problem(tmp_path, offline):
 
 # --- the manifest ---------------------------------------------------------------------------
 
+
 def _raw() -> dict:
     return yaml.safe_load(SPACEFILE.read_text())
 
@@ -136,27 +148,31 @@ def _set(path: str, value):
         for p in parents:
             node = node[p]
         node[last] = value
+
     return edit
 
 
-@pytest.mark.parametrize("edit, field", [
-    (_set("colour", "red"), "colour"),
-    (_set("private", "yes"), "private"),
-    (_set("hardware", "h100-huge"), "hardware"),
-    (_set("name", 42), "name"),
-    (_set("storage.mount_path", "data"), "storage.mount_path"),
-    (_set("storage.size", "10G"), "storage.size"),
-    (_set("variables.GRADIO_ANALYTICS_ENABLED", False), "variables.GRADIO_ANALYTICS_ENABLED"),
-    (_set("variables.METAATTN_DATA", "/tmp"), "variables.METAATTN_DATA"),
-    (_set("model.revision", "main"), "model.revision"),
-    (_set("model.files", []), "model.files"),
-    (_set("upload.include", "app.py"), "upload.include"),
-    (_set("runtimes.cpu.hardware", ["cpu-basic", "t4-small"]), "runtimes.gpu.hardware"),
-    (_set("runtimes.gpu.hardware", ["t4-smol"]), "runtimes.gpu.hardware"),
-    (_set("runtimes.zerogpu.python_version", "3.11"), "runtimes.zerogpu.python_version"),
-    (_set("runtimes.cpu.requirement", "x.txt"), "runtimes.cpu.requirement"),
-    (lambda raw: raw.pop("model"), "model"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (_set("colour", "red"), "colour"),
+        (_set("private", "yes"), "private"),
+        (_set("hardware", "h100-huge"), "hardware"),
+        (_set("name", 42), "name"),
+        (_set("storage.mount_path", "data"), "storage.mount_path"),
+        (_set("storage.size", "10G"), "storage.size"),
+        (_set("variables.GRADIO_ANALYTICS_ENABLED", False), "variables.GRADIO_ANALYTICS_ENABLED"),
+        (_set("variables.METAATTN_DATA", "/tmp"), "variables.METAATTN_DATA"),
+        (_set("model.revision", "main"), "model.revision"),
+        (_set("model.files", []), "model.files"),
+        (_set("upload.include", "app.py"), "upload.include"),
+        (_set("runtimes.cpu.hardware", ["cpu-basic", "t4-small"]), "runtimes.gpu.hardware"),
+        (_set("runtimes.gpu.hardware", ["t4-smol"]), "runtimes.gpu.hardware"),
+        (_set("runtimes.zerogpu.python_version", "3.11"), "runtimes.zerogpu.python_version"),
+        (_set("runtimes.cpu.requirement", "x.txt"), "runtimes.cpu.requirement"),
+        (lambda raw: raw.pop("model"), "model"),
+    ],
+)
 def test_a_bad_manifest_names_the_field(edit, field):
     raw = copy.deepcopy(_raw())
     parse_manifest(copy.deepcopy(raw))  # the unedited manifest is fine
@@ -179,6 +195,7 @@ def test_a_bad_manifest_stops_the_command_with_exit_2(tmp_path, offline, capsys)
 
 # --- the Hub calls --------------------------------------------------------------------------
 
+
 class FakeHfApi:
     """Records every call; keeps what upload_folder found in the staged folder."""
 
@@ -196,9 +213,11 @@ class FakeHfApi:
                 return f"https://huggingface.co/spaces/{args[0]}"
             if name == "upload_folder":
                 folder = Path(kwargs["folder_path"])
-                self.uploaded = {p.relative_to(folder).as_posix(): p.read_bytes()
-                                 for p in folder.rglob("*") if p.is_file()}
+                self.uploaded = {
+                    p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+                }
             return None
+
         return call
 
 
@@ -210,24 +229,41 @@ def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypa
         return made[-1]
 
     monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network"))
-    code, text = deploy("--space", "metaattn-demo", "--hardware", "zero-a10g", "--private",
-                        make_api=make_api, environ={"HF_TOKEN": FAKE_TOKEN})
+    code, text = deploy(
+        "--space",
+        "metaattn-demo",
+        "--hardware",
+        "zero-a10g",
+        "--private",
+        make_api=make_api,
+        environ={"HF_TOKEN": FAKE_TOKEN},
+    )
     assert code == 0, text
     api = made[0]
     assert api.token == FAKE_TOKEN
     names = [c[0] for c in api.calls]
-    assert names == ["whoami", "create_repo", "create_bucket", "set_space_volumes",
-                     "add_space_variable", "add_space_variable", "request_space_hardware",
-                     "upload_folder"]
+    assert names == [
+        "whoami",
+        "create_repo",
+        "create_bucket",
+        "set_space_volumes",
+        "add_space_variable",
+        "add_space_variable",
+        "request_space_hardware",
+        "upload_folder",
+    ]
     calls = {c[0]: c for c in api.calls}
     space = "alice/metaattn-demo"
     assert calls["create_repo"][1] == (space,)
-    assert calls["create_repo"][2] == {"repo_type": "space", "space_sdk": "gradio",
-                                       "private": True, "exist_ok": True}
+    assert calls["create_repo"][2] == {
+        "repo_type": "space",
+        "space_sdk": "gradio",
+        "private": True,
+        "exist_ok": True,
+    }
     assert calls["create_bucket"][1] == ("alice/metaattn-viz-data",)
     volume = calls["set_space_volumes"][2]["volumes"][0]
-    assert (volume.type, volume.source, volume.mount_path) == (
-        "bucket", "alice/metaattn-viz-data", "/data")
+    assert (volume.type, volume.source, volume.mount_path) == ("bucket", "alice/metaattn-viz-data", "/data")
     variables = {c[1][1]: c[1][2] for c in api.calls if c[0] == "add_space_variable"}
     assert variables == {"GRADIO_ANALYTICS_ENABLED": "False", "METAATTN_DATA": "/data/metaattn-viz"}
     assert calls["request_space_hardware"][1] == (space, "zero-a10g")
@@ -250,8 +286,9 @@ def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypa
 def test_without_a_token_the_error_names_hf_token_and_login(monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    code, _ = deploy("--space", "a/b", environ=env,
-                     make_api=lambda token: pytest.fail("no API without a token"))
+    code, _ = deploy(
+        "--space", "a/b", environ=env, make_api=lambda token: pytest.fail("no API without a token")
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "HF_TOKEN" in err and "hf auth login" in err and "Traceback" not in err
@@ -298,10 +335,11 @@ def test_an_unknown_hardware_stops_the_command_with_exit_2(offline, capsys):
 
 def test_registering_the_subcommand_does_not_import_huggingface_hub():
     """`metaattn-viz --help` stays fast: the hub library loads only when deploy runs."""
-    code = ("import sys, argparse\n"
-            "from metaattn_viz.deploy.cli import add_deploy_parser\n"
-            "add_deploy_parser(argparse.ArgumentParser().add_subparsers())\n"
-            "print('huggingface_hub' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, argparse\n"
+        "from metaattn_viz.deploy.cli import add_deploy_parser\n"
+        "add_deploy_parser(argparse.ArgumentParser().add_subparsers())\n"
+        "print('huggingface_hub' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

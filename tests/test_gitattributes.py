@@ -43,8 +43,13 @@ def test_the_binary_detector_tells_text_from_binary(tmp_path):
 
 
 def test_the_lfs_rules_cover_the_kinds_of_binary_this_project_makes(tracked):
-    probes = ["assets/controllers/x/bayes/controller.safetensors", "docs/new.png", "m.gguf",
-              "README.md", "metaattn_viz/cli/__init__.py"]
+    probes = [
+        "assets/controllers/x/bayes/controller.safetensors",
+        "docs/new.png",
+        "m.gguf",
+        "README.md",
+        "metaattn_viz/cli/__init__.py",
+    ]
     assert lfs_covered(probes) == {p: p.endswith((".safetensors", ".png", ".gguf")) for p in probes}
 
 

@@ -21,8 +21,9 @@ from metaattn_kernels.dispatch import LINEAR, attention_flops, routed_attention,
 
 def test_reference_full_equals_sdpa_causal():
     q, k, v = make_qkv(tq=130)
-    want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
-                                          is_causal=True)
+    want = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True
+    )
     assert max_err(ref.full_attention(q, k, v), want) <= TOL
 
 
@@ -54,6 +55,7 @@ def test_reference_linear_one_key_is_that_value():
 
 
 # -- the CPU path against the reference ------------------------------------------------------
+
 
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("tq,tk", SIZES)
@@ -91,7 +93,7 @@ def test_cpu_wide_rows_uneven_batch_and_sparse_routes():
     q, k, v = make_qkv(b=3, tq=130, d=32)
     w = make_weights("random", 3, 130)
     w[0, :, :] = torch.tensor([1.0, 0.0, 0.0])  # row 0: all full
-    w[1, 5:] = torch.tensor([0.0, 0.0, 1.0])    # row 1: nearly all local
+    w[1, 5:] = torch.tensor([0.0, 0.0, 1.0])  # row 1: nearly all local
     w[2, ::37] = torch.tensor([0.0, 1.0, 0.0])  # row 2: a few linear
     w[2, w[2, :, LINEAR] == 0] = torch.tensor([0.0, 0.0, 1.0])
     y_ref, _ = routed_attention(q, k, v, w, window=16, n_sink=4, backend="reference")
@@ -119,8 +121,9 @@ def test_decode_steps_with_linear_state_equal_prefill(backend, mix):
     y0, state = routed_attention(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], w[:, :t0], **kw)
     ys = [y0]
     for i in range(t0, t):
-        yi, state = routed_attention(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], w[:, i:i + 1],
-                                     linear_state=state, **kw)
+        yi, state = routed_attention(
+            q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], w[:, i : i + 1], linear_state=state, **kw
+        )
         ys.append(yi)
     assert max_err(torch.cat(ys, dim=2), y_all) <= 1e-5
     assert max_err(state[0], state_all[0]) <= 1e-4 and max_err(state[1], state_all[1]) <= 1e-4
@@ -183,6 +186,7 @@ def test_auto_backend_is_cpu_for_cpu_tensors():
 
 # -- argument checks -------------------------------------------------------------------------
 
+
 def _bad_calls():
     q, k, v = make_qkv(tq=17)
     w = make_weights("random", 2, 17)
@@ -239,6 +243,7 @@ def test_routes_to_weights_rejects_unknown_expert_ids():
 
 # -- FLOPs -----------------------------------------------------------------------------------
 
+
 def test_attention_flops_counts_visible_keys():
     pos = torch.tensor([0, 5, 100])
     w = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
@@ -249,6 +254,7 @@ def test_attention_flops_counts_visible_keys():
 
 
 # -- the attention benchmark (smoke: tiny sizes, the row contract) ---------------------------
+
 
 def test_bench_attention_rows_follow_the_contract(capsys):
     import json

@@ -41,8 +41,9 @@ def weights(kind, b, t, seed=0, p=(1 / 3, 1 / 3, 1 / 3)):
 
 
 def check(q, k, v, w, window, n_sink, tol=TOL, **kw):
-    y_ref, (s_ref, z_ref) = routed_attention(q, k, v, w, window=window, n_sink=n_sink,
-                                             backend="reference", **kw)
+    y_ref, (s_ref, z_ref) = routed_attention(
+        q, k, v, w, window=window, n_sink=n_sink, backend="reference", **kw
+    )
     y, (s, z) = routed_attention(q, k, v, w, window=window, n_sink=n_sink, backend="cpu", **kw)
     assert y.shape == q.shape and y.dtype == q.dtype
     assert (y.double() - y_ref.double()).abs().max().item() <= tol
@@ -161,8 +162,11 @@ def test_expert_ids_name_the_weight_columns(backend):
     """All the weight in column FULL / LINEAR / LOCAL (as routes_to_weights puts it) gives
     that expert's own reference output, and EXPERTS names the columns in that order."""
     q, k, v = make_qkv(b=2, tq=40, seed=14)
-    want = {FULL: ref.full_attention(q, k, v), LINEAR: ref.linear_attention(q, k, v)[0],
-            LOCAL: ref.local_attention(q, k, v, window=8, n_sink=4)}
+    want = {
+        FULL: ref.full_attention(q, k, v),
+        LINEAR: ref.linear_attention(q, k, v)[0],
+        LOCAL: ref.local_attention(q, k, v, window=8, n_sink=4),
+    }
     for expert, name in ((FULL, "full"), (LINEAR, "linear"), (LOCAL, "local")):
         assert EXPERTS[expert] == name
         w = routes_to_weights(torch.full((2, 40), expert))
@@ -179,8 +183,9 @@ def test_outputs_do_not_alias_reused_buffers(kind):
     with torch.no_grad():
         y1, (s1, z1) = routed_attention(q, k, v, w, window=16, n_sink=4, backend="cpu")
         kept = y1.clone(), s1.clone(), z1.clone()
-        routed_attention(q * 2, k.flip(2), v + 1, weights("hedged", 2, 130, seed=3), window=16, n_sink=4,
-                         backend="cpu")
+        routed_attention(
+            q * 2, k.flip(2), v + 1, weights("hedged", 2, 130, seed=3), window=16, n_sink=4, backend="cpu"
+        )
     assert torch.equal(y1, kept[0]) and torch.equal(s1, kept[1]) and torch.equal(z1, kept[2])
 
 

@@ -27,22 +27,30 @@ triton = pytest.importorskip("triton")
 from helpers import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err  # noqa: E402
 
 in_this_process = pytest.mark.skipif(
-    _LATE, reason="triton was imported before TRITON_INTERPRET could be set; "
-                  "test_triton_in_fresh_interpreter runs these tests")
+    _LATE,
+    reason="triton was imported before TRITON_INTERPRET could be set; "
+    "test_triton_in_fresh_interpreter runs these tests",
+)
 
 
 @pytest.mark.skipif(not _LATE, reason="the interpreter runs in this process")
 def test_triton_in_fresh_interpreter():
     """Fallback: run this file in a fresh process with TRITON_INTERPRET=1 from the start."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
 def run(backend, q, k, v, w, **kw):
     from metaattn_kernels.dispatch import routed_attention
+
     return routed_attention(q, k, v, w, backend=backend, **kw)
 
 
@@ -51,8 +59,11 @@ def to_dev(*xs):
 
 
 # a cover of (mix, size, window/sinks): each mix meets each size once, windows cycle
-CASES = [(mix, *size, *WINDOWS[(i + j) % len(WINDOWS)])
-         for i, mix in enumerate(MIXES) for j, size in enumerate(SIZES)]
+CASES = [
+    (mix, *size, *WINDOWS[(i + j) % len(WINDOWS)])
+    for i, mix in enumerate(MIXES)
+    for j, size in enumerate(SIZES)
+]
 
 
 @in_this_process
@@ -94,8 +105,15 @@ def test_triton_decode_steps_with_linear_state_equal_prefill():
     y0, state = run("triton", q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], w[:, :t0], **kw)
     ys = [y0]
     for i in range(t0, t):
-        yi, state = run("triton", q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], w[:, i:i + 1],
-                        linear_state=state, **kw)
+        yi, state = run(
+            "triton",
+            q[:, :, i : i + 1],
+            k[:, :, : i + 1],
+            v[:, :, : i + 1],
+            w[:, i : i + 1],
+            linear_state=state,
+            **kw,
+        )
         ys.append(yi)
     assert max_err(torch.cat(ys, dim=2), y_all) <= 1e-5
     assert max_err(state[0], state_all[0]) <= 1e-4 and max_err(state[1], state_all[1]) <= 1e-4
@@ -149,5 +167,6 @@ def test_triton_rejects_float64():
 @pytest.mark.skipif(DEV != "cuda", reason="auto picks triton only for CUDA tensors")
 def test_auto_backend_is_triton_on_cuda():
     import metaattn_kernels.dispatch as kernels
+
     q, k, v = to_dev(*make_qkv(tq=5))
     assert kernels.resolve_backend("auto", q, k, v) == "triton"

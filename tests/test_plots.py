@@ -26,13 +26,26 @@ def make_trace(L=4, T=9, seed=0, controller="bayes", budget=0.5, kl=True) -> Rou
     weights[hedged] = np.array([0.2, 0.5, 0.3], np.float32)
     cost = ((weights > 0) * np.array(COSTS, np.float32)).sum(-1).astype(np.float32)
     tokens = ["The", " cat", "\n", " sat", " ", "\u732b", "\t", " on", "!"][:T]
-    tr = RoutingTrace(model="m", controller=controller, controller_id="c", controller_trained=True,
-                      settings=RoutingSettings(budget=budget, window=3, n_sink=1), n_layers=L,
-                      head_dim=16, token_ids=list(range(T)), tokens=tokens, n_prompt_tokens=5,
-                      concentration=conc, routes=routes, hedged=hedged, weights=weights, cost=cost,
-                      lam=np.zeros((L, T), np.float32),
-                      kl_to_dense=rng.random(T).astype(np.float32) if kl else None,
-                      timings={"tokens_per_s": 12.5})
+    tr = RoutingTrace(
+        model="m",
+        controller=controller,
+        controller_id="c",
+        controller_trained=True,
+        settings=RoutingSettings(budget=budget, window=3, n_sink=1),
+        n_layers=L,
+        head_dim=16,
+        token_ids=list(range(T)),
+        tokens=tokens,
+        n_prompt_tokens=5,
+        concentration=conc,
+        routes=routes,
+        hedged=hedged,
+        weights=weights,
+        cost=cost,
+        lam=np.zeros((L, T), np.float32),
+        kl_to_dense=rng.random(T).astype(np.float32) if kl else None,
+        timings={"tokens_per_s": 12.5},
+    )
     return tr
 
 
@@ -51,8 +64,9 @@ def test_expert_map_sends_int8_routes_hover_numbers_and_hedge_marks():
     cd = np.asarray(hm.customdata)
     assert cd.shape == (tr.n_layers, tr.n_tokens, 8) and cd.dtype == np.float32
     np.testing.assert_allclose(cd[..., :3], tr.concentration, rtol=1e-6)
-    np.testing.assert_allclose(cd[..., 3:6], tr.concentration / tr.concentration.sum(-1,
-                               keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(
+        cd[..., 3:6], tr.concentration / tr.concentration.sum(-1, keepdims=True), rtol=1e-5
+    )
     np.testing.assert_allclose(cd[..., 6], tr.uncertainty("total"), rtol=1e-5)
     np.testing.assert_allclose(cd[..., 7], tr.cost)
     names = np.asarray(hm.text, dtype=object)
@@ -78,21 +92,33 @@ def test_expert_map_colours_are_told_apart_under_colour_vision_deficiency():
     expert colours stays far apart (> 25) for normal, protan, deutan and tritan vision."""
     sims = {
         "normal": np.eye(3),
-        "protan": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
-                   [-0.003882, -0.048116, 1.051998]],
-        "deutan": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
-                   [-0.011820, 0.042940, 0.968881]],
-        "tritan": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
-                   [0.004733, 0.691367, 0.303900]],
+        "protan": [
+            [0.152286, 1.052583, -0.204868],
+            [0.114503, 0.786281, 0.099216],
+            [-0.003882, -0.048116, 1.051998],
+        ],
+        "deutan": [
+            [0.367322, 0.860646, -0.227968],
+            [0.280085, 0.672501, 0.047413],
+            [-0.011820, 0.042940, 0.968881],
+        ],
+        "tritan": [
+            [1.255528, -0.076749, -0.178779],
+            [-0.078411, 0.930809, 0.147602],
+            [0.004733, 0.691367, 0.303900],
+        ],
     }
 
     def linear(hexcol):
-        c = np.array([int(hexcol[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+        c = np.array([int(hexcol[i : i + 2], 16) for i in (1, 3, 5)]) / 255
         return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
     def lab(rgb):
-        xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
-                        [0.0193, 0.1192, 0.9505]]) @ rgb / np.array([0.95047, 1.0, 1.08883])
+        xyz = (
+            np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+            @ rgb
+            / np.array([0.95047, 1.0, 1.08883])
+        )
         f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
         return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
 
@@ -100,8 +126,7 @@ def test_expert_map_colours_are_told_apart_under_colour_vision_deficiency():
     scale = [c for _, c in _heatmap(fig).colorscale]
     assert set(scale) == set(plots.EXPERT_COLOURS.values())
     for name, m in sims.items():
-        labs = [lab(np.clip(np.asarray(m) @ linear(c), 0, 1))
-                for c in plots.EXPERT_COLOURS.values()]
+        labs = [lab(np.clip(np.asarray(m) @ linear(c), 0, 1)) for c in plots.EXPERT_COLOURS.values()]
         dists = [np.linalg.norm(labs[i] - labs[j]) for i in range(3) for j in range(i + 1, 3)]
         assert min(dists) > 25, (name, dists)
 
@@ -129,10 +154,17 @@ def test_routing_maps_json_is_the_figures_json():
     for tr in (make_trace(), make_trace(controller="priorfree")):
         for measure in ("total", "vacuity"):
             assert json.loads(plots.routing_maps_json(tr, measure)) == json.loads(
-                plots.routing_maps(tr, measure).to_json())
-    empty = RoutingTrace(model="m", controller="bayes", controller_id="c",
-                         controller_trained=False, settings=RoutingSettings(), n_layers=2,
-                         head_dim=8)
+                plots.routing_maps(tr, measure).to_json()
+            )
+    empty = RoutingTrace(
+        model="m",
+        controller="bayes",
+        controller_id="c",
+        controller_trained=False,
+        settings=RoutingSettings(),
+        n_layers=2,
+        head_dim=8,
+    )
     assert "Generate" in plots.routing_maps_json(empty)
     maps, strip, meters = plots.live_views(make_trace(), "epistemic")
     assert json.loads(maps) == json.loads(plots.routing_maps(make_trace(), "epistemic").to_json())
@@ -144,25 +176,45 @@ def test_routing_maps_refuse_unknown_measures_and_explain_point_estimates():
         with pytest.raises(ValueError, match="uncertainty measure must be one of"):
             fn(make_trace(), "surprise")
     with pytest.raises(ValueError, match="uncertainty measure must be one of"):
-        plots.routing_maps(RoutingTrace(model="m", controller="bayes", controller_id="c",
-                                        controller_trained=False, settings=RoutingSettings(),
-                                        n_layers=2, head_dim=8), "surprise")
+        plots.routing_maps(
+            RoutingTrace(
+                model="m",
+                controller="bayes",
+                controller_id="c",
+                controller_trained=False,
+                settings=RoutingSettings(),
+                n_layers=2,
+                head_dim=8,
+            ),
+            "surprise",
+        )
     fig = plots.routing_maps(make_trace(controller="priorfree"), "epistemic")
     assert "point estimate" in fig.layout.annotations[-1].text
 
 
 def test_empty_trace_gives_placeholders_not_errors():
-    tr = RoutingTrace(model="m", controller="bayes", controller_id="c", controller_trained=False,
-                      settings=RoutingSettings(), n_layers=3, head_dim=8)
-    placeholders = {"Nothing routed yet": plots.expert_map(tr), plots.MAPS_EMPTY:
-                    plots.routing_maps(tr), "Sweep budgets": plots.pareto([])}
+    tr = RoutingTrace(
+        model="m",
+        controller="bayes",
+        controller_id="c",
+        controller_trained=False,
+        settings=RoutingSettings(),
+        n_layers=3,
+        head_dim=8,
+    )
+    placeholders = {
+        "Nothing routed yet": plots.expert_map(tr),
+        plots.MAPS_EMPTY: plots.routing_maps(tr),
+        "Sweep budgets": plots.pareto([]),
+    }
     for message, fig in placeholders.items():
         d = json.loads(fig.to_json())
         assert d["data"] == []  # no trace drawn from no tokens
         assert [message in a["text"] for a in d["layout"]["annotations"]] == [True]
     assert plots.empty_trace().n_tokens == 0
     assert json.loads(plots.routing_maps_json(plots.empty_trace())) == json.loads(
-        plots.routing_maps(tr).to_json())
+        plots.routing_maps(tr).to_json()
+    )
     assert "\u2014" in plots.meters(tr)
     assert plots.token_strip(tr) == []
     assert plots.meter_values(tr)["realized_cost"] is None
@@ -243,19 +295,32 @@ def test_pareto_front_matches_brute_force():
     rng = np.random.default_rng(3)
     pts = [(float(c), float(k)) for c, k in rng.random((40, 2))]
     front = plots.pareto_front(pts)
-    dominated = {p for p in pts for q in pts
-                 if q != p and q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1])}
+    dominated = {
+        p
+        for p in pts
+        for q in pts
+        if q != p and q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1])
+    }
     assert set(front) == set(pts) - dominated
     assert [p[0] for p in front] == sorted(p[0] for p in front)
 
 
 def test_pareto_plot_has_a_series_per_policy():
-    rows = [{"policy": p, "budget": b, "realized_cost": b, "kl_to_dense": 1 - b, "label": None}
-            for p in ("bayes", "priorfree", "random", "salience") for b in (0.2, 0.5)]
-    rows += [{"policy": "static", "budget": None, "realized_cost": 0.15, "kl_to_dense": 2.0,
-              "label": "all-linear"},
-             {"policy": "dense", "budget": 1.0, "realized_cost": 1.0, "kl_to_dense": 0.0,
-              "label": "dense"}]
+    rows = [
+        {"policy": p, "budget": b, "realized_cost": b, "kl_to_dense": 1 - b, "label": None}
+        for p in ("bayes", "priorfree", "random", "salience")
+        for b in (0.2, 0.5)
+    ]
+    rows += [
+        {
+            "policy": "static",
+            "budget": None,
+            "realized_cost": 0.15,
+            "kl_to_dense": 2.0,
+            "label": "all-linear",
+        },
+        {"policy": "dense", "budget": 1.0, "realized_cost": 1.0, "kl_to_dense": 0.0, "label": "dense"},
+    ]
     fig = plots.pareto(rows)
     names = [t.name for t in fig.data]
     for policy in ("bayes", "priorfree", "random", "salience", "static", "dense"):
@@ -277,15 +342,15 @@ def test_mixed_pattern_times_values_is_the_routed_output():
     w = torch.rand(1, T, 3, generator=g, dtype=torch.float64)
     w[0, ::3] = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)  # some pure linear rows
     w = w / w.sum(-1, keepdim=True)
-    scale = D ** -0.5
+    scale = D**-0.5
     y, _ = routed_attention_reference(q, k, v, w, window=window, n_sink=n_sink, scale=scale)
-    pat = attention_maps.mixed_pattern(q[0], k[0], scale, torch.arange(T), w[0].numpy(),
-                                       window, n_sink)  # [Hq, T, T]
+    pat = attention_maps.mixed_pattern(
+        q[0], k[0], scale, torch.arange(T), w[0].numpy(), window, n_sink
+    )  # [Hq, T, T]
     out = pat @ v[0].repeat_interleave(Hq // Hkv, 0)
     torch.testing.assert_close(out, y[0], rtol=1e-5, atol=1e-6)
     assert torch.all(pat.triu(1) == 0)  # causal
-    torch.testing.assert_close(pat.sum(-1), torch.ones(Hq, T, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pat.sum(-1), torch.ones(Hq, T, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
 def test_local_expert_pattern_sees_only_window_and_sinks():
@@ -297,21 +362,23 @@ def test_local_expert_pattern_sees_only_window_and_sinks():
     assert (row[[0, 7, 8, 9]] > 0).all() and (row[1:7] == 0).all()
 
 
-@pytest.mark.parametrize("pos,n_sink,cap,expected", [
-    (3, 4, 24, [0, 1, 2, 3]),
-    (30, 4, 8, [0, 1, 2, 3, 27, 28, 29, 30]),
-    (30, 0, 4, [27, 28, 29, 30]),
-    (5, 4, 6, [0, 1, 2, 3, 4, 5]),
-    (9, 10, 5, [0, 1, 2, 3, 9]),
-])
+@pytest.mark.parametrize(
+    "pos,n_sink,cap,expected",
+    [
+        (3, 4, 24, [0, 1, 2, 3]),
+        (30, 4, 8, [0, 1, 2, 3, 27, 28, 29, 30]),
+        (30, 0, 4, [27, 28, 29, 30]),
+        (5, 4, 6, [0, 1, 2, 3, 4, 5]),
+        (9, 10, 5, [0, 1, 2, 3, 9]),
+    ],
+)
 def test_view_positions_keep_sinks_and_the_tail(pos, n_sink, cap, expected):
     assert attention_maps.view_positions(pos, n_sink, cap) == expected
 
 
 def _view(T=6, L=2, Hq=3):
     att = np.random.default_rng(0).random((L, Hq, T, T))
-    return attention_maps.AttentionView(att, [f"t{i}" for i in range(T)], list(range(T)),
-                                        T - 1, 1.0)
+    return attention_maps.AttentionView(att, [f"t{i}" for i in range(T)], list(range(T)), T - 1, 1.0)
 
 
 def test_bertviz_pages_use_the_vendored_scripts_and_no_cdn():
@@ -328,7 +395,7 @@ def test_bertviz_pages_use_the_vendored_scripts_and_no_cdn():
 
 
 def test_iframe_embeds_the_page_escaped_and_sandboxed():
-    page = "<html><body><script>var s = \"it's & <b>\";</script></body></html>"
+    page = '<html><body><script>var s = "it\'s & <b>";</script></body></html>'
     frame = attention_maps.iframe(page, 300)
     assert "sandbox='allow-scripts'" in frame and "allow-same-origin" not in frame
     srcdoc = re.search(r'srcdoc="([^"]*)"', frame).group(1)
@@ -342,10 +409,15 @@ def test_every_figure_is_valid_plotly():
     import plotly.graph_objects as go
 
     tr = make_trace()
-    figs = [plots.expert_map(tr), plots.expert_map(tr, 300, "A"), plots.ternary(tr, 2),
-            plots.ternary_placeholder(), plots.pareto([]),
-            plots.routing_maps(make_trace(controller="priorfree"), "vacuity"),
-            *(plots.routing_maps(tr, m) for m in UNCERTAINTY_MEASURES)]
+    figs = [
+        plots.expert_map(tr),
+        plots.expert_map(tr, 300, "A"),
+        plots.ternary(tr, 2),
+        plots.ternary_placeholder(),
+        plots.pareto([]),
+        plots.routing_maps(make_trace(controller="priorfree"), "vacuity"),
+        *(plots.routing_maps(tr, m) for m in UNCERTAINTY_MEASURES),
+    ]
     for fig in figs:
         go.Figure(json.loads(fig.to_json()))  # validates
         assert json.loads(fig.to_json())["layout"]["uirevision"] == plots.UIREVISION

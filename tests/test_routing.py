@@ -24,20 +24,23 @@ def random_ids(n, seed=0, vocab=250):
 
 
 # -- settings --------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(budget=0.1), r"budget must be a finite number in \[0.15, 1\]"),
-    (dict(budget=1.5), r"budget .*\[0.15, 1\]"),
-    (dict(budget=float("nan")), "budget"),
-    (dict(budget=float("inf")), "budget"),
-    (dict(budget="lots"), "budget must be a number"),
-    (dict(window=0), r"window must be a whole number in \[1,"),
-    (dict(window=2.5), "window"),
-    (dict(n_sink=-1), "n_sink"),
-    (dict(hedge_threshold=float("nan")), "hedge_threshold"),
-    (dict(hedge_policy="maybe"), "hedge_policy"),
-    (dict(scope="galaxy"), "scope"),
-    (dict(lam=float("inf")), "lam"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(budget=0.1), r"budget must be a finite number in \[0.15, 1\]"),
+        (dict(budget=1.5), r"budget .*\[0.15, 1\]"),
+        (dict(budget=float("nan")), "budget"),
+        (dict(budget=float("inf")), "budget"),
+        (dict(budget="lots"), "budget must be a number"),
+        (dict(window=0), r"window must be a whole number in \[1,"),
+        (dict(window=2.5), "window"),
+        (dict(n_sink=-1), "n_sink"),
+        (dict(hedge_threshold=float("nan")), "hedge_threshold"),
+        (dict(hedge_policy="maybe"), "hedge_policy"),
+        (dict(scope="galaxy"), "scope"),
+        (dict(lam=float("inf")), "lam"),
+    ],
+)
 def test_bad_settings_name_the_setting_and_range(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RoutingSettings(**kwargs)
@@ -146,7 +149,7 @@ def test_prefill_and_token_by_token_decoding_route_identically(scope):
     logits = []
     with torch.no_grad(), r.session(s) as sess:
         for t in range(ids.shape[1]):
-            out = r.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = r.model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             logits.append(out.logits)
         rec = sess.pop_records()
     assert np.array_equal(rec["routes"], pre.records["routes"])
@@ -167,8 +170,7 @@ def test_realised_cost_meets_budget_in_the_model(scope, target):
 
 def test_minimum_budget_routes_everything_linear():
     r = routed_tiny()
-    res = r.prefill(random_ids(64), RoutingSettings(budget=0.15, hedge_policy="soft",
-                                                    hedge_threshold=0.0))
+    res = r.prefill(random_ids(64), RoutingSettings(budget=0.15, hedge_policy="soft", hedge_threshold=0.0))
     assert (res.records["routes"] == LINEAR).all()
     assert float(res.records["cost"].mean()) == pytest.approx(0.15)
 
@@ -176,14 +178,15 @@ def test_minimum_budget_routes_everything_linear():
 def test_stream_decoding_tracks_budget_and_extends_trace():
     r = routed_tiny(seed=5)
     seen = []
-    for trace in r.stream("The quick brown fox jumps over the lazy dog. " * 2,
-                          RoutingSettings(budget=0.4), max_new_tokens=40):
+    for trace in r.stream(
+        "The quick brown fox jumps over the lazy dog. " * 2, RoutingSettings(budget=0.4), max_new_tokens=40
+    ):
         seen.append(trace.n_tokens)
     assert seen[0] == trace.n_prompt_tokens and seen[-1] == trace.n_prompt_tokens + 40
     assert seen == sorted(seen)
     assert trace.routes.shape == (r.n_layers, trace.n_tokens)
     assert trace.realized_cost == pytest.approx(0.4, abs=0.05)
-    decode_cost = trace.cost[:, trace.n_prompt_tokens:].mean()
+    decode_cost = trace.cost[:, trace.n_prompt_tokens :].mean()
     assert decode_cost == pytest.approx(0.4, abs=0.1)
 
 
@@ -251,14 +254,41 @@ def test_real_model_budget_one_equals_dense_and_greedy_is_identical(routed_real)
 
 @pytest.mark.slow
 def test_route_cli_json_contract():
-    out = subprocess.run([sys.executable, "-m", "metaattn_viz", "route", "--prompt",
-                          "The capital of France is", "--budget", "0.3", "--json", "--no-log"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metaattn_viz",
+            "route",
+            "--prompt",
+            "The capital of France is",
+            "--budget",
+            "0.3",
+            "--json",
+            "--no-log",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout)
-    for key in ["model", "controller", "budget", "experts", "costs", "tokens", "n_prompt_tokens",
-                "routes", "uncertainty", "concentration", "realized_cost",
-                "attention_flops_ratio", "run_id"]:
+    for key in [
+        "model",
+        "controller",
+        "budget",
+        "experts",
+        "costs",
+        "tokens",
+        "n_prompt_tokens",
+        "routes",
+        "uncertainty",
+        "concentration",
+        "realized_cost",
+        "attention_flops_ratio",
+        "run_id",
+    ]:
         assert key in data, key
     assert data["experts"] == ["full", "linear", "local"]
     assert len(data["routes"]) == 30 and len(data["uncertainty"]) == 30
@@ -270,9 +300,13 @@ def test_route_cli_json_contract():
 
 
 def test_route_cli_refuses_bad_budget_plainly():
-    out = subprocess.run([sys.executable, "-m", "metaattn_viz", "route", "--prompt", "x",
-                          "--budget", "7", "--no-log"], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "metaattn_viz", "route", "--prompt", "x", "--budget", "7", "--no-log"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 2
     assert "budget" in out.stderr and "[0.15, 1]" in out.stderr
     assert "Traceback" not in out.stderr
@@ -315,8 +349,14 @@ def test_reroute_of_a_bare_text_without_posteriors_solves_cold():
 
     r = routed_tiny(seed=6, spread=10.0)
     first = r.route("a bare text from the API " * 3, RoutingSettings(budget=0.5))
-    bare = SimpleNamespace(token_ids=first.token_ids, prompt=first.prompt, controller="bayes",
-                           n_prompt_tokens=first.n_prompt_tokens, truncated=0, output_text="")
+    bare = SimpleNamespace(
+        token_ids=first.token_ids,
+        prompt=first.prompt,
+        controller="bayes",
+        n_prompt_tokens=first.n_prompt_tokens,
+        truncated=0,
+        output_text="",
+    )
     again = r.reroute(bare, RoutingSettings(budget=0.5), quality=False)
     assert np.array_equal(again.routes, first.routes)  # the same cold solve as the prefill
 
@@ -362,8 +402,7 @@ def _spy_fast_path(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("budget, hedge", [(None, "off"), (None, "soft"), (1.0, "off"),
-                                           (0.15, "soft")])
+@pytest.mark.parametrize("budget, hedge", [(None, "off"), (None, "soft"), (1.0, "off"), (0.15, "soft")])
 def test_prefill_and_the_decode_fast_path_decide_alike(budget, hedge, monkeypatch):
     """Where lambda does not move while decoding (no budget: 0; budget 1 or the minimum: its
     extreme), feeding the tokens one at a time takes the decode fast path and must record
@@ -372,14 +411,15 @@ def test_prefill_and_the_decode_fast_path_decide_alike(budget, hedge, monkeypatc
 
     r = routed_tiny(seed=1, spread=30.0)
     ids = random_ids(40, seed=5)
-    s = RoutingSettings(budget=budget, scope="layer", hedge_policy=hedge, hedge_threshold=0.5,
-                        window=8, n_sink=2)
+    s = RoutingSettings(
+        budget=budget, scope="layer", hedge_policy=hedge, hedge_threshold=0.5, window=8, n_sink=2
+    )
     pre = r.prefill(ids, s)
     calls = _spy_fast_path(monkeypatch)
     cache, logits = DynamicCache(), []
     with torch.no_grad(), r.session(s) as sess:
         for t in range(ids.shape[1]):
-            out = r.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = r.model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             logits.append(out.logits)
         rec = sess.pop_records()
     assert len(calls) == r.n_layers * (ids.shape[1] - 1)  # every step after the first
@@ -443,4 +483,4 @@ def test_stream_decodes_alike_without_the_fast_path(scope, target, monkeypatch):
     assert slow.token_ids == fast.token_ids
     assert np.array_equal(slow.routes, fast.routes)
     assert np.allclose(slow.lam, fast.lam, atol=1e-3)
-    assert len(set(fast.routes[:, fast.n_prompt_tokens:].ravel().tolist())) >= 2
+    assert len(set(fast.routes[:, fast.n_prompt_tokens :].ravel().tolist())) >= 2

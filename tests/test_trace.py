@@ -26,8 +26,13 @@ def test_grown_trace_equals_the_whole_and_old_views_stay_put():
 def test_extend_after_fields_were_replaced():
     full = synthetic_trace(n_layers=2, n_tokens=10, seed=1)
     trace = empty_like(full)
-    args = lambda a, b: (full.token_ids[a:b], full.tokens[a:b],  # noqa: E731
-                         *(x[:, a:b] for x in _fields(full)))
+    args = (
+        lambda a, b: (
+            full.token_ids[a:b],
+            full.tokens[a:b],  # noqa: E731
+            *(x[:, a:b] for x in _fields(full)),
+        )
+    )
     trace.extend(*args(0, 4))
     trace.routes = trace.routes.copy()  # e.g. edited in place by a caller: no longer our buffer
     trace.extend(*args(4, 10))

@@ -56,8 +56,7 @@ def slowed(routed, delay: float, on_token=None):
 
 
 def _request(prompt=PROMPT, budget=0.5, max_new=12, quality=True, **kw):
-    return parse_request(prompt, parse_settings(budget), max_new_tokens=max_new, quality=quality,
-                         **kw)
+    return parse_request(prompt, parse_settings(budget), max_new_tokens=max_new, quality=quality, **kw)
 
 
 def _consistent(tr):
@@ -71,36 +70,46 @@ def _consistent(tr):
 
 # -- parsing ------------------------------------------------------------------------------
 def test_clean_prompt_removes_control_characters_and_keeps_every_script():
-    mixed = "Grüße\x00 мир\x07 世界 \U0001F408 مرحبا\r\nline\ttab"
+    mixed = "Grüße\x00 мир\x07 世界 \U0001f408 مرحبا\r\nline\ttab"
     text, notes = app_requests.clean_prompt(mixed)
-    assert text == "Grüße мир 世界 \U0001F408 مرحبا\nline\ttab"
+    assert text == "Grüße мир 世界 \U0001f408 مرحبا\nline\ttab"
     assert notes == ["Removed 2 control characters from the prompt."]
     text, notes = app_requests.clean_prompt("half a pair \ud800 here")
     assert "\ud800" not in text and notes
     assert app_requests.clean_prompt("plain")[1] == []
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("", "prompt is empty"), ("  \n\t", "prompt is empty"), (None, "prompt is empty"),
-    ("\x00\x01", "prompt is empty"), ("a" * 100_000, "at most 16,000"), (42, "must be text"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("", "prompt is empty"),
+        ("  \n\t", "prompt is empty"),
+        (None, "prompt is empty"),
+        ("\x00\x01", "prompt is empty"),
+        ("a" * 100_000, "at most 16,000"),
+        (42, "must be text"),
+    ],
+)
 def test_clean_prompt_refuses_in_plain_words(bad, message):
     with pytest.raises(AppError, match=message):
         app_requests.clean_prompt(bad)
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(budget=5), "Budget must be between 0.15 and 1, got 5"),
-    (dict(budget=0.1), "Budget must be between 0.15 and 1"),
-    (dict(budget=float("nan")), "Budget must be between"),
-    (dict(budget="lots"), "Budget must be a number"),
-    (dict(scope="galaxy"), "Budget scope must be one of (global, layer|layer, global)"),
-    (dict(hedge_policy="maybe"), "Hedge policy must be one of off, soft, full"),
-    (dict(hedge_threshold=1.5), "Hedge threshold must be between 0 and 1"),
-    (dict(window=0), "Local window must be between 1 and 4096"),
-    (dict(window=2.5), "Local window must be a whole number"),
-    (dict(n_sink=True), "Attention sinks must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(budget=5), "Budget must be between 0.15 and 1, got 5"),
+        (dict(budget=0.1), "Budget must be between 0.15 and 1"),
+        (dict(budget=float("nan")), "Budget must be between"),
+        (dict(budget="lots"), "Budget must be a number"),
+        (dict(scope="galaxy"), "Budget scope must be one of (global, layer|layer, global)"),
+        (dict(hedge_policy="maybe"), "Hedge policy must be one of off, soft, full"),
+        (dict(hedge_threshold=1.5), "Hedge threshold must be between 0 and 1"),
+        (dict(window=0), "Local window must be between 1 and 4096"),
+        (dict(window=2.5), "Local window must be a whole number"),
+        (dict(n_sink=True), "Attention sinks must be a whole number"),
+    ],
+)
 def test_parse_settings_names_the_setting_and_its_range(kw, message):
     with pytest.raises(AppError, match=message):
         parse_settings(**kw)
@@ -112,30 +121,44 @@ def test_the_page_starts_from_the_projects_default_settings():
 
 def test_parse_settings_and_request_accept_good_values():
     s = parse_settings(0.3, "global", "soft", 0.7, 32, 2)
-    assert s == RoutingSettings(budget=0.3, scope="global", hedge_policy="soft",
-                                hedge_threshold=0.7, window=32, n_sink=2)
+    assert s == RoutingSettings(
+        budget=0.3, scope="global", hedge_policy="soft", hedge_threshold=0.7, window=32, n_sink=2
+    )
     assert parse_settings(None).budget is None
     r = parse_request("hi\x07", s, "priorfree", 3.0, 0.7, 0.9, 5, True, False)
     assert (r.prompt, r.controller, r.max_new_tokens, r.chat, r.quality) == (
-        "hi", "priorfree", 3, True, False)
+        "hi",
+        "priorfree",
+        3,
+        True,
+        False,
+    )
     assert r.notes
-    for kw, msg in [(dict(controller="oracle"), "Controller must be one of bayes, priorfree"),
-                    (dict(max_new_tokens=10**6), "Max new tokens must be between 0 and 256"),
-                    (dict(temperature=9), "Temperature must be between 0 and 2"),
-                    (dict(top_p=0), "Top-p must be between"), (dict(seed=-1), "Seed must be")]:
+    for kw, msg in [
+        (dict(controller="oracle"), "Controller must be one of bayes, priorfree"),
+        (dict(max_new_tokens=10**6), "Max new tokens must be between 0 and 256"),
+        (dict(temperature=9), "Temperature must be between 0 and 2"),
+        (dict(top_p=0), "Top-p must be between"),
+        (dict(seed=-1), "Seed must be"),
+    ]:
         with pytest.raises(AppError, match=msg):
             parse_request("hi", s, **kw)
 
 
 def test_text_from_json_checks_what_it_is_given():
-    ok = app_requests.text_from_json({"token_ids": [1, 2, 3], "tokens": ["a", "b", "c"],
-                             "controller": "priorfree", "n_prompt_tokens": 2}, 256)
+    ok = app_requests.text_from_json(
+        {"token_ids": [1, 2, 3], "tokens": ["a", "b", "c"], "controller": "priorfree", "n_prompt_tokens": 2},
+        256,
+    )
     assert ok.token_ids == [1, 2, 3] and ok.controller == "priorfree" and ok.n_prompt_tokens == 2
-    for bad, msg in [([], "Expected a trace"), ({"routes": []}, "Expected a trace"),
-                     ({"token_ids": []}, "token_ids must be"),
-                     ({"token_ids": [1, 999]}, "token_ids must be"),
-                     ({"token_ids": [1, True]}, "token_ids must be"),
-                     ({"token_ids": [1] * (app_requests.APP_MAX_CONTEXT + 1)}, "re-routes at most")]:
+    for bad, msg in [
+        ([], "Expected a trace"),
+        ({"routes": []}, "Expected a trace"),
+        ({"token_ids": []}, "token_ids must be"),
+        ({"token_ids": [1, 999]}, "token_ids must be"),
+        ({"token_ids": [1, True]}, "token_ids must be"),
+        ({"token_ids": [1] * (app_requests.APP_MAX_CONTEXT + 1)}, "re-routes at most"),
+    ]:
         with pytest.raises(AppError, match=msg):
             app_requests.text_from_json(bad, 256)
 
@@ -170,8 +193,7 @@ def test_generation_streams_throttled_consistent_snapshots_and_logs_the_run(engi
     np.testing.assert_allclose(again.kl_to_dense, final.kl_to_dense, rtol=1e-5, atol=1e-7)
 
 
-def test_updates_hand_over_every_token_when_generation_is_slower_than_the_interval(
-        routed, engine):
+def test_updates_hand_over_every_token_when_generation_is_slower_than_the_interval(routed, engine):
     slowed(routed, 0.03)
     job = engine.generations.start(_request(max_new=6, quality=False))
     sizes = [s.n_tokens for s in job.updates(interval=0.001)]
@@ -273,8 +295,9 @@ def test_reroute_meets_the_new_budget_and_is_logged(engine):
 def test_sweep_routes_every_policy_at_every_budget(engine):
     tr = engine.generations.generate(_request(max_new=4, quality=False))
     seen = []
-    rows = engine.analysis.sweep(tr, parse_settings(0.5), budgets=(0.3, 0.6),
-                        progress=lambda f, d: seen.append(f))
+    rows = engine.analysis.sweep(
+        tr, parse_settings(0.5), budgets=(0.3, 0.6), progress=lambda f, d: seen.append(f)
+    )
     by = {(r["policy"], r["budget"]) for r in rows}
     for policy in ("bayes", "priorfree", "random", "salience"):
         assert {(policy, 0.3), (policy, 0.6)} <= by
@@ -296,16 +319,16 @@ def test_inspect_at_budget_one_is_the_models_own_softmax_attention(tmp_path):
     routed = routed_tiny()
     e = Engine(routed=routed, log_runs=False)
     try:
-        tr = e.generations.generate(parse_request(PROMPT, parse_settings(1.0),
-                                                  max_new_tokens=0, quality=False))
+        tr = e.generations.generate(
+            parse_request(PROMPT, parse_settings(1.0), max_new_tokens=0, quality=False)
+        )
         pos = 30
         view = e.analysis.inspect(tr, pos, max_tokens=8)
         assert view.positions == [0, 1, 2, 3, 27, 28, 29, 30]
         routed.model.set_attn_implementation("eager")
         try:
             with torch.no_grad():
-                out = routed.model(torch.tensor([tr.token_ids[:pos + 1]]),
-                                   output_attentions=True)
+                out = routed.model(torch.tensor([tr.token_ids[: pos + 1]]), output_attentions=True)
         finally:
             routed.model.set_attn_implementation("metaattn")
         idx = view.positions
@@ -314,8 +337,7 @@ def test_inspect_at_budget_one_is_the_models_own_softmax_attention(tmp_path):
             np.testing.assert_allclose(view.attention[layer], ref, rtol=1e-4, atol=1e-6)
         # the share of token pos's attention on the shown positions, mean over layers and
         # heads, from the eager probabilities (not all of it: 23 positions are hidden)
-        eager_mass = np.mean([float(att[0][:, pos, idx].sum(-1).mean())
-                              for att in out.attentions])
+        eager_mass = np.mean([float(att[0][:, pos, idx].sum(-1).mean()) for att in out.attentions])
         assert view.shown_mass == pytest.approx(eager_mass, rel=1e-4)
         assert 0 < view.shown_mass < 0.9
     finally:
@@ -374,12 +396,26 @@ def test_history_lists_filters_compares_queries_and_exports(engine, tmp_path):
 def test_the_runs_table_shows_the_useful_columns_cut_and_rounded():
     import pandas as pd
 
-    logged = pd.DataFrame({"n_layers": [30], "output_text": [None], "prompt": ["p" * 100],
-                           "realized_cost": [0.123456], "wall_ms": [12.6], "run_id": ["r1"],
-                           "created_at": [pd.Timestamp("2024-05-06 07:08:09.123")]})
+    logged = pd.DataFrame(
+        {
+            "n_layers": [30],
+            "output_text": [None],
+            "prompt": ["p" * 100],
+            "realized_cost": [0.123456],
+            "wall_ms": [12.6],
+            "run_id": ["r1"],
+            "created_at": [pd.Timestamp("2024-05-06 07:08:09.123")],
+        }
+    )
     shown = display.runs_table(logged)
-    assert list(shown.columns) == ["run_id", "created_at", "realized_cost", "wall_ms", "prompt",
-                                   "output_text"]
+    assert list(shown.columns) == [
+        "run_id",
+        "created_at",
+        "realized_cost",
+        "wall_ms",
+        "prompt",
+        "output_text",
+    ]
     row = shown.iloc[0]
     assert row["prompt"] == "p" * 79 + "\u2026" and row["output_text"] == ""
     assert (row["realized_cost"], row["wall_ms"]) == (0.123, 13.0)
@@ -426,5 +462,4 @@ def test_the_page_builds_with_named_api_endpoints(engine):
     assert "ready" in header and f"At most {app_requests.APP_MAX_CONTEXT} tokens" in header
     examples = load_examples()
     assert len(examples) >= 4 and all(e["prompt"].strip() for e in examples)
-    assert json.loads((Path(__file__).parent.parent / "assets" / "examples.json")
-                      .read_text(encoding="utf-8"))
+    assert json.loads((Path(__file__).parent.parent / "assets" / "examples.json").read_text(encoding="utf-8"))

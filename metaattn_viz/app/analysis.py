@@ -20,7 +20,7 @@ from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.history import RunHistory
 from metaattn_viz.app.host import ModelHost
 from metaattn_viz.app.requests import APP_MAX_CONTEXT, choice, number, whole
-from metaattn_viz.core.settings import COSTS, LINEAR, LOCAL, MIN_COST, RoutingSettings
+from metaattn_viz.core.settings import COSTS, DEFAULT_CONTROLLER, LINEAR, LOCAL, MIN_COST, RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing.controller import KINDS
 
@@ -66,14 +66,18 @@ class Analysis:
         if not ids:
             raise AppError("Nothing to measure: the trace has no tokens.")
         dense = self._dense_logits(ids)
-        forced = [torch.from_numpy(np.ascontiguousarray(trace.weights[layer]))[None]
-                  for layer in range(trace.n_layers)]  # [1, T, 3] per layer
-        res = routed.prefill(torch.tensor([ids]), trace.settings, trace.controller,
-                             forced_weights=forced, use_cache=False)
+        forced = [
+            torch.from_numpy(np.ascontiguousarray(trace.weights[layer]))[None]
+            for layer in range(trace.n_layers)
+        ]  # [1, T, 3] per layer
+        res = routed.prefill(
+            torch.tensor([ids]), trace.settings, trace.controller, forced_weights=forced, use_cache=False
+        )
         return kl_per_token(dense, res.logits[0]).numpy()
 
-    def reroute(self, text, settings: RoutingSettings, controller: str | None = None,
-                log_run: bool = True) -> RoutingTrace:
+    def reroute(
+        self, text, settings: RoutingSettings, controller: str | None = None, log_run: bool = True
+    ) -> RoutingTrace:
         """The same text (a trace, or a requests.Text) routed again under `settings` (one
         prefill); logged as a `reroute` run in the background."""
         routed = self.host.routed_model()
@@ -82,8 +86,9 @@ class Analysis:
         if not getattr(text, "token_ids", None):
             raise AppError("Nothing to re-route yet: generate (or replay) a text first.")
         if len(text.token_ids) > APP_MAX_CONTEXT:
-            raise AppError(f"The text has {len(text.token_ids)} tokens; the app re-routes at "
-                           f"most {APP_MAX_CONTEXT}.")
+            raise AppError(
+                f"The text has {len(text.token_ids)} tokens; the app re-routes at most {APP_MAX_CONTEXT}."
+            )
         t0 = time.perf_counter()
         new = routed.reroute(text, settings, controller, quality=False)
         dt = time.perf_counter() - t0
@@ -93,8 +98,7 @@ class Analysis:
             self.history.log_finished(new, "reroute")
         return new
 
-    def sweep(self, text, base: RoutingSettings, budgets=SWEEP_BUDGETS,
-              progress=None) -> list[dict]:
+    def sweep(self, text, base: RoutingSettings, budgets=SWEEP_BUDGETS, progress=None) -> list[dict]:
         """KL to dense and realised cost of the text routed at each budget by both
         controllers and the baselines (random, salience top-k at the same budgets;
         all-linear and all-local), plus the dense point (docs/method.md, "Budget"). Rows
@@ -115,33 +119,50 @@ class Analysis:
         jobs = []
         for controller in KINDS:
             for b in budgets:
-                jobs.append((controller, b, dict(settings=base.with_(budget=b),
-                                                 controller=controller)))
+                jobs.append((controller, b, dict(settings=base.with_(budget=b), controller=controller)))
         for b in budgets:
-            jobs.append(("random", b, dict(settings=base.with_(budget=b),
-                                           policy=random_policy(b, seed=0))))
-            jobs.append(("salience", b, dict(settings=base.with_(budget=b),
-                                             policy=salience_policy(b))))
+            jobs.append(("random", b, dict(settings=base.with_(budget=b), policy=random_policy(b, seed=0))))
+            jobs.append(("salience", b, dict(settings=base.with_(budget=b), policy=salience_policy(b))))
         for expert, name in ((LINEAR, "all-linear"), (LOCAL, "all-local")):
-            jobs.append(("static", None, dict(settings=base.with_(budget=COSTS[expert]),
-                                              policy=static_policy(expert), label=name)))
+            jobs.append(
+                (
+                    "static",
+                    None,
+                    dict(settings=base.with_(budget=COSTS[expert]), policy=static_policy(expert), label=name),
+                )
+            )
         rows = []
         for i, (policy, budget, kw) in enumerate(jobs):
             if progress is not None:
                 progress(i / len(jobs), f"{policy} {'' if budget is None else budget}")
             label = kw.pop("label", None)
-            res = routed.prefill(x, kw.pop("settings"), kw.pop("controller", "bayes"),
-                                 use_cache=False, **kw)
+            res = routed.prefill(
+                x, kw.pop("settings"), kw.pop("controller", DEFAULT_CONTROLLER), use_cache=False, **kw
+            )
             rec = res.records
             kl = kl_per_token(dense[:-1], res.logits[0, :-1])
-            rows.append({"policy": policy, "budget": budget, "label": label,
-                         "realized_cost": float(rec["cost"].mean()),
-                         "kl_to_dense": float(kl.mean()),
-                         "flops_ratio": flops_ratio(rec["weights"], T, routed.head_dim,
-                                                    base.window, base.n_sink),
-                         "tokens": T})
-        rows.append({"policy": "dense", "budget": 1.0, "label": "dense (every decision full)",
-                     "realized_cost": 1.0, "kl_to_dense": 0.0, "flops_ratio": 1.0, "tokens": T})
+            rows.append(
+                {
+                    "policy": policy,
+                    "budget": budget,
+                    "label": label,
+                    "realized_cost": float(rec["cost"].mean()),
+                    "kl_to_dense": float(kl.mean()),
+                    "flops_ratio": flops_ratio(rec["weights"], T, routed.head_dim, base.window, base.n_sink),
+                    "tokens": T,
+                }
+            )
+        rows.append(
+            {
+                "policy": "dense",
+                "budget": 1.0,
+                "label": "dense (every decision full)",
+                "realized_cost": 1.0,
+                "kl_to_dense": 0.0,
+                "flops_ratio": 1.0,
+                "tokens": T,
+            }
+        )
         return rows
 
     def inspect(self, trace: RoutingTrace, pos: int, max_tokens: int | None = None):
@@ -158,16 +179,28 @@ class Analysis:
             raise AppError("The attention view needs the model, which is not loaded yet.")
         routed = self.host.routed_model()
         if trace.model != routed.name:
-            raise AppError(f"This run used the model {trace.model}; the attention view needs "
-                           f"that model (this server runs {routed.name}).")
-        ids = torch.tensor([trace.token_ids[:pos + 1]])
-        forced = [torch.from_numpy(np.ascontiguousarray(trace.weights[layer, :pos + 1]))[None]
-                  for layer in range(trace.n_layers)]  # [1, pos+1, 3] per layer
-        res = routed.prefill(ids, trace.settings, trace.controller, forced_weights=forced,
-                             capture_qk=True, use_cache=False)
+            raise AppError(
+                f"This run used the model {trace.model}; the attention view needs "
+                f"that model (this server runs {routed.name})."
+            )
+        ids = torch.tensor([trace.token_ids[: pos + 1]])
+        forced = [
+            torch.from_numpy(np.ascontiguousarray(trace.weights[layer, : pos + 1]))[None]
+            for layer in range(trace.n_layers)
+        ]  # [1, pos+1, 3] per layer
+        res = routed.prefill(
+            ids, trace.settings, trace.controller, forced_weights=forced, capture_qk=True, use_cache=False
+        )
         kw = {} if max_tokens is None else {"max_tokens": max_tokens}
-        return attention_maps.attention_view(res.session.qk, trace.weights, trace.tokens, pos,
-                                             trace.settings.window, trace.settings.n_sink, **kw)
+        return attention_maps.attention_view(
+            res.session.qk,
+            trace.weights,
+            trace.tokens,
+            pos,
+            trace.settings.window,
+            trace.settings.n_sink,
+            **kw,
+        )
 
 
 __all__ = ["Analysis", "SWEEP_BUDGETS", "DENSE_CACHE_SIZE"]

@@ -36,8 +36,7 @@ from metaattn_viz.paths import ASSETS_DIR
 VENDOR_DIR = ASSETS_DIR / "vendor"
 # bertviz 1.4.1's CDN addresses -> vendored file (require.js paths take no ".js").
 CDN_REWRITES = {
-    "https://cdnjs.cloudflare.com/ajax/libs/require.js/2.3.6/require.min.js":
-        "requirejs-2.3.6/require.js",
+    "https://cdnjs.cloudflare.com/ajax/libs/require.js/2.3.6/require.min.js": "requirejs-2.3.6/require.js",
     "https://cdnjs.cloudflare.com/ajax/libs/d3/5.7.0/d3.min": "d3-5.7.0/d3.min",
     "https://cdnjs.cloudflare.com/ajax/libs/jquery/2.0.0/jquery.min": "jquery-2.1.0/jquery.min",
 }
@@ -50,8 +49,15 @@ def vendor_base_url() -> str:
     return f"gradio_api/file={VENDOR_DIR.as_posix()}"
 
 
-def expert_patterns(q: torch.Tensor, k: torch.Tensor, scale: float, query_pos: torch.Tensor,
-                    window: int, n_sink: int, eps: float = 1e-6) -> torch.Tensor:
+def expert_patterns(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    query_pos: torch.Tensor,
+    window: int,
+    n_sink: int,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """Each expert's attention weights of the query rows over all keys.
 
     q [Hq, Tq, D] at absolute positions query_pos [Tq]; k [Hkv, Tk, D] at positions 0..Tk-1
@@ -77,8 +83,9 @@ def expert_patterns(q: torch.Tensor, k: torch.Tensor, scale: float, query_pos: t
     return out
 
 
-def mixed_pattern(q, k, scale, query_pos, weights, window: int, n_sink: int,
-                  eps: float = 1e-6) -> torch.Tensor:
+def mixed_pattern(
+    q, k, scale, query_pos, weights, window: int, n_sink: int, eps: float = 1e-6
+) -> torch.Tensor:
     """The attention the rows actually used: sum_e weights[row, e] * pattern_e.
     weights [Tq, 3] -> [Hq, Tq, Tk] float64."""
     pats = expert_patterns(q, k, scale, query_pos, window, n_sink, eps)  # [3, Hq, Tq, Tk]
@@ -111,8 +118,15 @@ class AttentionView:
     shown_mass: float
 
 
-def attention_view(qk: list, weights: np.ndarray, tokens: list[str], pos: int, window: int,
-                   n_sink: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> AttentionView:
+def attention_view(
+    qk: list,
+    weights: np.ndarray,
+    tokens: list[str],
+    pos: int,
+    window: int,
+    n_sink: int,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> AttentionView:
     """From a capture (`qk[layer] = (q [1,Hq,T,D], k [1,Hkv,T,D], scale)` over positions
     0..T-1, T > pos) and the trace's weights [L, T, 3]: the mixed attention among the
     positions bertviz will show."""
@@ -121,14 +135,14 @@ def attention_view(qk: list, weights: np.ndarray, tokens: list[str], pos: int, w
     layers, mass = [], []
     for layer, (q, k, scale) in enumerate(qk):
         q_rows = q[0][:, idx]  # [Hq, S, D]
-        keys = k[0][:, :pos + 1]  # [Hkv, pos+1, D]
-        pat = mixed_pattern(q_rows, keys, float(scale), idx, weights[layer, shown], window,
-                            n_sink)  # [Hq, S, pos+1]
+        keys = k[0][:, : pos + 1]  # [Hkv, pos+1, D]
+        pat = mixed_pattern(
+            q_rows, keys, float(scale), idx, weights[layer, shown], window, n_sink
+        )  # [Hq, S, pos+1]
         sub = pat[:, :, idx]  # [Hq, S, S]
         layers.append(sub.numpy())
         mass.append(float(sub[:, -1].sum(-1).mean()))
-    return AttentionView(np.stack(layers), [tokens[p] for p in shown], shown, pos,
-                         float(np.mean(mass)))
+    return AttentionView(np.stack(layers), [tokens[p] for p in shown], shown, pos, float(np.mean(mass)))
 
 
 def _display_tokens(tokens: list[str], positions: list[int]) -> list[str]:
@@ -151,8 +165,10 @@ def _rewrite_cdn(page: str) -> str:
     for cdn, local in CDN_REWRITES.items():
         page = page.replace(cdn, f"{base}/{local}")
     if "cdnjs.cloudflare.com" in page:  # a bertviz release with new URLs: fail loudly
-        raise RuntimeError("bertviz's page still points at cdnjs after rewriting; update "
-                           "attention_maps.CDN_REWRITES for this bertviz version")
+        raise RuntimeError(
+            "bertviz's page still points at cdnjs after rewriting; update "
+            "attention_maps.CDN_REWRITES for this bertviz version"
+        )
     return page
 
 
@@ -166,9 +182,13 @@ def head_view_page(view: AttentionView, layer: int = 0) -> str:
     """bertviz's head view as a standalone HTML page using the vendored scripts."""
     from bertviz import head_view
 
-    out = head_view(attention=_bertviz_attention(view),
-                    tokens=_display_tokens(view.tokens, view.positions),
-                    layer=int(layer), prettify_tokens=False, html_action="return")
+    out = head_view(
+        attention=_bertviz_attention(view),
+        tokens=_display_tokens(view.tokens, view.positions),
+        layer=int(layer),
+        prettify_tokens=False,
+        html_action="return",
+    )
     return _page(_rewrite_cdn(out.data), "head view")
 
 
@@ -176,27 +196,35 @@ def model_view_page(view: AttentionView, layers: list[int] | None = None) -> str
     """bertviz's model view (every layer x head as a thumbnail) as a standalone page."""
     from bertviz import model_view
 
-    out = model_view(attention=_bertviz_attention(view),
-                     tokens=_display_tokens(view.tokens, view.positions),
-                     include_layers=layers, prettify_tokens=False, display_mode="light",
-                     html_action="return")
+    out = model_view(
+        attention=_bertviz_attention(view),
+        tokens=_display_tokens(view.tokens, view.positions),
+        include_layers=layers,
+        prettify_tokens=False,
+        display_mode="light",
+        html_action="return",
+    )
     return _page(_rewrite_cdn(out.data), "model view")
 
 
 def _page(body: str, title: str) -> str:
-    return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>body{{margin:6px;background:#fff;"
-            "color:#111;font-family:Helvetica,Arial,sans-serif}</style></head><body>"
-            f"{body}</body></html>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>body{{margin:6px;background:#fff;"
+        "color:#111;font-family:Helvetica,Arial,sans-serif}</style></head><body>"
+        f"{body}</body></html>"
+    )
 
 
 def iframe(page: str, height: int = 640, title: str = "attention view") -> str:
     """Embed a page with scripts in gr.HTML: a sandboxed srcdoc iframe (scripts allowed, no
     access to the app's origin)."""
-    return (f"<iframe class='metaattn-bertviz' title={json.dumps(title)} "
-            f"sandbox='allow-scripts' style='width:100%;height:{int(height)}px;border:1px "
-            f"solid #ddd;border-radius:6px;background:#fff' "
-            f"srcdoc=\"{html.escape(page, quote=True)}\"></iframe>")
+    return (
+        f"<iframe class='metaattn-bertviz' title={json.dumps(title)} "
+        f"sandbox='allow-scripts' style='width:100%;height:{int(height)}px;border:1px "
+        f"solid #ddd;border-radius:6px;background:#fff' "
+        f'srcdoc="{html.escape(page, quote=True)}"></iframe>'
+    )
 
 
 def message(text: str) -> str:
@@ -204,6 +232,16 @@ def message(text: str) -> str:
     return f"<div class='metaattn-note' style='padding:12px;color:#555'>{html.escape(text)}</div>"
 
 
-__all__ = ["expert_patterns", "mixed_pattern", "view_positions", "AttentionView",
-           "attention_view", "head_view_page", "model_view_page", "iframe", "message",
-           "vendor_base_url", "VENDOR_DIR"]
+__all__ = [
+    "expert_patterns",
+    "mixed_pattern",
+    "view_positions",
+    "AttentionView",
+    "attention_view",
+    "head_view_page",
+    "model_view_page",
+    "iframe",
+    "message",
+    "vendor_base_url",
+    "VENDOR_DIR",
+]

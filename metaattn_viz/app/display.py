@@ -11,9 +11,22 @@ from __future__ import annotations
 from metaattn_viz.app import plots
 
 # The columns of the History tab's runs table, in order; long texts are cut to this width.
-RUNS_COLUMNS = ["run_id", "created_at", "status", "kind", "controller", "budget", "scope",
-                "hedge_policy", "n_tokens", "realized_cost", "flops_ratio", "wall_ms",
-                "prompt", "output_text"]
+RUNS_COLUMNS = [
+    "run_id",
+    "created_at",
+    "status",
+    "kind",
+    "controller",
+    "budget",
+    "scope",
+    "hedge_policy",
+    "n_tokens",
+    "realized_cost",
+    "flops_ratio",
+    "wall_ms",
+    "prompt",
+    "output_text",
+]
 RUNS_TEXT_WIDTH = 80
 SWEEP_COLUMNS = ["policy", "budget", "label", "realized_cost", "kl_to_dense", "flops_ratio"]
 
@@ -31,10 +44,11 @@ def status_markdown(status: dict) -> str:
         if s["load_seconds"]:
             model += f" (loaded in {s['load_seconds']:.1f} s)"
         if untrained:
-            model += (f". \u26a0 Untrained controllers: {', '.join(untrained)} (routing is "
-                      "not calibrated; run `metaattn-viz calibrate`)")
-    logging_ = (f"runs logged to `{s['log_path']}`" if s["logging"]
-                else f"runs not logged: {s['log_problem']}")
+            model += (
+                f". \u26a0 Untrained controllers: {', '.join(untrained)} (routing is "
+                "not calibrated; run `metaattn-viz calibrate`)"
+            )
+    logging_ = f"runs logged to `{s['log_path']}`" if s["logging"] else f"runs not logged: {s['log_problem']}"
     return f"{model}. {logging_}. At most {s['max_context']} tokens are routed."
 
 
@@ -60,22 +74,28 @@ def run_status(job, snap) -> str:
 
 def reroute_note(trace) -> str:
     """After a re-route: how many tokens, at which budget, how long it took."""
-    return (f"Re-routed {trace.n_tokens} tokens at budget {trace.settings.budget:.2f} "
-            f"({trace.timings['reroute_ms']:.0f} ms).")
+    return (
+        f"Re-routed {trace.n_tokens} tokens at budget {trace.settings.budget:.2f} "
+        f"({trace.timings['reroute_ms']:.0f} ms)."
+    )
 
 
 def replay_note(trace) -> str:
-    return (f"Replayed run `{trace.run_id}` from the routing log: {trace.n_tokens} tokens, "
-            f"{trace.controller} controller, budget {trace.settings.budget}.")
+    return (
+        f"Replayed run `{trace.run_id}` from the routing log: {trace.n_tokens} tokens, "
+        f"{trace.controller} controller, budget {trace.settings.budget}."
+    )
 
 
 def compare_note(a, b, df) -> str:
     """Two runs and how much they agree (df: the log's comparison, with its attrs)."""
-    return (f"Run A `{a.run_id}` ({a.controller}, budget {a.settings.budget}, cost "
-            f"{a.realized_cost:.3f}) against run B `{b.run_id}` ({b.controller}, budget "
-            f"{b.settings.budget}, cost {b.realized_cost:.3f}): the same expert in "
-            f"{100 * df.attrs['agreement']:.0f}% of decisions, the same token at "
-            f"{100 * df.attrs['same_tokens']:.0f}% of positions.")
+    return (
+        f"Run A `{a.run_id}` ({a.controller}, budget {a.settings.budget}, cost "
+        f"{a.realized_cost:.3f}) against run B `{b.run_id}` ({b.controller}, budget "
+        f"{b.settings.budget}, cost {b.realized_cost:.3f}): the same expert in "
+        f"{100 * df.attrs['agreement']:.0f}% of decisions, the same token at "
+        f"{100 * df.attrs['same_tokens']:.0f}% of positions."
+    )
 
 
 def compare_title(label: str, trace) -> str:
@@ -86,10 +106,12 @@ def compare_title(label: str, trace) -> str:
 def inspect_note(trace, pos: int, view) -> str:
     """What the bertviz views show of token `pos` (view: attention_maps.AttentionView)."""
     label = plots.token_label(pos, trace.tokens[pos], 30)
-    return (f"Token **{label}**. bertviz shows {len(view.positions)} of its "
-            f"{pos + 1} visible positions (the attention sinks and the last ones), holding "
-            f"{100 * view.shown_mass:.0f}% of its attention on average over layers and "
-            "heads; each head's row mixes the experts by the weights the router applied.")
+    return (
+        f"Token **{label}**. bertviz shows {len(view.positions)} of its "
+        f"{pos + 1} visible positions (the attention sinks and the last ones), holding "
+        f"{100 * view.shown_mass:.0f}% of its attention on average over layers and "
+        "heads; each head's row mixes the experts by the weights the router applied."
+    )
 
 
 def runs_table(df):
@@ -98,7 +120,7 @@ def runs_table(df):
     cut = RUNS_TEXT_WIDTH
     for c in ("prompt", "output_text"):
         if c in df.columns:
-            df[c] = df[c].fillna("").map(lambda s: s if len(s) <= cut else s[:cut - 1] + "\u2026")
+            df[c] = df[c].fillna("").map(lambda s: s if len(s) <= cut else s[: cut - 1] + "\u2026")
     for c in ("realized_cost", "flops_ratio"):
         if c in df.columns:
             df[c] = df[c].round(3)
@@ -116,5 +138,15 @@ def sweep_table(rows: list[dict]):
     return pd.DataFrame(rows)[SWEEP_COLUMNS].round(4)
 
 
-__all__ = ["status_markdown", "run_status", "reroute_note", "replay_note", "compare_note",
-           "compare_title", "inspect_note", "runs_table", "sweep_table", "RUNS_COLUMNS"]
+__all__ = [
+    "status_markdown",
+    "run_status",
+    "reroute_note",
+    "replay_note",
+    "compare_note",
+    "compare_title",
+    "inspect_note",
+    "runs_table",
+    "sweep_table",
+    "RUNS_COLUMNS",
+]

@@ -26,8 +26,14 @@ from metaattn_viz.app.requests import APP_MAX_CONTEXT
 class Engine:
     """The app's state: the model, the log, the analyses over them, the running jobs."""
 
-    def __init__(self, model: str | None = None, db: str | None = None, log_runs: bool = True,
-                 routed=None, threads: bool = True):
+    def __init__(
+        self,
+        model: str | None = None,
+        db: str | None = None,
+        log_runs: bool = True,
+        routed=None,
+        threads: bool = True,
+    ):
         self.host = ModelHost(model, routed=routed, threads=threads)
         self.history = RunHistory(db, enabled=log_runs)
         self.analysis = Analysis(self.host, self.history)
@@ -37,10 +43,15 @@ class Engine:
         """What the page header (and the /status endpoint) shows: model, controllers,
         logging, and how many tokens are routed at most."""
         model, logging = self.host.status(), self.history.status()
-        return {"model_ready": model["model_ready"], "model": model["model"],
-                "model_error": model["model_error"], "controllers": model["controllers"],
-                **logging, "load_seconds": model["load_seconds"],
-                "max_context": APP_MAX_CONTEXT}
+        return {
+            "model_ready": model["model_ready"],
+            "model": model["model"],
+            "model_error": model["model_error"],
+            "controllers": model["controllers"],
+            **logging,
+            "load_seconds": model["load_seconds"],
+            "max_context": APP_MAX_CONTEXT,
+        }
 
     def close(self) -> None:
         self.generations.stop_all()

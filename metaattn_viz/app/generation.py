@@ -32,16 +32,23 @@ STREAM_INTERVAL_S = 0.25  # views refresh at most 4 times a second (every token 
 def snapshot(trace: RoutingTrace) -> RoutingTrace:
     """A consistent copy of a growing trace, cheap: arrays are replaced, never written in
     place, when a trace grows, so sharing them is safe; the lists and dict are copied."""
-    return dataclasses.replace(trace, token_ids=list(trace.token_ids),
-                               tokens=list(trace.tokens), timings=dict(trace.timings))
+    return dataclasses.replace(
+        trace, token_ids=list(trace.token_ids), tokens=list(trace.tokens), timings=dict(trace.timings)
+    )
 
 
 class GenerationJob:
     """One streaming generation. The worker thread owns the RoutedModel stream and the
     run's recorder; readers take snapshots through `updates()`."""
 
-    def __init__(self, host: ModelHost, history: RunHistory, analysis: Analysis,
-                 request: GenerateRequest, key: str | None = None):
+    def __init__(
+        self,
+        host: ModelHost,
+        history: RunHistory,
+        analysis: Analysis,
+        request: GenerateRequest,
+        key: str | None = None,
+    ):
         self.host, self.analysis = host, analysis
         self.request = request
         self.key = key or uuid.uuid4().hex
@@ -55,8 +62,7 @@ class GenerationJob:
         self._latest: RoutingTrace | None = None
         self._version = 0
         self._done = False
-        self._thread = threading.Thread(target=self._run, name=f"generate-{self.key[:8]}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"generate-{self.key[:8]}", daemon=True)
 
     def start(self) -> GenerationJob:
         self._thread.start()
@@ -96,15 +102,23 @@ class GenerationJob:
             routed = self.host.routed_model()
             self.phase = "prefill"
             sampling = Sampling(req.temperature, req.top_p, req.seed)
-            stream = routed.stream(req.prompt, req.settings, req.max_new_tokens, req.controller,
-                                   sampling=sampling, chat=req.chat, stop_event=self.stop_event,
-                                   max_context=APP_MAX_CONTEXT)
+            stream = routed.stream(
+                req.prompt,
+                req.settings,
+                req.max_new_tokens,
+                req.controller,
+                sampling=sampling,
+                chat=req.chat,
+                stop_event=self.stop_event,
+                max_context=APP_MAX_CONTEXT,
+            )
             for trace in stream:
                 if rec.run_log is not None and not rec.started:  # the prompt, routed
                     self._note(rec.start(trace))
                     if trace.truncated:
-                        self.notes.append(f"The prompt was cut from the left to fit: "
-                                          f"{trace.truncated} tokens dropped.")
+                        self.notes.append(
+                            f"The prompt was cut from the left to fit: {trace.truncated} tokens dropped."
+                        )
                 else:
                     self._note(rec.update(trace))
                 self.phase = "decoding"
@@ -137,8 +151,10 @@ class GenerationJob:
         while True:
             with self._cond:
                 # the predicate runs within this iteration, so it sees this `seen`
-                if not self._cond.wait_for(lambda: self._version != seen or self._done,  # noqa: B023
-                                           timeout=timeout):
+                if not self._cond.wait_for(
+                    lambda: self._version != seen or self._done,  # noqa: B023
+                    timeout=timeout,
+                ):
                     raise TimeoutError("the generation made no progress")
                 done, snap, seen = self._done, self._latest, self._version
             if done:

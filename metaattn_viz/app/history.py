@@ -41,9 +41,11 @@ class RunHistory:
 
     def status(self) -> dict:
         """The log's part of the page header."""
-        return {"logging": self.run_log is not None,
-                "log_path": str(self.run_log.path) if self.run_log is not None else None,
-                "log_problem": self.log_problem}
+        return {
+            "logging": self.run_log is not None,
+            "log_path": str(self.run_log.path) if self.run_log is not None else None,
+            "log_problem": self.log_problem,
+        }
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, fn, default=None):
@@ -114,13 +116,23 @@ class RunHistory:
             except store.UnknownRun:
                 raise AppError(f"There is no run {run_id!r} in the routing log.") from None
 
-    def runs(self, text: str = "", status: str | None = None, controller: str | None = None,
-             order_by: str = "-created_at", limit: int = 200):
+    def runs(
+        self,
+        text: str = "",
+        status: str | None = None,
+        controller: str | None = None,
+        order_by: str = "-created_at",
+        limit: int = 200,
+    ):
         """The logged runs (a DataFrame, newest first by default), filtered."""
         with self._reading(ValueError) as run_log:  # ValueError: an unknown order_by
-            return run_log.list_runs(limit=limit, status=status or None,
-                                     controller=controller or None,
-                                     text=(text or "").strip() or None, order_by=order_by)
+            return run_log.list_runs(
+                limit=limit,
+                status=status or None,
+                controller=controller or None,
+                text=(text or "").strip() or None,
+                order_by=order_by,
+            )
 
     def compare(self, run_a: str, run_b: str):
         """Two runs side by side: (their traces, the per-token comparison DataFrame)."""
@@ -196,15 +208,18 @@ class RunRecorder:
             return self.history.log_problem or "This run is no longer logged."
         return None
 
-    def finish(self, trace: RoutingTrace | None, status: str | None,
-               error: BaseException | None) -> str | None:
+    def finish(
+        self, trace: RoutingTrace | None, status: str | None, error: BaseException | None
+    ) -> str | None:
         """Log how the run ended (done / interrupted / failed, with the error)."""
         run_log, run_id = self.run_log, self.run_id
         if run_id is None or run_log is None or trace is None:
             return None
         err = None if error is None else f"{type(error).__name__}: {error}"
-        if self.history.write(lambda: run_log.finish(run_id, trace, status, error=err),
-                              default=False) is False:
+        if (
+            self.history.write(lambda: run_log.finish(run_id, trace, status, error=err), default=False)
+            is False
+        ):
             return self.history.log_problem or "The run could not be logged."
         return None
 

@@ -14,7 +14,7 @@ import threading
 import time
 
 from metaattn_viz.app.errors import AppError
-from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ class ModelHost:
         import torch
 
         try:
-            self._routed.prefill(torch.tensor([[1, 2, 3]]), RoutingSettings(), "bayes",
-                                 use_cache=False)
+            self._routed.prefill(
+                torch.tensor([[1, 2, 3]]), RoutingSettings(), DEFAULT_CONTROLLER, use_cache=False
+            )
         except Exception:
             log.warning("warm-up pass failed", exc_info=True)
 
@@ -83,20 +84,26 @@ class ModelHost:
         if not self._loaded.wait(timeout):
             raise AppError("The model is still loading; try again in a few seconds.")
         if self._routed is None:
-            raise AppError(f"The model could not be loaded: {self.model_error}. The server log "
-                           "has the details.")
+            raise AppError(
+                f"The model could not be loaded: {self.model_error}. The server log has the details."
+            )
         return self._routed
 
     def status(self) -> dict:
         """The model's part of the page header: ready, name, error, controllers."""
         routed = self._routed if self._loaded.is_set() else None
-        out: dict = {"model_ready": routed is not None, "model": None,
-                     "model_error": self.model_error, "controllers": {},
-                     "load_seconds": self.load_seconds}
+        out: dict = {
+            "model_ready": routed is not None,
+            "model": None,
+            "model_error": self.model_error,
+            "controllers": {},
+            "load_seconds": self.load_seconds,
+        }
         if routed is not None:
             out["model"] = routed.name
-            out["controllers"] = {k: {"trained": s.trained, "id": s.controller_id}
-                                  for k, s in routed.controllers.items()}
+            out["controllers"] = {
+                k: {"trained": s.trained, "id": s.controller_id} for k, s in routed.controllers.items()
+            }
         return out
 
 

@@ -42,11 +42,14 @@ watch('value', draw);
 def plotly_stream(fig, elem_id: str, height: int) -> gr.HTML:
     """A gr.HTML whose value is a plotly figure's JSON, drawn and updated in place (the
     page must serve PLOTLY_JS: gr.set_static_paths)."""
-    return gr.HTML(fig.to_json(), elem_id=elem_id,
-                   html_template=f"<div class='metaattn-plot' style='width:100%;"
-                                 f"min-height:{int(height)}px'></div>",
-                   head=f"<script src='gradio_api/file={PLOTLY_JS.as_posix()}'></script>",
-                   js_on_load=PLOTLY_STREAM_JS, apply_default_css=False)
+    return gr.HTML(
+        fig.to_json(),
+        elem_id=elem_id,
+        html_template=f"<div class='metaattn-plot' style='width:100%;min-height:{int(height)}px'></div>",
+        head=f"<script src='gradio_api/file={PLOTLY_JS.as_posix()}'></script>",
+        js_on_load=PLOTLY_STREAM_JS,
+        apply_default_css=False,
+    )
 
 
 __all__ = ["plotly_stream", "PLOTLY_JS"]

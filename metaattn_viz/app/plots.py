@@ -48,7 +48,7 @@ def token_label(pos: int, text: str, width: int = 12) -> str:
     shown = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
     shown = "".join(c if c.isprintable() else "\ufffd" for c in shown)
     if len(shown) > width:
-        shown = shown[:width - 1] + "\u2026"
+        shown = shown[: width - 1] + "\u2026"
     if not shown.strip():
         shown = shown.replace(" ", OPEN_BOX) or OPEN_BOX
     return f"{pos}{THIN_SPACE}{shown}"
@@ -63,9 +63,16 @@ def token_labels(trace: RoutingTrace) -> np.ndarray:
 def _layout(title: str, height: int, **extra) -> dict:
     """The common layout: no template (the default one adds ~6 KB to every frame), constant
     uirevision, white background."""
-    layout = dict(template="none", title=dict(text=title, x=0.01, font=dict(size=14)),
-                  height=height, margin=dict(l=56, r=16, t=40, b=40), uirevision=UIREVISION,
-                  font=_FONT, plot_bgcolor="white", paper_bgcolor="white")
+    layout = dict(
+        template="none",
+        title=dict(text=title, x=0.01, font=dict(size=14)),
+        height=height,
+        margin=dict(l=56, r=16, t=40, b=40),
+        uirevision=UIREVISION,
+        font=_FONT,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+    )
     layout.update(extra)
     return layout
 
@@ -83,10 +90,18 @@ def _styled(fig: go.Figure, title: str, height: int) -> go.Figure:
 
 
 def _empty(title: str, message: str, height: int = 300) -> go.Figure:
-    note = dict(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                font=dict(size=14, color="#666"))
-    return _figure([], _layout(title, height, annotations=[note], xaxis=dict(visible=False),
-                                yaxis=dict(visible=False)))
+    note = dict(
+        text=message,
+        showarrow=False,
+        x=0.5,
+        y=0.5,
+        xref="paper",
+        yref="paper",
+        font=dict(size=14, color="#666"),
+    )
+    return _figure(
+        [], _layout(title, height, annotations=[note], xaxis=dict(visible=False), yaxis=dict(visible=False))
+    )
 
 
 def _boundary(trace: RoutingTrace, xref: str = "x", yref: str = "paper") -> list[dict]:
@@ -94,8 +109,18 @@ def _boundary(trace: RoutingTrace, xref: str = "x", yref: str = "paper") -> list
     if not 0 < trace.n_prompt_tokens < trace.n_tokens:
         return []
     x = trace.n_prompt_tokens - 0.5
-    return [dict(type="line", x0=x, x1=x, y0=0, y1=1, xref=xref, yref=yref,
-                 line=dict(color="#222", width=1.5, dash="dash"))]
+    return [
+        dict(
+            type="line",
+            x0=x,
+            x1=x,
+            y0=0,
+            y1=1,
+            xref=xref,
+            yref=yref,
+            line=dict(color="#222", width=1.5, dash="dash"),
+        )
+    ]
 
 
 _TOKEN_AXIS = dict(type="category", tickangle=-60, showgrid=False, automargin=True)
@@ -104,8 +129,9 @@ _LAYER_AXIS = dict(dtick=5, showgrid=False, zeroline=False)
 
 def hover_data(trace: RoutingTrace, unc: np.ndarray) -> np.ndarray:
     """[L, T, 8] float32: concentrations (3), posterior mean (3), total uncertainty, cost."""
-    return np.concatenate([trace.concentration, trace.posterior_mean, unc[..., None],
-                           trace.cost[..., None]], -1).astype(np.float32)
+    return np.concatenate(
+        [trace.concentration, trace.posterior_mean, unc[..., None], trace.cost[..., None]], -1
+    ).astype(np.float32)
 
 
 def expert_names(trace: RoutingTrace) -> np.ndarray:
@@ -116,8 +142,14 @@ def expert_names(trace: RoutingTrace) -> np.ndarray:
     return names
 
 
-def _expert_panel(trace: RoutingTrace, labels: np.ndarray, colorbar: dict, xaxis: str = "x",
-                  yaxis: str = "y", unc_total: np.ndarray | None = None) -> list[dict]:
+def _expert_panel(
+    trace: RoutingTrace,
+    labels: np.ndarray,
+    colorbar: dict,
+    xaxis: str = "x",
+    yaxis: str = "y",
+    unc_total: np.ndarray | None = None,
+) -> list[dict]:
     """The expert heatmap (int8 routes, hover numbers) and the hedge marks."""
     if unc_total is None:
         unc_total = trace.uncertainty("total")
@@ -125,37 +157,82 @@ def _expert_panel(trace: RoutingTrace, labels: np.ndarray, colorbar: dict, xaxis
     scale = []
     for k, e in enumerate(EXPERTS):
         scale += [[k / n, EXPERT_COLOURS[e]], [(k + 1) / n, EXPERT_COLOURS[e]]]
-    data = [dict(
-        type="heatmap", name="routes", z=trace.routes.astype(np.int8), x=labels,
-        y=np.arange(trace.n_layers, dtype=np.int16), zmin=-0.5, zmax=n - 0.5, colorscale=scale,
-        xaxis=xaxis, yaxis=yaxis,
-        colorbar=dict(title=dict(text="expert"), tickvals=list(range(n)),
-                      ticktext=list(EXPERTS), thickness=14, **colorbar),
-        customdata=hover_data(trace, unc_total), text=expert_names(trace),
-        hovertemplate=("token %{x}<br>layer %{y}: <b>%{text}</b><br>"
-                       "concentration (full, linear, local): %{customdata[0]:.3g}, "
-                       "%{customdata[1]:.3g}, %{customdata[2]:.3g}<br>"
-                       "posterior mean: %{customdata[3]:.2f}, %{customdata[4]:.2f}, "
-                       "%{customdata[5]:.2f}<br>uncertainty (total): %{customdata[6]:.2f}"
-                       "<br>cost: %{customdata[7]:.2f}<extra></extra>"))]
+    data = [
+        dict(
+            type="heatmap",
+            name="routes",
+            z=trace.routes.astype(np.int8),
+            x=labels,
+            y=np.arange(trace.n_layers, dtype=np.int16),
+            zmin=-0.5,
+            zmax=n - 0.5,
+            colorscale=scale,
+            xaxis=xaxis,
+            yaxis=yaxis,
+            colorbar=dict(
+                title=dict(text="expert"),
+                tickvals=list(range(n)),
+                ticktext=list(EXPERTS),
+                thickness=14,
+                **colorbar,
+            ),
+            customdata=hover_data(trace, unc_total),
+            text=expert_names(trace),
+            hovertemplate=(
+                "token %{x}<br>layer %{y}: <b>%{text}</b><br>"
+                "concentration (full, linear, local): %{customdata[0]:.3g}, "
+                "%{customdata[1]:.3g}, %{customdata[2]:.3g}<br>"
+                "posterior mean: %{customdata[3]:.2f}, %{customdata[4]:.2f}, "
+                "%{customdata[5]:.2f}<br>uncertainty (total): %{customdata[6]:.2f}"
+                "<br>cost: %{customdata[7]:.2f}<extra></extra>"
+            ),
+        )
+    ]
     lay, pos = np.nonzero(trace.hedged)
     if len(lay):
-        data.append(dict(
-            type="scatter", x=labels[pos], y=lay.astype(np.int16), xaxis=xaxis, yaxis=yaxis,
-            mode="markers", name="hedged", hoverinfo="skip", showlegend=False,
-            marker=dict(symbol="x-thin", size=6, line=dict(width=1.5, color="#000"))))
+        data.append(
+            dict(
+                type="scatter",
+                x=labels[pos],
+                y=lay.astype(np.int16),
+                xaxis=xaxis,
+                yaxis=yaxis,
+                mode="markers",
+                name="hedged",
+                hoverinfo="skip",
+                showlegend=False,
+                marker=dict(symbol="x-thin", size=6, line=dict(width=1.5, color="#000")),
+            )
+        )
     return data
 
 
-def _uncertainty_panel(trace: RoutingTrace, measure: str, z: np.ndarray, labels: np.ndarray,
-                       colorbar: dict, xaxis: str = "x", yaxis: str = "y") -> list[dict]:
+def _uncertainty_panel(
+    trace: RoutingTrace,
+    measure: str,
+    z: np.ndarray,
+    labels: np.ndarray,
+    colorbar: dict,
+    xaxis: str = "x",
+    yaxis: str = "y",
+) -> list[dict]:
     zmax = 1.0 if measure in ("total", "aleatoric") else max(float(np.nanmax(z)), 1e-6)
-    return [dict(type="heatmap", name=measure, z=z.astype(np.float32), x=labels,
-                 y=np.arange(trace.n_layers, dtype=np.int16), zmin=0.0, zmax=zmax,
-                 colorscale="Viridis", xaxis=xaxis, yaxis=yaxis,
-                 colorbar=dict(title=dict(text=measure), thickness=14, **colorbar),
-                 hovertemplate="token %{x}<br>layer %{y}<br>" + measure
-                               + ": %{z:.3f}<extra></extra>")]
+    return [
+        dict(
+            type="heatmap",
+            name=measure,
+            z=z.astype(np.float32),
+            x=labels,
+            y=np.arange(trace.n_layers, dtype=np.int16),
+            zmin=0.0,
+            zmax=zmax,
+            colorscale="Viridis",
+            xaxis=xaxis,
+            yaxis=yaxis,
+            colorbar=dict(title=dict(text=measure), thickness=14, **colorbar),
+            hovertemplate="token %{x}<br>layer %{y}<br>" + measure + ": %{z:.3f}<extra></extra>",
+        )
+    ]
 
 
 def expert_map(trace: RoutingTrace, height: int = 420, title: str | None = None) -> go.Figure:
@@ -164,15 +241,21 @@ def expert_map(trace: RoutingTrace, height: int = 420, title: str | None = None)
     if trace.n_tokens == 0:
         return _empty(title, "Nothing routed yet", height)
     data = _expert_panel(trace, token_labels(trace), dict(len=0.9))
-    return _figure(data, _layout(title, height, shapes=_boundary(trace),
-                                 xaxis=dict(_TOKEN_AXIS, title=dict(text="token")),
-                                 yaxis=dict(_LAYER_AXIS, title=dict(text="layer"))))
+    return _figure(
+        data,
+        _layout(
+            title,
+            height,
+            shapes=_boundary(trace),
+            xaxis=dict(_TOKEN_AXIS, title=dict(text="token")),
+            yaxis=dict(_LAYER_AXIS, title=dict(text="layer")),
+        ),
+    )
 
 
 def _check_measure(measure: str) -> None:
     if measure not in UNCERTAINTY_MEASURES:
-        raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got "
-                         f"{measure!r}")
+        raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {measure!r}")
 
 
 def _routing_maps_parts(trace: RoutingTrace, measure: str, height: int):
@@ -180,24 +263,55 @@ def _routing_maps_parts(trace: RoutingTrace, measure: str, height: int):
     labels = token_labels(trace)
     unc_total = trace.uncertainty("total")
     z = unc_total if measure == "total" else trace.uncertainty(measure)
-    data = (_expert_panel(trace, labels, dict(len=0.45, y=0.78), "x", "y", unc_total)
-            + _uncertainty_panel(trace, measure, z, labels, dict(len=0.45, y=0.22), "x2", "y2"))
-    notes = [dict(text="<b>expert</b> (vermillion full, yellow local, blue linear; x = hedged)",
-                  x=0, y=1.0, xref="paper", yref="paper", xanchor="left", yanchor="bottom",
-                  showarrow=False, font=dict(size=12)),
-             dict(text=f"<b>uncertainty</b>: {MEASURE_LABELS[measure]}", x=0, y=0.46,
-                  xref="paper", yref="paper", xanchor="left", yanchor="bottom",
-                  showarrow=False, font=dict(size=12))]
+    data = _expert_panel(trace, labels, dict(len=0.45, y=0.78), "x", "y", unc_total) + _uncertainty_panel(
+        trace, measure, z, labels, dict(len=0.45, y=0.22), "x2", "y2"
+    )
+    notes = [
+        dict(
+            text="<b>expert</b> (vermillion full, yellow local, blue linear; x = hedged)",
+            x=0,
+            y=1.0,
+            xref="paper",
+            yref="paper",
+            xanchor="left",
+            yanchor="bottom",
+            showarrow=False,
+            font=dict(size=12),
+        ),
+        dict(
+            text=f"<b>uncertainty</b>: {MEASURE_LABELS[measure]}",
+            x=0,
+            y=0.46,
+            xref="paper",
+            yref="paper",
+            xanchor="left",
+            yanchor="bottom",
+            showarrow=False,
+            font=dict(size=12),
+        ),
+    ]
     if trace.point_estimate and measure in ("epistemic", "vacuity"):
-        notes.append(dict(text="prior-free controller: a point estimate has no " + measure,
-                          x=0.5, y=0.22, xref="paper", yref="paper", showarrow=False,
-                          font=dict(size=13, color="#fff")))
-    layout = _layout(MAPS_TITLE, height, annotations=notes,
-                     shapes=_boundary(trace, "x", "y domain") + _boundary(trace, "x2", "y2 domain"),
-                     xaxis=dict(_TOKEN_AXIS, anchor="y", showticklabels=False, matches="x2"),
-                     xaxis2=dict(_TOKEN_AXIS, anchor="y2", title=dict(text="token")),
-                     yaxis=dict(_LAYER_AXIS, domain=[0.56, 1.0], title=dict(text="layer")),
-                     yaxis2=dict(_LAYER_AXIS, domain=[0.0, 0.44], title=dict(text="layer")))
+        notes.append(
+            dict(
+                text="prior-free controller: a point estimate has no " + measure,
+                x=0.5,
+                y=0.22,
+                xref="paper",
+                yref="paper",
+                showarrow=False,
+                font=dict(size=13, color="#fff"),
+            )
+        )
+    layout = _layout(
+        MAPS_TITLE,
+        height,
+        annotations=notes,
+        shapes=_boundary(trace, "x", "y domain") + _boundary(trace, "x2", "y2 domain"),
+        xaxis=dict(_TOKEN_AXIS, anchor="y", showticklabels=False, matches="x2"),
+        xaxis2=dict(_TOKEN_AXIS, anchor="y2", title=dict(text="token")),
+        yaxis=dict(_LAYER_AXIS, domain=[0.56, 1.0], title=dict(text="layer")),
+        yaxis2=dict(_LAYER_AXIS, domain=[0.0, 0.44], title=dict(text="layer")),
+    )
     return data, layout
 
 
@@ -269,17 +383,24 @@ def meters(trace: RoutingTrace) -> str:
     cost, budget = v["realized_cost"], v["budget"]
     top = max(1.0, cost or 0.0, budget or 0.0)
     bar = 0.0 if cost is None else 100 * cost / top
-    tick = "" if budget is None else (
-        f"<div title='budget' style='position:absolute;left:{100 * budget / top:.2f}%;"
-        "top:-4px;bottom:-4px;width:3px;background:#000'></div>")
+    tick = (
+        ""
+        if budget is None
+        else (
+            f"<div title='budget' style='position:absolute;left:{100 * budget / top:.2f}%;"
+            "top:-4px;bottom:-4px;width:3px;background:#000'></div>"
+        )
+    )
     budget_text = "no budget" if budget is None else f"budget {budget:.2f}"
 
     def cell(key, label, value, fmt, hint):
         data = "" if value is None else f" data-value='{value:.6g}'"
-        return (f"<div class='meter' data-meter='{key}'{data} title='{html.escape(hint)}' "
-                "style='flex:1;min-width:120px;padding:4px 10px'>"
-                f"<div style='font-size:12px;color:#555'>{label}</div>"
-                f"<div style='font-size:22px;font-weight:600'>{_fmt(value, fmt)}</div></div>")
+        return (
+            f"<div class='meter' data-meter='{key}'{data} title='{html.escape(hint)}' "
+            "style='flex:1;min-width:120px;padding:4px 10px'>"
+            f"<div style='font-size:12px;color:#555'>{label}</div>"
+            f"<div style='font-size:22px;font-weight:600'>{_fmt(value, fmt)}</div></div>"
+        )
 
     cost_data = "" if cost is None else f" data-value='{cost:.6g}'"
     budget_data = "" if budget is None else f" data-budget='{budget:.6g}'"
@@ -294,21 +415,38 @@ def meters(trace: RoutingTrace) -> str:
         f"border-radius:3px'><div style='width:{bar:.2f}%;height:100%;border-radius:3px;"
         f"background:{EXPERT_COLOURS['full']}'></div>{tick}</div>"
         f"<div style='font-size:22px;font-weight:600'>{_fmt(cost, '.3f')}</div></div></div>"
-        + cell("flops", "attention FLOPs / dense", v["flops_ratio"], ".2f",
-               "real attention FLOPs of the decisions taken, relative to all-full attention")
-        + cell("speed", "tokens / s", v["tokens_per_s"], ".1f",
-               "generation speed (after a re-route: the re-route's own rate)")
-        + cell("kl", "KL to dense (nats/token)", v["kl_to_dense"], ".4f",
-               "mean KL(dense || routed) of the next-token distribution, from a dense "
-               "shadow pass")
-        + "</div>")
+        + cell(
+            "flops",
+            "attention FLOPs / dense",
+            v["flops_ratio"],
+            ".2f",
+            "real attention FLOPs of the decisions taken, relative to all-full attention",
+        )
+        + cell(
+            "speed",
+            "tokens / s",
+            v["tokens_per_s"],
+            ".1f",
+            "generation speed (after a re-route: the re-route's own rate)",
+        )
+        + cell(
+            "kl",
+            "KL to dense (nats/token)",
+            v["kl_to_dense"],
+            ".4f",
+            "mean KL(dense || routed) of the next-token distribution, from a dense shadow pass",
+        )
+        + "</div>"
+    )
 
 
 def _check_pos(trace: RoutingTrace, pos: int) -> int:
-    if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not (
-            0 <= int(pos) < trace.n_tokens):
-        raise ValueError(f"token position must be a whole number in [0, {trace.n_tokens - 1}], "
-                         f"got {pos!r}")
+    if (
+        isinstance(pos, bool)
+        or not isinstance(pos, (int, np.integer))
+        or not (0 <= int(pos) < trace.n_tokens)
+    ):
+        raise ValueError(f"token position must be a whole number in [0, {trace.n_tokens - 1}], got {pos!r}")
     return int(pos)
 
 
@@ -324,22 +462,40 @@ def ternary(trace: RoutingTrace, pos: int, height: int = 440) -> go.Figure:
     layers = np.arange(trace.n_layers)
     names = np.array(EXPERTS, dtype=object)[trace.routes[:, pos].astype(np.intp)]
     custom = np.concatenate([conc, unc[:, None], strength[:, None]], -1).astype(np.float32)
-    fig = go.Figure(go.Scatterternary(
-        a=m[:, 0], b=m[:, 1], c=m[:, 2], mode="markers+lines",
-        line=dict(color="rgba(80,80,80,0.35)", width=1),
-        marker=dict(color=layers, colorscale="Viridis", size=size, showscale=True,
-                    colorbar=dict(title="layer", thickness=12),
-                    line=dict(width=1, color="#333")),
-        text=[f"layer {i}: {n}" for i, n in enumerate(names.tolist())], customdata=custom,
-        hovertemplate=("%{text}<br>mean full %{a:.2f}, linear %{b:.2f}, local %{c:.2f}<br>"
-                       "concentration %{customdata[0]:.3g}, %{customdata[1]:.3g}, "
-                       "%{customdata[2]:.3g} (sum %{customdata[4]:.3g})<br>"
-                       "uncertainty %{customdata[3]:.2f}<extra></extra>"),
-        name="posterior mean"))
-    fig.update_layout(ternary=dict(
-        sum=1, aaxis=dict(title="full", color=EXPERT_COLOURS["full"], min=0),
-        baxis=dict(title="linear", color="#1f77b4", min=0),
-        caxis=dict(title="local", color="#8a7d00", min=0)))
+    fig = go.Figure(
+        go.Scatterternary(
+            a=m[:, 0],
+            b=m[:, 1],
+            c=m[:, 2],
+            mode="markers+lines",
+            line=dict(color="rgba(80,80,80,0.35)", width=1),
+            marker=dict(
+                color=layers,
+                colorscale="Viridis",
+                size=size,
+                showscale=True,
+                colorbar=dict(title="layer", thickness=12),
+                line=dict(width=1, color="#333"),
+            ),
+            text=[f"layer {i}: {n}" for i, n in enumerate(names.tolist())],
+            customdata=custom,
+            hovertemplate=(
+                "%{text}<br>mean full %{a:.2f}, linear %{b:.2f}, local %{c:.2f}<br>"
+                "concentration %{customdata[0]:.3g}, %{customdata[1]:.3g}, "
+                "%{customdata[2]:.3g} (sum %{customdata[4]:.3g})<br>"
+                "uncertainty %{customdata[3]:.2f}<extra></extra>"
+            ),
+            name="posterior mean",
+        )
+    )
+    fig.update_layout(
+        ternary=dict(
+            sum=1,
+            aaxis=dict(title="full", color=EXPERT_COLOURS["full"], min=0),
+            baxis=dict(title="linear", color="#1f77b4", min=0),
+            caxis=dict(title="local", color="#8a7d00", min=0),
+        )
+    )
     what = "Posterior mean" if not trace.point_estimate else "Controller probabilities"
     label = token_label(pos, trace.tokens[pos], 24)
     return _styled(fig, f"{what} by layer \u2014 token {label}", height)
@@ -347,14 +503,20 @@ def ternary(trace: RoutingTrace, pos: int, height: int = 440) -> go.Figure:
 
 def concentration_columns() -> list[str]:
     """The columns of `concentration_table`, in order."""
-    return (["layer", "expert", "hedged"] + [f"\u03b1 {e}" for e in EXPERTS]
-            + [f"mean {e}" for e in EXPERTS] + list(UNCERTAINTY_MEASURES)
-            + [f"weight {e}" for e in EXPERTS] + ["cost", "\u03bb"])
+    return (
+        ["layer", "expert", "hedged"]
+        + [f"\u03b1 {e}" for e in EXPERTS]
+        + [f"mean {e}" for e in EXPERTS]
+        + list(UNCERTAINTY_MEASURES)
+        + [f"weight {e}" for e in EXPERTS]
+        + ["cost", "\u03bb"]
+    )
 
 
 def ternary_placeholder(height: int = 440) -> go.Figure:
-    return _empty("Posterior mean by layer", "Click a token in the text (or pick a position "
-                  "and press Inspect)", height)
+    return _empty(
+        "Posterior mean by layer", "Click a token in the text (or pick a position and press Inspect)", height
+    )
 
 
 def concentration_table(trace: RoutingTrace, pos: int):
@@ -365,9 +527,11 @@ def concentration_table(trace: RoutingTrace, pos: int):
     pos = _check_pos(trace, pos)
     conc = trace.concentration[:, pos]
     mean = trace.posterior_mean[:, pos]
-    rows = {"layer": np.arange(trace.n_layers),
-            "expert": np.array(EXPERTS, dtype=object)[trace.routes[:, pos].astype(np.intp)],
-            "hedged": trace.hedged[:, pos]}
+    rows = {
+        "layer": np.arange(trace.n_layers),
+        "expert": np.array(EXPERTS, dtype=object)[trace.routes[:, pos].astype(np.intp)],
+        "hedged": trace.hedged[:, pos],
+    }
     for k, e in enumerate(EXPERTS):
         rows[f"\u03b1 {e}"] = np.round(conc[:, k].astype(np.float64), 4)
     for k, e in enumerate(EXPERTS):
@@ -383,11 +547,9 @@ def concentration_table(trace: RoutingTrace, pos: int):
 
 POLICY_STYLES = {
     "bayes": dict(color="#D55E00", symbol="circle", dash="solid", name="Bayesian controller"),
-    "priorfree": dict(color="#0072B2", symbol="square", dash="solid",
-                      name="prior-free controller"),
+    "priorfree": dict(color="#0072B2", symbol="square", dash="solid", name="prior-free controller"),
     "random": dict(color="#999999", symbol="triangle-up", dash="dot", name="random routing"),
-    "salience": dict(color="#009E73", symbol="diamond", dash="dot",
-                     name="salience top-k (MoD-like)"),
+    "salience": dict(color="#009E73", symbol="diamond", dash="dot", name="salience top-k (MoD-like)"),
     "static": dict(color="#CC79A7", symbol="star", dash="dot", name="all-linear / all-local"),
     "dense": dict(color="#000000", symbol="x", dash="dot", name="dense"),
 }
@@ -409,34 +571,47 @@ def pareto(rows: list[dict], height: int = 440) -> go.Figure:
     kl_to_dense (analysis.Analysis.sweep)."""
     title = "Budget sweep: quality against cost (lower left is better)"
     if not rows:
-        return _empty(title, "Press \u201cSweep budgets\u201d to route the current text at "
-                             "several budgets", height)
+        return _empty(
+            title, "Press \u201cSweep budgets\u201d to route the current text at several budgets", height
+        )
     fig = go.Figure()
     for policy, style in POLICY_STYLES.items():
-        sel = sorted((r for r in rows if r["policy"] == policy),
-                     key=lambda r: r["realized_cost"])
+        sel = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["realized_cost"])
         if not sel:
             continue
-        fig.add_trace(go.Scatter(
-            x=[r["realized_cost"] for r in sel], y=[r["kl_to_dense"] for r in sel],
-            mode="lines+markers" if policy in ("bayes", "priorfree", "random", "salience")
-            else "markers",
-            name=style["name"], line=dict(color=style["color"], dash=style["dash"]),
-            marker=dict(symbol=style["symbol"], size=10, color=style["color"]),
-            text=[r.get("label") or (f"budget {r['budget']}" if r.get("budget") is not None
-                                     else policy) for r in sel],
-            hovertemplate="%{text}<br>cost %{x:.3f}<br>KL %{y:.4f} nats/token<extra>"
-                          + style["name"] + "</extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[r["realized_cost"] for r in sel],
+                y=[r["kl_to_dense"] for r in sel],
+                mode="lines+markers" if policy in ("bayes", "priorfree", "random", "salience") else "markers",
+                name=style["name"],
+                line=dict(color=style["color"], dash=style["dash"]),
+                marker=dict(symbol=style["symbol"], size=10, color=style["color"]),
+                text=[
+                    r.get("label") or (f"budget {r['budget']}" if r.get("budget") is not None else policy)
+                    for r in sel
+                ],
+                hovertemplate="%{text}<br>cost %{x:.3f}<br>KL %{y:.4f} nats/token<extra>"
+                + style["name"]
+                + "</extra>",
+            )
+        )
     front = pareto_front([(r["realized_cost"], r["kl_to_dense"]) for r in rows])
     if len(front) > 1:
-        fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front],
-                                 mode="lines", name="Pareto front",
-                                 line=dict(color="rgba(0,0,0,0.25)", width=8),
-                                 hoverinfo="skip"))
-    fig.update_xaxes(title_text="realised notional cost per decision", range=[0, 1.05],
-                     gridcolor="#eee")
-    fig.update_yaxes(title_text="KL(dense \u2016 routed), nats per token", rangemode="tozero",
-                     gridcolor="#eee")
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in front],
+                y=[p[1] for p in front],
+                mode="lines",
+                name="Pareto front",
+                line=dict(color="rgba(0,0,0,0.25)", width=8),
+                hoverinfo="skip",
+            )
+        )
+    fig.update_xaxes(title_text="realised notional cost per decision", range=[0, 1.05], gridcolor="#eee")
+    fig.update_yaxes(
+        title_text="KL(dense \u2016 routed), nats per token", rangemode="tozero", gridcolor="#eee"
+    )
     fig.update_layout(legend=dict(orientation="h", y=-0.2))
     return _styled(fig, title, height)
 
@@ -449,11 +624,34 @@ def live_views(trace: RoutingTrace, measure: str = "total"):
 
 def empty_trace() -> RoutingTrace:
     """A trace with no tokens: what the views draw (as placeholders) before the first run."""
-    return RoutingTrace(model="", controller="bayes", controller_id="", controller_trained=False,
-                        settings=RoutingSettings(), n_layers=1, head_dim=64)
+    return RoutingTrace(
+        model="",
+        controller="bayes",
+        controller_id="",
+        controller_trained=False,
+        settings=RoutingSettings(),
+        n_layers=1,
+        head_dim=64,
+    )
 
 
-__all__ = ["EXPERT_COLOURS", "UIREVISION", "expert_map", "routing_maps", "routing_maps_json",
-           "token_strip", "token_label", "token_labels", "meters", "meter_values", "ternary",
-           "ternary_placeholder", "concentration_table", "concentration_columns", "pareto",
-           "pareto_front", "live_views", "empty_trace"]
+__all__ = [
+    "EXPERT_COLOURS",
+    "UIREVISION",
+    "expert_map",
+    "routing_maps",
+    "routing_maps_json",
+    "token_strip",
+    "token_label",
+    "token_labels",
+    "meters",
+    "meter_values",
+    "ternary",
+    "ternary_placeholder",
+    "concentration_table",
+    "concentration_columns",
+    "pareto",
+    "pareto_front",
+    "live_views",
+    "empty_trace",
+]

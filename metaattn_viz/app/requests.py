@@ -15,7 +15,14 @@ import unicodedata
 from dataclasses import dataclass
 
 from metaattn_viz.app.errors import AppError
-from metaattn_viz.core.settings import DEFAULTS, HEDGE_POLICIES, MIN_COST, SCOPES, RoutingSettings
+from metaattn_viz.core.settings import (
+    DEFAULT_CONTROLLER,
+    DEFAULTS,
+    HEDGE_POLICIES,
+    MIN_COST,
+    SCOPES,
+    RoutingSettings,
+)
 from metaattn_viz.routing.controller import KINDS
 
 MAX_PROMPT_CHARS = 16_000
@@ -35,9 +42,11 @@ def clean_prompt(text) -> tuple[str, list[str]]:
         raise AppError(f"The prompt must be text, got {type(text).__name__}.")
     notes = []
     if len(text) > MAX_PROMPT_CHARS:
-        raise AppError(f"The prompt is {len(text):,} characters long; the app takes at most "
-                       f"{MAX_PROMPT_CHARS:,} (the model routes the last {APP_MAX_CONTEXT} "
-                       "tokens anyway). Shorten it and try again.")
+        raise AppError(
+            f"The prompt is {len(text):,} characters long; the app takes at most "
+            f"{MAX_PROMPT_CHARS:,} (the model routes the last {APP_MAX_CONTEXT} "
+            "tokens anyway). Shorten it and try again."
+        )
     kept, dropped = [], 0
     for ch in text.replace("\r\n", "\n"):
         cat = unicodedata.category(ch)
@@ -47,8 +56,7 @@ def clean_prompt(text) -> tuple[str, list[str]]:
             kept.append(ch)
     text = "".join(kept)
     if dropped:
-        notes.append(f"Removed {dropped} control character{'s' if dropped != 1 else ''} "
-                     "from the prompt.")
+        notes.append(f"Removed {dropped} control character{'s' if dropped != 1 else ''} from the prompt.")
     if not text.strip():
         raise AppError("The prompt is empty: type some text (or pick an example) first.")
     return text, notes
@@ -59,8 +67,7 @@ def number(name: str, value, lo: float, hi: float) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise AppError(f"{name} must be a number between {lo:g} and {hi:g}, got {value!r}.") \
-            from None
+        raise AppError(f"{name} must be a number between {lo:g} and {hi:g}, got {value!r}.") from None
     if not math.isfinite(v) or not lo <= v <= hi:
         raise AppError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}.")
     return v
@@ -83,18 +90,25 @@ def choice(name: str, value, options) -> str:
     return value
 
 
-def parse_settings(budget=DEFAULTS.budget, scope=DEFAULTS.scope,
-                   hedge_policy=DEFAULTS.hedge_policy, hedge_threshold=DEFAULTS.hedge_threshold,
-                   window=DEFAULTS.window, n_sink=DEFAULTS.n_sink) -> RoutingSettings:
+def parse_settings(
+    budget=DEFAULTS.budget,
+    scope=DEFAULTS.scope,
+    hedge_policy=DEFAULTS.hedge_policy,
+    hedge_threshold=DEFAULTS.hedge_threshold,
+    window=DEFAULTS.window,
+    n_sink=DEFAULTS.n_sink,
+) -> RoutingSettings:
     """RoutingSettings from the controls; budget None means no budget (the argmax)."""
     b = None if budget is None else number("Budget", budget, MIN_COST, 1.0)
     try:
         return RoutingSettings(
-            budget=b, scope=choice("Budget scope", scope, SCOPES),
+            budget=b,
+            scope=choice("Budget scope", scope, SCOPES),
             hedge_policy=choice("Hedge policy", hedge_policy, HEDGE_POLICIES),
             hedge_threshold=number("Hedge threshold", hedge_threshold, 0.0, 1.0),
             window=whole("Local window", window, 1, 4096),
-            n_sink=whole("Attention sinks", n_sink, 0, 64))
+            n_sink=whole("Attention sinks", n_sink, 0, 64),
+        )
     except ValueError as exc:  # anything RoutingSettings refuses beyond these checks
         raise AppError(str(exc)) from None
 
@@ -106,7 +120,7 @@ class GenerateRequest:
 
     prompt: str
     settings: RoutingSettings
-    controller: str = "bayes"
+    controller: str = DEFAULT_CONTROLLER
     max_new_tokens: int = 48
     temperature: float = 0.0
     top_p: float = 1.0
@@ -116,16 +130,30 @@ class GenerateRequest:
     notes: tuple = ()
 
 
-def parse_request(prompt, settings: RoutingSettings, controller="bayes", max_new_tokens=48,
-                  temperature=0.0, top_p=1.0, seed=0, chat=False, quality=True
-                  ) -> GenerateRequest:
+def parse_request(
+    prompt,
+    settings: RoutingSettings,
+    controller=DEFAULT_CONTROLLER,
+    max_new_tokens=48,
+    temperature=0.0,
+    top_p=1.0,
+    seed=0,
+    chat=False,
+    quality=True,
+) -> GenerateRequest:
     text, notes = clean_prompt(prompt)
     return GenerateRequest(
-        prompt=text, settings=settings, controller=choice("Controller", controller, KINDS),
+        prompt=text,
+        settings=settings,
+        controller=choice("Controller", controller, KINDS),
         max_new_tokens=whole("Max new tokens", max_new_tokens, 0, MAX_NEW_TOKENS),
         temperature=number("Temperature", temperature, 0.0, 2.0),
-        top_p=number("Top-p", top_p, 0.01, 1.0), seed=whole("Seed", seed, 0, 2**31 - 1),
-        chat=bool(chat), quality=bool(quality), notes=tuple(notes))
+        top_p=number("Top-p", top_p, 0.01, 1.0),
+        seed=whole("Seed", seed, 0, 2**31 - 1),
+        chat=bool(chat),
+        quality=bool(quality),
+        notes=tuple(notes),
+    )
 
 
 @dataclass
@@ -139,31 +167,52 @@ class Text:
     n_prompt_tokens: int = 0
     truncated: int = 0
     output_text: str = ""
-    controller: str = "bayes"
+    controller: str = DEFAULT_CONTROLLER
 
 
 def text_from_json(d, vocab_size: int) -> Text:
     """A Text from the JSON of a trace (`trace.to_json()`), checked."""
     if not isinstance(d, dict) or "token_ids" not in d:
-        raise AppError("Expected a trace as returned by the generate endpoint (a JSON object "
-                       "with token_ids).")
+        raise AppError(
+            "Expected a trace as returned by the generate endpoint (a JSON object with token_ids)."
+        )
     ids = d.get("token_ids")
-    if not isinstance(ids, list) or not ids or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids)
+    ):
         raise AppError(f"token_ids must be a non-empty list of token ids in [0, {vocab_size}).")
     if len(ids) > APP_MAX_CONTEXT:
-        raise AppError(f"The trace has {len(ids)} tokens; the app re-routes at most "
-                       f"{APP_MAX_CONTEXT}.")
+        raise AppError(f"The trace has {len(ids)} tokens; the app re-routes at most {APP_MAX_CONTEXT}.")
     tokens = d.get("tokens")
     if not isinstance(tokens, list) or len(tokens) != len(ids):
         tokens = [str(i) for i in ids]
-    controller = str(d["controller"]) if d.get("controller") in KINDS else "bayes"
+    controller = str(d["controller"]) if d.get("controller") in KINDS else DEFAULT_CONTROLLER
     n_prompt = d.get("n_prompt_tokens")
     n_prompt = n_prompt if isinstance(n_prompt, int) and 0 <= n_prompt <= len(ids) else len(ids)
-    return Text(list(ids), [str(t) for t in tokens], str(d.get("prompt") or ""), n_prompt,
-                int(d.get("truncated") or 0), str(d.get("output_text") or ""), controller)
+    return Text(
+        list(ids),
+        [str(t) for t in tokens],
+        str(d.get("prompt") or ""),
+        n_prompt,
+        int(d.get("truncated") or 0),
+        str(d.get("output_text") or ""),
+        controller,
+    )
 
 
-__all__ = ["GenerateRequest", "Text", "clean_prompt", "number", "whole", "choice",
-           "parse_settings", "parse_request", "text_from_json", "MAX_PROMPT_CHARS",
-           "MAX_NEW_TOKENS", "APP_MAX_CONTEXT"]
+__all__ = [
+    "GenerateRequest",
+    "Text",
+    "clean_prompt",
+    "number",
+    "whole",
+    "choice",
+    "parse_settings",
+    "parse_request",
+    "text_from_json",
+    "MAX_PROMPT_CHARS",
+    "MAX_NEW_TOKENS",
+    "APP_MAX_CONTEXT",
+]

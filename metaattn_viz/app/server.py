@@ -26,8 +26,13 @@ def resolve_host_port(host: str | None, port: int | None) -> tuple[str, int]:
     return host, port
 
 
-def serve(host: str | None = None, port: int | None = None, model: str | None = None,
-          db: str | None = None, log_runs: bool = True) -> None:
+def serve(
+    host: str | None = None,
+    port: int | None = None,
+    model: str | None = None,
+    db: str | None = None,
+    log_runs: bool = True,
+) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from metaattn_viz.app.ui import build_app
 
@@ -35,7 +40,10 @@ def serve(host: str | None = None, port: int | None = None, model: str | None = 
     demo = build_app(model=model, db=db, log_runs=log_runs)
     log.info("serving on http://%s:%d", host, port)
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=host, server_port=port, show_error=True, share=False,
+        server_name=host,
+        server_port=port,
+        show_error=True,
+        share=False,
         allowed_paths=[str(_assets_dir())],
     )
 

@@ -12,20 +12,29 @@ from __future__ import annotations
 
 import gradio as gr
 
+from metaattn_viz import store
 from metaattn_viz.app import display, plots
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.tab_live import LiveTab
 from metaattn_viz.app.ui_errors import user_errors
 from metaattn_viz.routing.controller import KINDS
 
-SORTS = {"newest first": "-created_at", "oldest first": "created_at",
-         "most tokens": "-n_tokens", "lowest cost": "realized_cost",
-         "highest cost": "-realized_cost", "budget": "budget", "status": "status"}
+SORTS = {
+    "newest first": "-created_at",
+    "oldest first": "created_at",
+    "most tokens": "-n_tokens",
+    "lowest cost": "realized_cost",
+    "highest cost": "-realized_cost",
+    "budget": "budget",
+    "status": "status",
+}
 STATUSES = ("running", "done", "interrupted", "failed")
 ANY = "any"  # the filters' "no filter" choice
-DEFAULT_SQL = ("SELECT layer, avg((expert = 0)::DOUBLE) AS full_share,\n"
-               "       avg(uncertainty) AS mean_uncertainty\n"
-               "FROM routes GROUP BY layer ORDER BY layer")
+DEFAULT_SQL = (
+    "SELECT layer, avg((expert = 0)::DOUBLE) AS full_share,\n"
+    "       avg(uncertainty) AS mean_uncertainty\n"
+    "FROM routes GROUP BY layer ORDER BY layer"
+)
 COMPARE_MAP_HEIGHT = 360
 
 
@@ -35,9 +44,11 @@ class HistoryTab:
     def __init__(self, tab: gr.Tab):
         self.tab = tab
         empty = plots.empty_trace()
-        gr.Markdown("Every generation and re-route is in the routing log (DuckDB). Click a row "
-                    "to pick it as run A (the previous pick becomes run B); replay it into the "
-                    "Live views without the model, or compare A and B.")
+        gr.Markdown(
+            "Every generation and re-route is in the routing log (DuckDB). Click a row "
+            "to pick it as run A (the previous pick becomes run B); replay it into the "
+            "Live views without the model, or compare A and B."
+        )
         with gr.Row(equal_height=True):
             self.text = gr.Textbox(label="Search prompt and output", scale=3)
             self.status = gr.Dropdown([ANY, *STATUSES], value=ANY, label="Status")
@@ -52,43 +63,74 @@ class HistoryTab:
             self.compare = gr.Button("Compare A and B", elem_id="compare")
         self.compare_note = gr.Markdown("", elem_id="compare-note")
         with gr.Row():
-            self.cmp_a = gr.Plot(plots.expert_map(empty, height=COMPARE_MAP_HEIGHT),
-                                 show_label=False, elem_id="compare-a")
-            self.cmp_b = gr.Plot(plots.expert_map(empty, height=COMPARE_MAP_HEIGHT),
-                                 show_label=False, elem_id="compare-b")
+            self.cmp_a = gr.Plot(
+                plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), show_label=False, elem_id="compare-a"
+            )
+            self.cmp_b = gr.Plot(
+                plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), show_label=False, elem_id="compare-b"
+            )
         self.cmp_table = gr.Dataframe(
-            headers=["pos", "token_a", "token_b", "same_token", "routes_a", "routes_b",
-                     "agreement", "cost_a", "cost_b"], interactive=False, elem_id="compare-table",
+            headers=[
+                "pos",
+                "token_a",
+                "token_b",
+                "same_token",
+                "routes_a",
+                "routes_b",
+                "agreement",
+                "cost_a",
+                "cost_b",
+            ],
+            interactive=False,
+            elem_id="compare-table",
             label="Token by token (F full, L linear, W local window; lower case = hedged)",
-            max_height=360)
-        with gr.Accordion("Read-only SQL console (tables: runs, tokens, routes, experts)",
-                          open=False):
+            max_height=360,
+        )
+        with gr.Accordion("Read-only SQL console (tables: runs, tokens, routes, experts)", open=False):
             self.sql = gr.Code(DEFAULT_SQL, language="sql", label="Query", elem_id="sql")
             self.sql_run = gr.Button("Run query", elem_id="sql-run")
             self.sql_note = gr.Markdown("", elem_id="sql-note")
-            self.sql_result = gr.Dataframe(interactive=False, max_height=360, wrap=False,
-                                           elem_id="sql-result")
+            self.sql_result = gr.Dataframe(
+                interactive=False, max_height=360, wrap=False, elem_id="sql-result"
+            )
         with gr.Accordion("Download the routing log", open=False):
             with gr.Row(equal_height=True):
-                self.export_fmt = gr.Radio(["parquet", "csv"], value="parquet",
-                                           label="Format (partitioned by day, zipped)")
+                self.export_fmt = gr.Radio(
+                    list(store.EXPORT_FORMATS),
+                    value=store.EXPORT_FORMATS[0],
+                    label="Format (partitioned by day, zipped)",
+                )
                 self.export = gr.Button("Prepare download", elem_id="export")
-            self.export_file = gr.File(label="Routing log", interactive=False,
-                                       elem_id="export-file")
+            self.export_file = gr.File(label="Routing log", interactive=False, elem_id="export-file")
 
     def wire(self, engine: Engine, live: LiveTab, tabs: gr.Tabs) -> None:
         history = engine.history
 
         @user_errors("listing runs")
         def list_runs(text, status, controller, sort):
-            return display.runs_table(history.runs(
-                text, None if status == ANY else status,
-                None if controller == ANY else controller, SORTS.get(sort, "-created_at")))
+            return display.runs_table(
+                history.runs(
+                    text,
+                    None if status == ANY else status,
+                    None if controller == ANY else controller,
+                    SORTS.get(sort, "-created_at"),
+                )
+            )
 
-        gr.on([self.refresh.click, self.text.submit, self.status.input, self.controller.input,
-               self.sort.input, self.tab.select], list_runs,
-              [self.text, self.status, self.controller, self.sort], self.runs,
-              api_visibility="private")
+        gr.on(
+            [
+                self.refresh.click,
+                self.text.submit,
+                self.status.input,
+                self.controller.input,
+                self.sort.input,
+                self.tab.select,
+            ],
+            list_runs,
+            [self.text, self.status, self.controller, self.sort],
+            self.runs,
+            api_visibility="private",
+        )
 
         def pick_run(run_a, evt: gr.SelectData):
             row = evt.row_value or []
@@ -97,22 +139,42 @@ class HistoryTab:
                 return gr.skip(), gr.skip()
             return run_id, run_a or gr.skip()
 
-        self.runs.select(pick_run, [self.run_a], [self.run_a, self.run_b],
-                         api_visibility="private", queue=False)
+        self.runs.select(
+            pick_run, [self.run_a], [self.run_a, self.run_b], api_visibility="private", queue=False
+        )
 
         @user_errors("replaying the run")
         def replay(run_id, measure):
             trace = history.replay(run_id)
-            return {**live.show(trace, measure), live.run_status: display.replay_note(trace),
-                    live.trace: trace, live.pos: live.show_positions(trace),
-                    live.controller: trace.controller, **live.routing.show(trace.settings),
-                    tabs: gr.Tabs(selected="live")}
+            return {
+                **live.show(trace, measure),
+                live.run_status: display.replay_note(trace),
+                live.trace: trace,
+                live.pos: live.show_positions(trace),
+                live.controller: trace.controller,
+                **live.routing.show(trace.settings),
+                tabs: gr.Tabs(selected="live"),
+            }
 
         r = live.routing
-        self.replay.click(replay, [self.run_a, live.measure],
-                          [*live.views, live.run_status, live.trace, live.pos, r.budget,
-                           live.controller, r.scope, r.hedge_policy, r.hedge_threshold,
-                           r.window, tabs], api_visibility="private")
+        self.replay.click(
+            replay,
+            [self.run_a, live.measure],
+            [
+                *live.views,
+                live.run_status,
+                live.trace,
+                live.pos,
+                r.budget,
+                live.controller,
+                r.scope,
+                r.hedge_policy,
+                r.hedge_threshold,
+                r.window,
+                tabs,
+            ],
+            api_visibility="private",
+        )
 
         @user_errors("comparing runs")
         def compare(run_a, run_b):
@@ -121,17 +183,19 @@ class HistoryTab:
             fb = plots.expert_map(b, COMPARE_MAP_HEIGHT, display.compare_title("B", b))
             return display.compare_note(a, b, df), fa, fb, df.round(3)
 
-        self.compare.click(compare, [self.run_a, self.run_b],
-                           [self.compare_note, self.cmp_a, self.cmp_b, self.cmp_table],
-                           api_visibility="private")
+        self.compare.click(
+            compare,
+            [self.run_a, self.run_b],
+            [self.compare_note, self.cmp_a, self.cmp_b, self.cmp_table],
+            api_visibility="private",
+        )
 
         @user_errors("running the query")
         def run_sql(query):
             df, notice = history.sql(query)
             return df, notice
 
-        self.sql_run.click(run_sql, self.sql, [self.sql_result, self.sql_note],
-                           api_visibility="private")
+        self.sql_run.click(run_sql, self.sql, [self.sql_result, self.sql_note], api_visibility="private")
 
         @user_errors("exporting the routing log")
         def export(fmt):

@@ -21,6 +21,7 @@ from metaattn_viz.app.plotly_html import plotly_stream
 from metaattn_viz.app.requests import MAX_NEW_TOKENS, parse_request, parse_settings
 from metaattn_viz.app.ui_errors import user_errors, warn
 from metaattn_viz.core.settings import (
+    DEFAULT_CONTROLLER,
     DEFAULTS,
     HEDGE_POLICIES,
     MIN_COST,
@@ -54,14 +55,23 @@ class RoutingControls:
 
     def settings(self, data: dict) -> RoutingSettings:
         """The settings from a callback's input values (AppError if one is out of range)."""
-        return parse_settings(data[self.budget], data[self.scope], data[self.hedge_policy],
-                              data[self.hedge_threshold], data[self.window])
+        return parse_settings(
+            data[self.budget],
+            data[self.scope],
+            data[self.hedge_policy],
+            data[self.hedge_threshold],
+            data[self.window],
+        )
 
     def show(self, s: RoutingSettings) -> dict:
         """The controls set to `s` (a replayed run's settings)."""
-        return {self.budget: s.budget if s.budget is not None else 1.0, self.scope: s.scope,
-                self.hedge_policy: s.hedge_policy, self.hedge_threshold: s.hedge_threshold,
-                self.window: min(max(s.window, WINDOW_MIN), WINDOW_MAX)}
+        return {
+            self.budget: s.budget if s.budget is not None else 1.0,
+            self.scope: s.scope,
+            self.hedge_policy: s.hedge_policy,
+            self.hedge_threshold: s.hedge_threshold,
+            self.window: min(max(s.window, WINDOW_MIN), WINDOW_MAX),
+        }
 
 
 class LiveTab:
@@ -72,82 +82,123 @@ class LiveTab:
         empty = plots.empty_trace()
         with gr.Row():
             with gr.Column(scale=3):
-                self.prompt = gr.Textbox(label="Prompt", lines=3, max_lines=10, elem_id="prompt",
-                                         placeholder="Type a prompt, or pick an example below")
+                self.prompt = gr.Textbox(
+                    label="Prompt",
+                    lines=3,
+                    max_lines=10,
+                    elem_id="prompt",
+                    placeholder="Type a prompt, or pick an example below",
+                )
                 with gr.Row():
                     self.generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     self.stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=2):
-                self.max_new = gr.Slider(0, MAX_NEW_TOKENS, value=48, step=1,
-                                         label="Max new tokens", elem_id="max-new")
+                self.max_new = gr.Slider(
+                    0, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens", elem_id="max-new"
+                )
                 with gr.Row():
-                    self.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05,
-                                                 label="Temperature (0 = greedy)")
+                    self.temperature = gr.Slider(
+                        0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"
+                    )
                     self.top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 with gr.Row():
                     self.seed = gr.Number(0, precision=0, label="Seed", minimum=0)
-                    self.chat = gr.Checkbox(True, label="Chat template (instruct model)",
-                                            elem_id="chat")
+                    self.chat = gr.Checkbox(True, label="Chat template (instruct model)", elem_id="chat")
         if examples:
-            gr.Examples([[e["prompt"], bool(e.get("chat", True))] for e in examples],
-                        inputs=[self.prompt, self.chat], label="Example prompts",
-                        example_labels=[e.get("label") or e["prompt"][:60] for e in examples])
+            gr.Examples(
+                [[e["prompt"], bool(e.get("chat", True))] for e in examples],
+                inputs=[self.prompt, self.chat],
+                label="Example prompts",
+                example_labels=[e.get("label") or e["prompt"][:60] for e in examples],
+            )
         with gr.Row(equal_height=True):
-            budget = gr.Slider(MIN_COST, 1.0, value=DEFAULTS.budget, step=0.01, elem_id="budget",
-                               scale=3,
-                               label="Compute budget: mean notional cost per decision "
-                                     "(full 1.0, local 0.3, linear 0.15); re-routes on release")
-            self.controller = gr.Radio([(CONTROLLER_LABELS.get(k, k), k) for k in KINDS],
-                                       value="bayes", label="Controller", elem_id="controller")
-            scope = gr.Radio([(SCOPE_LABELS.get(s, s), s) for s in SCOPES],
-                             value=DEFAULTS.scope, label="Budget scope")
+            budget = gr.Slider(
+                MIN_COST,
+                1.0,
+                value=DEFAULTS.budget,
+                step=0.01,
+                elem_id="budget",
+                scale=3,
+                label="Compute budget: mean notional cost per decision "
+                "(full 1.0, local 0.3, linear 0.15); re-routes on release",
+            )
+            self.controller = gr.Radio(
+                [(CONTROLLER_LABELS.get(k, k), k) for k in KINDS],
+                value=DEFAULT_CONTROLLER,
+                label="Controller",
+                elem_id="controller",
+            )
+            scope = gr.Radio(
+                [(SCOPE_LABELS.get(s, s), s) for s in SCOPES], value=DEFAULTS.scope, label="Budget scope"
+            )
         with gr.Row(equal_height=True):
-            hedge_policy = gr.Radio(list(HEDGE_POLICIES), value=DEFAULTS.hedge_policy,
-                                    label="Hedge policy")
-            hedge_threshold = gr.Slider(0.0, 1.0, value=DEFAULTS.hedge_threshold, step=0.01,
-                                        label="Hedge threshold (total uncertainty)")
-            window = gr.Slider(WINDOW_MIN, WINDOW_MAX, value=DEFAULTS.window, step=8,
-                               label="Local window (tokens)")
+            hedge_policy = gr.Radio(list(HEDGE_POLICIES), value=DEFAULTS.hedge_policy, label="Hedge policy")
+            hedge_threshold = gr.Slider(
+                0.0,
+                1.0,
+                value=DEFAULTS.hedge_threshold,
+                step=0.01,
+                label="Hedge threshold (total uncertainty)",
+            )
+            window = gr.Slider(
+                WINDOW_MIN, WINDOW_MAX, value=DEFAULTS.window, step=8, label="Local window (tokens)"
+            )
             self.quality = gr.Checkbox(True, label="Quality meter (dense shadow pass)")
         self.routing = RoutingControls(budget, scope, hedge_policy, hedge_threshold, window)
         self.meters = gr.HTML(plots.meters(empty), elem_id="meters")
         self.run_status = gr.Markdown("", elem_id="run-status")
-        self.measure = gr.Dropdown(list(UNCERTAINTY_MEASURES), value="total",
-                                   label="Uncertainty measure (bottom map)", elem_id="measure")
+        self.measure = gr.Dropdown(
+            list(UNCERTAINTY_MEASURES),
+            value="total",
+            label="Uncertainty measure (bottom map)",
+            elem_id="measure",
+        )
         self.maps = plotly_stream(plots.routing_maps(empty), "routing-maps", 780)
         self.strip = gr.HighlightedText(
-            label="Text: darker = more layers gave the token full attention (click a token "
-                  "to inspect it)", elem_id="strip", show_legend=False, combine_adjacent=False,
-            show_inline_category=False, interactive=False)
+            label="Text: darker = more layers gave the token full attention (click a token to inspect it)",
+            elem_id="strip",
+            show_legend=False,
+            combine_adjacent=False,
+            show_inline_category=False,
+            interactive=False,
+        )
         self._build_inspector()
-        with gr.Accordion("Budget sweep: quality against cost for both controllers and the "
-                          "baselines", open=False, elem_id="sweep"):
+        with gr.Accordion(
+            "Budget sweep: quality against cost for both controllers and the baselines",
+            open=False,
+            elem_id="sweep",
+        ):
             self.sweep = gr.Button("Sweep budgets", elem_id="sweep-button")
             self.pareto = gr.Plot(plots.pareto([]), show_label=False, elem_id="pareto")
             self.sweep_table = gr.Dataframe(interactive=False, label="Sweep", max_height=300)
 
     def _build_inspector(self) -> None:
-        with gr.Accordion("Token inspector: posterior by layer and the attention actually used",
-                          open=True, elem_id="inspector"):
+        with gr.Accordion(
+            "Token inspector: posterior by layer and the attention actually used",
+            open=True,
+            elem_id="inspector",
+        ):
             with gr.Row(equal_height=True):
-                self.pos = gr.Slider(0, 1, value=0, step=1, label="Token position",
-                                     elem_id="inspect-pos", scale=4)
+                self.pos = gr.Slider(
+                    0, 1, value=0, step=1, label="Token position", elem_id="inspect-pos", scale=4
+                )
                 self.inspect = gr.Button("Inspect token", elem_id="inspect", scale=1)
             self.inspect_note = gr.Markdown("", elem_id="inspect-note")
             with gr.Row():
-                self.ternary = gr.Plot(plots.ternary_placeholder(), show_label=False,
-                                       elem_id="ternary")
-                self.conc_table = gr.Dataframe(headers=plots.concentration_columns(),
-                                               label="Concentrations and decisions by layer",
-                                               interactive=False, elem_id="conc-table",
-                                               max_height=440, wrap=False)
+                self.ternary = gr.Plot(plots.ternary_placeholder(), show_label=False, elem_id="ternary")
+                self.conc_table = gr.Dataframe(
+                    headers=plots.concentration_columns(),
+                    label="Concentrations and decisions by layer",
+                    interactive=False,
+                    elem_id="conc-table",
+                    max_height=440,
+                    wrap=False,
+                )
             with gr.Tabs():
                 with gr.Tab("bertviz head view"):
-                    self.head_view = gr.HTML(attention_maps.message(PICK_A_TOKEN),
-                                             elem_id="head-view")
+                    self.head_view = gr.HTML(attention_maps.message(PICK_A_TOKEN), elem_id="head-view")
                 with gr.Tab("bertviz model view"):
-                    self.model_view = gr.HTML(attention_maps.message(PICK_A_TOKEN),
-                                              elem_id="model-view")
+                    self.model_view = gr.HTML(attention_maps.message(PICK_A_TOKEN), elem_id="model-view")
 
     # -- what several events draw -----------------------------------------------------------
     @property
@@ -157,8 +208,7 @@ class LiveTab:
 
     def show(self, trace, measure: str) -> dict:
         """The views of `trace`, as updates of their components."""
-        maps, strip, meters = plots.live_views(
-            trace, measure if measure in UNCERTAINTY_MEASURES else "total")
+        maps, strip, meters = plots.live_views(trace, measure if measure in UNCERTAINTY_MEASURES else "total")
         return {self.maps: maps, self.strip: strip, self.meters: meters}
 
     def show_positions(self, trace) -> gr.Slider:
@@ -178,9 +228,17 @@ class LiveTab:
         @user_errors("generating")
         def live_generate(data, request: gr.Request):
             settings = self.routing.settings(data)
-            req = parse_request(data[self.prompt], settings, data[self.controller],
-                                data[self.max_new], data[self.temperature], data[self.top_p],
-                                data[self.seed], data[self.chat], data[self.quality])
+            req = parse_request(
+                data[self.prompt],
+                settings,
+                data[self.controller],
+                data[self.max_new],
+                data[self.temperature],
+                data[self.top_p],
+                data[self.seed],
+                data[self.chat],
+                data[self.quality],
+            )
             key = request.session_hash if request is not None else None
             job = engine.generations.start(req, key=key)
             yield {self.run_status: "Routing the prompt\u2026"}
@@ -192,8 +250,10 @@ class LiveTab:
                         warned = len(job.notes)
                     if snap is None:
                         continue
-                    out = {**self.show(snap, data[self.measure]),
-                           self.run_status: display.run_status(job, snap)}
+                    out = {
+                        **self.show(snap, data[self.measure]),
+                        self.run_status: display.run_status(job, snap),
+                    }
                     if job.done:
                         out.update({self.trace: snap, self.pos: self.show_positions(snap)})
                     yield out
@@ -205,11 +265,26 @@ class LiveTab:
             if job.error is not None:
                 raise job.error
 
-        gr.on([self.generate.click, self.prompt.submit], live_generate,
-              {self.prompt, self.max_new, self.temperature, self.top_p, self.seed, self.chat,
-               self.controller, self.quality, self.measure, *self.routing.inputs},
-              [*self.views, self.run_status, self.trace, self.pos], api_visibility="private",
-              concurrency_id="model", show_progress="minimal")
+        gr.on(
+            [self.generate.click, self.prompt.submit],
+            live_generate,
+            {
+                self.prompt,
+                self.max_new,
+                self.temperature,
+                self.top_p,
+                self.seed,
+                self.chat,
+                self.controller,
+                self.quality,
+                self.measure,
+                *self.routing.inputs,
+            },
+            [*self.views, self.run_status, self.trace, self.pos],
+            api_visibility="private",
+            concurrency_id="model",
+            show_progress="minimal",
+        )
 
         def stop(request: gr.Request):
             if request is not None and engine.generations.stop(request.session_hash):
@@ -225,40 +300,63 @@ class LiveTab:
             if trace is None:
                 return {self.run_status: "The settings apply to the next generation."}
             if request is not None and engine.generations.running(request.session_hash):
-                gr.Warning("A generation is running: the new settings apply to the next one "
-                           "(or stop it first).")
+                gr.Warning(
+                    "A generation is running: the new settings apply to the next one (or stop it first)."
+                )
                 return gr.skip()
             new = engine.analysis.reroute(trace, settings, data[self.controller])
-            return {**self.show(new, data[self.measure]),
-                    self.run_status: display.reroute_note(new), self.trace: new}
+            return {
+                **self.show(new, data[self.measure]),
+                self.run_status: display.reroute_note(new),
+                self.trace: new,
+            }
 
         @user_errors("measuring quality")
         def measure_quality(trace, quality):
-            if (not quality or trace is None or trace.n_tokens < 2
-                    or trace.kl_to_dense is not None):
+            if not quality or trace is None or trace.n_tokens < 2 or trace.kl_to_dense is not None:
                 return gr.skip(), gr.skip()
             trace.kl_to_dense = engine.analysis.quality(trace)
             return plots.meters(trace), trace
 
         r = self.routing
-        gr.on([r.budget.release, r.hedge_threshold.release, r.window.release,
-               self.controller.input, r.scope.input, r.hedge_policy.input], live_reroute,
-              {self.trace, self.controller, self.measure, *r.inputs},
-              [*self.views, self.run_status, self.trace], api_visibility="private",
-              concurrency_id="model", show_progress="minimal").then(
-            measure_quality, [self.trace, self.quality], [self.meters, self.trace],
-            api_visibility="private", concurrency_id="model", show_progress="hidden")
-        self.quality.input(measure_quality, [self.trace, self.quality],
-                           [self.meters, self.trace], api_visibility="private",
-                           show_progress="hidden")
+        gr.on(
+            [
+                r.budget.release,
+                r.hedge_threshold.release,
+                r.window.release,
+                self.controller.input,
+                r.scope.input,
+                r.hedge_policy.input,
+            ],
+            live_reroute,
+            {self.trace, self.controller, self.measure, *r.inputs},
+            [*self.views, self.run_status, self.trace],
+            api_visibility="private",
+            concurrency_id="model",
+            show_progress="minimal",
+        ).then(
+            measure_quality,
+            [self.trace, self.quality],
+            [self.meters, self.trace],
+            api_visibility="private",
+            concurrency_id="model",
+            show_progress="hidden",
+        )
+        self.quality.input(
+            measure_quality,
+            [self.trace, self.quality],
+            [self.meters, self.trace],
+            api_visibility="private",
+            show_progress="hidden",
+        )
 
         @user_errors("redrawing the maps")
         def redraw_maps(trace, measure):
-            return plots.routing_maps_json(trace if trace is not None else plots.empty_trace(),
-                                           measure)
+            return plots.routing_maps_json(trace if trace is not None else plots.empty_trace(), measure)
 
-        self.measure.input(redraw_maps, [self.trace, self.measure], self.maps,
-                           api_visibility="private", queue=False)
+        self.measure.input(
+            redraw_maps, [self.trace, self.measure], self.maps, api_visibility="private", queue=False
+        )
 
     def _wire_inspector(self, engine: Engine) -> None:
         @user_errors("inspecting the token")
@@ -266,32 +364,35 @@ class LiveTab:
             if trace is None or trace.n_tokens == 0:
                 raise AppError("Nothing to inspect yet: generate (or replay) a text first.")
             pos = min(max(int(pos), 0), trace.n_tokens - 1)
-            out = {self.ternary: plots.ternary(trace, pos),
-                   self.conc_table: plots.concentration_table(trace, pos)}
+            out = {
+                self.ternary: plots.ternary(trace, pos),
+                self.conc_table: plots.concentration_table(trace, pos),
+            }
             try:
                 view = engine.analysis.inspect(trace, pos)
             except AppError as exc:
                 msg = attention_maps.message(str(exc))
-                return {**out, self.head_view: msg, self.model_view: msg,
-                        self.inspect_note: str(exc)}
-            head = attention_maps.iframe(attention_maps.head_view_page(view),
-                                         min(640, 110 + 23 * len(view.positions)), "head view")
-            model = attention_maps.iframe(attention_maps.model_view_page(view), 720,
-                                          "model view")
-            return {**out, self.head_view: head, self.model_view: model,
-                    self.inspect_note: display.inspect_note(trace, pos, view)}
+                return {**out, self.head_view: msg, self.model_view: msg, self.inspect_note: str(exc)}
+            head = attention_maps.iframe(
+                attention_maps.head_view_page(view), min(640, 110 + 23 * len(view.positions)), "head view"
+            )
+            model = attention_maps.iframe(attention_maps.model_view_page(view), 720, "model view")
+            return {
+                **out,
+                self.head_view: head,
+                self.model_view: model,
+                self.inspect_note: display.inspect_note(trace, pos, view),
+            }
 
-        outputs = [self.ternary, self.conc_table, self.head_view, self.model_view,
-                   self.inspect_note]
-        self.inspect.click(inspect_token, [self.trace, self.pos], outputs,
-                           api_visibility="private")
+        outputs = [self.ternary, self.conc_table, self.head_view, self.model_view, self.inspect_note]
+        self.inspect.click(inspect_token, [self.trace, self.pos], outputs, api_visibility="private")
 
         def pick_token(evt: gr.SelectData):
             return evt.index if isinstance(evt.index, int) else evt.index[0]
 
-        self.strip.select(pick_token, None, self.pos, api_visibility="private",
-                          queue=False).then(
-            inspect_token, [self.trace, self.pos], outputs, api_visibility="private")
+        self.strip.select(pick_token, None, self.pos, api_visibility="private", queue=False).then(
+            inspect_token, [self.trace, self.pos], outputs, api_visibility="private"
+        )
 
     def _wire_sweep(self, engine: Engine) -> None:
         @user_errors("sweeping budgets")
@@ -300,13 +401,17 @@ class LiveTab:
             if trace is None:
                 raise AppError("Nothing to sweep yet: generate (or replay) a text first.")
             base = self.routing.settings(data)
-            rows = engine.analysis.sweep(trace, base,
-                                         progress=lambda f, d: progress(f, desc=d))
+            rows = engine.analysis.sweep(trace, base, progress=lambda f, d: progress(f, desc=d))
             return plots.pareto(rows), display.sweep_table(rows)
 
-        self.sweep.click(sweep, {self.trace, *self.routing.inputs},
-                         [self.pareto, self.sweep_table], api_visibility="private",
-                         concurrency_limit=1, concurrency_id="sweep")
+        self.sweep.click(
+            sweep,
+            {self.trace, *self.routing.inputs},
+            [self.pareto, self.sweep_table],
+            api_visibility="private",
+            concurrency_limit=1,
+            concurrency_id="sweep",
+        )
 
 
 __all__ = ["LiveTab", "RoutingControls", "SCOPE_LABELS", "CONTROLLER_LABELS"]

@@ -65,8 +65,9 @@ def load_examples(path: Path = EXAMPLES_FILE) -> list[dict]:
         return []
 
 
-def build_app(model: str | None = None, db: str | None = None, log_runs: bool = True,
-              engine: Engine | None = None) -> gr.Blocks:
+def build_app(
+    model: str | None = None, db: str | None = None, log_runs: bool = True, engine: Engine | None = None
+) -> gr.Blocks:
     """The page over `engine` (or a new Engine for model / db / log_runs)."""
     engine = engine or Engine(model, db, log_runs)
     gr.set_static_paths([attention_maps.VENDOR_DIR, PLOTLY_JS])
@@ -97,8 +98,7 @@ def _wire_header(engine: Engine, status: gr.Markdown, timer: gr.Timer) -> None:
         done = s["model_ready"] or s["model_error"] is not None
         return display.status_markdown(s), gr.Timer(active=not done)
 
-    timer.tick(tick, None, [status, timer], api_visibility="private", queue=False,
-               show_progress="hidden")
+    timer.tick(tick, None, [status, timer], api_visibility="private", queue=False, show_progress="hidden")
 
 
 __all__ = ["build_app", "load_examples"]

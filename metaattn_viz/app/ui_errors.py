@@ -25,20 +25,26 @@ def as_gr_error(exc: BaseException, what: str) -> gr.Error:
     if isinstance(exc, AppError):
         return gr.Error(str(exc), print_exception=False)
     log.error("%s failed", what, exc_info=exc)
-    return gr.Error(f"Something went wrong while {what} ({type(exc).__name__}). The server log "
-                    "has the details; the app is still running.", print_exception=False)
+    return gr.Error(
+        f"Something went wrong while {what} ({type(exc).__name__}). The server log "
+        "has the details; the app is still running.",
+        print_exception=False,
+    )
 
 
 def user_errors(what: str):
     """Decorate a callback (plain or generator) so that failures become plain messages."""
+
     def wrap(fn):
         if inspect.isgeneratorfunction(fn):
+
             @functools.wraps(fn)
             def gen(*args, **kwargs):
                 try:
                     yield from fn(*args, **kwargs)
                 except Exception as exc:
                     raise as_gr_error(exc, what) from None
+
             return gen
 
         @functools.wraps(fn)
@@ -47,7 +53,9 @@ def user_errors(what: str):
                 return fn(*args, **kwargs)
             except Exception as exc:
                 raise as_gr_error(exc, what) from None
+
         return call
+
     return wrap
 
 

@@ -12,6 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--no-model", action="store_true", help="attention rows only (no SmolLM2 rows)")
-    p.add_argument("--long-context", type=int, default=8192,
-                   help="context of the long decode row (default 8192)")
+    p.add_argument(
+        "--long-context", type=int, default=8192, help="context of the long decode row (default 8192)"
+    )
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")

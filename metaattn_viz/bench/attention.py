@@ -97,8 +97,15 @@ def _side_by_side(routed, dense, repeats: int, sync) -> tuple[float, float]:
 def _max_abs_err(q, k, v, w, y) -> float:
     """Routed output vs the dense reference on the last ERR_ROWS query rows."""
     n = min(ERR_ROWS, q.shape[2])
-    want, _ = kernels.routed_attention(q[:, :, -n:].float(), k.float(), v.float(), w[:, -n:].float(),
-                                       window=WINDOW, n_sink=N_SINK, backend="reference")
+    want, _ = kernels.routed_attention(
+        q[:, :, -n:].float(),
+        k.float(),
+        v.float(),
+        w[:, -n:].float(),
+        window=WINDOW,
+        n_sink=N_SINK,
+        backend="reference",
+    )
     return float((y[:, :, -n:].float() - want).abs().max())
 
 
@@ -120,12 +127,15 @@ def _flex_dense_and_masked(q, k, v, w):
 
     bm_routed = create_block_mask(routed_mask, None, None, t, t, device=q.device)
     bm_dense = create_block_mask(causal_mask, None, None, t, t, device=q.device)
-    return (lambda: flex(q, k, v, block_mask=bm_dense, enable_gqa=True),
-            lambda: flex(q, k, v, block_mask=bm_routed, enable_gqa=True))
+    return (
+        lambda: flex(q, k, v, block_mask=bm_dense, enable_gqa=True),
+        lambda: flex(q, k, v, block_mask=bm_routed, enable_gqa=True),
+    )
 
 
-def attention_rows(seq_lens=(1024, 4096), repeats: int = 5, device: str | None = None,
-                   mixes=tuple(MIXES)) -> list[dict]:
+def attention_rows(
+    seq_lens=(1024, 4096), repeats: int = 5, device: str | None = None, mixes=tuple(MIXES)
+) -> list[dict]:
     """Attention-level rows: routed kernels vs dense attention, per sequence length and mix."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
@@ -139,13 +149,13 @@ def attention_rows(seq_lens=(1024, 4096), repeats: int = 5, device: str | None =
         q = torch.randn(1, HEADS_Q, t, HEAD_DIM, generator=g).to(device, dtype)
         k = torch.randn(1, HEADS_KV, t, HEAD_DIM, generator=g).to(device, dtype)
         v = torch.randn(1, HEADS_KV, t, HEAD_DIM, generator=g).to(device, dtype)
-        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
-                                 enable_gqa=True)
+        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
         for mix in mixes:
             w = mix_weights(mix, t, seed=t, device=device)
             with torch.no_grad():
-                call = functools.partial(kernels.routed_attention, q, k, v, w, window=WINDOW,
-                                         n_sink=N_SINK, backend=backend)
+                call = functools.partial(
+                    kernels.routed_attention, q, k, v, w, window=WINDOW, n_sink=N_SINK, backend=backend
+                )
                 y, _ = call()
                 err = _max_abs_err(q, k, v, w, y)
                 baselines = [("sdpa", call, sdpa)]
@@ -155,32 +165,54 @@ def attention_rows(seq_lens=(1024, 4096), repeats: int = 5, device: str | None =
                     baselines.append(("flex_masked", call, flex_routed))
                 for name, routed, dense in baselines:
                     r_ms, d_ms = _side_by_side(routed, dense, repeats, sync)
-                    rows.append(dict(kind="attention", seq_len=t, budget=notional_cost(mix), mix=mix,
-                                     backend=backend, baseline=name, dtype=str(dtype).removeprefix("torch."),
-                                     device=where, dense_ms=round(d_ms, 3), routed_ms=round(r_ms, 3),
-                                     ratio=round(r_ms / d_ms, 4), max_abs_err=err))
+                    rows.append(
+                        dict(
+                            kind="attention",
+                            seq_len=t,
+                            budget=notional_cost(mix),
+                            mix=mix,
+                            backend=backend,
+                            baseline=name,
+                            dtype=str(dtype).removeprefix("torch."),
+                            device=where,
+                            dense_ms=round(d_ms, 3),
+                            routed_ms=round(r_ms, 3),
+                            ratio=round(r_ms / d_ms, 4),
+                            max_abs_err=err,
+                        )
+                    )
     return rows
 
 
-def run_bench(seq_lens=(1024, 4096), budget: float = 0.3, json: bool = False, repeats: int = 5,
-              model: bool = True, long_context: int = 8192) -> list[dict]:
+def run_bench(
+    seq_lens=(1024, 4096),
+    budget: float = 0.3,
+    json: bool = False,
+    repeats: int = 5,
+    model: bool = True,
+    long_context: int = 8192,
+) -> list[dict]:
     """All benchmark rows; prints them (a JSON list with json=True, else one line per row).
     model=True adds the whole-model rows of bench/model.py (routing overhead, prefill, decode)."""
     rows = attention_rows(seq_lens, repeats=repeats)
     if model:
         from metaattn_viz.bench.model import model_rows
 
-        rows += [dict(kind="model", mix=f"budget {r['budget']}", baseline="dense model",
-                      **r) for r in model_rows(budget=budget, long_context=long_context)]
+        rows += [
+            dict(kind="model", mix=f"budget {r['budget']}", baseline="dense model", **r)
+            for r in model_rows(budget=budget, long_context=long_context)
+        ]
     if json:
         print(json_mod.dumps(rows, indent=1))
     else:
         for r in rows:
             err = "" if r.get("max_abs_err") is None else f"  err {r['max_abs_err']:.1e}"
             label = r.get("case", r["mix"])
-            print(f"{r['kind']:9s} T={r['seq_len']:6d} {label:16s} {r['backend']:6s} vs "
-                  f"{r['baseline']:11s} dense {r['dense_ms']:9.2f} ms  routed {r['routed_ms']:9.2f} ms"
-                  f"  ratio {r['ratio']:.3f}{err}")
+            print(
+                f"{r['kind']:9s} T={r['seq_len']:6d} {label:16s} {r['backend']:6s} vs "
+                f"{r['baseline']:11s} dense {r['dense_ms']:9.2f} ms  routed {r['routed_ms']:9.2f} ms"
+                f"  ratio {r['ratio']:.3f}{err}"
+            )
     return rows
 
 
@@ -193,8 +225,7 @@ def run_from_args(a) -> int:
         raise ValueError(f"--seq-lens must be comma-separated whole numbers, got {a.seq_lens!r}") from None
     if not seq_lens or min(seq_lens) < 1:
         raise ValueError(f"--seq-lens must be whole numbers >= 1, got {a.seq_lens!r}")
-    run_bench(seq_lens, a.budget, a.json, a.repeats, model=not a.no_model,
-              long_context=a.long_context)
+    run_bench(seq_lens, a.budget, a.json, a.repeats, model=not a.no_model, long_context=a.long_context)
     return 0
 
 

@@ -75,24 +75,51 @@ def routing_overhead(routed: RoutedModel, plain, seq_len: int = 256, repeats: in
     with torch.no_grad():
         dense = _dense_logits(plain, ids)
         err = float((routed.prefill(ids, s, use_cache=False).logits - dense).abs().max())
-        t = _interleaved({"dense": lambda: _dense_logits(plain, ids),
-                          "routed": lambda: routed.prefill(ids, s, use_cache=False)}, repeats)
-    return {"case": "routing-overhead", "seq_len": seq_len, "budget": 1.0, "backend": "cpu",
-            "dense_ms": t["dense"], "routed_ms": t["routed"], "ratio": t["routed"] / t["dense"],
-            "target": "ratio <= 1.15", "max_abs_err": err}
+        t = _interleaved(
+            {
+                "dense": lambda: _dense_logits(plain, ids),
+                "routed": lambda: routed.prefill(ids, s, use_cache=False),
+            },
+            repeats,
+        )
+    return {
+        "case": "routing-overhead",
+        "seq_len": seq_len,
+        "budget": 1.0,
+        "backend": "cpu",
+        "dense_ms": t["dense"],
+        "routed_ms": t["routed"],
+        "ratio": t["routed"] / t["dense"],
+        "target": "ratio <= 1.15",
+        "max_abs_err": err,
+    }
 
 
-def prefill_speed(routed: RoutedModel, plain, seq_len: int = 4096, budget: float = 0.3,
-                  repeats: int = 3) -> dict:
+def prefill_speed(
+    routed: RoutedModel, plain, seq_len: int = 4096, budget: float = 0.3, repeats: int = 3
+) -> dict:
     ids = _text_ids(routed, seq_len)
     s = RoutingSettings(budget=budget)
     with torch.no_grad():
-        t = _interleaved({"dense": lambda: _dense_logits(plain, ids),
-                          "routed": lambda: routed.prefill(ids, s, use_cache=False)}, repeats)
-    return {"case": "prefill", "seq_len": seq_len, "budget": budget, "backend": "cpu",
-            "dense_ms": t["dense"], "routed_ms": t["routed"], "ratio": t["routed"] / t["dense"],
-            "speedup": t["dense"] / t["routed"], "target": "speedup >= 1.15",
-            "max_abs_err": None}
+        t = _interleaved(
+            {
+                "dense": lambda: _dense_logits(plain, ids),
+                "routed": lambda: routed.prefill(ids, s, use_cache=False),
+            },
+            repeats,
+        )
+    return {
+        "case": "prefill",
+        "seq_len": seq_len,
+        "budget": budget,
+        "backend": "cpu",
+        "dense_ms": t["dense"],
+        "routed_ms": t["routed"],
+        "ratio": t["routed"] / t["dense"],
+        "speedup": t["dense"] / t["routed"],
+        "target": "speedup >= 1.15",
+        "max_abs_err": None,
+    }
 
 
 def _dense_decoder(plain, ids: torch.Tensor, capacity: int):
@@ -108,8 +135,9 @@ def _dense_decoder(plain, ids: torch.Tensor, capacity: int):
         yield
 
 
-def decode_speed(routed: RoutedModel, plain, context: int, budget: float = 0.3,
-                 new_tokens: int = 24, block: int = 4) -> dict:
+def decode_speed(
+    routed: RoutedModel, plain, context: int, budget: float = 0.3, new_tokens: int = 24, block: int = 4
+) -> dict:
     """Per-token decode time after `context` tokens, dense vs routed (greedy, same text).
 
     Each side prefills once; then blocks of `block` tokens alternate (dense, routed, dense,
@@ -135,15 +163,25 @@ def decode_speed(routed: RoutedModel, plain, context: int, budget: float = 0.3,
         done += n
     routed_gen.close()
     d, r = statistics.median(per_token["dense"]), statistics.median(per_token["routed"])
-    return {"case": "decode", "seq_len": context, "budget": budget, "backend": "cpu",
-            "dense_ms": d, "routed_ms": r, "ratio": r / d, "speedup": d / r,
-            "dense_tokens_per_s": 1000 / d, "routed_tokens_per_s": 1000 / r,
-            "target": "speedup >= 1.3" if context >= 8192 else "speedup >= 0.9",
-            "max_abs_err": None}
+    return {
+        "case": "decode",
+        "seq_len": context,
+        "budget": budget,
+        "backend": "cpu",
+        "dense_ms": d,
+        "routed_ms": r,
+        "ratio": r / d,
+        "speedup": d / r,
+        "dense_tokens_per_s": 1000 / d,
+        "routed_tokens_per_s": 1000 / r,
+        "target": "speedup >= 1.3" if context >= 8192 else "speedup >= 0.9",
+        "max_abs_err": None,
+    }
 
 
-def model_rows(routed: RoutedModel | None = None, budget: float = 0.3, long_context: int = 8192,
-               quick: bool = False) -> list[dict]:
+def model_rows(
+    routed: RoutedModel | None = None, budget: float = 0.3, long_context: int = 8192, quick: bool = False
+) -> list[dict]:
     routed = routed or RoutedModel.load()
     plain = plain_copy(routed)
     with torch.no_grad():  # scoped: never switch autograd off for the caller

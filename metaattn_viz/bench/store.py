@@ -48,11 +48,18 @@ def synthetic_trace(n_layers: int, n_tokens: int, seed: int) -> RoutingTrace:
     L, T = n_layers, n_tokens
     n_prompt = T // 4
     trace = RoutingTrace(
-        model="synthetic", controller="bayes", controller_id=f"bayes-synthetic-{seed}",
+        model="synthetic",
+        controller="bayes",
+        controller_id=f"bayes-synthetic-{seed}",
         controller_trained=seed % 2 == 0,
         settings=RoutingSettings(budget=0.5, window=32, hedge_policy="soft"),
-        n_layers=L, head_dim=64, n_prompt_tokens=n_prompt, truncated=seed % 3,
-        prompt=f"synthetic prompt {seed} — ünïcode ✓", created_at=1.7e9 + seed * 3600.123456)
+        n_layers=L,
+        head_dim=64,
+        n_prompt_tokens=n_prompt,
+        truncated=seed % 3,
+        prompt=f"synthetic prompt {seed} — ünïcode ✓",
+        created_at=1.7e9 + seed * 3600.123456,
+    )
     conc = rng.gamma(2.0, 1.5, size=(L, T, K)).astype(np.float32) + 0.05  # [L, T, K]
     routes = conc.argmax(-1).astype(np.int8)  # [L, T]
     hedged = rng.random((L, T)) < 0.1
@@ -72,26 +79,37 @@ def synthetic_trace(n_layers: int, n_tokens: int, seed: int) -> RoutingTrace:
 def grow(full: RoutingTrace, every: int) -> Iterator[RoutingTrace]:
     """Yield a new trace that grows to `full` (prefill first, then `every` positions at a
     time), as the routed model's stream does."""
-    trace = RoutingTrace(model=full.model, controller=full.controller,
-                         controller_id=full.controller_id,
-                         controller_trained=full.controller_trained, settings=full.settings,
-                         n_layers=full.n_layers, head_dim=full.head_dim,
-                         n_prompt_tokens=full.n_prompt_tokens, truncated=full.truncated,
-                         created_at=full.created_at, prompt=full.prompt)
+    trace = RoutingTrace(
+        model=full.model,
+        controller=full.controller,
+        controller_id=full.controller_id,
+        controller_trained=full.controller_trained,
+        settings=full.settings,
+        n_layers=full.n_layers,
+        head_dim=full.head_dim,
+        n_prompt_tokens=full.n_prompt_tokens,
+        truncated=full.truncated,
+        created_at=full.created_at,
+        prompt=full.prompt,
+    )
     pos = 0
     while pos < full.n_tokens:
         n = full.n_prompt_tokens if pos == 0 and full.n_prompt_tokens else every
         end = min(full.n_tokens, pos + max(1, n))
-        trace.extend(full.token_ids[pos:end], full.tokens[pos:end],
-                     *(getattr(full, name)[:, pos:end] for name in TRACE_ARRAYS))
+        trace.extend(
+            full.token_ids[pos:end],
+            full.tokens[pos:end],
+            *(getattr(full, name)[:, pos:end] for name in TRACE_ARRAYS),
+        )
         pos = end
         yield trace
     trace.output_text, trace.timings = full.output_text, dict(full.timings)
 
 
 # -- insert throughput ------------------------------------------------------------------------
-def bench_insert_bulk(folder: Path, n_runs: int = 40, n_layers: int = 30, n_tokens: int = 1024,
-                      n_threads: int = 1) -> dict:
+def bench_insert_bulk(
+    folder: Path, n_runs: int = 40, n_layers: int = 30, n_tokens: int = 1024, n_threads: int = 1
+) -> dict:
     """Whole traces (start_run + finish, as `route` and re-routing log them) from n_threads
     threads at once; with several, the writer commits a few runs per transaction."""
     from metaattn_viz.store import RunLog
@@ -114,14 +132,21 @@ def bench_insert_bulk(folder: Path, n_runs: int = 40, n_layers: int = 30, n_toke
     log.close()  # the final checkpoint is part of the cost
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     rows = n_runs * n_layers * n_tokens
-    return {"mode": f"bulk, whole traces of {n_layers}x{n_tokens} from {n_threads} thread"
-                    f"{'s' if n_threads > 1 else ''}",
-            "runs": n_runs, "route_rows": rows, "seconds": dt, "cpu_seconds": cpu,
-            "route_rows_per_s": rows / dt, "route_rows_per_cpu_s": rows / cpu}
+    return {
+        "mode": f"bulk, whole traces of {n_layers}x{n_tokens} from {n_threads} thread"
+        f"{'s' if n_threads > 1 else ''}",
+        "runs": n_runs,
+        "route_rows": rows,
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "route_rows_per_s": rows / dt,
+        "route_rows_per_cpu_s": rows / cpu,
+    }
 
 
-def bench_insert_streaming(folder: Path, n_streams: int = 8, n_layers: int = 30,
-                           n_tokens: int = 2048, every: int = 4) -> dict:
+def bench_insert_streaming(
+    folder: Path, n_streams: int = 8, n_layers: int = 30, n_tokens: int = 2048, every: int = 4
+) -> dict:
     """8 streams of 2048 tokens (about a second here; with 512 tokens the run lasted
     0.25 s and start-up costs decided the figure)."""
     from metaattn_viz.store import RunLog
@@ -150,16 +175,25 @@ def bench_insert_streaming(folder: Path, n_streams: int = 8, n_layers: int = 30,
         log.close()  # the final checkpoint is part of the cost
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     rows = n_streams * n_layers * n_tokens
-    return {"mode": f"streaming ({n_streams} threads growing traces, append every {every} "
-                    "tokens; includes growing them)",
-            "runs": n_streams, "route_rows": rows, "seconds": dt, "cpu_seconds": cpu,
-            "route_rows_per_s": rows / dt, "route_rows_per_cpu_s": rows / cpu}
+    return {
+        "mode": f"streaming ({n_streams} threads growing traces, append every {every} "
+        "tokens; includes growing them)",
+        "runs": n_streams,
+        "route_rows": rows,
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "route_rows_per_s": rows / dt,
+        "route_rows_per_cpu_s": rows / cpu,
+    }
 
 
 # -- logging overhead of a real generation ----------------------------------------------------
-def bench_logging_overhead(folder: Path, max_new_tokens: int = 64, repeats: int = 7,
-                           prompt: str = "Once upon a time, in a small village,"
-                           ) -> dict:
+def bench_logging_overhead(
+    folder: Path,
+    max_new_tokens: int = 64,
+    repeats: int = 7,
+    prompt: str = "Once upon a time, in a small village,",
+) -> dict:
     from metaattn_viz.app.engine import configure_threads
     from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.store import RunLog
@@ -190,18 +224,23 @@ def bench_logging_overhead(folder: Path, max_new_tokens: int = 64, repeats: int 
         generate(None)
         runs = {False: [], True: []}  # use_log -> [(wall, cpu, in_log)]
         for r in range(repeats):  # adjacent pairs, alternating order: drift hits both alike
-            for use_log in ((False, True) if r % 2 == 0 else (True, False)):
+            for use_log in (False, True) if r % 2 == 0 else (True, False):
                 wall, cpu, spent, n_tokens = generate(log if use_log else None)
                 runs[use_log].append((wall, cpu, spent))
     pairs = list(zip(runs[False], runs[True], strict=True))
-    return {"max_new_tokens": max_new_tokens, "tokens": n_tokens, "repeats": repeats,
-            "torch_threads": torch_threads,
-            "plain_s": statistics.median(p[0] for p, _ in pairs),
-            "logged_s": statistics.median(g[0] for _, g in pairs),
-            "ratio": statistics.median(g[0] / p[0] for p, g in pairs),
-            "cpu_ratio": statistics.median(g[1] / p[1] for p, g in pairs),
-            "in_log_calls_share": statistics.median(g[2] / p[0] for p, g in pairs),
-            "plain_all_s": [p[0] for p, _ in pairs], "logged_all_s": [g[0] for _, g in pairs]}
+    return {
+        "max_new_tokens": max_new_tokens,
+        "tokens": n_tokens,
+        "repeats": repeats,
+        "torch_threads": torch_threads,
+        "plain_s": statistics.median(p[0] for p, _ in pairs),
+        "logged_s": statistics.median(g[0] for _, g in pairs),
+        "ratio": statistics.median(g[0] / p[0] for p, g in pairs),
+        "cpu_ratio": statistics.median(g[1] / p[1] for p, g in pairs),
+        "in_log_calls_share": statistics.median(g[2] / p[0] for p, g in pairs),
+        "plain_all_s": [p[0] for p, _ in pairs],
+        "logged_all_s": [g[0] for _, g in pairs],
+    }
 
 
 def machine() -> str:
@@ -209,48 +248,61 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m metaattn_viz.bench.store",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m metaattn_viz.bench.store", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--no-model", action="store_true",
-                    help="skip the real-generation overhead measurement")
-    ap.add_argument("--repeats", type=int, default=7,
-                    help="interleaved plain/logged generation pairs (default 7)")
+    ap.add_argument("--no-model", action="store_true", help="skip the real-generation overhead measurement")
+    ap.add_argument(
+        "--repeats", type=int, default=7, help="interleaved plain/logged generation pairs (default 7)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
     import duckdb
 
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-              "duckdb": duckdb.__version__, "load_average_before": os.getloadavg()}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "duckdb": duckdb.__version__,
+        "load_average_before": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(prefix="metaattn-bench-store-") as tmp:
         folder = Path(tmp)
-        result["insert"] = [bench_insert_bulk(folder), bench_insert_bulk(folder, n_threads=4),
-                            bench_insert_streaming(folder)]
+        result["insert"] = [
+            bench_insert_bulk(folder),
+            bench_insert_bulk(folder, n_threads=4),
+            bench_insert_streaming(folder),
+        ]
         if not args.no_model:
-            result["overhead"] = bench_logging_overhead(folder, args.max_new_tokens,
-                                                        args.repeats)
+            result["overhead"] = bench_logging_overhead(folder, args.max_new_tokens, args.repeats)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"routing log benchmark, {result['date']}, {result['machine']}, "
-          f"duckdb {result['duckdb']}, load average before "
-          f"{', '.join(f'{x:.1f}' for x in result['load_average_before'])} "
-          "(other processes share these cores)")
+    print(
+        f"routing log benchmark, {result['date']}, {result['machine']}, "
+        f"duckdb {result['duckdb']}, load average before "
+        f"{', '.join(f'{x:.1f}' for x in result['load_average_before'])} "
+        "(other processes share these cores)"
+    )
     for r in result["insert"]:
-        print(f"  insert {r['mode']}: {r['route_rows']} route rows in {r['seconds']:.2f} s = "
-              f"{r['route_rows_per_s']:,.0f} route rows/s (target >= 500,000: "
-              f"{'met' if r['route_rows_per_s'] >= 5e5 else 'NOT met'}); "
-              f"{r['route_rows_per_cpu_s']:,.0f} route rows per CPU-second of this process")
+        print(
+            f"  insert {r['mode']}: {r['route_rows']} route rows in {r['seconds']:.2f} s = "
+            f"{r['route_rows_per_s']:,.0f} route rows/s (target >= 500,000: "
+            f"{'met' if r['route_rows_per_s'] >= 5e5 else 'NOT met'}); "
+            f"{r['route_rows_per_cpu_s']:,.0f} route rows per CPU-second of this process"
+        )
     if "overhead" in result:
         o = result["overhead"]
-        print(f"  logging overhead, real generation of {o['tokens']} tokens "
-              f"({o['max_new_tokens']} new, {o['torch_threads']} torch thread(s) as the app "
-              f"server), {o['repeats']} interleaved pairs: median plain "
-              f"{o['plain_s']:.3f} s, logged {o['logged_s']:.3f} s; median pair ratio "
-              f"{o['ratio']:.3f} (target <= 1.05: {'met' if o['ratio'] <= 1.05 else 'NOT met'}); "
-              f"median pair ratio of process CPU time {o['cpu_ratio']:.3f}; "
-              f"time inside the log's calls on the generating thread: "
-              f"{100 * o['in_log_calls_share']:.2f}% of the plain run")
+        print(
+            f"  logging overhead, real generation of {o['tokens']} tokens "
+            f"({o['max_new_tokens']} new, {o['torch_threads']} torch thread(s) as the app "
+            f"server), {o['repeats']} interleaved pairs: median plain "
+            f"{o['plain_s']:.3f} s, logged {o['logged_s']:.3f} s; median pair ratio "
+            f"{o['ratio']:.3f} (target <= 1.05: {'met' if o['ratio'] <= 1.05 else 'NOT met'}); "
+            f"median pair ratio of process CPU time {o['cpu_ratio']:.3f}; "
+            f"time inside the log's calls on the generating thread: "
+            f"{100 * o['in_log_calls_share']:.2f}% of the plain run"
+        )
     return 0
 
 

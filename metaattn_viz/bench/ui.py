@@ -54,9 +54,11 @@ def machine() -> str:
         pass
     import torch
 
-    return (f"{cpu or platform.machine()}, {os.cpu_count()} cores visible, torch "
-            f"{torch.__version__} with {torch.get_num_threads()} intra-op thread(s), "
-            f"{platform.system()} {platform.release()}")
+    return (
+        f"{cpu or platform.machine()}, {os.cpu_count()} cores visible, torch "
+        f"{torch.__version__} with {torch.get_num_threads()} intra-op thread(s), "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 _COMPONENTS: list = []
@@ -71,8 +73,7 @@ def serialise(views) -> int:
     if not _COMPONENTS:
         _COMPONENTS.extend([gr.HTML(), gr.HighlightedText(), gr.HTML()])
     out = [c.postprocess(v) for c, v in zip(_COMPONENTS, views, strict=True)]
-    return sum(len(orjson.dumps(o.model_dump() if hasattr(o, "model_dump") else o))
-               for o in out)
+    return sum(len(orjson.dumps(o.model_dump() if hasattr(o, "model_dump") else o)) for o in out)
 
 
 def bench_reroute(engine, n_tokens: int, repeats: int, scope: str) -> dict:
@@ -100,18 +101,24 @@ def bench_reroute(engine, n_tokens: int, repeats: int, scope: str) -> dict:
         routed.dense_logits(x)
         dense_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        new = engine.analysis.reroute(new, parse_settings(budgets[i % len(budgets)], scope),
-                                      log_run=False)
+        new = engine.analysis.reroute(new, parse_settings(budgets[i % len(budgets)], scope), log_run=False)
         sizes.append(serialise(plots.live_views(new)))
         reroute_s.append(time.perf_counter() - t0)
     ratios = [r / d for r, d in zip(reroute_s, dense_s, strict=True)]
-    return {"benchmark": "reroute", "scope": scope, "tokens": n_tokens, "repeats": repeats,
-            "passes": new.timings.get("prefill_passes"),
-            "dense_ms": 1000 * statistics.median(dense_s),
-            "reroute_ms": 1000 * statistics.median(reroute_s),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios), "frame_bytes": int(statistics.median(sizes)),
-            "target": 1.5}
+    return {
+        "benchmark": "reroute",
+        "scope": scope,
+        "tokens": n_tokens,
+        "repeats": repeats,
+        "passes": new.timings.get("prefill_passes"),
+        "dense_ms": 1000 * statistics.median(dense_s),
+        "reroute_ms": 1000 * statistics.median(reroute_s),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "frame_bytes": int(statistics.median(sizes)),
+        "target": 1.5,
+    }
 
 
 def bench_streaming(engine, new_tokens: int, repeats: int) -> dict:
@@ -119,8 +126,7 @@ def bench_streaming(engine, new_tokens: int, repeats: int) -> dict:
     from metaattn_viz.app.generation import STREAM_INTERVAL_S
     from metaattn_viz.app.requests import parse_request, parse_settings
 
-    req = parse_request(TEXT[:400], parse_settings(0.5), max_new_tokens=new_tokens,
-                        quality=False)
+    req = parse_request(TEXT[:400], parse_settings(0.5), max_new_tokens=new_tokens, quality=False)
 
     def unwatched():
         t0 = time.perf_counter()
@@ -149,16 +155,23 @@ def bench_streaming(engine, new_tokens: int, repeats: int) -> dict:
         n = tr.n_tokens - tr.n_prompt_tokens
         assert tr.token_ids == tr2.token_ids  # greedy: the same work both ways
     slow = [w / p for w, p in zip(live, plain, strict=True)]
-    return {"benchmark": "streaming", "new_tokens": n, "repeats": repeats,
-            "unwatched_s": statistics.median(plain), "watched_s": statistics.median(live),
-            "tokens_per_s_unwatched": n / statistics.median(plain),
-            "frames_per_s": statistics.median(frames), "slowdown": statistics.median(slow),
-            "slowdown_min": min(slow), "slowdown_max": max(slow), "target": 1.15}
+    return {
+        "benchmark": "streaming",
+        "new_tokens": n,
+        "repeats": repeats,
+        "unwatched_s": statistics.median(plain),
+        "watched_s": statistics.median(live),
+        "tokens_per_s_unwatched": n / statistics.median(plain),
+        "frames_per_s": statistics.median(frames),
+        "slowdown": statistics.median(slow),
+        "slowdown_min": min(slow),
+        "slowdown_max": max(slow),
+        "target": 1.15,
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m metaattn_viz.bench.ui", description=__doc__
-                                .split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m metaattn_viz.bench.ui", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=128, help="re-route text length (tokens)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
     p.add_argument("--repeats", type=int, default=5)
@@ -177,25 +190,31 @@ def main(argv=None) -> int:
         rows.append(bench_streaming(engine, args.new_tokens, args.repeats))
     finally:
         engine.close()
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-            "controllers_trained": {k: c.trained
-                                    for k, c in engine.host.routed_model().controllers.items()}}
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "controllers_trained": {k: c.trained for k, c in engine.host.routed_model().controllers.items()},
+    }
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
     else:
         *reroutes, s = rows
         print(f"{meta['date']}  {meta['machine']}")
         for r in reroutes:
-            print(f"re-route of {r['tokens']} tokens, {r['scope']} scope ({r['passes']} "
-                  f"pass{'es' if r['passes'] != 1 else ''}), until the frame is serialised: "
-                  f"{r['reroute_ms']:.0f} ms vs dense forward {r['dense_ms']:.0f} ms -> ratio "
-                  f"{r['ratio']:.2f} (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f}; "
-                  f"target <= {r['target']}); frame {r['frame_bytes'] / 1024:.0f} KiB")
-        print(f"streaming {s['new_tokens']} tokens: {s['unwatched_s']:.2f} s unwatched "
-              f"({s['tokens_per_s_unwatched']:.1f} tokens/s), {s['watched_s']:.2f} s with live "
-              f"views at {s['frames_per_s']:.1f} frames/s -> slowdown {s['slowdown']:.3f}x "
-              f"(min {s['slowdown_min']:.3f}, max {s['slowdown_max']:.3f}; target <= "
-              f"{s['target']})")
+            print(
+                f"re-route of {r['tokens']} tokens, {r['scope']} scope ({r['passes']} "
+                f"pass{'es' if r['passes'] != 1 else ''}), until the frame is serialised: "
+                f"{r['reroute_ms']:.0f} ms vs dense forward {r['dense_ms']:.0f} ms -> ratio "
+                f"{r['ratio']:.2f} (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f}; "
+                f"target <= {r['target']}); frame {r['frame_bytes'] / 1024:.0f} KiB"
+            )
+        print(
+            f"streaming {s['new_tokens']} tokens: {s['unwatched_s']:.2f} s unwatched "
+            f"({s['tokens_per_s_unwatched']:.1f} tokens/s), {s['watched_s']:.2f} s with live "
+            f"views at {s['frames_per_s']:.1f} frames/s -> slowdown {s['slowdown']:.3f}x "
+            f"(min {s['slowdown_min']:.3f}, max {s['slowdown_max']:.3f}; target <= "
+            f"{s['target']})"
+        )
     return 0
 
 

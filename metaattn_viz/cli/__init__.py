@@ -18,7 +18,15 @@ from collections.abc import Sequence
 
 from metaattn_viz import __version__
 from metaattn_viz.core.experts import K
-from metaattn_viz.core.settings import DEFAULTS, HEDGE_POLICIES, MIN_COST, SCOPES, RoutingSettings
+from metaattn_viz.core.settings import (
+    CONTROLLER_KINDS,
+    DEFAULT_CONTROLLER,
+    DEFAULTS,
+    HEDGE_POLICIES,
+    MIN_COST,
+    SCOPES,
+    RoutingSettings,
+)
 
 EXIT_USAGE = 2
 BUDGET_RANGE = f"[{MIN_COST:g}, 1]"
@@ -27,8 +35,7 @@ BUDGET_RANGE = f"[{MIN_COST:g}, 1]"
 class _Choices(Sequence):
     """The choices of an option, read from a module's tuple (their one definition) the
     first time argparse needs them: to check a value or to print that subcommand's help.
-    The controller registry imports torch and the store duckdb, which `metaattn-viz
-    --help` must not pay for."""
+    The store imports duckdb, which `metaattn-viz --help` must not pay for."""
 
     def __init__(self, module: str, name: str):
         self._source = (module, name)
@@ -47,15 +54,14 @@ class _Choices(Sequence):
         return len(self._get())
 
 
-def _add_choice(p: argparse.ArgumentParser, flag: str, module: str, name: str,
-                **kwargs) -> None:
+def _add_choice(p: argparse.ArgumentParser, flag: str, module: str, name: str, **kwargs) -> None:
     # Set after add_argument: argparse formats the choices while adding an argument, which
     # would import the module now.
     p.add_argument(flag, **kwargs).choices = _Choices(module, name)
 
 
 def _add_controller_arg(p: argparse.ArgumentParser) -> None:
-    _add_choice(p, "--controller", "metaattn_viz.routing.controller", "KINDS", default="bayes")
+    p.add_argument("--controller", choices=CONTROLLER_KINDS, default=DEFAULT_CONTROLLER)
 
 
 class UserError(Exception):
@@ -63,32 +69,35 @@ class UserError(Exception):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="local HF folder, .gguf file or hub id (default: bundled SmolLM2-135M-"
-                        "Instruct; env METAATTN_MODEL)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF folder, .gguf file or hub id (default: bundled SmolLM2-135M-"
+        "Instruct; env METAATTN_MODEL)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metaattn-viz",
         description="Watch Bayesian per-token attention routing (Meta-Attention) inside a real "
-                    "language model.",
+        "language model.",
     )
     parser.add_argument("--version", action="version", version=f"metaattn-viz {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="start the web app (Gradio) on HOST:PORT")
-    p.add_argument("--host", default=None,
-                   help="bind address (default 127.0.0.1; 0.0.0.0 on HF Spaces)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 on HF Spaces)")
     p.add_argument("--port", type=int, default=None, help="port (default 7860, or $PORT)")
     _add_model_args(p)
     p.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
     p.add_argument("--no-log", action="store_true", help="do not log runs to DuckDB")
     p.set_defaults(handler=_cmd_serve)
 
-    p = sub.add_parser("export", help="export the routing log as Parquet or CSV, partitioned by "
-                                      "day (hive style)")
+    p = sub.add_parser(
+        "export", help="export the routing log as Parquet or CSV, partitioned by day (hive style)"
+    )
     p.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
     p.add_argument("--out", required=True, help="output folder (runs/, tokens/, routes/ ...)")
     _add_choice(p, "--format", "metaattn_viz.store", "EXPORT_FORMATS", default="parquet")
@@ -112,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta-kl", type=float, default=None, help="weight of the prior KL (bayes)")
-    p.add_argument("--cost-weight", type=float, default=None,
-                   help="weight of E[cost] (priorfree)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default assets/controllers/<model>/<controller>)")
+    p.add_argument("--cost-weight", type=float, default=None, help="weight of E[cost] (priorfree)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default assets/controllers/<model>/<controller>)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _add_model_args(p)
     p.set_defaults(handler=_cmd_calibrate)
@@ -126,12 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="validation tokens to score")
     p.add_argument("--seq-len", type=int, default=None, help="window length")
     p.add_argument("--window", type=int, default=DEFAULTS.window, help="local expert window")
-    p.add_argument("--scope", default=DEFAULTS.scope, choices=SCOPES,
-                   help=f"budget scope of the controllers' rows (default {DEFAULTS.scope})")
-    p.add_argument("--no-baselines", action="store_true",
-                   help="only the controllers (skip static, random and salience rows)")
-    p.add_argument("--report", default=None,
-                   help="also write the tables into this markdown file (and pareto.png beside it)")
+    p.add_argument(
+        "--scope",
+        default=DEFAULTS.scope,
+        choices=SCOPES,
+        help=f"budget scope of the controllers' rows (default {DEFAULTS.scope})",
+    )
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="only the controllers (skip static, random and salience rows)",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        help="also write the tables into this markdown file (and pareto.png beside it)",
+    )
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.set_defaults(handler=_cmd_eval)
@@ -149,21 +168,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_routing_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", default=str(DEFAULTS.budget),
-                   help=f"mean notional cost per decision in {BUDGET_RANGE}, or 'none' for the "
-                        f"posterior's own argmax (default {DEFAULTS.budget})")
+    p.add_argument(
+        "--budget",
+        default=str(DEFAULTS.budget),
+        help=f"mean notional cost per decision in {BUDGET_RANGE}, or 'none' for the "
+        f"posterior's own argmax (default {DEFAULTS.budget})",
+    )
     _add_controller_arg(p)
-    p.add_argument("--scope", default=DEFAULTS.scope, choices=SCOPES,
-                   help="budget met over all layers (default: layers compete) or by every layer")
-    p.add_argument("--hedge", default=DEFAULTS.hedge_policy, choices=HEDGE_POLICIES,
-                   help="hedging policy for uncertain cheap decisions (default "
-                        f"{DEFAULTS.hedge_policy})")
-    p.add_argument("--hedge-threshold", type=float, default=DEFAULTS.hedge_threshold,
-                   help=f"total uncertainty (fraction of log {K}) above which to hedge")
-    p.add_argument("--window", type=int, default=DEFAULTS.window,
-                   help=f"local expert window (default {DEFAULTS.window})")
-    p.add_argument("--sinks", type=int, default=DEFAULTS.n_sink,
-                   help=f"attention sinks (default {DEFAULTS.n_sink})")
+    p.add_argument(
+        "--scope",
+        default=DEFAULTS.scope,
+        choices=SCOPES,
+        help="budget met over all layers (default: layers compete) or by every layer",
+    )
+    p.add_argument(
+        "--hedge",
+        default=DEFAULTS.hedge_policy,
+        choices=HEDGE_POLICIES,
+        help=f"hedging policy for uncertain cheap decisions (default {DEFAULTS.hedge_policy})",
+    )
+    p.add_argument(
+        "--hedge-threshold",
+        type=float,
+        default=DEFAULTS.hedge_threshold,
+        help=f"total uncertainty (fraction of log {K}) above which to hedge",
+    )
+    p.add_argument(
+        "--window", type=int, default=DEFAULTS.window, help=f"local expert window (default {DEFAULTS.window})"
+    )
+    p.add_argument(
+        "--sinks", type=int, default=DEFAULTS.n_sink, help=f"attention sinks (default {DEFAULTS.n_sink})"
+    )
 
 
 def _add_db_args(p: argparse.ArgumentParser) -> None:
@@ -178,11 +213,17 @@ def settings_from_args(args) -> RoutingSettings:
         try:
             budget = float(budget)
         except ValueError:
-            raise UserError(f"--budget must be a number in {BUDGET_RANGE} or 'none', got "
-                            f"{args.budget!r}") from None
-    return RoutingSettings(budget=budget, scope=args.scope, hedge_policy=args.hedge,
-                           hedge_threshold=args.hedge_threshold, window=args.window,
-                           n_sink=args.sinks)
+            raise UserError(
+                f"--budget must be a number in {BUDGET_RANGE} or 'none', got {args.budget!r}"
+            ) from None
+    return RoutingSettings(
+        budget=budget,
+        scope=args.scope,
+        hedge_policy=args.hedge,
+        hedge_threshold=args.hedge_threshold,
+        window=args.window,
+        n_sink=args.sinks,
+    )
 
 
 def _cmd_serve(args) -> int:
@@ -199,8 +240,10 @@ def _cmd_export(args) -> int:
         counts = store.export(store.resolve_db_path(args.db), args.out, args.format)
     except store.StoreUnavailable as exc:
         raise UserError(str(exc)) from None
-    print(f"exported {counts['runs']} runs, {counts['tokens']} tokens, {counts['routes']} route "
-          f"rows to {args.out} ({args.format}, partitioned by day)")
+    print(
+        f"exported {counts['runs']} runs, {counts['tokens']} tokens, {counts['routes']} route "
+        f"rows to {args.out} ({args.format}, partitioned by day)"
+    )
     return 0
 
 
@@ -214,8 +257,14 @@ def _cmd_route(args) -> int:
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give some text to route")
     routed = RoutedModel.load(args.model)
-    trace = routed.route(args.prompt, settings, max_new_tokens=args.max_new_tokens,
-                         controller=args.controller, sampling=sampling, chat=args.chat)
+    trace = routed.route(
+        args.prompt,
+        settings,
+        max_new_tokens=args.max_new_tokens,
+        controller=args.controller,
+        sampling=sampling,
+        chat=args.chat,
+    )
     if not args.no_log:
         trace.run_id = _log_trace(trace, args.db)
     if args.json:
@@ -234,8 +283,11 @@ def _cmd_calibrate(args) -> int:
     from metaattn_viz.training import data as data_mod
     from metaattn_viz.training.calibrate import CalibrationConfig, calibrate
 
-    overrides = {k: v for k, v in [("steps", args.steps), ("beta_kl", args.beta_kl),
-                                   ("cost_weight", args.cost_weight)] if v is not None}
+    overrides = {
+        k: v
+        for k, v in [("steps", args.steps), ("beta_kl", args.beta_kl), ("cost_weight", args.cost_weight)]
+        if v is not None
+    }
     cfg = CalibrationConfig(controller=args.controller, seed=args.seed, **overrides)
     try:
         data_mod.load_split(args.data)  # fail on a bad file before loading the model
@@ -246,8 +298,15 @@ def _cmd_calibrate(args) -> int:
         meta = calibrate(routed, args.data, cfg, out_dir=args.out, resume=args.resume)
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
-    print(json.dumps({"controller": meta["controller"], "content_hash": meta["content_hash"],
-                      "final_validation_terms": meta["final_validation_terms"]}))
+    print(
+        json.dumps(
+            {
+                "controller": meta["controller"],
+                "content_hash": meta["content_hash"],
+                "final_validation_terms": meta["final_validation_terms"],
+            }
+        )
+    )
     return 0
 
 
@@ -255,8 +314,9 @@ def _parse_budgets(text: str) -> list[float]:
     try:
         budgets = [float(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise UserError(f"--budgets must be comma-separated numbers in {BUDGET_RANGE}, got "
-                        f"{text!r}") from None
+        raise UserError(
+            f"--budgets must be comma-separated numbers in {BUDGET_RANGE}, got {text!r}"
+        ) from None
     from metaattn_viz.core.settings import RoutingSettings
 
     for b in budgets:
@@ -285,13 +345,24 @@ def _cmd_eval(args) -> int:
     routed = RoutedModel.load(args.model)
 
     def progress(row):
-        print(f"{row['controller']:>14} budget={row['budget']} cost={row['realized_cost']:.3f} "
-              f"ppl={row['ppl']:.2f} kl={row['kl_to_dense']:.4f}", file=sys.stderr)
+        print(
+            f"{row['controller']:>14} budget={row['budget']} cost={row['realized_cost']:.3f} "
+            f"ppl={row['ppl']:.2f} kl={row['kl_to_dense']:.4f}",
+            file=sys.stderr,
+        )
 
     try:
-        rows = evaluate(routed, args.data, budgets, max_tokens=max_tokens,
-                        seq_len=seq_len, window=args.window, progress=progress,
-                        scope=args.scope, baselines=not args.no_baselines)
+        rows = evaluate(
+            routed,
+            args.data,
+            budgets,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            window=args.window,
+            progress=progress,
+            scope=args.scope,
+            baselines=not args.no_baselines,
+        )
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
     if args.report:
@@ -330,9 +401,11 @@ def _log_trace(trace, db) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if not getattr(args, "handler", None):
         parser.print_help()

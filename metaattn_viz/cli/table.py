@@ -30,9 +30,13 @@ def trace_table(trace: RoutingTrace) -> str:
         lines.append(
             f"{t:>4}{marker}  {tok:<16} {route_string(trace.routes[:, t], trace.hedged[:, t])}  "
             f"{100 * trace.weights[:, t, FULL].mean():4.0f}  {unc[:, t].mean():.2f}  "
-            f"{trace.cost[:, t].mean():.2f}")
-    lines += ["", f"realised cost {trace.realized_cost:.3f}   attention FLOPs ratio "
-              f"{trace.attention_flops_ratio:.3f}   truncated {trace.truncated}"]
+            f"{trace.cost[:, t].mean():.2f}"
+        )
+    lines += [
+        "",
+        f"realised cost {trace.realized_cost:.3f}   attention FLOPs ratio "
+        f"{trace.attention_flops_ratio:.3f}   truncated {trace.truncated}",
+    ]
     if trace.output_text:
         lines.append(f"output: {trace.output_text}")
     return "\n".join(lines)

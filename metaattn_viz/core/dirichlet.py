@@ -31,6 +31,7 @@ _TINY = 1e-30
 
 class _Ops(NamedTuple):
     """The few elementwise ops whose spelling differs between numpy and torch."""
+
     log: Any
     digamma: Any
     clamp_min: Any  # (x, lo) -> max(x, lo)
@@ -55,8 +56,9 @@ def _prepare(x):
     return x, _ops_for(False)
 
 
-def prior_concentration(costs=COSTS, strength: float | None = None, gamma: float = 1.0,
-                        dtype=None) -> torch.Tensor:
+def prior_concentration(
+    costs=COSTS, strength: float | None = None, gamma: float = 1.0, dtype=None
+) -> torch.Tensor:
     """alpha0_k = s * c_k^-gamma / sum_j c_j^-gamma: cheap experts favoured a priori
     (docs/method.md, "Prior"). s defaults to K; dtype to float32."""
     import torch
@@ -77,9 +79,13 @@ def kl_dirichlet(beta: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     alpha = alpha.to(beta.dtype).expand_as(beta)
     sb = beta.sum(-1)
     sa = alpha.sum(-1)
-    return (torch.lgamma(sb) - torch.lgamma(beta).sum(-1) - torch.lgamma(sa)
-            + torch.lgamma(alpha).sum(-1)
-            + ((beta - alpha) * (torch.digamma(beta) - torch.digamma(sb).unsqueeze(-1))).sum(-1))
+    return (
+        torch.lgamma(sb)
+        - torch.lgamma(beta).sum(-1)
+        - torch.lgamma(sa)
+        + torch.lgamma(alpha).sum(-1)
+        + ((beta - alpha) * (torch.digamma(beta) - torch.digamma(sb).unsqueeze(-1))).sum(-1)
+    )
 
 
 def posterior_mean(beta):
@@ -141,8 +147,11 @@ def uncertainties(beta, point_estimate: bool = False) -> dict:
     total = entropy_of_mean(posterior_mean(beta))
     if point_estimate:
         zero = op.zeros_like(total)
-        return {"total": total / log_k, "aleatoric": total / log_k, "epistemic": zero,
-                "vacuity": zero}
+        return {"total": total / log_k, "aleatoric": total / log_k, "epistemic": zero, "vacuity": zero}
     ale = expected_entropy(beta)
-    return {"total": total / log_k, "aleatoric": ale / log_k,
-            "epistemic": op.clamp_min(total - ale, 0.0), "vacuity": vacuity(beta)}
+    return {
+        "total": total / log_k,
+        "aleatoric": ale / log_k,
+        "epistemic": op.clamp_min(total - ale, 0.0),
+        "vacuity": vacuity(beta),
+    }

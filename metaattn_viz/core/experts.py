@@ -28,9 +28,7 @@ def route_string(routes, hedged) -> str:
     """One letter per decision (e.g. the layers of one token); lower case = hedged."""
     routes = routes.tolist() if hasattr(routes, "tolist") else list(routes)  # numpy: plain ints
     hedged = hedged.tolist() if hasattr(hedged, "tolist") else list(hedged)
-    return "".join(LETTERS[r].lower() if h else LETTERS[r]
-                   for r, h in zip(routes, hedged, strict=True))
+    return "".join(LETTERS[r].lower() if h else LETTERS[r] for r, h in zip(routes, hedged, strict=True))
 
 
-__all__ = ["EXPERTS", "FULL", "LINEAR", "LOCAL", "K", "COSTS", "MIN_COST", "LETTERS",
-           "route_string"]
+__all__ = ["EXPERTS", "FULL", "LINEAR", "LOCAL", "K", "COSTS", "MIN_COST", "LETTERS", "route_string"]

@@ -18,11 +18,16 @@ from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL, MIN_C
 
 SCOPES = ("global", "layer")
 HEDGE_POLICIES = ("off", "soft", "full")
+# The controller registry's names (routing.controller.KINDS is this tuple): the Bayesian
+# meta-controller and the prior-free baseline. The first is the default everywhere.
+CONTROLLER_KINDS = ("bayes", "priorfree")
+DEFAULT_CONTROLLER = CONTROLLER_KINDS[0]
 UNCERTAINTY_MEASURES = ("total", "aleatoric", "epistemic", "vacuity")
 
 
-def _finite(name: str, value, lo: float | None = None, hi: float | None = None,
-            what: str | None = None) -> float:
+def _finite(
+    name: str, value, lo: float | None = None, hi: float | None = None, what: str | None = None
+) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -43,8 +48,11 @@ def _range(lo, hi, what) -> str:
 
 
 def _int(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and (not math.isfinite(value) or value != int(value))):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and (not math.isfinite(value) or value != int(value)))
+    ):
         raise ValueError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
     v = int(value)
     if not lo <= v <= hi:
@@ -92,20 +100,20 @@ class RoutingSettings:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.hedge_policy not in HEDGE_POLICIES:
-            raise ValueError(f"hedge_policy must be one of {HEDGE_POLICIES}, got "
-                             f"{self.hedge_policy!r}")
-        object.__setattr__(self, "hedge_threshold",
-                           _finite("hedge_threshold", self.hedge_threshold, 0.0, 1.0))
-        object.__setattr__(self, "hedge_min_weight",
-                           _finite("hedge_min_weight", self.hedge_min_weight, 0.0, 1.0))
+            raise ValueError(f"hedge_policy must be one of {HEDGE_POLICIES}, got {self.hedge_policy!r}")
+        object.__setattr__(
+            self, "hedge_threshold", _finite("hedge_threshold", self.hedge_threshold, 0.0, 1.0)
+        )
+        object.__setattr__(
+            self, "hedge_min_weight", _finite("hedge_min_weight", self.hedge_min_weight, 0.0, 1.0)
+        )
         object.__setattr__(self, "window", _int("window", self.window, 1, 1 << 20))
         object.__setattr__(self, "n_sink", _int("n_sink", self.n_sink, 0, 1024))
         if self.lam is not None:
             object.__setattr__(self, "lam", _finite("lam", self.lam, -1e4, 1e4))
         object.__setattr__(self, "dual_step", _finite("dual_step", self.dual_step, 0.0, 100.0))
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got "
-                             f"{self.backend!r}")
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def with_(self, **changes) -> RoutingSettings:
         return replace(self, **changes)
@@ -127,5 +135,17 @@ class RoutingSettings:
 DEFAULTS = RoutingSettings()  # the defaults, for the CLI's and the app's controls
 
 
-__all__ = ["RoutingSettings", "DEFAULTS", "SCOPES", "HEDGE_POLICIES", "BACKENDS",
-           "UNCERTAINTY_MEASURES", "COSTS", "EXPERTS", "FULL", "LINEAR", "LOCAL", "MIN_COST"]
+__all__ = [
+    "RoutingSettings",
+    "DEFAULTS",
+    "SCOPES",
+    "HEDGE_POLICIES",
+    "BACKENDS",
+    "UNCERTAINTY_MEASURES",
+    "COSTS",
+    "EXPERTS",
+    "FULL",
+    "LINEAR",
+    "LOCAL",
+    "MIN_COST",
+]

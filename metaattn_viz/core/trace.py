@@ -72,15 +72,24 @@ class RoutingTrace:
         full), so a trace grown token by token costs O(T) copying, not O(T^2). Positions
         already in a field are never written again, so views handed out earlier (to a
         plot, to the store's writer thread) stay valid."""
-        new: tuple[np.ndarray, ...] = (np.asarray(concentration, np.float32), np.asarray(routes, np.int8),
-               np.asarray(hedged, bool), np.asarray(weights, np.float32),
-               np.asarray(cost, np.float32), np.asarray(lam, np.float32))
+        new: tuple[np.ndarray, ...] = (
+            np.asarray(concentration, np.float32),
+            np.asarray(routes, np.int8),
+            np.asarray(hedged, bool),
+            np.asarray(weights, np.float32),
+            np.asarray(cost, np.float32),
+            np.asarray(lam, np.float32),
+        )
         n_old = self.routes.shape[1]
         n_new = n_old + new[1].shape[1]
         bufs = self.__dict__.get("_bufs")
         current = [getattr(self, f) for f in _GROWN]
-        if (bufs is None or self.__dict__.get("_buf_n") != n_old or bufs[0].shape[1] < n_new
-                or any(a.base is not b for a, b in zip(current, bufs, strict=True))):
+        if (
+            bufs is None
+            or self.__dict__.get("_buf_n") != n_old
+            or bufs[0].shape[1] < n_new
+            or any(a.base is not b for a, b in zip(current, bufs, strict=True))
+        ):
             cap = max(n_new, 2 * n_old, 16)
             bufs = []
             for a, x in zip(current, new, strict=True):
@@ -130,14 +139,12 @@ class RoutingTrace:
         """(routed, dense) attention FLOPs per head summed over decisions (the model of
         metaattn_kernels.flops: hedged decisions pay every expert they compute)."""
         s = self.settings
-        return attention_flops_totals(self.positions(), self.weights, s.window, s.n_sink,
-                                      self.head_dim)
+        return attention_flops_totals(self.positions(), self.weights, s.window, s.n_sink, self.head_dim)
 
     @property
     def attention_flops_ratio(self) -> float:
         s = self.settings
-        return attention_flops_ratio(self.positions(), self.weights, s.window, s.n_sink,
-                                     self.head_dim)
+        return attention_flops_ratio(self.positions(), self.weights, s.window, s.n_sink, self.head_dim)
 
     def full_share_per_token(self) -> np.ndarray:
         """[T] share of layers that gave each token full attention (hedges count by weight)."""
@@ -151,6 +158,7 @@ class RoutingTrace:
     # -- export -----------------------------------------------------------------------------
     def to_json(self) -> dict:
         """The `route --json` contract (docs/architecture.md)."""
+
         def clean(x: float):
             return None if x is None or not math.isfinite(x) else x
 

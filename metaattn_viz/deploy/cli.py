@@ -30,19 +30,36 @@ UNKNOWN_OWNER = "<you>"
 def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `deploy` on an argparse subparsers object; the handler is `run_deploy`."""
     p = subparsers.add_parser(
-        "deploy", help="deploy the app to a Hugging Face Space (manifest: Spacefile)",
+        "deploy",
+        help="deploy the app to a Hugging Face Space (manifest: Spacefile)",
         description="Create or update a Hugging Face Space from this checkout, as the Spacefile "
-                    "describes. Token: HF_TOKEN or `hf auth login`. See docs/deploy.md.")
-    p.add_argument("--space", default=None, metavar="OWNER/NAME",
-                   help="the Space (default: your user name / the Spacefile's name)")
-    p.add_argument("--private", action="store_true", default=None,
-                   help="create the Space private (default: the Spacefile's `private`)")
-    p.add_argument("--hardware", default=None, metavar="HARDWARE",
-                   help="Space hardware, one of huggingface_hub's SpaceHardware names, e.g. "
-                        "cpu-basic, t4-small, zero-a10g (default: the Spacefile's)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (files, sizes, LFS, hardware, variables, front matter); "
-                        "offline, no token needed")
+        "describes. Token: HF_TOKEN or `hf auth login`. See docs/deploy.md.",
+    )
+    p.add_argument(
+        "--space",
+        default=None,
+        metavar="OWNER/NAME",
+        help="the Space (default: your user name / the Spacefile's name)",
+    )
+    p.add_argument(
+        "--private",
+        action="store_true",
+        default=None,
+        help="create the Space private (default: the Spacefile's `private`)",
+    )
+    p.add_argument(
+        "--hardware",
+        default=None,
+        metavar="HARDWARE",
+        help="Space hardware, one of huggingface_hub's SpaceHardware names, e.g. "
+        "cpu-basic, t4-small, zero-a10g (default: the Spacefile's)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (files, sizes, LFS, hardware, variables, front matter); "
+        "offline, no token needed",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--manifest", default=None, help="the manifest (default: Spacefile in --root)")
     p.add_argument("--root", default=None, help="the checkout to deploy (default: this one)")
@@ -50,9 +67,13 @@ def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run_deploy(args: argparse.Namespace, *, make_api: Callable[[str], Any] | None = None,
-               environ: Mapping[str, str] | None = None,
-               out: Callable[[str], None] = print) -> int:
+def run_deploy(
+    args: argparse.Namespace,
+    *,
+    make_api: Callable[[str], Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    out: Callable[[str], None] = print,
+) -> int:
     """Handle `deploy`. Tests hand in `make_api` (token -> an HfApi-like object) and
     `environ`; the token is resolved the same way either way."""
     from metaattn_viz.deploy import hub
@@ -69,8 +90,13 @@ def run_deploy(args: argparse.Namespace, *, make_api: Callable[[str], Any] | Non
         api = None if args.dry_run else make_api(hub.resolve_token(environ))
         if owner is None and api is not None:
             owner = hub.whoami(api)
-        plan = build_plan(manifest, root, space=f"{owner or UNKNOWN_OWNER}/{name}",
-                          hardware=args.hardware, private=args.private)
+        plan = build_plan(
+            manifest,
+            root,
+            space=f"{owner or UNKNOWN_OWNER}/{name}",
+            hardware=args.hardware,
+            private=args.private,
+        )
     except (ValueError, OSError, RuntimeError) as exc:  # ManifestError, MissingToken among them
         return _fail(exc, EXIT_USAGE)
 
@@ -79,15 +105,17 @@ def run_deploy(args: argparse.Namespace, *, make_api: Callable[[str], Any] | Non
         return EXIT_PROBLEMS if plan.problems else EXIT_OK
     if plan.problems:
         out(plan.render())
-        return _fail(RuntimeError("the plan has problems (above); nothing was uploaded"),
-                     EXIT_PROBLEMS)
+        return _fail(RuntimeError("the plan has problems (above); nothing was uploaded"), EXIT_PROBLEMS)
     try:
         url = hub.push(plan, api, root)
     except Exception as exc:  # the Hub's HTTP errors: one line, not a traceback
         return _fail(RuntimeError(f"the Hub refused: {type(exc).__name__}: {exc}"), EXIT_PROBLEMS)
     result = {"space": plan.space, "url": url, "hardware": plan.hardware, "files": len(plan.files)}
-    out(json.dumps(result) if args.json else
-        f"deployed {len(plan.files)} files to {url} on {plan.hardware}; the Space builds now")
+    out(
+        json.dumps(result)
+        if args.json
+        else f"deployed {len(plan.files)} files to {url} on {plan.hardware}; the Space builds now"
+    )
     return EXIT_OK
 
 

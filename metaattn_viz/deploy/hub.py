@@ -27,7 +27,8 @@ class MissingToken(RuntimeError):
     def __init__(self) -> None:
         super().__init__(
             "no Hugging Face token: set HF_TOKEN to a token with write access "
-            "(https://huggingface.co/settings/tokens), or run `hf auth login` once")
+            "(https://huggingface.co/settings/tokens), or run `hf auth login` once"
+        )
 
 
 def resolve_token(environ: Mapping[str, str] | None = None) -> str:
@@ -55,8 +56,10 @@ def whoami(api: Any) -> str:
     try:
         return str(api.whoami()["name"])
     except Exception as exc:  # offline, or a revoked token: one line for the user
-        raise RuntimeError(f"could not ask the Hub whose token this is ({type(exc).__name__}: "
-                           f"{exc}); pass --space OWNER/NAME") from None
+        raise RuntimeError(
+            f"could not ask the Hub whose token this is ({type(exc).__name__}: "
+            f"{exc}); pass --space OWNER/NAME"
+        ) from None
 
 
 def push(plan: DeployPlan, api: Any, root: Path) -> str:
@@ -69,20 +72,26 @@ def push(plan: DeployPlan, api: Any, root: Path) -> str:
     """
     from huggingface_hub import Volume
 
-    url = api.create_repo(plan.space, repo_type="space", space_sdk="gradio", private=plan.private,
-                          exist_ok=True)
+    url = api.create_repo(
+        plan.space, repo_type="space", space_sdk="gradio", private=plan.private, exist_ok=True
+    )
     if plan.storage is not None:
         api.create_bucket(plan.bucket_id, private=True, exist_ok=True)
-        api.set_space_volumes(plan.space, volumes=[Volume(
-            type="bucket", source=plan.bucket_id, mount_path=plan.storage.mount_path)])
+        api.set_space_volumes(
+            plan.space,
+            volumes=[Volume(type="bucket", source=plan.bucket_id, mount_path=plan.storage.mount_path)],
+        )
     for key, value in plan.variables.items():
         api.add_space_variable(plan.space, key, value)
     api.request_space_hardware(plan.space, plan.hardware)
     with tempfile.TemporaryDirectory(prefix="metaattn-deploy-") as tmp:
         plan.stage(root, Path(tmp))
         api.upload_folder(
-            repo_id=plan.space, repo_type="space", folder_path=tmp,
-            allow_patterns=list(plan.include), ignore_patterns=list(plan.exclude),
+            repo_id=plan.space,
+            repo_type="space",
+            folder_path=tmp,
+            allow_patterns=list(plan.include),
+            ignore_patterns=list(plan.exclude),
             delete_patterns="*",
             commit_message=f"metaattn-viz deploy ({plan.hardware}, {plan.runtime} requirements)",
         )

@@ -93,14 +93,14 @@ class Manifest:
             if hardware in runtime.hardware:
                 return runtime
         listed = sorted(h for r in self.runtimes for h in r.hardware)
-        raise ManifestError("runtimes", f"no runtime lists hardware '{hardware}' "
-                                        f"(listed: {', '.join(listed)})")
+        raise ManifestError(
+            "runtimes", f"no runtime lists hardware '{hardware}' (listed: {', '.join(listed)})"
+        )
 
 
 # --- schema -------------------------------------------------------------------------------
 
-_TOP = {"name", "hardware", "private", "app_file", "variables", "storage", "model", "upload",
-        "runtimes"}
+_TOP = {"name", "hardware", "private", "app_file", "variables", "storage", "model", "upload", "runtimes"}
 _TOP_REQUIRED = {"name", "hardware", "model", "upload", "runtimes"}
 _STORAGE = {"bucket", "mount_path", "env", "subdir"}
 _MODEL = {"repo", "revision", "files"}
@@ -134,14 +134,16 @@ def parse_manifest(raw: Any, source: str = "Spacefile") -> Manifest:
         variables=_variables(c, top.get("variables") or {}),
         storage=storage,
         model=_model(c, top["model"]),
-        include=c.strings(c.mapping(top["upload"], "upload", _UPLOAD, _UPLOAD)["include"],
-                          "upload.include"),
+        include=c.strings(c.mapping(top["upload"], "upload", _UPLOAD, _UPLOAD)["include"], "upload.include"),
         exclude=c.strings(top["upload"]["exclude"], "upload.exclude"),
         runtimes=_runtimes(c, top["runtimes"]),
     )
     if storage is not None and storage.env in manifest.variables:
-        raise ManifestError(f"variables.{storage.env}",
-                            f"set by storage.env already (it points at {storage.data_dir})", source)
+        raise ManifestError(
+            f"variables.{storage.env}",
+            f"set by storage.env already (it points at {storage.data_dir})",
+            source,
+        )
     manifest.runtime_for(hardware)  # the default hardware must have requirements
     return manifest
 
@@ -169,8 +171,12 @@ def _model(c: _Checker, raw: Any) -> ModelPreload:
         raise ManifestError("model.files", "must list at least one file", c.source)
     return ModelPreload(
         repo=c.match(m["repo"], "model.repo", _REPO_ID, "a repo id OWNER/NAME"),
-        revision=c.match(m["revision"], "model.revision", _COMMIT,
-                         "a 40-hex commit of the model repo (a branch name moves)"),
+        revision=c.match(
+            m["revision"],
+            "model.revision",
+            _COMMIT,
+            "a 40-hex commit of the model repo (a branch name moves)",
+        ),
         files=files,
     )
 
@@ -199,16 +205,20 @@ def _runtimes(c: _Checker, raw: Any) -> tuple[Runtime, ...]:
         for h in hardware:
             c.choice(h, f"{where}.hardware", HARDWARE)
             if h in seen:
-                raise ManifestError(f"{where}.hardware",
-                                    f"'{h}' is listed by runtimes.{seen[h]} already", c.source)
+                raise ManifestError(
+                    f"{where}.hardware", f"'{h}' is listed by runtimes.{seen[h]} already", c.source
+                )
             seen[h] = name
         python = c.choice(r["python_version"], f"{where}.python_version", PYTHONS)
         if ZEROGPU in hardware and python not in ZEROGPU_PYTHONS:
-            raise ManifestError(f"{where}.python_version",
-                                f"ZeroGPU builds only on Python {' or '.join(ZEROGPU_PYTHONS)}",
-                                c.source)
-        runtimes.append(Runtime(str(name), c.string(r["requirements"], f"{where}.requirements"),
-                                python, hardware))
+            raise ManifestError(
+                f"{where}.python_version",
+                f"ZeroGPU builds only on Python {' or '.join(ZEROGPU_PYTHONS)}",
+                c.source,
+            )
+        runtimes.append(
+            Runtime(str(name), c.string(r["requirements"], f"{where}.requirements"), python, hardware)
+        )
     return tuple(runtimes)
 
 
@@ -221,8 +231,9 @@ class _Checker:
     def fail(self, field: str, problem: str) -> ManifestError:
         return ManifestError(field or "(top level)", problem, self.source)
 
-    def mapping(self, value: Any, field: str, allowed: set[str] | None,
-                required: set[str]) -> Mapping[str, Any]:
+    def mapping(
+        self, value: Any, field: str, allowed: set[str] | None, required: set[str]
+    ) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
             raise self.fail(field, f"must be a mapping, got {type(value).__name__}")
         prefix = f"{field}." if field else ""
@@ -230,8 +241,7 @@ class _Checker:
             if not isinstance(key, str):
                 raise self.fail(f"{prefix}{key}", "keys must be strings")
             if allowed is not None and key not in allowed:
-                raise self.fail(f"{prefix}{key}",
-                                f"unknown field (known: {', '.join(sorted(allowed))})")
+                raise self.fail(f"{prefix}{key}", f"unknown field (known: {', '.join(sorted(allowed))})")
         for key in sorted(required):
             if key not in value:
                 raise self.fail(f"{prefix}{key}", "missing")
@@ -239,8 +249,7 @@ class _Checker:
 
     def string(self, value: Any, field: str, empty: bool = False) -> str:
         if not isinstance(value, str):
-            raise self.fail(field, f"must be a string, got {type(value).__name__} {value!r}"
-                                   " (quote it)")
+            raise self.fail(field, f"must be a string, got {type(value).__name__} {value!r} (quote it)")
         if not empty and not value.strip():
             raise self.fail(field, "must not be empty")
         return value

@@ -75,32 +75,45 @@ class DeployPlan:
     def to_json(self) -> dict[str, Any]:
         """The plan as plain JSON (`deploy --dry-run --json`)."""
         return {
-            "space": self.space, "private": self.private, "hardware": self.hardware,
-            "runtime": self.runtime, "python_version": self.python_version,
+            "space": self.space,
+            "private": self.private,
+            "hardware": self.hardware,
+            "runtime": self.runtime,
+            "python_version": self.python_version,
             "requirements": self.requirements_source,
-            "files": [asdict(f) for f in self.files], "total_bytes": self.total_bytes,
+            "files": [asdict(f) for f in self.files],
+            "total_bytes": self.total_bytes,
             "variables": self.variables,
-            "storage": None if self.storage is None else {
-                "bucket": self.bucket_id, "mount_path": self.storage.mount_path,
-                "env": self.storage.env, "data_dir": self.storage.data_dir},
+            "storage": None
+            if self.storage is None
+            else {
+                "bucket": self.bucket_id,
+                "mount_path": self.storage.mount_path,
+                "env": self.storage.env,
+                "data_dir": self.storage.data_dir,
+            },
             "front_matter": self.front_matter,
-            "allow_patterns": list(self.include), "ignore_patterns": list(self.exclude),
+            "allow_patterns": list(self.include),
+            "ignore_patterns": list(self.exclude),
             "problems": list(self.problems),
         }
 
     def render(self) -> str:
         """The plan as text for a terminal (`deploy --dry-run`)."""
         width = max((len(f.path) for f in self.files), default=10)
-        lines = [f"Space      {self.space} ({'private' if self.private else 'public'})",
-                 f"hardware   {self.hardware} (runtime {self.runtime}: {self.requirements_source}, "
-                 f"Python {self.python_version})"]
+        lines = [
+            f"Space      {self.space} ({'private' if self.private else 'public'})",
+            f"hardware   {self.hardware} (runtime {self.runtime}: {self.requirements_source}, "
+            f"Python {self.python_version})",
+        ]
         if self.storage is None:
             lines.append("storage    none: runs logged on the Space are lost when it restarts")
         else:
-            lines.append(f"storage    bucket {self.bucket_id} mounted at {self.storage.mount_path}; "
-                         f"{self.storage.env}={self.storage.data_dir}")
-        lines.append("variables  " + (", ".join(f"{k}={v}" for k, v in self.variables.items())
-                                      or "none"))
+            lines.append(
+                f"storage    bucket {self.bucket_id} mounted at {self.storage.mount_path}; "
+                f"{self.storage.env}={self.storage.data_dir}"
+            )
+        lines.append("variables  " + (", ".join(f"{k}={v}" for k, v in self.variables.items()) or "none"))
         lines.append(f"\nfiles ({len(self.files)}, {_human(self.total_bytes)}):")
         for f in self.files:
             how = "LFS/Xet" if f.lfs else ("binary" if f.binary else "text")
@@ -124,8 +137,9 @@ class DeployPlan:
                 shutil.copy2(root / f.path, target)
 
 
-def build_plan(manifest: Manifest, root: Path, *, space: str, hardware: str | None = None,
-               private: bool | None = None) -> DeployPlan:
+def build_plan(
+    manifest: Manifest, root: Path, *, space: str, hardware: str | None = None, private: bool | None = None
+) -> DeployPlan:
     """The plan for deploying checkout `root` to `space` (OWNER/NAME) on `hardware`."""
     hardware = hardware or manifest.hardware
     runtime = manifest.runtime_for(hardware)
@@ -135,9 +149,14 @@ def build_plan(manifest: Manifest, root: Path, *, space: str, hardware: str | No
     requirements_text = req_path.read_text(encoding="utf-8")
     readme_in = (root / README).read_text(encoding="utf-8") if (root / README).is_file() else ""
     front, body = split_front_matter(readme_in)
-    front = front_matter(front, manifest.model, app_file=manifest.app_file,
-                         python_version=runtime.python_version, hardware=hardware,
-                         gradio_version=pins(requirements_text).get("gradio"))
+    front = front_matter(
+        front,
+        manifest.model,
+        app_file=manifest.app_file,
+        python_version=runtime.python_version,
+        hardware=hardware,
+        gradio_version=pins(requirements_text).get("gradio"),
+    )
     readme_text = "---\n" + _dump_front_matter(front) + "---\n" + body
 
     variables = dict(manifest.variables)
@@ -145,10 +164,14 @@ def build_plan(manifest: Manifest, root: Path, *, space: str, hardware: str | No
         variables[manifest.storage.env] = manifest.storage.data_dir
 
     candidates = sorted(set(_checkout_files(root)) | set(GENERATED))
-    chosen = list(filter_repo_objects(candidates, allow_patterns=list(manifest.include),
-                                      ignore_patterns=list(manifest.exclude)))
-    problems = [f"upload.include/exclude leave out the generated {name}"
-                for name in GENERATED if name not in chosen]
+    chosen = list(
+        filter_repo_objects(
+            candidates, allow_patterns=list(manifest.include), ignore_patterns=list(manifest.exclude)
+        )
+    )
+    problems = [
+        f"upload.include/exclude leave out the generated {name}" for name in GENERATED if name not in chosen
+    ]
     sizes = {README: len(readme_text.encode()), REQUIREMENTS: len(requirements_text.encode())}
     real = [p for p in chosen if p not in GENERATED]
     lfs = lfs_covered(root, real)
@@ -161,20 +184,38 @@ def build_plan(manifest: Manifest, root: Path, *, space: str, hardware: str | No
         binary = is_binary(root / path)
         files.append(PlannedFile(path, size, binary, lfs.get(path, False), False))
         if binary and size > PLAIN_BINARY_LIMIT and not lfs.get(path, False):
-            problems.append(f"{path} is a {_human(size)} binary file with no LFS rule in "
-                            ".gitattributes; the Hub refuses it")
+            problems.append(
+                f"{path} is a {_human(size)} binary file with no LFS rule in "
+                ".gitattributes; the Hub refuses it"
+            )
     return DeployPlan(
-        space=space, private=manifest.private if private is None else private,
-        hardware=hardware, runtime=runtime.name, python_version=runtime.python_version,
-        requirements_source=runtime.requirements, files=tuple(files), variables=variables,
-        storage=manifest.storage, front_matter=front, include=manifest.include,
-        exclude=manifest.exclude, readme_text=readme_text, requirements_text=requirements_text,
+        space=space,
+        private=manifest.private if private is None else private,
+        hardware=hardware,
+        runtime=runtime.name,
+        python_version=runtime.python_version,
+        requirements_source=runtime.requirements,
+        files=tuple(files),
+        variables=variables,
+        storage=manifest.storage,
+        front_matter=front,
+        include=manifest.include,
+        exclude=manifest.exclude,
+        readme_text=readme_text,
+        requirements_text=requirements_text,
         problems=tuple(problems),
     )
 
 
-def front_matter(base: dict[str, Any], model: ModelPreload, *, app_file: str,
-                 python_version: str, hardware: str, gradio_version: str | None) -> dict[str, Any]:
+def front_matter(
+    base: dict[str, Any],
+    model: ModelPreload,
+    *,
+    app_file: str,
+    python_version: str,
+    hardware: str,
+    gradio_version: str | None,
+) -> dict[str, Any]:
     """The Space's README front matter: the checkout's, with what the hardware decides.
 
     sdk_version follows the gradio pin of the requirements the Space installs, so the
@@ -197,7 +238,7 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     m = _FRONT.match(text)
     if not m:
         return {}, text
-    return dict(yaml.safe_load(m.group(1)) or {}), text[m.end():]
+    return dict(yaml.safe_load(m.group(1)) or {}), text[m.end() :]
 
 
 def pins(requirements_text: str) -> dict[str, str]:
@@ -239,11 +280,11 @@ def _checkout_files(root: Path) -> list[str]:
 
 def _git(root: Path, *args: str, stdin: str | None = None) -> str:
     try:
-        done = subprocess.run(["git", *args], cwd=root, input=stdin, capture_output=True,
-                              text=True, check=True)
+        done = subprocess.run(
+            ["git", *args], cwd=root, input=stdin, capture_output=True, text=True, check=True
+        )
     except FileNotFoundError:
-        raise RuntimeError("deploy needs git (to list the checkout and read .gitattributes)") \
-            from None
+        raise RuntimeError("deploy needs git (to list the checkout and read .gitattributes)") from None
     except subprocess.CalledProcessError as exc:
         raise RuntimeError(f"git {args[0]} failed in {root}: {exc.stderr.strip()}") from None
     return done.stdout

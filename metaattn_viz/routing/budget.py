@@ -68,8 +68,9 @@ def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSet
     return Decisions(routes, weights, hedged, cost)
 
 
-def decide_one(beta: list[float], lam: float, settings: RoutingSettings
-               ) -> tuple[int, list[float], bool, float]:
+def decide_one(
+    beta: list[float], lam: float, settings: RoutingSettings
+) -> tuple[int, list[float], bool, float]:
     """`decide` for one decision in plain Python (the decode-time hot path):
     concentrations (or probabilities) of K experts -> (route, weights, hedged, cost)."""
     total = sum(beta)
@@ -86,8 +87,7 @@ def decide_one(beta: list[float], lam: float, settings: RoutingSettings
             if settings.hedge_policy == "full":
                 weights = [1.0] + [0.0] * (K - 1)
             else:
-                keep = [p if (p >= settings.hedge_min_weight or k == route) else 0.0
-                        for k, p in enumerate(m)]
+                keep = [p if (p >= settings.hedge_min_weight or k == route) else 0.0 for k, p in enumerate(m)]
                 z = sum(keep)
                 weights = [p / z for p in keep]
     cost = sum(c for w, c in zip(weights, COSTS, strict=True) if w > 0)
@@ -97,8 +97,12 @@ def decide_one(beta: list[float], lam: float, settings: RoutingSettings
 def all_to(expert: int, n: int, device=None) -> Decisions:
     routes = torch.full((n,), expert, dtype=torch.long, device=device)
     weights = torch.nn.functional.one_hot(routes, K).float()
-    return Decisions(routes, weights, torch.zeros(n, dtype=torch.bool, device=device),
-                     torch.full((n,), COSTS[expert], device=device))
+    return Decisions(
+        routes,
+        weights,
+        torch.zeros(n, dtype=torch.bool, device=device),
+        torch.full((n,), COSTS[expert], device=device),
+    )
 
 
 def extreme_route(budget: float | None) -> tuple[int, float] | None:
@@ -125,8 +129,9 @@ def extreme_lambda(budget: float | None) -> float | None:
     return None if ext is None else ext[1]
 
 
-def solve_lambda(m: torch.Tensor, uncertainty: torch.Tensor, budget: float,
-                 settings: RoutingSettings) -> float:
+def solve_lambda(
+    m: torch.Tensor, uncertainty: torch.Tensor, budget: float, settings: RoutingSettings
+) -> float:
     """The lambda whose realised mean cost over these decisions is closest to the budget."""
     ext = extreme_lambda(budget)
     if ext is not None:
@@ -153,8 +158,9 @@ def solve_lambda(m: torch.Tensor, uncertainty: torch.Tensor, budget: float,
     return lo if abs(c_lo - budget) <= abs(c_hi - budget) else hi
 
 
-def route_under_budget(m: torch.Tensor, uncertainty: torch.Tensor,
-                       settings: RoutingSettings) -> tuple[Decisions, float]:
+def route_under_budget(
+    m: torch.Tensor, uncertainty: torch.Tensor, settings: RoutingSettings
+) -> tuple[Decisions, float]:
     """One group of decisions (a layer, or all layers) meeting settings' budget or lambda."""
     n = m.shape[0]
     if settings.lam is not None:

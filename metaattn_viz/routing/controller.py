@@ -31,13 +31,13 @@ from scipy.special import erf as _erf
 
 from metaattn_viz import paths
 from metaattn_viz.core.dirichlet import prior_concentration
-from metaattn_viz.core.settings import COSTS
+from metaattn_viz.core.settings import CONTROLLER_KINDS, COSTS
 
 log = logging.getLogger(__name__)
 
 # The controller registry: the kinds a routed model carries (one stack each), which the CLI,
-# the app and calibration offer; they take the list from here.
-KINDS = ("bayes", "priorfree")
+# the app and calibration offer. Named in core.settings (importable without torch).
+KINDS = CONTROLLER_KINDS
 WEIGHTS_FILE = "controller.safetensors"
 META_FILE = "meta.json"
 
@@ -78,11 +78,12 @@ class ControllerStack(nn.Module):
         super().__init__()
         self.config = config
         gen = torch.Generator().manual_seed(seed)
-        layers = [LayerController(config.d_model + 2, config.hidden, config.n_experts)
-                  for _ in range(config.n_layers)]
+        layers = [
+            LayerController(config.d_model + 2, config.hidden, config.n_experts)
+            for _ in range(config.n_layers)
+        ]
         self.layers = nn.ModuleList(layers)
-        alpha0 = prior_concentration(COSTS[: config.n_experts], config.prior_strength,
-                                     config.prior_gamma)
+        alpha0 = prior_concentration(COSTS[: config.n_experts], config.prior_strength, config.prior_gamma)
         self.register_buffer("alpha0", alpha0, persistent=False)
         with torch.no_grad():
             for layer in layers:
@@ -122,8 +123,7 @@ class ControllerStack(nn.Module):
             return F.softplus(scores) + self.config.beta_min
         return torch.softmax(scores, dim=-1)
 
-    def concentration_one(self, layer: int, h: torch.Tensor, x: torch.Tensor, position: int
-                          ) -> list[float]:
+    def concentration_one(self, layer: int, h: torch.Tensor, x: torch.Tensor, position: int) -> list[float]:
         """`concentration` of one token (h, x [1, 1, D] at `position`) as K floats: the decode
         hot path. On CPU in numpy, on float32 copies of the layer's weights (refreshed when
         the weights change), since a dozen tiny torch ops in the middle of a forward pass
@@ -131,8 +131,11 @@ class ControllerStack(nn.Module):
         pre-scaled so that GELU takes three numpy calls: with p = fc1(u) / sqrt(2),
         fc2(gelu(fc1(u))) = (fc2.weight / sqrt(2)) @ (p * (1 + erf(p))) + fc2.bias."""
         if h.is_cuda or torch.is_grad_enabled():
-            return self.concentration(layer, h, x, torch.tensor([position], device=x.device)
-                                      ).reshape(-1).tolist()
+            return (
+                self.concentration(layer, h, x, torch.tensor([position], device=x.device))
+                .reshape(-1)
+                .tolist()
+            )
         w1, w2, b2 = self._numpy_weights(layer)
         xv = x.detach().numpy().reshape(-1)
         d = xv.shape[0]
@@ -163,13 +166,17 @@ class ControllerStack(nn.Module):
         if cached is not None:
             params, versions = cached[0], cached[1]
             if all(p._version == v for p, v in zip(params, versions, strict=True)) and (
-                    params[0] is lay.fc1.weight):
+                params[0] is lay.fc1.weight
+            ):
                 return cached[2]
         params = (lay.fc1.weight, lay.fc1.bias, lay.fc2.weight, lay.fc2.bias)
         w1, b1, w2, b2 = (p.detach().cpu().double().numpy() for p in params)
         r = math.sqrt(0.5)
-        arrays = (np.ascontiguousarray(np.concatenate([w1, b1[:, None]], axis=1) * r, np.float32),
-                  np.ascontiguousarray(w2 * r, np.float32), b2.astype(np.float32).tolist())
+        arrays = (
+            np.ascontiguousarray(np.concatenate([w1, b1[:, None]], axis=1) * r, np.float32),
+            np.ascontiguousarray(w2 * r, np.float32),
+            b2.astype(np.float32).tolist(),
+        )
         self._np_cache[layer] = (params, tuple(p._version for p in params), arrays)
         return arrays
 
@@ -201,8 +208,7 @@ class ControllerStack(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
         tmp.replace(folder / WEIGHTS_FILE)
         self.invalidate_hash()
-        full_meta = {"config": asdict(self.config), "content_hash": self.content_hash(),
-                     **(meta or {})}
+        full_meta = {"config": asdict(self.config), "content_hash": self.content_hash(), **(meta or {})}
         (folder / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
         self.meta = full_meta
         return folder
@@ -233,12 +239,14 @@ def default_folder(model_slug: str, kind: str) -> Path:
 
 
 def config_for_model(model_config, kind: str) -> ControllerConfig:
-    return ControllerConfig(kind=kind, d_model=model_config.hidden_size,
-                            n_layers=model_config.num_hidden_layers)
+    return ControllerConfig(
+        kind=kind, d_model=model_config.hidden_size, n_layers=model_config.num_hidden_layers
+    )
 
 
-def load_for_model(model_config, model_slug: str, kind: str = "bayes",
-                   folder: Path | None = None) -> ControllerChoice:
+def load_for_model(
+    model_config, model_slug: str, kind: str = "bayes", folder: Path | None = None
+) -> ControllerChoice:
     """The shipped controllers for this model, or untrained ones (said plainly) if none fit."""
     if kind not in KINDS:
         raise ValueError(f"controller must be one of {KINDS}, got {kind!r}")
@@ -251,8 +259,7 @@ def load_for_model(model_config, model_slug: str, kind: str = "bayes",
             c = stack.config
             if (c.kind, c.d_model, c.n_layers) == (kind, expected.d_model, expected.n_layers):
                 return ControllerChoice(stack, str(folder))
-            notes.append(f"{folder}: made for another model shape ({c.kind}, D={c.d_model}, "
-                         f"L={c.n_layers})")
+            notes.append(f"{folder}: made for another model shape ({c.kind}, D={c.d_model}, L={c.n_layers})")
         except Exception as exc:  # corrupt file: fall back, and say so
             notes.append(f"{folder}: unreadable ({type(exc).__name__}: {exc})")
     else:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
 
 if TYPE_CHECKING:
@@ -44,8 +44,7 @@ class Sampling:
     def __post_init__(self):
         t = float(self.temperature)
         if not math.isfinite(t) or not 0.0 <= t <= 5.0:
-            raise ValueError(f"temperature must be a finite number in [0, 5], got "
-                             f"{self.temperature!r}")
+            raise ValueError(f"temperature must be a finite number in [0, 5], got {self.temperature!r}")
         p = float(self.top_p)
         if not math.isfinite(p) or not 0.0 < p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -77,28 +76,39 @@ def eos_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-def stream(routed: RoutedModel, prompt: str | list[int],
-           settings: RoutingSettings | None = None, max_new_tokens: int = 64,
-           controller: str = "bayes", sampling: Sampling | None = None, chat: bool = False,
-           stop_event: threading.Event | None = None, max_context: int | None = None
-           ) -> Iterator[RoutingTrace]:
+def stream(
+    routed: RoutedModel,
+    prompt: str | list[int],
+    settings: RoutingSettings | None = None,
+    max_new_tokens: int = 64,
+    controller: str = DEFAULT_CONTROLLER,
+    sampling: Sampling | None = None,
+    chat: bool = False,
+    stop_event: threading.Event | None = None,
+    max_context: int | None = None,
+) -> Iterator[RoutingTrace]:
     """Prefill the prompt, then decode token by token; yields the growing trace after the
     prefill and after every new token (the same object, extended in place). A prompt too
     long for the context (less room for the new tokens) is truncated from the left."""
     settings = settings or RoutingSettings()
     sampling = sampling or Sampling()
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not (
-            0 <= max_new_tokens <= MAX_NEW_TOKENS):
-        raise ValueError(f"max_new_tokens must be a whole number in [0, {MAX_NEW_TOKENS}], "
-                         f"got {max_new_tokens!r}")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or not (0 <= max_new_tokens <= MAX_NEW_TOKENS)
+    ):
+        raise ValueError(
+            f"max_new_tokens must be a whole number in [0, {MAX_NEW_TOKENS}], got {max_new_tokens!r}"
+        )
     routed.controller(controller)  # validates the name
     ids = list(prompt) if isinstance(prompt, list) else routed.encode(prompt, chat)
     if not ids:
         raise ValueError("prompt is empty: type some text to route")
     limit = min(max_context or routed.max_context, routed.max_context) - max_new_tokens
     if limit < 1:
-        raise ValueError(f"max_new_tokens must leave room for the prompt in the "
-                         f"{routed.max_context}-token context")
+        raise ValueError(
+            f"max_new_tokens must leave room for the prompt in the {routed.max_context}-token context"
+        )
     truncated = max(0, len(ids) - limit)
     if truncated:
         log.info("prompt truncated from the left: %d of %d tokens dropped", truncated, len(ids))
@@ -108,8 +118,7 @@ def stream(routed: RoutedModel, prompt: str | list[int],
     trace.n_prompt_tokens = len(ids)
 
     t0 = time.perf_counter()
-    res = routed.prefill(torch.tensor([ids]), settings, controller,
-                         cache_capacity=len(ids) + max_new_tokens)
+    res = routed.prefill(torch.tensor([ids]), settings, controller, cache_capacity=len(ids) + max_new_tokens)
     trace.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)
     trace.timings["prefill_passes"] = res.passes
     trace.timings["pilot_tokens"] = res.pilot_tokens
@@ -133,8 +142,7 @@ def stream(routed: RoutedModel, prompt: str | list[int],
             if nxt in eos:
                 break
             new_ids.append(nxt)
-            out = routed.model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
-                               use_cache=True)
+            out = routed.model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
             logits = out.logits[0, -1]
             records = sess.pop_records()
             assert records is not None  # the step routed every layer

@@ -35,13 +35,20 @@ class GrowableLayer(DynamicLayer):
         """Whether keys/values are still views of our buffers (crop keeps them; the batch
         reorderings of DynamicLayer replace them with fresh tensors)."""
         kbuf, vbuf, keys, values = self._kbuf, self._vbuf, self.keys, self.values
-        return (kbuf is not None and vbuf is not None and keys is not None
-                and values is not None and keys.numel() > 0
-                and keys.data_ptr() == kbuf.data_ptr() and keys.shape[:2] == kbuf.shape[:2]
-                and values.data_ptr() == vbuf.data_ptr())
+        return (
+            kbuf is not None
+            and vbuf is not None
+            and keys is not None
+            and values is not None
+            and keys.numel() > 0
+            and keys.data_ptr() == kbuf.data_ptr()
+            and keys.shape[:2] == kbuf.shape[:2]
+            and values.data_ptr() == vbuf.data_ptr()
+        )
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = self.get_seq_length()
@@ -49,8 +56,13 @@ class GrowableLayer(DynamicLayer):
         need = n + new
         kbuf, vbuf = self._kbuf, self._vbuf
         owns = self._owns_views()
-        if (kbuf is None or vbuf is None or not owns or need > kbuf.shape[-2]
-                or kbuf.dtype != key_states.dtype):
+        if (
+            kbuf is None
+            or vbuf is None
+            or not owns
+            or need > kbuf.shape[-2]
+            or kbuf.dtype != key_states.dtype
+        ):
             cap = max(need, self.capacity_hint, MIN_CAPACITY)
             if kbuf is not None and owns:
                 cap = max(cap, 2 * kbuf.shape[-2])

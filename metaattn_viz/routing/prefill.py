@@ -23,7 +23,7 @@ import torch
 
 from metaattn_viz.core.dirichlet import total_uncertainty
 from metaattn_viz.core.experts import K
-from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.routing import budget as budget_mod
 from metaattn_viz.routing.controller import ControllerStack
 from metaattn_viz.routing.kv_cache import GrowableCache
@@ -53,9 +53,12 @@ class PrefillResult:
 def solves_globally(settings: RoutingSettings) -> bool:
     """Whether these settings need the global scope's search for a shared lambda (a budget
     strictly inside the range, no fixed lambda)."""
-    return (settings.scope == "global" and settings.lam is None
-            and settings.budget is not None
-            and budget_mod.extreme_route(settings.budget) is None)
+    return (
+        settings.scope == "global"
+        and settings.lam is None
+        and settings.budget is not None
+        and budget_mod.extreme_route(settings.budget) is None
+    )
 
 
 def solve_global(beta: np.ndarray, settings: RoutingSettings) -> float:
@@ -71,22 +74,42 @@ def _gap(res: PrefillResult, budget: float) -> float:
     return abs(float(res.records["cost"].mean()) - budget)
 
 
-def prefill(routed: RoutedModel, input_ids: torch.Tensor, settings: RoutingSettings,
-            controller: str | ControllerStack = "bayes",
-            forced_weights: list[torch.Tensor] | None = None, capture_qk: bool = False,
-            use_cache: bool = True, policy: Baseline | None = None, diagnose: bool = False,
-            lam_hint: float | None = None, cache_capacity: int = 0) -> PrefillResult:
+def prefill(
+    routed: RoutedModel,
+    input_ids: torch.Tensor,
+    settings: RoutingSettings,
+    controller: str | ControllerStack = DEFAULT_CONTROLLER,
+    forced_weights: list[torch.Tensor] | None = None,
+    capture_qk: bool = False,
+    use_cache: bool = True,
+    policy: Baseline | None = None,
+    diagnose: bool = False,
+    lam_hint: float | None = None,
+    cache_capacity: int = 0,
+) -> PrefillResult:
     """Route a whole text in one forward pass (global scope: the module docstring).
     ``cache_capacity``: tokens the KV cache should hold without regrowing (prompt + tokens
     to decode)."""
 
-    def one_pass(s: RoutingSettings, lam: list[float | None] | None = None,
-                 ids: torch.Tensor = input_ids, cache: bool = use_cache) -> PrefillResult:
+    def one_pass(
+        s: RoutingSettings,
+        lam: list[float | None] | None = None,
+        ids: torch.Tensor = input_ids,
+        cache: bool = use_cache,
+    ) -> PrefillResult:
         kv = GrowableCache(cache_capacity) if cache else None
-        with torch.no_grad(), routed.session(s, controller, lam=lam,
-                                             forced_weights=forced_weights,
-                                             capture_qk=capture_qk, policy=policy,
-                                             diagnose=diagnose) as sess:
+        with (
+            torch.no_grad(),
+            routed.session(
+                s,
+                controller,
+                lam=lam,
+                forced_weights=forced_weights,
+                capture_qk=capture_qk,
+                policy=policy,
+                diagnose=diagnose,
+            ) as sess,
+        ):
             out = routed.model(input_ids=ids, past_key_values=kv, use_cache=cache)
         records = sess.pop_records()
         assert records is not None  # every routed forward records its decisions

@@ -30,19 +30,26 @@ Record: TypeAlias = dict[str, np.ndarray]
 def record(beta: torch.Tensor, dec: Decisions, lam: float) -> Record:
     """The record of N = B * T decisions of one layer; beta [B, T, K] gives the shape."""
     b, t, _ = beta.shape
-    return {"beta": beta.float().cpu().numpy(), "routes": dec.routes.view(b, t).cpu().numpy(),
-            "hedged": dec.hedged.view(b, t).cpu().numpy(),
-            "weights": dec.weights.view(b, t, K).float().cpu().numpy(),
-            "cost": dec.cost.view(b, t).float().cpu().numpy(),
-            "lam": np.full((b, t), float(lam), np.float32)}
+    return {
+        "beta": beta.float().cpu().numpy(),
+        "routes": dec.routes.view(b, t).cpu().numpy(),
+        "hedged": dec.hedged.view(b, t).cpu().numpy(),
+        "weights": dec.weights.view(b, t, K).float().cpu().numpy(),
+        "cost": dec.cost.view(b, t).float().cpu().numpy(),
+        "lam": np.full((b, t), float(lam), np.float32),
+    }
 
 
 def one_record(beta, route, hedged, weights, cost, lam) -> Record:
     """A decode decision (a ``OneRecord``) as the record arrays [B=1, T=1, ...]."""
-    return {key: np.asarray(value, dtype).reshape(1, 1, -1) if key in ("beta", "weights")
-            else np.asarray([[value]], dtype)
-            for key, value, dtype in zip(RECORD_KEYS, (beta, route, hedged, weights, cost, lam),
-                                         _DTYPES, strict=True)}
+    return {
+        key: np.asarray(value, dtype).reshape(1, 1, -1)
+        if key in ("beta", "weights")
+        else np.asarray([[value]], dtype)
+        for key, value, dtype in zip(
+            RECORD_KEYS, (beta, route, hedged, weights, cost, lam), _DTYPES, strict=True
+        )
+    }
 
 
 def _stack_one_records(recs: list[list[Any]]) -> Record:

@@ -72,25 +72,26 @@ def active(session: Session) -> Iterator[Session]:
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) -> torch.Tensor:
     """Plain causal attention [B, Hq, Tq, D]: budget 1, and the reference of `diagnose`."""
     return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=q.shape[2] > 1, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        q, k, v, is_causal=q.shape[2] > 1, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
-def _dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     **kwargs):
+def _dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                  scaling=scaling, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
 
 
-def metaattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                       **kwargs):
+def metaattn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D]
     (post-RoPE, cache included) -> ([B, Tq, Hq, D], None)."""
     session = current()
     if session is None or session.mode == "dense":
-        return _dense_attention(module, query, key, value, attention_mask, scaling=scaling,
-                                dropout=dropout, **kwargs)
+        return _dense_attention(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     return session.attend(module, query, key, value, scaling), None
 
 
@@ -109,8 +110,10 @@ def _decoder_layers(model) -> Any:
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layers = getattr(base, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found (need a LLaMA-style "
-                         "model using transformers' attention interface)")
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layers found (need a LLaMA-style "
+            "model using transformers' attention interface)"
+        )
     return layers
 
 
@@ -152,11 +155,19 @@ class Session:
     output actually used, ||o_used - o_full|| / ||o_full|| per decision.
     """
 
-    def __init__(self, n_layers: int, controller: ControllerStack, settings: RoutingSettings,
-                 mode: str = "route", train: TrainRouting | None = None,
-                 lam: list[float | None] | None = None,
-                 forced_weights: list[torch.Tensor] | None = None, capture_qk: bool = False,
-                 policy: Baseline | None = None, diagnose: bool = False):
+    def __init__(
+        self,
+        n_layers: int,
+        controller: ControllerStack,
+        settings: RoutingSettings,
+        mode: str = "route",
+        train: TrainRouting | None = None,
+        lam: list[float | None] | None = None,
+        forced_weights: list[torch.Tensor] | None = None,
+        capture_qk: bool = False,
+        policy: Baseline | None = None,
+        diagnose: bool = False,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if policy is not None and forced_weights is not None:
@@ -167,8 +178,9 @@ class Session:
         self.beta_graph: list[tuple[int, torch.Tensor]] = []  # training: (layer, beta), graph kept
         self.routing: RoutingPolicy
         if mode == "train":
-            self.routing = TrainPolicy(train or TrainRouting(), controller.point_estimate,
-                                       n_layers, self.beta_graph)
+            self.routing = TrainPolicy(
+                train or TrainRouting(), controller.point_estimate, n_layers, self.beta_graph
+            )
         elif policy is not None:
             self.routing = BaselinePolicy(policy, n_layers)
         elif forced_weights is not None:
@@ -204,8 +216,9 @@ class Session:
         s = self.settings
         x, h = self.x[layer], self.h[layer]
         if x is None or h is None or x.shape[1] != Tq:
-            raise RuntimeError("routing hooks did not capture this layer's input; is the model "
-                               "installed with RoutedModel?")
+            raise RuntimeError(
+                "routing hooks did not capture this layer's input; is the model installed with RoutedModel?"
+            )
         routing = self.routing
         one = B == 1 and Tq == 1 and offset > 0 and routing.fast_decode
         rec: Any
@@ -222,16 +235,25 @@ class Session:
             y = _sdpa(q, k, v, scaling)
             self.lin_state[layer] = None
         elif one and not self.capture_qk and kernels.resolve_backend(s.backend, q) == "cpu":
-            y, self.lin_state[layer] = decode_step(q, k, v, weights_one, window=s.window,
-                                                   n_sink=s.n_sink, scale=scaling, state=state)
+            y, self.lin_state[layer] = decode_step(
+                q, k, v, weights_one, window=s.window, n_sink=s.n_sink, scale=scaling, state=state
+            )
         else:
             if one:
                 weights = torch.tensor(weights_one, dtype=q.dtype, device=q.device).view(1, 1, K)
             if state is not None and state[2] != offset:  # stale (decode steps that skipped it)
                 state = linear_state_upto(state, k, v, offset) if state[2] < offset else None
             y, new_state = kernels.routed_attention(
-                q, k, v, weights.to(q.dtype), window=s.window, n_sink=s.n_sink, scale=scaling,
-                linear_state=None if state is None else state[:2], backend=self._backend)
+                q,
+                k,
+                v,
+                weights.to(q.dtype),
+                window=s.window,
+                n_sink=s.n_sink,
+                scale=scaling,
+                linear_state=None if state is None else state[:2],
+                backend=self._backend,
+            )
             self.lin_state[layer] = (*new_state, Tk)
         if self.capture_qk:
             self.qk[layer] = (q.detach(), k.detach(), scaling)

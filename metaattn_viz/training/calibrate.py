@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from metaattn_viz.core.dirichlet import kl_dirichlet
-from metaattn_viz.core.settings import COSTS, RoutingSettings
+from metaattn_viz.core.settings import CONTROLLER_KINDS, COSTS, DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.routing.controller import (
     ControllerConfig,
     ControllerStack,
@@ -47,7 +47,7 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass
 class CalibrationConfig:
-    controller: str = "bayes"
+    controller: str = DEFAULT_CONTROLLER
     steps: int = 64
     batch_size: int = 1
     seq_len: int = 256
@@ -67,7 +67,7 @@ class CalibrationConfig:
     checkpoint_every: int = 16
 
     def __post_init__(self):
-        if self.controller not in ("bayes", "priorfree"):
+        if self.controller not in CONTROLLER_KINDS:
             raise ValueError(f"--controller must be bayes or priorfree, got {self.controller!r}")
         for name in ("steps", "batch_size", "seq_len", "val_windows"):
             v = getattr(self, name)
@@ -81,16 +81,22 @@ class CalibrationConfig:
             raise ValueError(f"soft_fraction must be in [0, 1], got {self.soft_fraction}")
 
 
-def elbo_terms(routed: RoutedModel, stack: ControllerStack, input_ids: torch.Tensor,
-               dense_logits: torch.Tensor, cfg: CalibrationConfig, hard: bool) -> dict:
+def elbo_terms(
+    routed: RoutedModel,
+    stack: ControllerStack,
+    input_ids: torch.Tensor,
+    dense_logits: torch.Tensor,
+    cfg: CalibrationConfig,
+    hard: bool,
+) -> dict:
     """One forward of the routed model with sampled routing; returns the loss and its terms
     (tensors with graph: task, kl, cost, loss)."""
-    settings = RoutingSettings(budget=None, window=cfg.window, n_sink=cfg.n_sink,
-                               backend="reference")
+    settings = RoutingSettings(budget=None, window=cfg.window, n_sink=cfg.n_sink, backend="reference")
     with routed.session(settings, stack, mode="train", train=TrainRouting(hard=hard)) as sess:
         out = routed.model(input_ids=input_ids, use_cache=False)
-    task = kl_per_token(dense_logits.reshape(-1, dense_logits.shape[-1]),
-                        out.logits.reshape(-1, out.logits.shape[-1])).mean()
+    task = kl_per_token(
+        dense_logits.reshape(-1, dense_logits.shape[-1]), out.logits.reshape(-1, out.logits.shape[-1])
+    ).mean()
     betas = torch.stack([b for _, b in sorted(sess.beta_graph, key=lambda lb: lb[0])])  # [L,B,T,K]
     mean_w = betas / betas.sum(-1, keepdim=True)
     cost = (mean_w * torch.tensor(COSTS, device=betas.device)).sum(-1).mean()
@@ -105,8 +111,16 @@ def elbo_terms(routed: RoutedModel, stack: ControllerStack, input_ids: torch.Ten
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -118,16 +132,23 @@ def evaluate_terms(routed, stack, val_ids, dense_val, cfg) -> dict:
     totals = {"loss": 0.0, "task": 0.0, "kl": 0.0, "cost": 0.0}
     with torch.no_grad():
         for i in range(val_ids.shape[0]):
-            terms = elbo_terms(routed, stack, val_ids[i:i + 1], dense_val[i:i + 1], cfg, hard=True)
+            terms = elbo_terms(routed, stack, val_ids[i : i + 1], dense_val[i : i + 1], cfg, hard=True)
             for k in totals:
                 totals[k] += terms[k].item() / val_ids.shape[0]
     torch.random.set_rng_state(state)
     return totals
 
 
-def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: Path | None = None,
-              resume: bool = False, progress: bool = True, model_slug: str | None = None,
-              on_step: Callable[[dict], None] | None = None) -> dict:
+def calibrate(
+    routed: RoutedModel,
+    data_path,
+    cfg: CalibrationConfig,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model_slug: str | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
     """Train one controller stack; saves it (safetensors + meta.json) and returns the meta.
 
     ``on_step`` is called after every step (and its checkpoint, if one is due) with that
@@ -150,15 +171,17 @@ def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: P
     stack = ControllerStack(ccfg, seed=cfg.seed).to(device)
     opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 8) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+        opt, lambda s: min(1.0, (s + 1) / 8) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
     order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     start, history = 0, []
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, weights_only=False)
         if ckpt["config"] != asdict(cfg):
-            raise ValueError(f"--resume: {ckpt_path} was made with other settings; remove it or "
-                             "rerun with the same ones")
+            raise ValueError(
+                f"--resume: {ckpt_path} was made with other settings; remove it or rerun with the same ones"
+            )
         stack.load_state_dict(ckpt["stack"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
@@ -173,8 +196,7 @@ def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: P
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"calibrate {cfg.controller}",
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"calibrate {cfg.controller}", dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
@@ -192,14 +214,28 @@ def calibrate(routed: RoutedModel, data_path, cfg: CalibrationConfig, out_dir: P
             row = {k: round(v.item(), 5) for k, v in terms.items()} | {"step": step + 1, "hard": hard}
             history.append(row)
             if bar is not None:
-                bar.set_postfix(loss=row["loss"], task=row["task"], kl=row["kl"], cost=row["cost"],
-                                mode="hard" if hard else "soft")
+                bar.set_postfix(
+                    loss=row["loss"],
+                    task=row["task"],
+                    kl=row["kl"],
+                    cost=row["cost"],
+                    mode="hard" if hard else "soft",
+                )
                 bar.update(1)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 tmp = ckpt_path.with_suffix(".tmp")
-                torch.save({"config": asdict(cfg), "stack": stack.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "rng": torch.random.get_rng_state(),
-                            "step": step + 1, "history": history}, tmp)
+                torch.save(
+                    {
+                        "config": asdict(cfg),
+                        "stack": stack.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "rng": torch.random.get_rng_state(),
+                        "step": step + 1,
+                        "history": history,
+                    },
+                    tmp,
+                )
                 tmp.replace(ckpt_path)
             if on_step is not None:
                 on_step(dict(row))  # a copy: the callback cannot alter the history

@@ -35,10 +35,14 @@ class Split:
     path: str
 
     def describe(self) -> dict:
-        return {"file": self.path, "sha256": self.sha256, "articles_train": len(self.train),
-                "articles_validation": len(self.validation),
-                "rule": f"article i goes to validation when i % {VALIDATION_EVERY} == "
-                        f"{VALIDATION_EVERY - 1} (file order), else to training"}
+        return {
+            "file": self.path,
+            "sha256": self.sha256,
+            "articles_train": len(self.train),
+            "articles_validation": len(self.validation),
+            "rule": f"article i goes to validation when i % {VALIDATION_EVERY} == "
+            f"{VALIDATION_EVERY - 1} (file order), else to training",
+        }
 
 
 def read_text(path) -> tuple[str, str]:
@@ -55,8 +59,7 @@ def read_text(path) -> tuple[str, str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"data file is not UTF-8 text ({exc.reason} at byte {exc.start}): "
-                        f"{p}") from None
+        raise DataError(f"data file is not UTF-8 text ({exc.reason} at byte {exc.start}): {p}") from None
     return text, hashlib.sha256(raw).hexdigest()
 
 
@@ -94,6 +97,8 @@ def windows(tokenizer, articles: list[str], seq_len: int, what: str = "training"
             ids.append(eos)
     n = len(ids) // seq_len
     if n < 1:
-        raise DataError(f"the {what} text is shorter than one window ({len(ids)} tokens < "
-                        f"{seq_len}); give a longer file or a smaller --seq-len")
+        raise DataError(
+            f"the {what} text is shorter than one window ({len(ids)} tokens < "
+            f"{seq_len}); give a longer file or a smaller --seq-len"
+        )
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)

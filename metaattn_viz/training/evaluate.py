@@ -48,8 +48,7 @@ def budget_shares(budget: float) -> tuple[int, int, float]:
 
 def _decisions(routes: torch.Tensor) -> Decisions:
     w = torch.nn.functional.one_hot(routes, K).float()
-    return Decisions(routes, w, torch.zeros_like(routes, dtype=torch.bool),
-                     torch.tensor(COSTS)[routes])
+    return Decisions(routes, w, torch.zeros_like(routes, dtype=torch.bool), torch.tensor(COSTS)[routes])
 
 
 def static_policy(expert: int):
@@ -97,22 +96,29 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def flops_ratio(weights: np.ndarray, seq_len: int, head_dim: int, window: int,
-                n_sink: int) -> float:
+def flops_ratio(weights: np.ndarray, seq_len: int, head_dim: int, window: int, n_sink: int) -> float:
     """Real attention FLOPs of the decisions [L, B, T, K] of windows starting at position 0,
     relative to all-full (metaattn_kernels.flops)."""
     return attention_flops_ratio(np.arange(seq_len), weights, window, n_sink, head_dim)
 
 
-def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, settings,
-               controller: str | None, policy=None, diagnose: bool = False) -> dict:
+def run_policy(
+    routed: RoutedModel,
+    windows: torch.Tensor,
+    dense_logits: list,
+    settings,
+    controller: str | None,
+    policy=None,
+    diagnose: bool = False,
+) -> dict:
     nll, kl, n = 0.0, 0.0, 0
     weights, costs, ent, unc_total, unc_epi, rel_err = [], [], [], [], [], []
     for i in range(windows.shape[0]):
-        ids = windows[i:i + 1]
+        ids = windows[i : i + 1]
         # a baseline's policy overrides the routes; the controller only has to run
-        res = routed.prefill(ids, settings, controller or KINDS[0], use_cache=False,
-                             policy=policy, diagnose=diagnose)
+        res = routed.prefill(
+            ids, settings, controller or KINDS[0], use_cache=False, policy=policy, diagnose=diagnose
+        )
         logits = res.logits[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         kl += float(kl_per_token(dense_logits[i][0, :-1], logits).sum())
@@ -133,8 +139,9 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
         "ppl": math.exp(nll / n),
         "kl_to_dense": kl / n,
         "realized_cost": float(np.concatenate(costs, 1).mean()),
-        "attention_flops_ratio": flops_ratio(w, windows.shape[1], routed.head_dim,
-                                             settings.window, settings.n_sink),
+        "attention_flops_ratio": flops_ratio(
+            w, windows.shape[1], routed.head_dim, settings.window, settings.n_sink
+        ),
         "routing_entropy": float(np.concatenate(ent, 1).mean()) * 100 if controller else None,
         "expert_shares": {e: float(w[..., k].mean()) for k, e in enumerate(EXPERTS)},
         "tokens": int(n),
@@ -152,32 +159,47 @@ def run_policy(routed: RoutedModel, windows: torch.Tensor, dense_logits: list, s
             "spearman_epistemic": float(stats.spearmanr(epi, err).statistic),
             "auroc_epistemic_worst10": auroc(epi, worst),
             "spearman_total_cheap_only": float(stats.spearmanr(u[cheap], err[cheap]).statistic)
-            if cheap.sum() > 2 else None,
+            if cheap.sum() > 2
+            else None,
             "decisions": int(err.size),
         }
     return row
 
 
-def evaluate(routed: RoutedModel, data_path, budgets=DEFAULT_BUDGETS,
-             max_tokens: int = DEFAULT_MAX_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
-             window: int = DEFAULTS.window, n_sink: int = DEFAULTS.n_sink, seed: int = 0,
-             controllers=KINDS, progress=None, scope: str = DEFAULTS.scope,
-             baselines: bool = True) -> list[dict]:
+def evaluate(
+    routed: RoutedModel,
+    data_path,
+    budgets=DEFAULT_BUDGETS,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    window: int = DEFAULTS.window,
+    n_sink: int = DEFAULTS.n_sink,
+    seed: int = 0,
+    controllers=KINDS,
+    progress=None,
+    scope: str = DEFAULTS.scope,
+    baselines: bool = True,
+) -> list[dict]:
     split = data_mod.load_split(data_path)
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")
     val = val[: max(1, max_tokens // seq_len)]
     t0 = time.perf_counter()
     dense_logits, dense_nll, n = [], 0.0, 0
     for i in range(val.shape[0]):
-        lg = routed.dense_logits(val[i:i + 1])
+        lg = routed.dense_logits(val[i : i + 1])
         dense_logits.append(lg)
-        dense_nll += float(torch.nn.functional.cross_entropy(lg[0, :-1].float(), val[i, 1:],
-                                                             reduction="sum"))
+        dense_nll += float(torch.nn.functional.cross_entropy(lg[0, :-1].float(), val[i, 1:], reduction="sum"))
         n += seq_len - 1
     dense_ppl = math.exp(dense_nll / n)
     base = RoutingSettings(window=window, n_sink=n_sink, scope=scope)
-    common = {"dense_ppl": dense_ppl, "split": "validation", "seq_len": seq_len,
-              "window": window, "n_sink": n_sink, "scope": scope}
+    common = {
+        "dense_ppl": dense_ppl,
+        "split": "validation",
+        "seq_len": seq_len,
+        "window": window,
+        "n_sink": n_sink,
+        "scope": scope,
+    }
     plan = []
     for c in controllers:
         for b in list(budgets) + [None]:
@@ -193,8 +215,12 @@ def evaluate(routed: RoutedModel, data_path, budgets=DEFAULT_BUDGETS,
     for name, b, ctrl, policy in plan:
         settings = base.with_(budget=b) if ctrl else base.with_(budget=None)
         diagnose = name == "bayes" and b is None
-        row = {"controller": name, "budget": b,
-               **run_policy(routed, val, dense_logits, settings, ctrl, policy, diagnose), **common}
+        row = {
+            "controller": name,
+            "budget": b,
+            **run_policy(routed, val, dense_logits, settings, ctrl, policy, diagnose),
+            **common,
+        }
         if ctrl:
             stack = routed.controller(ctrl)
             row["controller_id"] = stack.controller_id

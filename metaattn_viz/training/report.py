@@ -57,25 +57,43 @@ def tables(rows: list[dict], command: str) -> str:
             f"| {r['controller']} | {budget} | {_fmt(r['realized_cost'])} | "
             f"{_fmt(r['attention_flops_ratio'])} | {_fmt(r['ppl'], 2)} | "
             f"{_fmt(r['ppl'] / r['dense_ppl'])} | {_fmt(r['kl_to_dense'], 4)} | "
-            f"{_fmt(r['routing_entropy'], 1)} | {' / '.join(f'{sh[e]:.2f}' for e in EXPERTS)} |")
+            f"{_fmt(r['routing_entropy'], 1)} | {' / '.join(f'{sh[e]:.2f}' for e in EXPERTS)} |"
+        )
     unc = [r for r in rows if "uncertainty" in r]
     if unc:
         u = unc[0]["uncertainty"]
-        lines += ["", "Uncertainty of the Bayesian controller (unbudgeted argmax routing, "
-                  f"{u['decisions']} token-layer decisions):", "",
-                  "| measure | Spearman vs relative error | AUROC, worst 10 % error |",
-                  "|---|---|---|",
-                  f"| total (entropy of the mean) | {_fmt(u['spearman_total'])} | "
-                  f"{_fmt(u['auroc_total_worst10'])} |",
-                  f"| epistemic (mutual information) | {_fmt(u['spearman_epistemic'])} | "
-                  f"{_fmt(u['auroc_epistemic_worst10'])} |",
-                  "", f"Spearman (total) over the decisions routed to a cheap expert only: "
-                  f"{_fmt(u['spearman_total_cheap_only'])}."]
+        lines += [
+            "",
+            "Uncertainty of the Bayesian controller (unbudgeted argmax routing, "
+            f"{u['decisions']} token-layer decisions):",
+            "",
+            "| measure | Spearman vs relative error | AUROC, worst 10 % error |",
+            "|---|---|---|",
+            f"| total (entropy of the mean) | {_fmt(u['spearman_total'])} | "
+            f"{_fmt(u['auroc_total_worst10'])} |",
+            f"| epistemic (mutual information) | {_fmt(u['spearman_epistemic'])} | "
+            f"{_fmt(u['auroc_epistemic_worst10'])} |",
+            "",
+            f"Spearman (total) over the decisions routed to a cheap expert only: "
+            f"{_fmt(u['spearman_total_cheap_only'])}.",
+        ]
     ids = {r["controller"]: r.get("controller_id") for r in rows if r.get("controller_id")}
-    lines += ["", "Controllers: " + ", ".join(f"`{v}`" for v in ids.values()), "",
-              "![cost vs KL to dense](pareto.png)", "", "<details><summary>raw rows (JSON)"
-              "</summary>", "", "```json", json.dumps(rows, indent=1), "```", "", "</details>",
-              "", END]
+    lines += [
+        "",
+        "Controllers: " + ", ".join(f"`{v}`" for v in ids.values()),
+        "",
+        "![cost vs KL to dense](pareto.png)",
+        "",
+        "<details><summary>raw rows (JSON)</summary>",
+        "",
+        "```json",
+        json.dumps(rows, indent=1),
+        "```",
+        "",
+        "</details>",
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -86,9 +104,14 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    styles = {"bayes": ("o-", "#0072B2"), "priorfree": ("s-", "#D55E00"),
-              "random": ("^--", "#999999"), "salience-topk": ("v--", "#009E73"),
-              "all-local": ("D", "#CC79A7"), "all-linear": ("X", "#E69F00")}
+    styles = {
+        "bayes": ("o-", "#0072B2"),
+        "priorfree": ("s-", "#D55E00"),
+        "random": ("^--", "#999999"),
+        "salience-topk": ("v--", "#009E73"),
+        "all-local": ("D", "#CC79A7"),
+        "all-linear": ("X", "#E69F00"),
+    }
     for name, (marker, color) in styles.items():
         series = [r for r in rows if r["controller"] == name]
         pts = sorted((r["realized_cost"], r["kl_to_dense"], _is_argmax(r)) for r in series)
@@ -98,8 +121,9 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
         ax.plot(xs, ys, marker, color=color, label=name, markersize=6)
         for x, y, argmax in pts:
             if argmax:
-                ax.annotate("argmax", (x, y), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=color)
+                ax.annotate(
+                    "argmax", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color
+                )
     ax.set_xlabel("realised notional cost (mean per decision)")
     ax.set_ylabel("KL to dense (nats / token)")
     ax.set_yscale("symlog", linthresh=1e-3)
