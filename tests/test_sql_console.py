@@ -31,10 +31,11 @@ def log(tmp_path):
 def snapshot(log):
     cur = log.fresh_cursor()
     try:
-        return {t: cur.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in LOG_TABLES}, \
-            cur.execute("SELECT * FROM duckdb_settings() ORDER BY name").fetchall(), \
-            sorted(r[0] for r in cur.execute("SELECT database_name FROM duckdb_databases()")
-                   .fetchall())
+        return (
+            {t: cur.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in LOG_TABLES},
+            cur.execute("SELECT * FROM duckdb_settings() ORDER BY name").fetchall(),
+            sorted(r[0] for r in cur.execute("SELECT database_name FROM duckdb_databases()").fetchall()),
+        )
     finally:
         cur.close()
 
@@ -90,7 +91,7 @@ HOSTILE = [
     ("SELECT * FROM read_duckdb('{tmp}/other.duckdb')", "read_duckdb()"),
     ("SELECT * FROM '/etc/passwd'", "file or URL"),
     ("FROM 'runs.csv'", "file or URL"),
-    ("SELECT * FROM \"s3://bucket/x.parquet\"", "file or URL"),
+    ('SELECT * FROM "s3://bucket/x.parquet"', "file or URL"),
     ("DESCRIBE '/etc/passwd'", "file or URL"),
     ("SUMMARIZE SELECT * FROM read_csv('/etc/passwd')", "read_csv()"),
     ("SELECT * FROM query('SELECT * FROM read_text(''/etc/passwd'')')", "query()"),
@@ -103,9 +104,8 @@ HOSTILE = [
     # hidden in subqueries and CTEs
     ("WITH t AS (SELECT * FROM read_csv('/etc/passwd')) SELECT * FROM t", "read_csv()"),
     ("SELECT (SELECT count(*) FROM read_text('/etc/passwd'))", "read_text()"),
-    ("SELECT * FROM runs WHERE run_id IN (SELECT content FROM read_text('/etc/passwd'))",
-     "read_text()"),
-    ("WITH \"x.csv\" AS (SELECT * FROM 'x.csv') SELECT * FROM \"x.csv\"", "file or URL"),
+    ("SELECT * FROM runs WHERE run_id IN (SELECT content FROM read_text('/etc/passwd'))", "read_text()"),
+    ('WITH "x.csv" AS (SELECT * FROM \'x.csv\') SELECT * FROM "x.csv"', "file or URL"),
     ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", "b is not a table"),
     ("SELECT * FROM runs, secret_df", "secret_df is not a table"),
     # functions with effects
@@ -139,21 +139,32 @@ def test_at_least_25_hostile_statements_are_refused_with_a_reason(log, tmp_path)
     assert not made  # no file written
 
 
-@pytest.mark.parametrize("sql, rows", [
-    ("SELECT count(*) AS n FROM routes", [(120,)]),
-    ("select status, count(*) from runs group by status", [("done", 3)]),
-    ("WITH r AS (SELECT * FROM runs) SELECT count(*) FROM r", [(3,)]),
-    ("FROM runs SELECT count(DISTINCT run_id)", [(3,)]),
-    ("SELECT e.name, count(*) > 0 FROM routes JOIN experts e USING (expert) "
-     "GROUP BY ALL ORDER BY 1 LIMIT 1", [("full", True)]),
-    ("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 4) "
-     "SELECT sum(n) FROM t", [(10,)]),
-    ("SELECT * FROM (PIVOT runs ON status IN ('done', 'failed') USING count(*) "
-     "GROUP BY model)", [("synthetic", 3, 0)]),
-    ("SELECT count(*) FROM Main.ROUTES WHERE layer IN (SELECT unnest([0, 1]))", [(60,)]),
-    ("SELECT max(range) FROM range(7);", [(6,)]),
-    ("VALUES (1, 'a')", [(1, "a")]),
-])
+@pytest.mark.parametrize(
+    "sql, rows",
+    [
+        ("SELECT count(*) AS n FROM routes", [(120,)]),
+        ("select status, count(*) from runs group by status", [("done", 3)]),
+        ("WITH r AS (SELECT * FROM runs) SELECT count(*) FROM r", [(3,)]),
+        ("FROM runs SELECT count(DISTINCT run_id)", [(3,)]),
+        (
+            "SELECT e.name, count(*) > 0 FROM routes JOIN experts e USING (expert) "
+            "GROUP BY ALL ORDER BY 1 LIMIT 1",
+            [("full", True)],
+        ),
+        (
+            "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 4) "
+            "SELECT sum(n) FROM t",
+            [(10,)],
+        ),
+        (
+            "SELECT * FROM (PIVOT runs ON status IN ('done', 'failed') USING count(*) GROUP BY model)",
+            [("synthetic", 3, 0)],
+        ),
+        ("SELECT count(*) FROM Main.ROUTES WHERE layer IN (SELECT unnest([0, 1]))", [(60,)]),
+        ("SELECT max(range) FROM range(7);", [(6,)]),
+        ("VALUES (1, 'a')", [(1, "a")]),
+    ],
+)
 def test_ordinary_selects_are_answered(log, sql, rows):
     df, notice = run_readonly_query(log, sql)
     assert [tuple(r) for r in df.itertuples(index=False)] == rows
@@ -181,8 +192,11 @@ def test_the_time_limit_interrupts_a_long_query(log):
 
     t0 = time.perf_counter()
     with pytest.raises(ConsoleTimeout, match="0.5 s time limit"):
-        run_readonly_query(log, "SELECT count(*) FROM range(100000000) a, range(100000) b "
-                                "WHERE a.range + b.range = 7", timeout_s=0.5)
+        run_readonly_query(
+            log,
+            "SELECT count(*) FROM range(100000000) a, range(100000) b WHERE a.range + b.range = 7",
+            timeout_s=0.5,
+        )
     assert time.perf_counter() - t0 < 5
     df, _ = run_readonly_query(log, "SELECT count(*) FROM runs")  # the log still answers
     assert df.iloc[0, 0] == 3
@@ -205,3 +219,80 @@ def test_works_on_a_plain_connection_too():
         run_readonly_query(con, "DROP TABLE runs")
     with pytest.raises(ConsoleRefused):
         run_readonly_query(con, "SELECT * FROM read_csv('/etc/passwd')")
+
+
+# -- the hardened connection and the time limit ------------------------------------------------
+@pytest.mark.parametrize(
+    "sql, answer",
+    [
+        ("SELECT repeat('a', 2000000000)", None),  # one 2 GB value: DuckDB cannot interrupt it
+        ("SELECT count(*) FROM range(100000) a, range(100000) b", 10**10),  # 10^10 rows
+        ("SELECT count(*) FROM range(100000) a, range(100000) b WHERE a.range + b.range = 7", None),
+        ("SELECT sum(len(range(x))) FROM range(100000) t(x)", None),  # 5 * 10^9 list elements
+    ],
+)
+def test_a_huge_query_is_answered_refused_or_stopped_within_the_limit(log, sql, answer):
+    import time
+
+    run_readonly_query(log, "SELECT 1")  # a worker is up: its start is not the query's time
+    t0 = time.perf_counter()
+    try:
+        df, _ = run_readonly_query(log, sql, timeout_s=3)
+    except ConsoleError as exc:  # stopped (ConsoleTimeout) or refused for memory
+        assert isinstance(exc, ConsoleTimeout) or "Out of Memory" in str(exc), str(exc)
+    else:
+        assert answer is not None and df.iloc[0, 0] == answer
+    assert time.perf_counter() - t0 < 3 + 1
+    df, _ = run_readonly_query(log, "SELECT count(*) FROM runs")  # the console still answers
+    assert df.iloc[0, 0] == 3
+
+
+def test_the_sandbox_connection_is_locked_down():
+    """DuckDB's own guards, on top of the parser checks: no files or URLs, no
+    extensions, no other databases, and settings no statement can change."""
+    from metaattn_viz.store.sandbox import MEMORY_LIMIT, THREADS
+    from metaattn_viz.store.sandbox_worker import hardened_connection
+
+    with hardened_connection(MEMORY_LIMIT, THREADS) as con:
+        for sql in (
+            "SELECT * FROM read_csv('/etc/passwd')",
+            "ATTACH '/tmp/x.duckdb' AS x",
+            "COPY (SELECT 1) TO '/tmp/metaattn-sandbox-test.csv'",
+            "INSTALL httpfs",
+            "LOAD httpfs",
+            "SET enable_external_access = true",
+            "SET memory_limit = '100GB'",
+            "SET threads = 64",
+            "RESET lock_configuration",
+        ):
+            with pytest.raises(duckdb.Error):
+                con.execute(sql)
+        assert con.execute("SELECT current_setting('threads')").fetchone()[0] == THREADS
+        assert (
+            con.execute("SELECT count(*) FROM duckdb_databases() WHERE NOT internal").fetchone()[0] == 1
+        )  # its own in-memory database, nothing else
+
+
+def test_a_worker_that_does_not_answer_is_killed_at_the_limit(tmp_path, monkeypatch):
+    """The last resort when DuckDB cannot stop: the process is killed, a spare started."""
+    import time
+
+    from metaattn_viz.store import sandbox, sandbox_worker
+
+    stuck = tmp_path / "stuck_worker.py"  # says it is ready, then never answers
+    stuck.write_text(
+        "import sys, time\nsys.stdout.buffer.write(len(b'ready').to_bytes(4, "
+        "'big') + b'ready')\nsys.stdout.flush()\ntime.sleep(600)\n"
+    )
+    assert sandbox_worker.READY == b"ready"
+    monkeypatch.setattr(sandbox, "WORKER_SCRIPT", stuck)
+    pool = sandbox._Pool(1)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(sandbox.SandboxTimeout):
+            pool.run({"sql": "SELECT 1"}, {}, timeout_s=0.5)
+        assert time.perf_counter() - t0 < 0.5 + sandbox.KILL_GRACE_S + 1
+        spare = pool._idle[0]
+        assert spare.alive  # started at once for the next query
+    finally:
+        pool.close()

@@ -68,30 +68,49 @@ def _json_default(o: object) -> object:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def run_row(run_id: str, trace: RoutingTrace, kind: str) -> dict[str, Any]:
+def run_row(run_id: str, trace: RoutingTrace, kind: str, owner: str | None = None) -> dict[str, Any]:
     """The runs row that start_run writes (status `running`, no positions yet)."""
-    row = {"run_id": run_id, "created_at": utc(trace.created_at), "status": "running",
-           "kind": kind, "model": trace.model, "controller": trace.controller,
-           "controller_id": trace.controller_id,
-           "controller_trained": bool(trace.controller_trained),
-           "n_layers": int(trace.n_layers), "head_dim": int(trace.head_dim), "n_tokens": 0,
-           "n_prompt_tokens": int(trace.n_prompt_tokens), "truncated": int(trace.truncated),
-           "prompt": trace.prompt, "pid": os.getpid(), "host": socket.gethostname()}
+    row = {
+        "run_id": run_id,
+        "created_at": utc(trace.created_at),
+        "status": "running",
+        "owner": owner,
+        "kind": kind,
+        "model": trace.model,
+        "controller": trace.controller,
+        "controller_id": trace.controller_id,
+        "controller_trained": bool(trace.controller_trained),
+        "n_layers": int(trace.n_layers),
+        "head_dim": int(trace.head_dim),
+        "n_tokens": 0,
+        "n_prompt_tokens": int(trace.n_prompt_tokens),
+        "truncated": int(trace.truncated),
+        "prompt": trace.prompt,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
     settings = trace.settings.to_dict()
     for name, column in SETTINGS_COLUMNS.items():
         row[column] = settings[name]
     return row
 
 
-def final_fields(run_id: str, trace: RoutingTrace, status: str, error: str | None,
-                 wall_ms: float, finished_at: float) -> dict[str, Any]:
+def final_fields(
+    run_id: str, trace: RoutingTrace, status: str, error: str | None, wall_ms: float, finished_at: float
+) -> dict[str, Any]:
     """The runs fields that finish writes (schema.FINAL_COLUMNS)."""
-    return {"run_id": run_id, "status": status, "finished_at": utc(finished_at),
-            "prompt": trace.prompt, "output_text": trace.output_text,
-            "realized_cost": _finite_or_none(trace.realized_cost),
-            "flops_ratio": _finite_or_none(trace.attention_flops_ratio),
-            "wall_ms": wall_ms, "timings": json.dumps(trace.timings, default=_json_default),
-            "error": error}
+    return {
+        "run_id": run_id,
+        "status": status,
+        "finished_at": utc(finished_at),
+        "prompt": trace.prompt,
+        "output_text": trace.output_text,
+        "realized_cost": _finite_or_none(trace.realized_cost),
+        "flops_ratio": _finite_or_none(trace.attention_flops_ratio),
+        "wall_ms": wall_ms,
+        "timings": json.dumps(trace.timings, default=_json_default),
+        "error": error,
+    }
 
 
 def kl_table(run_id: str, trace: RoutingTrace) -> pa.Table | None:
@@ -99,9 +118,13 @@ def kl_table(run_id: str, trace: RoutingTrace) -> pa.Table | None:
     if trace.kl_to_dense is None:
         return None
     values = np.asarray(trace.kl_to_dense, np.float32).ravel()  # [T]
-    return pa.table({"run_id": pa.array([run_id] * len(values), pa.string()),
-                     "pos": np.arange(len(values), dtype=np.int32),
-                     "kl_to_dense": values})
+    return pa.table(
+        {
+            "run_id": pa.array([run_id] * len(values), pa.string()),
+            "pos": np.arange(len(values), dtype=np.int32),
+            "kl_to_dense": values,
+        }
+    )
 
 
 def snapshot(trace: RoutingTrace, start: int) -> TraceSlice | None:
@@ -113,9 +136,21 @@ def snapshot(trace: RoutingTrace, start: int) -> TraceSlice | None:
     if end <= start:
         return None
     conc, routes, hedged, weights, cost, lam = (np.array(a[:, start:end]) for a in arrays)
-    return TraceSlice(start, end, np.asarray(token_ids[start:end], np.int32),
-                      list(texts[start:end]), conc, routes, hedged, weights, cost, lam,
-                      int(trace.n_prompt_tokens), int(trace.truncated), trace.point_estimate)
+    return TraceSlice(
+        start,
+        end,
+        np.asarray(token_ids[start:end], np.int32),
+        list(texts[start:end]),
+        conc,
+        routes,
+        hedged,
+        weights,
+        cost,
+        lam,
+        int(trace.n_prompt_tokens),
+        int(trace.truncated),
+        trace.point_estimate,
+    )
 
 
 def merge_slices(slices: list[tuple[str, TraceSlice]]) -> list[tuple[str, TraceSlice]]:
@@ -136,12 +171,24 @@ def merge_slices(slices: list[tuple[str, TraceSlice]]) -> list[tuple[str, TraceS
             result.append((rid, group[0]))
             continue
         last = group[-1]
-        cat = {name: np.concatenate([getattr(g, name) for g in group], axis=1)
-               for name in TRACE_ARRAYS}  # along positions
-        result.append((rid, TraceSlice(
-            group[0].start, last.end, np.concatenate([g.token_ids for g in group]),
-            [t for g in group for t in g.texts], **cat, n_prompt_tokens=last.n_prompt_tokens,
-            truncated=last.truncated, point_estimate=last.point_estimate)))
+        cat = {
+            name: np.concatenate([getattr(g, name) for g in group], axis=1) for name in TRACE_ARRAYS
+        }  # along positions
+        result.append(
+            (
+                rid,
+                TraceSlice(
+                    group[0].start,
+                    last.end,
+                    np.concatenate([g.token_ids for g in group]),
+                    [t for g in group for t in g.texts],
+                    **cat,
+                    n_prompt_tokens=last.n_prompt_tokens,
+                    truncated=last.truncated,
+                    point_estimate=last.point_estimate,
+                ),
+            )
+        )
     return result
 
 
@@ -162,8 +209,7 @@ def uncertainty_columns(concentration: np.ndarray, point_estimate: bool) -> dict
     for the intra-op pool."""
     beta = np.asarray(concentration, np.float64)
     measures = uncertainties(beta, point_estimate=point_estimate)
-    return {UNCERTAINTY_COLUMNS[name]: np.asarray(v).astype(np.float32)
-            for name, v in measures.items()}
+    return {UNCERTAINTY_COLUMNS[name]: np.asarray(v).astype(np.float32) for name, v in measures.items()}
 
 
 def slice_tables(slices: list[tuple[str, TraceSlice]]) -> tuple[pa.Table, pa.Table]:
@@ -173,10 +219,23 @@ def slice_tables(slices: list[tuple[str, TraceSlice]]) -> tuple[pa.Table, pa.Tab
     tok_idx: list[np.ndarray] = []
     route_idx: list[np.ndarray] = []
     texts: list[str] = []
-    cols: dict[str, list[np.ndarray]] = {c: [] for c in (
-        "pos_t", "token_id", "is_prompt", "layer", "pos", "expert", "hedged", "cost",
-        "lam", *(f"conc_{e}" for e in EXPERTS), *(f"weight_{e}" for e in EXPERTS),
-        *UNCERTAINTY_COLUMNS.values())}
+    cols: dict[str, list[np.ndarray]] = {
+        c: []
+        for c in (
+            "pos_t",
+            "token_id",
+            "is_prompt",
+            "layer",
+            "pos",
+            "expert",
+            "hedged",
+            "cost",
+            "lam",
+            *(f"conc_{e}" for e in EXPERTS),
+            *(f"weight_{e}" for e in EXPERTS),
+            *UNCERTAINTY_COLUMNS.values(),
+        )
+    }
     for i, (_, s) in enumerate(slices):
         L, n = s.routes.shape  # [L, n]
         positions = np.arange(s.start, s.end, dtype=np.int32)
@@ -201,21 +260,35 @@ def slice_tables(slices: list[tuple[str, TraceSlice]]) -> tuple[pa.Table, pa.Tab
     def run_id_column(idx: list[np.ndarray]) -> pa.DictionaryArray:
         return pa.DictionaryArray.from_arrays(pa.array(np.concatenate(idx)), dictionary)
 
-    tokens = pa.table({"run_id": run_id_column(tok_idx),
-                       "pos": np.concatenate(cols["pos_t"]),
-                       "token_id": np.concatenate(cols["token_id"]),
-                       "text": pa.array(texts, pa.string()),
-                       "is_prompt": np.concatenate(cols["is_prompt"])})
+    tokens = pa.table(
+        {
+            "run_id": run_id_column(tok_idx),
+            "pos": np.concatenate(cols["pos_t"]),
+            "token_id": np.concatenate(cols["token_id"]),
+            "text": pa.array(texts, pa.string()),
+            "is_prompt": np.concatenate(cols["is_prompt"]),
+        }
+    )
     route_cols: dict[str, Any] = {"run_id": run_id_column(route_idx)}
-    for c in ("layer", "pos", "expert", "hedged", *(f"conc_{e}" for e in EXPERTS),
-              *(f"weight_{e}" for e in EXPERTS), "cost", "lam", *UNCERTAINTY_COLUMNS.values()):
+    for c in (
+        "layer",
+        "pos",
+        "expert",
+        "hedged",
+        *(f"conc_{e}" for e in EXPERTS),
+        *(f"weight_{e}" for e in EXPERTS),
+        "cost",
+        "lam",
+        *UNCERTAINTY_COLUMNS.values(),
+    ):
         route_cols[c] = np.concatenate(cols[c])
     return tokens, pa.table(route_cols)
 
 
 # -- decoding -------------------------------------------------------------------------------
-def decode_trace(run: Mapping[str, Any], tokens: Mapping[str, np.ndarray],
-                 routes: Mapping[str, np.ndarray]) -> RoutingTrace:
+def decode_trace(
+    run: Mapping[str, Any], tokens: Mapping[str, np.ndarray], routes: Mapping[str, np.ndarray]
+) -> RoutingTrace:
     """The RoutingTrace of a runs row, its tokens rows and its routes rows (columns as
     numpy arrays, Q.TOKENS_OF_RUN and Q.ROUTES_OF_RUN): the inverse of the encoding
     above. The caller checks that there are n_tokens token rows and n_layers x n_tokens
@@ -232,20 +305,29 @@ def decode_trace(run: Mapping[str, Any], tokens: Mapping[str, np.ndarray],
         return np.stack([grid(routes[f"{prefix}_{e}"], np.float32) for e in EXPERTS], -1)
 
     kl = np.ma.filled(np.ma.asarray(tokens["kl_to_dense"], np.float32), np.nan)  # NULL: NaN
-    settings = RoutingSettings.from_dict(
-        {name: run[column] for name, column in SETTINGS_COLUMNS.items()})
+    settings = RoutingSettings.from_dict({name: run[column] for name, column in SETTINGS_COLUMNS.items()})
     return RoutingTrace(
-        model=run["model"], controller=run["controller"],
-        controller_id=run["controller_id"], controller_trained=bool(run["controller_trained"]),
-        settings=settings, n_layers=L, head_dim=int(run["head_dim"]),
-        token_ids=[int(t) for t in tokens["token_id"]], tokens=[str(t) for t in tokens["text"]],
+        model=run["model"],
+        controller=run["controller"],
+        controller_id=run["controller_id"],
+        controller_trained=bool(run["controller_trained"]),
+        settings=settings,
+        n_layers=L,
+        head_dim=int(run["head_dim"]),
+        token_ids=[int(t) for t in tokens["token_id"]],
+        tokens=[str(t) for t in tokens["text"]],
         n_prompt_tokens=int(run["n_prompt_tokens"]),
-        concentration=grid3("conc"), routes=grid(routes["expert"], np.int8),
-        hedged=grid(routes["hedged"], bool), weights=grid3("weight"),
-        cost=grid(routes["cost"], np.float32), lam=grid(routes["lam"], np.float32),
+        concentration=grid3("conc"),
+        routes=grid(routes["expert"], np.int8),
+        hedged=grid(routes["hedged"], bool),
+        weights=grid3("weight"),
+        cost=grid(routes["cost"], np.float32),
+        lam=grid(routes["lam"], np.float32),
         kl_to_dense=None if T == 0 or np.isnan(kl).all() else kl,
         truncated=int(run["truncated"]),
         timings=json.loads(run["timings"]) if run["timings"] else {},
         created_at=run["created_at"].replace(tzinfo=_dt.timezone.utc).timestamp(),
-        prompt=run["prompt"] or "", output_text=run["output_text"] or "",
-        run_id=run["run_id"])
+        prompt=run["prompt"] or "",
+        output_text=run["output_text"] or "",
+        run_id=run["run_id"],
+    )

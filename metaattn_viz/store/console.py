@@ -1,9 +1,10 @@
 """The read-only SQL console over the routing log (the app's History tab).
 
-`run_readonly_query(log, sql)` answers one SELECT (or WITH ... SELECT, FROM-first,
-VALUES, DESCRIBE/SUMMARIZE of a log table) over the log's tables and nothing else. It
-must never let a statement write, change settings, attach or load anything, or touch a
-file or URL. The checks, in order, each enough to refuse on its own:
+`run_readonly_query(log, sql, owner=None)` answers one SELECT (or WITH ... SELECT,
+FROM-first, VALUES, DESCRIBE/SUMMARIZE of a log table) over the log's tables and nothing
+else: every run, or with `owner` (owners.py) that owner's runs only. It must never let a
+statement write, change settings, attach or load anything, touch a file or URL, or see
+another owner's rows. The checks, in order, each enough to refuse on its own:
 
 1. DuckDB's own parser splits the text: exactly one statement, of type SELECT
    (INSERT/UPDATE/DELETE/CREATE/DROP/ALTER, COPY, EXPORT/IMPORT, ATTACH/DETACH,
@@ -16,9 +17,14 @@ file or URL. The checks, in order, each enough to refuse on its own:
    read_parquet, read_json*, read_text, read_blob, glob, parquet_scan, query,
    duckdb_settings, ...) are refused, as are scalar functions with side effects or a
    view outside the log (nextval, setseed, sleep_ms, current_setting, ...).
-3. It runs on a fresh cursor with Python replacement scans off, inside a READ ONLY
-   transaction that is rolled back, interrupted after `timeout_s`, and at most
-   `max_rows` rows are fetched (the result streams; the rest is never computed).
+3. It never runs on the log's connection. The rows the reader may see of the tables it
+   names (queries.visible_rows, read in one snapshot) are copied to a worker process
+   (sandbox.py) whose in-memory DuckDB holds nothing else and reaches nothing else
+   (external access off, configuration locked, a memory and thread cap): no catalog,
+   schema or system-function trick can find another owner's rows there. A huge value
+   fails at once on the worker's address-space cap; the query is interrupted after
+   `timeout_s`, and the worker killed if DuckDB cannot stop; at most `max_rows` rows
+   are computed and fetched.
 
 Never imports gradio or the model; refusals raise ConsoleRefused with a message that
 says what was refused and why.
@@ -27,40 +33,68 @@ says what was refused and why.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
+from metaattn_viz.store import sandbox
+from metaattn_viz.store.owners import check_owner
+from metaattn_viz.store.queries import visible_rows
 from metaattn_viz.store.runlog import RunLog
 from metaattn_viz.store.schema import LOG_TABLES
 
 ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
 # Scalar functions with an effect, a wait, or a view of things outside the log.
-DENIED_FUNCTIONS = frozenset({
-    "nextval", "currval", "setval", "setseed", "write_log", "sleep_ms", "pg_sleep",
-    "current_setting", "getvariable", "json_execute_serialized_sql", "enable_logging",
-    "disable_logging", "enable_profiling", "disable_profiling", "checkpoint",
-    "force_checkpoint",
-})
+DENIED_FUNCTIONS = frozenset(
+    {
+        "nextval",
+        "currval",
+        "setval",
+        "setseed",
+        "write_log",
+        "sleep_ms",
+        "pg_sleep",
+        "current_setting",
+        "getvariable",
+        "json_execute_serialized_sql",
+        "enable_logging",
+        "disable_logging",
+        "enable_profiling",
+        "disable_profiling",
+        "checkpoint",
+        "force_checkpoint",
+    }
+)
 MAX_SQL_CHARS = 20_000
 _TABLE_LIST = ", ".join(LOG_TABLES)
 _STATEMENT_WORDS = {
-    "INSERT": "INSERT writes to the log", "UPDATE": "UPDATE writes to the log",
-    "DELETE": "DELETE/TRUNCATE writes to the log", "CREATE": "CREATE defines new objects",
-    "DROP": "DROP/DEALLOCATE removes objects", "ALTER": "ALTER changes the schema",
-    "COPY": "COPY reads or writes files", "COPY_DATABASE": "COPY FROM DATABASE copies a database",
-    "EXPORT": "EXPORT DATABASE writes files", "ATTACH": "ATTACH opens another database",
-    "DETACH": "DETACH closes a database", "LOAD": "INSTALL/LOAD adds extensions",
-    "EXTENSION": "INSTALL/LOAD adds extensions", "SET": "SET/RESET/USE changes settings",
-    "VARIABLE_SET": "SET VARIABLE changes state", "PRAGMA": "PRAGMA/IMPORT changes state",
-    "CALL": "CALL/CHECKPOINT runs procedures", "TRANSACTION": "transactions are managed by "
-    "the console", "VACUUM": "VACUUM/ANALYZE changes the database", "ANALYZE":
-    "ANALYZE changes the database", "PREPARE": "PREPARE creates state", "EXECUTE":
-    "EXECUTE runs a prepared statement", "EXPLAIN": "EXPLAIN (ANALYZE) runs plans",
-    "MERGE_INTO": "MERGE INTO writes to the log", "MULTI": "this statement expands into "
+    "INSERT": "INSERT writes to the log",
+    "UPDATE": "UPDATE writes to the log",
+    "DELETE": "DELETE/TRUNCATE writes to the log",
+    "CREATE": "CREATE defines new objects",
+    "DROP": "DROP/DEALLOCATE removes objects",
+    "ALTER": "ALTER changes the schema",
+    "COPY": "COPY reads or writes files",
+    "COPY_DATABASE": "COPY FROM DATABASE copies a database",
+    "EXPORT": "EXPORT DATABASE writes files",
+    "ATTACH": "ATTACH opens another database",
+    "DETACH": "DETACH closes a database",
+    "LOAD": "INSTALL/LOAD adds extensions",
+    "EXTENSION": "INSTALL/LOAD adds extensions",
+    "SET": "SET/RESET/USE changes settings",
+    "VARIABLE_SET": "SET VARIABLE changes state",
+    "PRAGMA": "PRAGMA/IMPORT changes state",
+    "CALL": "CALL/CHECKPOINT runs procedures",
+    "TRANSACTION": "transactions are managed by the console",
+    "VACUUM": "VACUUM/ANALYZE changes the database",
+    "ANALYZE": "ANALYZE changes the database",
+    "PREPARE": "PREPARE creates state",
+    "EXECUTE": "EXECUTE runs a prepared statement",
+    "EXPLAIN": "EXPLAIN (ANALYZE) runs plans",
+    "MERGE_INTO": "MERGE INTO writes to the log",
+    "MULTI": "this statement expands into "
     "several (a PIVOT without an IN list); name the values: PIVOT t ON c IN ('a', 'b')",
     "CREATE_FUNC": "CREATE FUNCTION defines new objects",
 }
@@ -75,12 +109,13 @@ class ConsoleRefused(ConsoleError):
 
 
 class ConsoleTimeout(ConsoleError):
-    """The query ran past the time limit and was interrupted."""
+    """The query ran past the time limit and was stopped."""
 
 
 def _refuse(what: str) -> ConsoleRefused:
-    return ConsoleRefused(f"refused: {what}. The console answers one read-only SELECT over "
-                          f"the log's tables ({_TABLE_LIST}).")
+    return ConsoleRefused(
+        f"refused: {what}. The console answers one read-only SELECT over the log's tables ({_TABLE_LIST})."
+    )
 
 
 def _statement_of(sql: str) -> str:
@@ -106,11 +141,12 @@ def _path_like(name: str) -> bool:
     return any(c in name for c in "./\\:~*?") or name.startswith("$")
 
 
-def _check_tree(node, ctes: frozenset, catalogs: frozenset) -> None:
-    """Walk json_serialize_sql's tree, CTE names in scope in `ctes`."""
+def _check_tree(node, ctes: frozenset, catalogs: frozenset, found: set[str]) -> None:
+    """Walk json_serialize_sql's tree, CTE names in scope in `ctes`; add the log tables
+    it names to `found`."""
     if isinstance(node, list):
         for x in node:
-            _check_tree(x, ctes, catalogs)
+            _check_tree(x, ctes, catalogs, found)
         return
     if not isinstance(node, dict):
         return
@@ -121,32 +157,38 @@ def _check_tree(node, ctes: frozenset, catalogs: frozenset) -> None:
             name = str(entry["key"]).lower()
             body = entry["value"]
             recursive = (body.get("query_node") or {}).get("type") == "RECURSIVE_CTE_NODE"
-            _check_tree(body, frozenset(visible | {name}) if recursive else frozenset(visible),
-                        catalogs)
+            _check_tree(
+                body, frozenset(visible | {name}) if recursive else frozenset(visible), catalogs, found
+            )
             visible.add(name)
         ctes = frozenset(visible)
         node = {k: v for k, v in node.items() if k != "cte_map"}
     kind = node.get("type")
     if kind in ("BASE_TABLE", "SHOW_REF"):
-        _check_table(node, ctes, catalogs)
+        table = _check_table(node, ctes, catalogs)
+        if table:
+            found.add(table)
     elif kind == "TABLE_FUNCTION":
         fn = (node.get("function") or {}).get("function_name", "?")
         if str(fn).lower() not in ALLOWED_TABLE_FUNCTIONS:
             allowed = ", ".join(sorted(ALLOWED_TABLE_FUNCTIONS))
-            raise _refuse(f"the table function {fn}() is not allowed (file, URL and system "
-                          f"readers are off; allowed: {allowed})")
+            raise _refuse(
+                f"the table function {fn}() is not allowed (file, URL and system "
+                f"readers are off; allowed: {allowed})"
+            )
     fn = node.get("function_name")
     if isinstance(fn, str) and fn.lower() in DENIED_FUNCTIONS:
         raise _refuse(f"the function {fn}() has effects or reads state outside the log")
     for value in node.values():
         if isinstance(value, (dict, list)):
-            _check_tree(value, ctes, catalogs)
+            _check_tree(value, ctes, catalogs, found)
 
 
-def _check_table(node: dict, ctes: frozenset, catalogs: frozenset) -> None:
+def _check_table(node: dict, ctes: frozenset, catalogs: frozenset) -> str | None:
+    """The log table `node` names (None: a CTE or a query); refuse anything else."""
     name = str(node.get("table_name") or "")
     if node.get("type") == "SHOW_REF" and not name:
-        return  # DESCRIBE/SUMMARIZE of a query: the query itself is walked
+        return None  # DESCRIBE/SUMMARIZE of a query: the query itself is walked
     catalog = str(node.get("catalog_name") or "").lower()
     schema = str(node.get("schema_name") or "").lower()
     if catalog and catalog not in catalogs:
@@ -156,21 +198,53 @@ def _check_table(node: dict, ctes: frozenset, catalogs: frozenset) -> None:
     if _path_like(name):
         raise _refuse(f"'{name}' looks like a file or URL, and the console reads no files")
     low = name.lower()
-    if low in LOG_TABLES or (not catalog and not schema and low in ctes):
-        return
+    if not catalog and not schema and low in ctes:
+        return None
+    if low in LOG_TABLES:
+        return low
     raise _refuse(f"{name} is not a table of the log")
 
 
-def check_readonly(sql: str, cursor: duckdb.DuckDBPyConnection) -> str:
-    """Raise ConsoleRefused unless `sql` is one read-only query over the log's tables;
-    return the statement text."""
+def _checked(sql: str, cursor: duckdb.DuckDBPyConnection) -> tuple[str, set[str]]:
+    """(statement, the log tables it names), or ConsoleRefused."""
     statement = _statement_of(sql)
     tree = json.loads(_scalar(cursor, "SELECT json_serialize_sql($q)", {"q": statement}))
     if tree.get("error"):
         raise _refuse(f"the query could not be checked ({tree.get('error_message', 'unknown')})")
     catalog = _scalar(cursor, "SELECT current_database()")
-    _check_tree(tree.get("statements", []), frozenset(), frozenset({str(catalog).lower()}))
-    return statement
+    found: set[str] = set()
+    _check_tree(tree.get("statements", []), frozenset(), frozenset({str(catalog).lower()}), found)
+    return statement, found
+
+
+def check_readonly(sql: str, cursor: duckdb.DuckDBPyConnection) -> str:
+    """Raise ConsoleRefused unless `sql` is one read-only query over the log's tables;
+    return the statement text."""
+    return _checked(sql, cursor)[0]
+
+
+def _visible_tables(
+    cur: duckdb.DuckDBPyConnection, names: set[str], owner: str | None
+) -> dict[str, pa.Table]:
+    """The rows of the log tables `names` that `owner` may see (all rows for None), read
+    in one snapshot. A table the database lacks is left out (the query then fails with
+    DuckDB's "does not exist")."""
+    present = {
+        r[0]
+        for r in cur.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main'"
+        ).fetchall()
+    }
+    cur.execute("BEGIN TRANSACTION READ ONLY")
+    try:
+        return {name: _rows(cur, *visible_rows(name, owner)) for name in sorted(names) if name in present}
+    finally:
+        cur.execute("ROLLBACK")
+
+
+def _rows(cur: duckdb.DuckDBPyConnection, sql: str, params: dict[str, str]) -> pa.Table:
+    return cur.sql(sql, params=params or None).to_arrow_table()
 
 
 def _scalar(cursor: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> Any:
@@ -185,47 +259,48 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def run_readonly_query(log_or_con: RunLog | duckdb.DuckDBPyConnection, sql: str,
-                       max_rows: int = 1000, timeout_s: float = 5.0
-                       ) -> tuple[pd.DataFrame, str]:
-    """Answer one read-only query: (DataFrame of at most max_rows rows, notice). Raises
-    ConsoleRefused (not allowed), ConsoleTimeout (interrupted after timeout_s) or
-    ConsoleError (a SQL error, with DuckDB's message)."""
+def run_readonly_query(
+    log_or_con: RunLog | duckdb.DuckDBPyConnection,
+    sql: str,
+    max_rows: int = 1000,
+    timeout_s: float = 5.0,
+    owner: str | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """Answer one read-only query over the runs visible to `owner` (every run when None):
+    (DataFrame of at most max_rows rows, notice). Raises ConsoleRefused (not allowed),
+    ConsoleTimeout (stopped after timeout_s) or ConsoleError (a SQL error, with DuckDB's
+    message, or a busy console)."""
     if max_rows < 1 or timeout_s <= 0:
         raise ValueError("max_rows must be >= 1 and timeout_s > 0")
-    cur = (log_or_con.fresh_cursor() if isinstance(log_or_con, RunLog)
-           else log_or_con.cursor())
+    check_owner(owner)
+    cur = log_or_con.fresh_cursor() if isinstance(log_or_con, RunLog) else log_or_con.cursor()
     try:
-        cur.execute("SET python_enable_replacements = false")  # no Python variables as tables
-        statement = check_readonly(sql, cur)
-        cur.execute("BEGIN TRANSACTION READ ONLY")
-        timer = threading.Timer(timeout_s, cur.interrupt)
-        timer.daemon = True
-        t0 = time.perf_counter()
-        timer.start()
+        statement, names = _checked(sql, cur)
         try:
-            cur.execute(statement)
-            columns = [d[0] for d in cur.description or []]
-            rows = cur.fetchmany(max_rows + 1)
-        except duckdb.InterruptException:
-            raise ConsoleTimeout(f"stopped: the query ran past the {timeout_s:g} s time limit; "
-                                 "narrow it (WHERE, LIMIT) or aggregate") from None
+            tables = _visible_tables(cur, names, owner)
         except duckdb.Error as exc:
             raise ConsoleError(_first_line(exc)) from None
-        finally:
-            timer.cancel()
-        elapsed = time.perf_counter() - t0
     finally:
-        try:
-            cur.execute("ROLLBACK")
-        except duckdb.Error:
-            pass
         cur.close()
+    try:
+        result = sandbox.run_query(statement, tables, max_rows, timeout_s)
+    except sandbox.SandboxTimeout:
+        raise ConsoleTimeout(
+            f"stopped: the query ran past the {timeout_s:g} s time limit; "
+            "narrow it (WHERE, LIMIT) or aggregate"
+        ) from None
+    except sandbox.SandboxError as exc:
+        raise ConsoleError(str(exc)) from None
+    elapsed = result.elapsed
+    table = result.table
+    rows = list(zip(*(c.to_pylist() for c in table.columns), strict=True))
     capped = len(rows) > max_rows
-    df = pd.DataFrame.from_records(rows[:max_rows], columns=columns)
+    df = pd.DataFrame.from_records(rows[:max_rows], columns=table.column_names)
     if capped:
-        notice = (f"showing the first {max_rows} rows (row cap); add LIMIT, WHERE or an "
-                  f"aggregate to see the rest ({elapsed:.2f} s)")
+        notice = (
+            f"showing the first {max_rows} rows (row cap); add LIMIT, WHERE or an "
+            f"aggregate to see the rest ({elapsed:.2f} s)"
+        )
     else:
         notice = f"{len(df)} row{'s' if len(df) != 1 else ''} in {elapsed:.2f} s"
     return df, notice
@@ -233,14 +308,14 @@ def run_readonly_query(log_or_con: RunLog | duckdb.DuckDBPyConnection, sql: str,
 
 def describe_log(log_or_con: RunLog | duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """The tables and columns the console can read (table, column, type)."""
-    cur = (log_or_con.fresh_cursor() if isinstance(log_or_con, RunLog)
-           else log_or_con.cursor())
+    cur = log_or_con.fresh_cursor() if isinstance(log_or_con, RunLog) else log_or_con.cursor()
     try:
         return cur.execute(
-            "SELECT table_name AS \"table\", column_name AS \"column\", data_type AS type "
+            'SELECT table_name AS "table", column_name AS "column", data_type AS type '
             "FROM duckdb_columns() WHERE database_name = current_database() "
             "AND schema_name = 'main' AND list_contains($tables, table_name) "
             "ORDER BY list_position($tables, table_name), column_index",
-            {"tables": list(LOG_TABLES)}).df()
+            {"tables": list(LOG_TABLES)},
+        ).df()
     finally:
         cur.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import Q
 from metaattn_viz.store.runlog import PathArg, RunLog
 
@@ -22,22 +23,31 @@ def sql_string(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def export(source: RunLog | PathArg, out_dir: PathArg, fmt: str = "parquet") -> dict[str, int]:
+def export(
+    source: RunLog | PathArg, out_dir: PathArg, fmt: str = "parquet", owner: str | None = None
+) -> dict[str, int]:
     """Write runs, tokens and routes under out_dir/<table>/day=YYYY-MM-DD/ (hive style,
     by the run's UTC creation day) and the experts lookup as out_dir/experts.<fmt>, from
-    one consistent snapshot. Refuses to write into existing non-empty table folders.
+    one consistent snapshot: every run, or (`owner`, owners.py) that owner's runs only.
+    Refuses to write into existing non-empty table folders.
     CSV has a header row; NULL is an empty field and an empty string is "" (DuckDB reads
     that back with allow_quoted_nulls = false). Returns the rows written per table."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    params = {"owner": check_owner(owner)}
     out = Path(out_dir).expanduser()
-    targets = {"runs": out / "runs", "tokens": out / "tokens", "routes": out / "routes",
-               "experts": out / f"experts.{fmt}"}
-    busy = [str(p) for p in targets.values()
-            if p.exists() and (p.is_file() or any(p.iterdir()))]
+    targets = {
+        "runs": out / "runs",
+        "tokens": out / "tokens",
+        "routes": out / "routes",
+        "experts": out / f"experts.{fmt}",
+    }
+    busy = [str(p) for p in targets.values() if p.exists() and (p.is_file() or any(p.iterdir()))]
     if busy:
-        raise ValueError(f"export target already exists: {', '.join(busy)}; choose an empty "
-                         "--out folder (nothing was written)")
+        raise ValueError(
+            f"export target already exists: {', '.join(busy)}; choose an empty "
+            "--out folder (nothing was written)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     extra = ", HEADER true" if fmt == "csv" else ""
     own = not isinstance(source, RunLog)
@@ -47,13 +57,24 @@ def export(source: RunLog | PathArg, out_dir: PathArg, fmt: str = "parquet") -> 
         counts: dict[str, int] = {}
         cur.begin()
         try:
-            for table, query in (("runs", Q.EXPORT_RUNS), ("tokens", Q.EXPORT_TOKENS),
-                                 ("routes", Q.EXPORT_ROUTES)):
-                counts[table] = _copied(cur.execute(Q.EXPORT_PARTITIONED.format(
-                    query=query, path=sql_string(targets[table]), fmt=fmt,
-                    extra=extra)).fetchone())
-            counts["experts"] = _copied(cur.execute(Q.EXPORT_EXPERTS.format(
-                path=sql_string(targets["experts"]), fmt=fmt, extra=extra)).fetchone())
+            for table, query in (
+                ("runs", Q.EXPORT_RUNS),
+                ("tokens", Q.EXPORT_TOKENS),
+                ("routes", Q.EXPORT_ROUTES),
+            ):
+                counts[table] = _copied(
+                    cur.execute(
+                        Q.EXPORT_PARTITIONED.format(
+                            query=query, path=sql_string(targets[table]), fmt=fmt, extra=extra
+                        ),
+                        params,
+                    ).fetchone()
+                )
+            counts["experts"] = _copied(
+                cur.execute(
+                    Q.EXPORT_EXPERTS.format(path=sql_string(targets["experts"]), fmt=fmt, extra=extra)
+                ).fetchone()
+            )
         finally:
             cur.rollback()
             cur.close()

@@ -36,14 +36,17 @@ def _unavailable(path: Path, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(
             f"routing log {path} is in use by another process{who}. DuckDB allows one "
             "process per database file: stop that process, or pass --db with another path, "
-            "or --no-log to run without logging.")
+            "or --no-log to run without logging."
+        )
     if "not a valid DuckDB database" in text:
         return StoreUnavailable(
             f"{path} is not a DuckDB database (the file was left untouched). Move it away, "
-            "or pass --db with another path, or --no-log to run without logging.")
+            "or pass --db with another path, or --no-log to run without logging."
+        )
     return StoreUnavailable(
         f"cannot open routing log {path}: {text}. Pass --db with another path, or --no-log "
-        "to run without logging (the file was left untouched).")
+        "to run without logging (the file was left untouched)."
+    )
 
 
 def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -51,17 +54,22 @@ def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     if path.is_dir():
         raise StoreUnavailable(f"routing log {path} is a directory; pass --db with a file path")
     if read_only and not path.exists():
-        raise StoreUnavailable(f"no routing log at {path} (nothing has been logged there yet); "
-                               "pass --db with the path of an existing log")
+        raise StoreUnavailable(
+            f"no routing log at {path} (nothing has been logged there yet); "
+            "pass --db with the path of an existing log"
+        )
     if not read_only:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot create the folder for routing log {path}: {exc}. "
-                                   "Pass --db with a writable path, or --no-log.") from exc
+            raise StoreUnavailable(
+                f"cannot create the folder for routing log {path}: {exc}. "
+                "Pass --db with a writable path, or --no-log."
+            ) from exc
     try:
-        return duckdb.connect(str(path), read_only=read_only,
-                              config={"checkpoint_threshold": CHECKPOINT_THRESHOLD})
+        return duckdb.connect(
+            str(path), read_only=read_only, config={"checkpoint_threshold": CHECKPOINT_THRESHOLD}
+        )
     except duckdb.Error as exc:
         raise _unavailable(path, exc) from exc
 
@@ -76,7 +84,8 @@ def _version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
         raise StoreUnavailable(
             f"{path} is a DuckDB database but not a metaattn-viz routing log (it has tables "
             f"{sorted(tables)} and no schema_version); it was left untouched. Pass --db with "
-            "another path, or --no-log.")
+            "another path, or --no-log."
+        )
     return 0
 
 
@@ -88,14 +97,16 @@ def migrate(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None
     if version > latest:
         raise StoreUnavailable(
             f"routing log {path} has schema version {version}, newer than this metaattn-viz "
-            f"understands ({latest}); upgrade metaattn-viz, or pass --db with another path.")
+            f"understands ({latest}); upgrade metaattn-viz, or pass --db with another path."
+        )
     if version == latest:
         return
     if read_only:
         what = "is empty" if version == 0 else f"has the older schema version {version}"
         raise StoreUnavailable(
             f"routing log {path} {what} and is opened read-only; open it once read-write "
-            "(for example `metaattn-viz serve --db PATH`) to create or migrate it.")
+            "(for example `metaattn-viz serve --db PATH`) to create or migrate it."
+        )
     con.begin()
     try:
         for target, statements in schema.MIGRATIONS:
@@ -107,8 +118,10 @@ def migrate(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None
         con.commit()
     except duckdb.Error as exc:
         con.rollback()
-        raise StoreUnavailable(f"could not migrate routing log {path} from schema version "
-                               f"{version} to {latest}: {exc}; the file is unchanged.") from exc
+        raise StoreUnavailable(
+            f"could not migrate routing log {path} from schema version "
+            f"{version} to {latest}: {exc}; the file is unchanged."
+        ) from exc
     if version:
         log.info("migrated routing log %s from schema version %d to %d", path, version, latest)
 
@@ -122,13 +135,20 @@ def open_database(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnectio
     con = connect(path, read_only)
     try:
         migrate(con, path, read_only)
-        recovered: list[str] = [] if read_only else [
-            r[0] for r in con.execute(Q.MARK_ABANDONED_INTERRUPTED,
-                                      {"error": RECOVERED_ERROR}).fetchall()]
+        recovered: list[str] = (
+            []
+            if read_only
+            else [
+                r[0] for r in con.execute(Q.MARK_ABANDONED_INTERRUPTED, {"error": RECOVERED_ERROR}).fetchall()
+            ]
+        )
     except BaseException:
         con.close()
         raise
     if recovered:
-        log.warning("routing log %s: %d run(s) left running by an ended process marked "
-                    "interrupted", path, len(recovered))
+        log.warning(
+            "routing log %s: %d run(s) left running by an ended process marked interrupted",
+            path,
+            len(recovered),
+        )
     return con, recovered

@@ -5,12 +5,16 @@ an embedded DuckDB database, replayable without the model, comparable, queryable
 Interface (what the app, the CLI and the console use):
 
     log = RunLog(path)                      # or RunLog(path, read_only=True)
-    run_id = log.start_run(trace, kind="generate")   # a `runs` row, status "running"
+    run_id = log.start_run(trace, kind="generate", owner=None)  # status "running"
     log.append(run_id, trace)               # every few tokens while the trace grows
-    log.finish(run_id, trace, "done")       # remaining rows + final fields, one transaction
+    log.finish(run_id, trace, "done")       # or "stopped" / "failed"; one transaction
     trace = log.load_trace(run_id)          # replay: an equal RoutingTrace
     log.list_runs(...), log.compare(a, b), log.full_attention_share_by_layer(), ...
     export(path_or_log, out_dir, "parquet")  # export.py
+
+Every reading method takes `owner` (owners.py): None reads every run; an owner's key
+reads that owner's runs only, and another owner's run is UnknownRun with the message of
+a run that does not exist (so a visitor cannot even learn that it exists).
 
 Handles on the same file in one process share one connection and one writer
 (writer.py: how writes are queued, grouped and committed). Readers use a cursor per
@@ -35,6 +39,7 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.paths import default_db_path
 from metaattn_viz.store import codec
 from metaattn_viz.store.errors import StoreUnavailable, UnknownRun
+from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import LIST_ORDERS, TIME_BUCKETS, Q
 from metaattn_viz.store.schema import FINAL_STATUSES, STATUSES
 from metaattn_viz.store.writer import acquire, release
@@ -99,16 +104,18 @@ class RunLog:
             raise StoreUnavailable(f"routing log {self.path} is opened read-only")
 
     # -- writing ---------------------------------------------------------------------------
-    def start_run(self, trace: RoutingTrace, kind: str = "generate") -> str:
-        """Record a new run (status `running`, every setting) and return its id, which is
-        also set on `trace.run_id`. Like append, it queues and returns: the row is committed
-        with the writer's next round (flush() waits for it; a failure is raised by the next
-        append or finish). Positions already in the trace go with the next append/finish."""
+    def start_run(self, trace: RoutingTrace, kind: str = "generate", owner: str | None = None) -> str:
+        """Record a new run (status `running`, every setting, and who made it: `owner`,
+        a key from owners.py, or None) and return its id, which is also set on
+        `trace.run_id`. Like append, it queues and returns: the row is committed with the
+        writer's next round (flush() waits for it; a failure is raised by the next append
+        or finish). Positions already in the trace go with the next append/finish."""
         self._check_writable()
         if not isinstance(kind, str) or not kind.strip() or len(kind) > 32:
             raise ValueError(f"kind must be a short name such as 'generate', got {kind!r}")
+        check_owner(owner)
         run_id = str(uuid.uuid4())
-        self._db.start_run(run_id, codec.run_row(run_id, trace, kind))
+        self._db.start_run(run_id, codec.run_row(run_id, trace, kind, owner))
         trace.run_id = run_id
         return run_id
 
@@ -120,12 +127,15 @@ class RunLog:
         self._check_writable()
         return self._db.append(run_id, trace, start_pos)
 
-    def finish(self, run_id: str, trace: RoutingTrace, status: str = "done",
-               error: str | None = None) -> None:
+    def finish(
+        self, run_id: str, trace: RoutingTrace, status: str = "done", error: str | None = None
+    ) -> None:
         """Write the remaining positions and the final fields (status, output_text,
         realized_cost, flops_ratio, timings, wall_ms, error, and kl_to_dense per token if
         the trace has it) in one transaction and wait for it. `done` is only ever written
-        together with the run's last rows."""
+        together with the run's last rows. `status` is how the run ended: `done`,
+        `stopped` (the user stopped it), `failed` (with `error`), or `interrupted` (the
+        process is going away mid-run; a crash is marked so on the next open)."""
         self._check_writable()
         if status not in FINAL_STATUSES:
             raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
@@ -138,30 +148,32 @@ class RunLog:
         self._db.flush(timeout)
 
     # -- reading ---------------------------------------------------------------------------
-    def _read_df(self, sql: str, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def _read_df(self, sql: str, owner: str | None, params: dict[str, Any] | None = None) -> pd.DataFrame:
         self._check_open()
-        return self._db.cursor().execute(sql, params or {}).df()
+        return self._db.cursor().execute(sql, {**(params or {}), "owner": check_owner(owner)}).df()
 
-    def _run_row(self, cur: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
-        res = cur.execute(Q.RUN_BY_ID, {"run_id": str(run_id)})
+    def _run_row(self, cur: duckdb.DuckDBPyConnection, run_id: str, owner: str | None) -> dict[str, Any]:
+        res = cur.execute(Q.RUN_BY_ID, {"run_id": str(run_id), "owner": check_owner(owner)})
         row = res.fetchone()
-        if row is None:
+        if row is None:  # the same words whether it is missing or someone else's
             raise UnknownRun(f"no run {run_id!r} in routing log {self.path}")
         return dict(zip([d[0] for d in res.description or []], row, strict=True))
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
-        """The runs row of `run_id` as a dict; UnknownRun if there is none."""
+    def get_run(self, run_id: str, owner: str | None = None) -> dict[str, Any]:
+        """The runs row of `run_id` as a dict; UnknownRun if there is none (visible to
+        `owner`)."""
         self._check_open()
-        return self._run_row(self._db.cursor(), run_id)
+        return self._run_row(self._db.cursor(), run_id, owner)
 
-    def load_trace(self, run_id: str) -> RoutingTrace:
+    def load_trace(self, run_id: str, owner: str | None = None) -> RoutingTrace:
         """Replay: the RoutingTrace of `run_id` rebuilt from the log alone (its committed
-        positions, for a run that is still streaming or was interrupted)."""
+        positions, for a run that is still streaming or was interrupted); UnknownRun if
+        there is no such run visible to `owner`."""
         self._check_open()
         cur = self._db.cursor()
         cur.begin()  # one snapshot for the run row, its tokens and its routes
         try:
-            run = self._run_row(cur, run_id)
+            run = self._run_row(cur, run_id, owner)
             params = {"run_id": run_id, "n_tokens": run["n_tokens"]}
             tok = cur.execute(Q.TOKENS_OF_RUN, params).fetchnumpy()
             rt = cur.execute(Q.ROUTES_OF_RUN, params).fetchnumpy()
@@ -172,76 +184,100 @@ class RunLog:
             raise StoreUnavailable(
                 f"routing log {self.path}: run {run_id} records {T} positions but holds "
                 f"{len(tok['pos'])} token rows and {len(rt['layer'])} route rows "
-                f"(expected {L * T}); the log is inconsistent")
+                f"(expected {L * T}); the log is inconsistent"
+            )
         return codec.decode_trace(run, tok, rt)
 
-    def list_runs(self, limit: int = 50, status: str | None = None, model: str | None = None,
-                  controller: str | None = None, text: str | None = None,
-                  order_by: str = "-created_at", offset: int = 0) -> pd.DataFrame:
-        """Runs as a DataFrame, newest first by default. `text` matches the prompt or the
-        output (case-insensitive); `order_by` is a column of LIST_ORDERS, '-' for
-        descending."""
+    def list_runs(
+        self,
+        limit: int = 50,
+        status: str | None = None,
+        model: str | None = None,
+        controller: str | None = None,
+        text: str | None = None,
+        order_by: str = "-created_at",
+        offset: int = 0,
+        owner: str | None = None,
+    ) -> pd.DataFrame:
+        """Runs (visible to `owner`) as a DataFrame, newest first by default. `text`
+        matches the prompt or the output (case-insensitive); `order_by` is a column of
+        LIST_ORDERS, '-' for descending."""
         desc = order_by.startswith("-")
         column = order_by.lstrip("-")
         if column not in LIST_ORDERS:
-            raise ValueError(f"order_by must be one of {LIST_ORDERS} (prefix '-' for "
-                             f"descending), got {order_by!r}")
+            raise ValueError(
+                f"order_by must be one of {LIST_ORDERS} (prefix '-' for descending), got {order_by!r}"
+            )
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         sql = Q.LIST_RUNS.format(order=f"{column} {'DESC' if desc else 'ASC'}")
-        return self._read_df(sql, {"status": status, "model": model, "controller": controller,
-                                   "text": text or None, "limit": int(limit),
-                                   "offset": int(offset)})
+        return self._read_df(
+            sql,
+            owner,
+            {
+                "status": status,
+                "model": model,
+                "controller": controller,
+                "text": text or None,
+                "limit": int(limit),
+                "offset": int(offset),
+            },
+        )
 
-    def compare(self, run_a: str, run_b: str) -> pd.DataFrame:
+    def compare(self, run_a: str, run_b: str, owner: str | None = None) -> pd.DataFrame:
         """Two runs token by token: pos, token_a, token_b, same_token, routes_a, routes_b
         (one letter per layer from `experts.symbol`: F full, L linear, W local window;
         lower case when hedged), agreement (share of layers choosing the same expert),
         cost_a, cost_b (mean over layers). df.attrs holds the overall agreement and the
-        share of identical tokens."""
+        share of identical tokens. UnknownRun unless both runs are visible to `owner`."""
         for rid in (run_a, run_b):
-            self.get_run(rid)
-        df = self._read_df(Q.COMPARE_RUNS, {"run_a": str(run_a), "run_b": str(run_b)})
+            self.get_run(rid, owner)
+        df = self._read_df(Q.COMPARE_RUNS, owner, {"run_a": str(run_a), "run_b": str(run_b)})
         df.attrs["agreement"] = float(df["agreement"].mean()) if len(df) else float("nan")
         df.attrs["same_tokens"] = float(df["same_token"].mean()) if len(df) else float("nan")
         return df
 
     # -- analytics -------------------------------------------------------------------------
-    def full_attention_share_by_layer(self, run_id: str | None = None) -> pd.DataFrame:
+    # Each answers over the runs visible to `owner` (every run when None).
+    def full_attention_share_by_layer(
+        self, run_id: str | None = None, owner: str | None = None
+    ) -> pd.DataFrame:
         """Per layer: decisions, share routed to full attention, mean full weight, hedged
         share, mean cost (one run, or every run)."""
-        return self._read_df(Q.FULL_ATTENTION_SHARE_BY_LAYER, {"run_id": run_id})
+        return self._read_df(Q.FULL_ATTENTION_SHARE_BY_LAYER, owner, {"run_id": run_id})
 
-    def full_attention_share_by_budget(self) -> pd.DataFrame:
+    def full_attention_share_by_budget(self, owner: str | None = None) -> pd.DataFrame:
         """Per (controller, budget): runs, decisions, full-attention share, realized cost."""
-        return self._read_df(Q.FULL_ATTENTION_SHARE_BY_BUDGET)
+        return self._read_df(Q.FULL_ATTENTION_SHARE_BY_BUDGET, owner)
 
-    def tokens_most_often_full(self, limit: int = 20, min_occurrences: int = 2) -> pd.DataFrame:
+    def tokens_most_often_full(
+        self, limit: int = 20, min_occurrences: int = 2, owner: str | None = None
+    ) -> pd.DataFrame:
         """Token texts whose positions most often get full attention (share over layers,
         averaged over their occurrences)."""
-        return self._read_df(Q.TOKENS_MOST_OFTEN_FULL,
-                             {"limit": int(limit), "min_occurrences": int(min_occurrences)})
+        return self._read_df(
+            Q.TOKENS_MOST_OFTEN_FULL, owner, {"limit": int(limit), "min_occurrences": int(min_occurrences)}
+        )
 
-    def uncertainty_vs_budget(self) -> pd.DataFrame:
+    def uncertainty_vs_budget(self, owner: str | None = None) -> pd.DataFrame:
         """Per (controller, budget): mean and p90 total uncertainty, mean epistemic
         uncertainty and vacuity, hedged share."""
-        return self._read_df(Q.UNCERTAINTY_VS_BUDGET)
+        return self._read_df(Q.UNCERTAINTY_VS_BUDGET, owner)
 
-    def runs_over_time(self, every: str = "day") -> pd.DataFrame:
+    def runs_over_time(self, every: str = "day", owner: str | None = None) -> pd.DataFrame:
         """Runs, tokens and statuses per hour/day/week/month."""
         if every not in TIME_BUCKETS:
             raise ValueError(f"every must be one of {TIME_BUCKETS}, got {every!r}")
-        return self._read_df(Q.RUNS_OVER_TIME.format(bucket=every))
+        return self._read_df(Q.RUNS_OVER_TIME.format(bucket=every), owner)
 
-    def export(self, out_dir: PathArg, fmt: str = "parquet") -> dict[str, int]:
-        """store.export(self, out_dir, fmt)."""
+    def export(self, out_dir: PathArg, fmt: str = "parquet", owner: str | None = None) -> dict[str, int]:
+        """store.export(self, out_dir, fmt, owner)."""
         from metaattn_viz.store.export import export  # export.py builds on RunLog
 
-        return export(self, out_dir, fmt)
+        return export(self, out_dir, fmt, owner)
 
 
-def open_or_explain(db: PathArg | None = None, enabled: bool = True
-                    ) -> tuple[RunLog | None, str | None]:
+def open_or_explain(db: PathArg | None = None, enabled: bool = True) -> tuple[RunLog | None, str | None]:
     """For the app and the CLI: (log, None), or (None, why) when logging is off or the log
     is unavailable, so the caller can run on without logging and show the reason."""
     if not enabled:
@@ -251,4 +287,3 @@ def open_or_explain(db: PathArg | None = None, enabled: bool = True
     except StoreUnavailable as exc:
         log.warning("%s", exc)
         return None, f"{exc} Running without logging."
-

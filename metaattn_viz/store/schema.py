@@ -5,7 +5,11 @@ Tables (schema version in `schema_version`; older databases are migrated on open
 
 - `runs`    one row per run: status, kind, model, controller, every RoutingSettings field
             (`window` is stored as `local_window`, `lam` as `fixed_lam`), prompt, output text,
-            n_tokens, realized_cost, flops_ratio, wall_ms, timings (JSON), error.
+            n_tokens, realized_cost, flops_ratio, wall_ms, timings (JSON), error, and owner
+            (who made it: a visitor's key from owners.py; NULL for the CLI and old rows).
+            Status: `running` while it streams, then `done`, `stopped` (the user stopped
+            it), `failed` (an error), or `interrupted` (the process writing it ended or
+            closed the log mid-run).
 - `tokens`  one row per (run, position): token_id, text, is_prompt, kl_to_dense (the
             quality meter, when the run measured it; written by finish).
 - `routes`  one row per (run, layer, position): the chosen expert, hedged, the Dirichlet
@@ -20,7 +24,10 @@ ROUTES_COLUMNS): the DDL of the migrations and the Arrow schemas the writer buil
 tables with are both derived from it. A migration is frozen: never change a column that
 has shipped; a later version appends `Column(..., since=N)` and adds
 (N, ("ALTER TABLE runs ADD COLUMN ...",)) to MIGRATIONS, which runs inside the
-transaction that records its version.
+transaction that records its version. The statuses are versioned the same way
+(STATUS_SINCE): DuckDB cannot alter a CHECK constraint, so a version that allows a new
+status rebuilds `runs` (`rebuild_table`), and each migration's CHECK lists the statuses
+of its own version, so the DDL of a shipped migration never changes.
 
 Declarations only: this module never opens a database, and never imports the model code,
 torch or gradio.
@@ -32,48 +39,74 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-STATUSES = ("running", "done", "interrupted", "failed")
-FINAL_STATUSES = ("done", "interrupted", "failed")
+# Every status of a run, with the schema version that allowed it (append only).
+STATUS_SINCE = {"running": 1, "done": 1, "interrupted": 1, "failed": 1, "stopped": 2}
+STATUSES = tuple(STATUS_SINCE)
+FINAL_STATUSES = tuple(s for s in STATUSES if s != "running")
 # The log's tables: what the read-only console may read, and what export writes.
 LOG_TABLES = ("runs", "tokens", "routes", "experts", "schema_version")
 # RoutingSettings field -> runs column (`window` is an SQL keyword; `lam` would be
 # confused with the per-decision lambda in `routes`).
-SETTINGS_COLUMNS = {"budget": "budget", "scope": "scope", "hedge_policy": "hedge_policy",
-                    "hedge_threshold": "hedge_threshold", "hedge_min_weight": "hedge_min_weight",
-                    "window": "local_window", "n_sink": "n_sink", "lam": "fixed_lam",
-                    "dual_step": "dual_step", "backend": "backend"}
+SETTINGS_COLUMNS = {
+    "budget": "budget",
+    "scope": "scope",
+    "hedge_policy": "hedge_policy",
+    "hedge_threshold": "hedge_threshold",
+    "hedge_min_weight": "hedge_min_weight",
+    "window": "local_window",
+    "n_sink": "n_sink",
+    "lam": "fixed_lam",
+    "dual_step": "dual_step",
+    "backend": "backend",
+}
 # dirichlet.uncertainties measure -> routes column.
-UNCERTAINTY_COLUMNS = {"total": "uncertainty", "aleatoric": "aleatoric",
-                       "epistemic": "epistemic", "vacuity": "vacuity"}
+UNCERTAINTY_COLUMNS = {
+    "total": "uncertainty",
+    "aleatoric": "aleatoric",
+    "epistemic": "epistemic",
+    "vacuity": "vacuity",
+}
 
 # The DuckDB types the log uses, and the Arrow type the writer hands DuckDB for each.
 ARROW_TYPES: dict[str, pa.DataType] = {
-    "VARCHAR": pa.string(), "TIMESTAMP": pa.timestamp("us"), "BOOLEAN": pa.bool_(),
-    "TINYINT": pa.int8(), "SMALLINT": pa.int16(), "INTEGER": pa.int32(),
-    "FLOAT": pa.float32(), "DOUBLE": pa.float64(),
+    "VARCHAR": pa.string(),
+    "TIMESTAMP": pa.timestamp("us"),
+    "BOOLEAN": pa.bool_(),
+    "TINYINT": pa.int8(),
+    "SMALLINT": pa.int16(),
+    "INTEGER": pa.int32(),
+    "FLOAT": pa.float32(),
+    "DOUBLE": pa.float64(),
 }
+
+
+def statuses_at(version: int) -> tuple[str, ...]:
+    """The statuses schema `version` allows."""
+    return tuple(s for s, since in STATUS_SINCE.items() if since <= version)
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
     type: str  # a key of ARROW_TYPES
-    constraint: str = ""  # e.g. "NOT NULL", "PRIMARY KEY", "NOT NULL CHECK (...)"
+    # e.g. "NOT NULL", "PRIMARY KEY"; "{statuses}" stands for the quoted statuses of the
+    # schema version the DDL is written for (statuses_at).
+    constraint: str = ""
     since: int = 1  # the schema version that added it (migration 1 creates since=1)
 
-    @property
-    def sql(self) -> str:
-        return f"{self.name} {self.type}{' ' + self.constraint if self.constraint else ''}"
+    def sql(self, version: int) -> str:
+        """The column's DDL as schema `version` defines it."""
+        constraint = self.constraint.replace("{statuses}", ", ".join(f"'{s}'" for s in statuses_at(version)))
+        return f"{self.name} {self.type}{' ' + constraint if constraint else ''}"
 
 
-_STATUS_CHECK = "CHECK (status IN ({}))".format(", ".join(f"'{s}'" for s in STATUSES))
 NN = "NOT NULL"
 
 RUNS_COLUMNS: tuple[Column, ...] = (
     Column("run_id", "VARCHAR", "PRIMARY KEY"),
     Column("created_at", "TIMESTAMP", NN),  # UTC
     Column("finished_at", "TIMESTAMP"),  # UTC
-    Column("status", "VARCHAR", f"{NN} {_STATUS_CHECK}"),
+    Column("status", "VARCHAR", f"{NN} CHECK (status IN ({{statuses}}))"),
     Column("kind", "VARCHAR", NN),
     Column("model", "VARCHAR"),
     Column("controller", "VARCHAR"),
@@ -103,6 +136,7 @@ RUNS_COLUMNS: tuple[Column, ...] = (
     Column("error", "VARCHAR"),
     Column("pid", "INTEGER"),
     Column("host", "VARCHAR"),
+    Column("owner", "VARCHAR", since=2),  # owners.py; NULL: the CLI, or logged before v2
 )
 TOKENS_COLUMNS: tuple[Column, ...] = (
     Column("run_id", "VARCHAR", NN),
@@ -133,15 +167,38 @@ ROUTES_COLUMNS: tuple[Column, ...] = (
 )
 
 # The runs columns that finish writes, and those every committed batch updates.
-FINAL_COLUMNS = ("status", "finished_at", "prompt", "output_text", "realized_cost",
-                 "flops_ratio", "wall_ms", "timings", "error")
+FINAL_COLUMNS = (
+    "status",
+    "finished_at",
+    "prompt",
+    "output_text",
+    "realized_cost",
+    "flops_ratio",
+    "wall_ms",
+    "timings",
+    "error",
+)
 PROGRESS_COLUMNS = ("n_tokens", "n_prompt_tokens", "truncated")
 
 
 def create_table(name: str, columns: tuple[Column, ...], version: int = 1) -> str:
     """CREATE TABLE for the columns that schema `version` added."""
-    body = ",\n  ".join(c.sql for c in columns if c.since == version)
+    body = ",\n  ".join(c.sql(version) for c in columns if c.since == version)
     return f"CREATE TABLE {name} (\n  {body})"
+
+
+def rebuild_table(name: str, columns: tuple[Column, ...], version: int) -> tuple[str, ...]:
+    """The statements that rebuild table `name` as schema `version` defines it (every
+    column up to that version, its constraints), keeping its rows; the columns new in
+    `version` start NULL. The way to change a constraint, which DuckDB cannot alter."""
+    body = ",\n  ".join(c.sql(version) for c in columns if c.since <= version)
+    old = f"{name}_before_v{version}"
+    return (
+        f"ALTER TABLE {name} RENAME TO {old}",
+        f"CREATE TABLE {name} (\n  {body})",
+        f"INSERT INTO {name} BY NAME SELECT * FROM {old}",
+        f"DROP TABLE {old}",
+    )
 
 
 def arrow_schema(columns: tuple[Column, ...], names: tuple[str, ...] | None = None) -> pa.Schema:
@@ -156,21 +213,26 @@ FINAL_ARROW_SCHEMA = arrow_schema(RUNS_COLUMNS, ("run_id", *FINAL_COLUMNS))
 PROGRESS_ARROW_SCHEMA = arrow_schema(RUNS_COLUMNS, ("run_id", *PROGRESS_COLUMNS))
 
 MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
-    (1, (
-        """CREATE TABLE schema_version (
+    (
+        1,
+        (
+            """CREATE TABLE schema_version (
              version    INTEGER NOT NULL,
              applied_at TIMESTAMP NOT NULL)""",
-        """CREATE TABLE experts (
+            """CREATE TABLE experts (
              expert TINYINT PRIMARY KEY,
              name   VARCHAR NOT NULL,
              cost   DOUBLE NOT NULL,
              symbol VARCHAR NOT NULL)""",
-        """INSERT INTO experts VALUES (0, 'full', 1.00, 'F'), (1, 'linear', 0.15, 'L'),
+            """INSERT INTO experts VALUES (0, 'full', 1.00, 'F'), (1, 'linear', 0.15, 'L'),
                                       (2, 'local', 0.30, 'W')""",
-        create_table("runs", RUNS_COLUMNS),
-        create_table("tokens", TOKENS_COLUMNS),
-        create_table("routes", ROUTES_COLUMNS),
-    )),
+            create_table("runs", RUNS_COLUMNS),
+            create_table("tokens", TOKENS_COLUMNS),
+            create_table("routes", ROUTES_COLUMNS),
+        ),
+    ),
+    # The status `stopped` (a user's stop, apart from `interrupted`) and the run's owner.
+    (2, rebuild_table("runs", RUNS_COLUMNS, 2)),
 ]
 
 

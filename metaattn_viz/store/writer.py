@@ -122,8 +122,7 @@ class Database:
     def start_run(self, run_id: str, row: dict[str, Any]) -> None:
         """Queue a new run's row and start tracking it as streaming."""
         with self._cond:
-            self._runs[run_id] = _RunState(n_layers=int(row["n_layers"]),
-                                           started=time.monotonic())
+            self._runs[run_id] = _RunState(n_layers=int(row["n_layers"]), started=time.monotonic())
             self._submit(run_id, new_run=row)
 
     def append(self, run_id: str, trace: RoutingTrace, start_pos: int | None = None) -> int:
@@ -131,11 +130,14 @@ class Database:
         with self._cond:
             st = self._streaming(run_id)
             if start_pos is not None and start_pos > st.queued:
-                raise ValueError(f"append from position {start_pos} would leave a gap: run "
-                                 f"{run_id} has {st.queued} positions queued")
+                raise ValueError(
+                    f"append from position {start_pos} would leave a gap: run "
+                    f"{run_id} has {st.queued} positions queued"
+                )
             if trace.n_layers != st.n_layers:
-                raise ValueError(f"trace has {trace.n_layers} layers, run {run_id} was "
-                                 f"started with {st.n_layers}")
+                raise ValueError(
+                    f"trace has {trace.n_layers} layers, run {run_id} was started with {st.n_layers}"
+                )
             rows = codec.snapshot(trace, st.queued)
             if rows is not None:
                 self._submit(run_id, rows=rows)
@@ -151,9 +153,14 @@ class Database:
                 raise st.error
             st = self._streaming(run_id)
             rows = codec.snapshot(trace, st.queued)
-            final = codec.final_fields(run_id, trace, status, error,
-                                       wall_ms=(time.monotonic() - st.started) * 1e3,
-                                       finished_at=time.time())
+            final = codec.final_fields(
+                run_id,
+                trace,
+                status,
+                error,
+                wall_ms=(time.monotonic() - st.started) * 1e3,
+                finished_at=time.time(),
+            )
             kl = codec.kl_table(run_id, trace)
             st.finishing = True
             ticket = self._submit(run_id, rows=rows, final=final, kl_to_dense=kl)
@@ -179,8 +186,9 @@ class Database:
     def _streaming(self, run_id: str) -> _RunState:
         st = self._runs.get(run_id)
         if st is None:
-            raise ValueError(f"run {run_id} is not streaming in this process (unknown, "
-                             "finished, or started elsewhere)")
+            raise ValueError(
+                f"run {run_id} is not streaming in this process (unknown, finished, or started elsewhere)"
+            )
         if st.finishing:
             raise ValueError(f"run {run_id} is already finishing")
         if st.error is not None:
@@ -194,8 +202,9 @@ class Database:
         self._seq += 1
         self._pending.append(_Work(self._seq, run_id, **parts))
         if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                            name=f"metaattn-store-writer:{self.path.name}")
+            self._writer = threading.Thread(
+                target=self._write_loop, daemon=True, name=f"metaattn-store-writer:{self.path.name}"
+            )
             self._writer.start()
         self._cond.notify_all()
         return self._seq
@@ -209,8 +218,7 @@ class Database:
         finally:
             self._waiting -= 1
         if not done:
-            raise StoreUnavailable(f"routing log {self.path}: a write did not complete within "
-                                   f"{timeout:g} s")
+            raise StoreUnavailable(f"routing log {self.path}: a write did not complete within {timeout:g} s")
 
     # -- the writer thread -----------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -226,8 +234,7 @@ class Database:
                 work, self._pending = self._pending, []
                 upto = work[-1].seq
                 # Runs whose earlier write failed get no later rows (that would leave a gap).
-                work = [w for w in work if not (w.run_id in self._runs
-                                                and self._runs[w.run_id].error)]
+                work = [w for w in work if not (w.run_id in self._runs and self._runs[w.run_id].error)]
             error = None
             try:
                 _write(cur, work)
@@ -264,8 +271,7 @@ class Database:
                 try:
                     cur.execute(Q.MARK_OWN_INTERRUPTED, {"run_id": rid, "error": CLOSED_ERROR})
                 except duckdb.Error as exc:
-                    log.error("routing log %s: could not mark run %s interrupted: %s",
-                              self.path, rid, exc)
+                    log.error("routing log %s: could not mark run %s interrupted: %s", self.path, rid, exc)
         with self._cursor_lock:
             self._closed = True
             for cur in self._cursors:
@@ -288,8 +294,7 @@ def _write(cur: duckdb.DuckDBPyConnection, work: list[_Work]) -> None:
     progress: dict[str, dict[str, Any]] = {}
     finals: dict[str, dict[str, Any]] = {}
     for rid, s in slices:  # in queue order: the last slice of a run wins
-        fields = {"n_tokens": s.end, "n_prompt_tokens": s.n_prompt_tokens,
-                  "truncated": s.truncated}
+        fields = {"n_tokens": s.end, "n_prompt_tokens": s.n_prompt_tokens, "truncated": s.truncated}
         if rid in new_runs:
             new_runs[rid].update(fields)
         else:
@@ -309,8 +314,7 @@ def _write(cur: duckdb.DuckDBPyConnection, work: list[_Work]) -> None:
     if slices:
         registered["_new_tokens"], registered["_new_routes"] = codec.slice_tables(slices)
     if progress:
-        registered["_progress"] = pa.Table.from_pylist(list(progress.values()),
-                                                       PROGRESS_ARROW_SCHEMA)
+        registered["_progress"] = pa.Table.from_pylist(list(progress.values()), PROGRESS_ARROW_SCHEMA)
     if finals:
         registered["_final"] = pa.Table.from_pylist(list(finals.values()), FINAL_ARROW_SCHEMA)
     if kls:
@@ -354,8 +358,10 @@ def acquire(path: Path, read_only: bool) -> Database:
     with _REGISTRY_LOCK:
         db = _REGISTRY.get(key)
         if db is not None and db.read_only and not read_only:
-            raise StoreUnavailable(f"routing log {path} is already open read-only in this "
-                                   "process; close that RunLog before opening it read-write")
+            raise StoreUnavailable(
+                f"routing log {path} is already open read-only in this "
+                "process; close that RunLog before opening it read-write"
+            )
         if db is None:
             db = Database(path, read_only)
             _REGISTRY[key] = db
