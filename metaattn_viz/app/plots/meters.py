@@ -1,0 +1,109 @@
+"""The meters and the token strip: realised notional cost against the budget, attention-FLOPs
+ratio, tokens/s, KL to the dense model (an HTML panel: cheap to redraw), and the text with
+each token's share of full attention (a gr.HighlightedText value). Never imports gradio."""
+
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+
+from metaattn_viz.app.plots.style import EXPERT_COLOURS
+from metaattn_viz.core.trace import RoutingTrace
+
+
+def token_strip(trace: RoutingTrace) -> list[tuple[str, float]]:
+    """(token text, share of layers giving it full attention) per token, for a
+    gr.HighlightedText: the darker a token, the more layers attended to it in full."""
+    shares = trace.full_share_per_token()
+    return [(text, round(float(s), 3)) for text, s in zip(trace.tokens, shares.tolist(), strict=True)]
+
+
+def _finite(x) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def meter_values(trace: RoutingTrace) -> dict:
+    """The numbers behind the meters (None where not measured)."""
+    kl = trace.kl_to_dense
+    kl_mean = None
+    if kl is not None and len(kl) > 1:
+        kl_mean = _finite(np.nanmean(np.asarray(kl, np.float64)[:-1]))  # last: no next token
+    return {
+        "budget": trace.settings.budget,
+        "realized_cost": _finite(trace.realized_cost) if trace.n_tokens else None,
+        "flops_ratio": _finite(trace.attention_flops_ratio) if trace.n_tokens else None,
+        "tokens_per_s": _finite(trace.timings.get("tokens_per_s")),
+        "kl_to_dense": kl_mean,
+        "n_tokens": trace.n_tokens,
+    }
+
+
+def _fmt(value, fmt: str) -> str:
+    return "\u2014" if value is None else format(value, fmt)
+
+
+def meters(trace: RoutingTrace) -> str:
+    """The meters as a small HTML panel (plain DOM: cheap to redraw four times a second):
+    realised notional cost as a bar with the budget as a tick, attention-FLOPs ratio,
+    tokens/s, KL(dense || routed) per token. Each value is also in a data- attribute."""
+    v = meter_values(trace)
+    cost, budget = v["realized_cost"], v["budget"]
+    top = max(1.0, cost or 0.0, budget or 0.0)
+    bar = 0.0 if cost is None else 100 * cost / top
+    tick = (
+        ""
+        if budget is None
+        else (
+            f"<div title='budget' style='position:absolute;left:{100 * budget / top:.2f}%;"
+            "top:-4px;bottom:-4px;width:3px;background:#000'></div>"
+        )
+    )
+    budget_text = "no budget" if budget is None else f"budget {budget:.2f}"
+
+    def cell(key, label, value, fmt, hint):
+        data = "" if value is None else f" data-value='{value:.6g}'"
+        return (
+            f"<div class='meter' data-meter='{key}'{data} title='{html.escape(hint)}' "
+            "style='flex:1;min-width:120px;padding:4px 10px'>"
+            f"<div style='font-size:12px;color:#555'>{label}</div>"
+            f"<div style='font-size:22px;font-weight:600'>{_fmt(value, fmt)}</div></div>"
+        )
+
+    cost_data = "" if cost is None else f" data-value='{cost:.6g}'"
+    budget_data = "" if budget is None else f" data-budget='{budget:.6g}'"
+    return (
+        "<div class='metaattn-meters' style='display:flex;flex-wrap:wrap;gap:8px;"
+        "align-items:center;font-family:Inter,Helvetica,Arial,sans-serif;color:#111'>"
+        f"<div class='meter' data-meter='cost'{cost_data}{budget_data} "
+        "style='flex:2;min-width:260px;padding:4px 10px'>"
+        f"<div style='font-size:12px;color:#555'>realised cost per decision ({budget_text})"
+        f"</div><div style='display:flex;align-items:center;gap:10px'>"
+        f"<div style='position:relative;flex:1;height:14px;background:#eef2f6;"
+        f"border-radius:3px'><div style='width:{bar:.2f}%;height:100%;border-radius:3px;"
+        f"background:{EXPERT_COLOURS['full']}'></div>{tick}</div>"
+        f"<div style='font-size:22px;font-weight:600'>{_fmt(cost, '.3f')}</div></div></div>"
+        + cell(
+            "flops",
+            "attention FLOPs / dense",
+            v["flops_ratio"],
+            ".2f",
+            "real attention FLOPs of the decisions taken, relative to all-full attention",
+        )
+        + cell(
+            "speed",
+            "tokens / s",
+            v["tokens_per_s"],
+            ".1f",
+            "generation speed (after a re-route: the re-route's own rate)",
+        )
+        + cell(
+            "kl",
+            "KL to dense (nats/token)",
+            v["kl_to_dense"],
+            ".4f",
+            "mean KL(dense || routed) of the next-token distribution, from a dense shadow pass",
+        )
+        + "</div>"
+    )

@@ -1,0 +1,84 @@
+"""What every figure of the app shares: the expert colours, the constant uirevision, the
+layout, token axis labels, and the empty placeholder. Never imports gradio, torch or the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from metaattn_viz.core.trace import RoutingTrace
+
+# Okabe & Ito (2008): vermillion, sky blue, yellow stay apart in luminance and hue under
+# protanopia, deuteranopia and tritanopia.
+EXPERT_COLOURS = {"full": "#D55E00", "linear": "#56B4E9", "local": "#F0E442"}
+UIREVISION = "metaattn-routing"  # constant: Plotly.react keeps zoom/pan across updates
+MEASURE_LABELS = {
+    "total": "total uncertainty (entropy of the posterior mean, share of log 3)",
+    "aleatoric": "aleatoric uncertainty (expected entropy, share of log 3)",
+    "epistemic": "epistemic uncertainty (mutual information, nats)",
+    "vacuity": "vacuity (K / sum of concentrations)",
+}
+OPEN_BOX, THIN_SPACE = "\u2423", "\u2009"
+FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=12)
+
+
+def token_label(pos: int, text: str, width: int = 12) -> str:
+    """A unique, printable axis label for the token at `pos`."""
+    shown = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    shown = "".join(c if c.isprintable() else "\ufffd" for c in shown)
+    if len(shown) > width:
+        shown = shown[: width - 1] + "\u2026"
+    if not shown.strip():
+        shown = shown.replace(" ", OPEN_BOX) or OPEN_BOX
+    return f"{pos}{THIN_SPACE}{shown}"
+
+
+def token_labels(trace: RoutingTrace) -> np.ndarray:
+    """[T] object array of axis labels (arrays, not lists: plotly deep-copies lists element
+    by element when it builds and serialises a figure)."""
+    return np.array([token_label(t, s) for t, s in enumerate(trace.tokens)], dtype=object)
+
+
+def base_layout(title: str, height: int, **extra) -> dict:
+    """The common layout: no template (the default one adds ~6 KB to every frame), constant
+    uirevision, white background."""
+    layout = dict(
+        template="none",
+        title=dict(text=title, x=0.01, font=dict(size=14)),
+        height=height,
+        margin=dict(l=56, r=16, t=40, b=40),
+        uirevision=UIREVISION,
+        font=FONT,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+    )
+    layout.update(extra)
+    return layout
+
+
+def figure(data: list[dict], layout: dict) -> go.Figure:
+    """A figure from plain dicts, skipping plotly's per-element validation (it walks every
+    list element in Python: ~90 ms for one layers x tokens map, 10x the rest of a frame).
+    tests/test_plots.py validates each figure's JSON with plotly instead."""
+    return go.Figure(data=data, layout=layout, _validate=False)
+
+
+def styled(fig: go.Figure, title: str, height: int) -> go.Figure:
+    fig.update_layout(**base_layout(title, height))
+    return fig
+
+
+def empty(title: str, message: str, height: int = 300) -> go.Figure:
+    note = dict(
+        text=message,
+        showarrow=False,
+        x=0.5,
+        y=0.5,
+        xref="paper",
+        yref="paper",
+        font=dict(size=14, color="#666"),
+    )
+    return figure(
+        [],
+        base_layout(title, height, annotations=[note], xaxis=dict(visible=False), yaxis=dict(visible=False)),
+    )
