@@ -38,6 +38,7 @@ from metaattn_viz.routing.controller import (
     config_for_model,
     default_folder,
 )
+from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, weights_fingerprint
 from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
 from metaattn_viz.training import data as data_mod
 
@@ -249,6 +250,9 @@ def calibrate(
     meta = {
         "controller": cfg.controller,
         "model": routed.name,
+        # which copy of the model's weights these controllers belong to (routing/fingerprint.py)
+        "weights_fingerprint": weights_fingerprint(routed.model),
+        "weights_fingerprint_kind": FINGERPRINT_KIND,
         "hyperparameters": asdict(cfg),
         "data": split.describe(),
         "train_windows": int(train_ids.shape[0]),
