@@ -13,6 +13,7 @@ import os
 import torch
 
 from metaattn_kernels.experts import EXPERTS
+from metaattn_kernels.feature_maps import check_feature_map
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -31,7 +32,9 @@ def _check_tensor(name: str, x, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
-def check_routed_attention_args(q, k, v, weights, window, n_sink, scale, linear_state, backend, eps) -> None:
+def check_routed_attention_args(
+    q, k, v, weights, window, n_sink, scale, linear_state, backend, eps, feature_map=None
+) -> None:
     """Raise ValueError naming the first bad argument of a routed_attention call."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4)
@@ -58,8 +61,10 @@ def check_routed_attention_args(q, k, v, weights, window, n_sink, scale, linear_
 
     _check_tensor("weights", weights, 3)
     if tuple(weights.shape) != (b, tq, len(EXPERTS)):
-        raise ValueError(f"weights must have shape [B, Tq, {len(EXPERTS)}] = {[b, tq, len(EXPERTS)]}, "
-                         f"got {list(weights.shape)}")
+        raise ValueError(
+            f"weights must have shape [B, Tq, {len(EXPERTS)}] = {[b, tq, len(EXPERTS)]}, "
+            f"got {list(weights.shape)}"
+        )
     if not weights.is_floating_point():
         raise ValueError(f"weights must be a float tensor, got {weights.dtype}")
     if weights.device != q.device:
@@ -95,10 +100,14 @@ def check_routed_attention_args(q, k, v, weights, window, n_sink, scale, linear_
             if x.device != q.device:
                 raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
 
+    check_feature_map(feature_map, hq, hkv, d)
+
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
         if q.dtype not in TRITON_DTYPES:
             raise ValueError(f"backend='triton' takes float16, bfloat16 or float32 tensors, got {q.dtype}")
         if not q.is_cuda and not triton_interpreted():
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)"
+            )

@@ -20,6 +20,10 @@ per-token Python loop:
   exclusive cumulative sum give the state before each chunk; the chunk itself is
   quadratic (only for chunks holding linear rows), the G query heads of a kv head stacked
   as rows of one matmul. The state is updated with every key, whatever its route.
+- feature map: elu + 1 inline (feature_map=None, unchanged), or a learned FeatureMap
+  (kernels/feature_maps.py): then q and the keys the call reads are mapped first, in
+  full (one small matmul per tensor, cheap next to the attention), and the linear
+  expert runs on the features with the identity in place of phi.
 - decode (Tq = 1): a few ops; full reads the cache, local slices its window and
   sinks, linear reads the state and the new key.
 
@@ -37,6 +41,7 @@ inputs. Differentiable end to end (in-place ops only on fresh tensors autograd d
 Never: validate arguments (kernels.checks does), import metaattn_viz, or know how the
 weights were chosen.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,9 +55,9 @@ from metaattn_kernels.experts import FULL, LINEAR, LOCAL
 from metaattn_kernels.reference import compute_dtype
 from metaattn_kernels.rows import sorted_rows, tiled_rows
 
-FULL_BLOCK = 64    # query rows per block of the gathered full expert
-STAIR_SPLIT = 2    # a full block's staircase runs in this many slices of rows
-LOCAL_TILE = 32    # positions per tile of the local expert when every row is local
+FULL_BLOCK = 64  # query rows per block of the gathered full expert
+STAIR_SPLIT = 2  # a full block's staircase runs in this many slices of rows
+LOCAL_TILE = 32  # positions per tile of the local expert when every row is local
 LOCAL_TILE_SPARSE = 48  # the same when only some rows are (fewer, fuller tiles)
 LINEAR_CHUNK = 64  # positions per chunk of the linear expert
 
@@ -96,7 +101,8 @@ def _scratch(name, shape, like: torch.Tensor) -> torch.Tensor | None:
 
 
 def _flat(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, T, D] -> (its rows as one [B * H * T, D] matrix, the row offset [B, H] of each (batch, head))."""
+    """x [B, H, T, D] -> (its rows as one [B * H * T, D] matrix, the row offset [B, H] of each
+    (batch, head))."""
     b, h, t, d = x.shape
     base = (torch.arange(b, device=x.device)[:, None] * h + torch.arange(h, device=x.device)) * t
     return x.contiguous().view(-1, d), base
@@ -126,7 +132,8 @@ def _take_tiles(x: torch.Tensor, rows: torch.Tensor, name: str | None = None) ->
 
 
 def _take_groups(q: torch.Tensor, rows: torch.Tensor, hkv: int) -> torch.Tensor:
-    """q [B, Hq, Tq, D], rows [B, nA, M] -> [B, Hkv, nA, G, M, D]: each kv head's G query heads side by side."""
+    """q [B, Hq, Tq, D], rows [B, nA, M] -> [B, Hkv, nA, G, M, D]: each kv head's G query heads
+    side by side."""
     b, hq, _, d = q.shape
     qf, base = _flat(q)
     idx = base.view(b, hkv, 1, hq // hkv, 1) + rows[:, None, :, None, :]  # [B, Hkv, nA, G, M]
@@ -166,12 +173,19 @@ def _full_rows(q, k, v, active, scale, p0, grad):
     if grad or _flash_lse is None or q.device.type != "cpu":
         outs = []
         for start in range(0, n, FULL_BLOCK):
-            rows = sr.rows[:, start:start + FULL_BLOCK]  # [B, m]
+            rows = sr.rows[:, start : start + FULL_BLOCK]  # [B, m]
             end = int(rows.max()) + p0 + 1  # keys past the block's last row are never read
             allowed = torch.arange(end, device=k.device) <= (rows + p0)[:, None, :, None]  # [B, 1, m, end]
-            outs.append(F.scaled_dot_product_attention(
-                _take_rows(q, rows), k[:, :, :end], v[:, :, :end], attn_mask=allowed, scale=scale,
-                enable_gqa=gqa))  # [B, Hq, m, D]
+            outs.append(
+                F.scaled_dot_product_attention(
+                    _take_rows(q, rows),
+                    k[:, :, :end],
+                    v[:, :, :end],
+                    attn_mask=allowed,
+                    scale=scale,
+                    enable_gqa=gqa,
+                )
+            )  # [B, Hq, m, D]
         o = torch.cat(outs, dim=2).transpose(1, 2)  # [B, N, Hq, D]
         return o.reshape(-1, hq, d), sr.rows, sr.valid
     if k.stride(-1) != 1 or v.stride(-1) != 1:  # the flash kernel called directly reads rows as contiguous
@@ -189,7 +203,8 @@ def _full_rows(q, k, v, active, scale, p0, grad):
     kpos = first[:, None] + torch.arange(span, device=k.device)  # [nB, S] staircase keys
     kidx = kpos.clamp(max=k.shape[2] - 1)[None]  # keys past the end are masked below
     ks, vs = _take_tiles(k, kidx, "full k"), _take_tiles(v, kidx, "full v")  # [B * nB, Hkv, S, D]
-    pre_o, pre_l = _scratch("full pre o", (b, n_b, hq, blk, d), q), _scratch("full pre lse", (b, n_b, hq, blk), q)
+    pre_o = _scratch("full pre o", (b, n_b, hq, blk, d), q)
+    pre_l = _scratch("full pre lse", (b, n_b, hq, blk), q)
     pre_o = q.new_zeros(b, n_b, hq, blk, d) if pre_o is None else pre_o.zero_()
     pre_l = q.new_full((b, n_b, hq, blk), float("-inf")) if pre_l is None else pre_l.fill_(float("-inf"))
     hkv = k.shape[1]
@@ -204,11 +219,21 @@ def _full_rows(q, k, v, active, scale, p0, grad):
         r1 = min(r0 + sub, blk)
         rs = rb[:, :, r0:r1]  # [B, nB, m]
         sp = int((rs[:, :, -1].amax(0) - first).max()) + 1
-        bias = _additive_mask(kpos[None, :, None, :sp] <= rs[..., None], q.dtype, "full mask")  # [B, nB, m, sp]
-        o, lse = _flash_lse(qg[:, :, :, r0:r1].reshape(b * n_b, hq, r1 - r0, d), ks[:, :, :sp], vs[:, :, :sp],
-                            attn_mask=bias.view(b * n_b, 1, r1 - r0, sp), scale=scale)  # each row sees `first`
-        share = torch.sigmoid(pre_l[..., r0:r1] - lse.view(b, n_b, hq, r1 - r0)).unsqueeze(-1)  # prefix's mass
-        torch.lerp(o.view(b, n_b, hq, r1 - r0, d), pre_o[:, :, :, r0:r1], share, out=out[:, :, r0:r1].transpose(2, 3))
+        # [B, nB, m, sp]
+        bias = _additive_mask(kpos[None, :, None, :sp] <= rs[..., None], q.dtype, "full mask")
+        # each row sees `first`
+        o, lse = _flash_lse(
+            qg[:, :, :, r0:r1].reshape(b * n_b, hq, r1 - r0, d),
+            ks[:, :, :sp],
+            vs[:, :, :sp],
+            attn_mask=bias.view(b * n_b, 1, r1 - r0, sp),
+            scale=scale,
+        )
+        # the prefix's share of the mass
+        share = torch.sigmoid(pre_l[..., r0:r1] - lse.view(b, n_b, hq, r1 - r0)).unsqueeze(-1)
+        torch.lerp(
+            o.view(b, n_b, hq, r1 - r0, d), pre_o[:, :, :, r0:r1], share, out=out[:, :, r0:r1].transpose(2, 3)
+        )
     return out.view(-1, hq, d), rows, valid
 
 
@@ -230,7 +255,8 @@ def _local_rows(q, k, v, active, scale, p0, window, n_sink):
     n_s = min(n_sink, tk)
     dev = k.device
     if dense:
-        t_ids, qpos = torch.arange(n_t, device=dev), p0 + torch.arange(n_t * tile, device=dev).view(1, n_t, tile)
+        t_ids = torch.arange(n_t, device=dev)
+        qpos = p0 + torch.arange(n_t * tile, device=dev).view(1, n_t, tile)
         qg = _tiles_of(q, tile).transpose(1, 2).reshape(b * n_t, hq, tile, d)  # a view when B = 1
         n_a, m = n_t, tile
     else:
@@ -239,8 +265,13 @@ def _local_rows(q, k, v, active, scale, p0, window, n_sink):
         t_ids, qpos = tr.tiles, tr.rows + p0
         qg = _take_tiles(q, tr.rows, "local q")  # [B * nA, Hq, M, D]
     band = tile + w - 1
-    kpos = torch.cat([torch.arange(n_s, device=dev).expand(n_a, n_s),
-                      (p0 + t_ids * tile - w + 1)[:, None] + torch.arange(band, device=dev)], dim=1)  # [nA, L]
+    kpos = torch.cat(
+        [
+            torch.arange(n_s, device=dev).expand(n_a, n_s),
+            (p0 + t_ids * tile - w + 1)[:, None] + torch.arange(band, device=dev),
+        ],
+        dim=1,
+    )  # [nA, L]
     kidx = kpos.clamp(0, tk - 1)[None]  # keys outside [0, Tk) are masked below
     kb, vb = _take_tiles(k, kidx, "local k"), _take_tiles(v, kidx, "local v")  # [B * nA, Hkv, L, D]
     L = kpos.shape[1]
@@ -250,8 +281,13 @@ def _local_rows(q, k, v, active, scale, p0, window, n_sink):
     allowed = (kpos <= qp) & torch.where(in_band, (kpos > qp - w) & (kpos >= 0), kpos <= qp - w)
     bias = _additive_mask(allowed, q.dtype, "local mask")  # [B', nA, M, L]
     o = F.scaled_dot_product_attention(
-        qg, kb, vb, attn_mask=bias.expand(b, -1, -1, -1).reshape(b * n_a, 1, m, L),
-        scale=scale, enable_gqa=hkv != hq)  # [B * nA, Hq, M, D]
+        qg,
+        kb,
+        vb,
+        attn_mask=bias.expand(b, -1, -1, -1).reshape(b * n_a, 1, m, L),
+        scale=scale,
+        enable_gqa=hkv != hq,
+    )  # [B * nA, Hq, M, D]
     o = o.view(b, n_a, hq, m, d).transpose(2, 3)  # [B, nA, M, Hq, D]
     if dense:
         return "dense", o
@@ -260,7 +296,8 @@ def _local_rows(q, k, v, active, scale, p0, window, n_sink):
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = elu(x) + 1 in one pass less than the reference (elu's backward keeps its input, not its output)."""
+    """phi(x) = elu(x) + 1 in one pass less than the reference (elu's backward keeps its input,
+    not its output)."""
     return F.elu(x).add_(1.0)
 
 
@@ -269,12 +306,17 @@ def _augment(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
-def _linear_state_aug(k, v, linear_state, p0, ct):
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    """phi for inputs that are already features (a learned map was applied beforehand)."""
+    return x
+
+
+def _linear_state_aug(k, v, linear_state, p0, ct, phi=feature_map):
     """Augmented state [S | z] [B, Hkv, D, D + 1] of all keys before position p0."""
     if linear_state is not None:
         s, z = linear_state
         return torch.cat([s.to(ct), z.to(ct)[..., None]], dim=-1)
-    pk = feature_map(k[:, :, :p0])  # [B, Hkv, p0, D]
+    pk = phi(k[:, :, :p0])  # [B, Hkv, p0, D]
     return pk.transpose(-1, -2) @ _augment(v[:, :, :p0])  # [B, Hkv, D, D + 1]
 
 
@@ -289,8 +331,10 @@ def _phi_own(x: torch.Tensor) -> torch.Tensor:
     return F.elu_(x).add_(1.0) if _SCRATCH.on else feature_map(x)
 
 
-def _linear_rows(q, k, v, active, p0, s0, eps):
+def _linear_rows(q, k, v, active, p0, s0, eps, mapped=False):
     """Linear expert on the active rows, chunked; also the state after all keys.
+
+    mapped: q and k are already features (a learned map): phi is then the identity.
 
     Chunks of LINEAR_CHUNK positions: per-chunk states phi(k)^T [v, 1], an exclusive
     cumulative sum gives the state before each chunk, the chunk itself is quadratic (only
@@ -303,9 +347,10 @@ def _linear_rows(q, k, v, active, p0, s0, eps):
     hkv = k.shape[1]
     g = hq // hkv
     dev = k.device
+    phi, phi_own = (_identity, _identity) if mapped else (feature_map, _phi_own)
     kn, vn = k[:, :, p0:], v[:, :, p0:]
     if not bool(active.any()):  # only the state: [phi(k)^T v | sum phi(k)]
-        pk = feature_map(kn)  # [B, Hkv, Tq, D]
+        pk = phi(kn)  # [B, Hkv, Tq, D]
         return None, s0 + torch.cat([pk.transpose(-1, -2) @ vn, pk.sum(2).unsqueeze(-1)], dim=-1)
     chunk = min(LINEAR_CHUNK, tq)
     n_ch = -(-tq // chunk)
@@ -313,9 +358,9 @@ def _linear_rows(q, k, v, active, p0, s0, eps):
     # phi(k) and [v, 1] in whole chunks; phi(k) = 0 in the padding: it adds nothing
     pk, va = _scratch("linear pk", (b, hkv, tpad, d), q), _scratch("linear va", (b, hkv, tpad, d + 1), q)
     if pk is None:
-        pk, va = _tiles_of(feature_map(kn), chunk), _tiles_of(_augment(vn), chunk)
+        pk, va = _tiles_of(phi(kn), chunk), _tiles_of(_augment(vn), chunk)
     else:
-        _phi_own(pk[:, :, :tq].copy_(kn))
+        phi_own(pk[:, :, :tq].copy_(kn))
         va[:, :, :tq, :d] = vn
         va[:, :, :tq, d] = 1.0
         pk[:, :, tq:], va[:, :, tq:] = 0.0, 0.0
@@ -337,24 +382,28 @@ def _linear_rows(q, k, v, active, p0, s0, eps):
         state = before[:, :, -1] + kv[:, :, -1]
     if bool(active.all()):
         n_a, m = n_ch, chunk
-        qg = _tiles_of(q, chunk).view(b, hkv, g, n_ch, chunk, d).transpose(2, 3)  # [B, Hkv, nC, G, C, D] (view)
+        # [B, Hkv, nC, G, C, D] (a view)
+        qg = _tiles_of(q, chunk).view(b, hkv, g, n_ch, chunk, d).transpose(2, 3)
         pq = _scratch("linear q", (b, hkv, n_ch, g * chunk, d), q)  # [B, Hkv, nC, G * C, D]
         if pq is None:
-            pq = feature_map(qg.reshape(b, hkv, n_ch, g * chunk, d))
+            pq = phi(qg.reshape(b, hkv, n_ch, g * chunk, d))
         else:
-            _phi_own(pq.view(qg.shape).copy_(qg))
+            phi_own(pq.view(qg.shape).copy_(qg))
         causal = torch.ones(chunk, chunk, dtype=torch.bool, device=dev).triu_(1)  # [C, C] key after query
-        a = _mm(pq, pk.transpose(-1, -2), "linear a").view(b, hkv, n_ch, g, chunk, chunk).masked_fill_(causal, 0.0)
+        a = _mm(pq, pk.transpose(-1, -2), "linear a").view(b, hkv, n_ch, g, chunk, chunk)
+        a = a.masked_fill_(causal, 0.0)
         tr = None
     else:
         tr = tiled_rows(active, chunk)
         n_a, m = tr.rows.shape[1:]
         if n_a < n_ch:  # chunks no batch row routes a token of to linear: only their state is needed
             pk, va, before = pk[:, :, tr.tiles], va[:, :, tr.tiles], before[:, :, tr.tiles]
-        pq = _phi_own(_take_groups(q, tr.rows, hkv)).view(b, hkv, n_a, g * m, d)  # [B, Hkv, nA, G * M, D]
+        pq = phi_own(_take_groups(q, tr.rows, hkv)).view(b, hkv, n_a, g * m, d)  # [B, Hkv, nA, G * M, D]
         qpos = tr.rows[:, None, :, None, :, None]  # [B, 1, nA, 1, M, 1]
-        kpos = (tr.tiles[:, None] * chunk + torch.arange(chunk, device=dev))[:, None, None, :]  # [nA, 1, 1, C]
-        a = _mm(pq, pk.transpose(-1, -2), "linear a").view(b, hkv, n_a, g, m, chunk).masked_fill_(kpos > qpos, 0.0)
+        # [nA, 1, 1, C]
+        kpos = (tr.tiles[:, None] * chunk + torch.arange(chunk, device=dev))[:, None, None, :]
+        a = _mm(pq, pk.transpose(-1, -2), "linear a").view(b, hkv, n_a, g, m, chunk)
+        a = a.masked_fill_(kpos > qpos, 0.0)
     a = a.view(b * hkv * n_a, g * m, chunk)
     num = _mm(pq, before, "linear num").view(-1, g * m, d + 1)  # [B Hkv nA, G M, D + 1]
     num.add_(_mm(a, va.reshape(-1, chunk, d + 1), "linear av"))
@@ -368,7 +417,7 @@ def _linear_rows(q, k, v, active, p0, s0, eps):
     return ("rows", o, tr.rows, tr.valid), state
 
 
-def _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps):
+def _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps, fm=None):
     """One query per sequence (Tq = 1), in a handful of ops: full reads the cache, local its
     window and sinks (slices, no gather), linear the state and the new key only.
 
@@ -381,8 +430,11 @@ def _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps):
 
     def mix(y, e, o):
         sel = active[:, 0, e]
-        contrib = w[:, 0, e, None, None, None] * o if bool(sel.all()) else \
-            torch.zeros_like(q).index_add_(0, sel.nonzero()[:, 0], w[sel, 0, e, None, None, None] * o)
+        contrib = (
+            w[:, 0, e, None, None, None] * o
+            if bool(sel.all())
+            else torch.zeros_like(q).index_add_(0, sel.nonzero()[:, 0], w[sel, 0, e, None, None, None] * o)
+        )
         return contrib if y is None else y + contrib
 
     def rows_of(e, *xs):  # the batch rows routed to expert e (all of them: no copy)
@@ -399,39 +451,64 @@ def _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps):
     if linear_state is not None:
         s, z = linear_state[0].to(q.dtype), linear_state[1].to(q.dtype)
     else:
-        s_aug = _linear_state_aug(k, v, None, tk - 1, q.dtype)
+        s_aug = _linear_state_aug(k, v, None, tk - 1, q.dtype, feature_map if fm is None else fm.key)
         s, z = s_aug[..., :d], s_aug[..., d]
-    pk = feature_map(k[:, :, -1:])  # [B, Hkv, 1, D]
+    pk = feature_map(k[:, :, -1:]) if fm is None else fm.key(k[:, :, -1:])  # [B, Hkv, 1, D]
     s = s + pk.transpose(-1, -2) @ v[:, :, -1:]  # [B, Hkv, D, D]
     z = z + pk[:, :, 0]  # [B, Hkv, D]
     if bool(active[:, 0, LINEAR].any()):
         qs, ss, zs = rows_of(LINEAR, q, s, z)
-        y = mix(y, LINEAR, linear_readout(qs, ss, zs, hkv, eps))
+        y = mix(y, LINEAR, linear_readout(qs, ss, zs, hkv, eps, fm))
     if y is None:
         y = torch.zeros_like(q)
     return y, (s.float(), z.float())
 
 
-def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: float | None = None,
-                         linear_state=None, eps: float = 1e-6):
+def routed_attention_cpu(
+    q,
+    k,
+    v,
+    weights,
+    *,
+    window: int,
+    n_sink: int,
+    scale: float | None = None,
+    linear_state=None,
+    eps: float = 1e-6,
+    feature_map=None,
+):
     """Routed attention, each expert on its own rows only. Arguments as kernels.routed_attention."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     p0 = tk - tq
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = d**-0.5 if scale is None else float(scale)
     out_dtype, ct = q.dtype, compute_dtype(q.dtype)
     q, k, v = q.to(ct), k.to(ct), v.to(ct)
     w = weights.to(ct)
     active = weights > 0  # [B, Tq, 3]
     if tq == 1:
-        y, new_state = _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps)
+        y, new_state = _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps, feature_map)
         return y.to(out_dtype), new_state
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w))
     shared = not grad and q.device.type == "cpu" and _BUFS_LOCK.acquire(blocking=False)
     _SCRATCH.on = shared
     try:
-        y, new_state = _prefill(q, k, v, w, active, window, n_sink, scale, linear_state, eps, grad, ct,
-                                (b, hq, hkv, tq, tk, d, p0))
+        y, new_state = _prefill(
+            q,
+            k,
+            v,
+            w,
+            active,
+            window,
+            n_sink,
+            scale,
+            linear_state,
+            eps,
+            grad,
+            ct,
+            (b, hq, hkv, tq, tk, d, p0),
+            feature_map,
+        )
     finally:
         _SCRATCH.on = False
         if shared:
@@ -439,7 +516,7 @@ def routed_attention_cpu(q, k, v, weights, *, window: int, n_sink: int, scale: f
     return y.to(out_dtype), new_state
 
 
-def _prefill(q, k, v, w, active, window, n_sink, scale, linear_state, eps, grad, ct, sizes):
+def _prefill(q, k, v, w, active, window, n_sink, scale, linear_state, eps, grad, ct, sizes, fm=None):
     """routed_attention_cpu for Tq > 1: (y [B, Hq, Tq, D] in the compute dtype, (S, z))."""
     b, hq, hkv, tq, tk, d, p0 = sizes
     # y [B, Tp, Hq, D], Tp = Tq rounded up so that the local tiles and linear chunks divide it;
@@ -482,8 +559,14 @@ def _prefill(q, k, v, w, active, window, n_sink, scale, linear_state, eps, grad,
     if bool(act_local.any()):
         add(_local_rows(q, k, v, act_local, scale, p0, window, n_sink), LOCAL)
 
-    s0 = _linear_state_aug(k, v, linear_state, p0, ct)
-    part, state = _linear_rows(q, k, v, active[..., LINEAR], p0, s0, eps)
+    if fm is None:
+        s0 = _linear_state_aug(k, v, linear_state, p0, ct)
+        part, state = _linear_rows(q, k, v, active[..., LINEAR], p0, s0, eps)
+    else:  # map q and the keys from p0 once; the prefix only when no state summarises it
+        s0 = _linear_state_aug(k, v, linear_state, p0, ct, fm.key)
+        part, state = _linear_rows(
+            fm.query(q), fm.key(k[:, :, p0:]), v[:, :, p0:], active[..., LINEAR], 0, s0, eps, mapped=True
+        )
     if part is not None:
         add(part, LINEAR)
 

@@ -49,8 +49,9 @@ def attention_flops(positions, weights, window: int, n_sink: int, head_dim: int)
     return (expert_flops(positions, window, n_sink, head_dim) * (weights > 0)).sum(-1)
 
 
-def attention_flops_totals(positions, weights, window: int, n_sink: int,
-                           head_dim: int) -> tuple[float, float]:
+def attention_flops_totals(
+    positions, weights, window: int, n_sink: int, head_dim: int
+) -> tuple[float, float]:
     """(routed, dense): FLOPs summed over every decision in weights [..., T, K] (positions
     [..., T] broadcast against it), and what all-full attention would have cost."""
     per_expert = expert_flops(positions, window, n_sink, head_dim)  # [..., T, K]
@@ -61,8 +62,7 @@ def attention_flops_totals(positions, weights, window: int, n_sink: int,
     return routed, float(every.sum())
 
 
-def attention_flops_ratio(positions, weights, window: int, n_sink: int,
-                          head_dim: int) -> float:
+def attention_flops_ratio(positions, weights, window: int, n_sink: int, head_dim: int) -> float:
     """Routed over all-full attention FLOPs of the decisions in weights [..., T, K]; NaN
     when there are none."""
     routed, dense = attention_flops_totals(positions, weights, window, n_sink, head_dim)

@@ -25,16 +25,16 @@ import torch
 
 @dataclass(frozen=True)
 class SortedRows:
-    rows: torch.Tensor   # [B, N] row indices in 0..Tq-1, ascending; padding repeats the last active row
+    rows: torch.Tensor  # [B, N] row indices in 0..Tq-1, ascending; padding repeats the last active row
     valid: torch.Tensor  # [B, N] True for real (active) rows
 
 
 @dataclass(frozen=True)
 class TiledRows:
     tiles: torch.Tensor  # [nA] ids of the tiles holding at least one active row (in some batch row)
-    rows: torch.Tensor   # [B, nA, M] row indices; padding repeats the tile's last active row
+    rows: torch.Tensor  # [B, nA, M] row indices; padding repeats the tile's last active row
     valid: torch.Tensor  # [B, nA, M] True for real (active) rows
-    tile: int            # rows per tile
+    tile: int  # rows per tile
 
 
 def sorted_rows(active: torch.Tensor) -> SortedRows:

@@ -1,4 +1,9 @@
-"""Triton kernels of the linear expert (phi = elu + 1), in chunked form.
+"""Triton kernels of the linear expert (phi = elu + 1, or pre-mapped features), in chunked form.
+
+MAPPED (constexpr): Q and K already hold features (a learned FeatureMap, applied in
+PyTorch by kernels.triton_routed before the launch: per-head matmuls and softmaxes that
+cuBLAS does well and that would only complicate these kernels); phi is then the identity.
+Without it, elu + 1 is applied here, as before.
 
 - `linear_chunk_state_kernel`: the state contribution of each chunk of keys,
   phi(K_c)^T V_c [D, D] and sum phi(K_c) [D], all chunks in parallel. A cumulative sum
@@ -28,12 +33,37 @@ def _phi(x):
 
 
 @triton.jit
+def _features(x, MAPPED: tl.constexpr):
+    """phi(x): the identity for pre-mapped features, else elu + 1."""
+    if MAPPED:
+        return x
+    else:
+        return _phi(x)
+
+
+@triton.jit
 def linear_chunk_state_kernel(
-    K, V, KV, KZ,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    start0, end0, chunk, hkv, head_dim,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    K,
+    V,
+    KV,
+    KZ,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    start0,
+    end0,
+    chunk,
+    hkv,
+    head_dim,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
+    MAPPED: tl.constexpr,
 ):
     """KV[b, h, c] = sum over keys j in chunk c of [start0, end0) of phi(k_j) v_j^T; KZ of phi(k_j)."""
     pid_c = tl.program_id(0)
@@ -51,34 +81,73 @@ def linear_chunk_state_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
-        kt = tl.load(K + b * stride_kb + h * stride_kh + n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BD, BN]
-        pkt = tl.where(d_ok[:, None] & n_ok[None, :], _phi(kt), 0.0)  # padding keys add nothing
-        v = tl.load(V + b * stride_vb + h * stride_vh + n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BN, BD]
+        kt = tl.load(
+            K + b * stride_kb + h * stride_kh + n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+            mask=d_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BD, BN]
+        pkt = tl.where(d_ok[:, None] & n_ok[None, :], _features(kt, MAPPED), 0.0)  # padding keys add nothing
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BN, BD]
         if IEEE:
             s += tl.dot(pkt, v, input_precision="ieee")
         else:
             s += tl.dot(pkt, v)
         z += tl.sum(pkt, 1)
     base = pid_bh * n_chunks + pid_c
-    tl.store(KV + base * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :], s,
-             mask=d_ok[:, None] & d_ok[None, :])
+    tl.store(
+        KV + base * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :],
+        s,
+        mask=d_ok[:, None] & d_ok[None, :],
+    )
     tl.store(KZ + base * head_dim + offs_d, z, mask=d_ok)
 
 
 @triton.jit
 def routed_linear_kernel(
-    Q, K, V, O, ROWS, SB, ZB,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_ob, stride_oh, stride_ot,
-    n_tasks, n_chunks, p0, tk, chunk, eps, hkv, groups, head_dim,
-    HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    ROWS,
+    SB,
+    ZB,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    n_tasks,
+    n_chunks,
+    p0,
+    tk,
+    chunk,
+    eps,
+    hkv,
+    groups,
+    head_dim,
+    HG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
+    MAPPED: tl.constexpr,
 ):
-    """O[b, h, task] = linear attention of the task's row. SB/ZB [B, Hkv, nC, D(, D)]: state before chunk c."""
+    """Out[b, h, task] = linear attention of the task's row. SB/ZB [B, Hkv, nC, D(, D)]: the state
+    before chunk c."""
     BR: tl.constexpr = BLOCK_M // HG
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -101,12 +170,22 @@ def routed_linear_kernel(
     lo = p0 + c * chunk
     p_last = tl.max(qpos, 0)
 
-    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qt
-                + offs_d[None, :] * stride_qd, mask=head_ok[:, None] & d_ok[None, :], other=0.0)
-    pq = tl.where(d_ok[None, :], _phi(q.to(tl.float32)), 0.0)  # [BM, BD]
+    q = tl.load(
+        Q
+        + b * stride_qb
+        + head[:, None] * stride_qh
+        + row[:, None] * stride_qt
+        + offs_d[None, :] * stride_qd,
+        mask=head_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    pq = tl.where(d_ok[None, :], _features(q.to(tl.float32), MAPPED), 0.0)  # [BM, BD]
     st = (b * hkv + kvh) * n_chunks + c
-    s = tl.load(SB + st * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :],
-                mask=d_ok[:, None] & d_ok[None, :], other=0.0)  # [BD, BD]
+    s = tl.load(
+        SB + st * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :],
+        mask=d_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BD, BD]
     z = tl.load(ZB + st * head_dim + offs_d, mask=d_ok, other=0.0)  # [BD]
     if IEEE:
         num = tl.dot(pq, s, input_precision="ieee")  # [BM, BD]
@@ -116,11 +195,11 @@ def routed_linear_kernel(
     for start in range(lo, p_last + 1, BLOCK_N):  # intra-chunk part: keys [chunk start, last row]
         n = start + offs_n
         n_ok = n < tk
-        kt = tl.load(K + b * stride_kb + kvh * stride_kh + n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BD, BN]
-        pkt = tl.where(d_ok[:, None], _phi(kt), 0.0)
-        v = tl.load(V + b * stride_vb + kvh * stride_vh + n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BN, BD]
+        k_ptrs = K + b * stride_kb + kvh * stride_kh + n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+        kt = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BD, BN]
+        pkt = tl.where(d_ok[:, None], _features(kt, MAPPED), 0.0)
+        v_ptrs = V + b * stride_vb + kvh * stride_vh + n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BN, BD]
         if IEEE:
             a = tl.dot(pq, pkt, input_precision="ieee")  # [BM, BN]
         else:
@@ -132,5 +211,8 @@ def routed_linear_kernel(
             num += tl.dot(a, v)
         den += tl.sum(a, 1)
     o = num / (den[:, None] + eps)
-    tl.store(O + b * stride_ob + head[:, None] * stride_oh + task[:, None] * stride_ot + offs_d[None, :], o,
-             mask=head_ok[:, None] & d_ok[None, :])
+    tl.store(
+        Out + b * stride_ob + head[:, None] * stride_oh + task[:, None] * stride_ot + offs_d[None, :],
+        o,
+        mask=head_ok[:, None] & d_ok[None, :],
+    )

@@ -8,6 +8,11 @@ the linear expert (chunk states, their cumulative sum, routed rows;
 kernels.triton_linear), and `mix_kernel`, which writes y_i = sum_e w_ie o_ie in q's
 dtype, deterministically (no atomics), for hedged rows as for hard-routed ones.
 
+With a learned feature map (kernels/feature_maps.py) the linear expert's q and k are
+mapped in PyTorch before its launches (the kernels run with MAPPED, phi = identity); with
+a given state only the keys from Tk - Tq on are mapped, and the linear launches see them
+as a cache of Tq keys (nothing before is read). feature_map=None is elu + 1, in-kernel.
+
 A decode step (few query rows) packs the query heads sharing a kv head into one block
 (HG > 1), so each kv head's cache is read once.
 
@@ -28,22 +33,39 @@ from metaattn_kernels.rows import sorted_rows
 from metaattn_kernels.triton_linear import linear_chunk_state_kernel, routed_linear_kernel
 from metaattn_kernels.triton_softmax import routed_softmax_kernel
 
-BLOCK_M = 64         # query slots per program (rows x packed heads)
-BLOCK_N = 64         # keys per inner step
-LINEAR_CHUNK = 64    # keys per linear chunk (state checkpoint spacing)
+BLOCK_M = 64  # query slots per program (rows x packed heads)
+BLOCK_N = 64  # keys per inner step
+LINEAR_CHUNK = 64  # keys per linear chunk (state checkpoint spacing)
 PREFIX_CHUNK = 1024  # keys per partial sum when a missing state is summed from the cache
 
 
 @triton.jit
 def mix_kernel(
-    Y, OS, OL, SLOT, W,
-    stride_yb, stride_yh, stride_yt, stride_yd,
-    stride_osb, stride_osh, stride_ost,
-    stride_olb, stride_olh, stride_olt,
-    batch, tq, hq, head_dim,
-    E_LINEAR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    Y,
+    OS,
+    OL,
+    SLOT,
+    W,
+    stride_yb,
+    stride_yh,
+    stride_yt,
+    stride_yd,
+    stride_osb,
+    stride_osh,
+    stride_ost,
+    stride_olb,
+    stride_olh,
+    stride_olt,
+    batch,
+    tq,
+    hq,
+    head_dim,
+    E_LINEAR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Y[b, h, t] = sum_e W[b, t, e] * O_e[b, h, SLOT[e, b, t]] (full and local outputs in OS, linear in OL)."""
+    """Y[b, h, t] = sum_e W[b, t, e] * O_e[b, h, SLOT[e, b, t]] (full and local outputs in OS,
+    linear in OL)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // hq
@@ -62,8 +84,11 @@ def mix_kernel(
         else:
             ptrs = OS + b * stride_osb + h * stride_osh + slot[:, None] * stride_ost + offs_d[None, :]
         acc += w[:, None] * tl.load(ptrs, mask=use, other=0.0)
-    tl.store(Y + b * stride_yb + h * stride_yh + t[:, None] * stride_yt + offs_d[None, :] * stride_yd,
-             acc.to(Y.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(
+        Y + b * stride_yb + h * stride_yh + t[:, None] * stride_yt + offs_d[None, :] * stride_yd,
+        acc.to(Y.dtype.element_ty),
+        mask=t_ok[:, None] & d_ok[None, :],
+    )
 
 
 def _next_pow2(n: int) -> int:
@@ -90,25 +115,51 @@ def _slots(rows, valid, offset, b, tq, device):
     return slot[:, :tq]
 
 
-def _chunk_states(k, v, start, end, chunk, block_d, ieee):
-    """Per-chunk state contributions of keys [start, end): (KV [B, Hkv, nC, D, D], KZ [B, Hkv, nC, D]) float32."""
+def _chunk_states(k, v, start, end, chunk, block_d, ieee, mapped=False):
+    """Per-chunk state contributions of keys [start, end): (KV [B, Hkv, nC, D, D],
+    KZ [B, Hkv, nC, D]) float32."""
     b, hkv, _, d = k.shape
     n_ch = max(-(-(end - start) // chunk), 1)
     kv = torch.empty(b, hkv, n_ch, d, d, dtype=torch.float32, device=k.device)
     kz = torch.empty(b, hkv, n_ch, d, dtype=torch.float32, device=k.device)
     linear_chunk_state_kernel[(n_ch, b * hkv)](
-        k, v, kv, kz, *k.stride(), *v.stride(), start, end, chunk, hkv, d,
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, IEEE=ieee)
+        k,
+        v,
+        kv,
+        kz,
+        *k.stride(),
+        *v.stride(),
+        start,
+        end,
+        chunk,
+        hkv,
+        d,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d,
+        IEEE=ieee,
+        MAPPED=mapped,
+    )
     return kv, kz
 
 
-def routed_attention_triton(q, k, v, weights, *, window: int, n_sink: int, scale: float | None = None,
-                            linear_state=None, eps: float = 1e-6):
+def routed_attention_triton(
+    q,
+    k,
+    v,
+    weights,
+    *,
+    window: int,
+    n_sink: int,
+    scale: float | None = None,
+    linear_state=None,
+    eps: float = 1e-6,
+    feature_map=None,
+):
     """Routed attention on the Triton kernels. Arguments as kernels.routed_attention."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     g, p0, dev = hq // hkv, tk - tq, q.device
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale = d**-0.5 if scale is None else float(scale)
     # float32 dots at full precision; the interpreter's bfloat16 dot is not trustworthy either
     ieee = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and triton_interpreted())
     block_d = max(16, _next_pow2(d))
@@ -127,21 +178,50 @@ def routed_attention_triton(q, k, v, weights, *, window: int, n_sink: int, scale
     if n_soft:
         rows = torch.cat([r for r in (rows_f, rows_l) if r is not None], dim=1).contiguous()  # [B, NS]
         routed_softmax_kernel[(n_soft // br, b * hkv * n_hg)](
-            q, k, v, o_soft, rows, *q.stride(), *k.stride(), *v.stride(), *o_soft.stride()[:3],
-            n_soft, n_f // br, p0, tk, window, n_sink, scale, hkv, g, d,
-            HG=hg, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, IEEE=ieee)
+            q,
+            k,
+            v,
+            o_soft,
+            rows,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *o_soft.stride()[:3],
+            n_soft,
+            n_f // br,
+            p0,
+            tk,
+            window,
+            n_sink,
+            scale,
+            hkv,
+            g,
+            d,
+            HG=hg,
+            BLOCK_M=block_m,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=block_d,
+            IEEE=ieee,
+        )
 
-    # linear expert: the state before each chunk, then the routed rows
+    # linear expert: its inputs (q, k as given, or their features), the state before each chunk, the rows
+    mapped = feature_map is not None
+    lq, lk, lv, lp0, ltk = q, k, v, p0, tk
+    if mapped and linear_state is not None:  # keys before p0 are never read: map only the rest
+        lq, lk, lv, lp0, ltk = feature_map.query(q), feature_map.key(k[:, :, p0:]), v[:, :, p0:], 0, tq
+    elif mapped:
+        lq, lk = feature_map.query(q), feature_map.key(k)
     if linear_state is not None:
         s0, z0 = linear_state[0].to(torch.float32), linear_state[1].to(torch.float32)
-    elif p0 > 0:
-        kv0, kz0 = _chunk_states(k, v, 0, p0, PREFIX_CHUNK, block_d, ieee)
+    elif lp0 > 0:
+        kv0, kz0 = _chunk_states(lk, lv, 0, lp0, PREFIX_CHUNK, block_d, ieee, mapped)
         s0, z0 = kv0.sum(2), kz0.sum(2)
     else:
         s0 = torch.zeros(b, hkv, d, d, dtype=torch.float32, device=dev)
         z0 = torch.zeros(b, hkv, d, dtype=torch.float32, device=dev)
     chunk = min(LINEAR_CHUNK, tq)
-    kv, kz = _chunk_states(k, v, p0, tk, chunk, block_d, ieee)  # [B, Hkv, nC, D, D], [B, Hkv, nC, D]
+    # [B, Hkv, nC, D, D], [B, Hkv, nC, D]
+    kv, kz = _chunk_states(lk, lv, lp0, ltk, chunk, block_d, ieee, mapped)
     cum_s, cum_z = kv.cumsum(2), kz.cumsum(2)
     new_state = (s0 + cum_s[:, :, -1], z0 + cum_z[:, :, -1])
     rows_n, valid_n, n_n = _task_rows(active[..., LINEAR], br)
@@ -150,9 +230,33 @@ def routed_attention_triton(q, k, v, weights, *, window: int, n_sink: int, scale
         s_before = (s0[:, :, None] + cum_s - kv).contiguous()  # [B, Hkv, nC, D, D]: state before chunk c
         z_before = (z0[:, :, None] + cum_z - kz).contiguous()
         routed_linear_kernel[(n_n // br, b * hkv * n_hg)](
-            q, k, v, o_lin, rows_n, s_before, z_before, *q.stride(), *k.stride(), *v.stride(),
-            *o_lin.stride()[:3], n_n, kv.shape[2], p0, tk, chunk, eps, hkv, g, d,
-            HG=hg, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, IEEE=ieee)
+            lq,
+            lk,
+            lv,
+            o_lin,
+            rows_n,
+            s_before,
+            z_before,
+            *lq.stride(),
+            *lk.stride(),
+            *lv.stride(),
+            *o_lin.stride()[:3],
+            n_n,
+            kv.shape[2],
+            lp0,
+            ltk,
+            chunk,
+            eps,
+            hkv,
+            g,
+            d,
+            HG=hg,
+            BLOCK_M=block_m,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=block_d,
+            IEEE=ieee,
+            MAPPED=mapped,
+        )
 
     slots = [None] * 3
     slots[FULL] = _slots(rows_f, valid_f, 0, b, tq, dev)
@@ -162,6 +266,20 @@ def routed_attention_triton(q, k, v, weights, *, window: int, n_sink: int, scale
     y = torch.empty(b, hq, tq, d, dtype=q.dtype, device=dev)
     block_t = 32
     mix_kernel[(-(-tq // block_t), b * hq)](
-        y, o_soft, o_lin, slots, w, *y.stride(), *o_soft.stride()[:3], *o_lin.stride()[:3], b, tq, hq, d,
-        E_LINEAR=LINEAR, BLOCK_T=block_t, BLOCK_D=block_d)
+        y,
+        o_soft,
+        o_lin,
+        slots,
+        w,
+        *y.stride(),
+        *o_soft.stride()[:3],
+        *o_lin.stride()[:3],
+        b,
+        tq,
+        hq,
+        d,
+        E_LINEAR=LINEAR,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+    )
     return y, new_state

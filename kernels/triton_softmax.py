@@ -26,8 +26,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _softmax_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, qpos, win, n_sink, tk, scale, offs_n, d_ok,
-                       stride_kt, stride_vt, IEEE: tl.constexpr):
+def _softmax_key_block(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    start,
+    qpos,
+    win,
+    n_sink,
+    tk,
+    scale,
+    offs_n,
+    d_ok,
+    stride_kt,
+    stride_vt,
+    IEEE: tl.constexpr,
+):
     """Fold keys [start, start + BLOCK_N) into the running softmax of the block's rows."""
     n = start + offs_n  # [BLOCK_N]
     n_ok = n < tk
@@ -55,13 +72,40 @@ def _softmax_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, qpos, win, n_sin
 
 @triton.jit
 def routed_softmax_kernel(
-    Q, K, V, O, ROWS,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_ob, stride_oh, stride_ot,
-    n_tasks, n_full_blocks, p0, tk, window, n_sink, scale, hkv, groups, head_dim,
-    HG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    ROWS,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    n_tasks,
+    n_full_blocks,
+    p0,
+    tk,
+    window,
+    n_sink,
+    scale,
+    hkv,
+    groups,
+    head_dim,
+    HG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     BR: tl.constexpr = BLOCK_M // HG  # rows per block
@@ -91,7 +135,9 @@ def routed_softmax_kernel(
     lo = tl.where(is_local, tl.maximum(p_first - window + 1, 0), 0)
     lo = (lo // BLOCK_N) * BLOCK_N  # block-aligned: the sink blocks below never overlap the band
 
-    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q_ptrs = (
+        Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=head_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
     if IEEE:
         q = q.to(tl.float32)
@@ -102,11 +148,45 @@ def routed_softmax_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, tl.minimum(sinks, lo), BLOCK_N):  # sink blocks (local only)
-        acc, m_i, l_i = _softmax_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, qpos, win, sinks, tk, scale,
-                                           offs_n, d_ok, stride_kt, stride_vt, IEEE)
+        acc, m_i, l_i = _softmax_key_block(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            start,
+            qpos,
+            win,
+            sinks,
+            tk,
+            scale,
+            offs_n,
+            d_ok,
+            stride_kt,
+            stride_vt,
+            IEEE,
+        )
     for start in range(lo, p_last + 1, BLOCK_N):  # the band the block's rows see
-        acc, m_i, l_i = _softmax_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, qpos, win, sinks, tk, scale,
-                                           offs_n, d_ok, stride_kt, stride_vt, IEEE)
+        acc, m_i, l_i = _softmax_key_block(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            start,
+            qpos,
+            win,
+            sinks,
+            tk,
+            scale,
+            offs_n,
+            d_ok,
+            stride_kt,
+            stride_vt,
+            IEEE,
+        )
     o = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + task[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, o, mask=head_ok[:, None] & d_ok[None, :])
