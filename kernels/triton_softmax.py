@@ -75,7 +75,7 @@ def routed_softmax_kernel(
     Q,
     K,
     V,
-    O,
+    Out,
     ROWS,
     stride_qb,
     stride_qh,
@@ -188,5 +188,5 @@ def routed_softmax_kernel(
             IEEE,
         )
     o = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + task[:, None] * stride_ot + offs_d[None, :]
+    o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + task[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, o, mask=head_ok[:, None] & d_ok[None, :])
