@@ -15,6 +15,7 @@ REPO_ROOT = PACKAGE_DIR.parent  # the checkout, when running from one
 # a checkout (or a Space, where the project is not installed) reads them in place.
 ASSETS_DIR = PACKAGE_DIR / "assets" if (PACKAGE_DIR / "assets").is_dir() else REPO_ROOT / "assets"
 CONTROLLERS_DIR = ASSETS_DIR / "controllers"
+FEATURE_MAPS_DIR = ASSETS_DIR / "feature_maps"
 KERNELS_DIR = REPO_ROOT / "kernels"
 KERNELS_PACKAGE = "metaattn_kernels"
 

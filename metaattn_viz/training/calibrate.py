@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from metaattn_viz.routing.controller import (
 from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, weights_fingerprint
 from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
 from metaattn_viz.training import data as data_mod
+from metaattn_viz.training.provenance import git_commit
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -108,22 +108,6 @@ def elbo_terms(
         kl = torch.zeros((), device=betas.device)
         loss = task + cfg.cost_weight * cost
     return {"loss": loss, "task": task, "kl": kl, "cost": cost}
-
-
-def _git_commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=10,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def evaluate_terms(routed, stack, val_ids, dense_val, cfg) -> dict:
@@ -261,7 +245,7 @@ def calibrate(
         "last_train_terms": history[-1] if history else None,
         "loss_curve_every_10": history[::10],
         "train_seconds_this_run": round(time.perf_counter() - t0, 1),
-        "project_commit": _git_commit(),
+        "project_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "feature_maps.safetensors"
 META_FILE = "meta.json"
 CHECKPOINT = "checkpoint.pt"
-FEATURE_MAPS_DIR = paths.ASSETS_DIR / "feature_maps"
+FEATURE_MAPS_DIR = paths.FEATURE_MAPS_DIR
 CAPTURE_NAME = "metaattn_capture"  # transformers attention function that records q, k
 LINEAR_NAME = "metaattn_all_linear"  # transformers attention function: every token linear
 
@@ -366,7 +366,7 @@ def train(
                 row["val_loss_learned"],
                 row["seconds"],
             )
-    from metaattn_viz.training.calibrate import _git_commit
+    from metaattn_viz.training.provenance import git_commit
 
     cfg_model = model.config
     meta = {
@@ -386,7 +386,7 @@ def train(
         "mean_val_loss_learned": round(sum(r["val_loss_learned"] for r in done) / n_layers, 5),
         "mean_val_teacher_entropy": round(sum(r["val_teacher_entropy"] for r in done) / n_layers, 5),
         "train_seconds_this_run": round(time.perf_counter() - t0, 1),
-        "project_commit": _git_commit(),
+        "project_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(),
     }
