@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 5 in one command, for a CUDA machine whose python3 already has
-# torch and triton (no internet, no venv: e.g. the lent H200 of this workplace).
-#   1. every Triton kernel against the PyTorch reference on CUDA (tests/test_kernels_triton.py
-#      runs on CUDA when present; tests/test_kernels.py adds the dispatch and bad-input tests);
-#   2. the attention rows of `metaattn-viz bench` at T = 4096 and 16384 in bfloat16: routed
-#      Triton against SDPA (flash), FlexAttention, and FlexAttention with the routes' block
-#      mask, each with the max abs error against the reference on the last 512 query rows.
-# Writes tests.log, bench.json and gpu.txt under $OUT (default ./device-out); record the
-# figures in docs/benchmarks.md, "Attention kernels", "GPU", with the date and the device.
+# The GPU acceptance of issue 12 in one command (< 8 minutes), for a bare CUDA machine whose
+# python3 has torch (>= 2.11), triton, transformers, numpy, scipy, pandas, pyarrow and
+# safetensors: no gradio, duckdb or plotly, no network, no model file, no venv.
+#   1. the Triton kernels against the PyTorch reference on CUDA (tests/test_kernels_triton.py,
+#      tests/test_kernels.py);
+#   2. python -m metaattn_viz.bench.gpu_check: the routed model on CUDA against the CPU
+#      (prefill + 8 decode steps, hedged and not, budget 1.0 equal to dense, decode decisions
+#      without host synchronisation, bfloat16 streaming), the bench rows (attention at
+#      T = 16384 in bfloat16; SmolLM2-135M's architecture from assets/models/smollm2-135m/
+#      config.json with random weights: routing overhead, a 16384-token prefill, decoding
+#      after 256 and 32768 tokens), and one generation through the app's engine.
+# Writes gpu.txt, tests.log, gpu_check.json and gpu_check.log under $OUT (default
+# ./device-out); record the figures in docs/benchmarks.md, "GPU", with the date and device.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device-out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 PY="${PYTHON:-python3}"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+  "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check here')" || exit 2
 
 status=0
-"$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels.py 2>&1 \
-  | tee "$OUT/tests.log" || status=1
-"$PY" -m metaattn_viz.bench.attention --no-model --seq-lens 4096,16384 --repeats 10 --json \
-  > "$OUT/bench.json" 2> "$OUT/bench.err" || status=1
-cat "$OUT/bench.json"
-tail -5 "$OUT/bench.err"
+if "$PY" -c "import pytest" 2>/dev/null; then
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_kernels.py 2>&1 \
+    | tail -40 | tee "$OUT/tests.log" || status=1
+else
+  echo "pytest is not installed: kernel tests skipped (gpu_check still compares the model)" | tee "$OUT/tests.log"
+fi
+timeout 300 "$PY" -m metaattn_viz.bench.gpu_check --out "$OUT" ${GPU_CHECK_ARGS:-} 2>&1 \
+  | tee "$OUT/gpu_check.log" || status=1
 exit $status

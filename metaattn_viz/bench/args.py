@@ -15,4 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--long-context", type=int, default=8192, help="context of the long decode row (default 8192)"
     )
+    p.add_argument(
+        "--prefill-len", type=int, default=4096, help="tokens of the whole-model prefill row (default 4096)"
+    )
+    p.add_argument(
+        "--model-config",
+        default=None,
+        help="build the model from this config.json with random weights (speed does not depend "
+        "on them; e.g. assets/models/smollm2-135m/config.json) instead of loading the bundled one",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    from metaattn_viz.cli import add_runtime_args  # one definition of --device/--dtype/--backend
+
+    add_runtime_args(p)

@@ -20,7 +20,10 @@ full 1.0, linear 0.15, local 0.30), not the --budget argument.
 
 Whole-model rows (`kind` "model": routing overhead, a 4096-token prefill, decoding after
 256 and 8192 tokens of context, the real SmolLM2 against itself unrouted) come from
-bench/model.py; `--no-model` leaves them out.
+bench/model.py; `--no-model` leaves them out. `--device`/`--dtype`/`--backend` choose
+where everything runs (routing/device.py; default: CUDA bfloat16 Triton where there is a
+GPU), `--prefill-len`/`--long-context` the model rows' lengths, `--model-config` a
+random-weights build of an architecture (no model file needed).
 Never: report a number that was not measured in this run.
 """
 
@@ -134,13 +137,23 @@ def _flex_dense_and_masked(q, k, v, w):
 
 
 def attention_rows(
-    seq_lens=(1024, 4096), repeats: int = 5, device: str | None = None, mixes=tuple(MIXES)
+    seq_lens=(1024, 4096),
+    repeats: int = 5,
+    device: str | None = None,
+    mixes=tuple(MIXES),
+    dtype: str | None = None,
+    backend: str | None = None,
 ) -> list[dict]:
-    """Attention-level rows: routed kernels vs dense attention, per sequence length and mix."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    backend = "triton" if cuda else "cpu"
+    """Attention-level rows: routed kernels vs dense attention, per sequence length and mix,
+    on the placement device/dtype resolve to (routing/device.py: auto is CUDA bfloat16 with
+    the Triton kernels where there is a GPU, else CPU float32 with the cpu kernels)."""
+    from metaattn_viz.routing import device as device_mod
+
+    placement = device_mod.resolve(device, dtype)
+    device = placement.device
+    cuda = placement.is_cuda
+    dtype = placement.torch_dtype
+    backend = device_mod.resolve_backend(device_mod.parse_backend(backend), placement)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     where = torch.cuda.get_device_name() if cuda else _cpu_name()
     rows = []
@@ -191,16 +204,29 @@ def run_bench(
     repeats: int = 5,
     model: bool = True,
     long_context: int = 8192,
+    device: str | None = None,
+    dtype: str | None = None,
+    backend: str | None = None,
+    prefill_len: int = 4096,
+    model_config: str | None = None,
 ) -> list[dict]:
     """All benchmark rows; prints them (a JSON list with json=True, else one line per row).
     model=True adds the whole-model rows of bench/model.py (routing overhead, prefill, decode)."""
-    rows = attention_rows(seq_lens, repeats=repeats)
+    rows = attention_rows(seq_lens, repeats=repeats, device=device, dtype=dtype, backend=backend)
     if model:
         from metaattn_viz.bench.model import model_rows
 
         rows += [
             dict(kind="model", mix=f"budget {r['budget']}", baseline="dense model", **r)
-            for r in model_rows(budget=budget, long_context=long_context)
+            for r in model_rows(
+                budget=budget,
+                long_context=long_context,
+                prefill_len=prefill_len,
+                device=device,
+                dtype=dtype,
+                backend=backend,
+                model_config=model_config,
+            )
         ]
     if json:
         print(json_mod.dumps(rows, indent=1))
@@ -225,7 +251,19 @@ def run_from_args(a) -> int:
         raise ValueError(f"--seq-lens must be comma-separated whole numbers, got {a.seq_lens!r}") from None
     if not seq_lens or min(seq_lens) < 1:
         raise ValueError(f"--seq-lens must be whole numbers >= 1, got {a.seq_lens!r}")
-    run_bench(seq_lens, a.budget, a.json, a.repeats, model=not a.no_model, long_context=a.long_context)
+    run_bench(
+        seq_lens,
+        a.budget,
+        a.json,
+        a.repeats,
+        model=not a.no_model,
+        long_context=a.long_context,
+        device=a.device,
+        dtype=a.dtype,
+        backend=a.backend,
+        prefill_len=a.prefill_len,
+        model_config=a.model_config,
+    )
     return 0
 
 

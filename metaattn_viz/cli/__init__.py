@@ -68,13 +68,48 @@ class UserError(Exception):
     """A problem the user can fix (bad setting, missing file, missing model)."""
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
     p.add_argument(
         "--model",
         default=None,
         help="local HF folder, .gguf file or hub id (default: bundled SmolLM2-135M-"
         "Instruct; env METAATTN_MODEL)",
     )
+    if runtime:
+        add_runtime_args(p)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --backend (routing/device.py: their one definition; checked in
+    the handler, before any model loads)."""
+    p.add_argument(
+        "--device",
+        default=None,
+        help="auto|cpu|cuda|cuda:N (default auto: CUDA when there is a GPU; env METAATTN_DEVICE)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="auto|float32|bfloat16|float16 (default auto: bfloat16 on CUDA, float32 on the CPU; "
+        "env METAATTN_DTYPE)",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="attention kernels: auto|cpu|triton|reference (default auto: Triton on CUDA; "
+        "triton on a CPU needs TRITON_INTERPRET=1; env METAATTN_BACKEND)",
+    )
+
+
+def runtime_from_args(args) -> tuple[str | None, str | None, str | None]:
+    """(device, dtype, backend) as asked, checked against this machine (exit 2 if CUDA is
+    asked for without one, or Triton where it cannot run)."""
+    from metaattn_viz.routing import device as device_mod
+
+    device_mod.resolve_backend(
+        device_mod.parse_backend(args.backend), device_mod.resolve(args.device, args.dtype)
+    )
+    return args.device, args.dtype, args.backend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="output folder (default assets/controllers/<model>/<controller>)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    _add_model_args(p)
+    _add_model_args(p, runtime=False)
     p.set_defaults(handler=_cmd_calibrate)
 
     p = sub.add_parser("eval", help="compare routing policies on held-out text (JSON rows)")
@@ -227,6 +262,17 @@ def settings_from_args(args) -> RoutingSettings:
 
 
 def _cmd_serve(args) -> int:
+    from metaattn_viz.routing import device as device_mod
+
+    runtime_from_args(args)  # refuse a bad device before the server starts
+    # the app loads its model with RoutedModel.load(), which reads these
+    for env, value in (
+        (device_mod.ENV_DEVICE, args.device),
+        (device_mod.ENV_DTYPE, args.dtype),
+        (device_mod.ENV_BACKEND, args.backend),
+    ):
+        if value is not None:
+            os.environ[env] = value
     from metaattn_viz.app.server import serve
 
     serve(host=args.host, port=args.port, model=args.model, db=args.db, log_runs=not args.no_log)
@@ -256,7 +302,8 @@ def _cmd_route(args) -> int:
     sampling = Sampling(temperature=args.temperature, seed=args.seed)
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give some text to route")
-    routed = RoutedModel.load(args.model)
+    device, dtype, backend = runtime_from_args(args)
+    routed = RoutedModel.load(args.model, device=device, dtype=dtype, backend=backend)
     trace = routed.route(
         args.prompt,
         settings,
@@ -268,7 +315,8 @@ def _cmd_route(args) -> int:
     if not args.no_log:
         trace.run_id = _log_trace(trace, args.db)
     if args.json:
-        print(json.dumps(trace.to_json(), ensure_ascii=False))
+        # where it ran: device, dtype and the attention backend actually used
+        print(json.dumps({**trace.to_json(), "runtime": routed.runtime(settings)}, ensure_ascii=False))
     else:
         from metaattn_viz.cli.table import trace_table
 
@@ -293,7 +341,8 @@ def _cmd_calibrate(args) -> int:
         data_mod.load_split(args.data)  # fail on a bad file before loading the model
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
-    routed = RoutedModel.load(args.model)
+    # calibration stays on the CPU in float32 (the recorded controllers were trained there)
+    routed = RoutedModel.load(args.model, device="cpu", dtype="float32", backend="auto")
     try:
         meta = calibrate(routed, args.data, cfg, out_dir=args.out, resume=args.resume)
     except data_mod.DataError as exc:
@@ -342,7 +391,8 @@ def _cmd_eval(args) -> int:
         data_mod.load_split(args.data)
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
-    routed = RoutedModel.load(args.model)
+    device, dtype, backend = runtime_from_args(args)
+    routed = RoutedModel.load(args.model, device=device, dtype=dtype, backend=backend)
 
     def progress(row):
         print(

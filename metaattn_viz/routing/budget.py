@@ -38,13 +38,23 @@ class Decisions:
     cost: torch.Tensor  # [N] real notional cost (sum over the experts computed)
 
 
+_COSTS_ON: dict[torch.device, torch.Tensor] = {}
+
+
 def costs_tensor(device=None) -> torch.Tensor:
-    return torch.tensor(COSTS, dtype=torch.float32, device=device)
+    """The experts' costs [K] float32 on `device`; built once per device (a copy to a GPU per
+    decision would synchronise with it). Shared: never modify it in place."""
+    dev = torch.device(device if device is not None else "cpu")
+    c = _COSTS_ON.get(dev)
+    if c is None:
+        c = _COSTS_ON[dev] = torch.tensor(COSTS, dtype=torch.float32, device=dev)
+    return c
 
 
 def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSettings) -> Decisions:
     """Route N decisions. m: [N, K] posterior means; uncertainty: [N] (fraction of log K);
-    lam: scalar or [N] tensor."""
+    lam: scalar, 0-d or [N] tensor. Off the CPU nothing here waits for the device (no
+    data-dependent branch), so a decode step can decide without a host synchronisation."""
     c = costs_tensor(m.device)
     lam_t = torch.as_tensor(lam, dtype=torch.float32, device=m.device)
     if lam_t.dim() == 1:
@@ -55,7 +65,9 @@ def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSet
     hedged = torch.zeros_like(routes, dtype=torch.bool)
     if settings.hedge_policy != "off":
         hedged = (routes != FULL) & (uncertainty > settings.hedge_threshold)
-        if hedged.any():
+        # the CPU skips the soft weights when nothing is hedged; a GPU would have to wait
+        # for that answer, so there they are always computed (torch.where picks the same)
+        if m.device.type != "cpu" or hedged.any():
             if settings.hedge_policy == "full":
                 soft = torch.nn.functional.one_hot(torch.full_like(routes, FULL), K)
                 soft = soft.to(m.dtype)
@@ -174,12 +186,15 @@ def route_under_budget(
     return decide(m, uncertainty, lam, settings), lam
 
 
-def dual_ascent(lam: float, cost: float, settings: RoutingSettings) -> float:
-    """Decode-time update lambda <- lambda + eta (cost_t - B), so the running mean tracks B."""
+def dual_ascent(lam, cost, settings: RoutingSettings):
+    """Decode-time update lambda <- lambda + eta (cost_t - B), so the running mean tracks B.
+    Floats (the CPU decode path) or tensors on the device (no host synchronisation)."""
     if settings.lam is not None or settings.budget is None:
         return lam
     ext = extreme_route(settings.budget)
     if ext is not None:
-        return ext[1]
+        return torch.full_like(lam, ext[1]) if isinstance(lam, torch.Tensor) else ext[1]
     lam = lam + settings.dual_step * (cost - settings.budget)
+    if isinstance(lam, torch.Tensor):
+        return lam.clamp(-LAM_MAX, LAM_MAX)
     return float(min(max(lam, -LAM_MAX), LAM_MAX))

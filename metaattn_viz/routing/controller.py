@@ -130,7 +130,7 @@ class ControllerStack(nn.Module):
         cost more than the arithmetic. Same maths (exact GELU via erf); the copies are
         pre-scaled so that GELU takes three numpy calls: with p = fc1(u) / sqrt(2),
         fc2(gelu(fc1(u))) = (fc2.weight / sqrt(2)) @ (p * (1 + erf(p))) + fc2.bias."""
-        if h.is_cuda or torch.is_grad_enabled():
+        if h.device.type != "cpu" or h.dtype != torch.float32 or torch.is_grad_enabled():
             return (
                 self.concentration(layer, h, x, torch.tensor([position], device=x.device))
                 .reshape(-1)

@@ -54,7 +54,8 @@ def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> in
     """The next token from logits [V]."""
     if sampling.temperature == 0.0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, -1)
+    # on the CPU: the seeded generator is a CPU one, and the draws match on every device
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, -1)
     if sampling.top_p < 1.0:
         sorted_p, idx = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p
@@ -142,7 +143,8 @@ def stream(
             if nxt in eos:
                 break
             new_ids.append(nxt)
-            out = routed.model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
+            step_ids = torch.tensor([[nxt]], device=routed.device)
+            out = routed.model(input_ids=step_ids, past_key_values=cache, use_cache=True)
             logits = out.logits[0, -1]
             records = sess.pop_records()
             assert records is not None  # the step routed every layer

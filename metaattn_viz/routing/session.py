@@ -11,9 +11,12 @@ its KV cache). Sessions are thread-local, so several requests can share one mode
 A session carries the settings, the controllers, the routing policy (routing/policies.py:
 which mode decides the weights), the linear experts' recurrent state per layer, and the
 records of every decision. Phases are told apart by shapes: a forward whose keys are as
-many as its queries is a prefill; one with a cache is a decode step, and a one-token decode
-step of a policy with ``fast_decode`` takes the plain-Python path (numpy controller,
-``decide_one``, ``decode_step``) because a dozen tiny tensor ops would dominate it.
+many as its queries is a prefill; one with a cache is a decode step. A one-token decode
+step of a policy with ``fast_decode`` is decided apart from the batched path: on CPU
+float32 in plain Python (numpy controller, ``decide_one``, ``decode_step``) because a dozen
+tiny tensor ops would dominate it; on any other device or dtype (a GPU, a bfloat16 model)
+on the device (``decide_step``: controller, decision and dual ascent as tensors, nothing
+read back per layer; the records are read once per token by ``pop_records``).
 
 Padded batches are not supported: every row of a batch must be a full, unpadded sequence.
 Never: decide routes (the policies do) or compute the experts (the kernels do).
@@ -34,6 +37,7 @@ from metaattn_kernels.decode import decode_step, linear_state_upto
 from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing.controller import ControllerStack
+from metaattn_viz.routing.device import host_decode
 from metaattn_viz.routing.policies import (
     Baseline,
     BaselinePolicy,
@@ -43,7 +47,7 @@ from metaattn_viz.routing.policies import (
     TrainPolicy,
     TrainRouting,
 )
-from metaattn_viz.routing.records import collect, one_record
+from metaattn_viz.routing.records import as_dict, collect
 
 ATTN_NAME = "metaattn"
 MODES = ("route", "dense", "train")
@@ -201,7 +205,7 @@ class Session:
     @property
     def lam(self) -> list[float | None]:
         """The lambda per layer the routing stands at (None where none was solved)."""
-        return self.routing.lam
+        return self.routing.current_lam()
 
     def capture(self, which: str, layer: int, hidden: torch.Tensor) -> None:
         (self.x if which == "x" else self.h)[layer] = hidden
@@ -221,10 +225,15 @@ class Session:
             )
         routing = self.routing
         one = B == 1 and Tq == 1 and offset > 0 and routing.fast_decode
+        host = one and host_decode(q.device, q.dtype)
         rec: Any
-        if one:  # a decode step: the decision in plain Python
+        if host:  # a decode step on CPU float32: the decision in plain Python
             beta_one = self.controller.concentration_one(layer, h, x, offset)  # K floats
             weights_one, rec = routing.decide_one(layer, beta_one)
+        elif one:  # a decode step elsewhere: the decision stays on the device
+            positions = torch.arange(offset, Tk, device=q.device)
+            beta = self.controller.concentration(layer, h, x, positions)  # [1, 1, K]
+            weights, rec = routing.decide_step(layer, beta)
         else:
             positions = torch.arange(offset, Tk, device=q.device)
             beta = self.controller.concentration(layer, h, x, positions)  # [B, Tq, K]
@@ -234,12 +243,12 @@ class Session:
         if self._sdpa:
             y = _sdpa(q, k, v, scaling)
             self.lin_state[layer] = None
-        elif one and not self.capture_qk and kernels.resolve_backend(s.backend, q) == "cpu":
+        elif host and not self.capture_qk and kernels.resolve_backend(s.backend, q) == "cpu":
             y, self.lin_state[layer] = decode_step(
                 q, k, v, weights_one, window=s.window, n_sink=s.n_sink, scale=scaling, state=state
             )
         else:
-            if one:
+            if host:
                 weights = torch.tensor(weights_one, dtype=q.dtype, device=q.device).view(1, 1, K)
             if state is not None and state[2] != offset:  # stale (decode steps that skipped it)
                 state = linear_state_upto(state, k, v, offset) if state[2] < offset else None
@@ -258,8 +267,7 @@ class Session:
         if self.capture_qk:
             self.qk[layer] = (q.detach(), k.detach(), scaling)
         if self.diagnose and rec is not None:
-            if type(rec) is tuple:
-                rec = one_record(*rec)
+            rec = as_dict(rec)
             full = _sdpa(q, k, v, scaling)
             err = (y - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)  # [B, Hq, Tq]
             rec["rel_error"] = err.mean(1).float().cpu()  # [B, Tq]

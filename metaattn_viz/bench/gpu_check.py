@@ -1,0 +1,268 @@
+"""The GPU acceptance in one command (`python -m metaattn_viz.bench.gpu_check`, run by
+scripts/device_check.sh): correctness of the routed model on CUDA against the CPU, then the
+benchmark rows, then one generation through the app's engine, written as JSON to an output
+folder.
+
+It runs on a bare CUDA machine: torch, triton, transformers, numpy, scipy, pandas, pyarrow,
+safetensors; no gradio, duckdb or plotly (tests/test_device.py checks the imports), no
+network, no model file (SmolLM2-135M's architecture is built from the config the repository
+ships, assets/models/smollm2-135m/config.json, with random weights: speed does not depend
+on their values).
+
+1. checks: a tiny Llama-style model, routed on CUDA in float32 with the Triton kernels (and
+   the device-side decode decisions) against the same model on the CPU (float32, the numpy
+   decode path): prefill logits, 8 greedy decode steps, routes, hedging off and soft, and
+   budget 1.0 equal to the dense model; the decode decision runs with
+   torch.cuda.set_sync_debug_mode("error") (no host synchronisation); the same model in
+   bfloat16 streams 16 tokens.
+2. bench: the attention rows (T = 16384, bfloat16, Triton against SDPA/flash and
+   FlexAttention) and the whole-model rows (SmolLM2 architecture, random weights, budget 0.3:
+   routing overhead, a 16384-token prefill, decoding after 256 and 32768 tokens).
+3. engine: one 64-token greedy generation through app.engine.Engine (no web layer), its
+   tokens/s.
+
+Never: download anything, or write outside the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from metaattn_viz.core.settings import RoutingSettings
+
+PROMPT = "The routed model runs on the GPU with the Triton kernels, token after token, "
+TOL_LOGITS = 1e-4  # float32, Triton (IEEE dots) against the CPU
+
+
+def _tiny(seed: int = 0):
+    """A tiny Llama-style routed model (grouped-query attention, RoPE), untrained controllers
+    whose posteriors vary (so every expert is used)."""
+    import transformers
+
+    from metaattn_viz.routing import loading
+    from metaattn_viz.routing.controller import KINDS, ControllerStack, config_for_model
+    from metaattn_viz.routing.model import RoutedModel
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed) for k in KINDS}
+    with torch.no_grad():
+        for stack in ctrl.values():
+            for layer in stack.layers:
+                layer.fc2.weight.mul_(30.0)
+    return RoutedModel(model, loading.ByteTokenizer(), ctrl, "tiny-llama")
+
+
+def _prefill_and_decode(r, ids: torch.Tensor, s: RoutingSettings, steps: int):
+    """Prefill `ids`, then `steps` greedy decode steps: (logits [steps + 1] on the CPU, the
+    decode records, the tokens)."""
+    res = r.prefill(ids, s, cache_capacity=ids.shape[1] + steps)
+    logits, tokens = [res.logits[0, -1].float().cpu()], []
+    with torch.no_grad(), r.session(s, lam=res.lam) as sess:
+        sess.lin_state = list(res.session.lin_state)
+        for _ in range(steps):
+            nxt = int(logits[-1].argmax())
+            tokens.append(nxt)
+            out = r.model(input_ids=torch.tensor([[nxt]], device=r.device), past_key_values=res.cache)
+            logits.append(out.logits[0, -1].float().cpu())
+        rec = sess.pop_records()
+    return torch.stack(logits), res.records, rec, tokens, res.logits[0].float().cpu()
+
+
+def check_correctness(device: str) -> dict:
+    """Section 1 of the module docstring."""
+    out: dict = {"cases": []}
+    cpu, gpu = _tiny(), _tiny().place(device, "float32", "triton")
+    ids = torch.tensor([list(PROMPT.encode())])
+    for budget in (0.5, 1.0):
+        for hedge in ("off", "soft"):
+            s = RoutingSettings(budget=budget, hedge_policy=hedge, hedge_threshold=0.5, window=8, n_sink=2)
+            a = _prefill_and_decode(cpu, ids, s, 8)
+            b = _prefill_and_decode(gpu, ids, s, 8)
+            case = {
+                "budget": budget,
+                "hedge": hedge,
+                "prefill_max_abs_err": float((a[4] - b[4]).abs().max()),
+                "decode_max_abs_err": float((a[0] - b[0]).abs().max()),
+                "same_prefill_routes": bool((a[1]["routes"] == b[1]["routes"]).all()),
+                "same_decode_routes": bool((a[2]["routes"] == b[2]["routes"]).all()),
+                "same_tokens": a[3] == b[3],
+                "hedged": int(a[1]["hedged"].sum() + a[2]["hedged"].sum()),
+            }
+            if budget == 1.0:
+                dense = cpu.dense_logits(ids)[0].float()
+                case["budget1_vs_dense"] = float((b[4] - dense).abs().max())
+            case["ok"] = (
+                case["prefill_max_abs_err"] <= TOL_LOGITS
+                and case["decode_max_abs_err"] <= TOL_LOGITS
+                and case["same_prefill_routes"]
+                and case["same_decode_routes"]
+                and case["same_tokens"]
+                and case.get("budget1_vs_dense", 0.0) <= TOL_LOGITS
+            )
+            out["cases"].append(case)
+    out["decision_sync_free"] = _decision_is_sync_free(gpu)
+    bf16 = _tiny().place(device, "bfloat16", "triton")
+    trace = bf16.route(PROMPT, RoutingSettings(budget=0.5, hedge_policy="soft"), max_new_tokens=16)
+    out["bfloat16_streamed_tokens"] = len(trace.token_ids) - trace.n_prompt_tokens
+    sync_ok = out["decision_sync_free"] is True or gpu.device.type != "cuda"
+    out["ok"] = all(c["ok"] for c in out["cases"]) and sync_ok and (out["bfloat16_streamed_tokens"] == 16)
+    return out
+
+
+def _decision_is_sync_free(r) -> bool | str:
+    """A decode decision (controller, decide_step, dual ascent, record) with CUDA's sync
+    debugging set to raise on any host synchronisation."""
+    from metaattn_viz.routing.policies import BudgetPolicy
+
+    if r.device.type != "cuda":
+        return "not on CUDA: not checked"
+    s = RoutingSettings(budget=0.5, hedge_policy="soft")
+    pol = BudgetPolicy(s, r.n_layers, [0.3] * r.n_layers)
+    stack = r.controller("bayes")
+    d = r.model.config.hidden_size
+    h = torch.randn(1, 1, d, device=r.device)
+    x = torch.randn(1, 1, d, device=r.device)
+    pos = torch.arange(40, 41, device=r.device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            for layer in range(r.n_layers):
+                pol.decide_step(layer, stack.concentration(layer, h, x, pos))
+    except RuntimeError as exc:
+        return f"synchronised: {exc}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return True
+
+
+def bench_rows(device: str, config: str, quick: bool) -> list[dict]:
+    """Section 2 of the module docstring."""
+    from metaattn_viz.bench.attention import attention_rows
+    from metaattn_viz.bench.model import model_rows
+
+    rows = attention_rows([4096] if quick else [16384], repeats=5, device=device, dtype="bfloat16")
+    long_context, prefill = (4096, 4096) if quick else (32768, 16384)
+    for r in model_rows(
+        budget=0.3,
+        long_context=long_context,
+        prefill_len=prefill,
+        device=device,
+        dtype="bfloat16",
+        backend="triton",
+        model_config=config,
+    ):
+        rows.append(dict(kind="model", **r))
+    return rows
+
+
+def engine_stream(device: str, config: str) -> dict:
+    """Section 3 of the module docstring."""
+    from metaattn_viz.app.engine import Engine
+    from metaattn_viz.app.requests import GenerateRequest
+    from metaattn_viz.bench.model import random_weights_model
+
+    routed = random_weights_model(config, device, "bfloat16", "triton")
+    engine = Engine(routed=routed, log_runs=False, threads=False)
+    try:
+        s = RoutingSettings(budget=0.3)
+        t0 = time.perf_counter()
+        trace = engine.generations.generate(
+            GenerateRequest(PROMPT, s, max_new_tokens=64, quality=False), timeout=300
+        )
+        wall = time.perf_counter() - t0
+    finally:
+        engine.close()
+    new = len(trace.token_ids) - trace.n_prompt_tokens
+    return {
+        "new_tokens": new,
+        "tokens_per_s": trace.timings.get("tokens_per_s"),
+        "wall_s": wall,
+        "realized_cost": trace.realized_cost,
+        "runtime": routed.runtime(s),
+        "ok": new == 64,
+    }
+
+
+def _environment() -> dict:
+    import transformers
+    import triton
+
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m metaattn_viz.bench.gpu_check", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", default=os.environ.get("OUT") or "device-out", help="output folder")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--config", default=None, help="model config.json (default: SmolLM2-135M's, shipped)")
+    p.add_argument("--quick", action="store_true", help="short bench rows (4096 tokens)")
+    p.add_argument("--only", default="checks,bench,engine", help="sections to run, comma-separated")
+    a = p.parse_args(argv)
+    from metaattn_viz.routing import loading
+
+    config = a.config or str(loading.SMOLLM2_CONFIG)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check here", file=sys.stderr)
+        return 2
+    report: dict = {"environment": _environment()}
+    sections = {
+        "checks": lambda: check_correctness(a.device),
+        "bench": lambda: bench_rows(a.device, config, a.quick),
+        "engine": lambda: engine_stream(a.device, config),
+    }
+    status = 0
+    for name in a.only.split(","):
+        t0 = time.perf_counter()
+        try:
+            report[name] = sections[name]()
+        except Exception as exc:  # one section failing must not hide the others' results
+            report[name] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
+        seconds = time.perf_counter() - t0
+        result = report[name]
+        if isinstance(result, dict) and not result.get("ok", True):
+            status = 1
+        print(f"{name}: {seconds:.1f} s", json.dumps(result, default=str)[:4000], flush=True)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

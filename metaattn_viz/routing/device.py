@@ -1,0 +1,161 @@
+"""Where the routed model runs: the device, the dtype and the attention backend, resolved
+once from what was asked (``--device``/``--dtype``/``--backend``, or the environment
+variables ``METAATTN_DEVICE``/``METAATTN_DTYPE``) and what this machine has
+(docs/method.md, "Decoding").
+
+- device: ``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``, ``cuda`` or
+  ``cuda:N``. CUDA asked for where there is none is refused (``DeviceUnavailable``, a
+  ``ValueError`` whose message names CUDA: the CLI exits 2 on it).
+- dtype: ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``, ``bfloat16`` or
+  ``float16``. Only CPU float32 takes the numpy decode fast path; every other combination
+  decodes through torch on the device (routing/session.py).
+- backend (``--backend``, ``METAATTN_BACKEND``): the routed model's default for settings
+  that leave it at "auto"; "auto" itself is ``triton`` on CUDA and ``cpu`` otherwise, and
+  ``triton`` on the CPU needs the Triton interpreter (``TRITON_INTERPRET=1``).
+
+Syntax checks need no torch (the CLI validates before loading anything); availability
+checks import it. Never: move a model or load one (model.py does), or choose routes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from metaattn_kernels.experts import BACKENDS
+
+ENV_DEVICE = "METAATTN_DEVICE"
+ENV_DTYPE = "METAATTN_DTYPE"
+ENV_BACKEND = "METAATTN_BACKEND"
+DEVICES_HELP = "auto|cpu|cuda|cuda:N"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class DeviceUnavailable(ValueError):
+    """The device asked for is not on this machine (or the backend cannot run on it)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved device and dtype, by name: ``device`` "cpu" or "cuda:N", ``dtype`` one of
+    DTYPES other than "auto"."""
+
+    device: str
+    dtype: str
+
+    @property
+    def torch_device(self) -> Any:
+        import torch
+
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def parse_device(spec: str | None) -> str:
+    """The device asked for (None: ``METAATTN_DEVICE``, else "auto"), checked for syntax only."""
+    raw = spec if spec is not None else os.environ.get(ENV_DEVICE) or "auto"
+    value = str(raw).strip().lower()
+    if not _DEVICE_RE.match(value):
+        raise ValueError(f"device must be one of {DEVICES_HELP}, got {raw!r}")
+    return value
+
+
+def parse_dtype(spec: str | None) -> str:
+    """The dtype asked for (None: ``METAATTN_DTYPE``, else "auto"), checked for syntax only."""
+    raw = spec if spec is not None else os.environ.get(ENV_DTYPE) or "auto"
+    value = str(raw).strip().lower()
+    if value not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {raw!r}")
+    return value
+
+
+def parse_backend(spec: str | None) -> str:
+    """The backend asked for (None: ``METAATTN_BACKEND``, else "auto"), checked for syntax only."""
+    raw = spec if spec is not None else os.environ.get(ENV_BACKEND) or "auto"
+    value = str(raw).strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {raw!r}")
+    return value
+
+
+def resolve(device: str | None = None, dtype: str | None = None) -> Placement:
+    """The placement for what was asked on this machine (module docstring)."""
+    import torch
+
+    from metaattn_viz.routing import zerogpu
+
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    lazy = zerogpu.active()  # ZeroGPU: the main process places on "cuda", a worker gets the GPU
+    has_cuda = lazy or torch.cuda.is_available()
+    if dev == "auto":
+        dev = "cuda" if has_cuda else "cpu"
+    if dev.startswith("cuda") and lazy:
+        dev = "cuda:0"
+    elif dev.startswith("cuda"):
+        if not has_cuda:
+            raise DeviceUnavailable(
+                f"device {dev!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device "
+                "on this machine (use --device cpu or auto)"
+            )
+        index = int(dev.split(":")[1]) if ":" in dev else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailable(
+                f"device {dev!r}: CUDA has only {torch.cuda.device_count()} device(s) here"
+            )
+        dev = f"cuda:{index}"
+    if dt == "auto":
+        dt = "bfloat16" if dev.startswith("cuda") else "float32"
+    return Placement(dev, dt)
+
+
+def placement_of(model) -> Placement:
+    """The placement a model's parameters already have."""
+    p = next(model.parameters())
+    device = str(p.device) if p.device.type != "cuda" else f"cuda:{p.device.index or 0}"
+    return Placement(device, str(p.dtype).removeprefix("torch."))
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs in its interpreter (CPU tensors, slow: for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, placement: Placement) -> str:
+    """The kernel backend "auto" stands for on this placement (others as given), refusing
+    Triton on a CPU without the interpreter. Agrees with kernels.dispatch.resolve_backend
+    for inference tensors on that device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if placement.is_cuda else "cpu"
+    if backend == "triton" and not placement.is_cuda and not triton_interpreted():
+        raise DeviceUnavailable(
+            "backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels "
+            "in Triton's interpreter on the CPU (slow)"
+        )
+    return backend
+
+
+def host_decode(device: Any, dtype: Any) -> bool:
+    """Whether a decode step of tensors on this torch.device and dtype takes the
+    plain-Python fast path (numpy controller, floats): CPU float32 only. Called per layer
+    and token: kept to two comparisons."""
+    return device.type == "cpu" and dtype is _float32()
+
+
+def _float32() -> Any:
+    import torch
+
+    return torch.float32
