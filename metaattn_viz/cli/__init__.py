@@ -316,9 +316,17 @@ def _cmd_route(args) -> int:
         trace.run_id = _log_trace(trace, args.db)
     if args.json:
         # where it ran: device, dtype and the attention backend actually used
-        print(json.dumps({**trace.to_json(), "runtime": routed.runtime(settings)}, ensure_ascii=False))
+        extra = {
+            "runtime": routed.runtime(settings),
+            "weights_notice": routed.weights_notice(trace.controller),
+        }
+        print(json.dumps({**trace.to_json(), **extra}, ensure_ascii=False))
     else:
         from metaattn_viz.cli.table import trace_table
+
+        notice = routed.weights_notice(trace.controller)
+        if notice:
+            print(f"note ({trace.controller} controllers): {notice}", file=sys.stderr)
 
         print(trace_table(trace))
     return 0

@@ -70,6 +70,9 @@ class LoadedModel:
     load_seconds: float
     loaded_from: str  # "cache", "gguf", "folder", "hub" or "config"
     tried: list[str] = field(default_factory=list)
+    # which copy of the weights this is (routing/fingerprint.py); compared with the one
+    # each controller was calibrated on
+    weights_fingerprint: str | None = None
 
     @property
     def name(self) -> str:
@@ -168,7 +171,9 @@ def load(spec: str | None = None, cache_dir: Path | None = None) -> LoadedModel:
             tried.append(f"{source.kind} {source.location}: failed ({type(exc).__name__}: {exc})")
             continue
         model.eval()
-        loaded = LoadedModel(model, tok, source, time.perf_counter() - t0, origin, tried)
+        cache = (cache_dir or paths.cache_dir()) / source.slug if source.kind == "gguf" else None
+        fingerprint = _weights_fingerprint(model, cache)
+        loaded = LoadedModel(model, tok, source, time.perf_counter() - t0, origin, tried, fingerprint)
         log.info(
             "model %s loaded from %s (%s) in %.1f s",
             source.name,
@@ -316,6 +321,33 @@ def _load_gguf_cached(source: ModelSource, cache_root: Path):
     except OSError as exc:  # a read-only cache is not fatal: we just convert every time
         log.warning("could not write the model cache %s: %s", folder, exc)
     return model, tok, "gguf"
+
+
+def _weights_fingerprint(model, cache: Path | None) -> str:
+    """The fingerprint of the loaded weights; a converted GGUF keeps it in its cache
+    manifest, so only the first start pays for hashing (about 1-2 s for 135M weights)."""
+    from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, weights_fingerprint
+
+    manifest = cache / "manifest.json" if cache is not None else None
+    meta: dict = {}
+    if manifest is not None:
+        try:
+            meta = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        known = meta.get("weights_fingerprint")
+        if isinstance(known, dict) and known.get("kind") == FINGERPRINT_KIND:
+            return str(known["value"])
+    value = weights_fingerprint(model)
+    if manifest is not None and meta:
+        meta["weights_fingerprint"] = {"kind": FINGERPRINT_KIND, "value": value}
+        tmp = manifest.with_name(f".manifest.json.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, manifest)
+        except OSError as exc:  # a read-only cache: hash again next time
+            log.warning("could not record the weights fingerprint in %s: %s", manifest, exc)
+    return value
 
 
 def _write_cache(model, tok, folder: Path, fingerprint: dict) -> None:

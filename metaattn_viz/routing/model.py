@@ -33,6 +33,7 @@ from metaattn_viz.routing import device as device_mod
 from metaattn_viz.routing import generation
 from metaattn_viz.routing import prefill as prefill_mod
 from metaattn_viz.routing.controller import KINDS, ControllerStack, load_for_model
+from metaattn_viz.routing.fingerprint import fingerprint_notice
 from metaattn_viz.routing.generation import Sampling
 from metaattn_viz.routing.policies import Baseline, TrainRouting
 from metaattn_viz.routing.prefill import GLOBAL_COST_TOLERANCE, PILOT_TOKENS, PrefillResult
@@ -61,12 +62,15 @@ class RoutedModel:
         controllers: dict[str, ControllerStack],
         name: str = "model",
         controller_sources: dict | None = None,
+        weights_fingerprint: str | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.controllers = controllers
         self.controller_sources = controller_sources or {}
+        # the loaded weights' fingerprint (None: a model handed over, not loaded here)
+        self.weights_fingerprint = weights_fingerprint
         cfg = model.config
         self.n_layers: int = cfg.num_hidden_layers
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -139,7 +143,17 @@ class RoutedModel:
             folder = (controllers_dir or {}).get(kind)
             choice = load_for_model(loaded.model.config, loaded.slug, kind, folder)
             controllers[kind], sources[kind] = choice.stack, choice.source
-        return cls(loaded.model, loaded.tokenizer, controllers, loaded.name, sources)
+        fingerprint = getattr(loaded, "weights_fingerprint", None)
+        return cls(loaded.model, loaded.tokenizer, controllers, loaded.name, sources, fingerprint)
+
+    def weights_notice(self, kind: str) -> str | None:
+        """What to tell the user when the `kind` controllers were calibrated on another copy of
+        these weights (meta.json's fingerprint against the loaded one), else None. Untrained
+        controllers are labelled as such elsewhere; a model not loaded here has no fingerprint."""
+        stack = self.controller(kind)
+        if not stack.trained or self.weights_fingerprint is None:
+            return None
+        return fingerprint_notice((stack.meta or {}).get("weights_fingerprint"), self.weights_fingerprint)
 
     def controller(self, kind: str) -> ControllerStack:
         if kind not in self.controllers:
