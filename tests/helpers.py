@@ -147,11 +147,24 @@ def base_env(tmp: Path) -> dict:
     return env
 
 
+# `serve(public=True)` (what `serve --public` calls) as a command line: a public server on
+# 127.0.0.1, without SPACE_ID (which would also bind 0.0.0.0 and mark storage ephemeral).
+PUBLIC_SERVE = (
+    "import logging, sys; logging.basicConfig(level=logging.INFO); "
+    "from metaattn_viz.app.server import serve; "
+    "serve(port=int(sys.argv[1]), db=sys.argv[2], public=True)"
+)
+
+
 class AppServer:
     """`python -m metaattn_viz serve --port N --db DB` in a subprocess, ready when /status
-    says the model is loaded. Its log goes to a file, printed if it fails to start."""
+    says the model is loaded. Its log goes to a file, printed if it fails to start.
+    `public=True` serves it as a public deployment (visitors apart, queue limits); `env`
+    adds environment variables (e.g. METAATTN_SHARED_LOG=1)."""
 
-    def __init__(self, tmp: Path, timeout: float = 240.0):
+    def __init__(self, tmp: Path, timeout: float = 240.0, public: bool = False, env: dict | None = None):
+        self.public = public
+        self.extra_env = dict(env or {})
         self.tmp = Path(tmp)
         self.db = self.tmp / "routing.duckdb"
         self.port = free_port()
@@ -162,10 +175,15 @@ class AppServer:
 
     def __enter__(self) -> AppServer:
         self._log = open(self.log_path, "wb")
+        if self.public:
+            cmd = [sys.executable, "-c", PUBLIC_SERVE, str(self.port), str(self.db)]
+        else:
+            cmd = [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(self.port)]
+            cmd += ["--db", str(self.db)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(self.port), "--db", str(self.db)],
+            cmd,
             cwd=ROOT,
-            env=base_env(self.tmp),
+            env={**base_env(self.tmp), **self.extra_env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

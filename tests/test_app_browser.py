@@ -3,8 +3,10 @@ on 127.0.0.1, with every request to any other host aborted (the page must work o
 
 Type a prompt, generate, see both maps fill in while tokens stream; drag the budget slider
 and see the map and the cost meter change; click a token and see the ternary plot and the
-bertviz views render inside their iframes; open History and replay the run; bad input
-gives a plain message. Screenshots go to the test's tmp folder; with
+bertviz views render inside their iframes (whichever tab shows, in any order: issue 16);
+open History and replay the run; the SQL console's table is labelled before the first
+query; Stop logs the run as "stopped"; bad input gives a plain message. Screenshots go to
+the test's tmp folder; with
 METAATTN_UPDATE_SCREENSHOT=1 the live page is also copied to assets/screenshot.png
 (the README's picture)."""
 
@@ -12,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 from helpers import ROOT, AppServer
+
+from metaattn_viz.app.tab_history import DEFAULT_SQL_COLUMNS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -302,6 +307,12 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     assert page.evaluate(PLOT_LEN, "#compare-b") == final
     page.screenshot(path=str(shots / "08-compare.png"), full_page=True)
     page.get_by_text("Read-only SQL console").click()
+    # before any query the table is labelled with the default query's columns (issue 16:
+    # Gradio's placeholder columns "1 2 3" were shown)
+    headers = page.locator("#sql-result [role=columnheader]")
+    headers.first.wait_for(timeout=30_000)
+    assert [h.inner_text().strip() for h in headers.all()] == DEFAULT_SQL_COLUMNS
+    assert page.locator("#sql-result [role=gridcell]").count() == 0
     page.click("#sql-run")
     page.get_by_text("30 rows in").first.wait_for(timeout=30_000)
     page.get_by_text("Download the routing log").click()
@@ -343,7 +354,8 @@ def test_bad_input_in_the_page(page, server, tmp_path):
     _wait_status(page, "Done", 120_000)
     assert page.evaluate(MAP_LEN, 0) > 5
 
-    # Stop ends a long generation early; the run is kept as interrupted
+    # Stop ends a long generation early; the run is logged as "stopped" (issue 16), which
+    # History and /sql both show
     _dismiss_toasts(page)
     _set_number(page, "max-new", 256)
     page.locator("#chat input[type=checkbox]").uncheck()  # a continuation, not a short answer
@@ -353,4 +365,88 @@ def test_bad_input_in_the_page(page, server, tmp_path):
     page.click("#stop")
     _wait_status(page, "Stopped", 60_000)
     assert 0 < page.evaluate(MAP_LEN, 0) < 200
+    run_id = re.search(r"run ([0-9a-f-]{36})", _status(page)).group(1)
+    page.get_by_role("tab", name="History").click()
+    page.click("#history-refresh")
+    row = page.locator("#runs [role=row]", has_text=run_id)
+    row.first.wait_for(timeout=60_000)
+    assert "\nstopped\n" in row.first.inner_text()
+    client = server.client()
+    deadline = time.time() + 30
+    while True:  # the log's writer commits the run's end in the background
+        rows = client.predict(query=f"SELECT status FROM runs WHERE run_id = '{run_id}'", api_name="/sql")
+        if rows["rows"] == [["stopped"]] or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert rows["rows"] == [["stopped"]], rows
     assert server.alive()
+
+
+# -- bertviz views: drawn whichever tab shows when the content arrives (issue 16) -----------
+# Inside a view's frame: its SVG, how many elements it holds and its size.
+VIEW_SVG = """() => {
+  const s = document.querySelector('svg');
+  if (!s) return null;
+  const b = s.getBoundingClientRect();
+  return {n: s.querySelectorAll('*').length, w: b.width, h: b.height};
+}"""
+
+
+def _drawn(page, elem_id: str, min_elements: int, not_height=None, timeout: float = 60.0) -> dict:
+    """Wait until the frame in #elem_id holds a drawn view: an SVG of at least
+    `min_elements` elements with a non-zero size (and, for a new token's view, a height
+    other than `not_height`). Returns {n, w, h}."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        handle = page.query_selector(f"#{elem_id} iframe")
+        frame = handle.content_frame() if handle is not None else None
+        try:
+            last = frame.evaluate(VIEW_SVG) if frame is not None else None
+        except Exception:  # the frame is being replaced by the new view
+            last = None
+        if last and last["n"] >= min_elements and last["w"] > 0 and last["h"] > 0 and last["h"] != not_height:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"#{elem_id} not drawn after {timeout} s: {last}")
+
+
+def _show(page, view: str) -> None:
+    page.get_by_role("tab", name=f"bertviz {view} view").click()
+
+
+# 30 layers x 9 heads: the model view draws a thumbnail (and its lines) per head; the
+# head view two columns of token labels and a line per token pair.
+MODEL_MIN, HEAD_MIN = 2 * 30 * 9, 20
+
+
+def test_bertviz_views_draw_whichever_tab_shows_in_every_order(page, tmp_path):
+    page.fill("#prompt textarea", "The capital of France is Paris. The capital of Italy is")
+    page.locator("#chat input[type=checkbox]").uncheck()
+    _set_number(page, "max-new", 4)
+    page.click("#generate")
+    _wait_status(page, "Done", 180_000)
+    page.locator("#inspector").scroll_into_view_if_needed()
+
+    # 1. the model view tab opened right after clicking Inspect (the last token)
+    page.click("#inspect")
+    _show(page, "model")
+    model = _drawn(page, "model-view", MODEL_MIN)
+    _show(page, "head")
+    head = _drawn(page, "head-view", HEAD_MIN)
+    page.screenshot(path=str(tmp_path / "bertviz-1.png"))
+
+    # 2. a new token from the head view tab; the model view opened once the head view is drawn
+    page.locator("#strip span.token").nth(4).click()
+    head = _drawn(page, "head-view", HEAD_MIN, not_height=head["h"])
+    _show(page, "model")
+    model = _drawn(page, "model-view", MODEL_MIN, not_height=model["h"])
+    page.screenshot(path=str(tmp_path / "bertviz-2.png"))
+
+    # 3. the model view already showing when another token is inspected
+    page.locator("#strip span.token").nth(8).click()
+    model = _drawn(page, "model-view", MODEL_MIN, not_height=model["h"])
+    _show(page, "head")
+    _drawn(page, "head-view", HEAD_MIN, not_height=head["h"])
+    page.screenshot(path=str(tmp_path / "bertviz-3.png"))
+    assert not [u for u in page.outside_requests if "cdn" in u], page.outside_requests

@@ -386,12 +386,27 @@ def test_bertviz_pages_use_the_vendored_scripts_and_no_cdn():
     for page in (attention_maps.head_view_page(view), attention_maps.model_view_page(view)):
         assert "cdnjs" not in page
         assert not re.findall(r"[\"']https?://", page)  # nothing loaded from the internet
-        urls = re.findall(r"gradio_api/file=([^\"' ]+?)(?:\.js)?['\"]", page)
+        urls = re.findall(r"gradio_api/file=([^\"' ?]+?)(?:\.js)?(?:\?[^\"']*)?['\"]", page)
         assert len(urls) == 3, urls
         for url in urls:
             path = url if url.endswith(".js") else url + ".js"
             assert attention_maps.VENDOR_DIR.as_posix() in path
             assert (attention_maps.VENDOR_DIR / path.split("/vendor/")[1]).is_file(), path
+
+
+def test_each_bertviz_view_loads_its_scripts_under_its_own_urls_and_never_gives_up():
+    """Issue 16: the two views arrive together; loading the same script URLs, the shown
+    one waited on the hidden one past require.js's 7 s timeout and stayed blank."""
+    view = _view()
+    for name, page in (
+        ("head", attention_maps.head_view_page(view)),
+        ("model", attention_maps.model_view_page(view)),
+    ):
+        require_at = page.index(f"requirejs-2.3.6/require.js?view={name}")
+        config = re.search(r"<script>require\.config\((\{.*?\})\);</script>", page)
+        assert config is not None and config.start() > require_at
+        assert json.loads(config.group(1)) == {"waitSeconds": 0, "urlArgs": f"view={name}"}
+        assert config.start() < page.index("requirejs(['jquery', 'd3']")  # before bertviz's own
 
 
 def test_iframe_embeds_the_page_escaped_and_sandboxed():

@@ -20,6 +20,7 @@ from helpers import routed_tiny
 
 from metaattn_viz.app import display
 from metaattn_viz.app import requests as app_requests
+from metaattn_viz.app.deployment import LOCAL_LIMITS, PUBLIC_LIMITS, Deployment
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.requests import parse_request, parse_settings
@@ -201,7 +202,7 @@ def test_updates_hand_over_every_token_when_generation_is_slower_than_the_interv
     assert sizes[:7] == list(range(n_prompt, n_prompt + 7))
 
 
-def test_stop_interrupts_and_the_log_says_so(routed, engine):
+def test_a_users_stop_is_logged_as_stopped_not_interrupted(routed, engine):
     decoding = threading.Event()  # a few tokens generated after the prompt
     slowed(routed, 0.02, on_token=lambda n: n >= 4 and decoding.set())
     gens = engine.generations
@@ -210,12 +211,33 @@ def test_stop_interrupts_and_the_log_says_so(routed, engine):
     assert decoding.wait(30), "the generation never got going"
     assert gens.stop("session-1")
     final = job.result(30)
-    assert job.status == "interrupted"
+    assert job.status == "stopped"
+    assert display.run_status(job, final).startswith("Stopped:")
     assert final.n_prompt_tokens + 3 <= final.n_tokens < final.n_prompt_tokens + 200
     assert not gens.running("session-1") and not gens.stop("session-1")
     engine.history.flush()
     run = engine.history.run_log.get_run(job.run_id)
-    assert run["status"] == "interrupted" and run["n_tokens"] == final.n_tokens
+    assert run["status"] == "stopped" and run["n_tokens"] == final.n_tokens
+    assert engine.history.runs(status="stopped")["run_id"].tolist() == [job.run_id]
+    df, _ = engine.history.sql(f"SELECT status FROM runs WHERE run_id = '{job.run_id}'")
+    assert df["status"].tolist() == ["stopped"]
+
+
+def test_a_server_closing_mid_run_leaves_it_interrupted(routed, tmp_path):
+    """`interrupted` keeps its meaning: the server ended while the run was going."""
+    decoding = threading.Event()
+    slowed(routed, 0.02, on_token=lambda n: n >= 4 and decoding.set())
+    e = Engine(routed=routed, db=str(tmp_path / "log.duckdb"))
+    try:
+        job = e.generations.start(_request(max_new=200, quality=False), key="s")
+        assert decoding.wait(30)
+        e.generations.stop_all()
+        job.result(30)
+        assert job.status == "interrupted"
+        e.history.flush()
+        assert e.history.run_log.get_run(job.run_id)["status"] == "interrupted"
+    finally:
+        e.close()
 
 
 def test_a_new_generation_in_the_same_session_stops_the_old_one(engine):
@@ -223,7 +245,7 @@ def test_a_new_generation_in_the_same_session_stops_the_old_one(engine):
     second = engine.generations.start(_request(max_new=2, quality=False), key="s")
     first.result(60)
     second.result(60)
-    assert first.status == "interrupted" and second.status == "done"
+    assert first.status == "stopped" and second.status == "done"
 
 
 def test_a_failing_model_is_reported_and_the_run_marked_failed(routed, engine):
@@ -457,9 +479,92 @@ def test_the_page_builds_with_named_api_endpoints(engine):
 
     demo = build_app(engine=engine)
     public = {d.api_name for d in demo.fns.values() if d.api_visibility == "public"}
-    assert public == {"generate", "reroute", "status", "sql"}
+    assert public == {"generate", "reroute", "status", "sql", "runs", "export"}
     header = display.status_markdown(engine.status())
     assert "ready" in header and f"At most {app_requests.APP_MAX_CONTEXT} tokens" in header
     examples = load_examples()
     assert len(examples) >= 4 and all(e["prompt"].strip() for e in examples)
     assert json.loads((Path(__file__).parent.parent / "assets" / "examples.json").read_text(encoding="utf-8"))
+
+
+# -- visitors apart (public deployment), storage and queue notices -----------------------
+def test_a_public_deployment_keeps_each_visitors_runs_apart(routed, tmp_path):
+    public = Deployment(public=True)
+    e = Engine(routed=routed, db=str(tmp_path / "log.duckdb"), deployment=public)
+    try:
+        owner_a, reader_a, reader_b = public.owner("sess-a"), public.reader("sess-a"), public.reader("sess-b")
+        assert owner_a == reader_a and reader_a != reader_b
+        a = e.generations.generate(_request("Alpha beta.", max_new=2, quality=False), owner=owner_a)
+        e.analysis.reroute(a, parse_settings(0.3), owner=owner_a)
+        h = e.history
+        h.flush()
+        assert len(h.runs(owner=reader_a)) == 2
+        assert h.runs(owner=reader_b).empty
+        assert h.replay(a.run_id, reader_a).run_id == a.run_id
+        with pytest.raises(AppError, match="no run"):  # the same sentence as a missing run
+            h.replay(a.run_id, reader_b)
+        with pytest.raises(AppError, match="no run"):
+            h.compare(a.run_id, a.run_id, reader_b)
+        count = "SELECT (SELECT count(*) FROM runs) AS runs, (SELECT count(*) FROM routes) AS routes"
+        assert h.sql(count, owner=reader_a)[0].iloc[0].tolist() == [2, 2 * a.n_layers * a.n_tokens]
+        assert h.sql(count, owner=reader_b)[0].iloc[0].tolist() == [0, 0]
+        for reader, n_runs in ((reader_a, 2), (reader_b, 0)):
+            with zipfile.ZipFile(h.export("csv", reader)) as zf:
+                rows = sum(
+                    zf.read(n).decode().count("\n") - 1 for n in zf.namelist() if n.startswith("runs/")
+                )
+            assert rows == n_runs
+        # the operator's shared log: every visitor reads every run; the page says so
+        shared = Deployment(public=True, shared_log=True)
+        assert shared.owner("sess-b") == public.owner("sess-b") and shared.reader("sess-b") is None
+        assert len(h.runs(owner=shared.reader("sess-b"))) == 2
+    finally:
+        e.close()
+
+
+def test_the_deployment_comes_from_the_environment(monkeypatch):
+    for name in ("SPACE_ID", "METAATTN_SHARED_LOG", "METAATTN_DATA", "METAATTN_DB", "METAATTN_QUEUE_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    local = Deployment.detect()
+    assert not local.public and not local.scoped and not local.ephemeral_storage
+    assert local.owner("s") is None and local.reader("s") is None and local.reader(None) is None
+    assert local.limits == LOCAL_LIMITS and local.limits.max_size is None
+    assert Deployment.detect(public=True).scoped
+    with pytest.raises(AppError, match="no browser session"):  # never widened to every run
+        Deployment.detect(public=True).reader(None)
+    monkeypatch.setenv("SPACE_ID", "someone/metaattn-viz")
+    space = Deployment.detect()
+    assert space.public and space.scoped and space.ephemeral_storage
+    assert space.limits.max_size == PUBLIC_LIMITS.max_size and space.limits.model < LOCAL_LIMITS.model
+    monkeypatch.setenv("METAATTN_DATA", "/data/metaattn-viz")
+    monkeypatch.setenv("METAATTN_SHARED_LOG", "1")
+    monkeypatch.setenv("METAATTN_QUEUE_SIZE", "7")
+    space = Deployment.detect()
+    assert space.public and not space.scoped and not space.ephemeral_storage
+    assert space.limits.max_size == 7
+
+
+def test_the_header_says_who_sees_the_runs_whether_they_last_and_when_it_is_busy(engine):
+    base = engine.status()
+    assert base["public"] is False and base["runs_visible_to"] == "everyone"
+    local = display.status_markdown(base)
+    assert "Your runs" not in local and "visible to everyone" not in local and "lost" not in local
+    mine = display.status_markdown(
+        {**base, "public": True, "runs_visible_to": "owner", "storage_ephemeral": True, "queue_max_size": 9}
+    )
+    assert "only the runs made in this browser session" in mine
+    assert "Runs are lost when this Space restarts" in mine and "METAATTN_DATA" in mine
+    assert "when 9 requests are already waiting" in mine and "currently busy" in mine
+    shared = display.status_markdown({**base, "public": True, "runs_visible_to": "everyone"})
+    assert "visible to everyone" in shared
+
+
+def test_the_sql_console_table_starts_with_the_default_querys_columns(engine):
+    from metaattn_viz import store
+    from metaattn_viz.app.tab_history import DEFAULT_SQL, DEFAULT_SQL_COLUMNS, STATUSES
+
+    engine.generations.generate(_request(max_new=2, quality=False))
+    engine.history.flush()
+    df, _ = engine.history.sql(DEFAULT_SQL)
+    assert list(df.columns) == DEFAULT_SQL_COLUMNS
+    assert STATUSES == store.STATUSES and "stopped" in STATUSES

@@ -76,10 +76,15 @@ class Analysis:
         return kl_per_token(dense, res.logits[0]).numpy()
 
     def reroute(
-        self, text, settings: RoutingSettings, controller: str | None = None, log_run: bool = True
+        self,
+        text,
+        settings: RoutingSettings,
+        controller: str | None = None,
+        log_run: bool = True,
+        owner: str | None = None,
     ) -> RoutingTrace:
         """The same text (a trace, or a requests.Text) routed again under `settings` (one
-        prefill); logged as a `reroute` run in the background."""
+        prefill); logged as `owner`'s `reroute` run in the background."""
         routed = self.host.routed_model()
         if controller is not None:
             choice("Controller", controller, KINDS)
@@ -95,7 +100,7 @@ class Analysis:
         new.timings["tokens_per_s"] = new.n_tokens / dt if dt > 0 else None
         new.timings["reroute_ms"] = 1000 * dt
         if log_run:
-            self.history.log_finished(new, "reroute")
+            self.history.log_finished(new, "reroute", owner)
         return new
 
     def sweep(self, text, base: RoutingSettings, budgets=SWEEP_BUDGETS, progress=None) -> list[dict]:

@@ -1,10 +1,13 @@
 """The page's named API endpoints for programs (gradio_client): `/generate` and `/reroute`
 (JSON in, the trace JSON of `metaattn-viz route --json` out, plus kl_to_dense and notes),
-`/status` and `/sql` (the read-only console).
+`/status`, `/sql` (the read-only console), `/runs` (History's runs table) and `/export`
+(the log as a zip file).
 
 Each endpoint parses its arguments like the page does (requests.py) and calls one engine
-part; defaults are the project's (core.settings.DEFAULTS). Must be called inside the page's
-gr.Blocks. Never holds model logic of its own.
+part; defaults are the project's (core.settings.DEFAULTS). A gradio_client session is a
+visitor like a browser session: on a public deployment its runs are its own, and `/sql`
+answers over them only (engine.deployment). Must be called inside the page's gr.Blocks.
+Never holds model logic of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import json
 
 import gradio as gr
+from gradio.data_classes import FileData
 
+from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.requests import parse_request, parse_settings, text_from_json
 from metaattn_viz.app.ui_errors import user_errors
@@ -20,6 +25,15 @@ from metaattn_viz.core.settings import DEFAULT_CONTROLLER, DEFAULTS
 
 SQL_MAX_ROWS = 500  # the console's default (and fallback) row limit
 SQL_ROWS_LIMIT = 10_000
+
+
+def table_json(df, notice: str | None = None) -> dict:
+    """A DataFrame as the endpoints return tables: {columns, rows, notice}."""
+    return {
+        "columns": list(df.columns),
+        "rows": json.loads(df.to_json(orient="values", date_format="iso")),
+        "notice": notice,
+    }
 
 
 def trace_json(trace, notes=()) -> dict:
@@ -52,6 +66,7 @@ def add_endpoints(engine: Engine) -> None:
         window: int = DEFAULTS.window,
         n_sink: int = DEFAULTS.n_sink,
         quality: bool = False,
+        request: gr.Request | None = None,
     ) -> dict:
         """Route a prompt and generate (greedy when temperature is 0). Returns the trace as
         JSON: the fields of `metaattn-viz route --json` plus kl_to_dense and notes."""
@@ -59,7 +74,7 @@ def add_endpoints(engine: Engine) -> None:
         req = parse_request(
             prompt, settings, controller, max_new_tokens, temperature, top_p, seed, chat, quality
         )
-        job = engine.generations.start(req)
+        job = engine.generations.start(req, owner=engine.deployment.owner(session_of(request)))
         trace = job.result()
         return trace_json(trace, job.notes)
 
@@ -74,13 +89,15 @@ def add_endpoints(engine: Engine) -> None:
         window: int = DEFAULTS.window,
         n_sink: int = DEFAULTS.n_sink,
         quality: bool = True,
+        request: gr.Request | None = None,
     ) -> dict:
         """Route the same text (a trace returned by /generate or /reroute) again under other
         settings, as one prefill; with quality, also KL to the dense model per token."""
         settings = parse_settings(budget, scope, hedge_policy, hedge_threshold, window, n_sink)
         routed = engine.host.routed_model()
         text = text_from_json(trace, routed.model.config.vocab_size)
-        new = engine.analysis.reroute(text, settings, controller or None)
+        owner = engine.deployment.owner(session_of(request))
+        new = engine.analysis.reroute(text, settings, controller or None, owner=owner)
         if quality and new.n_tokens > 1:
             new.kl_to_dense = engine.analysis.quality(new)
         return trace_json(new)
@@ -90,26 +107,57 @@ def add_endpoints(engine: Engine) -> None:
         return engine.status()
 
     @user_errors("running the query")
-    def sql(query: str, max_rows: int = SQL_MAX_ROWS) -> dict:
+    def sql(query: str, max_rows: int = SQL_MAX_ROWS, request: gr.Request | None = None) -> dict:
         """The read-only SQL console over the routing log (runs, tokens, routes, experts):
         {columns, rows, notice}. The server process holds the database, so programs read a
-        live log through here (or through an export)."""
+        live log through here (or through an export). On a public deployment the tables
+        hold this client session's runs only."""
         n = (
             int(max_rows)
             if isinstance(max_rows, (int, float)) and 1 <= max_rows <= SQL_ROWS_LIMIT
             else SQL_MAX_ROWS
         )
-        df, notice = engine.history.sql(query, max_rows=n)
-        return {
-            "columns": list(df.columns),
-            "rows": json.loads(df.to_json(orient="values", date_format="iso")),
-            "notice": notice,
-        }
+        df, notice = engine.history.sql(
+            query, max_rows=n, owner=engine.deployment.reader(session_of(request))
+        )
+        return table_json(df, notice)
 
-    gr.api(generate, api_name="generate", concurrency_id="model")
-    gr.api(reroute, api_name="reroute", concurrency_id="model")
+    @user_errors("listing runs")
+    def runs(
+        text: str = "",
+        status: str = "",
+        controller: str = "",
+        order_by: str = "-created_at",
+        limit: int = 200,
+        request: gr.Request | None = None,
+    ) -> dict:
+        """The runs of the History tab, newest first: {columns, rows, notice}; `text`
+        searches prompt and output, `status` / `controller` filter (empty: any)."""
+        n = int(limit) if isinstance(limit, (int, float)) and 1 <= limit <= SQL_ROWS_LIMIT else 200
+        df = engine.history.runs(
+            text,
+            status or None,
+            controller or None,
+            order_by,
+            n,
+            owner=engine.deployment.reader(session_of(request)),
+        )
+        return table_json(df)
+
+    @user_errors("exporting the routing log")
+    def export(fmt: str = "parquet", request: gr.Request | None = None) -> FileData:
+        """The routing log (on a public deployment: this session's runs) as partitioned
+        Parquet or CSV in a zip file."""
+        path = engine.history.export(fmt, engine.deployment.reader(session_of(request)))
+        return FileData(path=str(path), orig_name=path.name)
+
+    limits = engine.deployment.limits
+    gr.api(generate, api_name="generate", concurrency_id="model", concurrency_limit=limits.model)
+    gr.api(reroute, api_name="reroute", concurrency_id="model", concurrency_limit=limits.model)
     gr.api(status, api_name="status", queue=False)
-    gr.api(sql, api_name="sql")
+    gr.api(sql, api_name="sql", concurrency_id="sql", concurrency_limit=limits.sql)
+    gr.api(runs, api_name="runs")
+    gr.api(export, api_name="export")
 
 
-__all__ = ["add_endpoints", "trace_json"]
+__all__ = ["add_endpoints", "trace_json", "table_json"]

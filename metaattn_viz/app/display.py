@@ -29,6 +29,8 @@ RUNS_COLUMNS = [
 ]
 RUNS_TEXT_WIDTH = 80
 SWEEP_COLUMNS = ["policy", "budget", "label", "realized_cost", "kl_to_dense", "flops_ratio"]
+# How the status line names a run's end (store.STATUSES; "failed" has its own sentence).
+RUN_ENDINGS = {"done": "Done", "stopped": "Stopped", "interrupted": "Interrupted"}
 
 
 def status_markdown(status: dict) -> str:
@@ -49,7 +51,47 @@ def status_markdown(status: dict) -> str:
                 "not calibrated; run `metaattn-viz calibrate`)"
             )
     logging_ = f"runs logged to `{s['log_path']}`" if s["logging"] else f"runs not logged: {s['log_problem']}"
-    return f"{model}. {logging_}. At most {s['max_context']} tokens are routed."
+    line = f"{model}. {logging_}. At most {s['max_context']} tokens are routed."
+    notes = [n for n in (visibility_note(s), storage_note(s), queue_note(s)) if n]
+    return line + "".join(f"\n\n{n}" for n in notes)
+
+
+def visibility_note(status: dict) -> str | None:
+    """Who sees the runs, on a public deployment (None locally: one user)."""
+    if not status.get("public") or not status.get("logging"):
+        return None
+    if status.get("runs_visible_to") == "everyone":
+        return (
+            "\u26a0 **Shared log:** every run made here, its prompt and its output, is "
+            "visible to everyone who opens this page (History, the SQL console, the download)."
+        )
+    return (
+        "Your runs are yours: History, the SQL console and the download show only the "
+        "runs made in this browser session."
+    )
+
+
+def storage_note(status: dict) -> str | None:
+    """The warning that the log does not last (a Space without mounted storage)."""
+    if not status.get("storage_ephemeral") or not status.get("logging"):
+        return None
+    return (
+        "\u26a0 **Runs are lost when this Space restarts:** the routing log is on the "
+        "Space's own disk. The operator can mount a storage bucket and set METAATTN_DATA "
+        "(docs/deploy.md)."
+    )
+
+
+def queue_note(status: dict) -> str | None:
+    """What a full queue looks like, where the queue has a limit (a public deployment)."""
+    size = status.get("queue_max_size")
+    if not size:
+        return None
+    return (
+        f"This page is shared: when {size} requests are already waiting it answers "
+        "\u201cThis application is currently busy. Please try again.\u201d; nothing is "
+        "lost, try again in a minute."
+    )
 
 
 def run_status(job, snap) -> str:
@@ -67,7 +109,7 @@ def run_status(job, snap) -> str:
         return f"Measuring quality against the dense model\u2026 ({n} tokens)"
     if job.status == "failed":
         return "The generation failed."
-    what = "Stopped" if job.status == "interrupted" else "Done"
+    what = RUN_ENDINGS.get(job.status, "Done")
     logged = f"; run `{job.run_id}`" if job.run_id else ""
     return f"{what}: {n} tokens ({new} generated{rate}){logged}."
 
@@ -140,6 +182,9 @@ def sweep_table(rows: list[dict]):
 
 __all__ = [
     "status_markdown",
+    "visibility_note",
+    "storage_note",
+    "queue_note",
     "run_status",
     "reroute_note",
     "replay_note",
@@ -149,4 +194,5 @@ __all__ = [
     "runs_table",
     "sweep_table",
     "RUNS_COLUMNS",
+    "RUN_ENDINGS",
 ]

@@ -8,7 +8,9 @@ directly:
                  (history.RunHistory);
 - `analysis`     quality meter, re-route, budget sweep, token inspector (analysis.Analysis);
 - `generations`  streaming generations in worker threads, one per browser session
-                 (generation.Generations).
+                 (generation.Generations);
+- `deployment`   public or local: whose runs each visitor sees, what the page says about
+                 it and about storage, the queue limits (deployment.Deployment).
 
 What the page sends is parsed in requests.py; user mistakes and unavailable resources raise
 errors.AppError with a plain sentence. Never imports gradio.
@@ -17,6 +19,7 @@ errors.AppError with a plain sentence. Never imports gradio.
 from __future__ import annotations
 
 from metaattn_viz.app.analysis import Analysis
+from metaattn_viz.app.deployment import Deployment
 from metaattn_viz.app.generation import Generations
 from metaattn_viz.app.history import RunHistory
 from metaattn_viz.app.host import ModelHost, configure_threads
@@ -33,7 +36,10 @@ class Engine:
         log_runs: bool = True,
         routed=None,
         threads: bool = True,
+        deployment: Deployment | None = None,
     ):
+        # detected from the environment by default, so a Space is never served unscoped
+        self.deployment = deployment if deployment is not None else Deployment.detect()
         self.host = ModelHost(model, routed=routed, threads=threads)
         self.history = RunHistory(db, enabled=log_runs)
         self.analysis = Analysis(self.host, self.history)
@@ -41,7 +47,8 @@ class Engine:
 
     def status(self) -> dict:
         """What the page header (and the /status endpoint) shows: model, controllers,
-        logging, and how many tokens are routed at most."""
+        logging, who sees the runs and whether they last, and how many tokens are routed
+        at most."""
         model, logging = self.host.status(), self.history.status()
         return {
             "model_ready": model["model_ready"],
@@ -51,6 +58,7 @@ class Engine:
             **logging,
             "load_seconds": model["load_seconds"],
             "max_context": APP_MAX_CONTEXT,
+            **self.deployment.status(),
         }
 
     def close(self) -> None:

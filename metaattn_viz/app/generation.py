@@ -6,7 +6,13 @@ as it grows (history.RunRecorder), measures the quality meter when the text is c
 (if asked), and publishes snapshots of the growing trace; `updates(interval)` hands them to
 the page at most every `interval` seconds (every token when generation is slower).
 `Generations` starts jobs, stops a session's previous one when it starts a new one, and
-answers whether a session has one running. Never imports gradio.
+answers whether a session has one running.
+
+How a run ends, as the routing log records it (docs/architecture.md, the routing log): `done`;
+`stopped` when a person ended it (the Stop button, a new Generate in the same session, the
+page closed); `interrupted` only when the server itself ends mid-run (`stop_all` at
+shutdown), as a process that died would leave it; `failed` on an error. Never imports
+gradio.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class GenerationJob:
         analysis: Analysis,
         request: GenerateRequest,
         key: str | None = None,
+        owner: str | None = None,
     ):
         self.host, self.analysis = host, analysis
         self.request = request
@@ -56,8 +63,9 @@ class GenerationJob:
         self.phase = "starting"  # starting | prefill | decoding | quality | done
         self.error: BaseException | None = None
         self.notes: list[str] = list(request.notes)
-        self.status: str | None = None  # done | interrupted | failed
-        self._recorder = history.recorder("generate")
+        self.status: str | None = None  # done | stopped | interrupted | failed
+        self._stop_status = "stopped"  # the status a stop leaves (stop(status=...))
+        self._recorder = history.recorder("generate", owner)
         self._cond = threading.Condition()
         self._latest: RoutingTrace | None = None
         self._version = 0
@@ -77,7 +85,11 @@ class GenerationJob:
     def done(self) -> bool:
         return self._done
 
-    def stop(self) -> None:
+    def stop(self, status: str = "stopped") -> None:
+        """End the generation after the current token; the run is logged as `status`:
+        "stopped" (a person ended it) or "interrupted" (the server is going away)."""
+        if not self.stop_event.is_set():
+            self._stop_status = status
         self.stop_event.set()
 
     def _note(self, note: str | None) -> None:
@@ -123,7 +135,7 @@ class GenerationJob:
                     self._note(rec.update(trace))
                 self.phase = "decoding"
                 self._publish(trace)
-            self.status = "interrupted" if self.stop_event.is_set() else "done"
+            self.status = self._stop_status if self.stop_event.is_set() else "done"
             if req.quality and trace is not None and trace.n_tokens > 1:
                 self.phase = "quality"
                 self._publish(trace)
@@ -190,10 +202,12 @@ class Generations:
         self._jobs: dict[str, GenerationJob] = {}
         self._lock = threading.Lock()
 
-    def start(self, request: GenerateRequest, key: str | None = None) -> GenerationJob:
-        """Start a generation; a second one under the same key (a browser session) stops
-        the first."""
-        job = GenerationJob(self.host, self.history, self.analysis, request, key)
+    def start(
+        self, request: GenerateRequest, key: str | None = None, owner: str | None = None
+    ) -> GenerationJob:
+        """Start a generation, logged as `owner`'s run (a key of store.owners, or None); a
+        second one under the same key (a browser session) stops the first."""
+        job = GenerationJob(self.host, self.history, self.analysis, request, key, owner)
         with self._lock:
             old = self._jobs.get(job.key)
             if old is not None and not old.done:
@@ -217,15 +231,18 @@ class Generations:
             job = self._jobs.get(key)
         return job is not None and not job.done
 
-    def generate(self, request: GenerateRequest, timeout: float | None = None) -> RoutingTrace:
+    def generate(
+        self, request: GenerateRequest, timeout: float | None = None, owner: str | None = None
+    ) -> RoutingTrace:
         """Blocking generation (the API endpoint)."""
-        return self.start(request).result(timeout)
+        return self.start(request, owner=owner).result(timeout)
 
     def stop_all(self) -> None:
+        """The server is closing: every running generation ends as `interrupted`."""
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
-            job.stop()
+            job.stop("interrupted")
 
 
 __all__ = ["GenerationJob", "Generations", "snapshot", "STREAM_INTERVAL_S"]

@@ -6,6 +6,10 @@ Two policies, each defined once:
   the server keeps serving without logging and says why (`log_problem`);
 - reads the user asked for (`_reading`) turn a store problem into AppError, a sentence.
 
+Every write takes the run's `owner` and every read the `owner` whose runs it may see (keys
+of store.owners; None: every run); deployment.Deployment decides which, per visitor.
+Another owner's run reads as a run that does not exist.
+
 The DataFrames returned are the log's own; how they look on the page is the UI's business.
 Never imports gradio or the model.
 """
@@ -27,6 +31,7 @@ from metaattn_viz.core.trace import RoutingTrace
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 0.25  # routing-log batches while streaming
+SQL_TIMEOUT_S = 5.0  # the SQL console's time limit per query
 
 
 class RunHistory:
@@ -60,22 +65,22 @@ class RunHistory:
             self.log_problem = f"Runs are not being logged: {exc}"
             return default
 
-    def log_finished(self, trace: RoutingTrace, kind: str) -> None:
-        """Log a complete trace (a re-route) off the request path."""
+    def log_finished(self, trace: RoutingTrace, kind: str, owner: str | None = None) -> None:
+        """Log a complete trace (a re-route) off the request path, as `owner`'s run."""
         run_log = self.run_log
         if run_log is None:
             return
 
         def write():
-            rid = self.write(lambda: run_log.start_run(trace, kind))
+            rid = self.write(lambda: run_log.start_run(trace, kind, owner=owner))
             if rid is not None:
                 self.write(lambda: run_log.finish(rid, trace, "done"))
 
         self._writer.submit(write)
 
-    def recorder(self, kind: str) -> RunRecorder:
-        """A recorder for one run that grows while it streams."""
-        return RunRecorder(self, kind)
+    def recorder(self, kind: str, owner: str | None = None) -> RunRecorder:
+        """A recorder for one run of `owner` that grows while it streams."""
+        return RunRecorder(self, kind, owner)
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until every run handed to the log so far is committed."""
@@ -103,8 +108,9 @@ class RunHistory:
         except caught as exc:
             raise AppError(str(exc)) from None
 
-    def replay(self, run_id: str) -> RoutingTrace:
-        """The trace of a logged run, rebuilt from the log (no model needed)."""
+    def replay(self, run_id: str, owner: str | None = None) -> RoutingTrace:
+        """The trace of a logged run visible to `owner`, rebuilt from the log (no model
+        needed)."""
         from metaattn_viz import store
 
         with self._reading() as run_log:
@@ -112,7 +118,7 @@ class RunHistory:
             if not run_id:
                 raise AppError("Pick a run first (click a row of the runs table).")
             try:
-                return run_log.load_trace(run_id)
+                return run_log.load_trace(run_id, owner=owner)
             except store.UnknownRun:
                 raise AppError(f"There is no run {run_id!r} in the routing log.") from None
 
@@ -123,8 +129,10 @@ class RunHistory:
         controller: str | None = None,
         order_by: str = "-created_at",
         limit: int = 200,
+        owner: str | None = None,
     ):
-        """The logged runs (a DataFrame, newest first by default), filtered."""
+        """The logged runs visible to `owner` (a DataFrame, newest first by default),
+        filtered."""
         with self._reading(ValueError) as run_log:  # ValueError: an unknown order_by
             return run_log.list_runs(
                 limit=limit,
@@ -132,25 +140,31 @@ class RunHistory:
                 controller=controller or None,
                 text=(text or "").strip() or None,
                 order_by=order_by,
+                owner=owner,
             )
 
-    def compare(self, run_a: str, run_b: str):
-        """Two runs side by side: (their traces, the per-token comparison DataFrame)."""
-        a, b = self.replay(run_a), self.replay(run_b)
+    def compare(self, run_a: str, run_b: str, owner: str | None = None):
+        """Two runs visible to `owner` side by side: (their traces, the per-token
+        comparison DataFrame)."""
+        a, b = self.replay(run_a, owner), self.replay(run_b, owner)
         with self._reading() as run_log:
-            return a, b, run_log.compare(a.run_id, b.run_id)
+            return a, b, run_log.compare(a.run_id, b.run_id, owner=owner)
 
-    def sql(self, query: str, max_rows: int = 500):
-        """The read-only SQL console: (DataFrame, notice)."""
+    def sql(self, query: str, max_rows: int = 500, owner: str | None = None):
+        """The read-only SQL console over the runs visible to `owner`: (DataFrame,
+        notice). A query is stopped after SQL_TIMEOUT_S."""
         from metaattn_viz.store import console as sql_console
 
         if not (query or "").strip():
             raise AppError("Type a query first, e.g. SELECT * FROM runs LIMIT 10.")
         with self._reading(sql_console.ConsoleError) as run_log:
-            return sql_console.run_readonly_query(run_log, query, max_rows=max_rows)
+            return sql_console.run_readonly_query(
+                run_log, query, max_rows=max_rows, timeout_s=SQL_TIMEOUT_S, owner=owner
+            )
 
-    def export(self, fmt: str = "parquet") -> Path:
-        """The whole log as partitioned Parquet or CSV in one zip file."""
+    def export(self, fmt: str = "parquet", owner: str | None = None) -> Path:
+        """The runs visible to `owner` (every run when None) as partitioned Parquet or CSV
+        in one zip file."""
         from metaattn_viz import store
 
         fmt = choice("Format", fmt, store.EXPORT_FORMATS)
@@ -158,7 +172,7 @@ class RunHistory:
             work = Path(tempfile.mkdtemp(prefix="metaattn-export-"))
             out = work / "routing-log"
             run_log.flush(timeout=10)
-            store.export(run_log, out, fmt)
+            store.export(run_log, out, fmt, owner=owner)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         archive = work / f"metaattn-routing-log-{stamp}-{fmt}.zip"
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -173,9 +187,10 @@ class RunRecorder:
     LOG_EVERY_S, `finish` at the end. If the log fails, the recorder stops logging this run
     and each call that noticed returns a note for the user (otherwise None)."""
 
-    def __init__(self, history: RunHistory, kind: str):
+    def __init__(self, history: RunHistory, kind: str, owner: str | None = None):
         self.history = history
         self.kind = kind
+        self.owner = owner
         self.run_log = history.run_log  # None once logging stops for this run
         self.run_id: str | None = None
         self._last = 0.0
@@ -189,7 +204,7 @@ class RunRecorder:
         run_log = self.run_log
         if run_log is None:
             return None
-        self.run_id = self.history.write(lambda: run_log.start_run(trace, self.kind))
+        self.run_id = self.history.write(lambda: run_log.start_run(trace, self.kind, owner=self.owner))
         self._last = time.monotonic()
         if self.run_id is None:
             self.run_log = None
@@ -211,7 +226,7 @@ class RunRecorder:
     def finish(
         self, trace: RoutingTrace | None, status: str | None, error: BaseException | None
     ) -> str | None:
-        """Log how the run ended (done / interrupted / failed, with the error)."""
+        """Log how the run ended (done / stopped / interrupted / failed, with the error)."""
         run_log, run_id = self.run_log, self.run_id
         if run_id is None or run_log is None or trace is None:
             return None
@@ -224,4 +239,4 @@ class RunRecorder:
         return None
 
 
-__all__ = ["RunHistory", "RunRecorder", "LOG_EVERY_S"]
+__all__ = ["RunHistory", "RunRecorder", "LOG_EVERY_S", "SQL_TIMEOUT_S"]

@@ -2,7 +2,9 @@
 
 Host: 127.0.0.1 by default, 0.0.0.0 on Hugging Face Spaces (SPACE_ID set) so the Space's
 proxy can reach it. Port: --port, else $PORT / $GRADIO_SERVER_PORT, else 7860.
-The model loads in the background after the server is up, so the page answers at once.
+Public (a Space, or `public=True`, i.e. `serve --public`): visitors see only their own
+runs and the queue has limits (deployment.py). The model loads in the background after
+the server is up, so the page answers at once.
 """
 
 from __future__ import annotations
@@ -32,14 +34,24 @@ def serve(
     model: str | None = None,
     db: str | None = None,
     log_runs: bool = True,
+    public: bool = False,
 ) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from metaattn_viz.app.deployment import Deployment
     from metaattn_viz.app.ui import build_app
 
     host, port = resolve_host_port(host, port)
-    demo = build_app(model=model, db=db, log_runs=log_runs)
-    log.info("serving on http://%s:%d", host, port)
-    demo.queue(default_concurrency_limit=4).launch(
+    deployment = Deployment.detect(public)
+    demo = build_app(model=model, db=db, log_runs=log_runs, deployment=deployment)
+    limits = deployment.limits
+    log.info(
+        "serving on http://%s:%d (%s; runs visible to %s)",
+        host,
+        port,
+        "public" if deployment.public else "local",
+        "their owner" if deployment.scoped else "everyone",
+    )
+    demo.queue(default_concurrency_limit=limits.default, max_size=limits.max_size).launch(
         server_name=host,
         server_port=port,
         show_error=True,

@@ -4,8 +4,9 @@ as a download.
 
 `HistoryTab(tab)` builds the components (inside the page's gr.Tab `tab`) and
 `wire(engine, live, tabs)` attaches their events; a replay fills the Live tab's views and
-controls and switches to it. Callbacks are thin adapters over `engine.history`. Never holds
-model or store logic of its own.
+controls and switches to it. Callbacks are thin adapters over `engine.history`, each
+reading only the runs its visitor may see (engine.deployment.reader). Never holds model or
+store logic of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import gradio as gr
 
 from metaattn_viz import store
 from metaattn_viz.app import display, plots
+from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.tab_live import LiveTab
 from metaattn_viz.app.ui_errors import user_errors
@@ -28,13 +30,16 @@ SORTS = {
     "budget": "budget",
     "status": "status",
 }
-STATUSES = ("running", "done", "interrupted", "failed")
+STATUSES = store.STATUSES  # the status filter's choices: every status the log records
 ANY = "any"  # the filters' "no filter" choice
 DEFAULT_SQL = (
     "SELECT layer, avg((expert = 0)::DOUBLE) AS full_share,\n"
     "       avg(uncertainty) AS mean_uncertainty\n"
     "FROM routes GROUP BY layer ORDER BY layer"
 )
+# The columns DEFAULT_SQL answers with: the console's table shows them before the first
+# query, rather than Gradio's placeholder columns "1 2 3" (a test runs the query).
+DEFAULT_SQL_COLUMNS = ["layer", "full_share", "mean_uncertainty"]
 COMPARE_MAP_HEIGHT = 360
 
 
@@ -55,7 +60,13 @@ class HistoryTab:
             self.controller = gr.Dropdown([ANY, *KINDS], value=ANY, label="Controller")
             self.sort = gr.Dropdown(list(SORTS), value="newest first", label="Sort")
             self.refresh = gr.Button("Refresh", elem_id="history-refresh")
-        self.runs = gr.Dataframe(interactive=False, elem_id="runs", max_height=360, wrap=False)
+        self.runs = gr.Dataframe(
+            headers=display.RUNS_COLUMNS,
+            interactive=False,
+            elem_id="runs",
+            max_height=360,
+            wrap=False,
+        )
         with gr.Row(equal_height=True):
             self.run_a = gr.Textbox(label="Run A", elem_id="run-a", scale=3)
             self.run_b = gr.Textbox(label="Run B", elem_id="run-b", scale=3)
@@ -91,7 +102,11 @@ class HistoryTab:
             self.sql_run = gr.Button("Run query", elem_id="sql-run")
             self.sql_note = gr.Markdown("", elem_id="sql-note")
             self.sql_result = gr.Dataframe(
-                interactive=False, max_height=360, wrap=False, elem_id="sql-result"
+                headers=DEFAULT_SQL_COLUMNS,
+                interactive=False,
+                max_height=360,
+                wrap=False,
+                elem_id="sql-result",
             )
         with gr.Accordion("Download the routing log", open=False):
             with gr.Row(equal_height=True):
@@ -106,14 +121,18 @@ class HistoryTab:
     def wire(self, engine: Engine, live: LiveTab, tabs: gr.Tabs) -> None:
         history = engine.history
 
+        def reader(request: gr.Request | None) -> str | None:
+            return engine.deployment.reader(session_of(request))
+
         @user_errors("listing runs")
-        def list_runs(text, status, controller, sort):
+        def list_runs(text, status, controller, sort, request: gr.Request):
             return display.runs_table(
                 history.runs(
                     text,
                     None if status == ANY else status,
                     None if controller == ANY else controller,
                     SORTS.get(sort, "-created_at"),
+                    owner=reader(request),
                 )
             )
 
@@ -144,8 +163,8 @@ class HistoryTab:
         )
 
         @user_errors("replaying the run")
-        def replay(run_id, measure):
-            trace = history.replay(run_id)
+        def replay(run_id, measure, request: gr.Request):
+            trace = history.replay(run_id, reader(request))
             return {
                 **live.show(trace, measure),
                 live.run_status: display.replay_note(trace),
@@ -177,8 +196,8 @@ class HistoryTab:
         )
 
         @user_errors("comparing runs")
-        def compare(run_a, run_b):
-            a, b, df = history.compare(run_a, run_b)
+        def compare(run_a, run_b, request: gr.Request):
+            a, b, df = history.compare(run_a, run_b, reader(request))
             fa = plots.expert_map(a, COMPARE_MAP_HEIGHT, display.compare_title("A", a))
             fb = plots.expert_map(b, COMPARE_MAP_HEIGHT, display.compare_title("B", b))
             return display.compare_note(a, b, df), fa, fb, df.round(3)
@@ -191,17 +210,25 @@ class HistoryTab:
         )
 
         @user_errors("running the query")
-        def run_sql(query):
-            df, notice = history.sql(query)
+        def run_sql(query, request: gr.Request):
+            df, notice = history.sql(query, owner=reader(request))
             return df, notice
 
-        self.sql_run.click(run_sql, self.sql, [self.sql_result, self.sql_note], api_visibility="private")
+        self.sql_run.click(
+            run_sql,
+            self.sql,
+            [self.sql_result, self.sql_note],
+            api_visibility="private",
+            concurrency_id="sql",
+            concurrency_limit=engine.deployment.limits.sql,
+        )
 
+        # (named apart from api.py's /export: a callback's name is its endpoint's name)
         @user_errors("exporting the routing log")
-        def export(fmt):
-            return str(history.export(fmt))
+        def history_export(fmt, request: gr.Request):
+            return str(history.export(fmt, reader(request)))
 
-        self.export.click(export, self.export_fmt, self.export_file, api_visibility="private")
+        self.export.click(history_export, self.export_fmt, self.export_file, api_visibility="private")
 
 
-__all__ = ["HistoryTab", "SORTS", "DEFAULT_SQL"]
+__all__ = ["HistoryTab", "SORTS", "DEFAULT_SQL", "DEFAULT_SQL_COLUMNS", "STATUSES"]

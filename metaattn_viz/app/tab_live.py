@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import gradio as gr
 
 from metaattn_viz.app import attention_maps, display, plots
+from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.plotly_html import plotly_stream
 from metaattn_viz.app.requests import MAX_NEW_TOKENS, parse_request, parse_settings
+from metaattn_viz.app.shown_frame import shown_frame
 from metaattn_viz.app.ui_errors import user_errors, warn
 from metaattn_viz.core.settings import (
     DEFAULT_CONTROLLER,
@@ -170,7 +172,9 @@ class LiveTab:
         ):
             self.sweep = gr.Button("Sweep budgets", elem_id="sweep-button")
             self.pareto = gr.Plot(plots.pareto([]), show_label=False, elem_id="pareto")
-            self.sweep_table = gr.Dataframe(interactive=False, label="Sweep", max_height=300)
+            self.sweep_table = gr.Dataframe(
+                headers=display.SWEEP_COLUMNS, interactive=False, label="Sweep", max_height=300
+            )
 
     def _build_inspector(self) -> None:
         with gr.Accordion(
@@ -196,9 +200,9 @@ class LiveTab:
                 )
             with gr.Tabs():
                 with gr.Tab("bertviz head view"):
-                    self.head_view = gr.HTML(attention_maps.message(PICK_A_TOKEN), elem_id="head-view")
+                    self.head_view = shown_frame(attention_maps.message(PICK_A_TOKEN), "head-view")
                 with gr.Tab("bertviz model view"):
-                    self.model_view = gr.HTML(attention_maps.message(PICK_A_TOKEN), elem_id="model-view")
+                    self.model_view = shown_frame(attention_maps.message(PICK_A_TOKEN), "model-view")
 
     # -- what several events draw -----------------------------------------------------------
     @property
@@ -239,8 +243,8 @@ class LiveTab:
                 data[self.chat],
                 data[self.quality],
             )
-            key = request.session_hash if request is not None else None
-            job = engine.generations.start(req, key=key)
+            key = session_of(request)
+            job = engine.generations.start(req, key=key, owner=engine.deployment.owner(key))
             yield {self.run_status: "Routing the prompt\u2026"}
             warned = 0
             try:
@@ -258,7 +262,7 @@ class LiveTab:
                         out.update({self.trace: snap, self.pos: self.show_positions(snap)})
                     yield out
             finally:
-                if not job.done:  # the page went away: stop the model, the run is interrupted
+                if not job.done:  # the page went away: the visitor ended the run ("stopped")
                     job.stop()
             if len(job.notes) > warned:
                 warn(job.notes[warned:])
@@ -283,6 +287,7 @@ class LiveTab:
             [*self.views, self.run_status, self.trace, self.pos],
             api_visibility="private",
             concurrency_id="model",
+            concurrency_limit=engine.deployment.limits.model,
             show_progress="minimal",
         )
 
@@ -304,7 +309,8 @@ class LiveTab:
                     "A generation is running: the new settings apply to the next one (or stop it first)."
                 )
                 return gr.skip()
-            new = engine.analysis.reroute(trace, settings, data[self.controller])
+            owner = engine.deployment.owner(session_of(request))
+            new = engine.analysis.reroute(trace, settings, data[self.controller], owner=owner)
             return {
                 **self.show(new, data[self.measure]),
                 self.run_status: display.reroute_note(new),
@@ -333,6 +339,7 @@ class LiveTab:
             [*self.views, self.run_status, self.trace],
             api_visibility="private",
             concurrency_id="model",
+            concurrency_limit=engine.deployment.limits.model,
             show_progress="minimal",
         ).then(
             measure_quality,
@@ -340,6 +347,7 @@ class LiveTab:
             [self.meters, self.trace],
             api_visibility="private",
             concurrency_id="model",
+            concurrency_limit=engine.deployment.limits.model,
             show_progress="hidden",
         )
         self.quality.input(
@@ -409,7 +417,7 @@ class LiveTab:
             {self.trace, *self.routing.inputs},
             [self.pareto, self.sweep_table],
             api_visibility="private",
-            concurrency_limit=1,
+            concurrency_limit=engine.deployment.limits.sweep,
             concurrency_id="sweep",
         )
 

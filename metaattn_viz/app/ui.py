@@ -3,7 +3,8 @@ replay and query the routing log.
 
 `build_app` lays out the page: the header (model status, refreshed until the model is
 loaded), the Live tab (tab_live.py), the History tab (tab_history.py), the About tab, and
-the named API endpoints (api.py: `/generate`, `/reroute`, `/status`, `/sql`). Each tab wires
+the named API endpoints (api.py: `/generate`, `/reroute`, `/status`, `/sql`, `/runs`,
+`/export`). Each tab wires
 its own events next to its components. Every callback is a thin adapter over one engine
 part; user mistakes surface as plain sentences (ui_errors.py). Never holds model logic of
 its own.
@@ -19,6 +20,7 @@ import gradio as gr
 
 from metaattn_viz.app import attention_maps, display
 from metaattn_viz.app.api import add_endpoints
+from metaattn_viz.app.deployment import Deployment
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.plotly_html import PLOTLY_JS
 from metaattn_viz.app.tab_history import HistoryTab
@@ -51,7 +53,9 @@ ABOUT = """
   as a prefill), so the maps show what the controller would have done at that budget. The
   budget scope says who meets it: all layers together (global, the default: layers that
   need full attention get it, others give it up) or every layer on its own.
-- **History**: every run, replayable without the model; the SQL console is read-only.
+- **History**: every run, replayable without the model; the SQL console is read-only. On
+  a public Space each visitor sees only the runs of their own browser session (unless the
+  operator shares the log, and then the header says so).
 """
 
 
@@ -66,10 +70,14 @@ def load_examples(path: Path = EXAMPLES_FILE) -> list[dict]:
 
 
 def build_app(
-    model: str | None = None, db: str | None = None, log_runs: bool = True, engine: Engine | None = None
+    model: str | None = None,
+    db: str | None = None,
+    log_runs: bool = True,
+    engine: Engine | None = None,
+    deployment: Deployment | None = None,
 ) -> gr.Blocks:
-    """The page over `engine` (or a new Engine for model / db / log_runs)."""
-    engine = engine or Engine(model, db, log_runs)
+    """The page over `engine` (or a new Engine for model / db / log_runs / deployment)."""
+    engine = engine or Engine(model, db, log_runs, deployment=deployment)
     gr.set_static_paths([attention_maps.VENDOR_DIR, PLOTLY_JS])
     examples = load_examples()
     with gr.Blocks(title="metaattn-viz") as demo:
