@@ -451,7 +451,9 @@ def test_a_log_of_schema_version_1_is_migrated_keeps_its_runs_and_can_say_stoppe
     }
     with monkeypatch.context() as m:  # this version's code, writing a version-1 log
         m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
-        m.setattr(Q, "INSERT_RUNS", "INSERT INTO runs BY NAME SELECT * EXCLUDE (owner) FROM _new_runs")
+        m.setattr(
+            Q, "INSERT_RUNS", "INSERT INTO runs BY NAME SELECT * EXCLUDE (owner, linear_map) FROM _new_runs"
+        )
         log = RunLog(db)
         ids = {}
         for status in ("done", "failed", "crashed"):
@@ -471,7 +473,7 @@ def test_a_log_of_schema_version_1_is_migrated_keeps_its_runs_and_can_say_stoppe
             "UPDATE runs SET status = 'running' WHERE run_id = $r", {"r": ids["crashed"]}
         )  # as a killed process leaves it
     with RunLog(db) as log:
-        assert count(log, "SELECT max(version) FROM schema_version") == 2
+        assert count(log, "SELECT max(version) FROM schema_version") == store.latest_schema_version()
         assert log.recovered_runs == [ids["crashed"]]
         want = {"done": "done", "failed": "failed", "crashed": "interrupted", "closed": "interrupted"}
         for name, rid in ids.items():
@@ -492,12 +494,42 @@ def test_a_log_of_schema_version_1_is_migrated_keeps_its_runs_and_can_say_stoppe
         assert_same_trace(log.load_trace(ids["done"]), traces["done"])
 
 
+def test_a_log_of_schema_version_2_is_migrated_and_its_runs_replay_as_elu(db, monkeypatch):
+    """Version 3 adds the runs column linear_map (RoutingSettings.linear_map). Runs logged
+    before it used elu + 1, the only linear expert there was: they read 'elu', and replay
+    with that setting; new runs keep the map they ran with."""
+    traces = [synthetic_trace(n_layers=3, n_tokens=8, seed=70 + i) for i in range(2)]
+    with monkeypatch.context() as m:  # this version's code, writing a version-2 log
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
+        m.setattr(Q, "INSERT_RUNS", "INSERT INTO runs BY NAME SELECT * EXCLUDE (linear_map) FROM _new_runs")
+        with RunLog(db) as log:
+            ids = [stream_run(log, tr) for tr in traces]
+    with duckdb.connect(str(db)) as con:
+        assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 2
+        assert "linear_map" not in {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
+    with RunLog(db) as log:
+        assert count(log, "SELECT max(version) FROM schema_version") == 3
+        for rid, tr in zip(ids, traces, strict=True):
+            assert log.get_run(rid)["linear_map"] == "elu"
+            got = log.load_trace(rid)
+            assert got.settings.linear_map == "elu"
+            assert_same_trace(got, tr)
+        tr = synthetic_trace(n_layers=3, n_tokens=5, seed=72)
+        tr.settings = tr.settings.with_(linear_map="learned")
+        rid = stream_run(log, tr)
+        assert log.load_trace(rid).settings.linear_map == "learned"
+        assert log.list_runs()["run_id"].tolist().count(rid) == 1
+    with RunLog(db, read_only=True) as log:
+        assert log.load_trace(ids[0]).settings.linear_map == "elu"
+
+
 def test_shipped_migrations_never_change():
     """A log migrated by a shipped migration must mean the same as one created by it:
     their DDL is pinned (a new status or column is a new migration)."""
     pinned = {
         1: "20ad15444b5accedc419fa3eba9464ff753d99f6df61d7fff40b19c5ca5a78f8",
         2: "fde22dc1870615c6e832010d977ab9bf9ac205fd9d3121011041a3d1ddb54eee",
+        3: "d219176ee1565084c108e259af81b9789a1dafe27fce042e430a9686e99d1baa",
     }
     for version, statements in store.MIGRATIONS:
         if version in pinned:

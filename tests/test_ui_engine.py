@@ -568,3 +568,16 @@ def test_the_sql_console_table_starts_with_the_default_querys_columns(engine):
     df, _ = engine.history.sql(DEFAULT_SQL)
     assert list(df.columns) == DEFAULT_SQL_COLUMNS
     assert STATUSES == store.STATUSES and "stopped" in STATUSES
+
+
+def test_the_header_and_status_say_where_it_runs_and_which_weights_the_controllers_fit(engine):
+    status = engine.status()
+    assert status["runtime"] == {"device": "cpu", "dtype": "float32", "backend": "cpu"}
+    # the tiny test model is handed over, not loaded: no fingerprint, no notice
+    assert all(c["weights_notice"] is None for c in status["controllers"].values())
+    header = display.status_markdown(status)
+    assert "on cpu (float32, cpu kernels)" in header and "another copy" not in header
+    bayes = {**status["controllers"]["bayes"], "trained": True}
+    bayes["weights_notice"] = "calibrated on another copy of these weights: routing may differ"
+    header = display.status_markdown({**status, "controllers": {**status["controllers"], "bayes": bayes}})
+    assert "bayes controllers: calibrated on another copy of these weights" in header

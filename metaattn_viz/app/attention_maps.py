@@ -5,7 +5,9 @@ the mixture, under the trace's `weights`, of each expert's implicit weights over
 
     full   = causal softmax(scale q.k) over keys j <= i
     local  = softmax over the window (i - window, i] plus the first n_sink keys
-    linear = phi(q).phi(k_j) / (sum_j' phi(q).phi(k_j') + eps), phi = elu + 1
+    linear = phi(q).phi(k_j) / (sum_j' phi(q).phi(k_j') + eps), phi = the run's feature map
+             (elu + 1, or the learned map of its layer when the run's linear_map is "learned";
+             the capture carries the map the pass used)
 
 (the same maths as metaattn_kernels.reference, so pattern @ v equals the routed output:
 the tests check this). q and k come from a prefill with `capture_qk=True` whose weights were forced
@@ -17,6 +19,13 @@ the selected one (`view_positions`) and says how much of the token's attention t
 positions hold. bertviz's page loads require.js, d3 and jQuery from a CDN: the URLs are
 rewritten to the copies vendored in assets/vendor (served by the app), and the page goes
 into an `<iframe srcdoc>` because gr.HTML never runs scripts.
+
+The head and model views arrive together, one in a hidden tab. Chromium lets only one
+request for a URL fill its cache at a time, so when both frames asked for the same
+script the shown one could wait seconds on the hidden one (measured: 8 s), past
+require.js's 7 s load timeout, after which require.js gives up for good and the view
+stays blank (issue 16). So each view loads the scripts under its own URL (`urlArgs`),
+and require.js never gives up waiting (`waitSeconds: 0`).
 
 Never imports gradio or the model; works on tensors given to it.
 """
@@ -30,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from metaattn_kernels.feature_maps import FeatureMap, phi_key, phi_query
 from metaattn_viz.core.settings import FULL, LINEAR, LOCAL
 from metaattn_viz.paths import ASSETS_DIR
 
@@ -57,12 +67,14 @@ def expert_patterns(
     window: int,
     n_sink: int,
     eps: float = 1e-6,
+    feature_map: FeatureMap | None = None,
 ) -> torch.Tensor:
     """Each expert's attention weights of the query rows over all keys.
 
     q [Hq, Tq, D] at absolute positions query_pos [Tq]; k [Hkv, Tk, D] at positions 0..Tk-1
-    (grouped-query: head h reads kv head h // (Hq / Hkv)). Returns [3, Hq, Tq, Tk] float64
-    (full, linear, local), rows summing to 1 (linear: 1 - eps / (den + eps)).
+    (grouped-query: head h reads kv head h // (Hq / Hkv)); feature_map: the linear expert's
+    map of this layer (None: elu + 1). Returns [3, Hq, Tq, Tk] float64 (full, linear,
+    local), rows summing to 1 (linear: 1 - eps / (den + eps)).
     """
     hq, hkv = q.shape[0], k.shape[0]
     q64 = q.double()
@@ -74,8 +86,9 @@ def expert_patterns(
     scores = (q64 @ k64.transpose(-1, -2)) * scale  # [Hq, Tq, Tk]
     full_w = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
     local_w = torch.softmax(scores.masked_fill(~local, float("-inf")), -1)
-    phi_q = torch.nn.functional.elu(q64) + 1.0
-    phi_k = torch.nn.functional.elu(k64) + 1.0
+    # the learned key maps are per kv head: map the keys first, then repeat them per group
+    phi_q = phi_query(feature_map, q64[None])[0]
+    phi_k = phi_key(feature_map, k.double()[None])[0].repeat_interleave(hq // hkv, dim=0)
     a = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [Hq, Tq, Tk]
     lin_w = a / (a.sum(-1, keepdim=True) + eps)
     out = torch.empty((3,) + full_w.shape, dtype=torch.float64)
@@ -84,11 +97,19 @@ def expert_patterns(
 
 
 def mixed_pattern(
-    q, k, scale, query_pos, weights, window: int, n_sink: int, eps: float = 1e-6
+    q,
+    k,
+    scale,
+    query_pos,
+    weights,
+    window: int,
+    n_sink: int,
+    eps: float = 1e-6,
+    feature_map: FeatureMap | None = None,
 ) -> torch.Tensor:
     """The attention the rows actually used: sum_e weights[row, e] * pattern_e.
     weights [Tq, 3] -> [Hq, Tq, Tk] float64."""
-    pats = expert_patterns(q, k, scale, query_pos, window, n_sink, eps)  # [3, Hq, Tq, Tk]
+    pats = expert_patterns(q, k, scale, query_pos, window, n_sink, eps, feature_map)  # [3, Hq, Tq, Tk]
     w = torch.as_tensor(np.asarray(weights), dtype=torch.float64)  # [Tq, 3]
     return torch.einsum("ehqk,qe->hqk", pats, w)
 
@@ -127,17 +148,19 @@ def attention_view(
     n_sink: int,
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> AttentionView:
-    """From a capture (`qk[layer] = (q [1,Hq,T,D], k [1,Hkv,T,D], scale)` over positions
-    0..T-1, T > pos) and the trace's weights [L, T, 3]: the mixed attention among the
-    positions bertviz will show."""
+    """From a capture (`qk[layer] = (q [1,Hq,T,D], k [1,Hkv,T,D], scale[, feature map])` over
+    positions 0..T-1, T > pos; the map the pass's linear expert used, None or absent: elu + 1)
+    and the trace's weights [L, T, 3]: the mixed attention among the positions bertviz will
+    show."""
     shown = view_positions(pos, n_sink, max_tokens)
     idx = torch.tensor(shown)
     layers, mass = [], []
-    for layer, (q, k, scale) in enumerate(qk):
+    for layer, (q, k, scale, *feature_map) in enumerate(qk):
         q_rows = q[0][:, idx]  # [Hq, S, D]
         keys = k[0][:, : pos + 1]  # [Hkv, pos+1, D]
+        fm = feature_map[0] if feature_map else None
         pat = mixed_pattern(
-            q_rows, keys, float(scale), idx, weights[layer, shown], window, n_sink
+            q_rows, keys, float(scale), idx, weights[layer, shown], window, n_sink, feature_map=fm
         )  # [Hq, S, pos+1]
         sub = pat[:, :, idx]  # [Hq, S, S]
         layers.append(sub.numpy())
@@ -160,16 +183,27 @@ def _display_tokens(tokens: list[str], positions: list[int]) -> list[str]:
     return out
 
 
-def _rewrite_cdn(page: str) -> str:
+def _rewrite_cdn(page: str, view: str) -> str:
+    """bertviz's page with its scripts loaded from the app under URLs of the view's own
+    (`?view=...`), and require.js told never to give up (see the module docstring)."""
     base = vendor_base_url()
+    args = f"view={view}"
+    require_cdn = next(cdn for cdn, local in CDN_REWRITES.items() if local.startswith("requirejs"))
     for cdn, local in CDN_REWRITES.items():
-        page = page.replace(cdn, f"{base}/{local}")
+        url = f"{base}/{local}?{args}" if cdn == require_cdn else f"{base}/{local}"
+        page = page.replace(cdn, url)
     if "cdnjs.cloudflare.com" in page:  # a bertviz release with new URLs: fail loudly
         raise RuntimeError(
             "bertviz's page still points at cdnjs after rewriting; update "
             "attention_maps.CDN_REWRITES for this bertviz version"
         )
-    return page
+    tag = page.find(f"{base}/{CDN_REWRITES[require_cdn]}")
+    end = page.find("</script>", tag)
+    if tag < 0 or end < 0:
+        raise RuntimeError("bertviz's page no longer loads require.js; update attention_maps")
+    end += len("</script>")
+    config = json.dumps({"waitSeconds": 0, "urlArgs": args})
+    return f"{page[:end]}<script>require.config({config});</script>{page[end:]}"
 
 
 def _bertviz_attention(view: AttentionView) -> list[torch.Tensor]:
@@ -189,7 +223,7 @@ def head_view_page(view: AttentionView, layer: int = 0) -> str:
         prettify_tokens=False,
         html_action="return",
     )
-    return _page(_rewrite_cdn(out.data), "head view")
+    return _page(_rewrite_cdn(out.data, "head"), "head view")
 
 
 def model_view_page(view: AttentionView, layers: list[int] | None = None) -> str:
@@ -204,7 +238,7 @@ def model_view_page(view: AttentionView, layers: list[int] | None = None) -> str
         display_mode="light",
         html_action="return",
     )
-    return _page(_rewrite_cdn(out.data), "model view")
+    return _page(_rewrite_cdn(out.data, "model"), "model view")
 
 
 def _page(body: str, title: str) -> str:

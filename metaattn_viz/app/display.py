@@ -45,11 +45,17 @@ def status_markdown(status: dict) -> str:
         model = f"Model **{s['model']}** ready"
         if s["load_seconds"]:
             model += f" (loaded in {s['load_seconds']:.1f} s)"
+        runtime = s.get("runtime")
+        if runtime:
+            model += f" on {runtime['device']} ({runtime['dtype']}, {runtime['backend']} kernels)"
         if untrained:
             model += (
                 f". \u26a0 Untrained controllers: {', '.join(untrained)} (routing is "
                 "not calibrated; run `metaattn-viz calibrate`)"
             )
+        for kind, c in s["controllers"].items():
+            if c.get("weights_notice"):
+                model += f". \u26a0 {kind} controllers: {c['weights_notice']}"
     logging_ = f"runs logged to `{s['log_path']}`" if s["logging"] else f"runs not logged: {s['log_problem']}"
     line = f"{model}. {logging_}. At most {s['max_context']} tokens are routed."
     notes = [n for n in (visibility_note(s), storage_note(s), queue_note(s)) if n]

@@ -46,8 +46,8 @@ class Engine:
         self.generations = Generations(self.host, self.history, self.analysis)
 
     def status(self) -> dict:
-        """What the page header (and the /status endpoint) shows: model, controllers,
-        logging, who sees the runs and whether they last, and how many tokens are routed
+        """What the page header (and the /status endpoint) shows: model, controllers (with
+        their weights notice), where it runs, logging, who sees the runs and whether they last, and how many tokens are routed
         at most."""
         model, logging = self.host.status(), self.history.status()
         return {
@@ -55,6 +55,7 @@ class Engine:
             "model": model["model"],
             "model_error": model["model_error"],
             "controllers": model["controllers"],
+            "runtime": model.get("runtime"),  # device, dtype, attention backend (None while loading)
             **logging,
             "load_seconds": model["load_seconds"],
             "max_context": APP_MAX_CONTEXT,

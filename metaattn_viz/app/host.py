@@ -90,7 +90,8 @@ class ModelHost:
         return self._routed
 
     def status(self) -> dict:
-        """The model's part of the page header: ready, name, error, controllers."""
+        """The model's part of the page header: ready, name, error, controllers (each with
+        its weights notice), and where the passes run (device, dtype, attention backend)."""
         routed = self._routed if self._loaded.is_set() else None
         out: dict = {
             "model_ready": routed is not None,
@@ -102,8 +103,10 @@ class ModelHost:
         if routed is not None:
             out["model"] = routed.name
             out["controllers"] = {
-                k: {"trained": s.trained, "id": s.controller_id} for k, s in routed.controllers.items()
+                k: {"trained": s.trained, "id": s.controller_id, "weights_notice": routed.weights_notice(k)}
+                for k, s in routed.controllers.items()
             }
+            out["runtime"] = routed.runtime()
         return out
 
 

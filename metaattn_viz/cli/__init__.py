@@ -23,6 +23,7 @@ from metaattn_viz.core.settings import (
     DEFAULT_CONTROLLER,
     DEFAULTS,
     HEDGE_POLICIES,
+    LINEAR_MAPS,
     MIN_COST,
     SCOPES,
     RoutingSettings,
@@ -196,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(handler=_cmd_bench)
 
+    # thin: every argument goes to the training module's own parser (see main)
+    p = sub.add_parser(
+        "feature-maps",
+        add_help=False,
+        help="distil the linear expert's feature maps (python -m metaattn_viz.training.feature_maps; "
+        "`metaattn-viz feature-maps --help` for its options)",
+    )
+    p.set_defaults(handler=_cmd_feature_maps)
+
     from metaattn_viz.deploy.cli import add_deploy_parser
 
     add_deploy_parser(sub)
@@ -234,6 +244,13 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sinks", type=int, default=DEFAULTS.n_sink, help=f"attention sinks (default {DEFAULTS.n_sink})"
     )
+    p.add_argument(
+        "--linear-map",
+        default=DEFAULTS.linear_map,
+        choices=LINEAR_MAPS,
+        help="the linear expert's feature map: elu (elu + 1) or learned (the maps shipped for "
+        f"the model, assets/feature_maps/) (default {DEFAULTS.linear_map})",
+    )
 
 
 def _add_db_args(p: argparse.ArgumentParser) -> None:
@@ -258,6 +275,7 @@ def settings_from_args(args) -> RoutingSettings:
         hedge_threshold=args.hedge_threshold,
         window=args.window,
         n_sink=args.sinks,
+        linear_map=args.linear_map,
     )
 
 
@@ -436,6 +454,12 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_feature_maps(args) -> int:
+    from metaattn_viz.training.feature_maps import main as feature_maps_main
+
+    return feature_maps_main(args.rest)
+
+
 def _cmd_bench(args) -> int:
     from metaattn_viz.bench.attention import run_from_args
 
@@ -458,7 +482,11 @@ def _log_trace(trace, db) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_args, except that `feature-maps` hands what follows it to its own parser
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "feature-maps":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

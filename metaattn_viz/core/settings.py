@@ -23,6 +23,9 @@ HEDGE_POLICIES = ("off", "soft", "full")
 CONTROLLER_KINDS = ("bayes", "priorfree")
 DEFAULT_CONTROLLER = CONTROLLER_KINDS[0]
 UNCERTAINTY_MEASURES = ("total", "aleatoric", "epistemic", "vacuity")
+# The linear expert's feature map (docs/method.md, Experts): "elu" is phi = elu + 1, fixed;
+# "learned" is the per-layer Hedgehog map shipped for the model (routing/linear_maps.py).
+LINEAR_MAPS = ("elu", "learned")
 
 
 def _finite(
@@ -81,6 +84,9 @@ class RoutingSettings:
     dual_step: decode-time dual-ascent step, lambda += dual_step * (cost_t - budget).
     backend: expert kernels, "auto" (Triton on CUDA, fast PyTorch on CPU), "cpu",
         "triton" or "reference".
+    linear_map: the linear expert's feature map, "elu" (elu + 1) or "learned" (the maps
+        distilled for this model, docs/method.md, Experts). The default stays "elu" because
+        the shipped controllers were calibrated with it.
     """
 
     budget: float | None = 0.5
@@ -93,6 +99,7 @@ class RoutingSettings:
     lam: float | None = None
     dual_step: float = 1.0
     backend: str = "auto"
+    linear_map: str = "elu"
 
     def __post_init__(self):
         if self.budget is not None:
@@ -114,6 +121,8 @@ class RoutingSettings:
         object.__setattr__(self, "dual_step", _finite("dual_step", self.dual_step, 0.0, 100.0))
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.linear_map not in LINEAR_MAPS:
+            raise ValueError(f"linear_map must be one of {', '.join(LINEAR_MAPS)}, got {self.linear_map!r}")
 
     def with_(self, **changes) -> RoutingSettings:
         return replace(self, **changes)
@@ -141,6 +150,7 @@ __all__ = [
     "SCOPES",
     "HEDGE_POLICIES",
     "BACKENDS",
+    "LINEAR_MAPS",
     "UNCERTAINTY_MEASURES",
     "COSTS",
     "EXPERTS",

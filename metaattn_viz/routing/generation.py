@@ -2,7 +2,8 @@
 extending one routing trace in place (docs/method.md, "Decoding").
 
 Decoding starts from the prefill's lambdas (the budget policy then follows the running cost
-by dual ascent) and its linear experts' states; the KV cache is the prefill's, sized for the
+by dual ascent) and its linear experts' states (each with the feature map it was built
+with); the KV cache is the prefill's, sized for the
 prompt plus the new tokens. Sampling is greedy at temperature 0, else temperature and
 nucleus (top-p) sampling from a seeded generator; generation stops at an EOS token, after
 ``max_new_tokens``, or when ``stop_event`` is set.

@@ -6,10 +6,13 @@ every token to full, linear or local attention through the meta-controller
 ``controller.KINDS``), installs the routing into the model (routing/session.py), and offers
 the passes: ``prefill`` (routing/prefill.py, with the global scope's pilot pass), ``stream``
 and ``route`` (routing/generation.py), ``reroute`` (the same text under new settings) and
-``dense_logits`` (the unrouted model). The routing *policy* lives in policies.py, budget.py
-and controller.py; the *mechanics* (experts) in the kernels package. ``load`` places the
-model and its controllers on a device and dtype (routing/device.py: auto is CUDA in bfloat16
-where there is a GPU, else CPU float32); ``runtime`` reports where it runs.
+``dense_logits`` (the unrouted model). The linear expert's learned feature maps shipped for
+the model are loaded next to the controllers (routing/linear_maps.py); a session whose
+settings say ``linear_map="learned"`` hands them to the kernels. The routing *policy* lives
+in policies.py, budget.py and controller.py; the *mechanics* (experts) in the kernels
+package. ``load`` places the model, its controllers and its maps on a device and dtype
+(routing/device.py: auto is CUDA in bfloat16 where there is a GPU, else CPU float32);
+``runtime`` reports where it runs.
 
 Names other packages import from here (kept here, or re-exported): RoutedModel, Sampling,
 TrainRouting, kl_per_token, PILOT_TOKENS, GLOBAL_COST_TOLERANCE, register_attention,
@@ -30,11 +33,12 @@ import torch
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing import device as device_mod
-from metaattn_viz.routing import generation
+from metaattn_viz.routing import generation, linear_maps
 from metaattn_viz.routing import prefill as prefill_mod
 from metaattn_viz.routing.controller import KINDS, ControllerStack, load_for_model
 from metaattn_viz.routing.fingerprint import fingerprint_notice
 from metaattn_viz.routing.generation import Sampling
+from metaattn_viz.routing.loading import slugify
 from metaattn_viz.routing.policies import Baseline, TrainRouting
 from metaattn_viz.routing.prefill import GLOBAL_COST_TOLERANCE, PILOT_TOKENS, PrefillResult
 from metaattn_viz.routing.session import ATTN_NAME, Session, active, install, register_attention
@@ -63,6 +67,7 @@ class RoutedModel:
         name: str = "model",
         controller_sources: dict | None = None,
         weights_fingerprint: str | None = None,
+        feature_maps: linear_maps.MapChoice | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -71,11 +76,17 @@ class RoutedModel:
         self.controller_sources = controller_sources or {}
         # the loaded weights' fingerprint (None: a model handed over, not loaded here)
         self.weights_fingerprint = weights_fingerprint
+        self.slug = slugify(name)
+        # the linear expert's learned maps (one per layer, on the model's device), or None
+        # with the reason in feature_maps_source; "learned" sessions need them
+        choice = feature_maps or linear_maps.MapChoice(None, "none given")
+        self.feature_maps_source = choice.source
         cfg = model.config
         self.n_layers: int = cfg.num_hidden_layers
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.placement = device_mod.placement_of(self.model)
+        self.feature_maps = linear_maps.place(choice.maps, self.device)
         # the kernel backend of sessions whose settings leave it at "auto" (--backend)
         self.backend = "auto"
         install(self.model, self.n_layers)
@@ -94,6 +105,7 @@ class RoutedModel:
         self.model.to(device=placement.torch_device, dtype=placement.torch_dtype)
         for stack in self.controllers.values():
             stack.to(placement.torch_device)
+        self.feature_maps = linear_maps.place(self.feature_maps, placement.torch_device)
         self.placement = placement
         return self
 
@@ -126,25 +138,31 @@ class RoutedModel:
         device: str | None = None,
         dtype: str | None = None,
         backend: str | None = None,
+        feature_maps_dir=None,
     ) -> RoutedModel:
-        """Load the model (routing/loading.py) and its controllers (shipped ones, else
-        untrained), placed on ``device`` in ``dtype`` with ``backend`` (``place``). The
-        placement is checked first: CUDA asked for without one fails before the model loads."""
+        """Load the model (routing/loading.py), its controllers (shipped ones, else
+        untrained) and its learned feature maps (shipped ones, else none), placed on
+        ``device`` in ``dtype`` with ``backend`` (``place``). The placement is checked
+        first: CUDA asked for without one fails before the model loads."""
         from metaattn_viz.routing import loading as model_loading
 
         device_mod.resolve_backend(device_mod.parse_backend(backend), device_mod.resolve(device, dtype))
         loaded = model_loading.load(model)
-        return cls.from_loaded(loaded, controllers_dir).place(device, dtype, backend)
+        return cls.from_loaded(loaded, controllers_dir, feature_maps_dir).place(device, dtype, backend)
 
     @classmethod
-    def from_loaded(cls, loaded, controllers_dir: dict | None = None) -> RoutedModel:
+    def from_loaded(cls, loaded, controllers_dir: dict | None = None, feature_maps_dir=None) -> RoutedModel:
+        """A RoutedModel of a loaded model (routing/loading.py) with the controllers and
+        feature maps shipped for its slug, or those in ``controllers_dir`` (kind -> folder)
+        and ``feature_maps_dir``."""
         controllers, sources = {}, {}
         for kind in KINDS:
             folder = (controllers_dir or {}).get(kind)
             choice = load_for_model(loaded.model.config, loaded.slug, kind, folder)
             controllers[kind], sources[kind] = choice.stack, choice.source
         fingerprint = getattr(loaded, "weights_fingerprint", None)
-        return cls(loaded.model, loaded.tokenizer, controllers, loaded.name, sources, fingerprint)
+        maps = linear_maps.load_for_model(loaded.model.config, loaded.slug, feature_maps_dir)
+        return cls(loaded.model, loaded.tokenizer, controllers, loaded.name, sources, fingerprint, maps)
 
     def weights_notice(self, kind: str) -> str | None:
         """What to tell the user when the `kind` controllers were calibrated on another copy of
@@ -155,6 +173,12 @@ class RoutedModel:
             return None
         return fingerprint_notice((stack.meta or {}).get("weights_fingerprint"), self.weights_fingerprint)
 
+    def linear_maps_for(self, settings: RoutingSettings) -> list | None:
+        """The per-layer feature maps of the linear expert under these settings: None for
+        linear_map "elu"; this model's learned maps for "learned" (ValueError when it has
+        none, naming the setting)."""
+        return linear_maps.select(settings.linear_map, self.feature_maps, self.slug, self.feature_maps_source)
+
     def controller(self, kind: str) -> ControllerStack:
         if kind not in self.controllers:
             raise ValueError(f"controller must be one of {sorted(self.controllers)}, got {kind!r}")
@@ -164,11 +188,14 @@ class RoutedModel:
     def session(
         self, settings: RoutingSettings, controller: str | ControllerStack = DEFAULT_CONTROLLER, **kwargs: Any
     ) -> Iterator[Session]:
-        """A routing session for the block, in this thread (arguments: session.Session)."""
+        """A routing session for the block, in this thread (arguments: session.Session); its
+        linear expert uses the feature maps ``settings.linear_map`` selects
+        (``linear_maps_for``)."""
         stack = controller if isinstance(controller, ControllerStack) else self.controller(controller)
         if settings.backend == "auto" and self.backend != "auto":
             settings = settings.with_(backend=self.backend)
-        with active(Session(self.n_layers, stack, settings, **kwargs)) as sess:
+        maps = self.linear_maps_for(settings)
+        with active(Session(self.n_layers, stack, settings, feature_maps=maps, **kwargs)) as sess:
             yield sess
 
     # -- passes -----------------------------------------------------------------------------

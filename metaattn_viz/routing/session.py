@@ -9,8 +9,12 @@ plain SDPA, so the model behaves exactly as before (``model.generate`` keeps wor
 its KV cache). Sessions are thread-local, so several requests can share one model.
 
 A session carries the settings, the controllers, the routing policy (routing/policies.py:
-which mode decides the weights), the linear experts' recurrent state per layer, and the
-records of every decision. Phases are told apart by shapes: a forward whose keys are as
+which mode decides the weights), the linear expert's feature map per layer (None: elu + 1;
+else the learned maps the model handed over, docs/method.md, Experts), the linear experts'
+recurrent state per layer, and the records of every decision. A linear state keeps the
+map it was built with: it is stored with it, and catching it up or reading it out always
+uses that map, also in a later session that carries the state over (decoding after a
+prefill). Phases are told apart by shapes: a forward whose keys are as
 many as its queries is a prefill; one with a cache is a decode step. A one-token decode
 step of a policy with ``fast_decode`` is decided apart from the batched path: on CPU
 float32 in plain Python (numpy controller, ``decide_one``, ``decode_step``) because a dozen
@@ -34,6 +38,7 @@ import torch
 
 import metaattn_kernels.dispatch as kernels
 from metaattn_kernels.decode import decode_step, linear_state_upto
+from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing.controller import ControllerStack
@@ -154,9 +159,11 @@ class Session:
     routing policy is chosen once from the arguments: ``train`` (mode "train"), else a
     baseline ``policy`` (a function, see policies.Baseline), else ``forced_weights`` ([L]
     tensors [B, T, K]), else the budget (``lam``: lambdas per layer to start from, e.g. the
-    global scope's or a prefill's). ``capture_qk`` keeps every layer's q and k (attention
-    maps); ``diagnose`` also runs full attention and records the relative error of the
-    output actually used, ||o_used - o_full|| / ||o_full|| per decision.
+    global scope's or a prefill's). ``feature_maps``: the linear expert's map per layer
+    (None: elu + 1). ``capture_qk`` keeps every layer's (q, k, scaling, feature map of its
+    linear expert) for the attention maps; ``diagnose`` also runs full attention and records
+    the relative error of the output actually used, ||o_used - o_full|| / ||o_full|| per
+    decision.
     """
 
     def __init__(
@@ -171,6 +178,7 @@ class Session:
         capture_qk: bool = False,
         policy: Baseline | None = None,
         diagnose: bool = False,
+        feature_maps: list[FeatureMap] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -196,9 +204,15 @@ class Session:
         # Budget 1: every decision is full attention, which is exactly the dense model
         self._sdpa = self.routing.sdpa_when_dense and settings.dense and not capture_qk
         self._backend = self.routing.backend or settings.backend
+        if feature_maps is not None and len(feature_maps) != n_layers:
+            raise ValueError(
+                f"feature_maps must hold one map per layer ({n_layers}), got {len(feature_maps)}"
+            )
+        self.feature_maps = feature_maps
         self.x: list[torch.Tensor | None] = [None] * n_layers
         self.h: list[torch.Tensor | None] = [None] * n_layers
-        self.lin_state: list = [None] * n_layers  # per layer: (S, z, n keys summarised) or None
+        # per layer: (S, z, n keys summarised, the feature map it was built with) or None
+        self.lin_state: list = [None] * n_layers
         self.qk: list = [None] * n_layers
         self.records: list[list[Any]] = [[] for _ in range(n_layers)]
 
@@ -239,19 +253,34 @@ class Session:
             beta = self.controller.concentration(layer, h, x, positions)  # [B, Tq, K]
             weights, rec = routing.decide(layer, beta, offset, x)
 
-        state = self.lin_state[layer]  # (S, z, n): the linear expert's state after n keys
+        # (S, z, n, map): the linear expert's state after n keys, and the map it was built
+        # with, which it keeps (a state summed with one map cannot be read with another)
+        held = self.lin_state[layer]
+        fm = self.feature_maps[layer] if self.feature_maps is not None else None
+        state = None
+        if held is not None:
+            state, fm = held[:3], held[3]
         if self._sdpa:
             y = _sdpa(q, k, v, scaling)
             self.lin_state[layer] = None
         elif host and not self.capture_qk and kernels.resolve_backend(s.backend, q) == "cpu":
-            y, self.lin_state[layer] = decode_step(
-                q, k, v, weights_one, window=s.window, n_sink=s.n_sink, scale=scaling, state=state
+            y, stepped = decode_step(
+                q,
+                k,
+                v,
+                weights_one,
+                window=s.window,
+                n_sink=s.n_sink,
+                scale=scaling,
+                state=state,
+                feature_map=fm,
             )
+            self.lin_state[layer] = None if stepped is None else (*stepped, fm)
         else:
             if host:
                 weights = torch.tensor(weights_one, dtype=q.dtype, device=q.device).view(1, 1, K)
             if state is not None and state[2] != offset:  # stale (decode steps that skipped it)
-                state = linear_state_upto(state, k, v, offset) if state[2] < offset else None
+                state = linear_state_upto(state, k, v, offset, fm) if state[2] < offset else None
             y, new_state = kernels.routed_attention(
                 q,
                 k,
@@ -262,10 +291,11 @@ class Session:
                 scale=scaling,
                 linear_state=None if state is None else state[:2],
                 backend=self._backend,
+                feature_map=fm,
             )
-            self.lin_state[layer] = (*new_state, Tk)
+            self.lin_state[layer] = (*new_state, Tk, fm)
         if self.capture_qk:
-            self.qk[layer] = (q.detach(), k.detach(), scaling)
+            self.qk[layer] = (q.detach(), k.detach(), scaling, fm)
         if self.diagnose and rec is not None:
             rec = as_dict(rec)
             full = _sdpa(q, k, v, scaling)

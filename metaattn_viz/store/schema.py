@@ -5,8 +5,10 @@ Tables (schema version in `schema_version`; older databases are migrated on open
 
 - `runs`    one row per run: status, kind, model, controller, every RoutingSettings field
             (`window` is stored as `local_window`, `lam` as `fixed_lam`), prompt, output text,
-            n_tokens, realized_cost, flops_ratio, wall_ms, timings (JSON), error, and owner
-            (who made it: a visitor's key from owners.py; NULL for the CLI and old rows).
+            n_tokens, realized_cost, flops_ratio, wall_ms, timings (JSON), error, owner
+            (who made it: a visitor's key from owners.py; NULL for the CLI and old rows),
+            and linear_map (added by version 3; rows logged before it read 'elu', the only
+            linear expert there was).
             Status: `running` while it streams, then `done`, `stopped` (the user stopped
             it), `failed` (an error), or `interrupted` (the process writing it ended or
             closed the log mid-run).
@@ -23,7 +25,7 @@ Each data table has ONE definition, its column list (RUNS_COLUMNS, TOKENS_COLUMN
 ROUTES_COLUMNS): the DDL of the migrations and the Arrow schemas the writer builds its
 tables with are both derived from it. A migration is frozen: never change a column that
 has shipped; a later version appends `Column(..., since=N)` and adds
-(N, ("ALTER TABLE runs ADD COLUMN ...",)) to MIGRATIONS, which runs inside the
+(N, add_columns("runs", RUNS_COLUMNS, N)) to MIGRATIONS, which runs inside the
 transaction that records its version. The statuses are versioned the same way
 (STATUS_SINCE): DuckDB cannot alter a CHECK constraint, so a version that allows a new
 status rebuilds `runs` (`rebuild_table`), and each migration's CHECK lists the statuses
@@ -58,6 +60,7 @@ SETTINGS_COLUMNS = {
     "lam": "fixed_lam",
     "dual_step": "dual_step",
     "backend": "backend",
+    "linear_map": "linear_map",
 }
 # dirichlet.uncertainties measure -> routes column.
 UNCERTAINTY_COLUMNS = {
@@ -137,6 +140,8 @@ RUNS_COLUMNS: tuple[Column, ...] = (
     Column("pid", "INTEGER"),
     Column("host", "VARCHAR"),
     Column("owner", "VARCHAR", since=2),  # owners.py; NULL: the CLI, or logged before v2
+    # RoutingSettings.linear_map; the default is what every run before v3 used
+    Column("linear_map", "VARCHAR", "DEFAULT 'elu'", since=3),
 )
 TOKENS_COLUMNS: tuple[Column, ...] = (
     Column("run_id", "VARCHAR", NN),
@@ -187,6 +192,12 @@ def create_table(name: str, columns: tuple[Column, ...], version: int = 1) -> st
     return f"CREATE TABLE {name} (\n  {body})"
 
 
+def add_columns(name: str, columns: tuple[Column, ...], version: int) -> tuple[str, ...]:
+    """ALTER TABLE ... ADD COLUMN for the columns that schema `version` added to table
+    `name`; existing rows take each column's DEFAULT (NULL without one)."""
+    return tuple(f"ALTER TABLE {name} ADD COLUMN {c.sql(version)}" for c in columns if c.since == version)
+
+
 def rebuild_table(name: str, columns: tuple[Column, ...], version: int) -> tuple[str, ...]:
     """The statements that rebuild table `name` as schema `version` defines it (every
     column up to that version, its constraints), keeping its rows; the columns new in
@@ -233,6 +244,8 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
     ),
     # The status `stopped` (a user's stop, apart from `interrupted`) and the run's owner.
     (2, rebuild_table("runs", RUNS_COLUMNS, 2)),
+    # The linear expert's feature map of a run (RoutingSettings.linear_map).
+    (3, add_columns("runs", RUNS_COLUMNS, 3)),
 ]
 
 

@@ -7,10 +7,16 @@ Spearman correlation between a decision's uncertainty and the relative error of 
 it used, ||o_used - o_full|| / ||o_full||, and the AUROC of uncertainty for the decisions
 in the worst 10 % of that error.
 
-Policies: the Bayesian and prior-free controllers (budgets and the unbudgeted argmax),
-all-local, all-linear, random routing at the same budget, and salience top-k (the tokens
-with the largest residual norm get full attention, the rest local; a Mixture-of-Depths-
-like baseline). Baselines share the budget's cost through `budget_shares`.
+Every row also reports its routing variety: the share of decisions that differ from their
+layer's majority expert (0 for any static per-layer map; how token-dependent routing is).
+
+Policies: the Bayesian and prior-free controllers (budgets and the unbudgeted argmax), and
+the baselines of training/baselines.py: all-local, all-linear, random routing at the same
+budget, salience top-k (a Mixture-of-Depths-like baseline), the static per-layer map and
+its greedy DuoAttention-style twin calibrated on the calibration split
+(training/layer_maps.py), and the oracle per-token router at equal cost, the ceiling
+(training/oracle.py; it reads the validation text's own errors). Baselines run below
+budget 1 only (at 1 they are the dense model).
 Never imports gradio or the store; computes no FLOPs or uncertainty of its own
 (metaattn_kernels.flops and core.dirichlet do).
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,63 +35,48 @@ from metaattn_kernels.flops import attention_flops_ratio
 from metaattn_viz.core.dirichlet import uncertainties
 from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL, K
 from metaattn_viz.core.settings import DEFAULTS, RoutingSettings
-from metaattn_viz.routing.budget import Decisions
 from metaattn_viz.routing.controller import KINDS
 from metaattn_viz.routing.model import RoutedModel, kl_per_token
 from metaattn_viz.training import data as data_mod
+from metaattn_viz.training import layer_maps, oracle
+from metaattn_viz.training.baselines import (  # re-exported: app/analysis.py and tests import them here
+    budget_shares,
+    layer_map_policy,
+    random_policy,
+    routes_policy,
+    salience_policy,
+    static_policy,
+    units_within,
+)
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_SEQ_LEN",
+    "auroc",
+    "budget_shares",
+    "evaluate",
+    "flops_ratio",
+    "random_policy",
+    "routing_variety",
+    "run_policy",
+    "salience_policy",
+    "static_policy",
+]
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_MAX_TOKENS = 4096  # validation tokens scored
 DEFAULT_SEQ_LEN = 256  # window length
 
 
-def budget_shares(budget: float) -> tuple[int, int, float]:
-    """A two-expert mix meeting the budget: (expensive, cheap, share of expensive).
-    Full + local above the local cost, local + linear below it."""
-    if budget >= COSTS[LOCAL]:
-        return FULL, LOCAL, (budget - COSTS[LOCAL]) / (COSTS[FULL] - COSTS[LOCAL])
-    return LOCAL, LINEAR, (budget - COSTS[LINEAR]) / (COSTS[LOCAL] - COSTS[LINEAR])
-
-
-def _decisions(routes: torch.Tensor) -> Decisions:
-    w = torch.nn.functional.one_hot(routes, K).float()
-    return Decisions(routes, w, torch.zeros_like(routes, dtype=torch.bool), torch.tensor(COSTS)[routes])
-
-
-def static_policy(expert: int):
-    def policy(layer, x, m, unc):
-        return _decisions(torch.full((m.shape[0],), expert, dtype=torch.long))
-
-    return policy
-
-
-def random_policy(budget: float, seed: int):
-    hi, lo, share = budget_shares(budget)
-    gen = torch.Generator().manual_seed(seed)
-
-    def policy(layer, x, m, unc):
-        n = m.shape[0]
-        k = int(round(share * n))
-        pick = torch.randperm(n, generator=gen)[:k]
-        routes = torch.full((n,), lo, dtype=torch.long)
-        routes[pick] = hi
-        return _decisions(routes)
-
-    return policy
-
-
-def salience_policy(budget: float):
-    hi, lo, share = budget_shares(budget)
-
-    def policy(layer, x, m, unc):
-        sal = x.float().norm(dim=-1).reshape(-1)  # [N]
-        n = sal.shape[0]
-        k = int(round(share * n))
-        routes = torch.full((n,), lo, dtype=torch.long)
-        routes[sal.topk(k).indices] = hi
-        return _decisions(routes)
-
-    return policy
+def routing_variety(routes: np.ndarray) -> float:
+    """Share of decisions that differ from their layer's majority expert. routes [L, ...]:
+    the expert index of every decision, layer first."""
+    per_layer = routes.reshape(routes.shape[0], -1)
+    if per_layer.size == 0:
+        return 0.0
+    majority = sum(int(np.bincount(r, minlength=K).max()) for r in per_layer)
+    return 1.0 - majority / per_layer.size
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -111,13 +103,20 @@ def run_policy(
     policy=None,
     diagnose: bool = False,
 ) -> dict:
+    """One row's measurements over the windows [n, T]. ``policy``: None (the controller
+    routes under the settings), a baseline router, or a list of them, one per window."""
     nll, kl, n = 0.0, 0.0, 0
-    weights, costs, ent, unc_total, unc_epi, rel_err = [], [], [], [], [], []
+    weights, costs, routes, ent, unc_total, unc_epi, rel_err = [], [], [], [], [], [], []
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1]
         # a baseline's policy overrides the routes; the controller only has to run
         res = routed.prefill(
-            ids, settings, controller or KINDS[0], use_cache=False, policy=policy, diagnose=diagnose
+            ids,
+            settings,
+            controller or KINDS[0],
+            use_cache=False,
+            policy=policy[i] if isinstance(policy, list) else policy,
+            diagnose=diagnose,
         )
         logits = res.logits[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
@@ -126,6 +125,7 @@ def run_policy(
         rec = res.records
         weights.append(rec["weights"])
         costs.append(rec["cost"])
+        routes.append(rec["routes"])
         # the torch path in float64: the numbers in docs/results.md were computed with it
         u = uncertainties(torch.from_numpy(rec["beta"]).double())
         h = u["total"].numpy()
@@ -135,7 +135,7 @@ def run_policy(
             unc_epi.append(u["epistemic"].numpy().ravel())
             rel_err.append((rec["rel_error"], rec["routes"]))
     w = np.concatenate(weights, 1)
-    row = {
+    row: dict[str, Any] = {
         "ppl": math.exp(nll / n),
         "kl_to_dense": kl / n,
         "realized_cost": float(np.concatenate(costs, 1).mean()),
@@ -143,27 +143,99 @@ def run_policy(
             w, windows.shape[1], routed.head_dim, settings.window, settings.n_sink
         ),
         "routing_entropy": float(np.concatenate(ent, 1).mean()) * 100 if controller else None,
+        "routing_variety": routing_variety(np.concatenate(routes, 1)),
         "expert_shares": {e: float(w[..., k].mean()) for k, e in enumerate(EXPERTS)},
         "tokens": int(n),
     }
     if diagnose:
         err = np.concatenate([np.asarray(e).ravel() for e, _ in rel_err])
-        routes = np.concatenate([r.ravel() for _, r in rel_err])
-        u = np.concatenate(unc_total)
+        routes_all = np.concatenate([r.ravel() for _, r in rel_err])
+        total = np.concatenate(unc_total)
         epi = np.concatenate(unc_epi)
         worst = err >= np.quantile(err, 0.9)
-        cheap = routes != FULL
-        row["uncertainty"] = {
-            "spearman_total": float(stats.spearmanr(u, err).statistic),
-            "auroc_total_worst10": auroc(u, worst),
+        cheap = routes_all != FULL
+        diagnosis: dict[str, float | int | None] = {
+            "spearman_total": float(stats.spearmanr(total, err).statistic),
+            "auroc_total_worst10": auroc(total, worst),
             "spearman_epistemic": float(stats.spearmanr(epi, err).statistic),
             "auroc_epistemic_worst10": auroc(epi, worst),
-            "spearman_total_cheap_only": float(stats.spearmanr(u[cheap], err[cheap]).statistic)
+            "spearman_total_cheap_only": float(stats.spearmanr(total[cheap], err[cheap]).statistic)
             if cheap.sum() > 2
             else None,
             "decisions": int(err.size),
         }
+        row["uncertainty"] = diagnosis
     return row
+
+
+def _calibration_windows(routed: RoutedModel, split, seq_len: int, n: int) -> torch.Tensor:
+    """The first `n` windows of the calibration split (the training articles)."""
+    return data_mod.windows(routed.tokenizer, split.train, seq_len, "calibration")[:n]
+
+
+def _new_baselines(routed, split, val, budgets, settings, calib_windows: int) -> list:
+    """Plan entries (name, budget, make) of the layer maps and the oracle at the budgets
+    below 1; ``make()`` -> (policy, extra row fields) runs their calibration or errors pass
+    the first time a row needs it, and the results are reused across budgets."""
+    cache: dict = {}
+    n_layers = routed.n_layers
+
+    def calibrator() -> layer_maps.LayerMapCalibrator:
+        if "maps" not in cache:
+            windows = _calibration_windows(routed, split, val.shape[1], calib_windows)
+            cache["maps"] = layer_maps.LayerMapCalibrator(routed, windows, settings)
+        return cache["maps"]
+
+    def static(b):
+        cal = calibrator()
+        experts = layer_maps.static_map(cal.ranking(), b)
+        assert experts is not None
+        info = {
+            **cal.describe(),
+            "layer_kl_alone_local": cal.sensitivity(),
+            "ranking": cal.ranking(),
+            "passes": n_layers,
+        }
+        return layer_map_policy(experts), {"layer_experts": layer_maps.describe(experts), "calibration": info}
+
+    # the greedy runs its rounds once, up to the largest evaluated budget's count of full layers
+    n_full = max((layer_maps.full_layers(b, n_layers) or 0 for b in budgets if b < 1.0), default=0)
+
+    def greedy(b):
+        cal = calibrator()
+        order, order_kl = cal.greedy_order(n_full)
+        experts = layer_maps.greedy_map(order, b, n_layers)
+        assert experts is not None
+        info = {**cal.describe(), "order": order, "kl_after_each": order_kl, "passes": cal.greedy_passes}
+        return layer_map_policy(experts), {"layer_experts": layer_maps.describe(experts), "calibration": info}
+
+    def errors() -> list:
+        if "errors" not in cache:
+            cache["errors"] = [
+                oracle.expert_errors(routed.model, val[i : i + 1], settings.window, settings.n_sink)
+                for i in range(val.shape[0])
+            ]
+        return cache["errors"]
+
+    def oracle_policy(b):
+        policies = []
+        for local_err, linear_err in errors():  # [L, 1, T] each
+            routes = oracle.oracle_routes(local_err[:, 0], linear_err[:, 0], b)
+            assert routes is not None
+            policies.append(routes_policy(routes))
+        return policies, {"oracle": True, "errors_from": oracle.ERRORS_FROM}
+
+    plan = []
+    for b in budgets:
+        if b >= 1.0:
+            continue
+        if units_within(b, n_layers) is None:  # below the cheapest cost: no baseline meets it
+            continue
+        plan.append(("static-layers", b, lambda b=b: static(b)))
+        if layer_maps.full_layers(b, n_layers) is not None:  # full + local only
+            plan.append(("greedy-layers", b, lambda b=b: greedy(b)))
+        plan.append(("oracle-tokens", b, lambda b=b: oracle_policy(b)))
+    return plan
 
 
 def evaluate(
@@ -179,7 +251,10 @@ def evaluate(
     progress=None,
     scope: str = DEFAULTS.scope,
     baselines: bool = True,
+    calib_windows: int = layer_maps.DEFAULT_CALIB_WINDOWS,
 ) -> list[dict]:
+    """The rows of every policy at every budget (module docstring); ``calib_windows``:
+    calibration windows the layer maps are measured on."""
     split = data_mod.load_split(data_path)
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")
     val = val[: max(1, max_tokens // seq_len)]
@@ -200,26 +275,35 @@ def evaluate(
         "n_sink": n_sink,
         "scope": scope,
     }
-    plan = []
+
+    def fixed(policy):
+        return lambda: (policy, {})
+
+    plan = []  # (row name, budget, controller or None, make() -> (policy, extra row fields))
     for c in controllers:
         for b in list(budgets) + [None]:
-            plan.append((c, b, c, None))
+            plan.append((c, b, c, fixed(None)))
     if baselines:
-        plan.append(("all-local", COSTS[LOCAL], None, static_policy(LOCAL)))
-        plan.append(("all-linear", COSTS[LINEAR], None, static_policy(LINEAR)))
+        plan.append(("all-local", COSTS[LOCAL], None, fixed(static_policy(LOCAL))))
+        plan.append(("all-linear", COSTS[LINEAR], None, fixed(static_policy(LINEAR))))
     for b in budgets if baselines else ():
         if b < 1.0:
-            plan.append(("random", b, None, random_policy(b, seed)))
-            plan.append(("salience-topk", b, None, salience_policy(b)))
+            plan.append(("random", b, None, fixed(random_policy(b, seed))))
+            plan.append(("salience-topk", b, None, fixed(salience_policy(b))))
+    if baselines:
+        new = _new_baselines(routed, split, val, budgets, base, calib_windows)
+        plan += [(name, b, None, make) for name, b, make in new]
     rows = []
-    for name, b, ctrl, policy in plan:
+    for name, b, ctrl, make in plan:
         settings = base.with_(budget=b) if ctrl else base.with_(budget=None)
         diagnose = name == "bayes" and b is None
+        policy, extra = make()
         row = {
             "controller": name,
             "budget": b,
             **run_policy(routed, val, dense_logits, settings, ctrl, policy, diagnose),
             **common,
+            **extra,
         }
         if ctrl:
             stack = routed.controller(ctrl)

@@ -1,0 +1,231 @@
+"""The evaluation's baselines of issue 14 (training/baselines.py, layer_maps.py, oracle.py) and
+the routing-variety column, on tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import routed_tiny
+
+from metaattn_viz.core.experts import COSTS, FULL, LINEAR, LOCAL
+from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.routing.model import kl_per_token
+from metaattn_viz.training import layer_maps, oracle
+from metaattn_viz.training.baselines import layer_map_policy, routes_policy, units_within
+from metaattn_viz.training.evaluate import evaluate, routing_variety
+from metaattn_viz.training.report import tables
+
+EXCERPT = Path(__file__).resolve().parent / "data" / "wikitext2_excerpt.txt"
+WINDOW, N_SINK, SEQ = 8, 2, 48
+SETTINGS = RoutingSettings(window=WINDOW, n_sink=N_SINK)
+NEW = ("static-layers", "greedy-layers", "oracle-tokens")
+
+
+def _ids(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _one_layer_matters(layer: int, n_layers: int = 4):
+    """A tiny model whose attention output is zero in every layer but `layer`: only that
+    layer's routing can change the logits."""
+    r = routed_tiny(seed=1, num_hidden_layers=n_layers)
+    with torch.no_grad():
+        for i, block in enumerate(r.model.model.layers):
+            if i != layer:
+                block.self_attn.o_proj.weight.zero_()
+            else:
+                block.self_attn.o_proj.weight.mul_(4.0)
+    return r
+
+
+def _kl_of_map(r, ids, experts) -> float:
+    """KL to dense of a layer map, through forced weights (not the calibrator's baseline path)."""
+    total, n = 0.0, 0
+    for i in range(ids.shape[0]):
+        row = ids[i : i + 1]
+        forced = [torch.nn.functional.one_hot(torch.full((1, SEQ), e), 3).float() for e in experts]
+        res = r.prefill(row, SETTINGS, forced_weights=forced, use_cache=False)
+        dense = r.dense_logits(row)
+        total += float(kl_per_token(dense[0, :-1], res.logits[0, :-1]).sum())
+        n += SEQ - 1
+    return total / n
+
+
+def test_routing_variety_by_hand():
+    # layer 0: majority full, one decision differs; layer 1: a 2-2 tie, two differ
+    routes = np.array([[[FULL, FULL, LOCAL, FULL]], [[LOCAL, LINEAR, LINEAR, LOCAL]]])  # [L, B, T]
+    assert routing_variety(routes) == pytest.approx(3 / 8)
+    assert routing_variety(np.full((3, 2, 5), LOCAL)) == 0.0
+    # the majority is per layer: stripes of different experts vary not at all
+    assert routing_variety(np.array([[FULL] * 4, [LOCAL] * 4, [LINEAR] * 4])) == 0.0
+
+
+def test_units_within_never_exceeds_the_budget():
+    for n in (1, 3, 30, 7680):
+        for b in np.linspace(COSTS[LINEAR], 1.0, 61):
+            hi, lo, k = units_within(float(b), n)
+            cost = (k * COSTS[hi] + (n - k) * COSTS[lo]) / n
+            assert cost <= b + 1e-9
+            assert cost > b - (COSTS[hi] - COSTS[lo]) / n - 1e-9  # no unit left unspent
+    assert units_within(0.5, 30) == (FULL, LOCAL, 8)  # (8 + 22 * 0.3) / 30 = 0.4867
+    assert units_within(0.1, 30) is None
+
+
+def test_static_ranking_puts_the_one_layer_that_matters_first():
+    r = _one_layer_matters(2)
+    ids = _ids()
+    cal = layer_maps.LayerMapCalibrator(r, ids, SETTINGS)
+    s = cal.sensitivity()
+    assert cal.ranking()[0] == 2
+    assert s[2] > 1e-3
+    assert max(s[i] for i in (0, 1, 3)) < 1e-6  # their attention never reaches the logits
+    # the sensitivities are the KLs of "this layer alone local", measured another way
+    for layer in range(4):
+        experts = [LOCAL if j == layer else FULL for j in range(4)]
+        assert s[layer] == pytest.approx(_kl_of_map(r, ids, experts), rel=1e-4, abs=1e-7)
+    assert cal.passes == 4
+    cal.ranking()
+    assert cal.passes == 4  # cached: the budgets reuse one ranking
+    # at budget 0.5 with 4 layers one layer is full, (1 + 3 * 0.3) / 4 = 0.475: the one that matters
+    assert layer_maps.static_map(cal.ranking(), 0.5) == [LOCAL, LOCAL, FULL, LOCAL]
+    # below the local cost the most sensitive layer keeps local, the rest go linear
+    below = layer_maps.static_map(cal.ranking(), 0.2)
+    assert below == [LINEAR, LINEAR, LOCAL, LINEAR]
+
+
+def test_static_ranking_follows_the_measured_kl_on_a_random_model():
+    r = routed_tiny(seed=4, num_hidden_layers=4)
+    cal = layer_maps.LayerMapCalibrator(r, _ids(seed=3), SETTINGS)
+    s = cal.sensitivity()
+    ranked = [s[i] for i in cal.ranking()]
+    assert ranked == sorted(ranked, reverse=True)
+
+
+class _Synthetic(layer_maps.LayerMapCalibrator):
+    """A calibrator whose loss has a conditional effect: layers 0 and 1 are redundant (either
+    one full repairs the same damage), layer 2 matters on its own."""
+
+    def kl(self, experts):
+        self.passes += 1
+        redundant = 1.0 if experts[0] != FULL and experts[1] != FULL else 0.0
+        alone = 0.6 if experts[2] != FULL else 0.0
+        return redundant + alone
+
+
+def test_greedy_sees_conditional_effects_the_static_ranking_misses():
+    cal = _Synthetic(routed_tiny(seed=0, num_hidden_layers=3), _ids(1), SETTINGS)
+    # alone local: layers 0 and 1 cost nothing (the other covers), layer 2 costs 0.6
+    assert cal.ranking() == [2, 0, 1]
+    order, kls = cal.greedy_order(2)
+    assert order[0] == 0 and kls[0] == pytest.approx(0.6)  # from all-local, 0 (or 1) repairs 1.0
+    assert order[1] == 2 and kls[1] == pytest.approx(0.0)
+    # one full layer (budget 0.55 with 3 layers: (1 + 2 * 0.3) / 3 = 0.533)
+    static = layer_maps.static_map(cal.ranking(), 0.55)
+    greedy = layer_maps.greedy_map(order, 0.55, 3)
+    assert static == [LOCAL, LOCAL, FULL] and greedy == [FULL, LOCAL, LOCAL]
+    assert cal.kl(greedy) < cal.kl(static)
+    passes = cal.passes
+    cal.greedy_order(1)  # cached: a smaller budget reuses the order
+    assert cal.passes == passes
+    assert layer_maps.greedy_map(order, 0.25, 3) is None  # full + local only
+
+
+def test_greedy_first_pick_is_the_best_single_full_layer():
+    r = routed_tiny(seed=5, num_hidden_layers=4)
+    ids = _ids(seed=7)
+    cal = layer_maps.LayerMapCalibrator(r, ids, SETTINGS)
+    order, kls = cal.greedy_order(1)
+    singles = [_kl_of_map(r, ids, [FULL if j == i else LOCAL for j in range(4)]) for i in range(4)]
+    assert order[0] == int(np.argmin(singles))
+    assert kls[0] == pytest.approx(min(singles), rel=1e-4)
+
+
+def test_oracle_errors_are_the_local_experts_errors_on_the_dense_pass():
+    r = routed_tiny(seed=2, num_hidden_layers=3)
+    ids = _ids(1)
+    local_err, linear_err = oracle.expert_errors(r.model, ids, WINDOW, N_SINK)
+    assert local_err.shape == linear_err.shape == (3, 1, SEQ)
+    # within the window (and its sinks) local attention is full attention
+    assert local_err[:, :, : WINDOW + N_SINK].abs().max() < 1e-5
+    assert local_err[:, :, WINDOW + N_SINK :].min() > 0
+    # layer 0 reads the embeddings in any pass: the session's own diagnosis of an all-local
+    # pass measures the same error there
+    forced = [torch.nn.functional.one_hot(torch.full((1, SEQ), LOCAL), 3).float()] * 3
+    res = r.prefill(ids, SETTINGS, forced_weights=forced, use_cache=False, diagnose=True)
+    assert np.allclose(res.records["rel_error"][0, 0], local_err[0, 0].numpy(), atol=1e-4)
+    # the model routes again afterwards (its attention implementation is restored)
+    assert r.prefill(ids, SETTINGS.with_(budget=0.5), use_cache=False).records["routes"].shape == (3, 1, SEQ)
+
+
+def test_oracle_at_budget_one_is_dense_and_at_the_local_cost_all_local():
+    r = routed_tiny(seed=2, num_hidden_layers=3)
+    ids = _ids(1)
+    local_err, linear_err = oracle.expert_errors(r.model, ids, WINDOW, N_SINK)
+    dense = r.dense_logits(ids)
+    unrouted = RoutingSettings(window=WINDOW, n_sink=N_SINK, budget=None)
+
+    def kl_at(budget):
+        routes = oracle.oracle_routes(local_err[:, 0], linear_err[:, 0], budget)
+        res = r.prefill(ids, unrouted, use_cache=False, policy=routes_policy(routes))
+        return routes, float(kl_per_token(dense[0, :-1], res.logits[0, :-1]).mean()), res
+
+    routes, kl, _ = kl_at(1.0)
+    assert (routes == FULL).all() and kl == pytest.approx(0.0, abs=1e-6)
+    routes, kl, _ = kl_at(COSTS[LOCAL])
+    assert (routes == LOCAL).all() and kl > 1e-4
+    # in between: the largest local errors go full, globally across the layers
+    routes, _, res = kl_at(0.5)
+    full = routes == FULL
+    assert local_err[:, 0][full].min() >= local_err[:, 0][~full].max()
+    assert float(res.records["cost"].mean()) <= 0.5 + 1e-6
+    # below the local cost: local where linear departs most beyond local, the rest linear
+    routes = oracle.oracle_routes(local_err[:, 0], linear_err[:, 0], 0.2)
+    gain = (linear_err - local_err)[:, 0]
+    assert gain[routes == LOCAL].min() >= gain[routes == LINEAR].max()
+
+
+def test_the_new_baselines_keep_their_budget_in_eval():
+    r = routed_tiny(seed=3, spread=10.0, num_hidden_layers=5)
+    budgets = (0.2, 0.25, 0.5, 0.75, 1.0)
+    rows = evaluate(
+        r, EXCERPT, budgets=budgets, max_tokens=128, seq_len=64, window=16, n_sink=4,
+        controllers=("bayes",), calib_windows=2,
+    )  # fmt: skip
+    assert all("routing_variety" in row for row in rows)
+    got = {(row["controller"], row["budget"]): row for row in rows}
+    for b in budgets[:-1]:
+        for name in NEW:
+            if name == "greedy-layers" and b < COSTS[LOCAL]:
+                assert (name, b) not in got  # full + local only
+                continue
+            row = got[(name, b)]
+            assert row["realized_cost"] <= b + 1e-6, (name, b)
+            # no more than one unit (a layer; a decision of the window) left unspent
+            unit = 0.7 / 5 if name != "oracle-tokens" else 0.7 / (5 * 64)
+            unit = unit if b >= COSTS[LOCAL] else unit * 0.15 / 0.7
+            assert row["realized_cost"] > b - unit - 1e-6, (name, b)
+        for name in ("static-layers", "greedy-layers"):
+            if (name, b) in got:
+                assert got[(name, b)]["routing_variety"] == 0.0  # one expert per layer
+                assert got[(name, b)]["calibration"]["split"] == "training"
+        assert got[("oracle-tokens", b)]["oracle"] is True
+    assert all((name, 1.0) not in got for name in NEW)
+    # the greedy ran its rounds once, up to the largest budget's count of full layers
+    assert len(got[("greedy-layers", 0.75)]["calibration"]["order"]) == 3  # (3 + 2 * 0.3) / 5 = 0.72
+    text = tables(rows, "metaattn-viz eval --test")
+    assert "routing variety %" in text
+    for name in NEW:
+        assert f"| {name} |" in text
+    assert "oracle" in text.split("| oracle-tokens |")[-1]  # the note labels it an oracle
+
+
+def test_layer_map_policy_routes_each_layer_to_its_expert():
+    r = routed_tiny(seed=0, num_hidden_layers=3)
+    ids = _ids(1)
+    unrouted = RoutingSettings(window=WINDOW, n_sink=N_SINK, budget=None)
+    res = r.prefill(ids, unrouted, use_cache=False, policy=layer_map_policy([FULL, LINEAR, LOCAL]))
+    assert (res.records["routes"][:, 0] == np.array([[FULL], [LINEAR], [LOCAL]])).all()
+    assert float(res.records["cost"].mean()) == pytest.approx(sum(COSTS) / 3)
