@@ -272,7 +272,7 @@ class RunLog:
 
     def export(self, out_dir: PathArg, fmt: str = "parquet", owner: str | None = None) -> dict[str, int]:
         """store.export(self, out_dir, fmt, owner)."""
-        from metaattn_viz.store.export import export  # export.py builds on RunLog
+        from metaattn_viz.store.exporting import export  # export.py builds on RunLog
 
         return export(self, out_dir, fmt, owner)
 

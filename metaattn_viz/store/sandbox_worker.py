@@ -26,10 +26,12 @@ import struct
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import duckdb
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import duckdb
 
 READY = b"ready"
 _LENGTH = struct.Struct(">I")
@@ -88,6 +90,8 @@ def hardened_connection(memory_limit: str, threads: int) -> duckdb.DuckDBPyConne
     """A fresh in-memory DuckDB with no way out: no files, URLs or other databases
     (enable_external_access), no extensions to load or install, no Python variables as
     tables, a memory and thread cap, and a configuration no query can change."""
+    import duckdb  # here, not at import: the parent imports this module for the wire format
+
     return duckdb.connect(
         ":memory:",
         config={
@@ -111,6 +115,8 @@ def _first_line(exc: BaseException) -> str:
 
 def answer(request: dict[str, Any], tables: dict[str, pa.Table]) -> tuple[dict[str, Any], pa.Table | None]:
     """(header, result table) for one request."""
+    import duckdb
+
     con = hardened_connection(request["memory_limit"], int(request["threads"]))
     timer = threading.Timer(float(request["timeout_s"]), con.interrupt)
     timer.daemon = True
