@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
     p.add_argument("--no-log", action="store_true", help="do not log runs to DuckDB")
+    p.add_argument(
+        "--public",
+        action="store_true",
+        help="serve as a public deployment: each visitor sees only their own runs, queue limits "
+        "(automatic when SPACE_ID is set)",
+    )
     p.set_defaults(handler=_cmd_serve)
 
     p = sub.add_parser(
@@ -180,7 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-baselines",
         action="store_true",
-        help="only the controllers (skip static, random and salience rows)",
+        help="only the controllers (skip all baseline rows: static, random, salience, layer maps, oracle)",
+    )
+    p.add_argument(
+        "--calib-windows",
+        type=int,
+        default=None,
+        help="calibration-split windows the layer-map baselines are measured on (default 2)",
+    )
+    p.add_argument(
+        "--linear-map",
+        default=DEFAULTS.linear_map,
+        choices=LINEAR_MAPS,
+        help=f"the linear expert's feature map in every routed pass (default {DEFAULTS.linear_map})",
     )
     p.add_argument(
         "--report",
@@ -293,7 +311,14 @@ def _cmd_serve(args) -> int:
             os.environ[env] = value
     from metaattn_viz.app.server import serve
 
-    serve(host=args.host, port=args.port, model=args.model, db=args.db, log_runs=not args.no_log)
+    serve(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        db=args.db,
+        log_runs=not args.no_log,
+        public=args.public,
+    )
     return 0
 
 
@@ -438,6 +463,8 @@ def _cmd_eval(args) -> int:
             progress=progress,
             scope=args.scope,
             baselines=not args.no_baselines,
+            linear_map=args.linear_map,
+            **({} if args.calib_windows is None else {"calib_windows": args.calib_windows}),
         )
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None

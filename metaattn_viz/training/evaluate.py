@@ -252,9 +252,11 @@ def evaluate(
     scope: str = DEFAULTS.scope,
     baselines: bool = True,
     calib_windows: int = layer_maps.DEFAULT_CALIB_WINDOWS,
+    linear_map: str = DEFAULTS.linear_map,
 ) -> list[dict]:
     """The rows of every policy at every budget (module docstring); ``calib_windows``:
-    calibration windows the layer maps are measured on."""
+    calibration windows the layer maps are measured on; ``linear_map``: the linear expert's
+    feature map in every routed pass ("elu" or the shipped "learned" maps)."""
     split = data_mod.load_split(data_path)
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")
     val = val[: max(1, max_tokens // seq_len)]
@@ -266,8 +268,9 @@ def evaluate(
         dense_nll += float(torch.nn.functional.cross_entropy(lg[0, :-1].float(), val[i, 1:], reduction="sum"))
         n += seq_len - 1
     dense_ppl = math.exp(dense_nll / n)
-    base = RoutingSettings(window=window, n_sink=n_sink, scope=scope)
+    base = RoutingSettings(window=window, n_sink=n_sink, scope=scope, linear_map=linear_map)
     common = {
+        "linear_map": linear_map,
         "dense_ppl": dense_ppl,
         "split": "validation",
         "seq_len": seq_len,

@@ -41,6 +41,14 @@ from pathlib import Path
 import torch
 
 from metaattn_viz import paths
+from metaattn_viz.routing.linear_maps import (  # the on-disk format: one definition
+    META_FILE,
+    TENSORS,
+    default_folder,
+    load,
+    load_meta,
+    save,
+)
 from metaattn_viz.training import data as data_mod
 
 paths.ensure_kernels_importable()
@@ -49,17 +57,9 @@ from metaattn_kernels.feature_maps import FeatureMap, hedgehog, input_scale, phi
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "feature_maps.safetensors"
-META_FILE = "meta.json"
 CHECKPOINT = "checkpoint.pt"
-FEATURE_MAPS_DIR = paths.FEATURE_MAPS_DIR
 CAPTURE_NAME = "metaattn_capture"  # transformers attention function that records q, k
 LINEAR_NAME = "metaattn_all_linear"  # transformers attention function: every token linear
-
-
-def default_folder(model_slug: str) -> Path:
-    """Where the shipped maps of a model live: assets/feature_maps/<model-slug>/."""
-    return FEATURE_MAPS_DIR / model_slug
 
 
 @dataclass
@@ -395,51 +395,7 @@ def train(
 
 
 def _frozen(state: dict) -> FeatureMap:
-    return FeatureMap(
-        state["q_weight"].float(), state["q_bias"].float(), state["k_weight"].float(), state["k_bias"].float()
-    )
-
-
-def save(maps: list[FeatureMap], folder: Path, meta: dict) -> Path:
-    """Write the maps (safetensors, keys layers.<i>.<q_weight|q_bias|k_weight|k_bias>) and meta.json."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"layers.{i}.{name}": getattr(fm, name).detach().float().contiguous()
-        for i, fm in enumerate(maps)
-        for name in ("q_weight", "q_bias", "k_weight", "k_bias")
-    }
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / WEIGHTS_FILE)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def load(folder: Path) -> list[FeatureMap]:
-    """The per-layer FeatureMaps saved by `save` (ValueError if the folder holds none)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise ValueError(
-            f"no feature maps in {folder} (expected {WEIGHTS_FILE}); train them with "
-            "python -m metaattn_viz.training.feature_maps"
-        )
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    n = 1 + max(int(key.split(".")[1]) for key in tensors)
-    return [
-        _frozen(
-            {name: tensors[f"layers.{i}.{name}"] for name in ("q_weight", "q_bias", "k_weight", "k_bias")}
-        )
-        for i in range(n)
-    ]
-
-
-def load_meta(folder: Path) -> dict:
-    return json.loads((Path(folder) / META_FILE).read_text())
+    return FeatureMap(*(state[name].float() for name in TENSORS))
 
 
 def main(argv: list[str] | None = None) -> int:
