@@ -47,8 +47,8 @@ class Engine:
 
     def status(self) -> dict:
         """What the page header (and the /status endpoint) shows: model, controllers (with
-        their weights notice), where it runs, logging, who sees the runs and whether they last, and how many tokens are routed
-        at most."""
+        their weights notice), where it runs, logging, who sees the runs and whether they
+        last, and how many tokens are routed at most."""
         model, logging = self.host.status(), self.history.status()
         return {
             "model_ready": model["model_ready"],
