@@ -2,7 +2,8 @@
 the store and the CLI (docs/architecture.md, "Data flow").
 
 It holds numpy arrays (never tensors), so views and storage need neither torch nor the
-model; a replay from the database rebuilds an equal trace. Derived quantities
+model; a replay from the database, or ``from_json`` of its ``to_json`` record, rebuilds an
+equal trace. Derived quantities
 (uncertainties, FLOPs ratio, realised cost) are computed from the stored fields, never
 stored twice, and by the one definition of each: core.dirichlet's uncertainties (numpy
 path) and metaattn_kernels.flops. Never imports torch.
@@ -10,6 +11,7 @@ path) and metaattn_kernels.flops. Never imports torch.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -157,7 +159,10 @@ class RoutingTrace:
 
     # -- export -----------------------------------------------------------------------------
     def to_json(self) -> dict:
-        """The `route --json` contract (docs/architecture.md)."""
+        """The `route --json` contract (docs/architecture.md), which is also the trace's
+        full record: ``from_json`` rebuilds an equal trace from it. The arrays are written
+        unrounded (a float32 is exact as a JSON number); the derived values (uncertainty,
+        realised cost, FLOPs ratio, shares) are for readers and never read back."""
 
         def clean(x: float):
             return None if x is None or not math.isfinite(x) else x
@@ -178,14 +183,103 @@ class RoutingTrace:
             "routes": self.routes.astype(int).tolist(),
             "hedged": self.hedged.astype(bool).tolist(),
             "uncertainty": np.round(self.uncertainty("total"), 6).tolist(),
-            "concentration": np.round(self.concentration.astype(np.float64), 6).tolist(),
+            "concentration": _floats(self.concentration),
             "realized_cost": clean(self.realized_cost),
             "attention_flops_ratio": clean(self.attention_flops_ratio),
             "expert_shares": self.expert_shares(),
             "output_text": self.output_text,
             "timings": self.timings,
             "run_id": self.run_id,
+            "n_layers": self.n_layers,
+            "head_dim": self.head_dim,
+            "prompt": self.prompt,
+            "created_at": self.created_at,
+            "weights": _floats(self.weights),
+            "cost": _floats(self.cost),
+            "lam": _floats(self.lam),
+            "kl_to_dense": None if self.kl_to_dense is None else _floats(self.kl_to_dense),
         }
+
+    @classmethod
+    def from_json(cls, data: dict | str) -> RoutingTrace:
+        """The trace ``to_json`` wrote (its dict or that dict as JSON text), equal to the
+        original on every stored field. A record without the arrays (an older ``route
+        --json``) is refused, naming what is missing."""
+        d = json.loads(data) if isinstance(data, str) else data
+        missing = [k for k in _JSON_REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"not a full trace record: missing {', '.join(missing)}")
+        L, T = int(d["n_layers"]), len(d["token_ids"])
+
+        def array(key: str, dtype, *tail: int) -> np.ndarray:
+            a = np.asarray(d[key], dtype)
+            if a.size != L * T * math.prod(tail):
+                raise ValueError(f"{key} must hold {L} layers x {T} tokens, got shape {a.shape}")
+            return a.reshape(L, T, *tail)
+
+        trace = cls(
+            model=d["model"],
+            controller=d["controller"],
+            controller_id=d["controller_id"],
+            controller_trained=bool(d["controller_trained"]),
+            settings=RoutingSettings.from_dict(d["settings"]),
+            n_layers=L,
+            head_dim=int(d["head_dim"]),
+            token_ids=[int(t) for t in d["token_ids"]],
+            tokens=list(d["tokens"]),
+            n_prompt_tokens=int(d["n_prompt_tokens"]),
+            concentration=array("concentration", np.float32, K),
+            routes=array("routes", np.int8),
+            hedged=array("hedged", bool),
+            weights=array("weights", np.float32, K),
+            cost=array("cost", np.float32),
+            lam=array("lam", np.float32),
+            truncated=int(d["truncated"]),
+            timings=dict(d["timings"]),
+            created_at=float(d["created_at"]),
+            prompt=d["prompt"],
+            output_text=d["output_text"],
+            run_id=d["run_id"],
+        )
+        if d["kl_to_dense"] is not None:
+            trace.kl_to_dense = np.asarray(d["kl_to_dense"], np.float32)
+        if len(trace.tokens) != T:
+            raise ValueError(f"tokens and token_ids differ in length ({len(trace.tokens)} vs {T})")
+        return trace
+
+
+# what from_json reads (the rest of to_json's keys are derived)
+_JSON_REQUIRED = (
+    "model",
+    "controller",
+    "controller_id",
+    "controller_trained",
+    "settings",
+    "n_layers",
+    "head_dim",
+    "token_ids",
+    "tokens",
+    "n_prompt_tokens",
+    "truncated",
+    "concentration",
+    "routes",
+    "hedged",
+    "weights",
+    "cost",
+    "lam",
+    "kl_to_dense",
+    "timings",
+    "created_at",
+    "prompt",
+    "output_text",
+    "run_id",
+)
+
+
+def _floats(a: np.ndarray) -> list:
+    """An array as nested lists of JSON numbers, unrounded: float64 holds every float32
+    exactly, so reading it back as float32 gives the same bits."""
+    return np.asarray(a).astype(np.float64).tolist()
 
 
 __all__ = ["RoutingTrace"]

@@ -53,7 +53,7 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "folder" | "gguf" | "hub" | "config" (random weights, from_config)
+    kind: str  # "folder" | "gguf" | "hub" | "config" (random weights, from_config) | "given" (api.load)
     location: str  # folder path, GGUF file path, or hub id
     name: str  # display name, e.g. "SmolLM2-135M-Instruct"
 

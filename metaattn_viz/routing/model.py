@@ -12,7 +12,8 @@ settings say ``linear_map="learned"`` hands them to the kernels. The routing *po
 in policies.py, budget.py and controller.py; the *mechanics* (experts) in the kernels
 package. ``load`` places the model, its controllers and its maps on a device and dtype
 (routing/device.py: auto is CUDA in bfloat16 where there is a GPU, else CPU float32);
-``runtime`` reports where it runs.
+``runtime`` reports where it runs. ``detach`` (or leaving a ``with`` block) gives the model
+back exactly as it was handed over.
 
 Names other packages import from here (kept here, or re-exported): RoutedModel, Sampling,
 TrainRouting, kl_per_token, PILOT_TOKENS, GLOBAL_COST_TOLERANCE, register_attention,
@@ -41,7 +42,15 @@ from metaattn_viz.routing.generation import Sampling
 from metaattn_viz.routing.loading import slugify
 from metaattn_viz.routing.policies import Baseline, TrainRouting
 from metaattn_viz.routing.prefill import GLOBAL_COST_TOLERANCE, PILOT_TOKENS, PrefillResult
-from metaattn_viz.routing.session import ATTN_NAME, Session, active, install, register_attention
+from metaattn_viz.routing.session import (
+    ATTN_NAME,
+    Installation,
+    Session,
+    active,
+    install,
+    register_attention,
+    uninstall,
+)
 
 __all__ = [
     "RoutedModel",
@@ -59,6 +68,10 @@ __all__ = [
 class RoutedModel:
     """A causal LM plus its controllers. Thread-safe for concurrent sessions."""
 
+    # the class of the traces it makes: a RoutingTrace, or a subclass that only adds views
+    # (the notebook API's draws itself, metaattn_viz/api.py)
+    trace_class: type[RoutingTrace] = RoutingTrace
+
     def __init__(
         self,
         model,
@@ -69,6 +82,8 @@ class RoutedModel:
         weights_fingerprint: str | None = None,
         feature_maps: linear_maps.MapChoice | None = None,
     ):
+        # every module's train/eval mode as handed over: detach gives it back
+        self._modes = [(m, m.training) for m in model.modules()]
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -89,7 +104,12 @@ class RoutedModel:
         self.feature_maps = linear_maps.place(choice.maps, self.device)
         # the kernel backend of sessions whose settings leave it at "auto" (--backend)
         self.backend = "auto"
-        install(self.model, self.n_layers)
+        self._installed: Installation | None = None
+        try:
+            self._installed = install(self.model, self.n_layers)
+        except Exception:
+            self._restore_modes()  # a refused model is handed back as it came
+            raise
 
     # -- placement ----------------------------------------------------------------------------
     def place(
@@ -128,6 +148,33 @@ class RoutedModel:
             "dtype": self.placement.dtype,
             "backend": device_mod.resolve_backend(backend, self.placement),
         }
+
+    # -- attaching and detaching ------------------------------------------------------------
+    @property
+    def detached(self) -> bool:
+        return self._installed is None
+
+    def detach(self):
+        """Give the model back exactly as it was handed over: every hook routing added is
+        removed, its attention implementation and every module's train/eval mode restored
+        (a ``place`` is not undone: that move was asked for). The model then computes what
+        it computed before routing, bit for bit. Afterwards this RoutedModel refuses to
+        route. Idempotent; returns the model."""
+        if self._installed is not None:
+            uninstall(self._installed)
+            self._installed = None
+            self._restore_modes()
+        return self.model
+
+    def _restore_modes(self) -> None:
+        for module, training in self._modes:
+            module.training = training  # not .train(): that would recurse into children
+
+    def __enter__(self) -> RoutedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -190,7 +237,9 @@ class RoutedModel:
     ) -> Iterator[Session]:
         """A routing session for the block, in this thread (arguments: session.Session); its
         linear expert uses the feature maps ``settings.linear_map`` selects
-        (``linear_maps_for``)."""
+        (``linear_maps_for``). Refused once detached: the model would silently run dense."""
+        if self._installed is None:
+            raise RuntimeError(f"{self.name}: this RoutedModel was detached; route a new one")
         stack = controller if isinstance(controller, ControllerStack) else self.controller(controller)
         if settings.backend == "auto" and self.backend != "auto":
             settings = settings.with_(backend=self.backend)
@@ -254,7 +303,12 @@ class RoutedModel:
     def route(
         self, prompt, settings: RoutingSettings | None = None, max_new_tokens: int = 0, **kwargs
     ) -> RoutingTrace:
-        """``stream`` to the end: the finished trace."""
+        """``stream`` to the end: the finished trace. Keyword arguments named after a
+        ``RoutingSettings`` field (``budget=0.3``, ``hedge_policy="soft"``...) change
+        ``settings`` (default ``RoutingSettings()``); the others go to ``stream``."""
+        changes = {k: kwargs.pop(k) for k in list(kwargs) if k in RoutingSettings.__dataclass_fields__}
+        if changes:
+            settings = (settings or RoutingSettings()).with_(**changes)
         trace = None
         for step in self.stream(prompt, settings, max_new_tokens, **kwargs):
             trace = step
@@ -324,7 +378,7 @@ class RoutedModel:
 
     def new_trace(self, controller: str, settings: RoutingSettings, prompt: str = "") -> RoutingTrace:
         stack = self.controller(controller)
-        return RoutingTrace(
+        return self.trace_class(
             model=self.name,
             controller=controller,
             controller_id=stack.controller_id,

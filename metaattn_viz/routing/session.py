@@ -4,9 +4,11 @@ and the plumbing that lets transformers' attention layers reach it.
 Plugging in (no forked model code): an attention function is registered with transformers'
 ``AttentionInterface`` under the name ``ATTN_NAME``; forward pre-hooks on each decoder
 layer and its attention module capture the residual stream x and the normalised attention
-input h that the controller reads. Outside a session (or in a "dense" one) the function is
-plain SDPA, so the model behaves exactly as before (``model.generate`` keeps working, with
-its KV cache). Sessions are thread-local, so several requests can share one model.
+input h that the controller reads. ``install`` keeps the hooks' handles and the attention
+implementation it replaced, so ``uninstall`` gives the model back exactly as it was.
+Outside a session (or in a "dense" one) the function is plain SDPA, so the model behaves
+exactly as before (``model.generate`` keeps working, with its KV cache). Sessions are
+thread-local, so several requests can share one model.
 
 A session carries the settings, the controllers, the routing policy (routing/policies.py:
 which mode decides the weights), the linear expert's feature map per layer (None: elu + 1;
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -137,19 +140,44 @@ def _capture_hook(which: str, layer: int):
     return hook
 
 
-def install(model, n_layers: int) -> None:
-    """Route `model`'s attention through sessions: the attention function and the hooks."""
-    register_attention()
-    model.set_attn_implementation(ATTN_NAME)
+@dataclass
+class Installation:
+    """What ``install`` changed on a model, so that ``uninstall`` can undo exactly that: the
+    attention implementation it replaced and the handles of the hooks it added."""
+
+    model: Any
+    attn_implementation: str
+    handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+
+
+def install(model, n_layers: int) -> Installation:
+    """Route `model`'s attention through sessions: the attention function and the hooks.
+    Checks the layers before changing anything, so a refused model is left as it was."""
     layers = _decoder_layers(model)
     if len(layers) != n_layers:
         raise ValueError(f"found {len(layers)} decoder layers, config says {n_layers}")
     for idx, layer in enumerate(layers):
-        attn = layer.self_attn
-        if getattr(attn, "layer_idx", idx) != idx:
+        if getattr(layer.self_attn, "layer_idx", idx) != idx:
             raise ValueError("attention modules must carry their layer_idx")
-        layer.register_forward_pre_hook(_capture_hook("x", idx), with_kwargs=True)
-        attn.register_forward_pre_hook(_capture_hook("h", idx), with_kwargs=True)
+    register_attention()
+    done = Installation(model, model.config._attn_implementation)
+    model.set_attn_implementation(ATTN_NAME)
+    for idx, layer in enumerate(layers):
+        done.handles.append(layer.register_forward_pre_hook(_capture_hook("x", idx), with_kwargs=True))
+        done.handles.append(
+            layer.self_attn.register_forward_pre_hook(_capture_hook("h", idx), with_kwargs=True)
+        )
+    return done
+
+
+def uninstall(done: Installation) -> None:
+    """Undo ``install``: remove its hooks and give the model back the attention
+    implementation it had (idempotent: a second call finds nothing left to undo)."""
+    for handle in done.handles:
+        handle.remove()
+    done.handles.clear()
+    if done.model.config._attn_implementation != done.attn_implementation:
+        done.model.set_attn_implementation(done.attn_implementation)
 
 
 class Session:
