@@ -12,10 +12,11 @@ from helpers import routed_tiny
 
 from metaattn_viz.core.experts import COSTS, FULL, LINEAR, LOCAL
 from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.core.variety import routing_variety
 from metaattn_viz.routing.model import kl_per_token
 from metaattn_viz.training import layer_maps, oracle
 from metaattn_viz.training.baselines import layer_map_policy, routes_policy, units_within
-from metaattn_viz.training.evaluate import evaluate, routing_variety
+from metaattn_viz.training.evaluate import evaluate
 from metaattn_viz.training.report import tables
 
 EXCERPT = Path(__file__).resolve().parent / "data" / "wikitext2_excerpt.txt"
@@ -229,3 +230,10 @@ def test_layer_map_policy_routes_each_layer_to_its_expert():
     res = r.prefill(ids, unrouted, use_cache=False, policy=layer_map_policy([FULL, LINEAR, LOCAL]))
     assert (res.records["routes"][:, 0] == np.array([[FULL], [LINEAR], [LOCAL]])).all()
     assert float(res.records["cost"].mean()) == pytest.approx(sum(COSTS) / 3)
+
+
+def test_layer_majority_by_hand():
+    routes = np.array([[[FULL, FULL, LOCAL, FULL]], [[LOCAL, LINEAR, LINEAR, LOCAL]], [[LINEAR] * 4]])
+    # layer 1 is a tie: the lower id wins (LINEAR < LOCAL)
+    assert layer_majority(routes).tolist() == [FULL, min(LINEAR, LOCAL), LINEAR]
+    assert layer_majority(np.zeros((2, 0), dtype=int)).tolist() == [0, 0]

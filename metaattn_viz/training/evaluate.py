@@ -33,8 +33,9 @@ from scipy import stats
 
 from metaattn_kernels.flops import attention_flops_ratio
 from metaattn_viz.core.dirichlet import uncertainties
-from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL, K
+from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL
 from metaattn_viz.core.settings import DEFAULTS, RoutingSettings
+from metaattn_viz.core.variety import routing_variety
 from metaattn_viz.routing.controller import KINDS
 from metaattn_viz.routing.model import RoutedModel, kl_per_token
 from metaattn_viz.training import data as data_mod
@@ -67,16 +68,6 @@ __all__ = [
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_MAX_TOKENS = 4096  # validation tokens scored
 DEFAULT_SEQ_LEN = 256  # window length
-
-
-def routing_variety(routes: np.ndarray) -> float:
-    """Share of decisions that differ from their layer's majority expert. routes [L, ...]:
-    the expert index of every decision, layer first."""
-    per_layer = routes.reshape(routes.shape[0], -1)
-    if per_layer.size == 0:
-        return 0.0
-    majority = sum(int(np.bincount(r, minlength=K).max()) for r in per_layer)
-    return 1.0 - majority / per_layer.size
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
