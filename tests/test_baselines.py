@@ -12,7 +12,7 @@ from helpers import routed_tiny
 
 from metaattn_viz.core.experts import COSTS, FULL, LINEAR, LOCAL
 from metaattn_viz.core.settings import RoutingSettings
-from metaattn_viz.core.variety import routing_variety
+from metaattn_viz.core.variety import layer_majority, routing_variety
 from metaattn_viz.routing.model import kl_per_token
 from metaattn_viz.training import layer_maps, oracle
 from metaattn_viz.training.baselines import layer_map_policy, routes_policy, units_within
