@@ -188,9 +188,9 @@ def _smollm2_tiny():
 @pytest.mark.parametrize("hedge", ["off", "soft"])
 def test_whole_model_through_triton_matches_the_cpu_backend(arch, hedge, monkeypatch):
     """Prefill plus 8 decode steps through the Triton kernels (interpreted on this CPU) give
-    the CPU backend's logits within 1e-4 and its decisions, on the CPU fast path and on the
-    device decode path (the one a GPU takes)."""
-    import metaattn_viz.routing.session as session_mod
+    the CPU backend's logits within 1e-4 and its decisions. The decode steps take the path a
+    GPU takes: the decision on the device (decide_step) and kernels.triton_decode."""
+    import metaattn_kernels.triton_decode as triton_decode
 
     r = routed_tiny(seed=1, spread=30.0) if arch == "llama" else _smollm2_tiny()
     ids = torch.randint(0, 250, (1, 40), generator=torch.Generator().manual_seed(7))
@@ -198,14 +198,16 @@ def test_whole_model_through_triton_matches_the_cpu_backend(arch, hedge, monkeyp
         budget=0.5, scope="layer", hedge_policy=hedge, hedge_threshold=0.8, window=8, n_sink=2
     )
     want = _prefill_and_decode(r, ids, s.with_(backend="cpu"))
-    for device_path in (False, True):
-        if device_path:
-            monkeypatch.setattr(session_mod, "host_decode", lambda device, dtype: False)
-        got = _prefill_and_decode(r, ids, s.with_(backend="triton"))
-        assert (got[0] - want[0]).abs().max() <= 1e-4
-        assert (got[1] - want[1]).abs().max() <= 1e-4
-        for a, b in ((got[2], want[2]), (got[3], want[3])):
-            assert np.array_equal(a["routes"], b["routes"]) and np.array_equal(a["hedged"], b["hedged"])
+    calls = []
+    real = triton_decode.decode_step_device
+    spy = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(triton_decode, "decode_step_device", spy)
+    got = _prefill_and_decode(r, ids, s.with_(backend="triton"))
+    assert len(calls) == 8 * r.n_layers  # every decode step of every layer
+    assert (got[0] - want[0]).abs().max() <= 1e-4
+    assert (got[1] - want[1]).abs().max() <= 1e-4
+    for a, b in ((got[2], want[2]), (got[3], want[3])):
+        assert np.array_equal(a["routes"], b["routes"]) and np.array_equal(a["hedged"], b["hedged"])
     routes = set(want[2]["routes"].ravel().tolist()) | set(want[3]["routes"].ravel().tolist())
     assert len(routes) >= 2  # a real mix of experts ran
     if hedge == "soft":

@@ -22,7 +22,9 @@ step of a policy with ``fast_decode`` is decided apart from the batched path: on
 float32 in plain Python (numpy controller, ``decide_one``, ``decode_step``) because a dozen
 tiny tensor ops would dominate it; on any other device or dtype (a GPU, a bfloat16 model)
 on the device (``decide_step``: controller, decision and dual ascent as tensors, nothing
-read back per layer; the records are read once per token by ``pop_records``).
+read back per layer; the records are read once per token by ``pop_records``); through
+Triton its attention is ``kernels.triton_decode.decode_step_device``, which reads the route
+from device memory, so a step is a fixed sequence of launches.
 
 Padded batches are not supported: every row of a batch must be a full, unpadded sequence.
 Never: decide routes (the policies do) or compute the experts (the kernels do).
@@ -267,7 +269,10 @@ class Session:
             )
         routing = self.routing
         one = B == 1 and Tq == 1 and offset > 0 and routing.fast_decode
-        host = one and host_decode(q.device, q.dtype)
+        # a decode step through Triton (a GPU, or the interpreter) keeps its route on the
+        # device and runs kernels.triton_decode: no host synchronisation per layer
+        device_step = one and not self.capture_qk and kernels.resolve_backend(self._backend, q) == "triton"
+        host = one and not device_step and host_decode(q.device, q.dtype)
         rec: Any
         if host:  # a decode step on CPU float32: the decision in plain Python
             beta_one = self.controller.concentration_one(layer, h, x, offset)  # K floats
@@ -304,6 +309,21 @@ class Session:
                 feature_map=fm,
             )
             self.lin_state[layer] = None if stepped is None else (*stepped, fm)
+        elif device_step:
+            from metaattn_kernels.triton_decode import decode_step_device
+
+            y, stepped = decode_step_device(
+                q,
+                k,
+                v,
+                weights,
+                window=s.window,
+                n_sink=s.n_sink,
+                scale=scaling,
+                state=state,
+                feature_map=fm,
+            )
+            self.lin_state[layer] = (*stepped, fm)
         else:
             if host:
                 weights = torch.tensor(weights_one, dtype=q.dtype, device=q.device).view(1, 1, K)
