@@ -12,7 +12,7 @@ on their values).
 1. checks: a tiny Llama-style model, routed on CUDA in float32 with the Triton kernels (and
    the device-side decode decisions) against the same model on the CPU (float32, the numpy
    decode path): prefill logits, 8 greedy decode steps, routes, hedging off and soft, and
-   budget 1.0 equal to the dense model; the decode decision runs with
+   budget 1.0 equal to the dense model; the decode decision and its attention run with
    torch.cuda.set_sync_debug_mode("error") (no host synchronisation); the same model in
    bfloat16 streams 16 tokens.
 2. bench: the attention rows (T = 16384, bfloat16, Triton against SDPA/flash and
@@ -131,8 +131,10 @@ def check_correctness(device: str) -> dict:
 
 
 def _decision_is_sync_free(r) -> bool | str:
-    """A decode decision (controller, decide_step, dual ascent, record) with CUDA's sync
-    debugging set to raise on any host synchronisation."""
+    """A decode decision (controller, decide_step, dual ascent, record) and the attention it
+    routes (kernels.triton_decode, the cache of a 300-token context, the linear state caught
+    up) with CUDA's sync debugging set to raise on any host synchronisation."""
+    from metaattn_kernels.triton_decode import decode_step_device
     from metaattn_viz.routing.policies import BudgetPolicy
 
     if r.device.type != "cuda":
@@ -144,12 +146,18 @@ def _decision_is_sync_free(r) -> bool | str:
     h = torch.randn(1, 1, d, device=r.device)
     x = torch.randn(1, 1, d, device=r.device)
     pos = torch.arange(40, 41, device=r.device)
+    cfg = r.model.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or d // hq
+    q = torch.randn(1, hq, 1, hd, device=r.device)
+    k, v = (torch.randn(1, hkv, 300, hd, device=r.device) for _ in range(2))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.no_grad():
             for layer in range(r.n_layers):
-                pol.decide_step(layer, stack.concentration(layer, h, x, pos))
+                weights, _ = pol.decide_step(layer, stack.concentration(layer, h, x, pos))
+                decode_step_device(q, k, v, weights, window=s.window, n_sink=s.n_sink)
     except RuntimeError as exc:
         return f"synchronised: {exc}"
     finally:
