@@ -152,10 +152,12 @@ def host_decode(device: Any, dtype: Any) -> bool:
     """Whether a decode step of tensors on this torch.device and dtype takes the
     plain-Python fast path (numpy controller, floats): CPU float32 only. Called per layer
     and token: kept to two comparisons."""
-    return device.type == "cpu" and dtype is _float32()
+    global _FLOAT32
+    if _FLOAT32 is None:  # torch.float32, looked up once (this module loads without torch)
+        import torch
+
+        _FLOAT32 = torch.float32
+    return device.type == "cpu" and dtype is _FLOAT32
 
 
-def _float32() -> Any:
-    import torch
-
-    return torch.float32
+_FLOAT32: Any = None
