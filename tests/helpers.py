@@ -38,7 +38,24 @@ def tiny_config(arch: str = "llama", **overrides):
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
     if arch == "mistral":
-        return transformers.MistralConfig(sliding_window=None, **common)
+        return transformers.MistralConfig(**{"sliding_window": None, **common})
+    if arch == "phi3":
+        common.pop("head_dim")
+        return transformers.Phi3Config(
+            **{"sliding_window": None, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **common}
+        )
+    if arch == "gemma2":
+        return transformers.Gemma2Config(**common)
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=common["vocab_size"],
+            n_embd=common["hidden_size"],
+            n_layer=common["num_hidden_layers"],
+            n_head=common["num_attention_heads"],
+            n_positions=common["max_position_embeddings"],
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     raise ValueError(arch)
 
 

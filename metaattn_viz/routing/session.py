@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from metaattn_kernels.decode import decode_step, linear_state_upto
 from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.routing import discovery
 from metaattn_viz.routing.controller import ControllerStack
 from metaattn_viz.routing.device import host_decode
 from metaattn_viz.routing.policies import (
@@ -106,6 +108,8 @@ def metaattn_attention(module, query, key, value, attention_mask, scaling=None, 
         return _dense_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    discovery.check_call(module, attention_mask, kwargs)
+    session.check_mask(attention_mask, query.shape[2], key.shape[2])
     return session.attend(module, query, key, value, scaling), None
 
 
@@ -115,20 +119,13 @@ def register_attention() -> None:
     with _register_lock:
         if not _registered:
             from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
             AttentionInterface.register(ATTN_NAME, metaattn_attention)
+            # the masks SDPA gets (None where plain causal): without one registered,
+            # transformers builds no mask at all and a padded batch would pass unseen
+            AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
             _registered = True
-
-
-def _decoder_layers(model) -> Any:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(
-            f"{type(model).__name__}: no decoder layers found (need a LLaMA-style "
-            "model using transformers' attention interface)"
-        )
-    return layers
 
 
 def _capture_hook(which: str, layer: int):
@@ -154,20 +151,19 @@ class Installation:
 
 def install(model, n_layers: int) -> Installation:
     """Route `model`'s attention through sessions: the attention function and the hooks.
-    Checks the layers before changing anything, so a refused model is left as it was."""
-    layers = _decoder_layers(model)
-    if len(layers) != n_layers:
-        raise ValueError(f"found {len(layers)} decoder layers, config says {n_layers}")
-    for idx, layer in enumerate(layers):
-        if getattr(layer.self_attn, "layer_idx", idx) != idx:
-            raise ValueError("attention modules must carry their layer_idx")
+    Finds the attention layers and refuses a model routing cannot honour
+    (routing/discovery.py) before changing anything, so a refused model is left as it was."""
+    sites = discovery.check_supported(model)
+    if len(sites) != n_layers:
+        raise ValueError(f"found {len(sites)} attention layers, the controllers have {n_layers}")
     register_attention()
     done = Installation(model, model.config._attn_implementation)
     model.set_attn_implementation(ATTN_NAME)
-    for idx, layer in enumerate(layers):
-        done.handles.append(layer.register_forward_pre_hook(_capture_hook("x", idx), with_kwargs=True))
+    for site in sites:
+        idx = site.layer_idx
+        done.handles.append(site.block.register_forward_pre_hook(_capture_hook("x", idx), with_kwargs=True))
         done.handles.append(
-            layer.self_attn.register_forward_pre_hook(_capture_hook("h", idx), with_kwargs=True)
+            site.attention.register_forward_pre_hook(_capture_hook("h", idx), with_kwargs=True)
         )
     return done
 
@@ -245,11 +241,24 @@ class Session:
         self.lin_state: list = [None] * n_layers
         self.qk: list = [None] * n_layers
         self.records: list[list[Any]] = [[] for _ in range(n_layers)]
+        self._mask_checked: weakref.ref | None = None  # the last attention mask found plain causal
 
     @property
     def lam(self) -> list[float | None]:
         """The lambda per layer the routing stands at (None where none was solved)."""
         return self.routing.current_lam()
+
+    def check_mask(self, mask: torch.Tensor | None, tq: int, tk: int) -> None:
+        """Refuse an attention mask that is not plain causal (a padded batch): routing would
+        ignore it. Checked once per mask object (a forward hands every layer the same one)."""
+        if mask is None or (self._mask_checked is not None and self._mask_checked() is mask):
+            return
+        if not discovery.is_plain_causal(mask, tq, tk):
+            raise discovery.UnsupportedModel(
+                "the attention mask is not plain causal (padded batches are not supported: "
+                "route each sequence on its own, unpadded)"
+            )
+        self._mask_checked = weakref.ref(mask)
 
     def capture(self, which: str, layer: int, hidden: torch.Tensor) -> None:
         (self.x if which == "x" else self.h)[layer] = hidden

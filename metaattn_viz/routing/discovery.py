@@ -1,0 +1,175 @@
+"""Which models route, and where their attention layers are.
+
+Routing plugs into what transformers itself exposes: an attention module is one that carries
+an integer ``layer_idx`` and calls the attention interface (its class's ``forward`` looks the
+function up in ``ALL_ATTENTION_FUNCTIONS``, so setting the model's attention implementation
+reaches it), and its decoder layer is the module that holds it (that layer's input is the
+residual stream the controller reads). No attribute path such as
+``get_decoder().layers[i].self_attn`` is assumed, so Llama, Qwen2, Mistral, Phi-3 and GPT-2
+are found alike.
+
+A model whose attention needs what routing does not honour is refused before anything is
+changed, with an ``UnsupportedModel`` error that names the model class and the feature:
+sliding-window layers, logit soft-capping, attention sinks, non-causal or cross-attention,
+or attention outside the interface. The same features are refused again at run time if
+they reach the attention function anyway (``check_call``), and so is an attention mask that
+is not plain causal (a padded batch): wrong results never pass silently.
+
+Never: change the model (``install`` in routing/session.py does, after this has passed).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+INTERFACE_NAME = "ALL_ATTENTION_FUNCTIONS"
+
+
+class UnsupportedModel(ValueError):
+    """A model (or a call) routing cannot honour; the message names the feature."""
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention layer: its index, the attention module and the decoder layer holding it."""
+
+    layer_idx: int
+    attention: torch.nn.Module
+    block: torch.nn.Module
+
+
+_INTERFACE_CALLERS: dict[type, bool] = {}  # class -> whether its forward calls the interface
+
+
+def _calls_interface(cls: type) -> bool:
+    """Whether `cls.forward` looks its attention function up in transformers' interface."""
+    if cls not in _INTERFACE_CALLERS:
+        try:
+            source = inspect.getsource(getattr(cls, "forward"))  # noqa: B009 (any module class)
+        except (OSError, TypeError, AttributeError):
+            source = ""
+        _INTERFACE_CALLERS[cls] = INTERFACE_NAME in source
+    return _INTERFACE_CALLERS[cls]
+
+
+def _model_name(model) -> str:
+    return type(model).__name__
+
+
+def attention_sites(model) -> list[AttentionSite]:
+    """The model's attention layers in layer order (refuses a model where they cannot be
+    found through the attention interface, one per layer)."""
+    parents: dict[int, torch.nn.Module] = {}
+    for parent in model.modules():
+        for child in parent.children():
+            parents.setdefault(id(child), parent)
+    found: dict[int, AttentionSite] = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, bool) or not isinstance(idx, int) or not _calls_interface(type(module)):
+            continue
+        if getattr(module, "is_cross_attention", False):
+            raise UnsupportedModel(
+                f"{_model_name(model)} has cross-attention layers (layer {idx}): routing handles "
+                "causal self-attention only"
+            )
+        if idx in found:
+            raise UnsupportedModel(
+                f"{_model_name(model)}: two attention modules claim layer_idx {idx}; "
+                "routing needs one per layer"
+            )
+        found[idx] = AttentionSite(idx, module, parents[id(module)])
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if not found:
+        raise UnsupportedModel(
+            f"{_model_name(model)}: no attention module calls transformers' attention interface "
+            f"({INTERFACE_NAME}) with a layer_idx, so routing cannot reach its attention"
+        )
+    if sorted(found) != list(range(len(found))) or (n_layers is not None and len(found) != n_layers):
+        raise UnsupportedModel(
+            f"{_model_name(model)}: attention modules with layer_idx {sorted(found)} found through "
+            f"the interface, but the config has {n_layers} layers (layer_idx must count them from 0)"
+        )
+    return [found[i] for i in range(len(found))]
+
+
+def _sliding_window(model, sites: list[AttentionSite]) -> Any:
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None) or []
+    if "sliding_attention" in types:
+        window = getattr(cfg, "sliding_window", None)
+        return f"layer_types has sliding_attention layers (sliding_window={window})"
+    for site in sites:
+        window = getattr(site.attention, "sliding_window", None)
+        if window:
+            return f"layer {site.layer_idx} has sliding_window={window}"
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True):
+        return f"config.sliding_window={window}"
+    return None
+
+
+def check_supported(model) -> list[AttentionSite]:
+    """The model's attention sites, or ``UnsupportedModel`` naming the first feature
+    routing does not honour."""
+    name = _model_name(model)
+    sites = attention_sites(model)
+    cfg = model.config
+    window = _sliding_window(model, sites)
+    if window:
+        raise UnsupportedModel(
+            f"{name} uses sliding-window attention ({window}); routing does not honour it "
+            "(its local expert has its own window and sinks)"
+        )
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    if softcap:
+        raise UnsupportedModel(
+            f"{name} uses attention logit soft-capping (attn_logit_softcapping={softcap}); "
+            "routing does not honour it"
+        )
+    for site in sites:
+        if getattr(site.attention, "sinks", None) is not None:
+            raise UnsupportedModel(
+                f"{name} uses attention sink logits (layer {site.layer_idx}.sinks); "
+                "routing does not honour them"
+            )
+        if getattr(site.attention, "is_causal", True) is False:
+            raise UnsupportedModel(
+                f"{name} has non-causal attention (layer {site.layer_idx}); "
+                "routing handles causal attention only"
+            )
+    return sites
+
+
+def check_call(module, attention_mask, kwargs: dict) -> None:
+    """Refuse, at run time, what reached the attention function that routing would drop:
+    a sliding window, soft-capping or sink logits passed by the layer."""
+    name = type(module).__name__
+    if kwargs.get("sliding_window"):
+        raise UnsupportedModel(
+            f"{name} passed sliding_window={kwargs['sliding_window']}: routing does not honour it"
+        )
+    if kwargs.get("softcap"):
+        raise UnsupportedModel(
+            f"{name} passed softcap={kwargs['softcap']}: routing does not honour soft-capping"
+        )
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise UnsupportedModel(f"{name} passed attention sink logits: routing does not honour them")
+
+
+def is_plain_causal(mask: torch.Tensor | None, tq: int, tk: int) -> bool:
+    """Whether an attention mask ([B, 1 or H, Tq, Tk]; boolean: True = attend, or additive:
+    0 = attend) lets every query see exactly the keys up to its own position: no padding,
+    no window, nothing else. None is plain causal."""
+    if mask is None:
+        return True
+    if mask.dim() != 4 or mask.shape[-2] != tq or mask.shape[-1] < tk:
+        return False
+    allowed = mask[..., :tk] if mask.dtype == torch.bool else mask[..., :tk] == 0
+    q_pos = torch.arange(tk - tq, tk, device=mask.device).view(-1, 1)
+    causal = torch.arange(tk, device=mask.device).view(1, -1) <= q_pos
+    return bool((allowed == causal).all())
