@@ -27,6 +27,7 @@ ensure_kernels_importable()
 # public name -> the module that defines it (its one definition)
 _LAZY = {
     "load": "metaattn_viz.api",
+    "calibrate": "metaattn_viz.api",
     "figure": "metaattn_viz.api",
     "Trace": "metaattn_viz.api",
     "RoutedModel": "metaattn_viz.routing.model",
@@ -42,12 +43,13 @@ __all__ = [
     "Sampling",
     "Trace",
     "__version__",
+    "calibrate",
     "figure",
     "load",
 ]
 
 if TYPE_CHECKING:
-    from metaattn_viz.api import Trace, figure, load
+    from metaattn_viz.api import Trace, calibrate, figure, load
     from metaattn_viz.core.settings import RoutingSettings
     from metaattn_viz.core.trace import RoutingTrace
     from metaattn_viz.routing.model import RoutedModel, Sampling

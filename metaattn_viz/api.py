@@ -6,11 +6,16 @@
     trace.figure()                           # the routing maps; a notebook shows `trace` itself
     routed.detach()                          # the model as it was, bit for bit
 
+    stack = mav.calibrate(routed, texts, steps=64, save="controllers/my-model")  # a model of your own
+    routed = mav.load((model, tokenizer), controllers="controllers/my-model")   # later: loads them
+
 ``load`` returns the existing ``RoutedModel`` (routing/model.py) with the controllers shipped
 for the model, or untrained ones (said in the log, and on every figure) where none ship.
 Its traces are ``Trace``: a ``RoutingTrace`` (core/trace.py) that only adds views, drawn by
 the app's figures (app/plots/), with plotly imported when a figure is first asked for.
 ``figure`` draws any ``RoutingTrace`` (a replay from the routing log, ``from_json``).
+``calibrate`` trains a routed model's controllers on texts in hand through the CLI's
+calibration (training/calibrate.py) and installs them on it.
 
 This module sits on top, beside the CLI: it adapts routing and the figures to a notebook.
 Never: hold routing or plotting logic of its own, or import torch, transformers or plotly
@@ -20,6 +25,8 @@ at import time.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +35,13 @@ from metaattn_viz.core.trace import RoutingTrace
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
+    from metaattn_viz.routing.controller import ControllerStack
     from metaattn_viz.routing.model import RoutedModel
 
-__all__ = ["Trace", "figure", "load"]
+__all__ = ["Trace", "calibrate", "figure", "load"]
+
+# where a calibration of texts given in Python says its data came from (meta.json "data")
+TEXTS_SOURCE = "{n} texts given to metaattn_viz.calibrate"
 
 
 def figure(trace: RoutingTrace, measure: str = "total", height: int = 780) -> go.Figure:
@@ -74,6 +85,7 @@ def load(
     dtype: str | None = None,
     backend: str | None = None,
     name: str | None = None,
+    controllers: str | os.PathLike | None = None,
 ) -> RoutedModel:
     """A routed model whose traces draw themselves (``Trace``).
 
@@ -84,15 +96,23 @@ def load(
     is given) and named ``name`` (default: the last part of its ``name_or_path``), which
     picks the controllers shipped for it. Without shipped controllers the controllers are
     untrained: the log says so, and so do the traces and their figures.
-    ``routed.detach()`` (or ``with mav.load(...) as routed:``) gives the model back."""
+    ``controllers``: a folder laid out as ``assets/controllers/<model>`` (a ``bayes/`` and a
+    ``priorfree/`` folder, as ``calibrate(..., save=...)`` writes), used in place of the
+    shipped ones; a kind missing there, or made for another model shape, is untrained (said
+    in the log). ``routed.detach()`` (or ``with mav.load(...) as routed:``) gives the model back."""
     from metaattn_viz.routing.model import RoutedModel
 
+    folders = _controller_folders(controllers)
     if model is None or isinstance(model, (str, os.PathLike)):
         routed = RoutedModel.load(
-            None if model is None else str(model), device=device, dtype=dtype, backend=backend
+            None if model is None else str(model),
+            controllers_dir=folders,
+            device=device,
+            dtype=dtype,
+            backend=backend,
         )
     elif isinstance(model, tuple) and len(model) == 2:
-        routed = _given(*model, name)
+        routed = _given(*model, name, folders)
         if device is not None or dtype is not None or backend is not None:
             routed.place(device, dtype, backend)
     else:
@@ -104,7 +124,19 @@ def load(
     return routed
 
 
-def _given(model, tokenizer, name: str | None) -> RoutedModel:
+def _controller_folders(controllers: str | os.PathLike | None) -> dict[str, Path] | None:
+    """kind -> folder of a controllers folder (``load``'s ``controllers``), or None."""
+    if controllers is None:
+        return None
+    from metaattn_viz.routing.controller import KINDS
+
+    root = Path(controllers)
+    if not root.is_dir():
+        raise FileNotFoundError(f"controllers: no such folder: {root}")
+    return {kind: root / kind for kind in KINDS}
+
+
+def _given(model, tokenizer, name: str | None, folders: dict[str, Path] | None = None) -> RoutedModel:
     """A RoutedModel of a model the caller already holds, left on its device and dtype."""
     from metaattn_viz.routing import loading
     from metaattn_viz.routing.model import RoutedModel
@@ -114,8 +146,115 @@ def _given(model, tokenizer, name: str | None) -> RoutedModel:
         raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
     name = name or Path(str(getattr(config, "_name_or_path", "") or "")).name or type(model).__name__
     loaded = loading.LoadedModel(model, tokenizer, loading.ModelSource("given", name, name), 0.0, "given")
-    routed = RoutedModel.from_loaded(loaded)
+    routed = RoutedModel.from_loaded(loaded, folders)
     # the controllers compute their features where the model runs (they stay float32)
     for stack in routed.controllers.values():
         stack.to(routed.device)
     return routed
+
+
+def calibrate(
+    routed: RoutedModel,
+    texts: Iterable[str] | os.PathLike,
+    *,
+    controller: str = "bayes",
+    steps: int = 64,
+    seq_len: int = 256,
+    save: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+    **options: Any,
+) -> ControllerStack:
+    """Train ``routed``'s ``controller`` stack ("bayes" or "priorfree") on ``texts`` and
+    install it on ``routed``: its later traces use it and say it is trained. Returns the stack
+    (its ``meta`` holds the run's record, as meta.json: final validation terms, loss curve,
+    data, hyperparameters).
+
+    The training is ``metaattn-viz calibrate``'s (training/calibrate.py, docs/method.md,
+    ELBO): the model stays frozen, only the controllers learn, on windows of ``seq_len``
+    tokens. ``texts``: a list of strings, joined with blank lines into one text that is split
+    as the CLI splits a ``--data`` file (by WikiText article headings, else by paragraph:
+    every tenth to validation, the last when fewer), or the path of a text file (used as
+    ``--data``). Together they must give at least one window for training and one for
+    validation. ``options``: the other ``CalibrationConfig`` fields (``lr``, ``batch_size``,
+    ``beta_kl``, ``seed``, ...).
+
+    Progress: ``progress=True`` shows a tqdm bar with each step's loss terms (stderr, or the
+    notebook's output); ``on_step`` is called after every step with its row (``step``,
+    ``loss``, ``task``, ``kl``, ``cost``, ``hard``), and an exception it raises stops the
+    run, installing and saving nothing.
+
+    ``save``: a folder laid out as ``assets/controllers/<model>``; the stack is written to
+    ``save/<controller>/`` (controller.safetensors and meta.json), which
+    ``load(..., controllers=save)`` reads back. Without it the stack lives only on ``routed``.
+
+    The model is handed back as it came: its parameters' ``requires_grad`` and torch's
+    random state are restored (the run seeds its own)."""
+    import torch
+
+    from metaattn_viz.routing.controller import KINDS, ControllerStack
+    from metaattn_viz.training import calibrate as calibration
+    from metaattn_viz.training.data import DataError
+
+    if controller not in KINDS:
+        raise ValueError(f"controller must be one of {', '.join(KINDS)}, got {controller!r}")
+    cfg = calibration.CalibrationConfig(controller=controller, steps=steps, seq_len=seq_len, **options)
+    if routed.detached:
+        raise RuntimeError(f"{routed.name}: this RoutedModel was detached; route a new one")
+    source = _texts(texts)
+    target = None if save is None else Path(save) / controller
+    if target is not None and any(p.exists() and not p.is_dir() for p in (target, *target.parents)):
+        raise ValueError(f"save: {save} must be a folder (or not exist yet); a file is in the way")
+
+    params = list(routed.model.parameters())
+    grads = [p.requires_grad for p in params]
+    cuda = [routed.device] if routed.device.type == "cuda" else []
+    # the stack's construction (load) draws from torch's random state too
+    with tempfile.TemporaryDirectory(prefix="metaattn-calibrate-") as tmp, torch.random.fork_rng(cuda):
+        if isinstance(source, Path):
+            data = source
+        else:
+            data = Path(tmp) / "texts.txt"
+            data.write_text("\n\n".join(source), encoding="utf-8")
+        try:
+            calibration.calibrate(
+                routed,
+                data,
+                cfg,
+                out_dir=Path(tmp) / "run",
+                progress=progress,
+                model_slug=routed.slug,
+                on_step=on_step,
+            )
+        except DataError as exc:
+            raise DataError(f"{exc} (here: more or longer texts, or a smaller seq_len)") from None
+        finally:
+            for p, g in zip(params, grads, strict=True):
+                p.requires_grad_(g)
+        stack = ControllerStack.load(Path(tmp) / "run")
+    if not isinstance(source, Path):
+        stack.meta["data"]["file"] = TEXTS_SOURCE.format(n=len(source))
+    if target is not None:
+        stack.save(target, stack.meta)
+    routed.controllers[controller] = stack.to(routed.device)
+    routed.controller_sources[controller] = str(target) if target is not None else "mav.calibrate (not saved)"
+    return stack
+
+
+def _texts(texts) -> Path | list[str]:
+    """``calibrate``'s ``texts``: the path of a text file, or the texts that are not blank."""
+    if isinstance(texts, os.PathLike):
+        path = Path(texts)
+        if not path.is_file():
+            raise FileNotFoundError(f"texts: no such file: {path}")
+        return path
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a list of strings or a pathlib.Path to a text file, not one string")
+    items = list(texts)
+    wrong = [type(t).__name__ for t in items if not isinstance(t, str)]
+    if wrong:
+        raise TypeError(f"texts must be strings; got {', '.join(sorted(set(wrong)))}")
+    kept = [t.strip() for t in items if t.strip()]
+    if not kept:
+        raise ValueError("texts: no text to calibrate on (empty, or only blank strings)")
+    return kept

@@ -1,11 +1,13 @@
 """The notebook API (metaattn_viz/api.py and the package's lazy names): importing is cheap,
 ``load`` routes a model the caller holds, ``route`` takes settings as keywords, ``detach``
 gives the model back bit for bit with no hook left, traces round-trip through JSON and draw
-themselves, and the README's Python example runs as written."""
+themselves, ``calibrate`` trains, installs and saves controllers that load back, and the
+README's Python examples run as written."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import subprocess
@@ -23,6 +25,8 @@ from metaattn_viz.core.trace import RoutingTrace
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "some text to route, " * 3
+EXCERPT = ROOT / "tests" / "data" / "wikitext2_excerpt.txt"
+TEXTS = [line for line in EXCERPT.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def hooks(model) -> dict[str, tuple[int, ...]]:
@@ -62,7 +66,7 @@ def test_importing_the_package_loads_nothing_heavy():
         "import metaattn_viz as mav\n"
         "heavy = ('torch', 'transformers', 'gradio', 'plotly')\n"
         "before = [m for m in heavy if m in sys.modules]\n"
-        "mav.load, mav.Trace, mav.RoutingTrace, mav.RoutingSettings\n"
+        "mav.load, mav.calibrate, mav.Trace, mav.RoutingTrace, mav.RoutingSettings\n"
         "print(json.dumps([before, [m for m in heavy if m in sys.modules]]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -76,6 +80,7 @@ def test_the_public_names_are_the_one_definitions():
     from metaattn_viz.routing.model import RoutedModel
 
     assert mav.load is api.load and mav.Trace is api.Trace and mav.figure is api.figure
+    assert mav.calibrate is api.calibrate
     assert mav.RoutedModel is RoutedModel and mav.RoutingTrace is RoutingTrace
     assert set(mav.__all__) <= set(dir(mav))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -227,14 +232,123 @@ def test_a_trace_draws_its_maps_and_says_its_controllers_are_untrained():
     assert json.loads(mav.figure(plain).to_json()) == json.loads(fig.to_json())
 
 
+# -- calibrate -----------------------------------------------------------------------------------
+def test_calibrate_trains_installs_and_saves_controllers_that_load_back(tmp_path):
+    routed = mav.load((tiny_model(), CharTokenizer()), name="tiny")
+    untrained = routed.controllers["bayes"]
+    before = routed.route(PROMPT, budget=0.5)
+    priorfree = routed.controllers["priorfree"]
+    rng = torch.random.get_rng_state()
+    rows: list[dict] = []
+    stack = mav.calibrate(
+        routed,
+        TEXTS,
+        steps=30,
+        seq_len=64,
+        batch_size=2,
+        soft_fraction=1.0,
+        val_windows=2,
+        save=tmp_path / "ctrl",
+        progress=False,
+        on_step=rows.append,
+    )
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the run seeded its own
+    # it trained: every step reported, the loss fell, the weights moved
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = (sum(r["loss"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+    assert last < first, [r["loss"] for r in rows]
+    assert stack.trained and stack.kind == "bayes"
+    assert not torch.equal(stack.layers[0].fc2.weight, untrained.layers[0].fc2.weight)
+    # installed on routed (the other kind untouched), and its routing uses it
+    assert routed.controllers["bayes"] is stack and routed.controllers["priorfree"] is priorfree
+    assert routed.controller_sources == {"bayes": str(tmp_path / "ctrl" / "bayes"), "priorfree": "untrained"}
+    after = routed.route(PROMPT, budget=0.5)
+    assert after.controller_trained and after.controller_id == stack.controller_id
+    assert not np.array_equal(after.concentration, before.concentration)
+    # the model handed back as it came: trainable again
+    assert all(p.requires_grad for p in routed.model.parameters())
+    # saved as assets/controllers/<model> is laid out; the record names the texts' own hash
+    folder = tmp_path / "ctrl" / "bayes"
+    assert sorted(p.name for p in (tmp_path / "ctrl").iterdir()) == ["bayes"]
+    assert sorted(p.name for p in folder.iterdir()) == ["controller.safetensors", "meta.json"]
+    meta = json.loads((folder / "meta.json").read_text())
+    joined = "\n\n".join(t.strip() for t in TEXTS).encode()
+    assert meta["data"]["sha256"] == hashlib.sha256(joined).hexdigest()
+    assert meta["data"]["file"] == f"{len(TEXTS)} texts given to metaattn_viz.calibrate"
+    assert meta["content_hash"] == stack.content_hash() and meta == stack.meta
+    # and load back with the model: the same controllers, the same routing
+    again = mav.load((tiny_model(), CharTokenizer()), name="tiny", controllers=tmp_path / "ctrl")
+    assert again.controller_sources == {"bayes": str(folder), "priorfree": "untrained"}
+    assert again.controllers["bayes"].content_hash() == stack.content_hash()
+    replay = again.route(PROMPT, budget=0.5)
+    assert np.array_equal(replay.concentration, after.concentration)
+    assert np.array_equal(replay.routes, after.routes)
+
+
+def test_calibrate_reads_a_file_and_trains_the_prior_free_baseline():
+    routed = mav.load((tiny_model(), CharTokenizer()), name="tiny")
+    stack = mav.calibrate(
+        routed, EXCERPT, controller="priorfree", steps=2, seq_len=64, val_windows=1, progress=False
+    )
+    assert stack.kind == "priorfree" and routed.controllers["priorfree"] is stack
+    assert stack.meta["data"]["file"] == str(EXCERPT)
+    assert stack.meta["data"]["sha256"] == hashlib.sha256(EXCERPT.read_bytes()).hexdigest()
+    assert routed.controller_sources["priorfree"] == "mav.calibrate (not saved)"
+    assert routed.route(PROMPT, controller="priorfree").controller_trained
+
+
+class Stop(Exception):
+    """Raised by a step callback to stop a calibration part-way."""
+
+
+def test_calibrate_refuses_bad_input_and_an_interrupted_run_installs_nothing(tmp_path):
+    routed = mav.load((tiny_model(), CharTokenizer()), name="tiny")
+    untrained = routed.controllers["bayes"]
+    fast = dict(steps=2, seq_len=64, val_windows=1, progress=False)
+    with pytest.raises(TypeError, match="not one string"):
+        mav.calibrate(routed, "one long string", **fast)
+    with pytest.raises(TypeError, match="texts must be strings; got int"):
+        mav.calibrate(routed, ["a text", 3], **fast)
+    with pytest.raises(ValueError, match="no text to calibrate on"):
+        mav.calibrate(routed, ["", "  \n "], **fast)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        mav.calibrate(routed, tmp_path / "nope.txt", **fast)
+    with pytest.raises(ValueError, match="controller must be one of bayes, priorfree"):
+        mav.calibrate(routed, TEXTS, controller="nope", **fast)
+    with pytest.raises(ValueError, match="--steps must be a whole number"):
+        mav.calibrate(routed, TEXTS, **{**fast, "steps": 0})
+    with pytest.raises(TypeError, match="learning_rate"):
+        mav.calibrate(routed, TEXTS, learning_rate=0.1, **fast)
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(ValueError, match="a file is in the way"):
+        mav.calibrate(routed, TEXTS, save=tmp_path / "file", **fast)
+    with pytest.raises(ValueError, match="shorter than one window.*smaller seq_len"):
+        mav.calibrate(routed, ["too short", "for a window"], **fast)
+    with pytest.raises(FileNotFoundError, match="controllers: no such folder"):
+        mav.load((tiny_model(), CharTokenizer()), controllers=tmp_path / "none")
+
+    def stop(row):
+        if row["step"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        mav.calibrate(routed, TEXTS, on_step=stop, save=tmp_path / "ctrl", **fast)
+    assert routed.controllers["bayes"] is untrained and routed.controller_sources["bayes"] == "untrained"
+    assert not (tmp_path / "ctrl").exists()
+    assert all(p.requires_grad for p in routed.model.parameters())
+    routed.detach()
+    with pytest.raises(RuntimeError, match="detached"):
+        mav.calibrate(routed, TEXTS, **fast)
+
+
 # -- the README ----------------------------------------------------------------------------------
-def readme_python() -> str:
-    """The Python block of the README's "From Python" section."""
+def readme_python(block: int = 0) -> str:
+    """The ``block``-th Python block of the README's "From Python" section."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## From Python", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README.md: no python block under 'From Python'"
-    return match.group(1)
+    section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) > block, f"README.md: no python block {block} under 'From Python'"
+    return blocks[block]
 
 
 @pytest.mark.slow
@@ -247,3 +361,18 @@ def test_the_readme_python_example_runs_as_written():
     assert trace.n_tokens > trace.n_prompt_tokens  # it generated
     assert trace.controller_trained and trace.settings.budget == 0.3
     assert routed.detached
+
+
+def test_the_readme_calibration_example_runs_as_written(tmp_path, monkeypatch):
+    """The second block, with the reader's model, tokenizer and texts: a tiny model."""
+    code = readme_python(1)
+    assert "mav.calibrate(routed, texts" in code and "controllers=" in code
+    monkeypatch.chdir(tmp_path)  # its save folder is relative
+    scope: dict = {"model": tiny_model(), "tokenizer": CharTokenizer(), "texts": TEXTS}
+    exec(compile(code, "README.md", "exec"), scope)
+    trace, stack, routed = scope["trace"], scope["stack"], scope["routed"]
+    assert trace.controller_trained and trace.controller_id == stack.controller_id
+    assert stack.meta["hyperparameters"]["steps"] == 64
+    # the last line loaded the saved controllers back with the model
+    assert routed.controllers["bayes"].content_hash() == stack.content_hash()
+    assert routed.controller_sources["bayes"] == str(Path("controllers/my-model/bayes"))
