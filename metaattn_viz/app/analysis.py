@@ -2,10 +2,11 @@
 a re-route under other settings, the budget sweep against the baselines, and the attention
 one token actually used.
 
-Each is one or a few prefills of the same token ids on the hosted model. The dense logits
-are cached per text (the last DENSE_CACHE_SIZE texts), so dragging the slider with the
-quality meter on runs one routed pass and no dense one. Re-routes are logged as `reroute`
-runs in the background. Never imports gradio; never writes the log itself.
+Each is one or a few prefills of the same token ids on the hosted model that made the text
+(a trace's ``model``; a text without one, from the API, goes to the default model). The
+dense logits are cached per model and text (the last DENSE_CACHE_SIZE), so dragging the
+slider with the quality meter on runs one routed pass and no dense one. Re-routes are
+logged as `reroute` runs in the background. Never imports gradio; never writes the log itself.
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ class Analysis:
         self._dense_cache: OrderedDict = OrderedDict()
         self._dense_lock = threading.Lock()
 
-    def _dense_logits(self, ids: list[int]):
-        key = tuple(ids)
+    def routed_for(self, text):
+        """The hosted model that made `text` (its ``model``, if it names one), else the
+        default model; AppError if this server does not offer it."""
+        return self.host.routed_model(model=getattr(text, "model", None) or None)
+
+    def _dense_logits(self, routed, ids: list[int]):
+        key = (routed.name, tuple(ids))
         with self._dense_lock:
             hit = self._dense_cache.get(key)
             if hit is not None:
@@ -46,7 +52,7 @@ class Analysis:
                 return hit
         import torch
 
-        logits = self.host.routed_model().dense_logits(torch.tensor([ids]))[0]  # [T, V]
+        logits = routed.dense_logits(torch.tensor([ids]))[0]  # [T, V]
         with self._dense_lock:
             self._dense_cache[key] = logits
             while len(self._dense_cache) > DENSE_CACHE_SIZE:
@@ -61,11 +67,11 @@ class Analysis:
 
         from metaattn_viz.routing.model import kl_per_token
 
-        routed = self.host.routed_model()
         ids = list(trace.token_ids)
         if not ids:
             raise AppError("Nothing to measure: the trace has no tokens.")
-        dense = self._dense_logits(ids)
+        routed = self.routed_for(trace)
+        dense = self._dense_logits(routed, ids)
         forced = [
             torch.from_numpy(np.ascontiguousarray(trace.weights[layer]))[None]
             for layer in range(trace.n_layers)
@@ -85,11 +91,11 @@ class Analysis:
     ) -> RoutingTrace:
         """The same text (a trace, or a requests.Text) routed again under `settings` (one
         prefill); logged as `owner`'s `reroute` run in the background."""
-        routed = self.host.routed_model()
         if controller is not None:
             choice("Controller", controller, KINDS)
         if not getattr(text, "token_ids", None):
             raise AppError("Nothing to re-route yet: generate (or replay) a text first.")
+        routed = self.routed_for(text)
         if len(text.token_ids) > APP_MAX_CONTEXT:
             raise AppError(
                 f"The text has {len(text.token_ids)} tokens; the app re-routes at most {APP_MAX_CONTEXT}."
@@ -113,12 +119,12 @@ class Analysis:
         from metaattn_viz.routing.model import kl_per_token
         from metaattn_viz.training.evaluate import flops_ratio, random_policy, salience_policy, static_policy
 
-        routed = self.host.routed_model()
         ids = list(text.token_ids)
         if len(ids) < 2:
             raise AppError("The sweep needs a text of at least two tokens.")
         budgets = [number("Budget", b, MIN_COST, 1.0) for b in budgets]
-        dense = self._dense_logits(ids)
+        routed = self.routed_for(text)
+        dense = self._dense_logits(routed, ids)
         x = torch.tensor([ids])
         T = len(ids)
         jobs = []
@@ -180,14 +186,20 @@ class Analysis:
         if trace is None or trace.n_tokens == 0:
             raise AppError("Nothing to inspect yet: generate (or replay) a text first.")
         pos = whole("Token position", pos, 0, trace.n_tokens - 1)
-        if not self.host.ready:
-            raise AppError("The attention view needs the model, which is not loaded yet.")
-        routed = self.host.routed_model()
-        if trace.model != routed.name:
+        try:
+            mid = self.host.resolve(trace.model)
+        except AppError:
             raise AppError(
-                f"This run used the model {trace.model}; the attention view needs "
-                f"that model (this server runs {routed.name})."
+                f"This run used the model {trace.model}; the attention view needs that model, "
+                "which this server does not offer."
+            ) from None
+        if not self.host.is_ready(mid):
+            self.host.start_loading(mid)
+            raise AppError(
+                f"The attention view needs the model {trace.model}, which is not loaded yet; "
+                "try again in a few seconds."
             )
+        routed = self.host.routed_model(model=mid)
         ids = torch.tensor([trace.token_ids[: pos + 1]])
         forced = [
             torch.from_numpy(np.ascontiguousarray(trace.weights[layer, : pos + 1]))[None]

@@ -3,7 +3,8 @@
 One `Engine` per server composes the parts; the page (ui.py and its tabs) calls them
 directly:
 
-- `host`         the routed model, loaded in the background (host.ModelHost);
+- `host`         the routed models offered (app/models.py), each loaded in the background
+                 on first use, the default one at once (host.ModelHost);
 - `history`      the routing log: runs written as they happen, read back for History
                  (history.RunHistory);
 - `analysis`     quality meter, re-route, budget sweep, token inspector (analysis.Analysis);
@@ -31,7 +32,7 @@ class Engine:
 
     def __init__(
         self,
-        model: str | None = None,
+        model: str | list[str] | None = None,
         db: str | None = None,
         log_runs: bool = True,
         routed=None,
@@ -54,6 +55,8 @@ class Engine:
             "model_ready": model["model_ready"],
             "model": model["model"],
             "model_error": model["model_error"],
+            "model_id": model["model_id"],
+            "models": model["models"],  # every model offered: id, label, loaded, loading, error
             "controllers": model["controllers"],
             "runtime": model.get("runtime"),  # device, dtype, attention backend (None while loading)
             **logging,

@@ -1,7 +1,9 @@
 """The app's figures: pure functions of a RoutingTrace (or of sweep rows) -> plotly figures.
 
-- `maps`       `routing_maps` (the live maps, expert + uncertainty), `expert_map` (History)
-- `meters`     `meters` (cost, FLOPs, tokens/s, KL panel), `token_strip`
+- `maps`       `routing_maps` (the live maps, expert + uncertainty), `expert_map` (History);
+               `relative=True` draws each decision against its layer's usual expert;
+               `titled` marks the title of a trace with untrained controllers
+- `meters`     `meters` (cost, routing variety, FLOPs, tokens/s, KL panel), `token_strip`
 - `inspector`  `ternary`, `concentration_table` (one token, every layer)
 - `sweep`      `pareto` (KL against cost across budgets, per policy)
 - `style`      what every figure shares (colours, layout, token labels, placeholders)
@@ -17,18 +19,26 @@ from metaattn_viz.app.plots.inspector import (
     ternary,
     ternary_placeholder,
 )
-from metaattn_viz.app.plots.maps import MAPS_EMPTY, expert_map, routing_maps, routing_maps_json
-from metaattn_viz.app.plots.meters import meter_values, meters, token_strip
+from metaattn_viz.app.plots.maps import (
+    MAPS_EMPTY,
+    USUAL_COLOUR,
+    expert_map,
+    relative_routes,
+    routing_maps,
+    routing_maps_json,
+    titled,
+)
+from metaattn_viz.app.plots.meters import VARIETY_EXPLANATION, meter_values, meters, token_strip
 from metaattn_viz.app.plots.style import EXPERT_COLOURS, UIREVISION, token_label, token_labels
 from metaattn_viz.app.plots.sweep import POLICY_STYLES, pareto, pareto_front
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
 
 
-def live_views(trace: RoutingTrace, measure: str = "total"):
-    """Everything the live tab redraws on a new trace: (both maps as figure JSON, token
-    strip, meters HTML)."""
-    return routing_maps_json(trace, measure), token_strip(trace), meters(trace)
+def live_views(trace: RoutingTrace, measure: str = "total", relative: bool = False):
+    """Everything the live tab redraws on a new trace: (both maps as figure JSON, the expert
+    map relative to each layer's usual expert if `relative`; token strip; meters HTML)."""
+    return routing_maps_json(trace, measure, relative=relative), token_strip(trace), meters(trace)
 
 
 def empty_trace() -> RoutingTrace:
@@ -49,6 +59,8 @@ __all__ = [
     "MAPS_EMPTY",
     "POLICY_STYLES",
     "UIREVISION",
+    "USUAL_COLOUR",
+    "VARIETY_EXPLANATION",
     "concentration_columns",
     "concentration_table",
     "empty_trace",
@@ -58,10 +70,12 @@ __all__ = [
     "meters",
     "pareto",
     "pareto_front",
+    "relative_routes",
     "routing_maps",
     "routing_maps_json",
     "ternary",
     "ternary_placeholder",
+    "titled",
     "token_label",
     "token_labels",
     "token_strip",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from metaattn_viz.app.plots.maps import titled
 from metaattn_viz.app.plots.style import EXPERT_COLOURS, empty, styled, token_label
 from metaattn_viz.core.settings import EXPERTS, UNCERTAINTY_MEASURES
 from metaattn_viz.core.trace import RoutingTrace
@@ -69,7 +70,7 @@ def ternary(trace: RoutingTrace, pos: int, height: int = 440) -> go.Figure:
     )
     what = "Posterior mean" if not trace.point_estimate else "Controller probabilities"
     label = token_label(pos, trace.tokens[pos], 24)
-    return styled(fig, f"{what} by layer \u2014 token {label}", height)
+    return styled(fig, titled(trace, f"{what} by layer \u2014 token {label}"), height)
 
 
 def concentration_columns() -> list[str]:

@@ -1,8 +1,15 @@
 """The routing maps: layers x tokens, the expert each decision chose (Okabe-Ito colours,
 safe for the common colour-vision deficiencies; hedged decisions marked), and how uncertain
 each decision was (measure selectable), stacked on one token axis. `expert_map` is the top
-map alone (History). Live updates stay cheap: the route matrix goes out as int8 and the
-hover numbers as one float32 array, no per-cell annotations, a constant uirevision.
+map alone (History).
+
+With ``relative=True`` the expert map shows each decision against its layer's usual expert
+(core.variety.layer_majority): a decision equal to it is grey, one that differs keeps its
+expert's colour, so the token-level part of the routing stands out of the per-layer stripes.
+A trace whose controllers are untrained says UNTRAINED in every map's title (`titled`).
+
+Live updates stay cheap: the route matrix goes out as int8 and the hover numbers as one
+float32 array, no per-cell annotations, a constant uirevision.
 Never imports gradio, torch or the model."""
 
 from __future__ import annotations
@@ -20,6 +27,31 @@ from metaattn_viz.app.plots.style import (
 )
 from metaattn_viz.core.settings import EXPERTS, UNCERTAINTY_MEASURES
 from metaattn_viz.core.trace import RoutingTrace
+from metaattn_viz.core.variety import layer_majority, routing_variety
+
+# A decision equal to its layer's usual expert, in the relative map: a neutral grey that
+# stays apart from every expert colour under colour-vision deficiencies (tests/test_plots_variety.py).
+USUAL_COLOUR = "#A0A0A0"
+USUAL = len(EXPERTS)  # its code in the relative map's z (the experts are 0..K-1)
+USUAL_LABEL = "layer's usual"
+UNTRAINED_TITLE = "UNTRAINED controllers (routing not calibrated)"
+
+
+def titled(trace: RoutingTrace, title: str) -> str:
+    """The title of a figure that shows `trace`: marked UNTRAINED when its controllers are
+    not trained (a trace with no tokens shows nothing, so it is left as is)."""
+    if trace.n_tokens and not trace.controller_trained:
+        return f"\u26a0 {UNTRAINED_TITLE} \u2014 {title}"
+    return title
+
+
+def relative_routes(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray]:
+    """([L, T] int8, [L]): each decision's expert where it differs from its layer's majority
+    expert and USUAL where it equals it; and each layer's majority expert."""
+    majority = layer_majority(trace.routes)  # [L]
+    routes = trace.routes.astype(np.int8)
+    z = np.where(routes == majority[:, None], np.int8(USUAL), routes).astype(np.int8)
+    return z, majority
 
 
 def _boundary(trace: RoutingTrace, xref: str = "x", yref: str = "paper") -> list[dict]:
@@ -52,12 +84,27 @@ def hover_data(trace: RoutingTrace, unc: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
-def expert_names(trace: RoutingTrace) -> np.ndarray:
-    """[L, T] object array: the chosen expert's name, '+hedge' where the decision was hedged."""
-    names = np.array(EXPERTS, dtype=object)[trace.routes.astype(np.intp)]
+def expert_names(trace: RoutingTrace, majority: np.ndarray | None = None) -> np.ndarray:
+    """[L, T] object array: the chosen expert's name, '+hedge' where the decision was hedged;
+    with `majority` ([L], relative map) also whether it is the layer's usual expert."""
+    experts = np.array(EXPERTS, dtype=object)
+    names = experts[trace.routes.astype(np.intp)]
     if trace.hedged.any():
         names = np.where(trace.hedged, names + " +hedge", names)
+    if majority is not None:
+        usual = experts[np.asarray(majority, np.intp)][:, None]  # [L, 1]
+        same = trace.routes == np.asarray(majority)[:, None]
+        names = np.where(same, names + f" ({USUAL_LABEL})", names + " (the layer's usual: " + usual + ")")
     return names
+
+
+def _band_scale(colours: list[str]) -> list[list]:
+    """A colorscale of equal flat bands, one per category code 0..n-1."""
+    n = len(colours)
+    scale: list[list] = []
+    for k, c in enumerate(colours):
+        scale += [[k / n, c], [(k + 1) / n, c]]
+    return scale
 
 
 def _expert_panel(
@@ -67,35 +114,41 @@ def _expert_panel(
     xaxis: str = "x",
     yaxis: str = "y",
     unc_total: np.ndarray | None = None,
+    relative: bool = False,
 ) -> list[dict]:
-    """The expert heatmap (int8 routes, hover numbers) and the hedge marks."""
+    """The expert heatmap (int8 routes, hover numbers) and the hedge marks; `relative`:
+    decisions equal to their layer's usual expert in grey (code USUAL)."""
     if unc_total is None:
         unc_total = trace.uncertainty("total")
-    n = len(EXPERTS)
-    scale = []
-    for k, e in enumerate(EXPERTS):
-        scale += [[k / n, EXPERT_COLOURS[e]], [(k + 1) / n, EXPERT_COLOURS[e]]]
+    colours = [EXPERT_COLOURS[e] for e in EXPERTS]
+    ticks = list(EXPERTS)
+    if relative:
+        z, majority = relative_routes(trace)
+        colours, ticks = colours + [USUAL_COLOUR], ticks + [USUAL_LABEL]
+    else:
+        z, majority = trace.routes.astype(np.int8), None
+    n = len(colours)
     data = [
         dict(
             type="heatmap",
-            name="routes",
-            z=trace.routes.astype(np.int8),
+            name="routes relative to each layer's usual expert" if relative else "routes",
+            z=z,
             x=labels,
             y=np.arange(trace.n_layers, dtype=np.int16),
             zmin=-0.5,
             zmax=n - 0.5,
-            colorscale=scale,
+            colorscale=_band_scale(colours),
             xaxis=xaxis,
             yaxis=yaxis,
             colorbar=dict(
                 title=dict(text="expert"),
                 tickvals=list(range(n)),
-                ticktext=list(EXPERTS),
+                ticktext=ticks,
                 thickness=14,
                 **colorbar,
             ),
             customdata=hover_data(trace, unc_total),
-            text=expert_names(trace),
+            text=expert_names(trace, majority),
             hovertemplate=(
                 "token %{x}<br>layer %{y}: <b>%{text}</b><br>"
                 "concentration (full, linear, local): %{customdata[0]:.3g}, "
@@ -153,17 +206,45 @@ def _uncertainty_panel(
     ]
 
 
-def expert_map(trace: RoutingTrace, height: int = 420, title: str | None = None) -> go.Figure:
-    """Layers x tokens heatmap of the expert each decision chose; hedged cells carry a mark."""
+def relative_note(trace: RoutingTrace) -> str:
+    """What the relative map shows, with the trace's routing variety."""
+    share = routing_variety(trace.routes) if trace.n_tokens else 0.0
+    return (
+        f"grey: the layer's usual expert; colour: a decision that differs ({100 * share:.1f} % "
+        "of decisions, the routing variety)"
+    )
+
+
+def expert_map(
+    trace: RoutingTrace, height: int = 420, title: str | None = None, relative: bool = False
+) -> go.Figure:
+    """Layers x tokens heatmap of the expert each decision chose; hedged cells carry a mark.
+    `relative`: each decision against its layer's usual expert (grey where equal)."""
     title = title or "Expert per decision (layers \u00d7 tokens)"
     if trace.n_tokens == 0:
         return empty(title, "Nothing routed yet", height)
-    data = _expert_panel(trace, token_labels(trace), dict(len=0.9))
+    data = _expert_panel(trace, token_labels(trace), dict(len=0.9), relative=relative)
+    notes = []
+    if relative:
+        notes.append(
+            dict(
+                text=relative_note(trace),
+                x=0,
+                y=1.0,
+                xref="paper",
+                yref="paper",
+                xanchor="left",
+                yanchor="bottom",
+                showarrow=False,
+                font=dict(size=11),
+            )
+        )
     return figure(
         data,
         base_layout(
-            title,
+            titled(trace, title),
             height,
+            annotations=notes,
             shapes=_boundary(trace),
             xaxis=dict(_TOKEN_AXIS, title=dict(text="token")),
             yaxis=dict(_LAYER_AXIS, title=dict(text="layer")),
@@ -176,17 +257,22 @@ def _check_measure(measure: str) -> None:
         raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {measure!r}")
 
 
-def _routing_maps_parts(trace: RoutingTrace, measure: str, height: int):
+def _routing_maps_parts(trace: RoutingTrace, measure: str, height: int, relative: bool = False):
     _check_measure(measure)
     labels = token_labels(trace)
     unc_total = trace.uncertainty("total")
     z = unc_total if measure == "total" else trace.uncertainty(measure)
-    data = _expert_panel(trace, labels, dict(len=0.45, y=0.78), "x", "y", unc_total) + _uncertainty_panel(
-        trace, measure, z, labels, dict(len=0.45, y=0.22), "x2", "y2"
+    data = _expert_panel(
+        trace, labels, dict(len=0.45, y=0.78), "x", "y", unc_total, relative
+    ) + _uncertainty_panel(trace, measure, z, labels, dict(len=0.45, y=0.22), "x2", "y2")
+    what = (
+        f"relative to each layer's usual expert ({relative_note(trace)}; x = hedged)"
+        if relative
+        else "(vermillion full, yellow local, blue linear; x = hedged)"
     )
     notes = [
         dict(
-            text="<b>expert</b> (vermillion full, yellow local, blue linear; x = hedged)",
+            text=f"<b>expert</b> {what}",
             x=0,
             y=1.0,
             xref="paper",
@@ -221,7 +307,7 @@ def _routing_maps_parts(trace: RoutingTrace, measure: str, height: int):
             )
         )
     layout = base_layout(
-        MAPS_TITLE,
+        titled(trace, MAPS_TITLE),
         height,
         annotations=notes,
         shapes=_boundary(trace, "x", "y domain") + _boundary(trace, "x2", "y2 domain"),
@@ -237,26 +323,31 @@ MAPS_TITLE = "Routing: expert per decision (top) and its uncertainty (bottom)"
 MAPS_EMPTY = "Type a prompt and press Generate: the maps fill in as tokens stream"
 
 
-def routing_maps(trace: RoutingTrace, measure: str = "total", height: int = 780) -> go.Figure:
+def routing_maps(
+    trace: RoutingTrace, measure: str = "total", height: int = 780, relative: bool = False
+) -> go.Figure:
     """The two live maps in one figure, stacked on a shared token axis: the expert of each
-    decision (top) and its uncertainty under `measure` (bottom). One figure, not two, because
-    a browser redraws each plot on every update (~0.1-0.2 s per plot on a slow CPU whatever
-    its size), and zooming one map zooms the other."""
+    decision (top; `relative`: against its layer's usual expert) and its uncertainty under
+    `measure` (bottom). One figure, not two, because a browser redraws each plot on every
+    update (~0.1-0.2 s per plot on a slow CPU whatever its size), and zooming one map zooms
+    the other."""
     if trace.n_tokens == 0:
         _check_measure(measure)
         return empty(MAPS_TITLE, MAPS_EMPTY, height)
-    return figure(*_routing_maps_parts(trace, measure, height))
+    return figure(*_routing_maps_parts(trace, measure, height, relative))
 
 
-def routing_maps_json(trace: RoutingTrace, measure: str = "total", height: int = 780) -> str:
+def routing_maps_json(
+    trace: RoutingTrace, measure: str = "total", height: int = 780, relative: bool = False
+) -> str:
     """`routing_maps(...).to_json()` without building a plotly Figure (which deep-copies the
     label arrays element by element, twice): the live stream's frame, ~2x cheaper."""
     if trace.n_tokens == 0:
-        return routing_maps(trace, measure, height).to_json()
+        return routing_maps(trace, measure, height, relative).to_json()
     from _plotly_utils.utils import convert_to_base64  # what Figure.to_dict applies
     from plotly.io.json import to_json_plotly
 
-    data, layout = _routing_maps_parts(trace, measure, height)
+    data, layout = _routing_maps_parts(trace, measure, height, relative)
     fig = {"data": data, "layout": layout}
     convert_to_base64(fig)  # numpy arrays -> {dtype, bdata} typed-array specs, in place
     return to_json_plotly(fig)

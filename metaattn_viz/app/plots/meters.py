@@ -1,6 +1,8 @@
-"""The meters and the token strip: realised notional cost against the budget, attention-FLOPs
+"""The meters and the token strip: realised notional cost against the budget, the routing
+variety next to it (how token-dependent the routing is, core/variety.py), attention-FLOPs
 ratio, tokens/s, KL to the dense model (an HTML panel: cheap to redraw), and the text with
-each token's share of full attention (a gr.HighlightedText value). Never imports gradio."""
+each token's share of full attention (a gr.HighlightedText value). A trace whose controllers
+are untrained says so above the meters. Never imports gradio."""
 
 from __future__ import annotations
 
@@ -9,8 +11,15 @@ import math
 
 import numpy as np
 
+from metaattn_viz.app.plots.maps import UNTRAINED_TITLE
 from metaattn_viz.app.plots.style import EXPERT_COLOURS
 from metaattn_viz.core.trace import RoutingTrace
+from metaattn_viz.core.variety import routing_variety
+
+VARIETY_EXPLANATION = (
+    "share of decisions that differ from their layer's usual expert: 0 % is a fixed "
+    "per-layer map, higher means routing that follows the token"
+)
 
 
 def token_strip(trace: RoutingTrace) -> list[tuple[str, float]]:
@@ -36,6 +45,7 @@ def meter_values(trace: RoutingTrace) -> dict:
         "flops_ratio": _finite(trace.attention_flops_ratio) if trace.n_tokens else None,
         "tokens_per_s": _finite(trace.timings.get("tokens_per_s")),
         "kl_to_dense": kl_mean,
+        "routing_variety": routing_variety(trace.routes) if trace.n_tokens else None,
         "n_tokens": trace.n_tokens,
     }
 
@@ -46,8 +56,9 @@ def _fmt(value, fmt: str) -> str:
 
 def meters(trace: RoutingTrace) -> str:
     """The meters as a small HTML panel (plain DOM: cheap to redraw four times a second):
-    realised notional cost as a bar with the budget as a tick, attention-FLOPs ratio,
-    tokens/s, KL(dense || routed) per token. Each value is also in a data- attribute."""
+    realised notional cost as a bar with the budget as a tick, the routing variety (with its
+    one-line explanation), attention-FLOPs ratio, tokens/s, KL(dense || routed) per token.
+    Each value is also in a data- attribute; untrained controllers are said above them."""
     v = meter_values(trace)
     cost, budget = v["realized_cost"], v["budget"]
     top = max(1.0, cost or 0.0, budget or 0.0)
@@ -73,10 +84,20 @@ def meters(trace: RoutingTrace) -> str:
 
     cost_data = "" if cost is None else f" data-value='{cost:.6g}'"
     budget_data = "" if budget is None else f" data-budget='{budget:.6g}'"
+    variety = v["routing_variety"]
+    variety_data = "" if variety is None else f" data-value='{variety:.6g}'"
+    variety_text = "\u2014" if variety is None else f"{100 * variety:.1f} %"
+    warning = (
+        f"<div class='meter-warning' data-untrained='true' style='flex-basis:100%;padding:2px 10px;"
+        f"font-weight:600;color:#a33'>\u26a0 {UNTRAINED_TITLE}</div>"
+        if trace.n_tokens and not trace.controller_trained
+        else ""
+    )
     return (
         "<div class='metaattn-meters' style='display:flex;flex-wrap:wrap;gap:8px;"
         "align-items:center;font-family:Inter,Helvetica,Arial,sans-serif;color:#111'>"
-        f"<div class='meter' data-meter='cost'{cost_data}{budget_data} "
+        + warning
+        + f"<div class='meter' data-meter='cost'{cost_data}{budget_data} "
         "style='flex:2;min-width:260px;padding:4px 10px'>"
         f"<div style='font-size:12px;color:#555'>realised cost per decision ({budget_text})"
         f"</div><div style='display:flex;align-items:center;gap:10px'>"
@@ -84,6 +105,13 @@ def meters(trace: RoutingTrace) -> str:
         f"border-radius:3px'><div style='width:{bar:.2f}%;height:100%;border-radius:3px;"
         f"background:{EXPERT_COLOURS['full']}'></div>{tick}</div>"
         f"<div style='font-size:22px;font-weight:600'>{_fmt(cost, '.3f')}</div></div></div>"
+        f"<div class='meter' data-meter='variety'{variety_data} "
+        f"title='{html.escape(VARIETY_EXPLANATION, quote=True)}' "
+        "style='flex:1.5;min-width:200px;padding:4px 10px'>"
+        "<div style='font-size:12px;color:#555'>routing variety</div>"
+        f"<div style='font-size:22px;font-weight:600'>{variety_text}</div>"
+        f"<div class='meter-note' style='font-size:11px;color:#555'>{html.escape(VARIETY_EXPLANATION)}"
+        "</div></div>"
         + cell(
             "flops",
             "attention FLOPs / dense",
