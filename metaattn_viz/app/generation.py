@@ -13,22 +13,35 @@ How a run ends, as the routing log records it (docs/architecture.md, the routing
 page closed); `interrupted` only when the server itself ends mid-run (`stop_all` at
 shutdown), as a process that died would leave it; `failed` on an error. Never imports
 gradio.
+
+The model's work itself is gpu_work.generate, which yields compact updates that the job
+applies to its own trace: on ZeroGPU it runs inside ``@spaces.GPU`` in a forked worker
+(with the quality meter, so one GPU call serves the request), and anywhere else in the
+job's thread (the quality meter then comes from Analysis, whose dense-logits cache it
+feeds). Either way the run log, this registry and that cache stay in this process. A stop
+closes the update generator: here that ends decoding at once; on ZeroGPU ``spaces`` tells
+the worker, which stops at its next token. The job's thread runs in the context of the
+request that started it, so ZeroGPU charges the GPU time to that visitor.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import threading
 import time
 import uuid
 
+from metaattn_viz.app import gpu_work
 from metaattn_viz.app.analysis import Analysis
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.history import RunHistory
 from metaattn_viz.app.host import ModelHost
 from metaattn_viz.app.requests import APP_MAX_CONTEXT, GenerateRequest
 from metaattn_viz.core.trace import RoutingTrace
+from metaattn_viz.routing import zerogpu
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +83,11 @@ class GenerationJob:
         self._latest: RoutingTrace | None = None
         self._version = 0
         self._done = False
-        self._thread = threading.Thread(target=self._run, name=f"generate-{self.key[:8]}", daemon=True)
+        # the context of the request that starts the job (ZeroGPU reads its visitor from it)
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name=f"generate-{self.key[:8]}", daemon=True
+        )
 
     def start(self) -> GenerationJob:
         self._thread.start()
@@ -108,35 +125,46 @@ class GenerationJob:
     def _run(self) -> None:
         from metaattn_viz.routing.model import Sampling
 
-        req, rec = self.request, self._recorder
+        req = self.request
         trace = None
         try:
             routed = self.host.routed_model()
+            model = gpu_work.bind(routed)  # before the GPU call: a forked worker inherits it
             self.phase = "prefill"
-            sampling = Sampling(req.temperature, req.top_p, req.seed)
-            stream = routed.stream(
+            quality_on_gpu = req.quality and zerogpu.active()
+            updates = gpu_work.generate_on_gpu(
+                model,
                 req.prompt,
                 req.settings,
                 req.max_new_tokens,
                 req.controller,
-                sampling=sampling,
-                chat=req.chat,
-                stop_event=self.stop_event,
-                max_context=APP_MAX_CONTEXT,
+                Sampling(req.temperature, req.top_p, req.seed),
+                req.chat,
+                APP_MAX_CONTEXT,
+                quality_on_gpu,
             )
-            for trace in stream:
-                if rec.run_log is not None and not rec.started:  # the prompt, routed
-                    self._note(rec.start(trace))
-                    if trace.truncated:
-                        self.notes.append(
-                            f"The prompt was cut from the left to fit: {trace.truncated} tokens dropped."
-                        )
-                else:
-                    self._note(rec.update(trace))
-                self.phase = "decoding"
-                self._publish(trace)
-            self.status = self._stop_status if self.stop_event.is_set() else "done"
-            if req.quality and trace is not None and trace.n_tokens > 1:
+            with contextlib.closing(updates):  # leaving early (a stop, an error) stops the work
+                for update in updates:
+                    trace = gpu_work.apply(trace, update)
+                    if update["kind"] == "tokens":
+                        self._record(trace)
+                        self.phase = "decoding"
+                        self._publish(trace)
+                        if self.stop_event.is_set():
+                            trace.timings["stopped"] = True
+                            break
+                    elif update["kind"] == "end":
+                        gpu_work.mark_warm()
+                        self.status = self._stop_status if self.stop_event.is_set() else "done"
+                        if quality_on_gpu and trace.n_tokens > 1:
+                            self.phase = "quality"
+                            self._publish(trace)
+                    elif update["kind"] == "quality" and update["error"]:
+                        log.error("quality (dense shadow) pass failed on the GPU: %s", update["error"])
+                        self.notes.append("The quality meter could not be measured for this run.")
+            if self.status is None:  # stopped before decoding ended
+                self.status = self._stop_status
+            if req.quality and not quality_on_gpu and trace is not None and trace.n_tokens > 1:
                 self.phase = "quality"
                 self._publish(trace)
                 try:
@@ -150,9 +178,21 @@ class GenerationJob:
             log.exception("generation failed")
             self.error, self.status = exc, "failed"
         finally:
-            self._note(rec.finish(trace, self.status, self.error))
+            self._note(self._recorder.finish(trace, self.status, self.error))
             self.phase = "done"
             self._publish(trace, done=True)
+
+    def _record(self, trace: RoutingTrace) -> None:
+        """The run log follows the trace: started with the routed prompt, then updated."""
+        rec = self._recorder
+        if rec.run_log is not None and not rec.started:
+            self._note(rec.start(trace))
+            if trace.truncated:
+                self.notes.append(
+                    f"The prompt was cut from the left to fit: {trace.truncated} tokens dropped."
+                )
+        else:
+            self._note(rec.update(trace))
 
     def updates(self, interval: float = STREAM_INTERVAL_S, timeout: float | None = None):
         """Yield snapshots of the trace as it grows, at most one per `interval` seconds

@@ -32,7 +32,6 @@ from huggingface_hub.utils import filter_repo_objects
 from metaattn_viz.deploy.manifest import BUNDLED_GGUF, HUB, MODEL_ENV, Manifest, SpaceModel, Storage
 
 README = "README.md"
-ZEROGPU_RUNTIME = "zerogpu"  # the Spacefile's runtime name for ZeroGPU hardware
 REQUIREMENTS = "requirements.txt"
 GENERATED = (README, REQUIREMENTS)
 # The Hub refuses a push of a binary file over about 1 MB that is not stored through LFS/Xet.
@@ -214,15 +213,9 @@ def build_plan(
     if manifest.storage is not None:
         variables[manifest.storage.env] = manifest.storage.data_dir
     variables.update(choice.variables)
+    # ZeroGPU needs no variable: there the device "auto" is CUDA, made lazy by `spaces`, and
+    # a generation runs inside @spaces.GPU (routing/zerogpu.py, app/gpu_work.py).
     warnings = tuple(choice.warnings)
-    if runtime.name == ZEROGPU_RUNTIME and "METAATTN_DEVICE" not in variables:
-        # On ZeroGPU CUDA exists only inside @spaces.GPU calls, which the app does not make
-        # yet (routing/zerogpu.py is not wired in): keep the model on the CPU there.
-        variables["METAATTN_DEVICE"] = "cpu"
-        warnings += (
-            "ZeroGPU: the app does not run its GPU work inside @spaces.GPU yet, so the Space "
-            "runs the CPU path (METAATTN_DEVICE=cpu)",
-        )
 
     outside = {choice.gguf.path: choice.gguf} if choice.gguf else {}
     # A file from outside the checkout is allowed by its exact path (the manifest's include
