@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 BROWSER_STAMP := $(VENV)/.installed-browser
 
-.PHONY: run test lint setup setup-dev browser calibrate eval bench clean
+.PHONY: run test lint setup setup-dev browser calibrate eval bench examples clean
 
 run: setup
 	$(PY) app.py
@@ -58,6 +58,12 @@ eval: setup
 
 bench: setup
 	$(PY) -m metaattn_viz bench --json
+
+# The example runs the page shows before its model loads (assets/example_traces/): rerun
+# after new controllers ship (tests/test_examples.py fails until then). One thread: the
+# traces are the same on any thread count, and the machine stays usable.
+examples: setup
+	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,10 @@
 """The app's named API endpoints against a real server (`python -m metaattn_viz serve`,
 subprocess, 127.0.0.1, free port, temporary routing log), driven by the official
-gradio_client: generate and re-route match `route --json` for the same settings; four
-clients at once all finish and are logged completely; bad input gets a clear message and
-the server keeps serving. `AppServer` is shared with test_app_browser.py."""
+gradio_client: generate and re-route match `route --json` for the same settings;
+`/generate` with only a prompt takes the page's defaults (chat template) and generates;
+one run's rows and a figure's page export; four clients at once all finish and are logged
+completely; bad input gets a clear message and the server keeps serving. `AppServer` is
+shared with test_app_browser.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import concurrent.futures as cf
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -86,7 +89,7 @@ def test_generate_and_reroute_match_the_cli(cli_trace, server):
 
     # Re-route the prompt (routed at 0.5 first) to 0.3: one prefill of the same ids, which
     # is what the CLI's stream did for the prompt positions.
-    prompt_only = _ask(client, "/generate", prompt=PROMPT, budget=0.5, max_new_tokens=0)
+    prompt_only = _ask(client, "/generate", prompt=PROMPT, budget=0.5, max_new_tokens=0, chat=False)
     n = cli["n_prompt_tokens"]
     assert prompt_only["token_ids"] == cli["token_ids"][:n]
     again = _ask(client, "/reroute", trace=prompt_only, budget=0.3, quality=True)
@@ -96,6 +99,32 @@ def test_generate_and_reroute_match_the_cli(cli_trace, server):
     assert again["routes"] != prompt_only["routes"]
     assert again["realized_cost"] < prompt_only["realized_cost"]
     assert again["kl_to_dense"] is not None and len(again["kl_to_dense"]) == n
+
+
+@pytest.mark.slow
+def test_generate_with_only_a_prompt_generates_and_its_run_exports(server):
+    from metaattn_viz.app.requests import GENERATION
+
+    client = server.client()
+    out = _ask(client, "/generate", prompt="What is the capital of France?")
+    # the page's defaults: the chat template (the instruct model answers), the quality meter
+    assert GENERATION.chat
+    assert len(out["tokens"]) > out["n_prompt_tokens"], out["notes"]
+    assert out["output_text"].strip()
+    assert out["kl_to_dense"] is not None and len(out["kl_to_dense"]) == len(out["tokens"])
+    assert not any("end-of-text" in n for n in out["notes"])
+    # that run's rows, and only that run's, as CSV
+    import pandas as pd
+
+    with zipfile.ZipFile(_ask(client, "/export", fmt="csv", run_id=out["run_id"])) as zf:
+        tables = {
+            t: pd.concat([pd.read_csv(zf.open(n)) for n in zf.namelist() if n.startswith(t + "/")])
+            for t in ("runs", "tokens")
+        }
+    assert tables["runs"]["run_id"].tolist() == [out["run_id"]]
+    assert len(tables["tokens"]) == len(out["tokens"])
+    page = Path(_ask(client, "/figure", trace=out, measure="vacuity")).read_text(encoding="utf-8")
+    assert "vacuity" in page and "<script src=" not in page  # plotly.js inlined
 
 
 @pytest.mark.slow

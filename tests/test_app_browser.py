@@ -5,8 +5,10 @@ Type a prompt, generate, see both maps fill in while tokens stream; drag the bud
 and see the map and the cost meter change; click a token and see the ternary plot and the
 bertviz views render inside their iframes (whichever tab shows, in any order: issue 16);
 open History and replay the run; the SQL console's table is labelled before the first
-query; Stop logs the run as "stopped"; bad input gives a plain message. Screenshots go to
-the test's tmp folder; with
+query; Stop logs the run as "stopped"; bad input gives a plain message; the figures follow
+the light or dark theme; the trace's JSON and the maps' HTML page download and open (the
+page offline); a shared link opens the same run in a new page. Screenshots go to the
+test's tmp folder; with
 METAATTN_UPDATE_SCREENSHOT=1 the live page is also copied to assets/screenshot.png
 (the README's picture)."""
 
@@ -17,12 +19,16 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from helpers import ROOT, AppServer
 
+from metaattn_viz.app.plots.style import THEMES
 from metaattn_viz.app.tab_history import DEFAULT_SQL_COLUMNS
+from metaattn_viz.core.trace import RoutingTrace
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -44,7 +50,8 @@ pytestmark = [
 ]
 
 # The live maps: one plotly figure drawn in place in #routing-maps (heatmap 0 = experts,
-# heatmap 1 = uncertainty); the History comparison maps are gr.Plot components.
+# heatmap 1 = uncertainty); every other figure (posterior, sweep, History comparison) is a
+# plotly view too, its graph div found as `.js-plotly-plot`.
 MAP_LEN = """(which) => {
   const d = document.querySelector('#routing-maps .metaattn-plot');
   if (!d || !d.data) return -1;
@@ -449,4 +456,107 @@ def test_bertviz_views_draw_whichever_tab_shows_in_every_order(page, tmp_path):
     _show(page, "head")
     _drawn(page, "head-view", HEAD_MIN, not_height=head["h"])
     page.screenshot(path=str(tmp_path / "bertviz-3.png"))
+    assert not [u for u in page.outside_requests if "cdn" in u], page.outside_requests
+
+
+# -- theme, exports, shared links (issue 15) ------------------------------------------------
+# A plotly view's drawn layout (what plotly made of it), and the meters' text colour.
+PAPER = """(sel) => {
+  const d = document.querySelector(sel + ' .js-plotly-plot');
+  return d && d._fullLayout ? d._fullLayout.paper_bgcolor : null;
+}"""
+FONT = """(sel) => document.querySelector(sel + ' .js-plotly-plot')._fullLayout.font.color"""
+METER_INK = """() => getComputedStyle(document.querySelector('#meters .meter div')).color"""
+SVG = """(sel) => Plotly.toImage(document.querySelector(sel + ' .js-plotly-plot'), {format: 'svg'})"""
+TOKENS = """() => Array.from(document.querySelectorAll('#strip span.token')).map(t => t.innerText)"""
+LINK = """() => { const t = document.querySelector('#share-link textarea, #share-link input');
+  return t ? t.value : ''; }"""
+STATUS_HAS = """(s) => { const e = document.querySelector('#run-status');
+  return !!e && e.innerText.includes(s); }"""
+
+
+def _download(page, elem_id: str, to: Path) -> Path:
+    with page.expect_download(timeout=60_000) as d:
+        page.click(f"#{elem_id}")
+    d.value.save_as(to)
+    return to
+
+
+def _theme(page, dark: bool) -> None:
+    """Switch the page's theme as Gradio does (?__theme=dark, its settings, the system's
+    preference): the `dark` class on <body>."""
+    page.evaluate("(on) => document.body.classList.toggle('dark', on)", dark)
+
+
+def test_the_figures_follow_the_theme_exports_open_and_a_shared_link_replays(page, browser, server, tmp_path):
+    page.fill("#prompt textarea", "The capital of France is Paris. The capital of Italy is")
+    page.locator("#chat input[type=checkbox]").uncheck()
+    _set_number(page, "max-new", 6)
+    page.click("#generate")
+    _wait_status(page, "Done", 180_000)
+    tokens = page.evaluate(TOKENS)
+    page.wait_for_function(f"() => ({MAP_LEN})(0) === {len(tokens)}", timeout=60_000)
+
+    # -- the theme: every figure and the meters follow it, both ways ----------------------
+    light, dark = THEMES["light"], THEMES["dark"]
+    for sel in ("#routing-maps", "#ternary"):
+        assert page.evaluate(PAPER, sel) == light["paper"], sel
+    ink = page.evaluate(METER_INK)
+    _theme(page, True)
+    for sel in ("#routing-maps", "#ternary"):
+        page.wait_for_function(f"(s) => ({PAPER})(s) === '{dark['paper']}'", arg=sel, timeout=10_000)
+    assert page.evaluate(FONT, "#routing-maps") == dark["font"]
+    assert page.evaluate(METER_INK) != ink
+    page.screenshot(path=str(tmp_path / "dark.png"))
+    svg = page.evaluate(SVG, "#routing-maps")  # the toolbar's SVG, drawn in the browser
+    assert svg.startswith("data:image/svg+xml") and "fill: rgb(11, 15, 25)" in unquote(svg)  # dark paper
+    _theme(page, False)
+    page.wait_for_function(f"() => ({PAPER})('#routing-maps') === '{light['paper']}'", timeout=10_000)
+    assert page.evaluate(METER_INK) == ink
+
+    # -- downloads: the trace's JSON reads back; the maps' page opens offline --------------
+    page.wait_for_function(f"() => ({LINK})().includes('run=')", timeout=60_000)
+    link = page.evaluate(LINK)
+    trace = RoutingTrace.from_json(
+        _download(page, "download-trace", tmp_path / "trace.json").read_text("utf-8")
+    )
+    assert trace.tokens == tokens and trace.run_id and f"run={trace.run_id}" in link
+    maps = _download(page, "download-maps", tmp_path / "maps.html")
+    offline = browser.new_context()
+    fetched = []
+
+    def files_only(route):
+        fetched.append(route.request.url)
+        route.continue_() if route.request.url.startswith("file:") else route.abort()
+
+    offline.route("**/*", files_only)
+    alone = offline.new_page()
+    alone.goto(maps.as_uri())
+    alone.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    assert alone.evaluate(MAP_LEN.replace("#routing-maps .metaattn-plot", ".js-plotly-plot"), 0) == len(
+        tokens
+    )
+    assert all(u.startswith("file:") for u in fetched), fetched
+    offline.close()
+    with zipfile.ZipFile(_download(page, "download-rows-csv", tmp_path / "rows.zip")) as zf:
+        runs_csv = [zf.read(n).decode() for n in zf.namelist() if n.startswith("runs/")]
+    assert len(runs_csv) == 1 and runs_csv[0].count(trace.run_id) == 1
+
+    # -- the shared link opens the same run in a new page; an unknown run falls back ------
+    shared = page.context.new_page()
+    shared.goto(link)
+    shared.wait_for_function(STATUS_HAS, arg="Opened a shared link", timeout=60_000)
+    assert shared.evaluate(TOKENS) == tokens
+    shared.wait_for_function(f"() => ({MAP_LEN})(0) === {len(tokens)}", timeout=60_000)
+    assert shared.locator("#prompt textarea").input_value() == trace.prompt
+    assert shared.locator("#chat input[type=checkbox]").is_checked() is False
+    shared.screenshot(path=str(tmp_path / "shared.png"))
+    elsewhere = page.context.new_page()
+    elsewhere.goto(
+        server.url + "?run=00000000-0000-4000-8000-000000000000&budget=0.3&prompt=Bonjour&max_new=7"
+    )
+    elsewhere.wait_for_function(STATUS_HAS, arg="not in this server's routing log", timeout=60_000)
+    assert elsewhere.locator("#prompt textarea").input_value() == "Bonjour"
+    assert float(elsewhere.locator("#budget input[type=number]").input_value()) == pytest.approx(0.3)
+    assert elsewhere.evaluate(TOKENS) == []
     assert not [u for u in page.outside_requests if "cdn" in u], page.outside_requests

@@ -479,7 +479,7 @@ def test_the_page_builds_with_named_api_endpoints(engine):
 
     demo = build_app(engine=engine)
     public = {d.api_name for d in demo.fns.values() if d.api_visibility == "public"}
-    assert public == {"generate", "reroute", "status", "sql", "runs", "export"}
+    assert public == {"generate", "reroute", "figure", "status", "sql", "runs", "export"}
     header = display.status_markdown(engine.status())
     assert "ready" in header and f"At most {app_requests.APP_MAX_CONTEXT} tokens" in header
     examples = load_examples()

@@ -1,13 +1,16 @@
 """The page's named API endpoints for programs (gradio_client): `/generate` and `/reroute`
 (JSON in, the trace JSON of `metaattn-viz route --json` out, plus kl_to_dense and notes),
-`/status`, `/sql` (the read-only console), `/runs` (History's runs table) and `/export`
-(the log as a zip file).
+`/figure` (a trace's maps as a standalone HTML page), `/status`, `/sql` (the read-only
+console), `/runs` (History's runs table) and `/export` (the log, or one run's rows, as a
+zip file).
 
 Each endpoint parses its arguments like the page does (requests.py) and calls one engine
-part; defaults are the project's (core.settings.DEFAULTS). A gradio_client session is a
-visitor like a browser session: on a public deployment its runs are its own, and `/sql`
-answers over them only (engine.deployment). Must be called inside the page's gr.Blocks.
-Never holds model logic of its own.
+part; its defaults are the page's: the routing settings' (core.settings.DEFAULTS) and the
+generation's (requests.GENERATION: the chat template on, the quality meter on). A
+generation that ends at once says why in its notes. A gradio_client session is a visitor
+like a browser session: on a public deployment its runs are its own, and `/sql`, `/runs`
+and `/export` answer over them only (engine.deployment). Must be called inside the page's
+gr.Blocks. Never holds model logic of its own.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import json
 import gradio as gr
 from gradio.data_classes import FileData
 
+from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
-from metaattn_viz.app.requests import parse_request, parse_settings, text_from_json
+from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.exports import Downloads, run_label
+from metaattn_viz.app.requests import GENERATION, choice, parse_request, parse_settings, text_from_json
 from metaattn_viz.app.ui_errors import user_errors
-from metaattn_viz.core.settings import DEFAULT_CONTROLLER, DEFAULTS
+from metaattn_viz.core.settings import DEFAULTS, UNCERTAINTY_MEASURES
+from metaattn_viz.core.trace import RoutingTrace
 
 SQL_MAX_ROWS = 500  # the console's default (and fallback) row limit
 SQL_ROWS_LIMIT = 10_000
@@ -47,36 +54,49 @@ def trace_json(trace, notes=()) -> dict:
     return d
 
 
-def add_endpoints(engine: Engine) -> None:
-    """Register the named endpoints on the page being built."""
+def trace_from_json(d) -> RoutingTrace:
+    """A trace sent by a client (as /generate or /reroute returned it), or AppError."""
+    try:
+        return RoutingTrace.from_json(d)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise AppError(f"Expected a trace as returned by the generate endpoint: {exc}") from None
+
+
+def add_endpoints(engine: Engine, downloads: Downloads) -> None:
+    """Register the named endpoints on the page being built (files for /figure go to
+    `downloads`)."""
+    g = GENERATION
 
     @user_errors("generating")
     def generate(
         prompt: str,
         budget: float = DEFAULTS.budget,
-        max_new_tokens: int = 16,
-        controller: str = DEFAULT_CONTROLLER,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        chat: bool = False,
+        max_new_tokens: int = g.max_new_tokens,
+        controller: str = g.controller,
+        temperature: float = g.temperature,
+        top_p: float = g.top_p,
+        seed: int = g.seed,
+        chat: bool = g.chat,
         scope: str = DEFAULTS.scope,
         hedge_policy: str = DEFAULTS.hedge_policy,
         hedge_threshold: float = DEFAULTS.hedge_threshold,
         window: int = DEFAULTS.window,
         n_sink: int = DEFAULTS.n_sink,
-        quality: bool = False,
+        quality: bool = g.quality,
         request: gr.Request | None = None,
     ) -> dict:
-        """Route a prompt and generate (greedy when temperature is 0). Returns the trace as
-        JSON: the fields of `metaattn-viz route --json` plus kl_to_dense and notes."""
+        """Route a prompt and generate (greedy when temperature is 0; the chat template on
+        by default, as on the page). Returns the trace as JSON: the fields of `metaattn-viz
+        route --json` plus kl_to_dense and notes (which say why when no token was
+        generated)."""
         settings = parse_settings(budget, scope, hedge_policy, hedge_threshold, window, n_sink)
         req = parse_request(
             prompt, settings, controller, max_new_tokens, temperature, top_p, seed, chat, quality
         )
         job = engine.generations.start(req, owner=engine.deployment.owner(session_of(request)))
         trace = job.result()
-        return trace_json(trace, job.notes)
+        empty = display.empty_generation_note(trace, req.max_new_tokens, req.chat)
+        return trace_json(trace, [*job.notes, *([empty] if empty else [])])
 
     @user_errors("re-routing")
     def reroute(
@@ -101,6 +121,18 @@ def add_endpoints(engine: Engine) -> None:
         if quality and new.n_tokens > 1:
             new.kl_to_dense = engine.analysis.quality(new)
         return trace_json(new)
+
+    @user_errors("drawing the figure")
+    def figure(trace: dict, measure: str = "total", request: gr.Request | None = None) -> FileData:
+        """The routing maps of a trace (as /generate or /reroute returned it) as a
+        standalone HTML page that opens offline (plotly.js inlined). PNG and SVG are drawn
+        in a browser, from a figure's toolbar: the server has no image renderer."""
+        tr = trace_from_json(trace)
+        measure = choice("Uncertainty measure", measure, UNCERTAINTY_MEASURES)
+        path = downloads.figure(
+            plots.routing_maps(tr, measure), session_of(request), "api-maps", run_label(tr)
+        )
+        return FileData(path=str(path), orig_name=path.name)
 
     def status() -> dict:
         """Model and routing-log status."""
@@ -145,19 +177,25 @@ def add_endpoints(engine: Engine) -> None:
         return table_json(df)
 
     @user_errors("exporting the routing log")
-    def export(fmt: str = "parquet", request: gr.Request | None = None) -> FileData:
+    def export(fmt: str = "parquet", run_id: str = "", request: gr.Request | None = None) -> FileData:
         """The routing log (on a public deployment: this session's runs) as partitioned
-        Parquet or CSV in a zip file."""
-        path = engine.history.export(fmt, engine.deployment.reader(session_of(request)))
+        Parquet or CSV in a zip file; with `run_id`, that run's rows only."""
+        session = session_of(request)
+        reader = engine.deployment.reader(session)
+        if run_id:
+            path = downloads.rows(engine.history, run_id, fmt, reader, session)
+        else:
+            path = engine.history.export(fmt, reader)
         return FileData(path=str(path), orig_name=path.name)
 
     limits = engine.deployment.limits
     gr.api(generate, api_name="generate", concurrency_id="model", concurrency_limit=limits.model)
     gr.api(reroute, api_name="reroute", concurrency_id="model", concurrency_limit=limits.model)
+    gr.api(figure, api_name="figure")
     gr.api(status, api_name="status", queue=False)
     gr.api(sql, api_name="sql", concurrency_id="sql", concurrency_limit=limits.sql)
     gr.api(runs, api_name="runs")
     gr.api(export, api_name="export")
 
 
-__all__ = ["add_endpoints", "trace_json", "table_json"]
+__all__ = ["add_endpoints", "trace_json", "table_json", "trace_from_json"]

@@ -117,7 +117,25 @@ def run_status(job, snap) -> str:
         return "The generation failed."
     what = RUN_ENDINGS.get(job.status, "Done")
     logged = f"; run `{job.run_id}`" if job.run_id else ""
-    return f"{what}: {n} tokens ({new} generated{rate}){logged}."
+    line = f"{what}: {n} tokens ({new} generated{rate}){logged}."
+    empty = empty_generation_note(snap, job.request.max_new_tokens, job.request.chat)
+    return f"{line} {empty}" if empty and job.status == "done" else line
+
+
+def empty_generation_note(trace, max_new_tokens: int, chat: bool) -> str | None:
+    """Why a generation that was asked for tokens has none: the model ended its answer at
+    once (end-of-text as the first token). None when tokens were generated, none were
+    asked for, or the run was stopped before the first one."""
+    if trace is None or max_new_tokens <= 0 or trace.n_tokens > trace.n_prompt_tokens:
+        return None
+    if trace.timings.get("stopped"):
+        return None
+    hint = (
+        "try another prompt, or a temperature above 0"
+        if chat
+        else "try the chat template (the model is an instruct model), or another prompt"
+    )
+    return f"The model ended its answer at once (end-of-text): no tokens were generated; {hint}."
 
 
 def reroute_note(trace) -> str:
@@ -192,6 +210,7 @@ __all__ = [
     "storage_note",
     "queue_note",
     "run_status",
+    "empty_generation_note",
     "reroute_note",
     "replay_note",
     "compare_note",

@@ -2,9 +2,10 @@
 generation requests, and texts to re-route.
 
 Every function either returns a value the engine can use as it is or raises AppError with
-a sentence that names the control and its valid range. The choices and defaults come from
-their one definition (core.settings, routing.controller.KINDS); the limits on what the app
-takes are defined here. Pure functions: never touches the model, the log or gradio.
+a sentence that names the control and its valid range. The routing choices and defaults
+come from their one definition (core.settings, routing.controller.KINDS); the generation
+defaults (GENERATION: what the page's controls start at and what `/generate` assumes) and
+the limits on what the app takes are defined here. Pure functions: never touches the model, the log or gradio.
 """
 
 from __future__ import annotations
@@ -114,32 +115,52 @@ def parse_settings(
 
 
 @dataclass(frozen=True)
+class GenerationDefaults:
+    """What a generation does when nobody says otherwise: the page's controls start at
+    these values, the `/generate` endpoint's parameters default to them, and so does a
+    GenerateRequest. The chat template is on because the bundled model is an instruct
+    model: given a plain prompt it often ends its answer at once (end-of-text). The
+    quality meter is on: a dense shadow pass after the text is complete."""
+
+    controller: str = DEFAULT_CONTROLLER
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # greedy
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool = True
+    quality: bool = True
+
+
+GENERATION = GenerationDefaults()  # the one definition of the defaults (page and API)
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """One generation, checked: the prompt as routed, its settings and sampling, and the
     notes on what parsing changed (shown to the user)."""
 
     prompt: str
     settings: RoutingSettings
-    controller: str = DEFAULT_CONTROLLER
-    max_new_tokens: int = 48
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    chat: bool = False
-    quality: bool = True
+    controller: str = GENERATION.controller
+    max_new_tokens: int = GENERATION.max_new_tokens
+    temperature: float = GENERATION.temperature
+    top_p: float = GENERATION.top_p
+    seed: int = GENERATION.seed
+    chat: bool = GENERATION.chat
+    quality: bool = GENERATION.quality
     notes: tuple = ()
 
 
 def parse_request(
     prompt,
     settings: RoutingSettings,
-    controller=DEFAULT_CONTROLLER,
-    max_new_tokens=48,
-    temperature=0.0,
-    top_p=1.0,
-    seed=0,
-    chat=False,
-    quality=True,
+    controller=GENERATION.controller,
+    max_new_tokens=GENERATION.max_new_tokens,
+    temperature=GENERATION.temperature,
+    top_p=GENERATION.top_p,
+    seed=GENERATION.seed,
+    chat=GENERATION.chat,
+    quality=GENERATION.quality,
 ) -> GenerateRequest:
     text, notes = clean_prompt(prompt)
     return GenerateRequest(
@@ -203,6 +224,8 @@ def text_from_json(d, vocab_size: int) -> Text:
 
 
 __all__ = [
+    "GENERATION",
+    "GenerationDefaults",
     "GenerateRequest",
     "Text",
     "clean_prompt",

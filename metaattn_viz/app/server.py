@@ -3,18 +3,38 @@
 Host: 127.0.0.1 by default, 0.0.0.0 on Hugging Face Spaces (SPACE_ID set) so the Space's
 proxy can reach it. Port: --port, else $PORT / $GRADIO_SERVER_PORT, else 7860.
 Public (a Space, or `public=True`, i.e. `serve --public`): visitors see only their own
-runs and the queue has limits (deployment.py). The model loads in the background after
-the server is up, so the page answers at once.
+runs and the queue has limits (deployment.py). MCP (`mcp=True`, i.e. `serve --mcp`):
+Gradio's built-in MCP server exposes the page's named API endpoints (generate, reroute,
+figure, status, sql, runs, export) as tools at /gradio_api/mcp/; it needs Gradio's MCP
+extra (the `mcp` package), and without it the server refuses to start with a sentence
+saying so. The model loads in the background after the server is up, so the page answers
+at once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7860
+MCP_MISSING = (
+    '--mcp needs Gradio\'s MCP support, which is not installed: pip install "gradio[mcp]" '
+    "(the `mcp` package), then start the server again."
+)
+
+
+def mcp_available() -> bool:
+    """Whether Gradio's MCP extra (the `mcp` package) is installed."""
+    return importlib.util.find_spec("mcp") is not None
+
+
+def check_mcp(mcp: bool) -> None:
+    """Refuse `mcp=True` where Gradio's MCP extra is missing (RuntimeError, MCP_MISSING)."""
+    if mcp and not mcp_available():
+        raise RuntimeError(MCP_MISSING)
 
 
 def resolve_host_port(host: str | None, port: int | None) -> tuple[str, int]:
@@ -35,9 +55,12 @@ def serve(
     db: str | None = None,
     log_runs: bool = True,
     public: bool = False,
+    mcp: bool = False,
 ) -> None:
+    check_mcp(mcp)  # before anything loads
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from metaattn_viz.app.deployment import Deployment
+    from metaattn_viz.app.theme import PAGE_CSS
     from metaattn_viz.app.ui import build_app
 
     host, port = resolve_host_port(host, port)
@@ -57,6 +80,8 @@ def serve(
         show_error=True,
         share=False,
         allowed_paths=[str(_assets_dir())],
+        css=PAGE_CSS,
+        mcp_server=mcp,
     )
 
 

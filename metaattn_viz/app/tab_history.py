@@ -17,6 +17,7 @@ from metaattn_viz import store
 from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
+from metaattn_viz.app.plotly_html import figure_value, plotly_view
 from metaattn_viz.app.tab_live import LiveTab
 from metaattn_viz.app.ui_errors import user_errors
 from metaattn_viz.routing.controller import KINDS
@@ -74,11 +75,11 @@ class HistoryTab:
             self.compare = gr.Button("Compare A and B", elem_id="compare")
         self.compare_note = gr.Markdown("", elem_id="compare-note")
         with gr.Row():
-            self.cmp_a = gr.Plot(
-                plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), show_label=False, elem_id="compare-a"
+            self.cmp_a = plotly_view(
+                plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), "compare-a", COMPARE_MAP_HEIGHT
             )
-            self.cmp_b = gr.Plot(
-                plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), show_label=False, elem_id="compare-b"
+            self.cmp_b = plotly_view(
+                plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), "compare-b", COMPARE_MAP_HEIGHT
             )
         self.cmp_table = gr.Dataframe(
             headers=[
@@ -166,41 +167,25 @@ class HistoryTab:
         def replay(run_id, measure, request: gr.Request):
             trace = history.replay(run_id, reader(request))
             return {
-                **live.show(trace, measure),
+                **live.show_run(trace, measure),
                 live.run_status: display.replay_note(trace),
-                live.trace: trace,
-                live.pos: live.show_positions(trace),
-                live.controller: trace.controller,
-                **live.routing.show(trace.settings),
                 tabs: gr.Tabs(selected="live"),
             }
 
-        r = live.routing
-        self.replay.click(
+        replayed = self.replay.click(
             replay,
             [self.run_a, live.measure],
-            [
-                *live.views,
-                live.run_status,
-                live.trace,
-                live.pos,
-                r.budget,
-                live.controller,
-                r.scope,
-                r.hedge_policy,
-                r.hedge_threshold,
-                r.window,
-                tabs,
-            ],
+            [*live.run_outputs, live.run_status, tabs],
             api_visibility="private",
         )
+        live.trace_events.append(replayed)
 
         @user_errors("comparing runs")
         def compare(run_a, run_b, request: gr.Request):
             a, b, df = history.compare(run_a, run_b, reader(request))
             fa = plots.expert_map(a, COMPARE_MAP_HEIGHT, display.compare_title("A", a))
             fb = plots.expert_map(b, COMPARE_MAP_HEIGHT, display.compare_title("B", b))
-            return display.compare_note(a, b, df), fa, fb, df.round(3)
+            return display.compare_note(a, b, df), figure_value(fa), figure_value(fb), df.round(3)
 
         self.compare.click(
             compare,

@@ -2,10 +2,13 @@
 quality meter, the token inspector and the budget sweep.
 
 `LiveTab(trace, examples)` builds the components (inside the page's gr.Tab) and
-`wire(engine)` attaches their events, each callback a thin adapter: read the named inputs,
-parse them (requests.py), call one engine part, draw (plots, attention_maps) and word
-(display) the result. Inputs are passed as a set, so callbacks read them by component,
-never by position. Never holds model logic of its own.
+`wire(engine, downloads)` attaches their events, each callback a thin adapter: read the
+named inputs, parse them (requests.py), call one engine part, draw (plots, attention_maps)
+and word (display) the result. Inputs are passed as a set, so callbacks read them by
+component, never by position. The controls start at the project's defaults
+(core.settings.DEFAULTS, requests.GENERATION). Every event that puts a new trace on the
+page is kept in `trace_events`, so the Export and share panel (live_exports.py) refreshes
+after each. Never holds model logic of its own.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from metaattn_viz.app import attention_maps, display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
-from metaattn_viz.app.plotly_html import plotly_stream
-from metaattn_viz.app.requests import MAX_NEW_TOKENS, parse_request, parse_settings
+from metaattn_viz.app.exports import Downloads, run_label
+from metaattn_viz.app.live_exports import ExportPanel, download, download_button
+from metaattn_viz.app.plotly_html import figure_value, plotly_view
+from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request, parse_settings
 from metaattn_viz.app.shown_frame import shown_frame
 from metaattn_viz.app.ui_errors import user_errors, warn
 from metaattn_viz.core.settings import (
-    DEFAULT_CONTROLLER,
     DEFAULTS,
     HEDGE_POLICIES,
     MIN_COST,
@@ -81,6 +85,7 @@ class LiveTab:
 
     def __init__(self, trace: gr.State, examples: list[dict]):
         self.trace = trace  # the page's current RoutingTrace (None before the first run)
+        self.trace_events: list = []  # events after which the page shows a new trace
         empty = plots.empty_trace()
         with gr.Row():
             with gr.Column(scale=3):
@@ -95,20 +100,26 @@ class LiveTab:
                     self.generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     self.stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=2):
+                g = GENERATION
                 self.max_new = gr.Slider(
-                    0, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens", elem_id="max-new"
+                    0,
+                    MAX_NEW_TOKENS,
+                    value=g.max_new_tokens,
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="max-new",
                 )
                 with gr.Row():
                     self.temperature = gr.Slider(
-                        0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"
+                        0.0, 2.0, value=g.temperature, step=0.05, label="Temperature (0 = greedy)"
                     )
-                    self.top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                    self.top_p = gr.Slider(0.05, 1.0, value=g.top_p, step=0.05, label="Top-p")
                 with gr.Row():
-                    self.seed = gr.Number(0, precision=0, label="Seed", minimum=0)
-                    self.chat = gr.Checkbox(True, label="Chat template (instruct model)", elem_id="chat")
+                    self.seed = gr.Number(g.seed, precision=0, label="Seed", minimum=0)
+                    self.chat = gr.Checkbox(g.chat, label="Chat template (instruct model)", elem_id="chat")
         if examples:
             gr.Examples(
-                [[e["prompt"], bool(e.get("chat", True))] for e in examples],
+                [[e["prompt"], bool(e.get("chat", GENERATION.chat))] for e in examples],
                 inputs=[self.prompt, self.chat],
                 label="Example prompts",
                 example_labels=[e.get("label") or e["prompt"][:60] for e in examples],
@@ -126,7 +137,7 @@ class LiveTab:
             )
             self.controller = gr.Radio(
                 [(CONTROLLER_LABELS.get(k, k), k) for k in KINDS],
-                value=DEFAULT_CONTROLLER,
+                value=GENERATION.controller,
                 label="Controller",
                 elem_id="controller",
             )
@@ -145,7 +156,7 @@ class LiveTab:
             window = gr.Slider(
                 WINDOW_MIN, WINDOW_MAX, value=DEFAULTS.window, step=8, label="Local window (tokens)"
             )
-            self.quality = gr.Checkbox(True, label="Quality meter (dense shadow pass)")
+            self.quality = gr.Checkbox(GENERATION.quality, label="Quality meter (dense shadow pass)")
         self.routing = RoutingControls(budget, scope, hedge_policy, hedge_threshold, window)
         self.meters = gr.HTML(plots.meters(empty), elem_id="meters")
         self.run_status = gr.Markdown("", elem_id="run-status")
@@ -155,7 +166,7 @@ class LiveTab:
             label="Uncertainty measure (bottom map)",
             elem_id="measure",
         )
-        self.maps = plotly_stream(plots.routing_maps(empty), "routing-maps", 780)
+        self.maps = plotly_view(plots.routing_maps(empty), "routing-maps", 780, "metaattn-maps")
         self.strip = gr.HighlightedText(
             label="Text: darker = more layers gave the token full attention (click a token to inspect it)",
             elem_id="strip",
@@ -164,14 +175,17 @@ class LiveTab:
             show_inline_category=False,
             interactive=False,
         )
+        self.exports = ExportPanel()
         self._build_inspector()
         with gr.Accordion(
             "Budget sweep: quality against cost for both controllers and the baselines",
             open=False,
             elem_id="sweep",
         ):
-            self.sweep = gr.Button("Sweep budgets", elem_id="sweep-button")
-            self.pareto = gr.Plot(plots.pareto([]), show_label=False, elem_id="pareto")
+            with gr.Row():
+                self.sweep = gr.Button("Sweep budgets", elem_id="sweep-button", scale=3)
+                self.pareto_html = download_button("Sweep plot (HTML)", "download-pareto")
+            self.pareto = plotly_view(plots.pareto([]), "pareto", 440, "metaattn-sweep")
             self.sweep_table = gr.Dataframe(
                 headers=display.SWEEP_COLUMNS, interactive=False, label="Sweep", max_height=300
             )
@@ -187,9 +201,10 @@ class LiveTab:
                     0, 1, value=0, step=1, label="Token position", elem_id="inspect-pos", scale=4
                 )
                 self.inspect = gr.Button("Inspect token", elem_id="inspect", scale=1)
+                self.ternary_html = download_button("Posterior plot (HTML)", "download-ternary")
             self.inspect_note = gr.Markdown("", elem_id="inspect-note")
             with gr.Row():
-                self.ternary = gr.Plot(plots.ternary_placeholder(), show_label=False, elem_id="ternary")
+                self.ternary = plotly_view(plots.ternary_placeholder(), "ternary", 440, "metaattn-posterior")
                 self.conc_table = gr.Dataframe(
                     headers=plots.concentration_columns(),
                     label="Concentrations and decisions by layer",
@@ -219,14 +234,71 @@ class LiveTab:
         """The token-position slider over `trace`, at its last token."""
         return gr.Slider(maximum=max(trace.n_tokens - 1, 1), value=trace.n_tokens - 1)
 
+    @property
+    def run_outputs(self) -> list:
+        """What `show_run` updates."""
+        r = self.routing
+        return [
+            *self.views,
+            self.trace,
+            self.pos,
+            self.controller,
+            r.budget,
+            r.scope,
+            r.hedge_policy,
+            r.hedge_threshold,
+            r.window,
+        ]
+
+    def show_run(self, trace, measure: str) -> dict:
+        """A logged run on the page (a replay): its views, the trace, the token positions,
+        and its controller and routing settings on the controls."""
+        return {
+            **self.show(trace, measure),
+            self.trace: trace,
+            self.pos: self.show_positions(trace),
+            self.controller: trace.controller,
+            **self.routing.show(trace.settings),
+        }
+
+    @property
+    def link_controls(self) -> dict:
+        """The controls a shareable link names, by its parameter (share.PARAMETERS)."""
+        r = self.routing
+        return {
+            "budget": r.budget,
+            "controller": self.controller,
+            "scope": r.scope,
+            "hedge": r.hedge_policy,
+            "threshold": r.hedge_threshold,
+            "window": r.window,
+            "max_new": self.max_new,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "chat": self.chat,
+            "measure": self.measure,
+        }
+
+    def show_linked(self, values: dict) -> dict:
+        """The controls set to a link's values (keys of link_controls), each kept within
+        its control's range (a run made through the API may have a wider window)."""
+        out = {}
+        for key, value in values.items():
+            control = self.link_controls[key]
+            if isinstance(control, gr.Slider):
+                value = min(max(value, control.minimum), control.maximum)
+            out[control] = value
+        return out
+
     # -- events -----------------------------------------------------------------------------
     # The callbacks' names are their (private) endpoints' names; the named API endpoints
     # (api.py) own "generate" and "reroute".
-    def wire(self, engine: Engine) -> None:
+    def wire(self, engine: Engine, downloads: Downloads) -> None:
         self._wire_generation(engine)
         self._wire_reroute(engine)
-        self._wire_inspector(engine)
-        self._wire_sweep(engine)
+        self._wire_inspector(engine, downloads)
+        self._wire_sweep(engine, downloads)
 
     def _wire_generation(self, engine: Engine) -> None:
         @user_errors("generating")
@@ -246,7 +318,7 @@ class LiveTab:
             key = session_of(request)
             job = engine.generations.start(req, key=key, owner=engine.deployment.owner(key))
             yield {self.run_status: "Routing the prompt\u2026"}
-            warned = 0
+            warned, last = 0, None
             try:
                 for snap in job.updates():
                     if len(job.notes) > warned:
@@ -254,6 +326,7 @@ class LiveTab:
                         warned = len(job.notes)
                     if snap is None:
                         continue
+                    last = snap
                     out = {
                         **self.show(snap, data[self.measure]),
                         self.run_status: display.run_status(job, snap),
@@ -268,8 +341,12 @@ class LiveTab:
                 warn(job.notes[warned:])
             if job.error is not None:
                 raise job.error
+            # an answer that ended at once says why (the status line says it too)
+            empty = display.empty_generation_note(last, req.max_new_tokens, req.chat)
+            if empty and job.status == "done":
+                gr.Warning(empty)
 
-        gr.on(
+        generated = gr.on(
             [self.generate.click, self.prompt.submit],
             live_generate,
             {
@@ -290,6 +367,7 @@ class LiveTab:
             concurrency_limit=engine.deployment.limits.model,
             show_progress="minimal",
         )
+        self.trace_events.append(generated)
 
         def stop(request: gr.Request):
             if request is not None and engine.generations.stop(request.session_hash):
@@ -325,7 +403,7 @@ class LiveTab:
             return plots.meters(trace), trace
 
         r = self.routing
-        gr.on(
+        rerouted = gr.on(
             [
                 r.budget.release,
                 r.hedge_threshold.release,
@@ -350,30 +428,35 @@ class LiveTab:
             concurrency_limit=engine.deployment.limits.model,
             show_progress="hidden",
         )
-        self.quality.input(
+        measured = self.quality.input(
             measure_quality,
             [self.trace, self.quality],
             [self.meters, self.trace],
             api_visibility="private",
             show_progress="hidden",
         )
+        self.trace_events += [rerouted, measured]
 
         @user_errors("redrawing the maps")
         def redraw_maps(trace, measure):
             return plots.routing_maps_json(trace if trace is not None else plots.empty_trace(), measure)
 
-        self.measure.input(
+        redrawn = self.measure.input(
             redraw_maps, [self.trace, self.measure], self.maps, api_visibility="private", queue=False
         )
+        self.trace_events.append(redrawn)  # the maps' page follows the measure
 
-    def _wire_inspector(self, engine: Engine) -> None:
+    def _wire_inspector(self, engine: Engine, downloads: Downloads) -> None:
         @user_errors("inspecting the token")
-        def inspect_token(trace, pos):
+        def inspect_token(trace, pos, request: gr.Request):
             if trace is None or trace.n_tokens == 0:
                 raise AppError("Nothing to inspect yet: generate (or replay) a text first.")
             pos = min(max(int(pos), 0), trace.n_tokens - 1)
+            fig = plots.ternary(trace, pos)
+            label = f"{run_label(trace)}-token{pos}"
             out = {
-                self.ternary: plots.ternary(trace, pos),
+                self.ternary: figure_value(fig),
+                self.ternary_html: download(downloads.figure(fig, session_of(request), "posterior", label)),
                 self.conc_table: plots.concentration_table(trace, pos),
             }
             try:
@@ -392,7 +475,14 @@ class LiveTab:
                 self.inspect_note: display.inspect_note(trace, pos, view),
             }
 
-        outputs = [self.ternary, self.conc_table, self.head_view, self.model_view, self.inspect_note]
+        outputs = [
+            self.ternary,
+            self.ternary_html,
+            self.conc_table,
+            self.head_view,
+            self.model_view,
+            self.inspect_note,
+        ]
         self.inspect.click(inspect_token, [self.trace, self.pos], outputs, api_visibility="private")
 
         def pick_token(evt: gr.SelectData):
@@ -402,20 +492,22 @@ class LiveTab:
             inspect_token, [self.trace, self.pos], outputs, api_visibility="private"
         )
 
-    def _wire_sweep(self, engine: Engine) -> None:
+    def _wire_sweep(self, engine: Engine, downloads: Downloads) -> None:
         @user_errors("sweeping budgets")
-        def sweep(data, progress=gr.Progress()):  # noqa: B008 (gradio injects a tracker here)
+        def sweep(data, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (gradio injects a tracker here)
             trace = data[self.trace]
             if trace is None:
                 raise AppError("Nothing to sweep yet: generate (or replay) a text first.")
             base = self.routing.settings(data)
             rows = engine.analysis.sweep(trace, base, progress=lambda f, d: progress(f, desc=d))
-            return plots.pareto(rows), display.sweep_table(rows)
+            fig = plots.pareto(rows)
+            page = downloads.figure(fig, session_of(request), "sweep", run_label(trace))
+            return figure_value(fig), download(page), display.sweep_table(rows)
 
         self.sweep.click(
             sweep,
             {self.trace, *self.routing.inputs},
-            [self.pareto, self.sweep_table],
+            [self.pareto, self.pareto_html, self.sweep_table],
             api_visibility="private",
             concurrency_limit=engine.deployment.limits.sweep,
             concurrency_id="sweep",

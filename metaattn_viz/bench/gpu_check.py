@@ -153,10 +153,18 @@ def _decision_is_sync_free(r) -> bool | str:
     k, v = (torch.randn(1, hkv, 300, hd, device=r.device) for _ in range(2))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
+    from metaattn_viz.routing.controller import AttentionView, SignalState
+
+    # controllers that read attention features get this step's q and keys (and their sums)
+    view = (
+        AttentionView(q, k, None, s.window, s.n_sink, SignalState(r.n_layers))
+        if stack.uses_attention
+        else None
+    )
     try:
         with torch.no_grad():
             for layer in range(r.n_layers):
-                weights, _ = pol.decide_step(layer, stack.concentration(layer, h, x, pos))
+                weights, _ = pol.decide_step(layer, stack.concentration(layer, h, x, pos, view))
                 decode_step_device(q, k, v, weights, window=s.window, n_sink=s.n_sink)
     except RuntimeError as exc:
         return f"synchronised: {exc}"
@@ -197,7 +205,7 @@ def engine_stream(device: str, config: str) -> dict:
         s = RoutingSettings(budget=0.3)
         t0 = time.perf_counter()
         trace = engine.generations.generate(
-            GenerateRequest(PROMPT, s, max_new_tokens=64, quality=False), timeout=300
+            GenerateRequest(PROMPT, s, max_new_tokens=64, chat=False, quality=False), timeout=300
         )
         wall = time.perf_counter() - t0
     finally:

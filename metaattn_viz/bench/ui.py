@@ -126,7 +126,7 @@ def bench_streaming(engine, new_tokens: int, repeats: int) -> dict:
     from metaattn_viz.app.generation import STREAM_INTERVAL_S
     from metaattn_viz.app.requests import parse_request, parse_settings
 
-    req = parse_request(TEXT[:400], parse_settings(0.5), max_new_tokens=new_tokens, quality=False)
+    req = parse_request(TEXT[:400], parse_settings(0.5), max_new_tokens=new_tokens, chat=False, quality=False)
 
     def unwatched():
         t0 = time.perf_counter()

@@ -24,17 +24,22 @@ def sql_string(path: Path) -> str:
 
 
 def export(
-    source: RunLog | PathArg, out_dir: PathArg, fmt: str = "parquet", owner: str | None = None
+    source: RunLog | PathArg,
+    out_dir: PathArg,
+    fmt: str = "parquet",
+    owner: str | None = None,
+    run_id: str | None = None,
 ) -> dict[str, int]:
     """Write runs, tokens and routes under out_dir/<table>/day=YYYY-MM-DD/ (hive style,
     by the run's UTC creation day) and the experts lookup as out_dir/experts.<fmt>, from
-    one consistent snapshot: every run, or (`owner`, owners.py) that owner's runs only.
+    one consistent snapshot: every run, or (`owner`, owners.py) that owner's runs only;
+    with `run_id`, only that run (no rows if `owner` may not see it).
     Refuses to write into existing non-empty table folders.
     CSV has a header row; NULL is an empty field and an empty string is "" (DuckDB reads
     that back with allow_quoted_nulls = false). Returns the rows written per table."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
-    params = {"owner": check_owner(owner)}
+    params = {"owner": check_owner(owner), "run_id": None if run_id is None else str(run_id)}
     out = Path(out_dir).expanduser()
     targets = {
         "runs": out / "runs",

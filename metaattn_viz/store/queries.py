@@ -49,6 +49,10 @@ def _of_owned_run(alias: str = "") -> str:
     )
 
 
+# An export's runs: every run visible to $owner ($run_id NULL), or that one run.
+_ONE_RUN = "($run_id::VARCHAR IS NULL OR run_id = $run_id::VARCHAR)"
+
+
 def visible_rows(table: str, owner: str | None) -> tuple[str, dict[str, str]]:
     """(query, parameters) for the rows of log table `table` that `owner` sees: all of
     them for None, else those of owner's runs (the SQL console's copy of the log). Built
@@ -193,10 +197,10 @@ class Q:
 
     # -- export: one COPY per table, partitioned by the run's UTC day ------------------------
     EXPORT_RUNS = f"""SELECT *, strftime(created_at, '%Y-%m-%d') AS day FROM runs
-                     WHERE {_owned()}"""
+                     WHERE {_owned()} AND {_ONE_RUN}"""
     EXPORT_TOKENS = f"""SELECT t.*, strftime(r.created_at, '%Y-%m-%d') AS day
-                        FROM tokens t JOIN runs r USING (run_id) WHERE {_owned("r.")}"""
+                        FROM tokens t JOIN runs r USING (run_id) WHERE {_owned("r.")} AND {_ONE_RUN}"""
     EXPORT_ROUTES = f"""SELECT d.*, strftime(r.created_at, '%Y-%m-%d') AS day
-                        FROM routes d JOIN runs r USING (run_id) WHERE {_owned("r.")}"""
+                        FROM routes d JOIN runs r USING (run_id) WHERE {_owned("r.")} AND {_ONE_RUN}"""
     EXPORT_PARTITIONED = "COPY ({query}) TO {path} (FORMAT {fmt}, PARTITION_BY (day){extra})"
     EXPORT_EXPERTS = "COPY experts TO {path} (FORMAT {fmt}{extra})"

@@ -1,5 +1,6 @@
 """What every figure of the app shares: the expert colours, the constant uirevision, the
-layout, token axis labels, and the empty placeholder. Never imports gradio, torch or the model."""
+layout, the light and dark palettes, token axis labels, and the empty placeholder. Never
+imports gradio, torch or the model."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ MEASURE_LABELS = {
 }
 OPEN_BOX, THIN_SPACE = "\u2423", "\u2009"
 FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=12)
+# The figures' colours under the page's light and dark themes: backgrounds, text, grid and
+# axis lines. Figures are built light (base_layout); the page redraws them with the palette
+# of the theme it shows (app/theme.py). The data colours (experts, Viridis) stay the same.
+THEMES = {
+    "light": dict(paper="#ffffff", plot="#ffffff", font="#444444", grid="#eeeeee", line="#444444"),
+    "dark": dict(paper="#0b0f19", plot="#111827", font="#e5e7eb", grid="#374151", line="#9ca3af"),
+}
 
 
 def token_label(pos: int, text: str, width: int = 12) -> str:
@@ -41,7 +49,8 @@ def token_labels(trace: RoutingTrace) -> np.ndarray:
 
 def base_layout(title: str, height: int, **extra) -> dict:
     """The common layout: no template (the default one adds ~6 KB to every frame), constant
-    uirevision, white background."""
+    uirevision, the light palette (the page recolours it for the dark theme)."""
+    light = THEMES["light"]
     layout = dict(
         template="none",
         title=dict(text=title, x=0.01, font=dict(size=14)),
@@ -49,8 +58,8 @@ def base_layout(title: str, height: int, **extra) -> dict:
         margin=dict(l=56, r=16, t=40, b=40),
         uirevision=UIREVISION,
         font=FONT,
-        plot_bgcolor="white",
-        paper_bgcolor="white",
+        plot_bgcolor=light["plot"],
+        paper_bgcolor=light["paper"],
     )
     layout.update(extra)
     return layout

@@ -1,0 +1,183 @@
+"""What a visitor downloads: the current trace as JSON, a figure as a standalone HTML page,
+a logged run's rows as Parquet or CSV; written as files under one folder that the page
+serves.
+
+- `trace_json(trace)`: `RoutingTrace.to_json()` as text (`RoutingTrace.from_json` reads it
+  back).
+- `figure_html(fig)`: a page that draws the figure with plotly.js inlined (the copy in the
+  installed plotly package, as the app serves it), so it opens offline; light palette.
+  PNG and SVG are taken in the browser, from each figure's toolbar (plotly_html.py): the
+  server has no image renderer (no kaleido, no Chrome on a Space).
+- `run_rows(history, run_id, fmt, owner, folder)`: one run's rows of the routing log
+  (runs, tokens, routes, and the experts table), as `store.export` writes them, zipped;
+  only a run that `owner` may read (deployment.Deployment.reader), else the sentence of a
+  run that does not exist.
+- `Downloads`: the folder. Each visitor's files sit under a digest of their session; a
+  new file of a kind replaces the visitor's previous one of that kind, and folders of
+  visitors gone for an hour are removed, so the folder stays small. The page serves it
+  directly (gr.set_static_paths), so files are not copied into Gradio's cache; the paths
+  hold random parts, so a file is reachable only through the link its visitor was given.
+
+Never imports gradio; never holds page layout.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.requests import choice
+from metaattn_viz.core.trace import RoutingTrace
+
+log = logging.getLogger(__name__)
+
+KEEP_S = 3600.0  # a visitor's folder is removed this long after their last download was made
+EXPORT_TIMEOUT_S = 10.0  # how long a run's export waits for the log's pending writes
+
+
+def trace_json(trace: RoutingTrace) -> str:
+    """The trace's full record as JSON text (RoutingTrace.from_json reads it back)."""
+    return json.dumps(trace.to_json(), ensure_ascii=False, allow_nan=False)
+
+
+def figure_html(fig, filename: str = "metaattn-figure") -> str:
+    """A standalone page drawing `fig` (a plotly Figure) with plotly.js inlined: it opens
+    offline; its toolbar saves `filename`.png."""
+    import plotly.graph_objects as go
+
+    # validated here (the app's figures skip validation, which leaves the named template
+    # "none" a string that to_html cannot read)
+    return go.Figure(fig.to_dict()).to_html(
+        include_plotlyjs=True,
+        full_html=True,
+        config={
+            "displaylogo": False,
+            "responsive": True,
+            "toImageButtonOptions": {"format": "png", "filename": filename, "scale": 2},
+        },
+    )
+
+
+def run_label(trace: RoutingTrace | None) -> str:
+    """A short name for a trace's files: its run's id prefix, or "unlogged"."""
+    run_id = getattr(trace, "run_id", None)
+    return str(run_id)[:8] if run_id else "unlogged"
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """Every file under `folder` into the zip `archive` (paths relative to `folder`)."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder).as_posix())
+    return archive
+
+
+def run_rows(history, run_id: str, fmt: str, owner: str | None, folder: Path) -> Path:
+    """Run `run_id`'s rows (runs, tokens, routes, experts) as `fmt` files partitioned like
+    the log's export, zipped into `folder`; AppError for a run `owner` may not read, a
+    missing log or a bad format. history: app.history.RunHistory."""
+    from metaattn_viz import store
+
+    fmt = choice("Format", fmt, store.EXPORT_FORMATS)
+    run_id = (run_id or "").strip()
+    if not run_id:
+        raise AppError("No run to export: this text is not in the routing log.")
+    run_log = history.run_log
+    if run_log is None:
+        raise AppError(history.log_problem or "The routing log is not available.")
+    out = Path(folder) / "rows"
+    try:
+        history.flush(EXPORT_TIMEOUT_S)  # the run's last rows, if still being written
+        run_log.get_run(run_id, owner=owner)  # visible to this reader?
+        store.export(run_log, out, fmt, owner=owner, run_id=run_id)
+    except store.UnknownRun:
+        raise AppError(f"There is no run {run_id!r} in the routing log.") from None
+    except store.StoreUnavailable as exc:
+        raise AppError(str(exc)) from None
+    return zip_folder(out, Path(folder) / f"metaattn-run-{run_id[:8]}-{fmt}.zip")
+
+
+class Downloads:
+    """The folder of downloadable files, one sub-folder per visitor (see the module)."""
+
+    def __init__(self, root: Path | str | None = None, keep_s: float = KEEP_S):
+        if root is None:  # a folder of its own, removed when the process ends
+            self.root = Path(tempfile.mkdtemp(prefix="metaattn-downloads-"))
+            atexit.register(self.close)
+        else:
+            self.root = Path(root)
+            self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_s = keep_s
+
+    def slot(self, session: str | None, kind: str) -> Path:
+        """A new empty folder for `session`'s next file of `kind`; the previous ones of
+        that kind are removed, and so are the folders of visitors gone for keep_s."""
+        visitor = self.root / _digest(session or "anonymous")
+        kind_dir = visitor / kind
+        if kind_dir.exists():
+            for old in kind_dir.iterdir():
+                shutil.rmtree(old, ignore_errors=True)
+        self.prune(keep=visitor)
+        new = kind_dir / uuid.uuid4().hex
+        new.mkdir(parents=True)
+        visitor.touch()  # its age is that of its newest file
+        return new
+
+    def prune(self, keep: Path | None = None) -> None:
+        """Remove the folders of visitors whose newest file is older than keep_s."""
+        cutoff = time.time() - self.keep_s
+        for visitor in self.root.iterdir():
+            if visitor == keep:
+                continue
+            try:
+                if visitor.stat().st_mtime < cutoff:
+                    shutil.rmtree(visitor, ignore_errors=True)
+            except OSError:  # removed meanwhile
+                pass
+
+    def write(self, session: str | None, kind: str, name: str, text: str) -> Path:
+        """`text` as the file `name`, the visitor's current file of `kind`."""
+        path = self.slot(session, kind) / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def trace(self, trace: RoutingTrace, session: str | None) -> Path:
+        return self.write(session, "trace", f"metaattn-trace-{run_label(trace)}.json", trace_json(trace))
+
+    def figure(self, fig, session: str | None, kind: str, label: str) -> Path:
+        """`fig` as a standalone HTML page, the visitor's current `kind` figure."""
+        name = f"metaattn-{kind}-{label}"
+        return self.write(session, kind, f"{name}.html", figure_html(fig, name))
+
+    def rows(self, history, run_id: str, fmt: str, owner: str | None, session: str | None) -> Path:
+        """The run's rows (run_rows), the visitor's current rows file in `fmt`."""
+        return run_rows(history, run_id, fmt, owner, self.slot(session, f"rows-{fmt}"))
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _digest(session: str) -> str:
+    """A visitor's folder name: never the live session id itself (it is in the files' URLs)."""
+    return hashlib.sha256(session.encode()).hexdigest()[:24]
+
+
+__all__ = [
+    "Downloads",
+    "trace_json",
+    "figure_html",
+    "run_rows",
+    "run_label",
+    "zip_folder",
+    "KEEP_S",
+]

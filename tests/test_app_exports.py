@@ -1,0 +1,311 @@
+"""The page's exports, shareable links, defaults, About tab and `serve --mcp`, without a
+browser: a tiny random routed model and a temporary routing log (tests/test_ui_engine.py's
+set-up). The trace's JSON reads back into an equal trace; a figure's page holds plotly.js
+itself (it opens offline); a run's rows are that run's only and only for a visitor who may
+read it; a link's settings survive the round trip and bad values are left out with a
+sentence; the page and /generate share one set of defaults; a generation that ends at once
+says why."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import time
+import zipfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import routed_tiny
+
+from metaattn_viz.app import about, display, share
+from metaattn_viz.app.deployment import Deployment
+from metaattn_viz.app.engine import Engine
+from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.exports import Downloads
+from metaattn_viz.app.plots.style import THEMES, base_layout
+from metaattn_viz.app.requests import GENERATION, GenerateRequest, parse_request, parse_settings
+from metaattn_viz.core.trace import RoutingTrace
+
+PROMPT = "The quick brown fox jumps over the lazy dog. "
+
+
+@pytest.fixture()
+def routed():
+    return routed_tiny(spread=3.0)
+
+
+@pytest.fixture()
+def engine(routed, tmp_path):
+    e = Engine(routed=routed, db=str(tmp_path / "log.duckdb"))
+    yield e
+    e.close()
+
+
+def _generate(engine, prompt=PROMPT, max_new=4, owner=None, **kw):
+    req = parse_request(prompt, parse_settings(0.4), max_new_tokens=max_new, quality=False, **kw)
+    return engine.generations.generate(req, owner=owner)
+
+
+def _api(demo, name: str):
+    """The function behind a named endpoint of the page."""
+    return next(d.fn for d in demo.fns.values() if d.api_name == name)
+
+
+def _rows(archive, table: str) -> int:
+    """Rows of `table` in an export zip (Parquet or CSV files under table/day=...)."""
+    n = 0
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            if not name.startswith(table + "/"):
+                continue
+            data = zf.read(name)
+            if name.endswith(".parquet"):
+                n += pq.read_table(io.BytesIO(data)).num_rows
+            else:
+                n += data.decode().count("\n") - 1
+    return n
+
+
+# -- defaults and the empty generation -----------------------------------------------------
+def test_the_page_and_generate_share_one_set_of_defaults(engine, tmp_path):
+    from metaattn_viz.app.ui import build_app
+
+    demo = build_app(engine=engine, downloads=Downloads(tmp_path / "dl"))
+    params = inspect.signature(_api(demo, "generate")).parameters
+    for name in ("max_new_tokens", "controller", "temperature", "top_p", "seed", "chat", "quality"):
+        assert params[name].default == getattr(GENERATION, name), name
+    assert GENERATION.chat is True  # the instruct model answers a plain prompt with end-of-text
+    # the page's controls start there too
+    values = {
+        c.elem_id: getattr(c, "value", None) for c in demo.blocks.values() if getattr(c, "elem_id", None)
+    }
+    assert values["chat"] is GENERATION.chat and values["max-new"] == GENERATION.max_new_tokens
+    assert values["controller"] == GENERATION.controller
+    req = GenerateRequest("hi", parse_settings())
+    assert (req.chat, req.max_new_tokens, req.quality) == (GENERATION.chat, GENERATION.max_new_tokens, True)
+
+
+def test_a_generation_that_ends_at_once_says_why(routed, engine, tmp_path):
+    first = _generate(engine, max_new=1)
+    assert first.n_tokens == first.n_prompt_tokens + 1
+    # make the model's greedy first token its end-of-text: the answer ends at once
+    routed.model.generation_config.eos_token_id = int(first.token_ids[-1])
+    job = engine.generations.start(
+        parse_request(PROMPT, parse_settings(0.4), max_new_tokens=5, quality=False, chat=False)
+    )
+    trace = job.result(60)
+    assert trace.n_tokens == trace.n_prompt_tokens
+    note = display.empty_generation_note(trace, 5, chat=False)
+    assert note and "ended its answer at once (end-of-text)" in note and "chat template" in note
+    assert "another prompt" in display.empty_generation_note(trace, 5, chat=True)
+    assert note in display.run_status(job, trace)
+    # nothing asked for, or tokens generated: nothing to explain
+    assert display.empty_generation_note(trace, 0, chat=False) is None
+    assert display.empty_generation_note(first, 1, chat=False) is None
+    # the API's answer says it in its notes
+    from metaattn_viz.app.ui import build_app
+
+    demo = build_app(engine=engine, downloads=Downloads(tmp_path / "dl"))
+    out = _api(demo, "generate")(prompt=PROMPT, max_new_tokens=5, chat=False, quality=False)
+    assert out["tokens"] == trace.tokens and note in out["notes"]
+
+
+# -- exports -------------------------------------------------------------------------------
+def test_the_trace_json_reads_back_into_an_equal_trace(engine, tmp_path):
+    trace = _generate(engine)
+    trace.kl_to_dense = engine.analysis.quality(trace)
+    path = Downloads(tmp_path).trace(trace, "sess")
+    assert path.name == f"metaattn-trace-{trace.run_id[:8]}.json"
+    back = RoutingTrace.from_json(json.loads(path.read_text(encoding="utf-8")))
+    assert back.tokens == trace.tokens and back.token_ids == trace.token_ids
+    assert back.settings == trace.settings and back.run_id == trace.run_id
+    for name in ("concentration", "routes", "hedged", "weights", "cost", "lam", "kl_to_dense"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(trace, name), err_msg=name)
+
+
+def test_a_figures_page_holds_plotly_js_and_the_figure(engine, tmp_path):
+    from metaattn_viz.app import plots
+    from metaattn_viz.app.plotly_html import PLOTLY_JS
+
+    trace = _generate(engine, prompt="</script><script>alert(1)</script> tokens")
+    fig = plots.routing_maps(trace, "vacuity")
+    page = Downloads(tmp_path).figure(fig, "sess", "maps", "abc").read_text(encoding="utf-8")
+    js = PLOTLY_JS.read_text(encoding="utf-8")
+    assert js[:2000] in page and js[-2000:] in page  # the app's plotly.js, inlined
+    assert "<script src=" not in page  # nothing to fetch: it opens offline
+    assert "Plotly.newPlot" in page and '"type":"heatmap"' in page and "vacuity" in page
+    assert "</script><script>alert" not in page  # token text cannot close the script
+    assert '"filename": "metaattn-maps-abc"' in page or '"filename":"metaattn-maps-abc"' in page
+
+
+def test_a_runs_rows_are_that_run_only_and_only_for_who_may_read_it(routed, tmp_path):
+    public = Deployment(public=True)
+    e = Engine(routed=routed, db=str(tmp_path / "log.duckdb"), deployment=public)
+    dl = Downloads(tmp_path / "dl")
+    try:
+        a = _generate(e, "Alpha beta.", owner=public.owner("sess-a"))
+        _generate(e, "Gamma delta epsilon.", owner=public.owner("sess-a"))
+        b = _generate(e, "Another visitor.", owner=public.owner("sess-b"))
+        reader_a, reader_b = public.reader("sess-a"), public.reader("sess-b")
+        for fmt in ("parquet", "csv"):
+            archive = dl.rows(e.history, a.run_id, fmt, reader_a, "sess-a")
+            assert archive.name == f"metaattn-run-{a.run_id[:8]}-{fmt}.zip"
+            assert _rows(archive, "runs") == 1
+            assert _rows(archive, "tokens") == a.n_tokens
+            assert _rows(archive, "routes") == a.n_layers * a.n_tokens
+        with pytest.raises(AppError, match="no run"):  # another visitor's run: as if missing
+            dl.rows(e.history, a.run_id, "csv", reader_b, "sess-b")
+        with pytest.raises(AppError, match="no run"):
+            dl.rows(e.history, "not-a-run", "csv", reader_a, "sess-a")
+        with pytest.raises(AppError, match="Format must be one of"):
+            dl.rows(e.history, a.run_id, "xlsx", reader_a, "sess-a")
+        assert (
+            _rows(dl.rows(e.history, b.run_id, "csv", reader_b, "sess-b"), "routes")
+            == b.n_layers * b.n_tokens
+        )
+    finally:
+        e.close()
+
+
+def test_the_export_endpoints_scope_a_run_and_draw_a_figure(engine, tmp_path):
+    from metaattn_viz.app.api import trace_json
+    from metaattn_viz.app.ui import build_app
+
+    demo = build_app(engine=engine, downloads=Downloads(tmp_path / "dl"))
+    a = _generate(engine, "One run.")
+    _generate(engine, "Another run.")
+    one = _api(demo, "export")(fmt="csv", run_id=a.run_id)
+    assert _rows(one.path, "runs") == 1 and _rows(one.path, "tokens") == a.n_tokens
+    assert _rows(_api(demo, "export")(fmt="csv").path, "runs") == 2  # the whole log
+    page = _api(demo, "figure")(trace=trace_json(a), measure="epistemic")
+    assert page.orig_name.endswith(".html") and "epistemic" in open(page.path, encoding="utf-8").read()
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="Expected a trace"):
+        _api(demo, "figure")(trace={"tokens": []})
+    with pytest.raises(gr.Error, match="Uncertainty measure must be one of"):
+        _api(demo, "figure")(trace=trace_json(a), measure="nope")
+
+
+def test_downloads_keep_one_file_per_kind_and_forget_visitors_gone(tmp_path):
+    dl = Downloads(tmp_path, keep_s=60)
+    first = dl.write("sess-a", "maps", "a.html", "1")
+    second = dl.write("sess-a", "maps", "b.html", "2")
+    other_kind = dl.write("sess-a", "trace", "t.json", "3")
+    assert not first.exists() and second.read_text() == "2" and other_kind.exists()
+    assert "sess-a" not in str(second)  # a digest, not the live session id
+    gone = dl.write("sess-b", "maps", "c.html", "4")
+    visitor_b = gone.parent.parent.parent
+    old = time.time() - 3600
+    os.utime(visitor_b, (old, old))
+    dl.write("sess-a", "maps", "d.html", "5")
+    assert not visitor_b.exists() and other_kind.exists()
+
+
+# -- shareable links -----------------------------------------------------------------------
+def test_a_link_carries_the_run_its_settings_and_prompt(engine):
+    trace = _generate(engine, "Share me, please.")
+    values = {"max_new": 4, "temperature": 0.0, "top_p": 0.9, "seed": 7, "chat": False, "measure": "vacuity"}
+    query = share.share_query(trace, values)
+    link = share.share_link("http://127.0.0.1:7860/?run=old&budget=0.3#frag", query)
+    assert link.startswith("http://127.0.0.1:7860/?run=" + trace.run_id)
+    from urllib.parse import parse_qsl, urlsplit
+
+    back = share.parse_shared(dict(parse_qsl(urlsplit(link).query)))
+    assert back.run_id == trace.run_id and back.prompt == "Share me, please." and back.notes == []
+    s = trace.settings
+    assert back.values == {
+        "budget": s.budget,
+        "controller": trace.controller,
+        "scope": s.scope,
+        "hedge": s.hedge_policy,
+        "threshold": s.hedge_threshold,
+        "window": s.window,
+        **values,
+    }
+    # a long prompt stays out of the link (the run still replays)
+    trace.prompt = "x" * (share.MAX_LINK_PROMPT + 1)
+    assert "prompt=" not in share.share_query(trace, values)
+    assert share.share_link(None, "?run=1") == "?run=1"
+
+
+def test_a_link_with_bad_values_leaves_them_out_and_says_so():
+    assert share.parse_shared({}) is None
+    assert share.parse_shared({"__theme": "dark"}) is None  # an ordinary visit
+    got = share.parse_shared(
+        {"run": "x'; DROP TABLE runs", "budget": "5", "window": "64", "chat": "maybe", "controller": "oracle"}
+    )
+    assert got.run_id is None and got.values == {"window": 64}
+    text = " ".join(got.notes)
+    for words in (
+        "run id",
+        "budget was left out: Budget must be between 0.15 and 1",
+        "chat template",
+        "controller",
+    ):
+        assert words in text, words
+    assert share.parse_shared({"prompt": "hi\x07"}).prompt == "hi"
+    assert "not in this server's routing log" in share.fallback_note("abc")
+
+
+# -- theme, About, MCP ---------------------------------------------------------------------
+def test_figures_are_built_light_and_the_page_knows_both_palettes():
+    from metaattn_viz.app.plotly_html import plotly_view
+    from metaattn_viz.app.theme import THEME_JS
+
+    layout = base_layout("t", 100)
+    assert (layout["paper_bgcolor"], layout["plot_bgcolor"]) == (
+        THEMES["light"]["paper"],
+        THEMES["light"]["plot"],
+    )
+    assert json.dumps(THEMES) in THEME_JS and THEMES["dark"]["paper"] != THEMES["light"]["paper"]
+    import plotly.graph_objects as go
+
+    view = plotly_view(go.Figure(), "x", 100)
+    assert 'const FILENAME = "metaattn-x"' in view.js_on_load and "metaattnThemed" in view.js_on_load
+
+
+def test_the_about_tab_cites_the_paper_and_the_software_without_inventing_authors():
+    from metaattn_viz import __version__
+
+    text = about.about_markdown()
+    assert "https://arxiv.org/abs/2605.28384" in text and about.PAPER_TITLE in text
+    paper = about.paper_bibtex()
+    assert "eprint        = {2605.28384}" in paper and "archivePrefix = {arXiv}" in paper
+    assert "author        = {Ferrari, A.}" in paper  # as docs/method.md gives it, nothing more
+    software = about.software_bibtex()
+    assert "author" not in software and f"version      = {{{__version__}}}" in software
+    assert paper.count("{") == paper.count("}") and software.count("{") == software.count("}")
+
+
+def test_serve_mcp_without_gradios_mcp_extra_is_refused_in_words(capsys):
+    from metaattn_viz.app import server
+    from metaattn_viz.cli import main
+
+    if server.mcp_available():
+        pytest.skip("Gradio's MCP extra is installed here")
+    with pytest.raises(RuntimeError, match=r'pip install "gradio\[mcp\]"'):
+        server.serve(port=1, mcp=True)  # refused before anything starts
+    assert main(["serve", "--mcp", "--port", "1"]) == 2
+    assert "needs Gradio's MCP support" in capsys.readouterr().err
+    server.check_mcp(False)  # no --mcp: nothing to check
+
+
+def test_a_links_values_land_on_the_controls_within_their_ranges():
+    import gradio as gr
+
+    from metaattn_viz.app.tab_live import WINDOW_MAX, LiveTab
+
+    with gr.Blocks():
+        live = LiveTab(gr.State(None), [])
+    assert set(live.link_controls) == set(share.PARAMETERS)  # every parameter has its control
+    shown = live.show_linked(
+        {"window": 1000, "top_p": 0.01, "budget": 0.3, "chat": False, "measure": "vacuity"}
+    )
+    assert shown[live.routing.window] == WINDOW_MAX and shown[live.top_p] == live.top_p.minimum
+    assert (
+        shown[live.routing.budget] == 0.3 and shown[live.chat] is False and shown[live.measure] == "vacuity"
+    )
