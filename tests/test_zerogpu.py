@@ -34,9 +34,11 @@ duration and runs the generator `task` in a forked process, its arguments and ev
 pickled through queues; closing the caller's generator tells the worker to stop at its next
 yield, as ZeroGPU does."""
 import functools
+import inspect
 import multiprocessing
 import os
 import pickle
+import threading
 
 calls = []    # (task name, duration asked for), in the calling process
 pids = []     # the process that produced each yield
@@ -47,6 +49,8 @@ _fork = multiprocessing.get_context("fork")
 def GPU(task=None, *, duration=None, size=None):
     if task is None:
         return functools.partial(GPU, duration=duration, size=size)
+    if not inspect.isgeneratorfunction(task):
+        return _function(task, duration)
 
     @functools.wraps(task)
     def handler(*args, **kwargs):
@@ -75,6 +79,38 @@ def GPU(task=None, *, duration=None, size=None):
                 if not results.empty():
                     results.get()
                 proc.join(0.05)
+
+    return handler
+
+
+def _function(task, duration):
+    """A plain function: run in a forked process, its result pickled back."""
+
+    @functools.wraps(task)
+    def handler(*args, **kwargs):
+        calls.append((task.__name__, duration(*args, **kwargs) if callable(duration) else duration))
+        results = _fork.SimpleQueue()
+
+        def work():
+            try:
+                results.put(("ok", pickle.dumps((os.getpid(), task(*args, **kwargs)))))
+            except Exception as exc:
+                results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+        proc = _fork.Process(target=work, daemon=True)
+        # forked from a fresh thread: one that ran OpenMP (torch on the CPU) before would
+        # leave the child waiting for its thread pool, which a fork does not copy
+        starter = threading.Thread(target=proc.start)
+        starter.start()
+        starter.join()
+        workers.append(proc)
+        kind, payload = results.get()
+        proc.join()
+        if kind == "error":
+            raise RuntimeError(f"GPU task failed: {payload}")
+        pid, result = pickle.loads(payload)
+        pids.append(pid)
+        return result
 
     return handler
 
@@ -335,3 +371,34 @@ def test_the_zerogpu_requirements_pin_a_torch_that_zerogpu_and_this_project_acce
 
     assert pinned in zerogpu.TORCH_VERSIONS and version(pinned) >= version(floor)
     assert re.search(r"^spaces==", text, re.MULTILINE)
+
+
+def test_the_analyses_run_in_a_gpu_worker_on_zerogpu(routed, tmp_path, monkeypatch):
+    """Quality, re-route, sweep and the attention view each run in a forked GPU worker on
+    ZeroGPU and give what they give without it; each asks for GPU time by its passes."""
+    req = _request(max_new=4, quality=False)
+    with _engine(routed, tmp_path / "off.duckdb") as off:
+        trace = off.generations.generate(req, timeout=120)
+        settings = parse_settings(0.3)
+        want = (
+            off.analysis.quality(trace),
+            off.analysis.reroute(trace, settings, log_run=False),
+            off.analysis.sweep(trace, trace.settings, budgets=(0.5,)),
+            off.analysis.inspect(trace, 5),
+        )
+    with fake_zerogpu(tmp_path, monkeypatch) as spaces, _engine(routed, tmp_path / "on.duckdb") as on:
+        got = (
+            on.analysis.quality(trace),
+            on.analysis.reroute(trace, settings, log_run=False),
+            on.analysis.sweep(trace, trace.settings, budgets=(0.5,)),
+            on.analysis.inspect(trace, 5),
+        )
+        assert len(spaces.pids) == 4 and os.getpid() not in spaces.pids
+        assert [name for name, _ in spaces.calls] == ["run"] * 4
+        assert all(zerogpu.MIN_SECONDS <= seconds <= zerogpu.MAX_SECONDS for _, seconds in spaces.calls)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(got[1].routes, want[1].routes)
+    assert [r["policy"] for r in got[2]] == [r["policy"] for r in want[2]]
+    kls = [[r["kl_to_dense"] for r in rows] for rows in (got[2], want[2])]
+    np.testing.assert_allclose(kls[0], kls[1], rtol=1e-4)
+    assert pickle.dumps(got[3]) == pickle.dumps(want[3]) or got[3] == want[3]

@@ -17,12 +17,14 @@ from collections import OrderedDict
 
 import numpy as np
 
+from metaattn_viz.app import gpu_work
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.history import RunHistory
 from metaattn_viz.app.host import ModelHost
 from metaattn_viz.app.requests import APP_MAX_CONTEXT, choice, number, whole
 from metaattn_viz.core.settings import COSTS, DEFAULT_CONTROLLER, LINEAR, LOCAL, MIN_COST, RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
+from metaattn_viz.routing import zerogpu
 from metaattn_viz.routing.controller import KINDS
 
 SWEEP_BUDGETS = (0.2, 0.35, 0.5, 0.75)
@@ -62,24 +64,15 @@ class Analysis:
     def quality(self, trace: RoutingTrace) -> np.ndarray:
         """KL(dense || routed) of the next-token distribution at every position [T]: a dense
         shadow pass, and the routed model replaying the trace's own decisions (forced
-        weights), so a streamed generation is measured on exactly what it did."""
-        import torch
-
-        from metaattn_viz.routing.model import kl_per_token
-
+        weights), so a streamed generation is measured on exactly what it did
+        (gpu_work.quality_kl; on ZeroGPU in a GPU worker, the dense pass there too)."""
         ids = list(trace.token_ids)
         if not ids:
             raise AppError("Nothing to measure: the trace has no tokens.")
         routed = self.routed_for(trace)
-        dense = self._dense_logits(routed, ids)
-        forced = [
-            torch.from_numpy(np.ascontiguousarray(trace.weights[layer]))[None]
-            for layer in range(trace.n_layers)
-        ]  # [1, T, 3] per layer
-        res = routed.prefill(
-            torch.tensor([ids]), trace.settings, trace.controller, forced_weights=forced, use_cache=False
-        )
-        return kl_per_token(dense, res.logits[0]).numpy()
+        if zerogpu.active():  # the dense logits ([T, vocab]) stay in the worker
+            return gpu_work.on_device(routed, gpu_work.quality_kl, trace, passes=2, tokens=len(ids))
+        return gpu_work.quality_kl(routed, trace, self._dense_logits(routed, ids))
 
     def reroute(
         self,
@@ -101,7 +94,7 @@ class Analysis:
                 f"The text has {len(text.token_ids)} tokens; the app re-routes at most {APP_MAX_CONTEXT}."
             )
         t0 = time.perf_counter()
-        new = routed.reroute(text, settings, controller, quality=False)
+        new = gpu_work.on_device(routed, _reroute, text, settings, controller, tokens=len(text.token_ids))
         dt = time.perf_counter() - t0
         new.timings["tokens_per_s"] = new.n_tokens / dt if dt > 0 else None
         new.timings["reroute_ms"] = 1000 * dt
@@ -113,76 +106,23 @@ class Analysis:
         """KL to dense and realised cost of the text routed at each budget by both
         controllers and the baselines (random, salience top-k at the same budgets;
         all-linear and all-local), plus the dense point (docs/method.md, "Budget"). Rows
-        for plots.pareto; `progress(fraction, description)` is called before each pass."""
-        import torch
-
-        from metaattn_viz.routing.model import kl_per_token
-        from metaattn_viz.training.evaluate import flops_ratio, random_policy, salience_policy, static_policy
-
+        for plots.pareto; `progress(fraction, description)` is called before each pass
+        (not on ZeroGPU, where the passes run in a GPU worker)."""
         ids = list(text.token_ids)
         if len(ids) < 2:
             raise AppError("The sweep needs a text of at least two tokens.")
         budgets = [number("Budget", b, MIN_COST, 1.0) for b in budgets]
         routed = self.routed_for(text)
-        dense = self._dense_logits(routed, ids)
-        x = torch.tensor([ids])
-        T = len(ids)
-        jobs = []
-        for controller in KINDS:
-            for b in budgets:
-                jobs.append((controller, b, dict(settings=base.with_(budget=b), controller=controller)))
-        for b in budgets:
-            jobs.append(("random", b, dict(settings=base.with_(budget=b), policy=random_policy(b, seed=0))))
-            jobs.append(("salience", b, dict(settings=base.with_(budget=b), policy=salience_policy(b))))
-        for expert, name in ((LINEAR, "all-linear"), (LOCAL, "all-local")):
-            jobs.append(
-                (
-                    "static",
-                    None,
-                    dict(settings=base.with_(budget=COSTS[expert]), policy=static_policy(expert), label=name),
-                )
+        if zerogpu.active():
+            n = 1 + len(budgets) * (len(KINDS) + 2) + 2
+            return gpu_work.on_device(
+                routed, sweep_rows, ids, base, budgets, None, None, passes=n, tokens=len(ids)
             )
-        rows = []
-        for i, (policy, budget, kw) in enumerate(jobs):
-            if progress is not None:
-                progress(i / len(jobs), f"{policy} {'' if budget is None else budget}")
-            label = kw.pop("label", None)
-            res = routed.prefill(
-                x, kw.pop("settings"), kw.pop("controller", DEFAULT_CONTROLLER), use_cache=False, **kw
-            )
-            rec = res.records
-            kl = kl_per_token(dense[:-1], res.logits[0, :-1])
-            rows.append(
-                {
-                    "policy": policy,
-                    "budget": budget,
-                    "label": label,
-                    "realized_cost": float(rec["cost"].mean()),
-                    "kl_to_dense": float(kl.mean()),
-                    "flops_ratio": flops_ratio(rec["weights"], T, routed.head_dim, base.window, base.n_sink),
-                    "tokens": T,
-                }
-            )
-        rows.append(
-            {
-                "policy": "dense",
-                "budget": 1.0,
-                "label": "dense (every decision full)",
-                "realized_cost": 1.0,
-                "kl_to_dense": 0.0,
-                "flops_ratio": 1.0,
-                "tokens": T,
-            }
-        )
-        return rows
+        return sweep_rows(routed, ids, base, budgets, self._dense_logits(routed, ids), progress)
 
     def inspect(self, trace: RoutingTrace, pos: int, max_tokens: int | None = None):
         """The attention token `pos` actually used (attention_maps.AttentionView), from a
         prefill of its prefix with the trace's decisions forced."""
-        import torch
-
-        from metaattn_viz.app import attention_maps
-
         if trace is None or trace.n_tokens == 0:
             raise AppError("Nothing to inspect yet: generate (or replay) a text first.")
         pos = whole("Token position", pos, 0, trace.n_tokens - 1)
@@ -200,24 +140,102 @@ class Analysis:
                 "try again in a few seconds."
             )
         routed = self.host.routed_model(model=mid)
-        ids = torch.tensor([trace.token_ids[: pos + 1]])
-        forced = [
-            torch.from_numpy(np.ascontiguousarray(trace.weights[layer, : pos + 1]))[None]
-            for layer in range(trace.n_layers)
-        ]  # [1, pos+1, 3] per layer
+        return gpu_work.on_device(routed, attention_view, trace, pos, max_tokens, tokens=pos + 1)
+
+
+def _reroute(routed, text, settings: RoutingSettings, controller: str | None) -> RoutingTrace:
+    return routed.reroute(text, settings, controller, quality=False)
+
+
+def attention_view(routed, trace: RoutingTrace, pos: int, max_tokens: int | None = None):
+    """The attention token `pos` of `trace` used (attention_maps.AttentionView): a prefill of
+    its prefix with the trace's decisions forced, capturing q and k."""
+    import torch
+
+    from metaattn_viz.app import attention_maps
+
+    ids = torch.tensor([trace.token_ids[: pos + 1]])
+    forced = [
+        torch.from_numpy(np.ascontiguousarray(trace.weights[layer, : pos + 1]))[None]
+        for layer in range(trace.n_layers)
+    ]  # [1, pos+1, 3] per layer
+    res = routed.prefill(
+        ids, trace.settings, trace.controller, forced_weights=forced, capture_qk=True, use_cache=False
+    )
+    kw = {} if max_tokens is None else {"max_tokens": max_tokens}
+    return attention_maps.attention_view(
+        res.session.qk,
+        trace.weights,
+        trace.tokens,
+        pos,
+        trace.settings.window,
+        trace.settings.n_sink,
+        **kw,
+    )
+
+
+def sweep_rows(
+    routed, ids: list[int], base: RoutingSettings, budgets, dense=None, progress=None
+) -> list[dict]:
+    """The rows of ``Analysis.sweep`` for token ids `ids` on `routed` (`dense`: the dense
+    logits [T, V], None: computed here)."""
+    import torch
+
+    from metaattn_viz.routing.model import kl_per_token
+    from metaattn_viz.training.evaluate import flops_ratio, random_policy, salience_policy, static_policy
+
+    if dense is None:
+        dense = routed.dense_logits(torch.tensor([ids]))[0]
+    x = torch.tensor([ids])
+    T = len(ids)
+    jobs = []
+    for controller in KINDS:
+        for b in budgets:
+            jobs.append((controller, b, dict(settings=base.with_(budget=b), controller=controller)))
+    for b in budgets:
+        jobs.append(("random", b, dict(settings=base.with_(budget=b), policy=random_policy(b, seed=0))))
+        jobs.append(("salience", b, dict(settings=base.with_(budget=b), policy=salience_policy(b))))
+    for expert, name in ((LINEAR, "all-linear"), (LOCAL, "all-local")):
+        jobs.append(
+            (
+                "static",
+                None,
+                dict(settings=base.with_(budget=COSTS[expert]), policy=static_policy(expert), label=name),
+            )
+        )
+    rows = []
+    for i, (policy, budget, kw) in enumerate(jobs):
+        if progress is not None:
+            progress(i / len(jobs), f"{policy} {'' if budget is None else budget}")
+        label = kw.pop("label", None)
         res = routed.prefill(
-            ids, trace.settings, trace.controller, forced_weights=forced, capture_qk=True, use_cache=False
+            x, kw.pop("settings"), kw.pop("controller", DEFAULT_CONTROLLER), use_cache=False, **kw
         )
-        kw = {} if max_tokens is None else {"max_tokens": max_tokens}
-        return attention_maps.attention_view(
-            res.session.qk,
-            trace.weights,
-            trace.tokens,
-            pos,
-            trace.settings.window,
-            trace.settings.n_sink,
-            **kw,
+        rec = res.records
+        kl = kl_per_token(dense[:-1], res.logits[0, :-1])
+        rows.append(
+            {
+                "policy": policy,
+                "budget": budget,
+                "label": label,
+                "realized_cost": float(rec["cost"].mean()),
+                "kl_to_dense": float(kl.mean()),
+                "flops_ratio": flops_ratio(rec["weights"], T, routed.head_dim, base.window, base.n_sink),
+                "tokens": T,
+            }
         )
+    rows.append(
+        {
+            "policy": "dense",
+            "budget": 1.0,
+            "label": "dense (every decision full)",
+            "realized_cost": 1.0,
+            "kl_to_dense": 0.0,
+            "flops_ratio": 1.0,
+            "tokens": T,
+        }
+    )
+    return rows
 
 
 __all__ = ["Analysis", "SWEEP_BUDGETS", "DENSE_CACHE_SIZE"]

@@ -189,6 +189,30 @@ def mark_warm() -> None:
 generate_on_gpu = zerogpu.on_gpu(generate, duration=gpu_seconds)
 
 
+def run(task, model: str, *args, passes: int = 1, tokens: int = 0) -> Any:
+    """``task(routed, *args)`` on the model bound as `model`, returning its (picklable)
+    result: the page's analyses (quality, re-route, sweep, attention view) on the GPU.
+    `task` is a module-level function (it travels by name); `passes` and `tokens` (the
+    prefills it runs and the tokens of each) size the GPU time asked for (run_seconds)."""
+    return task(_routed(model), *args)
+
+
+def run_seconds(task, model: str, *args, passes: int = 1, tokens: int = 0) -> int:
+    """The GPU time `run` asks for on ZeroGPU: `passes` prefills of `tokens` tokens."""
+    return zerogpu.estimate_seconds(0, tokens, max(0, passes - 1), cold=not _warm)
+
+
+run_on_gpu = zerogpu.on_gpu(run, duration=run_seconds)
+
+
+def on_device(routed, task, *args, passes: int = 1, tokens: int = 0) -> Any:
+    """``task(routed, *args)``: in a ZeroGPU worker when on ZeroGPU (the model bound first),
+    else right here."""
+    if not zerogpu.active():
+        return task(routed, *args)
+    return run_on_gpu(task, bind(routed), *args, passes=passes, tokens=tokens)
+
+
 def apply(trace: RoutingTrace | None, update: dict) -> RoutingTrace:
     """The trace with `update` applied (the first "tokens" update creates it; later ones
     extend it in place, as the stream did): the receiving side of ``generate``."""
@@ -222,4 +246,8 @@ __all__ = [
     "apply",
     "quality_kl",
     "QUALITY_PASSES",
+    "run",
+    "run_on_gpu",
+    "run_seconds",
+    "on_device",
 ]

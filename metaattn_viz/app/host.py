@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.models import ModelChoice, catalogue, model_id, model_label
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
+from metaattn_viz.routing import zerogpu
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,21 @@ class ModelHost:
         self._choices: dict[str, ModelChoice] = {c.id: c for c in choices}
         self.default_id = choices[0].id
         self.spec = self._choices[self.default_id].spec
+        # ZeroGPU (routing/zerogpu.py): `spaces` moves to the GPU only what was placed before
+        # the Space launched, from the thread that imported it, so every offered model is
+        # loaded here, now, in this thread, without a warm-up pass (it would need the GPU),
+        # and none is loaded or dropped later
+        self.preload = zerogpu.active()
+        if self.preload:
+            self.max_loaded = max(self.max_loaded, len(self._choices))
         if routed is not None:
             self._loaded[self.default_id] = routed
             self._done[self.default_id] = threading.Event()
             self._done[self.default_id].set()
+        elif self.preload:
+            for mid in self._choices:
+                self._done[mid] = threading.Event()
+                self._load(mid, self._done[mid], warm=False)
         else:
             self._start(self.default_id)
 
@@ -148,12 +160,13 @@ class ModelHost:
         ).start()
         return mid, event
 
-    def _load(self, mid: str, done: threading.Event) -> None:
+    def _load(self, mid: str, done: threading.Event, warm: bool = True) -> None:
         with self._load_lock:
             t0 = time.perf_counter()
             try:
                 routed = self._loader(self._choices[mid])
-                self._warm_up(routed)
+                if warm:
+                    self._warm_up(routed)
                 with self._lock:
                     self._loaded[mid] = routed
                     self._seconds[mid] = time.perf_counter() - t0
