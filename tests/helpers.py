@@ -179,7 +179,17 @@ class AppServer:
     `public=True` serves it as a public deployment (visitors apart, queue limits); `env`
     adds environment variables (e.g. METAATTN_SHARED_LOG=1)."""
 
-    def __init__(self, tmp: Path, timeout: float = 240.0, public: bool = False, env: dict | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        timeout: float = 240.0,
+        public: bool = False,
+        env: dict | None = None,
+        args: list[str] | None = None,
+        wait_for_model: bool = True,
+    ):
+        self.args = list(args or [])  # more `serve` arguments (not with public)
+        self.wait_for_model = wait_for_model  # False: ready as soon as the page answers
         self.public = public
         self.extra_env = dict(env or {})
         self.tmp = Path(tmp)
@@ -196,7 +206,7 @@ class AppServer:
             cmd = [sys.executable, "-c", PUBLIC_SERVE, str(self.port), str(self.db)]
         else:
             cmd = [sys.executable, "-m", "metaattn_viz", "serve", "--port", str(self.port)]
-            cmd += ["--db", str(self.db)]
+            cmd += ["--db", str(self.db), *self.args]
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -210,7 +220,7 @@ class AppServer:
                 raise RuntimeError(f"server exited:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "gradio_api/info", timeout=5) as r:
-                    if r.status == 200 and self.status().get("model_ready"):
+                    if r.status == 200 and (not self.wait_for_model or self.status().get("model_ready")):
                         return self
             except OSError:
                 pass

@@ -560,3 +560,35 @@ def test_the_figures_follow_the_theme_exports_open_and_a_shared_link_replays(pag
     assert float(elsewhere.locator("#budget input[type=number]").input_value()) == pytest.approx(0.3)
     assert elsewhere.evaluate(TOKENS) == []
     assert not [u for u in page.outside_requests if "cdn" in u], page.outside_requests
+
+
+def test_an_example_run_shows_before_the_model(browser, tmp_path):
+    """A server whose model is not there (it can never load) still opens on a shipped
+    example run at once: the maps, the token strip and the meters replay it with no model,
+    and the status line says it is an example."""
+    from metaattn_viz.app import examples
+
+    shipped = examples.initial_trace()
+    assert shipped is not None
+    missing = ["--model", str(tmp_path / "no-such-model")]
+    (tmp_path / "srv").mkdir()
+    with AppServer(tmp_path / "srv", args=missing, wait_for_model=False) as srv:
+        assert not srv.status()["model_ready"]
+        context = browser.new_context(viewport={"width": 1400, "height": 1200})
+        context.route(
+            "**/*",
+            lambda route: (
+                route.continue_() if route.request.url.startswith("http://127.0.0.1:") else route.abort()
+            ),
+        )
+        pg = context.new_page()
+        t0 = time.monotonic()
+        pg.goto(srv.url)
+        pg.wait_for_function(f"({MAP_LEN})(0) === {shipped.n_tokens}", timeout=60_000)
+        seconds = time.monotonic() - t0
+        assert "An example run" in pg.inner_text("#run-status")
+        assert pg.inner_text("#meters").strip()
+        assert not srv.status()["model_ready"]  # shown without the model
+        pg.screenshot(path=str(tmp_path / "example-before-model.png"))
+        context.close()
+    assert seconds < 60

@@ -264,3 +264,26 @@ def test_every_figure_of_an_untrained_models_trace_says_untrained(no_env):
     assert "UNTRAINED" in plots.routing_maps(trace).layout.title.text
     assert "UNTRAINED" in plots.expert_map(trace, relative=True).layout.title.text
     assert "UNTRAINED" in plots.meters(trace)
+
+
+def test_a_generation_runs_on_the_model_the_request_names(no_env):
+    """The page's model dropdown reaches the generation: the request's model routes it, an
+    empty one is the default, and a model the server does not offer is a plain message."""
+    from metaattn_viz.app.generation import Generations
+    from metaattn_viz.app.requests import parse_request, parse_settings
+
+    host = host_of(["org/tiny-a", "org/tiny-b"], Loader())
+    history = RunHistory(enabled=False)
+    generations = Generations(host, history, Analysis(host, history))
+    try:
+        settings = parse_settings(0.5)
+        for model, made_by in (("tiny-b", "tiny-b"), ("", "tiny-a")):
+            req = parse_request("The cat", settings, max_new_tokens=2, chat=False, quality=False, model=model)
+            assert generations.generate(req, timeout=60).model == made_by
+        job = generations.start(parse_request("The cat", settings, max_new_tokens=2, model="nowhere"))
+        with pytest.raises(AppError, match="does not offer the model 'nowhere'"):
+            job.result(60)
+        with pytest.raises(AppError, match="Model must be the name"):
+            parse_request("The cat", settings, model=3)
+    finally:
+        history.close()

@@ -402,3 +402,28 @@ def test_the_analyses_run_in_a_gpu_worker_on_zerogpu(routed, tmp_path, monkeypat
     kls = [[r["kl_to_dense"] for r in rows] for rows in (got[2], want[2])]
     np.testing.assert_allclose(kls[0], kls[1], rtol=1e-4)
     assert pickle.dumps(got[3]) == pickle.dumps(want[3]) or got[3] == want[3]
+
+
+def test_on_zerogpu_the_host_loads_every_model_in_this_thread_before_launch(tmp_path, monkeypatch):
+    """spaces moves only what was placed before launch, from the thread that imported it:
+    the host loads every offered model right away, in the calling thread, without a
+    warm-up pass, and never drops one."""
+    from metaattn_viz.app.host import ModelHost
+
+    loads = []
+
+    class Loaded:
+        def __init__(self, choice):
+            loads.append((choice.id, threading.get_ident()))
+            self.name, self.controllers = choice.name, {}
+
+        def prefill(self, *args, **kwargs):  # a warm-up pass would need the GPU
+            raise AssertionError("no warm-up pass on ZeroGPU")
+
+    with fake_zerogpu(tmp_path, monkeypatch):
+        host = ModelHost(["model-a", "model-b", "model-c"], threads=False, max_loaded=1, loader=Loaded)
+        ids = [mid for _, mid in host.choices()]
+        assert [mid for mid, _ in loads] == ids and len(ids) >= 3  # all, before __init__ returned
+        assert {thread for _, thread in loads} == {threading.get_ident()}
+        assert host.loaded_ids() == ids and host.max_loaded >= len(ids)  # none dropped
+        assert all(host.is_ready(mid) for mid in ids)

@@ -83,15 +83,16 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         window: int = DEFAULTS.window,
         n_sink: int = DEFAULTS.n_sink,
         quality: bool = g.quality,
+        model: str = "",
         request: gr.Request | None = None,
     ) -> dict:
         """Route a prompt and generate (greedy when temperature is 0; the chat template on
-        by default, as on the page). Returns the trace as JSON: the fields of `metaattn-viz
-        route --json` plus kl_to_dense and notes (which say why when no token was
-        generated)."""
+        by default, as on the page) on `model` (one of /status's models; "": the default).
+        Returns the trace as JSON: the fields of `metaattn-viz route --json` plus
+        kl_to_dense and notes (which say why when no token was generated)."""
         settings = parse_settings(budget, scope, hedge_policy, hedge_threshold, window, n_sink)
         req = parse_request(
-            prompt, settings, controller, max_new_tokens, temperature, top_p, seed, chat, quality
+            prompt, settings, controller, max_new_tokens, temperature, top_p, seed, chat, quality, model
         )
         job = engine.generations.start(req, owner=engine.deployment.owner(session_of(request)))
         trace = job.result()
@@ -112,9 +113,11 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         request: gr.Request | None = None,
     ) -> dict:
         """Route the same text (a trace returned by /generate or /reroute) again under other
-        settings, as one prefill; with quality, also KL to the dense model per token."""
+        settings, as one prefill, on the model that made it; with quality, also KL to the
+        dense model per token."""
         settings = parse_settings(budget, scope, hedge_policy, hedge_threshold, window, n_sink)
-        routed = engine.host.routed_model()
+        made_by = trace.get("model") if isinstance(trace, dict) else None
+        routed = engine.host.routed_model(model=made_by if isinstance(made_by, str) and made_by else None)
         text = text_from_json(trace, routed.model.config.vocab_size)
         owner = engine.deployment.owner(session_of(request))
         new = engine.analysis.reroute(text, settings, controller or None, owner=owner)

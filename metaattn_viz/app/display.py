@@ -204,6 +204,19 @@ def sweep_table(rows: list[dict]):
     return pd.DataFrame(rows)[SWEEP_COLUMNS].round(4)
 
 
+def example_note(trace) -> str:
+    """The status line under a shipped example run shown before any run of the visitor's
+    (app/examples.py); empty when there is none."""
+    if trace is None or not trace.n_tokens:
+        return ""
+    prompt = " ".join(trace.prompt.split())
+    prompt = prompt if len(prompt) <= 60 else prompt[:57] + "\u2026"
+    return (
+        f"An example run, precomputed with {trace.model} and its {trace.controller} controllers "
+        f"(prompt: \u201c{prompt}\u201d): generate to route your own prompt."
+    )
+
+
 __all__ = [
     "status_markdown",
     "visibility_note",

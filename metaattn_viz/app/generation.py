@@ -128,7 +128,7 @@ class GenerationJob:
         req = self.request
         trace = None
         try:
-            routed = self.host.routed_model()
+            routed = self.host.routed_model(model=req.model or None)
             model = gpu_work.bind(routed)  # before the GPU call: a forked worker inherits it
             self.phase = "prefill"
             quality_on_gpu = req.quality and zerogpu.active()

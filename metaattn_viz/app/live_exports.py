@@ -138,7 +138,9 @@ class ExportPanel:
                     trace = history.replay(shared.run_id, engine.deployment.reader(session_of(request)))
                 except AppError:  # not in this log, another visitor's, or no log at all
                     trace = None
-            if trace is None:
+            if trace is None:  # the settings alone, on empty views (not the page's example run)
+                out.update(live.show(plots.empty_trace(), measure))
+                out[live.trace] = None
                 out[live.run_status] = share.fallback_note(shared.run_id)
                 return out
             if shared.prompt is None and trace.prompt:

@@ -149,6 +149,7 @@ class GenerateRequest:
     chat: bool = GENERATION.chat
     quality: bool = GENERATION.quality
     notes: tuple = ()
+    model: str = ""  # the offered model to use (an id or name, app/models.py); "": the default
 
 
 def parse_request(
@@ -161,8 +162,11 @@ def parse_request(
     seed=GENERATION.seed,
     chat=GENERATION.chat,
     quality=GENERATION.quality,
+    model="",
 ) -> GenerateRequest:
     text, notes = clean_prompt(prompt)
+    if model is not None and not isinstance(model, str):
+        raise AppError(f"Model must be the name of an offered model, got {model!r}.")
     return GenerateRequest(
         prompt=text,
         settings=settings,
@@ -174,6 +178,7 @@ def parse_request(
         chat=bool(chat),
         quality=bool(quality),
         notes=tuple(notes),
+        model=(model or "").strip(),
     )
 
 
@@ -189,6 +194,7 @@ class Text:
     truncated: int = 0
     output_text: str = ""
     controller: str = DEFAULT_CONTROLLER
+    model: str = ""  # the model that made it ("": the default)
 
 
 def text_from_json(d, vocab_size: int) -> Text:
@@ -220,6 +226,7 @@ def text_from_json(d, vocab_size: int) -> Text:
         int(d.get("truncated") or 0),
         str(d.get("output_text") or ""),
         controller,
+        str(d.get("model") or ""),
     )
 
 

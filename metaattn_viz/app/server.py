@@ -51,7 +51,7 @@ def resolve_host_port(host: str | None, port: int | None) -> tuple[str, int]:
 def serve(
     host: str | None = None,
     port: int | None = None,
-    model: str | None = None,
+    model: str | list[str] | None = None,
     db: str | None = None,
     log_runs: bool = True,
     public: bool = False,

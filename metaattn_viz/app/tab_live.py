@@ -35,6 +35,7 @@ from metaattn_viz.core.settings import (
     UNCERTAINTY_MEASURES,
     RoutingSettings,
 )
+from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing.controller import KINDS
 
 SCOPE_LABELS = {"global": "global (layers compete)", "layer": "per layer"}
@@ -83,10 +84,20 @@ class RoutingControls:
 class LiveTab:
     """The Live tab's components and events."""
 
-    def __init__(self, trace: gr.State, examples: list[dict]):
+    def __init__(
+        self,
+        trace: gr.State,
+        examples: list[dict],
+        models: list[tuple[str, str]] | None = None,
+        initial: RoutingTrace | None = None,
+    ):
+        """`models`: the (label, id) choices of the model dropdown (host.choices(), the
+        default first); `initial`: the trace shown before the first run (a shipped example,
+        app/examples.py; replayed with no model), else empty placeholders."""
         self.trace = trace  # the page's current RoutingTrace (None before the first run)
         self.trace_events: list = []  # events after which the page shows a new trace
-        empty = plots.empty_trace()
+        empty = initial if initial is not None else plots.empty_trace()
+        models = models or []
         with gr.Row():
             with gr.Column(scale=3):
                 self.prompt = gr.Textbox(
@@ -135,6 +146,14 @@ class LiveTab:
                 label="Compute budget: mean notional cost per decision "
                 "(full 1.0, local 0.3, linear 0.15); re-routes on release",
             )
+            self.model = gr.Dropdown(
+                models,
+                value=models[0][1] if models else None,
+                label="Model (untrained controllers are labelled)",
+                elem_id="model",
+                visible=len(models) > 1,
+                scale=2,
+            )
             self.controller = gr.Radio(
                 [(CONTROLLER_LABELS.get(k, k), k) for k in KINDS],
                 value=GENERATION.controller,
@@ -159,13 +178,21 @@ class LiveTab:
             self.quality = gr.Checkbox(GENERATION.quality, label="Quality meter (dense shadow pass)")
         self.routing = RoutingControls(budget, scope, hedge_policy, hedge_threshold, window)
         self.meters = gr.HTML(plots.meters(empty), elem_id="meters")
-        self.run_status = gr.Markdown("", elem_id="run-status")
-        self.measure = gr.Dropdown(
-            list(UNCERTAINTY_MEASURES),
-            value="total",
-            label="Uncertainty measure (bottom map)",
-            elem_id="measure",
-        )
+        self.run_status = gr.Markdown(display.example_note(initial), elem_id="run-status")
+        with gr.Row(equal_height=True):
+            self.measure = gr.Dropdown(
+                list(UNCERTAINTY_MEASURES),
+                value="total",
+                label="Uncertainty measure (bottom map)",
+                elem_id="measure",
+                scale=2,
+            )
+            self.relative = gr.Checkbox(
+                False,
+                label="Per-token view: grey each decision that matches its layer's usual expert",
+                elem_id="relative",
+                scale=3,
+            )
         self.maps = plotly_view(plots.routing_maps(empty), "routing-maps", 780, "metaattn-maps")
         self.strip = gr.HighlightedText(
             label="Text: darker = more layers gave the token full attention (click a token to inspect it)",
@@ -174,6 +201,7 @@ class LiveTab:
             combine_adjacent=False,
             show_inline_category=False,
             interactive=False,
+            value=plots.token_strip(empty) if initial is not None else None,
         )
         self.exports = ExportPanel()
         self._build_inspector()
@@ -225,9 +253,11 @@ class LiveTab:
         """The components a new trace redraws: both maps, the token strip, the meters."""
         return [self.maps, self.strip, self.meters]
 
-    def show(self, trace, measure: str) -> dict:
-        """The views of `trace`, as updates of their components."""
-        maps, strip, meters = plots.live_views(trace, measure if measure in UNCERTAINTY_MEASURES else "total")
+    def show(self, trace, measure: str, relative: bool = False) -> dict:
+        """The views of `trace`, as updates of their components (the expert map relative to
+        each layer's usual expert if `relative`)."""
+        measure = measure if measure in UNCERTAINTY_MEASURES else "total"
+        maps, strip, meters = plots.live_views(trace, measure, relative=bool(relative))
         return {self.maps: maps, self.strip: strip, self.meters: meters}
 
     def show_positions(self, trace) -> gr.Slider:
@@ -314,6 +344,7 @@ class LiveTab:
                 data[self.seed],
                 data[self.chat],
                 data[self.quality],
+                data[self.model] or "",
             )
             key = session_of(request)
             job = engine.generations.start(req, key=key, owner=engine.deployment.owner(key))
@@ -328,7 +359,7 @@ class LiveTab:
                         continue
                     last = snap
                     out = {
-                        **self.show(snap, data[self.measure]),
+                        **self.show(snap, data[self.measure], data[self.relative]),
                         self.run_status: display.run_status(job, snap),
                     }
                     if job.done:
@@ -359,6 +390,8 @@ class LiveTab:
                 self.controller,
                 self.quality,
                 self.measure,
+                self.relative,
+                self.model,
                 *self.routing.inputs,
             },
             [*self.views, self.run_status, self.trace, self.pos],
@@ -375,6 +408,12 @@ class LiveTab:
 
         self.stop.click(stop, None, None, api_visibility="private", queue=False)
 
+        def pick_model(model):  # load a newly picked model while the visitor types
+            if model:
+                engine.host.start_loading(model)
+
+        self.model.input(pick_model, self.model, None, api_visibility="private", queue=False)
+
     def _wire_reroute(self, engine: Engine) -> None:
         @user_errors("re-routing")
         def live_reroute(data, request: gr.Request):
@@ -390,7 +429,7 @@ class LiveTab:
             owner = engine.deployment.owner(session_of(request))
             new = engine.analysis.reroute(trace, settings, data[self.controller], owner=owner)
             return {
-                **self.show(new, data[self.measure]),
+                **self.show(new, data[self.measure], data[self.relative]),
                 self.run_status: display.reroute_note(new),
                 self.trace: new,
             }
@@ -413,7 +452,7 @@ class LiveTab:
                 r.hedge_policy.input,
             ],
             live_reroute,
-            {self.trace, self.controller, self.measure, *r.inputs},
+            {self.trace, self.controller, self.measure, self.relative, *r.inputs},
             [*self.views, self.run_status, self.trace],
             api_visibility="private",
             concurrency_id="model",
@@ -438,13 +477,19 @@ class LiveTab:
         self.trace_events += [rerouted, measured]
 
         @user_errors("redrawing the maps")
-        def redraw_maps(trace, measure):
-            return plots.routing_maps_json(trace if trace is not None else plots.empty_trace(), measure)
+        def redraw_maps(trace, measure, relative):
+            shown = trace if trace is not None else plots.empty_trace()
+            return plots.routing_maps_json(shown, measure, relative=bool(relative))
 
-        redrawn = self.measure.input(
-            redraw_maps, [self.trace, self.measure], self.maps, api_visibility="private", queue=False
+        redrawn = gr.on(
+            [self.measure.input, self.relative.input],
+            redraw_maps,
+            [self.trace, self.measure, self.relative],
+            self.maps,
+            api_visibility="private",
+            queue=False,
         )
-        self.trace_events.append(redrawn)  # the maps' page follows the measure
+        self.trace_events.append(redrawn)  # the maps' page follows the measure and the view
 
     def _wire_inspector(self, engine: Engine, downloads: Downloads) -> None:
         @user_errors("inspecting the token")

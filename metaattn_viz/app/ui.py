@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from metaattn_viz.app import attention_maps, display
+from metaattn_viz.app import examples as example_runs
 from metaattn_viz.app.about import INTRO, about_markdown
 from metaattn_viz.app.api import add_endpoints
 from metaattn_viz.app.deployment import Deployment
@@ -47,7 +48,7 @@ def load_examples(path: Path = EXAMPLES_FILE) -> list[dict]:
 
 
 def build_app(
-    model: str | None = None,
+    model: str | list[str] | None = None,
     db: str | None = None,
     log_runs: bool = True,
     engine: Engine | None = None,
@@ -67,10 +68,12 @@ def build_app(
         gr.Markdown(INTRO)
         status = gr.Markdown(display.status_markdown(engine.status()), elem_id="model-status")
         timer = gr.Timer(STATUS_REFRESH_S)
-        trace = gr.State(None)
+        # before any run the page shows a shipped example, replayed with no model
+        initial = example_runs.initial_trace()
+        trace = gr.State(initial)
         with gr.Tabs(selected="live") as tabs:
             with gr.Tab("Live", id="live"):
-                live = LiveTab(trace, examples)
+                live = LiveTab(trace, examples, engine.host.choices(), initial)
             with gr.Tab("History", id="history") as history_tab:
                 history = HistoryTab(history_tab)
             with gr.Tab("About", id="about"):
