@@ -173,6 +173,21 @@ PUBLIC_SERVE = (
 )
 
 
+def pytest_in_fresh_interpreter(test_file: str, *args: str, timeout: float = 900) -> None:
+    """Run `test_file` (with more pytest `args`) in a fresh process with TRITON_INTERPRET=1
+    set from the start: the fallback of the Triton tests when triton was imported before
+    this process could set it (Triton picks interpreter or compiler at import)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, *args],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
 class AppServer:
     """`python -m metaattn_viz serve --port N --db DB` in a subprocess, ready when /status
     says the model is loaded. Its log goes to a file, printed if it fails to start.

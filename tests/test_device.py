@@ -21,7 +21,7 @@ _LATE = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRE
 if not CUDA and not _LATE:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from helpers import THREAD_ENV, routed_tiny  # noqa: E402
+from helpers import THREAD_ENV, pytest_in_fresh_interpreter, routed_tiny  # noqa: E402
 
 from metaattn_viz.core.settings import RoutingSettings  # noqa: E402
 from metaattn_viz.routing import device as device_mod  # noqa: E402
@@ -236,15 +236,7 @@ def test_budget_one_through_triton_equals_dense():
 
 @pytest.mark.skipif(not _LATE, reason="the interpreter runs in this process")
 def test_triton_model_tests_in_a_fresh_interpreter():
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    pytest_in_fresh_interpreter(__file__, "-k", "triton")
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ cases is a cover (every size, window, sink count and mix appears), not a product
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -24,7 +23,16 @@ if DEV == "cpu" and not _LATE:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from helpers import MIXES, SIZES, TOL, WINDOWS, make_qkv, make_weights, max_err  # noqa: E402
+from helpers import (  # noqa: E402
+    MIXES,
+    SIZES,
+    TOL,
+    WINDOWS,
+    make_qkv,
+    make_weights,
+    max_err,
+    pytest_in_fresh_interpreter,
+)
 
 in_this_process = pytest.mark.skipif(
     _LATE,
@@ -36,16 +44,7 @@ in_this_process = pytest.mark.skipif(
 @pytest.mark.skipif(not _LATE, reason="the interpreter runs in this process")
 def test_triton_in_fresh_interpreter():
     """Fallback: run this file in a fresh process with TRITON_INTERPRET=1 from the start."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    pytest_in_fresh_interpreter(__file__, timeout=600)
 
 
 def run(backend, q, k, v, w, **kw):

@@ -10,7 +10,6 @@ key splits, hedged mixtures, the learned feature map and a stale linear state.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,6 +21,7 @@ if DEV == "cpu" and not _LATE:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from helpers import pytest_in_fresh_interpreter  # noqa: E402
 from test_feature_maps import random_map  # noqa: E402
 
 in_this_process = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET was set")
@@ -40,16 +40,7 @@ CASES = [
 
 @pytest.mark.skipif(not _LATE, reason="the interpreter runs in this process")
 def test_in_a_fresh_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    pytest_in_fresh_interpreter(__file__, timeout=600)
 
 
 def _qkv(tk, hq, hkv, d, seed, dtype=torch.float32):
