@@ -69,12 +69,14 @@ class UserError(Exception):
     """A problem the user can fix (bad setting, missing file, missing model)."""
 
 
-def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True, several: bool = False) -> None:
+    more = "; repeat it to offer several models on the page (env METAATTN_MODELS=A,B)" if several else ""
     p.add_argument(
         "--model",
         default=None,
+        action="append" if several else "store",
         help="local HF folder, .gguf file or hub id (default: bundled SmolLM2-135M-"
-        "Instruct; env METAATTN_MODEL)",
+        f"Instruct; env METAATTN_MODEL){more}",
     )
     if runtime:
         add_runtime_args(p)
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the web app (Gradio) on HOST:PORT")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 on HF Spaces)")
     p.add_argument("--port", type=int, default=None, help="port (default 7860, or $PORT)")
-    _add_model_args(p)
+    _add_model_args(p, several=True)
     p.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
     p.add_argument("--no-log", action="store_true", help="do not log runs to DuckDB")
     p.add_argument(
