@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve as a public deployment: each visitor sees only their own runs, queue limits "
         "(automatic when SPACE_ID is set)",
     )
+    p.add_argument("--mcp", action="store_true", help="also offer the API as MCP tools (needs gradio[mcp])")
     p.set_defaults(handler=_cmd_serve)
 
     p = sub.add_parser(
@@ -226,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_feature_maps)
 
+    p = sub.add_parser(
+        "examples",
+        help="route the example prompts (assets/examples.json) with the bundled model and its shipped "
+        "controllers, and write their traces and index (assets/example_traces/)",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: the shipped assets/example_traces/)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="tokens generated per example (default: as shipped)"
+    )
+    p.set_defaults(handler=_cmd_examples)
+
     from metaattn_viz.deploy.cli import add_deploy_parser
 
     add_deploy_parser(sub)
@@ -300,8 +312,11 @@ def settings_from_args(args) -> RoutingSettings:
 
 
 def _cmd_serve(args) -> int:
+    from metaattn_viz.app.server import MCP_MISSING, mcp_available
     from metaattn_viz.routing import device as device_mod
 
+    if args.mcp and not mcp_available():  # before anything loads
+        raise UserError(MCP_MISSING)
     runtime_from_args(args)  # refuse a bad device before the server starts
     # the app loads its model with RoutedModel.load(), which reads these
     for env, value in (
@@ -320,6 +335,7 @@ def _cmd_serve(args) -> int:
         db=args.db,
         log_runs=not args.no_log,
         public=args.public,
+        mcp=args.mcp,
     )
     return 0
 
@@ -487,6 +503,20 @@ def _cmd_feature_maps(args) -> int:
     from metaattn_viz.training.feature_maps import main as feature_maps_main
 
     return feature_maps_main(args.rest)
+
+
+def _cmd_examples(args) -> int:
+    import json
+
+    from metaattn_viz.app.examples import MAX_NEW_TOKENS, generate
+
+    n = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    if n < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {n}")
+    index = generate(out=args.out, max_new_tokens=n, progress=lambda m: print(m, file=sys.stderr))
+    summary = {k: index[k] for k in ("model", "controllers", "date")}
+    print(json.dumps({**summary, "examples": len(index["examples"])}))
+    return 0
 
 
 def _cmd_bench(args) -> int:
