@@ -49,12 +49,16 @@ $(BROWSER_STAMP):
 	fi
 	@mkdir -p $(VENV) && touch $(BROWSER_STAMP)
 
+# the shipped controllers' recipe (docs/results.md): learned linear maps, attention features,
+# the per-layer error-ranking target; one torch thread, so a rerun is bit-identical
+CALIBRATE_FLAGS = --data corpus/wikitext2/wiki.dev.raw --linear-map learned --features base,attention --aux-weight 1 --aux-scope layer
+
 calibrate: setup
-	$(PY) -m metaattn_viz calibrate --data corpus/wikitext2/wiki.dev.raw --controller bayes
-	$(PY) -m metaattn_viz calibrate --data corpus/wikitext2/wiki.dev.raw --controller priorfree
+	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz calibrate $(CALIBRATE_FLAGS) --controller bayes --beta-kl 0.02
+	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz calibrate $(CALIBRATE_FLAGS) --controller priorfree
 
 eval: setup
-	$(PY) -m metaattn_viz eval --data corpus/wikitext2/wiki.dev.raw --json
+	$(PY) -m metaattn_viz eval --data corpus/wikitext2/wiki.dev.raw --linear-map learned --json --report docs/results.md
 
 bench: setup
 	$(PY) -m metaattn_viz bench --json

@@ -167,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta-kl", type=float, default=None, help="weight of the prior KL (bayes)")
     p.add_argument("--cost-weight", type=float, default=None, help="weight of E[cost] (priorfree)")
+    p.add_argument("--prior-gamma", type=float, default=None, help="prior sharpness gamma (bayes; default 1)")
+    p.add_argument(
+        "--linear-map",
+        default=None,
+        choices=LINEAR_MAPS,
+        help="the linear expert's map while training (default elu)",
+    )
+    p.add_argument(
+        "--features", default=None, help="controller feature groups, comma-separated (default base)"
+    )
+    p.add_argument(
+        "--aux-weight", type=float, default=None, help="weight of the error-ranking target (default 0)"
+    )
+    p.add_argument(
+        "--aux-scope",
+        default=None,
+        choices=("global", "layer", "both"),
+        help="over which decisions the target ranks (default global)",
+    )
+    p.add_argument(
+        "--train-budgets", default=None, help="budgets sampled for the hard steps, comma-separated"
+    )
     p.add_argument(
         "--out", default=None, help="output folder (default assets/controllers/<model>/<controller>)"
     )
@@ -227,16 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_feature_maps)
 
-    p = sub.add_parser(
-        "examples",
-        help="route the example prompts (assets/examples.json) with the bundled model and its shipped "
-        "controllers, and write their traces and index (assets/example_traces/)",
-    )
-    p.add_argument("--out", default=None, help="output folder (default: the shipped assets/example_traces/)")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="tokens generated per example (default: as shipped)"
-    )
-    p.set_defaults(handler=_cmd_examples)
+    from metaattn_viz.cli.examples import add_examples_parser
+
+    add_examples_parser(sub)
 
     from metaattn_viz.deploy.cli import add_deploy_parser
 
@@ -400,12 +415,28 @@ def _cmd_calibrate(args) -> int:
     from metaattn_viz.training import data as data_mod
     from metaattn_viz.training.calibrate import CalibrationConfig, calibrate
 
+    listed = {
+        "features": None if args.features is None else tuple(f.strip() for f in args.features.split(",")),
+        "train_budgets": None if args.train_budgets is None else _parse_budgets(args.train_budgets),
+    }
     overrides = {
         k: v
-        for k, v in [("steps", args.steps), ("beta_kl", args.beta_kl), ("cost_weight", args.cost_weight)]
+        for k, v in [
+            ("steps", args.steps),
+            ("beta_kl", args.beta_kl),
+            ("cost_weight", args.cost_weight),
+            ("prior_gamma", args.prior_gamma),
+            ("linear_map", args.linear_map),
+            ("aux_weight", args.aux_weight),
+            ("aux_scope", args.aux_scope),
+            *listed.items(),
+        ]
         if v is not None
     }
-    cfg = CalibrationConfig(controller=args.controller, seed=args.seed, **overrides)
+    try:
+        cfg = CalibrationConfig(controller=args.controller, seed=args.seed, **overrides)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     try:
         data_mod.load_split(args.data)  # fail on a bad file before loading the model
     except data_mod.DataError as exc:
@@ -503,20 +534,6 @@ def _cmd_feature_maps(args) -> int:
     from metaattn_viz.training.feature_maps import main as feature_maps_main
 
     return feature_maps_main(args.rest)
-
-
-def _cmd_examples(args) -> int:
-    import json
-
-    from metaattn_viz.app.examples import MAX_NEW_TOKENS, generate
-
-    n = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-    if n < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {n}")
-    index = generate(out=args.out, max_new_tokens=n, progress=lambda m: print(m, file=sys.stderr))
-    summary = {k: index[k] for k in ("model", "controllers", "date")}
-    print(json.dumps({**summary, "examples": len(index["examples"])}))
-    return 0
 
 
 def _cmd_bench(args) -> int:

@@ -6,9 +6,15 @@
 - Prior-free baseline (the paper's ablation): the same network ending in a softmax, a point
   estimate of the routing weights.
 
-Features (all causal, so prefill and token-by-token decoding route identically): the
-normalised attention input h_t, the residual-stream salience ||x_t|| / sqrt(D), and the
-position feature log(1+t) / log(1+T_ref) (never normalised by the current length).
+Features (all causal, so prefill and token-by-token decoding route identically; the set a
+stack reads is named in its config, ``features``, and defined once, in ``features``): the
+normalised attention input h_t, the residual-stream salience ||x_t|| / sqrt(D), the
+position feature log(1+t) / log(1+T_ref) (never normalised by the current length), and,
+optionally, signals read from the layer's own attention inputs (``AttentionView``): the
+query and key norms of the token per head and the linear read-out's estimate of the share
+of the attention mass that lies beyond the local window and its sinks (``far_mass``), what
+going local would lose. Those are cheap: running sums of the linear expert's key features
+carried per layer across decode steps (``SignalState``), two keys' features per step.
 
 Weights are stored as safetensors plus a meta.json; a content hash of the weights names
 exactly which controllers ran. This module never imports gradio, kernels or the store.
@@ -22,6 +28,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +48,14 @@ KINDS = CONTROLLER_KINDS
 WEIGHTS_FILE = "controller.safetensors"
 META_FILE = "meta.json"
 
+# The feature groups a controller may read (ControllerStack.features is their one definition):
+# "base": [h_t, ||x_t|| / sqrt(D), position] (every controller; D + 2 values);
+# "attention": per query head ln(||q_t|| / sqrt(d)) and the far-mass feature, per kv head
+# ln(||k_t|| / sqrt(d)) (2 Hq + Hkv values; needs the layer's q and k, an AttentionView).
+FEATURE_GROUPS = ("base", "attention")
+BASE_FEATURES = ("base",)  # what a meta.json without the field was trained with
+FAR_MASS_FLOOR = 1e-4  # far-mass feature: ln(share + floor) / ln(1 / floor), in [-1, ~0]
+
 
 @dataclass
 class ControllerConfig:
@@ -53,10 +68,107 @@ class ControllerConfig:
     t_ref: int = 2048
     prior_strength: float = 3.0
     prior_gamma: float = 1.0
+    # which feature groups (FEATURE_GROUPS) the controller reads; the attention group needs
+    # the model's query and kv head counts (head_dim = d_model / n_heads unless given)
+    features: tuple[str, ...] = BASE_FEATURES
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"controller must be one of {KINDS}, got {self.kind!r}")
+        self.features = tuple(self.features)
+        unknown = [f for f in self.features if f not in FEATURE_GROUPS]
+        if unknown or "base" not in self.features or len(set(self.features)) != len(self.features):
+            raise ValueError(
+                f"controller features must name 'base' and any of {FEATURE_GROUPS} once each, "
+                f"got {self.features}"
+            )
+        if self.uses_attention and not (self.n_heads and self.n_kv_heads):
+            raise ValueError("the 'attention' features need n_heads and n_kv_heads")
+
+    @property
+    def uses_attention(self) -> bool:
+        return "attention" in self.features
+
+    @property
+    def n_features(self) -> int:
+        """Length of u_t."""
+        n = self.d_model + 2
+        if self.uses_attention:
+            assert self.n_heads and self.n_kv_heads
+            n += 2 * self.n_heads + self.n_kv_heads
+        return n
+
+
+@dataclass
+class AttentionView:
+    """What a layer's controller may read of that layer's attention inputs: q [B, Hq, Tq, D]
+    and k [B, Hkv, Tk, D] (post-RoPE, cache included: the queries are the last Tq
+    positions), the linear expert's feature map (None: elu + 1), the local window and sinks,
+    and the session's ``SignalState`` that carries the running sums across decode steps."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    feature_map: Any
+    window: int
+    n_sink: int
+    state: SignalState
+
+
+class SignalState:
+    """Per session and layer: (z_all [B, Hkv, F], z_far [B, Hkv, F], n), the sums of the
+    linear expert's key features over keys [0, n) and over the far keys [n_sink, n - window)
+    of the last query seen (position n - 1), and the feature map they were summed with."""
+
+    def __init__(self, n_layers: int):
+        self.sums: list[tuple | None] = [None] * n_layers
+
+
+def attention_signals(view: AttentionView, layer: int) -> torch.Tensor:
+    """The "attention" feature group for the queries of `view`: [B, Tq, 2 Hq + Hkv] float32,
+    [ln(||q|| / sqrt(d)) per query head, far-mass per query head, ln(||k|| / sqrt(d)) per kv head].
+
+    far mass of the query at t: phi(q_t) . sum_{n_sink <= s <= t - w} phi(k_s) over
+    phi(q_t) . sum_{s <= t} phi(k_s), the linear expert's estimate of the share of the
+    attention weight that falls outside the local window [t - w + 1, t] and the sinks; phi is
+    the linear expert's map. The sums continue from ``view.state`` when it stops at the
+    first query's position (a decode step adds two keys' features), else start from key 0;
+    either way the numbers are the same (a tested property)."""
+    from metaattn_kernels.feature_maps import phi_key, phi_query
+
+    q, k, w, ns = view.q.detach(), view.k.detach(), view.window, view.n_sink
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    off = tk - tq
+    held = view.state.sums[layer]
+    if held is not None and held[2] == off and held[3] is view.feature_map and held[0].shape[0] == b:
+        z_all, z_far, n = held[0], held[1], off
+    else:
+        z_all = z_far = None
+        n = 0
+    f32 = torch.float32
+    pk_new = phi_key(view.feature_map, k[:, :, n:tk].to(f32))  # keys [n, tk)
+    c_all = pk_new.cumsum(2)[:, :, off - n :]  # [B, Hkv, Tq, F] sums over [n, t]
+    if z_all is not None:
+        c_all = c_all + z_all[:, :, None]
+    a, e = max(ns, n - w), tk - w  # far keys that join: [a, e)
+    far = torch.zeros_like(c_all) if z_far is None else z_far[:, :, None].expand_as(c_all).clone()
+    if e > a:  # (plain integers: no value is read back from the device)
+        pk_far = phi_key(view.feature_map, k[:, :, a:e].to(f32)).cumsum(2)  # [B, Hkv, e - a, F]
+        first = max(off, a + w)  # the first query with a new far key; query t's last is t - w
+        far[:, :, first - off :] += pk_far[:, :, first - w - a : tk - w - a]
+    view.state.sums[layer] = (c_all[:, :, -1].clone(), far[:, :, -1].clone(), tk, view.feature_map)
+    pq = phi_query(view.feature_map, q.to(f32))  # [B, Hq, Tq, F]
+    rep = hq // hkv
+    m_all = (pq * c_all.repeat_interleave(rep, 1)).sum(-1)  # [B, Hq, Tq]
+    m_far = (pq * far.repeat_interleave(rep, 1)).sum(-1)
+    share = (m_far / m_all.clamp_min(1e-30)).clamp(0.0, 1.0)
+    far_mass = torch.log(share + FAR_MASS_FLOOR) / math.log(1.0 / FAR_MASS_FLOOR)
+    half_log_d = 0.5 * math.log(d)
+    qn = torch.log(q.float().norm(dim=-1).clamp_min(1e-12)) - half_log_d  # [B, Hq, Tq]
+    kn = torch.log(k[:, :, off:].float().norm(dim=-1).clamp_min(1e-12)) - half_log_d  # [B, Hkv, Tq]
+    return torch.cat([qn, far_mass, kn], dim=1).transpose(1, 2)  # [B, Tq, 2 Hq + Hkv]
 
 
 class LayerController(nn.Module):
@@ -79,7 +191,7 @@ class ControllerStack(nn.Module):
         self.config = config
         gen = torch.Generator().manual_seed(seed)
         layers = [
-            LayerController(config.d_model + 2, config.hidden, config.n_experts)
+            LayerController(config.n_features, config.hidden, config.n_experts)
             for _ in range(config.n_layers)
         ]
         self.layers = nn.ModuleList(layers)
@@ -108,22 +220,42 @@ class ControllerStack(nn.Module):
     def point_estimate(self) -> bool:
         return self.config.kind == "priorfree"
 
-    def features(self, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """u_t = [h_t, ||x_t||/sqrt(D), log(1+t)/log(1+T_ref)]   h, x: [B, T, D]; positions [T]."""
+    @property
+    def uses_attention(self) -> bool:
+        """Whether the features need the layer's attention inputs (pass an AttentionView)."""
+        return self.config.uses_attention
+
+    def features(
+        self,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        view: AttentionView | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """u_t = [h_t, ||x_t||/sqrt(D), log(1+t)/log(1+T_ref) (, attention_signals)]
+        h, x: [B, T, D]; positions [T]; ``view`` (with the layer) for the attention group."""
         d = x.shape[-1]
         salience = x.float().norm(dim=-1, keepdim=True) / math.sqrt(d)  # [B, T, 1]
         pos = torch.log1p(positions.float()) / math.log1p(self.config.t_ref)  # [T]
         pos = pos.view(1, -1, 1).expand(x.shape[0], -1, 1)  # [B, T, 1]
-        return torch.cat([h.float(), salience, pos], dim=-1)  # [B, T, D+2]
+        parts = [h.float(), salience, pos]
+        if self.config.uses_attention:
+            if view is None:
+                raise ValueError("these controllers read attention features: pass an AttentionView")
+            parts.append(attention_signals(view, layer).to(h.device))
+        return torch.cat(parts, dim=-1)  # [B, T, n_features]
 
-    def concentration(self, layer: int, h, x, positions) -> torch.Tensor:
+    def concentration(self, layer: int, h, x, positions, view: AttentionView | None = None) -> torch.Tensor:
         """Bayesian: beta [B, T, K] (> beta_min). Prior-free: its probability vector [B, T, K]."""
-        scores = self.layers[layer](self.features(h, x, positions))
+        scores = self.layers[layer](self.features(h, x, positions, view, layer))
         if self.config.kind == "bayes":
             return F.softplus(scores) + self.config.beta_min
         return torch.softmax(scores, dim=-1)
 
-    def concentration_one(self, layer: int, h: torch.Tensor, x: torch.Tensor, position: int) -> list[float]:
+    def concentration_one(
+        self, layer: int, h: torch.Tensor, x: torch.Tensor, position: int, view: AttentionView | None = None
+    ) -> list[float]:
         """`concentration` of one token (h, x [1, 1, D] at `position`) as K floats: the decode
         hot path. On CPU in numpy, on float32 copies of the layer's weights (refreshed when
         the weights change), since a dozen tiny torch ops in the middle of a forward pass
@@ -132,18 +264,23 @@ class ControllerStack(nn.Module):
         fc2(gelu(fc1(u))) = (fc2.weight / sqrt(2)) @ (p * (1 + erf(p))) + fc2.bias."""
         if h.device.type != "cpu" or h.dtype != torch.float32 or torch.is_grad_enabled():
             return (
-                self.concentration(layer, h, x, torch.tensor([position], device=x.device))
+                self.concentration(layer, h, x, torch.tensor([position], device=x.device), view)
                 .reshape(-1)
                 .tolist()
             )
         w1, w2, b2 = self._numpy_weights(layer)
         xv = x.detach().numpy().reshape(-1)
         d = xv.shape[0]
-        u = np.empty(d + 3, np.float32)  # the features, as in `features`, then 1 for the bias
+        n = self.config.n_features
+        u = np.empty(n + 1, np.float32)  # the features, as in `features`, then 1 for the bias
         u[:d] = h.detach().numpy().reshape(-1)
         u[d] = math.sqrt(xv.dot(xv)) / math.sqrt(d)
         u[d + 1] = math.log1p(position) / math.log1p(self.config.t_ref)
-        u[d + 2] = 1.0
+        if self.config.uses_attention:
+            if view is None:
+                raise ValueError("these controllers read attention features: pass an AttentionView")
+            u[d + 2 : n] = attention_signals(view, layer).reshape(-1).numpy()
+        u[n] = 1.0
         p = w1 @ u
         g = _erf(p)
         g += 1.0
@@ -158,7 +295,7 @@ class ControllerStack(nn.Module):
         return [v / total for v in e]
 
     def _numpy_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
-        """([fc1.weight | fc1.bias] / sqrt(2) [H, D + 3], fc2.weight / sqrt(2) [K, H]) in
+        """([fc1.weight | fc1.bias] / sqrt(2) [H, n_features + 1], fc2.weight / sqrt(2) [K, H]) in
         float32 and fc2.bias as K floats, for concentration_one; rebuilt when a parameter is replaced
         or changed in place (its _version moves). Read-only: safe across threads."""
         lay: LayerController = self.layers[layer]  # type: ignore[assignment]  # ModuleList[LayerController]
@@ -183,7 +320,7 @@ class ControllerStack(nn.Module):
     # -- identity ---------------------------------------------------------------------------
     def content_hash(self) -> str:
         if self._hash is None:
-            h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+            h = hashlib.sha256(json.dumps(_hashed_config(self.config), sort_keys=True).encode())
             for name, t in sorted(self.state_dict().items()):
                 h.update(name.encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -227,6 +364,18 @@ class ControllerStack(nn.Module):
         return stack
 
 
+def _hashed_config(config: ControllerConfig) -> dict:
+    """The config as the content hash reads it: the fields added with the attention features
+    are left out while they hold their defaults, so base controllers keep their old hashes."""
+    d = asdict(config)
+    if not config.uses_attention:
+        for name in ("features", "n_heads", "n_kv_heads"):
+            d.pop(name)
+    else:
+        d["features"] = list(config.features)
+    return d
+
+
 @dataclass
 class ControllerChoice:
     stack: ControllerStack
@@ -238,9 +387,18 @@ def default_folder(model_slug: str, kind: str) -> Path:
     return paths.CONTROLLERS_DIR / model_slug / kind
 
 
-def config_for_model(model_config, kind: str) -> ControllerConfig:
+def config_for_model(model_config, kind: str, features: tuple[str, ...] = BASE_FEATURES) -> ControllerConfig:
+    """The controllers' config for a model; the head counts are recorded when the features
+    read the attention inputs (they size those features)."""
+    attention = "attention" in features
+    heads = model_config.num_attention_heads
     return ControllerConfig(
-        kind=kind, d_model=model_config.hidden_size, n_layers=model_config.num_hidden_layers
+        kind=kind,
+        d_model=model_config.hidden_size,
+        n_layers=model_config.num_hidden_layers,
+        features=tuple(features),
+        n_heads=heads if attention else None,
+        n_kv_heads=(getattr(model_config, "num_key_value_heads", None) or heads) if attention else None,
     )
 
 
@@ -257,9 +415,17 @@ def load_for_model(
         try:
             stack = ControllerStack.load(folder)
             c = stack.config
-            if (c.kind, c.d_model, c.n_layers) == (kind, expected.d_model, expected.n_layers):
+            heads = config_for_model(model_config, kind, ("base", "attention"))
+            fits_heads = not c.uses_attention or (c.n_heads, c.n_kv_heads) == (
+                heads.n_heads,
+                heads.n_kv_heads,
+            )
+            if (c.kind, c.d_model, c.n_layers) == (kind, expected.d_model, expected.n_layers) and fits_heads:
                 return ControllerChoice(stack, str(folder))
-            notes.append(f"{folder}: made for another model shape ({c.kind}, D={c.d_model}, L={c.n_layers})")
+            notes.append(
+                f"{folder}: made for another model shape ({c.kind}, D={c.d_model}, L={c.n_layers}, "
+                f"heads {c.n_heads}/{c.n_kv_heads})"
+            )
         except Exception as exc:  # corrupt file: fall back, and say so
             notes.append(f"{folder}: unreadable ({type(exc).__name__}: {exc})")
     else:

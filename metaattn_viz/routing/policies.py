@@ -230,9 +230,13 @@ class BaselinePolicy(RoutingPolicy):
 class TrainRouting:
     """How a calibration session mixes experts: a reparameterised Dirichlet sample (Bayes) or
     the softmax point estimate (prior-free); with ``hard`` the forward pass uses the one-hot
-    argmax and the gradient flows through the soft weights (straight-through)."""
+    argmax and the gradient flows through the soft weights (straight-through). With a
+    ``budget`` the hard route is the one inference takes under that budget instead of the
+    argmax: argmax_k [ln w_k - lambda c_k], lambda solved on the layer's (sampled) weights
+    so that their mean cost meets it (budget.route_under_budget, layer scope)."""
 
     hard: bool = False
+    budget: float | None = None
 
 
 class TrainPolicy(RoutingPolicy):
@@ -251,6 +255,7 @@ class TrainPolicy(RoutingPolicy):
     ):
         super().__init__(n_layers)
         self.hard = train.hard
+        self.budget = train.budget
         self.point_estimate = point_estimate
         self.beta_graph = beta_graph
 
@@ -262,7 +267,14 @@ class TrainPolicy(RoutingPolicy):
             w = w.clamp_min(1e-6)
             w = w / w.sum(-1, keepdim=True)
         if self.hard:
-            hard = torch.nn.functional.one_hot(w.argmax(-1), K).to(w.dtype)
+            if self.budget is None:
+                routes = w.argmax(-1)
+            else:
+                flat = w.detach().reshape(-1, K).float()
+                settings = RoutingSettings(budget=self.budget, scope="layer")
+                dec, _ = budget_mod.route_under_budget(flat, torch.zeros(flat.shape[0]), settings)
+                routes = dec.routes.view(w.shape[:-1]).to(w.device)
+            hard = torch.nn.functional.one_hot(routes, K).to(w.dtype)
             w = hard + w - w.detach()
         self.beta_graph.append((layer, beta))
         return w, None

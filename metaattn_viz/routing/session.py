@@ -48,7 +48,7 @@ from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import discovery
-from metaattn_viz.routing.controller import ControllerStack
+from metaattn_viz.routing.controller import AttentionView, ControllerStack, SignalState
 from metaattn_viz.routing.device import host_decode
 from metaattn_viz.routing.policies import (
     Baseline,
@@ -241,6 +241,7 @@ class Session:
         self.lin_state: list = [None] * n_layers
         self.qk: list = [None] * n_layers
         self.records: list[list[Any]] = [[] for _ in range(n_layers)]
+        self.signals = SignalState(n_layers)  # running sums of the controllers' attention features
         self._mask_checked: weakref.ref | None = None  # the last attention mask found plain causal
 
     @property
@@ -283,16 +284,20 @@ class Session:
         device_step = one and not self.capture_qk and kernels.resolve_backend(self._backend, q) == "triton"
         host = one and not device_step and host_decode(q.device, q.dtype)
         rec: Any
+        view = None  # what of q and k the controllers read (controller.AttentionView), if any
+        if self.controller.uses_attention:
+            fm_view = self.feature_maps[layer] if self.feature_maps is not None else None
+            view = AttentionView(q, k, fm_view, s.window, s.n_sink, self.signals)
         if host:  # a decode step on CPU float32: the decision in plain Python
-            beta_one = self.controller.concentration_one(layer, h, x, offset)  # K floats
+            beta_one = self.controller.concentration_one(layer, h, x, offset, view)  # K floats
             weights_one, rec = routing.decide_one(layer, beta_one)
         elif one:  # a decode step elsewhere: the decision stays on the device
             positions = torch.arange(offset, Tk, device=q.device)
-            beta = self.controller.concentration(layer, h, x, positions)  # [1, 1, K]
+            beta = self.controller.concentration(layer, h, x, positions, view)  # [1, 1, K]
             weights, rec = routing.decide_step(layer, beta)
         else:
             positions = torch.arange(offset, Tk, device=q.device)
-            beta = self.controller.concentration(layer, h, x, positions)  # [B, Tq, K]
+            beta = self.controller.concentration(layer, h, x, positions, view)  # [B, Tq, K]
             weights, rec = routing.decide(layer, beta, offset, x)
 
         # (S, z, n, map): the linear expert's state after n keys, and the map it was built

@@ -30,8 +30,17 @@ from pathlib import Path
 import torch
 
 from metaattn_viz.core.dirichlet import kl_dirichlet
-from metaattn_viz.core.settings import CONTROLLER_KINDS, COSTS, DEFAULT_CONTROLLER, RoutingSettings
+from metaattn_viz.core.experts import FULL, LINEAR, LOCAL
+from metaattn_viz.core.settings import (
+    CONTROLLER_KINDS,
+    COSTS,
+    DEFAULT_CONTROLLER,
+    LINEAR_MAPS,
+    RoutingSettings,
+)
 from metaattn_viz.routing.controller import (
+    BASE_FEATURES,
+    FEATURE_GROUPS,
     ControllerConfig,
     ControllerStack,
     config_for_model,
@@ -40,10 +49,12 @@ from metaattn_viz.routing.controller import (
 from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, weights_fingerprint
 from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
 from metaattn_viz.training import data as data_mod
+from metaattn_viz.training import oracle
 from metaattn_viz.training.provenance import git_commit
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+AUX_SCOPES = ("global", "layer", "both")
 
 
 @dataclass
@@ -59,10 +70,23 @@ class CalibrationConfig:
     soft_fraction: float = 0.6  # share of steps with soft routing before straight-through
     window: int = 64
     n_sink: int = 4
+    linear_map: str = "elu"  # the linear expert's feature map while training: "elu" or "learned"
     # the controller's shape and prior: ControllerConfig's defaults, overridable here
     hidden: int = ControllerConfig.hidden
+    features: tuple[str, ...] = BASE_FEATURES  # the controllers' feature groups (routing/controller.py)
     prior_strength: float = ControllerConfig.prior_strength
     prior_gamma: float = ControllerConfig.prior_gamma
+    # auxiliary target (0: off): how well the controller's ranking scores predict the
+    # per-decision output error of the cheap experts on the dense pass (training/oracle.py)
+    aux_weight: float = 0.0
+    # over which decisions the target's correlations are taken: "global" (all layers and
+    # tokens of a window together), "layer" (each layer's tokens, averaged over layers:
+    # the ranking within a layer, leaving how layers share the budget to the task loss) or
+    # "both" (the mean of the two)
+    aux_scope: str = "global"
+    # budgets sampled (one per step, seeded) for the hard steps' routes, as inference routes
+    # under a budget (TrainRouting.budget); empty: the hard steps take the argmax
+    train_budgets: tuple[float, ...] = ()
     seed: int = 0
     val_windows: int = 8
     checkpoint_every: int = 16
@@ -74,10 +98,30 @@ class CalibrationConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
-        for name in ("lr", "beta_kl", "cost_weight", "soft_fraction", "prior_strength"):
+        for name in (
+            "lr",
+            "beta_kl",
+            "cost_weight",
+            "soft_fraction",
+            "prior_strength",
+            "prior_gamma",
+            "aux_weight",
+        ):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.linear_map not in LINEAR_MAPS:
+            raise ValueError(f"--linear-map must be one of {', '.join(LINEAR_MAPS)}, got {self.linear_map!r}")
+        if self.aux_scope not in AUX_SCOPES:
+            raise ValueError(f"--aux-scope must be one of {', '.join(AUX_SCOPES)}, got {self.aux_scope!r}")
+        self.features = tuple(self.features)
+        if "base" not in self.features or any(f not in FEATURE_GROUPS for f in self.features):
+            raise ValueError(
+                f"--features must name base and any of {', '.join(FEATURE_GROUPS)}, got {self.features}"
+            )
+        self.train_budgets = tuple(float(b) for b in self.train_budgets)
+        if any(not (math.isfinite(b) and min(COSTS) <= b <= 1.0) for b in self.train_budgets):
+            raise ValueError(f"train_budgets must lie in [{min(COSTS)}, 1], got {self.train_budgets}")
         if not 0 <= self.soft_fraction <= 1:
             raise ValueError(f"soft_fraction must be in [0, 1], got {self.soft_fraction}")
 
@@ -89,11 +133,18 @@ def elbo_terms(
     dense_logits: torch.Tensor,
     cfg: CalibrationConfig,
     hard: bool,
+    errors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    budget: float | None = None,
 ) -> dict:
     """One forward of the routed model with sampled routing; returns the loss and its terms
-    (tensors with graph: task, kl, cost, loss)."""
-    settings = RoutingSettings(budget=None, window=cfg.window, n_sink=cfg.n_sink, backend="reference")
-    with routed.session(settings, stack, mode="train", train=TrainRouting(hard=hard)) as sess:
+    (tensors with graph: task, kl, cost, aux, loss). ``errors``: the local and linear
+    experts' errors on the dense pass [L, B, T] (the auxiliary target; None: no aux term);
+    ``budget``: the budget the hard routes are taken under (None: argmax)."""
+    settings = RoutingSettings(
+        budget=None, window=cfg.window, n_sink=cfg.n_sink, backend="reference", linear_map=cfg.linear_map
+    )
+    train = TrainRouting(hard=hard, budget=budget if hard else None)
+    with routed.session(settings, stack, mode="train", train=train) as sess:
         out = routed.model(input_ids=input_ids, use_cache=False)
     task = kl_per_token(
         dense_logits.reshape(-1, dense_logits.shape[-1]), out.logits.reshape(-1, out.logits.shape[-1])
@@ -107,17 +158,78 @@ def elbo_terms(
     else:
         kl = torch.zeros((), device=betas.device)
         loss = task + cfg.cost_weight * cost
-    return {"loss": loss, "task": task, "kl": kl, "cost": cost}
+    aux = torch.zeros((), device=betas.device)
+    if errors is not None:
+        aux = ranking_aux(mean_w, errors[0].to(betas.device), errors[1].to(betas.device), cfg.aux_scope)
+        loss = loss + cfg.aux_weight * aux
+    return {"loss": loss, "task": task, "kl": kl, "cost": cost, "aux": aux}
 
 
-def evaluate_terms(routed, stack, val_ids, dense_val, cfg) -> dict:
-    """Final ELBO terms on fixed validation windows, sampling with a fixed seed."""
+def ranking_aux(
+    m: torch.Tensor, local_err: torch.Tensor, linear_err: torch.Tensor, scope: str = "global"
+) -> torch.Tensor:
+    """The auxiliary target: 2 - corr(d_full, ln(e_local + 1e-3)) - corr(d_local, e_linear - e_local).
+
+    m [L, B, T, K]: routing weights (posterior means, or the prior-free probabilities);
+    e [L, B, T]: the cheap experts' relative output errors on the dense pass. Under a budget
+    a decision goes full before local when d_full = ln m_full - ln m_local is larger, and
+    local before linear when d_local = ln m_local - ln m_linear is larger (budget.decide:
+    argmax_k ln m_k - lambda c_k), so these scores should rank the decisions like the errors
+    that going cheaper would cause, which is what the oracle router spends its budget on.
+    Pearson correlations, scale-free, so they constrain the ranking and leave the posterior's
+    scale to the task and the prior; ``scope`` "global" takes them over every decision
+    given, "layer" within each layer (then averaged), "both" the mean of the two. In
+    [0, 4]; 0 for perfect rankings."""
+    logm = m.float().clamp_min(1e-30).log()
+    d_full = logm[..., FULL] - logm[..., LOCAL]
+    d_local = logm[..., LOCAL] - logm[..., LINEAR]
+    t_full, t_local = torch.log(local_err + 1e-3), linear_err - local_err
+    c_full, c_local = _corr(d_full, t_full), _corr(d_local, t_local)
+    if scope != "global":
+        n = m.shape[0]
+        l_full = torch.stack([_corr(d_full[i], t_full[i]) for i in range(n)]).mean()
+        l_local = torch.stack([_corr(d_local[i], t_local[i]) for i in range(n)]).mean()
+        w = 1.0 if scope == "layer" else 0.5
+        c_full, c_local = w * l_full + (1 - w) * c_full, w * l_local + (1 - w) * c_local
+    return (1 - c_full) + (1 - c_local)
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of two tensors of the same shape, flattened (0 if either is constant)."""
+    a = a.reshape(-1) - a.mean()
+    b = b.reshape(-1).to(a.dtype) - b.mean().to(a.dtype)
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
+
+
+def _budget_of_step(cfg: CalibrationConfig, step: int) -> float | None:
+    """The budget of a hard step: one of ``train_budgets``, drawn by a generator seeded with
+    the seed and the step (so a resumed run draws the same), or None (argmax) when there are none."""
+    if not cfg.train_budgets:
+        return None
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return cfg.train_budgets[int(torch.randint(len(cfg.train_budgets), (1,), generator=gen))]
+
+
+def _dense_pass(routed: RoutedModel, ids: torch.Tensor, cfg: CalibrationConfig):
+    """The dense teacher's logits and, when the auxiliary target is on, the cheap experts'
+    errors on that pass (training/oracle.py): (logits, (local, linear) errors or None)."""
+    if cfg.aux_weight <= 0:
+        return routed.dense_logits(ids), None
+    maps = routed.linear_maps_for(RoutingSettings(linear_map=cfg.linear_map))
+    logits, local_err, linear_err = oracle.dense_pass_errors(routed.model, ids, cfg.window, cfg.n_sink, maps)
+    return logits, (local_err, linear_err)
+
+
+def evaluate_terms(routed, stack, val_ids, dense_val, cfg, errors=None) -> dict:
+    """Final ELBO terms on fixed validation windows, sampling with a fixed seed (hard argmax
+    routes); ``errors`` [L, n, T] pairs give the auxiliary term too."""
     state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed + 12345)
-    totals = {"loss": 0.0, "task": 0.0, "kl": 0.0, "cost": 0.0}
+    totals = {"loss": 0.0, "task": 0.0, "kl": 0.0, "cost": 0.0, "aux": 0.0}
     with torch.no_grad():
         for i in range(val_ids.shape[0]):
-            terms = elbo_terms(routed, stack, val_ids[i : i + 1], dense_val[i : i + 1], cfg, hard=True)
+            err = None if errors is None else (errors[0][:, i : i + 1], errors[1][:, i : i + 1])
+            terms = elbo_terms(routed, stack, val_ids[i : i + 1], dense_val[i : i + 1], cfg, True, err)
             for k in totals:
                 totals[k] += terms[k].item() / val_ids.shape[0]
     torch.random.set_rng_state(state)
@@ -151,7 +263,7 @@ def calibrate(
     device = next(routed.model.parameters()).device
 
     torch.manual_seed(cfg.seed)
-    ccfg = config_for_model(routed.model.config, cfg.controller)
+    ccfg = config_for_model(routed.model.config, cfg.controller, cfg.features)
     ccfg.hidden, ccfg.prior_strength, ccfg.prior_gamma = cfg.hidden, cfg.prior_strength, cfg.prior_gamma
     stack = ControllerStack(ccfg, seed=cfg.seed).to(device)
     opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -188,15 +300,18 @@ def calibrate(
             idx = [int(order[(step * cfg.batch_size + j) % len(order)]) for j in range(cfg.batch_size)]
             batch = train_ids[idx].to(device)
             with torch.no_grad():
-                dense = routed.dense_logits(batch)
+                dense, errors = _dense_pass(routed, batch, cfg)
             hard = step >= int(cfg.soft_fraction * cfg.steps)
-            terms = elbo_terms(routed, stack, batch, dense, cfg, hard)
+            budget = _budget_of_step(cfg, step)
+            terms = elbo_terms(routed, stack, batch, dense, cfg, hard, errors, budget)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(stack.parameters(), 1.0)
             opt.step()
             sched.step()
             row = {k: round(v.item(), 5) for k, v in terms.items()} | {"step": step + 1, "hard": hard}
+            if budget is not None and hard:
+                row["budget"] = budget
             history.append(row)
             if bar is not None:
                 bar.set_postfix(
@@ -229,8 +344,8 @@ def calibrate(
             bar.close()
     stack.eval()
     with torch.no_grad():
-        dense_val = routed.dense_logits(val_ids.to(device))
-    final = evaluate_terms(routed, stack, val_ids.to(device), dense_val, cfg)
+        dense_val, val_errors = _dense_pass(routed, val_ids.to(device), cfg)
+    final = evaluate_terms(routed, stack, val_ids.to(device), dense_val, cfg, val_errors)
     meta = {
         "controller": cfg.controller,
         "model": routed.name,
@@ -238,6 +353,7 @@ def calibrate(
         "weights_fingerprint": weights_fingerprint(routed.model),
         "weights_fingerprint_kind": FINGERPRINT_KIND,
         "hyperparameters": asdict(cfg),
+        "feature_maps": _feature_maps_identity(routed, cfg.linear_map),
         "data": split.describe(),
         "train_windows": int(train_ids.shape[0]),
         "validation_windows": int(val_ids.shape[0]),
@@ -253,6 +369,21 @@ def calibrate(
     stack.cpu().save(out_dir, meta)
     stack.trained = True
     return stack.meta
+
+
+def _feature_maps_identity(routed: RoutedModel, linear_map: str) -> dict:
+    """Which linear-expert feature map the controllers were trained with: elu + 1, or the
+    learned maps' folder and the SHA-256 of their weights file."""
+    if linear_map == "elu":
+        return {"linear_map": "elu"}
+    import hashlib
+
+    from metaattn_viz.routing.linear_maps import WEIGHTS_FILE
+
+    source = Path(routed.feature_maps_source)
+    weights = source / WEIGHTS_FILE
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"linear_map": linear_map, "source": str(source), "sha256": digest}
 
 
 def _slug(name: str) -> str:

@@ -75,6 +75,20 @@ def expert_errors(
     """The local and linear experts' relative errors on the dense pass of `input_ids` [B, T]:
     two tensors [L, B, T] float32 (CPU). ``feature_maps``: the linear expert's map per layer
     (None: elu + 1, what routed sessions use unless given maps)."""
+    _, local_err, linear_err = dense_pass_errors(model, input_ids, window, n_sink, feature_maps)
+    return local_err, linear_err
+
+
+def dense_pass_errors(
+    model,
+    input_ids: torch.Tensor,
+    window: int,
+    n_sink: int,
+    feature_maps: list[FeatureMap] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``expert_errors`` plus that pass's logits [B, T, V] (the dense model's, on its device):
+    (logits, local errors [L, B, T], linear errors [L, B, T]). Calibration reads both from
+    one pass (the auxiliary target of training/calibrate.py)."""
     from transformers import AttentionInterface
 
     n_layers = model.config.num_hidden_layers
@@ -84,11 +98,11 @@ def expert_errors(
     model.set_attn_implementation(ERRORS_NAME)
     try:
         with torch.no_grad():
-            model(input_ids=input_ids.to(model.device), use_cache=False)
+            logits = model(input_ids=input_ids.to(model.device), use_cache=False).logits
         errors = _state["errors"]
         if any(e is None for e in errors):
             raise RuntimeError("the errors pass did not reach every attention layer")
-        return torch.stack([e[0] for e in errors]), torch.stack([e[1] for e in errors])
+        return logits, torch.stack([e[0] for e in errors]), torch.stack([e[1] for e in errors])
     finally:
         model.set_attn_implementation(previous)
         _state.clear()

@@ -1,0 +1,33 @@
+"""`metaattn-viz examples`: remake the example runs the page shows before its model loads
+(app/examples.py writes them to assets/example_traces/). Rerun after new controllers ship."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_examples_parser(sub) -> None:
+    p = sub.add_parser(
+        "examples",
+        help="route the example prompts (assets/examples.json) with the bundled model and its shipped "
+        "controllers, and write their traces and index (assets/example_traces/)",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: the shipped assets/example_traces/)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="tokens generated per example (default: as shipped)"
+    )
+    p.set_defaults(handler=_cmd_examples)
+
+
+def _cmd_examples(args) -> int:
+    from metaattn_viz.app.examples import MAX_NEW_TOKENS, generate
+    from metaattn_viz.cli import UserError
+
+    n = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    if n < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {n}")
+    index = generate(out=args.out, max_new_tokens=n, progress=lambda m: print(m, file=sys.stderr))
+    summary = {k: index[k] for k in ("model", "controllers", "date")}
+    print(json.dumps({**summary, "examples": len(index["examples"])}))
+    return 0
