@@ -391,7 +391,7 @@ def config_for_model(model_config, kind: str, features: tuple[str, ...] = BASE_F
     """The controllers' config for a model; the head counts are recorded when the features
     read the attention inputs (they size those features)."""
     attention = "attention" in features
-    heads = model_config.num_attention_heads
+    heads = model_config.num_attention_heads if attention else None
     return ControllerConfig(
         kind=kind,
         d_model=model_config.hidden_size,
