@@ -319,7 +319,7 @@ def synthetic_trace(
         controller=controller,
         controller_id=f"{controller}-synthetic-{seed}",
         controller_trained=seed % 2 == 0,
-        settings=RoutingSettings(budget=budget, window=32, hedge_policy="soft"),
+        settings=RoutingSettings(budget=budget, window=32, hedge_policy="soft", linear_map="elu"),
         n_layers=L,
         head_dim=64,
         n_prompt_tokens=n_prompt,

@@ -109,7 +109,7 @@ def test_a_half_precision_model_on_the_cpu_streams_16_tokens(dtype, hedge):
     step takes the torch path (its numpy fast path is for float32 only)."""
     r = routed_tiny(seed=1, spread=30.0).place("cpu", dtype)
     assert next(r.model.parameters()).dtype == getattr(torch, dtype)
-    assert r.runtime() == {"device": "cpu", "dtype": dtype, "backend": "cpu"}
+    assert r.runtime() == {"device": "cpu", "dtype": dtype, "backend": "cpu", "linear_map": "elu"}
     s = RoutingSettings(budget=0.5, hedge_policy=hedge, hedge_threshold=0.5, window=8, n_sink=2)
     steps = list(r.stream("half precision on a cpu ", s, max_new_tokens=16))
     trace = steps[-1]
@@ -249,8 +249,8 @@ def test_route_cli_triton_gives_the_cpu_routes():
     tri = _cli(*common, "--backend", "triton", env={"TRITON_INTERPRET": "1"}, timeout=900)
     assert cpu.returncode == 0 and tri.returncode == 0, (cpu.stderr + tri.stderr)[-3000:]
     a, b = json.loads(cpu.stdout), json.loads(tri.stdout)
-    assert a["runtime"] == {"device": "cpu", "dtype": "float32", "backend": "cpu"}
-    assert b["runtime"] == {"device": "cpu", "dtype": "float32", "backend": "triton"}
+    assert a["runtime"] == {"device": "cpu", "dtype": "float32", "backend": "cpu", "linear_map": "learned"}
+    assert b["runtime"] == {"device": "cpu", "dtype": "float32", "backend": "triton", "linear_map": "learned"}
     assert a["routes"] == b["routes"] and a["tokens"] == b["tokens"]
     assert len(set(np.ravel(a["routes"]).tolist())) >= 2
 

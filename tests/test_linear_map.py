@@ -77,13 +77,30 @@ SETTINGS = RoutingSettings(budget=0.5, scope="layer", window=8, n_sink=2, linear
 
 
 # -- the setting -----------------------------------------------------------------------------
-def test_the_setting_is_validated_and_defaults_to_elu():
-    assert LINEAR_MAPS == ("elu", "learned")
-    assert RoutingSettings().linear_map == "elu"
+def test_the_setting_is_validated_and_defaults_to_auto():
+    assert LINEAR_MAPS == ("auto", "elu", "learned")
+    assert RoutingSettings().linear_map == "auto"
     for bad in ("relu", "", None, "Learned"):
-        with pytest.raises(ValueError, match=r"linear_map must be one of elu, learned"):
+        with pytest.raises(ValueError, match=r"linear_map must be one of auto, elu, learned"):
             RoutingSettings(linear_map=bad)
     assert RoutingSettings.from_dict(SETTINGS.to_dict()) == SETTINGS
+
+
+def test_auto_is_learned_where_the_model_has_maps_else_elu_and_traces_say_which():
+    """ "auto" computes exactly what the map it stands for computes; a trace, the runtime
+    report and the eval rows name that map, never "auto"."""
+    auto = SETTINGS.with_(linear_map="auto")
+    ids = ids_of(16)
+    with_maps = routed_with_maps(random_maps())
+    a = with_maps.prefill(ids, auto).logits
+    assert torch.equal(a, with_maps.prefill(ids, SETTINGS).logits)
+    assert with_maps.new_trace("bayes", auto).settings.linear_map == "learned"
+    assert with_maps.runtime(auto)["linear_map"] == "learned"
+    plain = routed_tiny()
+    b = plain.prefill(ids, auto).logits
+    assert torch.equal(b, plain.prefill(ids, SETTINGS.with_(linear_map="elu")).logits)
+    assert plain.new_trace("bayes", auto).settings.linear_map == "elu"
+    assert plain.runtime(auto)["linear_map"] == "elu"
 
 
 def test_learned_without_maps_names_the_setting_and_the_model():
@@ -246,7 +263,7 @@ def test_the_cli_takes_linear_map_and_hands_feature_maps_to_its_module(monkeypat
     parser = cli.build_parser()
     args = parser.parse_args(["route", "--prompt", "x", "--linear-map", "learned"])
     assert cli.settings_from_args(args).linear_map == "learned"
-    assert cli.settings_from_args(parser.parse_args(["route", "--prompt", "x"])).linear_map == "elu"
+    assert cli.settings_from_args(parser.parse_args(["route", "--prompt", "x"])).linear_map == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["route", "--prompt", "x", "--linear-map", "relu"])
     assert "invalid choice: 'relu'" in capsys.readouterr().err

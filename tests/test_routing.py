@@ -39,7 +39,7 @@ def random_ids(n, seed=0, vocab=250):
         (dict(hedge_policy="maybe"), "hedge_policy"),
         (dict(scope="galaxy"), "scope"),
         (dict(lam=float("inf")), "lam"),
-        (dict(linear_map="relu"), "linear_map must be one of elu, learned"),
+        (dict(linear_map="relu"), "linear_map must be one of auto, elu, learned"),
     ],
 )
 def test_bad_settings_name_the_setting_and_range(kwargs, match):
@@ -298,7 +298,8 @@ def test_route_cli_json_contract():
     assert np.asarray(data["concentration"]).shape == (30, T, 3)
     assert data["realized_cost"] == pytest.approx(0.3, abs=0.05)
     assert data["run_id"] is None and data["budget"] == 0.3
-    assert data["settings"]["linear_map"] == "elu"  # the linear expert the run used
+    # the linear expert the run used: "auto" stands for the maps shipped for SmolLM2
+    assert data["settings"]["linear_map"] == "learned" == data["runtime"]["linear_map"]
 
 
 def test_route_cli_refuses_bad_budget_plainly():

@@ -452,7 +452,9 @@ def test_a_log_of_schema_version_1_is_migrated_keeps_its_runs_and_can_say_stoppe
     with monkeypatch.context() as m:  # this version's code, writing a version-1 log
         m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
         m.setattr(
-            Q, "INSERT_RUNS", "INSERT INTO runs BY NAME SELECT * EXCLUDE (owner, linear_map) FROM _new_runs"
+            Q,
+            "INSERT_RUNS",
+            "INSERT INTO runs BY NAME SELECT * EXCLUDE (owner, linear_map, hedge_measure) FROM _new_runs",
         )
         log = RunLog(db)
         ids = {}
@@ -501,14 +503,18 @@ def test_a_log_of_schema_version_2_is_migrated_and_its_runs_replay_as_elu(db, mo
     traces = [synthetic_trace(n_layers=3, n_tokens=8, seed=70 + i) for i in range(2)]
     with monkeypatch.context() as m:  # this version's code, writing a version-2 log
         m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
-        m.setattr(Q, "INSERT_RUNS", "INSERT INTO runs BY NAME SELECT * EXCLUDE (linear_map) FROM _new_runs")
+        m.setattr(
+            Q,
+            "INSERT_RUNS",
+            "INSERT INTO runs BY NAME SELECT * EXCLUDE (linear_map, hedge_measure) FROM _new_runs",
+        )
         with RunLog(db) as log:
             ids = [stream_run(log, tr) for tr in traces]
     with duckdb.connect(str(db)) as con:
         assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 2
         assert "linear_map" not in {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
     with RunLog(db) as log:
-        assert count(log, "SELECT max(version) FROM schema_version") == 3
+        assert count(log, "SELECT max(version) FROM schema_version") == store.latest_schema_version()
         for rid, tr in zip(ids, traces, strict=True):
             assert log.get_run(rid)["linear_map"] == "elu"
             got = log.load_trace(rid)
@@ -523,6 +529,31 @@ def test_a_log_of_schema_version_2_is_migrated_and_its_runs_replay_as_elu(db, mo
         assert log.load_trace(ids[0]).settings.linear_map == "elu"
 
 
+def test_a_log_of_schema_version_3_is_migrated_and_its_runs_hedged_on_total_uncertainty(db, monkeypatch):
+    """Version 4 adds the runs column hedge_measure. Runs logged before it hedged on the
+    total uncertainty, the only measure there was: they read 'total' and replay so."""
+    traces = [synthetic_trace(n_layers=3, n_tokens=8, seed=80 + i) for i in range(2)]
+    with monkeypatch.context() as m:  # this version's code, writing a version-3 log
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
+        m.setattr(
+            Q, "INSERT_RUNS", "INSERT INTO runs BY NAME SELECT * EXCLUDE (hedge_measure) FROM _new_runs"
+        )
+        with RunLog(db) as log:
+            ids = [stream_run(log, tr) for tr in traces]
+    with duckdb.connect(str(db)) as con:
+        assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 3
+        assert "hedge_measure" not in {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
+    with RunLog(db) as log:
+        assert count(log, "SELECT max(version) FROM schema_version") == 4
+        for rid, tr in zip(ids, traces, strict=True):
+            assert log.get_run(rid)["hedge_measure"] == "total"
+            assert_same_trace(log.load_trace(rid), tr)
+        tr = synthetic_trace(n_layers=3, n_tokens=5, seed=82)
+        tr.settings = tr.settings.with_(hedge_measure="epistemic")
+        rid = stream_run(log, tr)
+        assert log.load_trace(rid).settings.hedge_measure == "epistemic"
+
+
 def test_shipped_migrations_never_change():
     """A log migrated by a shipped migration must mean the same as one created by it:
     their DDL is pinned (a new status or column is a new migration)."""
@@ -530,6 +561,7 @@ def test_shipped_migrations_never_change():
         1: "20ad15444b5accedc419fa3eba9464ff753d99f6df61d7fff40b19c5ca5a78f8",
         2: "fde22dc1870615c6e832010d977ab9bf9ac205fd9d3121011041a3d1ddb54eee",
         3: "d219176ee1565084c108e259af81b9789a1dafe27fce042e430a9686e99d1baa",
+        4: "3c704bdd4fe07098e2d212aef9bf338f2200e9cfd49eee65ce16d8c18312fc4d",
     }
     for version, statements in store.MIGRATIONS:
         if version in pinned:

@@ -297,7 +297,7 @@ def generate(
         "weights_fingerprint": routed.weights_fingerprint,
         "controller": controller,
         "controllers": {k: s.content_hash() for k, s in routed.controllers.items() if s.trained},
-        "settings": settings.to_dict(),
+        "settings": routed.resolve_linear_map(settings).to_dict(),  # as the traces record them
         "max_new_tokens": max_new_tokens,
         "sampling": "greedy",
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),

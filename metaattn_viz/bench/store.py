@@ -52,7 +52,7 @@ def synthetic_trace(n_layers: int, n_tokens: int, seed: int) -> RoutingTrace:
         controller="bayes",
         controller_id=f"bayes-synthetic-{seed}",
         controller_trained=seed % 2 == 0,
-        settings=RoutingSettings(budget=0.5, window=32, hedge_policy="soft"),
+        settings=RoutingSettings(budget=0.5, window=32, hedge_policy="soft", linear_map="elu"),
         n_layers=L,
         head_dim=64,
         n_prompt_tokens=n_prompt,

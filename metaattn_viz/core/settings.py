@@ -18,14 +18,19 @@ from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL, MIN_C
 
 SCOPES = ("global", "layer")
 HEDGE_POLICIES = ("off", "soft", "full")
+# What a hedge reads (docs/method.md, "Hedging"): the total uncertainty (entropy of the
+# posterior mean) or the epistemic part alone (the mutual information), both as fractions
+# of log K. A point estimate (the prior-free controller) has no epistemic part.
+HEDGE_MEASURES = ("total", "epistemic")
 # The controller registry's names (routing.controller.KINDS is this tuple): the Bayesian
 # meta-controller and the prior-free baseline. The first is the default everywhere.
 CONTROLLER_KINDS = ("bayes", "priorfree")
 DEFAULT_CONTROLLER = CONTROLLER_KINDS[0]
 UNCERTAINTY_MEASURES = ("total", "aleatoric", "epistemic", "vacuity")
 # The linear expert's feature map (docs/method.md, Experts): "elu" is phi = elu + 1, fixed;
-# "learned" is the per-layer Hedgehog map shipped for the model (routing/linear_maps.py).
-LINEAR_MAPS = ("elu", "learned")
+# "learned" is the per-layer Hedgehog map shipped for the model (routing/linear_maps.py);
+# "auto" is "learned" where the model has learned maps, else "elu".
+LINEAR_MAPS = ("auto", "elu", "learned")
 
 
 def _finite(
@@ -77,16 +82,20 @@ class RoutingSettings:
     hedge_policy (docs/method.md, "Hedging"): "off"; "soft" (an uncertain cheap decision
         mixes the experts whose posterior weight is >= hedge_min_weight); "full" (escalate
         it to full attention).
-    hedge_threshold: total uncertainty (entropy of the posterior mean, as a fraction of
-        log K) above which a decision routed to a cheap expert is hedged.
+    hedge_threshold: the uncertainty (``hedge_measure``, as a fraction of log K) above which
+        a decision routed to a cheap expert is hedged.
     window, n_sink: the local expert's sliding window and number of attention sinks.
     lam: a fixed lambda for every decision (overrides the budget; for replays and tests).
     dual_step: decode-time dual-ascent step, lambda += dual_step * (cost_t - budget).
     backend: expert kernels, "auto" (Triton on CUDA, fast PyTorch on CPU), "cpu",
         "triton" or "reference".
-    linear_map: the linear expert's feature map, "elu" (elu + 1) or "learned" (the maps
-        distilled for this model, docs/method.md, Experts). The default stays "elu" because
-        the shipped controllers were calibrated with it.
+    linear_map: the linear expert's feature map, "elu" (elu + 1), "learned" (the maps
+        distilled for this model, docs/method.md, Experts) or "auto" (the default: "learned"
+        where this model has learned maps, else "elu"; the shipped controllers were
+        calibrated with the learned maps). A trace records the map "auto" resolved to.
+    hedge_measure: what ``hedge_threshold`` is compared with, "total" (the entropy of the
+        posterior mean) or "epistemic" (the mutual information: what the controller does
+        not know, as opposed to a token for which two experts are equally good).
     """
 
     budget: float | None = 0.5
@@ -99,7 +108,8 @@ class RoutingSettings:
     lam: float | None = None
     dual_step: float = 1.0
     backend: str = "auto"
-    linear_map: str = "elu"
+    linear_map: str = "auto"
+    hedge_measure: str = "total"
 
     def __post_init__(self):
         if self.budget is not None:
@@ -123,6 +133,10 @@ class RoutingSettings:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.linear_map not in LINEAR_MAPS:
             raise ValueError(f"linear_map must be one of {', '.join(LINEAR_MAPS)}, got {self.linear_map!r}")
+        if self.hedge_measure not in HEDGE_MEASURES:
+            raise ValueError(
+                f"hedge_measure must be one of {', '.join(HEDGE_MEASURES)}, got {self.hedge_measure!r}"
+            )
 
     def with_(self, **changes) -> RoutingSettings:
         return replace(self, **changes)
@@ -149,6 +163,7 @@ __all__ = [
     "DEFAULTS",
     "SCOPES",
     "HEDGE_POLICIES",
+    "HEDGE_MEASURES",
     "BACKENDS",
     "LINEAR_MAPS",
     "UNCERTAINTY_MEASURES",

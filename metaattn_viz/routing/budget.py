@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from metaattn_viz.core.dirichlet import mutual_information, total_uncertainty
 from metaattn_viz.core.experts import COSTS, FULL, MIN_COST, K
 from metaattn_viz.core.settings import RoutingSettings
 
@@ -51,8 +52,31 @@ def costs_tensor(device=None) -> torch.Tensor:
     return c
 
 
+def hedge_uncertainty(
+    beta: torch.Tensor, settings: RoutingSettings, point_estimate: bool = False
+) -> torch.Tensor:
+    """What the hedge threshold is compared with, for concentrations beta [..., K] -> [N]:
+    the settings' ``hedge_measure`` as a fraction of log K. A point estimate (the prior-free
+    controller's probability vector) has no epistemic part: 0 under "epistemic"."""
+    beta = beta.reshape(-1, K).float()
+    if settings.hedge_measure == "epistemic":
+        if point_estimate:
+            return torch.zeros(beta.shape[0], device=beta.device)
+        return mutual_information(beta) / math.log(K)
+    return total_uncertainty(beta / beta.sum(-1, keepdim=True))
+
+
+def hedge_uncertainty_one(
+    beta: list[float], m: list[float], settings: RoutingSettings, point_estimate: bool
+) -> float:
+    """`hedge_uncertainty` of one decision in plain Python (m: its posterior mean)."""
+    if settings.hedge_measure == "epistemic":
+        return 0.0 if point_estimate else float(mutual_information(beta)) / math.log(K)
+    return -sum(p * math.log(p) for p in m if p > 0) / math.log(len(m))
+
+
 def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSettings) -> Decisions:
-    """Route N decisions. m: [N, K] posterior means; uncertainty: [N] (fraction of log K);
+    """Route N decisions. m: [N, K] posterior means; uncertainty: [N] (`hedge_uncertainty`);
     lam: scalar, 0-d or [N] tensor. Off the CPU nothing here waits for the device (no
     data-dependent branch), so a decode step can decide without a host synchronisation."""
     c = costs_tensor(m.device)
@@ -81,10 +105,11 @@ def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSet
 
 
 def decide_one(
-    beta: list[float], lam: float, settings: RoutingSettings
+    beta: list[float], lam: float, settings: RoutingSettings, point_estimate: bool = False
 ) -> tuple[int, list[float], bool, float]:
     """`decide` for one decision in plain Python (the decode-time hot path):
-    concentrations (or probabilities) of K experts -> (route, weights, hedged, cost)."""
+    concentrations (or probabilities, `point_estimate`) of K experts -> (route, weights,
+    hedged, cost)."""
     total = sum(beta)
     m = [b / total for b in beta]
     scores = [math.log(max(p, 1e-30)) - lam * c for p, c in zip(m, COSTS, strict=True)]
@@ -93,8 +118,7 @@ def decide_one(
     weights[route] = 1.0
     hedged = False
     if settings.hedge_policy != "off" and route != FULL:
-        unc = -sum(p * math.log(p) for p in m if p > 0) / math.log(len(m))
-        if unc > settings.hedge_threshold:
+        if hedge_uncertainty_one(beta, m, settings, point_estimate) > settings.hedge_threshold:
             hedged = True
             if settings.hedge_policy == "full":
                 weights = [1.0] + [0.0] * (K - 1)

@@ -119,10 +119,10 @@ def place(maps: list[FeatureMap] | None, device: torch.device) -> list[FeatureMa
 def select(linear_map: str, maps: list[FeatureMap] | None, model_slug: str, source: str = "") -> list | None:
     """The per-layer feature maps a session with this `linear_map` setting uses: None for
     "elu" (elu + 1 in every kernel), the model's learned maps for "learned" (ValueError
-    when it has none)."""
+    when it has none), and for "auto" the learned maps when there are some, else None."""
     if linear_map not in LINEAR_MAPS:
         raise ValueError(f"linear_map must be one of {', '.join(LINEAR_MAPS)}, got {linear_map!r}")
-    if linear_map == "elu":
+    if linear_map == "elu" or (linear_map == "auto" and maps is None):
         return None
     if maps is None:
         why = f" ({source})" if source else ""
@@ -131,3 +131,12 @@ def select(linear_map: str, maps: list[FeatureMap] | None, model_slug: str, sour
             f"train them with `{TRAIN_COMMAND}`, or use linear_map='elu'"
         )
     return maps
+
+
+def resolve(linear_map: str, maps: list[FeatureMap] | None) -> str:
+    """The concrete name ("elu" or "learned") of the map `select` picks for this setting."""
+    if linear_map not in LINEAR_MAPS:
+        raise ValueError(f"linear_map must be one of {', '.join(LINEAR_MAPS)}, got {linear_map!r}")
+    if linear_map == "auto":
+        return "elu" if maps is None else "learned"
+    return linear_map

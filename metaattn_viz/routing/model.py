@@ -139,14 +139,17 @@ class RoutedModel:
 
     def runtime(self, settings: RoutingSettings | None = None) -> dict[str, str]:
         """Where the passes run, as plain strings for the CLI, the status line and /status:
-        {"device", "dtype", "backend"} (the attention backend the settings' choice resolves
-        to here; decoding on CPU float32 takes the plain-Python path of the "cpu" backend)."""
-        backend = (settings or RoutingSettings()).backend
+        {"device", "dtype", "backend", "linear_map"} (the attention backend and the linear
+        expert's feature map the settings' choices resolve to here; decoding on CPU float32
+        takes the plain-Python path of the "cpu" backend)."""
+        settings = settings or RoutingSettings()
+        backend = settings.backend
         backend = self.backend if backend == "auto" else backend
         return {
             "device": self.placement.device,
             "dtype": self.placement.dtype,
             "backend": device_mod.resolve_backend(backend, self.placement),
+            "linear_map": linear_maps.resolve(settings.linear_map, self.feature_maps),
         }
 
     # -- attaching and detaching ------------------------------------------------------------
@@ -225,6 +228,11 @@ class RoutedModel:
         linear_map "elu"; this model's learned maps for "learned" (ValueError when it has
         none, naming the setting)."""
         return linear_maps.select(settings.linear_map, self.feature_maps, self.slug, self.feature_maps_source)
+
+    def resolve_linear_map(self, settings: RoutingSettings) -> RoutingSettings:
+        """The settings with linear_map "auto" replaced by the map it means for this model
+        (what traces and the run log record)."""
+        return settings.with_(linear_map=linear_maps.resolve(settings.linear_map, self.feature_maps))
 
     def controller(self, kind: str) -> ControllerStack:
         if kind not in self.controllers:
@@ -378,6 +386,7 @@ class RoutedModel:
 
     def new_trace(self, controller: str, settings: RoutingSettings, prompt: str = "") -> RoutingTrace:
         stack = self.controller(controller)
+        settings = self.resolve_linear_map(settings)
         return self.trace_class(
             model=self.name,
             controller=controller,

@@ -81,9 +81,16 @@ class BudgetPolicy(RoutingPolicy):
 
     fast_decode = True
 
-    def __init__(self, settings: RoutingSettings, n_layers: int, lam: list[float | None] | None = None):
+    def __init__(
+        self,
+        settings: RoutingSettings,
+        n_layers: int,
+        lam: list[float | None] | None = None,
+        point_estimate: bool = False,
+    ):
         super().__init__(n_layers, lam)
         self.settings = settings
+        self.point_estimate = point_estimate  # the prior-free controller: no epistemic part
         self.n_layers = n_layers
         self.lam_given = lam is not None  # global scope and replays bring their lambdas
         self._extreme = budget_mod.settings_extreme(settings)
@@ -102,7 +109,7 @@ class BudgetPolicy(RoutingPolicy):
             expert, lam = self._extreme
             dec = budget_mod.all_to(expert, m.shape[0])
         else:
-            unc = total_uncertainty(m)
+            unc = budget_mod.hedge_uncertainty(beta, self.settings, self.point_estimate)
             layer_lam = self.lam[layer]
             if layer_lam is None or (offset == 0 and not self.lam_given):
                 # a prefill: this layer's lambda meets the budget over its own decisions
@@ -126,7 +133,7 @@ class BudgetPolicy(RoutingPolicy):
             layer_lam = self.lam[layer]
             assert layer_lam is not None, "a decode step before the prefill solved lambda"
             lam = layer_lam
-            route, w, hedged, cost = budget_mod.decide_one(beta, lam, self.settings)
+            route, w, hedged, cost = budget_mod.decide_one(beta, lam, self.settings, self.point_estimate)
             self._dual_ascent(layer, cost)
         return w, (beta, route, hedged, w, cost, lam)
 
@@ -146,7 +153,8 @@ class BudgetPolicy(RoutingPolicy):
                 self._lam_t = torch.tensor(self.lam, dtype=torch.float64, device=dev)
                 self._cost_t = torch.zeros((), dtype=torch.float64, device=dev)
             lam = self._lam_t[layer].clone()  # the record keeps the lambda this decision used
-            dec = budget_mod.decide(m, total_uncertainty(m), lam, self.settings)
+            unc = budget_mod.hedge_uncertainty(beta, self.settings, self.point_estimate)
+            dec = budget_mod.decide(m, unc, lam, self.settings)
             self._dual_ascent_t(layer, dec.cost[0].double())
         rec = DeviceRecord(beta.reshape(K), dec.routes[0], dec.hedged[0], dec.weights[0], dec.cost[0], lam)
         return dec.weights.view(1, 1, K).float(), rec

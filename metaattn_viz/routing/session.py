@@ -224,7 +224,7 @@ class Session:
         elif forced_weights is not None:
             self.routing = ForcedPolicy(forced_weights, n_layers)
         else:
-            self.routing = BudgetPolicy(settings, n_layers, lam)
+            self.routing = BudgetPolicy(settings, n_layers, lam, controller.point_estimate)
         self.capture_qk = capture_qk
         self.diagnose = diagnose
         # Budget 1: every decision is full attention, which is exactly the dense model

@@ -7,8 +7,9 @@ Tables (schema version in `schema_version`; older databases are migrated on open
             (`window` is stored as `local_window`, `lam` as `fixed_lam`), prompt, output text,
             n_tokens, realized_cost, flops_ratio, wall_ms, timings (JSON), error, owner
             (who made it: a visitor's key from owners.py; NULL for the CLI and old rows),
-            and linear_map (added by version 3; rows logged before it read 'elu', the only
-            linear expert there was).
+            linear_map (added by version 3; rows logged before it read 'elu', the only
+            linear expert there was), and hedge_measure (version 4; earlier rows read
+            'total', the only measure there was).
             Status: `running` while it streams, then `done`, `stopped` (the user stopped
             it), `failed` (an error), or `interrupted` (the process writing it ended or
             closed the log mid-run).
@@ -61,6 +62,7 @@ SETTINGS_COLUMNS = {
     "dual_step": "dual_step",
     "backend": "backend",
     "linear_map": "linear_map",
+    "hedge_measure": "hedge_measure",
 }
 # dirichlet.uncertainties measure -> routes column.
 UNCERTAINTY_COLUMNS = {
@@ -142,6 +144,8 @@ RUNS_COLUMNS: tuple[Column, ...] = (
     Column("owner", "VARCHAR", since=2),  # owners.py; NULL: the CLI, or logged before v2
     # RoutingSettings.linear_map; the default is what every run before v3 used
     Column("linear_map", "VARCHAR", "DEFAULT 'elu'", since=3),
+    # RoutingSettings.hedge_measure; every run before v4 hedged on the total uncertainty
+    Column("hedge_measure", "VARCHAR", "DEFAULT 'total'", since=4),
 )
 TOKENS_COLUMNS: tuple[Column, ...] = (
     Column("run_id", "VARCHAR", NN),
@@ -246,6 +250,8 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
     (2, rebuild_table("runs", RUNS_COLUMNS, 2)),
     # The linear expert's feature map of a run (RoutingSettings.linear_map).
     (3, add_columns("runs", RUNS_COLUMNS, 3)),
+    # What a hedge reads (RoutingSettings.hedge_measure).
+    (4, add_columns("runs", RUNS_COLUMNS, 4)),
 ]
 
 

@@ -19,6 +19,7 @@ changes the frozen model's weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from metaattn_viz.core.settings import (
     LINEAR_MAPS,
     RoutingSettings,
 )
+from metaattn_viz.routing import linear_maps
 from metaattn_viz.routing.controller import (
     BASE_FEATURES,
     FEATURE_GROUPS,
@@ -254,6 +256,8 @@ def calibrate(
     with or without it.
     """
     split = data_mod.load_split(data_path)  # every data problem surfaces here, before training
+    # "auto" is recorded (and trained with) as the map it means for this model
+    cfg = dataclasses.replace(cfg, linear_map=linear_maps.resolve(cfg.linear_map, routed.feature_maps))
     tok = routed.tokenizer
     train_ids = data_mod.windows(tok, split.train, cfg.seq_len, "training")
     val_ids = data_mod.windows(tok, split.validation, cfg.seq_len, "validation")[: cfg.val_windows]

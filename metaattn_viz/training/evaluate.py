@@ -36,6 +36,7 @@ from metaattn_viz.core.dirichlet import uncertainties
 from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL
 from metaattn_viz.core.settings import DEFAULTS, RoutingSettings
 from metaattn_viz.core.variety import routing_variety
+from metaattn_viz.routing import linear_maps
 from metaattn_viz.routing.controller import KINDS
 from metaattn_viz.routing.model import RoutedModel, kl_per_token
 from metaattn_viz.training import data as data_mod
@@ -249,6 +250,7 @@ def evaluate(
     calibration windows the layer maps are measured on; ``linear_map``: the linear expert's
     feature map in every routed pass ("elu" or the shipped "learned" maps)."""
     split = data_mod.load_split(data_path)
+    linear_map = linear_maps.resolve(linear_map, routed.feature_maps)  # rows name the map used
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")
     val = val[: max(1, max_tokens // seq_len)]
     t0 = time.perf_counter()
