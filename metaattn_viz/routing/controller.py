@@ -119,10 +119,14 @@ class AttentionView:
 class SignalState:
     """Per session and layer: (z_all [B, Hkv, F], z_far [B, Hkv, F], n), the sums of the
     linear expert's key features over keys [0, n) and over the far keys [n_sink, n - window)
-    of the last query seen (position n - 1), and the feature map they were summed with."""
+    of the last query seen (position n - 1), and the feature map they were summed with.
+    ``phi``: per layer, what the last one-token decode step computed on the way (numpy,
+    ``_signals_one``): (n, feature map, phi(q) [Hq, F], phi(k_{n-1}) [Hkv, F]), which the
+    linear expert of the same step may reuse instead of mapping q and the key again."""
 
     def __init__(self, n_layers: int):
         self.sums: list[tuple | None] = [None] * n_layers
+        self.phi: list[tuple | None] = [None] * n_layers
 
 
 def attention_signals(view: AttentionView, layer: int) -> torch.Tensor:
@@ -169,6 +173,79 @@ def attention_signals(view: AttentionView, layer: int) -> torch.Tensor:
     qn = torch.log(q.float().norm(dim=-1).clamp_min(1e-12)) - half_log_d  # [B, Hq, Tq]
     kn = torch.log(k[:, :, off:].float().norm(dim=-1).clamp_min(1e-12)) - half_log_d  # [B, Hkv, Tq]
     return torch.cat([qn, far_mass, kn], dim=1).transpose(1, 2)  # [B, Tq, 2 Hq + Hkv]
+
+
+_LOG_INV_FLOOR = math.log(1.0 / FAR_MASS_FLOOR)
+_phi_numpy = None  # metaattn_kernels.cpu.phi_numpy, imported on first use
+
+
+def _signals_one(view: AttentionView, layer: int, out: np.ndarray) -> bool:
+    """``attention_signals`` of one decode step in numpy, written into `out` [2 Hq + Hkv]
+    (float32), continuing the running sums of ``view.state`` and leaving them as the torch
+    path does (same maths; float32 rounding may differ in the last bits). The query's and the
+    two new keys' features (the token's key, and the key that leaves the window for the far
+    keys) come from one matmul. False (nothing done) where the step is not one the sums
+    continue to: a batch, a query block, another dtype or device, autograd, or sums that
+    stop elsewhere (the caller then takes the torch path, which starts over from key 0)."""
+    global _phi_numpy
+    q, k = view.q, view.k
+    b, hq, tq, d = q.shape
+    if (
+        b != 1
+        or tq != 1
+        or q.dtype != torch.float32
+        or k.dtype != torch.float32
+        or q.device.type != "cpu"
+        or q.requires_grad
+        or k.requires_grad
+    ):
+        return False
+    hkv, tk = k.shape[1], k.shape[2]
+    off = tk - 1
+    held = view.state.sums[layer]
+    fm = view.feature_map
+    if held is None or held[2] != off or held[3] is not fm or held[0].shape[0] != 1:
+        return False
+    if _phi_numpy is None:
+        from metaattn_kernels.cpu import phi_numpy
+
+        _phi_numpy = phi_numpy
+    kn = k.numpy()[0]  # [Hkv, Tk, D]: a view of the cache, no copy
+    j = off - view.window  # the key that joins the far keys [n_sink, t - w] of query t = off
+    far_key = j >= view.n_sink
+    # rows: the query heads (q twice: the second row is not read), then the kv heads (the
+    # new key, and the key that turns far, or the new key again where none does)
+    x = np.empty((hq + hkv, 2, d), np.float32)
+    x[:hq] = q.numpy()[0]  # [Hq, 1, D], broadcast
+    x[hq:, 0] = kn[:, off]
+    x[hq:, 1] = kn[:, j if far_key else off]
+    x0 = x[:, 0]
+    norms = np.einsum("hd,hd->h", x0, x0)  # squared norms of q per head, then of k_t
+    phi = _phi_numpy(x, fm, slice(None))  # [Hq + Hkv, 2, F]
+    z = np.empty((2, hkv, phi.shape[-1]), np.float32)  # the sums over all keys and far keys
+    np.add(held[0].numpy()[0], phi[hq:, 0], out=z[0])
+    if far_key:
+        np.add(held[1].numpy()[0], phi[hq:, 1], out=z[1])
+    else:
+        z[1] = held[1].numpy()[0]
+    view.state.sums[layer] = (torch.from_numpy(z[0:1]), torch.from_numpy(z[1:2]), tk, fm)
+    view.state.phi[layer] = (tk, fm, phi[:hq, 0], phi[hq:, 0])
+    m = np.matmul(phi[:hq, 0].reshape(hkv, hq // hkv, -1), z.transpose(1, 2, 0)).reshape(hq, 2)
+    share = out[hq : 2 * hq]  # far mass share -> ln(share + floor) / ln(1 / floor)
+    np.maximum(m[:, 0], np.float32(1e-30), out=share)
+    np.divide(m[:, 1], share, out=share)
+    np.maximum(share, np.float32(0.0), out=share)
+    np.minimum(share, np.float32(1.0), out=share)
+    share += np.float32(FAR_MASS_FLOOR)
+    np.log(share, out=share)
+    share /= np.float32(_LOG_INV_FLOOR)
+    np.sqrt(norms, out=norms)  # ln(||.|| / sqrt(d))
+    np.maximum(norms, np.float32(1e-12), out=norms)
+    np.log(norms, out=norms)
+    norms -= np.float32(0.5 * math.log(d))
+    out[:hq] = norms[:hq]
+    out[2 * hq :] = norms[hq:]
+    return True
 
 
 class LayerController(nn.Module):
@@ -269,23 +346,24 @@ class ControllerStack(nn.Module):
                 .tolist()
             )
         w1, w2, b2 = self._numpy_weights(layer)
-        xv = x.detach().numpy().reshape(-1)
+        xv = (x.detach() if x.requires_grad else x).numpy().reshape(-1)
         d = xv.shape[0]
-        n = self.config.n_features
+        n = w1.shape[1] - 1  # n_features
         u = np.empty(n + 1, np.float32)  # the features, as in `features`, then 1 for the bias
-        u[:d] = h.detach().numpy().reshape(-1)
+        u[:d] = (h.detach() if h.requires_grad else h).numpy().reshape(-1)
         u[d] = math.sqrt(xv.dot(xv)) / math.sqrt(d)
         u[d + 1] = math.log1p(position) / math.log1p(self.config.t_ref)
-        if self.config.uses_attention:
+        if n > d + 2:  # the attention group
             if view is None:
                 raise ValueError("these controllers read attention features: pass an AttentionView")
-            u[d + 2 : n] = attention_signals(view, layer).reshape(-1).numpy()
+            if not _signals_one(view, layer, u[d + 2 : n]):
+                u[d + 2 : n] = attention_signals(view, layer).reshape(-1).numpy()
         u[n] = 1.0
         p = w1 @ u
         g = _erf(p)
         g += 1.0
         g *= p
-        scores = [s + b for s, b in zip((w2 @ g).tolist(), b2, strict=True)]  # K = 3: plain Python from here
+        scores = [s + b for s, b in zip((w2 @ g).tolist(), b2, strict=True)]  # K floats: plain Python
         if self.config.kind == "bayes":  # softplus as torch computes it (threshold 20)
             bmin = self.config.beta_min
             return [(s if s > 20.0 else math.log1p(math.exp(s))) + bmin for s in scores]
@@ -296,16 +374,19 @@ class ControllerStack(nn.Module):
 
     def _numpy_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
         """([fc1.weight | fc1.bias] / sqrt(2) [H, n_features + 1], fc2.weight / sqrt(2) [K, H]) in
-        float32 and fc2.bias as K floats, for concentration_one; rebuilt when a parameter is replaced
-        or changed in place (its _version moves). Read-only: safe across threads."""
-        lay: LayerController = self.layers[layer]  # type: ignore[assignment]  # ModuleList[LayerController]
+        float32 and fc2.bias as K floats, for concentration_one; rebuilt when fc1.weight is
+        replaced or a parameter changed in place (its _version moves). Read-only: safe across
+        threads. The check is per layer and token: dictionary lookups, not module attributes."""
         cached = self._np_cache.get(layer)
         if cached is not None:
-            params, versions = cached[0], cached[1]
-            if all(p._version == v for p, v in zip(params, versions, strict=True)) and (
-                params[0] is lay.fc1.weight
+            params, versions, arrays, key = cached
+            p0, p1, p2, p3 = params
+            if (
+                versions == (p0._version, p1._version, p2._version, p3._version)
+                and self._modules["layers"]._modules[key]._modules["fc1"]._parameters["weight"] is p0
             ):
-                return cached[2]
+                return arrays
+        lay: LayerController = self.layers[layer]  # type: ignore[assignment]  # ModuleList[LayerController]
         params = (lay.fc1.weight, lay.fc1.bias, lay.fc2.weight, lay.fc2.bias)
         w1, b1, w2, b2 = (p.detach().cpu().double().numpy() for p in params)
         r = math.sqrt(0.5)
@@ -314,7 +395,8 @@ class ControllerStack(nn.Module):
             np.ascontiguousarray(w2 * r, np.float32),
             b2.astype(np.float32).tolist(),
         )
-        self._np_cache[layer] = (params, tuple(p._version for p in params), arrays)
+        key = str(layer % len(self.layers))  # the ModuleList's key of this layer
+        self._np_cache[layer] = (params, tuple(p._version for p in params), arrays, key)
         return arrays
 
     # -- identity ---------------------------------------------------------------------------

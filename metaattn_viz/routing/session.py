@@ -19,12 +19,13 @@ uses that map, also in a later session that carries the state over (decoding aft
 prefill). Phases are told apart by shapes: a forward whose keys are as
 many as its queries is a prefill; one with a cache is a decode step. A one-token decode
 step of a policy with ``fast_decode`` is decided apart from the batched path: on CPU
-float32 in plain Python (numpy controller, ``decide_one``, ``decode_step``) because a dozen
-tiny tensor ops would dominate it; on any other device or dtype (a GPU, a bfloat16 model)
-on the device (``decide_step``: controller, decision and dual ascent as tensors, nothing
-read back per layer; the records are read once per token by ``pop_records``); through
-Triton its attention is ``kernels.triton_decode.decode_step_device``, which reads the route
-from device memory, so a step is a fixed sequence of launches.
+float32 in plain Python (numpy controller, ``decide_one``, ``kernels.cpu.decode_step_numpy``;
+``_attend_host``) because a dozen tiny tensor ops would dominate it; on any other device or
+dtype (a GPU, a bfloat16 model) on the device (``decide_step``: controller, decision and
+dual ascent as tensors, nothing read back per layer; the records are read once per token
+by ``pop_records``); through Triton its attention is
+``kernels.triton_decode.decode_step_device``, which reads the route from device memory, so
+a step is a fixed sequence of launches.
 
 Padded batches are not supported: every row of a batch must be a full, unpadded sequence.
 Never: decide routes (the policies do) or compute the experts (the kernels do).
@@ -43,7 +44,8 @@ import numpy as np
 import torch
 
 import metaattn_kernels.dispatch as kernels
-from metaattn_kernels.decode import decode_step, linear_state_upto
+from metaattn_kernels.cpu import decode_step_numpy
+from metaattn_kernels.decode import linear_state_upto
 from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import RoutingSettings
@@ -230,6 +232,10 @@ class Session:
         # Budget 1: every decision is full attention, which is exactly the dense model
         self._sdpa = self.routing.sdpa_when_dense and settings.dense and not capture_qk
         self._backend = self.routing.backend or settings.backend
+        # a CPU float32 decode step runs decode_step_numpy (what `attend` would choose for it:
+        # neither backend resolves to Triton on a CPU tensor unless named, and the experts'
+        # backend resolves to "cpu"); see _attend_host
+        self._host_cpu = not self._sdpa and self._backend != "triton" and settings.backend in ("auto", "cpu")
         if feature_maps is not None and len(feature_maps) != n_layers:
             raise ValueError(
                 f"feature_maps must hold one map per layer ({n_layers}), got {len(feature_maps)}"
@@ -279,6 +285,13 @@ class Session:
             )
         routing = self.routing
         one = B == 1 and Tq == 1 and offset > 0 and routing.fast_decode
+        if (
+            one
+            and self._host_cpu
+            and not (self.capture_qk or self.diagnose)
+            and host_decode(q.device, q.dtype)
+        ):
+            return self._attend_host(layer, q, k, v, scaling, x, h)
         # a decode step through Triton (a GPU, or the interpreter) keeps its route on the
         # device and runs kernels.triton_decode: no host synchronisation per layer
         device_step = one and not self.capture_qk and kernels.resolve_backend(self._backend, q) == "triton"
@@ -311,7 +324,7 @@ class Session:
             y = _sdpa(q, k, v, scaling)
             self.lin_state[layer] = None
         elif host and not self.capture_qk and kernels.resolve_backend(s.backend, q) == "cpu":
-            y, stepped = decode_step(
+            y, stepped = decode_step_numpy(
                 q,
                 k,
                 v,
@@ -367,6 +380,49 @@ class Session:
             self.records[layer].append(rec)
         self.x[layer] = self.h[layer] = None
         return y.transpose(1, 2).contiguous()  # [B, Tq, Hq, D]
+
+    def _attend_host(self, layer: int, q, k, v, scaling, x, h) -> torch.Tensor:
+        """`attend` for one decode step of one sequence on CPU float32 with the CPU experts
+        (``_host_cpu``; neither ``capture_qk`` nor ``diagnose``): the same steps in the same
+        order with none of the branching, since on a CPU a decode step is per-call overhead.
+        q [1, Hq, 1, D], k/v [1, Hkv, Tk, D] -> [1, 1, Hq, D]."""
+        s = self.settings
+        offset = k.shape[2] - 1
+        maps = self.feature_maps
+        view = None
+        if self.controller.uses_attention:
+            view = AttentionView(
+                q, k, None if maps is None else maps[layer], s.window, s.n_sink, self.signals
+            )
+        beta_one = self.controller.concentration_one(layer, h, x, offset, view)  # K floats
+        weights_one, rec = self.routing.decide_one(layer, beta_one)
+        held = self.lin_state[layer]
+        if held is None:
+            state, fm = None, None if maps is None else maps[layer]
+        else:
+            state, fm = held[:3], held[3]
+        phi = None  # the features the controller computed of q and the new key, if the same map's
+        if view is not None:
+            phi, self.signals.phi[layer] = self.signals.phi[layer], None
+            if phi is not None and (phi[0] != offset + 1 or phi[1] is not fm):
+                phi = None
+        y, stepped = decode_step_numpy(
+            q,
+            k,
+            v,
+            weights_one,
+            window=s.window,
+            n_sink=s.n_sink,
+            scale=scaling,
+            state=state,
+            feature_map=fm,
+            phi=None if phi is None else phi[2:],
+        )
+        self.lin_state[layer] = None if stepped is None else (*stepped, fm)
+        if rec is not None:
+            self.records[layer].append(rec)
+        self.x[layer] = self.h[layer] = None
+        return y.transpose(1, 2).contiguous()  # [1, 1, Hq, D]
 
     def pop_records(self) -> dict[str, np.ndarray] | None:
         """Every decision since the last pop: arrays [L, B, T, ...] (numpy)."""
