@@ -116,8 +116,9 @@ def test_route_takes_settings_as_keywords():
     assert np.array_equal(by_keyword.routes, by_object.routes)
     # keywords change the settings given, the rest of which stay
     merged = r.route(PROMPT, RoutingSettings(hedge_policy="soft", window=8), budget=0.3)
-    assert merged.settings == RoutingSettings(hedge_policy="soft", window=8, budget=0.3)
-    assert r.route(PROMPT).settings == RoutingSettings()
+    # a trace records the map "auto" stood for (a tiny model has none learned: elu + 1)
+    assert merged.settings == RoutingSettings(hedge_policy="soft", window=8, budget=0.3, linear_map="elu")
+    assert r.route(PROMPT).settings == RoutingSettings(linear_map="elu")  # what "auto" stood for
     with pytest.raises(ValueError, match="budget"):
         r.route(PROMPT, budget=3.0)
     with pytest.raises(TypeError, match="budgte"):

@@ -572,7 +572,7 @@ def test_the_sql_console_table_starts_with_the_default_querys_columns(engine):
 
 def test_the_header_and_status_say_where_it_runs_and_which_weights_the_controllers_fit(engine):
     status = engine.status()
-    assert status["runtime"] == {"device": "cpu", "dtype": "float32", "backend": "cpu"}
+    assert status["runtime"] == {"device": "cpu", "dtype": "float32", "backend": "cpu", "linear_map": "elu"}
     # the tiny test model is handed over, not loaded: no fingerprint, no notice
     assert all(c["weights_notice"] is None for c in status["controllers"].values())
     header = display.status_markdown(status)
