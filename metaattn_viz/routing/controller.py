@@ -383,7 +383,10 @@ class ControllerStack(nn.Module):
             p0, p1, p2, p3 = params
             if (
                 versions == (p0._version, p1._version, p2._version, p3._version)
-                and self._modules["layers"]._modules[key]._modules["fc1"]._parameters["weight"] is p0
+                # Plain dictionary lookups (module attributes go through __getattr__); every
+                # entry exists: the cache key was read from this same structure.
+                and self._modules["layers"]._modules[key]._modules["fc1"]._parameters["weight"]  # type: ignore[union-attr]
+                is p0
             ):
                 return arrays
         lay: LayerController = self.layers[layer]  # type: ignore[assignment]  # ModuleList[LayerController]
