@@ -19,3 +19,28 @@ def test_concentration_one_matches_the_batched_path(kind):
             want = stack.concentration(1, h, x, torch.tensor([position])).reshape(-1)
             got = torch.tensor(stack.concentration_one(1, h, x, position))
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_prior_costs_price_the_prior_and_only_a_set_value_enters_the_hash():
+    """--prior-costs: alpha0_k = s c_k^-gamma / sum_j c_j^-gamma with the given costs
+    (computed here by hand), the start of training sits at that prior, the default config
+    hashes as before the field existed, and bad costs are refused."""
+    import math
+
+    from metaattn_viz.routing.controller import ControllerConfig, ControllerStack, _hashed_config
+
+    costs, s, gamma = (1.0, 0.6, 0.3), 3.0, 1.5
+    stack = ControllerStack(ControllerConfig(d_model=16, n_layers=1, prior_costs=costs, prior_gamma=gamma))
+    w = [c**-gamma for c in costs]
+    want = torch.tensor([s * v / sum(w) for v in w])
+    assert torch.allclose(stack.alpha0, want, rtol=1e-6)
+    # the untrained controller starts at its prior: softplus(b) + beta_min = alpha0
+    beta0 = torch.nn.functional.softplus(stack.layers[0].fc2.bias) + stack.config.beta_min
+    assert torch.allclose(beta0, want, rtol=1e-4)
+    assert not math.isclose(float(stack.alpha0[1]), float(ControllerStack(ControllerConfig()).alpha0[1]))
+
+    assert "prior_costs" not in _hashed_config(ControllerConfig())
+    assert _hashed_config(ControllerConfig(prior_costs=costs))["prior_costs"] == list(costs)
+    for bad in ((1.0, 0.0, 0.3), (1.0, 0.3), (1.0, float("nan"), 0.3), ("a", 1, 1)):
+        with pytest.raises(ValueError, match="prior costs must be"):
+            ControllerConfig(prior_costs=bad)

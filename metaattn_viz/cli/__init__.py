@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-weight", type=float, default=None, help="weight of E[cost] (priorfree)")
     p.add_argument("--prior-gamma", type=float, default=None, help="prior sharpness gamma (bayes; default 1)")
     p.add_argument(
+        "--prior-costs",
+        default=None,
+        help="the costs the prior prices full,linear,local at (bayes; default the notional 1,0.15,0.3)",
+    )
+    p.add_argument(
         "--linear-map",
         default=None,
         choices=LINEAR_MAPS,
@@ -418,6 +423,9 @@ def _cmd_calibrate(args) -> int:
     listed = {
         "features": None if args.features is None else tuple(f.strip() for f in args.features.split(",")),
         "train_budgets": None if args.train_budgets is None else _parse_budgets(args.train_budgets),
+        "prior_costs": None
+        if args.prior_costs is None
+        else _parse_numbers("--prior-costs", args.prior_costs),
     }
     overrides = {
         k: v
@@ -457,6 +465,15 @@ def _cmd_calibrate(args) -> int:
         )
     )
     return 0
+
+
+def _parse_numbers(flag: str, text: str) -> list[float]:
+    """Comma-separated numbers, or a UserError naming the flag (the range is checked where
+    the values are used)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def _parse_budgets(text: str) -> list[float]:

@@ -57,6 +57,19 @@ BASE_FEATURES = ("base",)  # what a meta.json without the field was trained with
 FAR_MASS_FLOOR = 1e-4  # far-mass feature: ln(share + floor) / ln(1 / floor), in [-1, ~0]
 
 
+def check_prior_costs(costs, n_experts: int) -> tuple[float, ...]:
+    """The prior's costs as a tuple of ``n_experts`` finite positive floats, or ValueError."""
+    try:
+        values = tuple(float(c) for c in costs)
+    except (TypeError, ValueError):
+        raise ValueError(f"prior costs must be {n_experts} numbers, got {costs!r}") from None
+    if len(values) != n_experts or not all(math.isfinite(c) and c > 0 for c in values):
+        raise ValueError(
+            f"prior costs must be {n_experts} finite numbers > 0 (full, linear, local), got {costs!r}"
+        )
+    return values
+
+
 @dataclass
 class ControllerConfig:
     kind: str = "bayes"
@@ -68,6 +81,9 @@ class ControllerConfig:
     t_ref: int = 2048
     prior_strength: float = 3.0
     prior_gamma: float = 1.0
+    # the costs the prior prices the experts at (id order); None: the notional costs
+    # (core.experts.COSTS), which also price the budget. Only the prior reads these.
+    prior_costs: tuple[float, ...] | None = None
     # which feature groups (FEATURE_GROUPS) the controller reads; the attention group needs
     # the model's query and kv head counts (head_dim = d_model / n_heads unless given)
     features: tuple[str, ...] = BASE_FEATURES
@@ -86,6 +102,13 @@ class ControllerConfig:
             )
         if self.uses_attention and not (self.n_heads and self.n_kv_heads):
             raise ValueError("the 'attention' features need n_heads and n_kv_heads")
+        if self.prior_costs is not None:
+            self.prior_costs = check_prior_costs(self.prior_costs, self.n_experts)
+
+    @property
+    def prior_cost_values(self) -> tuple[float, ...]:
+        """What the prior prices each expert at: ``prior_costs``, else the notional costs."""
+        return self.prior_costs if self.prior_costs is not None else COSTS[: self.n_experts]
 
     @property
     def uses_attention(self) -> bool:
@@ -272,7 +295,7 @@ class ControllerStack(nn.Module):
             for _ in range(config.n_layers)
         ]
         self.layers = nn.ModuleList(layers)
-        alpha0 = prior_concentration(COSTS[: config.n_experts], config.prior_strength, config.prior_gamma)
+        alpha0 = prior_concentration(config.prior_cost_values, config.prior_strength, config.prior_gamma)
         self.register_buffer("alpha0", alpha0, persistent=False)
         with torch.no_grad():
             for layer in layers:
@@ -453,6 +476,10 @@ def _hashed_config(config: ControllerConfig) -> dict:
     """The config as the content hash reads it: the fields added with the attention features
     are left out while they hold their defaults, so base controllers keep their old hashes."""
     d = asdict(config)
+    if config.prior_costs is None:
+        d.pop("prior_costs")
+    else:
+        d["prior_costs"] = list(config.prior_costs)
     if not config.uses_attention:
         for name in ("features", "n_heads", "n_kv_heads"):
             d.pop(name)

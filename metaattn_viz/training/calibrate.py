@@ -45,6 +45,7 @@ from metaattn_viz.routing.controller import (
     FEATURE_GROUPS,
     ControllerConfig,
     ControllerStack,
+    check_prior_costs,
     config_for_model,
     default_folder,
 )
@@ -78,6 +79,8 @@ class CalibrationConfig:
     features: tuple[str, ...] = BASE_FEATURES  # the controllers' feature groups (routing/controller.py)
     prior_strength: float = ControllerConfig.prior_strength
     prior_gamma: float = ControllerConfig.prior_gamma
+    # the costs the prior prices the experts at (full, linear, local); None: the notional ones
+    prior_costs: tuple[float, ...] | None = None
     # auxiliary target (0: off): how well the controller's ranking scores predict the
     # per-decision output error of the cheap experts on the dense pass (training/oracle.py)
     aux_weight: float = 0.0
@@ -124,6 +127,8 @@ class CalibrationConfig:
         self.train_budgets = tuple(float(b) for b in self.train_budgets)
         if any(not (math.isfinite(b) and min(COSTS) <= b <= 1.0) for b in self.train_budgets):
             raise ValueError(f"train_budgets must lie in [{min(COSTS)}, 1], got {self.train_budgets}")
+        if self.prior_costs is not None:
+            self.prior_costs = check_prior_costs(self.prior_costs, len(COSTS))
         if not 0 <= self.soft_fraction <= 1:
             raise ValueError(f"soft_fraction must be in [0, 1], got {self.soft_fraction}")
 
@@ -269,6 +274,7 @@ def calibrate(
     torch.manual_seed(cfg.seed)
     ccfg = config_for_model(routed.model.config, cfg.controller, cfg.features)
     ccfg.hidden, ccfg.prior_strength, ccfg.prior_gamma = cfg.hidden, cfg.prior_strength, cfg.prior_gamma
+    ccfg.prior_costs = cfg.prior_costs
     stack = ControllerStack(ccfg, seed=cfg.seed).to(device)
     opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
