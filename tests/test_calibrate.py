@@ -325,6 +325,39 @@ def test_eval_runs_end_to_end_on_a_tiny_model():
     assert unc["spearman_total"] == pytest.approx(_spearman(u, err), abs=1e-6)
     assert unc["auroc_total_worst10"] == pytest.approx(direct_auroc, abs=1e-6)
 
+    _check_hedged_rows(r, row_of, seq_len, window, n_sink)
+
+
+def _check_hedged_rows(r, row_of, seq_len, window, n_sink):
+    """The hedged Bayesian rows spend the budget (escalations included), hedge some
+    decisions, and their thresholds are the 0.9 quantile of the measure over all decisions
+    of the unhedged controller on the calibration windows, recomputed here with
+    SciPy's digamma (epistemic = mutual information / log K) and the entropy of the mean."""
+    from scipy.special import digamma
+
+    calib = _byte_windows(data_mod.load_split(EXCERPT).train, seq_len)[:4]
+    plain = RoutingSettings(budget=0.5, window=window, n_sink=n_sink)
+    total, epi = [], []
+    for i in range(calib.shape[0]):
+        rec = r.prefill(calib[i : i + 1], plain, "bayes", use_cache=False).records
+        beta = np.asarray(rec["beta"], np.float64).reshape(-1, 3)
+        s = beta.sum(-1, keepdims=True)
+        m = beta / s
+        h_mean = -(m * np.log(m)).sum(-1)
+        expected_h = -(m * (digamma(beta + 1) - digamma(s + 1))).sum(-1)
+        total.append(h_mean / math.log(3))
+        epi.append((h_mean - expected_h) / math.log(3))
+    for measure, values in (("total", total), ("epistemic", epi)):
+        row = row_of[(f"bayes-hedge-{measure}", 0.5)]
+        assert row["hedge"]["measure"] == measure and row["hedge"]["policy"] == "full"
+        assert row["hedge"]["threshold"] == pytest.approx(np.quantile(np.concatenate(values), 0.9), abs=1e-5)
+        assert row["realized_cost"] == pytest.approx(0.5, abs=0.03)  # the budget pays for the hedges
+        assert row["hedged_share"] <= 0.25  # about a tenth of the decisions sit above the threshold
+        assert row["controller_id"] == row_of[("bayes", 0.5)]["controller_id"]
+    assert row_of[("bayes", 0.5)]["hedged_share"] == 0.0
+    assert max(row_of[(f"bayes-hedge-{m}", 0.5)]["hedged_share"] for m in ("total", "epistemic")) > 0
+    assert ("bayes-hedge-total", 1.0) not in row_of  # budget 1 is the dense model: nothing to hedge
+
 
 def test_kl_per_token_against_torch():
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from metaattn_viz.core.experts import FULL
+from metaattn_viz.core.experts import COSTS, FULL
 from metaattn_viz.core.settings import HEDGE_MEASURES, RoutingSettings
 from metaattn_viz.routing import budget as budget_mod
 from metaattn_viz.routing.policies import BudgetPolicy
@@ -98,3 +98,35 @@ def test_decode_paths_agree_when_hedging_on_the_epistemic_measure(hedge, point_e
     assert hedged_any != point_estimate  # a point estimate is never hedged on this measure
     assert fast.lam == pytest.approx(tensor.lam, abs=1e-4)
     assert fast.lam == pytest.approx(step.current_lam(), abs=1e-4)
+
+
+def test_the_global_scope_solves_lambda_with_the_measure_it_hedges_on():
+    """A global-scope prefill solves its shared lambda on the decisions as they will be
+    hedged: the lambda it returns is the one that meets the budget when the settings'
+    measure (here the epistemic one) decides the hedges, recomputed here by scanning lambda."""
+    from helpers import routed_tiny
+
+    from metaattn_viz.routing import prefill as prefill_mod
+
+    r = routed_tiny(seed=3, spread=10.0)
+    ids = torch.randint(0, 200, (1, 48), generator=torch.Generator().manual_seed(0))
+    plain = RoutingSettings(budget=0.5, window=8, n_sink=2)
+    beta = r.prefill(ids, plain, "bayes", use_cache=False).records["beta"]
+    b = torch.from_numpy(beta).reshape(-1, 3).double()
+    m = b / b.sum(-1, keepdim=True)
+    epi = budget_mod.hedge_uncertainty(b, RoutingSettings(hedge_measure="epistemic"))
+    settings = plain.with_(
+        hedge_policy="full", hedge_measure="epistemic", hedge_threshold=float(epi.quantile(0.8))
+    )
+    lam = prefill_mod.solve_global(beta, settings)
+
+    def cost(lam_value: float) -> float:  # full for a full route or an uncertain cheap one
+        route = (m.log() - lam_value * torch.tensor(COSTS, dtype=torch.float64)).argmax(-1)
+        paid = torch.where(
+            (route == FULL) | (epi > settings.hedge_threshold), 1.0, torch.tensor(COSTS)[route]
+        )
+        return float(paid.mean())
+
+    grid = np.linspace(-20, 20, 4001)
+    best = min(abs(cost(v) - 0.5) for v in grid)
+    assert abs(cost(lam) - 0.5) <= best + 1e-9

@@ -349,7 +349,8 @@ class RoutedModel:
         ):
             # warm start: the lambda that meets the new budget on the previous posteriors;
             # routing changes them a little, so prefill checks the cost and re-solves if off
-            hint = prefill_mod.solve_global(previous[:, None], settings)
+            point_estimate = prefill_mod.is_point_estimate(self, controller)
+            hint = prefill_mod.solve_global(previous[:, None], settings, point_estimate)
         t0 = time.perf_counter()
         res = self.prefill(torch.tensor([ids]), settings, controller, use_cache=False, lam_hint=hint)
         new.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)

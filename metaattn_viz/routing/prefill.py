@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from metaattn_viz.core.dirichlet import total_uncertainty
 from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.routing import budget as budget_mod
@@ -61,13 +60,21 @@ def solves_globally(settings: RoutingSettings) -> bool:
     )
 
 
-def solve_global(beta: np.ndarray, settings: RoutingSettings) -> float:
+def solve_global(beta: np.ndarray, settings: RoutingSettings, point_estimate: bool = False) -> float:
     """The one lambda that meets the budget over all decisions of concentrations beta
-    [..., K] (e.g. a pass's records["beta"] [L, B, T, K])."""
+    [..., K] (e.g. a pass's records["beta"] [L, B, T, K]); hedges read the settings'
+    ``hedge_measure`` (``point_estimate``: the prior-free controller's probabilities)."""
     b = torch.from_numpy(beta).reshape(-1, K)
     m = b / b.sum(-1, keepdim=True)
     assert settings.budget is not None
-    return budget_mod.solve_lambda(m, total_uncertainty(m), settings.budget, settings)
+    unc = budget_mod.hedge_uncertainty(b, settings, point_estimate)
+    return budget_mod.solve_lambda(m, unc, settings.budget, settings)
+
+
+def is_point_estimate(routed: RoutedModel, controller: str | ControllerStack) -> bool:
+    """Whether the controller gives probabilities (prior-free) rather than concentrations."""
+    stack = controller if isinstance(controller, ControllerStack) else routed.controller(controller)
+    return stack.point_estimate
 
 
 def _gap(res: PrefillResult, budget: float) -> float:
@@ -136,7 +143,7 @@ def prefill(
         pilot_tokens = pilot_ids.shape[1]
         passes = int(pilot_tokens == t)  # a whole-text pilot is a pass
     for _ in range(_MAX_RESOLVES):
-        lam = solve_global(res.records["beta"], settings)
+        lam = solve_global(res.records["beta"], settings, is_point_estimate(routed, controller))
         res = one_pass(settings, lam=[lam] * n_layers)
         passes += 1
         gap = _gap(res, budget)

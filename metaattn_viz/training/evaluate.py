@@ -16,7 +16,10 @@ budget, salience top-k (a Mixture-of-Depths-like baseline), the static per-layer
 its greedy DuoAttention-style twin calibrated on the calibration split
 (training/layer_maps.py), and the oracle per-token router at equal cost, the ceiling
 (training/oracle.py; it reads the validation text's own errors). Baselines run below
-budget 1 only (at 1 they are the dense model).
+budget 1 only (at 1 they are the dense model). With the baselines, the Bayesian controller
+also runs hedged (``bayes-hedge-total``, ``bayes-hedge-epistemic``) at each budget strictly
+between the cheapest cost and 1: uncertain cheap decisions escalated to full attention,
+within the same budget (training/hedging.py).
 Never imports gradio or the store; computes no FLOPs or uncertainty of its own
 (metaattn_kernels.flops and core.dirichlet do).
 """
@@ -33,14 +36,14 @@ from scipy import stats
 
 from metaattn_kernels.flops import attention_flops_ratio
 from metaattn_viz.core.dirichlet import uncertainties
-from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL
-from metaattn_viz.core.settings import DEFAULTS, RoutingSettings
+from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, LINEAR, LOCAL, MIN_COST
+from metaattn_viz.core.settings import DEFAULTS, HEDGE_MEASURES, RoutingSettings
 from metaattn_viz.core.variety import routing_variety
 from metaattn_viz.routing import linear_maps
 from metaattn_viz.routing.controller import KINDS
 from metaattn_viz.routing.model import RoutedModel, kl_per_token
 from metaattn_viz.training import data as data_mod
-from metaattn_viz.training import layer_maps, oracle
+from metaattn_viz.training import hedging, layer_maps, oracle
 from metaattn_viz.training.baselines import (  # re-exported: app/analysis.py and tests import them here
     budget_shares,
     layer_map_policy,
@@ -69,6 +72,7 @@ __all__ = [
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_MAX_TOKENS = 4096  # validation tokens scored
 DEFAULT_SEQ_LEN = 256  # window length
+HEDGE_CALIB_WINDOWS = 4  # calibration windows a hedged row's threshold is set on
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -98,7 +102,7 @@ def run_policy(
     """One row's measurements over the windows [n, T]. ``policy``: None (the controller
     routes under the settings), a baseline router, or a list of them, one per window."""
     nll, kl, n = 0.0, 0.0, 0
-    weights, costs, routes, ent, unc_total, unc_epi, rel_err = [], [], [], [], [], [], []
+    weights, costs, routes, hedged, ent, unc_total, unc_epi, rel_err = [], [], [], [], [], [], [], []
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1]
         # a baseline's policy overrides the routes; the controller only has to run
@@ -118,6 +122,7 @@ def run_policy(
         weights.append(rec["weights"])
         costs.append(rec["cost"])
         routes.append(rec["routes"])
+        hedged.append(rec["hedged"])
         # the torch path in float64: the numbers in docs/results.md were computed with it
         u = uncertainties(torch.from_numpy(rec["beta"]).double())
         h = u["total"].numpy()
@@ -136,6 +141,7 @@ def run_policy(
         ),
         "routing_entropy": float(np.concatenate(ent, 1).mean()) * 100 if controller else None,
         "routing_variety": routing_variety(np.concatenate(routes, 1)),
+        "hedged_share": float(np.concatenate(hedged, 1).mean()),
         "expert_shares": {e: float(w[..., k].mean()) for k, e in enumerate(EXPERTS)},
         "tokens": int(n),
     }
@@ -275,10 +281,28 @@ def evaluate(
     def fixed(policy):
         return lambda: (policy, {})
 
+    def hedged(b: float, measure: str):
+        """A hedged Bayesian row: its threshold from the calibration split (training/hedging.py)."""
+        windows = _calibration_windows(routed, split, seq_len, HEDGE_CALIB_WINDOWS)
+        value = hedging.threshold(routed, windows, base.with_(budget=b, hedge_measure=measure), "bayes")
+        info = {
+            "policy": hedging.POLICY,
+            "measure": measure,
+            "threshold": value,
+            "quantile": hedging.QUANTILE,
+            "threshold_windows": int(windows.shape[0]),
+        }
+        return None, {"hedge": info}
+
     plan = []  # (row name, budget, controller or None, make() -> (policy, extra row fields))
     for c in controllers:
         for b in list(budgets) + [None]:
             plan.append((c, b, c, fixed(None)))
+    if baselines and "bayes" in controllers:
+        for b in budgets:
+            if MIN_COST < b < 1.0:
+                for m in HEDGE_MEASURES:
+                    plan.append((f"bayes-hedge-{m}", b, "bayes", lambda b=b, m=m: hedged(b, m)))
     if baselines:
         plan.append(("all-local", COSTS[LOCAL], None, fixed(static_policy(LOCAL))))
         plan.append(("all-linear", COSTS[LINEAR], None, fixed(static_policy(LINEAR))))
@@ -294,6 +318,9 @@ def evaluate(
         settings = base.with_(budget=b) if ctrl else base.with_(budget=None)
         diagnose = name == "bayes" and b is None
         policy, extra = make()
+        if "hedge" in extra:
+            h = extra["hedge"]
+            settings = hedging.hedged_settings(settings, h["measure"], h["threshold"])
         row = {
             "controller": name,
             "budget": b,

@@ -69,6 +69,24 @@ def _baseline_notes(rows: list[dict]) -> list[str]:
             f"against full attention, on the {src}) and sends the decisions where local departs "
             "most to full, across all layers of a window (below the local cost: local vs linear)."
         )
+    hedged = [r for r in rows if "hedge" in r]
+    if hedged:
+        h = hedged[0]["hedge"]
+        thresholds = "; ".join(
+            f"{r['controller']} at {_fmt(r['budget'], 2)}: threshold {_fmt(r['hedge']['threshold'])}, "
+            f"{_percent(r.get('hedged_share'))} % of decisions hedged"
+            for r in hedged
+        )
+        notes.append(
+            "`bayes-hedge-total` and `bayes-hedge-epistemic` are the Bayesian controller with "
+            f"hedging on (policy {h['policy']}): a decision routed to a cheap expert whose "
+            "uncertainty (total, or the epistemic part alone) exceeds the threshold is escalated "
+            "to full attention, and the budget pays for it (lambda is solved with the escalations "
+            "counted), so each compares with the plain `bayes` row at the same cost. The threshold "
+            f"is the {h['quantile']:g} quantile of the measure over all decisions of the unhedged "
+            f"controller on {h['threshold_windows']} windows of the calibration split. "
+            f"{thresholds}."
+        )
     # one paragraph per note
     return [part for note in notes for part in (note, "")][:-1]
 
@@ -84,7 +102,8 @@ def tables(rows: list[dict], command: str) -> str:
         "",
         f"Validation split of the data file (articles i % 10 == 9), {first['tokens']} scored "
         f"tokens in windows of {first['seq_len']}; local window {first['window']} + "
-        f"{first['n_sink']} sinks; budget scope {first.get('scope', 'layer')}; hedging off. "
+        f"{first['n_sink']} sinks; budget scope {first.get('scope', 'layer')}; hedging off "
+        "except in the `bayes-hedge-*` rows. "
         f"Dense perplexity "
         f"**{first['dense_ppl']:.3f}**.",
         "",
@@ -121,10 +140,10 @@ def tables(rows: list[dict], command: str) -> str:
             f"Spearman (total) over the decisions routed to a cheap expert only: "
             f"{_fmt(u['spearman_total_cheap_only'])}.",
         ]
-    ids = {r["controller"]: r.get("controller_id") for r in rows if r.get("controller_id")}
+    ids = list(dict.fromkeys(r["controller_id"] for r in rows if r.get("controller_id")))
     lines += [
         "",
-        "Controllers: " + ", ".join(f"`{v}`" for v in ids.values()),
+        "Controllers: " + ", ".join(f"`{v}`" for v in ids),
         "",
         "![cost vs KL to dense](pareto.png)",
         "",
@@ -150,6 +169,8 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     styles = {
         "bayes": ("o-", "#0072B2"),
+        "bayes-hedge-total": ("o--", "#6699CC"),
+        "bayes-hedge-epistemic": ("o:", "#332288"),
         "priorfree": ("s-", "#D55E00"),
         "random": ("^--", "#999999"),
         "salience-topk": ("v--", "#009E73"),
