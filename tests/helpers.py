@@ -112,6 +112,27 @@ def make_qkv(b=2, hq=9, hkv=3, tq=17, tk=None, d=16, dtype=torch.float32, seed=0
     return q, k, v
 
 
+def random_feature_map(hq=6, hkv=2, d=16, seed=0, spread=None, generator=None):
+    """A learned feature map of random weights (metaattn_kernels.feature_maps.FeatureMap):
+    projections [H, D, D/2] and biases [H, D/2] for the query and the key heads, drawn from
+    ``generator`` (else one seeded with ``seed``); ``spread`` scales the projections by
+    spread / sqrt(D), far from uniform features (None: unscaled)."""
+    from metaattn_kernels.feature_maps import FeatureMap
+
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    scale = 1.0 if spread is None else spread / d**0.5
+
+    def proj(h):
+        w = torch.randn(h, d, d // 2, generator=g)
+        return w if spread is None else w * scale
+
+    wq = proj(hq)
+    bq = torch.randn(hq, d // 2, generator=g)
+    wk = proj(hkv)
+    bk = torch.randn(hkv, d // 2, generator=g)
+    return FeatureMap(wq, bq, wk, bk)
+
+
 def make_weights(mix, b, t, seed=0):
     """Routing weights [B, T, 3]: 'full' / 'linear' / 'local' (all one expert), 'random'
     (one-hot, random experts), 'hedged' (a third of the rows soft over two or three experts)."""

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-from helpers import CharTokenizer, tiny_model
+from helpers import CharTokenizer, random_feature_map, tiny_model
 
-from metaattn_kernels.feature_maps import FeatureMap, phi_key, phi_query
+from metaattn_kernels.feature_maps import phi_key, phi_query
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import linear_maps
 from metaattn_viz.routing.controller import (
@@ -29,16 +29,6 @@ from metaattn_viz.routing.model import RoutedModel
 FEATURES = ("base", "attention")
 
 
-def _maps(hq=4, hkv=2, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return FeatureMap(
-        torch.randn(hq, d, d // 2, generator=g),
-        torch.randn(hq, d // 2, generator=g),
-        torch.randn(hkv, d, d // 2, generator=g),
-        torch.randn(hkv, d // 2, generator=g),
-    )
-
-
 def _qk(b=2, hq=4, hkv=2, t=40, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, hq, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
@@ -49,7 +39,7 @@ def test_far_mass_matches_a_brute_force_count(learned):
     """far share of query t = sum over far keys of phi(q_t).phi(k_s) / the same over all s <= t,
     far = [n_sink, t - w] (outside the window [t - w + 1, t] and the sinks)."""
     q, k = _qk()
-    fm = _maps() if learned else None
+    fm = random_feature_map(4, 2, 8) if learned else None
     w, ns = 8, 2
     got = attention_signals(AttentionView(q, k, fm, w, ns, SignalState(1)), 0)  # [B, T, 2 Hq + Hkv]
     b, hq, t, d = q.shape
@@ -76,7 +66,7 @@ def test_running_sums_give_the_prefill_numbers(learned):
     SignalState: the same features as one prefill of everything (and a fresh state, or one
     left at another position, starts over from key 0 with the same result)."""
     q, k = _qk(b=1, t=40)
-    fm = _maps() if learned else None
+    fm = random_feature_map(4, 2, 8) if learned else None
     whole = attention_signals(AttentionView(q, k, fm, 8, 2, SignalState(1)), 0)
     state = SignalState(1)
     parts = [attention_signals(AttentionView(q[:, :, :13], k[:, :, :13], fm, 8, 2, state), 0)]
@@ -174,7 +164,8 @@ def test_an_old_meta_json_without_features_loads_with_the_base_features(tmp_path
     stack = ControllerStack(ControllerConfig(d_model=48, n_layers=2), seed=4)
     stack.save(tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
-    old_cfg = {k: v for k, v in meta["config"].items() if k not in ("features", "n_heads", "n_kv_heads")}
+    added = ("features", "n_heads", "n_kv_heads", "prior_costs")  # the fields added since
+    old_cfg = {k: v for k, v in meta["config"].items() if k not in added}
     meta["config"] = old_cfg
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     loaded = ControllerStack.load(tmp_path)
@@ -184,7 +175,7 @@ def test_an_old_meta_json_without_features_loads_with_the_base_features(tmp_path
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     assert loaded.content_hash() == h.hexdigest()[:16]
-    assert set(old_cfg) == set(asdict(loaded.config)) - {"features", "n_heads", "n_kv_heads"}
+    assert set(old_cfg) == set(asdict(loaded.config)) - set(added)
 
 
 def test_attention_controllers_round_trip_and_refuse_other_head_counts(tmp_path):

@@ -9,25 +9,16 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import random_feature_map
 
 from metaattn_kernels.cpu import decode_step_numpy, phi_numpy
 from metaattn_kernels.decode import decode_step
-from metaattn_kernels.feature_maps import FeatureMap, phi_key, phi_query
+from metaattn_kernels.feature_maps import phi_key, phi_query
 from metaattn_viz.routing import controller as ctl
 from metaattn_viz.routing.controller import AttentionView, ControllerConfig, ControllerStack, SignalState
 
 HQ, HKV, D = 6, 2, 16
 ROUTES = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.25, 0.5, 0.25), (0.0, 0.0, 0.0)]
-
-
-def _map(seed=0) -> FeatureMap:
-    g = torch.Generator().manual_seed(seed)
-    return FeatureMap(
-        torch.randn(HQ, D, D // 2, generator=g),
-        torch.randn(HQ, D // 2, generator=g),
-        torch.randn(HKV, D, D // 2, generator=g),
-        torch.randn(HKV, D // 2, generator=g),
-    )
 
 
 def _step(tk, seed=0):
@@ -42,7 +33,7 @@ def _step(tk, seed=0):
 @pytest.mark.parametrize("learned", [False, True])
 @pytest.mark.parametrize("tk", [3, 9, 30])
 def test_decode_step_numpy_matches_decode_step(learned, tk):
-    fm = _map() if learned else None
+    fm = random_feature_map(HQ, HKV, D) if learned else None
     q, k, v = _step(tk)
     for weights, start in itertools.product(ROUTES, [None, tk // 2, tk - 1]):
         state = None
@@ -72,7 +63,7 @@ def test_decode_step_numpy_matches_decode_step(learned, tk):
 
 @pytest.mark.parametrize("learned", [False, True])
 def test_given_features_of_q_and_the_new_key_give_the_same_step(learned):
-    fm = _map(1) if learned else None
+    fm = random_feature_map(HQ, HKV, D, 1) if learned else None
     q, k, v = _step(20, seed=1)
     _, state = decode_step(q, k[:, :, :19], v[:, :, :19], (0.0, 1.0, 0.0), window=8, n_sink=2, feature_map=fm)
     pq = phi_query(fm, q)[0, :, 0].numpy()
@@ -89,7 +80,7 @@ def test_given_features_of_q_and_the_new_key_give_the_same_step(learned):
 
 
 def test_phi_numpy_is_the_feature_map():
-    fm = _map(2)
+    fm = random_feature_map(HQ, HKV, D, 2)
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, HQ, 3, D, generator=g), torch.randn(1, HKV, 3, D, generator=g)
     for m in (None, fm):
@@ -127,7 +118,7 @@ def test_decode_step_numpy_hands_over_what_it_does_not_cover():
 def test_signals_one_continues_the_running_sums(learned):
     """Token by token through the numpy path, then on with the torch path: the features of
     one prefill of everything, and the sums are left where the torch path expects them."""
-    fm = _map(4) if learned else None
+    fm = random_feature_map(HQ, HKV, D, 4) if learned else None
     g = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, HQ, 40, D, generator=g), torch.randn(1, HKV, 40, D, generator=g)
     whole = ctl.attention_signals(AttentionView(q, k, fm, 8, 2, SignalState(1)), 0)[0]
@@ -147,7 +138,8 @@ def test_signals_one_continues_the_running_sums(learned):
     # sums that stop elsewhere (or another map): not continued, nothing written
     out = np.full(n, np.nan, np.float32)
     assert not ctl._signals_one(AttentionView(q[:, :, 35:36], k[:, :, :36], fm, 8, 2, state), 0, out)
-    assert not ctl._signals_one(AttentionView(q[:, :, 39:], k, _map(5), 8, 2, state), 0, out)
+    other = random_feature_map(HQ, HKV, D, 5)
+    assert not ctl._signals_one(AttentionView(q[:, :, 39:], k, other, 8, 2, state), 0, out)
     assert np.isnan(out).all()
 
 

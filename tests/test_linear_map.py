@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import CharTokenizer, routed_tiny, synthetic_trace, tiny_model
+from helpers import CharTokenizer, random_feature_map, routed_tiny, synthetic_trace, tiny_model
 
 from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_kernels.reference import routed_attention_reference
@@ -30,12 +30,7 @@ def random_maps(n_layers=3, hq=6, hkv=2, d=16, seed=0, spread=3.0) -> list[Featu
     g = torch.Generator().manual_seed(seed)
 
     def one():
-        return FeatureMap(
-            torch.randn(hq, d, d // 2, generator=g) * spread / d**0.5,
-            torch.randn(hq, d // 2, generator=g),
-            torch.randn(hkv, d, d // 2, generator=g) * spread / d**0.5,
-            torch.randn(hkv, d // 2, generator=g),
-        )
+        return random_feature_map(hq, hkv, d, spread=spread, generator=g)
 
     return [one() for _ in range(n_layers)]
 
