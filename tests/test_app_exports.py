@@ -223,7 +223,9 @@ def test_a_link_carries_the_run_its_settings_and_prompt(engine):
         "scope": s.scope,
         "hedge": s.hedge_policy,
         "threshold": s.hedge_threshold,
+        "hedge_measure": s.hedge_measure,
         "window": s.window,
+        "cost_model": s.cost_model,
         **values,
     }
     # a long prompt stays out of the link (the run still replays)

@@ -454,7 +454,8 @@ def test_a_log_of_schema_version_1_is_migrated_keeps_its_runs_and_can_say_stoppe
         m.setattr(
             Q,
             "INSERT_RUNS",
-            "INSERT INTO runs BY NAME SELECT * EXCLUDE (owner, linear_map, hedge_measure) FROM _new_runs",
+            "INSERT INTO runs BY NAME SELECT * EXCLUDE (owner, linear_map, hedge_measure, cost_model) "
+            "FROM _new_runs",
         )
         log = RunLog(db)
         ids = {}
@@ -506,7 +507,8 @@ def test_a_log_of_schema_version_2_is_migrated_and_its_runs_replay_as_elu(db, mo
         m.setattr(
             Q,
             "INSERT_RUNS",
-            "INSERT INTO runs BY NAME SELECT * EXCLUDE (linear_map, hedge_measure) FROM _new_runs",
+            "INSERT INTO runs BY NAME SELECT * EXCLUDE (linear_map, hedge_measure, cost_model) "
+            "FROM _new_runs",
         )
         with RunLog(db) as log:
             ids = [stream_run(log, tr) for tr in traces]
@@ -536,7 +538,9 @@ def test_a_log_of_schema_version_3_is_migrated_and_its_runs_hedged_on_total_unce
     with monkeypatch.context() as m:  # this version's code, writing a version-3 log
         m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
         m.setattr(
-            Q, "INSERT_RUNS", "INSERT INTO runs BY NAME SELECT * EXCLUDE (hedge_measure) FROM _new_runs"
+            Q,
+            "INSERT_RUNS",
+            "INSERT INTO runs BY NAME SELECT * EXCLUDE (hedge_measure, cost_model) FROM _new_runs",
         )
         with RunLog(db) as log:
             ids = [stream_run(log, tr) for tr in traces]
@@ -544,7 +548,7 @@ def test_a_log_of_schema_version_3_is_migrated_and_its_runs_hedged_on_total_unce
         assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 3
         assert "hedge_measure" not in {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
     with RunLog(db) as log:
-        assert count(log, "SELECT max(version) FROM schema_version") == 4
+        assert count(log, "SELECT max(version) FROM schema_version") == store.latest_schema_version()
         for rid, tr in zip(ids, traces, strict=True):
             assert log.get_run(rid)["hedge_measure"] == "total"
             assert_same_trace(log.load_trace(rid), tr)
@@ -562,6 +566,7 @@ def test_shipped_migrations_never_change():
         2: "fde22dc1870615c6e832010d977ab9bf9ac205fd9d3121011041a3d1ddb54eee",
         3: "d219176ee1565084c108e259af81b9789a1dafe27fce042e430a9686e99d1baa",
         4: "3c704bdd4fe07098e2d212aef9bf338f2200e9cfd49eee65ce16d8c18312fc4d",
+        5: "e65529bb7a7e5afaafa295551244a0aaf4b724c64fb356d2e093e492d8079f30",
     }
     for version, statements in store.MIGRATIONS:
         if version in pinned:

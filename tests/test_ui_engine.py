@@ -109,6 +109,8 @@ def test_clean_prompt_refuses_in_plain_words(bad, message):
         (dict(window=0), "Local window must be between 1 and 4096"),
         (dict(window=2.5), "Local window must be a whole number"),
         (dict(n_sink=True), "Attention sinks must be a whole number"),
+        (dict(hedge_measure="vacuity"), "Hedge measure must be one of total, epistemic"),
+        (dict(cost_model="real"), "Cost model must be one of notional, flops"),
     ],
 )
 def test_parse_settings_names_the_setting_and_its_range(kw, message):

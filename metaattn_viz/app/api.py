@@ -84,13 +84,19 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         n_sink: int = DEFAULTS.n_sink,
         quality: bool = g.quality,
         model: str = "",
+        hedge_measure: str = DEFAULTS.hedge_measure,
+        cost_model: str = DEFAULTS.cost_model,
         request: gr.Request | None = None,
     ) -> dict:
         """Route a prompt and generate (greedy when temperature is 0; the chat template on
         by default, as on the page) on `model` (one of /status's models; "": the default).
         Returns the trace as JSON: the fields of `metaattn-viz route --json` plus
-        kl_to_dense and notes (which say why when no token was generated)."""
-        settings = parse_settings(budget, scope, hedge_policy, hedge_threshold, window, n_sink)
+        kl_to_dense and notes (which say why when no token was generated). `hedge_measure`:
+        what the hedge threshold reads (total or epistemic uncertainty); `cost_model`: what
+        the budget counts (notional costs, or flops: a share of dense attention FLOPs)."""
+        settings = parse_settings(
+            budget, scope, hedge_policy, hedge_threshold, window, n_sink, hedge_measure, cost_model
+        )
         req = parse_request(
             prompt, settings, controller, max_new_tokens, temperature, top_p, seed, chat, quality, model
         )
@@ -110,12 +116,16 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         window: int = DEFAULTS.window,
         n_sink: int = DEFAULTS.n_sink,
         quality: bool = True,
+        hedge_measure: str = DEFAULTS.hedge_measure,
+        cost_model: str = DEFAULTS.cost_model,
         request: gr.Request | None = None,
     ) -> dict:
         """Route the same text (a trace returned by /generate or /reroute) again under other
-        settings, as one prefill, on the model that made it; with quality, also KL to the
-        dense model per token."""
-        settings = parse_settings(budget, scope, hedge_policy, hedge_threshold, window, n_sink)
+        settings (those of /generate), as one prefill, on the model that made it; with
+        quality, also KL to the dense model per token."""
+        settings = parse_settings(
+            budget, scope, hedge_policy, hedge_threshold, window, n_sink, hedge_measure, cost_model
+        )
         made_by = trace.get("model") if isinstance(trace, dict) else None
         routed = engine.host.routed_model(model=made_by if isinstance(made_by, str) and made_by else None)
         text = text_from_json(trace, routed.model.config.vocab_size)

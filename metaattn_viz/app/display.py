@@ -18,6 +18,7 @@ RUNS_COLUMNS = [
     "kind",
     "controller",
     "budget",
+    "cost_model",
     "scope",
     "hedge_policy",
     "n_tokens",

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.core.settings import (
+    COST_MODELS,
     DEFAULT_CONTROLLER,
     DEFAULTS,
+    HEDGE_MEASURES,
     HEDGE_POLICIES,
     MIN_COST,
     SCOPES,
@@ -98,6 +100,8 @@ def parse_settings(
     hedge_threshold=DEFAULTS.hedge_threshold,
     window=DEFAULTS.window,
     n_sink=DEFAULTS.n_sink,
+    hedge_measure=DEFAULTS.hedge_measure,
+    cost_model=DEFAULTS.cost_model,
 ) -> RoutingSettings:
     """RoutingSettings from the controls; budget None means no budget (the argmax)."""
     b = None if budget is None else number("Budget", budget, MIN_COST, 1.0)
@@ -109,6 +113,8 @@ def parse_settings(
             hedge_threshold=number("Hedge threshold", hedge_threshold, 0.0, 1.0),
             window=whole("Local window", window, 1, 4096),
             n_sink=whole("Attention sinks", n_sink, 0, 64),
+            hedge_measure=choice("Hedge measure", hedge_measure, HEDGE_MEASURES),
+            cost_model=choice("Cost model", cost_model, COST_MODELS),
         )
     except ValueError as exc:  # anything RoutingSettings refuses beyond these checks
         raise AppError(str(exc)) from None

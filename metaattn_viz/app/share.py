@@ -1,8 +1,8 @@
 """Shareable runs: the link that opens the page on a run, and what the page makes of one.
 
 A link is the page's address with a query string: `run=<run_id>` plus the settings the run
-was made with (routing: budget, controller, scope, hedge policy and threshold, local
-window; generation: max new tokens, temperature, top-p, seed, chat template; the
+was made with (routing: budget, controller, scope, hedge policy, threshold and measure,
+local window, cost model; generation: max new tokens, temperature, top-p, seed, chat template; the
 uncertainty measure shown) and its prompt, when the prompt is short enough for a link
 (MAX_LINK_PROMPT characters). Opening it, the page replays the run from its routing log
 with the run's own settings; when the run is not in this server's log, or is another
@@ -27,7 +27,14 @@ from metaattn_viz.app.requests import (
     number,
     whole,
 )
-from metaattn_viz.core.settings import HEDGE_POLICIES, MIN_COST, SCOPES, UNCERTAINTY_MEASURES
+from metaattn_viz.core.settings import (
+    COST_MODELS,
+    HEDGE_MEASURES,
+    HEDGE_POLICIES,
+    MIN_COST,
+    SCOPES,
+    UNCERTAINTY_MEASURES,
+)
 from metaattn_viz.routing.controller import KINDS
 
 MAX_LINK_PROMPT = 2000  # longer prompts are left out of a link (the run itself still replays)
@@ -42,7 +49,9 @@ PARAMETERS = {
     "scope": ("Budget scope", lambda v: choice("Budget scope", v, SCOPES)),
     "hedge": ("Hedge policy", lambda v: choice("Hedge policy", v, HEDGE_POLICIES)),
     "threshold": ("Hedge threshold", lambda v: number("Hedge threshold", v, 0.0, 1.0)),
+    "hedge_measure": ("Hedge measure", lambda v: choice("Hedge measure", v, HEDGE_MEASURES)),
     "window": ("Local window", lambda v: whole("Local window", v, 1, 4096)),
+    "cost_model": ("Cost model", lambda v: choice("Cost model", v, COST_MODELS)),
     "max_new": ("Max new tokens", lambda v: whole("Max new tokens", v, 0, MAX_NEW_TOKENS)),
     "temperature": ("Temperature", lambda v: number("Temperature", v, 0.0, 2.0)),
     "top_p": ("Top-p", lambda v: number("Top-p", v, 0.01, 1.0)),
@@ -87,7 +96,9 @@ def share_query(trace, values: Mapping) -> str:
         "scope": s.scope,
         "hedge": s.hedge_policy,
         "threshold": s.hedge_threshold,
+        "hedge_measure": s.hedge_measure,
         "window": s.window,
+        "cost_model": s.cost_model,
     }
     if s.budget is not None:
         given["budget"] = s.budget

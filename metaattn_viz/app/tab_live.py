@@ -28,7 +28,9 @@ from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request,
 from metaattn_viz.app.shown_frame import shown_frame
 from metaattn_viz.app.ui_errors import user_errors, warn
 from metaattn_viz.core.settings import (
+    COST_MODELS,
     DEFAULTS,
+    HEDGE_MEASURES,
     HEDGE_POLICIES,
     MIN_COST,
     SCOPES,
@@ -39,6 +41,8 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing.controller import KINDS
 
 SCOPE_LABELS = {"global": "global (layers compete)", "layer": "per layer"}
+HEDGE_MEASURE_LABELS = {"total": "total uncertainty", "epistemic": "epistemic (what it does not know)"}
+COST_MODEL_LABELS = {"notional": "notional costs", "flops": "attention FLOPs (share of dense)"}
 CONTROLLER_LABELS = {"bayes": "Bayesian", "priorfree": "prior-free"}
 # the local-window slider's range (a replayed run's window is shown clamped to it)
 WINDOW_MIN, WINDOW_MAX = 8, 256
@@ -55,10 +59,20 @@ class RoutingControls:
     hedge_policy: gr.Radio
     hedge_threshold: gr.Slider
     window: gr.Slider
+    hedge_measure: gr.Radio
+    cost_model: gr.Radio
 
     @property
     def inputs(self) -> set:
-        return {self.budget, self.scope, self.hedge_policy, self.hedge_threshold, self.window}
+        return {
+            self.budget,
+            self.scope,
+            self.hedge_policy,
+            self.hedge_threshold,
+            self.window,
+            self.hedge_measure,
+            self.cost_model,
+        }
 
     def settings(self, data: dict) -> RoutingSettings:
         """The settings from a callback's input values (AppError if one is out of range)."""
@@ -68,6 +82,8 @@ class RoutingControls:
             data[self.hedge_policy],
             data[self.hedge_threshold],
             data[self.window],
+            hedge_measure=data[self.hedge_measure],
+            cost_model=data[self.cost_model],
         )
 
     def show(self, s: RoutingSettings) -> dict:
@@ -78,6 +94,8 @@ class RoutingControls:
             self.hedge_policy: s.hedge_policy,
             self.hedge_threshold: s.hedge_threshold,
             self.window: min(max(s.window, WINDOW_MIN), WINDOW_MAX),
+            self.hedge_measure: s.hedge_measure,
+            self.cost_model: s.cost_model,
         }
 
 
@@ -143,8 +161,8 @@ class LiveTab:
                 step=0.01,
                 elem_id="budget",
                 scale=3,
-                label="Compute budget: mean notional cost per decision "
-                "(full 1.0, local 0.3, linear 0.15); re-routes on release",
+                label="Compute budget: mean cost per decision under the cost model (notional: "
+                "full 1.0, local 0.3, linear 0.15; FLOPs: share of dense attention); re-routes on release",
             )
             self.model = gr.Dropdown(
                 models,
@@ -170,13 +188,27 @@ class LiveTab:
                 1.0,
                 value=DEFAULTS.hedge_threshold,
                 step=0.01,
-                label="Hedge threshold (total uncertainty)",
+                label="Hedge threshold (the hedge measure, a fraction of log 3)",
+            )
+            hedge_measure = gr.Radio(
+                [(HEDGE_MEASURE_LABELS.get(m, m), m) for m in HEDGE_MEASURES],
+                value=DEFAULTS.hedge_measure,
+                label="Hedge measure",
+                elem_id="hedge-measure",
             )
             window = gr.Slider(
                 WINDOW_MIN, WINDOW_MAX, value=DEFAULTS.window, step=8, label="Local window (tokens)"
             )
+            cost_model = gr.Radio(
+                [(COST_MODEL_LABELS.get(c, c), c) for c in COST_MODELS],
+                value=DEFAULTS.cost_model,
+                label="Cost model (what the budget counts)",
+                elem_id="cost-model",
+            )
             self.quality = gr.Checkbox(GENERATION.quality, label="Quality meter (dense shadow pass)")
-        self.routing = RoutingControls(budget, scope, hedge_policy, hedge_threshold, window)
+        self.routing = RoutingControls(
+            budget, scope, hedge_policy, hedge_threshold, window, hedge_measure, cost_model
+        )
         self.meters = gr.HTML(plots.meters(empty), elem_id="meters")
         self.run_status = gr.Markdown(display.example_note(initial), elem_id="run-status")
         with gr.Row(equal_height=True):
@@ -278,6 +310,8 @@ class LiveTab:
             r.hedge_policy,
             r.hedge_threshold,
             r.window,
+            r.hedge_measure,
+            r.cost_model,
         ]
 
     def show_run(self, trace, measure: str) -> dict:
@@ -301,7 +335,9 @@ class LiveTab:
             "scope": r.scope,
             "hedge": r.hedge_policy,
             "threshold": r.hedge_threshold,
+            "hedge_measure": r.hedge_measure,
             "window": r.window,
+            "cost_model": r.cost_model,
             "max_new": self.max_new,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -450,6 +486,8 @@ class LiveTab:
                 self.controller.input,
                 r.scope.input,
                 r.hedge_policy.input,
+                r.hedge_measure.input,
+                r.cost_model.input,
             ],
             live_reroute,
             {self.trace, self.controller, self.measure, self.relative, *r.inputs},

@@ -15,8 +15,9 @@ def trace_table(trace: RoutingTrace) -> str:
     lines = [
         f"model {trace.model}   controller {trace.controller_id}"
         + ("" if trace.controller_trained else "   (UNTRAINED: run `metaattn-viz calibrate`)"),
-        f"budget {trace.settings.budget}   scope {trace.settings.scope}   hedge "
-        f"{trace.settings.hedge_policy}   window {trace.settings.window}+{trace.settings.n_sink}",
+        f"budget {trace.settings.budget} ({trace.settings.cost_model} costs)   scope "
+        f"{trace.settings.scope}   hedge {trace.settings.hedge_policy}   window "
+        f"{trace.settings.window}+{trace.settings.n_sink}",
         "routes: one character per layer, "
         + " ".join(f"{c}={e}" for c, e in zip(LETTERS, EXPERTS, strict=True))
         + " (lower case = hedged)",

@@ -3,9 +3,9 @@
 Ids and names are the kernels' (`metaattn_kernels.experts`, the mechanics), imported
 here so that the routing weights' last axis means the same thing on both sides. What
 only the policy and its views need lives here, once: the paper's notional costs (they
-drive the prior and the budget; docs/method.md, "Experts") and the one-letter symbols of
-terminal route strings. Never: behaviour, torch, or anything about real FLOPs (those are
-counted by `metaattn_kernels.flops`).
+drive the prior, and the budget under the default cost model; docs/method.md, "Experts")
+and the one-letter symbols of terminal route strings. Never: behaviour, torch, or anything
+about real FLOPs (those are counted by `metaattn_kernels.flops`).
 """
 
 from __future__ import annotations

@@ -31,6 +31,12 @@ UNCERTAINTY_MEASURES = ("total", "aleatoric", "epistemic", "vacuity")
 # "learned" is the per-layer Hedgehog map shipped for the model (routing/linear_maps.py);
 # "auto" is "learned" where the model has learned maps, else "elu".
 LINEAR_MAPS = ("auto", "elu", "learned")
+# What a decision costs against the budget (docs/method.md, "Budget"; routing/costs.py):
+# "notional", the paper's cost of each expert (core.experts.COSTS), the same at every
+# position; "flops", the real attention FLOPs of the expert at the decision's position
+# relative to dense attention (metaattn_kernels.flops), so that a budget is a share of
+# dense attention FLOPs. The first is the default.
+COST_MODELS = ("notional", "flops")
 
 
 def _finite(
@@ -72,9 +78,9 @@ def _int(name: str, value, lo: int, hi: int) -> int:
 class RoutingSettings:
     """How the routed model spends compute. Defaults are the app's defaults.
 
-    budget: mean notional cost per routed decision, in [MIN_COST, 1] = [0.15, 1]; None = no
-        budget (the posterior's own argmax, lambda = 0: the paper's "projected normalised
-        cost" mode; docs/method.md, "Budget").
+    budget: mean cost per routed decision under ``cost_model``, in [MIN_COST, 1] = [0.15, 1];
+        None = no budget (the posterior's own argmax, lambda = 0: the paper's "projected
+        normalised cost" mode; docs/method.md, "Budget").
     scope: "global" (one lambda for all layers, so layers compete for compute: the default,
         because layers differ in how much full attention they need; a prefill settles
         lambda on a pilot pass, see RoutedModel.prefill) or "layer" (every layer meets the
@@ -96,6 +102,10 @@ class RoutingSettings:
     hedge_measure: what ``hedge_threshold`` is compared with, "total" (the entropy of the
         posterior mean) or "epistemic" (the mutual information: what the controller does
         not know, as opposed to a token for which two experts are equally good).
+    cost_model: what a decision costs against the budget, "notional" (the paper's costs:
+        full 1, linear 0.15, local 0.3) or "flops" (the expert's real attention FLOPs at the
+        decision's position relative to dense attention: budget 0.3 is 30 % of dense
+        attention FLOPs; routing/costs.py).
     """
 
     budget: float | None = 0.5
@@ -110,6 +120,7 @@ class RoutingSettings:
     backend: str = "auto"
     linear_map: str = "auto"
     hedge_measure: str = "total"
+    cost_model: str = "notional"
 
     def __post_init__(self):
         if self.budget is not None:
@@ -137,6 +148,8 @@ class RoutingSettings:
             raise ValueError(
                 f"hedge_measure must be one of {', '.join(HEDGE_MEASURES)}, got {self.hedge_measure!r}"
             )
+        if self.cost_model not in COST_MODELS:
+            raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {self.cost_model!r}")
 
     def with_(self, **changes) -> RoutingSettings:
         return replace(self, **changes)
@@ -164,6 +177,7 @@ __all__ = [
     "SCOPES",
     "HEDGE_POLICIES",
     "HEDGE_MEASURES",
+    "COST_MODELS",
     "BACKENDS",
     "LINEAR_MAPS",
     "UNCERTAINTY_MEASURES",

@@ -46,7 +46,8 @@ class RoutingTrace:
     routes: np.ndarray = _EMPTY  # [L, T] int8: expert chosen (see hedged)
     hedged: np.ndarray = _EMPTY  # [L, T] bool
     weights: np.ndarray = _EMPTY  # [L, T, K] float32 mixing weights actually applied
-    cost: np.ndarray = _EMPTY  # [L, T] float32 real notional cost of each decision
+    # [L, T] float32 real cost of each decision under settings.cost_model (routing/costs.py)
+    cost: np.ndarray = _EMPTY
     lam: np.ndarray = _EMPTY  # [L, T] float32 lambda in force for each decision
     kl_to_dense: np.ndarray | None = None  # [T] KL(dense || routed) next-token, if measured
     truncated: int = 0  # prompt tokens dropped from the left to fit the context
@@ -131,6 +132,8 @@ class RoutingTrace:
 
     @property
     def realized_cost(self) -> float:
+        """Mean cost per decision under the settings' cost model (under "flops", a prefill's
+        is its attention FLOPs over dense ones; a decode step's is relative to dense there)."""
         return float(self.cost.mean()) if self.cost.size else float("nan")
 
     def positions(self) -> np.ndarray:
@@ -174,8 +177,9 @@ class RoutingTrace:
             "controller_trained": self.controller_trained,
             "budget": self.settings.budget,
             "settings": self.settings.to_dict(),
+            "cost_model": self.settings.cost_model,  # what cost and realized_cost count
             "experts": list(EXPERTS),
-            "costs": list(COSTS),
+            "costs": list(COSTS),  # the notional costs
             "tokens": list(self.tokens),
             "token_ids": list(self.token_ids),
             "n_prompt_tokens": self.n_prompt_tokens,

@@ -1,18 +1,25 @@
 """Routing policy under a compute budget (docs/method.md, "Budget", "Hedging", "Decoding").
 
-Hard routing: k_t(lambda) = argmax_k [log m_{t,k} - lambda c_k]. The mean cost falls
+Hard routing: k_t(lambda) = argmax_k [log m_{t,k} - lambda c_{t,k}]. The mean cost falls
 monotonically as lambda grows, so bisection finds the lambda whose realised mean cost is
 closest to the budget B. Decode-time: lambda follows the running cost by dual ascent.
 Hedging: a decision routed to a cheap expert whose uncertainty exceeds the threshold is
 mixed softly over the experts with non-negligible weight, or escalated to full attention;
 its real cost (every expert it computes) counts against the budget.
 
+The costs c are the settings' cost model's (routing/costs.py), handed in by the caller: the
+notional costs [K] by default (the same for every decision), or per-decision costs [N, K]
+(cost_model "flops": what each expert spends at the decision's position, relative to dense).
+
 The ends of the budget range are defined once, in `extreme_route`: B >= 1 routes every
-decision to full attention (the dense model), B <= the cheapest cost routes every decision
-to the cheapest expert; lambda sits at -LAM_MAX / +LAM_MAX and is never solved or moved.
+decision to full attention (the dense model); under the notional costs B <= the cheapest
+cost routes every decision to the cheapest expert. Under "flops" the cheapest expert
+depends on the position, so a budget at the bottom is solved like any other (the bisection
+ends at +LAM_MAX: every decision to its cheapest expert, and the cost is what that costs).
+At an extreme lambda sits at -LAM_MAX / +LAM_MAX and is never solved or moved.
 
 Pure maths on [N, K] posteriors (tensors; `decide_one` in plain Python for one decode
-decision): never sees the model, the kernels or the UI.
+decision): never sees the model, the kernels or the UI, and never computes a cost itself.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from metaattn_viz.core.dirichlet import mutual_information, total_uncertainty
 from metaattn_viz.core.experts import COSTS, FULL, MIN_COST, K
 from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.routing.costs import notional_tensor
 
 LAM_MAX = 1.0e4  # |lambda| beyond which every decision is already at an extreme
 CHEAPEST = COSTS.index(MIN_COST)  # the expert of the lowest budget (linear attention)
@@ -36,20 +44,7 @@ class Decisions:
     routes: torch.Tensor  # [N] long: the expert each decision chose
     weights: torch.Tensor  # [N, K] mixing weights actually applied (one-hot unless hedged)
     hedged: torch.Tensor  # [N] bool
-    cost: torch.Tensor  # [N] real notional cost (sum over the experts computed)
-
-
-_COSTS_ON: dict[torch.device, torch.Tensor] = {}
-
-
-def costs_tensor(device=None) -> torch.Tensor:
-    """The experts' costs [K] float32 on `device`; built once per device (a copy to a GPU per
-    decision would synchronise with it). Shared: never modify it in place."""
-    dev = torch.device(device if device is not None else "cpu")
-    c = _COSTS_ON.get(dev)
-    if c is None:
-        c = _COSTS_ON[dev] = torch.tensor(COSTS, dtype=torch.float32, device=dev)
-    return c
+    cost: torch.Tensor  # [N] real cost under the cost model (sum over the experts computed)
 
 
 def hedge_uncertainty(
@@ -75,11 +70,18 @@ def hedge_uncertainty_one(
     return -sum(p * math.log(p) for p in m if p > 0) / math.log(len(m))
 
 
-def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSettings) -> Decisions:
+def decide(
+    m: torch.Tensor,
+    uncertainty: torch.Tensor,
+    lam,
+    settings: RoutingSettings,
+    costs: torch.Tensor | None = None,
+) -> Decisions:
     """Route N decisions. m: [N, K] posterior means; uncertainty: [N] (`hedge_uncertainty`);
-    lam: scalar, 0-d or [N] tensor. Off the CPU nothing here waits for the device (no
-    data-dependent branch), so a decode step can decide without a host synchronisation."""
-    c = costs_tensor(m.device)
+    lam: scalar, 0-d or [N] tensor; costs: [K] or [N, K] float32 on m's device (None: the
+    notional costs). Off the CPU nothing here waits for the device (no data-dependent
+    branch), so a decode step can decide without a host synchronisation."""
+    c = notional_tensor(m.device) if costs is None else costs
     lam_t = torch.as_tensor(lam, dtype=torch.float32, device=m.device)
     if lam_t.dim() == 1:
         lam_t = lam_t[:, None]
@@ -105,14 +107,18 @@ def decide(m: torch.Tensor, uncertainty: torch.Tensor, lam, settings: RoutingSet
 
 
 def decide_one(
-    beta: list[float], lam: float, settings: RoutingSettings, point_estimate: bool = False
+    beta: list[float],
+    lam: float,
+    settings: RoutingSettings,
+    point_estimate: bool = False,
+    costs: tuple[float, ...] = COSTS,
 ) -> tuple[int, list[float], bool, float]:
     """`decide` for one decision in plain Python (the decode-time hot path):
-    concentrations (or probabilities, `point_estimate`) of K experts -> (route, weights,
-    hedged, cost)."""
+    concentrations (or probabilities, `point_estimate`) of K experts and their K costs ->
+    (route, weights, hedged, cost)."""
     total = sum(beta)
     m = [b / total for b in beta]
-    scores = [math.log(max(p, 1e-30)) - lam * c for p, c in zip(m, COSTS, strict=True)]
+    scores = [math.log(max(p, 1e-30)) - lam * c for p, c in zip(m, costs, strict=True)]
     route = max(range(len(scores)), key=scores.__getitem__)  # first max, like argmax
     weights = [0.0] * K
     weights[route] = 1.0
@@ -126,60 +132,71 @@ def decide_one(
                 keep = [p if (p >= settings.hedge_min_weight or k == route) else 0.0 for k, p in enumerate(m)]
                 z = sum(keep)
                 weights = [p / z for p in keep]
-    cost = sum(c for w, c in zip(weights, COSTS, strict=True) if w > 0)
+    cost = sum(c for w, c in zip(weights, costs, strict=True) if w > 0)
     return route, weights, hedged, cost
 
 
-def all_to(expert: int, n: int, device=None) -> Decisions:
+def all_to(expert: int, n: int, device=None, costs: torch.Tensor | None = None) -> Decisions:
+    """N decisions all routed to `expert`; costs: [K] or [N, K] (None: the notional costs)."""
     routes = torch.full((n,), expert, dtype=torch.long, device=device)
     weights = torch.nn.functional.one_hot(routes, K).float()
-    return Decisions(
-        routes,
-        weights,
-        torch.zeros(n, dtype=torch.bool, device=device),
-        torch.full((n,), COSTS[expert], device=device),
-    )
+    if costs is None:
+        cost = torch.full((n,), COSTS[expert], device=device)
+    else:
+        cost = costs[..., expert].to(torch.float32).expand(n)
+    return Decisions(routes, weights, torch.zeros(n, dtype=torch.bool, device=device), cost)
 
 
-def extreme_route(budget: float | None) -> tuple[int, float] | None:
+def extreme_route(budget: float | None, cost_model: str = "notional") -> tuple[int, float] | None:
     """(expert, lambda) of a budget at either end of the range: B >= 1 sends every decision
-    to full attention (lambda = -LAM_MAX), B <= the cheapest cost sends every decision to
-    the cheapest expert (+LAM_MAX). None in between, or without a budget: lambda is solved."""
+    to full attention (lambda = -LAM_MAX); under the notional costs B <= the cheapest cost
+    sends every decision to the cheapest expert (+LAM_MAX). None in between, at the bottom
+    under "flops" (the cheapest expert depends on the position: solved, see the module
+    docstring), or without a budget: lambda is solved."""
     if budget is None:
         return None
     if budget >= 1.0:
         return FULL, -LAM_MAX
-    if budget <= MIN_COST:
+    if budget <= MIN_COST and cost_model == "notional":
         return CHEAPEST, LAM_MAX
     return None
 
 
 def settings_extreme(settings: RoutingSettings) -> tuple[int, float] | None:
     """`extreme_route` of the settings' budget, unless a fixed lambda overrides the budget."""
-    return None if settings.lam is not None else extreme_route(settings.budget)
+    return None if settings.lam is not None else extreme_route(settings.budget, settings.cost_model)
 
 
-def extreme_lambda(budget: float | None) -> float | None:
+def extreme_lambda(budget: float | None, cost_model: str = "notional") -> float | None:
     """The lambda of a budget at either end of the range, or None if it must be solved."""
-    ext = extreme_route(budget)
+    ext = extreme_route(budget, cost_model)
     return None if ext is None else ext[1]
 
 
 def solve_lambda(
-    m: torch.Tensor, uncertainty: torch.Tensor, budget: float, settings: RoutingSettings
+    m: torch.Tensor,
+    uncertainty: torch.Tensor,
+    budget: float,
+    settings: RoutingSettings,
+    costs: torch.Tensor | None = None,
 ) -> float:
-    """The lambda whose realised mean cost over these decisions is closest to the budget."""
-    ext = extreme_lambda(budget)
+    """The lambda whose realised mean cost over these decisions is closest to the budget
+    (costs: as `decide` takes them). A budget at or below what these decisions cost at
+    their cheapest is met as closely as it can be: under the notional costs at +LAM_MAX;
+    under "flops" (where that is common: a short text, on which linear attention costs more
+    than full) at the least lambda that routes as +LAM_MAX does, so that decoding, which
+    starts from this lambda, can move it by dual ascent."""
+    ext = extreme_lambda(budget, settings.cost_model)
     if ext is not None:
         return ext
 
     def mean_cost(lam: float) -> float:
-        return float(decide(m, uncertainty, lam, settings).cost.mean())
+        return float(decide(m, uncertainty, lam, settings, costs).cost.mean())
 
     lo, hi = -LAM_MAX, LAM_MAX  # cost(lo) >= budget > cost(hi) is what we keep
     c_lo, c_hi = mean_cost(lo), mean_cost(hi)
     if c_hi >= budget:
-        return hi
+        return hi if settings.cost_model == "notional" else _least_lambda_at(mean_cost, c_hi)
     if c_lo <= budget:
         return lo
     for _ in range(_BISECT_STEPS):
@@ -194,20 +211,38 @@ def solve_lambda(
     return lo if abs(c_lo - budget) <= abs(c_hi - budget) else hi
 
 
+def _least_lambda_at(mean_cost, floor: float) -> float:
+    """The least lambda (to 1e-6) whose mean cost is the floor, mean_cost(+LAM_MAX)."""
+    lo, hi = -LAM_MAX, LAM_MAX  # cost(lo) > floor >= cost(hi) is what we keep
+    for _ in range(_BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        if mean_cost(mid) <= floor:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-6:
+            break
+    return hi
+
+
 def route_under_budget(
-    m: torch.Tensor, uncertainty: torch.Tensor, settings: RoutingSettings
+    m: torch.Tensor,
+    uncertainty: torch.Tensor,
+    settings: RoutingSettings,
+    costs: torch.Tensor | None = None,
 ) -> tuple[Decisions, float]:
-    """One group of decisions (a layer, or all layers) meeting settings' budget or lambda."""
+    """One group of decisions (a layer, or all layers) meeting settings' budget or lambda
+    (costs: as `decide` takes them, the group's under the settings' cost model)."""
     n = m.shape[0]
     if settings.lam is not None:
-        return decide(m, uncertainty, settings.lam, settings), settings.lam
+        return decide(m, uncertainty, settings.lam, settings, costs), settings.lam
     if settings.budget is None:
-        return decide(m, uncertainty, 0.0, settings), 0.0
-    ext = extreme_route(settings.budget)
+        return decide(m, uncertainty, 0.0, settings, costs), 0.0
+    ext = extreme_route(settings.budget, settings.cost_model)
     if ext is not None:
-        return all_to(ext[0], n, m.device), ext[1]
-    lam = solve_lambda(m, uncertainty, settings.budget, settings)
-    return decide(m, uncertainty, lam, settings), lam
+        return all_to(ext[0], n, m.device, costs), ext[1]
+    lam = solve_lambda(m, uncertainty, settings.budget, settings, costs)
+    return decide(m, uncertainty, lam, settings, costs), lam
 
 
 def dual_ascent(lam, cost, settings: RoutingSettings):
@@ -215,7 +250,7 @@ def dual_ascent(lam, cost, settings: RoutingSettings):
     Floats (the CPU decode path) or tensors on the device (no host synchronisation)."""
     if settings.lam is not None or settings.budget is None:
         return lam
-    ext = extreme_route(settings.budget)
+    ext = extreme_route(settings.budget, settings.cost_model)
     if ext is not None:
         return torch.full_like(lam, ext[1]) if isinstance(lam, torch.Tensor) else ext[1]
     lam = lam + settings.dual_step * (cost - settings.budget)

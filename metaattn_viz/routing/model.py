@@ -252,6 +252,7 @@ class RoutedModel:
         if settings.backend == "auto" and self.backend != "auto":
             settings = settings.with_(backend=self.backend)
         maps = self.linear_maps_for(settings)
+        kwargs.setdefault("head_dim", self.head_dim)  # the "flops" cost model's
         with active(Session(self.n_layers, stack, settings, feature_maps=maps, **kwargs)) as sess:
             yield sess
 
@@ -350,7 +351,9 @@ class RoutedModel:
             # warm start: the lambda that meets the new budget on the previous posteriors;
             # routing changes them a little, so prefill checks the cost and re-solves if off
             point_estimate = prefill_mod.is_point_estimate(self, controller)
-            hint = prefill_mod.solve_global(previous[:, None], settings, point_estimate)
+            hint = prefill_mod.solve_global(
+                previous[:, None], settings, point_estimate, head_dim=self.head_dim
+            )
         t0 = time.perf_counter()
         res = self.prefill(torch.tensor([ids]), settings, controller, use_cache=False, lam_hint=hint)
         new.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)

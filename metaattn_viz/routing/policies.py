@@ -15,6 +15,11 @@ session (routing/session.py) runs the experts with the weights. A policy's class
 attributes tell the session what it may do around it. A decode step off the CPU float32
 path is decided by ``decide_step`` (``BudgetPolicy``): the same maths as ``decide`` on one
 token with lambda kept as a tensor on the device, so the step never waits for the GPU.
+What a decision costs is the settings' cost model's (routing/costs.py): ``decide`` knows
+its decisions' positions (offset..offset+T-1); a policy that needs a decode decision's
+position (``reads_position``: the "flops" cost model) is handed it by the session as a
+third argument of ``decide_one`` / ``decide_step`` (the notional costs need none, and that
+call is the same as ever).
 Never: run attention, or know transformers.
 """
 
@@ -30,6 +35,7 @@ from metaattn_viz.core.experts import COSTS, K
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import budget as budget_mod
 from metaattn_viz.routing.budget import Decisions
+from metaattn_viz.routing.costs import NOTIONAL, CostModel, notional_tensor
 from metaattn_viz.routing.records import DeviceRecord, OneRecord, Record, record
 
 # A baseline router: (layer, x [B, T, D], m [N, K], uncertainty [N]) -> Decisions
@@ -44,6 +50,8 @@ class RoutingPolicy:
     # instead of the experts with these weights
     sdpa_when_dense = True
     backend: str | None = None  # the kernel backend to use instead of the settings'
+    # whether ``decide_one`` / ``decide_step`` take the decision's position (a third argument)
+    reads_position = False
 
     def __init__(self, n_layers: int, lam: list[float | None] | None = None):
         # lambda per layer, reported with the result (None: not solved / not routed by one)
@@ -57,13 +65,19 @@ class RoutingPolicy:
         beta carries autograd's graph when it has one; policies that do not train detach it."""
         raise NotImplementedError
 
-    def decide_one(self, layer: int, beta: list[float]) -> tuple[list[float], OneRecord]:
-        """One decode decision from K concentrations, in plain Python (``fast_decode``)."""
+    def decide_one(
+        self, layer: int, beta: list[float], position: int | None = None
+    ) -> tuple[list[float], OneRecord]:
+        """One decode decision from K concentrations, in plain Python (``fast_decode``);
+        ``position``: the token's absolute position (given where ``reads_position``)."""
         raise NotImplementedError
 
-    def decide_step(self, layer: int, beta: torch.Tensor) -> tuple[torch.Tensor, DeviceRecord]:
+    def decide_step(
+        self, layer: int, beta: torch.Tensor, position: int | None = None
+    ) -> tuple[torch.Tensor, DeviceRecord]:
         """One decode decision from beta [1, 1, K] on the device, without a host
-        synchronisation (``fast_decode``): (weights [1, 1, K] float32, its record)."""
+        synchronisation (``fast_decode``): (weights [1, 1, K] float32, its record);
+        ``position`` as for ``decide_one``."""
         raise NotImplementedError
 
     def current_lam(self) -> list[float | None]:
@@ -74,6 +88,16 @@ class RoutingPolicy:
 def _posterior_means(beta: torch.Tensor) -> torch.Tensor:
     """beta [B, T, K] -> the posterior means m [N, K] in float32."""
     return (beta / beta.sum(-1, keepdim=True)).reshape(-1, K).float()
+
+
+def _group_costs(costs: CostModel, beta: torch.Tensor, offset: int) -> torch.Tensor:
+    """The costs of the decisions of beta [B, T, K] (queries at offset..offset+T-1), solved
+    together: [K] (notional) or [B * T, K]."""
+    if costs.notional:
+        return notional_tensor(beta.device)
+    b, t, _ = beta.shape
+    positions = torch.arange(offset, offset + t, device=beta.device).repeat(b)
+    return costs.group(positions)
 
 
 class BudgetPolicy(RoutingPolicy):
@@ -87,10 +111,16 @@ class BudgetPolicy(RoutingPolicy):
         n_layers: int,
         lam: list[float | None] | None = None,
         point_estimate: bool = False,
+        head_dim: int | None = None,
     ):
+        """``head_dim``: the model's attention head dimension (the "flops" cost model's)."""
         super().__init__(n_layers, lam)
         self.settings = settings
         self.point_estimate = point_estimate  # the prior-free controller: no epistemic part
+        self.costs = CostModel.of(settings, head_dim)
+        self.reads_position = not self.costs.notional
+        # decide_step under "flops": (position, its costs [1, K] on the device), per token
+        self._step_costs: tuple[int, torch.Tensor] | None = None
         self.n_layers = n_layers
         self.lam_given = lam is not None  # global scope and replays bring their lambdas
         self._extreme = budget_mod.settings_extreme(settings)
@@ -105,47 +135,70 @@ class BudgetPolicy(RoutingPolicy):
     def decide(self, layer, beta, offset, x):
         beta = beta.detach()
         m = _posterior_means(beta)
+        # the notional costs as ever (None); else these decisions', solved together
+        costs = None if self.costs.notional else _group_costs(self.costs, beta, offset)
         if self._extreme is not None:
             expert, lam = self._extreme
-            dec = budget_mod.all_to(expert, m.shape[0])
+            dec = budget_mod.all_to(expert, m.shape[0], None if costs is None else costs.device, costs)
         else:
             unc = budget_mod.hedge_uncertainty(beta, self.settings, self.point_estimate)
             layer_lam = self.lam[layer]
             if layer_lam is None or (offset == 0 and not self.lam_given):
                 # a prefill: this layer's lambda meets the budget over its own decisions
-                dec, lam = budget_mod.route_under_budget(m, unc, self.settings)
+                dec, lam = budget_mod.route_under_budget(m, unc, self.settings, costs)
                 self.lam[layer] = lam
             else:
                 lam = layer_lam
-                dec = budget_mod.decide(m, unc, lam, self.settings)
+                dec = budget_mod.decide(m, unc, lam, self.settings, costs)
                 if offset > 0:  # a decode step: lambda follows the running cost
                     self._dual_ascent(layer, float(dec.cost.mean()))
         b, t, _ = beta.shape
         return dec.weights.view(b, t, K), record(beta, dec, lam)
 
-    def decide_one(self, layer, beta):
+    def decide_one(self, layer, beta, position=None):
         """The same maths as ``decide`` without a dozen tiny tensor ops, which would dominate
-        a decode step on a CPU (budget.decide_one)."""
+        a decode step on a CPU (budget.decide_one); the costs at ``position`` are computed
+        once per position (costs.CostModel.one)."""
+        if self.reads_position:
+            assert position is not None, "the flops cost model needs the decision's position"
+            costs = self.costs.one(position)
+        else:
+            costs = COSTS  # the notional costs: the same everywhere
         if self._extreme is not None:
             route, lam = self._extreme
-            w, hedged, cost = self._extreme_weights, False, COSTS[route]
+            w, hedged, cost = self._extreme_weights, False, costs[route]
         else:
             layer_lam = self.lam[layer]
             assert layer_lam is not None, "a decode step before the prefill solved lambda"
             lam = layer_lam
-            route, w, hedged, cost = budget_mod.decide_one(beta, lam, self.settings, self.point_estimate)
+            route, w, hedged, cost = budget_mod.decide_one(
+                beta, lam, self.settings, self.point_estimate, costs
+            )
             self._dual_ascent(layer, cost)
         return w, (beta, route, hedged, w, cost, lam)
 
-    def decide_step(self, layer, beta):
+    def _costs_at(self, position: int | None, device: torch.device) -> torch.Tensor | None:
+        """decide_step's costs: None (notional), else those at ``position`` [1, K] on the
+        device, made once per token (every layer's step at a position shares them)."""
+        if not self.reads_position:
+            return None
+        assert position is not None, "the flops cost model needs the decision's position"
+        held = self._step_costs
+        if held is None or held[0] != position or held[1].device != device:
+            at = torch.arange(position, position + 1, device=device)  # no host-device copy
+            held = self._step_costs = (position, self.costs.group(at))
+        return held[1]
+
+    def decide_step(self, layer, beta, position=None):
         """``decide`` on one decode token with lambda on the device (float64, like the
         Python path's floats) and its dual ascent there: no value comes back to the host."""
         beta = beta.detach()
         dev = beta.device
         m = _posterior_means(beta)  # [1, K]
+        costs = self._costs_at(position, dev)
         if self._extreme is not None:
             expert, lam_value = self._extreme
-            dec = budget_mod.all_to(expert, 1, dev)
+            dec = budget_mod.all_to(expert, 1, dev, costs)
             lam = torch.full((), lam_value, dtype=torch.float64, device=dev)
         else:
             if self._lam_t is None:
@@ -154,7 +207,7 @@ class BudgetPolicy(RoutingPolicy):
                 self._cost_t = torch.zeros((), dtype=torch.float64, device=dev)
             lam = self._lam_t[layer].clone()  # the record keeps the lambda this decision used
             unc = budget_mod.hedge_uncertainty(beta, self.settings, self.point_estimate)
-            dec = budget_mod.decide(m, unc, lam, self.settings)
+            dec = budget_mod.decide(m, unc, lam, self.settings, costs)
             self._dual_ascent_t(layer, dec.cost[0].double())
         rec = DeviceRecord(beta.reshape(K), dec.routes[0], dec.hedged[0], dec.weights[0], dec.cost[0], lam)
         return dec.weights.view(1, 1, K).float(), rec
@@ -199,20 +252,22 @@ class BudgetPolicy(RoutingPolicy):
 
 class ForcedPolicy(RoutingPolicy):
     """Given weights: [L] tensors [B, T, K], one per layer. Decisions mixing more than one
-    expert are recorded as hedged; each costs every expert it computes."""
+    expert are recorded as hedged; each costs every expert it computes, under ``costs`` (the
+    settings' cost model; a layer's decisions are one group)."""
 
     sdpa_when_dense = False  # the given weights are what must run
 
-    def __init__(self, weights: list[torch.Tensor], n_layers: int):
+    def __init__(self, weights: list[torch.Tensor], n_layers: int, costs: CostModel = NOTIONAL):
         super().__init__(n_layers)
         self.weights = weights
+        self.costs = costs
 
     def decide(self, layer, beta, offset, x):
         beta = beta.detach()
         w = self.weights[layer].reshape(-1, K).to(device=beta.device, dtype=torch.float32)
         used = w > 0
         dec = Decisions(
-            w.argmax(-1), w, used.sum(-1) > 1, (used.float() * budget_mod.costs_tensor(w.device)).sum(-1)
+            w.argmax(-1), w, used.sum(-1) > 1, (used.float() * _group_costs(self.costs, beta, offset)).sum(-1)
         )
         b, t, _ = beta.shape
         return w.view(b, t, K), record(beta, dec, 0.0)

@@ -9,6 +9,9 @@ routed once more (at most twice). The pilot is a per-layer-scope pass over the t
 over its first ``PILOT_TOKENS`` tokens when the text is longer than twice that (a causal
 prefix: the same posteriors those tokens get in the whole text). A lambda hint (e.g. solved
 on the posteriors of the previous routing of the same text) replaces the pilot.
+Under the "flops" cost model (routing/costs.py) all layers' decisions are one group, and a
+lambda solved on a prefix pilot is carried to the whole text at the same price per FLOP
+(``CostModel.carry_lambda``).
 
 Never: decode, sample or build traces (routing/generation.py and model.py do).
 """
@@ -25,6 +28,7 @@ from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.routing import budget as budget_mod
 from metaattn_viz.routing.controller import ControllerStack
+from metaattn_viz.routing.costs import CostModel
 from metaattn_viz.routing.kv_cache import GrowableCache
 from metaattn_viz.routing.policies import Baseline
 from metaattn_viz.routing.session import Session
@@ -56,19 +60,35 @@ def solves_globally(settings: RoutingSettings) -> bool:
         settings.scope == "global"
         and settings.lam is None
         and settings.budget is not None
-        and budget_mod.extreme_route(settings.budget) is None
+        and budget_mod.settings_extreme(settings) is None
     )
 
 
-def solve_global(beta: np.ndarray, settings: RoutingSettings, point_estimate: bool = False) -> float:
+def solve_global(
+    beta: np.ndarray,
+    settings: RoutingSettings,
+    point_estimate: bool = False,
+    head_dim: int | None = None,
+    n_routed: int | None = None,
+) -> float:
     """The one lambda that meets the budget over all decisions of concentrations beta
-    [..., K] (e.g. a pass's records["beta"] [L, B, T, K]); hedges read the settings'
-    ``hedge_measure`` (``point_estimate``: the prior-free controller's probabilities)."""
-    b = torch.from_numpy(beta).reshape(-1, K)
+    [..., T, K] (e.g. a pass's records["beta"] [L, B, T, K]: the queries at positions
+    0..T-1); hedges read the settings' ``hedge_measure`` (``point_estimate``: the prior-free
+    controller's probabilities). Under the "flops" cost model (which needs the model's
+    ``head_dim``) all of them are one group, and the lambda is carried over to routing the
+    positions 0..n_routed-1 (default T: these)."""
+    b = torch.from_numpy(beta)
+    n_tokens = b.shape[-2]
+    b = b.reshape(-1, K)
     m = b / b.sum(-1, keepdim=True)
     assert settings.budget is not None
     unc = budget_mod.hedge_uncertainty(b, settings, point_estimate)
-    return budget_mod.solve_lambda(m, unc, settings.budget, settings)
+    cost_model = CostModel.of(settings, head_dim)
+    costs = None  # the notional costs, as ever
+    if not cost_model.notional:
+        costs = cost_model.group(torch.arange(n_tokens).repeat(b.shape[0] // n_tokens))
+    lam = budget_mod.solve_lambda(m, unc, settings.budget, settings, costs)
+    return cost_model.carry_lambda(lam, n_tokens, n_tokens if n_routed is None else n_routed)
 
 
 def is_point_estimate(routed: RoutedModel, controller: str | ControllerStack) -> bool:
@@ -143,7 +163,13 @@ def prefill(
         pilot_tokens = pilot_ids.shape[1]
         passes = int(pilot_tokens == t)  # a whole-text pilot is a pass
     for _ in range(_MAX_RESOLVES):
-        lam = solve_global(res.records["beta"], settings, is_point_estimate(routed, controller))
+        lam = solve_global(
+            res.records["beta"],
+            settings,
+            is_point_estimate(routed, controller),
+            head_dim=routed.head_dim,
+            n_routed=input_ids.shape[1],
+        )
         res = one_pass(settings, lam=[lam] * n_layers)
         passes += 1
         gap = _gap(res, budget)

@@ -51,6 +51,7 @@ from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import discovery
 from metaattn_viz.routing.controller import AttentionView, ControllerStack, SignalState
+from metaattn_viz.routing.costs import CostModel
 from metaattn_viz.routing.device import host_decode
 from metaattn_viz.routing.policies import (
     Baseline,
@@ -191,7 +192,9 @@ class Session:
     (None: elu + 1). ``capture_qk`` keeps every layer's (q, k, scaling, feature map of its
     linear expert) for the attention maps; ``diagnose`` also runs full attention and records
     the relative error of the output actually used, ||o_used - o_full|| / ||o_full|| per
-    decision.
+    decision. ``head_dim``: the model's attention head dimension, which the "flops" cost
+    model needs (routing/costs.py); a policy that ``reads_position`` is handed each decode
+    decision's position.
     """
 
     def __init__(
@@ -207,6 +210,7 @@ class Session:
         policy: Baseline | None = None,
         diagnose: bool = False,
         feature_maps: list[FeatureMap] | None = None,
+        head_dim: int | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -224,9 +228,9 @@ class Session:
         elif policy is not None:
             self.routing = BaselinePolicy(policy, n_layers)
         elif forced_weights is not None:
-            self.routing = ForcedPolicy(forced_weights, n_layers)
+            self.routing = ForcedPolicy(forced_weights, n_layers, CostModel.of(settings, head_dim))
         else:
-            self.routing = BudgetPolicy(settings, n_layers, lam, controller.point_estimate)
+            self.routing = BudgetPolicy(settings, n_layers, lam, controller.point_estimate, head_dim)
         self.capture_qk = capture_qk
         self.diagnose = diagnose
         # Budget 1: every decision is full attention, which is exactly the dense model
@@ -303,11 +307,17 @@ class Session:
             view = AttentionView(q, k, fm_view, s.window, s.n_sink, self.signals)
         if host:  # a decode step on CPU float32: the decision in plain Python
             beta_one = self.controller.concentration_one(layer, h, x, offset, view)  # K floats
-            weights_one, rec = routing.decide_one(layer, beta_one)
+            if routing.reads_position:
+                weights_one, rec = routing.decide_one(layer, beta_one, offset)
+            else:
+                weights_one, rec = routing.decide_one(layer, beta_one)
         elif one:  # a decode step elsewhere: the decision stays on the device
             positions = torch.arange(offset, Tk, device=q.device)
             beta = self.controller.concentration(layer, h, x, positions, view)  # [1, 1, K]
-            weights, rec = routing.decide_step(layer, beta)
+            if routing.reads_position:
+                weights, rec = routing.decide_step(layer, beta, offset)
+            else:
+                weights, rec = routing.decide_step(layer, beta)
         else:
             positions = torch.arange(offset, Tk, device=q.device)
             beta = self.controller.concentration(layer, h, x, positions, view)  # [B, Tq, K]
@@ -395,7 +405,10 @@ class Session:
                 q, k, None if maps is None else maps[layer], s.window, s.n_sink, self.signals
             )
         beta_one = self.controller.concentration_one(layer, h, x, offset, view)  # K floats
-        weights_one, rec = self.routing.decide_one(layer, beta_one)
+        if self.routing.reads_position:
+            weights_one, rec = self.routing.decide_one(layer, beta_one, offset)
+        else:
+            weights_one, rec = self.routing.decide_one(layer, beta_one)
         held = self.lin_state[layer]
         if held is None:
             state, fm = None, None if maps is None else maps[layer]

@@ -8,8 +8,9 @@ Tables (schema version in `schema_version`; older databases are migrated on open
             n_tokens, realized_cost, flops_ratio, wall_ms, timings (JSON), error, owner
             (who made it: a visitor's key from owners.py; NULL for the CLI and old rows),
             linear_map (added by version 3; rows logged before it read 'elu', the only
-            linear expert there was), and hedge_measure (version 4; earlier rows read
-            'total', the only measure there was).
+            linear expert there was), hedge_measure (version 4; earlier rows read
+            'total', the only measure there was), and cost_model (version 5; earlier rows
+            read 'notional', the only cost model there was).
             Status: `running` while it streams, then `done`, `stopped` (the user stopped
             it), `failed` (an error), or `interrupted` (the process writing it ended or
             closed the log mid-run).
@@ -63,6 +64,7 @@ SETTINGS_COLUMNS = {
     "backend": "backend",
     "linear_map": "linear_map",
     "hedge_measure": "hedge_measure",
+    "cost_model": "cost_model",
 }
 # dirichlet.uncertainties measure -> routes column.
 UNCERTAINTY_COLUMNS = {
@@ -146,6 +148,8 @@ RUNS_COLUMNS: tuple[Column, ...] = (
     Column("linear_map", "VARCHAR", "DEFAULT 'elu'", since=3),
     # RoutingSettings.hedge_measure; every run before v4 hedged on the total uncertainty
     Column("hedge_measure", "VARCHAR", "DEFAULT 'total'", since=4),
+    # RoutingSettings.cost_model; every run before v5 spent notional costs
+    Column("cost_model", "VARCHAR", "DEFAULT 'notional'", since=5),
 )
 TOKENS_COLUMNS: tuple[Column, ...] = (
     Column("run_id", "VARCHAR", NN),
@@ -252,6 +256,8 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
     (3, add_columns("runs", RUNS_COLUMNS, 3)),
     # What a hedge reads (RoutingSettings.hedge_measure).
     (4, add_columns("runs", RUNS_COLUMNS, 4)),
+    # What a decision costs against the budget (RoutingSettings.cost_model).
+    (5, add_columns("runs", RUNS_COLUMNS, 5)),
 ]
 
 

@@ -1,8 +1,9 @@
-"""The meters and the token strip: realised notional cost against the budget, the routing
-variety next to it (how token-dependent the routing is, core/variety.py), attention-FLOPs
-ratio, tokens/s, KL to the dense model (an HTML panel: cheap to redraw), and the text with
-each token's share of full attention (a gr.HighlightedText value). A trace whose controllers
-are untrained says so above the meters. Never imports gradio."""
+"""The meters and the token strip: realised cost against the budget (under the run's cost
+model, which the meter names), the routing variety next to it (how token-dependent the
+routing is, core/variety.py), attention-FLOPs ratio, tokens/s, KL to the dense model (an
+HTML panel: cheap to redraw), and the text with each token's share of full attention (a
+gr.HighlightedText value). A trace whose controllers are untrained says so above the
+meters. Never imports gradio."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from metaattn_viz.app.plots.style import EXPERT_COLOURS
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.core.variety import routing_variety
 
+# How the cost meter names what its cost counts, per RoutingSettings.cost_model
+COST_MODEL_WORDS = {
+    "notional": "realised notional cost per decision",
+    "flops": "realised cost: share of dense attention FLOPs",
+}
 VARIETY_EXPLANATION = (
     "share of decisions that differ from their layer's usual expert: 0 % is a fixed "
     "per-layer map, higher means routing that follows the token"
@@ -41,6 +47,7 @@ def meter_values(trace: RoutingTrace) -> dict:
         kl_mean = _finite(np.nanmean(np.asarray(kl, np.float64)[:-1]))  # last: no next token
     return {
         "budget": trace.settings.budget,
+        "cost_model": trace.settings.cost_model,
         "realized_cost": _finite(trace.realized_cost) if trace.n_tokens else None,
         "flops_ratio": _finite(trace.attention_flops_ratio) if trace.n_tokens else None,
         "tokens_per_s": _finite(trace.timings.get("tokens_per_s")),
@@ -56,7 +63,8 @@ def _fmt(value, fmt: str) -> str:
 
 def meters(trace: RoutingTrace) -> str:
     """The meters as a small HTML panel (plain DOM: cheap to redraw four times a second):
-    realised notional cost as a bar with the budget as a tick, the routing variety (with its
+    realised cost as a bar with the budget as a tick (its words and data-cost-model name the
+    cost model), the routing variety (with its
     one-line explanation), attention-FLOPs ratio, tokens/s, KL(dense || routed) per token.
     Each value is also in a data- attribute; untrained controllers are said above them."""
     v = meter_values(trace)
@@ -72,6 +80,7 @@ def meters(trace: RoutingTrace) -> str:
         )
     )
     budget_text = "no budget" if budget is None else f"budget {budget:.2f}"
+    cost_words = COST_MODEL_WORDS.get(v["cost_model"], v["cost_model"])
 
     def cell(key, label, value, fmt, hint):
         data = "" if value is None else f" data-value='{value:.6g}'"
@@ -98,8 +107,9 @@ def meters(trace: RoutingTrace) -> str:
         "align-items:center;font-family:Inter,Helvetica,Arial,sans-serif;color:#111'>"
         + warning
         + f"<div class='meter' data-meter='cost'{cost_data}{budget_data} "
+        f"data-cost-model='{html.escape(v['cost_model'], quote=True)}' "
         "style='flex:2;min-width:260px;padding:4px 10px'>"
-        f"<div style='font-size:12px;color:#555'>realised cost per decision ({budget_text})"
+        f"<div style='font-size:12px;color:#555'>{html.escape(cost_words)} ({budget_text})"
         f"</div><div style='display:flex;align-items:center;gap:10px'>"
         f"<div style='position:relative;flex:1;height:14px;background:#eef2f6;"
         f"border-radius:3px'><div style='width:{bar:.2f}%;height:100%;border-radius:3px;"

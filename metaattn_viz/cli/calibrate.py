@@ -1,0 +1,116 @@
+"""`metaattn-viz calibrate`: train the controllers (training/calibrate.py) from a text file;
+every hyperparameter the recipe table of docs/results.md varies is a flag here."""
+
+from __future__ import annotations
+
+
+def add_calibrate_parser(sub) -> None:
+    from metaattn_viz.cli import _add_controller_arg, _add_model_args
+    from metaattn_viz.core.settings import LINEAR_MAPS
+
+    p = sub.add_parser("calibrate", help="train the controllers (ELBO / prior-free baseline)")
+    p.add_argument("--data", required=True, help="UTF-8 text file (WikiText-2 raw works)")
+    _add_controller_arg(p)
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beta-kl", type=float, default=None, help="weight of the prior KL (bayes)")
+    p.add_argument("--cost-weight", type=float, default=None, help="weight of E[cost] (priorfree)")
+    p.add_argument("--prior-gamma", type=float, default=None, help="prior sharpness gamma (bayes; default 1)")
+    p.add_argument(
+        "--prior-costs",
+        default=None,
+        help="the costs the prior prices full,linear,local at (bayes; default the notional 1,0.15,0.3)",
+    )
+    p.add_argument(
+        "--linear-map",
+        default=None,
+        choices=LINEAR_MAPS,
+        help="the linear expert's map while training (default elu)",
+    )
+    p.add_argument(
+        "--features", default=None, help="controller feature groups, comma-separated (default base)"
+    )
+    p.add_argument(
+        "--aux-weight", type=float, default=None, help="weight of the error-ranking target (default 0)"
+    )
+    p.add_argument(
+        "--aux-scope",
+        default=None,
+        choices=("global", "layer", "both"),
+        help="over which decisions the target ranks (default global)",
+    )
+    p.add_argument(
+        "--train-budgets", default=None, help="budgets sampled for the hard steps, comma-separated"
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default assets/controllers/<model>/<controller>)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_model_args(p, runtime=False)
+    p.set_defaults(handler=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> int:
+    import json
+
+    from metaattn_viz.cli import UserError, _parse_budgets
+    from metaattn_viz.routing.model import RoutedModel
+    from metaattn_viz.training import data as data_mod
+    from metaattn_viz.training.calibrate import CalibrationConfig, calibrate
+
+    listed = {
+        "features": None if args.features is None else tuple(f.strip() for f in args.features.split(",")),
+        "train_budgets": None if args.train_budgets is None else _parse_budgets(args.train_budgets),
+        "prior_costs": None
+        if args.prior_costs is None
+        else _parse_numbers("--prior-costs", args.prior_costs),
+    }
+    overrides = {
+        k: v
+        for k, v in [
+            ("steps", args.steps),
+            ("beta_kl", args.beta_kl),
+            ("cost_weight", args.cost_weight),
+            ("prior_gamma", args.prior_gamma),
+            ("linear_map", args.linear_map),
+            ("aux_weight", args.aux_weight),
+            ("aux_scope", args.aux_scope),
+            *listed.items(),
+        ]
+        if v is not None
+    }
+    try:
+        cfg = CalibrationConfig(controller=args.controller, seed=args.seed, **overrides)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        data_mod.load_split(args.data)  # fail on a bad file before loading the model
+    except data_mod.DataError as exc:
+        raise UserError(str(exc)) from None
+    # calibration stays on the CPU in float32 (the recorded controllers were trained there)
+    routed = RoutedModel.load(args.model, device="cpu", dtype="float32", backend="auto")
+    try:
+        meta = calibrate(routed, args.data, cfg, out_dir=args.out, resume=args.resume)
+    except data_mod.DataError as exc:
+        raise UserError(str(exc)) from None
+    print(
+        json.dumps(
+            {
+                "controller": meta["controller"],
+                "content_hash": meta["content_hash"],
+                "final_validation_terms": meta["final_validation_terms"],
+            }
+        )
+    )
+    return 0
+
+
+def _parse_numbers(flag: str, text: str) -> list[float]:
+    """Comma-separated numbers, or a UserError naming the flag (the range is checked where
+    the values are used)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        from metaattn_viz.cli import UserError
+
+        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
