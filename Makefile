@@ -54,7 +54,7 @@ $(BROWSER_STAMP):
 CALIBRATE_FLAGS = --data corpus/wikitext2/wiki.dev.raw --linear-map learned --features base,attention --aux-weight 1 --aux-scope layer
 
 calibrate: setup
-	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz calibrate $(CALIBRATE_FLAGS) --controller bayes --beta-kl 0.02
+	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz calibrate $(CALIBRATE_FLAGS) --controller bayes --beta-kl 0.02 --prior-costs 1,0.6,0.3
 	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz calibrate $(CALIBRATE_FLAGS) --controller priorfree
 
 eval: setup
