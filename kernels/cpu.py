@@ -630,17 +630,18 @@ def phi_numpy(x: np.ndarray, fm: FeatureMap | None, heads: slice) -> np.ndarray:
     zz = np.empty((*z.shape[:-1], 2, z.shape[-1]), np.float32)  # softmax(z), softmax(-z)
     zz[..., 0, :] = z
     np.negative(z, out=zz[..., 1, :])
-    zz -= zz.max(axis=-1, keepdims=True)
+    zz -= np.maximum.reduce(zz, axis=-1, keepdims=True)  # ndarray.max / .sum without their wrappers
     np.exp(zz, out=zz)
-    zz /= zz.sum(axis=-1, keepdims=True)
+    zz /= np.add.reduce(zz, axis=-1, keepdims=True)
     return zz.reshape(*z.shape[:-1], 2 * z.shape[-1])
 
 
 def _softmax_rows(s: np.ndarray) -> np.ndarray:
-    """exp(s - max) in place over the last axis; returns the row sums [..., 1]."""
-    s -= s.max(axis=-1, keepdims=True)
+    """exp(s - max) in place over the last axis; returns the row sums [..., 1]. (The ufuncs'
+    reductions are what ndarray.max and .sum call, without their Python wrappers.)"""
+    s -= np.maximum.reduce(s, axis=-1, keepdims=True)
     np.exp(s, out=s)
-    return s.sum(axis=-1, keepdims=True)
+    return np.add.reduce(s, axis=-1, keepdims=True)
 
 
 def decode_step_numpy(

@@ -143,6 +143,41 @@ def test_signals_one_continues_the_running_sums(learned):
     assert np.isnan(out).all()
 
 
+@pytest.mark.parametrize("learned", [False, True])
+def test_signals_one_keeps_each_layers_sums_apart(learned):
+    """Layers share _signals_one's working arrays, never their sums: two layers stepped in
+    turn (as decode steps do) each give the features of one prefill of their own q and k;
+    the sums the torch path left are copied, not added to, and the torch path continues
+    each layer's sums after the numpy steps."""
+    fms = [random_feature_map(HQ, HKV, D, seed) if learned else None for seed in (6, 7)]
+    g = torch.Generator().manual_seed(8)
+    qs = [torch.randn(1, HQ, 30, D, generator=g) for _ in range(2)]
+    ks = [torch.randn(1, HKV, 30, D, generator=g) for _ in range(2)]
+    wholes = [
+        ctl.attention_signals(AttentionView(q, k, fm, 8, 2, SignalState(1)), 0)[0]
+        for q, k, fm in zip(qs, ks, fms, strict=True)
+    ]
+    state = SignalState(2)
+    for layer in range(2):
+        view = AttentionView(qs[layer][:, :, :4], ks[layer][:, :, :4], fms[layer], 8, 2, state)
+        ctl.attention_signals(view, layer)
+    left = [t.clone() for t in state.sums[0][:2]]
+    kept = state.sums[0]
+    for t in range(4, 25):
+        for layer in range(2):
+            out = np.full(2 * HQ + HKV, np.nan, np.float32)
+            q, k = qs[layer][:, :, t : t + 1], ks[layer][:, :, : t + 1]
+            view = AttentionView(q, k, fms[layer], 8, 2, state)
+            assert ctl._signals_one(view, layer, out)
+            torch.testing.assert_close(torch.from_numpy(out), wholes[layer][t], atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(kept[:2], left, strict=True))
+    for layer in range(2):
+        view = AttentionView(qs[layer][:, :, 25:], ks[layer], fms[layer], 8, 2, state)
+        torch.testing.assert_close(
+            ctl.attention_signals(view, layer)[0], wholes[layer][25:], atol=1e-5, rtol=1e-5
+        )
+
+
 def test_numpy_weight_copies_follow_the_parameters():
     stack = ControllerStack(ControllerConfig(kind="bayes", d_model=24, n_layers=2), seed=0)
     g = torch.Generator().manual_seed(0)

@@ -142,7 +142,7 @@ def test_device_decisions_equal_the_python_fast_path(scope, target, hedge, monke
     monkeypatch.setattr(
         BudgetPolicy,
         "decide_step",
-        lambda self, layer, beta: steps.append(layer) or original(self, layer, beta),
+        lambda self, layer, beta, position: steps.append(layer) or original(self, layer, beta, position),
     )
     dev = r.route(prompt, s, max_new_tokens=20)
     assert len(steps) == r.n_layers * 20  # every layer of every decode step

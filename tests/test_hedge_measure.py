@@ -85,9 +85,9 @@ def test_decode_paths_agree_when_hedging_on_the_epistemic_measure(hedge, point_e
     for t in range(n_tokens):
         for layer in range(n_layers):
             beta = betas[t, layer]
-            w, (_, route, hedged, _, cost, lam) = fast.decide_one(layer, beta.tolist())
+            w, (_, route, hedged, _, cost, lam) = fast.decide_one(layer, beta.tolist(), 10 + t)
             weights, rec = tensor.decide(layer, beta.view(1, 1, 3), offset=10 + t, x=x)
-            w_step, dev = step.decide_step(layer, beta.view(1, 1, 3))
+            w_step, dev = step.decide_step(layer, beta.view(1, 1, 3), 10 + t)
             _, dev_route, dev_hedged, *_ = dev.fields
             assert route == int(rec["routes"][0, 0]) == int(dev_route)
             assert hedged == bool(rec["hedged"][0, 0]) == bool(dev_hedged)

@@ -397,9 +397,9 @@ def _spy_fast_path(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = BudgetPolicy.decide_one
 
-    def spy(self, layer, beta):
+    def spy(self, layer, beta, position):
         calls.append(layer)
-        return original(self, layer, beta)
+        return original(self, layer, beta, position)
 
     monkeypatch.setattr(BudgetPolicy, "decide_one", spy)
     return calls
@@ -438,6 +438,30 @@ def test_prefill_and_the_decode_fast_path_decide_alike(budget, hedge, monkeypatc
             assert rec["hedged"].any()
 
 
+def test_a_diagnosed_decode_step_runs_the_experts_of_the_fast_path():
+    """A decode step with ``diagnose`` (Session.attend's host branch) and one without
+    (Session._attend_host) run the same experts (Session._experts_host): the same routes
+    and logits, and the diagnosed step records its error."""
+    from transformers import DynamicCache
+
+    r = routed_tiny(seed=1, spread=30.0)
+    ids = random_ids(24, seed=6)
+    s = RoutingSettings(budget=None, scope="layer", window=8, n_sink=2)
+    runs = []
+    for diagnose in (False, True):
+        cache, logits = DynamicCache(), []
+        with torch.no_grad(), r.session(s, diagnose=diagnose) as sess:
+            for t in range(ids.shape[1]):
+                out = r.model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+            runs.append((sess.pop_records(), torch.cat(logits, 1)))
+    (fast, fast_logits), (diagnosed, diagnosed_logits) = runs
+    assert np.array_equal(fast["routes"], diagnosed["routes"])
+    assert len(set(fast["routes"].ravel().tolist())) >= 2  # a real mix of experts
+    assert torch.equal(fast_logits, diagnosed_logits)
+    assert "rel_error" in diagnosed and "rel_error" not in fast
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.75])
 @pytest.mark.parametrize("hedge", ["off", "soft"])
@@ -457,7 +481,7 @@ def test_budget_policy_decode_paths_agree_with_dual_ascent(scope, target, hedge)
     for t in range(n_tokens):
         for layer in range(n_layers):
             beta = betas[t, layer]
-            w, (_, route, hedged, w_rec, cost, lam) = fast.decide_one(layer, beta.tolist())
+            w, (_, route, hedged, w_rec, cost, lam) = fast.decide_one(layer, beta.tolist(), 10 + t)
             weights, rec = tensor.decide(layer, beta.view(1, 1, 3), offset=10 + t, x=x)
             assert route == int(rec["routes"][0, 0]) and hedged == bool(rec["hedged"][0, 0])
             assert np.allclose(w, weights.view(-1).numpy(), atol=1e-6) and w is w_rec

@@ -164,7 +164,7 @@ def _decision_is_sync_free(r) -> bool | str:
     try:
         with torch.no_grad():
             for layer in range(r.n_layers):
-                weights, _ = pol.decide_step(layer, stack.concentration(layer, h, x, pos, view))
+                weights, _ = pol.decide_step(layer, stack.concentration(layer, h, x, pos, view), 40)
                 decode_step_device(q, k, v, weights, window=s.window, n_sink=s.n_sink)
     except RuntimeError as exc:
         return f"synchronised: {exc}"

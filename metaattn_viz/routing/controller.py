@@ -142,14 +142,18 @@ class AttentionView:
 class SignalState:
     """Per session and layer: (z_all [B, Hkv, F], z_far [B, Hkv, F], n), the sums of the
     linear expert's key features over keys [0, n) and over the far keys [n_sink, n - window)
-    of the last query seen (position n - 1), and the feature map they were summed with.
+    of the last query seen (position n - 1), and the feature map they were summed with
+    (after a numpy step, ``_signals_one``, also the array [2, Hkv, F] both sums are views of).
     ``phi``: per layer, what the last one-token decode step computed on the way (numpy,
     ``_signals_one``): (n, feature map, phi(q) [Hq, F], phi(k_{n-1}) [Hkv, F]), which the
-    linear expert of the same step may reuse instead of mapping q and the key again."""
+    linear expert of the same step may reuse instead of mapping q and the key again; the
+    arrays are views of ``buffers``, which the next layer's step overwrites: read them only
+    within the same layer's step."""
 
     def __init__(self, n_layers: int):
         self.sums: list[tuple | None] = [None] * n_layers
         self.phi: list[tuple | None] = [None] * n_layers
+        self.buffers: _SignalBuffers | None = None  # _signals_one's working arrays
 
 
 def attention_signals(view: AttentionView, layer: int) -> torch.Tensor:
@@ -198,8 +202,33 @@ def attention_signals(view: AttentionView, layer: int) -> torch.Tensor:
     return torch.cat([qn, far_mass, kn], dim=1).transpose(1, 2)  # [B, Tq, 2 Hq + Hkv]
 
 
-_LOG_INV_FLOOR = math.log(1.0 / FAR_MASS_FLOOR)
-_phi_numpy = None  # metaattn_kernels.cpu.phi_numpy, imported on first use
+# _signals_one's float32 constants, made once (a numpy scalar costs a call)
+_LOG_INV_FLOOR = np.float32(math.log(1.0 / FAR_MASS_FLOOR))
+_FLOOR, _ONE, _TINY, _NORM_MIN = (np.float32(v) for v in (FAR_MASS_FLOOR, 1.0, 1e-30, 1e-12))
+_phi_numpy = None  # metaattn_kernels.cpu.phi_numpy and numpy_feature_map, imported on first use
+_numpy_map = None
+
+
+class _SignalBuffers:
+    """``_signals_one``'s working arrays for one shape (Hq, Hkv, D), made once per session
+    and reused by every layer and token: on a CPU a decode step costs per numpy call, so the
+    step writes into these in place rather than building new arrays."""
+
+    def __init__(self, hq: int, hkv: int, d: int):
+        self.x = np.empty((hq + hkv, 2, d), np.float32)  # q per head (twice), k_t and k_j per kv head
+        self.x0 = self.x[:, 0]  # the rows whose norms are features
+        self.xs = np.empty_like(self.x)  # x * D^-1/4 (learned maps)
+        self.zz = np.empty((hq + hkv, 2, 2, d // 2), np.float32)  # softmax(z), softmax(-z)
+        self.zz0, self.zz1 = self.zz[:, :, 0], self.zz[:, :, 1]
+        self.phi = self.zz.reshape(hq + hkv, 2, d)
+        # the features in the order they are computed: squared norms (q heads, then kv
+        # heads), then the far-mass shares (the last step writes them in the order of
+        # ``attention_signals``)
+        self.t = np.empty(2 * hq + hkv, np.float32)
+        self.norms, self.share = self.t[: hq + hkv], self.t[hq + hkv :]
+        self.qn, self.kn = self.norms[:hq], self.norms[hq:]
+        self.half_log_d = np.float32(0.5 * math.log(d))
+        self.scale = np.float32(d**-0.25)  # feature_maps.input_scale
 
 
 def _signals_one(view: AttentionView, layer: int, out: np.ndarray) -> bool:
@@ -207,10 +236,12 @@ def _signals_one(view: AttentionView, layer: int, out: np.ndarray) -> bool:
     (float32), continuing the running sums of ``view.state`` and leaving them as the torch
     path does (same maths; float32 rounding may differ in the last bits). The query's and the
     two new keys' features (the token's key, and the key that leaves the window for the far
-    keys) come from one matmul. False (nothing done) where the step is not one the sums
+    keys) come from one matmul; the sums are added to in place, in a buffer of the layer's
+    that the tensors in ``view.state.sums`` are views of (made at the first such step from
+    the sums the torch path left). False (nothing done) where the step is not one the sums
     continue to: a batch, a query block, another dtype or device, autograd, or sums that
     stop elsewhere (the caller then takes the torch path, which starts over from key 0)."""
-    global _phi_numpy
+    global _phi_numpy, _numpy_map
     q, k = view.q, view.k
     b, hq, tq, d = q.shape
     if (
@@ -225,49 +256,66 @@ def _signals_one(view: AttentionView, layer: int, out: np.ndarray) -> bool:
         return False
     hkv, tk = k.shape[1], k.shape[2]
     off = tk - 1
-    held = view.state.sums[layer]
+    state = view.state
+    held = state.sums[layer]
     fm = view.feature_map
     if held is None or held[2] != off or held[3] is not fm or held[0].shape[0] != 1:
         return False
     if _phi_numpy is None:
-        from metaattn_kernels.cpu import phi_numpy
+        from metaattn_kernels.cpu import numpy_feature_map, phi_numpy
 
-        _phi_numpy = phi_numpy
+        _phi_numpy, _numpy_map = phi_numpy, numpy_feature_map
+    buf = state.buffers
+    if buf is None or buf.x.shape != (hq + hkv, 2, d):
+        buf = state.buffers = _SignalBuffers(hq, hkv, d)
     kn = k.numpy()[0]  # [Hkv, Tk, D]: a view of the cache, no copy
     j = off - view.window  # the key that joins the far keys [n_sink, t - w] of query t = off
     far_key = j >= view.n_sink
     # rows: the query heads (q twice: the second row is not read), then the kv heads (the
     # new key, and the key that turns far, or the new key again where none does)
-    x = np.empty((hq + hkv, 2, d), np.float32)
+    x = buf.x
     x[:hq] = q.numpy()[0]  # [Hq, 1, D], broadcast
     x[hq:, 0] = kn[:, off]
     x[hq:, 1] = kn[:, j if far_key else off]
-    x0 = x[:, 0]
-    norms = np.einsum("hd,hd->h", x0, x0)  # squared norms of q per head, then of k_t
-    phi = _phi_numpy(x, fm, slice(None))  # [Hq + Hkv, 2, F]
-    z = np.empty((2, hkv, phi.shape[-1]), np.float32)  # the sums over all keys and far keys
-    np.add(held[0].numpy()[0], phi[hq:, 0], out=z[0])
+    if fm is None:
+        phi = _phi_numpy(x, None, slice(None))  # [Hq + Hkv, 2, F]
+    else:  # phi_numpy's learned map, on the buffers: softmax(z) and softmax(-z), z = x' W + b
+        w, bias, _ = _numpy_map(fm)
+        np.multiply(x, buf.scale, out=buf.xs)
+        zz = buf.zz
+        np.add(np.matmul(buf.xs, w), bias, out=buf.zz0)
+        np.negative(buf.zz0, out=buf.zz1)
+        np.subtract(zz, np.maximum.reduce(zz, axis=-1, keepdims=True), out=zz)
+        np.exp(zz, out=zz)
+        np.divide(zz, np.add.reduce(zz, axis=-1, keepdims=True), out=zz)
+        phi = buf.phi
+    # the sums over all keys and the far keys [2, Hkv, F], added to in place
+    z = held[4] if len(held) > 4 else None
+    if z is None:  # sums the torch path left: copied into a buffer of this layer's
+        z = np.concatenate([held[0].numpy(), held[1].numpy()])
+        zt = torch.from_numpy(z)
+        held = (zt[0:1], zt[1:2])
     if far_key:
-        np.add(held[1].numpy()[0], phi[hq:, 1], out=z[1])
+        np.add(z, phi[hq:].transpose(1, 0, 2), out=z)
     else:
-        z[1] = held[1].numpy()[0]
-    view.state.sums[layer] = (torch.from_numpy(z[0:1]), torch.from_numpy(z[1:2]), tk, fm)
-    view.state.phi[layer] = (tk, fm, phi[:hq, 0], phi[hq:, 0])
+        np.add(z[0], phi[hq:, 0], out=z[0])
+    state.sums[layer] = (held[0], held[1], tk, fm, z)
+    state.phi[layer] = (tk, fm, phi[:hq, 0], phi[hq:, 0])
     m = np.matmul(phi[:hq, 0].reshape(hkv, hq // hkv, -1), z.transpose(1, 2, 0)).reshape(hq, 2)
-    share = out[hq : 2 * hq]  # far mass share -> ln(share + floor) / ln(1 / floor)
-    np.maximum(m[:, 0], np.float32(1e-30), out=share)
+    norms, share = buf.norms, buf.share
+    np.einsum("hd,hd->h", buf.x0, buf.x0, out=norms)  # squared norms of q per head, then of k_t
+    np.sqrt(norms, out=norms)
+    # far mass share (>= 0: features are positive) -> ln(min(share, 1) + floor) / ln(1 / floor)
+    np.maximum(m[:, 0], _TINY, out=share)
     np.divide(m[:, 1], share, out=share)
-    np.maximum(share, np.float32(0.0), out=share)
-    np.minimum(share, np.float32(1.0), out=share)
-    share += np.float32(FAR_MASS_FLOOR)
-    np.log(share, out=share)
-    share /= np.float32(_LOG_INV_FLOOR)
-    np.sqrt(norms, out=norms)  # ln(||.|| / sqrt(d))
-    np.maximum(norms, np.float32(1e-12), out=norms)
-    np.log(norms, out=norms)
-    norms -= np.float32(0.5 * math.log(d))
-    out[:hq] = norms[:hq]
-    out[2 * hq :] = norms[hq:]
+    np.minimum(share, _ONE, out=share)
+    np.add(share, _FLOOR, out=share)
+    t = buf.t
+    np.maximum(t, _NORM_MIN, out=t)  # the norms' floor (the shares are >= the floor)
+    np.log(t, out=t)
+    np.subtract(buf.qn, buf.half_log_d, out=out[:hq])  # ln(||.|| / sqrt(d))
+    np.divide(share, _LOG_INV_FLOOR, out=out[hq : 2 * hq])
+    np.subtract(buf.kn, buf.half_log_d, out=out[2 * hq :])
     return True
 
 
@@ -311,6 +359,8 @@ class ControllerStack(nn.Module):
         self.meta: dict = {}
         self._hash: str | None = None
         self._np_cache: dict = {}  # layer -> (weights' identity, numpy copies) for concentration_one
+        # concentration_one's divisors of the salience and the position feature, computed once
+        self._one_consts = (math.sqrt(config.d_model), math.log1p(config.t_ref))
 
     @property
     def kind(self) -> str:
@@ -374,8 +424,9 @@ class ControllerStack(nn.Module):
         n = w1.shape[1] - 1  # n_features
         u = np.empty(n + 1, np.float32)  # the features, as in `features`, then 1 for the bias
         u[:d] = (h.detach() if h.requires_grad else h).numpy().reshape(-1)
-        u[d] = math.sqrt(xv.dot(xv)) / math.sqrt(d)
-        u[d + 1] = math.log1p(position) / math.log1p(self.config.t_ref)
+        sqrt_d, log_ref = self._one_consts
+        u[d] = math.sqrt(xv.dot(xv)) / sqrt_d
+        u[d + 1] = math.log1p(position) / log_ref
         if n > d + 2:  # the attention group
             if view is None:
                 raise ValueError("these controllers read attention features: pass an AttentionView")

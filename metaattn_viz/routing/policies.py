@@ -16,10 +16,9 @@ attributes tell the session what it may do around it. A decode step off the CPU 
 path is decided by ``decide_step`` (``BudgetPolicy``): the same maths as ``decide`` on one
 token with lambda kept as a tensor on the device, so the step never waits for the GPU.
 What a decision costs is the settings' cost model's (routing/costs.py): ``decide`` knows
-its decisions' positions (offset..offset+T-1); a policy that needs a decode decision's
-position (``reads_position``: the "flops" cost model) is handed it by the session as a
-third argument of ``decide_one`` / ``decide_step`` (the notional costs need none, and that
-call is the same as ever).
+its decisions' positions (offset..offset+T-1), and ``decide_one`` / ``decide_step`` are
+always handed the decode decision's position (the "flops" cost model reads it; the
+notional costs are the same everywhere).
 Never: run attention, or know transformers.
 """
 
@@ -50,8 +49,6 @@ class RoutingPolicy:
     # instead of the experts with these weights
     sdpa_when_dense = True
     backend: str | None = None  # the kernel backend to use instead of the settings'
-    # whether ``decide_one`` / ``decide_step`` take the decision's position (a third argument)
-    reads_position = False
 
     def __init__(self, n_layers: int, lam: list[float | None] | None = None):
         # lambda per layer, reported with the result (None: not solved / not routed by one)
@@ -65,16 +62,12 @@ class RoutingPolicy:
         beta carries autograd's graph when it has one; policies that do not train detach it."""
         raise NotImplementedError
 
-    def decide_one(
-        self, layer: int, beta: list[float], position: int | None = None
-    ) -> tuple[list[float], OneRecord]:
+    def decide_one(self, layer: int, beta: list[float], position: int) -> tuple[list[float], OneRecord]:
         """One decode decision from K concentrations, in plain Python (``fast_decode``);
-        ``position``: the token's absolute position (given where ``reads_position``)."""
+        ``position``: the token's absolute position."""
         raise NotImplementedError
 
-    def decide_step(
-        self, layer: int, beta: torch.Tensor, position: int | None = None
-    ) -> tuple[torch.Tensor, DeviceRecord]:
+    def decide_step(self, layer: int, beta: torch.Tensor, position: int) -> tuple[torch.Tensor, DeviceRecord]:
         """One decode decision from beta [1, 1, K] on the device, without a host
         synchronisation (``fast_decode``): (weights [1, 1, K] float32, its record);
         ``position`` as for ``decide_one``."""
@@ -118,6 +111,7 @@ class BudgetPolicy(RoutingPolicy):
         self.settings = settings
         self.point_estimate = point_estimate  # the prior-free controller: no epistemic part
         self.costs = CostModel.of(settings, head_dim)
+        # whether a decision's costs depend on its position (the "flops" cost model)
         self.reads_position = not self.costs.notional
         # decide_step under "flops": (position, its costs [1, K] on the device), per token
         self._step_costs: tuple[int, torch.Tensor] | None = None
@@ -155,15 +149,12 @@ class BudgetPolicy(RoutingPolicy):
         b, t, _ = beta.shape
         return dec.weights.view(b, t, K), record(beta, dec, lam)
 
-    def decide_one(self, layer, beta, position=None):
+    def decide_one(self, layer, beta, position):
         """The same maths as ``decide`` without a dozen tiny tensor ops, which would dominate
         a decode step on a CPU (budget.decide_one); the costs at ``position`` are computed
         once per position (costs.CostModel.one)."""
-        if self.reads_position:
-            assert position is not None, "the flops cost model needs the decision's position"
-            costs = self.costs.one(position)
-        else:
-            costs = COSTS  # the notional costs: the same everywhere
+        # the notional costs are the same everywhere
+        costs = self.costs.one(position) if self.reads_position else COSTS
         if self._extreme is not None:
             route, lam = self._extreme
             w, hedged, cost = self._extreme_weights, False, costs[route]
@@ -177,19 +168,18 @@ class BudgetPolicy(RoutingPolicy):
             self._dual_ascent(layer, cost)
         return w, (beta, route, hedged, w, cost, lam)
 
-    def _costs_at(self, position: int | None, device: torch.device) -> torch.Tensor | None:
+    def _costs_at(self, position: int, device: torch.device) -> torch.Tensor | None:
         """decide_step's costs: None (notional), else those at ``position`` [1, K] on the
         device, made once per token (every layer's step at a position shares them)."""
         if not self.reads_position:
             return None
-        assert position is not None, "the flops cost model needs the decision's position"
         held = self._step_costs
         if held is None or held[0] != position or held[1].device != device:
             at = torch.arange(position, position + 1, device=device)  # no host-device copy
             held = self._step_costs = (position, self.costs.group(at))
         return held[1]
 
-    def decide_step(self, layer, beta, position=None):
+    def decide_step(self, layer, beta, position):
         """``decide`` on one decode token with lambda on the device (float64, like the
         Python path's floats) and its dual ascent there: no value comes back to the host."""
         beta = beta.detach()

@@ -20,7 +20,8 @@ prefill). Phases are told apart by shapes: a forward whose keys are as
 many as its queries is a prefill; one with a cache is a decode step. A one-token decode
 step of a policy with ``fast_decode`` is decided apart from the batched path: on CPU
 float32 in plain Python (numpy controller, ``decide_one``, ``kernels.cpu.decode_step_numpy``;
-``_attend_host``) because a dozen tiny tensor ops would dominate it; on any other device or
+``_attend_host``; both host paths run the experts through ``_experts_host``) because a
+dozen tiny tensor ops would dominate it; on any other device or
 dtype (a GPU, a bfloat16 model) on the device (``decide_step``: controller, decision and
 dual ascent as tensors, nothing read back per layer; the records are read once per token
 by ``pop_records``); through Triton its attention is
@@ -193,8 +194,7 @@ class Session:
     linear expert) for the attention maps; ``diagnose`` also runs full attention and records
     the relative error of the output actually used, ||o_used - o_full|| / ||o_full|| per
     decision. ``head_dim``: the model's attention head dimension, which the "flops" cost
-    model needs (routing/costs.py); a policy that ``reads_position`` is handed each decode
-    decision's position.
+    model needs (routing/costs.py); every decode decision is handed its position.
     """
 
     def __init__(
@@ -252,6 +252,7 @@ class Session:
         self.qk: list = [None] * n_layers
         self.records: list[list[Any]] = [[] for _ in range(n_layers)]
         self.signals = SignalState(n_layers)  # running sums of the controllers' attention features
+        self._reads_attention = controller.uses_attention  # looked up once: read per layer and token
         self._mask_checked: weakref.ref | None = None  # the last attention mask found plain causal
 
     @property
@@ -307,17 +308,11 @@ class Session:
             view = AttentionView(q, k, fm_view, s.window, s.n_sink, self.signals)
         if host:  # a decode step on CPU float32: the decision in plain Python
             beta_one = self.controller.concentration_one(layer, h, x, offset, view)  # K floats
-            if routing.reads_position:
-                weights_one, rec = routing.decide_one(layer, beta_one, offset)
-            else:
-                weights_one, rec = routing.decide_one(layer, beta_one)
+            weights_one, rec = routing.decide_one(layer, beta_one, offset)
         elif one:  # a decode step elsewhere: the decision stays on the device
             positions = torch.arange(offset, Tk, device=q.device)
             beta = self.controller.concentration(layer, h, x, positions, view)  # [1, 1, K]
-            if routing.reads_position:
-                weights, rec = routing.decide_step(layer, beta, offset)
-            else:
-                weights, rec = routing.decide_step(layer, beta)
+            weights, rec = routing.decide_step(layer, beta, offset)
         else:
             positions = torch.arange(offset, Tk, device=q.device)
             beta = self.controller.concentration(layer, h, x, positions, view)  # [B, Tq, K]
@@ -334,18 +329,7 @@ class Session:
             y = _sdpa(q, k, v, scaling)
             self.lin_state[layer] = None
         elif host and not self.capture_qk and kernels.resolve_backend(s.backend, q) == "cpu":
-            y, stepped = decode_step_numpy(
-                q,
-                k,
-                v,
-                weights_one,
-                window=s.window,
-                n_sink=s.n_sink,
-                scale=scaling,
-                state=state,
-                feature_map=fm,
-            )
-            self.lin_state[layer] = None if stepped is None else (*stepped, fm)
+            y = self._experts_host(layer, q, k, v, scaling, weights_one, state, fm, view)
         elif device_step:
             from metaattn_kernels.triton_decode import decode_step_device
 
@@ -397,33 +381,44 @@ class Session:
         order with none of the branching, since on a CPU a decode step is per-call overhead.
         q [1, Hq, 1, D], k/v [1, Hkv, Tk, D] -> [1, 1, Hq, D]."""
         s = self.settings
-        offset = k.shape[2] - 1
         maps = self.feature_maps
         view = None
-        if self.controller.uses_attention:
+        if self._reads_attention:
             view = AttentionView(
                 q, k, None if maps is None else maps[layer], s.window, s.n_sink, self.signals
             )
+        offset = k.shape[2] - 1
         beta_one = self.controller.concentration_one(layer, h, x, offset, view)  # K floats
-        if self.routing.reads_position:
-            weights_one, rec = self.routing.decide_one(layer, beta_one, offset)
-        else:
-            weights_one, rec = self.routing.decide_one(layer, beta_one)
+        weights_one, rec = self.routing.decide_one(layer, beta_one, offset)
         held = self.lin_state[layer]
         if held is None:
             state, fm = None, None if maps is None else maps[layer]
         else:
             state, fm = held[:3], held[3]
-        phi = None  # the features the controller computed of q and the new key, if the same map's
+        y = self._experts_host(layer, q, k, v, scaling, weights_one, state, fm, view)
+        self.records[layer].append(rec)
+        self.x[layer] = self.h[layer] = None
+        return y.reshape(1, 1, q.shape[1], q.shape[3])  # one query: [1, Hq, 1, D] as [1, 1, Hq, D]
+
+    def _experts_host(
+        self, layer: int, q, k, v, scaling, weights: list[float], state, fm, view: AttentionView | None
+    ) -> torch.Tensor:
+        """The experts of one decode step on CPU float32 (``kernels.cpu.decode_step_numpy``),
+        the one definition both decode paths on the host run: the linear expert continues
+        `state` (S, z, n) built with map `fm` and reuses the features the controller computed
+        of q and the new key under the same map (``SignalState.phi``); the state it leaves
+        is kept for the layer. q [1, Hq, 1, D], k/v [1, Hkv, Tk, D] -> y [1, Hq, 1, D]."""
+        phi = None
         if view is not None:
             phi, self.signals.phi[layer] = self.signals.phi[layer], None
-            if phi is not None and (phi[0] != offset + 1 or phi[1] is not fm):
+            if phi is not None and (phi[0] != k.shape[2] or phi[1] is not fm):
                 phi = None
+        s = self.settings
         y, stepped = decode_step_numpy(
             q,
             k,
             v,
-            weights_one,
+            weights,
             window=s.window,
             n_sink=s.n_sink,
             scale=scaling,
@@ -432,10 +427,7 @@ class Session:
             phi=None if phi is None else phi[2:],
         )
         self.lin_state[layer] = None if stepped is None else (*stepped, fm)
-        if rec is not None:
-            self.records[layer].append(rec)
-        self.x[layer] = self.h[layer] = None
-        return y.transpose(1, 2).contiguous()  # [1, 1, Hq, D]
+        return y
 
     def pop_records(self) -> dict[str, np.ndarray] | None:
         """Every decision since the last pop: arrays [L, B, T, ...] (numpy)."""
