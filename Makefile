@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 BROWSER_STAMP := $(VENV)/.installed-browser
 
-.PHONY: run test lint setup setup-dev browser calibrate eval bench examples clean
+.PHONY: run test lint setup setup-dev browser feature-maps calibrate eval bench examples clean
 
 run: setup
 	$(PY) app.py
@@ -48,6 +48,12 @@ $(BROWSER_STAMP):
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; fi; \
 	fi
 	@mkdir -p $(VENV) && touch $(BROWSER_STAMP)
+
+# The linear expert's learned feature maps (assets/feature_maps/): 600 steps per layer on 64
+# windows (the defaults), one torch thread so a rerun is bit-identical. New maps need `make
+# calibrate`, `make examples` and `make eval` after them (the controllers see the linear expert).
+feature-maps: setup
+	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz feature-maps --data corpus/wikitext2/wiki.dev.raw
 
 # the shipped controllers' recipe (docs/results.md): learned linear maps, attention features,
 # the per-layer error-ranking target; one torch thread, so a rerun is bit-identical

@@ -64,10 +64,10 @@ LINEAR_NAME = "metaattn_all_linear"  # transformers attention function: every to
 
 @dataclass
 class FeatureMapConfig:
-    steps: int = 300  # optimiser steps per layer
+    steps: int = 600  # optimiser steps per layer
     batch_size: int = 4  # windows per step
     seq_len: int = 256
-    train_windows: int = 32  # windows of the training articles whose q, k are cached
+    train_windows: int = 64  # windows of the training articles whose q, k are cached
     val_windows: int = 4  # windows of the validation articles: the reported losses
     lr: float = 1e-2
     weight_decay: float = 0.0
