@@ -389,6 +389,19 @@ def test_global_scope_pilots_a_long_text_on_its_prefix(monkeypatch):
     assert torch.equal(res.cache.layers[0].keys, ref.layers[0].keys)  # same input, same keys
 
 
+def test_logits_to_keep_changes_only_which_logits_come_back():
+    """Decoding asks a prefill for the last position's logits only: the routes, the passes
+    and that row are those of the prefill that computes them all."""
+    r = routed_tiny(seed=6, spread=10.0)
+    ids = torch.tensor([r.encode("the last position's logits are all decoding needs")])
+    s = RoutingSettings(budget=0.5)
+    whole, last = r.prefill(ids, s), r.prefill(ids, s, logits_to_keep=1)
+    assert whole.logits.shape[1] == ids.shape[1] and last.logits.shape[1] == 1
+    assert torch.allclose(last.logits[0, -1], whole.logits[0, -1], atol=1e-5)
+    assert np.array_equal(last.records["routes"], whole.records["routes"])
+    assert last.passes == whole.passes
+
+
 # -- the decode fast path against the prefill path --------------------------------------------
 def _spy_fast_path(monkeypatch) -> list[int]:
     """Count the decisions taken on the decode fast path (BudgetPolicy.decide_one)."""

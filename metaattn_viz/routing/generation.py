@@ -120,7 +120,9 @@ def stream(
     trace.n_prompt_tokens = len(ids)
 
     t0 = time.perf_counter()
-    res = routed.prefill(torch.tensor([ids]), settings, controller, cache_capacity=len(ids) + max_new_tokens)
+    res = routed.prefill(
+        torch.tensor([ids]), settings, controller, cache_capacity=len(ids) + max_new_tokens, logits_to_keep=1
+    )
     trace.timings["prefill_ms"] = 1000 * (time.perf_counter() - t0)
     trace.timings["prefill_passes"] = res.passes
     trace.timings["pilot_tokens"] = res.pilot_tokens

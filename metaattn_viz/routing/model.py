@@ -274,10 +274,12 @@ class RoutedModel:
         diagnose: bool = False,
         lam_hint: float | None = None,
         cache_capacity: int = 0,
+        logits_to_keep: int = 0,
     ) -> PrefillResult:
         """Route a whole text in one forward pass (global scope: a pilot pass first, see
         routing/prefill.py). ``cache_capacity``: tokens the KV cache should hold without
-        regrowing (prompt + tokens to decode)."""
+        regrowing (prompt + tokens to decode); ``logits_to_keep``: 0 = logits at every
+        position, n = at the last n (transformers' convention)."""
         return prefill_mod.prefill(
             self,
             input_ids,
@@ -290,6 +292,7 @@ class RoutedModel:
             diagnose=diagnose,
             lam_hint=lam_hint,
             cache_capacity=cache_capacity,
+            logits_to_keep=logits_to_keep,
         )
 
     def stream(

@@ -113,10 +113,13 @@ def prefill(
     diagnose: bool = False,
     lam_hint: float | None = None,
     cache_capacity: int = 0,
+    logits_to_keep: int = 0,
 ) -> PrefillResult:
     """Route a whole text in one forward pass (global scope: the module docstring).
     ``cache_capacity``: tokens the KV cache should hold without regrowing (prompt + tokens
-    to decode)."""
+    to decode). ``logits_to_keep``: transformers' convention, 0 = logits at every position,
+    n = at the last n only (decoding needs the last; the LM head is a fifth of a short
+    model's prefill). The pilot pass never computes more than the last position's."""
     input_ids = input_ids.to(routed.device)
 
     def one_pass(
@@ -124,6 +127,7 @@ def prefill(
         lam: list[float | None] | None = None,
         ids: torch.Tensor = input_ids,
         cache: bool = use_cache,
+        keep: int = logits_to_keep,
     ) -> PrefillResult:
         kv = GrowableCache(cache_capacity) if cache else None
         with (
@@ -138,7 +142,7 @@ def prefill(
                 diagnose=diagnose,
             ) as sess,
         ):
-            out = routed.model(input_ids=ids, past_key_values=kv, use_cache=cache)
+            out = routed.model(input_ids=ids, past_key_values=kv, use_cache=cache, logits_to_keep=keep)
         records = sess.pop_records()
         assert records is not None  # every routed forward records its decisions
         return PrefillResult(out.logits, records, list(sess.lam), kv, sess)
@@ -159,7 +163,7 @@ def prefill(
     else:
         t = input_ids.shape[1]
         pilot_ids = input_ids[:, :PILOT_TOKENS] if t > 2 * PILOT_TOKENS else input_ids
-        res = one_pass(settings.with_(scope="layer"), ids=pilot_ids, cache=False)
+        res = one_pass(settings.with_(scope="layer"), ids=pilot_ids, cache=False, keep=1)
         pilot_tokens = pilot_ids.shape[1]
         passes = int(pilot_tokens == t)  # a whole-text pilot is a pass
     for _ in range(_MAX_RESOLVES):

@@ -38,7 +38,7 @@ def threshold(routed, windows: torch.Tensor, settings: RoutingSettings, controll
     point_estimate = routed.controller(controller).point_estimate
     values = []
     for i in range(windows.shape[0]):
-        rec = routed.prefill(windows[i : i + 1], plain, controller, use_cache=False).records
+        rec = routed.prefill(windows[i : i + 1], plain, controller, use_cache=False, logits_to_keep=1).records
         u = hedge_uncertainty(torch.from_numpy(rec["beta"]).reshape(-1, K), plain, point_estimate)
         values.append(u.numpy())
     return float(np.clip(np.quantile(np.concatenate(values), QUANTILE), 0.0, 1.0))
