@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import routed_tiny
 
-from metaattn_viz.bench.model import model_rows, plain_copy
+from metaattn_viz.bench.model import model_rows, plain_copy, prefill_speed
 from metaattn_viz.core.settings import RoutingSettings
 
 
@@ -19,6 +19,14 @@ def test_model_rows_follow_the_contract():
         assert r["ratio"] == pytest.approx(r["routed_ms"] / r["dense_ms"])
     assert rows[0]["max_abs_err"] <= 1e-4  # budget 1 is the dense model
     assert torch.is_grad_enabled()  # the benchmark leaves autograd as it found it
+
+
+def test_the_prefill_row_says_how_many_passes_the_lambda_search_took():
+    r = routed_tiny(seed=2)
+    row = prefill_speed(r, plain_copy(r), seq_len=48, budget=0.5, repeats=1)
+    assert row["case"] == "prefill" and row["speedup"] == pytest.approx(row["dense_ms"] / row["routed_ms"])
+    # a text this short is its own pilot (a whole-text pass), then routed at least once more
+    assert row["pilot_tokens"] == 48 and 2 <= row["passes"] <= 3
 
 
 def test_plain_copy_is_the_unrouted_model_without_hooks():

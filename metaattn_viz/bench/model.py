@@ -12,7 +12,8 @@ max_abs_err, plus `case`, `device`, `dtype`):
 - routing-overhead: prefill of 256 tokens at budget 1.0 (the controllers and the solver run,
   the experts are exact SDPA); target ratio <= 1.15 (CUDA: <= 1.2).
 - prefill: a 4096-token prefill at the budget (CUDA: 16384); speed-up = dense_ms /
-  routed_ms (target >= 1.15; CUDA >= 1.6).
+  routed_ms (target >= 1.15; CUDA >= 1.6); `passes` and `pilot_tokens` say how many
+  forward passes the global scope's lambda search took (routing/prefill.py).
 - decode: tokens/s of greedy decoding after a context of 256 and 8192 tokens (CUDA: 32768);
   speed-up = dense_ms / routed_ms per token (targets >= 1.0 at 256 and >= 1.3 at the long
   context). Neither side is captured in a CUDA graph.
@@ -115,18 +116,23 @@ def routing_overhead(routed: RoutedModel, plain, seq_len: int = 256, repeats: in
 
 
 def prefill_speed(
-    routed: RoutedModel, plain, seq_len: int = 4096, budget: float = 0.3, repeats: int = 3
+    routed: RoutedModel,
+    plain,
+    seq_len: int = 4096,
+    budget: float = 0.3,
+    repeats: int = 3,
+    linear_map: str = "auto",
 ) -> dict:
     ids = _text_ids(routed, seq_len)
-    s = RoutingSettings(budget=budget)
+    s = RoutingSettings(budget=budget, linear_map=linear_map)
+    last = []  # the routed side's PrefillResult: how many passes the global scope took
+
+    def routed_side():
+        last[:] = [routed.prefill(ids, s, use_cache=False)]
+
     with torch.no_grad():
         t = _interleaved(
-            {
-                "dense": lambda: _dense_logits(plain, ids),
-                "routed": lambda: routed.prefill(ids, s, use_cache=False),
-            },
-            repeats,
-            _sync_for(routed),
+            {"dense": lambda: _dense_logits(plain, ids), "routed": routed_side}, repeats, _sync_for(routed)
         )
     return {
         "case": "prefill",
@@ -139,6 +145,9 @@ def prefill_speed(
         "speedup": t["dense"] / t["routed"],
         "target": "speedup >= 1.15",
         "max_abs_err": None,
+        # whole-text passes and the pilot's tokens: one pass more costs a whole dense forward
+        "passes": last[0].passes,
+        "pilot_tokens": last[0].pilot_tokens,
     }
 
 
