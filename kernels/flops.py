@@ -67,3 +67,13 @@ def attention_flops_ratio(positions, weights, window: int, n_sink: int, head_dim
     when there are none."""
     routed, dense = attention_flops_totals(positions, weights, window, n_sink, head_dim)
     return routed / dense if dense else float("nan")
+
+
+def lowest_flops_ratio(positions, window: int, n_sink: int, head_dim: int) -> float:
+    """The lowest routed-over-dense FLOPs ratio any routing of query tokens at `positions`
+    [T] can reach: every token to its cheapest expert. Below the window local attention
+    costs what full does and linear more, so a short text cannot get cheaper than dense.
+    NaN when there are no positions."""
+    per_expert = expert_flops(positions, window, n_sink, head_dim)  # [T, K]
+    dense = float(per_expert[..., FULL].sum())
+    return float(per_expert.min(-1).sum()) / dense if dense else float("nan")

@@ -389,6 +389,44 @@ def test_bad_input_in_the_page(page, server, tmp_path):
     assert server.alive()
 
 
+COST_MODEL_SHOWN = "() => document.querySelector('#meters [data-meter=cost]')?.dataset.costModel ?? null"
+
+
+def test_the_cost_model_and_hedge_measure_radios_reroute(page, server, tmp_path):
+    """A click on the cost model's or the hedge measure's radio re-routes the run with it:
+    the cost meter names the cost model, and the routing log holds the re-routes with the
+    settings clicked (issue 14)."""
+    page.fill("#prompt textarea", "The budget counts notional costs or the FLOPs of dense attention.")
+    page.locator("#chat input[type=checkbox]").uncheck()
+    _set_number(page, "max-new", 4)
+    page.click("#generate")
+    _wait_status(page, "Done", 180_000)
+    assert page.evaluate(COST_MODEL_SHOWN) == "notional"
+    run_id = re.search(r"run ([0-9a-f-]{36})", _status(page)).group(1)
+    page.locator("#cost-model").get_by_text("attention FLOPs").click()
+    page.wait_for_function(f"() => ({COST_MODEL_SHOWN})() === 'flops'", timeout=120_000)
+    assert "FLOPs" in page.locator("#meters [data-meter=cost]").inner_text()
+    # a text shorter than the window cannot spend less than dense FLOPs: the status says so
+    _wait_status(page, "Re-routed", 60_000)
+    assert "out of reach" in _status(page), _status(page)
+    page.screenshot(path=str(tmp_path / "cost-model-flops.png"))
+    page.locator("#hedge-measure").get_by_text("epistemic").click()
+    client = server.client()
+    query = (
+        "SELECT cost_model, hedge_measure FROM runs WHERE kind = 'reroute' AND created_at >= "
+        f"(SELECT created_at FROM runs WHERE run_id = '{run_id}') ORDER BY created_at"
+    )
+    deadline = time.time() + 120
+    while True:  # the log's writer commits the re-routes in the background
+        rows = client.predict(query=query, api_name="/sql")["rows"]
+        if ["flops", "epistemic"] in rows or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert rows[0] == ["flops", "total"] and ["flops", "epistemic"] in rows, rows
+    page.screenshot(path=str(tmp_path / "hedge-measure-epistemic.png"))
+    assert page.evaluate(COST_MODEL_SHOWN) == "flops"
+
+
 # -- bertviz views: drawn whichever tab shows when the content arrives (issue 16) -----------
 # Inside a view's frame: its SVG, how many elements it holds and its size.
 VIEW_SVG = """() => {

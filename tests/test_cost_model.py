@@ -136,6 +136,25 @@ def test_the_budget_extremes_under_flops(routed):
     assert np.all(np.abs(low.lam) < budget_mod.LAM_MAX)  # decoding can move it from there
 
 
+def test_a_flops_budget_below_the_cheapest_routing_is_said_to_be_out_of_reach(routed):
+    """The floor of a FLOPs budget is what the bottom of the range realises; the page's
+    notes name it when the budget lies below it, and stay silent otherwise."""
+    from metaattn_viz.app import display
+
+    low = routed.route(ids_of(40), flops_settings(0.15, scope="layer"))
+    assert low.lowest_flops_ratio == pytest.approx(low.attention_flops_ratio, rel=1e-9)
+    short = routed.route(ids_of(8), flops_settings(0.5))  # every position within the window
+    assert short.lowest_flops_ratio == 1.0 and short.attention_flops_ratio == 1.0
+    short.timings["reroute_ms"] = 12.0
+    note = display.reroute_note(short)
+    assert "Budget 0.50 is out of reach" in note and "these 8 tokens spends 1.00 of dense attention" in note
+    reachable = routed.route(ids_of(40), flops_settings(0.9))
+    reachable.timings["reroute_ms"] = 12.0
+    assert reachable.lowest_flops_ratio < 0.9 and "out of reach" not in display.reroute_note(reachable)
+    notional = routed.route(ids_of(12), RoutingSettings(budget=0.5))
+    assert display.budget_floor_note(notional) is None
+
+
 def test_a_forced_route_costs_its_flops(routed):
     ids = torch.tensor([ids_of(30)])
     rng = np.random.default_rng(1)

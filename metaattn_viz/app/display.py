@@ -120,7 +120,10 @@ def run_status(job, snap) -> str:
     logged = f"; run `{job.run_id}`" if job.run_id else ""
     line = f"{what}: {n} tokens ({new} generated{rate}){logged}."
     empty = empty_generation_note(snap, job.request.max_new_tokens, job.request.chat)
-    return f"{line} {empty}" if empty and job.status == "done" else line
+    if empty and job.status == "done":
+        return f"{line} {empty}"
+    floor = budget_floor_note(snap)
+    return f"{line} {floor}" if floor else line
 
 
 def empty_generation_note(trace, max_new_tokens: int, chat: bool) -> str | None:
@@ -140,10 +143,30 @@ def empty_generation_note(trace, max_new_tokens: int, chat: bool) -> str | None:
 
 
 def reroute_note(trace) -> str:
-    """After a re-route: how many tokens, at which budget, how long it took."""
-    return (
+    """After a re-route: how many tokens, at which budget, how long it took (and why the
+    cost stays above the budget, where a FLOPs budget is out of reach)."""
+    line = (
         f"Re-routed {trace.n_tokens} tokens at budget {trace.settings.budget:.2f} "
         f"({trace.timings['reroute_ms']:.0f} ms)."
+    )
+    floor = budget_floor_note(trace)
+    return f"{line} {floor}" if floor else line
+
+
+def budget_floor_note(trace) -> str | None:
+    """Under the "flops" cost model, a budget below what the cheapest routing of the run's
+    tokens spends cannot be met: say so, with that floor (None otherwise)."""
+    s = trace.settings if trace is not None else None
+    if s is None or s.cost_model != "flops" or s.budget is None or not trace.n_tokens:
+        return None
+    floor = trace.lowest_flops_ratio
+    if not s.budget < floor - 0.005:
+        return None
+    return (
+        f"Budget {s.budget:.2f} is out of reach in attention FLOPs at this length: the cheapest "
+        f"routing of these {trace.n_tokens} tokens spends {floor:.2f} of dense attention (local "
+        f"attention saves FLOPs only past its {s.window}-token window, linear past "
+        f"{trace.head_dim} tokens)."
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from metaattn_kernels.flops import attention_flops_ratio, attention_flops_totals
+from metaattn_kernels.flops import attention_flops_ratio, attention_flops_totals, lowest_flops_ratio
 from metaattn_viz.core.dirichlet import uncertainties
 from metaattn_viz.core.experts import COSTS, EXPERTS, FULL, K
 from metaattn_viz.core.settings import RoutingSettings
@@ -150,6 +150,13 @@ class RoutingTrace:
     def attention_flops_ratio(self) -> float:
         s = self.settings
         return attention_flops_ratio(self.positions(), self.weights, s.window, s.n_sink, self.head_dim)
+
+    @property
+    def lowest_flops_ratio(self) -> float:
+        """The attention FLOPs ratio of the cheapest routing of these tokens (the floor of a
+        budget under the "flops" cost model)."""
+        s = self.settings
+        return lowest_flops_ratio(self.positions(), s.window, s.n_sink, self.head_dim)
 
     def full_share_per_token(self) -> np.ndarray:
         """[T] share of layers that gave each token full attention (hedges count by weight)."""
