@@ -153,6 +153,11 @@ def test_a_flops_budget_below_the_cheapest_routing_is_said_to_be_out_of_reach(ro
     assert reachable.lowest_flops_ratio < 0.9 and "out of reach" not in display.reroute_note(reachable)
     notional = routed.route(ids_of(12), RoutingSettings(budget=0.5))
     assert display.budget_floor_note(notional) is None
+    # the global scope's search stops at the first solved pass: no re-solve can get nearer
+    res = routed.prefill(torch.tensor([ids_of(8)]), flops_settings(0.5))
+    assert res.passes == 2 and res.pilot_tokens == 8  # the whole-text pilot, one solved pass
+    assert CostModel.of(flops_settings(0.5), routed.head_dim).lowest_mean(8) == 1.0
+    assert NOTIONAL.lowest_mean(8) == min(COSTS)
 
 
 def test_a_forced_route_costs_its_flops(routed):

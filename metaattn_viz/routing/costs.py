@@ -29,8 +29,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from metaattn_kernels.flops import expert_flops
-from metaattn_viz.core.experts import COSTS, FULL
+from metaattn_kernels.flops import expert_flops, lowest_flops_ratio
+from metaattn_viz.core.experts import COSTS, FULL, MIN_COST
 from metaattn_viz.core.settings import RoutingSettings
 
 _COSTS_ON: dict[torch.device, torch.Tensor] = {}
@@ -98,6 +98,14 @@ class CostModel:
             return 1.0
         flops = expert_flops(np.arange(n_tokens), self.window, self.n_sink, self.head_dim)
         return float(flops[:, FULL].mean())
+
+    def lowest_mean(self, n_tokens: int) -> float:
+        """The lowest mean cost a group of the positions 0..n_tokens-1 can reach (every
+        decision to its cheapest expert): the cheapest notional cost, or under "flops" that
+        routing's share of dense attention FLOPs (1 for a text within the local window)."""
+        if self.notional:
+            return MIN_COST
+        return lowest_flops_ratio(np.arange(n_tokens), self.window, self.n_sink, self.head_dim)
 
     def carry_lambda(self, lam: float, solved_on: int, routed: int) -> float:
         """A lambda solved over the positions 0..solved_on-1 (a pilot's prefix), for routing

@@ -11,7 +11,8 @@ prefix: the same posteriors those tokens get in the whole text). A lambda hint (
 on the posteriors of the previous routing of the same text) replaces the pilot.
 Under the "flops" cost model (routing/costs.py) all layers' decisions are one group, and a
 lambda solved on a prefix pilot is carried to the whole text at the same price per FLOP
-(``CostModel.carry_lambda``).
+(``CostModel.carry_lambda``), and a budget below the text's floor (``CostModel.lowest_mean``:
+a text within the local window cannot spend less than dense) is not solved again.
 
 Never: decode, sample or build traces (routing/generation.py and model.py do).
 """
@@ -154,10 +155,13 @@ def prefill(
     n_layers = routed.n_layers
     pilot_tokens = 0
     best: tuple[float, PrefillResult] | None = None
+    # under "flops" a budget below the text's floor (every decision to its cheapest expert)
+    # is met as closely as it can be by the first solved pass: no re-solve can get nearer
+    floor = CostModel.of(settings, routed.head_dim).lowest_mean(input_ids.shape[1])
     if lam_hint is not None:
         res = one_pass(settings, lam=[lam_hint] * n_layers)
         gap = _gap(res, budget)
-        if gap <= GLOBAL_COST_TOLERANCE:
+        if gap <= GLOBAL_COST_TOLERANCE or budget < floor:
             return res
         best, passes = (gap, res), 1
     else:
@@ -179,7 +183,7 @@ def prefill(
         gap = _gap(res, budget)
         if best is None or gap < best[0]:
             best = (gap, res)
-        if gap <= GLOBAL_COST_TOLERANCE:
+        if gap <= GLOBAL_COST_TOLERANCE or budget < floor:
             break
     assert best is not None
     best[1].passes, best[1].pilot_tokens = passes, pilot_tokens
