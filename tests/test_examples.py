@@ -138,6 +138,18 @@ def test_generate_writes_traces_and_an_index_that_load_back_equal(tmp_path):
     assert ex.initial_trace(out).prompt == PROMPTS[0]["prompt"]
 
 
+def test_the_index_records_the_commit_as_it_was_before_the_traces_were_written(tmp_path, monkeypatch):
+    """Rewriting the shipped traces dirties the checkout: the commit the index records must
+    be read before that (it recorded "+dirty" after a clean `make examples`)."""
+    from metaattn_viz.training import provenance
+
+    out = tmp_path / "traces"
+    monkeypatch.setattr(
+        provenance, "git_commit", lambda: "abc+dirty" if out.exists() and any(out.iterdir()) else "abc"
+    )
+    index = ex.generate(_tiny_trained(), out, _prompts_file(tmp_path), RoutingSettings(), 1, "bayes")
+    assert index["project_commit"] == "abc"
+
 def test_the_staleness_check_names_the_controllers_that_changed(tmp_path):
     routed = _tiny_trained()
     out, controllers = tmp_path / "traces", tmp_path / "controllers"

@@ -263,6 +263,9 @@ def generate(
             f"the {controller} controllers of {routed.name} are untrained; examples ship only "
             "for trained controllers (run `metaattn-viz calibrate` first)"
         )
+    from metaattn_viz.training.provenance import git_commit
+
+    commit = git_commit()  # before the traces are written: they would make the tree dirty
     settings = settings or RoutingSettings()
     folder = Path(out) if out is not None else TRACES_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -288,8 +291,6 @@ def generate(
         )
         if progress is not None:
             progress(f"{item['label']}: {trace.n_tokens} tokens in {time.perf_counter() - t0:.1f} s")
-    from metaattn_viz.training.provenance import git_commit
-
     index = {
         "format": INDEX_FORMAT,
         "command": COMMAND,
@@ -301,7 +302,7 @@ def generate(
         "max_new_tokens": max_new_tokens,
         "sampling": "greedy",
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "project_commit": git_commit(),
+        "project_commit": commit,
         "examples": entries,
     }
     _write_atomic(folder / INDEX_NAME, (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())
