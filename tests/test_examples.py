@@ -150,6 +150,7 @@ def test_the_index_records_the_commit_as_it_was_before_the_traces_were_written(t
     index = ex.generate(_tiny_trained(), out, _prompts_file(tmp_path), RoutingSettings(), 1, "bayes")
     assert index["project_commit"] == "abc"
 
+
 def test_the_staleness_check_names_the_controllers_that_changed(tmp_path):
     routed = _tiny_trained()
     out, controllers = tmp_path / "traces", tmp_path / "controllers"
