@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import routed_tiny, synthetic_trace
-from test_store import assert_same_trace, count, stream_run
+from test_store import assert_same_trace, count, stream_run, writing_schema_version
 
 from metaattn_kernels.flops import expert_flops
 from metaattn_viz import store
@@ -22,8 +22,7 @@ from metaattn_viz.core.settings import COST_MODELS, RoutingSettings
 from metaattn_viz.routing import budget as budget_mod
 from metaattn_viz.routing.costs import NOTIONAL, CostModel
 from metaattn_viz.routing.policies import BudgetPolicy
-from metaattn_viz.store import RunLog, schema
-from metaattn_viz.store.queries import Q
+from metaattn_viz.store import RunLog
 
 WINDOW, SINKS = 8, 2
 
@@ -286,9 +285,7 @@ def test_a_log_of_schema_version_4_is_migrated_and_its_runs_spent_notional_costs
     costs, the only cost model there was: they read 'notional' and replay so."""
     db = tmp_path / "routing.duckdb"
     traces = [synthetic_trace(n_layers=3, n_tokens=8, seed=91 + i) for i in range(2)]
-    with monkeypatch.context() as m:  # this version's code, writing a version-4 log
-        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
-        m.setattr(Q, "INSERT_RUNS", "INSERT INTO runs BY NAME SELECT * EXCLUDE (cost_model) FROM _new_runs")
+    with writing_schema_version(monkeypatch, 4):
         with RunLog(db) as log:
             ids = [stream_run(log, tr) for tr in traces]
     with duckdb.connect(str(db)) as con:

@@ -4,6 +4,7 @@ traces (helpers.synthetic_trace) keep it fast; the real-model replay is marked s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -78,6 +79,17 @@ def count(path_or_log, sql, **params):
         return path_or_log.fresh_cursor().execute(sql, params).fetchone()[0]
     with duckdb.connect(str(path_or_log), read_only=True) as con:
         return con.execute(sql, params).fetchone()[0]
+
+
+@contextlib.contextmanager
+def writing_schema_version(monkeypatch, version: int):
+    """This version's code writing a log of the older schema `version`: only the migrations
+    up to it, and runs inserted without the columns added since (schema.RUNS_COLUMNS)."""
+    later = ", ".join(c.name for c in schema.RUNS_COLUMNS if c.since > version)
+    with monkeypatch.context() as m:
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:version])
+        m.setattr(Q, "INSERT_RUNS", f"INSERT INTO runs BY NAME SELECT * EXCLUDE ({later}) FROM _new_runs")
+        yield
 
 
 def sha(path: Path) -> str:
@@ -449,14 +461,7 @@ def test_a_log_of_schema_version_1_is_migrated_keeps_its_runs_and_can_say_stoppe
         status: synthetic_trace(n_layers=3, n_tokens=8, seed=50 + i)
         for i, status in enumerate(("done", "failed", "crashed", "closed"))
     }
-    with monkeypatch.context() as m:  # this version's code, writing a version-1 log
-        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
-        m.setattr(
-            Q,
-            "INSERT_RUNS",
-            "INSERT INTO runs BY NAME SELECT * EXCLUDE (owner, linear_map, hedge_measure, cost_model) "
-            "FROM _new_runs",
-        )
+    with writing_schema_version(monkeypatch, 1):
         log = RunLog(db)
         ids = {}
         for status in ("done", "failed", "crashed"):
@@ -502,14 +507,7 @@ def test_a_log_of_schema_version_2_is_migrated_and_its_runs_replay_as_elu(db, mo
     before it used elu + 1, the only linear expert there was: they read 'elu', and replay
     with that setting; new runs keep the map they ran with."""
     traces = [synthetic_trace(n_layers=3, n_tokens=8, seed=70 + i) for i in range(2)]
-    with monkeypatch.context() as m:  # this version's code, writing a version-2 log
-        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
-        m.setattr(
-            Q,
-            "INSERT_RUNS",
-            "INSERT INTO runs BY NAME SELECT * EXCLUDE (linear_map, hedge_measure, cost_model) "
-            "FROM _new_runs",
-        )
+    with writing_schema_version(monkeypatch, 2):
         with RunLog(db) as log:
             ids = [stream_run(log, tr) for tr in traces]
     with duckdb.connect(str(db)) as con:
@@ -535,13 +533,7 @@ def test_a_log_of_schema_version_3_is_migrated_and_its_runs_hedged_on_total_unce
     """Version 4 adds the runs column hedge_measure. Runs logged before it hedged on the
     total uncertainty, the only measure there was: they read 'total' and replay so."""
     traces = [synthetic_trace(n_layers=3, n_tokens=8, seed=80 + i) for i in range(2)]
-    with monkeypatch.context() as m:  # this version's code, writing a version-3 log
-        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
-        m.setattr(
-            Q,
-            "INSERT_RUNS",
-            "INSERT INTO runs BY NAME SELECT * EXCLUDE (hedge_measure, cost_model) FROM _new_runs",
-        )
+    with writing_schema_version(monkeypatch, 3):
         with RunLog(db) as log:
             ids = [stream_run(log, tr) for tr in traces]
     with duckdb.connect(str(db)) as con:
