@@ -184,6 +184,24 @@ def test_a_pilots_lambda_is_carried_to_the_whole_text_at_the_same_price_per_flop
     assert carried > lam
 
 
+def test_a_lambda_solved_on_a_pilots_later_half_is_carried_at_the_same_price_per_flop():
+    """The global scope solves on positions [25, 50) of a pilot (prefill.pilot_span): carried
+    to the whole text, those decisions are routed as in the solve."""
+    model = CostModel.of(flops_settings(0.5), head_dim=16)
+    torch.manual_seed(3)
+    m = torch.distributions.Dirichlet(torch.ones(3)).sample((200,))
+    unc = torch.zeros(200)
+    s = flops_settings(0.5)
+    half = model.group(torch.arange(25, 50))
+    lam = budget_mod.solve_lambda(m[25:50], unc[25:50], 0.5, s, half)
+    carried = model.carry_lambda(lam, 50, 200, solved_from=25)
+    solved = budget_mod.decide(m[25:50], unc[25:50], lam, s, half)
+    whole = budget_mod.decide(m, unc, carried, s, model.group(torch.arange(200)))
+    assert torch.equal(solved.routes, whole.routes[25:50])
+    assert model.carry_lambda(lam, 50, 200, solved_from=25) != model.carry_lambda(lam, 50, 200)
+    assert NOTIONAL.carry_lambda(lam, 50, 200, solved_from=25) == lam
+
+
 # -- decoding under "flops" ------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_decode_steps_keep_the_running_cost_near_the_budget(routed, scope):

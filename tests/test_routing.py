@@ -364,10 +364,28 @@ def test_reroute_of_a_bare_text_without_posteriors_solves_cold():
     assert np.array_equal(again.routes, first.routes)  # the same cold solve as the prefill
 
 
+@pytest.mark.parametrize(
+    "n, want",
+    [
+        (1, (1, 0)),
+        (1024, (1024, 0)),
+        (1025, (512, 256)),
+        (3000, (750, 375)),
+        (4096, (1024, 512)),
+        (10**6, (1024, 512)),
+    ],
+)
+def test_the_pilot_reads_a_quarter_of_a_long_text_within_bounds_and_solves_on_its_later_half(n, want):
+    import metaattn_viz.routing.prefill as prefill_mod
+
+    assert prefill_mod.PILOT_TOKENS == 1024
+    assert prefill_mod.pilot_span(n) == want
+
+
 def test_global_scope_pilots_a_long_text_on_its_prefix(monkeypatch):
-    """A text longer than twice PILOT_TOKENS solves lambda on a pilot pass over its prefix,
-    then routes the whole text once (twice if the cost misses), still meeting the budget;
-    the cache holds exactly the keys a DynamicCache would."""
+    """A text longer than PILOT_TOKENS solves lambda on a pilot pass over its prefix (on the
+    prefix's later half), then routes the whole text once (twice if the cost misses), still
+    meeting the budget; the cache holds exactly the keys a DynamicCache would."""
     from transformers import DynamicCache
 
     import metaattn_viz.routing.prefill as prefill_mod
@@ -375,11 +393,23 @@ def test_global_scope_pilots_a_long_text_on_its_prefix(monkeypatch):
     r = routed_tiny(seed=6, spread=10.0)
     text = "a pilot pass over the first tokens of a long text " * 2
     ids = torch.tensor([r.encode(text)])
+    assert ids.shape[1] > 32
     short = r.prefill(ids, RoutingSettings(budget=0.5))
     assert short.pilot_tokens == ids.shape[1] and short.passes >= 2
-    monkeypatch.setattr(prefill_mod, "PILOT_TOKENS", 16)
+    monkeypatch.setattr(prefill_mod, "PILOT_TOKENS", 32)
+    pilot, first = prefill_mod.pilot_span(ids.shape[1])
+    assert 16 <= pilot <= 32 and first == pilot // 2
+    seen = []
+    solve = prefill_mod.solve_global
+    monkeypatch.setattr(
+        prefill_mod,
+        "solve_global",
+        lambda beta, *a, **k: seen.append((beta.shape[-2], k["first"])) or solve(beta, *a, **k),
+    )
     res = r.prefill(ids, RoutingSettings(budget=0.5), cache_capacity=ids.shape[1] + 4)
-    assert res.pilot_tokens == 16 and 1 <= res.passes <= 2
+    assert res.pilot_tokens == pilot and 1 <= res.passes <= 2
+    assert seen[0] == (pilot - first, first)  # the pilot's later half
+    assert all(s == (ids.shape[1], 0) for s in seen[1:])  # a re-solve reads the whole pass
     assert float(res.records["cost"].mean()) == pytest.approx(0.5, abs=0.02)
     assert res.records["routes"].shape[2] == ids.shape[1]  # the records are the whole text's
     ref = DynamicCache()

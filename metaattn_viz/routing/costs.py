@@ -91,12 +91,12 @@ class CostModel:
             return COSTS
         return _relative_at(position, self.window, self.n_sink, self.head_dim)
 
-    def dense_mean(self, n_tokens: int) -> float:
-        """Mean full-attention FLOPs of the positions 0..n_tokens-1 (the unit of a group's
+    def dense_mean(self, n_tokens: int, start: int = 0) -> float:
+        """Mean full-attention FLOPs of the positions start..n_tokens-1 (the unit of a group's
         costs; 1 for "notional")."""
         if self.notional:
             return 1.0
-        flops = expert_flops(np.arange(n_tokens), self.window, self.n_sink, self.head_dim)
+        flops = expert_flops(np.arange(start, n_tokens), self.window, self.n_sink, self.head_dim)
         return float(flops[:, FULL].mean())
 
     def lowest_mean(self, n_tokens: int) -> float:
@@ -107,13 +107,14 @@ class CostModel:
             return MIN_COST
         return lowest_flops_ratio(np.arange(n_tokens), self.window, self.n_sink, self.head_dim)
 
-    def carry_lambda(self, lam: float, solved_on: int, routed: int) -> float:
-        """A lambda solved over the positions 0..solved_on-1 (a pilot's prefix), for routing
-        the positions 0..routed-1: the same price per FLOP (lambda over the group's unit),
-        so every prefix decision is routed as in the solve. Unchanged for "notional"."""
-        if self.notional or solved_on == routed:
+    def carry_lambda(self, lam: float, solved_on: int, routed: int, solved_from: int = 0) -> float:
+        """A lambda solved over the positions solved_from..solved_on-1 (a pilot's), for
+        routing the positions 0..routed-1: the same price per FLOP (lambda over the group's
+        unit), so every decision of the solve is routed as in the solve. Unchanged for
+        "notional"."""
+        if self.notional or (solved_from == 0 and solved_on == routed):
             return lam
-        return lam * self.dense_mean(routed) / self.dense_mean(solved_on)
+        return lam * self.dense_mean(routed) / self.dense_mean(solved_on, solved_from)
 
 
 NOTIONAL = CostModel()

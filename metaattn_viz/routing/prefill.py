@@ -5,10 +5,14 @@ Global scope needs one lambda for all layers, but each layer's posterior depends
 routes of the layers below, so lambda is solved on the posteriors of a pilot pass and the
 text is routed with it; if the realised mean cost misses the budget by more than
 ``GLOBAL_COST_TOLERANCE``, lambda is solved again on the posteriors of that pass and the text
-routed once more (at most twice). The pilot is a per-layer-scope pass over the text, or only
-over its first ``PILOT_TOKENS`` tokens when the text is longer than twice that (a causal
-prefix: the same posteriors those tokens get in the whole text). A lambda hint (e.g. solved
-on the posteriors of the previous routing of the same text) replaces the pilot.
+routed once more (at most twice). The pilot is a per-layer-scope pass over the text, or,
+when the text is longer than ``PILOT_TOKENS``, over a causal prefix of it (the same
+posteriors those tokens get in the whole text): a quarter of the text, at least half and at
+most all of ``PILOT_TOKENS`` (``pilot_span``). Lambda is then solved on the prefix's later
+half only: at a given lambda the controllers route a text's first positions cheaper than
+its later ones (the position feature and the far mass grow along the text), so the later
+half stands in better for the rest. A lambda hint (e.g. solved on the posteriors of the
+previous routing of the same text) replaces the pilot.
 Under the "flops" cost model (routing/costs.py) all layers' decisions are one group, and a
 lambda solved on a prefix pilot is carried to the whole text at the same price per FLOP
 (``CostModel.carry_lambda``), and a budget below the text's floor (``CostModel.lowest_mean``:
@@ -37,7 +41,7 @@ from metaattn_viz.routing.session import Session
 if TYPE_CHECKING:
     from metaattn_viz.routing.model import RoutedModel
 
-PILOT_TOKENS = 512  # the global scope's pilot pass reads at most this prefix of a long text
+PILOT_TOKENS = 1024  # the global scope's pilot pass reads at most this prefix of a long text
 # |realised mean cost - budget| a global-scope pass may leave before lambda is solved again
 GLOBAL_COST_TOLERANCE = 0.015
 _MAX_RESOLVES = 2  # passes with a solved lambda after the pilot (or the hinted pass)
@@ -52,6 +56,17 @@ class PrefillResult:
     session: Session  # its linear states seed decoding; its qk the attention maps
     passes: int = 1  # forward passes over the whole text (a prefix pilot is not one)
     pilot_tokens: int = 0  # tokens of the global scope's pilot pass (0: none)
+
+
+def pilot_span(n_tokens: int) -> tuple[int, int]:
+    """(tokens the global scope's pilot pass reads, the first position lambda is solved on)
+    for a text of n_tokens: the whole text, every position, up to ``PILOT_TOKENS`` tokens;
+    beyond, a prefix of a quarter of the text within [PILOT_TOKENS / 2, PILOT_TOKENS], solved
+    on its later half (module docstring)."""
+    if n_tokens <= PILOT_TOKENS:
+        return n_tokens, 0
+    n = min(PILOT_TOKENS, max(n_tokens // 4, PILOT_TOKENS // 2))
+    return n, n // 2
 
 
 def solves_globally(settings: RoutingSettings) -> bool:
@@ -71,13 +86,14 @@ def solve_global(
     point_estimate: bool = False,
     head_dim: int | None = None,
     n_routed: int | None = None,
+    first: int = 0,
 ) -> float:
     """The one lambda that meets the budget over all decisions of concentrations beta
     [..., T, K] (e.g. a pass's records["beta"] [L, B, T, K]: the queries at positions
-    0..T-1); hedges read the settings' ``hedge_measure`` (``point_estimate``: the prior-free
-    controller's probabilities). Under the "flops" cost model (which needs the model's
-    ``head_dim``) all of them are one group, and the lambda is carried over to routing the
-    positions 0..n_routed-1 (default T: these)."""
+    first..first+T-1); hedges read the settings' ``hedge_measure`` (``point_estimate``: the
+    prior-free controller's probabilities). Under the "flops" cost model (which needs the
+    model's ``head_dim``) all of them are one group, and the lambda is carried over to
+    routing the positions 0..n_routed-1 (default first + T)."""
     b = torch.from_numpy(beta)
     n_tokens = b.shape[-2]
     b = b.reshape(-1, K)
@@ -87,9 +103,11 @@ def solve_global(
     cost_model = CostModel.of(settings, head_dim)
     costs = None  # the notional costs, as ever
     if not cost_model.notional:
-        costs = cost_model.group(torch.arange(n_tokens).repeat(b.shape[0] // n_tokens))
+        positions = torch.arange(first, first + n_tokens)
+        costs = cost_model.group(positions.repeat(b.shape[0] // n_tokens))
     lam = budget_mod.solve_lambda(m, unc, settings.budget, settings, costs)
-    return cost_model.carry_lambda(lam, n_tokens, n_tokens if n_routed is None else n_routed)
+    end = first + n_tokens
+    return cost_model.carry_lambda(lam, end, end if n_routed is None else n_routed, first)
 
 
 def is_point_estimate(routed: RoutedModel, controller: str | ControllerStack) -> bool:
@@ -153,7 +171,7 @@ def prefill(
     budget = settings.budget
     assert budget is not None
     n_layers = routed.n_layers
-    pilot_tokens = 0
+    pilot_tokens = solve_from = 0
     best: tuple[float, PrefillResult] | None = None
     # under "flops" a budget below the text's floor (every decision to its cheapest expert)
     # is met as closely as it can be by the first solved pass: no re-solve can get nearer
@@ -166,18 +184,19 @@ def prefill(
         best, passes = (gap, res), 1
     else:
         t = input_ids.shape[1]
-        pilot_ids = input_ids[:, :PILOT_TOKENS] if t > 2 * PILOT_TOKENS else input_ids
-        res = one_pass(settings.with_(scope="layer"), ids=pilot_ids, cache=False, keep=1)
-        pilot_tokens = pilot_ids.shape[1]
+        pilot_tokens, solve_from = pilot_span(t)
+        res = one_pass(settings.with_(scope="layer"), ids=input_ids[:, :pilot_tokens], cache=False, keep=1)
         passes = int(pilot_tokens == t)  # a whole-text pilot is a pass
     for _ in range(_MAX_RESOLVES):
         lam = solve_global(
-            res.records["beta"],
+            res.records["beta"][..., solve_from:, :],
             settings,
             is_point_estimate(routed, controller),
             head_dim=routed.head_dim,
             n_routed=input_ids.shape[1],
+            first=solve_from,
         )
+        solve_from = 0  # a re-solve reads a whole pass
         res = one_pass(settings, lam=[lam] * n_layers)
         passes += 1
         gap = _gap(res, budget)
