@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -91,6 +92,20 @@ def test_calibrate_cli_refuses_missing_file_plainly(tmp_path):
         cwd=ROOT,
     )
     assert out.returncode == 2 and "data file not found" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_calibrate_cli_on_cuda_without_one_exits_2_naming_it():
+    data = ROOT / "corpus" / "wikitext2" / "wiki.dev.raw"
+    out = subprocess.run(
+        [sys.executable, "-m", "metaattn_viz", "calibrate", "--data", str(data), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert out.returncode == 2 and "CUDA" in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -46,6 +46,12 @@ def add_calibrate_parser(sub) -> None:
         "--out", default=None, help="output folder (default assets/controllers/<model>/<controller>)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu|cuda|cuda:N|auto, always in float32 (default cpu, where the shipped controllers "
+        "were trained)",
+    )
     _add_model_args(p, runtime=False)
     p.set_defaults(handler=_cmd_calibrate)
 
@@ -54,6 +60,7 @@ def _cmd_calibrate(args) -> int:
     import json
 
     from metaattn_viz.cli import UserError, _parse_budgets
+    from metaattn_viz.routing import device as device_mod
     from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import data as data_mod
     from metaattn_viz.training.calibrate import CalibrationConfig, calibrate
@@ -85,10 +92,13 @@ def _cmd_calibrate(args) -> int:
         raise UserError(str(exc)) from None
     try:
         data_mod.load_split(args.data)  # fail on a bad file before loading the model
-    except data_mod.DataError as exc:
+        # float32 wherever it runs (training is not checked in lower precision); CUDA asked for
+        # without one is refused here, before the model loads
+        device_mod.resolve(args.device, "float32")
+    except (data_mod.DataError, device_mod.DeviceUnavailable) as exc:
         raise UserError(str(exc)) from None
-    # calibration stays on the CPU in float32 (the recorded controllers were trained there)
-    routed = RoutedModel.load(args.model, device="cpu", dtype="float32", backend="auto")
+    # the reference backend in training (routing/policies.py, differentiable) on any device
+    routed = RoutedModel.load(args.model, device=args.device, dtype="float32", backend="auto")
     try:
         meta = calibrate(routed, args.data, cfg, out_dir=args.out, resume=args.resume)
     except data_mod.DataError as exc:

@@ -284,7 +284,7 @@ def calibrate(
     start, history = 0, []
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)  # wherever it was saved
         if ckpt["config"] != asdict(cfg):
             raise ValueError(
                 f"--resume: {ckpt_path} was made with other settings; remove it or rerun with the same ones"
@@ -292,7 +292,7 @@ def calibrate(
         stack.load_state_dict(ckpt["stack"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
-        torch.random.set_rng_state(ckpt["rng"])
+        torch.random.set_rng_state(ckpt["rng"].cpu())  # the CPU generator's state
         start, history = ckpt["step"], ckpt["history"]
         log.info("resuming from step %d (%s)", start, ckpt_path)
 
