@@ -75,6 +75,17 @@ def test_units_within_never_exceeds_the_budget():
     assert units_within(0.1, 30) is None
 
 
+def test_units_within_at_least_reaches_the_budget_with_the_fewest_units():
+    for n in (1, 3, 30, 7680):
+        for b in np.linspace(COSTS[LINEAR], 1.0, 61):
+            hi, lo, k = units_within(float(b), n, at_least=True)
+            cost = (k * COSTS[hi] + (n - k) * COSTS[lo]) / n
+            assert cost >= b - 1e-9
+            assert cost < b + (COSTS[hi] - COSTS[lo]) / n + 1e-9  # one unit fewer would miss it
+    assert units_within(0.5, 30, at_least=True) == (FULL, LOCAL, 9)  # (9 + 21 * 0.3) / 30 = 0.51
+    assert units_within(0.44, 10, at_least=True) == units_within(0.44, 10) == (FULL, LOCAL, 2)  # on a step
+
+
 def test_static_ranking_puts_the_one_layer_that_matters_first():
     r = _one_layer_matters(2)
     ids = _ids()
@@ -208,12 +219,15 @@ def test_the_new_baselines_keep_their_budget_in_eval():
             unit = 0.7 / 5 if name != "oracle-tokens" else 0.7 / (5 * 64)
             unit = unit if b >= COSTS[LOCAL] else unit * 0.15 / 0.7
             assert row["realized_cost"] > b - unit - 1e-6, (name, b)
-        for name in ("static-layers", "greedy-layers"):
+        # the fewest full (or local) layers that reach the budget: at most one unit above it
+        up, unit = got[("static-layers-up", b)], (0.7 if b >= COSTS[LOCAL] else 0.15) / 5
+        assert b - 1e-6 <= up["realized_cost"] < b + unit + 1e-6, b
+        for name in ("static-layers", "static-layers-up", "greedy-layers"):
             if (name, b) in got:
                 assert got[(name, b)]["routing_variety"] == 0.0  # one expert per layer
                 assert got[(name, b)]["calibration"]["split"] == "training"
         assert got[("oracle-tokens", b)]["oracle"] is True
-    assert all((name, 1.0) not in got for name in NEW)
+    assert all((name, 1.0) not in got for name in (*NEW, "static-layers-up"))
     # the greedy ran its rounds once, up to the largest budget's count of full layers
     assert len(got[("greedy-layers", 0.75)]["calibration"]["order"]) == 3  # (3 + 2 * 0.3) / 5 = 0.72
     text = tables(rows, "metaattn-viz eval --test")

@@ -37,14 +37,20 @@ def budget_shares(budget: float) -> tuple[int, int, float]:
     return LOCAL, LINEAR, (budget - COSTS[LINEAR]) / (COSTS[LOCAL] - COSTS[LINEAR])
 
 
-def units_within(budget: float, n: int) -> tuple[int, int, int] | None:
+def units_within(budget: float, n: int, at_least: bool = False) -> tuple[int, int, int] | None:
     """How `n` units (layers, decisions) meet the budget with ``budget_shares``' two
     experts: (expensive, cheap, how many units get the expensive one), the count rounded
-    down so the mean notional cost never exceeds the budget. None below the cheapest cost."""
+    down so the mean notional cost never exceeds the budget; ``at_least``: rounded up
+    instead, the fewest units whose mean cost reaches the budget. None below the cheapest
+    cost."""
     if budget < COSTS[LINEAR] - _COUNT_SLACK:
         return None
     hi, lo, share = budget_shares(budget)
-    k = math.floor(min(share, 1.0) * n + _COUNT_SLACK)
+    k = (
+        math.ceil(min(share, 1.0) * n - _COUNT_SLACK)
+        if at_least
+        else math.floor(min(share, 1.0) * n + _COUNT_SLACK)
+    )
     return hi, lo, max(0, min(n, k))
 
 

@@ -12,8 +12,9 @@ layer's majority expert (0 for any static per-layer map; how token-dependent rou
 
 Policies: the Bayesian and prior-free controllers (budgets and the unbudgeted argmax), and
 the baselines of training/baselines.py: all-local, all-linear, random routing at the same
-budget, salience top-k (a Mixture-of-Depths-like baseline), the static per-layer map and
-its greedy DuoAttention-style twin calibrated on the calibration split
+budget, salience top-k (a Mixture-of-Depths-like baseline), the static per-layer map (within
+the budget, and one step up: the fewest full layers that reach it) and its greedy
+DuoAttention-style twin calibrated on the calibration split
 (training/layer_maps.py), and the oracle per-token router at equal cost, the ceiling
 (training/oracle.py; it reads the validation text's own errors). Baselines run below
 budget 1 only (at 1 they are the dense model). With the baselines, the Bayesian controller
@@ -184,9 +185,9 @@ def _new_baselines(routed, split, val, budgets, settings, calib_windows: int) ->
             cache["maps"] = layer_maps.LayerMapCalibrator(routed, windows, settings)
         return cache["maps"]
 
-    def static(b):
+    def static(b, at_least=False):
         cal = calibrator()
-        experts = layer_maps.static_map(cal.ranking(), b)
+        experts = layer_maps.static_map(cal.ranking(), b, at_least)
         assert experts is not None
         info = {
             **cal.describe(),
@@ -230,6 +231,7 @@ def _new_baselines(routed, split, val, budgets, settings, calib_windows: int) ->
         if units_within(b, n_layers) is None:  # below the cheapest cost: no baseline meets it
             continue
         plan.append(("static-layers", b, lambda b=b: static(b)))
+        plan.append(("static-layers-up", b, lambda b=b: static(b, at_least=True)))
         if layer_maps.full_layers(b, n_layers) is not None:  # full + local only
             plan.append(("greedy-layers", b, lambda b=b: greedy(b)))
         plan.append(("oracle-tokens", b, lambda b=b: oracle_policy(b)))

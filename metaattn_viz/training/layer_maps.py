@@ -12,7 +12,10 @@ Each measurement is one routed forward pass of those windows together.
   budget B at or above the local cost the k most sensitive layers get full attention and
   the rest local, k the largest with (k * 1 + (L - k) * 0.30) / L <= B; below the local
   cost the most sensitive layers get local and the rest linear, by the same ranking
-  (training/baselines.py, ``units_within``).
+  (training/baselines.py, ``units_within``). Rows "static-layers-up": the same ranking with
+  the fewest full layers whose cost reaches B (one layer more than "static-layers" unless B
+  falls on a step), the cheapest static map a controller that spends B competes with at
+  equal or lower cost.
 - Greedy, DuoAttention-style (rows "greedy-layers"): DuoAttention (Xiao et al., 2024) keeps
   full attention for the heads that retrieve and streaming (sink + window) attention for the
   rest; here at layer granularity, chosen greedily. Start all-local; in each round try
@@ -46,11 +49,12 @@ from metaattn_viz.training.baselines import layer_map_policy, units_within
 DEFAULT_CALIB_WINDOWS = 2
 
 
-def static_map(ranking: Sequence[int], budget: float) -> list[int] | None:
+def static_map(ranking: Sequence[int], budget: float, at_least: bool = False) -> list[int] | None:
     """The expert of each layer at `budget`, from layers ranked most sensitive first: the
-    first k take the expensive expert, the rest the cheap one (None below the cheapest cost)."""
+    first k take the expensive expert, the rest the cheap one (None below the cheapest cost);
+    k the most within the budget, or with ``at_least`` the fewest that reach it."""
     n = len(ranking)
-    split = units_within(budget, n)
+    split = units_within(budget, n, at_least)
     if split is None:
         return None
     hi, lo, k = split
