@@ -56,8 +56,8 @@ feature-maps: setup
 	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz feature-maps --data corpus/wikitext2/wiki.dev.raw
 
 # the shipped controllers' recipe (docs/results.md): learned linear maps, attention features,
-# the per-layer error-ranking target; one torch thread, so a rerun is bit-identical
-CALIBRATE_FLAGS = --data corpus/wikitext2/wiki.dev.raw --linear-map learned --features base,attention --aux-weight 1 --aux-scope layer
+# the per-layer error-ranking target, 256 steps; one torch thread, so a rerun is bit-identical
+CALIBRATE_FLAGS = --data corpus/wikitext2/wiki.dev.raw --linear-map learned --features base,attention --aux-weight 1 --aux-scope layer --steps 256
 
 calibrate: setup
 	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz calibrate $(CALIBRATE_FLAGS) --controller bayes --beta-kl 0.02 --prior-costs 1,0.6,0.3
