@@ -17,7 +17,7 @@ from metaattn_viz.routing.model import kl_per_token
 from metaattn_viz.training import layer_maps, oracle
 from metaattn_viz.training.baselines import layer_map_policy, routes_policy, units_within
 from metaattn_viz.training.evaluate import evaluate
-from metaattn_viz.training.report import tables
+from metaattn_viz.training.report import paired_differences, tables
 
 EXCERPT = Path(__file__).resolve().parent / "data" / "wikitext2_excerpt.txt"
 WINDOW, N_SINK, SEQ = 8, 2, 48
@@ -207,6 +207,9 @@ def test_the_new_baselines_keep_their_budget_in_eval():
         controllers=("bayes",), calib_windows=2,
     )  # fmt: skip
     assert all("routing_variety" in row for row in rows)
+    for row in rows:  # two windows of 64 tokens: the row's KL is the mean of the windows'
+        assert len(row["kl_windows"]) == 2
+        assert np.mean(row["kl_windows"]) == pytest.approx(row["kl_to_dense"], rel=1e-6, abs=1e-9)
     got = {(row["controller"], row["budget"]): row for row in rows}
     for b in budgets[:-1]:
         for name in NEW:
@@ -235,6 +238,38 @@ def test_the_new_baselines_keep_their_budget_in_eval():
     for name in NEW:
         assert f"| {name} |" in text
     assert "oracle" in text.split("| oracle-tokens |")[-1]  # the note labels it an oracle
+
+
+def test_paired_differences_against_scipy():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    a, b = rng.gamma(2.0, 0.01, 16), rng.gamma(2.0, 0.01, 16)
+    rows = [
+        {"controller": "bayes", "budget": 0.5, "kl_windows": list(a)},
+        {"controller": "priorfree", "budget": 0.5, "kl_windows": list(b)},
+        {"controller": "bayes", "budget": None, "kl_windows": list(b)},
+        {"controller": "priorfree", "budget": None, "kl_windows": list(a)},
+        {"controller": "bayes", "budget": 0.75, "kl_windows": list(a)},  # no prior-free row: skipped
+        {"controller": "static-layers", "budget": 0.5, "kl_windows": list(a)},
+        {"controller": "priorfree", "budget": 0.25},  # a row made before kl_windows: skipped
+        {"controller": "bayes", "budget": 0.25},
+    ]
+    got = {p["budget"]: p for p in paired_differences(rows)}
+    assert set(got) == {0.5, None}
+    d = a - b
+    assert got[0.5]["mean"] == pytest.approx(d.mean())
+    assert got[0.5]["se"] == pytest.approx(stats.sem(d))
+    assert got[0.5]["lower"] == int((d < 0).sum()) and got[0.5]["windows"] == 16
+    assert got[None]["mean"] == pytest.approx(-d.mean())
+    base = {"seq_len": 64, "window": 16, "n_sink": 4, "tokens": 32, "dense_ppl": 10.0, "realized_cost": 0.5}
+    full = [
+        {**base, **r, "ppl": 11.0, "kl_to_dense": float(np.mean(r.get("kl_windows", [0.0]))),
+         "attention_flops_ratio": 0.5, "routing_entropy": None, "routing_variety": 0.0,
+         "expert_shares": {"full": 0.3, "linear": 0.0, "local": 0.7}}
+        for r in rows[:4]
+    ]  # fmt: skip
+    assert "Bayesian minus prior-free, paired over the 16 validation windows" in tables(full, "eval")
 
 
 def test_layer_map_policy_routes_each_layer_to_its_expert():

@@ -103,6 +103,7 @@ def run_policy(
     """One row's measurements over the windows [n, T]. ``policy``: None (the controller
     routes under the settings), a baseline router, or a list of them, one per window."""
     nll, kl, n = 0.0, 0.0, 0
+    kl_windows: list[float] = []  # mean KL per window: what paired comparisons of rows read
     weights, costs, routes, hedged, ent, unc_total, unc_epi, rel_err = [], [], [], [], [], [], [], []
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1]
@@ -117,7 +118,9 @@ def run_policy(
         )
         logits = res.logits[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        kl += float(kl_per_token(dense_logits[i][0, :-1], logits).sum())
+        kl_tokens = kl_per_token(dense_logits[i][0, :-1], logits)
+        kl += float(kl_tokens.sum())
+        kl_windows.append(float(kl_tokens.mean()))
         n += ids.shape[1] - 1
         rec = res.records
         weights.append(rec["weights"])
@@ -136,6 +139,7 @@ def run_policy(
     row: dict[str, Any] = {
         "ppl": math.exp(nll / n),
         "kl_to_dense": kl / n,
+        "kl_windows": kl_windows,
         "realized_cost": float(np.concatenate(costs, 1).mean()),
         "attention_flops_ratio": flops_ratio(
             w, windows.shape[1], routed.head_dim, settings.window, settings.n_sink

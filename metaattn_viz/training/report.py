@@ -94,6 +94,45 @@ def _baseline_notes(rows: list[dict]) -> list[str]:
     return [part for note in notes for part in (note, "")][:-1]
 
 
+def paired_differences(rows: list[dict], a: str = "bayes", b: str = "priorfree") -> list[dict]:
+    """Controller `a` against `b` at each budget both were evaluated at (the unbudgeted argmax
+    included), paired over the validation windows: the mean of the per-window differences of
+    KL to dense (a - b; it equals the difference of the rows' KL, the windows being of one
+    length), its standard error, and in how many windows `a` is lower. Rows without
+    ``kl_windows`` (made before it existed) are skipped."""
+    by = {(r["controller"], r["budget"]): r for r in rows if r.get("kl_windows")}
+    out = []
+    for (name, budget), ra in by.items():
+        rb = by.get((b, budget))
+        if name != a or rb is None or len(rb["kl_windows"]) != len(ra["kl_windows"]):
+            continue
+        d = [x - y for x, y in zip(ra["kl_windows"], rb["kl_windows"], strict=True)]
+        n = len(d)
+        mean = sum(d) / n
+        se = (sum((v - mean) ** 2 for v in d) / (n - 1) / n) ** 0.5 if n > 1 else None
+        out.append({"budget": budget, "mean": mean, "se": se, "lower": sum(v < 0 for v in d), "windows": n})
+    return out
+
+
+def _paired_lines(rows: list[dict]) -> list[str]:
+    pairs = paired_differences(rows)
+    if not pairs:
+        return []
+    lines = [
+        "",
+        f"Bayesian minus prior-free, paired over the {pairs[0]['windows']} validation windows (KL "
+        "to dense per window; a negative mean favours the Bayesian controller):",
+        "",
+        "| budget | mean difference | standard error | windows where the Bayesian KL is lower |",
+        "|---|---|---|---|",
+    ]
+    for p in pairs:
+        budget = "none (argmax)" if p["budget"] is None else _fmt(p["budget"], 2)
+        se = "–" if p["se"] is None else f"{p['se']:.4f}"
+        lines.append(f"| {budget} | {p['mean']:+.4f} | {se} | {p['lower']} of {p['windows']} |")
+    return lines
+
+
 def tables(rows: list[dict], command: str) -> str:
     first = rows[0]
     lines = [
@@ -125,6 +164,7 @@ def tables(rows: list[dict], command: str) -> str:
             f"{' / '.join(f'{sh[e]:.2f}' for e in EXPERTS)} |"
         )
     lines += ["", *_baseline_notes(rows)]
+    lines += _paired_lines(rows)
     unc = [r for r in rows if "uncertainty" in r]
     if unc:
         u = unc[0]["uncertainty"]
