@@ -12,6 +12,8 @@
 #      after 256 and 32768 tokens), and one generation through the app's engine.
 # Writes gpu.txt, tests.log, gpu_check.json and gpu_check.log under $OUT (default
 # ./device-out); record the figures in docs/benchmarks.md, "GPU", with the date and device.
+# Without a GPU, `python -m metaattn_viz.bench.gpu_check --rehearse` runs step 2 on the CPU
+# (Triton interpreter, a tiny model, small sizes): a check of the code, not of the speed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device-out}"

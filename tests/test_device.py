@@ -271,6 +271,50 @@ def test_the_gpu_check_needs_no_web_or_store_packages():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+@no_cuda
+def test_the_gpu_check_refuses_a_machine_without_cuda_and_unknown_sections(tmp_path):
+    from metaattn_viz.bench import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert gpu_check.main(["--out", str(tmp_path), "--rehearse", "--only", "checks,speed"]) == 2
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_check_rehearses_every_section_on_the_cpu(tmp_path):
+    """`gpu_check --rehearse`: the GPU acceptance's own code (checks, bench rows, the engine's
+    stream) on the CPU through the Triton interpreter, so a GPU session is not the first run
+    of it. The timings mean nothing here; what must hold is every result the GPU run reads."""
+    env = dict(os.environ, **THREAD_ENV, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)  # the rehearsal sets it itself
+    out = subprocess.run(
+        [sys.executable, "-m", "metaattn_viz.bench.gpu_check", "--rehearse", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["rehearsal"] is True and report["sizes"]["attention"] == 128
+    checks = report["checks"]
+    assert checks["ok"] and len(checks["cases"]) == 4
+    assert all(c["same_tokens"] and c["decode_max_abs_err"] <= 1e-4 for c in checks["cases"])
+    assert checks["bfloat16_streamed_tokens"] == 16
+    bench = report["bench"]
+    attention = [r for r in bench if r["kind"] == "attention"]
+    assert {r["mix"] for r in attention} == {"local", "linear", "mix"}
+    assert all(r["backend"] == "triton" and r["dtype"] == "bfloat16" for r in attention)
+    model = [r for r in bench if r["kind"] == "model"]
+    assert [r["case"] for r in model] == ["routing-overhead", "prefill", "decode", "decode"]
+    assert all(r["backend"] == "triton" and r["routed_ms"] > 0 for r in model)
+    assert [r["seq_len"] for r in model if r["case"] == "decode"] == [256, 300]
+    engine = report["engine"]
+    assert engine["ok"] and engine["new_tokens"] == 64
+    assert engine["runtime"]["backend"] == "triton" and engine["runtime"]["dtype"] == "bfloat16"
+
+
 def test_the_shipped_config_builds_smollm2s_architecture():
     from metaattn_viz.routing import loading
 

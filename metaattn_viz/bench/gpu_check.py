@@ -21,6 +21,12 @@ on their values).
 3. engine: one 64-token greedy generation through app.engine.Engine (no web layer), its
    tokens/s.
 
+``--rehearse`` runs the same three sections on this machine's CPU, with the Triton kernels
+through the interpreter (TRITON_INTERPRET=1, set here when triton is not imported yet), the
+tiny model's architecture in place of SmolLM2's and small sizes (``SIZES``): a check of the
+script's own code where there is no GPU (tests/test_device.py runs it), whose timings mean
+nothing; its JSON says ``"rehearsal": true``.
+
 Never: download anything, or write outside the output folder.
 """
 
@@ -41,18 +47,15 @@ from metaattn_viz.core.settings import RoutingSettings
 
 PROMPT = "The routed model runs on the GPU with the Triton kernels, token after token, "
 TOL_LOGITS = 1e-4  # float32, Triton (IEEE dots) against the CPU
+# the bench section's lengths: (attention rows' T, whole-model prefill, long decode context)
+SIZES = {"full": (16384, 16384, 32768), "quick": (4096, 4096, 4096), "rehearsal": (128, 128, 300)}
 
 
-def _tiny(seed: int = 0):
-    """A tiny Llama-style routed model (grouped-query attention, RoPE), untrained controllers
-    whose posteriors vary (so every expert is used)."""
+def _tiny_config():
+    """The tiny model's architecture: Llama-style, grouped-query attention, RoPE."""
     import transformers
 
-    from metaattn_viz.routing import loading
-    from metaattn_viz.routing.controller import KINDS, ControllerStack, config_for_model
-    from metaattn_viz.routing.model import RoutedModel
-
-    cfg = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=256,
         hidden_size=96,
         intermediate_size=128,
@@ -63,6 +66,18 @@ def _tiny(seed: int = 0):
         max_position_embeddings=1024,
         tie_word_embeddings=False,
     )
+
+
+def _tiny(seed: int = 0):
+    """A tiny routed model (``_tiny_config``), untrained controllers whose posteriors vary
+    (so every expert is used)."""
+    import transformers
+
+    from metaattn_viz.routing import loading
+    from metaattn_viz.routing.controller import KINDS, ControllerStack, config_for_model
+    from metaattn_viz.routing.model import RoutedModel
+
+    cfg = _tiny_config()
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed) for k in KINDS}
@@ -173,13 +188,14 @@ def _decision_is_sync_free(r) -> bool | str:
     return True
 
 
-def bench_rows(device: str, config: str, quick: bool) -> list[dict]:
-    """Section 2 of the module docstring."""
+def bench_rows(device: str, config: str, sizes: str = "full") -> list[dict]:
+    """Section 2 of the module docstring, at the lengths ``SIZES[sizes]``."""
     from metaattn_viz.bench.attention import attention_rows
     from metaattn_viz.bench.model import model_rows
 
-    rows = attention_rows([4096] if quick else [16384], repeats=5, device=device, dtype="bfloat16")
-    long_context, prefill = (4096, 4096) if quick else (32768, 16384)
+    attention_len, prefill, long_context = SIZES[sizes]
+    repeats = 1 if sizes == "rehearsal" else 5  # the interpreter takes ~1 s a call
+    rows = attention_rows([attention_len], repeats=repeats, device=device, dtype="bfloat16", backend="triton")
     for r in model_rows(
         budget=0.3,
         long_context=long_context,
@@ -244,24 +260,49 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--config", default=None, help="model config.json (default: SmolLM2-135M's, shipped)")
     p.add_argument("--quick", action="store_true", help="short bench rows (4096 tokens)")
+    p.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run every section on the CPU through the Triton interpreter, with a tiny model "
+        "and small sizes: checks this script without a GPU (the timings mean nothing)",
+    )
     p.add_argument("--only", default="checks,bench,engine", help="sections to run, comma-separated")
     a = p.parse_args(argv)
     from metaattn_viz.routing import loading
 
-    config = a.config or str(loading.SMOLLM2_CONFIG)
+    sections_asked = a.only.split(",")
+    unknown = [n for n in sections_asked if n not in ("checks", "bench", "engine")]
+    if unknown:
+        print(f"unknown section(s) {unknown}: choose among checks, bench, engine", file=sys.stderr)
+        return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to check here", file=sys.stderr)
+    config = a.config or str(loading.SMOLLM2_CONFIG)
+    sizes = "quick" if a.quick else "full"
+    if a.rehearse:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("--rehearse needs TRITON_INTERPRET=1 before triton is imported", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"
+        a.device, sizes = "cpu", "rehearsal"
+        if a.config is None:  # the tiny model's architecture, written into the output folder
+            _tiny_config().save_pretrained(out / "rehearsal-config")
+            config = str(out / "rehearsal-config" / "config.json")
+    elif not torch.cuda.is_available():
+        print("no CUDA device: nothing to check here (--rehearse runs it on the CPU)", file=sys.stderr)
         return 2
-    report: dict = {"environment": _environment()}
+    report: dict = {
+        "environment": _environment(),
+        "rehearsal": a.rehearse,
+        "sizes": dict(zip(("attention", "prefill", "long_context"), SIZES[sizes], strict=True)),
+    }
     sections = {
         "checks": lambda: check_correctness(a.device),
-        "bench": lambda: bench_rows(a.device, config, a.quick),
+        "bench": lambda: bench_rows(a.device, config, sizes),
         "engine": lambda: engine_stream(a.device, config),
     }
     status = 0
-    for name in a.only.split(","):
+    for name in sections_asked:
         t0 = time.perf_counter()
         try:
             report[name] = sections[name]()
