@@ -14,17 +14,9 @@ from helpers import CharTokenizer, random_feature_map, tiny_model
 from metaattn_kernels.feature_maps import phi_key, phi_query
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import linear_maps
-from metaattn_viz.routing.controller import (
-    FAR_MASS_FLOOR,
-    KINDS,
-    AttentionView,
-    ControllerConfig,
-    ControllerStack,
-    SignalState,
-    attention_signals,
-    config_for_model,
-)
+from metaattn_viz.routing.controller import KINDS, ControllerConfig, ControllerStack, config_for_model
 from metaattn_viz.routing.model import RoutedModel
+from metaattn_viz.routing.signals import FAR_MASS_FLOOR, AttentionView, SignalState, attention_signals
 
 FEATURES = ("base", "attention")
 

@@ -1,5 +1,5 @@
 """The CPU decode hot path in numpy (issue 12): kernels.cpu.decode_step_numpy against
-kernels.decode.decode_step, the controller's one-token attention features (_signals_one)
+kernels.decode.decode_step, the controller's one-token attention features (signals_one)
 against attention_signals, and the refresh of the controller's numpy weight copies."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from helpers import random_feature_map
 from metaattn_kernels.cpu import decode_step_numpy, phi_numpy
 from metaattn_kernels.decode import decode_step
 from metaattn_kernels.feature_maps import phi_key, phi_query
-from metaattn_viz.routing import controller as ctl
-from metaattn_viz.routing.controller import AttentionView, ControllerConfig, ControllerStack, SignalState
+from metaattn_viz.routing import signals as sig
+from metaattn_viz.routing.controller import ControllerConfig, ControllerStack
+from metaattn_viz.routing.signals import AttentionView, SignalState
 
 HQ, HKV, D = 6, 2, 16
 ROUTES = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.25, 0.5, 0.25), (0.0, 0.0, 0.0)]
@@ -121,31 +122,31 @@ def test_signals_one_continues_the_running_sums(learned):
     fm = random_feature_map(HQ, HKV, D, 4) if learned else None
     g = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, HQ, 40, D, generator=g), torch.randn(1, HKV, 40, D, generator=g)
-    whole = ctl.attention_signals(AttentionView(q, k, fm, 8, 2, SignalState(1)), 0)[0]
+    whole = sig.attention_signals(AttentionView(q, k, fm, 8, 2, SignalState(1)), 0)[0]
     state = SignalState(1)
-    ctl.attention_signals(AttentionView(q[:, :, :5], k[:, :, :5], fm, 8, 2, state), 0)
+    sig.attention_signals(AttentionView(q[:, :, :5], k[:, :, :5], fm, 8, 2, state), 0)
     n = 2 * HQ + HKV
     for t in range(5, 30):
         out = np.full(n, np.nan, np.float32)
-        assert ctl._signals_one(AttentionView(q[:, :, t : t + 1], k[:, :, : t + 1], fm, 8, 2, state), 0, out)
+        assert sig.signals_one(AttentionView(q[:, :, t : t + 1], k[:, :, : t + 1], fm, 8, 2, state), 0, out)
         torch.testing.assert_close(torch.from_numpy(out), whole[t], atol=1e-5, rtol=1e-5)
         tk, held_fm, pq, pk = state.phi[0]
         assert tk == t + 1 and held_fm is fm
         torch.testing.assert_close(torch.from_numpy(pq), phi_query(fm, q[:, :, t : t + 1])[0, :, 0])
         torch.testing.assert_close(torch.from_numpy(pk), phi_key(fm, k[:, :, t : t + 1])[0, :, 0])
-    rest = ctl.attention_signals(AttentionView(q[:, :, 30:], k, fm, 8, 2, state), 0)[0]
+    rest = sig.attention_signals(AttentionView(q[:, :, 30:], k, fm, 8, 2, state), 0)[0]
     torch.testing.assert_close(rest, whole[30:], atol=1e-5, rtol=1e-5)
     # sums that stop elsewhere (or another map): not continued, nothing written
     out = np.full(n, np.nan, np.float32)
-    assert not ctl._signals_one(AttentionView(q[:, :, 35:36], k[:, :, :36], fm, 8, 2, state), 0, out)
+    assert not sig.signals_one(AttentionView(q[:, :, 35:36], k[:, :, :36], fm, 8, 2, state), 0, out)
     other = random_feature_map(HQ, HKV, D, 5)
-    assert not ctl._signals_one(AttentionView(q[:, :, 39:], k, other, 8, 2, state), 0, out)
+    assert not sig.signals_one(AttentionView(q[:, :, 39:], k, other, 8, 2, state), 0, out)
     assert np.isnan(out).all()
 
 
 @pytest.mark.parametrize("learned", [False, True])
 def test_signals_one_keeps_each_layers_sums_apart(learned):
-    """Layers share _signals_one's working arrays, never their sums: two layers stepped in
+    """Layers share signals_one's working arrays, never their sums: two layers stepped in
     turn (as decode steps do) each give the features of one prefill of their own q and k;
     the sums the torch path left are copied, not added to, and the torch path continues
     each layer's sums after the numpy steps."""
@@ -154,13 +155,13 @@ def test_signals_one_keeps_each_layers_sums_apart(learned):
     qs = [torch.randn(1, HQ, 30, D, generator=g) for _ in range(2)]
     ks = [torch.randn(1, HKV, 30, D, generator=g) for _ in range(2)]
     wholes = [
-        ctl.attention_signals(AttentionView(q, k, fm, 8, 2, SignalState(1)), 0)[0]
+        sig.attention_signals(AttentionView(q, k, fm, 8, 2, SignalState(1)), 0)[0]
         for q, k, fm in zip(qs, ks, fms, strict=True)
     ]
     state = SignalState(2)
     for layer in range(2):
         view = AttentionView(qs[layer][:, :, :4], ks[layer][:, :, :4], fms[layer], 8, 2, state)
-        ctl.attention_signals(view, layer)
+        sig.attention_signals(view, layer)
     left = [t.clone() for t in state.sums[0][:2]]
     kept = state.sums[0]
     for t in range(4, 25):
@@ -168,13 +169,13 @@ def test_signals_one_keeps_each_layers_sums_apart(learned):
             out = np.full(2 * HQ + HKV, np.nan, np.float32)
             q, k = qs[layer][:, :, t : t + 1], ks[layer][:, :, : t + 1]
             view = AttentionView(q, k, fms[layer], 8, 2, state)
-            assert ctl._signals_one(view, layer, out)
+            assert sig.signals_one(view, layer, out)
             torch.testing.assert_close(torch.from_numpy(out), wholes[layer][t], atol=1e-5, rtol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(kept[:2], left, strict=True))
     for layer in range(2):
         view = AttentionView(qs[layer][:, :, 25:], ks[layer], fms[layer], 8, 2, state)
         torch.testing.assert_close(
-            ctl.attention_signals(view, layer)[0], wholes[layer][25:], atol=1e-5, rtol=1e-5
+            sig.attention_signals(view, layer)[0], wholes[layer][25:], atol=1e-5, rtol=1e-5
         )
 
 

@@ -168,7 +168,7 @@ def _decision_is_sync_free(r) -> bool | str:
     k, v = (torch.randn(1, hkv, 300, hd, device=r.device) for _ in range(2))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    from metaattn_viz.routing.controller import AttentionView, SignalState
+    from metaattn_viz.routing.signals import AttentionView, SignalState
 
     # controllers that read attention features get this step's q and keys (and their sums)
     view = (

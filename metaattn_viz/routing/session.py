@@ -51,7 +51,7 @@ from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_viz.core.experts import K
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import discovery
-from metaattn_viz.routing.controller import AttentionView, ControllerStack, SignalState
+from metaattn_viz.routing.controller import ControllerStack
 from metaattn_viz.routing.costs import CostModel
 from metaattn_viz.routing.device import host_decode
 from metaattn_viz.routing.policies import (
@@ -64,6 +64,7 @@ from metaattn_viz.routing.policies import (
     TrainRouting,
 )
 from metaattn_viz.routing.records import as_dict, collect
+from metaattn_viz.routing.signals import AttentionView, SignalState
 
 ATTN_NAME = "metaattn"
 MODES = ("route", "dense", "train")
@@ -302,7 +303,7 @@ class Session:
         device_step = one and not self.capture_qk and kernels.resolve_backend(self._backend, q) == "triton"
         host = one and not device_step and host_decode(q.device, q.dtype)
         rec: Any
-        view = None  # what of q and k the controllers read (controller.AttentionView), if any
+        view = None  # what of q and k the controllers read (signals.AttentionView), if any
         if self.controller.uses_attention:
             fm_view = self.feature_maps[layer] if self.feature_maps is not None else None
             view = AttentionView(q, k, fm_view, s.window, s.n_sink, self.signals)
