@@ -33,7 +33,7 @@ def _check_tensor(name: str, x, ndim: int) -> None:
 
 
 def check_routed_attention_args(
-    q, k, v, weights, window, n_sink, scale, linear_state, backend, eps, feature_map=None
+    q, k, v, weights, window, n_sink, scale, linear_state, backend, eps, feature_map=None, features=None
 ) -> None:
     """Raise ValueError naming the first bad argument of a routed_attention call."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -101,6 +101,23 @@ def check_routed_attention_args(
                 raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
 
     check_feature_map(feature_map, hq, hkv, d)
+    if features is not None:
+        if feature_map is None:
+            raise ValueError("features are a learned feature map's: pass them with its feature_map")
+        if not isinstance(features, (tuple, list)) or len(features) != 2:
+            raise ValueError(
+                "features must be None or a pair (phi(q) [B, Hq, Tq, D], phi(k) [B, Hkv, Tq, D])"
+            )
+        for name, x, want in (
+            ("features phi(q)", features[0], (b, hq, tq, d)),
+            ("features phi(k)", features[1], (b, hkv, tq, d)),
+        ):
+            _check_tensor(name, x, 4)
+            if tuple(x.shape) != want or x.device != q.device or not x.is_floating_point():
+                raise ValueError(
+                    f"{name} must be a float tensor of shape {list(want)} on {q.device}, "
+                    f"got {x.dtype} {list(x.shape)} on {x.device}"
+                )
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -479,6 +479,7 @@ def routed_attention_cpu(
     linear_state=None,
     eps: float = 1e-6,
     feature_map=None,
+    features=None,
 ):
     """Routed attention, each expert on its own rows only. Arguments as kernels.routed_attention."""
     b, hq, tq, d = q.shape
@@ -511,6 +512,7 @@ def routed_attention_cpu(
             ct,
             (b, hq, hkv, tq, tk, d, p0),
             feature_map,
+            features,
         )
     finally:
         _SCRATCH.on = False
@@ -519,8 +521,11 @@ def routed_attention_cpu(
     return y.to(out_dtype), new_state
 
 
-def _prefill(q, k, v, w, active, window, n_sink, scale, linear_state, eps, grad, ct, sizes, fm=None):
-    """routed_attention_cpu for Tq > 1: (y [B, Hq, Tq, D] in the compute dtype, (S, z))."""
+def _prefill(
+    q, k, v, w, active, window, n_sink, scale, linear_state, eps, grad, ct, sizes, fm=None, mapped=None
+):
+    """routed_attention_cpu for Tq > 1: (y [B, Hq, Tq, D] in the compute dtype, (S, z)).
+    `mapped`: (fm.query(q), fm.key(k[:, :, p0:])) where the caller has them."""
     b, hq, hkv, tq, tk, d, p0 = sizes
     # y [B, Tp, Hq, D], Tp = Tq rounded up so that the local tiles and linear chunks divide it;
     # rows past Tq may hold anything (never returned)
@@ -565,11 +570,10 @@ def _prefill(q, k, v, w, active, window, n_sink, scale, linear_state, eps, grad,
     if fm is None:
         s0 = _linear_state_aug(k, v, linear_state, p0, ct)
         part, state = _linear_rows(q, k, v, active[..., LINEAR], p0, s0, eps)
-    else:  # map q and the keys from p0 once; the prefix only when no state summarises it
+    else:  # q and the keys from p0 mapped once (or as given); the prefix only without a state
         s0 = _linear_state_aug(k, v, linear_state, p0, ct, fm.key)
-        part, state = _linear_rows(
-            fm.query(q), fm.key(k[:, :, p0:]), v[:, :, p0:], active[..., LINEAR], 0, s0, eps, mapped=True
-        )
+        pq, pk = (fm.query(q), fm.key(k[:, :, p0:])) if mapped is None else (m.to(ct) for m in mapped)
+        part, state = _linear_rows(pq, pk, v[:, :, p0:], active[..., LINEAR], 0, s0, eps, mapped=True)
     if part is not None:
         add(part, LINEAR)
 

@@ -64,6 +64,7 @@ def routed_attention(
     backend: str = "auto",
     eps: float = 1e-6,
     feature_map: FeatureMap | None = None,
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Per-token mixture of the full, linear and local attention experts.
 
@@ -77,11 +78,15 @@ def routed_attention(
     when feature_map is None, else the layer's learned map (feature_map.query for q, .key for k).
     linear_state: None or (S [B, Hkv, D, D], z [B, Hkv, D]) float32 summarising the keys
     before position Tk - Tq (None: summed from k, v).
+    features: with a feature_map, (feature_map.query(q), feature_map.key(k[:, :, Tk - Tq:]))
+    where the caller has computed them already (the routed model's controllers map the same
+    q and keys for their attention signals); the cpu backend reads them instead of mapping
+    again, the others map q and k themselves.
     Returns (y [B, Hq, Tq, D] in q's dtype, (S, z) float32 after all Tk keys).
     Bad arguments raise ValueError naming the argument.
     """
     check_routed_attention_args(
-        q, k, v, weights, window, n_sink, scale, linear_state, backend, eps, feature_map
+        q, k, v, weights, window, n_sink, scale, linear_state, backend, eps, feature_map, features
     )
     args = dict(window=window, n_sink=n_sink, scale=scale, linear_state=linear_state, eps=eps)
     if feature_map is not None:  # None adds no keyword: the elu + 1 calls stay exactly as they were
@@ -94,6 +99,8 @@ def routed_attention(
     if backend == "cpu":
         from metaattn_kernels.cpu import routed_attention_cpu
 
+        if features is not None:
+            args["features"] = features
         return routed_attention_cpu(q, k, v, weights, **args)
     if q.dtype == torch.float64:
         raise ValueError("backend='triton' takes float16, bfloat16 or float32 tensors, got torch.float64")

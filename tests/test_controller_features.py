@@ -181,3 +181,55 @@ def test_attention_controllers_round_trip_and_refuse_other_head_counts(tmp_path)
     other = tiny_model(num_attention_heads=4, num_key_value_heads=1, head_dim=24)
     refused = load_for_model(other.config, "tiny", "bayes", tmp_path / "ok")
     assert refused.source == "untrained" and "heads" in refused.notes[0]
+
+
+def test_the_linear_expert_takes_the_features_the_signals_mapped(monkeypatch):
+    """Under a learned map, a prefill's linear expert reads phi(q) and phi(k) as the
+    controllers' attention signals computed them (signals.take_mapped) instead of mapping
+    q and k again: the same logits and routes, bit for bit, as when it maps them itself."""
+    from test_linear_map import random_maps
+
+    from metaattn_viz.routing import session as session_mod
+    from metaattn_viz.routing import signals
+
+    r = _routed(random_maps())
+    ids = torch.randint(0, 250, (1, 40), generator=torch.Generator().manual_seed(5))
+    s = RoutingSettings(lam=0.5, scope="layer", window=8, n_sink=2, linear_map="learned")
+    taken: list[bool] = []
+
+    def counted(*args):
+        got = signals.take_mapped(*args)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(session_mod, "take_mapped", counted)
+    shared = r.prefill(ids, s, "bayes", use_cache=False)
+    assert taken == [True] * r.n_layers
+    assert 0 < int((shared.records["routes"] == 1).sum()) < shared.records["routes"].size  # linear rows
+    monkeypatch.setattr(session_mod, "take_mapped", lambda *args: signals.take_mapped(*args) and None)
+    own = r.prefill(ids, s, "bayes", use_cache=False)
+    assert torch.equal(shared.logits, own.logits)
+    assert (shared.records["routes"] == own.records["routes"]).all()
+    assert all(slot is None for slot in shared.session.signals.mapped)  # nothing large kept
+
+
+def test_take_mapped_refuses_other_tensors_maps_and_gradients():
+    from test_linear_map import random_maps
+
+    from metaattn_viz.routing.signals import take_mapped
+
+    fm = random_maps()[0]
+    q, k = torch.randn(1, 6, 5, 16), torch.randn(1, 2, 5, 16)
+    state = SignalState(1)
+    attention_signals(AttentionView(q, k, fm, 8, 2, state), 0)
+    assert take_mapped(state, 0, q, k, random_maps(seed=9)[0]) is None  # another map
+    assert state.mapped[0] is None  # emptied either way
+    attention_signals(AttentionView(q, k, fm, 8, 2, state), 0)
+    assert take_mapped(state, 0, q.clone(), k, fm) is None  # other tensors
+    attention_signals(AttentionView(q, k, fm, 8, 2, state), 0)
+    pq, pk = take_mapped(state, 0, q, k, fm)
+    torch.testing.assert_close(pq, fm.query(q), rtol=0, atol=0)
+    torch.testing.assert_close(pk, fm.key(k), rtol=0, atol=0)
+    qg = q.clone().requires_grad_()
+    attention_signals(AttentionView(qg, k, fm, 8, 2, state), 0)
+    assert take_mapped(state, 0, qg, k, fm) is None  # the signals read q detached

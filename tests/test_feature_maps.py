@@ -121,6 +121,46 @@ def test_cpu_matches_reference_with_learned_map(mix, tq, tk, with_state):
     assert max_err(sg, sw) <= TOL and max_err(zg, zw) <= TOL
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_given_features_are_the_ones_the_map_gives(with_state):
+    """features=(fm.query(q), fm.key(k from Tk - Tq)): the cpu backend's result is bit for bit
+    the one it computes mapping q and k itself; other backends accept and ignore them."""
+    fm = random_map()
+    tq, tk = 40, 56 if with_state else 40
+    q, k, v = make_qkv(b=1, hq=HQ, hkv=HKV, tq=tq, tk=tk, d=D)
+    w = make_weights("mix", 1, tq)
+    state = ref.linear_state(k[:, :, : tk - tq], v[:, :, : tk - tq], fm) if with_state else None
+    kw = dict(window=8, n_sink=4, linear_state=state, feature_map=fm)
+    features = (fm.query(q), fm.key(k[:, :, tk - tq :]))
+    own = routed_attention(q, k, v, w, backend="cpu", **kw)
+    given = routed_attention(q, k, v, w, backend="cpu", features=features, **kw)
+    assert torch.equal(own[0], given[0]) and all(
+        torch.equal(a, b) for a, b in zip(own[1], given[1], strict=True)
+    )
+    # features that are not the map's change the linear rows: the backend really reads them
+    wrong = routed_attention(q, k, v, w, backend="cpu", features=(features[0] * 0.5, features[1]), **kw)
+    assert not torch.equal(own[0], wrong[0])
+    ref_out = routed_attention(q, k, v, w, backend="reference", features=features, **kw)
+    assert max_err(ref_out[0], own[0]) <= TOL
+
+
+def test_bad_features_are_refused():
+    fm = random_map()
+    q, k, v = make_qkv(b=1, hq=HQ, hkv=HKV, tq=8, tk=8, d=D)
+    w = make_weights("mix", 1, 8)
+    good = (fm.query(q), fm.key(k))
+    with pytest.raises(ValueError, match="feature_map"):
+        routed_attention(q, k, v, w, window=4, n_sink=1, features=good)
+    with pytest.raises(
+        ValueError, match=r"features phi\(k\) must be a float tensor of shape \[1, 3, 8, 16\]"
+    ):
+        routed_attention(
+            q, k, v, w, window=4, n_sink=1, feature_map=fm, features=(good[0], good[1][:, :, :4])
+        )
+    with pytest.raises(ValueError, match="must be None or a pair"):
+        routed_attention(q, k, v, w, window=4, n_sink=1, feature_map=fm, features=good[0])
+
+
 def test_cpu_learned_map_keeps_gradients():
     fm = random_map()
     q, k, v = (x.requires_grad_() for x in make_qkv(b=1, hq=HQ, hkv=HKV, tq=70, d=D))

@@ -64,7 +64,7 @@ from metaattn_viz.routing.policies import (
     TrainRouting,
 )
 from metaattn_viz.routing.records import as_dict, collect
-from metaattn_viz.routing.signals import AttentionView, SignalState
+from metaattn_viz.routing.signals import AttentionView, SignalState, take_mapped
 
 ATTN_NAME = "metaattn"
 MODES = ("route", "dense", "train")
@@ -326,6 +326,8 @@ class Session:
         state = None
         if held is not None:
             state, fm = held[:3], held[3]
+        # phi(q) and phi(k) the controllers' signals computed under this map, if they did
+        mapped = None if view is None else take_mapped(self.signals, layer, q, k, fm)
         if self._sdpa:
             y = _sdpa(q, k, v, scaling)
             self.lin_state[layer] = None
@@ -362,6 +364,7 @@ class Session:
                 linear_state=None if state is None else state[:2],
                 backend=self._backend,
                 feature_map=fm,
+                features=mapped,
             )
             self.lin_state[layer] = (*new_state, Tk, fm)
         if self.capture_qk:

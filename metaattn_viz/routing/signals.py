@@ -47,11 +47,16 @@ class SignalState:
     ``signals_one``): (n, feature map, phi(q) [Hq, F], phi(k_{n-1}) [Hkv, F]), which the
     linear expert of the same step may reuse instead of mapping q and the key again; the
     arrays are views of ``buffers``, which the next layer's step overwrites: read them only
-    within the same layer's step."""
+    within the same layer's step.
+    ``mapped``: per layer, what ``attention_signals`` computed on the way under a learned map:
+    (q, k, feature map, phi(q) [B, Hq, Tq, F], phi(k) [B, Hkv, Tq, F] of the keys from
+    Tk - Tq), which the linear expert of the same call may take instead of mapping q and the
+    keys again (``take_mapped``)."""
 
     def __init__(self, n_layers: int):
         self.sums: list[tuple | None] = [None] * n_layers
         self.phi: list[tuple | None] = [None] * n_layers
+        self.mapped: list[tuple | None] = [None] * n_layers
         self.buffers: _SignalBuffers | None = None  # signals_one's working arrays
 
 
@@ -85,11 +90,16 @@ def attention_signals(view: AttentionView, layer: int) -> torch.Tensor:
     a, e = max(ns, n - w), tk - w  # far keys that join: [a, e)
     far = torch.zeros_like(c_all) if z_far is None else z_far[:, :, None].expand_as(c_all).clone()
     if e > a:  # (plain integers: no value is read back from the device)
-        pk_far = phi_key(view.feature_map, k[:, :, a:e].to(f32)).cumsum(2)  # [B, Hkv, e - a, F]
+        # [B, Hkv, e - a, F]: the far keys' features are among the new keys' unless some came before n
+        pk_far = (
+            pk_new[:, :, a - n : e - n] if a >= n else phi_key(view.feature_map, k[:, :, a:e].to(f32))
+        ).cumsum(2)
         first = max(off, a + w)  # the first query with a new far key; query t's last is t - w
         far[:, :, first - off :] += pk_far[:, :, first - w - a : tk - w - a]
     view.state.sums[layer] = (c_all[:, :, -1].clone(), far[:, :, -1].clone(), tk, view.feature_map)
     pq = phi_query(view.feature_map, q.to(f32))  # [B, Hq, Tq, F]
+    if view.feature_map is not None and tq > 1:  # for the linear expert of this call (take_mapped)
+        view.state.mapped[layer] = (view.q, view.k, view.feature_map, pq, pk_new[:, :, off - n :])
     rep = hq // hkv
     m_all = (pq * c_all.repeat_interleave(rep, 1)).sum(-1)  # [B, Hq, Tq]
     m_far = (pq * far.repeat_interleave(rep, 1)).sum(-1)
@@ -99,6 +109,19 @@ def attention_signals(view: AttentionView, layer: int) -> torch.Tensor:
     qn = torch.log(q.float().norm(dim=-1).clamp_min(1e-12)) - half_log_d  # [B, Hq, Tq]
     kn = torch.log(k[:, :, off:].float().norm(dim=-1).clamp_min(1e-12)) - half_log_d  # [B, Hkv, Tq]
     return torch.cat([qn, far_mass, kn], dim=1).transpose(1, 2)  # [B, Tq, 2 Hq + Hkv]
+
+
+def take_mapped(state: SignalState, layer: int, q: torch.Tensor, k: torch.Tensor, feature_map):
+    """(phi(q), phi(k) of the keys from Tk - Tq) that ``attention_signals`` left for this
+    layer, when they are of these very q and k under this map (and neither needs gradients:
+    the signals read q and k detached), else None; either way the layer's slot is emptied
+    (the features of a long prefill are large)."""
+    held, state.mapped[layer] = state.mapped[layer], None
+    if held is None or held[0] is not q or held[1] is not k or held[2] is not feature_map:
+        return None
+    if q.requires_grad or k.requires_grad:
+        return None
+    return held[3], held[4]
 
 
 # signals_one's float32 constants, made once (a numpy scalar costs a call)
