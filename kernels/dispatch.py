@@ -80,8 +80,8 @@ def routed_attention(
     before position Tk - Tq (None: summed from k, v).
     features: with a feature_map, (feature_map.query(q), feature_map.key(k[:, :, Tk - Tq:]))
     where the caller has computed them already (the routed model's controllers map the same
-    q and keys for their attention signals); the cpu backend reads them instead of mapping
-    again, the others map q and k themselves.
+    q and keys for their attention signals), read instead of mapping
+    again (the cpu and triton backends; the reference maps q and k itself).
     Returns (y [B, Hq, Tq, D] in q's dtype, (S, z) float32 after all Tk keys).
     Bad arguments raise ValueError naming the argument.
     """
@@ -106,6 +106,8 @@ def routed_attention(
         raise ValueError("backend='triton' takes float16, bfloat16 or float32 tensors, got torch.float64")
     from metaattn_kernels.triton_routed import routed_attention_triton
 
+    if features is not None:
+        args["features"] = features
     return routed_attention_triton(q, k, v, weights, **args)
 
 

@@ -154,6 +154,7 @@ def routed_attention_triton(
     linear_state=None,
     eps: float = 1e-6,
     feature_map=None,
+    features=None,
 ):
     """Routed attention on the Triton kernels. Arguments as kernels.routed_attention."""
     b, hq, tq, d = q.shape
@@ -207,8 +208,9 @@ def routed_attention_triton(
     # linear expert: its inputs (q, k as given, or their features), the state before each chunk, the rows
     mapped = feature_map is not None
     lq, lk, lv, lp0, ltk = q, k, v, p0, tk
-    if mapped and linear_state is not None:  # keys before p0 are never read: map only the rest
-        lq, lk, lv, lp0, ltk = feature_map.query(q), feature_map.key(k[:, :, p0:]), v[:, :, p0:], 0, tq
+    if mapped and (linear_state is not None or p0 == 0):  # keys before p0 are never read: map only the rest
+        lq, lk = (feature_map.query(q), feature_map.key(k[:, :, p0:])) if features is None else features
+        lv, lp0, ltk = v[:, :, p0:], 0, tq
     elif mapped:
         lq, lk = feature_map.query(q), feature_map.key(k)
     if linear_state is not None:

@@ -258,6 +258,18 @@ def _triton_cases(dev: str) -> None:
         case = (mix, tq, tk, with_state)
         assert max_err(got.cpu(), want) <= TOL, case
         assert max_err(sg.cpu(), sw) <= TOL and max_err(zg.cpu(), zw) <= TOL, case
+        if with_state or tq == tk:  # the features the caller may hand over: the same result
+            feats = (fm.query(q.to(dev)), fm.key(k[:, :, tk - tq :].to(dev)))
+            given, _ = routed_attention(
+                *(x.to(dev) for x in (q, k, v, w)),
+                window=8,
+                n_sink=4,
+                linear_state=st,
+                backend="triton",
+                feature_map=fm,
+                features=feats,
+            )
+            assert torch.equal(given, got), case
         none, _ = routed_attention(*(x.to(dev) for x in (q, k, v, w)), window=8, n_sink=4, backend="triton")
         want0, _ = ref.routed_attention_reference(q, k, v, w, window=8, n_sink=4)
         assert max_err(none.cpu(), want0) <= TOL, case
