@@ -280,6 +280,25 @@ def test_the_gpu_check_refuses_a_machine_without_cuda_and_unknown_sections(tmp_p
     assert not (tmp_path / "gpu_check.json").exists()
 
 
+@no_cuda
+def test_the_device_script_says_there_is_no_cuda_and_exits_2(tmp_path):
+    """scripts/device_check.sh on a machine without a GPU: it records what it found (torch,
+    triton and transformers versions) and stops with exit code 2 before running anything."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "device_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "no CUDA device" in out.stderr
+    found = (tmp_path / "gpu.txt").read_text()
+    assert "torch " + torch.__version__ in found and "cuda False" in found
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
 @pytest.mark.slow
 def test_the_gpu_check_rehearses_every_section_on_the_cpu(tmp_path):
     """`gpu_check --rehearse`: the GPU acceptance's own code (checks, bench rows, the engine's
