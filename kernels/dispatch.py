@@ -80,8 +80,9 @@ def routed_attention(
     before position Tk - Tq (None: summed from k, v).
     features: with a feature_map, (feature_map.query(q), feature_map.key(k[:, :, Tk - Tq:]))
     where the caller has computed them already (the routed model's controllers map the same
-    q and keys for their attention signals), read instead of mapping
-    again (the cpu and triton backends; the reference maps q and k itself).
+    q and keys for their attention signals), read instead of mapping again by the cpu
+    backend, and by triton unless it must map keys before Tk - Tq too (no linear_state with
+    Tk > Tq); the reference maps q and k itself.
     Returns (y [B, Hq, Tq, D] in q's dtype, (S, z) float32 after all Tk keys).
     Bad arguments raise ValueError naming the argument.
     """
