@@ -6,6 +6,8 @@ over the first 512 positions and over the rest. The measurement behind `pilot_sp
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/pilot_costs.py --linear-map learned
     OMP_NUM_THREADS=1 .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.3,0.5
+    .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.3,0.5 \
+        --rules "prefix 512, from 256, drift;prefix 256, from 128, drift;pilot_span (shipped)"
 
 Each rule's pilot is a layer-scope pass over its own prefix, as `prefill` runs it. Texts: the
 benchmark text (bench/model.py's), and with ``--windows N`` also the first N windows of the
@@ -19,10 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import torch
 
 from metaattn_viz.bench.model import _text_ids
+from metaattn_viz.core.experts import MIN_COST, K
 from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.routing import budget as budget_mod
 from metaattn_viz.routing import prefill as prefill_mod
 from metaattn_viz.routing.model import RoutedModel
 
@@ -35,7 +40,29 @@ RULES = {
     "prefix 768, from 512": (768, 512),
     "prefix 1024, all": (1024, 0),
     "prefix 1024, from 512": (1024, 512),
+    # (..., True): lambda solved again for the budget less the pilot's drift (drift_shift);
+    # measured 2026-12-06 and not shipped (docs/benchmarks.md)
+    "prefix 256, from 128, drift": (256, 128, True),
+    "prefix 512, from 256, drift": (512, 256, True),
+    "prefix 768, from 384, drift": (768, 384, True),
 }
+
+
+def drift_shift(beta: np.ndarray, lam: float, s: RoutingSettings, first: int, n_routed: int) -> float:
+    """How much more than on the pilot's later half `lam` would spend per decision over the
+    positions 0..n_routed-1 (notional costs), if the pilot's mean cost per position grew as
+    a + b ln(p + 1): b from the means over the pilot's positions [0, first) and [first, n)
+    at `lam` (beta [L, B, n, K] of the positions 0..n-1)."""
+    b = torch.from_numpy(beta)
+    n = b.shape[-2]
+    flat = b.reshape(-1, K)
+    unc = budget_mod.hedge_uncertainty(flat, s)
+    cost = budget_mod.decide(flat / flat.sum(-1, keepdim=True), unc, lam, s).cost
+    by_pos = cost.reshape(-1, n).mean(0).double()  # [n]
+    logp = torch.log1p(torch.arange(n_routed, dtype=torch.float64))
+    l1, l2 = logp[:first].mean(), logp[first:n].mean()
+    slope = (by_pos[first:].mean() - by_pos[:first].mean()) / (l2 - l1)
+    return float(slope * (logp.mean() - l2))
 
 
 def records(routed: RoutedModel, settings: RoutingSettings, ids: torch.Tensor, lam=None) -> dict:
@@ -67,23 +94,31 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--budgets", default="0.3", help="comma-separated budgets")
     p.add_argument("--windows", type=int, default=0, help="also N windows of each corpus split")
-    p.add_argument("--rules", default="", help="comma-separated rule names (default: all)")
+    p.add_argument("--rules", default="", help="rule names separated by ';' (default: all)")
     p.add_argument("--linear-map", default="learned", choices=("elu", "learned"))
     a = p.parse_args()
     routed = RoutedModel.load()
     rules = dict(RULES)
     rules["pilot_span (shipped)"] = prefill_mod.pilot_span(a.tokens)
     if a.rules:
-        rules = {name: rules[name] for name in a.rules.split(",")}
+        unknown = [name for name in a.rules.split(";") if name.strip() not in rules]
+        if unknown:
+            p.error(f"unknown rules {unknown}; known: {'; '.join(rules)}")
+        rules = {name.strip(): rules[name.strip()] for name in a.rules.split(";")}
     summary: dict[str, list[float]] = {name: [] for name in rules}
     for budget in (float(b) for b in a.budgets.split(",")):
         s = RoutingSettings(budget=budget, linear_map=a.linear_map)
         for text, ids in texts(routed, a.tokens, a.windows).items():
-            for name, (n, first) in rules.items():
+            for name, (n, first, *drift) in rules.items():
                 pilot = records(routed, s.with_(scope="layer"), ids[:, :n])["beta"]  # a causal prefix
                 lam = prefill_mod.solve_global(
                     pilot[..., first:n, :], s, head_dim=routed.head_dim, n_routed=a.tokens, first=first
                 )
+                shift = 0.0
+                if drift:
+                    shift = drift_shift(pilot, lam, s, first, a.tokens)
+                    target = min(max(budget - shift, MIN_COST + 1e-3), 1.0 - 1e-3)  # inside the range
+                    lam = prefill_mod.solve_global(pilot[..., first:n, :], s.with_(budget=target))
                 cost = records(routed, s, ids, [lam] * routed.n_layers)["cost"]
                 gap = float(cost.mean()) - budget
                 summary[name].append(gap)
@@ -94,6 +129,7 @@ def main() -> None:
                     "pilot_tokens": n,
                     "solved_from": first,
                     "lambda": round(lam, 4),
+                    "drift_shift": round(shift, 4),
                     "cost": round(float(cost.mean()), 4),
                     "cost_first_512": round(float(cost[..., :512].mean()), 4),
                     "cost_rest": round(float(cost[..., 512:].mean()), 4),

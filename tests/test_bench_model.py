@@ -27,6 +27,9 @@ def test_the_prefill_row_says_how_many_passes_the_lambda_search_took():
     assert row["case"] == "prefill" and row["speedup"] == pytest.approx(row["dense_ms"] / row["routed_ms"])
     # a text this short is its own pilot (a whole-text pass), then routed at least once more
     assert row["pilot_tokens"] == 48 and 2 <= row["passes"] <= 3
+    assert row["scope"] == "global"
+    one = prefill_speed(r, plain_copy(r), seq_len=48, budget=0.5, repeats=1, scope="layer")
+    assert one["scope"] == "layer" and one["pilot_tokens"] == 0 and one["passes"] == 1  # no pilot
 
 
 def test_plain_copy_is_the_unrouted_model_without_hooks():

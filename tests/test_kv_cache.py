@@ -47,3 +47,16 @@ def test_growable_layer_appends_crops_and_survives_reordering():
     got, want = lay.update(k, v), ref.update(k, v)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert lay.keys.shape == (1, 3, 12, 8)
+
+
+def test_a_query_block_after_the_cache_at_budget_one_is_the_dense_model():
+    """Budget 1 runs plain SDPA; a block of several new tokens after a cache must see every
+    cached key (causal from its own positions, not from the first key)."""
+    r = routed_tiny(seed=5)
+    ids = torch.tensor([r.encode("a block of tokens after a cache, " * 3)])
+    want = r.dense_logits(ids)
+    cache = GrowableCache(0)
+    with torch.no_grad(), r.session(RoutingSettings(budget=1.0)):
+        first = r.model(input_ids=ids[:, :40], past_key_values=cache, use_cache=True).logits
+        rest = r.model(input_ids=ids[:, 40:], past_key_values=cache, use_cache=True).logits
+    assert torch.allclose(torch.cat([first, rest], dim=1), want, atol=1e-5, rtol=0)

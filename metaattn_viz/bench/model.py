@@ -122,9 +122,12 @@ def prefill_speed(
     budget: float = 0.3,
     repeats: int = 3,
     linear_map: str = "auto",
+    scope: str = "global",
 ) -> dict:
+    """The prefill row (module docstring); ``scope`` "layer" times the one-pass scope, which
+    needs no pilot (docs/benchmarks.md compares the two)."""
     ids = _text_ids(routed, seq_len)
-    s = RoutingSettings(budget=budget, linear_map=linear_map)
+    s = RoutingSettings(budget=budget, linear_map=linear_map, scope=scope)
     last = []  # the routed side's PrefillResult: how many passes the global scope took
 
     def routed_side():
@@ -138,6 +141,7 @@ def prefill_speed(
         "case": "prefill",
         "seq_len": seq_len,
         "budget": budget,
+        "scope": scope,
         **_where(routed, s),
         "dense_ms": t["dense"],
         "routed_ms": t["routed"],

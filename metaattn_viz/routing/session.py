@@ -91,9 +91,14 @@ def active(session: Session) -> Iterator[Session]:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) -> torch.Tensor:
-    """Plain causal attention [B, Hq, Tq, D]: budget 1, and the reference of `diagnose`."""
+    """Plain causal attention [B, Hq, Tq, D] of the queries at the last Tq of the Tk key
+    positions: budget 1, and the reference of `diagnose`."""
+    tq, tk = q.shape[2], k.shape[2]
+    mask = None  # a query block after a cache: causal from its own positions (SDPA's is_causal
+    if 1 < tq < tk:  # would align the block with the first keys)
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
     return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=q.shape[2] > 1, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=tq == tk > 1, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
