@@ -88,9 +88,11 @@ def _routed(maps=None, kind_features=FEATURES, spread=30.0, seed=1) -> RoutedMod
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("linear_map", ["elu", "learned"])
-def test_prefill_and_token_by_token_decoding_route_identically(kind, linear_map):
+@pytest.mark.parametrize("block", [False, True])
+def test_prefill_and_token_by_token_decoding_route_identically(kind, linear_map, block):
     """Causality: the concentrations and routes of tokens P..T-1 decoded one at a time (the
-    CPU decode path, numpy controller) equal those of one prefill of all T tokens."""
+    CPU decode path, numpy controller), or as one block after the cache (`block`: the
+    batched path with keys before its queries), equal those of one prefill of all T tokens."""
     from test_linear_map import random_maps
 
     maps = random_maps() if linear_map == "learned" else None
@@ -103,8 +105,8 @@ def test_prefill_and_token_by_token_decoding_route_identically(kind, linear_map)
     res = r.prefill(ids[:, :p], s, kind, cache_capacity=ids.shape[1])
     with torch.no_grad(), r.session(s, kind, lam=res.lam) as sess:
         sess.lin_state = list(res.session.lin_state)
-        for t in range(p, ids.shape[1]):
-            r.model(input_ids=ids[:, t : t + 1], past_key_values=res.cache)
+        for t in [p] if block else range(p, ids.shape[1]):
+            r.model(input_ids=ids[:, t : None if block else t + 1], past_key_values=res.cache)
         rec = sess.pop_records()
     assert rec is not None
     torch.testing.assert_close(

@@ -14,6 +14,7 @@ from helpers import routed_tiny
 
 from metaattn_viz.core.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
 from metaattn_viz.routing.budget import decide, dual_ascent, solve_lambda
+from metaattn_viz.routing.kv_cache import GrowableCache
 from metaattn_viz.routing.model import RoutedModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +157,27 @@ def test_prefill_and_token_by_token_decoding_route_identically(scope):
     assert np.array_equal(rec["routes"], pre.records["routes"])
     assert len(set(pre.records["routes"].ravel().tolist())) == 3  # a real mix was exercised
     assert (torch.cat(logits, 1) - pre.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("hedge", ["off", "soft"])
+def test_a_block_of_tokens_after_the_cache_routes_as_one_prefill(hedge):
+    """Causality for a query block: at the same lambda, a prefix then the rest of the text in
+    one forward after the cache (keys, linear states and signal sums carried over) gives the
+    routes and logits of one prefill."""
+    r = routed_tiny(seed=1, spread=30.0)
+    ids = random_ids(48, seed=2)
+    probe = r.prefill(ids, RoutingSettings(budget=0.5, window=8, n_sink=2))
+    lam = float(np.median(probe.lam))
+    s = RoutingSettings(budget=None, lam=lam, window=8, n_sink=2, hedge_policy=hedge, hedge_threshold=0.3)
+    pre = r.prefill(ids, s)
+    cache = GrowableCache(0)
+    with torch.no_grad(), r.session(s) as sess:
+        first = r.model(input_ids=ids[:, :19], past_key_values=cache, use_cache=True).logits
+        rest = r.model(input_ids=ids[:, 19:], past_key_values=cache, use_cache=True).logits
+        rec = sess.pop_records()
+    assert np.array_equal(rec["routes"], pre.records["routes"])
+    assert len(set(pre.records["routes"][:, :, 19:].ravel().tolist())) == 3  # a real mix after the cache
+    assert (torch.cat([first, rest], 1) - pre.logits).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
