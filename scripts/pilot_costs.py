@@ -8,6 +8,8 @@ over the first 512 positions and over the rest. The measurement behind `pilot_sp
     OMP_NUM_THREADS=1 .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.3,0.5
     .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.3,0.5 \
         --rules "prefix 512, from 256, drift;prefix 256, from 128, drift;pilot_span (shipped)"
+    .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.3,0.5 --tokens 2048 \
+        --rules "pilot_span (shipped)" --leave-one-out
 
 Each rule's pilot is a layer-scope pass over its own prefix, as `prefill` runs it. Texts: the
 benchmark text (bench/model.py's), and with ``--windows N`` also the first N windows of the
@@ -96,19 +98,48 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=0, help="also N windows of each corpus split")
     p.add_argument("--rules", default="", help="rule names separated by ';' (default: all)")
     p.add_argument("--linear-map", default="learned", choices=("elu", "learned"))
+    p.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="also route each text at the mean of the lambdas the shipped rule solved on the other "
+        "texts (what a lambda calibrated on other texts of this length would realise)",
+    )
     a = p.parse_args()
-    routed = RoutedModel.load()
+    shipped = "pilot_span (shipped)"
     rules = dict(RULES)
-    rules["pilot_span (shipped)"] = prefill_mod.pilot_span(a.tokens)
+    rules[shipped] = prefill_mod.pilot_span(a.tokens)
+    if a.leave_one_out and not a.windows:
+        p.error("--leave-one-out needs other texts: give --windows")
     if a.rules:
+        if a.leave_one_out and shipped not in [name.strip() for name in a.rules.split(";")]:
+            p.error(f"--leave-one-out needs the rule {shipped!r}")
         unknown = [name for name in a.rules.split(";") if name.strip() not in rules]
         if unknown:
             p.error(f"unknown rules {unknown}; known: {'; '.join(rules)}")
         rules = {name.strip(): rules[name.strip()] for name in a.rules.split(";")}
-    summary: dict[str, list[float]] = {name: [] for name in rules}
+    routed = RoutedModel.load()
+    loo = "others' mean lambda (leave one out)"
+    summary: dict[str, list[float]] = {name: [] for name in [*rules, *([loo] if a.leave_one_out else [])]}
+    corpus = texts(routed, a.tokens, a.windows)
+
+    def realised(s: RoutingSettings, ids: torch.Tensor, lam: float, row: dict) -> None:
+        cost = records(routed, s, ids, [lam] * routed.n_layers)["cost"]
+        assert s.budget is not None
+        gap = float(cost.mean()) - s.budget
+        summary[row["rule"]].append(gap)
+        row |= {
+            "lambda": round(lam, 4),
+            "cost": round(float(cost.mean()), 4),
+            "cost_first_512": round(float(cost[..., :512].mean()), 4),
+            "cost_rest": round(float(cost[..., 512:].mean()), 4),
+            "within_tolerance": abs(gap) <= prefill_mod.GLOBAL_COST_TOLERANCE,
+        }
+        print(json.dumps(row), flush=True)
+
     for budget in (float(b) for b in a.budgets.split(",")):
         s = RoutingSettings(budget=budget, linear_map=a.linear_map)
-        for text, ids in texts(routed, a.tokens, a.windows).items():
+        solved: dict[str, float] = {}  # the shipped rule's lambda per text
+        for text, ids in corpus.items():
             for name, (n, first, *drift) in rules.items():
                 pilot = records(routed, s.with_(scope="layer"), ids[:, :n])["beta"]  # a causal prefix
                 lam = prefill_mod.solve_global(
@@ -119,23 +150,15 @@ def main() -> None:
                     shift = drift_shift(pilot, lam, s, first, a.tokens)
                     target = min(max(budget - shift, MIN_COST + 1e-3), 1.0 - 1e-3)  # inside the range
                     lam = prefill_mod.solve_global(pilot[..., first:n, :], s.with_(budget=target))
-                cost = records(routed, s, ids, [lam] * routed.n_layers)["cost"]
-                gap = float(cost.mean()) - budget
-                summary[name].append(gap)
-                row = {
-                    "text": text,
-                    "budget": budget,
-                    "rule": name,
-                    "pilot_tokens": n,
-                    "solved_from": first,
-                    "lambda": round(lam, 4),
-                    "drift_shift": round(shift, 4),
-                    "cost": round(float(cost.mean()), 4),
-                    "cost_first_512": round(float(cost[..., :512].mean()), 4),
-                    "cost_rest": round(float(cost[..., 512:].mean()), 4),
-                    "within_tolerance": abs(gap) <= prefill_mod.GLOBAL_COST_TOLERANCE,
-                }
-                print(json.dumps(row), flush=True)
+                if name == shipped:
+                    solved[text] = lam
+                row = {"text": text, "budget": budget, "rule": name, "pilot_tokens": n, "solved_from": first}
+                realised(s, ids, lam, row | {"drift_shift": round(shift, 4)})
+        if a.leave_one_out:
+            for text, ids in corpus.items():
+                others = [lam for other, lam in solved.items() if other != text]
+                row = {"text": text, "budget": budget, "rule": loo, "pilot_tokens": 0, "solved_from": 0}
+                realised(s, ids, sum(others) / len(others), row)
     for name, gaps in summary.items():
         within = sum(abs(g) <= prefill_mod.GLOBAL_COST_TOLERANCE for g in gaps)
         worst = max(gaps, key=abs)
