@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 BROWSER_STAMP := $(VENV)/.installed-browser
 
-.PHONY: run test lint setup setup-dev browser feature-maps calibrate eval bench examples clean
+.PHONY: run test lint setup setup-dev browser feature-maps calibrate lambda-table eval bench examples clean
 
 run: setup
 	$(PY) app.py
@@ -51,7 +51,8 @@ $(BROWSER_STAMP):
 
 # The linear expert's learned feature maps (assets/feature_maps/): 600 steps per layer on 64
 # windows (the defaults), one torch thread so a rerun is bit-identical. New maps need `make
-# calibrate`, `make examples` and `make eval` after them (the controllers see the linear expert).
+# calibrate`, `make lambda-table`, `make examples` and `make eval` after them (the controllers
+# see the linear expert).
 feature-maps: setup
 	OMP_NUM_THREADS=1 $(PY) -m metaattn_viz feature-maps --data corpus/wikitext2/wiki.dev.raw
 
@@ -68,6 +69,12 @@ eval: setup
 
 bench: setup
 	$(PY) -m metaattn_viz bench --json
+
+# The global scope's calibrated lambda for long texts (routing/lambda_table.py), written
+# beside the shipped controllers: rerun after `make calibrate` (a table made for other
+# weights is ignored, and long texts take the pilot pass again).
+lambda-table: setup
+	$(PY) -m metaattn_viz lambda-table
 
 # The example runs the page shows before its model loads (assets/example_traces/): rerun
 # after new controllers ship (tests/test_examples.py fails until then). One thread: the

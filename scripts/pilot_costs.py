@@ -10,6 +10,7 @@ over the first 512 positions and over the rest. The measurement behind `pilot_sp
         --rules "prefix 512, from 256, drift;prefix 256, from 128, drift;pilot_span (shipped)"
     .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.3,0.5 --tokens 2048 \
         --rules "pilot_span (shipped)" --leave-one-out
+    .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --table
 
 Each rule's pilot is a layer-scope pass over its own prefix, as `prefill` runs it. Texts: the
 benchmark text (bench/model.py's), and with ``--windows N`` also the first N windows of the
@@ -67,8 +68,8 @@ def drift_shift(beta: np.ndarray, lam: float, s: RoutingSettings, first: int, n_
     return float(slope * (logp.mean() - l2))
 
 
-def records(routed: RoutedModel, settings: RoutingSettings, ids: torch.Tensor, lam=None) -> dict:
-    with torch.no_grad(), routed.session(settings, "bayes", lam=lam) as sess:
+def records(routed: RoutedModel, settings: RoutingSettings, ids: torch.Tensor, lam=None, kind="bayes"):
+    with torch.no_grad(), routed.session(settings, kind, lam=lam) as sess:
         routed.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     out = sess.pop_records()
     assert out is not None
@@ -98,11 +99,18 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=0, help="also N windows of each corpus split")
     p.add_argument("--rules", default="", help="rule names separated by ';' (default: all)")
     p.add_argument("--linear-map", default="learned", choices=("elu", "learned"))
+    p.add_argument("--controller", default="bayes", choices=("bayes", "priorfree"))
     p.add_argument(
         "--leave-one-out",
         action="store_true",
         help="also route each text at the mean of the lambdas the shipped rule solved on the other "
         "texts (what a lambda calibrated on other texts of this length would realise)",
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="also route each text at the lambda of the controller's shipped lambda table "
+        "(routing/lambda_table.py), where it covers the text; with no --rules, no pilot rule runs",
     )
     a = p.parse_args()
     shipped = "pilot_span (shipped)"
@@ -110,7 +118,9 @@ def main() -> None:
     rules[shipped] = prefill_mod.pilot_span(a.tokens)
     if a.leave_one_out and not a.windows:
         p.error("--leave-one-out needs other texts: give --windows")
-    if a.rules:
+    if a.table and not a.rules:
+        rules = {}
+    elif a.rules:
         if a.leave_one_out and shipped not in [name.strip() for name in a.rules.split(";")]:
             p.error(f"--leave-one-out needs the rule {shipped!r}")
         unknown = [name for name in a.rules.split(";") if name.strip() not in rules]
@@ -118,12 +128,17 @@ def main() -> None:
             p.error(f"unknown rules {unknown}; known: {'; '.join(rules)}")
         rules = {name.strip(): rules[name.strip()] for name in a.rules.split(";")}
     routed = RoutedModel.load()
-    loo = "others' mean lambda (leave one out)"
-    summary: dict[str, list[float]] = {name: [] for name in [*rules, *([loo] if a.leave_one_out else [])]}
+    loo, tabled = "others' mean lambda (leave one out)", "lambda table (shipped)"
+    extra = [*([loo] if a.leave_one_out else []), *([tabled] if a.table else [])]
+    summary: dict[str, list[float]] = {name: [] for name in [*rules, *extra]}
+    table = routed.controller(a.controller).lambda_table
+    if a.table and table is None:
+        p.error(f"the {a.controller} controllers ship no lambda table (make lambda-table)")
     corpus = texts(routed, a.tokens, a.windows)
+    pe = prefill_mod.is_point_estimate(routed, a.controller)
 
     def realised(s: RoutingSettings, ids: torch.Tensor, lam: float, row: dict) -> None:
-        cost = records(routed, s, ids, [lam] * routed.n_layers)["cost"]
+        cost = records(routed, s, ids, [lam] * routed.n_layers, a.controller)["cost"]
         assert s.budget is not None
         gap = float(cost.mean()) - s.budget
         summary[row["rule"]].append(gap)
@@ -141,15 +156,15 @@ def main() -> None:
         solved: dict[str, float] = {}  # the shipped rule's lambda per text
         for text, ids in corpus.items():
             for name, (n, first, *drift) in rules.items():
-                pilot = records(routed, s.with_(scope="layer"), ids[:, :n])["beta"]  # a causal prefix
+                pilot = records(routed, s.with_(scope="layer"), ids[:, :n], kind=a.controller)["beta"]
                 lam = prefill_mod.solve_global(
-                    pilot[..., first:n, :], s, head_dim=routed.head_dim, n_routed=a.tokens, first=first
+                    pilot[..., first:n, :], s, pe, head_dim=routed.head_dim, n_routed=a.tokens, first=first
                 )
                 shift = 0.0
                 if drift:
                     shift = drift_shift(pilot, lam, s, first, a.tokens)
                     target = min(max(budget - shift, MIN_COST + 1e-3), 1.0 - 1e-3)  # inside the range
-                    lam = prefill_mod.solve_global(pilot[..., first:n, :], s.with_(budget=target))
+                    lam = prefill_mod.solve_global(pilot[..., first:n, :], s.with_(budget=target), pe)
                 if name == shipped:
                     solved[text] = lam
                 row = {"text": text, "budget": budget, "rule": name, "pilot_tokens": n, "solved_from": first}
@@ -159,6 +174,13 @@ def main() -> None:
                 others = [lam for other, lam in solved.items() if other != text]
                 row = {"text": text, "budget": budget, "rule": loo, "pilot_tokens": 0, "solved_from": 0}
                 realised(s, ids, sum(others) / len(others), row)
+        if a.table:
+            assert table is not None
+            for text, ids in corpus.items():
+                lam_table = table.lookup(routed.resolve_linear_map(s), ids.shape[1])
+                if lam_table is not None:
+                    row = {"text": text, "budget": budget, "rule": tabled}
+                    realised(s, ids, lam_table, row | {"pilot_tokens": 0, "solved_from": 0})
     for name, gaps in summary.items():
         within = sum(abs(g) <= prefill_mod.GLOBAL_COST_TOLERANCE for g in gaps)
         worst = max(gaps, key=abs)

@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_examples_parser(sub)
 
+    from metaattn_viz.cli.lambda_table import add_lambda_table_parser
+
+    add_lambda_table_parser(sub)
+
     from metaattn_viz.deploy.cli import add_deploy_parser
 
     add_deploy_parser(sub)

@@ -37,6 +37,8 @@ from scipy.special import erf as _erf
 from metaattn_viz import paths
 from metaattn_viz.core.dirichlet import prior_concentration
 from metaattn_viz.core.settings import CONTROLLER_KINDS, COSTS
+from metaattn_viz.routing import lambda_table
+from metaattn_viz.routing.lambda_table import LambdaTable
 from metaattn_viz.routing.signals import AttentionView, attention_signals, signals_one
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,9 @@ class ControllerStack(nn.Module):
                     layer.fc2.bias.copy_(target + torch.log(-torch.expm1(-target)))
         self.trained = False
         self.meta: dict = {}
+        # the global scope's calibrated lambda for long texts, stored beside the weights
+        # (routing/lambda_table.py); None: long texts take the pilot pass
+        self.lambda_table: LambdaTable | None = None
         self._hash: str | None = None
         self._np_cache: dict = {}  # layer -> (weights' identity, numpy copies) for concentration_one
         # concentration_one's divisors of the salience and the position feature, computed once
@@ -322,6 +327,7 @@ class ControllerStack(nn.Module):
         stack.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         stack.trained = True
         stack.meta = meta
+        stack.lambda_table = lambda_table.load(folder, stack.content_hash())
         stack.eval()
         return stack
 

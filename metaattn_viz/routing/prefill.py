@@ -12,7 +12,10 @@ most all of ``PILOT_TOKENS`` (``pilot_span``). Lambda is then solved on the pref
 half only: at a given lambda the controllers route a text's first positions cheaper than
 its later ones (the position feature and the far mass grow along the text), so the later
 half stands in better for the rest. A lambda hint (e.g. solved on the posteriors of the
-previous routing of the same text) replaces the pilot.
+previous routing of the same text) replaces the pilot, and so does the controller's
+calibrated lambda (routing/lambda_table.py: the mean of the lambdas this pilot solves on
+calibration texts) for a text it covers; either way the text is routed once at that
+lambda, and solved again from that pass only if it misses the budget.
 Under the "flops" cost model (routing/costs.py) all layers' decisions are one group, and a
 lambda solved on a prefix pilot is carried to the whole text at the same price per FLOP
 (``CostModel.carry_lambda``), and a budget below the text's floor (``CostModel.lowest_mean``:
@@ -110,6 +113,43 @@ def solve_global(
     return cost_model.carry_lambda(lam, end, end if n_routed is None else n_routed, first)
 
 
+def pilot_pass(
+    routed: RoutedModel, input_ids: torch.Tensor, settings: RoutingSettings, controller: str | ControllerStack
+) -> tuple[np.ndarray, int, int]:
+    """The global scope's pilot (module docstring): a layer-scope pass over the prefix of the
+    text that ``pilot_span`` gives, no logits but the last position's. Returns (the
+    concentrations [L, B, n, K] of the positions lambda is solved on, the pilot's tokens, the
+    first of those positions)."""
+    n, first = pilot_span(input_ids.shape[1])
+    with torch.no_grad(), routed.session(settings.with_(scope="layer"), controller) as sess:
+        routed.model(input_ids=input_ids[:, :n].to(routed.device), use_cache=False, logits_to_keep=1)
+    records = sess.pop_records()
+    assert records is not None
+    return records["beta"][..., first:, :], n, first
+
+
+def pilot_lambda(
+    routed: RoutedModel, input_ids: torch.Tensor, settings: RoutingSettings, controller: str | ControllerStack
+) -> float:
+    """The one lambda the global scope's pilot solves for this text (what `prefill` routes
+    it at first, unless a hint or a calibrated table gives one)."""
+    beta, _, first = pilot_pass(routed, input_ids, settings, controller)
+    pe = is_point_estimate(routed, controller)
+    return solve_global(
+        beta, settings, pe, head_dim=routed.head_dim, n_routed=input_ids.shape[1], first=first
+    )
+
+
+def table_lambda(
+    routed: RoutedModel, settings: RoutingSettings, controller: str | ControllerStack, n_tokens: int
+) -> float | None:
+    """The controller's calibrated lambda for a text of n_tokens under these settings
+    (routing/lambda_table.py), or None where it has no table that covers them."""
+    stack = controller if isinstance(controller, ControllerStack) else routed.controller(controller)
+    table = stack.lambda_table
+    return None if table is None else table.lookup(routed.resolve_linear_map(settings), n_tokens)
+
+
 def is_point_estimate(routed: RoutedModel, controller: str | ControllerStack) -> bool:
     """Whether the controller gives probabilities (prior-free) rather than concentrations."""
     stack = controller if isinstance(controller, ControllerStack) else routed.controller(controller)
@@ -176,28 +216,30 @@ def prefill(
     # under "flops" a budget below the text's floor (every decision to its cheapest expert)
     # is met as closely as it can be by the first solved pass: no re-solve can get nearer
     floor = CostModel.of(settings, routed.head_dim).lowest_mean(input_ids.shape[1])
+    t = input_ids.shape[1]
+    if lam_hint is None:  # a calibrated stand-in for the pilot, where one covers the text
+        lam_hint = table_lambda(routed, settings, controller, t)
     if lam_hint is not None:
         res = one_pass(settings, lam=[lam_hint] * n_layers)
         gap = _gap(res, budget)
         if gap <= GLOBAL_COST_TOLERANCE or budget < floor:
             return res
-        best, passes = (gap, res), 1
+        best, passes, beta = (gap, res), 1, res.records["beta"]
     else:
-        t = input_ids.shape[1]
-        pilot_tokens, solve_from = pilot_span(t)
-        res = one_pass(settings.with_(scope="layer"), ids=input_ids[:, :pilot_tokens], cache=False, keep=1)
+        beta, pilot_tokens, solve_from = pilot_pass(routed, input_ids, settings, controller)
         passes = int(pilot_tokens == t)  # a whole-text pilot is a pass
     for _ in range(_MAX_RESOLVES):
         lam = solve_global(
-            res.records["beta"][..., solve_from:, :],
+            beta,
             settings,
             is_point_estimate(routed, controller),
             head_dim=routed.head_dim,
-            n_routed=input_ids.shape[1],
+            n_routed=t,
             first=solve_from,
         )
         solve_from = 0  # a re-solve reads a whole pass
         res = one_pass(settings, lam=[lam] * n_layers)
+        beta = res.records["beta"]
         passes += 1
         gap = _gap(res, budget)
         if best is None or gap < best[0]:

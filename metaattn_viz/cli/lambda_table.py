@@ -1,0 +1,104 @@
+"""`metaattn-viz lambda-table`: make the global scope's calibrated lambda for long texts
+(routing/lambda_table.py) of the bundled model's shipped controllers, from windows of the
+calibration split, and store it beside each controller. Rerun after new controllers ship
+(a table made for other weights is ignored, and long texts take the pilot pass again)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import sys
+from pathlib import Path
+
+
+def add_lambda_table_parser(sub) -> None:
+    p = sub.add_parser(
+        "lambda-table",
+        help="the global scope's calibrated lambda for texts longer than the pilot "
+        "(routing/lambda_table.py), written beside the shipped controllers",
+    )
+    p.add_argument("--data", default=None, help="UTF-8 text (default: corpus/wikitext2/wiki.dev.raw)")
+    p.add_argument("--controllers", default="bayes,priorfree", help="comma-separated controller kinds")
+    p.add_argument(
+        "--texts",
+        type=int,
+        default=8,
+        help="windows of the calibration split, from the second on (default 8; the first holds the "
+        "benchmark text, which stays out)",
+    )
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per window (default 4096)")
+    p.add_argument("--budgets", default=None, help="comma-separated budgets (default 0.2, 0.25, ..., 0.95)")
+    p.add_argument("--out", default=None, help="folder for every table (default: each controller's own)")
+    p.set_defaults(handler=_cmd_lambda_table)
+
+
+def _budgets(text: str | None) -> tuple[float, ...]:
+    from metaattn_viz.cli import UserError
+    from metaattn_viz.core.settings import RoutingSettings
+    from metaattn_viz.routing import budget as budget_mod
+    from metaattn_viz.routing.lambda_table import BUDGETS
+
+    if text is None:
+        return BUDGETS
+    try:
+        values = tuple(sorted({float(b) for b in text.split(",")}))
+        for b in values:
+            if budget_mod.extreme_route(RoutingSettings(budget=b).budget) is not None:
+                raise ValueError(f"{b:g} is an end of the range (nothing to solve)")
+    except ValueError as exc:
+        raise UserError(f"--budgets: {exc}") from None
+    return values
+
+
+def _cmd_lambda_table(args) -> int:
+    from metaattn_viz.cli import UserError
+    from metaattn_viz.core.settings import DEFAULTS
+    from metaattn_viz.paths import REPO_ROOT
+    from metaattn_viz.routing import lambda_table, prefill
+    from metaattn_viz.routing.controller import KINDS, default_folder
+    from metaattn_viz.routing.model import RoutedModel
+    from metaattn_viz.training import data as data_mod
+
+    budgets = _budgets(args.budgets)
+    kinds = [k.strip() for k in args.controllers.split(",") if k.strip()]
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise UserError(f"--controllers must name some of {', '.join(KINDS)}, got {args.controllers!r}")
+    if args.tokens <= prefill.PILOT_TOKENS:
+        raise UserError(f"--tokens must be more than {prefill.PILOT_TOKENS} (shorter: its own pilot)")
+    if args.texts < 1:
+        raise UserError(f"--texts must be at least 1, got {args.texts}")
+    data = Path(args.data) if args.data else REPO_ROOT / "corpus" / "wikitext2" / "wiki.dev.raw"
+    split = data_mod.load_split(data)  # a bad file fails before the model loads
+    routed = RoutedModel.load()
+    untrained = [k for k in kinds if not routed.controller(k).trained]
+    if untrained:
+        raise UserError(f"no trained {', '.join(untrained)} controllers (`make calibrate`)")
+    # window 0 is left out: the benchmark's text (bench/model.py) opens the calibration split,
+    # so that the prefill row of `bench` routes a text the table was not made from
+    wins = data_mod.windows(routed.tokenizer, split.train, args.tokens, "calibration")[1 : args.texts + 1]
+    if wins.shape[0] < args.texts:
+        raise UserError(f"{data} holds {wins.shape[0] + 1} calibration windows of {args.tokens} tokens")
+    texts = [wins[i : i + 1].to(routed.device) for i in range(wins.shape[0])]
+    written = {}
+    for kind in kinds:
+
+        def progress(message: str, kind: str = kind) -> None:
+            print(f"{kind}: {message}", file=sys.stderr)
+
+        table = lambda_table.build(routed, kind, texts, DEFAULTS, budgets, progress)
+        meta = {
+            **table.meta,
+            "data": str(data.relative_to(REPO_ROOT)) if data.is_relative_to(REPO_ROOT) else str(data),
+            "split": f"calibration, windows 1-{len(texts)}",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": "make lambda-table",
+        }
+        out = Path(args.out) if args.out else default_folder(routed.slug, kind)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / lambda_table.FILE
+        path.write_text(dataclasses.replace(table, meta=meta).to_json())
+        written[kind] = str(path)
+    summary = {"tables": written, "budgets": list(budgets), "texts": len(texts), "tokens": args.tokens}
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,125 @@
+"""routing/lambda_table.py: the global scope's calibrated lambda stands in for the pilot pass
+of the texts it covers (same pilot span, same settings, a budget in its grid), and nothing
+else; it is made from the pilots' own lambdas and ignored beside other weights."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from helpers import routed_tiny
+
+import metaattn_viz.routing.prefill as prefill_mod
+from metaattn_viz.cli import main
+from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.routing import lambda_table
+from metaattn_viz.routing.lambda_table import LambdaTable, matched
+
+
+def random_ids(n, seed=0, vocab=250):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _table(settings, budgets=(0.2, 0.4), lambdas=(3.0, 1.0), pilot=(1024, 512), hash_="abc"):
+    return LambdaTable(hash_, matched(settings), budgets, lambdas, pilot, {"texts": 2})
+
+
+def test_lookup_interpolates_in_its_grid_for_its_settings_and_pilot_span_only():
+    s = RoutingSettings(budget=0.3, linear_map="elu")
+    t = _table(s)
+    assert t.lookup(s, 4096) == pytest.approx(2.0)  # halfway between 3 and 1
+    assert t.lookup(s, 100_000) == pytest.approx(2.0)  # every text of 4096+ tokens pilots on 1024
+    assert t.lookup(s.with_(budget=0.2), 4096) == pytest.approx(3.0)
+    assert t.lookup(s.with_(budget=0.4), 4096) == pytest.approx(1.0)
+    assert t.lookup(s, 2048) is None  # its pilot would read 512 tokens: another pilot
+    assert t.lookup(s.with_(budget=0.5), 4096) is None  # outside the grid
+    assert t.lookup(s.with_(budget=None), 4096) is None
+    assert t.lookup(s.with_(hedge_policy="soft"), 4096) is None  # a setting that moves lambda
+    assert t.lookup(s.with_(linear_map="learned"), 4096) is None
+    assert t.lookup(s.with_(dual_step=3.0, backend="reference"), 4096) == pytest.approx(2.0)
+
+
+def test_a_table_round_trips_through_json_and_refuses_a_malformed_grid():
+    t = _table(RoutingSettings(linear_map="elu"), budgets=(0.2, 0.3, 0.5), lambdas=(3.0, 2.0, 1.0))
+    assert LambdaTable.from_json(t.to_json()) == t
+    with pytest.raises(ValueError, match="increase"):
+        _table(RoutingSettings(linear_map="elu"), budgets=(0.4, 0.2))
+    with pytest.raises(ValueError, match="one lambda per budget"):
+        _table(RoutingSettings(linear_map="elu"), lambdas=(1.0,))
+
+
+def test_load_ignores_a_table_for_other_weights_or_an_unreadable_one(tmp_path, caplog):
+    assert lambda_table.load(tmp_path, "abc") is None  # none there
+    t = _table(RoutingSettings(linear_map="elu"))
+    (tmp_path / lambda_table.FILE).write_text(t.to_json())
+    assert lambda_table.load(tmp_path, "abc") == t
+    with caplog.at_level(logging.WARNING):
+        assert lambda_table.load(tmp_path, "other") is None
+        assert "made for controller abc" in caplog.text
+        (tmp_path / lambda_table.FILE).write_text("{not json")
+        assert lambda_table.load(tmp_path, "abc") is None
+        assert "unreadable" in caplog.text
+
+
+def test_a_shipped_controller_loads_its_table(tmp_path):
+    r = routed_tiny(seed=2)
+    stack = r.controller("bayes")
+    stack.save(tmp_path)
+    assert type(stack).load(tmp_path).lambda_table is None
+    t = _table(RoutingSettings(linear_map="elu"), hash_=stack.content_hash())
+    (tmp_path / lambda_table.FILE).write_text(t.to_json())
+    assert type(stack).load(tmp_path).lambda_table == t
+
+
+def test_prefill_routes_once_at_the_table_lambda_in_place_of_the_pilot(monkeypatch):
+    """Where the table covers the text, no pilot runs: one pass at the table's lambda, the
+    same routes as the pilot's pass at that lambda; other settings and spans still pilot."""
+    monkeypatch.setattr(prefill_mod, "PILOT_TOKENS", 32)
+    r = routed_tiny(seed=1, spread=30.0)
+    ids = random_ids(160, seed=3)
+    s = RoutingSettings(budget=0.5, window=8, n_sink=2)
+    piloted = r.prefill(ids, s)
+    assert piloted.pilot_tokens == 32
+    assert abs(float(piloted.records["cost"].mean()) - 0.5) <= prefill_mod.GLOBAL_COST_TOLERANCE
+    lam = piloted.lam[0]
+    stack = r.controller("bayes")
+    table = _table(r.resolve_linear_map(s), (0.4, 0.6), (lam, lam), (32, 16), stack.content_hash())
+    monkeypatch.setattr(stack, "lambda_table", table)
+    res = r.prefill(ids, s)
+    assert (res.pilot_tokens, res.passes) == (0, 1)
+    assert np.array_equal(res.records["routes"], piloted.records["routes"])
+    assert r.prefill(ids, s.with_(hedge_policy="soft", hedge_threshold=0.5)).pilot_tokens == 32
+    assert r.prefill(ids[:, :40], s).pilot_tokens == 16  # a shorter pilot: not the table's
+    assert r.prefill(ids, s, "priorfree").pilot_tokens == 32  # the other controller has none
+
+
+def test_build_averages_the_pilots_lambdas_of_texts_piloted_alike(monkeypatch):
+    monkeypatch.setattr(prefill_mod, "PILOT_TOKENS", 32)
+    r = routed_tiny(seed=1, spread=30.0)
+    s = RoutingSettings(window=8, n_sink=2)
+    texts = [random_ids(160, seed=4), random_ids(200, seed=5)]
+    t = lambda_table.build(r, "bayes", texts, s, budgets=(0.3, 0.5))
+    want = [
+        np.mean([prefill_mod.pilot_lambda(r, ids, s.with_(budget=b), "bayes") for ids in texts])
+        for b in (0.3, 0.5)
+    ]
+    assert t.lambdas == pytest.approx(want)
+    assert t.pilot == (32, 16) and t.controller_hash == r.controller("bayes").content_hash()
+    assert t.settings == matched(r.resolve_linear_map(s)) and t.meta["tokens"] == [160, 200]
+    with pytest.raises(ValueError, match="one span"):
+        lambda_table.build(r, "bayes", [random_ids(160), random_ids(40)], s, budgets=(0.3,))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budgets", "1.0"], "end of the range"),
+        (["--budgets", "0.3,x"], "--budgets"),
+        (["--controllers", "nope"], "--controllers"),
+        (["--tokens", "1000"], "--tokens"),
+        (["--texts", "0"], "--texts"),
+    ],
+)
+def test_the_command_refuses_bad_arguments_before_loading_the_model(args, message, capsys):
+    assert main(["lambda-table", *args]) == 2
+    assert message in capsys.readouterr().err
