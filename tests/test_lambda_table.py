@@ -2,6 +2,7 @@
 of the texts it covers (same pilot span, same settings, a budget in its grid), and nothing
 else; it is made from the pilots' own lambdas and ignored beside other weights."""
 
+import json
 import logging
 
 import numpy as np
@@ -20,15 +21,16 @@ def random_ids(n, seed=0, vocab=250):
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _table(settings, budgets=(0.2, 0.4), lambdas=(3.0, 1.0), pilot=(1024, 512), hash_="abc"):
-    return LambdaTable(hash_, matched(settings), budgets, lambdas, pilot, {"texts": 2})
+def _table(settings, budgets=(0.2, 0.4), lambdas=(3.0, 1.0), pilot=(1024, 512), hash_="abc", tokens=4096):
+    return LambdaTable(hash_, matched(settings), budgets, lambdas, pilot, tokens, {"tokens": [tokens, 5000]})
 
 
 def test_lookup_interpolates_in_its_grid_for_its_settings_and_pilot_span_only():
     s = RoutingSettings(budget=0.3, linear_map="elu")
     t = _table(s)
     assert t.lookup(s, 4096) == pytest.approx(2.0)  # halfway between 3 and 1
-    assert t.lookup(s, 100_000) == pytest.approx(2.0)  # every text of 4096+ tokens pilots on 1024
+    assert t.lookup(s, 8191) == pytest.approx(2.0)  # the same pilot, up to twice its texts' length
+    assert t.lookup(s, 8192) is None  # the same pilot, but the cost drifts along a long text
     assert t.lookup(s.with_(budget=0.2), 4096) == pytest.approx(3.0)
     assert t.lookup(s.with_(budget=0.4), 4096) == pytest.approx(1.0)
     assert t.lookup(s, 2048) is None  # its pilot would read 512 tokens: another pilot
@@ -42,6 +44,9 @@ def test_lookup_interpolates_in_its_grid_for_its_settings_and_pilot_span_only():
 def test_a_table_round_trips_through_json_and_refuses_a_malformed_grid():
     t = _table(RoutingSettings(linear_map="elu"), budgets=(0.2, 0.3, 0.5), lambdas=(3.0, 2.0, 1.0))
     assert LambdaTable.from_json(t.to_json()) == t
+    older = json.loads(t.to_json())
+    del older["tokens"]  # a table made before the field: the shortest text meta lists
+    assert LambdaTable.from_json(json.dumps(older)) == t
     with pytest.raises(ValueError, match="increase"):
         _table(RoutingSettings(linear_map="elu"), budgets=(0.4, 0.2))
     with pytest.raises(ValueError, match="one lambda per budget"):
@@ -83,7 +88,7 @@ def test_prefill_routes_once_at_the_table_lambda_in_place_of_the_pilot(monkeypat
     assert abs(float(piloted.records["cost"].mean()) - 0.5) <= prefill_mod.GLOBAL_COST_TOLERANCE
     lam = piloted.lam[0]
     stack = r.controller("bayes")
-    table = _table(r.resolve_linear_map(s), (0.4, 0.6), (lam, lam), (32, 16), stack.content_hash())
+    table = _table(r.resolve_linear_map(s), (0.4, 0.6), (lam, lam), (32, 16), stack.content_hash(), 160)
     monkeypatch.setattr(stack, "lambda_table", table)
     res = r.prefill(ids, s)
     assert (res.pilot_tokens, res.passes) == (0, 1)
@@ -104,7 +109,8 @@ def test_build_averages_the_pilots_lambdas_of_texts_piloted_alike(monkeypatch):
         for b in (0.3, 0.5)
     ]
     assert t.lambdas == pytest.approx(want)
-    assert t.pilot == (32, 16) and t.controller_hash == r.controller("bayes").content_hash()
+    assert t.pilot == (32, 16) and t.tokens == 160
+    assert t.controller_hash == r.controller("bayes").content_hash()
     assert t.settings == matched(r.resolve_linear_map(s)) and t.meta["tokens"] == [160, 200]
     with pytest.raises(ValueError, match="one span"):
         lambda_table.build(r, "bayes", [random_ids(160), random_ids(40)], s, budgets=(0.3,))

@@ -12,13 +12,13 @@ piloting, and solves lambda again from that pass, as ever, only when the realise
 misses the budget.
 
 A table stands in for one pilot: it covers a text whose pilot would read the same span as
-the calibration texts' (``pilot``: ``pilot_span``, e.g. every text of 4,096 tokens or more
-for tables made on 4,096), under settings equal to its own in every field that moves lambda
-(``MATCHED``, the linear map resolved), at any budget within its grid (interpolated
-linearly); anything else takes the pilot. It is stored next to the controller it was made for
-(``assets/controllers/<model>/<kind>/lambda_table.json``) with that controller's content
-hash, and is ignored (with a warning) beside other weights. Made by ``make lambda-table``
-(``metaattn-viz lambda-table``, metaattn_viz/cli/lambda_table.py).
+the calibration texts' (``pilot``: ``pilot_span``) and that is shorter than twice theirs
+(``tokens``: 4,096 to 8,191 tokens for tables made on 4,096), under settings equal to its
+own in every field that moves lambda (``MATCHED``, the linear map resolved), at any budget
+within its grid (interpolated linearly); anything else takes the pilot. It is stored next
+to the controller it was made for (``assets/controllers/<model>/<kind>/lambda_table.json``)
+with that controller's content hash, and is ignored (with a warning) beside other weights.
+Made by ``make lambda-table`` (``metaattn-viz lambda-table``, metaattn_viz/cli/lambda_table.py).
 
 Never: route a text itself (``build`` asks routing/prefill.py for each pilot's lambda).
 """
@@ -69,6 +69,7 @@ class LambdaTable:
     budgets: tuple[float, ...]  # increasing
     lambdas: tuple[float, ...]  # the mean pilot lambda at each budget
     pilot: tuple[int, int]  # the pilot it stands in for: prefill.pilot_span of its texts
+    tokens: int  # the length of its texts: it covers texts up to twice as long (``lookup``)
     meta: dict = field(default_factory=dict)  # texts, spread, date, command
 
     def __post_init__(self):
@@ -79,12 +80,17 @@ class LambdaTable:
 
     def lookup(self, settings: RoutingSettings, n_tokens: int) -> float | None:
         """The lambda for a text of n_tokens under these settings (linear map resolved), or
-        None where the table does not cover them: a text whose pilot reads another span,
-        another value of a ``MATCHED`` field, no budget, or a budget outside the grid."""
+        None where the table does not cover them: a text whose pilot reads another span or
+        that is twice as long as the table's texts or longer (the cost drifts up along a text
+        at one lambda: at 8,192 tokens and B = 0.5 the mean of 4,096-token pilots missed the
+        budget more often than the text's own pilot), another value of a ``MATCHED`` field,
+        no budget, or a budget outside the grid."""
         from metaattn_viz.routing.prefill import pilot_span
 
         b = settings.budget
         if b is None or matched(settings) != self.settings or pilot_span(n_tokens) != self.pilot:
+            return None
+        if n_tokens >= 2 * self.tokens:
             return None
         if not self.budgets[0] <= b <= self.budgets[-1]:
             return None
@@ -97,6 +103,7 @@ class LambdaTable:
             "budgets": list(self.budgets),
             "lambdas": list(self.lambdas),
             "pilot": list(self.pilot),
+            "tokens": self.tokens,
             "meta": self.meta,
         }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
@@ -110,6 +117,8 @@ class LambdaTable:
             tuple(float(b) for b in d["budgets"]),
             tuple(float(v) for v in d["lambdas"]),
             (int(d["pilot"][0]), int(d["pilot"][1])),
+            # (tables made before the field: the shortest of their texts, which meta lists)
+            int(d["tokens"]) if "tokens" in d else min(int(n) for n in d["meta"]["tokens"]),
             dict(d.get("meta", {})),
         )
 
@@ -164,6 +173,7 @@ def build(
         progress(f"budget {b:g}: lambda {lambdas[-1]:.4f} (texts {spread[-1][0]:.4f} to {spread[-1][1]:.4f})")
     meta = {"texts": len(texts), "tokens": [int(ids.shape[1]) for ids in texts], "spread": spread}
     stack = routed.controller(kind)
+    tokens = min(int(ids.shape[1]) for ids in texts)
     return LambdaTable(
-        stack.content_hash(), matched(settings), tuple(budgets), tuple(lambdas), spans.pop(), meta
+        stack.content_hash(), matched(settings), tuple(budgets), tuple(lambdas), spans.pop(), tokens, meta
     )
