@@ -71,7 +71,7 @@ bench: setup
 	$(PY) -m metaattn_viz bench --json
 
 # The global scope's calibrated lambda for long texts (routing/lambda_table.py), written
-# beside the shipped controllers: rerun after `make calibrate` (a table made for other
+# beside the shipped Bayesian controllers: rerun after `make calibrate` (a table made for other
 # weights is ignored, and long texts take the pilot pass again).
 lambda-table: setup
 	$(PY) -m metaattn_viz lambda-table

@@ -1,7 +1,8 @@
 """`metaattn-viz lambda-table`: make the global scope's calibrated lambda for long texts
 (routing/lambda_table.py) of the bundled model's shipped controllers, from windows of the
-calibration split, and store it beside each controller. Rerun after new controllers ship
-(a table made for other weights is ignored, and long texts take the pilot pass again)."""
+calibration split, and store it beside each controller asked for (the Bayesian one by
+default). Rerun after new controllers ship (a table made for other weights is ignored, and
+long texts take the pilot pass again)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ def add_lambda_table_parser(sub) -> None:
         "(routing/lambda_table.py), written beside the shipped controllers",
     )
     p.add_argument("--data", default=None, help="UTF-8 text (default: corpus/wikitext2/wiki.dev.raw)")
-    p.add_argument("--controllers", default="bayes,priorfree", help="comma-separated controller kinds")
+    p.add_argument(
+        "--controllers",
+        default="bayes",
+        help="comma-separated controller kinds (default bayes: the prior-free controller's mean pilot "
+        "lambda missed the budget too often to ship, docs/benchmarks.md)",
+    )
     p.add_argument(
         "--texts",
         type=int,

@@ -132,7 +132,7 @@ def load(folder: Path, controller_hash: str) -> LambdaTable | None:
         return None
     try:
         table = LambdaTable.from_json(path.read_text())
-    except (ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("%s: unreadable (%s: %s); long texts take the pilot pass", path, type(exc).__name__, exc)
         return None
     if table.controller_hash != controller_hash:
