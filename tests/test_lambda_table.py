@@ -129,3 +129,26 @@ def test_build_averages_the_pilots_lambdas_of_texts_piloted_alike(monkeypatch):
 def test_the_command_refuses_bad_arguments_before_loading_the_model(args, message, capsys):
     assert main(["lambda-table", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_command_writes_a_table_beside_the_controller_it_names(tmp_path, capsys):
+    """The bundled model, one short calibration window (the first, which holds the benchmark
+    text, left out) and one budget: a table for the shipped Bayesian weights, which its
+    controller then loads."""
+    from metaattn_viz.paths import REPO_ROOT
+    from metaattn_viz.routing.controller import ControllerStack, default_folder
+
+    text = (REPO_ROOT / "tests" / "data" / "wikitext2_excerpt.txt").read_text()
+    data = tmp_path / "text.raw"
+    data.write_text(text * 3)
+    out = tmp_path / "tables"
+    args = ["--data", str(data), "--tokens", "1100", "--texts", "1", "--budgets", "0.3", "--out", str(out)]
+    assert main(["lambda-table", *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tables"] == {"bayes": str(out / lambda_table.FILE)} and summary["tokens"] == 1100
+    table = LambdaTable.from_json((out / lambda_table.FILE).read_text())
+    shipped = ControllerStack.load(default_folder("smollm2-135m-instruct", "bayes"))
+    assert table.controller_hash == shipped.content_hash()
+    assert table.budgets == (0.3,) and table.pilot == prefill_mod.pilot_span(1100) and table.tokens == 1100
+    assert table.meta["split"] == "calibration, windows 1-1" and table.meta["command"] == "make lambda-table"
+    assert lambda_table.load(out, shipped.content_hash()) == table

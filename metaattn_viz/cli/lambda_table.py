@@ -103,7 +103,9 @@ def _cmd_lambda_table(args) -> int:
         out = Path(args.out) if args.out else default_folder(routed.slug, kind)
         out.mkdir(parents=True, exist_ok=True)
         path = out / lambda_table.FILE
-        path.write_text(dataclasses.replace(table, meta=meta).to_json())
+        tmp = path.with_suffix(".json.tmp")  # a run stopped halfway leaves the old table whole
+        tmp.write_text(dataclasses.replace(table, meta=meta).to_json())
+        tmp.replace(path)
         written[kind] = str(path)
     summary = {"tables": written, "budgets": list(budgets), "texts": len(texts), "tokens": args.tokens}
     print(json.dumps(summary))
