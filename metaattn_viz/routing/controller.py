@@ -312,6 +312,7 @@ class ControllerStack(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
         tmp.replace(folder / WEIGHTS_FILE)
         self.invalidate_hash()
+        self.lambda_table = None  # made for the weights before these (a table there is stale)
         full_meta = {"config": asdict(self.config), "content_hash": self.content_hash(), **(meta or {})}
         (folder / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
         self.meta = full_meta
