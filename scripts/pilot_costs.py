@@ -51,15 +51,17 @@ RULES = {
 }
 
 
-def drift_shift(beta: np.ndarray, lam: float, s: RoutingSettings, first: int, n_routed: int) -> float:
+def drift_shift(
+    beta: np.ndarray, lam: float, s: RoutingSettings, pe: bool, first: int, n_routed: int
+) -> float:
     """How much more than on the pilot's later half `lam` would spend per decision over the
     positions 0..n_routed-1 (notional costs), if the pilot's mean cost per position grew as
     a + b ln(p + 1): b from the means over the pilot's positions [0, first) and [first, n)
-    at `lam` (beta [L, B, n, K] of the positions 0..n-1)."""
+    at `lam` (beta [L, B, n, K] of the positions 0..n-1; pe: the prior-free controller's)."""
     b = torch.from_numpy(beta)
     n = b.shape[-2]
     flat = b.reshape(-1, K)
-    unc = budget_mod.hedge_uncertainty(flat, s)
+    unc = budget_mod.hedge_uncertainty(flat, s, pe)
     cost = budget_mod.decide(flat / flat.sum(-1, keepdim=True), unc, lam, s).cost
     by_pos = cost.reshape(-1, n).mean(0).double()  # [n]
     logp = torch.log1p(torch.arange(n_routed, dtype=torch.float64))
@@ -162,7 +164,7 @@ def main() -> None:
                 )
                 shift = 0.0
                 if drift:
-                    shift = drift_shift(pilot, lam, s, first, a.tokens)
+                    shift = drift_shift(pilot, lam, s, pe, first, a.tokens)
                     target = min(max(budget - shift, MIN_COST + 1e-3), 1.0 - 1e-3)  # inside the range
                     lam = prefill_mod.solve_global(pilot[..., first:n, :], s.with_(budget=target), pe)
                 if name == shipped:
