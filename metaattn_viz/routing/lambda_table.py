@@ -117,8 +117,7 @@ class LambdaTable:
             tuple(float(b) for b in d["budgets"]),
             tuple(float(v) for v in d["lambdas"]),
             (int(d["pilot"][0]), int(d["pilot"][1])),
-            # (tables made before the field: the shortest of their texts, which meta lists)
-            int(d["tokens"]) if "tokens" in d else min(int(n) for n in d["meta"]["tokens"]),
+            int(d["tokens"]),
             dict(d.get("meta", {})),
         )
 
