@@ -70,9 +70,9 @@ eval: setup
 bench: setup
 	$(PY) -m metaattn_viz bench --json
 
-# The global scope's calibrated lambda for long texts (routing/lambda_table.py), written
+# The global scope's calibrated lambda by text length (routing/lambda_table.py), written
 # beside the shipped Bayesian controllers: rerun after `make calibrate` (a table made for other
-# weights is ignored, and long texts take the pilot pass again).
+# weights is ignored, and texts take the pilot pass again).
 lambda-table: setup
 	$(PY) -m metaattn_viz lambda-table
 

@@ -9,7 +9,7 @@ over the first 512 positions and over the rest. The measurement behind `pilot_sp
     .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.3,0.5 \
         --rules "prefix 512, from 256, drift;prefix 256, from 128, drift;pilot_span (shipped)"
     .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.3,0.5 --tokens 2048 \
-        --rules "pilot_span (shipped)" --leave-one-out
+        --rules "pilot_span (shipped)" --leave-one-out resolved
     .venv/bin/python scripts/pilot_costs.py --windows 4 --budgets 0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --table
 
 Each rule's pilot is a layer-scope pass over its own prefix, as `prefill` runs it. Texts: the
@@ -104,9 +104,13 @@ def main() -> None:
     p.add_argument("--controller", default="bayes", choices=("bayes", "priorfree"))
     p.add_argument(
         "--leave-one-out",
-        action="store_true",
-        help="also route each text at the mean of the lambdas the shipped rule solved on the other "
-        "texts (what a lambda calibrated on other texts of this length would realise)",
+        nargs="?",
+        const="pilot",
+        choices=("pilot", "resolved"),
+        help="also route each text at the mean of the lambdas solved on the other texts: by the "
+        "shipped rule's pilot (pilot, the default), or where the search settles (resolved: "
+        "prefill.resolved_lambda, what a lambda table holds), i.e. what a lambda calibrated on "
+        "other texts of this length would realise",
     )
     p.add_argument(
         "--table",
@@ -130,7 +134,8 @@ def main() -> None:
             p.error(f"unknown rules {unknown}; known: {'; '.join(rules)}")
         rules = {name.strip(): rules[name.strip()] for name in a.rules.split(";")}
     routed = RoutedModel.load()
-    loo, tabled = "others' mean lambda (leave one out)", "lambda table (shipped)"
+    loo = f"others' mean {a.leave_one_out} lambda (leave one out)"
+    tabled = "lambda table (shipped)"
     extra = [*([loo] if a.leave_one_out else []), *([tabled] if a.table else [])]
     summary: dict[str, list[float]] = {name: [] for name in [*rules, *extra]}
     table = routed.controller(a.controller).lambda_table
@@ -169,12 +174,15 @@ def main() -> None:
                     lam = prefill_mod.solve_global(pilot[..., first:n, :], s.with_(budget=target), pe)
                 if name == shipped:
                     solved[text] = lam
+                    if a.leave_one_out == "resolved":
+                        solved[text] = prefill_mod.resolved_lambda(routed, ids, s, a.controller)
                 row = {"text": text, "budget": budget, "rule": name, "pilot_tokens": n, "solved_from": first}
                 realised(s, ids, lam, row | {"drift_shift": round(shift, 4)})
         if a.leave_one_out:
             for text, ids in corpus.items():
                 others = [lam for other, lam in solved.items() if other != text]
                 row = {"text": text, "budget": budget, "rule": loo, "pilot_tokens": 0, "solved_from": 0}
+                row["others"] = a.leave_one_out
                 realised(s, ids, sum(others) / len(others), row)
         if a.table:
             assert table is not None

@@ -1,8 +1,9 @@
-"""`metaattn-viz lambda-table`: make the global scope's calibrated lambda for long texts
+"""`metaattn-viz lambda-table`: make the global scope's calibrated lambda
 (routing/lambda_table.py) of the bundled model's shipped controllers, from windows of the
-calibration split, and store it beside each controller asked for (the Bayesian one by
-default). Rerun after new controllers ship (a table made for other weights is ignored, and
-long texts take the pilot pass again)."""
+calibration split (each row of the table reads the first that many tokens of each window),
+and store it beside each controller asked for (the Bayesian one by default). Rerun after new
+controllers ship (a table made for other weights is ignored, and texts take the pilot pass
+again)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 def add_lambda_table_parser(sub) -> None:
     p = sub.add_parser(
         "lambda-table",
-        help="the global scope's calibrated lambda for texts longer than the pilot "
+        help="the global scope's calibrated lambda by text length and budget "
         "(routing/lambda_table.py), written beside the shipped controllers",
     )
     p.add_argument("--data", default=None, help="UTF-8 text (default: corpus/wikitext2/wiki.dev.raw)")
@@ -33,7 +34,12 @@ def add_lambda_table_parser(sub) -> None:
         help="windows of the calibration split, from the second on (default 8; the first holds the "
         "benchmark text, which stays out)",
     )
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per window (default 4096)")
+    p.add_argument(
+        "--lengths",
+        default=None,
+        help="comma-separated text lengths, one row each; the windows are as long as the longest "
+        "(default 256, 512, 1024, 2048, 4096)",
+    )
     p.add_argument("--budgets", default=None, help="comma-separated budgets (default 0.2, 0.25, ..., 0.95)")
     p.add_argument("--out", default=None, help="folder for every table (default: each controller's own)")
     p.set_defaults(handler=_cmd_lambda_table)
@@ -57,21 +63,35 @@ def _budgets(text: str | None) -> tuple[float, ...]:
     return values
 
 
+def _lengths(text: str | None) -> tuple[int, ...]:
+    from metaattn_viz.cli import UserError
+    from metaattn_viz.routing.lambda_table import LENGTHS
+
+    if text is None:
+        return LENGTHS
+    try:
+        values = tuple(sorted({int(n) for n in text.split(",")}))
+    except ValueError:
+        raise UserError(f"--lengths: comma-separated whole numbers, got {text!r}") from None
+    if values[0] < 1:
+        raise UserError(f"--lengths must be positive, got {values[0]}")
+    return values
+
+
 def _cmd_lambda_table(args) -> int:
     from metaattn_viz.cli import UserError
     from metaattn_viz.core.settings import DEFAULTS
     from metaattn_viz.paths import REPO_ROOT
-    from metaattn_viz.routing import lambda_table, prefill
+    from metaattn_viz.routing import lambda_table
     from metaattn_viz.routing.controller import KINDS, default_folder
     from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import data as data_mod
 
     budgets = _budgets(args.budgets)
+    lengths = _lengths(args.lengths)
     kinds = [k.strip() for k in args.controllers.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         raise UserError(f"--controllers must name some of {', '.join(KINDS)}, got {args.controllers!r}")
-    if args.tokens <= prefill.PILOT_TOKENS:
-        raise UserError(f"--tokens must be more than {prefill.PILOT_TOKENS} (shorter: its own pilot)")
     if args.texts < 1:
         raise UserError(f"--texts must be at least 1, got {args.texts}")
     data = Path(args.data) if args.data else REPO_ROOT / "corpus" / "wikitext2" / "wiki.dev.raw"
@@ -82,9 +102,10 @@ def _cmd_lambda_table(args) -> int:
         raise UserError(f"no trained {', '.join(untrained)} controllers (`make calibrate`)")
     # window 0 is left out: the benchmark's text (bench/model.py) opens the calibration split,
     # so that the prefill row of `bench` routes a text the table was not made from
-    wins = data_mod.windows(routed.tokenizer, split.train, args.tokens, "calibration")[1 : args.texts + 1]
+    tokens = lengths[-1]
+    wins = data_mod.windows(routed.tokenizer, split.train, tokens, "calibration")[1 : args.texts + 1]
     if wins.shape[0] < args.texts:
-        raise UserError(f"{data} holds {wins.shape[0] + 1} calibration windows of {args.tokens} tokens")
+        raise UserError(f"{data} holds {wins.shape[0] + 1} calibration windows of {tokens} tokens")
     texts = [wins[i : i + 1].to(routed.device) for i in range(wins.shape[0])]
     written = {}
     for kind in kinds:
@@ -92,11 +113,11 @@ def _cmd_lambda_table(args) -> int:
         def progress(message: str, kind: str = kind) -> None:
             print(f"{kind}: {message}", file=sys.stderr)
 
-        table = lambda_table.build(routed, kind, texts, DEFAULTS, budgets, progress)
+        table = lambda_table.build(routed, kind, texts, DEFAULTS, budgets, lengths, progress)
         meta = {
             **table.meta,
             "data": str(data.relative_to(REPO_ROOT)) if data.is_relative_to(REPO_ROOT) else str(data),
-            "split": f"calibration, windows 1-{len(texts)}",
+            "split": f"calibration, windows 1-{len(texts)} of {tokens} tokens",
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": "make lambda-table",
         }
@@ -107,6 +128,6 @@ def _cmd_lambda_table(args) -> int:
         tmp.write_text(dataclasses.replace(table, meta=meta).to_json())
         tmp.replace(path)
         written[kind] = str(path)
-    summary = {"tables": written, "budgets": list(budgets), "texts": len(texts), "tokens": args.tokens}
+    summary = {"tables": written, "budgets": list(budgets), "lengths": list(lengths), "texts": len(texts)}
     print(json.dumps(summary))
     return 0

@@ -1,32 +1,35 @@
-"""The global scope's calibrated lambda for long texts (docs/method.md, "Global scope by
-default"): by budget, the mean of the lambdas the pilot pass solves (routing/prefill.py,
-``pilot_lambda``) on calibration texts, for one controller under given settings: what that
-pilot solves on average, known before the text is read.
+"""The global scope's calibrated lambda (docs/method.md, "Global scope by default"): by text
+length and budget, the mean over calibration texts of the lambda the global scope's search
+settles at (routing/prefill.py, ``resolved_lambda``), for one controller under given
+settings: what that search would find, known before the text is read.
 
-A long text pays a pilot pass over a prefix of up to 1,024 tokens before it is routed;
-across texts of 4,096 tokens the lambda that pilot solves varies little (2.13-2.23 at
-B = 0.3 on nine WikiText windows), and each of them routed at the mean of the other eight's
-lambdas met the budget within the tolerance as often as at its own (docs/benchmarks.md). So
-where a table covers a text, ``prefill`` routes it once at the table's lambda instead of
-piloting, and solves lambda again from that pass, as ever, only when the realised cost
-misses the budget.
+Without a table, a text pays a pilot before it is routed: a whole-text pass (texts of up to
+1,024 tokens) or one over a prefix, and often a third pass, solved again, when the pilot's
+lambda misses the budget (texts of 1,025-4,095 tokens pilot on 512-1,023 tokens, too few:
+at 2,048 tokens and B = 0.5 their first pass missed on all nine texts measured). The lambda
+the search settles at varies little between texts of one length, and grows with the length
+(a text's later positions route dearer at one lambda), so a table keeps one row per length:
+``lengths`` (256 to 4,096 tokens by default), each the mean over the first that many tokens
+of the same calibration texts. ``lookup`` interpolates linearly in the budget and in the log
+of the length, and covers texts from the shortest row's length to just under twice the
+longest's (a longer text drifts further, and pilots), under settings equal to the table's in
+every field that moves lambda (``MATCHED``, the linear map resolved), at a budget within its
+grid; anything else takes the pilot. ``prefill`` routes a covered text once at the table's
+lambda, and solves again from that pass, as ever, only when the realised cost misses.
 
-A table stands in for one pilot: it covers a text whose pilot would read the same span as
-the calibration texts' (``pilot``: ``pilot_span``) and that is shorter than twice theirs
-(``tokens``: 4,096 to 8,191 tokens for tables made on 4,096), under settings equal to its
-own in every field that moves lambda (``MATCHED``, the linear map resolved), at any budget
-within its grid (interpolated linearly); anything else takes the pilot. It is stored next
-to the controller it was made for (``assets/controllers/<model>/<kind>/lambda_table.json``)
-with that controller's content hash, and is ignored (with a warning) beside other weights.
-Made by ``make lambda-table`` (``metaattn-viz lambda-table``, metaattn_viz/cli/lambda_table.py).
+A table is stored next to the controller it was made for
+(``assets/controllers/<model>/<kind>/lambda_table.json``) with that controller's content
+hash, and is ignored (with a warning) beside other weights. Made by ``make lambda-table``
+(``metaattn-viz lambda-table``, metaattn_viz/cli/lambda_table.py).
 
-Never: route a text itself (``build`` asks routing/prefill.py for each pilot's lambda).
+Never: route a text itself (``build`` asks routing/prefill.py for each text's lambda).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FILE = "lambda_table.json"
-# the settings besides the budget that move the lambda a pilot solves
+# the settings besides the budget that move the lambda the search settles at
 MATCHED = (
     "hedge_policy",
     "hedge_threshold",
@@ -55,6 +58,7 @@ MATCHED = (
     "cost_model",
 )
 BUDGETS = tuple(round(0.2 + 0.05 * i, 2) for i in range(16))  # 0.2 .. 0.95: the grid made by default
+LENGTHS = (256, 512, 1024, 2048, 4096)  # the rows made by default: texts of 256-8,191 tokens
 
 
 def matched(settings: RoutingSettings) -> dict:
@@ -67,43 +71,51 @@ class LambdaTable:
     controller_hash: str  # the content hash of the controller it was made for
     settings: dict  # ``matched`` of the settings it was made under (linear map resolved)
     budgets: tuple[float, ...]  # increasing
-    lambdas: tuple[float, ...]  # the mean pilot lambda at each budget
-    pilot: tuple[int, int]  # the pilot it stands in for: prefill.pilot_span of its texts
-    tokens: int  # the length of its texts: it covers texts up to twice as long (``lookup``)
+    lengths: tuple[int, ...]  # increasing: the texts' length of each row
+    lambdas: tuple[tuple[float, ...], ...]  # one row per length: the mean lambda at each budget
     meta: dict = field(default_factory=dict)  # texts, spread, date, command
 
     def __post_init__(self):
-        if len(self.budgets) != len(self.lambdas) or not self.budgets:
-            raise ValueError("a lambda table needs one lambda per budget")
-        if any(b >= c for b, c in zip(self.budgets, self.budgets[1:], strict=False)):
-            raise ValueError("a lambda table's budgets must increase")
+        if not self.budgets or not self.lengths:
+            raise ValueError("a lambda table needs at least one budget and one length")
+        rows = self.lambdas
+        if len(rows) != len(self.lengths) or any(len(row) != len(self.budgets) for row in rows):
+            raise ValueError("a lambda table needs one row per length and one lambda per budget in each")
+        for name, grid in (("budgets", self.budgets), ("lengths", self.lengths)):
+            if any(b >= c for b, c in zip(grid, grid[1:], strict=False)):
+                raise ValueError(f"a lambda table's {name} must increase")
+        if self.lengths[0] < 1:
+            raise ValueError("a lambda table's lengths must be positive")
+
+    def covers(self, n_tokens: int) -> bool:
+        """Whether a text of n_tokens is within the table's lengths: from its shortest row's
+        to just under twice its longest's (the cost drifts up along a text at one lambda: at
+        8,192 tokens and B = 0.5 the mean of 4,096-token pilots missed the budget more often
+        than the text's own pilot, docs/benchmarks.md)."""
+        return self.lengths[0] <= n_tokens < 2 * self.lengths[-1]
 
     def lookup(self, settings: RoutingSettings, n_tokens: int) -> float | None:
-        """The lambda for a text of n_tokens under these settings (linear map resolved), or
-        None where the table does not cover them: a text whose pilot reads another span or
-        that is twice as long as the table's texts or longer (the cost drifts up along a text
-        at one lambda: at 8,192 tokens and B = 0.5 the mean of 4,096-token pilots missed the
-        budget more often than the text's own pilot), another value of a ``MATCHED`` field,
-        no budget, or a budget outside the grid."""
-        from metaattn_viz.routing.prefill import pilot_span
-
+        """The lambda for a text of n_tokens under these settings (linear map resolved):
+        linear in the budget within each row, then in the log of the length between rows
+        (a text longer than the longest row takes that row's); None where the table does not
+        cover them (``covers``, another value of a ``MATCHED`` field, no budget, or a budget
+        outside the grid)."""
         b = settings.budget
-        if b is None or matched(settings) != self.settings or pilot_span(n_tokens) != self.pilot:
-            return None
-        if n_tokens >= 2 * self.tokens:
+        if b is None or matched(settings) != self.settings or not self.covers(n_tokens):
             return None
         if not self.budgets[0] <= b <= self.budgets[-1]:
             return None
-        return float(np.interp(b, self.budgets, self.lambdas))
+        by_length = [float(np.interp(b, self.budgets, row)) for row in self.lambdas]
+        logs = [math.log(n) for n in self.lengths]
+        return float(np.interp(math.log(n_tokens), logs, by_length))
 
     def to_json(self) -> str:
         d = {
             "controller_hash": self.controller_hash,
             "settings": self.settings,
             "budgets": list(self.budgets),
-            "lambdas": list(self.lambdas),
-            "pilot": list(self.pilot),
-            "tokens": self.tokens,
+            "lengths": list(self.lengths),
+            "lambdas": [list(row) for row in self.lambdas],
             "meta": self.meta,
         }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
@@ -115,9 +127,8 @@ class LambdaTable:
             str(d["controller_hash"]),
             dict(d["settings"]),
             tuple(float(b) for b in d["budgets"]),
-            tuple(float(v) for v in d["lambdas"]),
-            (int(d["pilot"][0]), int(d["pilot"][1])),
-            int(d["tokens"]),
+            tuple(int(n) for n in d["lengths"]),
+            tuple(tuple(float(v) for v in row) for row in d["lambdas"]),
             dict(d.get("meta", {})),
         )
 
@@ -132,11 +143,11 @@ def load(folder: Path, controller_hash: str) -> LambdaTable | None:
     try:
         table = LambdaTable.from_json(path.read_text())
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("%s: unreadable (%s: %s); long texts take the pilot pass", path, type(exc).__name__, exc)
+        log.warning("%s: unreadable (%s: %s); texts take the pilot pass", path, type(exc).__name__, exc)
         return None
     if table.controller_hash != controller_hash:
         log.warning(
-            "%s was made for controller %s, not %s (run `make lambda-table`); long texts take the pilot pass",
+            "%s was made for controller %s, not %s (run `make lambda-table`); texts take the pilot pass",
             path,
             table.controller_hash,
             controller_hash,
@@ -151,28 +162,31 @@ def build(
     texts: list[torch.Tensor],
     settings: RoutingSettings,
     budgets: tuple[float, ...] = BUDGETS,
+    lengths: tuple[int, ...] = LENGTHS,
     progress=lambda message: None,
 ) -> LambdaTable:
-    """The table of controller `kind` under `settings` (their budget is replaced by each of
-    `budgets`): at each budget the mean of the lambdas the pilot solves on `texts` (token ids
-    [1, T], longer than PILOT_TOKENS, all piloted on the same span)."""
+    """The table of controller `kind` under `settings` (their budget replaced by each of
+    `budgets`): for each of `lengths`, at each budget, the mean of the lambdas the search
+    settles at (``prefill.resolved_lambda``) on the first that many tokens of each of `texts`
+    (token ids [1, T], all at least as long as the longest length)."""
     from metaattn_viz.routing import prefill as prefill_mod
 
     settings = routed.resolve_linear_map(settings)
-    spans = {prefill_mod.pilot_span(ids.shape[1]) for ids in texts}
-    if len(spans) != 1 or any(ids.shape[1] <= prefill_mod.PILOT_TOKENS for ids in texts):
-        raise ValueError(
-            f"the texts must be longer than {prefill_mod.PILOT_TOKENS} tokens and piloted on one span"
-        )
-    lambdas, spread = [], []
-    for b in budgets:
-        at = [prefill_mod.pilot_lambda(routed, ids, settings.with_(budget=b), kind) for ids in texts]
-        lambdas.append(float(np.mean(at)))
-        spread.append([round(min(at), 4), round(max(at), 4)])
-        progress(f"budget {b:g}: lambda {lambdas[-1]:.4f} (texts {spread[-1][0]:.4f} to {spread[-1][1]:.4f})")
-    meta = {"texts": len(texts), "tokens": [int(ids.shape[1]) for ids in texts], "spread": spread}
+    lengths = tuple(sorted(set(lengths)))
+    if not texts or not lengths or lengths[0] < 1 or any(ids.shape[1] < lengths[-1] for ids in texts):
+        raise ValueError(f"the texts must be at least {lengths[-1] if lengths else 1} tokens long")
+    rows: list[tuple[float, ...]] = []
+    spread: dict[str, list[list[float]]] = {}  # per length, per budget: the texts' [min, max]
+    for n in lengths:
+        row: list[float] = []
+        spread[str(n)] = []
+        for b in budgets:
+            s = settings.with_(budget=b)
+            at = [prefill_mod.resolved_lambda(routed, ids[:, :n], s, kind) for ids in texts]
+            row.append(float(np.mean(at)))
+            spread[str(n)].append([round(min(at), 4), round(max(at), 4)])
+            progress(f"{n} tokens, budget {b:g}: lambda {row[-1]:.4f} (texts {min(at):.4f} to {max(at):.4f})")
+        rows.append(tuple(row))
+    meta = {"texts": len(texts), "spread": spread}
     stack = routed.controller(kind)
-    tokens = min(int(ids.shape[1]) for ids in texts)
-    return LambdaTable(
-        stack.content_hash(), matched(settings), tuple(budgets), tuple(lambdas), spans.pop(), tokens, meta
-    )
+    return LambdaTable(stack.content_hash(), matched(settings), tuple(budgets), lengths, tuple(rows), meta)

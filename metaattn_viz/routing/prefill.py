@@ -13,9 +13,10 @@ half only: at a given lambda the controllers route a text's first positions chea
 its later ones (the position feature and the far mass grow along the text), so the later
 half stands in better for the rest. A lambda hint (e.g. solved on the posteriors of the
 previous routing of the same text) replaces the pilot, and so does the controller's
-calibrated lambda (routing/lambda_table.py: the mean of the lambdas this pilot solves on
-calibration texts) for a text it covers; either way the text is routed once at that
-lambda, and solved again from that pass only if it misses the budget.
+calibrated lambda (routing/lambda_table.py: by length, the mean of the lambdas this search
+settles at on calibration texts, ``resolved_lambda``) for a text it covers; either way the
+text is routed once at that lambda, and solved again from that pass only if it misses the
+budget.
 Under the "flops" cost model (routing/costs.py) all layers' decisions are one group, and a
 lambda solved on a prefix pilot is carried to the whole text at the same price per FLOP
 (``CostModel.carry_lambda``), and a budget below the text's floor (``CostModel.lowest_mean``:
@@ -113,18 +114,30 @@ def solve_global(
     return cost_model.carry_lambda(lam, end, end if n_routed is None else n_routed, first)
 
 
+def _records(
+    routed: RoutedModel,
+    input_ids: torch.Tensor,
+    settings: RoutingSettings,
+    controller: str | ControllerStack,
+    lam: list[float | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """The decisions of one routed pass over input_ids that keeps no cache and computes no
+    logits but the last position's (what a pilot, a table or a measurement reads)."""
+    with torch.no_grad(), routed.session(settings, controller, lam=lam) as sess:
+        routed.model(input_ids=input_ids.to(routed.device), use_cache=False, logits_to_keep=1)
+    records = sess.pop_records()
+    assert records is not None  # every routed forward records its decisions
+    return records
+
+
 def pilot_pass(
     routed: RoutedModel, input_ids: torch.Tensor, settings: RoutingSettings, controller: str | ControllerStack
 ) -> tuple[np.ndarray, int, int]:
     """The global scope's pilot (module docstring): a layer-scope pass over the prefix of the
-    text that ``pilot_span`` gives, no logits but the last position's. Returns (the
-    concentrations [L, B, n, K] of the positions lambda is solved on, the pilot's tokens, the
-    first of those positions)."""
+    text that ``pilot_span`` gives. Returns (the concentrations [L, B, n, K] of the positions
+    lambda is solved on, the pilot's tokens, the first of those positions)."""
     n, first = pilot_span(input_ids.shape[1])
-    with torch.no_grad(), routed.session(settings.with_(scope="layer"), controller) as sess:
-        routed.model(input_ids=input_ids[:, :n].to(routed.device), use_cache=False, logits_to_keep=1)
-    records = sess.pop_records()
-    assert records is not None
+    records = _records(routed, input_ids[:, :n], settings.with_(scope="layer"), controller)
     return records["beta"][..., first:, :], n, first
 
 
@@ -138,6 +151,19 @@ def pilot_lambda(
     return solve_global(
         beta, settings, pe, head_dim=routed.head_dim, n_routed=input_ids.shape[1], first=first
     )
+
+
+def resolved_lambda(
+    routed: RoutedModel, input_ids: torch.Tensor, settings: RoutingSettings, controller: str | ControllerStack
+) -> float:
+    """The lambda the global scope's search settles at for this text: solved again on the
+    posteriors of a whole-text pass at its pilot's lambda (``prefill``'s first re-solve; the
+    pass at it lands within a few thousandths of the budget, docs/benchmarks.md). What a
+    lambda table (routing/lambda_table.py) holds the mean of."""
+    lam = pilot_lambda(routed, input_ids, settings, controller)
+    beta = _records(routed, input_ids, settings, controller, lam=[lam] * routed.n_layers)["beta"]
+    pe = is_point_estimate(routed, controller)
+    return solve_global(beta, settings, pe, head_dim=routed.head_dim)
 
 
 def table_lambda(
