@@ -157,9 +157,9 @@ def resolved_lambda(
     routed: RoutedModel, input_ids: torch.Tensor, settings: RoutingSettings, controller: str | ControllerStack
 ) -> float:
     """The lambda the global scope's search settles at for this text: solved again on the
-    posteriors of a whole-text pass at its pilot's lambda (``prefill``'s first re-solve; the
-    pass at it lands within a few thousandths of the budget, docs/benchmarks.md). What a
-    lambda table (routing/lambda_table.py) holds the mean of."""
+    posteriors of a whole-text pass at its pilot's lambda (``prefill``'s first re-solve). What
+    a lambda table (routing/lambda_table.py) holds the mean of (docs/benchmarks.md, "Lambda
+    by length")."""
     lam = pilot_lambda(routed, input_ids, settings, controller)
     beta = _records(routed, input_ids, settings, controller, lam=[lam] * routed.n_layers)["beta"]
     pe = is_point_estimate(routed, controller)
