@@ -163,7 +163,7 @@ class ControllerStack(nn.Module):
         self.trained = False
         self.meta: dict = {}
         # the global scope's calibrated lambda for long texts, stored beside the weights
-        # (routing/lambda_table.py); None: long texts take the pilot pass
+        # (routing/lambda_table.py); None: texts take the pilot pass
         self.lambda_table: LambdaTable | None = None
         self._hash: str | None = None
         self._np_cache: dict = {}  # layer -> (weights' identity, numpy copies) for concentration_one
