@@ -162,7 +162,7 @@ class ControllerStack(nn.Module):
                     layer.fc2.bias.copy_(target + torch.log(-torch.expm1(-target)))
         self.trained = False
         self.meta: dict = {}
-        # the global scope's calibrated lambda for long texts, stored beside the weights
+        # the global scope's calibrated lambda by text length, stored beside the weights
         # (routing/lambda_table.py); None: texts take the pilot pass
         self.lambda_table: LambdaTable | None = None
         self._hash: str | None = None
