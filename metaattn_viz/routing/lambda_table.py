@@ -7,8 +7,9 @@ Without a table, a text pays a pilot before it is routed: a whole-text pass (tex
 1,024 tokens) or one over a prefix, and often a third pass, solved again, when the pilot's
 lambda misses the budget (texts of 1,025-4,095 tokens pilot on 512-1,023 tokens, too few:
 at 2,048 tokens and B = 0.5 their first pass missed on all nine texts measured). The lambda
-the search settles at varies little between texts of one length, and grows with the length
-(a text's later positions route dearer at one lambda), so a table keeps one row per length:
+the search settles at varies little between texts of one length, and moves with the length
+(at most budgets it grows: a text's later positions route dearer at one lambda), so a table
+keeps one row per length:
 ``lengths`` (256 to 4,096 tokens by default), each the mean over the first that many tokens
 of the same calibration texts. ``lookup`` interpolates linearly in the budget and in the log
 of the length, and covers texts from the shortest row's length to just under twice the
