@@ -83,7 +83,7 @@ class RoutingSettings:
         normalised cost" mode; docs/method.md, "Budget").
     scope: "global" (one lambda for all layers, so layers compete for compute: the default,
         because layers differ in how much full attention they need; a prefill settles
-        lambda on a pilot pass, or on the controller's calibrated lambda for a long text,
+        lambda on a pilot pass, or on the controller's calibrated lambda for a text it covers,
         see RoutedModel.prefill) or "layer" (every layer meets the budget; one pass).
     hedge_policy (docs/method.md, "Hedging"): "off"; "soft" (an uncertain cheap decision
         mixes the experts whose posterior weight is >= hedge_min_weight); "full" (escalate

@@ -234,7 +234,10 @@ class RoutedModel:
         (what traces and the run log record)."""
         return settings.with_(linear_map=linear_maps.resolve(settings.linear_map, self.feature_maps))
 
-    def controller(self, kind: str) -> ControllerStack:
+    def controller(self, kind: str | ControllerStack) -> ControllerStack:
+        """The controller stack of this kind (a stack given is its own answer)."""
+        if isinstance(kind, ControllerStack):
+            return kind
         if kind not in self.controllers:
             raise ValueError(f"controller must be one of {sorted(self.controllers)}, got {kind!r}")
         return self.controllers[kind]
@@ -248,7 +251,7 @@ class RoutedModel:
         (``linear_maps_for``). Refused once detached: the model would silently run dense."""
         if self._installed is None:
             raise RuntimeError(f"{self.name}: this RoutedModel was detached; route a new one")
-        stack = controller if isinstance(controller, ControllerStack) else self.controller(controller)
+        stack = self.controller(controller)
         if settings.backend == "auto" and self.backend != "auto":
             settings = settings.with_(backend=self.backend)
         maps = self.linear_maps_for(settings)

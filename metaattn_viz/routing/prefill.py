@@ -171,15 +171,13 @@ def table_lambda(
 ) -> float | None:
     """The controller's calibrated lambda for a text of n_tokens under these settings
     (routing/lambda_table.py), or None where it has no table that covers them."""
-    stack = controller if isinstance(controller, ControllerStack) else routed.controller(controller)
-    table = stack.lambda_table
+    table = routed.controller(controller).lambda_table
     return None if table is None else table.lookup(routed.resolve_linear_map(settings), n_tokens)
 
 
 def is_point_estimate(routed: RoutedModel, controller: str | ControllerStack) -> bool:
     """Whether the controller gives probabilities (prior-free) rather than concentrations."""
-    stack = controller if isinstance(controller, ControllerStack) else routed.controller(controller)
-    return stack.point_estimate
+    return routed.controller(controller).point_estimate
 
 
 def _gap(res: PrefillResult, budget: float) -> float:
