@@ -71,10 +71,13 @@ bench: setup
 	$(PY) -m metaattn_viz bench --json
 
 # The global scope's calibrated lambda by text length (routing/lambda_table.py), written
-# beside the shipped Bayesian controllers: rerun after `make calibrate` (a table made for other
-# weights is ignored, and texts take the pilot pass again).
+# beside both shipped controllers: rerun after `make calibrate` (a table made for other
+# weights is ignored, and texts take the pilot pass again). The prior-free controller's rows
+# stop at 2,048 tokens, so its table covers texts of 256-4,095 (docs/benchmarks.md, "Lambda rows
+# sqrt(2) apart, and a table for the prior-free controller").
 lambda-table: setup
 	$(PY) -m metaattn_viz lambda-table
+	$(PY) -m metaattn_viz lambda-table --controllers priorfree --lengths 256,512,1024,2048
 
 # The example runs the page shows before its model loads (assets/example_traces/): rerun
 # after new controllers ship (tests/test_examples.py fails until then). One thread: the

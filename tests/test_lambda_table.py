@@ -98,6 +98,23 @@ def test_a_shipped_controller_loads_its_table(tmp_path):
     assert loaded.lambda_table is None
 
 
+@pytest.mark.parametrize(("kind", "longest"), [("bayes", 4096), ("priorfree", 2048)])
+def test_both_shipped_controllers_carry_a_table_made_for_their_weights(kind, longest):
+    """The shipped tables load beside the weights they were made for (a table made for other
+    weights would be ignored), under the default settings (the linear map as it resolves
+    for the bundled model, whose learned maps ship), over 16 budgets and lengths sqrt(2) or
+    twice apart."""
+    from metaattn_viz.core.settings import DEFAULTS
+    from metaattn_viz.routing.controller import ControllerStack, default_folder
+
+    table = ControllerStack.load(default_folder("smollm2-135m-instruct", kind)).lambda_table
+    assert table is not None
+    assert table.settings == {**matched(DEFAULTS), "linear_map": "learned"}
+    assert table.budgets == lambda_table.BUDGETS and table.lengths[0] == 256 and table.lengths[-1] == longest
+    assert all(1.4 <= b / a <= 2.0 for a, b in zip(table.lengths, table.lengths[1:], strict=False))
+    assert table.covers(256) and table.covers(2 * longest - 1) and not table.covers(2 * longest)
+
+
 def test_prefill_routes_once_at_the_table_lambda_in_place_of_the_pilot(monkeypatch):
     """Where the table covers the text, no pilot runs: one pass at the table's lambda, the
     same routes as the pilot's pass at that lambda; other settings and lengths still pilot."""
@@ -202,5 +219,8 @@ def test_the_command_writes_a_table_beside_the_controller_it_names(tmp_path, cap
     assert table.controller_hash == shipped.content_hash()
     assert table.budgets == (0.3,) and table.lengths == (200, 600) and len(table.lambdas) == 2
     assert table.meta["split"] == "calibration, windows 1-1 of 600 tokens"
-    assert table.meta["command"] == "make lambda-table"
+    assert table.meta["command"] == (
+        "metaattn-viz lambda-table --controllers bayes --texts 1 --lengths 200,600 --budgets 0.3 "
+        f"--data {data}"
+    )
     assert lambda_table.load(out, shipped.content_hash()) == table

@@ -24,8 +24,8 @@ def add_lambda_table_parser(sub) -> None:
     p.add_argument(
         "--controllers",
         default="bayes",
-        help="comma-separated controller kinds (default bayes: the prior-free controller's mean pilot "
-        "lambda missed the budget too often to ship, docs/benchmarks.md)",
+        help="comma-separated controller kinds (default bayes; `make lambda-table` also makes the "
+        "prior-free controller's, with rows up to 2,048 tokens)",
     )
     p.add_argument(
         "--texts",
@@ -38,7 +38,7 @@ def add_lambda_table_parser(sub) -> None:
         "--lengths",
         default=None,
         help="comma-separated text lengths, one row each; the windows are as long as the longest "
-        "(default 256, 512, 1024, 2048, 4096)",
+        "(default 256, 362, 512, 724, 1024, 1448, 2048, 2896, 4096)",
     )
     p.add_argument("--budgets", default=None, help="comma-separated budgets (default 0.2, 0.25, ..., 0.95)")
     p.add_argument("--out", default=None, help="folder for every table (default: each controller's own)")
@@ -76,6 +76,17 @@ def _lengths(text: str | None) -> tuple[int, ...]:
     if values[0] < 1:
         raise UserError(f"--lengths must be positive, got {values[0]}")
     return values
+
+
+def _command(args, kind: str, lengths: tuple[int, ...], budgets: tuple[float, ...]) -> str:
+    """The command that makes this table again (what the table's meta records)."""
+    words = ["metaattn-viz lambda-table", f"--controllers {kind}", f"--texts {args.texts}"]
+    words.append("--lengths " + ",".join(str(n) for n in lengths))
+    if args.budgets is not None:
+        words.append("--budgets " + ",".join(f"{b:g}" for b in budgets))
+    if args.data is not None:
+        words.append(f"--data {args.data}")
+    return " ".join(words)
 
 
 def _cmd_lambda_table(args) -> int:
@@ -119,7 +130,7 @@ def _cmd_lambda_table(args) -> int:
             "data": str(data.relative_to(REPO_ROOT)) if data.is_relative_to(REPO_ROOT) else str(data),
             "split": f"calibration, windows 1-{len(texts)} of {tokens} tokens",
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": "make lambda-table",
+            "command": _command(args, kind, lengths, budgets),
         }
         out = Path(args.out) if args.out else default_folder(routed.slug, kind)
         out.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,14 @@ lambda misses the budget (texts of 1,025-4,095 tokens pilot on 512-1,023 tokens,
 at 2,048 tokens and B = 0.5 their first pass missed on all nine texts measured). The lambda
 the search settles at varies little between texts of one length, and moves with the length
 (at most budgets it grows: a text's later positions route dearer at one lambda), so a table
-keeps one row per length:
-``lengths`` (256 to 4,096 tokens by default), each the mean over the first that many tokens
-of the same calibration texts. ``lookup`` interpolates linearly in the budget and in the log
-of the length, and covers texts from the shortest row's length to just under twice the
-longest's (a longer text drifts further, and pilots), under settings equal to the table's in
-every field that moves lambda (``MATCHED``, the linear map resolved), at a budget within its
-grid; anything else takes the pilot. ``prefill`` routes a covered text once at the table's
-lambda, and solves again from that pass, as ever, only when the realised cost misses.
+keeps one row per length: ``lengths`` (256 to 4,096 tokens by default, sqrt(2) apart), each
+the mean over the first that many tokens of the same calibration texts. ``lookup``
+interpolates linearly in the budget and in the log of the length, and covers texts from the
+shortest row's length to just under twice the longest's (a longer text drifts further, and
+pilots), under settings equal to the table's in every field that moves lambda (``MATCHED``,
+the linear map resolved), at a budget within its grid; anything else takes the pilot.
+``prefill`` routes a covered text once at the table's lambda, and solves again from that
+pass, as ever, only when the realised cost misses.
 
 A table is stored next to the controller it was made for
 (``assets/controllers/<model>/<kind>/lambda_table.json``) with that controller's content
@@ -59,7 +59,9 @@ MATCHED = (
     "cost_model",
 )
 BUDGETS = tuple(round(0.2 + 0.05 * i, 2) for i in range(16))  # 0.2 .. 0.95: the grid made by default
-LENGTHS = (256, 512, 1024, 2048, 4096)  # the rows made by default: texts of 256-8,191 tokens
+# the rows made by default, sqrt(2) apart (the lambda is not linear in the log of the length
+# between rows twice as far apart, docs/benchmarks.md): texts of 256-8,191 tokens
+LENGTHS = (256, 362, 512, 724, 1024, 1448, 2048, 2896, 4096)
 
 
 def matched(settings: RoutingSettings) -> dict:
