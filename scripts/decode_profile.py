@@ -1,10 +1,10 @@
-"""Where a decode step's time goes at a short context: greedy decoding after 256 tokens at
-budget 0.3 (the `bench` decode row's text and settings), dense and routed, each side's
-attention modules timed in place (projections, RoPE, cache and attention function: what
-routing changes), and on the routed side the parts of its attention function (the CPU
-float32 host path, routing/session.py's ``_attend_host``): the controllers' attention
-signals, the rest of the controller, the decision and the experts. Timers wrap the
-functions, so they add a little to what they time (about a microsecond per call).
+"""Where a decode step's time goes at a short context: greedy decoding of 48 tokens up to a
+256-token context at budget 0.3 (the `bench` decode row's text and settings), dense and
+routed, each side's attention modules timed in place (projections, RoPE, cache and
+attention function: what routing changes), and on the routed side the parts of its
+attention function (the CPU float32 host path, routing/session.py's ``_attend_host``): the
+controllers' attention signals, the rest of the controller, the decision and the experts.
+Timers wrap the functions, so they add a little to what they time (not measured).
 docs/benchmarks.md, "CPU decode at 256".
 
     .venv/bin/python scripts/decode_profile.py --rounds 3
