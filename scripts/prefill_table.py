@@ -6,6 +6,7 @@ line per length: the times, the speed-ups over dense, and the passes and pilot t
 side took. docs/benchmarks.md, "Lambda by length".
 
     .venv/bin/python scripts/prefill_table.py --lengths 700,1500,3000 --budget 0.5 --repeats 3
+    .venv/bin/python scripts/prefill_table.py --controller priorfree --lengths 300,700,1500,3000
 
 Texts: the benchmark text (bench/model.py's, doubled where it is too short) cut to each
 length, as the `bench` prefill row reads it.
@@ -28,13 +29,14 @@ def main() -> None:
     p.add_argument("--lengths", default="700,1500,3000", help="comma-separated text lengths")
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--controller", default="bayes", choices=("bayes", "priorfree"))
     a = p.parse_args()
     routed = RoutedModel.load()
     plain = plain_copy(routed)
-    stack = routed.controller("bayes")
+    stack = routed.controller(a.controller)
     table = stack.lambda_table
     if table is None:
-        p.error("the Bayesian controllers ship no lambda table (make lambda-table)")
+        p.error(f"the {a.controller} controllers ship no lambda table (make lambda-table)")
     s = RoutingSettings(budget=a.budget)
     for n in (int(v) for v in a.lengths.split(",")):
         ids = _text_ids(routed, n)
@@ -43,7 +45,7 @@ def main() -> None:
         def routed_side(name: str, with_table: bool, ids=ids, last=last) -> None:
             stack.lambda_table = table if with_table else None
             try:
-                last[name] = routed.prefill(ids, s, use_cache=False)
+                last[name] = routed.prefill(ids, s, a.controller, use_cache=False)
             finally:
                 stack.lambda_table = table
 
@@ -56,7 +58,7 @@ def main() -> None:
                 },
                 a.repeats,
             )
-        row = {"tokens": n, "budget": a.budget, "dense_ms": round(t["dense"], 1)}
+        row = {"controller": a.controller, "tokens": n, "budget": a.budget, "dense_ms": round(t["dense"], 1)}
         for side in ("table", "pilot"):
             res = last[side]
             row[side] = {
