@@ -70,14 +70,6 @@ def drift_shift(
     return float(slope * (logp.mean() - l2))
 
 
-def records(routed: RoutedModel, settings: RoutingSettings, ids: torch.Tensor, lam=None, kind="bayes"):
-    with torch.no_grad(), routed.session(settings, kind, lam=lam) as sess:
-        routed.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    out = sess.pop_records()
-    assert out is not None
-    return out
-
-
 def texts(routed: RoutedModel, n_tokens: int, n_windows: int) -> dict[str, torch.Tensor]:
     out = {"bench": _text_ids(routed, n_tokens)}
     if n_windows:
@@ -145,7 +137,7 @@ def main() -> None:
     pe = prefill_mod.is_point_estimate(routed, a.controller)
 
     def realised(s: RoutingSettings, ids: torch.Tensor, lam: float, row: dict) -> None:
-        cost = records(routed, s, ids, [lam] * routed.n_layers, a.controller)["cost"]
+        cost = prefill_mod.pass_records(routed, ids, s, a.controller, [lam] * routed.n_layers)["cost"]
         assert s.budget is not None
         gap = float(cost.mean()) - s.budget
         summary[row["rule"]].append(gap)
@@ -163,7 +155,8 @@ def main() -> None:
         solved: dict[str, float] = {}  # the shipped rule's lambda per text
         for text, ids in corpus.items():
             for name, (n, first, *drift) in rules.items():
-                pilot = records(routed, s.with_(scope="layer"), ids[:, :n], kind=a.controller)["beta"]
+                layer_scope = s.with_(scope="layer")
+                pilot = prefill_mod.pass_records(routed, ids[:, :n], layer_scope, a.controller)["beta"]
                 lam = prefill_mod.solve_global(
                     pilot[..., first:n, :], s, pe, head_dim=routed.head_dim, n_routed=a.tokens, first=first
                 )

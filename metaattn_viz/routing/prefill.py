@@ -114,7 +114,7 @@ def solve_global(
     return cost_model.carry_lambda(lam, end, end if n_routed is None else n_routed, first)
 
 
-def _records(
+def pass_records(
     routed: RoutedModel,
     input_ids: torch.Tensor,
     settings: RoutingSettings,
@@ -137,7 +137,7 @@ def pilot_pass(
     text that ``pilot_span`` gives. Returns (the concentrations [L, B, n, K] of the positions
     lambda is solved on, the pilot's tokens, the first of those positions)."""
     n, first = pilot_span(input_ids.shape[1])
-    records = _records(routed, input_ids[:, :n], settings.with_(scope="layer"), controller)
+    records = pass_records(routed, input_ids[:, :n], settings.with_(scope="layer"), controller)
     return records["beta"][..., first:, :], n, first
 
 
@@ -161,7 +161,7 @@ def resolved_lambda(
     a lambda table (routing/lambda_table.py) holds the mean of (docs/benchmarks.md, "Lambda
     by length")."""
     lam = pilot_lambda(routed, input_ids, settings, controller)
-    beta = _records(routed, input_ids, settings, controller, lam=[lam] * routed.n_layers)["beta"]
+    beta = pass_records(routed, input_ids, settings, controller, lam=[lam] * routed.n_layers)["beta"]
     pe = is_point_estimate(routed, controller)
     return solve_global(beta, settings, pe, head_dim=routed.head_dim)
 
