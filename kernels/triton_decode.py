@@ -38,6 +38,7 @@ from metaattn_kernels.checks import triton_interpreted
 from metaattn_kernels.decode import State, linear_readout, linear_state_upto
 from metaattn_kernels.experts import FULL, LINEAR, LOCAL
 from metaattn_kernels.feature_maps import FeatureMap
+from metaattn_kernels.triton_launch import launch
 
 BLOCK_N = 64  # keys per inner step
 MIN_SPLIT_KEYS = 256  # a split covers at least this many keys
@@ -175,7 +176,9 @@ def _softmax_expert(q, k, v, weights, w_index, n_first, second_start, n_keys, sc
     m = q.new_empty(b, hq, n_splits, dtype=torch.float32)
     l_sum = q.new_empty(b, hq, n_splits, dtype=torch.float32)
     ieee = q.dtype == torch.float32 or triton_interpreted()
-    decode_softmax_kernel[(b * hkv, n_splits)](
+    launch(
+        decode_softmax_kernel,
+        (b * hkv, n_splits),
         q,
         k,
         v,

@@ -30,6 +30,7 @@ import triton.language as tl
 from metaattn_kernels.checks import triton_interpreted
 from metaattn_kernels.experts import FULL, LINEAR, LOCAL
 from metaattn_kernels.rows import sorted_rows
+from metaattn_kernels.triton_launch import launch
 from metaattn_kernels.triton_linear import linear_chunk_state_kernel, routed_linear_kernel
 from metaattn_kernels.triton_softmax import routed_softmax_kernel
 
@@ -122,7 +123,9 @@ def _chunk_states(k, v, start, end, chunk, block_d, ieee, mapped=False):
     n_ch = max(-(-(end - start) // chunk), 1)
     kv = torch.empty(b, hkv, n_ch, d, d, dtype=torch.float32, device=k.device)
     kz = torch.empty(b, hkv, n_ch, d, dtype=torch.float32, device=k.device)
-    linear_chunk_state_kernel[(n_ch, b * hkv)](
+    launch(
+        linear_chunk_state_kernel,
+        (n_ch, b * hkv),
         k,
         v,
         kv,
@@ -178,7 +181,9 @@ def routed_attention_triton(
     o_soft = torch.empty(b, hq, max(n_soft, 1), d, dtype=torch.float32, device=dev)
     if n_soft:
         rows = torch.cat([r for r in (rows_f, rows_l) if r is not None], dim=1).contiguous()  # [B, NS]
-        routed_softmax_kernel[(n_soft // br, b * hkv * n_hg)](
+        launch(
+            routed_softmax_kernel,
+            (n_soft // br, b * hkv * n_hg),
             q,
             k,
             v,
@@ -231,7 +236,9 @@ def routed_attention_triton(
     if n_n:
         s_before = (s0[:, :, None] + cum_s - kv).contiguous()  # [B, Hkv, nC, D, D]: state before chunk c
         z_before = (z0[:, :, None] + cum_z - kz).contiguous()
-        routed_linear_kernel[(n_n // br, b * hkv * n_hg)](
+        launch(
+            routed_linear_kernel,
+            (n_n // br, b * hkv * n_hg),
             lq,
             lk,
             lv,
@@ -267,7 +274,9 @@ def routed_attention_triton(
     slots = torch.stack(slots).contiguous()  # [3, B, Tq]
     y = torch.empty(b, hq, tq, d, dtype=q.dtype, device=dev)
     block_t = 32
-    mix_kernel[(-(-tq // block_t), b * hq)](
+    launch(
+        mix_kernel,
+        (-(-tq // block_t), b * hq),
         y,
         o_soft,
         o_lin,

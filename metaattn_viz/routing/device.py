@@ -11,7 +11,10 @@ variables ``METAATTN_DEVICE``/``METAATTN_DTYPE``) and what this machine has
   decodes through torch on the device (routing/session.py).
 - backend (``--backend``, ``METAATTN_BACKEND``): the routed model's default for settings
   that leave it at "auto"; "auto" itself is ``triton`` on CUDA and ``cpu`` otherwise, and
-  ``triton`` on the CPU needs the Triton interpreter (``TRITON_INTERPRET=1``).
+  ``triton`` on the CPU needs the Triton interpreter (``TRITON_INTERPRET=1``). On a GPU
+  whose shared memory the kernels' builds do not fit for the model's head layout and dtype
+  (a T4 at head dim 128: ``fit_backend`` tries them), "auto" becomes ``cpu``, the PyTorch
+  path, with a notice saying why, and ``triton`` named explicitly is refused.
 
 Syntax checks need no torch (the CLI validates before loading anything); availability
 checks import it. Never: move a model or load one (model.py does), or choose routes.
@@ -146,6 +149,43 @@ def resolve_backend(backend: str, placement: Placement) -> str:
             "in Triton's interpreter on the CPU (slow)"
         )
     return backend
+
+
+def fit_backend(
+    backend: str, placement: Placement, heads: tuple[int, int, int], feature_map: Any = None
+) -> tuple[str, str | None]:
+    """(the default backend to keep, a notice or None) after trying the Triton kernels'
+    launches for ``heads`` (query heads, kv heads, head dim) in the placement's dtype on its
+    GPU, with the elu + 1 map and with ``feature_map`` where given
+    (metaattn_kernels.triton_probe). Where they fit, or Triton is not what ``backend``
+    resolves to on a GPU here, ``backend`` is kept. Where one does not, "auto" becomes
+    "cpu" (the PyTorch path on the GPU) and the notice says why; "triton" raises
+    DeviceUnavailable. ZeroGPU's main process has no GPU to try: it keeps ``backend``."""
+    from metaattn_viz.routing import zerogpu
+
+    if resolve_backend(backend, placement) != "triton" or not placement.is_cuda or zerogpu.active():
+        return backend, None
+    from metaattn_kernels.triton_probe import misfit
+    from metaattn_viz.core.settings import DEFAULTS
+
+    for fm in [None] + ([feature_map] if feature_map is not None else []):
+        reason = misfit(
+            *heads,
+            placement.torch_dtype,
+            placement.torch_device,
+            window=DEFAULTS.window,
+            n_sink=DEFAULTS.n_sink,
+            feature_map=fm,
+        )
+        if reason is not None:
+            what = (
+                f"the Triton kernels do not fit this GPU for {heads[0]}/{heads[1]} heads of dim "
+                f"{heads[2]} in {placement.dtype} (Triton: {reason.splitlines()[0]})"
+            )
+            if backend == "triton":
+                raise DeviceUnavailable(f"backend 'triton': {what}; use --backend auto or cpu")
+            return "cpu", f"{what}: attention runs on the PyTorch path (backend 'cpu') on {placement.device}"
+    return backend, None
 
 
 def host_decode(device: Any, dtype: Any) -> bool:

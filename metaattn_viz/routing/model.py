@@ -23,6 +23,7 @@ ATTN_NAME. Never: import the store or the UI.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -51,6 +52,8 @@ from metaattn_viz.routing.session import (
     register_attention,
     uninstall,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RoutedModel",
@@ -102,8 +105,10 @@ class RoutedModel:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.placement = device_mod.placement_of(self.model)
         self.feature_maps = linear_maps.place(choice.maps, self.device)
-        # the kernel backend of sessions whose settings leave it at "auto" (--backend)
+        # the kernel backend of sessions whose settings leave it at "auto" (--backend), and
+        # why it is not the one asked for, where the Triton kernels do not fit the GPU
         self.backend = "auto"
+        self.backend_notice: str | None = None
         self._installed: Installation | None = None
         try:
             self._installed = install(self.model, self.n_layers)
@@ -118,7 +123,9 @@ class RoutedModel:
         """Move the model to a device and dtype (routing/device.py; None: the environment,
         else auto) and its controllers to the device (they stay float32: their features
         are computed in float32 whatever the model's dtype); ``backend`` becomes the
-        default kernel backend (None: the environment, else auto). Returns self."""
+        default kernel backend (None: the environment, else auto; "cpu" where the Triton
+        kernels do not fit the GPU, with ``backend_notice`` saying why: device.fit_backend).
+        Returns self."""
         placement = device_mod.resolve(device, dtype)
         self.backend = device_mod.parse_backend(backend)
         device_mod.resolve_backend(self.backend, placement)  # triton where it cannot run: refused
@@ -127,6 +134,14 @@ class RoutedModel:
             stack.to(placement.torch_device)
         self.feature_maps = linear_maps.place(self.feature_maps, placement.torch_device)
         self.placement = placement
+        cfg = self.model.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        fm = self.feature_maps[0] if self.feature_maps else None
+        self.backend, self.backend_notice = device_mod.fit_backend(
+            self.backend, placement, (cfg.num_attention_heads, kv_heads, self.head_dim), fm
+        )
+        if self.backend_notice:
+            log.warning("%s", self.backend_notice)
         return self
 
     @property
