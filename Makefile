@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 BROWSER_STAMP := $(VENV)/.installed-browser
 
-.PHONY: run test lint setup setup-dev browser feature-maps calibrate lambda-table eval bench examples clean
+.PHONY: run test lint setup setup-dev browser feature-maps calibrate lambda-table eval bench compile-check examples clean
 
 run: setup
 	$(PY) app.py
@@ -69,6 +69,11 @@ eval: setup
 
 bench: setup
 	$(PY) -m metaattn_viz bench --json
+
+# Every Triton launch of the routed model compiled for five GPUs, without a GPU (no timings;
+# about 10 min with an empty Triton cache): docs/benchmarks.md, "Compiled for GPUs without one".
+compile-check: setup
+	$(PY) -m metaattn_viz.bench.compile_check
 
 # The global scope's calibrated lambda by text length (routing/lambda_table.py), written
 # beside both shipped controllers: rerun after `make calibrate` (a table made for other

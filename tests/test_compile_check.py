@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import ROOT, routed_tiny
 
+from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import device as device_mod
 
 PROBE = r"""
@@ -216,3 +217,5 @@ def test_place_reports_the_backend_kept(monkeypatch):
     ]
     assert r.backend == "cpu" and r.backend_notice == "the kernels do not fit (test)"
     assert r.runtime()["backend"] == "cpu"
+    assert r.runtime()["backend_notice"] == "the kernels do not fit (test)"  # route --json, /status
+    assert "backend_notice" not in r.runtime(RoutingSettings(backend="reference"))  # not what was asked

@@ -583,3 +583,7 @@ def test_the_header_and_status_say_where_it_runs_and_which_weights_the_controlle
     bayes["weights_notice"] = "calibrated on another copy of these weights: routing may differ"
     header = display.status_markdown({**status, "controllers": {**status["controllers"], "bayes": bayes}})
     assert "bayes controllers: calibrated on another copy of these weights" in header
+    t4 = {"device": "cuda:0", "dtype": "bfloat16", "backend": "cpu", "linear_map": "elu"}
+    t4["backend_notice"] = "the Triton kernels do not fit this GPU (...): attention runs on the PyTorch path"
+    header = display.status_markdown({**status, "runtime": t4})
+    assert "on cuda:0 (bfloat16, cpu kernels). \u26a0 the Triton kernels do not fit this GPU" in header

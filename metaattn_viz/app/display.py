@@ -49,6 +49,8 @@ def status_markdown(status: dict) -> str:
         runtime = s.get("runtime")
         if runtime:
             model += f" on {runtime['device']} ({runtime['dtype']}, {runtime['backend']} kernels)"
+            if runtime.get("backend_notice"):  # the Triton kernels do not fit this GPU
+                model += f". \u26a0 {runtime['backend_notice']}"
         if untrained:
             model += (
                 f". \u26a0 Untrained controllers: {', '.join(untrained)} (routing is "

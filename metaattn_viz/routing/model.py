@@ -156,16 +156,20 @@ class RoutedModel:
         """Where the passes run, as plain strings for the CLI, the status line and /status:
         {"device", "dtype", "backend", "linear_map"} (the attention backend and the linear
         expert's feature map the settings' choices resolve to here; decoding on CPU float32
-        takes the plain-Python path of the "cpu" backend)."""
+        takes the plain-Python path of the "cpu" backend), and "backend_notice" where "auto"
+        kept to the PyTorch path because the Triton kernels do not fit the GPU (``place``)."""
         settings = settings or RoutingSettings()
         backend = settings.backend
         backend = self.backend if backend == "auto" else backend
-        return {
+        out = {
             "device": self.placement.device,
             "dtype": self.placement.dtype,
             "backend": device_mod.resolve_backend(backend, self.placement),
             "linear_map": linear_maps.resolve(settings.linear_map, self.feature_maps),
         }
+        if self.backend_notice and settings.backend == "auto":
+            out["backend_notice"] = self.backend_notice
+        return out
 
     # -- attaching and detaching ------------------------------------------------------------
     @property
