@@ -165,6 +165,7 @@ def _misfit(monkeypatch, reason):
         return reason
 
     monkeypatch.setattr(probe, "misfit", fake)
+    monkeypatch.setattr(device_mod, "_MISFITS", {})
     monkeypatch.setattr("metaattn_viz.routing.zerogpu.active", lambda: False)
     return calls
 
@@ -175,6 +176,8 @@ def test_auto_keeps_to_pytorch_on_a_gpu_the_kernels_do_not_fit(monkeypatch):
     assert backend == "cpu" and "PyTorch path" in notice and "65536" in notice and "dim 128" in notice
     args, kw = calls[0]
     assert args[:4] == (32, 8, 128, torch.bfloat16) and str(args[4]) == "cuda:0"
+    assert device_mod.fit_backend("auto", CUDA, (32, 8, 128)) == (backend, notice)
+    assert len(calls) == 1  # tried once per process: the probe compiles kernels
 
 
 def test_triton_named_on_such_a_gpu_is_refused(monkeypatch):

@@ -165,18 +165,8 @@ def fit_backend(
 
     if resolve_backend(backend, placement) != "triton" or not placement.is_cuda or zerogpu.active():
         return backend, None
-    from metaattn_kernels.triton_probe import misfit
-    from metaattn_viz.core.settings import DEFAULTS
-
     for fm in [None] + ([feature_map] if feature_map is not None else []):
-        reason = misfit(
-            *heads,
-            placement.torch_dtype,
-            placement.torch_device,
-            window=DEFAULTS.window,
-            n_sink=DEFAULTS.n_sink,
-            feature_map=fm,
-        )
+        reason = _misfit(heads, placement, fm)
         if reason is not None:
             what = (
                 f"the Triton kernels do not fit this GPU for {heads[0]}/{heads[1]} heads of dim "
@@ -186,6 +176,28 @@ def fit_backend(
                 raise DeviceUnavailable(f"backend 'triton': {what}; use --backend auto or cpu")
             return "cpu", f"{what}: attention runs on the PyTorch path (backend 'cpu') on {placement.device}"
     return backend, None
+
+
+_MISFITS: dict[tuple, str | None] = {}  # what one process found: the probe compiles kernels
+
+
+def _misfit(heads: tuple[int, int, int], placement: Placement, feature_map: Any) -> str | None:
+    """metaattn_kernels.triton_probe.misfit for this layout and placement, once per process
+    (the builds depend on the map's shapes, which the heads fix, not on its values)."""
+    key = (heads, placement, feature_map is None)
+    if key not in _MISFITS:
+        from metaattn_kernels.triton_probe import misfit
+        from metaattn_viz.core.settings import DEFAULTS
+
+        _MISFITS[key] = misfit(
+            *heads,
+            placement.torch_dtype,
+            placement.torch_device,
+            window=DEFAULTS.window,
+            n_sink=DEFAULTS.n_sink,
+            feature_map=feature_map,
+        )
+    return _MISFITS[key]
 
 
 def host_decode(device: Any, dtype: Any) -> bool:
