@@ -37,7 +37,7 @@ from metaattn_kernels.checks import triton_interpreted
 
 # The most shared memory one block may use, in bytes (the CUDA programming guide's "maximum
 # amount of shared memory per thread block", opt-in included), by compute capability.
-MAX_SHARED = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+MAX_SHARED = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
 REGISTERS_PER_BLOCK = 65536  # the register file one block may use, every listed capability
 MAX_THREADS = 1024
 WARP = 32
@@ -181,7 +181,7 @@ class _Driver:
 @contextmanager
 def compile_only(arch: int) -> Iterator[list[Launch]]:
     """Within the block, Triton launches compile for CUDA compute capability `arch` (75,
-    80, 86, 89 or 90) and are recorded in the yielded list instead of run. A launch that
+    80, 86, 89, 90 or 120) and are recorded in the yielded list instead of run. A launch that
     would fail on that GPU raises as Triton raises there (triton.runtime.errors.
     OutOfResources for shared memory or threads, a compilation error for the rest)."""
     if arch not in MAX_SHARED:

@@ -222,3 +222,35 @@ def test_place_reports_the_backend_kept(monkeypatch):
     assert r.runtime()["backend"] == "cpu"
     assert r.runtime()["backend_notice"] == "the kernels do not fit (test)"  # route --json, /status
     assert "backend_notice" not in r.runtime(RoutingSettings(backend="reference"))  # not what was asked
+
+
+def test_the_report_table_says_what_fitted_per_gpu():
+    from metaattn_viz.bench.compile_check import markdown_table
+
+    def res(arch, dtype, ok=True, stages=(3,), error=None):
+        launches = [{"num_stages": s} for s in stages]
+        r = {
+            "arch": arch,
+            "dtype": dtype,
+            "layout": "llama-d128",
+            "map": "elu",
+            "ok": ok,
+            "launches": launches,
+        }
+        return r if ok else {**r, "error": error}
+
+    refused = "OutOfResources: out of resource: shared memory, Required: 98304, Hardware limit: 65536."
+    table = markdown_table(
+        [
+            res(75, "bfloat16", ok=False, stages=(3,), error=refused),
+            res(86, "bfloat16", stages=(3, 1, 2)),
+            res(90, "bfloat16"),
+            {**res(90, "bfloat16", stages=(2,)), "map": "learned"},  # one cell: both maps, the least stages
+        ]
+    ).splitlines()
+    assert table[0] == "| GPU | llama-d128, bfloat16 |"
+    assert table[2:] == [
+        "| sm_75 (T4, 64 KiB) | no: 96 KiB |",
+        "| sm_86 (A10G, 99 KiB) | ok, 1 stage |",
+        "| sm_90 (H100, H200, 227 KiB) | ok, 2 stages |",
+    ]

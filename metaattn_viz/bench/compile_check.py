@@ -31,12 +31,15 @@ import argparse
 import itertools
 import json
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-GPUS = {75: "T4", 80: "A100", 86: "A10G", 89: "L4", 90: "H100, H200"}
+# compute capability -> the GPUs of it that this project meets: Spaces' GPU hardware
+# (docs/deploy.md), ZeroGPU's RTX Pro 6000 and the GPU check's H100 / H200
+GPUS = {75: "T4", 80: "A100", 86: "A10G", 89: "L4, L40S", 90: "H100, H200", 120: "RTX Pro 6000 (ZeroGPU)"}
 DTYPES = ("bfloat16", "float16", "float32")
 LLAMA_D128 = (32, 8, 128)  # query heads, kv heads, head dim
 MAPS = ("elu", "learned")  # the linear expert's feature maps: elu + 1, or a learned map
@@ -114,6 +117,37 @@ def check(
     return results
 
 
+def markdown_table(results: list[dict]) -> str:
+    """A GPU x (layout, dtype) table of the results, both linear maps in a cell: "ok" (3
+    pipeline stages), "ok, 2 stages" / "ok, 1 stage" where fewer fitted (the least any
+    launch took), or "no: N KiB" (the shared memory the first refused launch asked for)."""
+    cols = list(dict.fromkeys((r["layout"], r["dtype"]) for r in results))
+    archs = list(dict.fromkeys(r["arch"] for r in results))
+    lines = [
+        "| GPU | " + " | ".join(f"{lay}, {dt}" for lay, dt in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for arch in archs:
+        cells = []
+        for col in cols:
+            group = [r for r in results if r["arch"] == arch and (r["layout"], r["dtype"]) == col]
+            bad = [r for r in group if not r["ok"]]
+            if bad:
+                asked = re.search(r"Required: (\d+)", bad[0]["error"])
+                cells.append(f"no: {int(asked.group(1)) // 1024} KiB" if asked else "no")
+                continue
+            least = min((x["num_stages"] for r in group for x in r["launches"]), default=3)
+            cells.append("ok" if least == 3 else f"ok, {least} stage{'s' if least > 1 else ''}")
+        lines.append(f"| sm_{arch} ({GPUS[arch]}, {_shared_kib(arch)} KiB) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _shared_kib(arch: int) -> int:
+    from metaattn_kernels.compile_only import MAX_SHARED
+
+    return MAX_SHARED[arch] // 1024
+
+
 def summary_line(res: dict) -> str:
     """One line per result: the launches' largest shared memory, registers and spills."""
     ls = res["launches"]
@@ -178,6 +212,7 @@ def main(argv=None) -> int:
     }
     n_ok = len(results) - len(failed)
     print(f"triton {triton.__version__}: {n_ok} of {len(results)} compiled ({report['seconds']} s)")
+    print(markdown_table(results))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
