@@ -58,22 +58,11 @@ def routed_launches(
     decode_step_device(q[:, :, -1:], k, v, w[:, -1:], **local)
 
 
-def misfit(
-    q_heads: int,
-    kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    window: int,
-    n_sink: int,
-    feature_map: FeatureMap | None = None,
-) -> str | None:
-    """None when every launch of `routed_launches` fits the GPU, else the reason Triton gave."""
+def misfit(*layout, **options) -> str | None:
+    """None when every launch of `routed_launches` (same arguments) fits the GPU, else the
+    reason Triton gave."""
     try:
-        routed_launches(
-            q_heads, kv_heads, head_dim, dtype, device, window=window, n_sink=n_sink, feature_map=feature_map
-        )
+        routed_launches(*layout, **options)
     except OutOfResources as e:
         return str(e)
     return None

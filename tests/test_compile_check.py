@@ -46,6 +46,10 @@ print(json.dumps(out))
 """
 
 
+def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
 def _compiled_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
@@ -54,14 +58,7 @@ def _compiled_env() -> dict:
 
 @pytest.fixture(scope="module")
 def compiled():
-    r = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_compiled_env(),
-        timeout=600,
-    )
+    r = _run([sys.executable, "-c", PROBE], _compiled_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -100,14 +97,7 @@ def test_every_kernel_of_the_routed_model_builds_for_an_h100(compiled):
 def test_the_compile_check_command(tmp_path):
     out = tmp_path / "cc.json"
     cmd = [sys.executable, "-m", "metaattn_viz.bench.compile_check", "--arch", "90", "--dtype", "bfloat16"]
-    r = subprocess.run(
-        [*cmd, "--layout", "gpu-check-tiny", "--map", "elu", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=_compiled_env(),
-        timeout=600,
-    )
+    r = _run([*cmd, "--layout", "gpu-check-tiny", "--map", "elu", "--json", str(out)], _compiled_env())
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["ok"] and report["failed"] == 0 and len(report["results"]) == 1
@@ -120,10 +110,10 @@ def test_the_compile_check_command(tmp_path):
         "elu",
     )
     assert len(res["launches"]) == 10 and "sm_90 bfloat16 gpu-check-tiny" in r.stdout
-    bad = subprocess.run([*cmd[:3], "--arch", "99"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    bad = _run([*cmd[:3], "--arch", "99"])
     assert bad.returncode == 2 and "--arch 99" in bad.stderr
     env = dict(_compiled_env(), TRITON_INTERPRET="1")
-    interp = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    interp = _run(cmd, env)
     assert interp.returncode == 2 and "TRITON_INTERPRET" in interp.stderr
 
 
