@@ -70,8 +70,8 @@ eval: setup
 bench: setup
 	$(PY) -m metaattn_viz bench --json
 
-# Every Triton launch of the routed model compiled for five GPUs, without a GPU (no timings;
-# about 10 min with an empty Triton cache): docs/benchmarks.md, "Compiled for GPUs without one".
+# Every Triton launch of the routed model compiled for six GPUs, without a GPU (no timings;
+# 6-13 min with an empty Triton cache): docs/benchmarks.md, "Compiled for GPUs without one".
 compile-check: setup
 	$(PY) -m metaattn_viz.bench.compile_check
 

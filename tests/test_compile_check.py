@@ -244,3 +244,15 @@ def test_the_report_table_says_what_fitted_per_gpu():
         "| sm_86 (A10G, 99 KiB) | ok, 1 stage |",
         "| sm_90 (H100, H200, 227 KiB) | ok, 2 stages |",
     ]
+
+
+def test_what_counts_as_a_defect():
+    """Exit code 1 for a build error anywhere, or the app's model refused; a layout of another
+    model refused for shared memory is what the routed model meets on the PyTorch path."""
+    from metaattn_viz.bench.compile_check import SHIPPED_LAYOUT, is_defect
+
+    refused = {"ok": False, "error": "OutOfResources: out of resource: shared memory, Required: 98304"}
+    assert not is_defect({**refused, "layout": "llama-d128"})
+    assert is_defect({**refused, "layout": SHIPPED_LAYOUT})
+    assert is_defect({"ok": False, "layout": "llama-d128", "error": "CompilationError: at 12:4: ..."})
+    assert not is_defect({"ok": True, "layout": SHIPPED_LAYOUT})

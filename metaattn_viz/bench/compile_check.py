@@ -8,7 +8,11 @@ stands in for the driver, so the same launch code runs on CPU tensors and nothin
 for each compute capability of `metaattn_kernels.compile_only.MAX_SHARED`, each compute dtype
 and each head layout below, and reports every launch's shared memory, registers and spills.
 A launch that would not run on that GPU (a compilation error, too much shared memory, too
-many registers for its threads) is a failure, and the exit code is 1.
+many registers for its threads) is reported. The exit code is 1 where one is a defect: a
+build that fails for any other reason than shared memory, or the shipped model's layout
+refused on any GPU. A layout of another model refused for shared memory (a T4 at head dim
+128) is what the routed model meets by keeping to the PyTorch path on that GPU
+(metaattn_viz/routing/device.py, fit_backend), so it is reported, not failed.
 
 The launches, per GPU, dtype, head layout and linear feature map, are those of
 `metaattn_kernels.triton_probe.routed_launches`: a prefill (hard-routed rows of every expert
@@ -42,6 +46,7 @@ from dataclasses import asdict
 GPUS = {75: "T4", 80: "A100", 86: "A10G", 89: "L4, L40S", 90: "H100, H200", 120: "RTX Pro 6000 (ZeroGPU)"}
 DTYPES = ("bfloat16", "float16", "float32")
 LLAMA_D128 = (32, 8, 128)  # query heads, kv heads, head dim
+SHIPPED_LAYOUT = "smollm2-135m"  # the app's model: refused anywhere, it would lose its kernels
 MAPS = ("elu", "learned")  # the linear expert's feature maps: elu + 1, or a learned map
 
 
@@ -54,7 +59,7 @@ def head_layouts() -> dict[str, tuple[int, int, int]]:
     smol = json.loads(SMOLLM2_CONFIG.read_text())
     tiny = _tiny_config()
     return {
-        "smollm2-135m": (smol["num_attention_heads"], smol["num_key_value_heads"], smol["head_dim"]),
+        SHIPPED_LAYOUT: (smol["num_attention_heads"], smol["num_key_value_heads"], smol["head_dim"]),
         "gpu-check-tiny": (tiny.num_attention_heads, tiny.num_key_value_heads, tiny.head_dim),
         "llama-d128": LLAMA_D128,
     }
@@ -115,6 +120,14 @@ def check(
         if on_result is not None:
             on_result(res)
     return results
+
+
+def is_defect(res: dict) -> bool:
+    """A failed result the routed model does not meet by keeping to the PyTorch path (module
+    docstring): any error but a shared-memory refusal, or any failure of SHIPPED_LAYOUT."""
+    if res["ok"]:
+        return False
+    return res["layout"] == SHIPPED_LAYOUT or not res["error"].startswith("OutOfResources")
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -202,21 +215,28 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results = check(archs, dtypes, layouts, maps, on_result=lambda r: print(summary_line(r), flush=True))
     failed = [r for r in results if not r["ok"]]
+    defects = [r for r in failed if is_defect(r)]
     report = {
         "triton": triton.__version__,
         "python": platform.python_version(),
         "seconds": round(time.perf_counter() - t0, 1),
-        "ok": not failed,
+        "ok": not defects,
         "failed": len(failed),
+        "defects": len(defects),
         "results": results,
     }
     n_ok = len(results) - len(failed)
     print(f"triton {triton.__version__}: {n_ok} of {len(results)} compiled ({report['seconds']} s)")
     print(markdown_table(results))
+    if failed:
+        print(
+            f"{len(failed) - len(defects)} refused for shared memory where the routed model keeps to "
+            f"the PyTorch path; {len(defects)} defects"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
-    return 0 if not failed else 1
+    return 0 if not defects else 1
 
 
 if __name__ == "__main__":
