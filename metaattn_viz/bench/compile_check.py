@@ -22,7 +22,9 @@ kernels pick their pipeline stages as on a GPU (kernels/triton_launch.py), and t
 says which fitted.
 
 Head layouts: SmolLM2-135M's (the shipped config, 9/3 heads of 64), the GPU check's tiny
-model, and a Llama-style 32/8 heads of 128 (what a researcher's own model may bring).
+model, a Llama-style 32/8 heads of 128 (what a researcher's own model may bring) and a
+multi-query 16/1 of 64 (16 query heads per kv head: the widest packing of a decode step,
+HG = 16).
 
 Nothing here times anything. The report says which triton compiled it: the GPU check's
 machine and ZeroGPU run triton 3.6, this project pins a newer one (docs/benchmarks.md has
@@ -46,13 +48,14 @@ from dataclasses import asdict
 GPUS = {75: "T4", 80: "A100", 86: "A10G", 89: "L4, L40S", 90: "H100, H200", 120: "RTX Pro 6000 (ZeroGPU)"}
 DTYPES = ("bfloat16", "float16", "float32")
 LLAMA_D128 = (32, 8, 128)  # query heads, kv heads, head dim
+MQA_16 = (16, 1, 64)
 SHIPPED_LAYOUT = "smollm2-135m"  # the app's model: refused anywhere, it would lose its kernels
 MAPS = ("elu", "learned")  # the linear expert's feature maps: elu + 1, or a learned map
 
 
 def head_layouts() -> dict[str, tuple[int, int, int]]:
     """name -> (query heads, kv heads, head dim): the shipped SmolLM2 config's, the GPU
-    check's tiny model's, and a Llama-style one of head dim 128."""
+    check's tiny model's, a Llama-style one of head dim 128 and a multi-query one."""
     from metaattn_viz.bench.gpu_check import _tiny_config
     from metaattn_viz.routing.loading import SMOLLM2_CONFIG
 
@@ -62,6 +65,7 @@ def head_layouts() -> dict[str, tuple[int, int, int]]:
         SHIPPED_LAYOUT: (smol["num_attention_heads"], smol["num_key_value_heads"], smol["head_dim"]),
         "gpu-check-tiny": (tiny.num_attention_heads, tiny.num_key_value_heads, tiny.head_dim),
         "llama-d128": LLAMA_D128,
+        "mqa-16": MQA_16,
     }
 
 
