@@ -2,8 +2,8 @@
 
 Triton pipelines a kernel's loads over `num_stages` stages (3 by default on NVIDIA GPUs), and
 each stage holds its own copy of the tiles in shared memory. A head dim of 128 in float32,
-or in 16-bit on a GPU with 99 KiB per block (A10G, L4), needs more than the GPU has, and
-Triton refuses the launch (OutOfResources) before anything runs. `launch` then builds the
+or in 16-bit on a GPU with 99 KiB per block (A10G, L4, RTX Pro 6000), needs more than the
+GPU has, and Triton refuses the launch (OutOfResources) before anything runs. `launch` then builds the
 kernel again with fewer stages, down to 1 (less overlap of loads with arithmetic, the same
 results), and remembers what fitted for that kernel, device and specialisation, so later
 launches (and a CUDA graph capture) go straight to it.

@@ -6,8 +6,9 @@ What a kernel build needs in shared memory depends on the head dim, the dtype an
 `routed_launches` makes each kind of launch the routed model makes (a prefill with every
 expert and hedged rows, a one-row step with a linear state, a decode step on the device) on
 a few tokens of the given layout and device; `misfit` returns Triton's reason when one is
-refused (None when all fit). What a build needs depends on the layout, the dtype and the
-constexprs, not on the number of tokens, so a layout that fits here fits a long text.
+refused (None when all fit). What a build needs in shared memory depends on the layout, the
+dtype and the constexprs, not on the number of tokens, so a layout that fits here fits a
+long text.
 metaattn_viz/bench/compile_check.py makes the same launches for GPUs that are not here.
 
 Never: choose a backend (the routed model does: metaattn_viz/routing/model.py) or import
@@ -21,9 +22,9 @@ from triton.runtime.errors import OutOfResources
 
 from metaattn_kernels.feature_maps import FeatureMap
 
-PROBE_TOKENS = (
-    72  # more than one 64-key block, not a multiple of 16 (integer arguments are specialised on it)
-)
+# more than one 64-key block, and not a multiple of 16 (Triton specialises integer
+# arguments on that: this takes the variant with masked edges)
+PROBE_TOKENS = 72
 
 
 def routed_launches(
