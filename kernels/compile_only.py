@@ -106,7 +106,7 @@ class _Utils:
         self.arch = arch
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": MAX_SHARED[self.arch], "multiprocessor_count": 132, "max_num_regs": 65536}
+        return {"max_shared_mem": MAX_SHARED[self.arch]}  # the one property Triton reads for a launch
 
     def load_binary(self, name, kernel, shared, device):
         regs, spills = resource_usage(kernel)

@@ -5,7 +5,7 @@ What a kernel build needs in shared memory depends on the head dim, the dtype an
 (a T4 at head dim 128), Triton refuses the launch with OutOfResources before it runs.
 `routed_launches` makes each kind of launch the routed model makes (a prefill with every
 expert and hedged rows, a one-row step with a linear state, a decode step on the device) on
-a few tokens of the given layout and device; `misfit` returns Triton's reason when one is
+a few tokens of the given layout and device; `misfit` says what Triton refused when one is
 refused (None when all fit). What a build needs in shared memory depends on the layout, the
 dtype and the constexprs, not on the number of tokens, so a layout that fits here fits a
 long text.
@@ -60,10 +60,11 @@ def routed_launches(
 
 
 def misfit(*layout, **options) -> str | None:
-    """None when every launch of `routed_launches` (same arguments) fits the GPU, else the
-    reason Triton gave."""
+    """None when every launch of `routed_launches` (same arguments) fits the GPU, else what
+    Triton refused, in a line: "shared memory: needs 98304 bytes per block, the GPU has 65536"."""
     try:
         routed_launches(*layout, **options)
     except OutOfResources as e:
-        return str(e)
+        unit = " bytes" if e.name == "shared memory" else ""
+        return f"{e.name}: needs {e.required}{unit} per block, the GPU has {e.limit}"
     return None

@@ -170,7 +170,7 @@ def fit_backend(
         if reason is not None:
             what = (
                 f"the Triton kernels do not fit this GPU for {heads[0]}/{heads[1]} heads of dim "
-                f"{heads[2]} in {placement.dtype} (Triton: {reason.splitlines()[0]})"
+                f"{heads[2]} in {placement.dtype} ({reason})"
             )
             if backend == "triton":
                 raise DeviceUnavailable(f"backend 'triton': {what}; use --backend auto or cpu")
