@@ -73,6 +73,28 @@ def test_auto_and_the_environment(monkeypatch):
     assert device_mod.resolve(None, "float16").dtype == "float16"  # an argument beats the env
 
 
+@pytest.mark.parametrize(
+    "capability, dtype",
+    [((7, 5), "float16"), ((7, 0), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")],
+)
+def test_auto_dtype_on_a_gpu_without_bfloat16_is_float16(capability, dtype, monkeypatch):
+    """auto on a GPU: bfloat16 from Ampere (8.0) on, float16 on older ones (a T4 is 7.5),
+    which only emulate bfloat16; an explicit dtype is kept. The GPU is a stand-in: torch.cuda
+    answers as a machine with that GPU would (the device asked about included)."""
+    monkeypatch.delenv(device_mod.ENV_DEVICE, raising=False)
+    monkeypatch.delenv(device_mod.ENV_DTYPE, raising=False)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    assert device_mod.resolve() == device_mod.Placement("cuda:0", dtype)
+    assert device_mod.resolve("cuda:1") == device_mod.Placement("cuda:1", dtype)
+    assert asked == ["cuda:0", "cuda:1"]
+    assert device_mod.resolve("cuda", "bfloat16").dtype == "bfloat16"  # asked for: kept
+    assert device_mod.resolve("cpu").dtype == "float32"
+
+
 @no_cuda
 def test_cuda_without_cuda_is_refused_naming_cuda():
     with pytest.raises(device_mod.DeviceUnavailable, match="CUDA"):

@@ -94,8 +94,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        help="auto|float32|bfloat16|float16 (default auto: bfloat16 on CUDA, float32 on the CPU; "
-        "env METAATTN_DTYPE)",
+        help="auto|float32|bfloat16|float16 (default auto: bfloat16 on CUDA, float16 on a GPU "
+        "older than Ampere such as a T4, float32 on the CPU; env METAATTN_DTYPE)",
     )
     p.add_argument(
         "--backend",

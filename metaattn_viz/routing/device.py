@@ -6,9 +6,10 @@ variables ``METAATTN_DEVICE``/``METAATTN_DTYPE``) and what this machine has
 - device: ``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``, ``cuda`` or
   ``cuda:N``. CUDA asked for where there is none is refused (``DeviceUnavailable``, a
   ``ValueError`` whose message names CUDA: the CLI exits 2 on it).
-- dtype: ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``, ``bfloat16`` or
-  ``float16``. Only CPU float32 takes the numpy decode fast path; every other combination
-  decodes through torch on the device (routing/session.py).
+- dtype: ``auto`` (on CUDA bfloat16, or float16 on a GPU older than Ampere (T4, V100),
+  which has no bfloat16 arithmetic of its own and only emulates it; float32 on the CPU),
+  ``float32``, ``bfloat16`` or ``float16``. Only CPU float32 takes the numpy decode fast
+  path; every other combination decodes through torch on the device (routing/session.py).
 - backend (``--backend``, ``METAATTN_BACKEND``): the routed model's default for settings
   that leave it at "auto"; "auto" itself is ``triton`` on CUDA and ``cpu`` otherwise, and
   ``triton`` on the CPU needs the Triton interpreter (``TRITON_INTERPRET=1``). On a GPU
@@ -119,8 +120,25 @@ def resolve(device: str | None = None, dtype: str | None = None) -> Placement:
             )
         dev = f"cuda:{index}"
     if dt == "auto":
-        dt = "bfloat16" if dev.startswith("cuda") else "float32"
+        if not dev.startswith("cuda"):
+            dt = "float32"
+        else:
+            dt = "bfloat16" if lazy or native_bfloat16(dev) else "float16"
     return Placement(dev, dt)
+
+
+BFLOAT16_SINCE = (8, 0)  # the first compute capability with bfloat16 in hardware (Ampere)
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether the GPU ``device`` ("cuda:N") computes in bfloat16 itself: compute capability
+    8.0 or later. Older GPUs (a T4 is 7.5) only emulate it (torch.cuda.is_bf16_supported says
+    True there too, counting emulation), so ``auto`` takes float16 there, which their tensor
+    cores do compute. ZeroGPU's GPUs (H200, RTX Pro 6000) are all newer; its main process has no GPU to
+    ask, and ``resolve`` does not."""
+    import torch
+
+    return torch.cuda.get_device_capability(device) >= BFLOAT16_SINCE
 
 
 def placement_of(model) -> Placement:

@@ -11,7 +11,8 @@ the model are loaded next to the controllers (routing/linear_maps.py); a session
 settings say ``linear_map="learned"`` hands them to the kernels. The routing *policy* lives
 in policies.py, budget.py and controller.py; the *mechanics* (experts) in the kernels
 package. ``load`` places the model, its controllers and its maps on a device and dtype
-(routing/device.py: auto is CUDA in bfloat16 where there is a GPU, else CPU float32);
+(routing/device.py: auto is CUDA in bfloat16 where there is a GPU (float16 on one older than
+Ampere), else CPU float32);
 ``runtime`` reports where it runs. ``detach`` (or leaving a ``with`` block) gives the model
 back exactly as it was handed over.
 
