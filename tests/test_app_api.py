@@ -143,6 +143,7 @@ def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server):
         (dict(prompt="hi", temperature=-1.0), "Temperature must be"),
         (dict(prompt="hi", controller="oracle"), "Controller must be one of"),
         (dict(prompt="hi", hedge_policy="always"), "Hedge policy must be one of"),
+        (dict(prompt="hi", chat="maybe"), "Chat template must be true or false"),
     ]
     for kw, message in cases:
         with pytest.raises(AppError) as err:
@@ -155,6 +156,15 @@ def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server):
         _ask(client, "/reroute", trace={"token_ids": [-1, 10**9]}, budget=0.5)
     with pytest.raises(AppError, match="refused|not allowed|read-only|only"):
         _ask(client, "/sql", query="DELETE FROM runs")
+    with pytest.raises(AppError, match="max_rows must be between 1 and"):
+        _ask(client, "/sql", query="SELECT 1", max_rows=0)
+
+    # a flag sent as text means what it says; a budget out of reach is said, as on the page
+    out = _ask(
+        client, "/generate", prompt="Hi there", chat="false", max_new_tokens=1, budget=0.2, cost_model="flops"
+    )
+    assert out["n_prompt_tokens"] == 2  # no chat template around the prompt
+    assert any("out of reach" in n for n in out["notes"]), out["notes"]
 
     # control characters are removed (and said so); mixed scripts and emoji pass through
     mixed = "Le chat\x00 dort\x07. 猫が寝ている。Кошка спит. \U0001f408 مرحبا"

@@ -519,6 +519,9 @@ SVG = """(sel) => Plotly.toImage(document.querySelector(sel + ' .js-plotly-plot'
 TOKENS = """() => Array.from(document.querySelectorAll('#strip span.token')).map(t => t.innerText)"""
 LINK = """() => { const t = document.querySelector('#share-link textarea, #share-link input');
   return t ? t.value : ''; }"""
+# the titles of a figure's toolbar buttons (plotly.js draws them hidden until hovered)
+TOOLBAR = """(sel) => [...document.querySelectorAll(sel + ' .modebar-btn')]
+  .map((b) => b.getAttribute('data-title'))"""
 STATUS_HAS = """(s) => { const e = document.querySelector('#run-status');
   return !!e && e.innerText.includes(s); }"""
 
@@ -556,6 +559,9 @@ def test_the_figures_follow_the_theme_exports_open_and_a_shared_link_replays(pag
     assert page.evaluate(FONT, "#routing-maps") == dark["font"]
     assert page.evaluate(METER_INK) != ink
     page.screenshot(path=str(tmp_path / "dark.png"))
+    for sel in ("#routing-maps", "#ternary"):  # no button that uploads a visitor's chart to Plotly's cloud
+        titles = page.evaluate(TOOLBAR, sel)
+        assert "Download plot as an SVG" in titles and not any("Share chart" in t for t in titles), titles
     svg = page.evaluate(SVG, "#routing-maps")  # the toolbar's SVG, drawn in the browser
     assert svg.startswith("data:image/svg+xml") and "fill: rgb(11, 15, 25)" in unquote(svg)  # dark paper
     _theme(page, False)
@@ -585,6 +591,8 @@ def test_the_figures_follow_the_theme_exports_open_and_a_shared_link_replays(pag
         tokens
     )
     assert all(u.startswith("file:") for u in fetched), fetched
+    titles = alone.evaluate(TOOLBAR, "")
+    assert "Download plot as a PNG" in titles and not any("Share chart" in t for t in titles), titles
     offline.close()
     with zipfile.ZipFile(_download(page, "download-rows-csv", tmp_path / "rows.zip")) as zf:
         runs_csv = [zf.read(n).decode() for n in zf.namelist() if n.startswith("runs/")]

@@ -296,3 +296,38 @@ def test_a_worker_that_does_not_answer_is_killed_at_the_limit(tmp_path, monkeypa
         assert spare.alive  # started at once for the next query
     finally:
         pool.close()
+
+
+# (an expression, and the same value as DuckDB itself prints it: the reference)
+AS_DUCKDB_PRINTS = [
+    "x'DEADBEEF41'::BLOB",
+    "'ab\\x5Cc\\x00'::BLOB",
+    "'nan'::DOUBLE",
+    "'inf'::DOUBLE",
+    "'-inf'::FLOAT",
+    "INTERVAL 1 DAY",
+    "INTERVAL '2 months 3 days 01:02:03.5'",
+    "INTERVAL '-1 year 2 hours'",
+    "INTERVAL '14 months'",
+    "INTERVAL '0 seconds'",
+    "INTERVAL '-90 minutes'",
+]
+
+
+def test_values_json_cannot_carry_come_back_as_duckdb_prints_them(log):
+    """BLOBs, NaN and infinities, and INTERVALs reach the page and the API as DuckDB's own
+    text of them (not an encoding error, an empty cell or a (months, days, ns) triple);
+    nested in a list or a struct too; finite numbers stay numbers."""
+    sql = "SELECT " + ", ".join(f"{e} AS c{i}" for i, e in enumerate(AS_DUCKDB_PRINTS))
+    df, _ = run_readonly_query(log, sql)
+    want = duckdb.sql(sql.replace(" AS c", "::VARCHAR AS c")).fetchall()[0]
+    assert tuple(df.iloc[0]) == want
+    df, _ = run_readonly_query(
+        log, "SELECT [1.5, 'nan'::DOUBLE] AS l, {'b': x'00FF'::BLOB, 'n': 2.0::DOUBLE} AS s"
+    )
+    assert df.iloc[0]["l"] == [1.5, "nan"] and df.iloc[0]["s"] == {"b": "\\x00\\xFF", "n": 2.0}
+    import json
+
+    from metaattn_viz.app.api import table_json
+
+    assert json.loads(json.dumps(table_json(df)))["rows"] == [[[1.5, "nan"], {"b": "\\x00\\xFF", "n": 2.0}]]

@@ -106,7 +106,7 @@ def test_clean_prompt_refuses_in_plain_words(bad, message):
         (dict(scope="galaxy"), "Budget scope must be one of (global, layer|layer, global)"),
         (dict(hedge_policy="maybe"), "Hedge policy must be one of off, soft, full"),
         (dict(hedge_threshold=1.5), "Hedge threshold must be between 0 and 1"),
-        (dict(window=0), "Local window must be between 1 and 4096"),
+        (dict(window=0), "Local window must be between 1 and 4,096"),
         (dict(window=2.5), "Local window must be a whole number"),
         (dict(n_sink=True), "Attention sinks must be a whole number"),
         (dict(hedge_measure="vacuity"), "Hedge measure must be one of total, epistemic"),
@@ -142,10 +142,25 @@ def test_parse_settings_and_request_accept_good_values():
         (dict(max_new_tokens=10**6), "Max new tokens must be between 0 and 256"),
         (dict(temperature=9), "Temperature must be between 0 and 2"),
         (dict(top_p=0), "Top-p must be between"),
-        (dict(seed=-1), "Seed must be"),
+        (dict(seed=-1), "Seed must be between 0 and 2,147,483,647, got -1"),
+        (dict(chat="maybe"), "Chat template must be true or false, got 'maybe'"),
+        (dict(quality=None), "Quality meter must be true or false"),
+        (dict(chat=2), "Chat template must be true or false"),
     ]:
         with pytest.raises(AppError, match=msg):
             parse_request("hi", s, **kw)
+
+
+@pytest.mark.parametrize(
+    "sent, read",
+    [(True, True), (False, False), (1, True), (0, False), ("false", False), ("False", False)]
+    + [(" no ", False), ("0", False), ("off", False), ("true", True), ("YES", True), ("1", True)],
+)
+def test_yes_and_no_from_an_api_client_are_read_as_meant(sent, read):
+    """An API client may send a flag as text: "false" is false (Python's truth of a
+    non-empty string would make it true)."""
+    r = parse_request("hi", parse_settings(), chat=sent, quality=sent)
+    assert (r.chat, r.quality) == (read, read)
 
 
 def test_text_from_json_checks_what_it_is_given():

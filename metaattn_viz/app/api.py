@@ -25,12 +25,20 @@ from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.exports import Downloads, run_label
-from metaattn_viz.app.requests import GENERATION, choice, parse_request, parse_settings, text_from_json
+from metaattn_viz.app.requests import (
+    GENERATION,
+    choice,
+    flag,
+    parse_request,
+    parse_settings,
+    text_from_json,
+    whole,
+)
 from metaattn_viz.app.ui_errors import user_errors
 from metaattn_viz.core.settings import DEFAULTS, UNCERTAINTY_MEASURES
 from metaattn_viz.core.trace import RoutingTrace
 
-SQL_MAX_ROWS = 500  # the console's default (and fallback) row limit
+SQL_MAX_ROWS = 500  # the console's default row limit
 SQL_ROWS_LIMIT = 10_000
 
 
@@ -52,6 +60,11 @@ def trace_json(trace, notes=()) -> dict:
     d["prompt"] = trace.prompt  # as routed: after removing control characters
     d["notes"] = list(notes)
     return d
+
+
+def _notes(*notes: str | None) -> list[str]:
+    """The notes that apply (None: a note that does not)."""
+    return [n for n in notes if n]
 
 
 def trace_from_json(d) -> RoutingTrace:
@@ -103,7 +116,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         job = engine.generations.start(req, owner=engine.deployment.owner(session_of(request)))
         trace = job.result()
         empty = display.empty_generation_note(trace, req.max_new_tokens, req.chat)
-        return trace_json(trace, [*job.notes, *([empty] if empty else [])])
+        return trace_json(trace, [*job.notes, *_notes(empty, display.budget_floor_note(trace))])
 
     @user_errors("re-routing")
     def reroute(
@@ -126,6 +139,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         settings = parse_settings(
             budget, scope, hedge_policy, hedge_threshold, window, n_sink, hedge_measure, cost_model
         )
+        quality = flag("Quality meter", quality)
         made_by = trace.get("model") if isinstance(trace, dict) else None
         routed = engine.host.routed_model(model=made_by if isinstance(made_by, str) and made_by else None)
         text = text_from_json(trace, routed.model.config.vocab_size)
@@ -133,7 +147,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         new = engine.analysis.reroute(text, settings, controller or None, owner=owner)
         if quality and new.n_tokens > 1:
             new.kl_to_dense = engine.analysis.quality(new)
-        return trace_json(new)
+        return trace_json(new, _notes(display.budget_floor_note(new)))
 
     @user_errors("drawing the figure")
     def figure(trace: dict, measure: str = "total", request: gr.Request | None = None) -> FileData:
@@ -157,11 +171,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         {columns, rows, notice}. The server process holds the database, so programs read a
         live log through here (or through an export). On a public deployment the tables
         hold this client session's runs only."""
-        n = (
-            int(max_rows)
-            if isinstance(max_rows, (int, float)) and 1 <= max_rows <= SQL_ROWS_LIMIT
-            else SQL_MAX_ROWS
-        )
+        n = whole("max_rows", max_rows, 1, SQL_ROWS_LIMIT)
         df, notice = engine.history.sql(
             query, max_rows=n, owner=engine.deployment.reader(session_of(request))
         )
@@ -178,7 +188,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
     ) -> dict:
         """The runs of the History tab, newest first: {columns, rows, notice}; `text`
         searches prompt and output, `status` / `controller` filter (empty: any)."""
-        n = int(limit) if isinstance(limit, (int, float)) and 1 <= limit <= SQL_ROWS_LIMIT else 200
+        n = whole("limit", limit, 1, SQL_ROWS_LIMIT)
         df = engine.history.runs(
             text,
             status or None,

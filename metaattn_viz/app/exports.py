@@ -61,6 +61,7 @@ def figure_html(fig, filename: str = "metaattn-figure") -> str:
         full_html=True,
         config={
             "displaylogo": False,
+            "showSendToCloud": False,  # no button that uploads the chart (the prompt) to Plotly's cloud
             "responsive": True,
             "toImageButtonOptions": {"format": "png", "filename": filename, "scale": 2},
         },

@@ -36,6 +36,7 @@ function plotConfig() {
     config = {
       responsive: true,
       displaylogo: false,
+      showSendToCloud: false,  // plotly.js offers to upload the chart (its data: the prompt) by default
       toImageButtonOptions: {format: 'png', filename: FILENAME, scale: 2},
       modeBarButtonsToAdd: [{
         name: 'metaattn-svg',

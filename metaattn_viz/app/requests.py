@@ -65,25 +65,47 @@ def clean_prompt(text) -> tuple[str, list[str]]:
     return text, notes
 
 
+def _bound(x: float) -> str:
+    """A range's end as a person reads it: 0.05, 256, 2,147,483,647 (not 2.14748e+09)."""
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
 def number(name: str, value, lo: float, hi: float) -> float:
     """`value` as a finite float in [lo, hi], or AppError naming the control `name`."""
+    span = f"{_bound(lo)} and {_bound(hi)}"
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise AppError(f"{name} must be a number between {lo:g} and {hi:g}, got {value!r}.") from None
+        raise AppError(f"{name} must be a number between {span}, got {value!r}.") from None
     if not math.isfinite(v) or not lo <= v <= hi:
-        raise AppError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}.")
+        raise AppError(f"{name} must be between {span}, got {value!r}.")
     return v
 
 
 def whole(name: str, value, lo: int, hi: int) -> int:
     """`value` as an int in [lo, hi] (booleans refused), or AppError naming `name`."""
     if isinstance(value, bool):
-        raise AppError(f"{name} must be a whole number between {lo} and {hi}, got {value!r}.")
+        raise AppError(f"{name} must be a whole number between {_bound(lo)} and {_bound(hi)}, got {value!r}.")
     v = number(name, value, lo, hi)
     if v != int(v):
-        raise AppError(f"{name} must be a whole number between {lo} and {hi}, got {value!r}.")
+        raise AppError(f"{name} must be a whole number between {_bound(lo)} and {_bound(hi)}, got {value!r}.")
     return int(v)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def flag(name: str, value) -> bool:
+    """`value` as a bool: a bool, 0 or 1, or the words true/false, yes/no, on/off, 1/0 (any
+    case; an API client may send text), else AppError naming the control `name`. Never
+    Python's truth of a string, which makes "false" true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise AppError(f"{name} must be true or false, got {value!r}.")
 
 
 def choice(name: str, value, options) -> str:
@@ -181,8 +203,8 @@ def parse_request(
         temperature=number("Temperature", temperature, 0.0, 2.0),
         top_p=number("Top-p", top_p, 0.01, 1.0),
         seed=whole("Seed", seed, 0, 2**31 - 1),
-        chat=bool(chat),
-        quality=bool(quality),
+        chat=flag("Chat template", chat),
+        quality=flag("Quality meter", quality),
         notes=tuple(notes),
         model=(model or "").strip(),
     )

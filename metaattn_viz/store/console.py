@@ -33,6 +33,7 @@ says what was refused and why.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import duckdb
@@ -293,7 +294,7 @@ def run_readonly_query(
         raise ConsoleError(str(exc)) from None
     elapsed = result.elapsed
     table = result.table
-    rows = list(zip(*(c.to_pylist() for c in table.columns), strict=True))
+    rows = list(zip(*(_column_values(c) for c in table.columns), strict=True))
     capped = len(rows) > max_rows
     df = pd.DataFrame.from_records(rows[:max_rows], columns=table.column_names)
     if capped:
@@ -304,6 +305,68 @@ def run_readonly_query(
     else:
         notice = f"{len(df)} row{'s' if len(df) != 1 else ''} in {elapsed:.2f} s"
     return df, notice
+
+
+def _column_values(column: pa.ChunkedArray) -> list:
+    """A result column's values as Python objects that a table on the page and JSON carry
+    as they are, in DuckDB's own text where they would not: a BLOB as DuckDB prints it
+    (\\xDE\\xAD...), NaN and infinities as nan / inf / -inf (JSON has no such numbers and
+    pandas would show them as empty), an INTERVAL as "2 months 3 days 01:02:03.5" (Arrow
+    hands it over as a (months, days, nanoseconds) triple); inside lists and structs too."""
+    values = column.to_pylist()
+    if not _needs_text(column.type):
+        return values
+    return [_as_text(v) for v in values]
+
+
+def _needs_text(t: pa.DataType) -> bool:
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_floating(t):
+        return True
+    if pa.types.is_interval(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _needs_text(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_needs_text(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _needs_text(t.key_type) or _needs_text(t.item_type)
+    return False
+
+
+def _as_text(v: Any) -> Any:
+    if isinstance(v, float):
+        if math.isfinite(v):
+            return v
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    if isinstance(v, bytes):
+        return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02X}" for b in v)
+    if isinstance(v, pa.MonthDayNano):
+        return _interval_text(v.months, v.days, v.nanoseconds)
+    if isinstance(v, list):
+        return [_as_text(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _as_text(x) for k, x in v.items()}
+    if isinstance(v, tuple):  # a MAP's (key, value) pairs
+        return tuple(_as_text(x) for x in v)
+    return v
+
+
+def _interval_text(months: int, days: int, nanoseconds: int) -> str:
+    """An interval as DuckDB prints it: "1 year 2 months 3 days 04:05:06.5", "1 day", "00:00:00"."""
+
+    def unit(n: int, name: str) -> str:
+        return f"{n} {name}{'' if abs(n) == 1 else 's'}"
+
+    years, months = int(months / 12), months - 12 * int(months / 12)  # both with the sign of months
+    parts = [unit(n, name) for n, name in ((years, "year"), (months, "month"), (days, "day")) if n]
+    if nanoseconds or not parts:
+        micros = abs(nanoseconds) // 1000
+        secs, frac = divmod(micros, 1_000_000)
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+        if frac:
+            clock += f".{frac:06d}".rstrip("0")
+        parts.append(("-" if nanoseconds < 0 else "") + clock)
+    return " ".join(parts)
 
 
 def describe_log(log_or_con: RunLog | duckdb.DuckDBPyConnection) -> pd.DataFrame:
