@@ -324,6 +324,18 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     assert page.locator("#sql-result [role=gridcell]").count() == 0
     page.click("#sql-run")
     page.get_by_text("30 rows in").first.wait_for(timeout=30_000)
+    assert page.locator("#sql-result [role=gridcell]").count() > 0
+    # a refused query says why and leaves no earlier answer standing as if it were its own
+    page.locator("#sql .cm-content").click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("SELECT 1; SELECT 2")
+    page.click("#sql-run")
+    _toast(page, "only one is allowed")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#sql-result [role=gridcell]').length === 0", timeout=30_000
+    )
+    page.screenshot(path=str(shots / "08b-sql-refused.png"), full_page=True)
+    _dismiss_toasts(page)
     page.get_by_text("Download the routing log").click()
     page.click("#export")
     page.locator("#export-file a").first.wait_for(timeout=60_000)

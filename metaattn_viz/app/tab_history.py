@@ -12,6 +12,7 @@ store logic of its own.
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
 from metaattn_viz import store
 from metaattn_viz.app import display, plots
@@ -199,7 +200,15 @@ class HistoryTab:
             df, notice = history.sql(query, owner=reader(request))
             return df, notice
 
+        def sql_started():
+            """The earlier answer goes before a query runs, so that a refused or failed
+            query (its message is the error toast) never leaves it standing as if it were
+            this query's."""
+            return pd.DataFrame(), "Running the query..."
+
         self.sql_run.click(
+            sql_started, None, [self.sql_result, self.sql_note], api_visibility="private", queue=False
+        ).then(
             run_sql,
             self.sql,
             [self.sql_result, self.sql_note],
