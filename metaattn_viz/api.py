@@ -54,6 +54,8 @@ def figure(trace: RoutingTrace, measure: str = "total", height: int = 780) -> go
     from metaattn_viz.app.plots import routing_maps
     from metaattn_viz.app.plots.maps import MAPS_TITLE
 
+    if not isinstance(trace, RoutingTrace):
+        raise TypeError(f"trace must be a RoutingTrace (as route returns), got {type(trace).__name__}")
     # validated again: the app builds it unvalidated for speed, but in a notebook it is
     # shown, saved (write_html, write_image) and edited, which need a complete figure
     fig = go.Figure(routing_maps(trace, measure, height).to_dict())
@@ -193,9 +195,12 @@ def calibrate(
     import torch
 
     from metaattn_viz.routing.controller import KINDS, ControllerStack
+    from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import calibrate as calibration
     from metaattn_viz.training.data import DataError
 
+    if not isinstance(routed, RoutedModel):
+        raise TypeError(f"routed must be a RoutedModel (from metaattn_viz.load), got {type(routed).__name__}")
     if controller not in KINDS:
         raise ValueError(f"controller must be one of {', '.join(KINDS)}, got {controller!r}")
     cfg = calibration.CalibrationConfig(controller=controller, steps=steps, seq_len=seq_len, **options)

@@ -377,3 +377,69 @@ def test_the_readme_calibration_example_runs_as_written(tmp_path, monkeypatch):
     # the last line loaded the saved controllers back with the model
     assert routed.controllers["bayes"].content_hash() == stack.content_hash()
     assert routed.controller_sources["bayes"] == str(Path("controllers/my-model/bayes"))
+
+
+# -- == and what is refused by name ----------------------------------------------------------------
+def test_traces_compare_with_eq_on_every_stored_field():
+    """`==` is the round trip's equality (not numpy's "truth value of an array is
+    ambiguous"), whatever the class: a notebook Trace equals the RoutingTrace of its record."""
+    import copy
+
+    trace = mav.load((tiny_model(), CharTokenizer()), name="tiny").route(PROMPT, budget=0.4, max_new_tokens=2)
+    assert isinstance(trace, mav.Trace)
+    back = RoutingTrace.from_json(trace.to_json())
+    assert type(back) is RoutingTrace and back == trace and trace == back
+    assert trace == copy.deepcopy(trace) and trace in [copy.deepcopy(trace)]
+    assert mav.Trace.from_json(json.dumps(trace.to_json())) == trace
+    back.lam[0, 1] = np.nextafter(back.lam[0, 1], np.float32(np.inf))
+    assert back != trace
+    assert trace != trace.to_json() and trace != None  # noqa: E711 - == of another type is False
+    assert RoutingTrace.from_json(trace.to_json()).routes.dtype == np.int8
+    widened = RoutingTrace.from_json(trace.to_json())
+    widened.routes = widened.routes.astype(np.int64)
+    assert widened != trace  # the same values in another dtype are another field
+
+
+def test_from_json_refuses_routes_outside_the_experts_and_what_is_not_a_record():
+    d = routed_tiny().route(PROMPT, budget=0.5).to_json()
+    with pytest.raises(ValueError, match=r"routes must be expert indices in \[0, 3\), got \[0, 7\]"):
+        RoutingTrace.from_json(
+            {**d, "routes": [[7 if j == 1 else 0 for j, _ in enumerate(row)] for row in d["routes"]]}
+        )
+    with pytest.raises(ValueError, match="a trace record is a dict or its JSON text, got NoneType"):
+        RoutingTrace.from_json(None)  # type: ignore[arg-type]
+
+
+def test_prompts_and_arguments_of_the_wrong_kind_are_refused_by_name():
+    r = routed_tiny()
+    vocab = r.model.config.vocab_size
+    ok = r.route([5, 6, np.int64(7)], budget=0.5)  # token ids, numpy's whole numbers too
+    assert ok.token_ids == [5, 6, 7]
+    for ids in ([-1, 5], [vocab], [1.5, 2.0], ["a", "b"], [True, 3]):
+        with pytest.raises(ValueError, match=rf"token ids must be whole numbers in \[0, {vocab}\)"):
+            r.route(ids)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        r.route([])
+    with pytest.raises(
+        ValueError, match=r"not valid UTF-8 text: an unpaired surrogate \(U\+DCFF\) at character 5"
+    ):
+        r.route("hello\udcffworld")  # what an undecodable byte on a command line becomes
+    with pytest.raises(TypeError, match="settings must be a RoutingSettings.*got dict"):
+        r.route(PROMPT, {"budget": 0.3})
+    with pytest.raises(TypeError, match="sampling must be a Sampling, got dict"):
+        r.route(PROMPT, sampling={"temperature": 1.0}, max_new_tokens=1)
+    with pytest.raises(ValueError, match="max_context must be a whole number >= 1"):
+        r.route(PROMPT, max_context=0)
+    trace = r.route(PROMPT, budget=0.5)
+    with pytest.raises(TypeError, match="settings must be a RoutingSettings.*got NoneType"):
+        r.reroute(trace, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="trace must be a RoutingTrace.*got str"):
+        r.reroute("hello", RoutingSettings())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="trace must be a RoutingTrace.*got NoneType"):
+        mav.figure(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="routed must be a RoutedModel.*got str"):
+        mav.calibrate("model", TEXTS)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temperature must be a finite number in \\[0, 5\\], got 'hot'"):
+        mav.Sampling(temperature="hot")
+    with pytest.raises(ValueError, match="seed must be a whole number in"):
+        mav.Sampling(seed=2**70)

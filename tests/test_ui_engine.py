@@ -511,6 +511,9 @@ def test_a_public_deployment_keeps_each_visitors_runs_apart(routed, tmp_path):
     try:
         owner_a, reader_a, reader_b = public.owner("sess-a"), public.reader("sess-a"), public.reader("sess-b")
         assert owner_a == reader_a and reader_a != reader_b
+        # the header and /status name the log's file, not where the server keeps it
+        assert e.status()["log_path"] == "log.duckdb"
+        assert str(tmp_path) not in display.status_markdown(e.status())
         a = e.generations.generate(_request("Alpha beta.", max_new=2, quality=False), owner=owner_a)
         e.analysis.reroute(a, parse_settings(0.3), owner=owner_a)
         h = e.history

@@ -19,6 +19,8 @@ errors.AppError with a plain sentence. Never imports gradio.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from metaattn_viz.app.analysis import Analysis
 from metaattn_viz.app.deployment import Deployment
 from metaattn_viz.app.generation import Generations
@@ -51,6 +53,8 @@ class Engine:
         their weights notice), where it runs, logging, who sees the runs and whether they
         last, and how many tokens are routed at most."""
         model, logging = self.host.status(), self.history.status()
+        if self.deployment.public and logging["log_path"]:  # a visitor needs no server paths
+            logging = {**logging, "log_path": Path(logging["log_path"]).name}
         return {
             "model_ready": model["model_ready"],
             "model": model["model"],

@@ -66,6 +66,22 @@ def _add_controller_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controller", choices=CONTROLLER_KINDS, default=DEFAULT_CONTROLLER)
 
 
+def _whole(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in [lo, hi] (argparse names the flag and exits 2)."""
+
+    def parse(text: str) -> int:
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}, got {value}")
+        return value
+
+    return parse
+
+
 class UserError(Exception):
     """A problem the user can fix (bad setting, missing file, missing model)."""
 
@@ -152,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("route", help="route a prompt (and optionally generate) and print the trace")
     p.add_argument("--prompt", required=True, help="text to route")
     _add_routing_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate (default 0)")
+    p.add_argument("--max-new-tokens", type=_whole(0), default=0, help="tokens to generate (default 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=_whole(0), default=0, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _add_model_args(p)
     _add_db_args(p)
@@ -168,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="compare routing policies on held-out text (JSON rows)")
     p.add_argument("--data", required=True, help="UTF-8 text file; its validation split is used")
     p.add_argument("--budgets", default=None, help="comma-separated budgets")
-    p.add_argument("--max-tokens", type=int, default=None, help="validation tokens to score")
-    p.add_argument("--seq-len", type=int, default=None, help="window length")
-    p.add_argument("--window", type=int, default=DEFAULTS.window, help="local expert window")
+    p.add_argument("--max-tokens", type=_whole(1), default=None, help="validation tokens to score")
+    p.add_argument("--seq-len", type=_whole(1), default=None, help="window length")
+    p.add_argument("--window", type=_whole(1), default=DEFAULTS.window, help="local expert window")
     p.add_argument(
         "--scope",
         default=DEFAULTS.scope,
@@ -184,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calib-windows",
-        type=int,
+        type=_whole(1),
         default=None,
         help="calibration-split windows the layer-map baselines are measured on (default 2)",
     )
@@ -333,11 +349,15 @@ def _cmd_serve(args) -> int:
 
 def _cmd_export(args) -> int:
     from metaattn_viz import store
+    from metaattn_viz.cli.outputs import check_output
 
+    out = check_output(args.out, "--out", folder=True)
     try:
-        counts = store.export(store.resolve_db_path(args.db), args.out, args.format)
+        counts = store.export(store.resolve_db_path(args.db), out, args.format)
     except store.StoreUnavailable as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:  # the folder could not be made or written after all
+        raise UserError(f"--out {out}: {exc.strerror or exc}") from None
     print(
         f"exported {counts['runs']} runs, {counts['tokens']} tokens, {counts['routes']} route "
         f"rows to {args.out} ({args.format}, partitioned by day)"
@@ -403,10 +423,12 @@ def _parse_budgets(text: str) -> list[float]:
 def _cmd_eval(args) -> int:
     import json
 
+    from metaattn_viz.cli.outputs import check_output
     from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import data as data_mod
     from metaattn_viz.training.evaluate import DEFAULT_BUDGETS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, evaluate
 
+    report = check_output(args.report, "--report", folder=False)  # before minutes of work
     budgets = list(DEFAULT_BUDGETS) if args.budgets is None else _parse_budgets(args.budgets)
     max_tokens = DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens
     seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
@@ -442,16 +464,19 @@ def _cmd_eval(args) -> int:
         )
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
-    if args.report:
-        from metaattn_viz.training.report import write_report
-
-        cmd = "metaattn-viz eval " + " ".join(a for a in sys.argv[2:] if a)
-        write_report(rows, args.report, cmd)
-    if args.json:
+    if args.json:  # the rows first: a report that fails to write loses nothing
         print(json.dumps(rows))
     else:
         for row in rows:
             progress(row)
+    if report is not None:
+        from metaattn_viz.training.report import write_report
+
+        cmd = "metaattn-viz eval " + " ".join(a for a in sys.argv[2:] if a)
+        try:
+            write_report(rows, report, cmd)
+        except OSError as exc:
+            raise UserError(f"--report {report}: {exc.strerror or exc} (the rows are above)") from None
     return 0
 
 
@@ -468,17 +493,22 @@ def _cmd_bench(args) -> int:
 
 
 def _log_trace(trace, db) -> str | None:
-    """Write a finished trace to the routing log; a log problem never loses the result."""
+    """Write a finished trace to the routing log; a log problem never loses the result: any
+    failure (an unreadable, locked or malformed database) is a warning naming the log, and
+    the trace is printed all the same."""
     from metaattn_viz import store
 
+    path = store.resolve_db_path(db)
     try:
-        log = store.RunLog(db)
-        run_id = log.start_run(trace, kind="route")
-        log.finish(run_id, trace, status="done")
+        with store.RunLog(path) as log:
+            run_id = log.start_run(trace, kind="route")
+            log.finish(run_id, trace, status="done")
         return run_id
     except store.StoreUnavailable as exc:
         print(f"warning: run not logged: {exc}", file=sys.stderr)
-        return None
+    except Exception as exc:  # noqa: BLE001 - whatever the log raised, the result is kept
+        print(f"warning: run not logged to {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

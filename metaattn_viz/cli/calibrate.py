@@ -90,6 +90,9 @@ def _cmd_calibrate(args) -> int:
         cfg = CalibrationConfig(controller=args.controller, seed=args.seed, **overrides)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    from metaattn_viz.cli.outputs import check_output
+
+    out = check_output(args.out, "--out", folder=True)  # before training, which takes minutes
     try:
         data_mod.load_split(args.data)  # fail on a bad file before loading the model
         # float32 wherever it runs (training is not checked in lower precision); CUDA asked for
@@ -100,7 +103,7 @@ def _cmd_calibrate(args) -> int:
     # the reference backend in training (routing/policies.py, differentiable) on any device
     routed = RoutedModel.load(args.model, device=args.device, dtype="float32", backend="auto")
     try:
-        meta = calibrate(routed, args.data, cfg, out_dir=args.out, resume=args.resume)
+        meta = calibrate(routed, args.data, cfg, out_dir=out, resume=args.resume)
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
     print(

@@ -91,6 +91,7 @@ def _command(args, kind: str, lengths: tuple[int, ...], budgets: tuple[float, ..
 
 def _cmd_lambda_table(args) -> int:
     from metaattn_viz.cli import UserError
+    from metaattn_viz.cli.outputs import check_output
     from metaattn_viz.core.settings import DEFAULTS
     from metaattn_viz.paths import REPO_ROOT
     from metaattn_viz.routing import lambda_table
@@ -98,6 +99,7 @@ def _cmd_lambda_table(args) -> int:
     from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import data as data_mod
 
+    out_arg = check_output(args.out, "--out", folder=True)  # before the build, which takes minutes
     budgets = _budgets(args.budgets)
     lengths = _lengths(args.lengths)
     kinds = [k.strip() for k in args.controllers.split(",") if k.strip()]
@@ -108,6 +110,10 @@ def _cmd_lambda_table(args) -> int:
     data = Path(args.data) if args.data else REPO_ROOT / "corpus" / "wikitext2" / "wiki.dev.raw"
     split = data_mod.load_split(data)  # a bad file fails before the model loads
     routed = RoutedModel.load()
+    if lengths[-1] > routed.max_context:
+        raise UserError(
+            f"--lengths: {lengths[-1]} tokens is more than the model's context ({routed.max_context})"
+        )
     untrained = [k for k in kinds if not routed.controller(k).trained]
     if untrained:
         raise UserError(f"no trained {', '.join(untrained)} controllers (`make calibrate`)")
@@ -132,7 +138,7 @@ def _cmd_lambda_table(args) -> int:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": _command(args, kind, lengths, budgets),
         }
-        out = Path(args.out) if args.out else default_folder(routed.slug, kind)
+        out = out_arg or default_folder(routed.slug, kind)
         out.mkdir(parents=True, exist_ok=True)
         path = out / lambda_table.FILE
         tmp = path.with_suffix(".json.tmp")  # a run stopped halfway leaves the old table whole

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,29 @@ class RoutingTrace:
             self.weights = np.zeros((L, 0, K), np.float32)
             self.cost = np.zeros((L, 0), np.float32)
             self.lam = np.zeros((L, 0), np.float32)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal on every stored field: arrays by value, shape and dtype (NaN equal to NaN), the
+        rest by ==; a subclass (the notebook API's Trace) equals a RoutingTrace with the
+        same fields. What ``from_json(to_json())`` and a replay from the log keep."""
+        if not isinstance(other, RoutingTrace):
+            return NotImplemented
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+                if not (
+                    isinstance(a, np.ndarray)
+                    and isinstance(b, np.ndarray)
+                    and a.shape == b.shape
+                    and a.dtype == b.dtype
+                    and np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f")
+                ):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: grows in place
 
     # -- building ---------------------------------------------------------------------------
     def extend(self, token_ids, tokens, concentration, routes, hedged, weights, cost, lam) -> None:
@@ -217,6 +240,8 @@ class RoutingTrace:
         original on every stored field. A record without the arrays (an older ``route
         --json``) is refused, naming what is missing."""
         d = json.loads(data) if isinstance(data, str) else data
+        if not isinstance(d, dict):
+            raise ValueError(f"a trace record is a dict or its JSON text, got {type(d).__name__}")
         missing = [k for k in _JSON_REQUIRED if k not in d]
         if missing:
             raise ValueError(f"not a full trace record: missing {', '.join(missing)}")
@@ -256,6 +281,9 @@ class RoutingTrace:
             trace.kl_to_dense = np.asarray(d["kl_to_dense"], np.float32)
         if len(trace.tokens) != T:
             raise ValueError(f"tokens and token_ids differ in length ({len(trace.tokens)} vs {T})")
+        if trace.routes.size and not (0 <= int(trace.routes.min()) and int(trace.routes.max()) < K):
+            found = sorted({int(r) for r in trace.routes.flat})
+            raise ValueError(f"routes must be expert indices in [0, {K}), got {found}")
         return trace
 
 

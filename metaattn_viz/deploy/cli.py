@@ -123,9 +123,17 @@ def _split_space(space: str | None, default_name: str) -> tuple[str | None, str]
     """(owner or None, name) from --space: OWNER/NAME, NAME, or nothing."""
     if not space:
         return None, default_name
+    from metaattn_viz.deploy.manifest import REPO_PART
+
     owner, slash, name = space.rpartition("/")
     if slash and (not owner or not name or "/" in owner):
         raise ValueError(f"--space {space!r}: expected OWNER/NAME")
+    bad = [part for part in (owner, name) if part and not REPO_PART.match(part)]
+    if bad:
+        raise ValueError(
+            f"--space {space!r}: {bad[0]!r} is not a Hub name (letters, digits, '-', '_' and '.', "
+            "starting with a letter or digit, at most 96 characters)"
+        )
     return (owner or None), name
 
 

@@ -29,6 +29,8 @@ ZEROGPU_PYTHONS = ("3.10", "3.12")
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# one part of a Hub repo id (an owner or a name): what the Hub accepts, in short
+REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")

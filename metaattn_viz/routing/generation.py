@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 import time
 from collections.abc import Iterator
@@ -43,12 +44,27 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        t = float(self.temperature)
+        t = _number(self.temperature)
         if not math.isfinite(t) or not 0.0 <= t <= 5.0:
             raise ValueError(f"temperature must be a finite number in [0, 5], got {self.temperature!r}")
-        p = float(self.top_p)
+        p = _number(self.top_p)
         if not math.isfinite(p) or not 0.0 < p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
+
+
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes of non-negative numbers, and more
+
+
+def _number(value) -> float:
+    """`value` as a float (NaN where it is no number: the range checks then refuse it)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> int:
@@ -63,6 +79,16 @@ def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> in
         probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
         probs = probs / probs.sum()
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def token_ids(prompt: list, vocab_size: int) -> list[int]:
+    """A prompt given as token ids, checked: whole numbers in [0, vocab_size), at least one."""
+    if not prompt:
+        raise ValueError("prompt is empty: type some text to route")
+    for i in prompt:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= int(i) < vocab_size:
+            raise ValueError(f"token ids must be whole numbers in [0, {vocab_size}), got {i!r}")
+    return [int(i) for i in prompt]
 
 
 def eos_ids(tokenizer, model) -> set[int]:
@@ -92,8 +118,16 @@ def stream(
     """Prefill the prompt, then decode token by token; yields the growing trace after the
     prefill and after every new token (the same object, extended in place). A prompt too
     long for the context (less room for the new tokens) is truncated from the left."""
-    settings = settings or RoutingSettings()
-    sampling = sampling or Sampling()
+    settings = RoutingSettings() if settings is None else settings
+    sampling = Sampling() if sampling is None else sampling
+    if not isinstance(settings, RoutingSettings):
+        raise TypeError(f"settings must be a RoutingSettings, got {type(settings).__name__}")
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+    if max_context is not None and (
+        isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1
+    ):
+        raise ValueError(f"max_context must be a whole number >= 1 (or None), got {max_context!r}")
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
@@ -103,9 +137,10 @@ def stream(
             f"max_new_tokens must be a whole number in [0, {MAX_NEW_TOKENS}], got {max_new_tokens!r}"
         )
     routed.controller(controller)  # validates the name
-    ids = list(prompt) if isinstance(prompt, list) else routed.encode(prompt, chat)
-    if not ids:
-        raise ValueError("prompt is empty: type some text to route")
+    if isinstance(prompt, list):
+        ids = token_ids(prompt, routed.model.config.vocab_size)
+    else:
+        ids = routed.encode(prompt, chat)
     limit = min(max_context or routed.max_context, routed.max_context) - max_new_tokens
     if limit < 1:
         raise ValueError(

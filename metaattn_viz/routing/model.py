@@ -69,6 +69,17 @@ __all__ = [
 ]
 
 
+def _check_settings(settings, required: bool = False) -> None:
+    """TypeError unless `settings` is a RoutingSettings (or None where not `required`): a dict
+    would fail later, deep inside, with an AttributeError."""
+    if (settings is None and not required) or isinstance(settings, RoutingSettings):
+        return
+    raise TypeError(
+        "settings must be a RoutingSettings (e.g. RoutingSettings(budget=0.3)), "
+        f"got {type(settings).__name__}"
+    )
+
+
 class RoutedModel:
     """A causal LM plus its controllers. Thread-safe for concurrent sessions."""
 
@@ -342,6 +353,7 @@ class RoutedModel:
         ``RoutingSettings`` field (``budget=0.3``, ``hedge_policy="soft"``...) change
         ``settings`` (default ``RoutingSettings()``); the others go to ``stream``."""
         changes = {k: kwargs.pop(k) for k in list(kwargs) if k in RoutingSettings.__dataclass_fields__}
+        _check_settings(settings)
         if changes:
             settings = (settings or RoutingSettings()).with_(**changes)
         trace = None
@@ -359,6 +371,9 @@ class RoutedModel:
     ) -> RoutingTrace:
         """Route the same text (prompt and generated tokens) again under new settings, as one
         prefill; with ``quality`` also the KL per token to the dense model."""
+        _check_settings(settings, required=True)
+        if not hasattr(trace, "token_ids"):
+            raise TypeError(f"trace must be a RoutingTrace (as route returns), got {type(trace).__name__}")
         controller = controller or trace.controller
         ids = list(trace.token_ids)
         if not ids:
@@ -395,9 +410,15 @@ class RoutedModel:
     # -- text -> trace ------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if not isinstance(prompt, str):
-            raise ValueError("prompt must be text")
+            raise ValueError("prompt must be text (or a list of token ids)")
         if not prompt.strip():
             raise ValueError("prompt is empty: type some text to route")
+        bad = next((i for i, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff"), None)
+        if bad is not None:  # what undecodable bytes on a command line become (surrogateescape)
+            raise ValueError(
+                f"prompt is not valid UTF-8 text: an unpaired surrogate (U+{ord(prompt[bad]):04X}) "
+                f"at character {bad}"
+            )
         tok = self.tokenizer
         if chat and getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(

@@ -53,11 +53,11 @@ def export(
             f"export target already exists: {', '.join(busy)}; choose an empty "
             "--out folder (nothing was written)"
         )
-    out.mkdir(parents=True, exist_ok=True)
     extra = ", HEADER true" if fmt == "csv" else ""
     own = not isinstance(source, RunLog)
     log = source if isinstance(source, RunLog) else RunLog(source, read_only=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)  # once the log opened: a refused one leaves no folder
         cur = log.fresh_cursor()
         counts: dict[str, int] = {}
         cur.begin()

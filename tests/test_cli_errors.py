@@ -1,0 +1,155 @@
+"""What the commands do with arguments they cannot honour: refuse them before any work, in
+one line with exit code 2 (argparse's for a malformed number), and never lose a result that
+was computed (metaattn_viz/cli/outputs.py), and the notebook API refuses what it cannot
+use by name (tests/test_api.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+from helpers import ROOT, THREAD_ENV
+
+from metaattn_viz.cli import UserError, main
+from metaattn_viz.cli.outputs import check_output
+
+DATA = str(ROOT / "corpus" / "wikitext2" / "wiki.dev.raw")
+
+
+def _cli(*args, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "metaattn_viz", *args],
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **THREAD_ENV},
+    )
+
+
+# -- output paths, checked before the work -------------------------------------------------------
+def test_check_output_says_why_a_path_cannot_be_written(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert check_output(None, "--out", folder=True) is None
+    assert check_output(tmp_path / "new" / "deeper", "--out", folder=True) == tmp_path / "new" / "deeper"
+    assert (
+        check_output(tmp_path / "new" / "report.md", "--report", folder=False)
+        == tmp_path / "new" / "report.md"
+    )
+    assert not (tmp_path / "new").exists()  # checked, not made
+    for path, folder, message in [
+        ("", True, "--out is empty"),
+        ("  ", False, "--out is empty"),
+        (a_file, True, "is a file, not a folder"),
+        (tmp_path, False, "is a folder; give a file path"),
+        (a_file / "under" / "report.md", False, f"cannot be made: {a_file} is a file"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            check_output(path, "--out", folder=folder)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a read-only folder")
+def test_check_output_refuses_a_folder_it_may_not_write(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="is not writable"):
+            check_output(locked / "out", "--out", folder=True)
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["eval", "--data", DATA, "--report", "{file}/report.md"],
+            "--report {file}/report.md cannot be made",
+        ),
+        (["eval", "--data", DATA, "--report", "{dir}"], "is a folder; give a file path"),
+        (["lambda-table", "--out", "{file}"], "--out {file} is a file, not a folder"),
+        (["calibrate", "--data", DATA, "--out", "{file}"], "--out {file} is a file, not a folder"),
+        (["export", "--out", "{file}"], "--out {file} is a file, not a folder"),
+        (["export", "--out", ""], "--out is empty"),
+    ],
+)
+def test_a_command_refuses_an_output_it_cannot_write_before_it_works(args, message, tmp_path, capsys):
+    """Refused at once (not after an evaluation or a 43-minute table: no model is loaded)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    fill = {"file": str(a_file), "dir": str(tmp_path)}
+    t0 = time.perf_counter()
+    assert main([a.format(**fill) for a in args]) == 2
+    assert message.format(**fill) in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 5
+    assert a_file.read_text() == "x"
+
+
+def test_export_of_a_log_that_is_not_there_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", "--db", str(tmp_path / "none.duckdb"), "--out", str(out)]) == 2
+    assert "no routing log at" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# -- numbers argparse refuses (exit code 2, the flag named) ---------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["eval", "--data", DATA, "--seq-len", "0"],
+            "argument --seq-len: must be a whole number >= 1, got 0",
+        ),
+        (["eval", "--data", DATA, "--seq-len", "-4"], "argument --seq-len: must be a whole number >= 1"),
+        (
+            ["eval", "--data", DATA, "--max-tokens", "x"],
+            "argument --max-tokens: must be a whole number >= 1, got 'x'",
+        ),
+        (["eval", "--data", DATA, "--calib-windows", "0"], "argument --calib-windows: must be"),
+        (["route", "--prompt", "hi", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be"),
+        (["route", "--prompt", "hi", "--seed", "-3"], "argument --seed: must be a whole number >= 0"),
+    ],
+)
+def test_malformed_numbers_are_refused_naming_the_flag(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_seed_too_large_for_torch_is_refused_before_the_model_loads(capsys):
+    t0 = time.perf_counter()
+    assert main(["route", "--prompt", "hi", "--seed", str(2**70), "--no-log"]) == 2
+    assert "seed must be a whole number in [0, 9223372036854775807]" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 5
+
+
+def test_deploy_refuses_a_space_id_the_hub_would(capsys):
+    assert main(["deploy", "--dry-run", "--root", str(ROOT), "--space", "bad name!/x y", "--json"]) == 2
+    assert "'bad name!' is not a Hub name" in capsys.readouterr().err
+
+
+# -- the real model: a prompt that is not UTF-8; a log that fails in an unforeseen way ------------
+@pytest.mark.slow
+def test_route_refuses_bytes_that_are_not_utf8_and_keeps_its_result_when_the_log_fails(tmp_path):
+    out = _cli("route", "--prompt", b"hello \xff world", "--no-log")
+    err = out.stderr.decode()
+    assert out.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert "prompt is not valid UTF-8 text" in err
+    # a database DuckDB opens but whose schema version is not a number: the log fails in a
+    # way no check foresaw, and the route's result is printed all the same
+    odd = tmp_path / "odd.duckdb"
+    with duckdb.connect(str(odd)) as con:
+        con.execute(
+            "CREATE TABLE schema_version (version VARCHAR); INSERT INTO schema_version VALUES ('abc')"
+        )
+    out = _cli("route", "--prompt", "The cat sat", "--db", str(odd), "--json")
+    err = out.stderr.decode()
+    assert out.returncode == 0, err[-2000:]
+    assert f"warning: run not logged to {odd}" in err
+    assert b'"token_ids"' in out.stdout
