@@ -311,6 +311,7 @@ CHILD = textwrap.dedent("""
         if trace.run_id is None:
             log.start_run(trace)
             print("run", trace.run_id, flush=True)
+        trace.output_text = f"the text after {trace.n_tokens} tokens"  # a stream sets it as it goes
         log.append(trace.run_id, trace)
         log.flush()
         print("committed", trace.n_tokens, flush=True)
@@ -354,6 +355,15 @@ def test_sigkill_mid_run_marks_it_interrupted_and_keeps_committed_batches(db):
         assert count(log, "SELECT count(*) FROM routes WHERE run_id = $r", r=ids["run"]) == 6 * n
         assert count(log, "SELECT count(*) FROM tokens WHERE run_id = $r", r=ids["run"]) == n
         assert_same_trace(log.load_trace(ids["run"]), synthetic_trace(6, 400, seed=22), n)
+        # the run's row holds its text and measures as of the last commit: History shows
+        # them, and its search finds the text
+        replayed = log.load_trace(ids["run"])
+        assert row["output_text"] == f"the text after {n} tokens"  # the last commit's
+        assert row["realized_cost"] == pytest.approx(replayed.realized_cost, rel=1e-6)
+        assert row["flops_ratio"] == pytest.approx(replayed.attention_flops_ratio, rel=1e-6)
+        assert row["wall_ms"] > 0
+        found = log.list_runs(text=f"after {n} tokens")
+        assert ids["run"] in set(found["run_id"])
         # no other run is affected
         assert log.get_run(ids["done"])["status"] == "done"
         assert_same_trace(log.load_trace(ids["done"]), synthetic_trace(6, 20, seed=21))

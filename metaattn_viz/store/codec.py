@@ -15,7 +15,7 @@ import math
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,9 @@ class TraceSlice:
     n_prompt_tokens: int
     truncated: int
     point_estimate: bool
+    # the run's row as of this slice (schema.PROGRESS_COLUMNS beyond the counts): the text
+    # and measures so far, so that a run that never finishes still shows and finds them
+    so_far: dict[str, Any] = field(default_factory=dict)
 
 
 # -- encoding -------------------------------------------------------------------------------
@@ -150,6 +153,11 @@ def snapshot(trace: RoutingTrace, start: int) -> TraceSlice | None:
         int(trace.n_prompt_tokens),
         int(trace.truncated),
         trace.point_estimate,
+        {
+            "output_text": trace.output_text,
+            "realized_cost": _finite_or_none(trace.realized_cost),
+            "flops_ratio": _finite_or_none(trace.attention_flops_ratio),
+        },
     )
 
 
@@ -186,6 +194,7 @@ def merge_slices(slices: list[tuple[str, TraceSlice]]) -> list[tuple[str, TraceS
                     n_prompt_tokens=last.n_prompt_tokens,
                     truncated=last.truncated,
                     point_estimate=last.point_estimate,
+                    so_far=last.so_far,
                 ),
             )
         )

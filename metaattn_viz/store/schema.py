@@ -191,7 +191,15 @@ FINAL_COLUMNS = (
     "timings",
     "error",
 )
-PROGRESS_COLUMNS = ("n_tokens", "n_prompt_tokens", "truncated")
+PROGRESS_COLUMNS = (
+    "n_tokens",
+    "n_prompt_tokens",
+    "truncated",
+    "output_text",
+    "realized_cost",
+    "flops_ratio",
+    "wall_ms",
+)
 
 
 def create_table(name: str, columns: tuple[Column, ...], version: int = 1) -> str:

@@ -140,6 +140,7 @@ class Database:
                 )
             rows = codec.snapshot(trace, st.queued)
             if rows is not None:
+                rows.so_far["wall_ms"] = (time.monotonic() - st.started) * 1e3  # so far
                 self._submit(run_id, rows=rows)
                 st.queued = rows.end
             return st.queued
@@ -295,6 +296,7 @@ def _write(cur: duckdb.DuckDBPyConnection, work: list[_Work]) -> None:
     finals: dict[str, dict[str, Any]] = {}
     for rid, s in slices:  # in queue order: the last slice of a run wins
         fields = {"n_tokens": s.end, "n_prompt_tokens": s.n_prompt_tokens, "truncated": s.truncated}
+        fields.update(s.so_far)  # the text and measures so far (a finish's final fields follow)
         if rid in new_runs:
             new_runs[rid].update(fields)
         else:
