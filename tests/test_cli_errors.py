@@ -113,6 +113,8 @@ def test_export_of_a_log_that_is_not_there_leaves_no_folder(tmp_path, capsys):
         (["eval", "--data", DATA, "--calib-windows", "0"], "argument --calib-windows: must be"),
         (["route", "--prompt", "hi", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be"),
         (["route", "--prompt", "hi", "--seed", "-3"], "argument --seed: must be a whole number >= 0"),
+        (["route", "--prompt", "hi", "--db", ""], "argument --db: is empty: give a path"),
+        (["serve", "--db", " "], "argument --db: is empty"),
     ],
 )
 def test_malformed_numbers_are_refused_naming_the_flag(args, message, capsys):

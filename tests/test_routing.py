@@ -33,6 +33,9 @@ def random_ids(n, seed=0, vocab=250):
         (dict(budget=float("nan")), "budget"),
         (dict(budget=float("inf")), "budget"),
         (dict(budget="lots"), "budget must be a number"),
+        (dict(budget="0.3"), "budget must be a number .*got '0.3'"),  # text is no number here
+        (dict(budget=True), "budget must be a number .*got True"),  # nor a flag 1.0
+        (dict(hedge_threshold=False), "hedge_threshold must be a number"),
         (dict(window=0), r"window must be a whole number in \[1,"),
         (dict(window=2.5), "window"),
         (dict(n_sink=-1), "n_sink"),

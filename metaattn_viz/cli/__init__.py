@@ -82,6 +82,14 @@ def _whole(lo: int, hi: int | None = None):
     return parse
 
 
+def _path(text: str) -> str:
+    """An argparse type: a path that is not empty (an empty --db would quietly mean the
+    default log)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a path")
+    return text
+
+
 class UserError(Exception):
     """A problem the user can fix (bad setting, missing file, missing model)."""
 
@@ -146,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 on HF Spaces)")
     p.add_argument("--port", type=int, default=None, help="port (default 7860, or $PORT)")
     _add_model_args(p, several=True)
-    p.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
+    p.add_argument("--db", type=_path, default=None, help="routing log database (env METAATTN_DB)")
     p.add_argument("--no-log", action="store_true", help="do not log runs to DuckDB")
     p.add_argument(
         "--public",
@@ -160,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="export the routing log as Parquet or CSV, partitioned by day (hive style)"
     )
-    p.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
+    p.add_argument("--db", type=_path, default=None, help="routing log database (env METAATTN_DB)")
     p.add_argument("--out", required=True, help="output folder (runs/, tokens/, routes/ ...)")
     _add_choice(p, "--format", "metaattn_viz.store", "EXPORT_FORMATS", default="parquet")
     p.set_defaults(handler=_cmd_export)
@@ -293,7 +301,7 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
 
 def _add_db_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--db", default=None, help="routing log database (env METAATTN_DB)")
+    g.add_argument("--db", type=_path, default=None, help="routing log database (env METAATTN_DB)")
     g.add_argument("--no-log", action="store_true", help="do not log this run")
 
 

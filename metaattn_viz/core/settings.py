@@ -42,6 +42,8 @@ COST_MODELS = ("notional", "flops")
 def _finite(
     name: str, value, lo: float | None = None, hi: float | None = None, what: str | None = None
 ) -> float:
+    if isinstance(value, (bool, str, bytes)):  # True is not 1.0, nor "0.3" a number: say so
+        raise ValueError(f"{name} must be a number{_range(lo, hi, what)}, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
