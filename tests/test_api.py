@@ -316,7 +316,7 @@ def test_calibrate_refuses_bad_input_and_an_interrupted_run_installs_nothing(tmp
         mav.calibrate(routed, tmp_path / "nope.txt", **fast)
     with pytest.raises(ValueError, match="controller must be one of bayes, priorfree"):
         mav.calibrate(routed, TEXTS, controller="nope", **fast)
-    with pytest.raises(ValueError, match="--steps must be a whole number"):
+    with pytest.raises(ValueError, match=r"steps \(--steps\) must be a whole number"):
         mav.calibrate(routed, TEXTS, **{**fast, "steps": 0})
     with pytest.raises(TypeError, match="learning_rate"):
         mav.calibrate(routed, TEXTS, learning_rate=0.1, **fast)

@@ -134,7 +134,7 @@ def test_calibrate_with_learned_maps_attention_features_and_targets_on_a_tiny_mo
 @pytest.mark.parametrize(
     "flags, match",
     [
-        (["--features", "base,magic"], "--features must name base"),
+        (["--features", "base,magic"], "features (--features) must name base"),
         (["--train-budgets", "0.5,2"], "budget"),
         (["--aux-weight", "-1"], "aux_weight must be a finite number >= 0"),
     ],

@@ -98,11 +98,13 @@ class CalibrationConfig:
 
     def __post_init__(self):
         if self.controller not in CONTROLLER_KINDS:
-            raise ValueError(f"--controller must be bayes or priorfree, got {self.controller!r}")
+            raise ValueError(f"controller (--controller) must be bayes or priorfree, got {self.controller!r}")
         for name in ("steps", "batch_size", "seq_len", "val_windows"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(
+                    f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {v!r}"
+                )
         for name in (
             "lr",
             "beta_kl",
@@ -116,13 +118,18 @@ class CalibrationConfig:
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.linear_map not in LINEAR_MAPS:
-            raise ValueError(f"--linear-map must be one of {', '.join(LINEAR_MAPS)}, got {self.linear_map!r}")
+            raise ValueError(
+                f"linear_map (--linear-map) must be one of {', '.join(LINEAR_MAPS)}, got {self.linear_map!r}"
+            )
         if self.aux_scope not in AUX_SCOPES:
-            raise ValueError(f"--aux-scope must be one of {', '.join(AUX_SCOPES)}, got {self.aux_scope!r}")
+            raise ValueError(
+                f"aux_scope (--aux-scope) must be one of {', '.join(AUX_SCOPES)}, got {self.aux_scope!r}"
+            )
         self.features = tuple(self.features)
         if "base" not in self.features or any(f not in FEATURE_GROUPS for f in self.features):
             raise ValueError(
-                f"--features must name base and any of {', '.join(FEATURE_GROUPS)}, got {self.features}"
+                f"features (--features) must name base and any of {', '.join(FEATURE_GROUPS)}, "
+                f"got {self.features}"
             )
         self.train_budgets = tuple(float(b) for b in self.train_budgets)
         if any(not (math.isfinite(b) and min(COSTS) <= b <= 1.0) for b in self.train_budgets):
