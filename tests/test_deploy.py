@@ -508,3 +508,10 @@ def test_zerogpu_places_the_model_on_the_gpu_like_any_other_hardware(offline, bu
         built = build_plan(parse_manifest(_raw()), ROOT, space="a/b", hardware=hardware)
         assert built.runtime == runtime and "METAATTN_DEVICE" not in built.variables
         assert not any("@spaces.GPU" in w or "METAATTN_DEVICE" in w for w in built.warnings)
+
+
+def test_a_manifest_that_is_not_text_is_refused_naming_the_file(tmp_path):
+    binary = tmp_path / "Spacefile.bin"
+    binary.write_bytes(b"hardware: cpu-basic\n\xe2\x28\xa1\n")
+    with pytest.raises(ManifestError, match=rf"{binary}: field '\(file\)': not UTF-8 text \(byte 20\)"):
+        load_manifest(binary)

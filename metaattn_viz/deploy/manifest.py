@@ -129,6 +129,8 @@ def load_manifest(path: Path) -> Manifest:
         raise ManifestError("(file)", f"{path} does not exist", str(path)) from None
     except yaml.YAMLError as exc:
         raise ManifestError("(file)", f"not valid YAML ({exc})", str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError("(file)", f"not UTF-8 text (byte {exc.start})", str(path)) from None
     return parse_manifest(raw, source=str(path))
 
 
