@@ -9,22 +9,32 @@ results), and remembers what fitted for that kernel, device and specialisation, 
 launches (and a CUDA graph capture) go straight to it.
 
 Fewer stages do not shrink everything: on a T4 (sm_75, 64 KiB, no asynchronous copies) the
-linear expert's kernels need more than 64 KiB at head dim 128 whatever the stages, and the
-last OutOfResources is raised (the routed model then keeps to the PyTorch path:
-metaattn_viz/routing/device.py). `python -m metaattn_viz.bench.compile_check` compiles every
-launch for each GPU without one (docs/benchmarks.md).
+routed linear kernel's [128, 128] float32 state tile needs more than 64 KiB at head dim 128
+whatever the stages. A launch site may therefore name `smaller` plans, tiles that need
+less over a grid with more programs (kernels/triton_routed.py: half the query slots and
+half the output columns per program), which `launch` tries in turn, again from 3 stages
+down, and remembers. Where nothing fits (a T4 at head dim 128 in float32, where the
+softmax experts' tiles alone need 80 KiB) the last OutOfResources is raised, and the routed
+model keeps to the PyTorch path (metaattn_viz/routing/device.py).
+`python -m metaattn_viz.bench.compile_check` compiles every launch for each GPU without one
+(docs/benchmarks.md).
 
-Under TRITON_INTERPRET=1 there is no shared memory and `num_stages` is ignored.
+Under TRITON_INTERPRET=1 there is no shared memory: `num_stages` and `smaller` are ignored
+(tests/test_kernels_triton.py stands in a refusing GPU to run the smaller plans there).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from triton.runtime.errors import OutOfResources
 
 from metaattn_kernels.checks import triton_interpreted
 
 STAGES = (3, 2, 1)  # tried in this order; 3 is Triton's default on NVIDIA GPUs
-_fitted: dict[tuple, int] = {}  # (kernel, device, specialisation) -> the stages that fitted
+# (kernel, device, specialisation) -> (the plan, the stages) that fitted: 0 is the given tiles,
+# then each of `smaller`
+_fitted: dict[tuple, tuple[int, int]] = {}
 
 
 def _device() -> object:
@@ -33,8 +43,11 @@ def _device() -> object:
     return driver.active.get_current_device()
 
 
-def launch(kernel, grid, *args, **constexprs) -> None:
-    """kernel[grid](*args, **constexprs) at the most stages of STAGES that fit the GPU."""
+def launch(kernel, grid, *args, smaller: Sequence[tuple] = (), **constexprs) -> None:
+    """kernel[grid](*args, **constexprs) at the most stages of STAGES that fit the GPU; where
+    none fits, each of ``smaller`` in turn, (grid, the constexprs it changes): smaller tiles
+    over a larger grid, again at the most stages that fit. Raises the last OutOfResources
+    when nothing fits."""
     if triton_interpreted():
         kernel[grid](*args, **constexprs)
         return
@@ -42,14 +55,22 @@ def launch(kernel, grid, *args, **constexprs) -> None:
     # the kernel, the GPU, the inputs' dtype (the first argument is a tensor at every launch
     # site) and the constexprs (each call site passes them in one order)
     key = (kernel, _device(), args[0].dtype, tuple(constexprs.values()))
-    start = _fitted.get(key, STAGES[0])  # what fitted last time (another specialisation may need fewer)
-    tries = [s for s in STAGES if s <= start]
-    for stages in tries:
+    plans = [(grid, constexprs)] + [(g, {**constexprs, **changed}) for g, changed in smaller]
+    # from what fitted last time (another specialisation may need fewer stages)
+    first_plan, first_stages = _fitted.get(key, (0, STAGES[0]))
+    tries = [
+        (i, stages)
+        for i in range(first_plan, len(plans))
+        for stages in STAGES
+        if i > first_plan or stages <= first_stages
+    ]
+    for n, (i, stages) in enumerate(tries):
+        g, c = plans[i]
         try:
-            kernel[grid](*args, num_stages=stages, **constexprs)
+            kernel[g](*args, num_stages=stages, **c)
         except OutOfResources:
-            if stages == tries[-1]:
+            if n == len(tries) - 1:
                 raise
             continue
-        _fitted[key] = stages
+        _fitted[key] = (i, stages)
         return

@@ -143,14 +143,20 @@ def routed_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     IEEE: tl.constexpr,
     MAPPED: tl.constexpr,
 ):
     """Out[b, h, task] = linear attention of the task's row. SB/ZB [B, Hkv, nC, D(, D)]: the state
-    before chunk c."""
+    before chunk c. Each program writes BLOCK_DV of the output's columns (the third grid axis
+    picks which): BLOCK_D where the state's [BLOCK_D, BLOCK_D] tile fits the GPU's shared
+    memory, else a fraction (the features and the normaliser are then computed once per
+    column block)."""
     BR: tl.constexpr = BLOCK_M // HG
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    offs_v = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_ok = offs_v < head_dim
     n_hg = (groups + HG - 1) // HG
     b = pid_bh // (hkv * n_hg)
     kvh = (pid_bh // n_hg) % hkv
@@ -182,13 +188,13 @@ def routed_linear_kernel(
     pq = tl.where(d_ok[None, :], _features(q.to(tl.float32), MAPPED), 0.0)  # [BM, BD]
     st = (b * hkv + kvh) * n_chunks + c
     s = tl.load(
-        SB + st * head_dim * head_dim + offs_d[:, None] * head_dim + offs_d[None, :],
-        mask=d_ok[:, None] & d_ok[None, :],
+        SB + st * head_dim * head_dim + offs_d[:, None] * head_dim + offs_v[None, :],
+        mask=d_ok[:, None] & v_ok[None, :],
         other=0.0,
-    )  # [BD, BD]
+    )  # [BD, BDV]
     z = tl.load(ZB + st * head_dim + offs_d, mask=d_ok, other=0.0)  # [BD]
     if IEEE:
-        num = tl.dot(pq, s, input_precision="ieee")  # [BM, BD]
+        num = tl.dot(pq, s, input_precision="ieee")  # [BM, BDV]
     else:
         num = tl.dot(pq, s)
     den = tl.sum(pq * z[None, :], 1)  # [BM]
@@ -198,8 +204,8 @@ def routed_linear_kernel(
         k_ptrs = K + b * stride_kb + kvh * stride_kh + n[None, :] * stride_kt + offs_d[:, None] * stride_kd
         kt = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # [BD, BN]
         pkt = tl.where(d_ok[:, None], _features(kt, MAPPED), 0.0)
-        v_ptrs = V + b * stride_vb + kvh * stride_vh + n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BN, BD]
+        v_ptrs = V + b * stride_vb + kvh * stride_vh + n[:, None] * stride_vt + offs_v[None, :] * stride_vd
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # [BN, BDV]
         if IEEE:
             a = tl.dot(pq, pkt, input_precision="ieee")  # [BM, BN]
         else:
@@ -212,7 +218,7 @@ def routed_linear_kernel(
         den += tl.sum(a, 1)
     o = num / (den[:, None] + eps)
     tl.store(
-        Out + b * stride_ob + head[:, None] * stride_oh + task[:, None] * stride_ot + offs_d[None, :],
+        Out + b * stride_ob + head[:, None] * stride_oh + task[:, None] * stride_ot + offs_v[None, :],
         o,
-        mask=head_ok[:, None] & d_ok[None, :],
+        mask=head_ok[:, None] & v_ok[None, :],
     )

@@ -1,8 +1,9 @@
 """Whether the Triton kernels fit a GPU for one head layout and dtype, found by trying.
 
 What a kernel build needs in shared memory depends on the head dim, the dtype and the GPU
-(kernels/triton_launch.py tries fewer pipeline stages first). Where even that does not fit
-(a T4 at head dim 128), Triton refuses the launch with OutOfResources before it runs.
+(kernels/triton_launch.py tries fewer pipeline stages first, then smaller tiles where a
+launch site offers them). Where even that does not fit (a T4 at head dim 128 in float32),
+Triton refuses the launch with OutOfResources before it runs.
 `routed_launches` makes each kind of launch the routed model makes (a prefill with every
 expert and hedged rows, a one-row step with a linear state, a decode step on the device) on
 a few tokens of the given layout and device; `misfit` says what Triton refused when one is

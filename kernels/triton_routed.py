@@ -107,6 +107,18 @@ def _task_rows(active: torch.Tensor, rows_per_block: int):
     return rows.to(torch.int32).contiguous(), valid, rows.shape[1]
 
 
+def _linear_tiles_smaller(n_rows: int, n_heads: int, hg: int, block_m: int, block_d: int) -> list:
+    """The linear launch's fallback where its tiles do not fit the GPU's shared memory even at
+    one pipeline stage (a T4 at head dim 128, kernels/triton_launch.py): (grid, constexprs)
+    with half the query slots (not below 16, tl.dot's least) and half the output columns
+    per program, over a grid with more blocks and a third axis for the column blocks. The
+    rows stay padded for the larger block, a multiple of the smaller one."""
+    if block_d < 128:
+        return []
+    bm = max(16, block_m // 2)
+    return [((n_rows // (bm // hg), n_heads, 2), dict(BLOCK_M=bm, BLOCK_DV=block_d // 2))]
+
+
 def _slots(rows, valid, offset, b, tq, device):
     """[B, Tq] slot of each row's output in its expert's buffer, -1 where the expert is not used."""
     slot = torch.full((b, tq + 1), -1, dtype=torch.int32, device=device)
@@ -238,7 +250,7 @@ def routed_attention_triton(
         z_before = (z0[:, :, None] + cum_z - kz).contiguous()
         launch(
             routed_linear_kernel,
-            (n_n // br, b * hkv * n_hg),
+            (n_n // br, b * hkv * n_hg, 1),
             lq,
             lk,
             lv,
@@ -259,10 +271,12 @@ def routed_attention_triton(
             hkv,
             g,
             d,
+            smaller=_linear_tiles_smaller(n_n, b * hkv * n_hg, hg, block_m, block_d),
             HG=hg,
             BLOCK_M=block_m,
             BLOCK_N=BLOCK_N,
             BLOCK_D=block_d,
+            BLOCK_DV=block_d,
             IEEE=ieee,
             MAPPED=mapped,
         )

@@ -32,8 +32,11 @@ from metaattn_kernels.triton_probe import misfit
 from metaattn_kernels.triton_routed import routed_attention_triton
 
 cpu, out = torch.device("cpu"), {}
-with compile_only(75):  # a T4: 64 KiB of shared memory per block
-    out["t4_d128"] = misfit(32, 8, 128, torch.bfloat16, cpu, window=64, n_sink=4)
+with compile_only(75) as launches:  # a T4: 64 KiB of shared memory per block
+    out["t4_d128"] = misfit(32, 8, 128, torch.float32, cpu, window=64, n_sink=4)
+    del launches[:]
+    out["t4_d128_half"] = misfit(32, 8, 128, torch.float16, cpu, window=64, n_sink=4)
+out["t4_half"] = [(x.kernel, x.num_stages, x.shared, x.grid) for x in launches]
 with compile_only(86) as launches:  # an A10G, 99 KiB: a float32 prefill at head dim 128
     q, k, v = (torch.randn(1, h, 72, 128) for h in (32, 8, 8))
     routed_attention_triton(q, k, v, torch.full((1, 72, 3), 1 / 3), window=64, n_sink=4)
@@ -63,9 +66,19 @@ def compiled():
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_a_t4_cannot_hold_head_dim_128_and_the_probe_says_why(compiled):
+def test_a_t4_cannot_hold_head_dim_128_in_float32_and_the_probe_says_why(compiled):
     assert compiled["t4_d128"] is not None and "shared memory" in compiled["t4_d128"]
     assert "65536" in compiled["t4_d128"]  # the T4's limit, as Triton reports it
+
+
+def test_a_t4_holds_head_dim_128_in_float16_with_smaller_linear_tiles(compiled):
+    """In 16-bit every launch fits a T4: the routed linear kernel's in half the query slots
+    and half the output columns per program (a column axis of 2 in its grid)."""
+    assert compiled["t4_d128_half"] is None
+    launches = compiled["t4_half"]
+    assert all(shared <= compiled["max_shared"]["75"] for _, _, shared, _ in launches)
+    linear = [grid for kernel, _, _, grid in launches if kernel == "routed_linear_kernel"]
+    assert linear and all(grid[2] == 2 for grid in linear)
 
 
 def test_fewer_pipeline_stages_where_three_do_not_fit(compiled):
@@ -141,8 +154,8 @@ def test_threads_a_block_may_have_for_its_registers(regs, threads):
 
 
 # -- the routed model's backend where the kernels do not fit -----------------------------------
-CUDA = device_mod.Placement("cuda:0", "bfloat16")
-T4_REASON = "out of resource: shared memory, Required: 98304, Hardware limit: 65536."
+CUDA = device_mod.Placement("cuda:0", "float32")  # a T4 at head dim 128 in float32 refuses the kernels
+T4_REASON = "shared memory: needs 82176 bytes per block, the GPU has 65536"  # (triton_probe.misfit's words)
 
 
 def _misfit(monkeypatch, reason):
@@ -165,7 +178,7 @@ def test_auto_keeps_to_pytorch_on_a_gpu_the_kernels_do_not_fit(monkeypatch):
     backend, notice = device_mod.fit_backend("auto", CUDA, (32, 8, 128))
     assert backend == "cpu" and "PyTorch path" in notice and "65536" in notice and "dim 128" in notice
     args, kw = calls[0]
-    assert args[:4] == (32, 8, 128, torch.bfloat16) and str(args[4]) == "cuda:0"
+    assert args[:4] == (32, 8, 128, torch.float32) and str(args[4]) == "cuda:0"
     assert device_mod.fit_backend("auto", CUDA, (32, 8, 128)) == (backend, notice)
     assert len(calls) == 1  # tried once per process: the probe compiles kernels
 
@@ -230,19 +243,22 @@ def test_the_report_table_says_what_fitted_per_gpu():
         return r if ok else {**r, "error": error}
 
     refused = "OutOfResources: out of resource: shared memory, Required: 98304, Hardware limit: 65536."
+    split = {"kernel": "routed_linear_kernel", "num_stages": 3, "grid": [2, 32, 2]}
     table = markdown_table(
         [
             res(75, "bfloat16", ok=False, stages=(3,), error=refused),
             res(86, "bfloat16", stages=(3, 1, 2)),
             res(90, "bfloat16"),
             {**res(90, "bfloat16", stages=(2,)), "map": "learned"},  # one cell: both maps, the least stages
+            res(75, "float16", stages=(3,)),
+            {**res(75, "float16"), "launches": [split]},  # the linear kernel's smaller plan
         ]
     ).splitlines()
-    assert table[0] == "| GPU | llama-d128, bfloat16 |"
+    assert table[0] == "| GPU | llama-d128, bfloat16 | llama-d128, float16 |"
     assert table[2:] == [
-        "| sm_75 (T4, 64 KiB) | no: 96 KiB |",
-        "| sm_86 (A10G, 99 KiB) | ok, 1 stage |",
-        "| sm_90 (H100, H200, 227 KiB) | ok, 2 stages |",
+        "| sm_75 (T4, 64 KiB) | no: 96 KiB | ok, smaller linear tiles |",
+        "| sm_86 (A10G, 99 KiB) | ok, 1 stage | not compiled |",
+        "| sm_90 (H100, H200, 227 KiB) | ok, 2 stages | not compiled |",
     ]
 
 

@@ -169,3 +169,68 @@ def test_auto_backend_is_triton_on_cuda():
 
     q, k, v = to_dev(*make_qkv(tq=5))
     assert kernels.resolve_backend("auto", q, k, v) == "triton"
+
+
+class _RefusingLargeTiles:
+    """A Triton kernel as a GPU with too little shared memory runs it: launches whose output
+    columns per program (BLOCK_DV) are the whole head dim are refused with OutOfResources
+    (what a T4 does at head dim 128 in 16-bit, docs/benchmarks.md); the others run. Records
+    each launch's (grid, BLOCK_M, BLOCK_DV, num_stages)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def run(*args, num_stages=None, **constexprs):
+            self.launches.append((tuple(grid), constexprs["BLOCK_M"], constexprs["BLOCK_DV"], num_stages))
+            if constexprs["BLOCK_DV"] == constexprs["BLOCK_D"]:
+                raise OutOfResources(98304, 65536, "shared memory")
+            self.kernel[grid](*args, **constexprs)
+
+        return run
+
+
+@in_this_process
+def test_triton_linear_takes_smaller_tiles_where_the_gpu_refuses_the_larger(monkeypatch):
+    """Head dim 128 on a GPU that refuses the linear kernel's [128, 128] state tile at every
+    pipeline stage: `launch` goes on to half the query slots and half the output columns
+    per program over a grid with a column axis, remembers that, and the results are the
+    reference's (a prefill with hedged rows, then one row with the linear state)."""
+    import metaattn_kernels.triton_launch as launching
+    import metaattn_kernels.triton_routed as routed
+
+    refusing = _RefusingLargeTiles(routed.routed_linear_kernel)
+    monkeypatch.setattr(routed, "routed_linear_kernel", refusing)
+    monkeypatch.setattr(launching, "triton_interpreted", lambda: False)  # the ladder runs on a CPU too
+    monkeypatch.setattr(launching, "_device", lambda: "a GPU with 64 KiB per block")
+    q, k, v = to_dev(*make_qkv(b=1, hq=4, hkv=2, tq=40, d=128, seed=3))
+    w = make_weights("hedged", 1, 40).to(DEV)
+    kw = dict(window=8, n_sink=4)
+    y_ref, state_ref = run("reference", q, k, v, w, **kw)
+    y, state = run("triton", q, k, v, w, **kw)
+    assert max_err(y, y_ref) <= TOL and max_err(state[0], state_ref[0]) <= 1e-3
+    # the whole-tile plan at 3, 2 and 1 stages, then the smaller one at 3 stages
+    prefill = refusing.launches
+    assert [(m, dv, st) for _, m, dv, st in prefill] == [
+        (64, 128, 3),
+        (64, 128, 2),
+        (64, 128, 1),
+        (32, 64, 3),
+    ]
+    assert (
+        prefill[-1][0][0] == 2 * prefill[0][0][0] and prefill[-1][0][2] == 2
+    )  # twice the blocks, 2 column blocks
+    refusing.launches = []
+    again, _ = run("triton", q, k, v, w, **kw)  # remembered: the smaller plan straight away
+    assert [(m, dv, st) for _, m, dv, st in refusing.launches] == [(32, 64, 3)]
+    assert torch.equal(again, y)
+    # one query row after a state, hedged over all three experts (its query heads packed in
+    # 16 slots: not halved below tl.dot's least), against the reference's
+    refusing.launches = []
+    _, before = run("reference", q[:, :, :39], k[:, :, :39], v[:, :, :39], w[:, :39], **kw)
+    last = (q[:, :, 39:], k, v, torch.full((1, 1, 3), 1 / 3, device=DEV))
+    y_last, _ = run("triton", *last, linear_state=before, **kw)
+    assert [(m, dv) for _, m, dv, _ in refusing.launches][-1] == (16, 64)
+    assert max_err(y_last, run("reference", *last, linear_state=before, **kw)[0]) <= TOL

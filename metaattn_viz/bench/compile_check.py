@@ -11,7 +11,7 @@ A launch that would not run on that GPU (a compilation error, too much shared me
 many registers for its threads) is reported. The exit code is 1 where one is a defect: a
 build that fails for any other reason than shared memory, or the shipped model's layout
 refused on any GPU. A layout of another model refused for shared memory (a T4 at head dim
-128) is what the routed model meets by keeping to the PyTorch path on that GPU
+128 in float32) is what the routed model meets by keeping to the PyTorch path on that GPU
 (metaattn_viz/routing/device.py, fit_backend), so it is reported, not failed.
 
 The launches, per GPU, dtype, head layout and linear feature map, are those of
@@ -137,7 +137,9 @@ def is_defect(res: dict) -> bool:
 def markdown_table(results: list[dict]) -> str:
     """A GPU x (layout, dtype) table of the results, both linear maps in a cell: "ok" (3
     pipeline stages), "ok, 2 stages" / "ok, 1 stage" where fewer fitted (the least any
-    launch took), or "no: N KiB" (the shared memory the first refused launch asked for)."""
+    launch took), with ", smaller linear tiles" where the routed linear kernel took its
+    smaller plan (kernels/triton_routed.py), or "no: N KiB" (the shared memory the first
+    refused launch asked for)."""
     cols = list(dict.fromkeys((r["layout"], r["dtype"]) for r in results))
     archs = list(dict.fromkeys(r["arch"] for r in results))
     lines = [
@@ -149,14 +151,27 @@ def markdown_table(results: list[dict]) -> str:
         for col in cols:
             group = [r for r in results if r["arch"] == arch and (r["layout"], r["dtype"]) == col]
             bad = [r for r in group if not r["ok"]]
+            if not group:  # not asked for on this GPU
+                cells.append("not compiled")
+                continue
             if bad:
                 asked = re.search(r"Required: (\d+)", bad[0]["error"])
                 cells.append(f"no: {int(asked.group(1)) // 1024} KiB" if asked else "no")
                 continue
             least = min((x["num_stages"] for r in group for x in r["launches"]), default=3)
-            cells.append("ok" if least == 3 else f"ok, {least} stage{'s' if least > 1 else ''}")
+            cell = "ok" if least == 3 else f"ok, {least} stage{'s' if least > 1 else ''}"
+            if any(_split_columns(x) for r in group for x in r["launches"]):
+                cell += ", smaller linear tiles"
+            cells.append(cell)
         lines.append(f"| sm_{arch} ({GPUS[arch]}, {_shared_kib(arch)} KiB) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _split_columns(launch: dict) -> bool:
+    """Whether a launch is the routed linear kernel's smaller plan: its grid has more than
+    one block of output columns (a third axis above 1)."""
+    grid = launch.get("grid") or (1, 1, 1)
+    return launch.get("kernel") == "routed_linear_kernel" and len(grid) > 2 and grid[2] > 1
 
 
 def _shared_kib(arch: int) -> int:
