@@ -153,5 +153,30 @@ def test_route_refuses_bytes_that_are_not_utf8_and_keeps_its_result_when_the_log
     out = _cli("route", "--prompt", "The cat sat", "--db", str(odd), "--json")
     err = out.stderr.decode()
     assert out.returncode == 0, err[-2000:]
-    assert f"warning: run not logged to {odd}" in err
+    assert "warning: run not logged" in err and "not a metaattn-viz routing log" in err
     assert b'"token_ids"' in out.stdout
+
+
+def test_whatever_the_log_raises_route_keeps_its_trace(monkeypatch, capsys, tmp_path):
+    """The failures no check foresaw (not StoreUnavailable) are a warning naming the log."""
+    from helpers import synthetic_trace
+
+    import metaattn_viz.cli as cli
+    from metaattn_viz import store
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk said no")
+
+    monkeypatch.setattr(store, "RunLog", broken)
+    assert cli._log_trace(synthetic_trace(n_layers=2, n_tokens=3), tmp_path / "log.duckdb") is None
+    err = capsys.readouterr().err
+    assert f"warning: run not logged to {tmp_path / 'log.duckdb'}: RuntimeError: the disk said no" in err
+
+
+def test_a_read_only_command_is_not_told_to_run_without_a_log(tmp_path, capsys):
+    junk = tmp_path / "junk.duckdb"
+    junk.write_bytes(os.urandom(4096))
+    assert main(["export", "--db", str(junk), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a DuckDB database" in err and "pass --db with another path" in err
+    assert "--no-log" not in err  # export has no such flag

@@ -28,24 +28,28 @@ CHECKPOINT_THRESHOLD = "64MB"
 RECOVERED_ERROR = "the process writing this run ended while it was streaming (found on open)"
 
 
-def _unavailable(path: Path, exc: BaseException) -> StoreUnavailable:
+def _elsewhere(read_only: bool) -> str:
+    """What to do instead: another --db, or (for a command that writes the log) no log."""
+    return "pass --db with another path" + ("" if read_only else ", or --no-log to run without logging")
+
+
+def _unavailable(path: Path, exc: BaseException, read_only: bool) -> StoreUnavailable:
     text = str(exc)
     if "lock" in text.lower():
         holder = text.split("Conflicting lock is held in", 1)[-1].split(". See also")[0].strip()
         who = f" ({holder})" if holder and holder != text else ""
         return StoreUnavailable(
             f"routing log {path} is in use by another process{who}. DuckDB allows one "
-            "process per database file: stop that process, or pass --db with another path, "
-            "or --no-log to run without logging."
+            f"process per database file: stop that process, or {_elsewhere(read_only)}."
         )
     if "not a valid DuckDB database" in text:
         return StoreUnavailable(
             f"{path} is not a DuckDB database (the file was left untouched). Move it away, "
-            "or pass --db with another path, or --no-log to run without logging."
+            f"or {_elsewhere(read_only)}."
         )
     return StoreUnavailable(
-        f"cannot open routing log {path}: {text}. Pass --db with another path, or --no-log "
-        "to run without logging (the file was left untouched)."
+        f"cannot open routing log {path}: {text}. To go on, {_elsewhere(read_only)} (the file "
+        "was left untouched)."
     )
 
 
@@ -71,7 +75,7 @@ def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
             str(path), read_only=read_only, config={"checkpoint_threshold": CHECKPOINT_THRESHOLD}
         )
     except duckdb.Error as exc:
-        raise _unavailable(path, exc) from exc
+        raise _unavailable(path, exc, read_only) from exc
 
 
 def _version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
@@ -79,7 +83,15 @@ def _version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     tables = {r[0] for r in con.execute(Q.TABLES_IN_MAIN).fetchall()}
     if "schema_version" in tables:
         row = con.execute(Q.SCHEMA_VERSION).fetchone()
-        return int(row[0] or 0) if row is not None else 0
+        value = row[0] if row is not None else None
+        try:
+            return int(value or 0)
+        except (TypeError, ValueError):  # a table of that name that is not ours
+            raise StoreUnavailable(
+                f"{path} has a schema_version table whose version is {value!r}, not a number: "
+                "it is not a metaattn-viz routing log (it was left untouched). Pass --db with "
+                "another path, or --no-log."
+            ) from None
     if tables:
         raise StoreUnavailable(
             f"{path} is a DuckDB database but not a metaattn-viz routing log (it has tables "
