@@ -202,6 +202,9 @@ def _softmax_expert(q, k, v, weights, w_index, n_first, second_start, n_keys, sc
         float(scale),
         W_INDEX=w_index,
         IEEE=ieee,
+        # where a GPU cannot hold the tiles (a T4 at head dim 128 in float32): half the keys
+        # per inner step, the same grid (splits are whole blocks of BLOCK_N, so of half)
+        smaller=[((b * hkv, n_splits), dict(BLOCK_N=BLOCK_N // 2))] if d >= 128 else [],
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(d)),

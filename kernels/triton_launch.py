@@ -11,11 +11,13 @@ launches (and a CUDA graph capture) go straight to it.
 Fewer stages do not shrink everything: on a T4 (sm_75, 64 KiB, no asynchronous copies) the
 routed linear kernel's [128, 128] float32 state tile needs more than 64 KiB at head dim 128
 whatever the stages. A launch site may therefore name `smaller` plans, tiles that need
-less over a grid with more programs (kernels/triton_routed.py: half the query slots and
-half the output columns per program), which `launch` tries in turn, again from 3 stages
-down, and remembers. Where nothing fits (a T4 at head dim 128 in float32, where the
-softmax experts' tiles alone need 80 KiB) the last OutOfResources is raised, and the routed
-model keeps to the PyTorch path (metaattn_viz/routing/device.py).
+less, which `launch` tries in turn, again from 3 stages down, and remembers:
+kernels/triton_routed.py halves the linear kernel's query slots and output columns per
+program over a grid with more programs (twice at head dim 256), and the softmax kernels
+(there and in kernels/triton_decode.py) take half the keys per inner step over the same
+grid. Where nothing fits (head dim 256 on a T4, whose linear chunk states alone need
+96 KiB) the last OutOfResources is raised, and the routed model keeps to the PyTorch path
+(metaattn_viz/routing/device.py).
 `python -m metaattn_viz.bench.compile_check` compiles every launch for each GPU without one
 (docs/benchmarks.md).
 

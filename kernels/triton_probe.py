@@ -2,7 +2,7 @@
 
 What a kernel build needs in shared memory depends on the head dim, the dtype and the GPU
 (kernels/triton_launch.py tries fewer pipeline stages first, then smaller tiles where a
-launch site offers them). Where even that does not fit (a T4 at head dim 128 in float32),
+launch site offers them). Where even that does not fit (head dim 256 on a T4),
 Triton refuses the launch with OutOfResources before it runs.
 `routed_launches` makes each kind of launch the routed model makes (a prefill with every
 expert and hedged rows, a one-row step with a linear state, a decode step on the device) on

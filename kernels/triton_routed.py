@@ -107,16 +107,25 @@ def _task_rows(active: torch.Tensor, rows_per_block: int):
     return rows.to(torch.int32).contiguous(), valid, rows.shape[1]
 
 
+def _softmax_keys_fewer(grid: tuple, block_d: int) -> list:
+    """The softmax launch's fallback where its tiles do not fit the GPU's shared memory even
+    at one stage (a T4 at head dim 128 in float32): half the keys per inner step, over the
+    same grid (a block's rows and their outputs do not depend on it)."""
+    return [(grid, dict(BLOCK_N=BLOCK_N // 2))] if block_d >= 128 else []
+
+
 def _linear_tiles_smaller(n_rows: int, n_heads: int, hg: int, block_m: int, block_d: int) -> list:
-    """The linear launch's fallback where its tiles do not fit the GPU's shared memory even at
-    one pipeline stage (a T4 at head dim 128, kernels/triton_launch.py): (grid, constexprs)
-    with half the query slots (not below 16, tl.dot's least) and half the output columns
-    per program, over a grid with more blocks and a third axis for the column blocks. The
-    rows stay padded for the larger block, a multiple of the smaller one."""
-    if block_d < 128:
-        return []
-    bm = max(16, block_m // 2)
-    return [((n_rows // (bm // hg), n_heads, 2), dict(BLOCK_M=bm, BLOCK_DV=block_d // 2))]
+    """The linear launch's fallbacks where its tiles do not fit the GPU's shared memory even
+    at one pipeline stage (a T4 at head dim 128, a 99 KiB GPU at 256: kernels/triton_launch.py),
+    in the order tried: (grid, constexprs), each with half the query slots of the one before
+    (not below 16, tl.dot's least) and half the output columns per program, down to 64, over
+    a grid with more blocks and a third axis for the column blocks. The rows stay padded for
+    the largest block, a multiple of the smaller ones."""
+    plans, bm, dv = [], block_m, block_d
+    while dv > 64:
+        bm, dv = max(16, bm // 2), dv // 2
+        plans.append(((n_rows // (bm // hg), n_heads, block_d // dv), dict(BLOCK_M=bm, BLOCK_DV=dv)))
+    return plans
 
 
 def _slots(rows, valid, offset, b, tq, device):
@@ -215,6 +224,7 @@ def routed_attention_triton(
             hkv,
             g,
             d,
+            smaller=_softmax_keys_fewer((n_soft // br, b * hkv * n_hg), block_d),
             HG=hg,
             BLOCK_M=block_m,
             BLOCK_N=BLOCK_N,

@@ -395,3 +395,34 @@ def grow(full: RoutingTrace, chunks):
     # what the model sets once the run is complete
     trace.output_text, trace.timings = full.output_text, dict(full.timings)
     trace.kl_to_dense = full.kl_to_dense
+
+
+class RefusingGPU:
+    """A Triton kernel as a GPU with too little shared memory runs it: a launch whose
+    constexprs `refuse` says are too large raises OutOfResources (what Triton raises before
+    a real launch); the others run. Records each launch's (grid, constexprs, num_stages).
+    With it, kernels/triton_launch.py's `smaller` plans run in Triton's interpreter, which
+    has no shared memory of its own."""
+
+    def __init__(self, kernel, refuse):
+        self.kernel, self.refuse, self.launches = kernel, refuse, []
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def run(*args, num_stages=None, **constexprs):
+            self.launches.append((tuple(grid), dict(constexprs), num_stages))
+            if self.refuse(constexprs):
+                raise OutOfResources(98304, 65536, "shared memory")
+            self.kernel[grid](*args, **constexprs)
+
+        return run
+
+
+def stand_in_gpu(monkeypatch) -> None:
+    """kernels/triton_launch.py as on a GPU (its ladder of stages and plans) while the
+    kernels run in the interpreter: used with RefusingGPU."""
+    import metaattn_kernels.triton_launch as launching
+
+    monkeypatch.setattr(launching, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(launching, "_device", lambda: "a GPU with 64 KiB per block")

@@ -33,10 +33,13 @@ from metaattn_kernels.triton_routed import routed_attention_triton
 
 cpu, out = torch.device("cpu"), {}
 with compile_only(75) as launches:  # a T4: 64 KiB of shared memory per block
-    out["t4_d128"] = misfit(32, 8, 128, torch.float32, cpu, window=64, n_sink=4)
+    out["t4_d256"] = misfit(8, 4, 256, torch.bfloat16, cpu, window=64, n_sink=4)  # Gemma 2's heads
     del launches[:]
     out["t4_d128_half"] = misfit(32, 8, 128, torch.float16, cpu, window=64, n_sink=4)
-out["t4_half"] = [(x.kernel, x.num_stages, x.shared, x.grid) for x in launches]
+    out["t4_half"] = [(x.kernel, x.num_stages, x.shared, x.grid) for x in launches]
+    del launches[:]
+    out["t4_d128_f32"] = misfit(32, 8, 128, torch.float32, cpu, window=64, n_sink=4)
+    out["t4_f32"] = [(x.kernel, x.num_stages, x.shared, x.grid) for x in launches]
 with compile_only(86) as launches:  # an A10G, 99 KiB: a float32 prefill at head dim 128
     q, k, v = (torch.randn(1, h, 72, 128) for h in (32, 8, 8))
     routed_attention_triton(q, k, v, torch.full((1, 72, 3), 1 / 3), window=64, n_sink=4)
@@ -66,9 +69,9 @@ def compiled():
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_a_t4_cannot_hold_head_dim_128_in_float32_and_the_probe_says_why(compiled):
-    assert compiled["t4_d128"] is not None and "shared memory" in compiled["t4_d128"]
-    assert "65536" in compiled["t4_d128"]  # the T4's limit, as Triton reports it
+def test_a_t4_cannot_hold_head_dim_256_and_the_probe_says_why(compiled):
+    assert compiled["t4_d256"] is not None and "shared memory" in compiled["t4_d256"]
+    assert "65536" in compiled["t4_d256"]  # the T4's limit, as Triton reports it
 
 
 def test_a_t4_holds_head_dim_128_in_float16_with_smaller_linear_tiles(compiled):
@@ -79,6 +82,15 @@ def test_a_t4_holds_head_dim_128_in_float16_with_smaller_linear_tiles(compiled):
     assert all(shared <= compiled["max_shared"]["75"] for _, _, shared, _ in launches)
     linear = [grid for kernel, _, _, grid in launches if kernel == "routed_linear_kernel"]
     assert linear and all(grid[2] == 2 for grid in linear)
+
+
+def test_a_t4_holds_head_dim_128_in_float32_with_fewer_keys_per_softmax_step(compiled):
+    """In float32 the softmax experts' 64-key tiles need 80 KiB: they take 32 keys per step."""
+    assert compiled["t4_d128_f32"] is None
+    launches = compiled["t4_f32"]
+    assert all(shared <= compiled["max_shared"]["75"] for _, _, shared, _ in launches)
+    kinds = {kernel for kernel, *_ in launches}
+    assert {"routed_softmax_kernel", "decode_softmax_kernel", "routed_linear_kernel"} <= kinds
 
 
 def test_fewer_pipeline_stages_where_three_do_not_fit(compiled):
@@ -154,8 +166,8 @@ def test_threads_a_block_may_have_for_its_registers(regs, threads):
 
 
 # -- the routed model's backend where the kernels do not fit -----------------------------------
-CUDA = device_mod.Placement("cuda:0", "float32")  # a T4 at head dim 128 in float32 refuses the kernels
-T4_REASON = "shared memory: needs 82176 bytes per block, the GPU has 65536"  # (triton_probe.misfit's words)
+CUDA = device_mod.Placement("cuda:0", "bfloat16")  # a T4 refuses the kernels at head dim 256
+T4_REASON = "shared memory: needs 98304 bytes per block, the GPU has 65536"  # (triton_probe.misfit's words)
 
 
 def _misfit(monkeypatch, reason):
@@ -175,18 +187,18 @@ def _misfit(monkeypatch, reason):
 
 def test_auto_keeps_to_pytorch_on_a_gpu_the_kernels_do_not_fit(monkeypatch):
     calls = _misfit(monkeypatch, T4_REASON)
-    backend, notice = device_mod.fit_backend("auto", CUDA, (32, 8, 128))
-    assert backend == "cpu" and "PyTorch path" in notice and "65536" in notice and "dim 128" in notice
+    backend, notice = device_mod.fit_backend("auto", CUDA, (8, 4, 256))
+    assert backend == "cpu" and "PyTorch path" in notice and "65536" in notice and "dim 256" in notice
     args, kw = calls[0]
-    assert args[:4] == (32, 8, 128, torch.float32) and str(args[4]) == "cuda:0"
-    assert device_mod.fit_backend("auto", CUDA, (32, 8, 128)) == (backend, notice)
+    assert args[:4] == (8, 4, 256, torch.bfloat16) and str(args[4]) == "cuda:0"
+    assert device_mod.fit_backend("auto", CUDA, (8, 4, 256)) == (backend, notice)
     assert len(calls) == 1  # tried once per process: the probe compiles kernels
 
 
 def test_triton_named_on_such_a_gpu_is_refused(monkeypatch):
     _misfit(monkeypatch, T4_REASON)
     with pytest.raises(device_mod.DeviceUnavailable, match="backend 'triton'.*do not fit"):
-        device_mod.fit_backend("triton", CUDA, (32, 8, 128))
+        device_mod.fit_backend("triton", CUDA, (8, 4, 256))
 
 
 def test_kernels_that_fit_or_are_not_asked_for_leave_the_backend(monkeypatch):

@@ -28,10 +28,12 @@ from helpers import (  # noqa: E402
     SIZES,
     TOL,
     WINDOWS,
+    RefusingGPU,
     make_qkv,
     make_weights,
     max_err,
     pytest_in_fresh_interpreter,
+    stand_in_gpu,
 )
 
 in_this_process = pytest.mark.skipif(
@@ -171,40 +173,17 @@ def test_auto_backend_is_triton_on_cuda():
     assert kernels.resolve_backend("auto", q, k, v) == "triton"
 
 
-class _RefusingLargeTiles:
-    """A Triton kernel as a GPU with too little shared memory runs it: launches whose output
-    columns per program (BLOCK_DV) are the whole head dim are refused with OutOfResources
-    (what a T4 does at head dim 128 in 16-bit, docs/benchmarks.md); the others run. Records
-    each launch's (grid, BLOCK_M, BLOCK_DV, num_stages)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        from triton.runtime.errors import OutOfResources
-
-        def run(*args, num_stages=None, **constexprs):
-            self.launches.append((tuple(grid), constexprs["BLOCK_M"], constexprs["BLOCK_DV"], num_stages))
-            if constexprs["BLOCK_DV"] == constexprs["BLOCK_D"]:
-                raise OutOfResources(98304, 65536, "shared memory")
-            self.kernel[grid](*args, **constexprs)
-
-        return run
-
-
 @in_this_process
 def test_triton_linear_takes_smaller_tiles_where_the_gpu_refuses_the_larger(monkeypatch):
     """Head dim 128 on a GPU that refuses the linear kernel's [128, 128] state tile at every
     pipeline stage: `launch` goes on to half the query slots and half the output columns
     per program over a grid with a column axis, remembers that, and the results are the
     reference's (a prefill with hedged rows, then one row with the linear state)."""
-    import metaattn_kernels.triton_launch as launching
     import metaattn_kernels.triton_routed as routed
 
-    refusing = _RefusingLargeTiles(routed.routed_linear_kernel)
+    refusing = RefusingGPU(routed.routed_linear_kernel, lambda c: c["BLOCK_DV"] == c["BLOCK_D"])
     monkeypatch.setattr(routed, "routed_linear_kernel", refusing)
-    monkeypatch.setattr(launching, "triton_interpreted", lambda: False)  # the ladder runs on a CPU too
-    monkeypatch.setattr(launching, "_device", lambda: "a GPU with 64 KiB per block")
+    stand_in_gpu(monkeypatch)  # the ladder runs on a CPU too
     q, k, v = to_dev(*make_qkv(b=1, hq=4, hkv=2, tq=40, d=128, seed=3))
     w = make_weights("hedged", 1, 40).to(DEV)
     kw = dict(window=8, n_sink=4)
@@ -213,7 +192,7 @@ def test_triton_linear_takes_smaller_tiles_where_the_gpu_refuses_the_larger(monk
     assert max_err(y, y_ref) <= TOL and max_err(state[0], state_ref[0]) <= 1e-3
     # the whole-tile plan at 3, 2 and 1 stages, then the smaller one at 3 stages
     prefill = refusing.launches
-    assert [(m, dv, st) for _, m, dv, st in prefill] == [
+    assert [(c["BLOCK_M"], c["BLOCK_DV"], st) for _, c, st in prefill] == [
         (64, 128, 3),
         (64, 128, 2),
         (64, 128, 1),
@@ -224,7 +203,7 @@ def test_triton_linear_takes_smaller_tiles_where_the_gpu_refuses_the_larger(monk
     )  # twice the blocks, 2 column blocks
     refusing.launches = []
     again, _ = run("triton", q, k, v, w, **kw)  # remembered: the smaller plan straight away
-    assert [(m, dv, st) for _, m, dv, st in refusing.launches] == [(32, 64, 3)]
+    assert [(c["BLOCK_M"], c["BLOCK_DV"], st) for _, c, st in refusing.launches] == [(32, 64, 3)]
     assert torch.equal(again, y)
     # one query row after a state, hedged over all three experts (its query heads packed in
     # 16 slots: not halved below tl.dot's least), against the reference's
@@ -232,5 +211,45 @@ def test_triton_linear_takes_smaller_tiles_where_the_gpu_refuses_the_larger(monk
     _, before = run("reference", q[:, :, :39], k[:, :, :39], v[:, :, :39], w[:, :39], **kw)
     last = (q[:, :, 39:], k, v, torch.full((1, 1, 3), 1 / 3, device=DEV))
     y_last, _ = run("triton", *last, linear_state=before, **kw)
-    assert [(m, dv) for _, m, dv, _ in refusing.launches][-1] == (16, 64)
+    assert [(c["BLOCK_M"], c["BLOCK_DV"]) for _, c, _ in refusing.launches][-1] == (16, 64)
     assert max_err(y_last, run("reference", *last, linear_state=before, **kw)[0]) <= TOL
+
+
+@in_this_process
+def test_triton_softmax_takes_fewer_keys_per_step_where_the_gpu_refuses_more(monkeypatch):
+    """Head dim 128 in float32 on a GPU that refuses the softmax experts' 64-key tiles at
+    every stage (a T4): the launch goes on with 32 keys per inner step over the same grid,
+    and full and local rows (with sinks) are the reference's."""
+    import metaattn_kernels.triton_routed as routed
+
+    refusing = RefusingGPU(routed.routed_softmax_kernel, lambda c: c["BLOCK_N"] == 64)
+    monkeypatch.setattr(routed, "routed_softmax_kernel", refusing)
+    stand_in_gpu(monkeypatch)
+    q, k, v = to_dev(*make_qkv(b=1, hq=4, hkv=2, tq=70, d=128, seed=4))
+    w = make_weights("random", 1, 70).to(DEV)
+    kw = dict(window=8, n_sink=4)
+    y, _ = run("triton", q, k, v, w, **kw)
+    assert max_err(y, run("reference", q, k, v, w, **kw)[0]) <= TOL
+    tried = [(c["BLOCK_N"], st) for _, c, st in refusing.launches]
+    assert tried == [(64, 3), (64, 2), (64, 1), (32, 3)]
+    assert len({g for g, _, _ in refusing.launches}) == 1  # the same grid
+
+
+@in_this_process
+def test_triton_linear_halves_its_tiles_again_at_head_dim_256(monkeypatch):
+    """Head dim 256 on a GPU of 99 KiB per block refuses the linear kernel's state tile of
+    128 columns as well: the next plan halves again (16 query slots, 64 columns, 4 column
+    blocks), and the output is the reference's."""
+    import metaattn_kernels.triton_routed as routed
+
+    refusing = RefusingGPU(routed.routed_linear_kernel, lambda c: c["BLOCK_DV"] > 64)
+    monkeypatch.setattr(routed, "routed_linear_kernel", refusing)
+    stand_in_gpu(monkeypatch)
+    q, k, v = to_dev(*make_qkv(b=1, hq=2, hkv=1, tq=20, d=256, seed=5))
+    w = make_weights("hedged", 1, 20).to(DEV)
+    kw = dict(window=8, n_sink=4)
+    y, _ = run("triton", q, k, v, w, **kw)
+    assert max_err(y, run("reference", q, k, v, w, **kw)[0]) <= TOL
+    plans = [(c["BLOCK_M"], c["BLOCK_DV"], grid[2]) for grid, c, _ in refusing.launches]
+    assert plans[0] == (32, 256, 1) and plans[-1] == (16, 64, 4)
+    assert (16, 128, 2) in plans  # the plan between, refused in its turn

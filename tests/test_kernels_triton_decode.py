@@ -21,7 +21,7 @@ if DEV == "cpu" and not _LATE:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from helpers import pytest_in_fresh_interpreter  # noqa: E402
+from helpers import RefusingGPU, pytest_in_fresh_interpreter, stand_in_gpu  # noqa: E402
 from test_feature_maps import random_map  # noqa: E402
 
 in_this_process = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET was set")
@@ -105,6 +105,24 @@ def test_bfloat16_inputs():
     y, _ = decode_step_device(q, k, v, torch.tensor(w, device=DEV).view(1, 1, 3), window=16, n_sink=4)
     assert y.dtype == torch.bfloat16
     assert (y.double().cpu() - _reference(q, k, v, w, 16, 4)).abs().max() <= 2e-2
+
+
+@in_this_process
+def test_fewer_keys_per_step_where_the_gpu_refuses_more(monkeypatch):
+    """Head dim 128 in float32 on a GPU that refuses the decode kernel's 64-key tiles (a T4):
+    32 keys per step over the same splits, the reference's output."""
+    import metaattn_kernels.triton_decode as decoding
+
+    refusing = RefusingGPU(decoding.decode_softmax_kernel, lambda c: c["BLOCK_N"] == 64)
+    monkeypatch.setattr(decoding, "decode_softmax_kernel", refusing)
+    stand_in_gpu(monkeypatch)
+    q, k, v = _qkv(300, 4, 2, 128, seed=11)
+    w = (0.6, 0.4, 0.0)
+    y, _ = decoding.decode_step_device(
+        q, k, v, torch.tensor(w, device=DEV).view(1, 1, 3), window=16, n_sink=4
+    )
+    assert (y.double().cpu() - _reference(q, k, v, w, 16, 4)).abs().max() <= 1e-5
+    assert [(c["BLOCK_N"], st) for _, c, st in refusing.launches][-1] == (32, 3)
 
 
 def test_plan_splits_covers_every_key_once():

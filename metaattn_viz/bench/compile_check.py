@@ -10,8 +10,8 @@ and each head layout below, and reports every launch's shared memory, registers 
 A launch that would not run on that GPU (a compilation error, too much shared memory, too
 many registers for its threads) is reported. The exit code is 1 where one is a defect: a
 build that fails for any other reason than shared memory, or the shipped model's layout
-refused on any GPU. A layout of another model refused for shared memory (a T4 at head dim
-128 in float32) is what the routed model meets by keeping to the PyTorch path on that GPU
+refused on any GPU. A layout of another model refused for shared memory (head dim 256 on
+a T4) is what the routed model meets by keeping to the PyTorch path on that GPU
 (metaattn_viz/routing/device.py, fit_backend), so it is reported, not failed.
 
 The launches, per GPU, dtype, head layout and linear feature map, are those of
@@ -24,7 +24,7 @@ says which fitted.
 Head layouts: SmolLM2-135M's (the shipped config, 9/3 heads of 64), the GPU check's tiny
 model, a Llama-style 32/8 heads of 128 (what a researcher's own model may bring) and a
 multi-query 16/1 of 64 (16 query heads per kv head: the widest packing of a decode step,
-HG = 16).
+HG = 16) and Gemma 2 2B's 8/4 of 256 (the largest head dim a common model brings).
 
 Nothing here times anything. The report says which triton compiled it: the GPU check's
 machine and ZeroGPU run triton 3.6, this project pins a newer one (docs/benchmarks.md has
@@ -49,13 +49,15 @@ GPUS = {75: "T4", 80: "A100", 86: "A10G", 89: "L4, L40S", 90: "H100, H200", 120:
 DTYPES = ("bfloat16", "float16", "float32")
 LLAMA_D128 = (32, 8, 128)  # query heads, kv heads, head dim
 MQA_16 = (16, 1, 64)
+GEMMA_D256 = (8, 4, 256)  # Gemma 2 2B's: the largest head dim a common model brings
 SHIPPED_LAYOUT = "smollm2-135m"  # the app's model: refused anywhere, it would lose its kernels
 MAPS = ("elu", "learned")  # the linear expert's feature maps: elu + 1, or a learned map
 
 
 def head_layouts() -> dict[str, tuple[int, int, int]]:
     """name -> (query heads, kv heads, head dim): the shipped SmolLM2 config's, the GPU
-    check's tiny model's, a Llama-style one of head dim 128 and a multi-query one."""
+    check's tiny model's, a Llama-style one of head dim 128, a multi-query one and Gemma 2's
+    of head dim 256."""
     from metaattn_viz.bench.gpu_check import _tiny_config
     from metaattn_viz.routing.loading import SMOLLM2_CONFIG
 
@@ -66,6 +68,7 @@ def head_layouts() -> dict[str, tuple[int, int, int]]:
         "gpu-check-tiny": (tiny.num_attention_heads, tiny.num_key_value_heads, tiny.head_dim),
         "llama-d128": LLAMA_D128,
         "mqa-16": MQA_16,
+        "gemma-d256": GEMMA_D256,
     }
 
 

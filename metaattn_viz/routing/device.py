@@ -14,7 +14,7 @@ variables ``METAATTN_DEVICE``/``METAATTN_DTYPE``) and what this machine has
   that leave it at "auto"; "auto" itself is ``triton`` on CUDA and ``cpu`` otherwise, and
   ``triton`` on the CPU needs the Triton interpreter (``TRITON_INTERPRET=1``). On a GPU
   whose shared memory the kernels' builds do not fit for the model's head layout and dtype
-  (a T4 at head dim 128 in float32: ``fit_backend`` tries them), "auto" becomes ``cpu``, the PyTorch
+  (head dim 256 on a T4: ``fit_backend`` tries them), "auto" becomes ``cpu``, the PyTorch
   path, with a notice saying why, and ``triton`` named explicitly is refused.
 
 Syntax checks need no torch (the CLI validates before loading anything); availability
