@@ -215,24 +215,43 @@ def test_triton_linear_takes_smaller_tiles_where_the_gpu_refuses_the_larger(monk
     assert max_err(y_last, run("reference", *last, linear_state=before, **kw)[0]) <= TOL
 
 
+def _on_a_refusing_gpu(monkeypatch, kernel: str, refuse, mix: str, **shape) -> list:
+    """Route random q, k, v of `shape` (make_qkv's arguments, b and tq among them) mixed as
+    `mix` through the Triton path on a stand-in GPU on which kernels.triton_routed's
+    `kernel` refuses what `refuse` says is too large; the output must be the reference's.
+    Returns the launches of `kernel` tried: (grid, constexprs, stages)."""
+    import metaattn_kernels.triton_routed as routed
+
+    refusing = RefusingGPU(getattr(routed, kernel), refuse)
+    monkeypatch.setattr(routed, kernel, refusing)
+    stand_in_gpu(monkeypatch)
+    q, k, v = to_dev(*make_qkv(**shape))
+    w = make_weights(mix, shape["b"], shape["tq"]).to(DEV)
+    kw = dict(window=8, n_sink=4)
+    y, _ = run("triton", q, k, v, w, **kw)
+    assert max_err(y, run("reference", q, k, v, w, **kw)[0]) <= TOL
+    return refusing.launches
+
+
 @in_this_process
 def test_triton_softmax_takes_fewer_keys_per_step_where_the_gpu_refuses_more(monkeypatch):
     """Head dim 128 in float32 on a GPU that refuses the softmax experts' 64-key tiles at
     every stage (a T4): the launch goes on with 32 keys per inner step over the same grid,
     and full and local rows (with sinks) are the reference's."""
-    import metaattn_kernels.triton_routed as routed
-
-    refusing = RefusingGPU(routed.routed_softmax_kernel, lambda c: c["BLOCK_N"] == 64)
-    monkeypatch.setattr(routed, "routed_softmax_kernel", refusing)
-    stand_in_gpu(monkeypatch)
-    q, k, v = to_dev(*make_qkv(b=1, hq=4, hkv=2, tq=70, d=128, seed=4))
-    w = make_weights("random", 1, 70).to(DEV)
-    kw = dict(window=8, n_sink=4)
-    y, _ = run("triton", q, k, v, w, **kw)
-    assert max_err(y, run("reference", q, k, v, w, **kw)[0]) <= TOL
-    tried = [(c["BLOCK_N"], st) for _, c, st in refusing.launches]
-    assert tried == [(64, 3), (64, 2), (64, 1), (32, 3)]
-    assert len({g for g, _, _ in refusing.launches}) == 1  # the same grid
+    launches = _on_a_refusing_gpu(
+        monkeypatch,
+        "routed_softmax_kernel",
+        lambda c: c["BLOCK_N"] == 64,
+        "random",
+        b=1,
+        hq=4,
+        hkv=2,
+        tq=70,
+        d=128,
+        seed=4,
+    )
+    assert [(c["BLOCK_N"], st) for _, c, st in launches] == [(64, 3), (64, 2), (64, 1), (32, 3)]
+    assert len({g for g, _, _ in launches}) == 1  # the same grid
 
 
 @in_this_process
@@ -240,16 +259,18 @@ def test_triton_linear_halves_its_tiles_again_at_head_dim_256(monkeypatch):
     """Head dim 256 on a GPU of 99 KiB per block refuses the linear kernel's state tile of
     128 columns as well: the next plan halves again (16 query slots, 64 columns, 4 column
     blocks), and the output is the reference's."""
-    import metaattn_kernels.triton_routed as routed
-
-    refusing = RefusingGPU(routed.routed_linear_kernel, lambda c: c["BLOCK_DV"] > 64)
-    monkeypatch.setattr(routed, "routed_linear_kernel", refusing)
-    stand_in_gpu(monkeypatch)
-    q, k, v = to_dev(*make_qkv(b=1, hq=2, hkv=1, tq=20, d=256, seed=5))
-    w = make_weights("hedged", 1, 20).to(DEV)
-    kw = dict(window=8, n_sink=4)
-    y, _ = run("triton", q, k, v, w, **kw)
-    assert max_err(y, run("reference", q, k, v, w, **kw)[0]) <= TOL
-    plans = [(c["BLOCK_M"], c["BLOCK_DV"], grid[2]) for grid, c, _ in refusing.launches]
+    launches = _on_a_refusing_gpu(
+        monkeypatch,
+        "routed_linear_kernel",
+        lambda c: c["BLOCK_DV"] > 64,
+        "hedged",
+        b=1,
+        hq=2,
+        hkv=1,
+        tq=20,
+        d=256,
+        seed=5,
+    )
+    plans = [(c["BLOCK_M"], c["BLOCK_DV"], grid[2]) for grid, c, _ in launches]
     assert plans[0] == (32, 256, 1) and plans[-1] == (16, 64, 4)
     assert (16, 128, 2) in plans  # the plan between, refused in its turn
