@@ -190,3 +190,14 @@ __all__ = [
     "LOCAL",
     "MIN_COST",
 ]
+
+
+def check_settings(settings, required: bool = False) -> None:
+    """TypeError unless `settings` is a RoutingSettings (or None where not `required`): a
+    dict in its place would fail later, deep inside, with an AttributeError."""
+    if (settings is None and not required) or isinstance(settings, RoutingSettings):
+        return
+    raise TypeError(
+        "settings must be a RoutingSettings (e.g. RoutingSettings(budget=0.3)), "
+        f"got {type(settings).__name__}"
+    )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
+from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings, check_settings
 from metaattn_viz.core.trace import RoutingTrace
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class Sampling:
             raise ValueError(f"seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
 
 
-MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes of non-negative numbers, and more
+MAX_SEED = 2**63 - 1  # the largest int64: well within what torch.Generator.manual_seed takes
 
 
 def _number(value) -> float:
@@ -118,10 +118,9 @@ def stream(
     """Prefill the prompt, then decode token by token; yields the growing trace after the
     prefill and after every new token (the same object, extended in place). A prompt too
     long for the context (less room for the new tokens) is truncated from the left."""
+    check_settings(settings)
     settings = RoutingSettings() if settings is None else settings
     sampling = Sampling() if sampling is None else sampling
-    if not isinstance(settings, RoutingSettings):
-        raise TypeError(f"settings must be a RoutingSettings, got {type(settings).__name__}")
     if not isinstance(sampling, Sampling):
         raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
     if max_context is not None and (

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
+from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings, check_settings
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing import device as device_mod
 from metaattn_viz.routing import generation, linear_maps
@@ -67,17 +67,6 @@ __all__ = [
     "register_attention",
     "ATTN_NAME",
 ]
-
-
-def _check_settings(settings, required: bool = False) -> None:
-    """TypeError unless `settings` is a RoutingSettings (or None where not `required`): a dict
-    would fail later, deep inside, with an AttributeError."""
-    if (settings is None and not required) or isinstance(settings, RoutingSettings):
-        return
-    raise TypeError(
-        "settings must be a RoutingSettings (e.g. RoutingSettings(budget=0.3)), "
-        f"got {type(settings).__name__}"
-    )
 
 
 class RoutedModel:
@@ -353,7 +342,7 @@ class RoutedModel:
         ``RoutingSettings`` field (``budget=0.3``, ``hedge_policy="soft"``...) change
         ``settings`` (default ``RoutingSettings()``); the others go to ``stream``."""
         changes = {k: kwargs.pop(k) for k in list(kwargs) if k in RoutingSettings.__dataclass_fields__}
-        _check_settings(settings)
+        check_settings(settings)
         if changes:
             settings = (settings or RoutingSettings()).with_(**changes)
         trace = None
@@ -371,7 +360,7 @@ class RoutedModel:
     ) -> RoutingTrace:
         """Route the same text (prompt and generated tokens) again under new settings, as one
         prefill; with ``quality`` also the KL per token to the dense model."""
-        _check_settings(settings, required=True)
+        check_settings(settings, required=True)
         if not hasattr(trace, "token_ids"):
             raise TypeError(f"trace must be a RoutingTrace (as route returns), got {type(trace).__name__}")
         controller = controller or trace.controller
