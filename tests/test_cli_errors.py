@@ -52,16 +52,15 @@ def test_check_output_says_why_a_path_cannot_be_written(tmp_path):
             check_output(path, "--out", folder=folder)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a read-only folder")
-def test_check_output_refuses_a_folder_it_may_not_write(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        with pytest.raises(UserError, match="is not writable"):
-            check_output(locked / "out", "--out", folder=True)
-    finally:
-        locked.chmod(0o700)
+def test_check_output_refuses_a_folder_nothing_can_be_written_in(tmp_path):
+    """Tried, not read from permission bits (which say yes to root): /proc takes no files."""
+    with pytest.raises(UserError, match="cannot be written: /proc"):
+        check_output("/proc/metaattn-out", "--out", folder=True)
+    with pytest.raises(UserError, match="cannot be written: /proc"):
+        check_output("/proc/report.md", "--report", folder=False)
+    before = sorted(tmp_path.iterdir())
+    assert check_output(tmp_path / "x", "--out", folder=True)
+    assert sorted(tmp_path.iterdir()) == before  # the trial file is gone
 
 
 @pytest.mark.parametrize(

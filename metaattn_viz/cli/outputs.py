@@ -5,13 +5,15 @@ its `--out` or `--report` cannot be written, and lose what it computed.
 `check_output(path, flag, folder)` raises UserError naming the flag when `path` could not
 be written: empty, a folder where a file goes (or a file where a folder goes), under
 something that is not a folder, or where the nearest folder that exists is not writable.
-It creates nothing (a refused command leaves no empty folder behind). Pure checks on the
+It leaves nothing behind (a refused command makes no empty folder; the test file it writes
+to try a folder is removed at once). Pure checks on the
 file system: never imports the model, the log or gradio.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -37,7 +39,23 @@ def check_output(path: str | os.PathLike[str] | None, flag: str, folder: bool) -
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{flag} {p} cannot be made: {existing} is a file, not a folder")
-    target = p if p.exists() else existing
-    if not os.access(target, os.W_OK) or (target.is_dir() and not os.access(target, os.X_OK)):
-        raise UserError(f"{flag} {p} cannot be written: {target} is not writable")
+    problem = _unwritable(p if p.exists() else existing)
+    if problem:
+        raise UserError(f"{flag} {p} cannot be written: {problem}")
     return p
+
+
+def _unwritable(target: Path) -> str | None:
+    """Why nothing can be written at `target` (an existing folder: a file made and removed
+    in it at once; an existing file: opened for appending, untouched), or None. Tried, not
+    read from permission bits, which say yes to root on a read-only file system."""
+    try:
+        if target.is_dir():
+            with tempfile.TemporaryFile(dir=target):
+                pass
+        else:
+            with open(target, "ab"):
+                pass
+    except OSError as exc:
+        return f"{target}: {exc.strerror or exc}"
+    return None
