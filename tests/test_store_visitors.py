@@ -46,6 +46,18 @@ def leaks(df: pd.DataFrame, runs) -> bool:
     return any(SECRET in t or any(o in t for o in others) for t in text)
 
 
+def test_a_visitors_rows_name_neither_the_servers_process_nor_its_machine(visitors):
+    import os
+    import socket
+
+    log, runs, _ = visitors
+    for owner in (A, B):
+        row = log.get_run(runs[owner][0], owner=owner)
+        assert row["pid"] is None and row["host"] is None, row
+    cli = log.get_run(runs[None][0])  # the CLI's run (no owner) keeps them
+    assert cli["pid"] == os.getpid() and cli["host"] == socket.gethostname()
+
+
 def test_owner_keys():
     assert session_owner("abc") == session_owner("abc") != session_owner("abd")
     assert "abc" not in session_owner("abc")  # a live session id is never stored

@@ -89,8 +89,10 @@ def run_row(run_id: str, trace: RoutingTrace, kind: str, owner: str | None = Non
         "n_prompt_tokens": int(trace.n_prompt_tokens),
         "truncated": int(trace.truncated),
         "prompt": trace.prompt,
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
+        # the server's process and machine, for whoever runs it; not in a visitor's own
+        # rows (an owner's run: a public deployment), which show the visitor what they read
+        "pid": os.getpid() if owner is None else None,
+        "host": socket.gethostname() if owner is None else None,
     }
     settings = trace.settings.to_dict()
     for name, column in SETTINGS_COLUMNS.items():

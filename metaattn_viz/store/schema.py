@@ -141,8 +141,8 @@ RUNS_COLUMNS: tuple[Column, ...] = (
     Column("wall_ms", "DOUBLE"),
     Column("timings", "VARCHAR"),  # JSON object
     Column("error", "VARCHAR"),
-    Column("pid", "INTEGER"),
-    Column("host", "VARCHAR"),
+    Column("pid", "INTEGER"),  # NULL in an owner's run (a visitor of a public deployment)
+    Column("host", "VARCHAR"),  # likewise
     Column("owner", "VARCHAR", since=2),  # owners.py; NULL: the CLI, or logged before v2
     # RoutingSettings.linear_map; the default is what every run before v3 used
     Column("linear_map", "VARCHAR", "DEFAULT 'elu'", since=3),
