@@ -38,7 +38,7 @@ from metaattn_kernels.checks import triton_interpreted
 from metaattn_kernels.decode import State, linear_readout, linear_state_upto
 from metaattn_kernels.experts import FULL, LINEAR, LOCAL
 from metaattn_kernels.feature_maps import FeatureMap
-from metaattn_kernels.triton_launch import launch
+from metaattn_kernels.triton_launch import fewer_keys, launch
 
 BLOCK_N = 64  # keys per inner step
 MIN_SPLIT_KEYS = 256  # a split covers at least this many keys
@@ -202,9 +202,8 @@ def _softmax_expert(q, k, v, weights, w_index, n_first, second_start, n_keys, sc
         float(scale),
         W_INDEX=w_index,
         IEEE=ieee,
-        # where a GPU cannot hold the tiles (a T4 at head dim 128 in float32): half the keys
-        # per inner step, the same grid (splits are whole blocks of BLOCK_N, so of half)
-        smaller=[((b * hkv, n_splits), dict(BLOCK_N=BLOCK_N // 2))] if d >= 128 else [],
+        # where a GPU cannot hold the tiles (a T4 at head dim 128 in float32)
+        smaller=fewer_keys((b * hkv, n_splits), BLOCK_N, max(16, triton.next_power_of_2(d))),
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(d)),

@@ -45,6 +45,14 @@ def _device() -> object:
     return driver.active.get_current_device()
 
 
+def fewer_keys(grid, block_n: int, head_block: int) -> list[tuple]:
+    """The plan both softmax kernels (kernels/triton_routed.py, kernels/triton_decode.py)
+    offer as `smaller` at head dims from 128 on: half the keys per inner step over the same
+    grid (their programs' rows and outputs do not depend on it; a decode split of whole
+    64-key blocks is one of whole 32-key blocks too). Nothing below 128, which always fits."""
+    return [(grid, {"BLOCK_N": block_n // 2})] if head_block >= 128 else []
+
+
 def launch(kernel, grid, *args, smaller: Sequence[tuple] = (), **constexprs) -> None:
     """kernel[grid](*args, **constexprs) at the most stages of STAGES that fit the GPU; where
     none fits, each of ``smaller`` in turn, (grid, the constexprs it changes): smaller tiles

@@ -30,7 +30,7 @@ import triton.language as tl
 from metaattn_kernels.checks import triton_interpreted
 from metaattn_kernels.experts import FULL, LINEAR, LOCAL
 from metaattn_kernels.rows import sorted_rows
-from metaattn_kernels.triton_launch import launch
+from metaattn_kernels.triton_launch import fewer_keys, launch
 from metaattn_kernels.triton_linear import linear_chunk_state_kernel, routed_linear_kernel
 from metaattn_kernels.triton_softmax import routed_softmax_kernel
 
@@ -105,13 +105,6 @@ def _task_rows(active: torch.Tensor, rows_per_block: int):
     rows = torch.cat([sr.rows, sr.rows[:, -1:].expand(-1, pad)], dim=1)
     valid = F.pad(sr.valid, (0, pad), value=False)
     return rows.to(torch.int32).contiguous(), valid, rows.shape[1]
-
-
-def _softmax_keys_fewer(grid: tuple, block_d: int) -> list:
-    """The softmax launch's fallback where its tiles do not fit the GPU's shared memory even
-    at one stage (a T4 at head dim 128 in float32): half the keys per inner step, over the
-    same grid (a block's rows and their outputs do not depend on it)."""
-    return [(grid, dict(BLOCK_N=BLOCK_N // 2))] if block_d >= 128 else []
 
 
 def _linear_tiles_smaller(n_rows: int, n_heads: int, hg: int, block_m: int, block_d: int) -> list:
@@ -224,7 +217,7 @@ def routed_attention_triton(
             hkv,
             g,
             d,
-            smaller=_softmax_keys_fewer((n_soft // br, b * hkv * n_hg), block_d),
+            smaller=fewer_keys((n_soft // br, b * hkv * n_hg), BLOCK_N, block_d),
             HG=hg,
             BLOCK_M=block_m,
             BLOCK_N=BLOCK_N,

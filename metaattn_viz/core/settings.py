@@ -39,9 +39,11 @@ LINEAR_MAPS = ("auto", "elu", "learned")
 COST_MODELS = ("notional", "flops")
 
 
-def _finite(
+def finite_number(
     name: str, value, lo: float | None = None, hi: float | None = None, what: str | None = None
 ) -> float:
+    """`value` as a finite float in [lo, hi] (`what` says the range where it is not that),
+    or ValueError naming `name`: the one number check of settings (and of core's callers)."""
     if isinstance(value, (bool, str, bytes)):  # True is not 1.0, nor "0.3" a number: say so
         raise ValueError(f"{name} must be a number{_range(lo, hi, what)}, got {value!r}")
     try:
@@ -126,22 +128,22 @@ class RoutingSettings:
 
     def __post_init__(self):
         if self.budget is not None:
-            object.__setattr__(self, "budget", _finite("budget", self.budget, MIN_COST, 1.0))
+            object.__setattr__(self, "budget", finite_number("budget", self.budget, MIN_COST, 1.0))
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.hedge_policy not in HEDGE_POLICIES:
             raise ValueError(f"hedge_policy must be one of {HEDGE_POLICIES}, got {self.hedge_policy!r}")
         object.__setattr__(
-            self, "hedge_threshold", _finite("hedge_threshold", self.hedge_threshold, 0.0, 1.0)
+            self, "hedge_threshold", finite_number("hedge_threshold", self.hedge_threshold, 0.0, 1.0)
         )
         object.__setattr__(
-            self, "hedge_min_weight", _finite("hedge_min_weight", self.hedge_min_weight, 0.0, 1.0)
+            self, "hedge_min_weight", finite_number("hedge_min_weight", self.hedge_min_weight, 0.0, 1.0)
         )
         object.__setattr__(self, "window", _int("window", self.window, 1, 1 << 20))
         object.__setattr__(self, "n_sink", _int("n_sink", self.n_sink, 0, 1024))
         if self.lam is not None:
-            object.__setattr__(self, "lam", _finite("lam", self.lam, -1e4, 1e4))
-        object.__setattr__(self, "dual_step", _finite("dual_step", self.dual_step, 0.0, 100.0))
+            object.__setattr__(self, "lam", finite_number("lam", self.lam, -1e4, 1e4))
+        object.__setattr__(self, "dual_step", finite_number("dual_step", self.dual_step, 0.0, 100.0))
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.linear_map not in LINEAR_MAPS:

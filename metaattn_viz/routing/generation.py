@@ -14,7 +14,6 @@ Never: decide routes (the session's policy does) or touch the store or the UI.
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import threading
 import time
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings, check_settings
+from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings, check_settings, finite_number
 from metaattn_viz.core.trace import RoutingTrace
 
 if TYPE_CHECKING:
@@ -44,27 +43,14 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        t = _number(self.temperature)
-        if not math.isfinite(t) or not 0.0 <= t <= 5.0:
-            raise ValueError(f"temperature must be a finite number in [0, 5], got {self.temperature!r}")
-        p = _number(self.top_p)
-        if not math.isfinite(p) or not 0.0 < p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        finite_number("temperature", self.temperature, 0.0, 5.0)
+        if not finite_number("top_p", self.top_p, 0.0, 1.0, what="in (0, 1]") > 0.0:
+            raise ValueError(f"top_p must be a finite number in (0, 1], got {self.top_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
 
 
 MAX_SEED = 2**63 - 1  # the largest int64: well within what torch.Generator.manual_seed takes
-
-
-def _number(value) -> float:
-    """`value` as a float (NaN where it is no number: the range checks then refuse it)."""
-    if isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> int:
