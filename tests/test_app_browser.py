@@ -334,6 +334,7 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     page.wait_for_function(
         "() => document.querySelectorAll('#sql-result [role=gridcell]').length === 0", timeout=30_000
     )
+    assert "rows in" not in page.locator("#sql-note").inner_text()  # nor the earlier answer's note
     page.screenshot(path=str(shots / "08b-sql-refused.png"), full_page=True)
     _dismiss_toasts(page)
     page.get_by_text("Download the routing log").click()

@@ -201,10 +201,10 @@ class HistoryTab:
             return df, notice
 
         def sql_started():
-            """The earlier answer goes before a query runs, so that a refused or failed
-            query (its message is the error toast) never leaves it standing as if it were
-            this query's."""
-            return pd.DataFrame(), "Running the query..."
+            """The earlier answer and its note go before a query runs, so that a refused or
+            failed query (its message is the error toast) leaves neither standing as if it
+            were this query's (nor a "running" note that never ends)."""
+            return pd.DataFrame(), ""
 
         self.sql_run.click(
             sql_started, None, [self.sql_result, self.sql_note], api_visibility="private", queue=False
