@@ -18,6 +18,10 @@ CONTROLLERS_DIR = ASSETS_DIR / "controllers"
 FEATURE_MAPS_DIR = ASSETS_DIR / "feature_maps"
 KERNELS_DIR = REPO_ROOT / "kernels"
 KERNELS_PACKAGE = "metaattn_kernels"
+# Where the model comes from (routing/loading.py reads them; a Space's deploy sets them):
+# a local folder, a GGUF file or a hub id; and the hub revision (a commit) a hub id loads.
+MODEL_ENV = "METAATTN_MODEL"
+MODEL_REVISION_ENV = "METAATTN_MODEL_REVISION"
 
 
 def _user_dir(env_xdg: str, default_sub: str) -> Path:

@@ -33,6 +33,10 @@ def library_modules() -> list[Path]:
     return sorted(p for p in PKG.rglob("*.py") if "assets" not in p.parts)
 
 
+def kernel_modules() -> list[Path]:
+    return sorted((ROOT / "kernels").glob("*.py"))
+
+
 def imported_names(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -83,9 +87,10 @@ def test_every_library_module_is_named_on_the_architecture_page():
 
 
 def test_no_library_module_is_longer_than_600_lines():
+    """The page says so of both libraries: metaattn_viz and the kernels beneath it."""
     long = {
         p.relative_to(ROOT).as_posix(): n
-        for p in library_modules()
+        for p in library_modules() + kernel_modules()
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert not long, long

@@ -1,4 +1,4 @@
-"""The CPU decode hot path in numpy (issue 12): kernels.cpu.decode_step_numpy against
+"""The CPU decode hot path in numpy (issue 12): kernels.cpu_decode.decode_step_numpy against
 kernels.decode.decode_step, the controller's one-token attention features (signals_one)
 against attention_signals, and the refresh of the controller's numpy weight copies."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import random_feature_map
 
-from metaattn_kernels.cpu import decode_step_numpy, phi_numpy
+from metaattn_kernels.cpu_decode import decode_step_numpy, phi_numpy
 from metaattn_kernels.decode import decode_step
 from metaattn_kernels.feature_maps import phi_key, phi_query
 from metaattn_viz.routing import signals as sig

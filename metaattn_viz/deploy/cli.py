@@ -2,8 +2,8 @@
 
 `add_deploy_parser(subparsers)` registers the subcommand on the CLI's parser;
 `run_deploy(args)` reads the manifest, builds the plan, prints it (`--dry-run`, `--json`)
-or carries it out on the Hub. Exit codes: 0 done, 1 the plan has problems or the Hub
-refused, 2 a user error (bad manifest or arguments, no token). User errors print one
+or carries it out on the Hub. Exit codes: 0 done, 1 the plan has problems or a Hub call
+failed (refused, or the Hub unreachable), 2 a user error (bad manifest or arguments, no token). User errors print one
 line, never a traceback (docs/deploy.md).
 
 A thin adapter: decisions live in plan.py, Hub calls in hub.py; both (and so
@@ -97,6 +97,8 @@ def run_deploy(
             hardware=args.hardware,
             private=args.private,
         )
+    except hub.HubFailure as exc:  # whoami: the Hub, not the user
+        return _fail(exc, EXIT_PROBLEMS)
     except (ValueError, OSError, RuntimeError) as exc:  # ManifestError, MissingToken among them
         return _fail(exc, EXIT_USAGE)
 
@@ -108,8 +110,8 @@ def run_deploy(
         return _fail(RuntimeError("the plan has problems (above); nothing was uploaded"), EXIT_PROBLEMS)
     try:
         url = hub.push(plan, api, root)
-    except Exception as exc:  # the Hub's HTTP errors: one line, not a traceback
-        return _fail(RuntimeError(f"the Hub refused: {type(exc).__name__}: {exc}"), EXIT_PROBLEMS)
+    except Exception as exc:  # the Hub's errors, or no Hub: one line, not a traceback
+        return _fail(hub.failure(exc), EXIT_PROBLEMS)
     result = {"space": plan.space, "url": url, "hardware": plan.hardware, "files": len(plan.files)}
     out(
         json.dumps(result)

@@ -46,6 +46,23 @@ def resolve_token(environ: Mapping[str, str] | None = None) -> str:
     return stored
 
 
+class HubFailure(RuntimeError):
+    """A Hub call failed: the Hub answered with an error, or could not be reached. One line."""
+
+
+def failure(exc: BaseException) -> HubFailure:
+    """What went wrong with a Hub call, in one line: "the Hub refused" where it answered
+    with an HTTP error (a revoked token, a name taken...), "could not reach the Hub" where
+    no answer came (offline, DNS, a timeout: huggingface_hub's HTTP client's transport
+    errors, and OSErrors that are not HTTP answers)."""
+    what = f"{type(exc).__name__}: {exc}"
+    answered = getattr(exc, "response", None) is not None
+    transport = any(c.__name__ == "TransportError" for c in type(exc).__mro__)
+    if not answered and (transport or isinstance(exc, (ConnectionError, TimeoutError))):
+        return HubFailure(f"could not reach the Hub ({what})")
+    return HubFailure(f"the Hub refused: {what}")
+
+
 def make_api(token: str) -> Any:
     from huggingface_hub import HfApi
 
@@ -57,10 +74,7 @@ def whoami(api: Any) -> str:
     try:
         return str(api.whoami()["name"])
     except Exception as exc:  # offline, or a revoked token: one line for the user
-        raise RuntimeError(
-            f"could not ask the Hub whose token this is ({type(exc).__name__}: "
-            f"{exc}); pass --space OWNER/NAME"
-        ) from None
+        raise HubFailure(f"could not ask the Hub whose token this is: {failure(exc)}; pass --space OWNER/NAME") from None
 
 
 def push(plan: DeployPlan, api: Any, root: Path) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 from huggingface_hub import SpaceHardware
 
+from metaattn_viz.paths import MODEL_ENV, MODEL_REVISION_ENV
+
 HARDWARE = tuple(h.value for h in SpaceHardware)
 ZEROGPU = "zero-a10g"
 # ZeroGPU builds only on these Pythons (Hub docs, mid-2026: "3.10 or 3.12").
@@ -39,8 +41,6 @@ _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 # controllers were calibrated on, uploaded into the Space, or the hub's safetensors.
 BUNDLED_GGUF, HUB = "bundled-gguf", "hub"
 WEIGHTS = (BUNDLED_GGUF, HUB)
-# The variable the app's model loader reads (routing/loading.py, resolve()).
-MODEL_ENV = "METAATTN_MODEL"
 
 
 class ManifestError(ValueError):
@@ -163,6 +163,12 @@ def parse_manifest(raw: Any, source: str = "Spacefile") -> Manifest:
         raise ManifestError(
             f"variables.{MODEL_ENV}",
             f"set by model.weights: {BUNDLED_GGUF} already (it points at model.gguf_path)",
+            source,
+        )
+    if manifest.model.weights == HUB and MODEL_REVISION_ENV in manifest.variables:
+        raise ManifestError(
+            f"variables.{MODEL_REVISION_ENV}",
+            f"set by model.weights: {HUB} already (it is model.revision)",
             source,
         )
     manifest.runtime_for(hardware)  # the default hardware must have requirements

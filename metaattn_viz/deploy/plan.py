@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 from huggingface_hub.utils import filter_repo_objects
 
-from metaattn_viz.deploy.manifest import BUNDLED_GGUF, HUB, MODEL_ENV, Manifest, SpaceModel, Storage
+from metaattn_viz.deploy.manifest import BUNDLED_GGUF, HUB, Manifest, SpaceModel, Storage
+from metaattn_viz.paths import MODEL_ENV, MODEL_REVISION_ENV
 
 README = "README.md"
 REQUIREMENTS = "requirements.txt"
@@ -62,7 +63,7 @@ class WeightsChoice:
 
     weights: str  # BUNDLED_GGUF (the GGUF goes up) or HUB (the hub's copy is preloaded)
     gguf: PlannedFile | None  # the GGUF to upload, with its source path on this machine
-    variables: dict[str, str]  # {METAATTN_MODEL: path in the Space} with the GGUF
+    variables: dict[str, str]  # {METAATTN_MODEL: path in the Space} with the GGUF, else the revision
     unset: tuple[str, ...]  # variables a previous deploy may have left that must go
     preload: bool  # front matter gets `preload_from_hub`
     warnings: tuple[str, ...]
@@ -151,7 +152,10 @@ class DeployPlan:
         if self.weights == BUNDLED_GGUF:
             lines.append(f"weights    the bundled GGUF the controllers were calibrated on ({MODEL_ENV})")
         else:
-            lines.append("weights    the hub's copy, preloaded at build time (preload_from_hub)")
+            lines.append(
+                f"weights    the hub's copy at its pinned revision, preloaded at build time "
+                f"(preload_from_hub, {MODEL_REVISION_ENV})"
+            )
         lines.append(f"\nfiles ({len(self.files)}, {_human(self.total_bytes)}):")
         for f in self.files:
             how = "LFS/Xet" if f.lfs else ("binary" if f.binary else "text")
@@ -299,12 +303,16 @@ def choose_weights(model: SpaceModel, bundled: Path | None) -> WeightsChoice:
     Routing depends on the exact weights, and the shipped controllers were calibrated on
     the bundled GGUF: with `weights: bundled-gguf` and that file on this machine, it goes up
     to `model.gguf_path` and METAATTN_MODEL points the app at it, so the Space downloads no
-    model. Otherwise the Space loads the hub's copy (preloaded at the pinned revision), and
-    shows "calibrated on another copy of these weights"; the plan says so in a warning.
+    model. Otherwise the Space loads the hub's copy at the pinned revision (preloaded there at
+    build time; MODEL_REVISION_ENV tells the loader which commit, since a cache filled at a commit
+    answers only to that commit), and shows "calibrated on another copy of these weights";
+    the plan says so in a warning.
     """
     if model.weights == BUNDLED_GGUF and bundled is not None and model.gguf_path is not None:
         gguf = PlannedFile(model.gguf_path, bundled.stat().st_size, True, True, False, str(bundled))
-        return WeightsChoice(BUNDLED_GGUF, gguf, {MODEL_ENV: model.gguf_path}, (), False, ())
+        return WeightsChoice(
+            BUNDLED_GGUF, gguf, {MODEL_ENV: model.gguf_path}, (MODEL_REVISION_ENV,), False, ()
+        )
     warnings: tuple[str, ...] = ()
     if model.weights == BUNDLED_GGUF:
         warnings = (
@@ -315,7 +323,7 @@ def choose_weights(model: SpaceModel, bundled: Path | None) -> WeightsChoice:
         )
     # A past deploy with the GGUF set METAATTN_MODEL; the upload deletes that file, so the
     # variable must go too or the app would look for a model that is not there.
-    return WeightsChoice(HUB, None, {}, (MODEL_ENV,), True, warnings)
+    return WeightsChoice(HUB, None, {MODEL_REVISION_ENV: model.revision}, (MODEL_ENV,), True, warnings)
 
 
 def front_matter(

@@ -36,6 +36,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from metaattn_viz import paths
+from metaattn_viz.paths import MODEL_ENV, MODEL_REVISION_ENV
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def resolve(spec: str | None = None) -> tuple[list[ModelSource], list[str]]:
     """Candidate sources in the order they should be tried, and notes on what was skipped."""
-    spec = spec or os.environ.get("METAATTN_MODEL") or None
+    spec = spec or os.environ.get(MODEL_ENV) or None
     notes: list[str] = []
     if spec:
         p = Path(spec).expanduser()
@@ -245,19 +246,26 @@ def _load_folder(folder: Path):
 
 
 def _load_hub(hub_id: str, tried: list[str]):
+    """The hub's model at MODEL_REVISION_ENV's commit where it is set (a cache filled at a commit,
+    as a Space's build-time preload is, answers only to that commit), else at its default
+    branch; from the local Hugging Face cache first, then the hub where it answers."""
     import torch
 
     tf = _transformers()
+    revision = os.environ.get(MODEL_REVISION_ENV) or None
     try:  # the local HF cache first: no network needed
-        model = tf.AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32, local_files_only=True)
-        tok = tf.AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            hub_id, dtype=torch.float32, revision=revision, local_files_only=True
+        )
+        tok = tf.AutoTokenizer.from_pretrained(hub_id, revision=revision, local_files_only=True)
         return model, tok
     except OSError:
         pass
+    at = f" at revision {revision}" if revision else ""
     if not hub_reachable():
-        raise _Skip("not in the local Hugging Face cache and the hub is unreachable (offline)")
-    model = tf.AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32)
-    tok = tf.AutoTokenizer.from_pretrained(hub_id)
+        raise _Skip(f"not in the local Hugging Face cache{at} and the hub is unreachable (offline)")
+    model = tf.AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32, revision=revision)
+    tok = tf.AutoTokenizer.from_pretrained(hub_id, revision=revision)
     return model, tok
 
 

@@ -19,7 +19,7 @@ uses that map, also in a later session that carries the state over (decoding aft
 prefill). Phases are told apart by shapes: a forward whose keys are as
 many as its queries is a prefill; one with a cache is a decode step. A one-token decode
 step of a policy with ``fast_decode`` is decided apart from the batched path: on CPU
-float32 in plain Python (numpy controller, ``decide_one``, ``kernels.cpu.decode_step_numpy``;
+float32 in plain Python (numpy controller, ``decide_one``, ``kernels.cpu_decode.decode_step_numpy``;
 ``_attend_host``; both host paths run the experts through ``_experts_host``) because a
 dozen tiny tensor ops would dominate it; on any other device or
 dtype (a GPU, a bfloat16 model) on the device (``decide_step``: controller, decision and
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import metaattn_kernels.dispatch as kernels
-from metaattn_kernels.cpu import decode_step_numpy
+from metaattn_kernels.cpu_decode import decode_step_numpy
 from metaattn_kernels.decode import linear_state_upto
 from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_viz.core.experts import K
@@ -412,7 +412,7 @@ class Session:
     def _experts_host(
         self, layer: int, q, k, v, scaling, weights: list[float], state, fm, view: AttentionView | None
     ) -> torch.Tensor:
-        """The experts of one decode step on CPU float32 (``kernels.cpu.decode_step_numpy``),
+        """The experts of one decode step on CPU float32 (``kernels.cpu_decode.decode_step_numpy``),
         the one definition both decode paths on the host run: the linear expert continues
         `state` (S, z, n) built with map `fm` and reuses the features the controller computed
         of q and the new key under the same map (``SignalState.phi``); the state it leaves

@@ -127,7 +127,7 @@ def take_mapped(state: SignalState, layer: int, q: torch.Tensor, k: torch.Tensor
 # signals_one's float32 constants, made once (a numpy scalar costs a call)
 _LOG_INV_FLOOR = np.float32(math.log(1.0 / FAR_MASS_FLOOR))
 _FLOOR, _ONE, _TINY, _NORM_MIN = (np.float32(v) for v in (FAR_MASS_FLOOR, 1.0, 1e-30, 1e-12))
-_phi_numpy = None  # metaattn_kernels.cpu.phi_numpy and numpy_feature_map, imported on first use
+_phi_numpy = None  # metaattn_kernels.cpu_decode.phi_numpy and numpy_feature_map, imported on first use
 _numpy_map = None
 
 
@@ -184,7 +184,7 @@ def signals_one(view: AttentionView, layer: int, out: np.ndarray) -> bool:
     if held is None or held[2] != off or held[3] is not fm or held[0].shape[0] != 1:
         return False
     if _phi_numpy is None:
-        from metaattn_kernels.cpu import numpy_feature_map, phi_numpy
+        from metaattn_kernels.cpu_decode import numpy_feature_map, phi_numpy
 
         _phi_numpy, _numpy_map = phi_numpy, numpy_feature_map
     buf = state.buffers
