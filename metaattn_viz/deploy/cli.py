@@ -3,8 +3,8 @@
 `add_deploy_parser(subparsers)` registers the subcommand on the CLI's parser;
 `run_deploy(args)` reads the manifest, builds the plan, prints it (`--dry-run`, `--json`)
 or carries it out on the Hub. Exit codes: 0 done, 1 the plan has problems or a Hub call
-failed (refused, or the Hub unreachable), 2 a user error (bad manifest or arguments, no token). User errors print one
-line, never a traceback (docs/deploy.md).
+failed (refused, or the Hub unreachable), 2 a user error (bad manifest or arguments, no
+token). Errors print one line, never a traceback (docs/deploy.md).
 
 A thin adapter: decisions live in plan.py, Hub calls in hub.py; both (and so
 huggingface_hub) are imported only when the command runs, so that registering it keeps

@@ -74,7 +74,8 @@ def whoami(api: Any) -> str:
     try:
         return str(api.whoami()["name"])
     except Exception as exc:  # offline, or a revoked token: one line for the user
-        raise HubFailure(f"could not ask the Hub whose token this is: {failure(exc)}; pass --space OWNER/NAME") from None
+        why = f"could not ask the Hub whose token this is: {failure(exc)}"
+        raise HubFailure(f"{why}; pass --space OWNER/NAME") from None
 
 
 def push(plan: DeployPlan, api: Any, root: Path) -> str:
