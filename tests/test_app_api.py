@@ -158,6 +158,15 @@ def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server):
         _ask(client, "/sql", query="DELETE FROM runs")
     with pytest.raises(AppError, match="max_rows must be between 1 and"):
         _ask(client, "/sql", query="SELECT 1", max_rows=0)
+    # text where text is expected: a number or a list is refused by name, not an AttributeError
+    for endpoint, kw, name in (
+        ("/sql", dict(query=123), "query"),
+        ("/runs", dict(text=5), "text"),
+        ("/runs", dict(order_by=[1]), "order_by"),
+        ("/export", dict(run_id=7), "run_id"),
+    ):
+        with pytest.raises(AppError, match=f"{name} must be text"):
+            _ask(client, endpoint, **kw)
 
     # a flag sent as text means what it says; a budget out of reach is said, as on the page
     out = _ask(

@@ -14,6 +14,7 @@ import json
 import os
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,7 +25,7 @@ from metaattn_viz.app import about, display, share
 from metaattn_viz.app.deployment import Deployment
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
-from metaattn_viz.app.exports import Downloads
+from metaattn_viz.app.exports import PREVIOUS_MAX, PREVIOUS_S, Downloads
 from metaattn_viz.app.plots.style import THEMES, base_layout
 from metaattn_viz.app.requests import GENERATION, GenerateRequest, parse_request, parse_settings
 from metaattn_viz.core.trace import RoutingTrace
@@ -190,19 +191,77 @@ def test_the_export_endpoints_scope_a_run_and_draw_a_figure(engine, tmp_path):
         _api(demo, "figure")(trace=trace_json(a), measure="nope")
 
 
-def test_downloads_keep_one_file_per_kind_and_forget_visitors_gone(tmp_path):
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_downloads_replace_a_kinds_earlier_files_once_old_and_forget_visitors_gone(tmp_path):
     dl = Downloads(tmp_path, keep_s=60)
     first = dl.write("sess-a", "maps", "a.html", "1")
     second = dl.write("sess-a", "maps", "b.html", "2")
+    # a parallel request's file, just made, is left alone (its link still works)
+    assert first.read_text() == "1" and second.read_text() == "2"
+    _age(first.parent, PREVIOUS_S + 1)
+    third = dl.write("sess-a", "maps", "c.html", "3")
+    assert not first.exists() and second.exists() and third.exists()
     other_kind = dl.write("sess-a", "trace", "t.json", "3")
-    assert not first.exists() and second.read_text() == "2" and other_kind.exists()
+    made = [dl.write("sess-a", "maps", f"{i}.html", str(i)) for i in range(PREVIOUS_MAX + 3)]
+    kept = list(made[0].parent.parent.iterdir())
+    assert len(kept) == PREVIOUS_MAX + 1 and made[-1].exists()  # the newest, and no more
     assert "sess-a" not in str(second)  # a digest, not the live session id
     gone = dl.write("sess-b", "maps", "c.html", "4")
     visitor_b = gone.parent.parent.parent
-    old = time.time() - 3600
-    os.utime(visitor_b, (old, old))
+    _age(visitor_b, 3600)
     dl.write("sess-a", "maps", "d.html", "5")
     assert not visitor_b.exists() and other_kind.exists()
+
+
+@pytest.mark.parametrize("kind", ["../x", "rows-/../../x", "a/b", "", ".", "Maps"])
+def test_a_kind_of_download_is_a_plain_name(tmp_path, kind):
+    with pytest.raises(ValueError, match="plain name"):
+        Downloads(tmp_path / "dl").slot("sess", kind)
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_export_format_that_is_a_path_touches_no_folder(engine, tmp_path):
+    """/export with a run id used to make a folder named after the format before checking
+    it: "/../../victim" made a folder in any directory and emptied its sub-folders."""
+    import gradio as gr
+
+    from metaattn_viz.app.ui import build_app
+
+    victim = tmp_path / "victim"
+    (victim / "keep" / "deep").mkdir(parents=True)
+    (victim / "keep" / "deep" / "f.txt").write_text("a")
+    dl = Downloads(tmp_path / "dl")
+    demo = build_app(engine=engine, downloads=dl)
+    hostile = "/.." * 12 + str(victim)
+    for _ in range(2):
+        with pytest.raises(gr.Error, match="Format must be one of"):
+            _api(demo, "export")(fmt=hostile, run_id="x")
+        with pytest.raises(gr.Error, match="Format must be one of"):
+            _api(demo, "export")(fmt=hostile)
+    assert sorted(p.name for p in victim.iterdir()) == ["keep"]
+    assert (victim / "keep" / "deep" / "f.txt").read_text() == "a"
+
+
+def test_parallel_exports_of_one_visitor_all_arrive(engine, tmp_path):
+    """One visitor's exports in parallel threads (a script exporting several runs): none
+    removes another's folder while it is written or fetched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from metaattn_viz.app.ui import build_app
+
+    demo = build_app(engine=engine, downloads=Downloads(tmp_path / "dl"))
+    a = _generate(engine, "One run.")
+    export = _api(demo, "export")
+    with ThreadPoolExecutor(4) as pool:
+        files = list(
+            pool.map(lambda fmt: export(fmt=fmt, run_id=a.run_id), ["csv", "csv", "csv", "csv", "parquet"])
+        )
+    for f in files:
+        assert _rows(f.path, "runs") == 1
 
 
 # -- shareable links -----------------------------------------------------------------------

@@ -311,6 +311,20 @@ AS_DUCKDB_PRINTS = [
     "INTERVAL '14 months'",
     "INTERVAL '0 seconds'",
     "INTERVAL '-90 minutes'",
+    # dates and timestamps as text: Python's datetime stops at the years 1 and 9999
+    "DATE '2020-02-29'",
+    "'infinity'::DATE",
+    "'-infinity'::DATE",
+    "DATE '0001-01-01' - 1",
+    "TIMESTAMP '2020-01-01 10:00:00.5'",
+    "TIMESTAMP '2020-01-01 10:00:00'",
+    "'infinity'::TIMESTAMP",
+    "'-infinity'::TIMESTAMP",
+    "'294247-01-10'::TIMESTAMP",
+    "TIMESTAMP '0001-01-01 10:00:00' - INTERVAL 1 DAY",
+    "TIMESTAMP_NS '2020-01-01 10:00:00.123456789'",
+    "TIMESTAMP_S '2020-01-01 10:00:00'",
+    "TIMESTAMPTZ '2020-01-01 10:00+02'",
 ]
 
 
@@ -318,9 +332,9 @@ def test_values_json_cannot_carry_come_back_as_duckdb_prints_them(log):
     """BLOBs, NaN and infinities, and INTERVALs reach the page and the API as DuckDB's own
     text of them (not an encoding error, an empty cell or a (months, days, ns) triple);
     nested in a list or a struct too; finite numbers stay numbers."""
-    sql = "SELECT " + ", ".join(f"{e} AS c{i}" for i, e in enumerate(AS_DUCKDB_PRINTS))
+    sql = "SELECT " + ", ".join(f"({e}) AS c{i}" for i, e in enumerate(AS_DUCKDB_PRINTS))
     df, _ = run_readonly_query(log, sql)
-    want = duckdb.sql(sql.replace(" AS c", "::VARCHAR AS c")).fetchall()[0]
+    want = duckdb.sql(sql.replace(") AS c", ")::VARCHAR AS c")).fetchall()[0]
     assert tuple(df.iloc[0]) == want
     df, _ = run_readonly_query(
         log, "SELECT [1.5, 'nan'::DOUBLE] AS l, {'b': x'00FF'::BLOB, 'n': 2.0::DOUBLE} AS s"
@@ -331,3 +345,34 @@ def test_values_json_cannot_carry_come_back_as_duckdb_prints_them(log):
     from metaattn_viz.app.api import table_json
 
     assert json.loads(json.dumps(table_json(df)))["rows"] == [[[1.5, "nan"], {"b": "\\x00\\xFF", "n": 2.0}]]
+
+
+def test_decimals_and_hugeints_are_numbers(log):
+    """sum() of integers is a HUGEINT, which Arrow hands over as a DECIMAL: a number on the
+    page and in JSON, not the text '10'."""
+    df, _ = run_readonly_query(
+        log,
+        "SELECT sum(x) AS s, 1.5::DECIMAL(10, 2) AS d, 170141183460469231731687303715884105727::HUGEINT AS h "
+        "FROM range(5) r(x)",
+    )
+    assert df.iloc[0].tolist() == [10, 1.5, 170141183460469231731687303715884105727]
+    import json
+
+    from metaattn_viz.app.api import table_json
+
+    assert json.loads(json.dumps(table_json(df)))["rows"] == [
+        [10, 1.5, 170141183460469231731687303715884105727]
+    ]
+
+
+def test_a_nested_value_python_cannot_hold_is_a_sentence_naming_the_column(log):
+    with pytest.raises(ConsoleError, match=r"column 'l' .*l::VARCHAR"):
+        run_readonly_query(log, "SELECT [TIMESTAMP 'infinity'] AS l")
+
+
+def test_a_query_nested_past_what_can_be_checked_is_refused_in_words(log):
+    """DuckDB parses 400 nested calls; the checker's walk of its tree is refused in words
+    rather than failing with Python's RecursionError."""
+    for deep in ("abs(" * 400 + "1" + ")" * 400, "(SELECT " * 400 + "1" + ")" * 400):
+        with pytest.raises(ConsoleRefused, match="nests too deeply"):
+            run_readonly_query(log, f"SELECT {deep} AS x")

@@ -425,6 +425,39 @@ def test_a_corrupt_file_gives_a_clear_error_and_is_never_overwritten(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.duckdb"]  # no WAL either
 
 
+@pytest.mark.parametrize("kept", [0.1, 0.5])
+def test_a_truncated_log_is_explained_on_open_or_read_and_an_export_leaves_nothing(tmp_path, kept):
+    """A log cut short (a half-copied file): DuckDB finds the missing blocks on open or at a
+    later read; either way a sentence naming the file, never DuckDB's IOException, and the
+    file is left as it was. A failed export leaves no folder behind."""
+    full = tmp_path / "full.duckdb"
+    with RunLog(full) as log:
+        for seed in range(3):
+            stream_run(log, synthetic_trace(n_layers=4, n_tokens=30, seed=seed))
+    data = full.read_bytes()
+    cut = tmp_path / "cut.duckdb"
+    cut.write_bytes(data[: int(len(data) * kept)])
+    digest = sha(cut)
+    for read_only in (False, True):
+        try:
+            log = RunLog(cut, read_only=read_only)
+        except StoreUnavailable as exc:
+            assert str(cut) in str(exc) and "--db" in str(exc)
+            continue
+        with log, pytest.raises(StoreUnavailable, match="could not be read .*damaged"):
+            log.list_runs()
+    assert sha(cut) == digest
+    out = tmp_path / "export"
+    with pytest.raises(StoreUnavailable) as err:
+        store.export(cut, out, "csv")
+    assert str(cut) in str(err.value) and not out.exists()
+    app_log, why = store.open_or_explain(cut)  # the server starts, logging or saying why not
+    if app_log is None:
+        assert str(cut) in why and "Running without logging" in why
+    else:
+        app_log.close()
+
+
 def test_a_duckdb_file_that_is_not_a_routing_log_is_left_alone(tmp_path):
     path = tmp_path / "other.duckdb"
     with duckdb.connect(str(path)) as con:
@@ -441,6 +474,8 @@ def test_missing_log_read_only_and_directory_paths_are_explained(tmp_path):
     assert not (tmp_path / "missing.duckdb").exists()
     with pytest.raises(StoreUnavailable, match="is a directory"):
         RunLog(tmp_path)
+    log, why = store.open_or_explain(tmp_path)  # one sentence, then the next
+    assert log is None and why.endswith("with a file path. Running without logging.")
 
 
 # -- schema versions --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from metaattn_viz.app import requests as app_requests
 from metaattn_viz.app.deployment import LOCAL_LIMITS, PUBLIC_LIMITS, Deployment
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.exports import Downloads, _digest
 from metaattn_viz.app.requests import parse_request, parse_settings
 from metaattn_viz.core.settings import RoutingSettings
 
@@ -423,13 +424,16 @@ def test_history_lists_filters_compares_queries_and_exports(engine, tmp_path):
     for bad in ("DELETE FROM runs", "SELECT * FROM read_csv('/etc/passwd')", ""):
         with pytest.raises(AppError):
             history.sql(bad)
-    archive = history.export("parquet")
+    downloads = Downloads(tmp_path / "downloads")
+    archive = downloads.log(history, "parquet", None, "s1")
+    assert archive.parent.parent == downloads.root / _digest("s1") / "log-parquet"  # served, pruned
     with zipfile.ZipFile(archive) as zf:
         names = zf.namelist()
     assert any(n.startswith("runs/day=") and n.endswith(".parquet") for n in names)
     assert any(n.startswith("routes/day=") for n in names) and "experts.parquet" in names
+    assert [p.name for p in archive.parent.iterdir()] == [archive.name]  # only the zip stays
     with pytest.raises(AppError, match="Format must be one of"):
-        history.export("xlsx")
+        downloads.log(history, "xlsx", None, "s1")
 
 
 def test_the_runs_table_shows_the_useful_columns_cut_and_rounded():
@@ -528,8 +532,9 @@ def test_a_public_deployment_keeps_each_visitors_runs_apart(routed, tmp_path):
         count = "SELECT (SELECT count(*) FROM runs) AS runs, (SELECT count(*) FROM routes) AS routes"
         assert h.sql(count, owner=reader_a)[0].iloc[0].tolist() == [2, 2 * a.n_layers * a.n_tokens]
         assert h.sql(count, owner=reader_b)[0].iloc[0].tolist() == [0, 0]
+        downloads = Downloads(tmp_path / "downloads")
         for reader, n_runs in ((reader_a, 2), (reader_b, 0)):
-            with zipfile.ZipFile(h.export("csv", reader)) as zf:
+            with zipfile.ZipFile(downloads.log(h, "csv", reader, "sess")) as zf:
                 rows = sum(
                     zf.read(n).decode().count("\n") - 1 for n in zf.namelist() if n.startswith("runs/")
                 )
@@ -605,3 +610,42 @@ def test_the_header_and_status_say_where_it_runs_and_which_weights_the_controlle
     t4["backend_notice"] = "the Triton kernels do not fit this GPU (...): attention runs on the PyTorch path"
     header = display.status_markdown({**status, "runtime": t4})
     assert "on cuda:0 (bfloat16, cpu kernels). \u26a0 the Triton kernels do not fit this GPU" in header
+
+
+def test_a_failed_log_write_drops_the_runs_id_and_the_status_recovers(tmp_path, monkeypatch):
+    """A write that fails (a full disk) stops logging that run: its trace no longer carries
+    a run id that the log does not hold whole (no link or export for it), and the status says
+    why; once a write succeeds again, the status no longer does."""
+    from helpers import synthetic_trace
+
+    from metaattn_viz import store
+    from metaattn_viz.app.history import RunRecorder
+
+    e = Engine(routed=routed_tiny(), db=str(tmp_path / "log.duckdb"))
+    history = e.history
+    try:
+        trace = synthetic_trace(n_layers=2, n_tokens=6)
+        recorder = RunRecorder(history, "generate")
+        assert recorder.start(trace) is None and trace.run_id == recorder.run_id is not None
+
+        def full_disk(*args, **kwargs):
+            raise store.StoreUnavailable("could not write to routing log: No space left on device")
+
+        monkeypatch.setattr(history.run_log, "append", full_disk)
+        recorder._last = 0.0  # due for a batch
+        note = recorder.update(trace)
+        assert note is not None and "No space left on device" in note
+        assert trace.run_id is None and recorder.run_id is None
+        assert recorder.finish(trace, "done", None) is None  # nothing more is tried for it
+        status = e.status()
+        assert status["logging"] and "No space left" in status["log_problem"]
+        assert "the last write failed" in display.status_markdown(status)
+        monkeypatch.undo()
+        again = synthetic_trace(n_layers=2, n_tokens=6, seed=1)
+        later = RunRecorder(history, "generate")
+        assert later.start(again) is None and later.finish(again, "done", None) is None
+        assert history.log_problem is None and e.status()["log_problem"] is None
+        assert "last write failed" not in display.status_markdown(e.status())
+        assert history.replay(again.run_id).run_id == again.run_id
+    finally:
+        e.close()

@@ -33,6 +33,7 @@ from metaattn_viz.app.requests import (
     parse_settings,
     text_from_json,
     whole,
+    words,
 )
 from metaattn_viz.app.ui_errors import user_errors
 from metaattn_viz.core.settings import DEFAULTS, UNCERTAINTY_MEASURES
@@ -173,7 +174,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         hold this client session's runs only."""
         n = whole("max_rows", max_rows, 1, SQL_ROWS_LIMIT)
         df, notice = engine.history.sql(
-            query, max_rows=n, owner=engine.deployment.reader(session_of(request))
+            words("query", query), max_rows=n, owner=engine.deployment.reader(session_of(request))
         )
         return table_json(df, notice)
 
@@ -190,10 +191,10 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         searches prompt and output, `status` / `controller` filter (empty: any)."""
         n = whole("limit", limit, 1, SQL_ROWS_LIMIT)
         df = engine.history.runs(
-            text,
-            status or None,
-            controller or None,
-            order_by,
+            words("text", text),
+            words("status", status) or None,
+            words("controller", controller) or None,
+            words("order_by", order_by),
             n,
             owner=engine.deployment.reader(session_of(request)),
         )
@@ -205,10 +206,11 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         Parquet or CSV in a zip file; with `run_id`, that run's rows only."""
         session = session_of(request)
         reader = engine.deployment.reader(session)
+        run_id = words("run_id", run_id)
         if run_id:
             path = downloads.rows(engine.history, run_id, fmt, reader, session)
         else:
-            path = engine.history.export(fmt, reader)
+            path = downloads.log(engine.history, fmt, reader, session)
         return FileData(path=str(path), orig_name=path.name)
 
     limits = engine.deployment.limits

@@ -12,9 +12,12 @@ serves.
   (runs, tokens, routes, and the experts table), as `store.export` writes them, zipped;
   only a run that `owner` may read (deployment.Deployment.reader), else the sentence of a
   run that does not exist.
-- `Downloads`: the folder. Each visitor's files sit under a digest of their session; a
-  new file of a kind replaces the visitor's previous one of that kind, and folders of
-  visitors gone for an hour are removed, so the folder stays small. The page serves it
+- `Downloads`: the folder. Each visitor's files sit under a digest of their session, one
+  folder per kind of file (a plain name: never a path a request could steer). A new file
+  of a kind replaces the visitor's previous ones of that kind once they are PREVIOUS_S old
+  (a file being written or fetched by a parallel request is left alone; at most
+  PREVIOUS_MAX are kept), and folders of visitors gone for an hour are removed, so the
+  folder stays small. `log` is the whole routing log (RunHistory.export) as a file there. The page serves it
   directly (gr.set_static_paths), so files are not copied into Gradio's cache; the paths
   hold random parts, so a file is reachable only through the link its visitor was given.
 
@@ -27,6 +30,7 @@ import atexit
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -42,6 +46,9 @@ log = logging.getLogger(__name__)
 
 KEEP_S = 3600.0  # a visitor's folder is removed this long after their last download was made
 EXPORT_TIMEOUT_S = 10.0  # how long a run's export waits for the log's pending writes
+PREVIOUS_S = 120.0  # a visitor's earlier file of a kind is kept this long after a newer one
+PREVIOUS_MAX = 8  # and at most this many of them (the newest)
+_KIND = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")  # a kind of file: a folder name, never a path
 
 
 def trace_json(trace: RoutingTrace) -> str:
@@ -83,13 +90,20 @@ def zip_folder(folder: Path, archive: Path) -> Path:
     return archive
 
 
+def _export_format(fmt) -> str:
+    """`fmt` if it is one of the log's export formats, else AppError naming them."""
+    from metaattn_viz import store
+
+    return choice("Format", fmt, store.EXPORT_FORMATS)
+
+
 def run_rows(history, run_id: str, fmt: str, owner: str | None, folder: Path) -> Path:
     """Run `run_id`'s rows (runs, tokens, routes, experts) as `fmt` files partitioned like
     the log's export, zipped into `folder`; AppError for a run `owner` may not read, a
     missing log or a bad format. history: app.history.RunHistory."""
     from metaattn_viz import store
 
-    fmt = choice("Format", fmt, store.EXPORT_FORMATS)
+    fmt = _export_format(fmt)
     run_id = (run_id or "").strip()
     if not run_id:
         raise AppError("No run to export: this text is not in the routing log.")
@@ -121,18 +135,37 @@ class Downloads:
         self.keep_s = keep_s
 
     def slot(self, session: str | None, kind: str) -> Path:
-        """A new empty folder for `session`'s next file of `kind`; the previous ones of
-        that kind are removed, and so are the folders of visitors gone for keep_s."""
+        """A new empty folder for `session`'s next file of `kind` (a plain name); the
+        previous ones of that kind go once PREVIOUS_S old, or beyond the PREVIOUS_MAX
+        newest, and so do the folders of visitors gone for keep_s."""
+        if not isinstance(kind, str) or not _KIND.fullmatch(kind):
+            raise ValueError(f"a kind of download is a plain name, not {kind!r}")
         visitor = self.root / _digest(session or "anonymous")
         kind_dir = visitor / kind
         if kind_dir.exists():
-            for old in kind_dir.iterdir():
-                shutil.rmtree(old, ignore_errors=True)
+            self._drop_previous(kind_dir)
         self.prune(keep=visitor)
         new = kind_dir / uuid.uuid4().hex
         new.mkdir(parents=True)
         visitor.touch()  # its age is that of its newest file
         return new
+
+    @staticmethod
+    def _drop_previous(kind_dir: Path) -> None:
+        """Remove a kind's earlier folders that are PREVIOUS_S old, or beyond the
+        PREVIOUS_MAX newest: a parallel request's folder, still being written or fetched,
+        stays."""
+        aged = []
+        for old in kind_dir.iterdir():
+            try:
+                aged.append((old.stat().st_mtime, old))
+            except OSError:  # removed meanwhile
+                continue
+        aged.sort(reverse=True)
+        cutoff = time.time() - PREVIOUS_S
+        for i, (mtime, old) in enumerate(aged):
+            if i >= PREVIOUS_MAX or mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
 
     def prune(self, keep: Path | None = None) -> None:
         """Remove the folders of visitors whose newest file is older than keep_s."""
@@ -162,7 +195,14 @@ class Downloads:
 
     def rows(self, history, run_id: str, fmt: str, owner: str | None, session: str | None) -> Path:
         """The run's rows (run_rows), the visitor's current rows file in `fmt`."""
+        fmt = _export_format(fmt)  # before any folder is made
         return run_rows(history, run_id, fmt, owner, self.slot(session, f"rows-{fmt}"))
+
+    def log(self, history, fmt: str, owner: str | None, session: str | None) -> Path:
+        """The routing log as `owner` may read it (RunHistory.export), the visitor's
+        current log file in `fmt`."""
+        fmt = _export_format(fmt)
+        return history.export(fmt, owner, self.slot(session, f"log-{fmt}"))
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

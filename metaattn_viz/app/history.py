@@ -17,14 +17,14 @@ Never imports gradio or the model.
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.exports import zip_folder
 from metaattn_viz.app.requests import choice
 from metaattn_viz.core.trace import RoutingTrace
 
@@ -41,8 +41,15 @@ class RunHistory:
     def __init__(self, db: str | None = None, enabled: bool = True):
         from metaattn_viz import store
 
-        self.run_log, self.log_problem = store.open_or_explain(db, enabled=enabled)
+        self.run_log, self._open_problem = store.open_or_explain(db, enabled=enabled)
+        self._write_problem: str | None = None  # the last write's failure; a success clears it
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="run-log")
+
+    @property
+    def log_problem(self) -> str | None:
+        """Why runs are not logged: the log could not be opened, or (while the log is open)
+        the last write failed (a full disk); None once a write succeeds again."""
+        return self._open_problem or self._write_problem
 
     def status(self) -> dict:
         """The log's part of the page header."""
@@ -59,11 +66,13 @@ class RunHistory:
         from metaattn_viz import store
 
         try:
-            return fn()
+            out = fn()
         except store.StoreUnavailable as exc:
             log.warning("routing log: %s", exc)
-            self.log_problem = f"Runs are not being logged: {exc}"
+            self._write_problem = f"Runs are not being logged: {exc}"
             return default
+        self._write_problem = None
+        return out
 
     def log_finished(self, trace: RoutingTrace, kind: str, owner: str | None = None) -> None:
         """Log a complete trace (a re-route) off the request path, as `owner`'s run."""
@@ -162,23 +171,20 @@ class RunHistory:
                 run_log, query, max_rows=max_rows, timeout_s=SQL_TIMEOUT_S, owner=owner
             )
 
-    def export(self, fmt: str = "parquet", owner: str | None = None) -> Path:
+    def export(self, fmt: str, owner: str | None, folder: Path) -> Path:
         """The runs visible to `owner` (every run when None) as partitioned Parquet or CSV
-        in one zip file."""
+        in one zip file, written into `folder` (a Downloads slot: app/exports.py removes it
+        in time)."""
         from metaattn_viz import store
 
         fmt = choice("Format", fmt, store.EXPORT_FORMATS)
+        out = Path(folder) / "routing-log"
         with self._reading() as run_log:
-            work = Path(tempfile.mkdtemp(prefix="metaattn-export-"))
-            out = work / "routing-log"
             run_log.flush(timeout=10)
             store.export(run_log, out, fmt, owner=owner)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        archive = work / f"metaattn-routing-log-{stamp}-{fmt}.zip"
-        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(out.rglob("*")):
-                if path.is_file():
-                    zf.write(path, path.relative_to(out).as_posix())
+        archive = zip_folder(out, Path(folder) / f"metaattn-routing-log-{stamp}-{fmt}.zip")
+        shutil.rmtree(out, ignore_errors=True)  # the zip holds it
         return archive
 
 
@@ -219,9 +225,17 @@ class RunRecorder:
         ok = self.history.write(lambda: run_log.append(run_id, trace))
         self._last = time.monotonic()
         if ok is None:
-            self.run_log = None
+            self._lost(trace)
             return self.history.log_problem or "This run is no longer logged."
         return None
+
+    def _lost(self, trace: RoutingTrace) -> None:
+        """Logging stopped for this run: its id no longer names a whole run in the log, so
+        the trace does not carry it (no link or export offered for it)."""
+        self.run_log = None
+        if trace.run_id == self.run_id:
+            trace.run_id = None
+        self.run_id = None
 
     def finish(
         self, trace: RoutingTrace | None, status: str | None, error: BaseException | None
@@ -235,6 +249,7 @@ class RunRecorder:
             self.history.write(lambda: run_log.finish(run_id, trace, status, error=err), default=False)
             is False
         ):
+            self._lost(trace)
             return self.history.log_problem or "The run could not be logged."
         return None
 

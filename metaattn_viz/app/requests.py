@@ -108,6 +108,16 @@ def flag(name: str, value) -> bool:
     raise AppError(f"{name} must be true or false, got {value!r}.")
 
 
+def words(name: str, value) -> str:
+    """`value` as text (None as empty text), else AppError naming `name`: an API client may
+    send a number or a list where the page sends text."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise AppError(f"{name} must be text, got {type(value).__name__} {value!r}.")
+    return value
+
+
 def choice(name: str, value, options) -> str:
     """`value` if it is one of `options`, else AppError listing them."""
     if value not in options:

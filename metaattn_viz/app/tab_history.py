@@ -18,6 +18,7 @@ from metaattn_viz import store
 from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
+from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
 from metaattn_viz.app.tab_live import LiveTab
 from metaattn_viz.app.ui_errors import user_errors
@@ -120,7 +121,7 @@ class HistoryTab:
                 self.export = gr.Button("Prepare download", elem_id="export")
             self.export_file = gr.File(label="Routing log", interactive=False, elem_id="export-file")
 
-    def wire(self, engine: Engine, live: LiveTab, tabs: gr.Tabs) -> None:
+    def wire(self, engine: Engine, live: LiveTab, tabs: gr.Tabs, downloads: Downloads) -> None:
         history = engine.history
 
         def reader(request: gr.Request | None) -> str | None:
@@ -220,7 +221,7 @@ class HistoryTab:
         # (named apart from api.py's /export: a callback's name is its endpoint's name)
         @user_errors("exporting the routing log")
         def history_export(fmt, request: gr.Request):
-            return str(history.export(fmt, reader(request)))
+            return str(downloads.log(history, fmt, reader(request), session_of(request)))
 
         self.export.click(history_export, self.export_fmt, self.export_file, api_visibility="private")
 

@@ -80,7 +80,7 @@ def build_app(
                 gr.Markdown(about_markdown(), elem_id="about")
         _wire_header(engine, status, timer)
         live.wire(engine, downloads)
-        history.wire(engine, live, tabs)
+        history.wire(engine, live, tabs, downloads)
         live.exports.wire(engine, live, downloads, demo)  # after every tab added its events
         add_endpoints(engine, downloads)
     return demo

@@ -37,6 +37,7 @@ import math
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -209,12 +210,15 @@ def _check_table(node: dict, ctes: frozenset, catalogs: frozenset) -> str | None
 def _checked(sql: str, cursor: duckdb.DuckDBPyConnection) -> tuple[str, set[str]]:
     """(statement, the log tables it names), or ConsoleRefused."""
     statement = _statement_of(sql)
-    tree = json.loads(_scalar(cursor, "SELECT json_serialize_sql($q)", {"q": statement}))
-    if tree.get("error"):
-        raise _refuse(f"the query could not be checked ({tree.get('error_message', 'unknown')})")
-    catalog = _scalar(cursor, "SELECT current_database()")
-    found: set[str] = set()
-    _check_tree(tree.get("statements", []), frozenset(), frozenset({str(catalog).lower()}), found)
+    try:
+        tree = json.loads(_scalar(cursor, "SELECT json_serialize_sql($q)", {"q": statement}))
+        if tree.get("error"):
+            raise _refuse(f"the query could not be checked ({tree.get('error_message', 'unknown')})")
+        catalog = _scalar(cursor, "SELECT current_database()")
+        found: set[str] = set()
+        _check_tree(tree.get("statements", []), frozenset(), frozenset({str(catalog).lower()}), found)
+    except RecursionError:  # hundreds of nested expressions or subqueries
+        raise _refuse("the query nests too deeply to be checked; flatten it (a CTE per level)") from None
     return statement, found
 
 
@@ -294,7 +298,8 @@ def run_readonly_query(
         raise ConsoleError(str(exc)) from None
     elapsed = result.elapsed
     table = result.table
-    rows = list(zip(*(_column_values(c) for c in table.columns), strict=True))
+    named = zip(table.columns, table.column_names, strict=True)
+    rows = list(zip(*(_column_values(c, n) for c, n in named), strict=True))
     capped = len(rows) > max_rows
     df = pd.DataFrame.from_records(rows[:max_rows], columns=table.column_names)
     if capped:
@@ -307,16 +312,68 @@ def run_readonly_query(
     return df, notice
 
 
-def _column_values(column: pa.ChunkedArray) -> list:
+def _column_values(column: pa.ChunkedArray, name: str = "") -> list:
     """A result column's values as Python objects that a table on the page and JSON carry
     as they are, in DuckDB's own text where they would not: a BLOB as DuckDB prints it
     (\\xDE\\xAD...), NaN and infinities as nan / inf / -inf (JSON has no such numbers and
     pandas would show them as empty), an INTERVAL as "2 months 3 days 01:02:03.5" (Arrow
-    hands it over as a (months, days, nanoseconds) triple); inside lists and structs too."""
-    values = column.to_pylist()
-    if not _needs_text(column.type):
+    hands it over as a (months, days, nanoseconds) triple); inside lists and structs too.
+    A DATE or TIMESTAMP as its text ("2020-01-01", "2020-01-01 10:00:00.5", "infinity":
+    Python's dates stop at the years 1 and 9999, DuckDB's do not); a DECIMAL or HUGEINT as a
+    number (an int where it has no fraction: sum() of integers is a HUGEINT). A nested value
+    Python cannot hold (a list of infinite timestamps) is ConsoleError naming the column."""
+    t = column.type
+    if pa.types.is_date(t) or pa.types.is_timestamp(t):
+        return _temporal_text(column)
+    if pa.types.is_decimal(t):
+        return [None if v is None else (int(v) if t.scale == 0 else float(v)) for v in column.to_pylist()]
+    try:
+        values = column.to_pylist()
+    except (OverflowError, ValueError) as exc:
+        raise ConsoleError(
+            f"column {name!r} holds a value that cannot be shown ({exc}); cast it to text in "
+            f"the query ({name}::VARCHAR)"
+        ) from None
+    if not _needs_text(t):
         return values
     return [_as_text(v) for v in values]
+
+
+def _temporal_text(column: pa.ChunkedArray) -> list:
+    """A DATE or TIMESTAMP column as text, DuckDB's way where Python's datetime cannot
+    follow: infinity, -infinity, years past 9999 or before 1 (numpy's datetime64 reaches
+    them). A time zone's instants (TIMESTAMPTZ, in UTC) end in "+00"."""
+    t = column.type
+    if pa.types.is_date32(t):
+        ticks, unit, top = column.cast(pa.int32()).to_pylist(), "D", 2**31 - 1
+    else:
+        ticks, top = column.cast(pa.int64()).to_pylist(), 2**63 - 1
+        unit = "ms" if pa.types.is_date64(t) else t.unit
+    zone = "+00" if pa.types.is_timestamp(t) and t.tz else ""
+    out: list = []
+    for v in ticks:
+        if v is None or abs(v) >= top:
+            out.append(None if v is None else ("infinity" if v > 0 else "-infinity"))
+            continue
+        when = np.datetime64(int(v), unit)  # type: ignore[call-overload]  # unit: a str of Arrow's units
+        if pa.types.is_date(t):
+            out.append(_era(str(when.astype("datetime64[D]"))))
+            continue
+        day, _, clock = str(when).partition("T")
+        whole, _, fraction = clock.partition(".")
+        fraction = fraction.rstrip("0")
+        out.append(_era(day, f" {whole}{'.' + fraction if fraction else ''}{zone}"))
+    return out
+
+
+def _era(day: str, rest: str = "") -> str:
+    """numpy's ISO day (year 0 is 1 BC, -1 is 2 BC) as DuckDB prints it, then `rest` (the
+    clock): "0001-12-31 (BC) 10:00:00"."""
+    year, _, month_day = day.lstrip("-").partition("-")
+    if not day.startswith("-") and int(year) > 0:
+        return day + rest
+    bc = 1 + (int(year) if day.startswith("-") else 0)
+    return f"{bc:04d}-{month_day} (BC){rest}"
 
 
 def _needs_text(t: pa.DataType) -> bool:

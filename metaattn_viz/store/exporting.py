@@ -3,14 +3,17 @@ pandas): runs, tokens and routes as Parquet or CSV, hive-partitioned by day=YYYY
 (docs/architecture.md).
 
 Writes only under the folder it is given, and refuses one that already holds an export;
-never writes to the log itself (it reads one snapshot, then rolls back). Never imports the
+an export that fails part way removes what it wrote (and the folder, if it made it). Never
+writes to the log itself (it reads one snapshot, then rolls back). Never imports the
 model code, torch or gradio.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from metaattn_viz.store.opening import DAMAGED, damaged
 from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import Q
 from metaattn_viz.store.runlog import PathArg, RunLog
@@ -53,39 +56,58 @@ def export(
             f"export target already exists: {', '.join(busy)}; choose an empty "
             "--out folder (nothing was written)"
         )
-    extra = ", HEADER true" if fmt == "csv" else ""
     own = not isinstance(source, RunLog)
     log = source if isinstance(source, RunLog) else RunLog(source, read_only=True)
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)  # once the log opened: a refused one leaves no folder
-        cur = log.fresh_cursor()
-        counts: dict[str, int] = {}
-        cur.begin()
-        try:
-            for table, query in (
-                ("runs", Q.EXPORT_RUNS),
-                ("tokens", Q.EXPORT_TOKENS),
-                ("routes", Q.EXPORT_ROUTES),
-            ):
-                counts[table] = _copied(
-                    cur.execute(
-                        Q.EXPORT_PARTITIONED.format(
-                            query=query, path=sql_string(targets[table]), fmt=fmt, extra=extra
-                        ),
-                        params,
-                    ).fetchone()
-                )
-            counts["experts"] = _copied(
-                cur.execute(
-                    Q.EXPORT_EXPERTS.format(path=sql_string(targets["experts"]), fmt=fmt, extra=extra)
-                ).fetchone()
-            )
-        finally:
-            cur.rollback()
-            cur.close()
+        counts = _copy(log, targets, fmt, params)
+    except BaseException as exc:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        else:  # the targets were absent or empty (checked above)
+            for target in targets.values():
+                if target.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+        if isinstance(exc, DAMAGED):
+            raise damaged(log.path, exc) from exc
+        raise
     finally:
         if own:
             log.close()
+    return counts
+
+
+def _copy(log: RunLog, targets: dict[str, Path], fmt: str, params: dict) -> dict[str, int]:
+    """Every table COPY'd to its target from one snapshot; rows written per table."""
+    extra = ", HEADER true" if fmt == "csv" else ""
+    cur = log.fresh_cursor()
+    counts: dict[str, int] = {}
+    cur.begin()
+    try:
+        for table, query in (
+            ("runs", Q.EXPORT_RUNS),
+            ("tokens", Q.EXPORT_TOKENS),
+            ("routes", Q.EXPORT_ROUTES),
+        ):
+            counts[table] = _copied(
+                cur.execute(
+                    Q.EXPORT_PARTITIONED.format(
+                        query=query, path=sql_string(targets[table]), fmt=fmt, extra=extra
+                    ),
+                    params,
+                ).fetchone()
+            )
+        counts["experts"] = _copied(
+            cur.execute(
+                Q.EXPORT_EXPERTS.format(path=sql_string(targets["experts"]), fmt=fmt, extra=extra)
+            ).fetchone()
+        )
+    finally:
+        cur.rollback()
+        cur.close()
     return counts
 
 

@@ -53,6 +53,20 @@ def _unavailable(path: Path, exc: BaseException, read_only: bool) -> StoreUnavai
     )
 
 
+# What DuckDB raises where a file's blocks are missing or garbled (a truncated copy, a disk
+# error): found when a query first reads them, on open or any time later.
+DAMAGED = (duckdb.IOException, duckdb.InternalException, duckdb.SerializationException, duckdb.FatalException)
+
+
+def damaged(path: Path, exc: BaseException) -> StoreUnavailable:
+    """A read of the log that DuckDB could not do (DAMAGED), in words."""
+    return StoreUnavailable(
+        f"routing log {path} could not be read ({type(exc).__name__}: {exc}); the file may be "
+        "damaged (truncated, or written by something else). Restore it from a copy, or pass "
+        "--db with another path."
+    )
+
+
 def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     """A connection to `path` (created read-write if missing), not yet migrated."""
     if path.is_dir():
@@ -154,6 +168,9 @@ def open_database(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnectio
                 r[0] for r in con.execute(Q.MARK_ABANDONED_INTERRUPTED, {"error": RECOVERED_ERROR}).fetchall()
             ]
         )
+    except duckdb.Error as exc:  # a damaged file, found by the first reads
+        con.close()
+        raise _unavailable(path, exc, read_only) from exc
     except BaseException:
         con.close()
         raise

@@ -26,6 +26,7 @@ Never imports gradio, transformers, torch or the model code; its SQL is in queri
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import uuid
@@ -39,6 +40,7 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.paths import default_db_path
 from metaattn_viz.store import codec
 from metaattn_viz.store.errors import StoreUnavailable, UnknownRun
+from metaattn_viz.store.opening import DAMAGED, damaged
 from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import LIST_ORDERS, TIME_BUCKETS, Q
 from metaattn_viz.store.schema import FINAL_STATUSES, STATUSES
@@ -52,6 +54,20 @@ PathArg = str | os.PathLike[str]
 def resolve_db_path(db: PathArg | None = None) -> Path:
     """--db if given, else METAATTN_DB, else <data dir>/routing.duckdb."""
     return Path(db).expanduser() if db else default_db_path()
+
+
+def _reads(method):
+    """A read of the log: where DuckDB finds the file's blocks missing or garbled (a
+    truncated copy), StoreUnavailable naming the file, not DuckDB's exception."""
+
+    @functools.wraps(method)
+    def read(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except DAMAGED as exc:
+            raise damaged(self.path, exc) from exc
+
+    return read
 
 
 class RunLog:
@@ -159,12 +175,14 @@ class RunLog:
             raise UnknownRun(f"no run {run_id!r} in routing log {self.path}")
         return dict(zip([d[0] for d in res.description or []], row, strict=True))
 
+    @_reads
     def get_run(self, run_id: str, owner: str | None = None) -> dict[str, Any]:
         """The runs row of `run_id` as a dict; UnknownRun if there is none (visible to
         `owner`)."""
         self._check_open()
         return self._run_row(self._db.cursor(), run_id, owner)
 
+    @_reads
     def load_trace(self, run_id: str, owner: str | None = None) -> RoutingTrace:
         """Replay: the RoutingTrace of `run_id` rebuilt from the log alone (its committed
         positions, for a run that is still streaming or was interrupted); UnknownRun if
@@ -188,6 +206,7 @@ class RunLog:
             )
         return codec.decode_trace(run, tok, rt)
 
+    @_reads
     def list_runs(
         self,
         limit: int = 50,
@@ -224,6 +243,7 @@ class RunLog:
             },
         )
 
+    @_reads
     def compare(self, run_a: str, run_b: str, owner: str | None = None) -> pd.DataFrame:
         """Two runs token by token: pos, token_a, token_b, same_token, routes_a, routes_b
         (one letter per layer from `experts.symbol`: F full, L linear, W local window;
@@ -239,6 +259,7 @@ class RunLog:
 
     # -- analytics -------------------------------------------------------------------------
     # Each answers over the runs visible to `owner` (every run when None).
+    @_reads
     def full_attention_share_by_layer(
         self, run_id: str | None = None, owner: str | None = None
     ) -> pd.DataFrame:
@@ -246,10 +267,12 @@ class RunLog:
         share, mean cost (one run, or every run)."""
         return self._read_df(Q.FULL_ATTENTION_SHARE_BY_LAYER, owner, {"run_id": run_id})
 
+    @_reads
     def full_attention_share_by_budget(self, owner: str | None = None) -> pd.DataFrame:
         """Per (controller, budget): runs, decisions, full-attention share, realized cost."""
         return self._read_df(Q.FULL_ATTENTION_SHARE_BY_BUDGET, owner)
 
+    @_reads
     def tokens_most_often_full(
         self, limit: int = 20, min_occurrences: int = 2, owner: str | None = None
     ) -> pd.DataFrame:
@@ -259,11 +282,13 @@ class RunLog:
             Q.TOKENS_MOST_OFTEN_FULL, owner, {"limit": int(limit), "min_occurrences": int(min_occurrences)}
         )
 
+    @_reads
     def uncertainty_vs_budget(self, owner: str | None = None) -> pd.DataFrame:
         """Per (controller, budget): mean and p90 total uncertainty, mean epistemic
         uncertainty and vacuity, hedged share."""
         return self._read_df(Q.UNCERTAINTY_VS_BUDGET, owner)
 
+    @_reads
     def runs_over_time(self, every: str = "day", owner: str | None = None) -> pd.DataFrame:
         """Runs, tokens and statuses per hour/day/week/month."""
         if every not in TIME_BUCKETS:
@@ -286,4 +311,5 @@ def open_or_explain(db: PathArg | None = None, enabled: bool = True) -> tuple[Ru
         return RunLog(db), None
     except StoreUnavailable as exc:
         log.warning("%s", exc)
-        return None, f"{exc} Running without logging."
+        reason = str(exc).rstrip()
+        return None, f"{reason}{'' if reason.endswith('.') else '.'} Running without logging."
