@@ -401,6 +401,27 @@ def test_bad_input_in_the_page(page, server, tmp_path):
             break
         time.sleep(0.5)
     assert rows["rows"] == [["stopped"]], rows
+
+    # a second Generate while a run streams stops that run and makes the new one (docs/ui.md;
+    # Gradio used to drop the click while the first event was pending)
+    page.get_by_role("tab", name="Live").click()
+    first, second = "Chapter two. The snow had not stopped for days, and", "Say hello in French."
+    page.fill("#prompt textarea", first)
+    page.click("#generate")
+    _wait_status(page, "Generating", 120_000)
+    _set_number(page, "max-new", 3)
+    page.fill("#prompt textarea", second)
+    page.click("#generate")
+    _wait_status(page, "Done", 120_000)
+    assert page.input_value("#prompt textarea") == second
+    query = f"SELECT prompt, status FROM runs WHERE prompt IN ('{first}', '{second}') ORDER BY created_at"
+    deadline = time.time() + 30
+    while True:
+        rows = client.predict(query=query, api_name="/sql")
+        if rows["rows"] == [[first, "stopped"], [second, "done"]] or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert rows["rows"] == [[first, "stopped"], [second, "done"]], rows
     assert server.alive()
 
 

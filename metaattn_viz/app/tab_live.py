@@ -413,8 +413,26 @@ class LiveTab:
             if empty and job.status == "done":
                 gr.Warning(empty)
 
-        generated = gr.on(
+        def stop_previous(request: gr.Request):
+            # A new Generate in this tab ends the run still streaming there (logged
+            # "stopped"), before the new one queues: with one model slot it would otherwise
+            # wait for the old run to finish. Not queued, so it runs at once, and always
+            # before its own generation (the chain below), never after it.
+            if request is not None:
+                engine.generations.stop(session_of(request))
+
+        started = gr.on(
             [self.generate.click, self.prompt.submit],
+            stop_previous,
+            None,
+            None,
+            api_visibility="private",
+            queue=False,
+            trigger_mode="multiple",
+        )
+        # "multiple": Gradio drops a trigger while the event is pending ("once", its
+        # default), which made a second Generate during a stream do nothing at all
+        generated = started.then(
             live_generate,
             {
                 self.prompt,
@@ -435,6 +453,7 @@ class LiveTab:
             concurrency_id="model",
             concurrency_limit=engine.deployment.limits.model,
             show_progress="minimal",
+            trigger_mode="multiple",
         )
         self.trace_events.append(generated)
 
