@@ -4,6 +4,10 @@ work, and nothing reaches a file, a setting or the log's contents."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import duckdb
 import pandas as pd
 import pytest
@@ -376,3 +380,46 @@ def test_a_query_nested_past_what_can_be_checked_is_refused_in_words(log):
     for deep in ("abs(" * 400 + "1" + ")" * 400, "(SELECT " * 400 + "1" + ")" * 400):
         with pytest.raises(ConsoleRefused, match="nests too deeply"):
             run_readonly_query(log, f"SELECT {deep} AS x")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT repeat('x', 20000000) AS s",  # one 20 MB value (100 MB crashed a Chromium tab)
+        "SELECT repeat('x', 100000) AS s FROM range(400)",  # 40 MB over rows under the row cap
+    ],
+)
+def test_an_answer_larger_than_the_byte_cap_is_refused_in_words(log, sql):
+    from metaattn_viz.store.sandbox import MAX_RESULT_BYTES
+
+    with pytest.raises(ConsoleError, match=f"more than the console's {MAX_RESULT_BYTES >> 20} MB"):
+        run_readonly_query(log, sql)
+    df, _ = run_readonly_query(log, "SELECT len(repeat('x', 1000000)) AS n")  # 1 MB is fine
+    assert df.iloc[0, 0] == 1_000_000
+
+
+def test_a_query_over_more_rows_than_the_console_takes_points_to_the_export(log, monkeypatch):
+    from metaattn_viz.store import console
+
+    monkeypatch.setattr(console, "MAX_INPUT_ROWS", 100)  # the fixture's routes: 3 runs x 4 x 10
+    with pytest.raises(ConsoleError, match=r"reads 120 rows \(routes: 120\).*export the log"):
+        run_readonly_query(log, "SELECT count(*) FROM routes")
+    df, _ = run_readonly_query(log, "SELECT count(*) AS n FROM tokens")
+    assert df.iloc[0, 0] == 30
+
+
+def test_a_worker_lifts_its_address_space_cap_between_queries(tmp_path):
+    """The cap a query runs under must not stay for the next request, whose rows are read
+    before its own cap is set (a reused worker failed every other query on a large log)."""
+    code = (
+        "import resource\n"
+        "from metaattn_viz.store.sandbox_worker import _limit_address_space\n"
+        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+        "_limit_address_space(query=True)\n"
+        "during = resource.getrlimit(resource.RLIMIT_AS)[0]\n"
+        "_limit_address_space(query=False)\n"
+        "print(during != hard, resource.getrlimit(resource.RLIMIT_AS)[0] == hard)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split() == ["True", "True"]

@@ -70,6 +70,10 @@ DENIED_FUNCTIONS = frozenset(
     }
 )
 MAX_SQL_CHARS = 20_000
+# Rows a query may read (its tables' visible rows together, copied to the worker): about
+# 500 MB of Arrow at the routes table's ~100 bytes a row, some 370 runs of 512 tokens of a
+# 30-layer model. A larger log is queried from its export.
+MAX_INPUT_ROWS = 5_000_000
 _TABLE_LIST = ", ".join(LOG_TABLES)
 _STATEMENT_WORDS = {
     "INSERT": "INSERT writes to the log",
@@ -232,8 +236,8 @@ def _visible_tables(
     cur: duckdb.DuckDBPyConnection, names: set[str], owner: str | None
 ) -> dict[str, pa.Table]:
     """The rows of the log tables `names` that `owner` may see (all rows for None), read
-    in one snapshot. A table the database lacks is left out (the query then fails with
-    DuckDB's "does not exist")."""
+    in one snapshot; ConsoleError where they are more than MAX_INPUT_ROWS. A table the
+    database lacks is left out (the query then fails with DuckDB's "does not exist")."""
     present = {
         r[0]
         for r in cur.execute(
@@ -243,7 +247,18 @@ def _visible_tables(
     }
     cur.execute("BEGIN TRANSACTION READ ONLY")
     try:
-        return {name: _rows(cur, *visible_rows(name, owner)) for name in sorted(names) if name in present}
+        queries = {n: visible_rows(n, owner) for n in sorted(names) if n in present}
+        counts = {
+            n: _scalar(cur, f"SELECT count(*) FROM ({sql})", params) for n, (sql, params) in queries.items()
+        }
+        if sum(counts.values()) > MAX_INPUT_ROWS:
+            each = ", ".join(f"{n}: {c:,}" for n, c in counts.items())
+            raise ConsoleError(
+                f"this query reads {sum(counts.values()):,} rows ({each}), more than the console's "
+                f'{MAX_INPUT_ROWS:,}; export the log (History, "Download the routing log", or '
+                "/export) and query its files with DuckDB"
+            )
+        return {n: _rows(cur, sql, params) for n, (sql, params) in queries.items()}
     finally:
         cur.execute("ROLLBACK")
 
@@ -254,7 +269,8 @@ def _rows(cur: duckdb.DuckDBPyConnection, sql: str, params: dict[str, str]) -> p
 
 def _scalar(cursor: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> Any:
     """The one value a one-row, one-column query answers."""
-    row = cursor.execute(sql, params or {}).fetchone()
+    rows = cursor.execute(sql, params or {}).fetchall()  # all: an unfinished result blocks the cursor
+    row = rows[0] if rows else None
     if row is None:
         raise ConsoleError(f"no answer from {sql!r}")
     return row[0]

@@ -45,6 +45,7 @@ MAX_WORKERS = 2  # queries answered at once; more wait (a public Space shares it
 KILL_GRACE_S = 0.5  # after the time limit, how long DuckDB gets to stop before the kill
 START_TIMEOUT_S = 60.0  # a worker's start (imports) on a busy machine
 TRANSFER_BYTES_PER_S = 50e6  # time allowed for sending the rows, on top of the limit
+MAX_RESULT_BYTES = 16 << 20  # an answer larger than this is refused (a browser tab crashes on 100 MB)
 
 
 class SandboxError(Exception):
@@ -229,11 +230,12 @@ atexit.register(_POOL.close)
 
 def run_query(sql: str, tables: dict[str, pa.Table], max_rows: int, timeout_s: float) -> Result:
     """Answer `sql` over `tables` (name -> rows; nothing else exists for the query) in a
-    worker: at most max_rows + 1 rows, stopped after timeout_s. Raises SandboxTimeout,
-    SandboxBusy or SandboxError (DuckDB's message)."""
+    worker: at most max_rows + 1 rows and about MAX_RESULT_BYTES, stopped after timeout_s.
+    Raises SandboxTimeout, SandboxBusy or SandboxError (DuckDB's message)."""
     request = {
         "sql": sql,
         "max_rows": int(max_rows),
+        "max_bytes": MAX_RESULT_BYTES,
         "timeout_s": float(timeout_s),
         "memory_limit": MEMORY_LIMIT,
         "threads": THREADS,

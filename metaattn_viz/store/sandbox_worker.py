@@ -7,10 +7,11 @@ path; sandbox.py imports it for the framing (`write_frame`, `read_frame`), the o
 definition of the protocol.
 
 Protocol, over stdin/stdout, each message a frame (4-byte big-endian length + bytes):
-the worker first sends READY; a request is a JSON header {sql, max_rows, timeout_s,
-memory_limit, threads, tables} followed by one Arrow IPC stream per name in `tables`;
-the answer is a JSON header {ok, ...} followed, when ok, by the result as an Arrow IPC
-stream of at most max_rows + 1 rows.
+the worker first sends READY; a request is a JSON header {sql, max_rows, max_bytes,
+timeout_s, memory_limit, threads, tables} followed by one Arrow IPC stream per name in
+`tables`; the answer is a JSON header {ok, ...} followed, when ok, by the result as an
+Arrow IPC stream of at most max_rows + 1 rows and about max_bytes (a larger answer is an
+error: one 100 MB value is enough to crash a browser tab).
 
 It must never open a file, a URL or another database, nor keep anything from one
 request to the next (each gets its own DuckDB instance, closed after it). Its time limit
@@ -41,15 +42,20 @@ _LENGTH = struct.Struct(">I")
 ADDRESS_SPACE_HEADROOM = 1 << 30
 
 
-def _limit_address_space() -> None:
-    """Cap this process's address space at what it maps now plus the headroom (the soft
-    limit only: the next request, holding other rows, sets its own)."""
+def _limit_address_space(query: bool) -> None:
+    """For a query (`query`): cap this process's address space at what it maps now (its
+    request's rows among it) plus the headroom. Between queries: lift the cap again (the
+    soft limit back to the hard one), or the next request's rows, read under the last
+    query's cap, would fail with a MemoryError and end the worker."""
     try:
         import resource
 
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        if not query:
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+            return
         with open("/proc/self/status") as f:
             size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
         soft = size + ADDRESS_SPACE_HEADROOM
         if hard != resource.RLIM_INFINITY:
             soft = min(soft, hard)
@@ -113,6 +119,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _too_large(size: int, max_bytes: int) -> str:
+    return (
+        f"the answer holds at least {size / 2**20:,.1f} MB, more than the console's "
+        f"{max_bytes / 2**20:,.0f} MB; select fewer rows or columns, or shorten long values "
+        "(left(col, 200))"
+    )
+
+
 def answer(request: dict[str, Any], tables: dict[str, pa.Table]) -> tuple[dict[str, Any], pa.Table | None]:
     """(header, result table) for one request."""
     import duckdb
@@ -124,11 +138,12 @@ def answer(request: dict[str, Any], tables: dict[str, pa.Table]) -> tuple[dict[s
         for name, table in tables.items():
             con.register(name, table)
         limit = int(request["max_rows"]) + 1
+        max_bytes = int(request["max_bytes"])
         t0 = time.perf_counter()
         timer.start()
         try:
             reader = con.sql(request["sql"]).to_arrow_reader(min(limit, 100_000))
-            batches, n = [], 0
+            batches, n, size = [], 0, 0
             while n < limit:  # the result streams: rows past the cap are never computed
                 try:
                     batch = reader.read_next_batch()
@@ -136,6 +151,9 @@ def answer(request: dict[str, Any], tables: dict[str, pa.Table]) -> tuple[dict[s
                     break
                 batches.append(batch)
                 n += batch.num_rows
+                size += batch.nbytes
+                if size > max_bytes:
+                    return {"ok": False, "kind": "error", "message": _too_large(size, max_bytes)}, None
             result = pa.Table.from_batches(batches, reader.schema).slice(0, limit)
         finally:
             timer.cancel()
@@ -159,6 +177,7 @@ def main() -> None:
     write_frame(out, READY)
     out.flush()
     while True:
+        _limit_address_space(query=False)  # the next request's rows may need more
         head = read_frame(inp)
         if head is None:
             return
@@ -169,7 +188,7 @@ def main() -> None:
             if payload is None:
                 return
             tables[name] = from_ipc(payload)
-        _limit_address_space()
+        _limit_address_space(query=True)
         header, result = answer(request, tables)
         del tables
         body = None
