@@ -318,6 +318,7 @@ def empty_like(trace: RoutingTrace) -> RoutingTrace:
         truncated=trace.truncated,
         created_at=trace.created_at,
         prompt=trace.prompt,
+        generation=trace.generation,
     )
 
 

@@ -443,3 +443,27 @@ def test_prompts_and_arguments_of_the_wrong_kind_are_refused_by_name():
         mav.Sampling(temperature="hot")
     with pytest.raises(ValueError, match="seed must be a whole number in"):
         mav.Sampling(seed=2**70)
+
+
+def test_a_trace_records_how_its_text_was_generated_and_keeps_it():
+    """`generation` (max new tokens, temperature, top-p, seed, chat template) is what a share
+    link carries and the log keeps; a re-route of the text keeps it; a record from before it
+    existed reads as None; a malformed one is refused by name."""
+    r = routed_tiny()
+    trace = r.route(
+        PROMPT, budget=0.5, max_new_tokens=3, sampling=mav.Sampling(temperature=0.7, top_p=0.9, seed=11)
+    )
+    assert trace.generation == {
+        "max_new_tokens": 3,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 11,
+        "chat": False,
+    }
+    assert r.reroute(trace, RoutingSettings(budget=0.3)).generation == trace.generation
+    d = trace.to_json()
+    assert RoutingTrace.from_json(json.dumps(d)).generation == trace.generation
+    older = {k: v for k, v in d.items() if k != "generation"}
+    assert RoutingTrace.from_json(older).generation is None
+    with pytest.raises(ValueError, match="generation must be null or hold max_new_tokens"):
+        RoutingTrace.from_json({**d, "generation": {"seed": 1}})

@@ -281,6 +281,10 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     page.screenshot(path=str(shots / "05-sweep.png"))
 
     # -- History: the runs are there; replay the generation into the live views ----------
+    # (the controls changed since: the replay puts the run's prompt and generation back)
+    prompt = page.input_value("#prompt textarea")
+    page.fill("#prompt textarea", "Something else entirely.")
+    _set_number(page, "max-new", 5)
     page.get_by_role("tab", name="History").click()
     page.click("#history-refresh")
     rows = page.locator("#runs [role=row]:has([role=gridcell])")
@@ -299,6 +303,9 @@ def test_live_page_stream_reroute_inspect_history(page, tmp_path):
     page.wait_for_function(f"() => ({MAP_Z})() === {json.dumps(z_before)}", timeout=60_000)
     assert page.evaluate(MAP_LEN, 0) == final  # the generation, budget 0.5, again
     assert float(page.locator("#budget input[type=range]").input_value()) == pytest.approx(0.5)
+    assert page.input_value("#prompt textarea") == prompt
+    assert page.locator("#max-new input[type=number]").input_value() == "64"
+    assert not page.locator("#chat input[type=checkbox]").is_checked()
     page.screenshot(path=str(shots / "07-replayed.png"))
 
     # -- compare two runs, the read-only SQL console, the download ------------------------

@@ -285,7 +285,29 @@ def test_a_link_carries_the_run_its_settings_and_prompt(engine):
         "hedge_measure": s.hedge_measure,
         "window": s.window,
         "cost_model": s.cost_model,
-        **values,
+        # how the run was generated (its trace's record), not the page's controls now
+        "max_new": 4,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+        "chat": True,
+        "measure": "vacuity",
+    }
+    assert trace.generation == {
+        "max_new_tokens": 4,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+        "chat": True,
+    }
+    # a run whose generation the log did not keep (before schema 6): the controls stand in
+    trace.generation = None
+    again = share.parse_shared(dict(parse_qsl(urlsplit(share.share_query(trace, values)).query)))
+    assert {k: again.values[k] for k in ("max_new", "top_p", "seed", "chat")} == {
+        "max_new": 4,
+        "top_p": 0.9,
+        "seed": 7,
+        "chat": False,
     }
     # a long prompt stays out of the link (the run still replays)
     trace.prompt = "x" * (share.MAX_LINK_PROMPT + 1)

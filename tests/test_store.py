@@ -836,3 +836,30 @@ def test_export_from_an_open_log_in_this_process(db, tmp_path):
     with RunLog(db) as log:
         stream_run(log, synthetic_trace(n_layers=2, n_tokens=4))
         assert log.export(tmp_path / "live")["routes"] == 8
+
+
+def test_how_a_run_was_generated_survives_the_log(db):
+    """Schema 6 keeps a trace's `generation`; a run without one (a bare text, or logged
+    before) replays with None."""
+    made = synthetic_trace(n_layers=2, n_tokens=8, seed=1)
+    made.generation = {
+        "max_new_tokens": 5,
+        "temperature": 0.0,
+        "top_p": 0.95,
+        "seed": 2**63 - 1,
+        "chat": True,
+    }
+    bare = synthetic_trace(n_layers=2, n_tokens=8, seed=2)
+    with RunLog(db) as log:
+        ids = [stream_run(log, t) for t in (made, bare)]
+        assert log.load_trace(ids[0]).generation == made.generation
+        assert log.load_trace(ids[1]).generation is None
+        row = (
+            log.fresh_cursor()
+            .execute(
+                "SELECT max_new_tokens, temperature, top_p, seed, chat FROM runs WHERE run_id = $r",
+                {"r": ids[0]},
+            )
+            .fetchall()
+        )
+    assert row == [(5, 0.0, 0.95, 2**63 - 1, True)]

@@ -649,3 +649,18 @@ def test_a_failed_log_write_drops_the_runs_id_and_the_status_recovers(tmp_path, 
         assert history.replay(again.run_id).run_id == again.run_id
     finally:
         e.close()
+
+
+def test_a_replay_note_says_when_the_run_holds_only_part_of_it():
+    from helpers import synthetic_trace
+
+    trace = synthetic_trace(n_layers=2, n_tokens=6)
+    trace.run_id = "r1"
+    assert "the run was" not in display.replay_note(trace, "done")
+    for status, words in (
+        ("running", "still streaming"),
+        ("stopped", "stopped before its end"),
+        ("interrupted", "interrupted"),
+        ("failed", "failed"),
+    ):
+        assert words in display.replay_note(trace, status)

@@ -177,10 +177,22 @@ def budget_floor_note(trace) -> str | None:
     )
 
 
-def replay_note(trace) -> str:
+# a replayed run that is not whole: what its status says about the tokens it holds
+_PARTIAL = {
+    "running": "still streaming: the tokens logged so far",
+    "stopped": "stopped before its end",
+    "interrupted": "interrupted (the server went away mid-run): the tokens logged until then",
+    "failed": "failed: the tokens logged before the failure",
+}
+
+
+def replay_note(trace, status: str = "done") -> str:
+    """The line of a replayed run; `status` (the log's) says when it holds only part of a run."""
+    partial = _PARTIAL.get(status)
     return (
         f"Replayed run `{trace.run_id}` from the routing log: {trace.n_tokens} tokens, "
-        f"{trace.controller} controller, budget {trace.settings.budget}."
+        f"{trace.controller} controller, budget {trace.settings.budget}"
+        + (f"; the run was {partial}." if partial else ".")
     )
 
 

@@ -120,6 +120,11 @@ class RunHistory:
     def replay(self, run_id: str, owner: str | None = None) -> RoutingTrace:
         """The trace of a logged run visible to `owner`, rebuilt from the log (no model
         needed)."""
+        return self.replay_with_status(run_id, owner)[0]
+
+    def replay_with_status(self, run_id: str, owner: str | None = None) -> tuple[RoutingTrace, str]:
+        """`replay`, and the run's status in the log (running, done, stopped, ...): a
+        replay of a run still streaming, or cut short, holds only part of it."""
         from metaattn_viz import store
 
         with self._reading() as run_log:
@@ -127,7 +132,8 @@ class RunHistory:
             if not run_id:
                 raise AppError("Pick a run first (click a row of the runs table).")
             try:
-                return run_log.load_trace(run_id, owner=owner)
+                trace = run_log.load_trace(run_id, owner=owner)
+                return trace, str(run_log.get_run(run_id, owner=owner)["status"])
             except store.UnknownRun:
                 raise AppError(f"There is no run {run_id!r} in the routing log.") from None
 

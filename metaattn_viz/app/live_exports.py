@@ -135,7 +135,9 @@ class ExportPanel:
             trace = None
             if shared.run_id is not None:
                 try:
-                    trace = history.replay(shared.run_id, engine.deployment.reader(session_of(request)))
+                    trace, status = history.replay_with_status(
+                        shared.run_id, engine.deployment.reader(session_of(request))
+                    )
                 except AppError:  # not in this log, another visitor's, or no log at all
                     trace = None
             if trace is None:  # the settings alone, on empty views (not the page's example run)
@@ -143,10 +145,8 @@ class ExportPanel:
                 out[live.trace] = None
                 out[live.run_status] = share.fallback_note(shared.run_id)
                 return out
-            if shared.prompt is None and trace.prompt:
-                out[live.prompt] = trace.prompt
-            out.update(live.show_run(trace, measure))  # the run's own settings win
-            out[live.run_status] = "Opened a shared link: " + display.replay_note(trace)
+            out.update(live.show_run(trace, measure))  # the run's own settings and prompt win
+            out[live.run_status] = "Opened a shared link: " + display.replay_note(trace, status)
             return out
 
         targets = [*live.run_outputs, *live.link_controls.values(), live.prompt, live.run_status]

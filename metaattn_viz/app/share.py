@@ -81,17 +81,30 @@ class SharedRun:
     notes: list[str] = field(default_factory=list)
 
 
+# a link's generation parameters -> RoutingTrace.generation's keys (core.trace.GENERATION_KEYS)
+GENERATION_PARAMETERS = {
+    "max_new": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "chat": "chat",
+}
+
+
 def share_query(trace, values: Mapping) -> str:
     """The query string (with its "?") that opens the page on `trace`'s run: its run id (if
-    logged), its routing settings and controller, the other controls' `values` (keys of
-    PARAMETERS: max_new, temperature, top_p, seed, chat, measure), and its prompt if it
-    is at most MAX_LINK_PROMPT characters."""
+    logged), its routing settings and controller, how its text was generated (the trace's
+    `generation`; where it has none, as for a run logged before the log kept it, the
+    controls' `values` stand in), the other controls' `values` (keys of PARAMETERS:
+    measure), and its prompt if it is at most MAX_LINK_PROMPT characters."""
     s = trace.settings
     params: dict[str, str] = {}
     if trace.run_id:
         params["run"] = str(trace.run_id)
+    made = trace.generation or {}
     given = {
         **{k: v for k, v in values.items() if k in PARAMETERS and v is not None},
+        **{k: made[key] for k, key in GENERATION_PARAMETERS.items() if key in made},
         "controller": trace.controller,
         "scope": s.scope,
         "hedge": s.hedge_policy,
@@ -180,6 +193,7 @@ def fallback_note(run_id: str | None) -> str:
 __all__ = [
     "SharedRun",
     "PARAMETERS",
+    "GENERATION_PARAMETERS",
     "MAX_LINK_PROMPT",
     "share_query",
     "parse_shared",

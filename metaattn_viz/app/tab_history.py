@@ -167,10 +167,10 @@ class HistoryTab:
 
         @user_errors("replaying the run")
         def replay(run_id, measure, request: gr.Request):
-            trace = history.replay(run_id, reader(request))
+            trace, status = history.replay_with_status(run_id, reader(request))
             return {
                 **live.show_run(trace, measure),
-                live.run_status: display.replay_note(trace),
+                live.run_status: display.replay_note(trace, status),
                 tabs: gr.Tabs(selected="live"),
             }
 

@@ -25,6 +25,7 @@ from metaattn_viz.app.exports import Downloads, run_label
 from metaattn_viz.app.live_exports import ExportPanel, download, download_button
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
 from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request, parse_settings
+from metaattn_viz.app.share import GENERATION_PARAMETERS
 from metaattn_viz.app.shown_frame import shown_frame
 from metaattn_viz.app.ui_errors import user_errors, warn
 from metaattn_viz.core.settings import (
@@ -304,6 +305,12 @@ class LiveTab:
             *self.views,
             self.trace,
             self.pos,
+            self.prompt,
+            self.max_new,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.chat,
             self.controller,
             r.budget,
             r.scope,
@@ -316,11 +323,17 @@ class LiveTab:
 
     def show_run(self, trace, measure: str) -> dict:
         """A logged run on the page (a replay): its views, the trace, the token positions,
-        and its controller and routing settings on the controls."""
+        its prompt, and its controller, routing settings and (where the log kept them, from
+        schema version 6 on) generation settings on the controls, so that Generate makes
+        the run again."""
+        made = trace.generation or {}
+        generation = {key: made[field] for key, field in GENERATION_PARAMETERS.items() if field in made}
         return {
             **self.show(trace, measure),
             self.trace: trace,
             self.pos: self.show_positions(trace),
+            **({self.prompt: trace.prompt} if trace.prompt else {}),
+            **self.show_linked(generation),
             self.controller: trace.controller,
             **self.routing.show(trace.settings),
         }

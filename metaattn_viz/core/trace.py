@@ -56,6 +56,9 @@ class RoutingTrace:
     prompt: str = ""
     output_text: str = ""
     run_id: str | None = None
+    # how the text was generated (GENERATION_KEYS -> value; a re-route keeps its source's);
+    # None where it is not known (a run logged before schema version 6, a bare text)
+    generation: dict | None = None
 
     def __post_init__(self):
         L = self.n_layers
@@ -232,6 +235,7 @@ class RoutingTrace:
             "cost": _floats(self.cost),
             "lam": _floats(self.lam),
             "kl_to_dense": None if self.kl_to_dense is None else _floats(self.kl_to_dense),
+            "generation": None if self.generation is None else dict(self.generation),
         }
 
     @classmethod
@@ -276,6 +280,7 @@ class RoutingTrace:
             prompt=d["prompt"],
             output_text=d["output_text"],
             run_id=d["run_id"],
+            generation=_generation(d.get("generation")),  # absent from records before it
         )
         if d["kl_to_dense"] is not None:
             trace.kl_to_dense = np.asarray(d["kl_to_dense"], np.float32)
@@ -285,6 +290,22 @@ class RoutingTrace:
             found = sorted({int(r) for r in trace.routes.flat})
             raise ValueError(f"routes must be expert indices in [0, {K}), got {found}")
         return trace
+
+
+# How a trace's text was generated (routing/generation.py's stream); what a share link
+# carries and the log keeps, so that a run can be made again.
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "chat")
+
+
+def generation_record(max_new_tokens: int, temperature: float, top_p: float, seed: int, chat: bool) -> dict:
+    """A trace's `generation`: GENERATION_KEYS -> the values, as plain Python types."""
+    return {
+        "max_new_tokens": int(max_new_tokens),
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "seed": int(seed),
+        "chat": bool(chat),
+    }
 
 
 # what from_json reads (the rest of to_json's keys are derived)
@@ -315,10 +336,19 @@ _JSON_REQUIRED = (
 )
 
 
+def _generation(d) -> dict | None:
+    """A record's `generation` (None, or a dict of GENERATION_KEYS), checked."""
+    if d is None:
+        return None
+    if not isinstance(d, dict) or set(d) != set(GENERATION_KEYS):
+        raise ValueError(f"generation must be null or hold {', '.join(GENERATION_KEYS)}, got {d!r}")
+    return generation_record(**d)
+
+
 def _floats(a: np.ndarray) -> list:
     """An array as nested lists of JSON numbers, unrounded: float64 holds every float32
     exactly, so reading it back as float32 gives the same bits."""
     return np.asarray(a).astype(np.float64).tolist()
 
 
-__all__ = ["RoutingTrace"]
+__all__ = ["GENERATION_KEYS", "RoutingTrace", "generation_record"]

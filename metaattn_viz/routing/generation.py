@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings, check_settings, finite_number
-from metaattn_viz.core.trace import RoutingTrace
+from metaattn_viz.core.trace import RoutingTrace, generation_record
 
 if TYPE_CHECKING:
     from metaattn_viz.routing.model import RoutedModel
@@ -136,6 +136,9 @@ def stream(
         log.info("prompt truncated from the left: %d of %d tokens dropped", truncated, len(ids))
         ids = ids[truncated:]
     trace = routed.new_trace(controller, settings, prompt if isinstance(prompt, str) else "")
+    trace.generation = generation_record(
+        max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed, chat and isinstance(prompt, str)
+    )
     trace.truncated = truncated
     trace.n_prompt_tokens = len(ids)
 

@@ -370,6 +370,7 @@ class RoutedModel:
         new = self.new_trace(controller, settings, trace.prompt)
         new.n_prompt_tokens, new.truncated = trace.n_prompt_tokens, trace.truncated
         new.output_text = trace.output_text
+        new.generation = getattr(trace, "generation", None)  # the same text, generated as it was
         hint = None
         previous = getattr(trace, "concentration", None)  # absent on a bare Text (the API)
         if (

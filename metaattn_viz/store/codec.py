@@ -25,7 +25,7 @@ import pyarrow as pa
 from metaattn_viz.core.dirichlet import uncertainties
 from metaattn_viz.core.experts import EXPERTS
 from metaattn_viz.core.settings import RoutingSettings
-from metaattn_viz.core.trace import RoutingTrace
+from metaattn_viz.core.trace import GENERATION_KEYS, RoutingTrace, generation_record
 from metaattn_viz.store.schema import SETTINGS_COLUMNS, UNCERTAINTY_COLUMNS
 
 # The per-decision arrays of a trace, each [L, T, ...], in TraceSlice's field order.
@@ -97,6 +97,8 @@ def run_row(run_id: str, trace: RoutingTrace, kind: str, owner: str | None = Non
     settings = trace.settings.to_dict()
     for name, column in SETTINGS_COLUMNS.items():
         row[column] = settings[name]
+    for key in GENERATION_KEYS:  # the runs columns have the keys' names
+        row[key] = None if trace.generation is None else trace.generation[key]
     return row
 
 
@@ -341,4 +343,7 @@ def decode_trace(
         prompt=run["prompt"] or "",
         output_text=run["output_text"] or "",
         run_id=run["run_id"],
+        generation=None
+        if run.get("max_new_tokens") is None
+        else generation_record(**{key: run[key] for key in GENERATION_KEYS}),
     )

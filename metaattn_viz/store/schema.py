@@ -82,6 +82,7 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "TINYINT": pa.int8(),
     "SMALLINT": pa.int16(),
     "INTEGER": pa.int32(),
+    "BIGINT": pa.int64(),
     "FLOAT": pa.float32(),
     "DOUBLE": pa.float64(),
 }
@@ -150,6 +151,13 @@ RUNS_COLUMNS: tuple[Column, ...] = (
     Column("hedge_measure", "VARCHAR", "DEFAULT 'total'", since=4),
     # RoutingSettings.cost_model; every run before v5 spent notional costs
     Column("cost_model", "VARCHAR", "DEFAULT 'notional'", since=5),
+    # how the text was generated (RoutingTrace.generation, trace.GENERATION_KEYS); NULL: a
+    # text routed as given, or a run logged before v6
+    Column("max_new_tokens", "INTEGER", since=6),
+    Column("temperature", "DOUBLE", since=6),
+    Column("top_p", "DOUBLE", since=6),
+    Column("seed", "BIGINT", since=6),
+    Column("chat", "BOOLEAN", since=6),
 )
 TOKENS_COLUMNS: tuple[Column, ...] = (
     Column("run_id", "VARCHAR", NN),
@@ -266,6 +274,8 @@ MIGRATIONS: list[tuple[int, tuple[str, ...]]] = [
     (4, add_columns("runs", RUNS_COLUMNS, 4)),
     # What a decision costs against the budget (RoutingSettings.cost_model).
     (5, add_columns("runs", RUNS_COLUMNS, 5)),
+    # How the text was generated (RoutingTrace.generation).
+    (6, add_columns("runs", RUNS_COLUMNS, 6)),
 ]
 
 
