@@ -423,3 +423,22 @@ def test_a_worker_lifts_its_address_space_cap_between_queries(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_the_pages_table_shows_nested_values_as_duckdb_prints_them(log):
+    """A browser table shows a dict as "[object Object]": the page gets DuckDB's text of
+    STRUCT, MAP and LIST cells (the API keeps them as JSON)."""
+    from metaattn_viz.app.display import sql_table
+
+    exprs = [
+        "{'layer': 1, 'n': 2, 's': 'x'}",
+        "map([0, 1], [10, 20])",
+        "[{'a': 1}]",
+        "['x', 'y']",
+        "{'a': NULL, 'b': [1.5], 't': true}",
+    ]
+    sql = "SELECT " + ", ".join(f"({e}) AS c{i}" for i, e in enumerate(exprs))
+    df, _ = run_readonly_query(log, sql)
+    want = duckdb.sql(sql.replace(") AS c", ")::VARCHAR AS c")).fetchall()[0]
+    assert tuple(sql_table(df).iloc[0]) == want
+    assert isinstance(df.iloc[0]["c0"], dict)  # the console's own answer is untouched

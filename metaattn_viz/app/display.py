@@ -240,6 +240,34 @@ def runs_table(df):
     return df
 
 
+def sql_table(df):
+    """The console's answer as the page's table shows it: a STRUCT, MAP or LIST cell as
+    DuckDB prints it ({'layer': 1, 'n': 2}, {0=10, 1=20}, [x, y]), which a browser table
+    would show as "[object Object]" or flatten; the API (/sql) keeps them as JSON."""
+    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (dict, list, tuple))).any()]
+    if not nested:
+        return df
+    out = df.copy()
+    for c in nested:
+        out[c] = out[c].map(lambda v: v if v is None else _duckdb_text(v))
+    return out
+
+
+def _duckdb_text(v) -> str:
+    """A value inside a nested cell, as DuckDB's ::VARCHAR writes it."""
+    if v is None:
+        return "NULL"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"'{k}': {_duckdb_text(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list) and v and all(isinstance(x, tuple) and len(x) == 2 for x in v):  # a MAP
+        return "{" + ", ".join(f"{_duckdb_text(k)}={_duckdb_text(x)}" for k, x in v) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_duckdb_text(x) for x in v) + "]"
+    return str(v)
+
+
 def sweep_table(rows: list[dict]):
     """The sweep's rows (Analysis.sweep) as the table under the Pareto plot."""
     import pandas as pd
@@ -261,6 +289,7 @@ def example_note(trace) -> str:
 
 
 __all__ = [
+    "sql_table",
     "status_markdown",
     "visibility_note",
     "storage_note",

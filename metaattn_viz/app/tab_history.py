@@ -199,7 +199,7 @@ class HistoryTab:
         @user_errors("running the query")
         def run_sql(query, request: gr.Request):
             df, notice = history.sql(query, owner=reader(request))
-            return df, notice
+            return display.sql_table(df), notice
 
         def sql_started():
             """The earlier answer and its note go before a query runs, so that a refused or
