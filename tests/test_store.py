@@ -595,6 +595,22 @@ def test_a_log_of_schema_version_3_is_migrated_and_its_runs_hedged_on_total_unce
         assert log.load_trace(rid).settings.hedge_measure == "epistemic"
 
 
+def test_a_log_of_schema_version_5_is_migrated_and_its_runs_say_nothing_of_their_generation(db, monkeypatch):
+    """Version 6 adds how a run's text was generated. Runs logged before it did not record
+    that: they replay with generation None (a link then takes the page's controls)."""
+    traces = [synthetic_trace(n_layers=3, n_tokens=8, seed=95 + i) for i in range(2)]
+    with writing_schema_version(monkeypatch, 5):
+        with RunLog(db) as log:
+            ids = [stream_run(log, tr) for tr in traces]
+    with duckdb.connect(str(db)) as con:
+        assert "max_new_tokens" not in {r[0] for r in con.execute("DESCRIBE runs").fetchall()}
+    with RunLog(db) as log:
+        assert count(log, "SELECT max(version) FROM schema_version") == store.latest_schema_version() == 6
+        for rid, tr in zip(ids, traces, strict=True):
+            assert log.load_trace(rid).generation is None
+            assert_same_trace(log.load_trace(rid), tr)
+
+
 def test_shipped_migrations_never_change():
     """A log migrated by a shipped migration must mean the same as one created by it:
     their DDL is pinned (a new status or column is a new migration)."""
@@ -604,6 +620,7 @@ def test_shipped_migrations_never_change():
         3: "d219176ee1565084c108e259af81b9789a1dafe27fce042e430a9686e99d1baa",
         4: "3c704bdd4fe07098e2d212aef9bf338f2200e9cfd49eee65ce16d8c18312fc4d",
         5: "e65529bb7a7e5afaafa295551244a0aaf4b724c64fb356d2e093e492d8079f30",
+        6: "ffad1f8b1f4b9e534ad9b55e2dc74bef744e4f2dbceeb873fbd3a4f2b50928cd",
     }
     for version, statements in store.MIGRATIONS:
         if version in pinned:

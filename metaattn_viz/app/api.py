@@ -117,7 +117,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         job = engine.generations.start(req, owner=engine.deployment.owner(session_of(request)))
         trace = job.result()
         empty = display.empty_generation_note(trace, req.max_new_tokens, req.chat)
-        return trace_json(trace, [*job.notes, *_notes(empty, display.budget_floor_note(trace))])
+        return trace_json(trace, [*job.notes, *_notes(empty, display.over_budget_note(trace))])
 
     @user_errors("re-routing")
     def reroute(
@@ -148,7 +148,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         new = engine.analysis.reroute(text, settings, controller or None, owner=owner)
         if quality and new.n_tokens > 1:
             new.kl_to_dense = engine.analysis.quality(new)
-        return trace_json(new, _notes(display.budget_floor_note(new)))
+        return trace_json(new, _notes(display.over_budget_note(new)))
 
     @user_errors("drawing the figure")
     def figure(trace: dict, measure: str = "total", request: gr.Request | None = None) -> FileData:

@@ -129,7 +129,7 @@ def run_status(job, snap) -> str:
     empty = empty_generation_note(snap, job.request.max_new_tokens, job.request.chat)
     if empty and job.status == "done":
         return f"{line} {empty}"
-    floor = budget_floor_note(snap)
+    floor = over_budget_note(snap)
     return f"{line} {floor}" if floor else line
 
 
@@ -156,24 +156,48 @@ def reroute_note(trace) -> str:
         f"Re-routed {trace.n_tokens} tokens at budget {trace.settings.budget:.2f} "
         f"({trace.timings['reroute_ms']:.0f} ms)."
     )
-    floor = budget_floor_note(trace)
+    floor = over_budget_note(trace)
     return f"{line} {floor}" if floor else line
 
 
-def budget_floor_note(trace) -> str | None:
-    """Under the "flops" cost model, a budget below what the cheapest routing of the run's
-    tokens spends cannot be met: say so, with that floor (None otherwise)."""
+def over_budget_note(trace) -> str | None:
+    """Why the run spends more than its budget, where it does: under the "flops" cost
+    model a budget below what the cheapest routing of its tokens spends cannot be met
+    (with that floor); else hedging, which pays for the experts a decision mixes on top of
+    the routing the budget chose (hedge_note). None where the budget holds."""
     s = trace.settings if trace is not None else None
-    if s is None or s.cost_model != "flops" or s.budget is None or not trace.n_tokens:
+    if s is None or s.budget is None or not trace.n_tokens:
         return None
+    if s.cost_model != "flops":
+        return hedge_note(trace)
     floor = trace.lowest_flops_ratio
     if not s.budget < floor - 0.005:
-        return None
+        return hedge_note(trace)
     return (
         f"Budget {s.budget:.2f} is out of reach in attention FLOPs at this length: the cheapest "
         f"routing of these {trace.n_tokens} tokens spends {floor:.2f} of dense attention (local "
         f"attention saves FLOPs only past its {s.window}-token window, linear past "
         f"{trace.head_dim} tokens)."
+    )
+
+
+HEDGE_OVERSHOOT = 0.01  # a realised cost this far above the budget is worth a sentence
+
+
+def hedge_note(trace) -> str | None:
+    """Hedged decisions cost more than the budget's routing of them (soft: the experts
+    mixed; full: full attention as well): where the run spends clearly more than its budget
+    and hedged, say so and what to change (None otherwise)."""
+    s = trace.settings
+    share = float(trace.hedged.mean()) if trace.hedged.size else 0.0
+    if s.hedge_policy == "off" or not share or not trace.realized_cost > s.budget + HEDGE_OVERSHOOT:
+        return None
+    pays = "full attention as well" if s.hedge_policy == "full" else "every expert it mixes"
+    return (
+        f"Hedging spends {trace.realized_cost:.2f}, above the budget {s.budget:.2f}: "
+        f"{share:.0%} of the decisions hedged ({s.hedge_policy} policy, threshold "
+        f"{s.hedge_threshold:g}), and a hedged decision pays for {pays}. A higher threshold "
+        "hedges fewer decisions."
     )
 
 
