@@ -684,3 +684,37 @@ def test_an_example_run_shows_before_the_model(browser, tmp_path):
         pg.screenshot(path=str(tmp_path / "example-before-model.png"))
         context.close()
     assert seconds < 60
+
+
+# the boxes of the maps' title and its two notes, and of the plot itself (CSS px)
+MAP_TEXT_BOXES = """() => {
+  const div = document.querySelector('#routing-maps .js-plotly-plot');
+  const box = (el) => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  return {
+    plot: box(div),
+    title: box(div.querySelector('.gtitle')),
+    notes: [...div.querySelectorAll('.annotation-text')].map(box),
+  };
+}"""
+
+
+def test_on_a_phone_the_maps_title_and_notes_fit_and_do_not_overlap(browser, server, tmp_path):
+    """At 390 px the title and the one-line notes of the maps ran past the right edge and
+    under the toolbar; they are broken into lines that fit, the title above the notes."""
+    context = browser.new_context(viewport={"width": 390, "height": 1600})
+    context.route(OUTSIDE, lambda route: route.abort())
+    pg = context.new_page()
+    try:
+        pg.goto(server.url)
+        pg.wait_for_function("() => document.querySelector('#routing-maps .gtitle')", timeout=90_000)
+        pg.wait_for_function(f"() => ({MAP_LEN})(0) > 0", timeout=90_000)  # the example run
+        boxes = pg.evaluate(MAP_TEXT_BOXES)
+        left, top, right, bottom = boxes["plot"]
+        assert right - left < 400
+        for box in [boxes["title"], *boxes["notes"]]:
+            assert left - 1 <= box[0] and box[2] <= right + 1, (box, boxes["plot"])
+        first_note = min(boxes["notes"], key=lambda b: b[1])
+        assert boxes["title"][3] <= first_note[1] + 1, boxes  # the title ends above the first note
+        pg.locator("#routing-maps").screenshot(path=str(tmp_path / "phone-maps.png"))
+    finally:
+        context.close()

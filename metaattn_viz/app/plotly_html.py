@@ -48,6 +48,48 @@ function plotConfig() {
   }
   return config;
 }
+// On a narrow screen (a phone) the title and the toolbar, both at the top, overlap and the
+// one-line title and notes run past the right edge: smaller type, lines broken to the
+// width, and the toolbar stands upright at the right.
+const NARROW_PX = 640;
+function wrapped(text, chars) {
+  // break at spaces into lines of at most `chars` visible characters (tags do not count)
+  const lines = [];
+  let line = '';
+  for (const word of String(text).split(' ')) {
+    const visible = (line + ' ' + word).replace(/<[^>]*>/g, '').length;
+    if (line && visible > chars) { lines.push(line); line = word; } else { line = line ? line + ' ' + word : word; }
+  }
+  if (line) lines.push(line);
+  return lines.join('<br>');
+}
+function narrowed(layout) {
+  const width = element.offsetWidth;
+  if (width === 0 || width >= NARROW_PX) return layout;
+  const out = Object.assign({}, layout, {modebar: Object.assign({}, layout.modebar, {orientation: 'v'})});
+  const count = (text) => text.split('<br>').length;
+  let extra = 0;  // px more at the top: the title's extra lines, and a top note's
+  if (out.annotations) {
+    out.annotations = out.annotations.map((a) => {
+      if (a.xanchor !== 'left') return a;
+      const text = wrapped(a.text || '', Math.floor(width / 6.5));
+      if ((a.y || 0) >= 0.99) extra = Math.max(extra, 11 * (count(text) - 1));
+      const font = Object.assign({}, a.font, {size: Math.min((a.font || {}).size || 12, 9)});
+      return Object.assign({}, a, {text: text, align: 'left', font: font});
+    });
+  }
+  if (out.title) {
+    const title = typeof out.title === 'string' ? {text: out.title} : out.title;
+    const text = wrapped(title.text || '', Math.floor(width / 7.5));
+    extra += 14 * (count(text) - 1) + 10;  // and the pad above the title
+    out.title = Object.assign({}, title, {
+      text: text, font: Object.assign({}, title.font, {size: 12}),
+      yref: 'container', y: 1, yanchor: 'top', pad: {t: 16},  // from the top down, above the notes
+    });
+  }
+  out.margin = Object.assign({}, out.margin, {t: ((out.margin || {}).t || 60) + extra});
+  return out;
+}
 const isDark = metaattnWatchTheme(element, () => draw());
 function draw() {
   const div = element.querySelector('.metaattn-plot');
@@ -58,7 +100,7 @@ function draw() {
   busy = true;
   const fig = typeof value === 'string' ? JSON.parse(value) : value;
   const dark = isDark();
-  const data = metaattnThemedData(fig.data, dark), layout = metaattnThemed(fig.layout, dark);
+  const data = metaattnThemedData(fig.data, dark), layout = narrowed(metaattnThemed(fig.layout, dark));
   Promise.resolve(window.Plotly.react(div, data, layout, plotConfig()))
     .then(() => { div.dataset.theme = dark ? 'dark' : 'light'; })
     .catch((e) => console.error('metaattn plot', e))
