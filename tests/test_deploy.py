@@ -218,13 +218,18 @@ def test_front_matter_and_requirements_follow_the_hardware(offline, no_bundled, 
     assert len(revision) == 40 and int(revision, 16) >= 0
 
 
-def test_a_big_binary_without_an_lfs_rule_is_a_problem(tmp_path, offline, no_bundled):
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+def _small_checkout(root: Path) -> None:
+    """A git checkout at `root` with just what a CPU deploy's plan reads."""
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
     for name in ("Spacefile", "README.md", "app.py"):
-        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
-    (tmp_path / "spaces").mkdir()
-    (tmp_path / "spaces" / "requirements-cpu.txt").write_text("gradio==6.31.0\n")
-    (tmp_path / "assets").mkdir()
+        (root / name).write_bytes((ROOT / name).read_bytes())
+    (root / "spaces").mkdir()
+    (root / "spaces" / "requirements-cpu.txt").write_text("gradio==6.31.0\n")
+    (root / "assets").mkdir()
+
+
+def test_a_big_binary_without_an_lfs_rule_is_a_problem(tmp_path, offline, no_bundled):
+    _small_checkout(tmp_path)
     (tmp_path / "assets" / "weights.npy").write_bytes(b"\0" * (PLAIN_BINARY_LIMIT + 1))
     code, text = deploy("--space", "a/b", "--dry-run", "--root", str(tmp_path))
     assert code == 1
@@ -240,12 +245,7 @@ def test_a_big_binary_without_an_lfs_rule_is_a_problem(tmp_path, offline, no_bun
 def test_a_file_named_like_a_secret_stops_the_deploy(tmp_path, offline, no_bundled, name):
     """The upload takes untracked files git does not ignore: a stray .env or key would go up
     to a public Space. Its name is a problem; ignored by git, it is not uploaded at all."""
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    for part in ("Spacefile", "README.md", "app.py"):
-        (tmp_path / part).write_bytes((ROOT / part).read_bytes())
-    (tmp_path / "spaces").mkdir()
-    (tmp_path / "spaces" / "requirements-cpu.txt").write_text("gradio==6.31.0\n")
-    (tmp_path / "assets").mkdir()
+    _small_checkout(tmp_path)
     (tmp_path / "assets" / "ok.txt").write_text("fine\n")
     secret = tmp_path / name
     secret.parent.mkdir(parents=True, exist_ok=True)

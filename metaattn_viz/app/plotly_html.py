@@ -58,7 +58,12 @@ function wrapped(text, chars) {
   let line = '';
   for (const word of String(text).split(' ')) {
     const visible = (line + ' ' + word).replace(/<[^>]*>/g, '').length;
-    if (line && visible > chars) { lines.push(line); line = word; } else { line = line ? line + ' ' + word : word; }
+    if (line && visible > chars) {
+      lines.push(line);
+      line = word;
+    } else {
+      line = line ? line + ' ' + word : word;
+    }
   }
   if (line) lines.push(line);
   return lines.join('<br>');

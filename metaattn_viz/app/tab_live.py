@@ -298,6 +298,11 @@ class LiveTab:
         return gr.Slider(maximum=max(trace.n_tokens - 1, 1), value=trace.n_tokens - 1)
 
     @property
+    def generation_controls(self) -> list:
+        """The prompt and how it is generated: what Generate reads and a replay restores."""
+        return [self.prompt, self.max_new, self.temperature, self.top_p, self.seed, self.chat]
+
+    @property
     def run_outputs(self) -> list:
         """What `show_run` updates."""
         r = self.routing
@@ -305,12 +310,7 @@ class LiveTab:
             *self.views,
             self.trace,
             self.pos,
-            self.prompt,
-            self.max_new,
-            self.temperature,
-            self.top_p,
-            self.seed,
-            self.chat,
+            *self.generation_controls,
             self.controller,
             r.budget,
             r.scope,
@@ -448,12 +448,7 @@ class LiveTab:
         generated = started.then(
             live_generate,
             {
-                self.prompt,
-                self.max_new,
-                self.temperature,
-                self.top_p,
-                self.seed,
-                self.chat,
+                *self.generation_controls,
                 self.controller,
                 self.quality,
                 self.measure,
