@@ -13,8 +13,6 @@ after each. Never holds model logic of its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import gradio as gr
 
 from metaattn_viz.app import attention_maps, display, plots
@@ -24,7 +22,16 @@ from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.exports import Downloads, run_label
 from metaattn_viz.app.live_exports import ExportPanel, download, download_button
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
-from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request, parse_settings
+from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request
+from metaattn_viz.app.routing_controls import (
+    CONTROLLER_LABELS,
+    COST_MODEL_LABELS,
+    HEDGE_MEASURE_LABELS,
+    SCOPE_LABELS,
+    WINDOW_MAX,
+    WINDOW_MIN,
+    RoutingControls,
+)
 from metaattn_viz.app.share import GENERATION_PARAMETERS
 from metaattn_viz.app.shown_frame import shown_frame
 from metaattn_viz.app.ui_errors import user_errors, warn
@@ -36,68 +43,11 @@ from metaattn_viz.core.settings import (
     MIN_COST,
     SCOPES,
     UNCERTAINTY_MEASURES,
-    RoutingSettings,
 )
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing.controller import KINDS
 
-SCOPE_LABELS = {"global": "global (layers compete)", "layer": "per layer"}
-HEDGE_MEASURE_LABELS = {"total": "total uncertainty", "epistemic": "epistemic (what it does not know)"}
-COST_MODEL_LABELS = {"notional": "notional costs", "flops": "attention FLOPs (share of dense)"}
-CONTROLLER_LABELS = {"bayes": "Bayesian", "priorfree": "prior-free"}
-# the local-window slider's range (a replayed run's window is shown clamped to it)
-WINDOW_MIN, WINDOW_MAX = 8, 256
 PICK_A_TOKEN = "Pick a token to see the attention it used."
-
-
-@dataclass(frozen=True)
-class RoutingControls:
-    """The controls that make a RoutingSettings (the controller is picked apart: it is not
-    a setting)."""
-
-    budget: gr.Slider
-    scope: gr.Radio
-    hedge_policy: gr.Radio
-    hedge_threshold: gr.Slider
-    window: gr.Slider
-    hedge_measure: gr.Radio
-    cost_model: gr.Radio
-
-    @property
-    def inputs(self) -> set:
-        return {
-            self.budget,
-            self.scope,
-            self.hedge_policy,
-            self.hedge_threshold,
-            self.window,
-            self.hedge_measure,
-            self.cost_model,
-        }
-
-    def settings(self, data: dict) -> RoutingSettings:
-        """The settings from a callback's input values (AppError if one is out of range)."""
-        return parse_settings(
-            data[self.budget],
-            data[self.scope],
-            data[self.hedge_policy],
-            data[self.hedge_threshold],
-            data[self.window],
-            hedge_measure=data[self.hedge_measure],
-            cost_model=data[self.cost_model],
-        )
-
-    def show(self, s: RoutingSettings) -> dict:
-        """The controls set to `s` (a replayed run's settings)."""
-        return {
-            self.budget: s.budget if s.budget is not None else 1.0,
-            self.scope: s.scope,
-            self.hedge_policy: s.hedge_policy,
-            self.hedge_threshold: s.hedge_threshold,
-            self.window: min(max(s.window, WINDOW_MIN), WINDOW_MAX),
-            self.hedge_measure: s.hedge_measure,
-            self.cost_model: s.cost_model,
-        }
 
 
 class LiveTab:
@@ -624,4 +574,4 @@ class LiveTab:
         )
 
 
-__all__ = ["LiveTab", "RoutingControls", "SCOPE_LABELS", "CONTROLLER_LABELS"]
+__all__ = ["LiveTab"]
