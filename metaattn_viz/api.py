@@ -114,8 +114,13 @@ def load(
             backend=backend,
         )
     elif isinstance(model, tuple) and len(model) == 2:
+        placing = device is not None or dtype is not None or backend is not None
+        if placing:  # refused before the model is routed, so a refusal leaves it as it was
+            from metaattn_viz.routing.device import check_placement
+
+            check_placement(device, dtype, backend)
         routed = _given(*model, name, folders)
-        if device is not None or dtype is not None or backend is not None:
+        if placing:
             routed.place(device, dtype, backend)
     else:
         raise TypeError(
@@ -146,6 +151,13 @@ def _given(model, tokenizer, name: str | None, folders: dict[str, Path] | None =
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "parameters"):
         raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be the model's tokenizer, got {type(tokenizer).__name__}")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError(
+            "the model's weights are on the meta device (its shapes only, no values): load the "
+            "weights first, e.g. from_pretrained without a meta device map"
+        )
     name = name or Path(str(getattr(config, "_name_or_path", "") or "")).name or type(model).__name__
     loaded = loading.LoadedModel(model, tokenizer, loading.ModelSource("given", name, name), 0.0, "given")
     routed = RoutedModel.from_loaded(loaded, folders)
@@ -206,6 +218,12 @@ def calibrate(
     cfg = calibration.CalibrationConfig(controller=controller, steps=steps, seq_len=seq_len, **options)
     if routed.detached:
         raise RuntimeError(f"{routed.name}: this RoutedModel was detached; route a new one")
+    if cfg.seq_len > routed.max_context:
+        raise ValueError(
+            f"seq_len {cfg.seq_len} is longer than the model's context ({routed.max_context} tokens)"
+        )
+    if save is not None and not str(save).strip():
+        raise ValueError("save must name a folder, got an empty path (it would be the current folder)")
     source = _texts(texts)
     target = None if save is None else Path(save) / controller
     if target is not None and any(p.exists() and not p.is_dir() for p in (target, *target.parents)):
@@ -231,8 +249,11 @@ def calibrate(
                 model_slug=routed.slug,
                 on_step=on_step,
             )
-        except DataError as exc:
-            raise DataError(f"{exc} (here: more or longer texts, or a smaller seq_len)") from None
+        except DataError as exc:  # the command line's words for it, said for this call
+            said = str(exc).replace(
+                "give a longer file or a smaller --seq-len", "give more or longer texts, or a smaller seq_len"
+            )
+            raise DataError(said) from None
         finally:
             for p, g in zip(params, grads, strict=True):
                 p.requires_grad_(g)

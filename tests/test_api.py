@@ -126,6 +126,52 @@ def test_route_takes_settings_as_keywords():
 
 
 # -- detach --------------------------------------------------------------------------------------
+def test_a_placement_that_cannot_be_made_leaves_the_model_as_it_was():
+    """`load((model, tok), device="cuda")` without a GPU (or another placement refused) is
+    refused before the model is routed: no hooks, its attention implementation kept."""
+    from metaattn_viz.routing.device import DeviceUnavailable
+
+    model = tiny_model()
+    implementation, hooks_before = model.config._attn_implementation, hooks(model)
+    for kwargs, error in (
+        (dict(device="cuda"), DeviceUnavailable),
+        (dict(dtype="float8"), ValueError),
+        (dict(backend="tpu"), ValueError),
+    ):
+        if error is DeviceUnavailable and torch.cuda.is_available():
+            continue
+        with pytest.raises(error):
+            mav.load((model, CharTokenizer()), **kwargs)
+        assert model.config._attn_implementation == implementation and hooks(model) == hooks_before
+
+
+def test_a_model_without_weights_or_a_tokenizer_is_refused_by_name():
+    with pytest.raises(TypeError, match="tokenizer must be the model's tokenizer, got NoneType"):
+        mav.load((tiny_model(), None))
+    with torch.device("meta"):
+        shapes_only = tiny_model()
+    with pytest.raises(ValueError, match="meta device"):
+        mav.load((shapes_only, CharTokenizer()))
+
+
+def test_a_model_routed_twice_is_refused_and_the_first_routing_keeps_working():
+    """A notebook cell run twice: the second `load` of the same model is refused by name
+    (it would record "metaattn" as the implementation to give back), the first routes on,
+    and once it is detached the model routes again."""
+    model = tiny_model()
+    implementation, hooks_before = model.config._attn_implementation, hooks(model)
+    first = mav.load((model, CharTokenizer()))
+    with pytest.raises(ValueError, match="routed already"):
+        mav.load((model, CharTokenizer()))
+    assert first.route(PROMPT, budget=0.3).n_tokens > 0
+    first.detach()
+    assert model.config._attn_implementation == implementation and hooks(model) == hooks_before
+    again = mav.load((model, CharTokenizer()))
+    assert again.route(PROMPT, budget=0.3).n_tokens > 0
+    again.detach()
+    assert model.config._attn_implementation == implementation and hooks(model) == hooks_before
+
+
 def test_detach_gives_the_model_back_bit_for_bit_with_no_hook_left():
     model = tiny_model()
     model.train()
@@ -323,8 +369,14 @@ def test_calibrate_refuses_bad_input_and_an_interrupted_run_installs_nothing(tmp
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(ValueError, match="a file is in the way"):
         mav.calibrate(routed, TEXTS, save=tmp_path / "file", **fast)
-    with pytest.raises(ValueError, match="shorter than one window.*smaller seq_len"):
+    with pytest.raises(
+        ValueError, match="shorter than one window.*give more or longer texts, or a smaller seq_len$"
+    ):
         mav.calibrate(routed, ["too short", "for a window"], **fast)
+    with pytest.raises(ValueError, match=r"seq_len 4096 is longer than the model's context \(1024 tokens\)"):
+        mav.calibrate(routed, TEXTS, **{**fast, "seq_len": 4096})
+    with pytest.raises(ValueError, match="save must name a folder, got an empty path"):
+        mav.calibrate(routed, TEXTS, save="", **fast)
     with pytest.raises(FileNotFoundError, match="controllers: no such folder"):
         mav.load((tiny_model(), CharTokenizer()), controllers=tmp_path / "none")
 
@@ -461,9 +513,17 @@ def test_a_trace_records_how_its_text_was_generated_and_keeps_it():
         "chat": False,
     }
     assert r.reroute(trace, RoutingSettings(budget=0.3)).generation == trace.generation
+    # asked for a chat template the tokenizer does not have: recorded as what was applied
+    assert r.route(PROMPT, budget=0.5, chat=True).generation["chat"] is False
     d = trace.to_json()
     assert RoutingTrace.from_json(json.dumps(d)).generation == trace.generation
     older = {k: v for k, v in d.items() if k != "generation"}
     assert RoutingTrace.from_json(older).generation is None
     with pytest.raises(ValueError, match="generation must be null or hold max_new_tokens"):
         RoutingTrace.from_json({**d, "generation": {"seed": 1}})
+    # a record whose token ids are not this model's is refused by name, as route refuses it
+    foreign = RoutingTrace.from_json(
+        {**d, "token_ids": [t + r.model.config.vocab_size for t in d["token_ids"]]}
+    )
+    with pytest.raises(ValueError, match="token ids must be whole numbers in"):
+        r.reroute(foreign, RoutingSettings(budget=0.3))

@@ -216,6 +216,31 @@ def test_stream_decoding_tracks_budget_and_extends_trace():
     assert decode_cost == pytest.approx(0.4, abs=0.1)
 
 
+def test_a_paused_stream_routes_nothing_else_the_thread_runs():
+    """Between its steps a stream holds no session: a plain forward of the model meanwhile
+    is dense and leaves the stream's trace alone, gradients are as the caller set them, and
+    two streams interleaved in one thread each give what they give alone."""
+    r = routed_tiny(seed=5)
+    prompt = "The quick brown fox jumps over the lazy dog."
+    ids = torch.tensor([list(range(3, 15))])
+    with torch.no_grad(), r.session(RoutingSettings(budget=1.0), mode="dense"):
+        dense = r.model(input_ids=ids).logits
+    stream = r.stream(prompt, RoutingSettings(budget=0.3), max_new_tokens=4)
+    next(stream), next(stream)
+    assert torch.is_grad_enabled()  # the caller's setting, not the stream's no_grad
+    with torch.no_grad():
+        plain = r.model(input_ids=ids).logits
+    assert torch.equal(plain, dense)
+    *_, trace = stream
+    assert trace.routes.shape == (r.n_layers, trace.n_tokens) and trace.n_tokens == trace.n_prompt_tokens + 4
+    trace.to_json()  # consistent arrays
+    alone = [r.route(prompt, RoutingSettings(budget=b), max_new_tokens=5).routes for b in (0.2, 0.9)]
+    low, high = (r.stream(prompt, RoutingSettings(budget=b), max_new_tokens=5) for b in (0.2, 0.9))
+    a, b = list(zip(low, high, strict=True))[-1]  # one step of each in turn
+    np.testing.assert_array_equal(a.routes, alone[0])
+    np.testing.assert_array_equal(b.routes, alone[1])
+
+
 def test_bad_input_is_refused_clearly():
     r = routed_tiny()
     with pytest.raises(ValueError, match="prompt is empty"):

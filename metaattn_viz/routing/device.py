@@ -169,6 +169,14 @@ def resolve_backend(backend: str, placement: Placement) -> str:
     return backend
 
 
+def check_placement(device: str | None, dtype: str | None, backend: str | None) -> Placement:
+    """The placement asked for, refused (DeviceUnavailable, ValueError) before anything is
+    loaded, moved or routed: CUDA or Triton where they cannot run, an unknown name."""
+    placement = resolve(device, dtype)
+    resolve_backend(parse_backend(backend), placement)
+    return placement
+
+
 def fit_backend(
     backend: str, placement: Placement, heads: tuple[int, int, int], feature_map: Any = None
 ) -> tuple[str, str | None]:

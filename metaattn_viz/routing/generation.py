@@ -25,6 +25,7 @@ import torch
 
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings, check_settings, finite_number
 from metaattn_viz.core.trace import RoutingTrace, generation_record
+from metaattn_viz.routing.session import active
 
 if TYPE_CHECKING:
     from metaattn_viz.routing.model import RoutedModel
@@ -136,8 +137,9 @@ def stream(
         log.info("prompt truncated from the left: %d of %d tokens dropped", truncated, len(ids))
         ids = ids[truncated:]
     trace = routed.new_trace(controller, settings, prompt if isinstance(prompt, str) else "")
+    chatted = isinstance(prompt, str) and routed.applies_chat(chat)  # what was applied, not asked
     trace.generation = generation_record(
-        max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed, chat and isinstance(prompt, str)
+        max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed, chatted
     )
     trace.truncated = truncated
     trace.n_prompt_tokens = len(ids)
@@ -158,27 +160,31 @@ def stream(
     cache = res.cache
     new_ids: list[int] = []
     t1 = time.perf_counter()
-    with torch.no_grad(), routed.session(settings, controller, lam=res.lam) as sess:
-        # decode steps: the prefill's lambdas, then dual ascent per token
-        sess.lin_state = list(res.session.lin_state)  # carry the prefill's linear states over
-        for _ in range(max_new_tokens):
-            if stop_event is not None and stop_event.is_set():
-                trace.timings["stopped"] = True
-                break
-            nxt = sample(logits, sampling, gen)
-            if nxt in eos:
-                break
-            new_ids.append(nxt)
-            step_ids = torch.tensor([[nxt]], device=routed.device)
+    # decode steps: the prefill's lambdas, then dual ascent per token. The session (and
+    # no_grad) is active during each step only, never across a yield: the caller's thread
+    # runs other work between steps (another stream, a plain forward), which must not be
+    # routed into this one.
+    sess = routed.new_session(settings, controller, lam=res.lam)
+    sess.lin_state = list(res.session.lin_state)  # carry the prefill's linear states over
+    for _ in range(max_new_tokens):
+        if stop_event is not None and stop_event.is_set():
+            trace.timings["stopped"] = True
+            break
+        nxt = sample(logits, sampling, gen)
+        if nxt in eos:
+            break
+        new_ids.append(nxt)
+        step_ids = torch.tensor([[nxt]], device=routed.device)
+        with torch.no_grad(), active(sess):
             out = routed.model(input_ids=step_ids, past_key_values=cache, use_cache=True)
-            logits = out.logits[0, -1]
-            records = sess.pop_records()
-            assert records is not None  # the step routed every layer
-            routed.extend_trace(trace, [nxt], records)
-            dt = time.perf_counter() - t1
-            trace.timings["decode_ms"] = 1000 * dt
-            trace.timings["tokens_per_s"] = len(new_ids) / dt if dt > 0 else None
-            trace.output_text = routed.tokenizer.decode(new_ids, skip_special_tokens=True)
-            yield trace
+        logits = out.logits[0, -1]
+        records = sess.pop_records()
+        assert records is not None  # the step routed every layer
+        routed.extend_trace(trace, [nxt], records)
+        dt = time.perf_counter() - t1
+        trace.timings["decode_ms"] = 1000 * dt
+        trace.timings["tokens_per_s"] = len(new_ids) / dt if dt > 0 else None
+        trace.output_text = routed.tokenizer.decode(new_ids, skip_special_tokens=True)
+        yield trace
     trace.timings["total_ms"] = 1000 * (time.perf_counter() - t0)
     trace.output_text = routed.tokenizer.decode(new_ids, skip_special_tokens=True)

@@ -216,7 +216,7 @@ class RoutedModel:
         first: CUDA asked for without one fails before the model loads."""
         from metaattn_viz.routing import loading as model_loading
 
-        device_mod.resolve_backend(device_mod.parse_backend(backend), device_mod.resolve(device, dtype))
+        device_mod.check_placement(device, dtype, backend)
         loaded = model_loading.load(model)
         return cls.from_loaded(loaded, controllers_dir, feature_maps_dir).place(device, dtype, backend)
 
@@ -269,6 +269,15 @@ class RoutedModel:
         """A routing session for the block, in this thread (arguments: session.Session); its
         linear expert uses the feature maps ``settings.linear_map`` selects
         (``linear_maps_for``). Refused once detached: the model would silently run dense."""
+        with active(self.new_session(settings, controller, **kwargs)) as sess:
+            yield sess
+
+    def new_session(
+        self, settings: RoutingSettings, controller: str | ControllerStack = DEFAULT_CONTROLLER, **kwargs: Any
+    ) -> Session:
+        """`session`'s Session, not yet active: for a pass that runs in steps with other work
+        between them (a stream that yields), each step in ``session.active(it)``, so that
+        nothing else the thread runs meanwhile is routed into it."""
         if self._installed is None:
             raise RuntimeError(f"{self.name}: this RoutedModel was detached; route a new one")
         stack = self.controller(controller)
@@ -276,8 +285,7 @@ class RoutedModel:
             settings = settings.with_(backend=self.backend)
         maps = self.linear_maps_for(settings)
         kwargs.setdefault("head_dim", self.head_dim)  # the "flops" cost model's
-        with active(Session(self.n_layers, stack, settings, feature_maps=maps, **kwargs)) as sess:
-            yield sess
+        return Session(self.n_layers, stack, settings, feature_maps=maps, **kwargs)
 
     # -- passes -----------------------------------------------------------------------------
     def dense_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -364,9 +372,9 @@ class RoutedModel:
         if not hasattr(trace, "token_ids"):
             raise TypeError(f"trace must be a RoutingTrace (as route returns), got {type(trace).__name__}")
         controller = controller or trace.controller
-        ids = list(trace.token_ids)
-        if not ids:
+        if not len(trace.token_ids):
             raise ValueError("nothing to re-route: the trace has no tokens")
+        ids = generation.token_ids(list(trace.token_ids), self.model.config.vocab_size)
         new = self.new_trace(controller, settings, trace.prompt)
         new.n_prompt_tokens, new.truncated = trace.n_prompt_tokens, trace.truncated
         new.output_text = trace.output_text
@@ -410,7 +418,7 @@ class RoutedModel:
                 f"at character {bad}"
             )
         tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
+        if self.applies_chat(chat):
             ids = tok.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
             )
@@ -421,6 +429,11 @@ class RoutedModel:
         if not ids:
             raise ValueError("prompt is empty after tokenisation")
         return list(ids)
+
+    def applies_chat(self, chat: bool) -> bool:
+        """Whether `encode(..., chat)` wraps a prompt in the chat template: asked for, and the
+        tokenizer has one (else the prompt is encoded as it is)."""
+        return bool(chat) and bool(getattr(self.tokenizer, "chat_template", None))
 
     def token_texts(self, ids) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]

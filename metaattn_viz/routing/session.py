@@ -6,8 +6,9 @@ Plugging in (no forked model code): an attention function is registered with tra
 layer and its attention module capture the residual stream x and the normalised attention
 input h that the controller reads. ``install`` keeps the hooks' handles and the attention
 implementation it replaced, so ``uninstall`` gives the model back exactly as it was.
-Outside a session (or in a "dense" one) the function is plain SDPA, so the model behaves
-exactly as before (``model.generate`` keeps working, with its KV cache). Sessions are
+Outside a session (or in a "dense" one) the function is plain SDPA, so an SDPA model
+behaves exactly as before (``model.generate`` keeps working, with its KV cache; an eager
+model computes the same attention through SDPA, equal within rounding). Sessions are
 thread-local, so several requests can share one model.
 
 A session carries the settings, the controllers, the routing policy (routing/policies.py:
@@ -163,6 +164,11 @@ def install(model, n_layers: int) -> Installation:
     """Route `model`'s attention through sessions: the attention function and the hooks.
     Finds the attention layers and refuses a model routing cannot honour
     (routing/discovery.py) before changing anything, so a refused model is left as it was."""
+    if getattr(model.config, "_attn_implementation", None) == ATTN_NAME:
+        raise ValueError(
+            "this model is routed already (by another RoutedModel, e.g. a notebook cell run "
+            "twice): detach that one first (.detach()), or keep using it"
+        )
     sites = discovery.check_supported(model)
     if len(sites) != n_layers:
         raise ValueError(f"found {len(sites)} attention layers, the controllers have {n_layers}")
