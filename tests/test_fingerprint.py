@@ -37,6 +37,7 @@ def _routed_with_recorded(tmp_path, recorded: str | None) -> RoutedModel:
     stack.save(tmp_path / "bayes", meta)  # through the file, as shipped controllers are
     loaded = ControllerStack.load(tmp_path / "bayes")
     controllers = {"bayes": loaded, "priorfree": routed.controller("priorfree")}
+    routed.detach()  # a model is routed by one RoutedModel at a time
     return RoutedModel(
         routed.model,
         CharTokenizer(),
@@ -74,5 +75,5 @@ def test_the_shipped_controllers_match_the_bundled_gguf(real_model):
     for kind in ("bayes", "priorfree"):
         meta = json.loads((default_folder(real_model.slug, kind) / "meta.json").read_text())
         assert meta["weights_fingerprint"] == real_model.weights_fingerprint, kind
-    routed = RoutedModel.from_loaded(real_model)
-    assert routed.weights_notice("bayes") is None and routed.weights_notice("priorfree") is None
+    with RoutedModel.from_loaded(real_model) as routed:  # the shared model is routed once
+        assert routed.weights_notice("bayes") is None and routed.weights_notice("priorfree") is None

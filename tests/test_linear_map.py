@@ -186,6 +186,7 @@ def test_maps_are_loaded_for_the_model_and_refused_for_another_shape(tmp_path, c
     assert r.feature_maps_source == str(tmp_path / "ok")
     assert all(torch.equal(a.q_weight, b.q_weight) for a, b in zip(r.feature_maps, maps, strict=True))
     r.prefill(ids_of(12), SETTINGS)
+    r.detach()  # a model is routed by one RoutedModel at a time
 
     r = RoutedModel.from_loaded(loaded, feature_maps_dir=tmp_path / "short")
     assert r.feature_maps is None and "another model shape" in caplog.text
@@ -193,6 +194,7 @@ def test_maps_are_loaded_for_the_model_and_refused_for_another_shape(tmp_path, c
         ValueError, match=r"no learned feature maps exist for tiny-llama .*another model shape"
     ):
         r.prefill(ids_of(12), SETTINGS)
+    r.detach()
     assert RoutedModel.from_loaded(loaded, feature_maps_dir=tmp_path / "none").feature_maps is None
 
 

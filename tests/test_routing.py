@@ -285,7 +285,8 @@ def test_trace_flops_ratio():
 # -- the real model --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def routed_real(real_model):
-    return RoutedModel.from_loaded(real_model)
+    with RoutedModel.from_loaded(real_model) as routed:  # the shared model is routed once
+        yield routed
 
 
 @pytest.mark.slow

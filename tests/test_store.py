@@ -165,9 +165,9 @@ def test_uncertainty_columns_agree_with_dirichlet(db, controller):
 def test_replay_real_generation(tmp_path, real_model):
     from metaattn_viz.routing.model import RoutedModel
 
-    routed = RoutedModel.from_loaded(real_model)
     settings = RoutingSettings(budget=0.4, hedge_policy="soft")
-    with RunLog(tmp_path / "real.duckdb") as log:
+    # the session's loaded model is shared: detach on the way out (a model is routed once)
+    with RoutedModel.from_loaded(real_model) as routed, RunLog(tmp_path / "real.duckdb") as log:
         trace = None
         for i, trace in enumerate(routed.stream("The capital of France is", settings, max_new_tokens=12)):
             if trace.run_id is None:
