@@ -3,15 +3,18 @@ subprocess, 127.0.0.1, free port, temporary routing log), driven by the official
 gradio_client: generate and re-route match `route --json` for the same settings;
 `/generate` with only a prompt takes the page's defaults (chat template) and generates;
 one run's rows and a figure's page export; four clients at once all finish and are logged
-completely; bad input gets a clear message and the server keeps serving. `AppServer` is
+completely; bad input gets a clear message and the server keeps serving; a cancelled
+call stops its generation; SIGTERM logs the run in flight as interrupted. `AppServer` is
 shared with test_app_browser.py."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -227,3 +230,78 @@ def test_four_clients_at_once_all_finish_and_are_logged_completely(server):
         assert row["n_tokens"] == len(res["tokens"]) == row["token_rows"]
         assert row["route_rows"] == row["n_layers"] * row["n_tokens"]
     assert server.alive()
+
+
+@pytest.mark.slow
+def test_a_cancelled_generate_stops_its_generation(server):
+    """A client that cancels /generate ends the generation with it (logged "stopped"),
+    instead of leaving it running to max_new_tokens outside the queue's limits."""
+    client = server.client()
+    job = client.submit(
+        prompt="Write a long story about a dragon.",
+        max_new_tokens=256,
+        chat=True,
+        quality=False,
+        api_name="/generate",
+    )
+    run_id = _wait_for_a_running_run(client, since=_run_ids(client))
+    job.cancel()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        row = _run_row(client, run_id)
+        if row["status"] != "running":
+            break
+        time.sleep(0.5)
+    assert row["status"] == "stopped", row
+    assert row["n_tokens"] < row["n_prompt_tokens"] + 256
+    assert server.alive()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_in_flight_as_interrupted(tmp_path):
+    """SIGTERM (a Space or container stopping) closes the server as Ctrl-C does: the run in
+    flight is logged "interrupted" with its tokens by the server itself, not left running
+    for the next open to find."""
+    import duckdb
+
+    with AppServer(tmp_path) as srv:
+        client = srv.client()
+        client.submit(prompt="Write a long story about a dragon.", max_new_tokens=256, api_name="/generate")
+        run_id = _wait_for_a_running_run(client, since=set())
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) is not None
+        log = srv.log_tail()
+    with duckdb.connect(str(srv.db), read_only=True) as con:  # read-only: nothing recovers runs
+        status, n_tokens, n_prompt = con.execute(
+            "SELECT status, n_tokens, n_prompt_tokens FROM runs WHERE run_id = ?", [run_id]
+        ).fetchone()
+    assert status == "interrupted" and n_tokens > n_prompt, log
+    assert "terminate called" not in log and "Traceback" not in log, log
+
+
+def _run_ids(client) -> set[str]:
+    q = _ask(client, "/sql", query="SELECT run_id FROM runs")
+    return {row[0] for row in q["rows"]}
+
+
+def _wait_for_a_running_run(client, since: set[str], timeout: float = 120) -> str:
+    """The id of a run not in `since` once it is logged running with a generated token."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        q = _ask(
+            client,
+            "/sql",
+            query="SELECT run_id FROM runs WHERE status = 'running' AND n_tokens > n_prompt_tokens",
+        )
+        new = [row[0] for row in q["rows"] if row[0] not in since]
+        if new:
+            return new[0]
+        time.sleep(0.3)
+    raise AssertionError("no run started")
+
+
+def _run_row(client, run_id: str) -> dict:
+    q = _ask(
+        client, "/sql", query=f"SELECT status, n_tokens, n_prompt_tokens FROM runs WHERE run_id = '{run_id}'"
+    )
+    return dict(zip(q["columns"], q["rows"][0], strict=True))

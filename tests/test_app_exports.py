@@ -8,6 +8,7 @@ says why."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import io
 import json
@@ -110,8 +111,40 @@ def test_a_generation_that_ends_at_once_says_why(routed, engine, tmp_path):
     from metaattn_viz.app.ui import build_app
 
     demo = build_app(engine=engine, downloads=Downloads(tmp_path / "dl"))
-    out = _api(demo, "generate")(prompt=PROMPT, max_new_tokens=5, chat=False, quality=False)
+    out = asyncio.run(_api(demo, "generate")(prompt=PROMPT, max_new_tokens=5, chat=False, quality=False))
     assert out["tokens"] == trace.tokens and note in out["notes"]
+
+
+def test_a_cancelled_api_generate_ends_its_generation(engine, tmp_path, monkeypatch):
+    """A client that cancels /generate (or drops the connection) ends the generation with
+    it: Gradio cancels the call, and the job stops after its current token, logged stopped."""
+    from metaattn_viz.app.generation import GenerationJob
+    from metaattn_viz.app.ui import build_app
+
+    record = GenerationJob._record
+
+    def slowly(self, trace):  # 256 tokens would take over 10 s: the cancel comes first
+        record(self, trace)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(GenerationJob, "_record", slowly)
+    demo = build_app(engine=engine, downloads=Downloads(tmp_path / "dl"))
+    generate = _api(demo, "generate")
+
+    async def cancel_after_the_first_tokens():
+        call = asyncio.ensure_future(generate(prompt=PROMPT, max_new_tokens=256, chat=False, quality=False))
+        while not any(j.run_id for j in engine.generations._jobs.values()):
+            await asyncio.sleep(0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(cancel_after_the_first_tokens())
+    (job,) = engine.generations._jobs.values()
+    job.result(timeout=10)
+    assert job.status == "stopped"
+    run = engine.history.run_log.get_run(job.run_id)
+    assert run["status"] == "stopped" and run["n_tokens"] < job.request.max_new_tokens
 
 
 # -- exports -------------------------------------------------------------------------------

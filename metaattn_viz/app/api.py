@@ -15,6 +15,7 @@ gr.Blocks. Never holds model logic of its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import gradio as gr
@@ -82,7 +83,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
     g = GENERATION
 
     @user_errors("generating")
-    def generate(
+    async def generate(
         prompt: str,
         budget: float = DEFAULTS.budget,
         max_new_tokens: int = g.max_new_tokens,
@@ -115,7 +116,12 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
             prompt, settings, controller, max_new_tokens, temperature, top_p, seed, chat, quality, model
         )
         job = engine.generations.start(req, owner=engine.deployment.owner(session_of(request)))
-        trace = job.result()
+        try:
+            # awaited, not blocked on: a call the client cancels (or drops) is cancelled here
+            trace = await asyncio.to_thread(job.result)
+        finally:
+            if not job.done:  # cancelled: the generation ends with its call, logged "stopped"
+                job.stop()
         empty = display.empty_generation_note(trace, req.max_new_tokens, req.chat)
         return trace_json(trace, [*job.notes, *_notes(empty, display.over_budget_note(trace))])
 

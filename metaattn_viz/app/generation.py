@@ -10,8 +10,9 @@ answers whether a session has one running.
 
 How a run ends, as the routing log records it (docs/architecture.md, the routing log): `done`;
 `stopped` when a person ended it (the Stop button, a new Generate in the same session, the
-page closed); `interrupted` only when the server itself ends mid-run (`stop_all` at
-shutdown), as a process that died would leave it; `failed` on an error. Never imports
+page closed, an API call cancelled); `interrupted` only when the server itself ends mid-run
+(`stop_all` at shutdown, which waits for the jobs' last writes), as a process that died
+would leave it; `failed` on an error. Never imports
 gradio.
 
 The model's work itself is gpu_work.generate, which yields compact updates that the job
@@ -46,6 +47,7 @@ from metaattn_viz.routing import zerogpu
 log = logging.getLogger(__name__)
 
 STREAM_INTERVAL_S = 0.25  # views refresh at most 4 times a second (every token if slower)
+SHUTDOWN_WAIT_S = 10.0  # how long a closing server waits for its generations to end
 
 
 def snapshot(trace: RoutingTrace) -> RoutingTrace:
@@ -164,7 +166,14 @@ class GenerationJob:
                         self.notes.append("The quality meter could not be measured for this run.")
             if self.status is None:  # stopped before decoding ended
                 self.status = self._stop_status
-            if req.quality and not quality_on_gpu and trace is not None and trace.n_tokens > 1:
+            shutting_down = self.status == "interrupted"  # no dense shadow pass on the way out
+            if (
+                req.quality
+                and not quality_on_gpu
+                and not shutting_down
+                and trace is not None
+                and trace.n_tokens > 1
+            ):
                 self.phase = "quality"
                 self._publish(trace)
                 try:
@@ -224,6 +233,12 @@ class GenerationJob:
             if snap is not None:
                 yield snap
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker thread to end (at most `timeout` s); whether it has."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def result(self, timeout: float | None = None) -> RoutingTrace:
         """Wait for the end; the final trace, or the AppError / error that stopped it."""
         self._thread.join(timeout)
@@ -277,12 +292,17 @@ class Generations:
         """Blocking generation (the API endpoint)."""
         return self.start(request, owner=owner).result(timeout)
 
-    def stop_all(self) -> None:
-        """The server is closing: every running generation ends as `interrupted`."""
+    def stop_all(self, wait: float = SHUTDOWN_WAIT_S) -> None:
+        """The server is closing: every running generation ends as `interrupted`. Waits up
+        to `wait` s in all for them to end (after their current token and their last log
+        write), so that none is cut off at interpreter exit."""
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
             job.stop("interrupted")
+        deadline = time.monotonic() + wait
+        for job in jobs:
+            job.join(max(0.0, deadline - time.monotonic()))
 
 
 __all__ = ["GenerationJob", "Generations", "snapshot", "STREAM_INTERVAL_S"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +76,32 @@ def serve(
         "public" if deployment.public else "local",
         "their owner" if deployment.scoped else "everyone",
     )
-    demo.queue(default_concurrency_limit=limits.default, max_size=limits.max_size).launch(
-        server_name=host,
-        server_port=port,
-        show_error=True,
-        share=False,
-        allowed_paths=[str(_assets_dir())],
-        css=PAGE_CSS,
-        mcp_server=mcp,
-    )
+    _stop_on_sigterm()
+    try:
+        demo.queue(default_concurrency_limit=limits.default, max_size=limits.max_size).launch(
+            server_name=host,
+            server_port=port,
+            show_error=True,
+            share=False,
+            allowed_paths=[str(_assets_dir())],
+            css=PAGE_CSS,
+            mcp_server=mcp,
+        )
+    finally:  # Ctrl-C or SIGTERM: the runs in flight end as "interrupted", the log closes
+        demo.engine.close()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a container or Space stopping, `kill`) ends the server as Ctrl-C does:
+    Gradio's wait loop returns on KeyboardInterrupt, then `serve` closes the engine.
+    Python's default for SIGTERM is to die at once, without a word in the log."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _assets_dir():

@@ -33,9 +33,21 @@ def as_gr_error(exc: BaseException, what: str) -> gr.Error:
 
 
 def user_errors(what: str):
-    """Decorate a callback (plain or generator) so that failures become plain messages."""
+    """Decorate a callback (plain, generator or coroutine) so that failures become plain
+    messages."""
 
     def wrap(fn):
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def coro(*args, **kwargs):
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception as exc:  # a cancellation (BaseException) passes through
+                    raise as_gr_error(exc, what) from None
+
+            return coro
+
         if inspect.isgeneratorfunction(fn):
 
             @functools.wraps(fn)
