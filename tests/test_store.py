@@ -645,6 +645,46 @@ def test_a_stopped_run_is_stopped_and_only_a_dead_writer_is_interrupted(db):
     assert store.STATUSES == ("running", *store.FINAL_STATUSES)
 
 
+def test_an_abandoned_run_is_interrupted_and_its_failure_does_not_outlive_it(db, monkeypatch):
+    """A failed write (a full disk) fails that run's next append; once its stream gives up
+    on it (abandon), the run is marked interrupted with the reason, and flush (every export)
+    works again instead of raising that old error for the life of the process."""
+    from metaattn_viz.store import writer
+
+    full = synthetic_trace(n_layers=3, n_tokens=12, seed=62)
+    write = writer._write
+    failing = {"left": 1}
+
+    def full_disk_once(cur, work):
+        if failing["left"] and any(w.rows is not None for w in work):
+            failing["left"] -= 1
+            raise OSError("No space left on device")
+        write(cur, work)
+
+    monkeypatch.setattr(writer, "_write", full_disk_once)
+    with RunLog(db) as log:
+        parts = grow(full, 3)
+        trace = next(parts)
+        run_id = log.start_run(trace)
+        log.flush()  # the run's row is in
+        log.append(run_id, next(parts))
+        with pytest.raises(store.StoreUnavailable, match="No space left"):
+            log.flush()
+        with pytest.raises(store.StoreUnavailable, match="No space left"):
+            log.append(run_id, next(parts))
+        log.abandon(run_id, "a write failed")
+        log.flush()  # no longer raises
+        row = log.get_run(run_id)
+        assert (row["status"], row["error"]) == ("interrupted", "a write failed")
+        assert row["n_tokens"] == 0  # start_run writes no positions; the first append failed
+        log.abandon(run_id, "again")  # no longer streaming: a no-op
+        other = synthetic_trace(n_layers=3, n_tokens=5, seed=63)
+        other_id = log.start_run(other)
+        log.finish(other_id, other)
+        assert log.get_run(other_id)["status"] == "done"
+        assert log.export(db.parent / "out", "csv")["runs"] == 2
+
+
 def test_the_writers_arrow_schemas_match_the_tables(db):
     """Each table has one column list: the DDL and the Arrow schemas agree with it."""
     with RunLog(db) as log:

@@ -180,6 +180,13 @@ def test_text_from_json_checks_what_it_is_given():
     ]:
         with pytest.raises(AppError, match=msg):
             app_requests.text_from_json(bad, 256)
+    # the informative counts read as absent when malformed, never as a crash
+    for junk in ("x", [1], -3, True, 2.5, None):
+        odd = app_requests.text_from_json(
+            {"token_ids": [1, 2, 3], "truncated": junk, "n_prompt_tokens": junk}, 256
+        )
+        assert (odd.truncated, odd.n_prompt_tokens) == (0, 3), junk
+    assert app_requests.text_from_json({"token_ids": [1, 2], "truncated": 7}, 256).truncated == 7
 
 
 # -- generation ---------------------------------------------------------------------------
@@ -627,6 +634,7 @@ def test_a_failed_log_write_drops_the_runs_id_and_the_status_recovers(tmp_path, 
         trace = synthetic_trace(n_layers=2, n_tokens=6)
         recorder = RunRecorder(history, "generate")
         assert recorder.start(trace) is None and trace.run_id == recorder.run_id is not None
+        run_id = recorder.run_id
 
         def full_disk(*args, **kwargs):
             raise store.StoreUnavailable("could not write to routing log: No space left on device")
@@ -637,6 +645,8 @@ def test_a_failed_log_write_drops_the_runs_id_and_the_status_recovers(tmp_path, 
         assert note is not None and "No space left on device" in note
         assert trace.run_id is None and recorder.run_id is None
         assert recorder.finish(trace, "done", None) is None  # nothing more is tried for it
+        history.run_log.flush()  # the log gave up on it too: interrupted, not left running
+        assert history.run_log.get_run(run_id)["status"] == "interrupted"
         status = e.status()
         assert status["logging"] and "No space left" in status["log_problem"]
         assert "the last write failed" in display.status_markdown(status)
@@ -664,3 +674,29 @@ def test_a_replay_note_says_when_the_run_holds_only_part_of_it():
         ("failed", "failed"),
     ):
         assert words in display.replay_note(trace, status)
+
+
+def test_a_log_file_deleted_while_open_is_reported_and_not_written_to(tmp_path):
+    """Deleting the log's file under a running server: DuckDB would keep writing into the
+    deleted file (gone at the next restart); instead the status says so and runs are not
+    logged (their traces carry no run id), and a replaced file is reported the same way."""
+    from helpers import synthetic_trace
+
+    from metaattn_viz.app.history import RunRecorder
+
+    db = tmp_path / "log.duckdb"
+    e = Engine(routed=routed_tiny(), db=str(db))
+    try:
+        assert e.status()["log_problem"] is None
+        for f in tmp_path.glob("log.duckdb*"):
+            f.unlink()
+        problem = e.status()["log_problem"]
+        assert problem and "file was deleted while it was open" in problem
+        assert "deleted" in display.status_markdown(e.status())
+        trace = synthetic_trace(n_layers=2, n_tokens=6)
+        recorder = RunRecorder(e.history, "generate")
+        assert "deleted" in recorder.start(trace) and trace.run_id is None
+        db.write_bytes(b"")  # another file at the same path
+        assert "file was replaced" in e.status()["log_problem"]
+    finally:
+        e.close()

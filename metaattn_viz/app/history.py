@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 0.25  # routing-log batches while streaming
 SQL_TIMEOUT_S = 5.0  # the SQL console's time limit per query
+LOST_ERROR = "a write to the routing log failed: the tokens after it were not logged"
 
 
 class RunHistory:
@@ -47,9 +48,15 @@ class RunHistory:
 
     @property
     def log_problem(self) -> str | None:
-        """Why runs are not logged: the log could not be opened, or (while the log is open)
-        the last write failed (a full disk); None once a write succeeds again."""
-        return self._open_problem or self._write_problem
+        """Why runs are not logged: the log could not be opened, its file was deleted or
+        replaced while open, or the last write failed (a full disk; None once a write
+        succeeds again)."""
+        return self._open_problem or self.file_problem() or self._write_problem
+
+    def file_problem(self) -> str | None:
+        """A sentence if the log's file was deleted or replaced while open, else None."""
+        problem = self.run_log.file_problem() if self.run_log is not None else None
+        return f"Runs are not being logged: {problem}." if problem else None
 
     def status(self) -> dict:
         """The log's part of the page header."""
@@ -65,6 +72,8 @@ class RunHistory:
         remember why (`log_problem`) and return `default`."""
         from metaattn_viz import store
 
+        if self.file_problem() is not None:  # it would write into a deleted file: not kept
+            return default
         try:
             out = fn()
         except store.StoreUnavailable as exc:
@@ -231,6 +240,7 @@ class RunRecorder:
         ok = self.history.write(lambda: run_log.append(run_id, trace))
         self._last = time.monotonic()
         if ok is None:
+            run_log.abandon(run_id, LOST_ERROR)  # marked interrupted; later exports unaffected
             self._lost(trace)
             return self.history.log_problem or "This run is no longer logged."
         return None

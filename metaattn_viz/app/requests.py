@@ -235,6 +235,11 @@ class Text:
     model: str = ""  # the model that made it ("": the default)
 
 
+def _count(x) -> bool:
+    """Whether `x` is a whole number >= 0 (an int, not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def text_from_json(d, vocab_size: int) -> Text:
     """A Text from the JSON of a trace (`trace.to_json()`), checked."""
     if not isinstance(d, dict) or "token_ids" not in d:
@@ -255,13 +260,15 @@ def text_from_json(d, vocab_size: int) -> Text:
         tokens = [str(i) for i in ids]
     controller = str(d["controller"]) if d.get("controller") in KINDS else DEFAULT_CONTROLLER
     n_prompt = d.get("n_prompt_tokens")
-    n_prompt = n_prompt if isinstance(n_prompt, int) and 0 <= n_prompt <= len(ids) else len(ids)
+    n_prompt = n_prompt if _count(n_prompt) and n_prompt <= len(ids) else len(ids)
+    truncated = d.get("truncated")  # informative only: a malformed value reads as none
+    truncated = truncated if _count(truncated) else 0
     return Text(
         list(ids),
         [str(t) for t in tokens],
         str(d.get("prompt") or ""),
         n_prompt,
-        int(d.get("truncated") or 0),
+        truncated,
         str(d.get("output_text") or ""),
         controller,
         str(d.get("model") or ""),

@@ -157,6 +157,24 @@ class RunLog:
             raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
         self._db.finish(run_id, trace, status, error)
 
+    def file_problem(self) -> str | None:
+        """A sentence if the file this handle opened was deleted or replaced since (its
+        writes then go nowhere that outlives this process); None while all is well."""
+        gone = self._db.file_gone()
+        if gone is None:
+            return None
+        return (
+            f"the routing log's file was {gone} while it was open, so runs are not kept "
+            "(restart to log again)"
+        )
+
+    def abandon(self, run_id: str, reason: str) -> None:
+        """Give up on a streaming run after a failed write (append raised): nothing more
+        is written for it, it is marked `interrupted` with `reason` (best effort), and
+        flush() no longer raises its old error. A no-op for a run not streaming here, or
+        once the log is closing; never raises."""
+        self._db.abandon(run_id, reason)
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything queued so far is committed; raise StoreUnavailable if a
         write of a run still streaming in this process failed."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class _Work:
     rows: TraceSlice | None = None
     final: dict[str, Any] | None = None  # final fields (finish)
     kl_to_dense: pa.Table | None = None  # (run_id, pos, kl_to_dense) for finish
+    abandon: str | None = None  # the stream gave up on this run: mark it interrupted, why
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Database:
         self.path = path
         self.read_only = read_only
         self.con, self._recovered = open_database(path, read_only)
+        self._identity = _identity(path)  # the file opened, to notice it deleted or replaced
         self._refs = 0  # RunLog handles holding it (the registry's count)
         self._cursor_lock = threading.Lock()
         self._local = threading.local()
@@ -94,6 +97,15 @@ class Database:
         self._writer: threading.Thread | None = None
         self._stopping = False
         self._closed = False
+
+    def file_gone(self) -> str | None:
+        """None while `path` is still the file this Database opened; else what became of it
+        ("deleted" or "replaced"). A deleted file keeps taking writes through the open
+        connection, and they vanish when it closes."""
+        now = _identity(self.path)
+        if now == self._identity:
+            return None
+        return "deleted" if now is None else "replaced"
 
     @property
     def recovered(self) -> list[str]:
@@ -175,6 +187,17 @@ class Database:
             if failed is not None:
                 raise failed
 
+    def abandon(self, run_id: str, reason: str) -> None:
+        """The stream of `run_id` gives up on it after a failed write: nothing more comes
+        for it. The writer marks it interrupted with `reason` (best effort: else the next
+        read-write open does) and forgets it, so later flushes no longer raise its error."""
+        with self._cond:
+            st = self._runs.get(run_id)
+            if st is None or st.finishing or self._stopping:
+                return  # finished, or close() marks it
+            st.finishing = True
+            self._submit(run_id, abandon=reason)
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything queued so far is committed; raise the error of a failed
         write of a run still streaming in this process."""
@@ -234,8 +257,13 @@ class Database:
                     return
                 work, self._pending = self._pending, []
                 upto = work[-1].seq
+                abandoned = [w for w in work if w.abandon is not None]
                 # Runs whose earlier write failed get no later rows (that would leave a gap).
-                work = [w for w in work if not (w.run_id in self._runs and self._runs[w.run_id].error)]
+                work = [
+                    w
+                    for w in work
+                    if w.abandon is None and not (w.run_id in self._runs and self._runs[w.run_id].error)
+                ]
             error = None
             try:
                 _write(cur, work)
@@ -243,6 +271,8 @@ class Database:
                 log.error("routing log %s: write failed: %s", self.path, exc)
                 error = StoreUnavailable(f"could not write to routing log {self.path}: {exc}")
                 error.__cause__ = exc
+            for w in abandoned:
+                self._mark_interrupted(cur, w.run_id, w.abandon or "")
             with self._cond:
                 for w in work:
                     st = self._runs.get(w.run_id)
@@ -250,8 +280,18 @@ class Database:
                         continue
                     if error is not None:
                         st.error = error
+                for w in abandoned:
+                    self._runs.pop(w.run_id, None)
                 self._done_seq = upto
                 self._cond.notify_all()
+
+    def _mark_interrupted(self, cur: duckdb.DuckDBPyConnection, run_id: str, error: str) -> None:
+        """Mark a run of this process that is still `running` as interrupted (best effort:
+        a run left running is marked so by the next read-write open)."""
+        try:
+            cur.execute(Q.MARK_OWN_INTERRUPTED, {"run_id": run_id, "error": error})
+        except duckdb.Error as exc:
+            log.error("routing log %s: could not mark run %s interrupted: %s", self.path, run_id, exc)
 
     # -- closing ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -269,10 +309,7 @@ class Database:
         if streaming and not self.read_only:
             cur = self.fresh_cursor()
             for rid in streaming:
-                try:
-                    cur.execute(Q.MARK_OWN_INTERRUPTED, {"run_id": rid, "error": CLOSED_ERROR})
-                except duckdb.Error as exc:
-                    log.error("routing log %s: could not mark run %s interrupted: %s", self.path, rid, exc)
+                self._mark_interrupted(cur, rid, CLOSED_ERROR)
         with self._cursor_lock:
             self._closed = True
             for cur in self._cursors:
@@ -282,6 +319,15 @@ class Database:
                     pass
             self._cursors.clear()
             self.con.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _write(cur: duckdb.DuckDBPyConnection, work: list[_Work]) -> None:
