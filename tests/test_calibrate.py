@@ -96,7 +96,7 @@ def test_calibrate_cli_refuses_missing_file_plainly(tmp_path):
 
 
 def test_calibrate_cli_on_cuda_without_one_exits_2_naming_it():
-    data = ROOT / "corpus" / "wikitext2" / "wiki.dev.raw"
+    data = ROOT / "tests" / "data" / "wikitext2_excerpt.txt"
     out = subprocess.run(
         [sys.executable, "-m", "metaattn_viz", "calibrate", "--data", str(data), "--device", "cuda"],
         capture_output=True,

@@ -17,7 +17,7 @@ from helpers import ROOT, THREAD_ENV
 from metaattn_viz.cli import UserError, main
 from metaattn_viz.cli.outputs import check_output
 
-DATA = str(ROOT / "corpus" / "wikitext2" / "wiki.dev.raw")
+DATA = str(ROOT / "tests" / "data" / "wikitext2_excerpt.txt")  # the tests read no corpus/
 
 
 def _cli(*args, timeout=180):

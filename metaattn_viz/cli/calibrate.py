@@ -94,10 +94,10 @@ def _cmd_calibrate(args) -> int:
 
     out = check_output(args.out, "--out", folder=True)  # before training, which takes minutes
     try:
-        data_mod.load_split(args.data)  # fail on a bad file before loading the model
         # float32 wherever it runs (training is not checked in lower precision); CUDA asked for
-        # without one is refused here, before the model loads
+        # without one is refused here, before the data and the model load
         device_mod.resolve(args.device, "float32")
+        data_mod.load_split(args.data)  # fail on a bad file before loading the model
     except (data_mod.DataError, device_mod.DeviceUnavailable) as exc:
         raise UserError(str(exc)) from None
     # the reference backend in training (routing/policies.py, differentiable) on any device
