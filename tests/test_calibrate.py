@@ -22,7 +22,7 @@ from metaattn_viz.routing.controller import ControllerStack
 from metaattn_viz.routing.model import TrainRouting, kl_per_token
 from metaattn_viz.training import data as data_mod
 from metaattn_viz.training.calibrate import CalibrationConfig, calibrate, elbo_terms
-from metaattn_viz.training.evaluate import auroc, budget_shares, evaluate
+from metaattn_viz.training.evaluate import auroc, budget_shares, evaluate, spearman
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCERPT = ROOT / "tests" / "data" / "wikitext2_excerpt.txt"
@@ -236,6 +236,10 @@ def test_auroc_against_a_direct_count():
     pos, neg = scores[labels], scores[~labels]
     direct = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
     assert auroc(scores, labels) == pytest.approx(direct)
+    # undefined (one class empty; a constant side) is None, so `eval --json` stays strict JSON
+    assert auroc(scores, np.zeros(200, bool)) is None and auroc(scores, np.ones(200, bool)) is None
+    assert spearman(scores, np.zeros(200)) is None
+    assert spearman(scores, 2 * scores) == pytest.approx(1.0)
 
 
 def _byte_windows(articles: list[str], seq_len: int) -> torch.Tensor:

@@ -71,6 +71,8 @@ def test_check_output_refuses_a_folder_nothing_can_be_written_in(tmp_path):
             "--report {file}/report.md cannot be made",
         ),
         (["eval", "--data", DATA, "--report", "{dir}"], "is a folder; give a file path"),
+        (["eval", "--data", DATA, "--report", "{dir}/pareto.png"], "is the name of the plot written beside"),
+        (["eval", "--data", DATA, "--report", "{latin}"], "exists and is not UTF-8 text"),
         (["lambda-table", "--out", "{file}"], "--out {file} is a file, not a folder"),
         (["calibrate", "--data", DATA, "--out", "{file}"], "--out {file} is a file, not a folder"),
         (["export", "--out", "{file}"], "--out {file} is a file, not a folder"),
@@ -81,7 +83,9 @@ def test_a_command_refuses_an_output_it_cannot_write_before_it_works(args, messa
     """Refused at once (not after an evaluation or a 43-minute table: no model is loaded)."""
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    fill = {"file": str(a_file), "dir": str(tmp_path)}
+    latin = tmp_path / "old-report.md"
+    latin.write_bytes("r\u00e9sultats".encode("latin-1"))
+    fill = {"file": str(a_file), "dir": str(tmp_path), "latin": str(latin)}
     t0 = time.perf_counter()
     assert main([a.format(**fill) for a in args]) == 2
     assert message.format(**fill) in capsys.readouterr().err
@@ -179,3 +183,36 @@ def test_a_read_only_command_is_not_told_to_run_without_a_log(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a DuckDB database" in err and "pass --db with another path" in err
     assert "--no-log" not in err  # export has no such flag
+
+
+def test_a_report_records_the_command_that_reruns_it_quoted():
+    import shlex
+
+    from metaattn_viz.cli import from_subcommand
+
+    argv = ["-v", "eval", "--data", "d.raw", "--report", "/tmp/rep 2/r.md"]
+    cmd = shlex.join(["metaattn-viz", *from_subcommand(argv, "eval")])
+    assert cmd == "metaattn-viz eval --data d.raw --report '/tmp/rep 2/r.md'"
+    assert shlex.split(cmd)[1:] == argv[1:]
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails halfway (a full disk) leaves the old report as it was."""
+    from pathlib import Path
+
+    from metaattn_viz.training import report
+
+    path = tmp_path / "results.md"
+    path.write_text("# Old\n")
+    monkeypatch.setattr(report, "tables", lambda rows, command: "| a new table |\n" * 50)
+    write = Path.write_text
+
+    def half_then_full_disk(self, data, *a, **k):
+        write(self, data[: len(data) // 2], *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError, match="No space"):
+        report.write_report([], path, "metaattn-viz eval")
+    monkeypatch.undo()
+    assert path.read_text() == "# Old\n" and [p.name for p in tmp_path.iterdir()] == ["results.md"]

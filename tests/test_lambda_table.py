@@ -224,3 +224,22 @@ def test_the_command_writes_a_table_beside_the_controller_it_names(tmp_path, cap
         f"--data {data}"
     )
     assert lambda_table.load(out, shipped.content_hash()) == table
+
+
+def test_several_controllers_with_one_out_get_a_subfolder_each(tmp_path, capsys):
+    """`--out` with two controllers: a table each, in OUT/<kind>/ (they shared one file, the
+    second overwriting the first)."""
+    from metaattn_viz.paths import REPO_ROOT
+    from metaattn_viz.routing.controller import ControllerStack, default_folder
+
+    data = tmp_path / "text.raw"
+    data.write_text((REPO_ROOT / "tests" / "data" / "wikitext2_excerpt.txt").read_text())
+    out = tmp_path / "tables"
+    args = ["--data", str(data), "--lengths", "32", "--texts", "1", "--budgets", "0.5", "--out", str(out)]
+    assert main(["lambda-table", "--controllers", "bayes,priorfree", *args]) == 0
+    tables = json.loads(capsys.readouterr().out)["tables"]
+    assert tables == {k: str(out / k / lambda_table.FILE) for k in ("bayes", "priorfree")}
+    for kind in tables:
+        table = LambdaTable.from_json((out / kind / lambda_table.FILE).read_text())
+        shipped = ControllerStack.load(default_folder("smollm2-135m-instruct", kind))
+        assert table.controller_hash == shipped.content_hash(), kind

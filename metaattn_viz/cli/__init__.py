@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -437,6 +438,12 @@ def _cmd_eval(args) -> int:
     from metaattn_viz.training.evaluate import DEFAULT_BUDGETS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, evaluate
 
     report = check_output(args.report, "--report", folder=False)  # before minutes of work
+    if report is not None:
+        from metaattn_viz.training.report import report_problem
+
+        problem = report_problem(report)
+        if problem is not None:
+            raise UserError(f"--report {report} {problem}")
     budgets = list(DEFAULT_BUDGETS) if args.budgets is None else _parse_budgets(args.budgets)
     max_tokens = DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens
     seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
@@ -473,14 +480,14 @@ def _cmd_eval(args) -> int:
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
     if args.json:  # the rows first: a report that fails to write loses nothing
-        print(json.dumps(rows))
+        print(json.dumps(rows, allow_nan=False))  # strict JSON: an undefined measure is null
     else:
         for row in rows:
             progress(row)
     if report is not None:
         from metaattn_viz.training.report import write_report
 
-        cmd = "metaattn-viz eval " + " ".join(a for a in sys.argv[2:] if a)
+        cmd = shlex.join(["metaattn-viz", *args.argv])  # quoted: it reruns as written
         try:
             write_report(rows, report, cmd)
         except OSError as exc:
@@ -519,6 +526,12 @@ def _log_trace(trace, db) -> str | None:
     return None
 
 
+def from_subcommand(argv: list[str], command: str | None) -> list[str]:
+    """The command line from the subcommand on, global flags (-v) left out: what a report
+    records as the command that reruns it (after "metaattn-viz", shell-quoted)."""
+    return argv[argv.index(command) :] if command in argv else argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # parse_args, except that `feature-maps` hands what follows it to its own parser
@@ -526,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "feature-maps":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
+    args.argv = from_subcommand(list(sys.argv[1:] if argv is None else argv), args.command)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

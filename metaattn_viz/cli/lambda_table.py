@@ -41,7 +41,12 @@ def add_lambda_table_parser(sub) -> None:
         "(default 256, 362, 512, 724, 1024, 1448, 2048, 2896, 4096)",
     )
     p.add_argument("--budgets", default=None, help="comma-separated budgets (default 0.2, 0.25, ..., 0.95)")
-    p.add_argument("--out", default=None, help="folder for every table (default: each controller's own)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the table (default: each controller's own); with several "
+        "controllers, one subfolder per controller in it (OUT/bayes/, OUT/priorfree/)",
+    )
     p.set_defaults(handler=_cmd_lambda_table)
 
 
@@ -138,7 +143,10 @@ def _cmd_lambda_table(args) -> int:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": _command(args, kind, lengths, budgets),
         }
-        out = out_arg or default_folder(routed.slug, kind)
+        if out_arg is None:
+            out = default_folder(routed.slug, kind)
+        else:  # several tables never share one file
+            out = out_arg / kind if len(kinds) > 1 else out_arg
         out.mkdir(parents=True, exist_ok=True)
         path = out / lambda_table.FILE
         tmp = path.with_suffix(".json.tmp")  # a run stopped halfway leaves the old table whole

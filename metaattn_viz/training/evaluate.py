@@ -76,13 +76,21 @@ DEFAULT_SEQ_LEN = 256  # window length
 HEDGE_CALIB_WINDOWS = 4  # calibration windows a hedged row's threshold is set on
 
 
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` for the boolean labels (Mann-Whitney U)."""
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for the boolean labels (Mann-Whitney U); None
+    where it is undefined (one class empty, e.g. every error 0 in windows no longer than the
+    local window)."""
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
+        return None
     ranks = stats.rankdata(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rank correlation; None where it is undefined (a constant side)."""
+    rho = float(stats.spearmanr(a, b).statistic)
+    return rho if np.isfinite(rho) else None
 
 
 def flops_ratio(weights: np.ndarray, seq_len: int, head_dim: int, window: int, n_sink: int) -> float:
@@ -158,13 +166,11 @@ def run_policy(
         worst = err >= np.quantile(err, 0.9)
         cheap = routes_all != FULL
         diagnosis: dict[str, float | int | None] = {
-            "spearman_total": float(stats.spearmanr(total, err).statistic),
+            "spearman_total": spearman(total, err),
             "auroc_total_worst10": auroc(total, worst),
-            "spearman_epistemic": float(stats.spearmanr(epi, err).statistic),
+            "spearman_epistemic": spearman(epi, err),
             "auroc_epistemic_worst10": auroc(epi, worst),
-            "spearman_total_cheap_only": float(stats.spearmanr(total[cheap], err[cheap]).statistic)
-            if cheap.sum() > 2
-            else None,
+            "spearman_total_cheap_only": spearman(total[cheap], err[cheap]) if cheap.sum() > 2 else None,
             "decisions": int(err.size),
         }
         row["uncertainty"] = diagnosis

@@ -20,6 +20,9 @@ LAYER_MAPS = ("static-layers", "static-layers-up", "greedy-layers")
 END = "<!-- END GENERATED -->"
 
 
+PLOT_FILE = "pareto.png"  # the cost-vs-quality plot, written beside the report
+
+
 def _fmt(v, digits=3):
     if v is None:
         return "–"
@@ -188,7 +191,7 @@ def tables(rows: list[dict], command: str) -> str:
         "",
         "Controllers: " + ", ".join(f"`{v}`" for v in ids),
         "",
-        "![cost vs KL to dense](pareto.png)",
+        f"![cost vs KL to dense]({PLOT_FILE})",
         "",
         "<details><summary>raw rows (JSON)</summary>",
         "",
@@ -247,11 +250,29 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report_problem(path) -> str | None:
+    """Why `path` cannot take the report, found before the evaluation's minutes of work:
+    it is the plot's own name, or an existing file write_report could not read back."""
+    path = Path(path)
+    if path.name == PLOT_FILE:
+        return f"is the name of the plot written beside the report ({PLOT_FILE}): name the report otherwise"
+    if path.is_file():
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return "exists and is not UTF-8 text: the report updates a markdown file in place"
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror or exc}"
+    return None
+
+
 def write_report(rows: list[dict], path, command: str) -> None:
+    """Write the tables into `path` (between its markers if it has them, else appended;
+    a new file otherwise), through a temporary file, then the plot beside it."""
     path = Path(path)
     block = tables(rows, command)
     if path.is_file():
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if BEGIN in text and END in text:
             pre, rest = text.split(BEGIN, 1)
             post = rest.split(END, 1)[1]
@@ -261,5 +282,10 @@ def write_report(rows: list[dict], path, command: str) -> None:
     else:
         text = "# Results\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    pareto_plot(rows, path.parent / "pareto.png")
+    tmp = path.with_name(path.name + ".tmp")  # a failed write leaves the old report whole
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    pareto_plot(rows, path.parent / PLOT_FILE)
