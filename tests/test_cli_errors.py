@@ -216,3 +216,25 @@ def test_a_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         report.write_report([], path, "metaattn-viz eval")
     monkeypatch.undo()
     assert path.read_text() == "# Old\n" and [p.name for p in tmp_path.iterdir()] == ["results.md"]
+
+
+def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _cli("serve", "--port", str(port), "--db", str(tmp_path / "log.duckdb"), timeout=120)
+    err = out.stderr.decode()
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: the port is taken" in err, err
+    assert "Traceback" not in err
+
+
+def test_serve_refuses_db_with_no_log_and_a_port_that_is_not_a_number(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--db", "x.duckdb", "--no-log"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    monkeypatch.setenv("PORT", "abc")
+    assert main(["serve", "--no-log"]) == 2
+    assert "$PORT must be a port number (1..65535), got 'abc'" in capsys.readouterr().err

@@ -28,6 +28,10 @@ MCP_MISSING = (
 )
 
 
+class CannotListen(OSError):
+    """The server could not bind its host and port."""
+
+
 def mcp_available() -> bool:
     """Whether Gradio's MCP extra (the `mcp` package) is installed."""
     return importlib.util.find_spec("mcp") is not None
@@ -43,8 +47,12 @@ def resolve_host_port(host: str | None, port: int | None) -> tuple[str, int]:
     if host is None:
         host = "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
     if port is None:
-        env = os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT")
-        port = int(env) if env else DEFAULT_PORT
+        name = "PORT" if os.environ.get("PORT") else "GRADIO_SERVER_PORT"
+        env = os.environ.get(name)
+        try:
+            port = int(env) if env else DEFAULT_PORT
+        except ValueError:
+            raise ValueError(f"${name} must be a port number (1..65535), got {env!r}") from None
     if not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
     return host, port
@@ -78,15 +86,21 @@ def serve(
     )
     _stop_on_sigterm()
     try:
-        demo.queue(default_concurrency_limit=limits.default, max_size=limits.max_size).launch(
-            server_name=host,
-            server_port=port,
-            show_error=True,
-            share=False,
-            allowed_paths=[str(_assets_dir())],
-            css=PAGE_CSS,
-            mcp_server=mcp,
-        )
+        try:
+            demo.queue(default_concurrency_limit=limits.default, max_size=limits.max_size).launch(
+                server_name=host,
+                server_port=port,
+                show_error=True,
+                share=False,
+                allowed_paths=[str(_assets_dir())],
+                css=PAGE_CSS,
+                mcp_server=mcp,
+            )
+        except OSError as exc:  # Gradio found nowhere to listen (nothing is served yet)
+            raise CannotListen(
+                f"cannot listen on {host}:{port}: the port is taken or the address is not this "
+                f"machine's; pass another --port or --host ({exc})"
+            ) from exc
     finally:  # Ctrl-C or SIGTERM: the runs in flight end as "interrupted", the log closes
         demo.engine.close()
 

@@ -155,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 on HF Spaces)")
     p.add_argument("--port", type=int, default=None, help="port (default 7860, or $PORT)")
     _add_model_args(p, several=True)
-    p.add_argument("--db", type=_path, default=None, help="routing log database (env METAATTN_DB)")
-    p.add_argument("--no-log", action="store_true", help="do not log runs to DuckDB")
+    _add_db_args(p, no_log_help="do not log runs to DuckDB")
     p.add_argument(
         "--public",
         action="store_true",
@@ -300,10 +299,10 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-model", default=DEFAULTS.cost_model, choices=COST_MODELS, help=cost_help)
 
 
-def _add_db_args(p: argparse.ArgumentParser) -> None:
+def _add_db_args(p: argparse.ArgumentParser, no_log_help: str = "do not log this run") -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--db", type=_path, default=None, help="routing log database (env METAATTN_DB)")
-    g.add_argument("--no-log", action="store_true", help="do not log this run")
+    g.add_argument("--no-log", action="store_true", help=no_log_help)
 
 
 def settings_from_args(args) -> RoutingSettings:
@@ -328,11 +327,12 @@ def settings_from_args(args) -> RoutingSettings:
 
 
 def _cmd_serve(args) -> int:
-    from metaattn_viz.app.server import MCP_MISSING, mcp_available
+    from metaattn_viz.app.server import MCP_MISSING, CannotListen, mcp_available, resolve_host_port
     from metaattn_viz.routing import device as device_mod
 
     if args.mcp and not mcp_available():  # before anything loads
         raise UserError(MCP_MISSING)
+    host, port = resolve_host_port(args.host, args.port)  # ValueError: a usage error
     runtime_from_args(args)  # refuse a bad device before the server starts
     # the app loads its model with RoutedModel.load(), which reads these
     for env, value in (
@@ -344,15 +344,18 @@ def _cmd_serve(args) -> int:
             os.environ[env] = value
     from metaattn_viz.app.server import serve
 
-    serve(
-        host=args.host,
-        port=args.port,
-        model=args.model,
-        db=args.db,
-        log_runs=not args.no_log,
-        public=args.public,
-        mcp=args.mcp,
-    )
+    try:
+        serve(
+            host=host,
+            port=port,
+            model=args.model,
+            db=args.db,
+            log_runs=not args.no_log,
+            public=args.public,
+            mcp=args.mcp,
+        )
+    except CannotListen as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 
