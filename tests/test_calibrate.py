@@ -182,6 +182,24 @@ class Interrupted(Exception):
     """Raised by a step callback to stop a calibration part-way, as Ctrl-C would."""
 
 
+def test_resume_from_a_damaged_checkpoint_says_which_file(tmp_path):
+    r = routed_tiny(seed=1)
+    cfg = CalibrationConfig(steps=2, seq_len=64, val_windows=1)
+    out = tmp_path / "c"
+    out.mkdir()
+    for damaged in (b"PK\x03\x04 truncated", b"not a checkpoint"):
+        (out / "checkpoint.pt").write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"checkpoint.pt is not a readable checkpoint .*remove it"):
+            calibrate(r, EXCERPT, cfg, out_dir=out, resume=True, progress=False, model_slug="t")
+
+
+def test_a_seed_out_of_range_is_refused_before_any_work():
+    for seed in (-1, 2**63, 10**20, 1.5, True):
+        with pytest.raises(ValueError, match=r"seed \(--seed\) must be a whole number in \[0, 2\*\*63 - 1\]"):
+            CalibrationConfig(seed=seed)
+    assert CalibrationConfig(seed=2**63 - 1).seed == 2**63 - 1
+
+
 def test_resume_continues_from_the_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
     r = routed_tiny(seed=1)
     # 6 steps, checkpoints after steps 3 and 6; soft steps 1-3, hard (straight-through) 4-6

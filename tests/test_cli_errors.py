@@ -238,3 +238,11 @@ def test_serve_refuses_db_with_no_log_and_a_port_that_is_not_a_number(capsys, mo
     monkeypatch.setenv("PORT", "abc")
     assert main(["serve", "--no-log"]) == 2
     assert "$PORT must be a port number (1..65535), got 'abc'" in capsys.readouterr().err
+
+
+def test_calibrate_names_the_budget_flag_it_read(tmp_path, capsys):
+    assert main(["calibrate", "--data", DATA, "--out", str(tmp_path / "c"), "--train-budgets", ","]) == 2
+    assert "--train-budgets is empty" in capsys.readouterr().err
+    assert main(["calibrate", "--data", DATA, "--out", str(tmp_path / "c"), "--seed", str(10**20)]) == 2
+    assert "seed (--seed) must be a whole number" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything was made

@@ -416,19 +416,17 @@ def _cmd_route(args) -> int:
     return 0
 
 
-def _parse_budgets(text: str) -> list[float]:
+def _parse_budgets(text: str, flag: str = "--budgets") -> list[float]:
     try:
         budgets = [float(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise UserError(
-            f"--budgets must be comma-separated numbers in {BUDGET_RANGE}, got {text!r}"
-        ) from None
+        raise UserError(f"{flag} must be comma-separated numbers in {BUDGET_RANGE}, got {text!r}") from None
     from metaattn_viz.core.settings import RoutingSettings
 
     for b in budgets:
         RoutingSettings(budget=b)  # validates the range
     if not budgets:
-        raise UserError("--budgets is empty")
+        raise UserError(f"{flag} is empty")
     return budgets
 
 

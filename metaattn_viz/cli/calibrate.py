@@ -67,7 +67,9 @@ def _cmd_calibrate(args) -> int:
 
     listed = {
         "features": None if args.features is None else tuple(f.strip() for f in args.features.split(",")),
-        "train_budgets": None if args.train_budgets is None else _parse_budgets(args.train_budgets),
+        "train_budgets": None
+        if args.train_budgets is None
+        else _parse_budgets(args.train_budgets, "--train-budgets"),
         "prior_costs": None
         if args.prior_costs is None
         else _parse_numbers("--prior-costs", args.prior_costs),

@@ -105,6 +105,8 @@ class CalibrationConfig:
                 raise ValueError(
                     f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {v!r}"
                 )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed (--seed) must be a whole number in [0, 2**63 - 1], got {self.seed!r}")
         for name in (
             "lr",
             "beta_kl",
@@ -291,8 +293,15 @@ def calibrate(
     start, history = 0, []
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)  # wherever it was saved
-        if ckpt["config"] != asdict(cfg):
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)  # wherever it was saved
+            saved = ckpt["config"]
+        except Exception as exc:  # truncated, or not a checkpoint at all
+            raise ValueError(
+                f"--resume: {ckpt_path} is not a readable checkpoint ({type(exc).__name__}); "
+                "remove it to start over"
+            ) from None
+        if saved != asdict(cfg):
             raise ValueError(
                 f"--resume: {ckpt_path} was made with other settings; remove it or rerun with the same ones"
             )
