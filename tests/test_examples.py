@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -208,3 +209,112 @@ def test_bad_examples_are_refused_in_plain_words(tmp_path):
 def test_the_examples_command_checks_its_arguments_before_loading_a_model(capsys):
     assert cli_main(["examples", "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() if p.is_file() else "a folder" for p in folder.iterdir()}
+
+
+def test_a_run_stopped_midway_leaves_the_previous_examples_as_they_were(tmp_path, monkeypatch):
+    """Ctrl-C while the second trace is made: the folder still holds the first run's traces
+    under the first run's index (it held a new trace under the old index), nothing else."""
+    routed, prompts = _tiny_trained(), _prompts_file(tmp_path)
+    out = tmp_path / "traces"
+    out.mkdir()
+    (out / "README").write_text("not ours")  # anything else in --out is left alone
+    ex.generate(routed, out, prompts, RoutingSettings(), 1, "bayes")
+    before = _files(out)
+    made = ex.make_example
+
+    def stopped_at_the_second(routed, item, *args, **kwargs):
+        if item["label"] == PROMPTS[1]["label"]:
+            raise KeyboardInterrupt
+        return made(routed, item, *args, **kwargs)
+
+    monkeypatch.setattr(ex, "make_example", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        ex.generate(routed, out, prompts, RoutingSettings(), 3, "bayes")
+    assert _files(out) == before  # no staging folder left, no trace replaced
+    assert ex.read_index(out)["max_new_tokens"] == 1
+    assert all(ex.load_example(e.key, out).n_tokens == e.n_tokens for e in ex.list_examples(out))
+    # a run that fails into a folder that was not there leaves no folder
+    with pytest.raises(KeyboardInterrupt):
+        ex.generate(routed, tmp_path / "new", prompts, RoutingSettings(), 3, "bayes")
+    assert not (tmp_path / "new").exists()
+    # and a run that completes replaces every trace and the index, leaving the rest
+    monkeypatch.setattr(ex, "make_example", made)
+    ex.generate(routed, out, prompts, RoutingSettings(), 2, "bayes")
+    assert sorted(_files(out)) == sorted(before) and (out / "README").read_text() == "not ours"
+    assert ex.read_index(out)["max_new_tokens"] == 2
+    for e in ex.list_examples(out):
+        tr = ex.load_example(e.key, out)
+        assert tr.n_tokens == e.n_tokens and tr.n_tokens - tr.n_prompt_tokens == 2
+
+
+def test_a_run_stopped_while_moving_its_traces_in_leaves_no_index(tmp_path, monkeypatch):
+    """The few renames at the end can be interrupted too: then the folder has no index (it
+    reads as "no example traces: rerun"), never an index out of step with its traces."""
+    routed, prompts = _tiny_trained(), _prompts_file(tmp_path)
+    out = tmp_path / "traces"
+    ex.generate(routed, out, prompts, RoutingSettings(), 1, "bayes")
+    replace, moved = ex.os.replace, []
+
+    def stopped_after_one(src, dst):
+        if moved:
+            raise KeyboardInterrupt
+        moved.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        ex.generate(routed, out, prompts, RoutingSettings(), 3, "bayes")
+    assert sorted(p.name for p in out.iterdir()) == ["one-first.json.gz", "two.json.gz"]  # no staging
+    assert ex.list_examples(out) == [] and ex.initial_trace(out) is None
+    with pytest.raises(ex.ExampleError, match="no example traces.*rerun metaattn-viz examples"):
+        ex.stale_reasons(out)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: tmp / "file.txt", "--out .*file.txt is a file, not a folder"),
+        (lambda tmp: tmp / "file.txt" / "sub", "--out .*sub cannot be made: .*file.txt is a file"),
+        (lambda tmp: "", "--out is empty: give a folder path"),
+        (lambda tmp: "  ", "--out is empty: give a folder path"),
+    ],
+)
+def test_the_examples_command_checks_its_out_folder_before_loading_a_model(
+    tmp_path, monkeypatch, capsys, make, message
+):
+    (tmp_path / "file.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)  # an empty --out wrote the traces here
+
+    def loads_a_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(ex, "generate", loads_a_model)
+    assert cli_main(["examples", "--out", str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+    assert err.startswith("metaattn-viz examples: error: ")
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    # the shipped folder, when no --out is given, is checked the same way
+    monkeypatch.setattr(ex, "TRACES_DIR", tmp_path / "file.txt")
+    assert cli_main(["examples"]) == 2
+    assert "the default --out" in capsys.readouterr().err
+
+
+def test_the_examples_command_writes_where_out_says(tmp_path, monkeypatch, capsys):
+    routed = _tiny_trained()
+    real = ex.generate
+
+    def on_the_tiny_model(routed_=None, out=None, **kwargs):
+        return real(routed, out, _prompts_file(tmp_path), RoutingSettings(), **kwargs)
+
+    monkeypatch.setattr(ex, "generate", on_the_tiny_model)
+    out = tmp_path / "a" / "b"
+    assert cli_main(["examples", "--out", str(out), "--max-new-tokens", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == len(PROMPTS)
+    assert [e.key for e in ex.list_examples(out)] == ["one-first", "two"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "one-first.json.gz", "two.json.gz"]

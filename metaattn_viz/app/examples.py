@@ -5,8 +5,11 @@ has loaded (a replay needs no model).
 ``assets/examples.json`` (``<key>.json.gz``), and ``index.json``: the model, the content
 hash of each controller kind the traces were made with, the settings, the date and the
 commit. One command makes them all: ``metaattn-viz examples`` (``make examples``), which
-calls ``generate``. An example is stale when the shipped controllers' content hash is no
-longer the one its index records (``stale_reasons``): the fix is to rerun that command.
+calls ``generate``. It makes every trace in a staging folder first and moves them in only
+when all are made, the index last (``_publish``): an interrupted or failed run leaves the
+previous set as it was, never traces of one run under the index of another. An example
+is stale when the shipped controllers' content hash is no longer the one its index
+records (``stale_reasons``): the fix is to rerun that command.
 
 Reading (``list_examples``, ``load_example``, ``initial_trace``) needs neither torch nor
 the model; ``generate`` loads them. Never imports gradio.
@@ -14,10 +17,13 @@ the model; ``generate`` loads them. Never imports gradio.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -234,10 +240,19 @@ def make_example(
     return trace
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+STAGING_PREFIX = ".staging-"  # the folder inside the traces folder a run writes into first
+
+
+def _publish(staging: Path, folder: Path, names: list[str]) -> None:
+    """Move `names` (the traces, then the index) from `staging` into `folder`, replacing the
+    previous set. The old index goes first: a run stopped in the middle of these renames
+    leaves no index (the folder reads as "no example traces: rerun"), never an index that
+    describes other traces than those beside it."""
+    (folder / INDEX_NAME).unlink(missing_ok=True)
+    for name in names:
+        if name != INDEX_NAME:
+            os.replace(staging / name, folder / name)
+    os.replace(staging / INDEX_NAME, folder / INDEX_NAME)
 
 
 def generate(
@@ -250,9 +265,10 @@ def generate(
     progress=None,
 ) -> dict:
     """Route every example prompt with `routed` (default: the bundled model with its shipped
-    controllers, on the CPU in float32), write each trace and then the index into `out`
-    (default the shipped folder); the index. Refuses untrained controllers: an example
-    must show what the shipped ones do. `progress(message)` is told each example."""
+    controllers, on the CPU in float32) and replace the traces and the index in `out`
+    (default the shipped folder) once every one is made; the index. Anything else in `out`
+    is left alone. Refuses untrained controllers: an example must show what the shipped
+    ones do. `progress(message)` is told each example."""
     if routed is None:
         from metaattn_viz.routing.model import RoutedModel
 
@@ -268,7 +284,35 @@ def generate(
     commit = git_commit()  # before the traces are written: they would make the tree dirty
     settings = settings or RoutingSettings()
     folder = Path(out) if out is not None else TRACES_DIR
+    made_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    # inside the folder, not beside it: the same file system (each rename is atomic) and a
+    # place check_output found writable even where the folder's parent is not
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        index = _make_all(routed, staging, prompts, settings, max_new_tokens, controller, commit, progress)
+        _publish(staging, folder, [e["file"] for e in index["examples"]] + [INDEX_NAME])
+    except BaseException:  # KeyboardInterrupt too: the previous set stays as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        if made_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
+    staging.rmdir()
+    return index
+
+
+def _make_all(
+    routed,
+    staging: Path,
+    prompts,
+    settings: RoutingSettings,
+    max_new_tokens: int,
+    controller: str,
+    commit,
+    progress,
+) -> dict:
+    """Every example's trace and then the index, written into `staging`; the index."""
     entries = []
     for item in read_prompts(prompts):
         key = example_key(item["label"])
@@ -276,7 +320,7 @@ def generate(
         trace = make_example(routed, item, settings, max_new_tokens, controller)
         record = json.dumps(trace.to_json(), ensure_ascii=False, separators=(",", ":"))
         name = f"{key}.json.gz"
-        _write_atomic(folder / name, gzip.compress(record.encode("utf-8"), compresslevel=9, mtime=0))
+        (staging / name).write_bytes(gzip.compress(record.encode("utf-8"), compresslevel=9, mtime=0))
         entries.append(
             {
                 **item,
@@ -305,7 +349,9 @@ def generate(
         "project_commit": commit,
         "examples": entries,
     }
-    _write_atomic(folder / INDEX_NAME, (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode())
+    (staging / INDEX_NAME).write_bytes(
+        (json.dumps(index, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    )
     return index
 
 

@@ -21,13 +21,22 @@ def add_examples_parser(sub) -> None:
 
 
 def _cmd_examples(args) -> int:
-    from metaattn_viz.app.examples import MAX_NEW_TOKENS, generate
+    from metaattn_viz.app.examples import MAX_NEW_TOKENS, TRACES_DIR, generate
     from metaattn_viz.cli import UserError
+    from metaattn_viz.cli.outputs import check_output
 
     n = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     if n < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {n}")
-    index = generate(out=args.out, max_new_tokens=n, progress=lambda m: print(m, file=sys.stderr))
+    # before the model loads: "" refused, and the shipped folder checked too when --out is not given
+    if args.out is None:
+        out = check_output(TRACES_DIR, "the default --out", folder=True)
+    else:
+        out = check_output(args.out, "--out", folder=True)
+    try:
+        index = generate(out=out, max_new_tokens=n, progress=lambda m: print(m, file=sys.stderr))
+    except OSError as exc:  # e.g. the disk filled up: the previous traces are left as they were
+        raise UserError(f"could not make the example traces in {out}: {exc}") from None
     summary = {k: index[k] for k in ("model", "controllers", "date")}
     print(json.dumps({**summary, "examples": len(index["examples"])}))
     return 0
