@@ -19,6 +19,7 @@ from scipy import stats
 
 from metaattn_viz.core.settings import COSTS, RoutingSettings
 from metaattn_viz.routing.controller import ControllerStack
+from metaattn_viz.routing.generation import MAX_SEED
 from metaattn_viz.routing.model import TrainRouting, kl_per_token
 from metaattn_viz.training import data as data_mod
 from metaattn_viz.training.calibrate import CalibrationConfig, calibrate, elbo_terms
@@ -195,9 +196,9 @@ def test_resume_from_a_damaged_checkpoint_says_which_file(tmp_path):
 
 def test_a_seed_out_of_range_is_refused_before_any_work():
     for seed in (-1, 2**63, 10**20, 1.5, True):
-        with pytest.raises(ValueError, match=r"seed \(--seed\) must be a whole number in \[0, 2\*\*63 - 1\]"):
+        with pytest.raises(ValueError, match=rf"seed \(--seed\) must be a whole number in \[0, {MAX_SEED}\]"):
             CalibrationConfig(seed=seed)
-    assert CalibrationConfig(seed=2**63 - 1).seed == 2**63 - 1
+    assert CalibrationConfig(seed=MAX_SEED).seed == MAX_SEED
 
 
 def test_resume_continues_from_the_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):

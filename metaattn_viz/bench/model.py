@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from metaattn_viz.bench.args import LONG_DECODE_NEW_TOKENS
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing.kv_cache import GrowableCache
 from metaattn_viz.routing.model import RoutedModel
@@ -253,7 +254,7 @@ def model_rows(
             return rows
         rows.append(prefill_speed(routed, plain, prefill_len, budget))
         rows.append(decode_speed(routed, plain, 256, budget, new_tokens=48))
-        rows.append(decode_speed(routed, plain, long_context, budget, new_tokens=16))
+        rows.append(decode_speed(routed, plain, long_context, budget, new_tokens=LONG_DECODE_NEW_TOKENS))
     return rows
 
 

@@ -50,6 +50,7 @@ from metaattn_viz.routing.controller import (
     default_folder,
 )
 from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, weights_fingerprint
+from metaattn_viz.routing.generation import MAX_SEED
 from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
 from metaattn_viz.training import data as data_mod
 from metaattn_viz.training import oracle
@@ -105,8 +106,8 @@ class CalibrationConfig:
                 raise ValueError(
                     f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {v!r}"
                 )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed (--seed) must be a whole number in [0, 2**63 - 1], got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed (--seed) must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
         for name in (
             "lr",
             "beta_kl",

@@ -33,6 +33,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from metaattn_viz import paths
+from metaattn_viz.routing.generation import MAX_SEED
 from metaattn_viz.routing.linear_maps import (  # the on-disk format: one definition
     META_FILE,
     TENSORS,
@@ -50,6 +52,7 @@ from metaattn_viz.routing.linear_maps import (  # the on-disk format: one defini
     save,
 )
 from metaattn_viz.training import data as data_mod
+from metaattn_viz.writable import output_problem
 
 paths.ensure_kernels_importable()
 from metaattn_kernels.dispatch import LINEAR, routed_attention  # noqa: E402
@@ -78,10 +81,12 @@ class FeatureMapConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
         for name in ("lr", "weight_decay"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
 
 
 class LayerMaps(torch.nn.Module):
@@ -398,16 +403,20 @@ def _frozen(state: dict) -> FeatureMap:
     return FeatureMap(*(state[name].float() for name in TENSORS))
 
 
-def main(argv: list[str] | None = None) -> int:
+PROG = "metaattn-viz feature-maps"  # how users reach it (the CLI forwards its arguments here)
+MODULE_PROG = "python -m metaattn_viz.training.feature_maps"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m metaattn_viz.training.feature_maps",
+        prog=prog,
         description="Distil the linear expert's feature maps (Hedgehog) and "
         "report all-linear perplexity before and after.",
     )
     ap.add_argument("--data", required=True, help="calibration text (WikiText-2 raw)")
     ap.add_argument("--model", default=None, help="model spec (default: the bundled SmolLM2-135M)")
     ap.add_argument("--out", default=None, help="output folder (default: assets/feature_maps/<model-slug>)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu|cuda|cuda:N|auto, in float32 (default cpu)")
     d = FeatureMapConfig()
     for name in ("steps", "batch_size", "seq_len", "train_windows", "val_windows", "seed"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
@@ -416,14 +425,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-only", action="store_true", help="only measure perplexity with the maps in --out")
     ap.add_argument("--eval-windows", type=int, default=16, help="validation windows for perplexity")
     ap.add_argument("--skip-eval", action="store_true", help="train only, no perplexity")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """The command (`prog` names it in its help and errors). Everything a user can get wrong
+    (numbers, the device, the data file, --out) is refused with exit code 2 and one line
+    naming it, before the model loads."""
+    from metaattn_viz.routing import device as device_mod
     from metaattn_viz.routing import loading
 
-    loaded = loading.load(args.model)
-    model = loaded.model.to(args.device)
-    out = Path(args.out) if args.out else default_folder(loaded.slug)
-    if not args.eval_only:
+    ap = build_parser(prog)
+    args = ap.parse_args(argv)
+    try:  # the numbers: FeatureMapConfig holds their ranges (one definition)
         cfg = FeatureMapConfig(
             steps=args.steps,
             batch_size=args.batch_size,
@@ -433,6 +447,40 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             seed=args.seed,
         )
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.eval_windows < 1:
+        ap.error(f"--eval-windows must be a whole number >= 1, got {args.eval_windows}")
+
+    def refuse(message: str) -> int:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        # float32 wherever it runs, as calibrate; CUDA asked for without one is refused here
+        placement = device_mod.resolve(args.device, "float32")
+    except device_mod.DeviceUnavailable as exc:
+        return refuse(str(exc))
+    except ValueError as exc:  # not a device name at all
+        ap.error(f"argument --device: {exc}")
+    try:
+        data_mod.load_split(args.data)  # a bad file is refused before the model loads
+    except data_mod.DataError as exc:
+        return refuse(str(exc))
+    out = None
+    if args.out is not None:
+        problem = output_problem(args.out, "--out", folder=True)
+        if problem:
+            return refuse(problem)
+        out = Path(args.out).expanduser()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        loaded = loading.load(args.model)
+    except loading.ModelUnavailable as exc:
+        return refuse(str(exc))
+    model = loaded.model.to(placement.device)
+    out = out or default_folder(loaded.slug)
+    if not args.eval_only:
         meta = train(
             model,
             loaded.tokenizer,
@@ -449,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.skip_eval:
         return 0
-    maps = load(out)
+    try:
+        maps = load(out)
+    except ValueError as exc:  # --eval-only where no maps were trained
+        return refuse(str(exc))
     before = all_linear_perplexity(model, loaded.tokenizer, args.data, None, windows=args.eval_windows)
     after = all_linear_perplexity(
         model, loaded.tokenizer, args.data, maps, windows=args.eval_windows, dense=before["dense"]
@@ -463,4 +514,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog=MODULE_PROG))

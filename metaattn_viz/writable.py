@@ -1,0 +1,60 @@
+"""Where a command will write, checked before it does any work: a command that runs for
+minutes (an evaluation, a lambda table, a calibration, feature maps) must not find out at
+the end that its `--out` or `--report` cannot be written, and lose what it computed.
+
+`output_problem(path, flag, folder)` says why `path` could not be written, naming the flag:
+empty, a folder where a file goes (or a file where a folder goes), under something that is
+not a folder, or where the nearest folder that exists is not writable. It leaves nothing
+behind (it makes no folder; the test file it writes to try a folder is removed at once).
+Pure checks on the file system, importable from every layer (cli/outputs.py turns a
+problem into the CLI's UserError; training/feature_maps.py refuses with it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def output_problem(path: str | os.PathLike[str], flag: str, folder: bool) -> str | None:
+    """Why a file (`folder` False) or a folder (`folder` True) cannot be written at `path`,
+    as a sentence naming `flag`; None when it can."""
+    if not str(path).strip():
+        return f"{flag} is empty: give a {'folder' if folder else 'file'} path"
+    p = Path(path).expanduser()
+    if p.exists():
+        if folder and not p.is_dir():
+            return f"{flag} {p} is a file, not a folder"
+        if not folder and p.is_dir():
+            return f"{flag} {p} is a folder; give a file path"
+    # the nearest ancestor that exists must be a folder this process may write in (a path
+    # under a file, or in a read-only place, would fail only when the work is done)
+    existing = p if p.exists() and folder else p.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{flag} {p} cannot be made: {existing} is a file, not a folder"
+    problem = _unwritable(p if p.exists() else existing)
+    if problem:
+        return f"{flag} {p} cannot be written: {problem}"
+    return None
+
+
+def _unwritable(target: Path) -> str | None:
+    """Why nothing can be written at `target` (an existing folder: a file made and removed
+    in it at once; an existing file: opened for appending, untouched), or None. Tried, not
+    read from permission bits, which say yes to root on a read-only file system."""
+    try:
+        if target.is_dir():
+            with tempfile.TemporaryFile(dir=target):
+                pass
+        else:
+            with open(target, "ab"):
+                pass
+    except OSError as exc:
+        return f"{target}: {exc.strerror or exc}"
+    return None
+
+
+__all__ = ["output_problem"]

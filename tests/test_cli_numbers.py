@@ -1,0 +1,187 @@
+"""The numbers, the device, the data file and the output folder of `metaattn-viz
+feature-maps` (metaattn_viz/training/feature_maps.py) and the numbers of `metaattn-viz
+bench` (metaattn_viz/bench/args.py) are refused before any model loads or any row is
+timed: exit code 2, one line naming the flag, no traceback. Each refusal is checked against
+a stand-in for the expensive step that fails the test if it is reached, and a good command
+line is shown to reach it (so the stand-in is the step the refusals come before)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import ROOT
+
+from metaattn_viz.cli import main
+
+DATA = str(ROOT / "tests" / "data" / "wikitext2_excerpt.txt")  # the tests read no corpus/
+CONFIG = str(ROOT / "assets" / "models" / "smollm2-135m" / "config.json")
+
+
+class Reached(Exception):
+    """The expensive step was reached (not a ValueError: the CLI does not turn it into exit 2)."""
+
+
+def _code(args) -> int:
+    """The exit code of `metaattn-viz ARGS` run in this process (argparse exits, the
+    handlers return)."""
+    try:
+        return main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def _refused(args, capsys) -> str:
+    """The one error line of a refused command line (asserting exit 2 and no traceback)."""
+    assert _code(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# -- feature-maps ----------------------------------------------------------------------------------
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from metaattn_viz.routing import loading
+
+    def load(*args, **kwargs):
+        raise Reached("the model was loaded")
+
+    monkeypatch.setattr(loading, "load", load)
+
+
+def test_feature_maps_reaches_the_model_load_with_a_good_command_line(no_model_load, tmp_path):
+    with pytest.raises(Reached):
+        main(["feature-maps", "--data", DATA, "--out", str(tmp_path / "maps"), "--steps", "1", "--skip-eval"])
+    assert not (tmp_path / "maps").exists()  # checked, not made
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--steps", "0", "--steps must be a whole number >= 1, got 0"),
+        ("--batch-size", "-2", "--batch-size must be a whole number >= 1, got -2"),
+        ("--seq-len", "0", "--seq-len must be a whole number >= 1"),
+        ("--train-windows", "0", "--train-windows must be a whole number >= 1"),
+        ("--val-windows", "0", "--val-windows must be a whole number >= 1"),
+        ("--eval-windows", "0", "--eval-windows must be a whole number >= 1, got 0"),
+        ("--seed", "-1", "--seed must be a whole number in [0, "),
+        ("--seed", str(2**64), "--seed must be a whole number in [0, "),
+        ("--lr", "nan", "--lr must be a finite number >= 0, got nan"),
+        ("--lr", "-0.1", "--lr must be a finite number >= 0"),
+        ("--steps", "x", "argument --steps: invalid int value: 'x'"),
+    ],
+)
+def test_feature_maps_refuses_numbers_before_the_model_loads(flag, value, message, no_model_load, capsys):
+    line = _refused(["feature-maps", "--data", DATA, flag, value], capsys)
+    assert line.startswith("metaattn-viz feature-maps: error:") and message in line
+
+
+def test_feature_maps_refuses_cuda_where_there_is_none_before_the_model_loads(
+    no_model_load, monkeypatch, capsys
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("SPACE_ID", raising=False)  # not ZeroGPU, where CUDA comes later
+    line = _refused(["feature-maps", "--data", DATA, "--device", "cuda"], capsys)
+    assert "asks for CUDA" in line and "--device cpu" in line
+    assert "argument --device: device must be one of" in _refused(
+        ["feature-maps", "--data", DATA, "--device", "gpu"], capsys
+    )
+
+
+def test_feature_maps_refuses_a_missing_data_file_before_the_model_loads(no_model_load, tmp_path, capsys):
+    missing = tmp_path / "none.raw"
+    assert f"data file not found: {missing}" in _refused(["feature-maps", "--data", str(missing)], capsys)
+
+
+def test_feature_maps_refuses_an_out_it_cannot_write_before_the_model_loads(no_model_load, tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    common = ["feature-maps", "--data", DATA, "--steps", "1", "--skip-eval", "--out"]
+    assert f"--out {a_file} is a file, not a folder" in _refused([*common, str(a_file)], capsys)
+    assert f"--out {a_file / 'sub'} cannot be made: {a_file} is a file" in _refused(
+        [*common, str(a_file / "sub")], capsys
+    )
+    assert "--out is empty" in _refused([*common, " "], capsys)
+    assert a_file.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # no checkpoint, no folder
+
+
+def test_feature_maps_help_names_the_command_it_was_reached_by(capsys):
+    from metaattn_viz.training import feature_maps
+
+    assert _code(["feature-maps", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: metaattn-viz feature-maps ")
+    with pytest.raises(SystemExit):
+        feature_maps.main(["--help"], prog=feature_maps.MODULE_PROG)
+    assert capsys.readouterr().out.startswith("usage: python -m metaattn_viz.training.feature_maps ")
+
+
+# -- bench -------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_rows(monkeypatch):
+    """run_bench (every row, and the model build) replaced; what it was called with."""
+    from metaattn_viz.bench import attention
+
+    calls = []
+
+    def run_bench(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise Reached("the benchmark ran")
+
+    monkeypatch.setattr(attention, "run_bench", run_bench)
+    return calls
+
+
+def test_bench_reaches_its_rows_with_the_smallest_good_numbers(no_rows):
+    with pytest.raises(Reached):
+        main(
+            ["bench", "--seq-lens", "16", "--repeats", "1", "--budget", "0.15"]
+            + ["--prefill-len", "1", "--long-context", "17", "--model-config", CONFIG]
+        )
+    (args, kwargs), *_ = no_rows
+    assert args[1:4] == (0.15, False, 1)  # budget, json, repeats
+    assert kwargs["prefill_len"] == 1 and kwargs["long_context"] == 17
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--threads", "-1", "argument --threads: must be a whole number >= 1, got -1"),
+        ("--threads", "0", "argument --threads: must be a whole number >= 1, got 0"),
+        ("--repeats", "0", "argument --repeats: must be a whole number >= 1, got 0"),
+        ("--prefill-len", "0", "argument --prefill-len: must be a whole number >= 1, got 0"),
+        ("--long-context", "0", "argument --long-context: must be a whole number >= 17, got 0"),
+        ("--long-context", "16", "argument --long-context: must be a whole number >= 17, got 16"),
+        ("--budget", "nan", "argument --budget: must be a number in [0.15, 1], got 'nan'"),
+        ("--budget", "inf", "argument --budget: must be a number in [0.15, 1]"),
+        ("--budget", "0.1", "argument --budget: must be a number in [0.15, 1], got '0.1'"),
+        ("--budget", "x", "argument --budget: must be a number in [0.15, 1], got 'x'"),
+    ],
+)
+def test_bench_refuses_numbers_before_any_row(flag, value, message, no_rows, capsys):
+    line = _refused(
+        ["bench", "--no-model", "--seq-lens", "16", "--model-config", CONFIG, flag, value], capsys
+    )
+    assert line.startswith("metaattn-viz bench: error:") and message in line
+    assert no_rows == []
+
+
+def test_the_long_context_floor_leaves_the_long_decode_row_a_prompt(monkeypatch):
+    """bench/model.py decodes LONG_DECODE_NEW_TOKENS after a prompt of --long-context minus
+    them: at the floor the prompt is one token, not a slice from the excerpt's end."""
+    from metaattn_viz.bench import model
+    from metaattn_viz.bench.args import LONG_DECODE_NEW_TOKENS
+
+    decodes = []
+    monkeypatch.setattr(model, "plain_copy", lambda routed: None)
+    monkeypatch.setattr(model, "routing_overhead", lambda *a, **k: {})
+    monkeypatch.setattr(model, "prefill_speed", lambda *a, **k: {})
+    monkeypatch.setattr(
+        model, "decode_speed", lambda r, p, context, b, new_tokens: decodes.append((context, new_tokens))
+    )
+    model.model_rows(routed=object(), long_context=LONG_DECODE_NEW_TOKENS + 1)
+    context, new_tokens = decodes[-1]
+    assert context == LONG_DECODE_NEW_TOKENS + 1 and context - new_tokens == 1
