@@ -6,6 +6,7 @@ metaattn_kernels.flops)."""
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import parse_qsl
 
 import duckdb
@@ -362,14 +363,16 @@ def test_generate_and_reroute_take_the_cost_model_and_the_hedge_measure(routed, 
             params = inspect.signature(fn).parameters
             assert params["cost_model"].default == DEFAULTS.cost_model
             assert params["hedge_measure"].default == DEFAULTS.hedge_measure
-        out = fns["generate"](
-            "A text to route. " * 2,
-            budget=0.6,
-            max_new_tokens=2,
-            chat=False,
-            quality=False,
-            cost_model="flops",
-            hedge_measure="epistemic",
+        out = asyncio.run(  # the endpoint is a coroutine (a cancelled call stops its job)
+            fns["generate"](
+                "A text to route. " * 2,
+                budget=0.6,
+                max_new_tokens=2,
+                chat=False,
+                quality=False,
+                cost_model="flops",
+                hedge_measure="epistemic",
+            )
         )
         assert out["cost_model"] == "flops" and out["settings"]["hedge_measure"] == "epistemic"
         assert out["realized_cost"] == pytest.approx(out["attention_flops_ratio"], abs=0.05)

@@ -89,8 +89,9 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     """Spearman's rank correlation; None where it is undefined (a constant side)."""
-    rho = float(stats.spearmanr(a, b).statistic)
-    return rho if np.isfinite(rho) else None
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:  # SciPy would warn and give NaN
+        return None
+    return float(stats.spearmanr(a, b).statistic)
 
 
 def flops_ratio(weights: np.ndarray, seq_len: int, head_dim: int, window: int, n_sink: int) -> float:
