@@ -694,13 +694,16 @@ MAP_TEXT_BOXES = """() => {
     plot: box(div),
     title: box(div.querySelector('.gtitle')),
     notes: [...div.querySelectorAll('.annotation-text')].map(box),
+    toolbar: box(div.querySelector('.modebar')),
+    colorbars: [...div.querySelectorAll('.colorbar')].map(box),
   };
 }"""
 
 
 def test_on_a_phone_the_maps_title_and_notes_fit_and_do_not_overlap(browser, server, tmp_path):
     """At 390 px the title and the one-line notes of the maps ran past the right edge and
-    under the toolbar; they are broken into lines that fit, the title above the notes."""
+    under the toolbar; they are broken into lines that fit, the title above the notes, and
+    the toolbar has a strip of its own above the title, clear of the colorbars."""
     context = browser.new_context(viewport={"width": 390, "height": 1600})
     context.route(OUTSIDE, lambda route: route.abort())
     pg = context.new_page()
@@ -715,6 +718,13 @@ def test_on_a_phone_the_maps_title_and_notes_fit_and_do_not_overlap(browser, ser
             assert left - 1 <= box[0] and box[2] <= right + 1, (box, boxes["plot"])
         first_note = min(boxes["notes"], key=lambda b: b[1])
         assert boxes["title"][3] <= first_note[1] + 1, boxes  # the title ends above the first note
+        # the toolbar has a strip of its own: above the title, clear of the colorbars (upright
+        # at the right, it covered their labels)
+        assert boxes["colorbars"], boxes
+        toolbar = boxes["toolbar"]
+        for box in [boxes["title"], *boxes["notes"], *boxes["colorbars"]]:
+            apart = box[2] <= toolbar[0] + 1 or toolbar[2] <= box[0] + 1
+            assert apart or box[3] <= toolbar[1] + 1 or toolbar[3] <= box[1] + 1, (box, toolbar)
         pg.locator("#routing-maps").screenshot(path=str(tmp_path / "phone-maps.png"))
     finally:
         context.close()

@@ -50,8 +50,10 @@ function plotConfig() {
 }
 // On a narrow screen (a phone) the title and the toolbar, both at the top, overlap and the
 // one-line title and notes run past the right edge: smaller type, lines broken to the
-// width, and the toolbar stands upright at the right.
+// width, and the toolbar gets a strip of its own above the title (upright at the right, it
+// covered the colorbars' labels).
 const NARROW_PX = 640;
+const TOOLBAR_PX = 30;  // the height of plotly's toolbar strip
 function wrapped(text, chars) {
   // break at spaces into lines of at most `chars` visible characters (tags do not count)
   const lines = [];
@@ -71,7 +73,7 @@ function wrapped(text, chars) {
 function narrowed(layout) {
   const width = element.offsetWidth;
   if (width === 0 || width >= NARROW_PX) return layout;
-  const out = Object.assign({}, layout, {modebar: Object.assign({}, layout.modebar, {orientation: 'v'})});
+  const out = Object.assign({}, layout);
   const count = (text) => text.split('<br>').length;
   let extra = 0;  // px more at the top: the title's extra lines, and a top note's
   if (out.annotations) {
@@ -89,9 +91,11 @@ function narrowed(layout) {
     extra += 14 * (count(text) - 1) + 10;  // and the pad above the title
     out.title = Object.assign({}, title, {
       text: text, font: Object.assign({}, title.font, {size: 12}),
-      yref: 'container', y: 1, yanchor: 'top', pad: {t: 16},  // from the top down, above the notes
+      // from the top down, below the toolbar's strip and above the notes
+      yref: 'container', y: 1, yanchor: 'top', pad: {t: 16 + TOOLBAR_PX},
     });
   }
+  extra += TOOLBAR_PX;
   out.margin = Object.assign({}, out.margin, {t: ((out.margin || {}).t || 60) + extra});
   return out;
 }
