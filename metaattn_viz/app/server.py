@@ -8,7 +8,9 @@ Gradio's built-in MCP server exposes the page's named API endpoints (generate, r
 figure, status, sql, runs, export) as tools at /gradio_api/mcp/; it needs Gradio's MCP
 extra (the `mcp` package), and without it the server refuses to start with a sentence
 saying so. The model loads in the background after the server is up, so the page answers
-at once.
+at once. Ctrl-C or SIGTERM (a Space or container stopping) ends the server: the runs in
+flight are logged `interrupted`, then the routing log closes. A host and port it cannot
+listen on is `CannotListen`.
 """
 
 from __future__ import annotations
