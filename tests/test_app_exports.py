@@ -132,7 +132,7 @@ def test_a_cancelled_api_generate_ends_its_generation(engine, tmp_path, monkeypa
     generate = _api(demo, "generate")
 
     async def cancel_after_the_first_tokens():
-        call = asyncio.ensure_future(generate(prompt=PROMPT, max_new_tokens=256, chat=False, quality=False))
+        call = asyncio.ensure_future(generate(prompt=PROMPT, max_new_tokens=256, chat=False, quality=True))
         while not any(j.run_id for j in engine.generations._jobs.values()):
             await asyncio.sleep(0.01)
         call.cancel()
@@ -145,6 +145,31 @@ def test_a_cancelled_api_generate_ends_its_generation(engine, tmp_path, monkeypa
     assert job.status == "stopped"
     run = engine.history.run_log.get_run(job.run_id)
     assert run["status"] == "stopped" and run["n_tokens"] < job.request.max_new_tokens
+    assert job.result().kl_to_dense is None  # no quality pass for a call nobody waits on
+
+
+def test_a_server_going_away_overrides_an_earlier_stop(engine, monkeypatch):
+    """A job stopped by its caller, then by the closing server before it ended, is logged
+    interrupted (the server's word wins), without a quality pass."""
+    from metaattn_viz.app.generation import GenerationJob
+
+    record = GenerationJob._record
+
+    def slowly(self, trace):
+        record(self, trace)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(GenerationJob, "_record", slowly)
+    job = engine.generations.start(
+        parse_request(PROMPT, parse_settings(0.4), max_new_tokens=256, quality=True, chat=False)
+    )
+    while job.run_id is None:
+        time.sleep(0.01)
+    job.stop()
+    engine.generations.stop_all()
+    trace = job.result(timeout=10)
+    assert job.status == "interrupted" and trace.kl_to_dense is None
+    assert engine.history.run_log.get_run(job.run_id)["status"] == "interrupted"
 
 
 # -- exports -------------------------------------------------------------------------------

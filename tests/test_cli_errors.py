@@ -246,3 +246,15 @@ def test_calibrate_names_the_budget_flag_it_read(tmp_path, capsys):
     assert main(["calibrate", "--data", DATA, "--out", str(tmp_path / "c"), "--seed", str(10**20)]) == 2
     assert "seed (--seed) must be a whole number" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # refused before anything was made
+
+
+def test_eval_json_is_strict_whatever_a_row_holds():
+    import json
+    import math
+
+    from metaattn_viz.cli import finite_or_null
+
+    rows = [{"kl": math.nan, "cost": 0.5, "u": {"a": math.inf, "b": [1.0, -math.inf, "x"]}, "n": 3}]
+    clean = finite_or_null(rows)
+    assert clean == [{"kl": None, "cost": 0.5, "u": {"a": None, "b": [1.0, None, "x"]}, "n": 3}]
+    json.dumps(clean, allow_nan=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 import zipfile
@@ -676,6 +677,7 @@ def test_a_replay_note_says_when_the_run_holds_only_part_of_it():
         assert words in display.replay_note(trace, status)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows refuses to delete an open file")
 def test_a_log_file_deleted_while_open_is_reported_and_not_written_to(tmp_path):
     """Deleting the log's file under a running server: DuckDB would keep writing into the
     deleted file (gone at the next restart); instead the status says so and runs are not

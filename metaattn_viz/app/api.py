@@ -77,6 +77,9 @@ def trace_from_json(d) -> RoutingTrace:
         raise AppError(f"Expected a trace as returned by the generate endpoint: {exc}") from None
 
 
+API_POLL_S = 0.05  # how often /generate looks whether its job has ended
+
+
 def add_endpoints(engine: Engine, downloads: Downloads) -> None:
     """Register the named endpoints on the page being built (files for /figure go to
     `downloads`)."""
@@ -117,11 +120,15 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         )
         job = engine.generations.start(req, owner=engine.deployment.owner(session_of(request)))
         try:
-            # awaited, not blocked on: a call the client cancels (or drops) is cancelled here
-            trace = await asyncio.to_thread(job.result)
+            # awaited, not blocked on (no thread held: a closing server never waits on one), so
+            # that a call the client cancels (gradio_client's Job.cancel(), Gradio's /cancel) is
+            # cancelled here. A dropped connection is not: Gradio cancels no running coroutine
+            while not job.join(0):
+                await asyncio.sleep(API_POLL_S)
         finally:
             if not job.done:  # cancelled: the generation ends with its call, logged "stopped"
-                job.stop()
+                job.stop(quality=False)  # nobody is left to read the quality meter
+        trace = job.result()
         empty = display.empty_generation_note(trace, req.max_new_tokens, req.chat)
         return trace_json(trace, [*job.notes, *_notes(empty, display.over_budget_note(trace))])
 

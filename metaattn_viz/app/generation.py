@@ -80,6 +80,7 @@ class GenerationJob:
         self.notes: list[str] = list(request.notes)
         self.status: str | None = None  # done | stopped | interrupted | failed
         self._stop_status = "stopped"  # the status a stop leaves (stop(status=...))
+        self._quality = request.quality  # the quality meter is wanted (a stop may say no)
         self._recorder = history.recorder("generate", owner)
         self._cond = threading.Condition()
         self._latest: RoutingTrace | None = None
@@ -104,11 +105,15 @@ class GenerationJob:
     def done(self) -> bool:
         return self._done
 
-    def stop(self, status: str = "stopped") -> None:
+    def stop(self, status: str = "stopped", quality: bool = True) -> None:
         """End the generation after the current token; the run is logged as `status`:
-        "stopped" (a person ended it) or "interrupted" (the server is going away)."""
-        if not self.stop_event.is_set():
+        "stopped" (a person ended it) or "interrupted" (the server is going away, which
+        overrides an earlier stop). `quality=False`: no quality meter (nobody will read it,
+        as for a cancelled API call); a server going away never measures it."""
+        if not self.stop_event.is_set() or status == "interrupted":
             self._stop_status = status
+        if not quality or status == "interrupted":
+            self._quality = False
         self.stop_event.set()
 
     def _note(self, note: str | None) -> None:
@@ -166,14 +171,8 @@ class GenerationJob:
                         self.notes.append("The quality meter could not be measured for this run.")
             if self.status is None:  # stopped before decoding ended
                 self.status = self._stop_status
-            shutting_down = self.status == "interrupted"  # no dense shadow pass on the way out
-            if (
-                req.quality
-                and not quality_on_gpu
-                and not shutting_down
-                and trace is not None
-                and trace.n_tokens > 1
-            ):
+            # no dense shadow pass on the way out, nor for a call nobody waits on
+            if self._quality and not quality_on_gpu and trace is not None and trace.n_tokens > 1:
                 self.phase = "quality"
                 self._publish(trace)
                 try:

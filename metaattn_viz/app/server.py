@@ -98,7 +98,10 @@ def serve(
                 css=PAGE_CSS,
                 mcp_server=mcp,
             )
-        except OSError as exc:  # Gradio found nowhere to listen (nothing is served yet)
+        except OSError as exc:
+            if "port" not in str(exc).lower():  # another failure of the launch: not a bind
+                raise
+            # Gradio found nowhere to listen ("Cannot find empty port ..."; nothing is served yet)
             raise CannotListen(
                 f"cannot listen on {host}:{port}: the port is taken or the address is not this "
                 f"machine's; pass another --port or --host ({exc})"

@@ -469,7 +469,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return refuse(str(exc))
     out = None
     if args.out is not None:
-        problem = output_problem(args.out, "--out", folder=True)
+        # --eval-only reads the maps there (a read-only install will do); training writes them
+        problem = None if args.eval_only else output_problem(args.out, "--out", folder=True)
         if problem:
             return refuse(problem)
         out = Path(args.out).expanduser()
