@@ -4,7 +4,8 @@ gradio_client: generate and re-route match `route --json` for the same settings;
 `/generate` with only a prompt takes the page's defaults (chat template) and generates;
 one run's rows and a figure's page export; four clients at once all finish and are logged
 completely; bad input gets a clear message and the server keeps serving; a cancelled
-call stops its generation; SIGTERM logs the run in flight as interrupted. `AppServer` is
+call or a dropped connection stops its generation; SIGTERM logs the run in flight as
+interrupted. `AppServer` is
 shared with test_app_browser.py."""
 
 from __future__ import annotations
@@ -255,6 +256,30 @@ def test_a_cancelled_generate_stops_its_generation(server):
     assert row["status"] == "stopped", row
     assert row["n_tokens"] < row["n_prompt_tokens"] + 256
     assert server.alive()
+
+
+@pytest.mark.slow
+def test_a_dropped_generate_connection_stops_its_generation(server):
+    """A client whose event stream closes mid-call (a killed script, a lost network) ends
+    the generation with it: Gradio only marks such an event not alive, and /generate looks."""
+    import socket
+
+    import httpx
+
+    client = server.client()
+    before = _run_ids(client)
+    data = ["Write a long story about a dragon.", 0.5, 256, "bayes", 0.0, 1.0, 0, True]
+    data += ["global", "off", 0.5, 64, 4, False, "", "total", "notional"]  # every input, in order
+    event = httpx.post(server.url + "gradio_api/call/generate", json={"data": data}, timeout=30)
+    event_id = event.json()["event_id"]
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:  # the event stream, raw
+        sock.sendall(f"GET /gradio_api/call/generate/{event_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        run_id = _wait_for_a_running_run(client, since=before)
+    deadline = time.time() + 60
+    while time.time() < deadline and (row := _run_row(client, run_id))["status"] == "running":
+        time.sleep(0.5)
+    assert row["status"] == "stopped", row
+    assert row["n_tokens"] < row["n_prompt_tokens"] + 256
 
 
 @pytest.mark.slow

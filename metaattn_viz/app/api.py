@@ -80,6 +80,27 @@ def trace_from_json(d) -> RoutingTrace:
 API_POLL_S = 0.05  # how often /generate looks whether its job has ended
 
 
+def client_gone():
+    """A check whether the client of the event now being processed has gone. Gradio marks
+    a queued event not alive when its client's event stream closes, but cancels no running
+    coroutine, so an endpoint that runs for long asks. Reads Gradio's queue (internals of
+    the pinned Gradio 6, read defensively: where they differ, it says "not gone" and
+    tests/test_app_api.py fails); outside an event (a direct call) never gone."""
+    from gradio.context import LocalContext
+
+    queue = getattr(LocalContext.blocks.get(None), "_queue", None)
+    event_id = LocalContext.event_id.get(None)
+
+    def gone() -> bool:
+        for job_set in getattr(queue, "active_jobs", None) or []:
+            for event in job_set or []:
+                if getattr(event, "_id", None) == event_id:
+                    return not getattr(event, "alive", True)
+        return False
+
+    return gone
+
+
 def add_endpoints(engine: Engine, downloads: Downloads) -> None:
     """Register the named endpoints on the page being built (files for /figure go to
     `downloads`)."""
@@ -119,11 +140,14 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
             prompt, settings, controller, max_new_tokens, temperature, top_p, seed, chat, quality, model
         )
         job = engine.generations.start(req, owner=engine.deployment.owner(session_of(request)))
+        gone = client_gone()
         try:
             # awaited, not blocked on (no thread held: a closing server never waits on one), so
             # that a call the client cancels (gradio_client's Job.cancel(), Gradio's /cancel) is
-            # cancelled here. A dropped connection is not: Gradio cancels no running coroutine
+            # cancelled here; a dropped connection is looked for while the job runs
             while not job.join(0):
+                if gone() and not job.stop_event.is_set():
+                    job.stop(quality=False)  # nobody is left to receive the answer
                 await asyncio.sleep(API_POLL_S)
         finally:
             if not job.done:  # cancelled: the generation ends with its call, logged "stopped"
