@@ -251,6 +251,22 @@ def test_a_run_stopped_midway_leaves_the_previous_examples_as_they_were(tmp_path
         assert tr.n_tokens == e.n_tokens and tr.n_tokens - tr.n_prompt_tokens == 2
 
 
+def test_a_prompt_taken_out_of_the_list_takes_its_trace_with_it(tmp_path):
+    """A rerun without one of the prompts removes that prompt's trace (it would ship as a
+    leftover) and nothing that the previous index did not list."""
+    routed = _tiny_trained()
+    out = tmp_path / "traces"
+    out.mkdir()
+    (out / "mine.json.gz").write_bytes(b"not from an index")
+    first = ex.generate(routed, out, _prompts_file(tmp_path), RoutingSettings(), 1, "bayes")
+    dropped = first["examples"][1]["file"]
+    assert (out / dropped).is_file()
+    ex.generate(routed, out, _prompts_file(tmp_path, PROMPTS[:1]), RoutingSettings(), 1, "bayes")
+    assert not (out / dropped).exists() and (out / first["examples"][0]["file"]).is_file()
+    assert (out / "mine.json.gz").read_bytes() == b"not from an index"
+    assert [e.key for e in ex.list_examples(out)] == [first["examples"][0]["key"]]
+
+
 def test_a_run_stopped_while_moving_its_traces_in_leaves_no_index(tmp_path, monkeypatch):
     """The few renames at the end can be interrupted too: then the folder has no index (it
     reads as "no example traces: rerun"), never an index out of step with its traces."""

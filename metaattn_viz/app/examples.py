@@ -247,12 +247,21 @@ def _publish(staging: Path, folder: Path, names: list[str]) -> None:
     """Move `names` (the traces, then the index) from `staging` into `folder`, replacing the
     previous set. The old index goes first: a run stopped in the middle of these renames
     leaves no index (the folder reads as "no example traces: rerun"), never an index that
-    describes other traces than those beside it."""
+    describes other traces than those beside it. A trace the old index listed and the new
+    one does not (its prompt left assets/examples.json) is removed last; nothing else in
+    `folder` is touched."""
+    try:
+        old = {e.get("file") for e in read_index(folder).get("examples", []) if isinstance(e, dict)}
+    except ExampleError:
+        old = set()
     (folder / INDEX_NAME).unlink(missing_ok=True)
     for name in names:
         if name != INDEX_NAME:
             os.replace(staging / name, folder / name)
     os.replace(staging / INDEX_NAME, folder / INDEX_NAME)
+    for name in old - set(names):
+        if isinstance(name, str) and name.endswith(".json.gz") and Path(name).name == name:
+            (folder / name).unlink(missing_ok=True)
 
 
 def generate(
