@@ -288,7 +288,8 @@ class Generations:
     def generate(
         self, request: GenerateRequest, timeout: float | None = None, owner: str | None = None
     ) -> RoutingTrace:
-        """Blocking generation (the API endpoint)."""
+        """Blocking generation (tests and the GPU check; the API endpoint awaits its job so
+        that a cancelled call can stop it)."""
         return self.start(request, owner=owner).result(timeout)
 
     def stop_all(self, wait: float = SHUTDOWN_WAIT_S) -> None:
