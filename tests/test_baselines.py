@@ -286,3 +286,35 @@ def test_layer_majority_by_hand():
     # layer 1 is a tie: the lower id wins (LINEAR < LOCAL)
     assert layer_majority(routes).tolist() == [FULL, min(LINEAR, LOCAL), LINEAR]
     assert layer_majority(np.zeros((2, 0), dtype=int)).tolist() == [0, 0]
+
+
+def test_a_report_shows_an_undefined_measure_as_a_dash_and_keeps_its_json_strict(tmp_path):
+    """A float16 run's NaN KL (or a NaN perplexity) must neither crash the report nor print
+    "nan" in its tables, and the raw rows it embeds must stay valid JSON."""
+    import json
+    import math
+
+    from metaattn_viz.training.report import write_report
+
+    base = {"seq_len": 64, "window": 16, "n_sink": 4, "tokens": 32, "realized_cost": 0.5}
+    shares = {"full": 0.3, "linear": math.nan, "local": 0.7}
+    rows = [
+        {**base, "controller": "bayes", "budget": 0.5, "dense_ppl": math.nan, "ppl": 11.0,
+         "kl_to_dense": math.nan, "attention_flops_ratio": math.inf, "routing_entropy": None,
+         "routing_variety": math.nan, "expert_shares": shares, "kl_windows": [0.1, math.nan, 0.2]},
+        {**base, "controller": "priorfree", "budget": 0.5, "dense_ppl": math.nan, "ppl": math.nan,
+         "kl_to_dense": 0.2, "attention_flops_ratio": 0.5, "routing_entropy": 0.4,
+         "routing_variety": 0.1, "expert_shares": shares, "kl_windows": [0.3, 0.4, 0.1]},
+    ]  # fmt: skip
+    path = tmp_path / "results.md"
+    write_report(rows, path, "metaattn-viz eval")
+    text = path.read_text(encoding="utf-8")
+    tables_part = text.split("<details>")[0]
+    assert "nan" not in tables_part.lower() and "inf" not in tables_part.lower()
+    assert "Dense perplexity **–**" in text
+    assert "| bayes | 0.50 | 0.500 | – | 11.00 | – | – |" in text
+    raw = text.split("```json\n")[1].split("\n```")[0]
+    assert json.loads(raw)[0]["kl_to_dense"] is None  # strict JSON: NaN became null
+    # the paired differences skip the window undefined on one side: 2 of 3 paired
+    assert "paired over the 2 validation windows" in text
+    assert (tmp_path / "pareto.png").stat().st_size > 0  # the NaN point is left out of the plot

@@ -252,7 +252,7 @@ def test_eval_json_is_strict_whatever_a_row_holds():
     import json
     import math
 
-    from metaattn_viz.cli import finite_or_null
+    from metaattn_viz.training.report import finite_or_null
 
     rows = [{"kl": math.nan, "cost": 0.5, "u": {"a": math.inf, "b": [1.0, -math.inf, "x"]}, "n": 3}]
     clean = finite_or_null(rows)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import math
 import os
 import shlex
 import sys
@@ -482,6 +481,8 @@ def _cmd_eval(args) -> int:
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
     if args.json:  # the rows first: a report that fails to write loses nothing
+        from metaattn_viz.training.report import finite_or_null
+
         print(json.dumps(finite_or_null(rows), allow_nan=False))  # strict JSON: NaN is null
     else:
         for row in rows:
@@ -526,18 +527,6 @@ def _log_trace(trace, db) -> str | None:
     except Exception as exc:  # noqa: BLE001 - whatever the log raised, the result is kept
         print(f"warning: run not logged to {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
     return None
-
-
-def finite_or_null(value):
-    """`value` (nested lists and dicts) with every NaN or infinite float as None, so that it
-    dumps as strict JSON (a NaN KL of a float16 run must not fail the whole printout)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    return value
 
 
 def from_subcommand(argv: list[str], command: str | None) -> list[str]:

@@ -10,6 +10,7 @@ and that the oracle reads the validation text's own errors. Never imports torch 
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,8 +24,26 @@ END = "<!-- END GENERATED -->"
 PLOT_FILE = "pareto.png"  # the cost-vs-quality plot, written beside the report
 
 
+def finite_or_null(value):
+    """`value` (nested lists and dicts) with every NaN or infinite float as None, so that it
+    dumps as strict JSON (a NaN KL of a float16 run must not fail the whole printout) and the
+    tables show it as undefined ("–")."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def _defined(v) -> bool:
+    """Whether a measure has a value: not None (undefined) and not a NaN or infinity."""
+    return v is not None and not (isinstance(v, float) and not math.isfinite(v))
+
+
 def _fmt(v, digits=3):
-    if v is None:
+    if not _defined(v):
         return "–"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
@@ -38,7 +57,12 @@ def _is_argmax(row: dict) -> bool:
 
 
 def _percent(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+    return f"{100 * v:.1f}" if _defined(v) else "–"
+
+
+def _ratio(a, b) -> str:
+    """a / b, or "–" where either is undefined (None after `finite_or_null`) or b is 0."""
+    return _fmt(a / b) if _defined(a) and _defined(b) and b != 0 else "–"
 
 
 def _baseline_notes(rows: list[dict]) -> list[str]:
@@ -102,15 +126,22 @@ def paired_differences(rows: list[dict], a: str = "bayes", b: str = "priorfree")
     included), paired over the validation windows: the mean of the per-window differences of
     KL to dense (a - b; it equals the difference of the rows' KL, the windows being of one
     length), its standard error, and in how many windows `a` is lower. Rows without
-    ``kl_windows`` (made before it existed) are skipped."""
+    ``kl_windows`` (made before it existed) are skipped, and so is a window undefined on
+    either side (a NaN, or None after `finite_or_null`): ``windows`` counts those paired."""
     by = {(r["controller"], r["budget"]): r for r in rows if r.get("kl_windows")}
     out = []
     for (name, budget), ra in by.items():
         rb = by.get((b, budget))
         if name != a or rb is None or len(rb["kl_windows"]) != len(ra["kl_windows"]):
             continue
-        d = [x - y for x, y in zip(ra["kl_windows"], rb["kl_windows"], strict=True)]
+        d = [
+            x - y
+            for x, y in zip(ra["kl_windows"], rb["kl_windows"], strict=True)
+            if _defined(x) and _defined(y) and math.isfinite(x - y)
+        ]
         n = len(d)
+        if n == 0:
+            continue
         mean = sum(d) / n
         se = (sum((v - mean) ** 2 for v in d) / (n - 1) / n) ** 0.5 if n > 1 else None
         out.append({"budget": budget, "mean": mean, "se": se, "lower": sum(v < 0 for v in d), "windows": n})
@@ -137,6 +168,7 @@ def _paired_lines(rows: list[dict]) -> list[str]:
 
 
 def tables(rows: list[dict], command: str) -> str:
+    rows = finite_or_null(rows)  # an undefined measure shows as "–", and the raw rows stay JSON
     first = rows[0]
     lines = [
         BEGIN,
@@ -150,7 +182,7 @@ def tables(rows: list[dict], command: str) -> str:
         f"{first['n_sink']} sinks; budget scope {first.get('scope', 'layer')}; hedging off "
         "except in the `bayes-hedge-*` rows. "
         f"Dense perplexity "
-        f"**{first['dense_ppl']:.3f}**.",
+        f"**{_fmt(first['dense_ppl'])}**.",
         "",
         "| policy | budget | realised cost | FLOPs ratio | ppl | ppl / dense | KL to dense "
         f"| routing entropy % | routing variety % | {' / '.join(EXPERTS)} |",
@@ -162,9 +194,9 @@ def tables(rows: list[dict], command: str) -> str:
         lines.append(
             f"| {r['controller']} | {budget} | {_fmt(r['realized_cost'])} | "
             f"{_fmt(r['attention_flops_ratio'])} | {_fmt(r['ppl'], 2)} | "
-            f"{_fmt(r['ppl'] / r['dense_ppl'])} | {_fmt(r['kl_to_dense'], 4)} | "
+            f"{_ratio(r['ppl'], r['dense_ppl'])} | {_fmt(r['kl_to_dense'], 4)} | "
             f"{_fmt(r['routing_entropy'], 1)} | {_percent(r.get('routing_variety'))} | "
-            f"{' / '.join(f'{sh[e]:.2f}' for e in EXPERTS)} |"
+            f"{' / '.join(_fmt(sh[e], 2) for e in EXPERTS)} |"
         )
     lines += ["", *_baseline_notes(rows)]
     lines += _paired_lines(rows)
@@ -196,7 +228,7 @@ def tables(rows: list[dict], command: str) -> str:
         "<details><summary>raw rows (JSON)</summary>",
         "",
         "```json",
-        json.dumps(rows, indent=1),
+        json.dumps(rows, indent=1, allow_nan=False),
         "```",
         "",
         "</details>",
@@ -229,7 +261,11 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     }
     for name, (marker, color) in styles.items():
         series = [r for r in rows if r["controller"] == name]
-        pts = sorted((r["realized_cost"], r["kl_to_dense"], _is_argmax(r)) for r in series)
+        pts = sorted(
+            (r["realized_cost"], r["kl_to_dense"], _is_argmax(r))
+            for r in series
+            if _defined(r["realized_cost"]) and _defined(r["kl_to_dense"])
+        )
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
