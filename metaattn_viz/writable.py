@@ -45,15 +45,18 @@ def _unwritable(target: Path) -> str | None:
     """Why nothing can be written at `target` (an existing folder: a file made and removed
     in it at once; an existing file: opened for appending, untouched), or None. Tried, not
     read from permission bits, which say yes to root on a read-only file system."""
+    folder = target.is_dir()
     try:
-        if target.is_dir():
+        if folder:
             with tempfile.TemporaryFile(dir=target):
                 pass
         else:
             with open(target, "ab"):
                 pass
     except OSError as exc:
-        return f"{target}: {exc.strerror or exc}"
+        # the system's reason in brackets: for /proc it is "No such file or directory"
+        where = f"no file can be made in {target}" if folder else f"{target} cannot be opened for writing"
+        return f"{where} ({exc.strerror or exc})"
     return None
 
 

@@ -54,10 +54,12 @@ def test_check_output_says_why_a_path_cannot_be_written(tmp_path):
 
 def test_check_output_refuses_a_folder_nothing_can_be_written_in(tmp_path):
     """Tried, not read from permission bits (which say yes to root): /proc takes no files."""
-    with pytest.raises(UserError, match="cannot be written: /proc"):
+    with pytest.raises(UserError, match=r"cannot be written: no file can be made in /proc \("):
         check_output("/proc/metaattn-out", "--out", folder=True)
-    with pytest.raises(UserError, match="cannot be written: /proc"):
+    with pytest.raises(UserError, match=r"cannot be written: no file can be made in /proc \("):
         check_output("/proc/report.md", "--report", folder=False)
+    with pytest.raises(UserError, match=r"/proc/version cannot be opened for writing \("):
+        check_output("/proc/version", "--report", folder=False)
     before = sorted(tmp_path.iterdir())
     assert check_output(tmp_path / "x", "--out", folder=True)
     assert sorted(tmp_path.iterdir()) == before  # the trial file is gone
