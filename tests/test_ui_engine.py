@@ -266,6 +266,19 @@ def test_a_server_closing_mid_run_leaves_it_interrupted(routed, tmp_path):
         e.close()
 
 
+def test_a_closing_server_starts_no_new_generation(routed, tmp_path):
+    """After stop_all nothing new starts (it would run into a closed log), and it says why."""
+    e = Engine(routed=routed, db=str(tmp_path / "log.duckdb"))
+    try:
+        e.generations.stop_all()
+        with pytest.raises(AppError, match="shutting down"):
+            e.generations.start(_request(max_new=2, quality=False), key="s")
+        assert not e.generations.running("s")
+        assert e.history.runs().empty  # nothing was logged
+    finally:
+        e.close()
+
+
 def test_a_new_generation_in_the_same_session_stops_the_old_one(engine):
     first = engine.generations.start(_request(max_new=200, quality=False), key="s")
     second = engine.generations.start(_request(max_new=2, quality=False), key="s")

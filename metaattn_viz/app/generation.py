@@ -255,21 +255,26 @@ class Generations:
         self.host, self.history, self.analysis = host, history, analysis
         self._jobs: dict[str, GenerationJob] = {}
         self._lock = threading.Lock()
+        self._closing = False  # stop_all ran: the server is going away, nothing new starts
 
     def start(
         self, request: GenerateRequest, key: str | None = None, owner: str | None = None
     ) -> GenerationJob:
         """Start a generation, logged as `owner`'s run (a key of store.owners, or None); a
-        second one under the same key (a browser session) stops the first."""
+        second one under the same key (a browser session) stops the first. Refused once the
+        server is closing (`stop_all`). A job is registered and started under one lock, so
+        `stop_all` never finds one it cannot wait for."""
         job = GenerationJob(self.host, self.history, self.analysis, request, key, owner)
         with self._lock:
+            if self._closing:
+                raise AppError("The server is shutting down: no new generation starts. Try again shortly.")
             old = self._jobs.get(job.key)
             if old is not None and not old.done:
                 old.stop()
             self._jobs[job.key] = job
             for k in [k for k, j in self._jobs.items() if j.done and k != job.key]:
                 del self._jobs[k]
-        return job.start()
+            return job.start()
 
     def stop(self, key: str) -> bool:
         """Stop the running generation of `key`; False if there is none."""
@@ -295,8 +300,9 @@ class Generations:
     def stop_all(self, wait: float = SHUTDOWN_WAIT_S) -> None:
         """The server is closing: every running generation ends as `interrupted`. Waits up
         to `wait` s in all for them to end (after their current token and their last log
-        write), so that none is cut off at interpreter exit."""
+        write), so that none is cut off at interpreter exit. Later starts are refused."""
         with self._lock:
+            self._closing = True
             jobs = list(self._jobs.values())
         for job in jobs:
             job.stop("interrupted")
