@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, replace
 
 from metaattn_viz import paths
+from metaattn_viz.app.environment import flag_from_env, whole_from_env
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.store.owners import session_owner
 from metaattn_viz.store.sandbox import MAX_WORKERS as CONSOLE_WORKERS
@@ -58,10 +59,6 @@ def session_of(request) -> str | None:
     return getattr(request, "session_hash", None) or None
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass(frozen=True)
 class Deployment:
     """Public or local, shared log or not, storage that lasts or not."""
@@ -76,7 +73,7 @@ class Deployment:
         the shared log from METAATTN_SHARED_LOG; ephemeral storage from paths."""
         return cls(
             public=bool(public or os.environ.get("SPACE_ID")),
-            shared_log=_flag(SHARED_LOG_ENV),
+            shared_log=flag_from_env(SHARED_LOG_ENV),
             ephemeral_storage=paths.storage_is_ephemeral(),
         )
 
@@ -105,10 +102,8 @@ class Deployment:
         queue's size there)."""
         if not self.public:
             return LOCAL_LIMITS
-        size = os.environ.get(QUEUE_SIZE_ENV, "").strip()
-        if size.isdigit() and int(size) > 0:
-            return replace(PUBLIC_LIMITS, max_size=int(size))
-        return PUBLIC_LIMITS
+        size = whole_from_env(QUEUE_SIZE_ENV, PUBLIC_LIMITS.max_size or 0, 1)
+        return replace(PUBLIC_LIMITS, max_size=size)
 
     def status(self) -> dict:
         """The deployment's part of Engine.status()."""

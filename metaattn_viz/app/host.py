@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from metaattn_viz.app.environment import whole_from_env
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.models import ModelChoice, catalogue, model_id, model_label
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
@@ -39,21 +40,13 @@ def configure_threads() -> int:
     others wait only adds contention (measured: 8x slower decoding on a loaded 2-core box)."""
     import torch
 
-    n = os.environ.get("METAATTN_THREADS")
-    threads = int(n) if n else max(1, min(4, (os.cpu_count() or 2) // 2))
+    threads = whole_from_env("METAATTN_THREADS", max(1, min(4, (os.cpu_count() or 2) // 2)), 1, 1024)
     torch.set_num_threads(threads)
     return threads
 
 
 def max_loaded_from_env() -> int:
-    value = os.environ.get(ENV_MAX_MODELS, "")
-    try:
-        n = int(value) if value.strip() else DEFAULT_MAX_LOADED
-    except ValueError:
-        raise ValueError(f"{ENV_MAX_MODELS} must be a whole number >= 1, got {value!r}") from None
-    if n < 1:
-        raise ValueError(f"{ENV_MAX_MODELS} must be a whole number >= 1, got {value!r}")
-    return n
+    return whole_from_env(ENV_MAX_MODELS, DEFAULT_MAX_LOADED, 1)
 
 
 def load_routed(choice: ModelChoice):

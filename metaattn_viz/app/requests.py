@@ -11,10 +11,10 @@ the limits on what the app takes are defined here. Pure functions: never touches
 from __future__ import annotations
 
 import math
-import os
 import unicodedata
 from dataclasses import dataclass
 
+from metaattn_viz.app.environment import whole_from_env
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.core.settings import (
     COST_MODELS,
@@ -32,7 +32,8 @@ MAX_PROMPT_CHARS = 16_000
 MAX_NEW_TOKENS = 256
 # The app routes at most this many tokens (prompt + generation; the prompt is cut from the
 # left): every view and the sweep stay interactive on two CPU cores.
-APP_MAX_CONTEXT = int(os.environ.get("METAATTN_APP_MAX_CONTEXT", "512"))
+# At least the most new tokens plus one prompt token, so the longest generation fits.
+APP_MAX_CONTEXT = whole_from_env("METAATTN_APP_MAX_CONTEXT", 512, MAX_NEW_TOKENS + 1)
 
 
 def clean_prompt(text) -> tuple[str, list[str]]:
