@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, base_env
 
 from metaattn_viz.app.environment import flag_from_env, whole_from_env
-from tests.helpers import ROOT, base_env
 
 
 @pytest.mark.parametrize(

@@ -260,3 +260,22 @@ def test_eval_json_is_strict_whatever_a_row_holds():
     clean = finite_or_null(rows)
     assert clean == [{"kl": None, "cost": 0.5, "u": {"a": None, "b": [1.0, None, "x"]}, "n": 3}]
     json.dumps(clean, allow_nan=False)
+
+
+def test_a_value_error_is_one_line_and_verbose_shows_where_it_came_from(monkeypatch, capsys, tmp_path):
+    """Settings errors are ValueErrors with a plain message (one line, exit 2); an internal
+    ValueError reads the same, so -v adds its traceback."""
+    import metaattn_viz.cli as cli
+
+    def broken(args):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(cli, "_cmd_export", broken)
+    argv = ["export", "--db", str(tmp_path / "x.duckdb"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "metaattn-viz export: error: operands could not be broadcast together\n"
+    assert main(["-v", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in broken" in err
+    assert err.endswith("metaattn-viz export: error: operands could not be broadcast together\n")

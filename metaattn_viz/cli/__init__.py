@@ -15,6 +15,7 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 from collections.abc import Sequence
 
 from metaattn_viz import __version__
@@ -148,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "language model.",
     )
     parser.add_argument("--version", action="version", version=f"metaattn-viz {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; an error with its traceback"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="start the web app (Gradio) on HOST:PORT")
@@ -560,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metaattn-viz {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as exc:  # settings validation raises ValueError with a plain message
+        # an internal ValueError reads the same: -v shows where it came from
+        if args.verbose:
+            traceback.print_exc()
         print(f"metaattn-viz {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
