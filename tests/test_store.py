@@ -889,6 +889,47 @@ def test_export_cli(filled, tmp_path, capsys):
     assert "no routing log at" in capsys.readouterr().err
 
 
+def _small_files_only():
+    """In the child before it runs: no file may grow past 4 KB (a full disk, for a COPY),
+    with the signal that would kill it for trying ignored, so the write fails instead."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_an_export_that_cannot_write_says_so_and_not_that_the_log_is_damaged(filled, tmp_path):
+    """A COPY failing on a full disk is the export's problem: the log is fine, and telling
+    the user to restore it from a copy could lose their runs."""
+    db, _ = filled
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metaattn_viz",
+            "export",
+            "--db",
+            str(db),
+            "--out",
+            str(out),
+            "--format",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_small_files_only,
+    )
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"metaattn-viz export: error: --out {out}: the export could not be written (")
+    assert "File too large" in err and "the routing log is unchanged" in err
+    assert "damaged" not in err and "Restore" not in err
+    assert not out.exists()  # nothing of it was kept
+    assert store.export(db, tmp_path / "again", "csv")["runs"] == 6  # the log reads as before
+
+
 def test_export_from_an_open_log_in_this_process(db, tmp_path):
     with RunLog(db) as log:
         stream_run(log, synthetic_trace(n_layers=2, n_tokens=4))

@@ -117,7 +117,7 @@ def run_rows(history, run_id: str, fmt: str, owner: str | None, folder: Path) ->
         store.export(run_log, out, fmt, owner=owner, run_id=run_id)
     except store.UnknownRun:
         raise AppError(f"There is no run {run_id!r} in the routing log.") from None
-    except store.StoreUnavailable as exc:
+    except (store.StoreUnavailable, store.ExportNotWritten) as exc:
         raise AppError(str(exc)) from None
     return zip_folder(out, Path(folder) / f"metaattn-run-{run_id[:8]}-{fmt}.zip")
 

@@ -194,7 +194,7 @@ class RunHistory:
 
         fmt = choice("Format", fmt, store.EXPORT_FORMATS)
         out = Path(folder) / "routing-log"
-        with self._reading() as run_log:
+        with self._reading(store.ExportNotWritten) as run_log:
             run_log.flush(timeout=10)
             store.export(run_log, out, fmt, owner=owner)
         stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -1,7 +1,7 @@
 """The routing log: every run's RoutingTrace in an embedded DuckDB database.
 
 One concept per module, imports pointing down the list:
-errors (StoreUnavailable, UnknownRun), owners (who a run belongs to) <- schema (tables,
+errors (StoreUnavailable, ExportNotWritten, UnknownRun), owners (who a run belongs to) <- schema (tables,
 columns, statuses, migrations) <- queries (every SQL statement, named; who sees which
 rows) <- codec (trace <-> Arrow rows) <- opening (connect, migrate, recover) <- writer
 (the single writer thread per file) <- runlog (RunLog: write, replay, list, compare,
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 # public name -> the submodule that defines it
 _HOME = {
     "StoreUnavailable": "errors",
+    "ExportNotWritten": "errors",
     "UnknownRun": "errors",
     "EXPORT_FORMATS": "exporting",
     "export": "exporting",
@@ -49,7 +50,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from metaattn_viz.store.errors import StoreUnavailable, UnknownRun
+    from metaattn_viz.store.errors import ExportNotWritten, StoreUnavailable, UnknownRun
     from metaattn_viz.store.exporting import EXPORT_FORMATS, export
     from metaattn_viz.store.owners import session_owner, user_owner
     from metaattn_viz.store.runlog import RunLog, open_or_explain, resolve_db_path
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXPORT_FORMATS",
+    "ExportNotWritten",
     "FINAL_STATUSES",
     "LOG_TABLES",
     "MIGRATIONS",

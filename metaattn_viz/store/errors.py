@@ -1,8 +1,9 @@
-"""The routing log's two errors, shared by every store module (docs/architecture.md).
+"""The routing log's errors, shared by every store module (docs/architecture.md).
 
 `StoreUnavailable` always names the file and what the user can do about it; callers may
-carry on without logging. This module defines errors only: it never imports DuckDB,
-the model code or gradio.
+carry on without logging. `ExportNotWritten` is an export's own failure to write its files
+(a full disk): the log is fine, and the message says so. This module defines errors only:
+it never imports DuckDB, the model code or gradio.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ from __future__ import annotations
 class StoreUnavailable(RuntimeError):
     """The routing log cannot be opened or written; the message names the file and what
     to do. The caller can carry on without logging (`--no-log`)."""
+
+
+class ExportNotWritten(OSError):
+    """An export could not write its files (its folder's disk is full, or the folder was
+    taken away); the routing log it read is unchanged. The message says why, in DuckDB's
+    words, and that the log is fine."""
+
+    def __str__(self) -> str:  # OSError would print the repr of a tuple of arguments
+        return str(self.args[0]) if self.args else ""
 
 
 class UnknownRun(LookupError):

@@ -10,9 +10,13 @@ model code, torch or gradio.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 import shutil
 from pathlib import Path
 
+from metaattn_viz.store.errors import ExportNotWritten
 from metaattn_viz.store.opening import DAMAGED, damaged
 from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import Q
@@ -71,6 +75,11 @@ def export(
                     shutil.rmtree(target, ignore_errors=True)
                 else:
                     target.unlink(missing_ok=True)
+        if isinstance(exc, DAMAGED) and _about(exc, out):  # writing the export, not reading the log
+            raise ExportNotWritten(
+                f"the export could not be written ({_reason(exc)}); nothing of it was kept, and "
+                "the routing log is unchanged"
+            ) from exc
         if isinstance(exc, DAMAGED):
             raise damaged(log.path, exc) from exc
         raise
@@ -78,6 +87,23 @@ def export(
         if own:
             log.close()
     return counts
+
+
+def _about(exc: BaseException, out: Path) -> bool:
+    """Whether DuckDB's error names a file under `out`: a COPY that could not write (a
+    full disk), which is no sign of a damaged log (an error reading the log names the log)."""
+    message = str(exc)
+    return any(str(p) in message for p in {out, out.resolve()})
+
+
+def _reason(exc: BaseException) -> str:
+    """DuckDB's reason for a failed write: the message inside the JSON some IO errors carry
+    (`Could not write file "...": No space left on device`), else the whole message."""
+    found = re.search(r'"exception_message":\s*"((?:[^"\\]|\\.)*)"', str(exc))
+    if found:
+        with contextlib.suppress(ValueError):
+            return json.loads(f'"{found.group(1)}"')
+    return str(exc)
 
 
 def _copy(log: RunLog, targets: dict[str, Path], fmt: str, params: dict) -> dict[str, int]:
