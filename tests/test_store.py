@@ -685,6 +685,44 @@ def test_an_abandoned_run_is_interrupted_and_its_failure_does_not_outlive_it(db,
         assert log.export(db.parent / "out", "csv")["runs"] == 2
 
 
+@pytest.mark.parametrize("fails", ["the finish", "the append before it"])
+def test_a_run_whose_end_could_not_be_written_is_interrupted_not_running(db, monkeypatch, fails):
+    """A failed last write (a brief full disk) must not leave the run `running` in this
+    server's reads until it restarts: the writer marks it interrupted, saying why."""
+    from metaattn_viz.store import writer
+
+    full = synthetic_trace(n_layers=3, n_tokens=12, seed=64)
+    write = writer._write
+    failing = {"left": 0}
+
+    def full_disk_once(cur, work):
+        if failing["left"]:
+            failing["left"] -= 1
+            raise OSError("No space left on device")
+        write(cur, work)
+
+    monkeypatch.setattr(writer, "_write", full_disk_once)
+    with RunLog(db) as log:
+        parts = grow(full, 3)
+        trace = next(parts)
+        run_id = log.start_run(trace)
+        log.flush()
+        if fails == "the append before it":
+            failing["left"] = 1
+            log.append(run_id, next(parts))
+            with pytest.raises(store.StoreUnavailable, match="No space left"):
+                log.flush()
+        else:
+            failing["left"] = 1
+        with pytest.raises(store.StoreUnavailable, match="No space left"):
+            log.finish(run_id, full)
+        log.flush()  # the mark is written, and the old error is gone
+        row = log.get_run(run_id)
+        assert row["status"] == "interrupted"
+        assert row["error"] == writer.FINISH_LOST_ERROR
+        assert log.list_runs(status="running").empty
+
+
 def test_the_writers_arrow_schemas_match_the_tables(db):
     """Each table has one column list: the DDL and the Arrow schemas agree with it."""
     with RunLog(db) as log:

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # to about 1% of a core, and bounds what a crash can lose of a stream: its last second.
 COMMIT_WINDOW_S = 1.0
 CLOSED_ERROR = "the routing log was closed while this run was streaming"
+FINISH_LOST_ERROR = "a write to the routing log failed: the end of this run was not logged"
 
 
 @dataclass
@@ -163,6 +164,7 @@ class Database:
             st = self._runs.get(run_id)
             if st is not None and st.error is not None:  # an earlier write failed
                 self._runs.pop(run_id)
+                self._give_up(run_id)
                 raise st.error
             st = self._streaming(run_id)
             rows = codec.snapshot(trace, st.queued)
@@ -185,7 +187,15 @@ class Database:
                 failed = st.error
                 self._runs.pop(run_id, None)
             if failed is not None:
+                self._give_up(run_id)
                 raise failed
+
+    def _give_up(self, run_id: str) -> None:
+        """A run whose end could not be written (caller holds self._cond): the writer marks
+        it interrupted (best effort; else the next read-write open does), so that it does
+        not stay `running` in this server's reads while it lives."""
+        if not self._stopping:
+            self._submit(run_id, abandon=FINISH_LOST_ERROR)
 
     def abandon(self, run_id: str, reason: str) -> None:
         """The stream of `run_id` gives up on it after a failed write: nothing more comes
