@@ -723,6 +723,25 @@ def test_a_run_whose_end_could_not_be_written_is_interrupted_not_running(db, mon
         assert log.list_runs(status="running").empty
 
 
+def test_a_lone_surrogate_in_a_run_fails_neither_it_nor_the_runs_written_with_it(db):
+    """Arrow and DuckDB take only valid UTF-8: a lone surrogate in a prompt, the output or
+    an error (what an undecodable byte of a command line becomes) is stored as U+FFFD, so
+    it cannot fail the write round and lose every run in it."""
+    good = synthetic_trace(n_layers=2, n_tokens=6, seed=65)
+    bad = synthetic_trace(n_layers=2, n_tokens=6, seed=66)
+    bad.prompt, bad.output_text = "bad \udcff prompt", "out \ud800 put"
+    with RunLog(db) as log:
+        ids = [log.start_run(t) for t in (good, bad)]  # one round: queued together
+        log.finish(ids[1], bad, status="failed", error="ValueError: \udce9t\u00e9")
+        log.finish(ids[0], good)
+        runs = log.list_runs().set_index("run_id")
+        assert set(runs.index) == set(ids)
+        row = log.get_run(ids[1])
+        assert row["prompt"] == "bad \ufffd prompt" and row["error"] == "ValueError: \ufffdt\u00e9"
+        assert log.load_trace(ids[1]).output_text == "out \ufffd put"
+        assert log.get_run(ids[0])["status"] == "done"
+
+
 def test_the_writers_arrow_schemas_match_the_tables(db):
     """Each table has one column list: the DDL and the Arrow schemas agree with it."""
     with RunLog(db) as log:

@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def run_row(run_id: str, trace: RoutingTrace, kind: str, owner: str | None = Non
         "status": "running",
         "owner": owner,
         "kind": kind,
-        "model": trace.model,
+        "model": safe_text(trace.model),
         "controller": trace.controller,
         "controller_id": trace.controller_id,
         "controller_trained": bool(trace.controller_trained),
@@ -88,7 +89,7 @@ def run_row(run_id: str, trace: RoutingTrace, kind: str, owner: str | None = Non
         "n_tokens": 0,
         "n_prompt_tokens": int(trace.n_prompt_tokens),
         "truncated": int(trace.truncated),
-        "prompt": trace.prompt,
+        "prompt": safe_text(trace.prompt),
         # the server's process and machine, for whoever runs it; not in a visitor's own
         # rows (an owner's run: a public deployment), which show the visitor what they read
         "pid": os.getpid() if owner is None else None,
@@ -110,13 +111,13 @@ def final_fields(
         "run_id": run_id,
         "status": status,
         "finished_at": utc(finished_at),
-        "prompt": trace.prompt,
-        "output_text": trace.output_text,
+        "prompt": safe_text(trace.prompt),
+        "output_text": safe_text(trace.output_text),
         "realized_cost": _finite_or_none(trace.realized_cost),
         "flops_ratio": _finite_or_none(trace.attention_flops_ratio),
         "wall_ms": wall_ms,
         "timings": json.dumps(trace.timings, default=_json_default),
-        "error": error,
+        "error": None if error is None else safe_text(error),
     }
 
 
@@ -158,7 +159,7 @@ def snapshot(trace: RoutingTrace, start: int) -> TraceSlice | None:
         int(trace.truncated),
         trace.point_estimate,
         {
-            "output_text": trace.output_text,
+            "output_text": safe_text(trace.output_text),
             "realized_cost": _finite_or_none(trace.realized_cost),
             "flops_ratio": _finite_or_none(trace.attention_flops_ratio),
         },
@@ -205,13 +206,15 @@ def merge_slices(slices: list[tuple[str, TraceSlice]]) -> list[tuple[str, TraceS
     return result
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def safe_text(s: str) -> str:
-    """Token text as valid UTF-8 (a lone surrogate from a broken decode becomes U+FFFD)."""
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:
-        return s.encode("utf-8", "replace").decode("utf-8")
+    """Text as valid UTF-8, which Arrow and DuckDB require: a lone surrogate (from a broken
+    decode, or an undecodable byte of a command line) becomes U+FFFD. Token texts, the
+    prompt, the output and the error all pass through it, so one such character can never
+    fail a write round (and with it every run in the round)."""
+    return _SURROGATE.sub("\ufffd", s)
 
 
 def uncertainty_columns(concentration: np.ndarray, point_estimate: bool) -> dict[str, np.ndarray]:
