@@ -742,6 +742,26 @@ def test_a_lone_surrogate_in_a_run_fails_neither_it_nor_the_runs_written_with_it
         assert log.get_run(ids[0])["status"] == "done"
 
 
+def test_a_log_opened_by_a_relative_path_survives_a_change_of_directory(tmp_path, monkeypatch):
+    """The registry and the deleted-file check hold the file, not the path as typed: after
+    a chdir the log is neither reported deleted nor left open (and closed) in the registry."""
+    from metaattn_viz.store import writer
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    log = RunLog("log.duckdb")
+    stream_run(log, synthetic_trace(n_layers=2, n_tokens=4, seed=67))
+    monkeypatch.chdir(tmp_path / "b")
+    assert log.file_problem() is None  # was: "deleted while it was open"
+    assert log.path == tmp_path / "a" / "log.duckdb"
+    log.close()
+    assert str((tmp_path / "a" / "log.duckdb").resolve()) not in writer._REGISTRY
+    with RunLog(tmp_path / "a" / "log.duckdb") as again:  # was: "is closed"
+        stream_run(again, synthetic_trace(n_layers=2, n_tokens=4, seed=68))
+        assert len(again.list_runs()) == 2
+
+
 def test_the_writers_arrow_schemas_match_the_tables(db):
     """Each table has one column list: the DDL and the Arrow schemas agree with it."""
     with RunLog(db) as log:

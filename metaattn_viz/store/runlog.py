@@ -52,8 +52,9 @@ PathArg = str | os.PathLike[str]
 
 
 def resolve_db_path(db: PathArg | None = None) -> Path:
-    """--db if given, else METAATTN_DB, else <data dir>/routing.duckdb."""
-    return Path(db).expanduser() if db else default_db_path()
+    """--db if given, else METAATTN_DB, else <data dir>/routing.duckdb; absolute, so that
+    a later change of the working directory does not move it."""
+    return (Path(db).expanduser() if db else default_db_path()).absolute()
 
 
 def _reads(method):

@@ -85,6 +85,7 @@ class Database:
         self.read_only = read_only
         self.con, self._recovered = open_database(path, read_only)
         self._identity = _identity(path)  # the file opened, to notice it deleted or replaced
+        self.key = str(path)  # its key in the registry (acquire sets it)
         self._refs = 0  # RunLog handles holding it (the registry's count)
         self._cursor_lock = threading.Lock()
         self._local = threading.local()
@@ -411,7 +412,9 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def acquire(path: Path, read_only: bool) -> Database:
-    """The process's Database for `path`, opened on first use; give it back with release."""
+    """The process's Database for `path`, opened on first use; give it back with release.
+    Keyed by the file `path` resolves to now (the key kept on the Database, for release)."""
+    path = path.absolute()  # the working directory may change while it is open
     key = str(path.resolve())
     with _REGISTRY_LOCK:
         db = _REGISTRY.get(key)
@@ -422,6 +425,7 @@ def acquire(path: Path, read_only: bool) -> Database:
             )
         if db is None:
             db = Database(path, read_only)
+            db.key = key
             _REGISTRY[key] = db
         db._refs += 1
         return db
@@ -433,7 +437,8 @@ def release(db: Database) -> None:
         db._refs -= 1
         if db._refs > 0:
             return
-        _REGISTRY.pop(str(db.path.resolve()), None)
+        if _REGISTRY.get(db.key) is db:
+            del _REGISTRY[db.key]
     db.close()
 
 
