@@ -762,6 +762,26 @@ def test_a_log_opened_by_a_relative_path_survives_a_change_of_directory(tmp_path
         assert len(again.list_runs()) == 2
 
 
+def test_a_closed_cursor_is_forgotten_and_an_open_one_closed_with_the_log(db):
+    """Every console query and export takes a fresh cursor and closes it: a long-running
+    server must not keep them all (about 2 KB each, for its life)."""
+    import gc
+
+    with RunLog(db) as log:
+        stream_run(log, synthetic_trace(n_layers=2, n_tokens=4, seed=69))
+        kept = len(log._db._cursors)
+        for _ in range(200):
+            cur = log.fresh_cursor()
+            cur.execute("SELECT count(*) FROM runs").fetchall()
+            cur.close()
+        del cur
+        gc.collect()
+        assert len(log._db._cursors) == kept
+        held = log.fresh_cursor()
+    with pytest.raises(duckdb.ConnectionException):  # still closed with the log
+        held.execute("SELECT 1")
+
+
 def test_the_writers_arrow_schemas_match_the_tables(db):
     """Each table has one column list: the DDL and the Arrow schemas agree with it."""
     with RunLog(db) as log:

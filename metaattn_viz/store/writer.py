@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ class Database:
         self._refs = 0  # RunLog handles holding it (the registry's count)
         self._cursor_lock = threading.Lock()
         self._local = threading.local()
-        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        # the cursors still held somewhere, closed with the database; weakly held, so one
+        # closed and dropped by its caller (a console query, an export) is forgotten
+        self._cursors: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
         self._cond = threading.Condition()
         self._pending: list[_Work] = []
         self._seq = 0  # last ticket handed out
@@ -129,7 +132,7 @@ class Database:
             if self._closed:
                 raise StoreUnavailable(f"routing log {self.path} is closed")
             cur = self.con.cursor()
-            self._cursors.append(cur)
+            self._cursors.add(cur)
             return cur
 
     # -- the streams' side -----------------------------------------------------------------
@@ -323,7 +326,7 @@ class Database:
                 self._mark_interrupted(cur, rid, CLOSED_ERROR)
         with self._cursor_lock:
             self._closed = True
-            for cur in self._cursors:
+            for cur in list(self._cursors):
                 try:
                     cur.close()
                 except duckdb.Error:
