@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -67,6 +68,10 @@ __all__ = [
     "register_attention",
     "ATTN_NAME",
 ]
+
+
+# tokens of context a token's text is decoded after: a UTF-8 character has at most 4 bytes
+TOKEN_TEXT_CONTEXT = 4
 
 
 class RoutedModel:
@@ -407,6 +412,10 @@ class RoutedModel:
 
     # -- text -> trace ------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """The prompt's token ids as the model sees them: wrapped in the chat template when
+        `applies_chat(chat)`, else as the tokenizer encodes a text by default, with the
+        special tokens it adds (a Llama, Gemma or Mistral tokenizer's BOS; SmolLM2's adds
+        none), so a trace is of the input ``model.generate(**tokenizer(prompt))`` sees."""
         if not isinstance(prompt, str):
             raise ValueError("prompt must be text (or a list of token ids)")
         if not prompt.strip():
@@ -425,7 +434,7 @@ class RoutedModel:
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         else:
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = tok(prompt)["input_ids"]
         if not ids:
             raise ValueError("prompt is empty after tokenisation")
         return list(ids)
@@ -435,8 +444,21 @@ class RoutedModel:
         tokenizer has one (else the prompt is encoded as it is)."""
         return bool(chat) and bool(getattr(self.tokenizer, "chat_template", None))
 
-    def token_texts(self, ids) -> list[str]:
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+    def token_texts(self, ids, before=()) -> list[str]:
+        """Each token's text, as what it adds to the text of the tokens before it (the
+        last few of `before`, then of `ids`): a character that byte-level BPE splits over
+        tokens shows whole on the token that completes it, and a token holding only part
+        of one shows U+FFFD, where decoding each token alone showed U+FFFD for all of them
+        (CJK, emoji, zero-width characters). A SentencePiece token keeps its leading space."""
+        decode = self.tokenizer.decode
+        context = [int(i) for i in before][-TOKEN_TEXT_CONTEXT:]
+        texts = []
+        for i in ids:
+            prev, cur = decode(context), decode([*context, int(i)])
+            text = cur[len(os.path.commonprefix([prev, cur])) :]
+            texts.append(text if text or not cur.endswith("\ufffd") else "\ufffd")  # part of one
+            context = [*context, int(i)][-TOKEN_TEXT_CONTEXT:]
+        return texts
 
     def new_trace(self, controller: str, settings: RoutingSettings, prompt: str = "") -> RoutingTrace:
         stack = self.controller(controller)
@@ -457,7 +479,7 @@ class RoutedModel:
         b = 0  # batch row
         trace.extend(
             ids,
-            self.token_texts(ids),
+            self.token_texts(ids, before=trace.token_ids),
             rec["beta"][:, b],
             rec["routes"][:, b],
             rec["hedged"][:, b],
