@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 from typing import Any
 
 import duckdb
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -330,72 +330,40 @@ def run_readonly_query(
 
 def _column_values(column: pa.ChunkedArray, name: str = "") -> list:
     """A result column's values as Python objects that a table on the page and JSON carry
-    as they are, in DuckDB's own text where they would not: a BLOB as DuckDB prints it
-    (\\xDE\\xAD...), NaN and infinities as nan / inf / -inf (JSON has no such numbers and
-    pandas would show them as empty), an INTERVAL as "2 months 3 days 01:02:03.5" (Arrow
-    hands it over as a (months, days, nanoseconds) triple); inside lists and structs too.
-    A DATE or TIMESTAMP as its text ("2020-01-01", "2020-01-01 10:00:00.5", "infinity":
-    Python's dates stop at the years 1 and 9999, DuckDB's do not); a DECIMAL or HUGEINT as a
-    number (an int where it has no fraction: sum() of integers is a HUGEINT). A nested value
-    Python cannot hold (a list of infinite timestamps) is ConsoleError naming the column."""
+    as they are, in DuckDB's own text where they would not, at any depth of a list, struct
+    or map: a BLOB as DuckDB prints it (\\xDE\\xAD...), NaN and infinities as nan / inf /
+    -inf (JSON has no such numbers and pandas would show them as empty), an INTERVAL as
+    "2 months 3 days 01:02:03.5" (Arrow hands it over as a (months, days, nanoseconds)
+    triple), a DECIMAL or HUGEINT as a number (an int where it has no fraction: sum() of
+    integers is a HUGEINT). Dates, times, timestamps and the types Arrow cannot carry
+    arrive as DuckDB's text already (the worker casts them, sandbox_worker.CARRIED_TYPES).
+    A value that still cannot be shown is ConsoleError naming the column."""
     t = column.type
-    if pa.types.is_date(t) or pa.types.is_timestamp(t):
-        return _temporal_text(column)
-    if pa.types.is_decimal(t):
-        return [None if v is None else (int(v) if t.scale == 0 else float(v)) for v in column.to_pylist()]
     try:
+        if _has_extension_type(t):  # an Arrow type pyarrow only sees the storage of
+            raise ValueError(f"its type {t} is not one the console knows")
         values = column.to_pylist()
-    except (OverflowError, ValueError) as exc:
+        return [_as_text(v) for v in values] if _needs_text(t) else values
+    except (OverflowError, TypeError, ValueError, pa.ArrowException) as exc:
         raise ConsoleError(
             f"column {name!r} holds a value that cannot be shown ({exc}); cast it to text in "
             f"the query ({name}::VARCHAR)"
         ) from None
-    if not _needs_text(t):
-        return values
-    return [_as_text(v) for v in values]
 
 
-def _temporal_text(column: pa.ChunkedArray) -> list:
-    """A DATE or TIMESTAMP column as text, DuckDB's way where Python's datetime cannot
-    follow: infinity, -infinity, years past 9999 or before 1 (numpy's datetime64 reaches
-    them). A time zone's instants (TIMESTAMPTZ, in UTC) end in "+00"."""
-    t = column.type
-    if pa.types.is_date32(t):
-        ticks, unit, top = column.cast(pa.int32()).to_pylist(), "D", 2**31 - 1
-    else:
-        ticks, top = column.cast(pa.int64()).to_pylist(), 2**63 - 1
-        unit = "ms" if pa.types.is_date64(t) else t.unit
-    zone = "+00" if pa.types.is_timestamp(t) and t.tz else ""
-    out: list = []
-    for v in ticks:
-        if v is None or abs(v) >= top:
-            out.append(None if v is None else ("infinity" if v > 0 else "-infinity"))
-            continue
-        when = np.datetime64(int(v), unit)  # type: ignore[call-overload]  # unit: a str of Arrow's units
-        if pa.types.is_date(t):
-            out.append(_era(str(when.astype("datetime64[D]"))))
-            continue
-        day, _, clock = str(when).partition("T")
-        whole, _, fraction = clock.partition(".")
-        fraction = fraction.rstrip("0")
-        out.append(_era(day, f" {whole}{'.' + fraction if fraction else ''}{zone}"))
-    return out
-
-
-def _era(day: str, rest: str = "") -> str:
-    """numpy's ISO day (year 0 is 1 BC, -1 is 2 BC) as DuckDB prints it, then `rest` (the
-    clock): "0001-12-31 (BC) 10:00:00"."""
-    year, _, month_day = day.lstrip("-").partition("-")
-    if not day.startswith("-") and int(year) > 0:
-        return day + rest
-    bc = 1 + (int(year) if day.startswith("-") else 0)
-    return f"{bc:04d}-{month_day} (BC){rest}"
+def _has_extension_type(t: pa.DataType) -> bool:
+    """Whether `t` is, or holds, an Arrow extension type (its values would arrive as their
+    storage: the bytes of a type the console does not know)."""
+    if isinstance(t, pa.BaseExtensionType):
+        return True
+    return any(_has_extension_type(t.field(i).type) for i in range(t.num_fields))
 
 
 def _needs_text(t: pa.DataType) -> bool:
+    """Whether _as_text changes any value of type `t`."""
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_floating(t):
         return True
-    if pa.types.is_interval(t):
+    if pa.types.is_interval(t) or pa.types.is_decimal(t):
         return True
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         return _needs_text(t.value_type)
@@ -407,6 +375,9 @@ def _needs_text(t: pa.DataType) -> bool:
 
 
 def _as_text(v: Any) -> Any:
+    """One value as _column_values shows it (a list, struct or map value by its members)."""
+    if isinstance(v, Decimal):  # an int where it has no fraction, as DuckDB's type says
+        return int(v) if v.as_tuple().exponent == 0 else float(v)
     if isinstance(v, float):
         if math.isfinite(v):
             return v

@@ -15,6 +15,11 @@ Why a copy: the worker's DuckDB has no file, URL, extension or other database it
 reach (enable_external_access off, configuration locked), so the rows it holds are all
 that any query can see, whatever its catalog, schema or system-function tricks.
 
+Why no disk: the worker's DuckDB does not spill to a temp directory (a sort past its
+memory cap spilled into .tmp under the server's working directory, and a worker killed at
+the time limit left about 250 MB of it behind), so a query that needs more than
+MEMORY_LIMIT fails with SandboxMemory, in words.
+
 Never opens the routing log (the console hands it the rows), never runs a query in this
 process, never imports gradio or the model code.
 """
@@ -25,6 +30,7 @@ import atexit
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -58,6 +64,38 @@ class SandboxTimeout(SandboxError):
 
 class SandboxBusy(SandboxError):
     """Every worker was busy for the whole time limit."""
+
+
+class SandboxMemory(SandboxError):
+    """The query needed more memory than a worker allows (MEMORY_LIMIT, or the address
+    space left to it)."""
+
+
+_NARROW = "narrow it (WHERE, LIMIT), aggregate, or select fewer or shorter columns"
+
+
+def _memory_message() -> str:
+    return f"the query needed more memory than the console allows ({MEMORY_LIMIT}); {_NARROW}"
+
+
+def _ended_error(returncode: int | None) -> SandboxError:
+    """Why a worker ended without answering, in words. Killed by a signal (a SIGSEGV where
+    an allocation failed under its address-space cap, a SIGKILL from the system's
+    out-of-memory killer): the query used too much memory. Any other end is the worker's
+    own failure, not the query's."""
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return SandboxMemory(
+            f"the query was stopped: it used more memory than the console allows (its worker "
+            f"process ended with {name}); {_NARROW}"
+        )
+    return SandboxError(
+        f"the SQL console's worker process ended unexpectedly (exit status {returncode}) and "
+        "was replaced; run the query again"
+    )
 
 
 @dataclass
@@ -123,7 +161,8 @@ class _Worker:
     def ask(
         self, request: dict[str, Any], tables: dict[str, bytes], seconds: float
     ) -> tuple[dict[str, Any], pa.Table | None]:
-        """Send one request; its answer, or SandboxTimeout (the worker is then killed)."""
+        """Send one request; its answer, or SandboxTimeout (the worker is then killed), or
+        the error _ended_error gives where the worker ended without answering."""
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None and stdout is not None
 
@@ -147,7 +186,7 @@ class _Worker:
         if answer is None:
             if killed:
                 raise SandboxTimeout("the query ran past its time limit and was stopped")
-            raise SandboxError("the SQL console's worker process ended unexpectedly")
+            raise _ended_error(self.proc.returncode)
         return answer
 
     def close(self) -> None:
@@ -231,7 +270,7 @@ atexit.register(_POOL.close)
 def run_query(sql: str, tables: dict[str, pa.Table], max_rows: int, timeout_s: float) -> Result:
     """Answer `sql` over `tables` (name -> rows; nothing else exists for the query) in a
     worker: at most max_rows + 1 rows and about MAX_RESULT_BYTES, stopped after timeout_s.
-    Raises SandboxTimeout, SandboxBusy or SandboxError (DuckDB's message)."""
+    Raises SandboxTimeout, SandboxBusy, SandboxMemory or SandboxError (DuckDB's message)."""
     request = {
         "sql": sql,
         "max_rows": int(max_rows),
@@ -245,5 +284,7 @@ def run_query(sql: str, tables: dict[str, pa.Table], max_rows: int, timeout_s: f
     if table is None:
         if header.get("kind") == "timeout":
             raise SandboxTimeout("the query ran past its time limit and was stopped")
+        if header.get("kind") == "memory":
+            raise SandboxMemory(_memory_message())
         raise SandboxError(str(header.get("message") or "the query failed"))
     return Result(table, float(header["elapsed"]))

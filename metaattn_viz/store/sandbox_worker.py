@@ -11,10 +11,15 @@ the worker first sends READY; a request is a JSON header {sql, max_rows, max_byt
 timeout_s, memory_limit, threads, tables} followed by one Arrow IPC stream per name in
 `tables`; the answer is a JSON header {ok, ...} followed, when ok, by the result as an
 Arrow IPC stream of at most max_rows + 1 rows and about max_bytes (a larger answer is an
-error: one 100 MB value is enough to crash a browser tab).
+error: one 100 MB value is enough to crash a browser tab). A failed answer's kind is
+"timeout" (interrupted at the time limit), "memory" (it needed more than its memory cap)
+or "error" (with DuckDB's message). Values of a type Arrow or Python would not carry as
+they are (TIME '24:00:00', TIMETZ's offset, a UHUGEINT past 2^127, a VARINT, BIT,
+dates and timestamps past Python's years) travel as DuckDB's own text of them.
 
 It must never open a file, a URL or another database, nor keep anything from one
-request to the next (each gets its own DuckDB instance, closed after it). Its time limit
+request to the next (each gets its own DuckDB instance, closed after it); DuckDB does not
+spill to disk either (no temp_directory): a query over its memory cap fails. Its time limit
 is cooperative (DuckDB's interrupt); sandbox.py kills it when DuckDB cannot stop (one
 huge scalar value), which is why it is a process of its own.
 """
@@ -27,12 +32,13 @@ import struct
 import sys
 import threading
 import time
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 
 if TYPE_CHECKING:
     import duckdb
+    from duckdb.sqltypes import DuckDBPyType
 
 READY = b"ready"
 _LENGTH = struct.Struct(">I")
@@ -95,7 +101,11 @@ def from_ipc(payload: bytes) -> pa.Table:
 def hardened_connection(memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
     """A fresh in-memory DuckDB with no way out: no files, URLs or other databases
     (enable_external_access), no extensions to load or install, no Python variables as
-    tables, a memory and thread cap, and a configuration no query can change."""
+    tables, a memory and thread cap, no spilling to disk, and a configuration no query
+    can change. Without temp_directory = '' DuckDB spills a sort or join past its memory
+    cap into .tmp under the server's working directory (up to 90% of the disk, and a
+    worker killed at the time limit leaves its files behind); with it, the query fails
+    with an out-of-memory error."""
     import duckdb  # here, not at import: the parent imports this module for the wire format
 
     return duckdb.connect(
@@ -109,9 +119,82 @@ def hardened_connection(memory_limit: str, threads: int) -> duckdb.DuckDBPyConne
             "python_enable_replacements": False,
             "memory_limit": memory_limit,
             "threads": threads,
+            "temp_directory": "",  # no spilling: a file the worker would write
             "lock_configuration": True,  # last: it locks the settings above
         },
     )
+
+
+# DuckDB types whose values Arrow and Python carry as they are; a value of any other type
+# (at any depth of a LIST, ARRAY, STRUCT, MAP or UNION) is sent as DuckDB's text of it.
+CARRIED_TYPES = frozenset(
+    {
+        "boolean",
+        "tinyint",
+        "smallint",
+        "integer",
+        "bigint",
+        "hugeint",
+        "utinyint",
+        "usmallint",
+        "uinteger",
+        "ubigint",
+        "float",
+        "double",
+        "decimal",
+        "varchar",
+        "blob",
+        "interval",
+    }
+)
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _shown_type(t: DuckDBPyType) -> str | None:
+    """The type to cast a value of type `t` to before the Arrow export, so that it arrives
+    as DuckDB shows it: None where it arrives as it is (CARRIED_TYPES, and containers of
+    them), VARCHAR for any other value, containers rebuilt around their cast members."""
+    kind = t.id
+    if kind in CARRIED_TYPES:
+        return None
+    if kind not in ("list", "array", "struct", "map", "union"):
+        return "VARCHAR"
+    children = list(t.children)
+    size = children[1][1] if kind == "array" else None  # an ARRAY's: its members' type, its size
+    members = [
+        (name, cast("DuckDBPyType", member))
+        for name, member in (children[:1] if kind == "array" else children)
+        if not (kind == "union" and name == "")  # a UNION's tag, not a member
+    ]
+    shown = [_shown_type(member) for _, member in members]
+    if all(s is None for s in shown):
+        return None
+    types = [s if s is not None else str(member) for s, (_, member) in zip(shown, members, strict=True)]
+    if kind == "list":
+        return f"{types[0]}[]"
+    if kind == "array":
+        return f"{types[0]}[{size}]"
+    if kind == "map":
+        return f"MAP({types[0]}, {types[1]})"
+    fields = ", ".join(f"{_quoted(name)} {typ}" for (name, _), typ in zip(members, types, strict=True))
+    return f"{kind.upper()}({fields})"
+
+
+def _as_shown(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """`rel` with each column whose values Arrow would not carry as DuckDB shows them cast
+    to the type _shown_type gives. Columns are taken by position and every one named
+    again: two may share a name, which a projection would otherwise rename (a, a_1)."""
+    shown = [_shown_type(t) for t in rel.types]
+    if all(s is None for s in shown):
+        return rel
+    columns = [
+        f"{f'#{i}' if s is None else f'CAST(#{i} AS {s})'} AS {_quoted(name)}"
+        for i, (s, name) in enumerate(zip(shown, rel.columns, strict=True), start=1)
+    ]
+    return rel.project(", ".join(columns))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -142,7 +225,7 @@ def answer(request: dict[str, Any], tables: dict[str, pa.Table]) -> tuple[dict[s
         t0 = time.perf_counter()
         timer.start()
         try:
-            reader = con.sql(request["sql"]).to_arrow_reader(min(limit, 100_000))
+            reader = _as_shown(con.sql(request["sql"])).to_arrow_reader(min(limit, 100_000))
             batches, n, size = [], 0, 0
             while n < limit:  # the result streams: rows past the cap are never computed
                 try:
@@ -161,10 +244,10 @@ def answer(request: dict[str, Any], tables: dict[str, pa.Table]) -> tuple[dict[s
         return {"ok": True, "elapsed": elapsed}, result
     except duckdb.InterruptException:
         return {"ok": False, "kind": "timeout"}, None
+    except (duckdb.OutOfMemoryException, MemoryError):  # DuckDB's cap, or the address space's
+        return {"ok": False, "kind": "memory"}, None
     except (duckdb.Error, pa.ArrowException) as exc:
         return {"ok": False, "kind": "error", "message": _first_line(exc)}, None
-    except MemoryError:  # the address-space cap, met outside DuckDB
-        return {"ok": False, "kind": "error", "message": "Out of Memory Error"}, None
     finally:
         con.close()
 
@@ -196,11 +279,7 @@ def main() -> None:
             try:
                 body = to_ipc(result)
             except MemoryError:
-                header = {
-                    "ok": False,
-                    "kind": "error",
-                    "message": "Out of Memory Error: the result is too large",
-                }
+                header = {"ok": False, "kind": "memory"}
         write_frame(out, json.dumps(header).encode())
         if body is not None:
             write_frame(out, body)
