@@ -24,6 +24,7 @@ at import time.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from metaattn_viz.routing.model import RoutedModel
 
 __all__ = ["Trace", "calibrate", "figure", "load"]
+
+log = logging.getLogger(__name__)
 
 # where a calibration of texts given in Python says its data came from (meta.json "data")
 TEXTS_SOURCE = "{n} texts given to metaattn_viz.calibrate"
@@ -101,7 +104,10 @@ def load(
     ``controllers``: a folder laid out as ``assets/controllers/<model>`` (a ``bayes/`` and a
     ``priorfree/`` folder, as ``calibrate(..., save=...)`` writes), used in place of the
     shipped ones; a kind missing there, or made for another model shape, is untrained (said
-    in the log). ``routed.detach()`` (or ``with mav.load(...) as routed:``) gives the model back."""
+    in the log). Trained controllers calibrated on other weights than the model's (their
+    ``meta.json`` fingerprint, routing/fingerprint.py) are used, with a warning in the log
+    and ``routed.weights_notice(kind)`` saying so. ``routed.detach()`` (or
+    ``with mav.load(...) as routed:``) gives the model back."""
     from metaattn_viz.routing.model import RoutedModel
 
     folders = _controller_folders(controllers)
@@ -128,6 +134,10 @@ def load(
             f"or a (model, tokenizer) pair; got {type(model).__name__}"
         )
     routed.trace_class = Trace
+    for kind in routed.controllers:  # as the CLI and the page say it
+        notice = routed.weights_notice(kind)
+        if notice:
+            log.warning("%s controllers of %s: %s", kind, routed.name, notice)
     return routed
 
 
@@ -161,6 +171,10 @@ def _given(model, tokenizer, name: str | None, folders: dict[str, Path] | None =
     name = name or Path(str(getattr(config, "_name_or_path", "") or "")).name or type(model).__name__
     loaded = loading.LoadedModel(model, tokenizer, loading.ModelSource("given", name, name), 0.0, "given")
     routed = RoutedModel.from_loaded(loaded, folders)
+    if any(stack.trained for stack in routed.controllers.values()):  # which weights they fit
+        from metaattn_viz.routing.fingerprint import weights_fingerprint
+
+        routed.weights_fingerprint = weights_fingerprint(model)
     # the controllers compute their features where the model runs (they stay float32)
     for stack in routed.controllers.values():
         stack.to(routed.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -280,7 +281,7 @@ def test_a_trace_draws_its_maps_and_says_its_controllers_are_untrained():
 
 
 # -- calibrate -----------------------------------------------------------------------------------
-def test_calibrate_trains_installs_and_saves_controllers_that_load_back(tmp_path):
+def test_calibrate_trains_installs_and_saves_controllers_that_load_back(tmp_path, caplog):
     routed = mav.load((tiny_model(), CharTokenizer()), name="tiny")
     untrained = routed.controllers["bayes"]
     before = routed.route(PROMPT, budget=0.5)
@@ -330,6 +331,14 @@ def test_calibrate_trains_installs_and_saves_controllers_that_load_back(tmp_path
     replay = again.route(PROMPT, budget=0.5)
     assert np.array_equal(replay.concentration, after.concentration)
     assert np.array_equal(replay.routes, after.routes)
+    assert again.weights_notice("bayes") is None  # the weights they were calibrated on
+    # the same shape with other weights: used, but said (it routed as trained, silently)
+    with caplog.at_level(logging.WARNING, logger="metaattn_viz.api"):
+        other = mav.load((tiny_model(seed=1), CharTokenizer()), name="tiny", controllers=tmp_path / "ctrl")
+    assert other.controllers["bayes"].trained
+    assert "calibrated on another copy of these weights" in other.weights_notice("bayes")
+    assert "bayes controllers of tiny: calibrated on another copy" in caplog.text
+    assert other.weights_notice("priorfree") is None  # untrained: labelled so elsewhere
 
 
 def test_calibrate_reads_a_file_and_trains_the_prior_free_baseline():
