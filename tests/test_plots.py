@@ -272,6 +272,12 @@ def test_meters_show_cost_against_budget_flops_speed_and_kl():
     unmeasured = plots.meters(make_trace(kl=False))
     assert _meter(unmeasured, "kl") == {} and "\u2014" in unmeasured
     assert "no budget" in plots.meters(make_trace(budget=None))
+    # at budget near 1 the routed logits equal dense's up to rounding: a mean KL of -5e-9
+    # is 0, never "-0.0000"
+    near_dense = make_trace()
+    near_dense.kl_to_dense = np.full(near_dense.n_tokens, -4.58e-09, np.float32)
+    assert plots.meter_values(near_dense)["kl_to_dense"] == 0.0
+    assert "-0.0000" not in plots.meters(near_dense)
 
 
 # -- inspector ----------------------------------------------------------------------------

@@ -45,6 +45,8 @@ def meter_values(trace: RoutingTrace) -> dict:
     kl_mean = None
     if kl is not None and len(kl) > 1:
         kl_mean = _finite(np.nanmean(np.asarray(kl, np.float64)[:-1]))  # last: no next token
+        # a KL is never below 0: a tiny negative mean is float rounding ("-0.0000" on the meter)
+        kl_mean = None if kl_mean is None else max(0.0, kl_mean)
     return {
         "budget": trace.settings.budget,
         "cost_model": trace.settings.cost_model,
