@@ -230,8 +230,7 @@ def calibrate(
     if controller not in KINDS:
         raise ValueError(f"controller must be one of {', '.join(KINDS)}, got {controller!r}")
     cfg = calibration.CalibrationConfig(controller=controller, steps=steps, seq_len=seq_len, **options)
-    if routed.detached:
-        raise RuntimeError(f"{routed.name}: this RoutedModel was detached; route a new one")
+    routed.check_attached()
     if cfg.seq_len > routed.max_context:
         raise ValueError(
             f"seq_len {cfg.seq_len} is longer than the model's context ({routed.max_context} tokens)"

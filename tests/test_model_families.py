@@ -3,9 +3,11 @@
 Tiny random configs (3 layers, hidden 96, byte vocabulary) of Llama, Qwen2, Mistral without
 a window, Phi-3 and GPT-2 route: budget 1.0 gives the dense model's logits, budget 0.5 routes
 and streams, and `detach` gives the model back bit for bit with no hook left. Gemma 2
-(sliding windows, soft-capping), a windowed Mistral and GPT-OSS (sink logits) are refused,
-before anything on the model is changed, with a message that names the feature; so is a
-padded batch at run time.
+(sliding windows, soft-capping), a windowed Mistral, GPT-OSS (sink logits), BART's decoder
+(cross-attention), an encoder-decoder, a base model without its LM head and a
+vision-language model are refused, before anything on the model is changed, with a message
+that names the feature (and, where there is one, what to load instead); so is a padded batch
+at run time.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from helpers import CharTokenizer, routed_tiny, tiny_model
+from helpers import CharTokenizer, routed_tiny, tiny_config, tiny_model
 
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import discovery
@@ -111,6 +113,81 @@ def test_sink_logits_are_refused():
     )
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     _refused(model, r"attention sink logits \(layer 0.sinks\)")
+
+
+def _bart_config():
+    return transformers.BartConfig(
+        vocab_size=256,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+    )
+
+
+def _untouched_refusal(model, match: str) -> None:
+    """``check_supported`` refuses the model with `match`, naming its class, and the model
+    is left as it was (for models whose config the controllers cannot be sized from)."""
+    implementation, hooks = model.config._attn_implementation, _hooks(model)
+    with pytest.raises(discovery.UnsupportedModel, match=match) as err:
+        discovery.check_supported(model)
+    assert type(model).__name__ in str(err.value)
+    assert model.config._attn_implementation == implementation and _hooks(model) == hooks
+
+
+def test_bart_decoder_is_refused_for_its_cross_attention():
+    """BART's decoder as a causal LM keeps a cross-attention module (encoder_attn) beside its
+    self-attention in every layer, with the same layer_idx: refused for the cross-attention,
+    not for the duplicate index."""
+    torch.manual_seed(0)
+    model = transformers.BartForCausalLM(_bart_config()).eval()
+    _untouched_refusal(model, r"has cross-attention \(layer 0's encoder_attn")
+
+
+def test_an_encoder_decoder_model_is_refused_as_one():
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(_bart_config()).eval()
+    _untouched_refusal(model, "is an encoder-decoder model")
+
+
+def test_a_base_model_without_a_language_model_head_is_refused():
+    """A bare LlamaModel gives hidden states, not logits: refused when routed, naming the
+    class to load instead (it used to be routed and fail on its first pass)."""
+    torch.manual_seed(0)
+    _refused(
+        transformers.LlamaModel(tiny_config("llama")).eval(), "no language-model head.*load LlamaForCausalLM"
+    )
+
+
+def test_a_vision_language_model_is_refused_naming_its_language_model():
+    """LLaVA's config holds its language model's config (text_config) beside the vision
+    encoder's: refused by ``check_causal_lm``, which reads nothing its top-level config
+    lacks (no hidden_size there), so a loader can run it first."""
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=tiny_config("llama"), image_token_index=255
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    match = r"is a composite model \(LlavaConfig holds its language model's LlamaConfig.*as LlamaForCausalLM"
+    with pytest.raises(discovery.UnsupportedModel, match=match):
+        discovery.check_causal_lm(model)
+    _untouched_refusal(model, match)
+
+
+@pytest.mark.parametrize("arch", ACCEPTED)
+def test_causal_lms_pass_the_causal_lm_check(arch):
+    discovery.check_causal_lm(tiny_model(arch))
 
 
 def test_a_padded_batch_is_refused_at_run_time():

@@ -11,7 +11,11 @@ are found alike.
 A model whose attention needs what routing does not honour is refused before anything is
 changed, with an ``UnsupportedModel`` error that names the model class and the feature:
 sliding-window layers, logit soft-capping, attention sinks, non-causal or cross-attention,
-or attention outside the interface. The same features are refused again at run time if
+or attention outside the interface. So is a model that is not a text causal LM
+(``check_causal_lm``, which reads nothing but the model's config and head, so a loader can
+call it before anything else reads the config): a composite model such as a
+vision-language one, an encoder-decoder model, or a base model without its
+language-model head. The same features are refused again at run time if
 they reach the attention function anyway (``check_call``), and so is an attention mask that
 is not plain causal (a padded batch): wrong results never pass silently.
 
@@ -60,29 +64,88 @@ def _model_name(model) -> str:
     return type(model).__name__
 
 
+# how a decoder layer names its cross-attention module (BERT's crossattention, BART's,
+# Whisper's and Marian's encoder_attn, T5's EncDecAttention), for classes that do not say
+# so with an ``is_cross_attention`` attribute
+_CROSS_ATTENTION_NAMES = ("cross", "encoder_attn", "encdec", "enc_dec")
+
+
+def _causal_lm_class(config) -> str:
+    """The name of transformers' causal-LM class for this config's model type (e.g.
+    "LlamaForCausalLM"), else a description of it."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover (transformers moved it)
+        return "its ...ForCausalLM class"
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None) or "")
+    return name if isinstance(name, str) else "its ...ForCausalLM class"
+
+
+def check_causal_lm(model) -> None:
+    """Refuse, with ``UnsupportedModel`` saying what to load instead, a model that is not a
+    text causal LM: a composite model (its config holds the language model's config beside
+    other parts', e.g. a vision-language model), an encoder-decoder model, or a model
+    without a language-model head (a base model gives hidden states, not next-token
+    logits). Reads only the config and the head, so it can run before anything else reads
+    the config (``check_supported`` runs it first too)."""
+    name = _model_name(model)
+    cfg = model.config
+    get_text_config = getattr(cfg, "get_text_config", None)
+    text_cfg = get_text_config() if callable(get_text_config) else cfg
+    if text_cfg is not cfg:
+        raise UnsupportedModel(
+            f"{name} is a composite model ({type(cfg).__name__} holds its language model's "
+            f"{type(text_cfg).__name__} beside other parts, e.g. a vision encoder): routing takes "
+            f"a text causal LM; load its language model alone as {_causal_lm_class(text_cfg)} "
+            "(from the text config and the language model's weights) and pass that"
+        )
+    if getattr(cfg, "is_encoder_decoder", False) is True:
+        raise UnsupportedModel(
+            f"{name} is an encoder-decoder model (its decoder attends to an encoder's states): "
+            "routing takes a decoder-only causal LM"
+        )
+    get_head = getattr(model, "get_output_embeddings", None)
+    if callable(get_head) and get_head() is None:
+        raise UnsupportedModel(
+            f"{name} has no language-model head (a base model: it gives hidden states, not "
+            f"next-token logits): load {_causal_lm_class(cfg)} instead (AutoModelForCausalLM "
+            "loads it from the same checkpoint)"
+        )
+
+
+def _is_cross_attention(module, attribute: str) -> bool:
+    """Whether an attention module attends to another sequence (an encoder's) rather than
+    to its own: it says so, or its decoder layer holds it under a cross-attention name."""
+    if getattr(module, "is_cross_attention", False):
+        return True
+    return any(word in attribute.lower() for word in _CROSS_ATTENTION_NAMES)
+
+
 def attention_sites(model) -> list[AttentionSite]:
     """The model's attention layers in layer order (refuses a model where they cannot be
     found through the attention interface, one per layer)."""
-    parents: dict[int, torch.nn.Module] = {}
+    parents: dict[int, tuple[torch.nn.Module, str]] = {}  # module -> its parent, the name it has there
     for parent in model.modules():
-        for child in parent.children():
-            parents.setdefault(id(child), parent)
+        for attribute, child in parent.named_children():
+            parents.setdefault(id(child), (parent, attribute))
     found: dict[int, AttentionSite] = {}
     for module in model.modules():
         idx = getattr(module, "layer_idx", None)
         if isinstance(idx, bool) or not isinstance(idx, int) or not _calls_interface(type(module)):
             continue
-        if getattr(module, "is_cross_attention", False):
+        block, attribute = parents[id(module)]
+        if _is_cross_attention(module, attribute):
             raise UnsupportedModel(
-                f"{_model_name(model)} has cross-attention layers (layer {idx}): routing handles "
-                "causal self-attention only"
+                f"{_model_name(model)} has cross-attention (layer {idx}'s {attribute} attends to an "
+                "encoder's states): routing handles causal self-attention only; use a decoder-only "
+                "causal LM"
             )
         if idx in found:
             raise UnsupportedModel(
                 f"{_model_name(model)}: two attention modules claim layer_idx {idx}; "
                 "routing needs one per layer"
             )
-        found[idx] = AttentionSite(idx, module, parents[id(module)])
+        found[idx] = AttentionSite(idx, module, block)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if not found:
         raise UnsupportedModel(
@@ -115,8 +178,9 @@ def _sliding_window(model, sites: list[AttentionSite]) -> Any:
 
 def check_supported(model) -> list[AttentionSite]:
     """The model's attention sites, or ``UnsupportedModel`` naming the first feature
-    routing does not honour."""
+    routing does not honour (a model that is not a text causal LM first: ``check_causal_lm``)."""
     name = _model_name(model)
+    check_causal_lm(model)
     sites = attention_sites(model)
     cfg = model.config
     window = _sliding_window(model, sites)

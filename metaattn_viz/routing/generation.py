@@ -104,7 +104,9 @@ def stream(
 ) -> Iterator[RoutingTrace]:
     """Prefill the prompt, then decode token by token; yields the growing trace after the
     prefill and after every new token (the same object, extended in place). A prompt too
-    long for the context (less room for the new tokens) is truncated from the left."""
+    long for the context (the smaller of ``max_context`` and the model's, less room for the
+    new tokens) is truncated from the left. Once ``routed`` is detached the stream is
+    refused, between two tokens too, with the error every entry point raises then."""
     check_settings(settings)
     settings = RoutingSettings() if settings is None else settings
     sampling = Sampling() if sampling is None else sampling
@@ -127,10 +129,14 @@ def stream(
         ids = token_ids(prompt, routed.model.config.vocab_size)
     else:
         ids = routed.encode(prompt, chat)
-    limit = min(max_context or routed.max_context, routed.max_context) - max_new_tokens
+    context = min(max_context or routed.max_context, routed.max_context)  # the smaller limit rules
+    limit = context - max_new_tokens
     if limit < 1:
+        given = context < routed.max_context  # max_context is the limit, not the model's
+        fix = "ask for fewer new tokens" + (" or a larger max_context" if given else "")
         raise ValueError(
-            f"max_new_tokens must leave room for the prompt in the {routed.max_context}-token context"
+            f"max_new_tokens ({max_new_tokens}) must leave room for the prompt in "
+            f"{'max_context' if given else 'the model'}'s {context}-token context: {fix}"
         )
     truncated = max(0, len(ids) - limit)
     if truncated:
@@ -175,11 +181,14 @@ def stream(
             break
         new_ids.append(nxt)
         step_ids = torch.tensor([[nxt]], device=routed.device)
+        routed.check_attached()  # detached between two tokens: the step would run dense
         with torch.no_grad(), active(sess):
             out = routed.model(input_ids=step_ids, past_key_values=cache, use_cache=True)
         logits = out.logits[0, -1]
         records = sess.pop_records()
-        assert records is not None  # the step routed every layer
+        if records is None:  # no layer routed the step: detached while it ran (another thread)
+            routed.check_attached()
+            raise RuntimeError(f"{routed.name}: a decode step ran without routing; route a new stream")
         routed.extend_trace(trace, [nxt], records)
         dt = time.perf_counter() - t1
         trace.timings["decode_ms"] = 1000 * dt

@@ -37,7 +37,7 @@ import torch
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings, check_settings
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing import device as device_mod
-from metaattn_viz.routing import generation, linear_maps
+from metaattn_viz.routing import discovery, generation, linear_maps
 from metaattn_viz.routing import prefill as prefill_mod
 from metaattn_viz.routing.controller import KINDS, ControllerStack, load_for_model
 from metaattn_viz.routing.fingerprint import fingerprint_notice
@@ -91,6 +91,7 @@ class RoutedModel:
         weights_fingerprint: str | None = None,
         feature_maps: linear_maps.MapChoice | None = None,
     ):
+        discovery.check_causal_lm(model)  # before anything reads its config
         # every module's train/eval mode as handed over: detach gives it back
         self._modes = [(m, m.training) for m in model.modules()]
         self.model = model.eval()
@@ -182,6 +183,12 @@ class RoutedModel:
     def detached(self) -> bool:
         return self._installed is None
 
+    def check_attached(self) -> None:
+        """Refuse to route once detached (the model would silently run dense): the one
+        error every entry point raises then, a stream between two tokens too."""
+        if self._installed is None:
+            raise RuntimeError(f"{self.name}: this RoutedModel was detached; route a new one")
+
     def detach(self):
         """Give the model back exactly as it was handed over: every hook routing added is
         removed, its attention implementation and every module's train/eval mode restored
@@ -230,6 +237,7 @@ class RoutedModel:
         """A RoutedModel of a loaded model (routing/loading.py) with the controllers and
         feature maps shipped for its slug, or those in ``controllers_dir`` (kind -> folder)
         and ``feature_maps_dir``."""
+        discovery.check_causal_lm(loaded.model)  # before the controllers read its config
         controllers, sources = {}, {}
         for kind in KINDS:
             folder = (controllers_dir or {}).get(kind)
@@ -283,8 +291,7 @@ class RoutedModel:
         """`session`'s Session, not yet active: for a pass that runs in steps with other work
         between them (a stream that yields), each step in ``session.active(it)``, so that
         nothing else the thread runs meanwhile is routed into it."""
-        if self._installed is None:
-            raise RuntimeError(f"{self.name}: this RoutedModel was detached; route a new one")
+        self.check_attached()
         stack = self.controller(controller)
         if settings.backend == "auto" and self.backend != "auto":
             settings = settings.with_(backend=self.backend)

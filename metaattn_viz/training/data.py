@@ -4,9 +4,12 @@ Calibration measures its self-distillation task term on these windows (docs/meth
 ELBO); evaluation reports on the validation articles.
 
 WikiText-2 raw marks an article with a top-level heading line `` = Title = `` (sections
-use `` = = ... = = ``). The split is by article and deterministic: article i (0-based, in
-file order) goes to validation when i % 10 == 9, to training otherwise. Every problem with
-the file (missing, empty, binary, too short) raises DataError before any model work.
+use `` = = ... = = ``; trailing whitespace does not matter); a text without such headings
+is split into paragraphs instead. The split is by article and deterministic: article i
+(0-based, in file order) goes to validation when i % 10 == 9, to training otherwise, and
+with fewer than 10 articles the last one is held out for validation; so at least 2 are
+needed (validation is never the training text). Every problem with the file (missing,
+empty, binary, too short, a single article) raises DataError before any model work.
 Never imports the model or the UI.
 """
 
@@ -20,7 +23,12 @@ from pathlib import Path
 import torch
 
 VALIDATION_EVERY = 10
-_TITLE = re.compile(r"^ = [^=].* = $")
+SPLIT_RULE = (
+    f"article i goes to validation when i % {VALIDATION_EVERY} == {VALIDATION_EVERY - 1} "
+    "(file order), else to training"
+)
+MIN_ARTICLES = 2  # one for training, one held out for validation
+_TITLE = re.compile(r"^ = [^=].* =$")  # matched with trailing whitespace stripped (editors drop it)
 
 
 class DataError(ValueError):
@@ -40,8 +48,7 @@ class Split:
             "sha256": self.sha256,
             "articles_train": len(self.train),
             "articles_validation": len(self.validation),
-            "rule": f"article i goes to validation when i % {VALIDATION_EVERY} == "
-            f"{VALIDATION_EVERY - 1} (file order), else to training",
+            "rule": SPLIT_RULE,
         }
 
 
@@ -66,7 +73,7 @@ def read_text(path) -> tuple[str, str]:
 def split_articles(text: str) -> list[str]:
     articles, current = [], []
     for line in text.splitlines():
-        if _TITLE.match(line) and current:
+        if _TITLE.match(line.rstrip()) and current:
             articles.append("\n".join(current).strip())
             current = []
         current.append(line)
@@ -76,15 +83,26 @@ def split_articles(text: str) -> list[str]:
 
 
 def load_split(path) -> Split:
+    """The file's articles split into training and validation (``SPLIT_RULE``; with fewer
+    than ``VALIDATION_EVERY`` the last one validates). A file without `` = Title = ``
+    headings is split by paragraphs. Fewer than ``MIN_ARTICLES`` raise DataError: the one
+    text would be validated on itself."""
     text, sha = read_text(path)
     articles = split_articles(text)
     if len(articles) < 2:  # a plain text file without headings: split it by paragraphs
         articles = [a for a in re.split(r"\n\s*\n", text) if a.strip()]
+    if len(articles) < MIN_ARTICLES:
+        raise DataError(
+            f"the data holds only {len(articles)} article (or, without `` = Title = `` headings, "
+            f"{len(articles)} paragraph; each text given to calibrate is one): give at least "
+            f"{MIN_ARTICLES}, because validation must not be the training text ({SPLIT_RULE}; with "
+            f"fewer than {VALIDATION_EVERY} articles the last one validates)"
+        )
     val = [a for i, a in enumerate(articles) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
     train = [a for i, a in enumerate(articles) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
-    if not val and len(train) > 1:  # few articles: keep the last one for validation
+    if not val:  # few articles: keep the last one for validation
         val = [train.pop()]
-    return Split(train, val or list(train), sha, str(path))
+    return Split(train, val, sha, str(path))
 
 
 def windows(tokenizer, articles: list[str], seq_len: int, what: str = "training") -> torch.Tensor:
