@@ -202,9 +202,9 @@ def calibrate(
     ELBO): the model stays frozen, only the controllers learn, on windows of ``seq_len``
     tokens. ``texts``: a list of strings, joined with blank lines into one text that is split
     as the CLI splits a ``--data`` file (by WikiText article headings, else by paragraph:
-    every tenth to validation, the last when fewer), or the path of a text file (used as
-    ``--data``). Together they must give at least one window for training and one for
-    validation. ``options``: the other ``CalibrationConfig`` fields (``lr``, ``batch_size``,
+    every tenth to validation, the last when fewer; so at least two), or the path of a text
+    file (used as ``--data``). Together they must give at least one window for training and
+    one for validation. ``options``: the other ``CalibrationConfig`` fields (``lr``, ``batch_size``,
     ``beta_kl``, ``seed``, ...).
 
     Progress: ``progress=True`` shows a tqdm bar with each step's loss terms (stderr, or the
