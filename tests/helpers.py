@@ -68,6 +68,27 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def tiny_llava(seed: int = 0):
+    """A tiny vision-language model (LLaVA: a CLIP vision encoder and a tiny Llama), whose
+    config holds its language model's config rather than a hidden_size of its own."""
+    import torch
+    import transformers
+
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=tiny_config("llama"), image_token_index=255
+    )
+    torch.manual_seed(seed)
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
 class CharTokenizer:
     """Enough of a tokenizer for tiny random models: ids are byte values."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from helpers import CharTokenizer, routed_tiny, tiny_config, tiny_model
+from helpers import CharTokenizer, routed_tiny, tiny_config, tiny_llava, tiny_model
 
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing import discovery
@@ -166,19 +166,7 @@ def test_a_vision_language_model_is_refused_naming_its_language_model():
     """LLaVA's config holds its language model's config (text_config) beside the vision
     encoder's: refused by ``check_causal_lm``, which reads nothing its top-level config
     lacks (no hidden_size there), so a loader can run it first."""
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-    )
-    config = transformers.LlavaConfig(
-        vision_config=vision, text_config=tiny_config("llama"), image_token_index=255
-    )
-    torch.manual_seed(0)
-    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model = tiny_llava()
     match = r"is a composite model \(LlavaConfig holds its language model's LlamaConfig.*as LlamaForCausalLM"
     with pytest.raises(discovery.UnsupportedModel, match=match):
         discovery.check_causal_lm(model)

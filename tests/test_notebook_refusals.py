@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from helpers import CharTokenizer, tiny_config, tiny_model
+from helpers import CharTokenizer, tiny_config, tiny_llava, tiny_model
 
 import metaattn_viz as mav
 from metaattn_viz.core.settings import RoutingSettings
@@ -70,19 +70,7 @@ def test_a_base_model_without_its_head_is_refused_when_loaded():
 def test_a_vision_language_model_is_refused_when_loaded():
     """Refused by name, with the class to load its language model as, before anything reads
     a config field the composite config lacks (its hidden_size is its text_config's)."""
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-    )
-    config = transformers.LlavaConfig(
-        vision_config=vision, text_config=tiny_config("llama"), image_token_index=255
-    )
-    torch.manual_seed(0)
-    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model = tiny_llava()
     implementation = model.config._attn_implementation
     with pytest.raises(
         UnsupportedModel, match="LlavaForConditionalGeneration is a composite model.*LlamaForCausalLM"

@@ -74,6 +74,23 @@ def stream_run(log, full, chunks=3, kind="generate"):
     return trace.run_id
 
 
+def full_disk(monkeypatch, when=lambda work: True) -> dict:
+    """The writer's rounds fail as on a full disk: the next ``failing["left"]`` rounds that
+    ``when`` picks (0 until the test sets it). Returns that counter."""
+    from metaattn_viz.store import writer
+
+    write, failing = writer._write, {"left": 0}
+
+    def maybe_full(cur, work):
+        if failing["left"] and when(work):
+            failing["left"] -= 1
+            raise OSError("No space left on device")
+        write(cur, work)
+
+    monkeypatch.setattr(writer, "_write", maybe_full)
+    return failing
+
+
 def count(path_or_log, sql, **params):
     if isinstance(path_or_log, RunLog):
         return path_or_log.fresh_cursor().execute(sql, params).fetchone()[0]
@@ -649,19 +666,9 @@ def test_an_abandoned_run_is_interrupted_and_its_failure_does_not_outlive_it(db,
     """A failed write (a full disk) fails that run's next append; once its stream gives up
     on it (abandon), the run is marked interrupted with the reason, and flush (every export)
     works again instead of raising that old error for the life of the process."""
-    from metaattn_viz.store import writer
-
     full = synthetic_trace(n_layers=3, n_tokens=12, seed=62)
-    write = writer._write
-    failing = {"left": 1}
-
-    def full_disk_once(cur, work):
-        if failing["left"] and any(w.rows is not None for w in work):
-            failing["left"] -= 1
-            raise OSError("No space left on device")
-        write(cur, work)
-
-    monkeypatch.setattr(writer, "_write", full_disk_once)
+    failing = full_disk(monkeypatch, when=lambda work: any(w.rows is not None for w in work))
+    failing["left"] = 1
     with RunLog(db) as log:
         parts = grow(full, 3)
         trace = next(parts)
@@ -692,16 +699,7 @@ def test_a_run_whose_end_could_not_be_written_is_interrupted_not_running(db, mon
     from metaattn_viz.store import writer
 
     full = synthetic_trace(n_layers=3, n_tokens=12, seed=64)
-    write = writer._write
-    failing = {"left": 0}
-
-    def full_disk_once(cur, work):
-        if failing["left"]:
-            failing["left"] -= 1
-            raise OSError("No space left on device")
-        write(cur, work)
-
-    monkeypatch.setattr(writer, "_write", full_disk_once)
+    failing = full_disk(monkeypatch)
     with RunLog(db) as log:
         parts = grow(full, 3)
         trace = next(parts)
