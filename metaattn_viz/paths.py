@@ -21,6 +21,8 @@ KERNELS_PACKAGE = "metaattn_kernels"
 # Where the model comes from (routing/loading.py reads them; a Space's deploy sets them):
 # a local folder, a GGUF file or a hub id; and the hub revision (a commit) a hub id loads.
 MODEL_ENV = "METAATTN_MODEL"
+DATA_ENV = "METAATTN_DATA"  # the data folder (the routing log); a Space's points into its bucket
+DB_ENV = "METAATTN_DB"  # the routing log file itself
 MODEL_REVISION_ENV = "METAATTN_MODEL_REVISION"
 
 
@@ -43,7 +45,7 @@ def data_dir() -> Path:
     On a Space, METAATTN_DATA points into a mounted storage bucket (`metaattn-viz deploy`
     sets it); Spaces no longer have a `/data` volume of their own.
     """
-    explicit = os.environ.get("METAATTN_DATA")
+    explicit = os.environ.get(DATA_ENV)
     if explicit:
         return Path(explicit)
     return _user_dir("XDG_DATA_HOME", ".local/share") / "metaattn-viz"
@@ -53,13 +55,13 @@ def storage_is_ephemeral() -> bool:
     """True on a Space whose routing log has no mounted storage: its runs are lost when the
     Space restarts (the page says so)."""
     return bool(os.environ.get("SPACE_ID")) and not (
-        os.environ.get("METAATTN_DATA") or os.environ.get("METAATTN_DB")
+        os.environ.get(DATA_ENV) or os.environ.get(DB_ENV)
     )
 
 
 def default_db_path() -> Path:
     """The routing log: METAATTN_DB, else <data_dir>/routing.duckdb."""
-    explicit = os.environ.get("METAATTN_DB")
+    explicit = os.environ.get(DB_ENV)
     return Path(explicit) if explicit else data_dir() / "routing.duckdb"
 
 

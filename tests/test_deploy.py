@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -342,92 +343,115 @@ def test_a_bad_manifest_stops_the_command_with_exit_2(tmp_path, offline, capsys)
 
 
 class FakeHfApi:
-    """Records every call; keeps what upload_folder found in the staged folder. Its Space
-    holds `space_variables` (what an earlier deploy left)."""
+    """Records every call. Its Space exists where `exists` (default: where it has files or
+    variables), holds `space_files` and `space_variables` (what an earlier deploy left) and
+    has `space_volumes` mounted; `uploaded` is what the commit's additions carried."""
 
-    def __init__(self, token: str, space_variables: dict | None = None):
+    def __init__(
+        self,
+        token: str,
+        space_variables: dict | None = None,
+        *,
+        exists: bool | None = None,
+        space_files: list[str] | None = None,
+        space_volumes: list | None = None,
+    ):
         self.token = token
         self.calls: list[tuple[str, tuple, dict]] = []
         self.uploaded: dict[str, bytes] = {}
+        self.deleted: list[str] = []
         self.space_variables = dict(space_variables or {})
+        self.space_files = list(space_files or [])
+        self.space_volumes = space_volumes
+        self.exists = bool(space_variables or space_files) if exists is None else exists
 
     def __getattr__(self, name):
         def call(*args, **kwargs):
             self.calls.append((name, args, kwargs))
             if name == "whoami":
                 return {"name": "alice"}
+            if name == "repo_exists":
+                return self.exists
             if name == "create_repo":
                 return f"https://huggingface.co/spaces/{args[0]}"
             if name == "get_space_variables":
                 return dict(self.space_variables)
-            if name == "upload_folder":
-                folder = Path(kwargs["folder_path"])
+            if name == "get_space_runtime":
+                return argparse.Namespace(volumes=self.space_volumes)
+            if name == "list_repo_files":
+                return list(self.space_files)
+            if name == "create_commit":
+                ops = kwargs["operations"]
                 self.uploaded = {
-                    p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+                    op.path_in_repo: Path(op.path_or_fileobj).read_bytes()
+                    for op in ops
+                    if isinstance(op, huggingface_hub.CommitOperationAdd)
                 }
+                self.deleted = [
+                    op.path_in_repo for op in ops if isinstance(op, huggingface_hub.CommitOperationDelete)
+                ]
             return None
 
         return call
 
 
-def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypatch, bundled):
+def _deploy_with(*argv: str, **space) -> tuple[int, str, FakeHfApi]:
+    """Run a real (not dry) deploy against one FakeHfApi whose Space is `space`."""
     made: list[FakeHfApi] = []
 
     def make_api(token):
-        made.append(FakeHfApi(token))
+        made.append(FakeHfApi(token, **space))
         return made[-1]
 
+    code, text = deploy(*argv, make_api=make_api, environ={"HF_TOKEN": FAKE_TOKEN})
+    return code, text, made[0]
+
+
+def test_a_new_space_is_created_with_its_hardware_variables_and_bucket_in_one_call(monkeypatch, bundled):
+    """Since 2026-07 a Gradio Space on cpu-basic needs a paid plan, and a free account can
+    create ZeroGPU ones: the Space is created on the plan's hardware, never first on the
+    default one and moved after."""
     monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network"))
-    code, text = deploy(
-        "--space",
-        "metaattn-demo",
-        "--hardware",
-        "zero-a10g",
-        "--private",
-        make_api=make_api,
-        environ={"HF_TOKEN": FAKE_TOKEN},
-    )
+    code, text, api = _deploy_with("--space", "metaattn-demo", "--hardware", "zero-a10g", "--private")
     assert code == 0, text
-    api = made[0]
     assert api.token == FAKE_TOKEN
     names = [c[0] for c in api.calls]
     assert names == [
         "whoami",
+        "create_bucket",  # before the Space: the Space is created with it mounted
+        "repo_exists",
         "create_repo",
-        "create_bucket",
-        "set_space_volumes",
-        "add_space_variable",
-        "add_space_variable",
-        "add_space_variable",
-        "get_space_variables",  # a past hub deploy's METAATTN_MODEL_REVISION would go
-        "request_space_hardware",
-        "upload_folder",
+        "list_repo_files",
+        "create_commit",
     ]
     calls = {c[0]: c for c in api.calls}
     space = "alice/metaattn-demo"
+    assert calls["create_bucket"][1] == ("alice/metaattn-viz-data",)
+    assert calls["create_bucket"][2] == {"private": True, "exist_ok": True}
+    assert calls["repo_exists"][1] == (space,) and calls["repo_exists"][2] == {"repo_type": "space"}
     assert calls["create_repo"][1] == (space,)
-    assert calls["create_repo"][2] == {
+    created = dict(calls["create_repo"][2])
+    [volume] = created.pop("space_volumes")
+    assert (volume.type, volume.source, volume.mount_path) == ("bucket", "alice/metaattn-viz-data", "/data")
+    assert created == {
         "repo_type": "space",
         "space_sdk": "gradio",
         "private": True,
-        "exist_ok": True,
+        "space_hardware": "zero-a10g",
+        "space_variables": [
+            {"key": "GRADIO_ANALYTICS_ENABLED", "value": "False"},
+            {"key": "METAATTN_DATA", "value": "/data/metaattn-viz"},
+            {"key": "METAATTN_MODEL", "value": GGUF_IN_SPACE},
+        ],
     }
-    assert calls["create_bucket"][1] == ("alice/metaattn-viz-data",)
-    volume = calls["set_space_volumes"][2]["volumes"][0]
-    assert (volume.type, volume.source, volume.mount_path) == ("bucket", "alice/metaattn-viz-data", "/data")
-    variables = {c[1][1]: c[1][2] for c in api.calls if c[0] == "add_space_variable"}
-    assert variables == {
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "METAATTN_DATA": "/data/metaattn-viz",
-        "METAATTN_MODEL": GGUF_IN_SPACE,
-    }
-    assert calls["request_space_hardware"][1] == (space, "zero-a10g")
-    upload = calls["upload_folder"][2]
-    assert upload["repo_id"] == space and upload["repo_type"] == "space"
-    manifest = load_manifest(SPACEFILE)
-    assert upload["allow_patterns"] == [*manifest.include, GGUF_IN_SPACE]
-    assert upload["ignore_patterns"] == list(manifest.exclude)
-    # The staged folder holds the generated README and requirements, not the checkout's.
+    # create_repo accepts every argument passed here, in the installed huggingface_hub
+    import inspect
+
+    accepted = inspect.signature(huggingface_hub.HfApi.create_repo).parameters
+    assert set(calls["create_repo"][2]) <= set(accepted)
+    commit = calls["create_commit"][2]
+    assert commit["repo_id"] == space and commit["repo_type"] == "space"
+    # The commit carries the generated README and requirements, not the checkout's.
     staged = api.uploaded
     assert staged["requirements.txt"] == (ROOT / "spaces/requirements-zerogpu.txt").read_bytes()
     front, body = split_front_matter(staged["README.md"].decode())
@@ -440,24 +464,59 @@ def test_a_deploy_makes_the_hub_calls_in_order_with_the_right_arguments(monkeypa
     assert "https://huggingface.co/spaces/alice/metaattn-demo" in text
 
 
+def test_an_existing_space_gets_its_volumes_variables_and_hardware_before_the_upload(bundled):
+    code, text, api = _deploy_with("--space", "a/b", "--hardware", "zero-a10g", exists=True)
+    assert code == 0, text
+    names = [c[0] for c in api.calls]
+    assert names == [
+        "create_bucket",
+        "repo_exists",
+        "set_space_volumes",
+        "add_space_variable",
+        "add_space_variable",
+        "add_space_variable",
+        "get_space_variables",  # a past hub deploy's METAATTN_MODEL_REVISION would go
+        "request_space_hardware",
+        "list_repo_files",
+        "create_commit",
+    ]
+    calls = {c[0]: c for c in api.calls}
+    [volume] = calls["set_space_volumes"][2]["volumes"]
+    assert (volume.type, volume.source, volume.mount_path) == ("bucket", "a/metaattn-viz-data", "/data")
+    variables = {c[1][1]: c[1][2] for c in api.calls if c[0] == "add_space_variable"}
+    assert variables == {
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "METAATTN_DATA": "/data/metaattn-viz",
+        "METAATTN_MODEL": GGUF_IN_SPACE,
+    }
+    assert calls["request_space_hardware"][1] == ("a/b", "zero-a10g")
+
+
+def test_the_upload_is_one_commit_that_mirrors_the_plan(no_bundled):
+    """huggingface_hub's upload_folder may split a folder into several commits (each one a
+    build of a half-updated Space); the deploy makes exactly one, with the deletions in it."""
+    stale = ["old_module.py", "models/SmolLM2-135M-Instruct.Q4_1.gguf", "app.py", ".gitattributes"]
+    code, text, api = _deploy_with("--space", "a/b", space_files=stale)
+    assert code == 0, text
+    names = [c[0] for c in api.calls]
+    assert names.count("create_commit") == 1 and "upload_folder" not in names
+    assert api.deleted == ["models/SmolLM2-135M-Instruct.Q4_1.gguf", "old_module.py"]  # not .gitattributes
+    manifest = load_manifest(SPACEFILE)
+    built = build_plan(manifest, ROOT, space="a/b")
+    assert sorted(api.uploaded) == sorted(f.path for f in built.files)
+
+
 @pytest.mark.parametrize(
-    "before, deleted", [({"METAATTN_MODEL": "x"}, [("a/b", "METAATTN_MODEL")]), ({}, [])]
+    "before, deleted", [({"METAATTN_MODEL": "x"}, [("a/b", "METAATTN_MODEL")]), ({"OTHER": "y"}, [])]
 )
 def test_a_hub_weights_deploy_removes_the_model_variable_a_past_deploy_set(no_bundled, before, deleted):
     """Without the GGUF the upload deletes the one a past deploy sent up, so METAATTN_MODEL,
     which pointed at it, must go too; where it was never set, nothing is deleted."""
-    made: list[FakeHfApi] = []
-
-    def make_api(token):
-        made.append(FakeHfApi(token, space_variables=before))
-        return made[-1]
-
-    code, text = deploy("--space", "a/b", make_api=make_api, environ={"HF_TOKEN": FAKE_TOKEN})
+    code, text, api = _deploy_with("--space", "a/b", space_variables=before)
     assert code == 0, text
-    api = made[0]
     assert [c[1] for c in api.calls if c[0] == "delete_space_variable"] == deleted
     names = [c[0] for c in api.calls]
-    assert names.index("get_space_variables") < names.index("upload_folder")
+    assert names.index("get_space_variables") < names.index("create_commit")
     added = {c[1][1]: c[1][2] for c in api.calls if c[0] == "add_space_variable"}
     assert "METAATTN_MODEL" not in added
     assert (
@@ -465,6 +524,188 @@ def test_a_hub_weights_deploy_removes_the_model_variable_a_past_deploy_set(no_bu
     )  # what the build preloads
     assert not [p for p in api.uploaded if p.endswith(".gguf")]
     assert "preload_from_hub" in split_front_matter(api.uploaded["README.md"].decode())[0]
+
+
+def _no_storage_manifest(tmp_path: Path) -> Path:
+    raw = _raw()
+    raw["storage"] = None
+    path = tmp_path / "Spacefile"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "volumes, variables, unmounted, unset",
+    [
+        (
+            [huggingface_hub.Volume(type="bucket", source="a/metaattn-viz-data", mount_path="/data")],
+            {"METAATTN_DATA": "/data/metaattn-viz"},
+            True,
+            [("a/b", "METAATTN_DATA")],
+        ),
+        (None, {"GRADIO_ANALYTICS_ENABLED": "False"}, False, []),
+    ],
+)
+def test_storage_null_unmounts_a_past_bucket_and_unsets_its_variable(
+    tmp_path, no_bundled, volumes, variables, unmounted, unset
+):
+    """`storage: null` must not leave a past deploy's bucket mounted with METAATTN_DATA
+    pointing into it (the app would go on logging there); delete_space_volumes refuses a
+    Space with no volumes, so it is called only where there are some."""
+    manifest = _no_storage_manifest(tmp_path)
+    code, text, api = _deploy_with(
+        "--space",
+        "a/b",
+        "--manifest",
+        str(manifest),
+        exists=True,
+        space_variables=variables,
+        space_volumes=volumes,
+    )
+    assert code == 0, text
+    names = [c[0] for c in api.calls]
+    assert "create_bucket" not in names and "set_space_volumes" not in names
+    assert ("delete_space_volumes" in names) == unmounted
+    assert [c[1] for c in api.calls if c[0] == "delete_space_variable"] == unset
+    assert names.index("get_space_runtime") < names.index("create_commit")
+    added = {c[1][1] for c in api.calls if c[0] == "add_space_variable"}
+    assert "METAATTN_DATA" not in added
+
+
+def test_storage_null_on_a_new_space_creates_it_without_volumes(tmp_path, no_bundled):
+    code, text, api = _deploy_with("--space", "a/b", "--manifest", str(_no_storage_manifest(tmp_path)))
+    assert code == 0, text
+    names = [c[0] for c in api.calls]
+    assert "delete_space_volumes" not in names and "create_bucket" not in names
+    created = next(c[2] for c in api.calls if c[0] == "create_repo")
+    assert created["space_volumes"] is None
+    assert "METAATTN_DATA" not in {v["key"] for v in created["space_variables"]}
+
+
+def test_the_dry_run_of_storage_null_says_the_bucket_is_unmounted_and_the_variable_unset(
+    tmp_path, offline, no_bundled
+):
+    manifest = _no_storage_manifest(tmp_path)
+    code, text = deploy("--space", "a/b", "--dry-run", "--manifest", str(manifest))
+    assert code == 0, text
+    storage = next(ln for ln in text.splitlines() if ln.startswith("storage "))
+    assert "removes the Space's volumes" in storage and "lost when it restarts" in storage
+    unset = next(ln for ln in text.splitlines() if ln.startswith("unset "))
+    assert "METAATTN_DATA" in unset
+    code, text = deploy("--space", "a/b", "--dry-run", "--json", "--manifest", str(manifest))
+    plan_ = json.loads(text)
+    assert plan_["remove_volumes"] is True and "METAATTN_DATA" in plan_["unset_variables"]
+    code, text = deploy("--space", "a/b", "--dry-run", "--json")  # with storage: nothing goes
+    plan_ = json.loads(text)
+    assert plan_["remove_volumes"] is False and "METAATTN_DATA" not in plan_["unset_variables"]
+
+
+@pytest.mark.parametrize(
+    "space",
+    ["alice/my--space.", "alice/my..space", "alice/-space", "alice/space.git", "al--ice/x", "a/" + "x" * 97],
+)
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_space_name_the_hub_refuses_is_a_user_error(offline, no_bundled, capsys, space, dry_run):
+    """huggingface_hub checks every repo id before a call; a name it refuses must stop the
+    dry run too (exit 2, one line), not pass it and fail the real deploy with exit 1."""
+    argv = ("--space", space, "--dry-run") if dry_run else ("--space", space)
+    code, _ = deploy(*argv, make_api=lambda token: pytest.fail("no API for a bad name"), environ={})
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and f"--space {space!r}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("name", "my--space"),
+        ("name", "space."),
+        ("name", "a/b"),
+        ("storage.bucket", "data..x"),
+        ("model.repo", "HuggingFaceTB/SmolLM2--135M"),
+        ("model.repo", "SmolLM2"),
+    ],
+)
+def test_a_manifest_name_the_hub_refuses_names_the_field(field, value):
+    raw = _raw()
+    _set(field, value)(raw)
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(raw)
+    assert err.value.field == field
+
+
+def test_a_payment_required_answer_says_what_a_free_account_can_deploy(no_bundled, capsys):
+    code, _ = deploy(
+        "--space",
+        "a/b",
+        make_api=lambda token: FailingHfApi(token, "create_repo", _hub_answered(402)),
+        environ={"HF_TOKEN": FAKE_TOKEN},
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "the Hub refused: HfHubHTTPError: 402" in err
+    assert "paid plan" in err and "--hardware zero-a10g" in err
+
+
+# --- the documentation matches the code -----------------------------------------------------
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n#", start + len(heading))
+    return text[start : end if end != -1 else None]
+
+
+def test_the_docs_name_every_hub_call_a_deploy_makes_and_no_other(tmp_path, bundled):
+    """docs/deploy.md, "What a deploy does on the Hub", against the calls of a new Space, an
+    existing one, and one with `storage: null`."""
+    called: set[str] = set()
+    for argv, space in (
+        (("--space", "a/b"), {}),
+        (("--space", "a/b"), {"exists": True, "space_variables": {"METAATTN_MODEL_REVISION": "x"}}),
+        (
+            ("--space", "a/b", "--manifest", str(_no_storage_manifest(tmp_path))),
+            {"exists": True, "space_volumes": ["v"], "space_variables": {"METAATTN_DATA": "x"}},
+        ),
+    ):
+        code, text, api = _deploy_with(*argv, **space)
+        assert code == 0, text
+        called |= {c[0] for c in api.calls if c[0] != "whoami"}
+    section = _section((ROOT / "docs/deploy.md").read_text(), "## What a deploy does on the Hub")
+    named = {m for m in re.findall(r"`([a-z_]+)[(`]", section) if hasattr(huggingface_hub.HfApi, m)}
+    named -= set(re.findall(r"Not `([a-z_]+)`", section))  # the call it says a deploy does not make
+    assert called - named == set(), "calls the docs do not name"
+    assert named - called == set(), "calls the docs name that a deploy does not make"
+
+
+def test_the_docs_dry_run_samples_are_what_the_command_prints(offline, monkeypatch, tmp_path, bundled):
+    """The header lines of docs/deploy.md's two dry-run samples, against the real output."""
+    doc = (ROOT / "docs/deploy.md").read_text()
+    blocks = re.findall(r"```text\n(.*?)```", _section(doc, "### The dry run, as it looks"), re.DOTALL)
+    with_gguf, without = blocks[0], blocks[1]
+    heads = ("Space ", "hardware ", "storage ", "variables ", "unset ", "weights ")
+
+    def header(text: str) -> list[str]:
+        return [ln for ln in text.splitlines() if ln.startswith(heads)]
+
+    code, text = deploy("--space", "someone/metaattn-viz", "--dry-run")
+    assert header(with_gguf) == header(text)
+    monkeypatch.setattr(plan, "find_bundled_gguf", lambda: None)
+    code, text = deploy("--space", "someone/metaattn-viz", "--dry-run")
+    assert header(without) and set(header(without)) <= set(header(text))
+    assert [ln for ln in text.splitlines() if ln.startswith("WARNING")] == [
+        ln for ln in without.splitlines() if ln.startswith("WARNING")
+    ]
+
+
+def test_the_docs_do_not_call_a_gradio_space_on_cpu_basic_free():
+    """Since 2026-07 (Hub docs, spaces-overview.md) creating a Gradio Space on any compute,
+    cpu-basic included, needs a paid plan; a free account can host up to 2 ZeroGPU ones."""
+    readme = _section((ROOT / "README.md").read_text(), "## Deploying to Hugging Face Spaces")
+    doc = (ROOT / "docs/deploy.md").read_text()
+    for text in (readme, doc):
+        assert not re.search(r"cpu-basic`?,? \(?free", text), "cpu-basic called free"
+        assert "paid plan" in text and "zero-a10g" in text and "2026-07" in text
 
 
 def test_without_a_token_the_error_names_hf_token_and_login(monkeypatch, capsys):
@@ -623,8 +864,6 @@ def test_a_failed_hub_call_exits_1_saying_whether_the_hub_refused_or_was_out_of_
 def test_every_relative_link_of_the_space_page_points_at_an_uploaded_file(offline, bundled):
     """The README goes up as the Space's page, without docs/: a link into what stays behind
     would be a dead link there."""
-    import re
-
     built = build_plan(parse_manifest(_raw()), ROOT, space="a/b")
     uploaded = {f.path for f in built.files}
     body = split_front_matter((ROOT / "README.md").read_text())[1]

@@ -52,7 +52,8 @@ def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="HARDWARE",
         help="Space hardware, one of huggingface_hub's SpaceHardware names, e.g. "
-        "cpu-basic, t4-small, zero-a10g (default: the Spacefile's)",
+        "cpu-basic, t4-small, zero-a10g (default: the Spacefile's). A new Gradio Space on "
+        "cpu-basic needs a paid Hub plan; a free account can create zero-a10g (ZeroGPU) ones",
     )
     p.add_argument(
         "--dry-run",
@@ -122,20 +123,18 @@ def run_deploy(
 
 
 def _split_space(space: str | None, default_name: str) -> tuple[str | None, str]:
-    """(owner or None, name) from --space: OWNER/NAME, NAME, or nothing."""
+    """(owner or None, name) from --space: OWNER/NAME, NAME, or nothing. A name the Hub
+    would refuse is a user error here, before the dry run or any Hub call (exit 2)."""
     if not space:
         return None, default_name
-    from metaattn_viz.deploy.manifest import REPO_PART
+    from metaattn_viz.deploy.manifest import hub_name_problem
 
     owner, slash, name = space.rpartition("/")
     if slash and (not owner or not name or "/" in owner):
         raise ValueError(f"--space {space!r}: expected OWNER/NAME")
-    bad = [part for part in (owner, name) if part and not REPO_PART.match(part)]
-    if bad:
-        raise ValueError(
-            f"--space {space!r}: {bad[0]!r} is not a Hub name (letters, digits, '-', '_' and '.', "
-            "starting with a letter or digit, at most 96 characters)"
-        )
+    problem = hub_name_problem(space)
+    if problem is not None:
+        raise ValueError(f"--space {space!r}: not a name the Hub accepts ({problem})")
     return (owner or None), name
 
 

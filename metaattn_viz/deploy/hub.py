@@ -1,10 +1,12 @@
 """The Hugging Face Hub calls of a deploy, in order, and nothing else.
 
-`push` carries out a `DeployPlan` with an `HfApi`-like object: create the Space, mount
-the storage bucket, set the variables (and remove the ones the plan unsets), request the
-hardware, upload the staged folder, the bundled GGUF among its files when the plan ships
-it (docs/deploy.md, "What a deploy does on the Hub"). The calls are thin so that a test can
-hand in a fake object and check every call and argument without a network.
+`push` carries out a `DeployPlan` with an `HfApi`-like object: create the storage bucket;
+create the Space with the plan's hardware, variables and bucket mount, or, where it
+exists, set its volumes (remove them without storage), variables (and remove the ones the
+plan unsets) and hardware; then upload the staged files in one commit, the bundled GGUF
+among them when the plan ships it (docs/deploy.md, "What a deploy does on the Hub"). The
+calls are thin so that a test can hand in a fake object and check every call and argument
+without a network.
 
 Never decides anything (the plan did), never reads the manifest, never prints.
 """
@@ -20,6 +22,13 @@ from typing import Any
 from metaattn_viz.deploy.plan import DeployPlan
 
 TOKEN_ENV = "HF_TOKEN"
+# What a 402 from the Hub means for a deploy (Hub docs, spaces-overview.md, since 2026-07;
+# huggingface_hub's create_repo docstring): docs/deploy.md, step 1.
+PAYMENT_REQUIRED = (
+    "creating a Gradio Space on cpu-basic needs a paid plan (PRO, or Team/Enterprise for an "
+    "organization), paid hardware needs billing set up; a free account can host up to 2 "
+    "ZeroGPU Spaces: --hardware zero-a10g; docs/deploy.md"
+)
 
 
 class MissingToken(RuntimeError):
@@ -52,14 +61,17 @@ class HubFailure(RuntimeError):
 
 def failure(exc: BaseException) -> HubFailure:
     """What went wrong with a Hub call, in one line: "the Hub refused" where it answered
-    with an HTTP error (a revoked token, a name taken...), "could not reach the Hub" where
-    no answer came (offline, DNS, a timeout: huggingface_hub's HTTP client's transport
-    errors, and OSErrors that are not HTTP answers)."""
+    with an HTTP error (a revoked token, a name taken...; a 402 adds what a free account
+    can deploy), "could not reach the Hub" where no answer came (offline, DNS, a timeout:
+    huggingface_hub's HTTP client's transport errors, and OSErrors that are not HTTP
+    answers)."""
     what = f"{type(exc).__name__}: {exc}"
-    answered = getattr(exc, "response", None) is not None
+    response = getattr(exc, "response", None)
     transport = any(c.__name__ == "TransportError" for c in type(exc).__mro__)
-    if not answered and (transport or isinstance(exc, (ConnectionError, TimeoutError))):
+    if response is None and (transport or isinstance(exc, (ConnectionError, TimeoutError))):
         return HubFailure(f"could not reach the Hub ({what})")
+    if getattr(response, "status_code", None) == 402:
+        what += f" ({PAYMENT_REQUIRED})"
     return HubFailure(f"the Hub refused: {what}")
 
 
@@ -81,23 +93,58 @@ def whoami(api: Any) -> str:
 def push(plan: DeployPlan, api: Any, root: Path) -> str:
     """Deploy `plan` (built from checkout `root`); returns the Space's URL.
 
-    Variables, the bucket mount and the hardware are set before the upload, so the build
-    that the upload starts already runs with them. The upload mirrors the plan: files on
-    the Space that the plan does not list are deleted in the same commit (`.gitattributes`
-    excepted, by the Hub's rule). So a variable that pointed at such a file (METAATTN_MODEL
-    at a GGUF an earlier deploy uploaded) is removed too, when the plan unsets it.
+    A new Space is created with the plan's hardware, variables and bucket mount in the one
+    `create_repo` call, so it never starts on other hardware than the plan's (creating a
+    Gradio Space on cpu-basic needs a paid plan since 2026-07; a free account can host
+    ZeroGPU Spaces: docs/deploy.md). An existing Space gets them through the Space calls:
+    the volumes set (or, with `storage: null`, removed), the variables added and the ones
+    the plan unsets deleted, the hardware requested. All of this comes before the upload,
+    so the build that the upload starts already runs with them.
+
+    The upload is one commit (`create_commit`, not `upload_folder`, which may split a
+    folder into several commits, each starting a build of a half-updated Space). It
+    mirrors the plan: files on the Space that the plan does not list are deleted in that
+    commit (`.gitattributes` excepted, by the Hub's rule). So a variable that pointed at
+    such a file (METAATTN_MODEL at a GGUF an earlier deploy uploaded) is removed too, when
+    the plan unsets it.
     """
     from huggingface_hub import Volume
 
-    url = api.create_repo(
-        plan.space, repo_type="space", space_sdk="gradio", private=plan.private, exist_ok=True
-    )
+    volumes = None
     if plan.storage is not None:
         api.create_bucket(plan.bucket_id, private=True, exist_ok=True)
-        api.set_space_volumes(
+        volumes = [Volume(type="bucket", source=plan.bucket_id, mount_path=plan.storage.mount_path)]
+    url = None
+    if api.repo_exists(plan.space, repo_type="space"):
+        _update_space(plan, api, volumes)
+    else:
+        url = api.create_repo(
             plan.space,
-            volumes=[Volume(type="bucket", source=plan.bucket_id, mount_path=plan.storage.mount_path)],
+            repo_type="space",
+            space_sdk="gradio",
+            private=plan.private,
+            space_hardware=plan.hardware,
+            space_variables=[{"key": k, "value": v} for k, v in plan.variables.items()],
+            space_volumes=volumes,
         )
+    with tempfile.TemporaryDirectory(prefix="metaattn-deploy-") as tmp:
+        plan.stage(root, Path(tmp))
+        api.create_commit(
+            repo_id=plan.space,
+            repo_type="space",
+            operations=_operations(plan, Path(tmp), api.list_repo_files(plan.space, repo_type="space")),
+            commit_message=f"metaattn-viz deploy ({plan.hardware}, {plan.runtime} requirements)",
+        )
+    return f"https://huggingface.co/spaces/{plan.space}" if url is None else str(url)
+
+
+def _update_space(plan: DeployPlan, api: Any, volumes: list[Any] | None) -> None:
+    """Bring an existing Space's volumes, variables and hardware to the plan's."""
+    if volumes is not None:
+        api.set_space_volumes(plan.space, volumes=volumes)
+    elif plan.remove_volumes and api.get_space_runtime(plan.space).volumes:
+        # delete_space_volumes refuses a Space with none, hence the look first
+        api.delete_space_volumes(plan.space)
     for key, value in plan.variables.items():
         api.add_space_variable(plan.space, key, value)
     if plan.unset_variables:
@@ -106,15 +153,18 @@ def push(plan: DeployPlan, api: Any, root: Path) -> str:
             if key in present:
                 api.delete_space_variable(plan.space, key)
     api.request_space_hardware(plan.space, plan.hardware)
-    with tempfile.TemporaryDirectory(prefix="metaattn-deploy-") as tmp:
-        plan.stage(root, Path(tmp))
-        api.upload_folder(
-            repo_id=plan.space,
-            repo_type="space",
-            folder_path=tmp,
-            allow_patterns=list(plan.include),
-            ignore_patterns=list(plan.exclude),
-            delete_patterns="*",
-            commit_message=f"metaattn-viz deploy ({plan.hardware}, {plan.runtime} requirements)",
-        )
-    return f"https://huggingface.co/spaces/{plan.space}" if url is None else str(url)
+
+
+def _operations(plan: DeployPlan, staged: Path, on_space: list[str]) -> list[Any]:
+    """The one commit's operations: delete what the Space holds and the plan does not list
+    (never `.gitattributes`), add every planned file from the staged folder."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    planned = {f.path for f in plan.files}
+    ops: list[Any] = [
+        CommitOperationDelete(path_in_repo=path)
+        for path in sorted(on_space)
+        if path not in planned and path != ".gitattributes"
+    ]
+    ops += [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(staged / f.path)) for f in plan.files]
+    return ops

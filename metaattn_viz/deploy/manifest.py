@@ -8,7 +8,8 @@ version each hardware gets (docs/deploy.md, "The manifest"). A bad manifest
 raises `ManifestError` naming the field, before anything else happens.
 
 Pure reading and checking: never touches the network, never writes, never calls the Hub
-(only huggingface_hub's list of hardware names is used).
+(only huggingface_hub's list of hardware names and its repo-id rules, `hub_name_problem`,
+are used).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 from huggingface_hub import SpaceHardware
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from metaattn_viz.paths import MODEL_ENV, MODEL_REVISION_ENV
 
@@ -30,10 +32,6 @@ ZEROGPU = "zero-a10g"
 ZEROGPU_PYTHONS = ("3.10", "3.12")
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-# one part of a Hub repo id (an owner or a name): what the Hub accepts, in short
-REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
@@ -41,6 +39,18 @@ _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 # controllers were calibrated on, uploaded into the Space, or the hub's safetensors.
 BUNDLED_GGUF, HUB = "bundled-gguf", "hub"
 WEIGHTS = (BUNDLED_GGUF, HUB)
+
+
+def hub_name_problem(repo_id: str) -> str | None:
+    """Why the Hub would refuse `repo_id` (NAME or OWNER/NAME) as a name, or None where it
+    would not: huggingface_hub's own check (`validate_repo_id`, which every HfApi call that
+    takes a repo id runs first): letters, digits, '-', '_' and '.', not starting or ending
+    with '-' or '.', no '--' or '..', not ending in '.git', at most 96 characters a part."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return str(exc)
+    return None
 
 
 class ManifestError(ValueError):
@@ -142,7 +152,7 @@ def parse_manifest(raw: Any, source: str = "Spacefile") -> Manifest:
     storage_raw = top.get("storage")
     storage = None if storage_raw is None else _storage(c, storage_raw)
     manifest = Manifest(
-        name=c.match(top["name"], "name", _NAME, "a Space name (letters, digits, . _ -)"),
+        name=c.hub_name(top["name"], "name", "a Space name"),
         hardware=hardware,
         private=c.boolean(top.get("private", False), "private"),
         app_file=c.string(top.get("app_file", "app.py"), "app_file"),
@@ -184,7 +194,7 @@ def _storage(c: _Checker, raw: Any) -> Storage:
     if subdir.startswith("/") or ".." in subdir.split("/"):
         raise ManifestError("storage.subdir", "must be a relative folder inside the mount", c.source)
     return Storage(
-        bucket=c.match(m["bucket"], "storage.bucket", _NAME, "a bucket name (no owner/)"),
+        bucket=c.hub_name(m["bucket"], "storage.bucket", "a bucket name (no owner/)"),
         mount_path=mount,
         env=c.match(m["env"], "storage.env", _ENV_NAME, "an environment variable name"),
         subdir=subdir,
@@ -214,7 +224,7 @@ def _model(c: _Checker, raw: Any) -> SpaceModel:
     return SpaceModel(
         weights=weights,
         gguf_path=gguf_path,
-        repo=c.match(m["repo"], "model.repo", _REPO_ID, "a repo id OWNER/NAME"),
+        repo=c.hub_name(m["repo"], "model.repo", "a repo id OWNER/NAME", owner=True),
         revision=c.match(
             m["revision"],
             "model.revision",
@@ -312,6 +322,16 @@ class _Checker:
         text = self.string(value, field)
         if text not in options:
             raise self.fail(field, f"unknown value {text!r} (one of: {', '.join(options)})")
+        return text
+
+    def hub_name(self, value: Any, field: str, what: str, owner: bool = False) -> str:
+        """A name the Hub accepts (`hub_name_problem`): OWNER/NAME where `owner`, else NAME."""
+        text = self.string(value, field)
+        problem = hub_name_problem(text)
+        if problem is None and text.count("/") != (1 if owner else 0):
+            problem = "expected OWNER/NAME" if owner else "expected a name without OWNER/"
+        if problem is not None:
+            raise self.fail(field, f"{text!r} is not {what}: {problem}")
         return text
 
     def match(self, value: Any, field: str, pattern: re.Pattern[str], what: str) -> str:

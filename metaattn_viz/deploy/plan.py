@@ -31,7 +31,7 @@ import yaml
 from huggingface_hub.utils import filter_repo_objects
 
 from metaattn_viz.deploy.manifest import BUNDLED_GGUF, HUB, Manifest, SpaceModel, Storage
-from metaattn_viz.paths import MODEL_ENV, MODEL_REVISION_ENV
+from metaattn_viz.paths import DATA_ENV, MODEL_ENV, MODEL_REVISION_ENV
 
 README = "README.md"
 REQUIREMENTS = "requirements.txt"
@@ -113,6 +113,12 @@ class DeployPlan:
         return f"{self.owner}/{self.storage.bucket}" if self.storage else None
 
     @property
+    def remove_volumes(self) -> bool:
+        """Whether the deploy removes the Space's volumes: with `storage: null`, a bucket a
+        past deploy mounted must not stay mounted (with METAATTN_DATA pointing into it)."""
+        return self.storage is None
+
+    @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
@@ -130,6 +136,7 @@ class DeployPlan:
             "total_bytes": self.total_bytes,
             "variables": self.variables,
             "unset_variables": list(self.unset_variables),
+            "remove_volumes": self.remove_volumes,
             "storage": None
             if self.storage is None
             else {
@@ -154,7 +161,10 @@ class DeployPlan:
             f"Python {self.python_version})",
         ]
         if self.storage is None:
-            lines.append("storage    none: runs logged on the Space are lost when it restarts")
+            lines.append(
+                "storage    none: removes the Space's volumes (a bucket a past deploy mounted; "
+                "the bucket and its files stay); runs logged on the Space are lost when it restarts"
+            )
         else:
             lines.append(
                 f"storage    bucket {self.bucket_id} mounted at {self.storage.mount_path}; "
@@ -162,7 +172,7 @@ class DeployPlan:
             )
         lines.append("variables  " + (", ".join(f"{k}={v}" for k, v in self.variables.items()) or "none"))
         if self.unset_variables:
-            lines.append("unset      " + ", ".join(self.unset_variables) + " (if a past deploy set it)")
+            lines.append("unset      " + ", ".join(self.unset_variables) + " (those a past deploy set)")
         if self.weights == BUNDLED_GGUF:
             lines.append(f"weights    the bundled GGUF the controllers were calibrated on ({MODEL_ENV})")
         else:
@@ -234,6 +244,11 @@ def build_plan(
     # ZeroGPU needs no variable: there the device "auto" is CUDA, made lazy by `spaces`, and
     # a generation runs inside @spaces.GPU (routing/zerogpu.py, app/gpu_work.py).
     warnings = tuple(choice.warnings)
+    unset = choice.unset
+    # DATA_ENV points the app at its data folder (paths.data_dir): a past deploy's bucket is
+    # unmounted, so the pointer into it goes
+    if manifest.storage is None and DATA_ENV not in variables:
+        unset += (DATA_ENV,)
 
     outside = {choice.gguf.path: choice.gguf} if choice.gguf else {}
     # A file from outside the checkout is allowed by its exact path (the manifest's include
@@ -296,7 +311,7 @@ def build_plan(
         readme_text=readme_text,
         requirements_text=requirements_text,
         weights=choice.weights,
-        unset_variables=choice.unset,
+        unset_variables=unset,
         problems=tuple(problems),
         warnings=warnings,
     )
