@@ -199,6 +199,32 @@ def test_oracle_at_budget_one_is_dense_and_at_the_local_cost_all_local():
     assert gain[routes == LOCAL].min() >= gain[routes == LINEAR].max()
 
 
+def test_the_oracle_ranks_the_linear_expert_the_rows_route_with(monkeypatch):
+    """Below the local cost the oracle weighs local against linear: with learned maps its
+    linear errors must be the learned linear expert's, not elu + 1's (which put the shipped
+    oracle row at 0.25 above random)."""
+    from test_linear_map import random_maps, routed_with_maps
+
+    r = routed_with_maps(random_maps(n_layers=3))
+    seen = []
+    measured = oracle.expert_errors
+
+    def spy(model, ids, window, n_sink, feature_maps=None):
+        seen.append(feature_maps)
+        return measured(model, ids, window, n_sink, feature_maps)
+
+    monkeypatch.setattr(oracle, "expert_errors", spy)
+    try:
+        rows = evaluate(
+            r, EXCERPT, budgets=(0.25,), max_tokens=64, seq_len=64, window=16, n_sink=4,
+            controllers=("bayes",), calib_windows=1, linear_map="learned",
+        )  # fmt: skip
+    finally:
+        r.detach()
+    assert any(row["controller"] == "oracle-tokens" for row in rows)
+    assert seen and all(maps is r.feature_maps for maps in seen)
+
+
 def test_the_new_baselines_keep_their_budget_in_eval():
     r = routed_tiny(seed=3, spread=10.0, num_hidden_layers=5)
     budgets = (0.2, 0.25, 0.5, 0.75, 1.0)

@@ -220,9 +220,12 @@ def _new_baselines(routed, split, val, budgets, settings, calib_windows: int) ->
         return layer_map_policy(experts), {"layer_experts": layer_maps.describe(experts), "calibration": info}
 
     def errors() -> list:
+        """Each window's expert errors, the linear expert's with the feature maps the rows
+        route with (below the local cost the oracle ranks local against that linear)."""
         if "errors" not in cache:
+            maps = routed.linear_maps_for(settings)
             cache["errors"] = [
-                oracle.expert_errors(routed.model, val[i : i + 1], settings.window, settings.n_sink)
+                oracle.expert_errors(routed.model, val[i : i + 1], settings.window, settings.n_sink, maps)
                 for i in range(val.shape[0])
             ]
         return cache["errors"]
