@@ -108,9 +108,14 @@ def test_export_of_a_log_that_is_not_there_leaves_no_folder(tmp_path, capsys):
     [
         (
             ["eval", "--data", DATA, "--seq-len", "0"],
-            "argument --seq-len: must be a whole number >= 1, got 0",
+            "argument --seq-len: must be a whole number >= 2, got 0",
         ),
-        (["eval", "--data", DATA, "--seq-len", "-4"], "argument --seq-len: must be a whole number >= 1"),
+        (["eval", "--data", DATA, "--seq-len", "-4"], "argument --seq-len: must be a whole number >= 2"),
+        # a window of one token scores nothing (perplexity over 0 tokens)
+        (
+            ["eval", "--data", DATA, "--seq-len", "1"],
+            "argument --seq-len: must be a whole number >= 2, got 1",
+        ),
         (
             ["eval", "--data", DATA, "--max-tokens", "x"],
             "argument --max-tokens: must be a whole number >= 1, got 'x'",
@@ -138,7 +143,7 @@ def test_a_seed_too_large_for_torch_is_refused_before_the_model_loads(capsys):
 
 def test_deploy_refuses_a_space_id_the_hub_would(capsys):
     assert main(["deploy", "--dry-run", "--root", str(ROOT), "--space", "bad name!/x y", "--json"]) == 2
-    assert "'bad name!' is not a Hub name" in capsys.readouterr().err
+    assert "--space 'bad name!/x y': not a name the Hub accepts" in capsys.readouterr().err
 
 
 # -- the real model: a prompt that is not UTF-8; a log that fails in an unforeseen way ------------

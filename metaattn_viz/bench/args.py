@@ -12,6 +12,28 @@ import argparse
 LONG_DECODE_NEW_TOKENS = 16
 
 
+def model_config(text: str) -> str:
+    """An argparse type: the path of a transformers config.json (or a folder holding one)
+    that exists, is JSON and names its model_type; checked here because the model rows,
+    which read it, run after minutes of attention rows (and a missing path would be looked
+    up on the Hub)."""
+    import json
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {file}")
+    try:
+        config = json.loads(file.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not JSON"
+        raise argparse.ArgumentTypeError(f"{file} is not a readable config.json ({reason})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise argparse.ArgumentTypeError(f"{file} has no model_type: not a transformers config.json")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # one definition each: whole-number ranges, --device/--dtype/--backend, the budget's range
     from metaattn_viz.cli import BUDGET_RANGE, _whole, add_runtime_args
@@ -29,7 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget", type=budget, default=0.3, help=f"compute budget of the end-to-end rows, in {BUDGET_RANGE}"
     )
-    p.add_argument("--repeats", type=_whole(1), default=5, help="timed repeats per row (median reported)")
+    p.add_argument(
+        "--repeats",
+        type=_whole(1),
+        default=None,
+        help="timed repeats of every row, after a warm-up (median reported; default 5 for the "
+        "attention rows, 7 for routing-overhead and 3 for prefill; decode times blocks of tokens)",
+    )
     p.add_argument("--threads", type=_whole(1), default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--no-model", action="store_true", help="attention rows only (no SmolLM2 rows)")
     p.add_argument(
@@ -46,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model-config",
+        type=model_config,
         default=None,
         help="build the model from this config.json with random weights (speed does not depend "
         "on them; e.g. assets/models/smollm2-135m/config.json) instead of loading the bundled one",

@@ -50,6 +50,7 @@ WINDOW, N_SINK = 64, 4
 # fractions of tokens routed to (full, linear, local)
 MIXES = {"local": (0.0, 0.0, 1.0), "linear": (0.0, 1.0, 0.0), "mix": (0.25, 0.25, 0.5)}
 ERR_ROWS = 512  # query rows checked against the dense reference
+ATTENTION_REPEATS = 5  # timed repeats of an attention row when --repeats is not given
 
 
 def mix_weights(mix: str, seq_len: int, seed: int = 0, device="cpu") -> torch.Tensor:
@@ -138,7 +139,7 @@ def _flex_dense_and_masked(q, k, v, w):
 
 def attention_rows(
     seq_lens=(1024, 4096),
-    repeats: int = 5,
+    repeats: int = ATTENTION_REPEATS,
     device: str | None = None,
     mixes=tuple(MIXES),
     dtype: str | None = None,
@@ -201,7 +202,7 @@ def run_bench(
     seq_lens=(1024, 4096),
     budget: float = 0.3,
     json: bool = False,
-    repeats: int = 5,
+    repeats: int | None = None,
     model: bool = True,
     long_context: int = 8192,
     device: str | None = None,
@@ -211,8 +212,11 @@ def run_bench(
     model_config: str | None = None,
 ) -> list[dict]:
     """All benchmark rows; prints them (a JSON list with json=True, else one line per row).
-    model=True adds the whole-model rows of bench/model.py (routing overhead, prefill, decode)."""
-    rows = attention_rows(seq_lens, repeats=repeats, device=device, dtype=dtype, backend=backend)
+    model=True adds the whole-model rows of bench/model.py (routing overhead, prefill, decode).
+    `repeats` applies to every timed row; None keeps each row's own (ATTENTION_REPEATS here,
+    bench/model.py's for the model rows: the counts docs/benchmarks.md records)."""
+    attention_repeats = ATTENTION_REPEATS if repeats is None else repeats
+    rows = attention_rows(seq_lens, repeats=attention_repeats, device=device, dtype=dtype, backend=backend)
     if model:
         from metaattn_viz.bench.model import model_rows
 
@@ -226,6 +230,7 @@ def run_bench(
                 dtype=dtype,
                 backend=backend,
                 model_config=model_config,
+                repeats=repeats,
             )
         ]
     if json:

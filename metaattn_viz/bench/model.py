@@ -2,8 +2,10 @@
 
 Every figure is a ratio against the dense model measured in the same run, in the same
 process, interleaved (dense, routed, dense, routed, ...) and summarised by the median, since
-these machines are noisy. The dense model is `plain_copy`: the same weights without the
-routing hooks, on transformers' SDPA attention. Nothing here asserts on time; the rows are
+these machines are noisy; each side gets one untimed warm-up call first. The
+routing-overhead and prefill rows time OVERHEAD_REPEATS and PREFILL_REPEATS calls each
+unless `bench --repeats` says otherwise. The dense model is `plain_copy`: the same weights
+without the routing hooks, on transformers' SDPA attention. Nothing here asserts on time; the rows are
 printed (and `metaattn-viz bench` includes them). Never: time the two sides in different runs,
 or leave autograd switched off for the caller.
 
@@ -41,8 +43,18 @@ def _sync_for(routed: RoutedModel):
     return torch.cuda.synchronize if routed.device.type == "cuda" else (lambda: None)
 
 
+# timed repeats of the rows whose --repeats was not given (docs/benchmarks.md records them)
+OVERHEAD_REPEATS = 7
+PREFILL_REPEATS = 3
+
+
 def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
-    times = {k: [] for k in fns}
+    """Median ms of each function, timed in turn `repeats` times after one untimed warm-up
+    call each (as bench/attention.py's rows: a first call pays for allocations and caches)."""
+    for fn in fns.values():
+        fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync()
@@ -89,7 +101,7 @@ def _text_ids(routed: RoutedModel, n: int) -> torch.Tensor:
     return torch.tensor([ids[:n]], device=routed.device)
 
 
-def routing_overhead(routed: RoutedModel, plain, seq_len: int = 256, repeats: int = 7) -> dict:
+def routing_overhead(routed: RoutedModel, plain, seq_len: int = 256, repeats: int = OVERHEAD_REPEATS) -> dict:
     ids = _text_ids(routed, seq_len)
     s = RoutingSettings(budget=1.0)
     with torch.no_grad():
@@ -121,7 +133,7 @@ def prefill_speed(
     plain,
     seq_len: int = 4096,
     budget: float = 0.3,
-    repeats: int = 3,
+    repeats: int = PREFILL_REPEATS,
     linear_map: str = "auto",
     scope: str = "global",
 ) -> dict:
@@ -240,19 +252,23 @@ def model_rows(
     dtype: str | None = None,
     backend: str | None = None,
     model_config: str | None = None,
+    repeats: int | None = None,
 ) -> list[dict]:
     """The whole-model rows; `routed` or, without one, the bundled model (or the architecture
-    of `model_config` with random weights) placed on device/dtype with backend."""
+    of `model_config` with random weights) placed on device/dtype with backend. `repeats`:
+    the timed repeats of the routing-overhead and prefill rows (None: OVERHEAD_REPEATS and
+    PREFILL_REPEATS, what docs/benchmarks.md records); the decode rows time blocks of tokens."""
     if routed is None and model_config:
         routed = random_weights_model(model_config, device, dtype, backend, long_context + 64)
     routed = routed or RoutedModel.load(device=device, dtype=dtype, backend=backend)
     plain = plain_copy(routed)
     with torch.no_grad():  # scoped: never switch autograd off for the caller
-        rows = [routing_overhead(routed, plain)]
+        timed = {} if repeats is None else {"repeats": repeats}
+        rows = [routing_overhead(routed, plain, **timed)]
         if quick:
             rows.append(decode_speed(routed, plain, 256, budget, new_tokens=8))
             return rows
-        rows.append(prefill_speed(routed, plain, prefill_len, budget))
+        rows.append(prefill_speed(routed, plain, prefill_len, budget, **timed))
         rows.append(decode_speed(routed, plain, 256, budget, new_tokens=48))
         rows.append(decode_speed(routed, plain, long_context, budget, new_tokens=LONG_DECODE_NEW_TOKENS))
     return rows

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="UTF-8 text file; its validation split is used")
     p.add_argument("--budgets", default=None, help="comma-separated budgets")
     p.add_argument("--max-tokens", type=_whole(1), default=None, help="validation tokens to score")
-    p.add_argument("--seq-len", type=_whole(1), default=None, help="window length")
+    # 2: a window scores seq_len - 1 next-token predictions (training/evaluate.py, MIN_SEQ_LEN)
+    p.add_argument("--seq-len", type=_whole(2), default=None, help="window length (default 256)")
     p.add_argument("--window", type=_whole(1), default=DEFAULTS.window, help="local expert window")
     p.add_argument(
         "--scope",
@@ -453,6 +454,12 @@ def _cmd_eval(args) -> int:
     seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
     if max_tokens < seq_len:
         raise UserError(f"--max-tokens must be at least --seq-len ({seq_len})")
+    # the rows' settings, checked before the model loads and the dense pass runs (a window
+    # out of range is refused here, naming it)
+    try:
+        RoutingSettings(window=args.window, scope=args.scope, linear_map=args.linear_map)
+    except ValueError as exc:  # only --window can be out of range: the others are choices
+        raise UserError(f"--window: {exc}") from None
     try:
         data_mod.load_split(args.data)
     except data_mod.DataError as exc:

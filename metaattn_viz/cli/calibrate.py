@@ -106,6 +106,8 @@ def _cmd_calibrate(args) -> int:
     routed = RoutedModel.load(args.model, device=args.device, dtype="float32", backend="auto")
     try:
         meta = calibrate(routed, args.data, cfg, out_dir=out, resume=args.resume)
+    except data_mod.TooShort as exc:  # calibrate has no --seq-len: the remedy is the file
+        raise UserError(str(exc.with_remedy(too_short_remedy(exc.what)))) from None
     except data_mod.DataError as exc:
         raise UserError(str(exc)) from None
     print(
@@ -118,6 +120,19 @@ def _cmd_calibrate(args) -> int:
         )
     )
     return 0
+
+
+def too_short_remedy(what: str) -> str:
+    """What to do when calibrate's training or validation text does not fill one window
+    (its windows have a fixed length: there is no --seq-len to shorten)."""
+    from metaattn_viz.training.data import VALIDATION_EVERY
+
+    if what == "validation":
+        return (
+            f"give a file whose validation articles (every {VALIDATION_EVERY}th, or the last one "
+            f"when there are fewer than {VALIDATION_EVERY}) are longer"
+        )
+    return "give a longer file"
 
 
 def _parse_numbers(flag: str, text: str) -> list[float]:

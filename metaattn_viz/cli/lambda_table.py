@@ -125,7 +125,11 @@ def _cmd_lambda_table(args) -> int:
     # window 0 is left out: the benchmark's text (bench/model.py) opens the calibration split,
     # so that the prefill row of `bench` routes a text the table was not made from
     tokens = lengths[-1]
-    wins = data_mod.windows(routed.tokenizer, split.train, tokens, "calibration")[1 : args.texts + 1]
+    try:
+        wins = data_mod.windows(routed.tokenizer, split.train, tokens, "calibration")[1 : args.texts + 1]
+    except data_mod.TooShort as exc:  # lambda-table has no --seq-len: its windows are its longest length
+        remedy = f"give a longer file or shorter --lengths (the windows are as long as the longest, {tokens})"
+        raise UserError(str(exc.with_remedy(remedy))) from None
     if wins.shape[0] < args.texts:
         raise UserError(f"{data} holds {wins.shape[0] + 1} calibration windows of {tokens} tokens")
     texts = [wins[i : i + 1].to(routed.device) for i in range(wins.shape[0])]

@@ -293,6 +293,9 @@ def calibrate(
     order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     start, history = 0, []
     ckpt_path = out_dir / CHECKPOINT
+    # what a checkpoint must have been made from, besides the settings: this data file and
+    # this copy of the model's weights (also recorded in meta.json)
+    fingerprint = weights_fingerprint(routed.model)
     if resume and ckpt_path.is_file():
         try:
             ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)  # wherever it was saved
@@ -302,10 +305,7 @@ def calibrate(
                 f"--resume: {ckpt_path} is not a readable checkpoint ({type(exc).__name__}); "
                 "remove it to start over"
             ) from None
-        if saved != asdict(cfg):
-            raise ValueError(
-                f"--resume: {ckpt_path} was made with other settings; remove it or rerun with the same ones"
-            )
+        _check_resumable(ckpt_path, ckpt, saved, asdict(cfg), split, fingerprint)
         stack.load_state_dict(ckpt["stack"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
@@ -354,6 +354,8 @@ def calibrate(
                 torch.save(
                     {
                         "config": asdict(cfg),
+                        "data_sha256": split.sha256,
+                        "weights_fingerprint": fingerprint,
                         "stack": stack.state_dict(),
                         "opt": opt.state_dict(),
                         "sched": sched.state_dict(),
@@ -377,7 +379,7 @@ def calibrate(
         "controller": cfg.controller,
         "model": routed.name,
         # which copy of the model's weights these controllers belong to (routing/fingerprint.py)
-        "weights_fingerprint": weights_fingerprint(routed.model),
+        "weights_fingerprint": fingerprint,
         "weights_fingerprint_kind": FINGERPRINT_KIND,
         "hyperparameters": asdict(cfg),
         "feature_maps": _feature_maps_identity(routed, cfg.linear_map),
@@ -396,6 +398,48 @@ def calibrate(
     stack.cpu().save(out_dir, meta)
     stack.trained = True
     return stack.meta
+
+
+def _check_resumable(
+    path: Path, ckpt: dict, saved: dict, config: dict, split: data_mod.Split, fingerprint: str
+) -> None:
+    """Refuse (ValueError, one line naming what differs) a checkpoint made with other
+    settings, from another data file or on another copy of the model's weights: resuming
+    it would train on a mix and record only the second half's data in meta.json.
+
+    A checkpoint from before the data and weights were recorded in it cannot be checked on
+    those two; it is resumed with a warning rather than refused, since refusing would throw
+    away its steps when the data are most likely the same (its settings still must match)."""
+    differs = []
+    settings = sorted(
+        k for k in set(saved) | set(config) if saved.get(k, "(unset)") != config.get(k, "(unset)")
+    )
+    if settings:
+        differs.append(f"settings ({', '.join(settings)})")
+    unchecked = []
+    if "data_sha256" not in ckpt:
+        unchecked.append("data file")
+    elif ckpt["data_sha256"] != split.sha256:
+        differs.append(f"data (sha256 {ckpt['data_sha256'][:12]}..., {split.path} is {split.sha256[:12]}...)")
+    if "weights_fingerprint" not in ckpt:
+        unchecked.append("model weights")
+    elif ckpt["weights_fingerprint"] != fingerprint:
+        differs.append(
+            f"model weights (fingerprint {ckpt['weights_fingerprint'][:12]}..., "
+            f"these are {fingerprint[:12]}...)"
+        )
+    if differs:
+        raise ValueError(
+            f"--resume: {path} was made with other {' and other '.join(differs)}; remove it "
+            "or rerun with the same ones"
+        )
+    if unchecked:
+        log.warning(
+            "--resume: %s does not record its %s (made before checkpoints did); resuming on "
+            "the assumption that they are the same; remove it to start over if not",
+            path,
+            " or ".join(unchecked),
+        )
 
 
 def _feature_maps_identity(routed: RoutedModel, linear_map: str) -> dict:

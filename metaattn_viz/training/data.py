@@ -31,8 +31,26 @@ MIN_ARTICLES = 2  # one for training, one held out for validation
 _TITLE = re.compile(r"^ = [^=].* =$")  # matched with trailing whitespace stripped (editors drop it)
 
 
+TOO_SHORT_REMEDY = "give a longer file or a smaller --seq-len"  # for the commands that have --seq-len
+
+
 class DataError(ValueError):
     """A data file that cannot be used; the message says why and what to do."""
+
+
+class TooShort(DataError):
+    """A text shorter than one window. The message ends with what to do, which depends on
+    the command (``remedy``; the default names eval's and feature-maps' --seq-len, which
+    calibrate and lambda-table do not have): ``with_remedy`` says it for another caller."""
+
+    def __init__(self, what: str, tokens: int, seq_len: int, remedy: str = TOO_SHORT_REMEDY):
+        self.what, self.tokens, self.seq_len, self.remedy = what, tokens, seq_len, remedy
+        super().__init__(
+            f"the {what} text is shorter than one window ({tokens} tokens < {seq_len}); {remedy}"
+        )
+
+    def with_remedy(self, remedy: str) -> TooShort:
+        return TooShort(self.what, self.tokens, self.seq_len, remedy)
 
 
 @dataclass
@@ -41,6 +59,15 @@ class Split:
     validation: list[str]
     sha256: str
     path: str
+    unit: str = "article"  # "paragraph" for a text without `` = Title = `` headings
+
+    def validation_rule(self) -> str:
+        """Which texts validate, in words for a report: "articles i % 10 == 9" under the
+        usual rule, else (fewer than VALIDATION_EVERY texts) the last one."""
+        n = len(self.train) + len(self.validation)
+        if n >= VALIDATION_EVERY:
+            return f"{self.unit}s i % {VALIDATION_EVERY} == {VALIDATION_EVERY - 1}"
+        return f"the last of its {n} {self.unit}s"
 
     def describe(self) -> dict:
         return {
@@ -88,9 +115,9 @@ def load_split(path) -> Split:
     headings is split by paragraphs. Fewer than ``MIN_ARTICLES`` raise DataError: the one
     text would be validated on itself."""
     text, sha = read_text(path)
-    articles = split_articles(text)
+    articles, unit = split_articles(text), "article"
     if len(articles) < 2:  # a plain text file without headings: split it by paragraphs
-        articles = [a for a in re.split(r"\n\s*\n", text) if a.strip()]
+        articles, unit = [a for a in re.split(r"\n\s*\n", text) if a.strip()], "paragraph"
     if len(articles) < MIN_ARTICLES:
         raise DataError(
             f"the data holds only {len(articles)} article (or, without `` = Title = `` headings, "
@@ -102,11 +129,12 @@ def load_split(path) -> Split:
     train = [a for i, a in enumerate(articles) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
     if not val:  # few articles: keep the last one for validation
         val = [train.pop()]
-    return Split(train, val, sha, str(path))
+    return Split(train, val, sha, str(path), unit)
 
 
 def windows(tokenizer, articles: list[str], seq_len: int, what: str = "training") -> torch.Tensor:
-    """Concatenate the articles' tokens and cut them into [N, seq_len] windows."""
+    """Concatenate the articles' tokens and cut them into [N, seq_len] windows; TooShort
+    (a DataError) when they do not fill one."""
     ids: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for art in articles:
@@ -115,8 +143,5 @@ def windows(tokenizer, articles: list[str], seq_len: int, what: str = "training"
             ids.append(eos)
     n = len(ids) // seq_len
     if n < 1:
-        raise DataError(
-            f"the {what} text is shorter than one window ({len(ids)} tokens < "
-            f"{seq_len}); give a longer file or a smaller --seq-len"
-        )
+        raise TooShort(what, len(ids), seq_len)
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)

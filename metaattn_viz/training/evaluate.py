@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_SEQ_LEN",
+    "MIN_SEQ_LEN",
     "auroc",
     "budget_shares",
     "evaluate",
@@ -73,6 +75,7 @@ __all__ = [
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_MAX_TOKENS = 4096  # validation tokens scored
 DEFAULT_SEQ_LEN = 256  # window length
+MIN_SEQ_LEN = 2  # a window scores seq_len - 1 next-token predictions
 HEDGE_CALIB_WINDOWS = 4  # calibration windows a hedged row's threshold is set on
 
 
@@ -271,8 +274,13 @@ def evaluate(
     """The rows of every policy at every budget (module docstring); ``calib_windows``:
     calibration windows the layer maps are measured on; ``linear_map``: the linear expert's
     feature map in every routed pass ("elu" or the shipped "learned" maps)."""
-    split = data_mod.load_split(data_path)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < MIN_SEQ_LEN:
+        # a window of one token predicts nothing: perplexity would divide by zero tokens
+        raise ValueError(f"seq_len (--seq-len) must be a whole number >= {MIN_SEQ_LEN}, got {seq_len!r}")
     linear_map = linear_maps.resolve(linear_map, routed.feature_maps)  # rows name the map used
+    # checked before any model work (a window out of range is refused here, not after the dense pass)
+    base = RoutingSettings(window=window, n_sink=n_sink, scope=scope, linear_map=linear_map)
+    split = data_mod.load_split(data_path)
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")
     val = val[: max(1, max_tokens // seq_len)]
     t0 = time.perf_counter()
@@ -283,11 +291,13 @@ def evaluate(
         dense_nll += float(torch.nn.functional.cross_entropy(lg[0, :-1].float(), val[i, 1:], reduction="sum"))
         n += seq_len - 1
     dense_ppl = math.exp(dense_nll / n)
-    base = RoutingSettings(window=window, n_sink=n_sink, scope=scope, linear_map=linear_map)
     common = {
         "linear_map": linear_map,
         "dense_ppl": dense_ppl,
         "split": "validation",
+        # what the report says the rows were measured on (training/report.py)
+        "data_file": Path(split.path).name,
+        "validation_rule": split.validation_rule(),
         "seq_len": seq_len,
         "window": window,
         "n_sink": n_sink,

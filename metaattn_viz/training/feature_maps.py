@@ -422,7 +422,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    ap.add_argument("--eval-only", action="store_true", help="only measure perplexity with the maps in --out")
+    ap.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="only measure all-linear perplexity with the maps in --out, on windows of --seq-len, "
+        "and print it (writes nothing)",
+    )
     ap.add_argument("--eval-windows", type=int, default=16, help="validation windows for perplexity")
     ap.add_argument("--skip-eval", action="store_true", help="train only, no perplexity")
     return ap
@@ -502,12 +507,14 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         maps = load(out)
     except ValueError as exc:  # --eval-only where no maps were trained
         return refuse(str(exc))
-    before = all_linear_perplexity(model, loaded.tokenizer, args.data, None, windows=args.eval_windows)
-    after = all_linear_perplexity(
-        model, loaded.tokenizer, args.data, maps, windows=args.eval_windows, dense=before["dense"]
-    )
+    # on windows of --seq-len, the length the maps were trained on (and that meta.json records)
+    measure = {"windows": args.eval_windows, "seq_len": cfg.seq_len}
+    before = all_linear_perplexity(model, loaded.tokenizer, args.data, None, **measure)
+    after = all_linear_perplexity(model, loaded.tokenizer, args.data, maps, dense=before["dense"], **measure)
     result = {"elu+1": before, "learned": after}
     print(json.dumps(result, indent=2))
+    if args.eval_only:  # only measures: the maps' meta.json (the shipped one by default) is kept
+        return 0
     meta = load_meta(out)
     meta["all_linear_perplexity"] = result
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

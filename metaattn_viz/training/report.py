@@ -65,6 +65,24 @@ def _ratio(a, b) -> str:
     return _fmt(a / b) if _defined(a) and _defined(b) and b != 0 else "–"
 
 
+# what rows from before they carried their split's description were measured on
+USUAL_RULE = "articles i % 10 == 9"
+
+
+def _validation_rule(row: dict) -> str:
+    """Which texts of the data file validated (training/data.py, Split.validation_rule):
+    the usual 1-in-10 rule, or the last text of a short file."""
+    return row.get("validation_rule") or USUAL_RULE
+
+
+def plot_title(rows: list[dict]) -> str:
+    """The Pareto plot's title: what was measured, the validation split of the data file by
+    its name (rows from before they carried it: the validation split)."""
+    name = rows[0].get("data_file") if rows else None
+    on = f"the validation split of {name}" if name else "the validation split"
+    return f"Cost vs quality on {on} (lower-left is better)"
+
+
 def _baseline_notes(rows: list[dict]) -> list[str]:
     """What the table's columns and new baselines mean, for the rows present."""
     names = {r["controller"] for r in rows}
@@ -177,7 +195,7 @@ def tables(rows: list[dict], command: str) -> str:
         "",
         f"```\n{command}\n```",
         "",
-        f"Validation split of the data file (articles i % 10 == 9), {first['tokens']} scored "
+        f"Validation split of the data file ({_validation_rule(first)}), {first['tokens']} scored "
         f"tokens in windows of {first['seq_len']}; local window {first['window']} + "
         f"{first['n_sink']} sinks; budget scope {first.get('scope', 'layer')}; hedging off "
         "except in the `bayes-hedge-*` rows. "
@@ -280,7 +298,7 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Cost vs quality on WikiText-2 validation (lower-left is better)")
+    ax.set_title(plot_title(rows))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
