@@ -54,9 +54,7 @@ def data_dir() -> Path:
 def storage_is_ephemeral() -> bool:
     """True on a Space whose routing log has no mounted storage: its runs are lost when the
     Space restarts (the page says so)."""
-    return bool(os.environ.get("SPACE_ID")) and not (
-        os.environ.get(DATA_ENV) or os.environ.get(DB_ENV)
-    )
+    return bool(os.environ.get("SPACE_ID")) and not (os.environ.get(DATA_ENV) or os.environ.get(DB_ENV))
 
 
 def default_db_path() -> Path:

@@ -478,6 +478,56 @@ def test_the_cost_model_and_hedge_measure_radios_reroute(page, server, tmp_path)
     assert page.evaluate(COST_MODEL_SHOWN) == "flops"
 
 
+CONC_TEXT = "() => document.querySelector('#conc-table').innerText"
+
+
+def test_the_budget_commits_from_the_keyboard_and_the_inspector_follows(page, server):
+    """Enter in the budget's box and the arrow keys on its slider re-route once each (only a
+    release did); an empty box says so and goes back to the maps' budget (it was Gradio's
+    internal preprocessing error); leaving the box unchanged logs no run; the inspected
+    token's table follows each re-route (it stayed on the old decisions)."""
+    page.fill("#prompt textarea", "Keys commit the budget.")
+    page.locator("#chat input[type=checkbox]").uncheck()
+    _set_number(page, "max-new", 2)
+    page.click("#generate")
+    _wait_status(page, "Done", 180_000)
+    run_id = re.search(r"run ([0-9a-f-]{36})", _status(page)).group(1)
+    page.locator("#strip span.token").nth(3).click()
+    page.wait_for_function("() => document.querySelectorAll('#conc-table [role=gridcell]').length > 0")
+    table = page.evaluate(CONC_TEXT)
+
+    _set_number(page, "budget", 0.3)  # typed, then Enter
+    page.wait_for_function(STATUS_HAS, arg="budget 0.30", timeout=60_000)
+    page.wait_for_function(f"(t) => ({CONC_TEXT})() !== t", arg=table, timeout=120_000)
+    page.locator("#budget input[type=range]").focus()
+    for _ in range(5):
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_function(STATUS_HAS, arg="budget 0.25", timeout=60_000)
+
+    box = page.locator("#budget input[type=number]")
+    box.fill("")
+    box.press("Enter")
+    _toast(page, "The budget box is empty: type a number from 0.15 to 1.")
+    page.wait_for_function("() => document.querySelector('#budget input[type=number]').value === '0.25'")
+    box.focus()
+    page.keyboard.press("Tab")  # through the box, nothing changed
+    time.sleep(3)
+    client = server.client()
+    query = (
+        "SELECT budget FROM runs WHERE kind = 'reroute' AND created_at > "
+        f"(SELECT created_at FROM runs WHERE run_id = '{run_id}') ORDER BY created_at"
+    )
+    deadline = time.time() + 30
+    while True:  # the log's writer commits the re-routes in the background
+        rows = client.predict(query=query, api_name="/sql")["rows"]
+        if len(rows) >= 2 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert rows == [[0.3], [0.25]], rows  # one re-route per commit, none for the rest
+    # six routing controls in one row squeezed the threshold's label into five lines
+    assert page.locator("#hedge-threshold label").first.bounding_box()["height"] < 60
+
+
 # -- bertviz views: drawn whichever tab shows when the content arrives (issue 16) -----------
 # Inside a view's frame: its SVG, how many elements it holds and its size.
 VIEW_SVG = """() => {
@@ -703,7 +753,9 @@ MAP_TEXT_BOXES = """() => {
 def test_on_a_phone_the_maps_title_and_notes_fit_and_do_not_overlap(browser, server, tmp_path):
     """At 390 px the title and the one-line notes of the maps ran past the right edge and
     under the toolbar; they are broken into lines that fit, the title above the notes, and
-    the toolbar has a strip of its own above the title, clear of the colorbars."""
+    the toolbar has a strip of its own above the title, clear of the colorbars. Views side by
+    side on a wide screen (the posterior plot and its table, History's two maps) are one above
+    the other."""
     context = browser.new_context(viewport={"width": 390, "height": 1600})
     context.route(OUTSIDE, lambda route: route.abort())
     pg = context.new_page()
@@ -726,5 +778,18 @@ def test_on_a_phone_the_maps_title_and_notes_fit_and_do_not_overlap(browser, ser
             apart = box[2] <= toolbar[0] + 1 or toolbar[2] <= box[0] + 1
             assert apart or box[3] <= toolbar[1] + 1 or toolbar[3] <= box[1] + 1, (box, toolbar)
         pg.locator("#routing-maps").screenshot(path=str(tmp_path / "phone-maps.png"))
+
+        # side-by-side views wrap one above the other, each readable (they were 124-160 px)
+        def box(elem_id):
+            return pg.locator(f"#{elem_id}").bounding_box()
+
+        for upper, lower in (("ternary", "conc-table"), ("measure", "relative")):
+            a, b = box(upper), box(lower)
+            assert a["y"] + a["height"] <= b["y"] + 1 and min(a["width"], b["width"]) >= 300, (a, b)
+        assert pg.locator("#relative label").first.bounding_box()["height"] < 60  # one word a line
+        pg.get_by_role("tab", name="History").click()
+        pg.locator("#compare-a").wait_for()
+        a, b = box("compare-a"), box("compare-b")
+        assert a["y"] + a["height"] <= b["y"] + 1 and min(a["width"], b["width"]) >= 300, (a, b)
     finally:
         context.close()

@@ -3,14 +3,23 @@
 model), their labels, and the two ways between them and settings (`settings` from a
 callback's values, `show` of a replayed run's). tab_live.py lays them out among its other
 controls.
+
+A value is committed (and the text re-routed) when a slider is released, its box loses
+focus, Enter is pressed in its box, or the arrow keys stop moving it (`COMMIT_JS`); never on
+each keystroke, where "0.35" would pass through "0" and "0.3". The sliders hand their value
+over as typed (the re-route's event skips Gradio's preprocessing; `as_typed`): an empty box
+gets a sentence (`empty`), a number beyond the slider's ends is taken at the nearest end, as
+the box shows it once it loses focus.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gradio as gr
 
+from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.requests import parse_settings
 from metaattn_viz.core.settings import RoutingSettings
 
@@ -20,6 +29,69 @@ COST_MODEL_LABELS = {"notional": "notional costs", "flops": "attention FLOPs (sh
 CONTROLLER_LABELS = {"bayes": "Bayesian", "priorfree": "prior-free"}
 # the local-window slider's range (a replayed run's window is shown clamped to it)
 WINDOW_MIN, WINDOW_MAX = 8, 256
+# the sliders' element ids (COMMIT_JS finds them by these) and their names in sentences
+SLIDER_IDS = {"budget": "budget", "hedge_threshold": "hedge-threshold", "window": "window"}
+SLIDER_NAMES = {"budget": "budget", "hedge_threshold": "hedge threshold", "window": "local window"}
+# the settings these controls make (the others keep their defaults)
+CONTROL_FIELDS = (
+    "budget",
+    "scope",
+    "hedge_policy",
+    "hedge_threshold",
+    "window",
+    "hedge_measure",
+    "cost_model",
+)
+COMMIT_DELAY_MS = 400  # after the last arrow key on a slider, its value is committed
+
+# Run once by a hidden gr.HTML of the Live tab (its js_on_load: `trigger` fires that
+# component's click event, which re-routes like a slider's release). Gradio's slider commits
+# only on release (pointer up, or its box losing focus); the keyboard commits here too:
+# Enter in a slider's box leaves the box (Gradio then commits and clamps it, as for Tab);
+# arrow, Page and Home/End keys on a slider commit once they stop for COMMIT_DELAY_MS (one
+# re-route per burst, not one per step).
+COMMIT_JS = (
+    f"const IDS = {list(SLIDER_IDS.values())!r}, DELAY = {COMMIT_DELAY_MS};"
+    + r"""
+const KEYS = new Set(['ArrowLeft', 'ArrowRight', 'ArrowUp', 'ArrowDown',
+                     'PageUp', 'PageDown', 'Home', 'End']);
+function routingSlider(el) {
+  return !!(el && el.closest) && IDS.some((id) => el.closest('#' + id));
+}
+if (!window.metaattnCommitKeys) {
+  window.metaattnCommitKeys = true;
+  let timer = null;
+  document.addEventListener('keydown', (e) => {
+    const t = e.target;
+    if (e.key === 'Enter' && t.matches && t.matches('input[type=number]') && routingSlider(t)) {
+      e.preventDefault();
+      t.blur();
+    }
+  }, true);
+  document.addEventListener('keyup', (e) => {
+    const t = e.target;
+    if (!KEYS.has(e.key) || !(t.matches && t.matches('input[type=range]') && routingSlider(t))) return;
+    clearTimeout(timer);
+    timer = setTimeout(() => window.metaattnCommit && window.metaattnCommit(), DELAY);
+  }, true);
+}
+window.metaattnCommit = () => trigger('click');
+"""
+)
+
+
+def as_typed(payload) -> float | None:
+    """A slider's value as its box held it, unchecked (the re-route's event skips Gradio's
+    preprocessing, which answered an empty box with its internal "Could not preprocess input
+    component" error, and 5 with "Value 5 is greater than maximum value 1.0" while the box
+    showed 1): a number, or None for an empty box."""
+    if isinstance(payload, bool):
+        return None
+    try:
+        value = float(payload)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -47,17 +119,51 @@ class RoutingControls:
             self.cost_model,
         }
 
+    @property
+    def sliders(self) -> dict:
+        """The sliders by their settings' field names."""
+        return {"budget": self.budget, "hedge_threshold": self.hedge_threshold, "window": self.window}
+
+    def empty(self, data: dict) -> list[str]:
+        """A sentence for each slider whose box was left empty."""
+        return [
+            f"The {SLIDER_NAMES[name]} box is empty: type a number from "
+            f"{_num(slider.minimum)} to {_num(slider.maximum)}."
+            for name, slider in self.sliders.items()
+            if as_typed(data[slider]) is None
+        ]
+
+    def _value(self, data: dict, name: str):
+        """A slider's value, a number beyond its ends taken at the nearest one (the box
+        shows it so once it loses focus); the local window a whole number."""
+        slider = self.sliders[name]
+        value = as_typed(data[slider])
+        if value is None:
+            return None
+        value = min(max(value, slider.minimum), slider.maximum)
+        return round(value) if name == "window" else value
+
     def settings(self, data: dict) -> RoutingSettings:
-        """The settings from a callback's input values (AppError if one is out of range)."""
+        """The settings from a callback's input values (AppError with a sentence for an
+        empty slider box)."""
+        empty = self.empty(data)
+        if empty:
+            raise AppError(" ".join(empty))
         return parse_settings(
-            data[self.budget],
+            self._value(data, "budget"),
             data[self.scope],
             data[self.hedge_policy],
-            data[self.hedge_threshold],
-            data[self.window],
+            self._value(data, "hedge_threshold"),
+            self._value(data, "window"),
             hedge_measure=data[self.hedge_measure],
             cost_model=data[self.cost_model],
         )
+
+    @staticmethod
+    def same(a: RoutingSettings, b: RoutingSettings) -> bool:
+        """Whether `a` and `b` agree on every setting these controls make (a trace keeps its
+        settings as resolved, e.g. linear_map "auto" as "learned", so not `a == b`)."""
+        return all(getattr(a, f) == getattr(b, f) for f in CONTROL_FIELDS)
 
     def show(self, s: RoutingSettings) -> dict:
         """The controls set to `s` (a replayed run's settings)."""
@@ -72,8 +178,15 @@ class RoutingControls:
         }
 
 
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
 __all__ = [
     "RoutingControls",
+    "as_typed",
+    "COMMIT_JS",
+    "SLIDER_IDS",
     "SCOPE_LABELS",
     "HEDGE_MEASURE_LABELS",
     "COST_MODEL_LABELS",

@@ -19,6 +19,7 @@ from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads
+from metaattn_viz.app.live_inspector import FIGURE_MIN_PX
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
 from metaattn_viz.app.tab_live import LiveTab
 from metaattn_viz.app.ui_errors import user_errors
@@ -76,13 +77,15 @@ class HistoryTab:
             self.replay = gr.Button("Replay run A", variant="primary", elem_id="replay")
             self.compare = gr.Button("Compare A and B", elem_id="compare")
         self.compare_note = gr.Markdown("", elem_id="compare-note")
-        with gr.Row():
-            self.cmp_a = plotly_view(
-                plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), "compare-a", COMPARE_MAP_HEIGHT
-            )
-            self.cmp_b = plotly_view(
-                plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), "compare-b", COMPARE_MAP_HEIGHT
-            )
+        with gr.Row():  # side by side on a wide screen, one above the other on a phone
+            with gr.Column(min_width=FIGURE_MIN_PX):
+                self.cmp_a = plotly_view(
+                    plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), "compare-a", COMPARE_MAP_HEIGHT
+                )
+            with gr.Column(min_width=FIGURE_MIN_PX):
+                self.cmp_b = plotly_view(
+                    plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), "compare-b", COMPARE_MAP_HEIGHT
+                )
         self.cmp_table = gr.Dataframe(
             headers=[
                 "pos",
@@ -181,6 +184,7 @@ class HistoryTab:
             api_visibility="private",
         )
         live.trace_events.append(replayed)
+        live.follow(replayed)  # the inspector and the sweep follow the replayed run
 
         @user_errors("comparing runs")
         def compare(run_a, run_b, request: gr.Request):

@@ -1,5 +1,6 @@
 """The Live tab: generate and watch routing fill in, re-route on any routing control, the
-quality meter, the token inspector and the budget sweep.
+quality meter; with the token inspector and the budget sweep (live_inspector.py), which
+follow every new trace (`follow`).
 
 `LiveTab(trace, examples)` builds the components (inside the page's gr.Tab) and
 `wire(engine, downloads)` attaches their events, each callback a thin adapter: read the
@@ -15,25 +16,27 @@ from __future__ import annotations
 
 import gradio as gr
 
-from metaattn_viz.app import attention_maps, display, plots
+from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
-from metaattn_viz.app.errors import AppError
-from metaattn_viz.app.exports import Downloads, run_label
-from metaattn_viz.app.live_exports import ExportPanel, download, download_button
-from metaattn_viz.app.plotly_html import figure_value, plotly_view
+from metaattn_viz.app.exports import Downloads
+from metaattn_viz.app.live_exports import ExportPanel
+from metaattn_viz.app.live_inspector import FIGURE_MIN_PX, BudgetSweep, TokenInspector
+from metaattn_viz.app.plotly_html import plotly_view
 from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request
 from metaattn_viz.app.routing_controls import (
+    COMMIT_JS,
     CONTROLLER_LABELS,
     COST_MODEL_LABELS,
     HEDGE_MEASURE_LABELS,
     SCOPE_LABELS,
+    SLIDER_IDS,
     WINDOW_MAX,
     WINDOW_MIN,
     RoutingControls,
+    as_typed,
 )
 from metaattn_viz.app.share import GENERATION_PARAMETERS
-from metaattn_viz.app.shown_frame import shown_frame
 from metaattn_viz.app.ui_errors import user_errors, warn
 from metaattn_viz.core.settings import (
     COST_MODELS,
@@ -47,7 +50,7 @@ from metaattn_viz.core.settings import (
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing.controller import KINDS
 
-PICK_A_TOKEN = "Pick a token to see the attention it used."
+CONTROL_MIN_PX = 200  # a control's least width: a row of them wraps below it on a phone
 
 
 class LiveTab:
@@ -110,10 +113,12 @@ class LiveTab:
                 1.0,
                 value=DEFAULTS.budget,
                 step=0.01,
-                elem_id="budget",
+                elem_id=SLIDER_IDS["budget"],
                 scale=3,
+                min_width=2 * CONTROL_MIN_PX,
                 label="Compute budget: mean cost per decision under the cost model (notional: "
-                "full 1.0, local 0.3, linear 0.15; FLOPs: share of dense attention); re-routes on release",
+                "full 1.0, local 0.3, linear 0.15; FLOPs: share of dense attention); re-routes "
+                "on release or Enter",
             )
             self.model = gr.Dropdown(
                 models,
@@ -128,54 +133,83 @@ class LiveTab:
                 value=GENERATION.controller,
                 label="Controller",
                 elem_id="controller",
+                min_width=CONTROL_MIN_PX,
             )
             scope = gr.Radio(
-                [(SCOPE_LABELS.get(s, s), s) for s in SCOPES], value=DEFAULTS.scope, label="Budget scope"
+                [(SCOPE_LABELS.get(s, s), s) for s in SCOPES],
+                value=DEFAULTS.scope,
+                label="Budget scope",
+                min_width=CONTROL_MIN_PX,
             )
+        # two rows of three: six in one row squeezed the threshold's label into five lines
         with gr.Row(equal_height=True):
-            hedge_policy = gr.Radio(list(HEDGE_POLICIES), value=DEFAULTS.hedge_policy, label="Hedge policy")
+            hedge_policy = gr.Radio(
+                list(HEDGE_POLICIES),
+                value=DEFAULTS.hedge_policy,
+                label="Hedge policy",
+                min_width=CONTROL_MIN_PX,
+            )
             hedge_threshold = gr.Slider(
                 0.0,
                 1.0,
                 value=DEFAULTS.hedge_threshold,
                 step=0.01,
                 label="Hedge threshold (the hedge measure, a fraction of log 3)",
+                elem_id=SLIDER_IDS["hedge_threshold"],
+                min_width=CONTROL_MIN_PX,
             )
             hedge_measure = gr.Radio(
                 [(HEDGE_MEASURE_LABELS.get(m, m), m) for m in HEDGE_MEASURES],
                 value=DEFAULTS.hedge_measure,
                 label="Hedge measure",
                 elem_id="hedge-measure",
+                min_width=CONTROL_MIN_PX,
             )
+        with gr.Row(equal_height=True):
             window = gr.Slider(
-                WINDOW_MIN, WINDOW_MAX, value=DEFAULTS.window, step=8, label="Local window (tokens)"
+                WINDOW_MIN,
+                WINDOW_MAX,
+                value=DEFAULTS.window,
+                step=8,
+                label="Local window (tokens)",
+                elem_id=SLIDER_IDS["window"],
+                min_width=CONTROL_MIN_PX,
             )
             cost_model = gr.Radio(
                 [(COST_MODEL_LABELS.get(c, c), c) for c in COST_MODELS],
                 value=DEFAULTS.cost_model,
                 label="Cost model (what the budget counts)",
                 elem_id="cost-model",
+                min_width=CONTROL_MIN_PX,
             )
-            self.quality = gr.Checkbox(GENERATION.quality, label="Quality meter (dense shadow pass)")
+            with gr.Column(min_width=CONTROL_MIN_PX):  # a checkbox ignores its own min_width
+                self.quality = gr.Checkbox(GENERATION.quality, label="Quality meter (dense shadow pass)")
+        # commits a slider's value from the keyboard (routing_controls.COMMIT_JS): in the
+        # page, out of sight
+        self.commit_keys = gr.HTML(
+            "", elem_id="commit-keys", js_on_load=COMMIT_JS, visible="hidden", apply_default_css=False
+        )
         self.routing = RoutingControls(
             budget, scope, hedge_policy, hedge_threshold, window, hedge_measure, cost_model
         )
         self.meters = gr.HTML(plots.meters(empty), elem_id="meters")
         self.run_status = gr.Markdown(display.example_note(initial), elem_id="run-status")
         with gr.Row(equal_height=True):
-            self.measure = gr.Dropdown(
-                list(UNCERTAINTY_MEASURES),
-                value="total",
-                label="Uncertainty measure (bottom map)",
-                elem_id="measure",
-                scale=2,
-            )
-            self.relative = gr.Checkbox(
-                False,
-                label="Per-token view: grey each decision that matches its layer's usual expert",
-                elem_id="relative",
-                scale=3,
-            )
+            # in columns: a checkbox ignores its own min_width (Gradio 6.31), and the label
+            # wrapped one word a line at 390 px
+            with gr.Column(scale=2, min_width=CONTROL_MIN_PX):
+                self.measure = gr.Dropdown(
+                    list(UNCERTAINTY_MEASURES),
+                    value="total",
+                    label="Uncertainty measure (bottom map)",
+                    elem_id="measure",
+                )
+            with gr.Column(scale=3, min_width=FIGURE_MIN_PX):
+                self.relative = gr.Checkbox(
+                    False,
+                    label="Per-token view: grey each decision that matches its layer's usual expert",
+                    elem_id="relative",
+                )
         self.maps = plotly_view(plots.routing_maps(empty), "routing-maps", 780, "metaattn-maps")
         self.strip = gr.HighlightedText(
             label="Text: darker = more layers gave the token full attention (click a token to inspect it)",
@@ -187,48 +221,8 @@ class LiveTab:
             value=plots.token_strip(empty) if initial is not None else None,
         )
         self.exports = ExportPanel()
-        self._build_inspector()
-        with gr.Accordion(
-            "Budget sweep: quality against cost for both controllers and the baselines",
-            open=False,
-            elem_id="sweep",
-        ):
-            with gr.Row():
-                self.sweep = gr.Button("Sweep budgets", elem_id="sweep-button", scale=3)
-                self.pareto_html = download_button("Sweep plot (HTML)", "download-pareto")
-            self.pareto = plotly_view(plots.pareto([]), "pareto", 440, "metaattn-sweep")
-            self.sweep_table = gr.Dataframe(
-                headers=display.SWEEP_COLUMNS, interactive=False, label="Sweep", max_height=300
-            )
-
-    def _build_inspector(self) -> None:
-        with gr.Accordion(
-            "Token inspector: posterior by layer and the attention actually used",
-            open=True,
-            elem_id="inspector",
-        ):
-            with gr.Row(equal_height=True):
-                self.pos = gr.Slider(
-                    0, 1, value=0, step=1, label="Token position", elem_id="inspect-pos", scale=4
-                )
-                self.inspect = gr.Button("Inspect token", elem_id="inspect", scale=1)
-                self.ternary_html = download_button("Posterior plot (HTML)", "download-ternary")
-            self.inspect_note = gr.Markdown("", elem_id="inspect-note")
-            with gr.Row():
-                self.ternary = plotly_view(plots.ternary_placeholder(), "ternary", 440, "metaattn-posterior")
-                self.conc_table = gr.Dataframe(
-                    headers=plots.concentration_columns(),
-                    label="Concentrations and decisions by layer",
-                    interactive=False,
-                    elem_id="conc-table",
-                    max_height=440,
-                    wrap=False,
-                )
-            with gr.Tabs():
-                with gr.Tab("bertviz head view"):
-                    self.head_view = shown_frame(attention_maps.message(PICK_A_TOKEN), "head-view")
-                with gr.Tab("bertviz model view"):
-                    self.model_view = shown_frame(attention_maps.message(PICK_A_TOKEN), "model-view")
+        self.inspector = TokenInspector(initial)
+        self.sweep = BudgetSweep()
 
     # -- what several events draw -----------------------------------------------------------
     @property
@@ -243,10 +237,6 @@ class LiveTab:
         maps, strip, meters = plots.live_views(trace, measure, relative=bool(relative))
         return {self.maps: maps, self.strip: strip, self.meters: meters}
 
-    def show_positions(self, trace) -> gr.Slider:
-        """The token-position slider over `trace`, at its last token."""
-        return gr.Slider(maximum=max(trace.n_tokens - 1, 1), value=trace.n_tokens - 1)
-
     @property
     def generation_controls(self) -> list:
         """The prompt and how it is generated: what Generate reads and a replay restores."""
@@ -259,7 +249,7 @@ class LiveTab:
         return [
             *self.views,
             self.trace,
-            self.pos,
+            self.inspector.pos,
             *self.generation_controls,
             self.controller,
             r.budget,
@@ -281,7 +271,7 @@ class LiveTab:
         return {
             **self.show(trace, measure),
             self.trace: trace,
-            self.pos: self.show_positions(trace),
+            self.inspector.pos: self.inspector.show_positions(trace),
             **({self.prompt: trace.prompt} if trace.prompt else {}),
             **self.show_linked(generation),
             self.controller: trace.controller,
@@ -324,10 +314,28 @@ class LiveTab:
     # The callbacks' names are their (private) endpoints' names; the named API endpoints
     # (api.py) own "generate" and "reroute".
     def wire(self, engine: Engine, downloads: Downloads) -> None:
+        self.inspector.wire(engine, downloads, self.trace, self.strip)
+        self.sweep.wire(engine, downloads, self.trace, self.routing)
         self._wire_generation(engine)
         self._wire_reroute(engine)
-        self._wire_inspector(engine, downloads)
-        self._wire_sweep(engine, downloads)
+
+    def follow(self, event) -> None:
+        """After `event`, which put a new trace on the page (a generation, a re-route, a
+        replay), bring the token inspector and the budget sweep up to date with it (they
+        stayed on the previous trace): each panel's `refresh`."""
+
+        @user_errors("updating the inspector and the sweep")
+        def refresh_after_trace(trace, shown, swept, request: gr.Request):
+            out = {**self.sweep.refresh(trace, swept), **self.inspector.refresh(trace, shown, request)}
+            return out or gr.skip()
+
+        event.then(
+            refresh_after_trace,
+            [self.trace, self.inspector.inspected, self.sweep.swept],
+            [*self.inspector.outputs, self.inspector.pos, *self.sweep.outputs],
+            api_visibility="private",
+            show_progress="hidden",
+        )
 
     def _wire_generation(self, engine: Engine) -> None:
         @user_errors("generating")
@@ -362,7 +370,8 @@ class LiveTab:
                         self.run_status: display.run_status(job, snap),
                     }
                     if job.done:
-                        out.update({self.trace: snap, self.pos: self.show_positions(snap)})
+                        positions = self.inspector.show_positions(snap)
+                        out.update({self.trace: snap, self.inspector.pos: positions})
                     yield out
             finally:
                 if not job.done:  # the page went away: the visitor ended the run ("stopped")
@@ -406,7 +415,7 @@ class LiveTab:
                 self.model,
                 *self.routing.inputs,
             },
-            [*self.views, self.run_status, self.trace, self.pos],
+            [*self.views, self.run_status, self.trace, self.inspector.pos],
             api_visibility="private",
             concurrency_id="model",
             concurrency_limit=engine.deployment.limits.model,
@@ -414,6 +423,7 @@ class LiveTab:
             trigger_mode="multiple",
         )
         self.trace_events.append(generated)
+        self.follow(generated)
 
         def stop(request: gr.Request):
             if request is not None and engine.generations.stop(request.session_hash):
@@ -430,10 +440,21 @@ class LiveTab:
     def _wire_reroute(self, engine: Engine) -> None:
         @user_errors("re-routing")
         def live_reroute(data, request: gr.Request):
-            settings = self.routing.settings(data)
             trace = data[self.trace]
+            empty = self.routing.empty(data)
+            if empty:  # a sentence, and the box back at the value the maps show
+                warn(empty)
+                if trace is None:
+                    return gr.skip()
+                shown = self.routing.show(trace.settings)
+                return {c: shown[c] for c in self.routing.sliders.values() if as_typed(data[c]) is None}
+            settings = self.routing.settings(data)
             if trace is None:
                 return {self.run_status: "The settings apply to the next generation."}
+            if self.routing.same(settings, trace.settings) and data[self.controller] == trace.controller:
+                # nothing changed (a box left with Tab, a slider released where it was):
+                # no re-route, and no run in the log
+                return gr.skip()
             if request is not None and engine.generations.running(request.session_hash):
                 gr.Warning(
                     "A generation is running: the new settings apply to the next one (or stop it first)."
@@ -455,11 +476,18 @@ class LiveTab:
             return plots.meters(trace), trace
 
         r = self.routing
+        # A slider commits its value on release (pointer up, or its box losing focus), on
+        # Enter in its box and after arrow keys (commit_keys, routing_controls.COMMIT_JS);
+        # not on `.input`, which fires at every keystroke in the box ("0.35" passes through
+        # "0" and "0.3") and every step of a drag (a re-route and a logged run each).
+        # "always_last": a value committed while a re-route runs is routed after it (the
+        # default, "once", dropped it and the maps stayed on the earlier value).
         rerouted = gr.on(
             [
                 r.budget.release,
                 r.hedge_threshold.release,
                 r.window.release,
+                self.commit_keys.click,
                 self.controller.input,
                 r.scope.input,
                 r.hedge_policy.input,
@@ -468,11 +496,17 @@ class LiveTab:
             ],
             live_reroute,
             {self.trace, self.controller, self.measure, self.relative, *r.inputs},
-            [*self.views, self.run_status, self.trace],
+            [*self.views, self.run_status, self.trace, *r.sliders.values()],
             api_visibility="private",
             concurrency_id="model",
             concurrency_limit=engine.deployment.limits.model,
             show_progress="minimal",
+            trigger_mode="always_last",
+            # the values as sent: a slider's box may be empty or beyond its ends here (a
+            # release dispatched before the box is clamped), which Gradio's preprocessing
+            # refused with its own errors; RoutingControls reads them (the radios are
+            # checked by parse_settings, the measure by show)
+            preprocess=False,
         ).then(
             measure_quality,
             [self.trace, self.quality],
@@ -490,6 +524,7 @@ class LiveTab:
             show_progress="hidden",
         )
         self.trace_events += [rerouted, measured]
+        self.follow(rerouted)
 
         @user_errors("redrawing the maps")
         def redraw_maps(trace, measure, relative):
@@ -505,73 +540,6 @@ class LiveTab:
             queue=False,
         )
         self.trace_events.append(redrawn)  # the maps' page follows the measure and the view
-
-    def _wire_inspector(self, engine: Engine, downloads: Downloads) -> None:
-        @user_errors("inspecting the token")
-        def inspect_token(trace, pos, request: gr.Request):
-            if trace is None or trace.n_tokens == 0:
-                raise AppError("Nothing to inspect yet: generate (or replay) a text first.")
-            pos = min(max(int(pos), 0), trace.n_tokens - 1)
-            fig = plots.ternary(trace, pos)
-            label = f"{run_label(trace)}-token{pos}"
-            out = {
-                self.ternary: figure_value(fig),
-                self.ternary_html: download(downloads.figure(fig, session_of(request), "posterior", label)),
-                self.conc_table: plots.concentration_table(trace, pos),
-            }
-            try:
-                view = engine.analysis.inspect(trace, pos)
-            except AppError as exc:
-                msg = attention_maps.message(str(exc))
-                return {**out, self.head_view: msg, self.model_view: msg, self.inspect_note: str(exc)}
-            head = attention_maps.iframe(
-                attention_maps.head_view_page(view), min(640, 110 + 23 * len(view.positions)), "head view"
-            )
-            model = attention_maps.iframe(attention_maps.model_view_page(view), 720, "model view")
-            return {
-                **out,
-                self.head_view: head,
-                self.model_view: model,
-                self.inspect_note: display.inspect_note(trace, pos, view),
-            }
-
-        outputs = [
-            self.ternary,
-            self.ternary_html,
-            self.conc_table,
-            self.head_view,
-            self.model_view,
-            self.inspect_note,
-        ]
-        self.inspect.click(inspect_token, [self.trace, self.pos], outputs, api_visibility="private")
-
-        def pick_token(evt: gr.SelectData):
-            return evt.index if isinstance(evt.index, int) else evt.index[0]
-
-        self.strip.select(pick_token, None, self.pos, api_visibility="private", queue=False).then(
-            inspect_token, [self.trace, self.pos], outputs, api_visibility="private"
-        )
-
-    def _wire_sweep(self, engine: Engine, downloads: Downloads) -> None:
-        @user_errors("sweeping budgets")
-        def sweep(data, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (gradio injects a tracker here)
-            trace = data[self.trace]
-            if trace is None:
-                raise AppError("Nothing to sweep yet: generate (or replay) a text first.")
-            base = self.routing.settings(data)
-            rows = engine.analysis.sweep(trace, base, progress=lambda f, d: progress(f, desc=d))
-            fig = plots.pareto(rows)
-            page = downloads.figure(fig, session_of(request), "sweep", run_label(trace))
-            return figure_value(fig), download(page), display.sweep_table(rows)
-
-        self.sweep.click(
-            sweep,
-            {self.trace, *self.routing.inputs},
-            [self.pareto, self.pareto_html, self.sweep_table],
-            api_visibility="private",
-            concurrency_limit=engine.deployment.limits.sweep,
-            concurrency_id="sweep",
-        )
 
 
 __all__ = ["LiveTab"]

@@ -13,7 +13,7 @@ menu, or the system's preference), or on the app's container when the page is em
   stay the same, except black lines and markers off a heatmap, which take the dark
   theme's text colour (`metaattnThemedData`).
 - `PAGE_CSS` recolours the meters' text (plain HTML) for the dark theme with Gradio's own
-  CSS variable.
+  CSS variable, and keeps bertviz's frames readable on a narrow screen (a phone).
 
 Downloaded HTML figures are drawn light (exports.py); a PNG or SVG taken from a figure's
 toolbar is drawn as the page shows it. bertviz's views are pages of their own (light, in a
@@ -99,9 +99,15 @@ function metaattnWatchTheme(el, onChange) {
 
 # The meters are plain HTML with dark text written in (plots/meters.py): under the dark
 # theme their text takes Gradio's text colour (the bar keeps its light track and dark tick).
-PAGE_CSS = """
-.dark .metaattn-meters, .dark .metaattn-meters .meter div { color: var(--body-text-color) !important; }
+# bertviz's head view draws its two token columns 225 px apart, each 110 px wide, in a frame
+# as wide as the inspector: at 390 px (a 300 px frame) the right column's labels were cut.
+# Its frame keeps BERTVIZ_MIN_PX and scrolls sideways in its slot (shown_frame.py) instead.
+BERTVIZ_MIN_PX = 360
+PAGE_CSS = f"""
+.dark .metaattn-meters, .dark .metaattn-meters .meter div {{ color: var(--body-text-color) !important; }}
+.metaattn-frame-slot {{ overflow-x: auto; }}
+.metaattn-frame-slot iframe.metaattn-bertviz {{ min-width: {BERTVIZ_MIN_PX}px; }}
 """
 
 
-__all__ = ["THEME_JS", "PAGE_CSS"]
+__all__ = ["THEME_JS", "PAGE_CSS", "BERTVIZ_MIN_PX"]

@@ -2,8 +2,9 @@
 export and share a run, replay and query the routing log.
 
 `build_app` lays out the page: the header (model status, refreshed until the model is
-loaded), the Live tab (tab_live.py, with its Export and share panel, live_exports.py), the
-History tab (tab_history.py), the About tab (about.py), and the named API endpoints
+loaded), the Live tab (tab_live.py, with its Export and share panel, live_exports.py, and
+its token inspector and budget sweep, live_inspector.py), the History tab
+(tab_history.py), the About tab (about.py), and the named API endpoints
 (api.py: `/generate`, `/reroute`, `/figure`, `/status`, `/sql`, `/runs`, `/export`). Each
 tab wires its own events next to its components; a shared link is opened when the page
 loads. Every callback is a thin adapter over one engine part; user mistakes surface as
