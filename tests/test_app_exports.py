@@ -450,3 +450,10 @@ def test_a_links_values_land_on_the_controls_within_their_ranges():
     assert (
         shown[live.routing.budget] == 0.3 and shown[live.chat] is False and shown[live.measure] == "vacuity"
     )
+    # a value moved into range is said: the next Generate uses the control's value, not the link's
+    notes: list[str] = []
+    live.show_linked({"window": 4, "top_p": 0.5, "budget": 0.3}, notes)
+    lowest = live.routing.window.minimum
+    assert notes == [
+        f"Local window 4 is outside the page's range ({lowest:g}-{WINDOW_MAX:g}): set to {lowest:g}."
+    ]

@@ -127,8 +127,9 @@ class ExportPanel:
             shared = share.parse_shared(query)
             if shared is None:  # an ordinary visit: nothing changes
                 return {live.run_status: gr.skip()}
-            warn(shared.notes)
-            out = live.show_linked(shared.values)
+            notes = list(shared.notes)
+            out = live.show_linked(shared.values, notes)  # adds a note for each value it moves
+            warn(notes)
             if shared.prompt is not None:
                 out[live.prompt] = shared.prompt
             measure = shared.values.get("measure", "total")

@@ -299,14 +299,21 @@ class LiveTab:
             "measure": self.measure,
         }
 
-    def show_linked(self, values: dict) -> dict:
+    def show_linked(self, values: dict, notes: list[str] | None = None) -> dict:
         """The controls set to a link's values (keys of link_controls), each kept within
-        its control's range (a run made through the API may have a wider window)."""
+        its control's range (a run made through the API may have a wider window); a value
+        so moved is said in `notes` (the next Generate uses the control's value)."""
         out = {}
         for key, value in values.items():
             control = self.link_controls[key]
             if isinstance(control, gr.Slider):
-                value = min(max(value, control.minimum), control.maximum)
+                kept = min(max(value, control.minimum), control.maximum)
+                if kept != value and notes is not None:
+                    notes.append(
+                        f"{control.label.split(' (')[0]} {value:g} is outside the page's range "
+                        f"({control.minimum:g}-{control.maximum:g}): set to {kept:g}."
+                    )
+                value = kept
             out[control] = value
         return out
 
