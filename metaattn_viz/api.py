@@ -223,7 +223,7 @@ def calibrate(
     from metaattn_viz.routing.controller import KINDS, ControllerStack
     from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import calibrate as calibration
-    from metaattn_viz.training.data import DataError
+    from metaattn_viz.training.data import TooShort
 
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"routed must be a RoutedModel (from metaattn_viz.load), got {type(routed).__name__}")
@@ -262,11 +262,8 @@ def calibrate(
                 model_slug=routed.slug,
                 on_step=on_step,
             )
-        except DataError as exc:  # the command line's words for it, said for this call
-            said = str(exc).replace(
-                "give a longer file or a smaller --seq-len", "give more or longer texts, or a smaller seq_len"
-            )
-            raise DataError(said) from None
+        except TooShort as exc:  # said for this call: its texts and its seq_len argument
+            raise exc.with_remedy("give more or longer texts, or a smaller seq_len") from None
         finally:
             for p, g in zip(params, grads, strict=True):
                 p.requires_grad_(g)

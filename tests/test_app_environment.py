@@ -75,3 +75,16 @@ def test_serve_refuses_a_bad_app_max_context_in_one_line(tmp_path, held):
         f"metaattn-viz serve: error: METAATTN_APP_MAX_CONTEXT must be a whole number >= 257, got '{held}'"
     )
     assert "Traceback" not in done.stderr
+
+
+def test_serve_checks_the_queue_size_before_it_builds_the_page(monkeypatch):
+    """Building the page starts loading the model (all of them on ZeroGPU): a bad queue size
+    must be refused first, not after minutes of loading."""
+    from metaattn_viz.app import server, ui
+
+    built = []
+    monkeypatch.setattr(ui, "build_app", lambda **kwargs: built.append(kwargs))
+    monkeypatch.setenv("METAATTN_QUEUE_SIZE", "lots")
+    with pytest.raises(ValueError, match="METAATTN_QUEUE_SIZE must be a whole number >= 1, got 'lots'"):
+        server.serve(port=1, log_runs=False, public=True)
+    assert built == []

@@ -1025,6 +1025,26 @@ def test_an_export_that_cannot_write_says_so_and_not_that_the_log_is_damaged(fil
     assert store.export(db, tmp_path / "again", "csv")["runs"] == 6  # the log reads as before
 
 
+def test_only_an_error_quoting_a_file_under_the_export_folder_is_the_exports(tmp_path):
+    """A read error of the log stays "damaged" even when the export goes into the log's own
+    folder (or a folder whose name starts like it): the file DuckDB quotes decides."""
+    from metaattn_viz.store.exporting import _about
+
+    log_file = tmp_path / "data" / "routing.duckdb"
+    out = tmp_path / "data"
+    read = Exception(f'Could not read from file "{log_file}": Input/output error')
+    assert not _about(read, out, log_file)  # the log quoted: its own failure
+    assert not _about(Exception("IO Error: something. else"), Path("."), log_file)  # no file quoted
+    wrote = Exception(f'Could not write file "{tmp_path}/database/runs/x.csv": No space left on device')
+    assert not _about(wrote, tmp_path / "data", log_file)  # "data" is a prefix of "database": not under it
+    assert _about(wrote, tmp_path / "database", log_file)
+    nested = Exception(  # DuckDB's async writer wraps the reason in JSON
+        'IO Error: Async write failed: {"exception_type":"IO","exception_message":"Could not write '
+        f'file \\"{out}/tokens/data_0.csv\\": File too large","errno":"27"}}'
+    )
+    assert _about(nested, out, log_file)
+
+
 def test_export_from_an_open_log_in_this_process(db, tmp_path):
     with RunLog(db) as log:
         stream_run(log, synthetic_trace(n_layers=2, n_tokens=4))

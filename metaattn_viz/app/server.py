@@ -77,8 +77,8 @@ def serve(
 
     host, port = resolve_host_port(host, port)
     deployment = Deployment.detect(public)
+    limits = deployment.limits  # METAATTN_QUEUE_SIZE checked before the model starts loading
     demo = build_app(model=model, db=db, log_runs=log_runs, deployment=deployment)
-    limits = deployment.limits
     log.info(
         "serving on http://%s:%d (%s; runs visible to %s)",
         host,

@@ -335,7 +335,8 @@ def _column_values(column: pa.ChunkedArray, name: str = "") -> list:
     -inf (JSON has no such numbers and pandas would show them as empty), an INTERVAL as
     "2 months 3 days 01:02:03.5" (Arrow hands it over as a (months, days, nanoseconds)
     triple), a DECIMAL or HUGEINT as a number (an int where it has no fraction: sum() of
-    integers is a HUGEINT). Dates, times, timestamps and the types Arrow cannot carry
+    integers is a HUGEINT); a UHUGEINT or VARINT as DuckDB's text of it (exact, whatever
+    its size: Arrow carries neither). Dates, times, timestamps and the types Arrow cannot carry
     arrive as DuckDB's text already (the worker casts them, sandbox_worker.CARRIED_TYPES).
     A value that still cannot be shown is ConsoleError naming the column."""
     t = column.type

@@ -75,7 +75,7 @@ def export(
                     shutil.rmtree(target, ignore_errors=True)
                 else:
                     target.unlink(missing_ok=True)
-        if isinstance(exc, DAMAGED) and _about(exc, out):  # writing the export, not reading the log
+        if isinstance(exc, DAMAGED) and _about(exc, out, log.path):  # writing the export, not reading the log
             raise ExportNotWritten(
                 f"the export could not be written ({_reason(exc)}); nothing of it was kept, and "
                 "the routing log is unchanged"
@@ -89,11 +89,17 @@ def export(
     return counts
 
 
-def _about(exc: BaseException, out: Path) -> bool:
-    """Whether DuckDB's error names a file under `out`: a COPY that could not write (a
-    full disk), which is no sign of a damaged log (an error reading the log names the log)."""
-    message = str(exc)
-    return any(str(p) in message for p in {out, out.resolve()})
+def _about(exc: BaseException, out: Path, log_path: Path) -> bool:
+    """Whether DuckDB's error is about writing the export: a file it quotes lies under
+    `out` and is not the log itself (a COPY that could not write, a full disk, which is no
+    sign of a damaged log; an error reading the log quotes the log)."""
+    root = out.resolve()
+    log_file = Path(log_path).resolve()
+    for quoted in re.findall(r'"([^"]+)"', _reason(exc)):  # the reason unwrapped from its JSON
+        path = Path(quoted).resolve()
+        if path != log_file and path.is_relative_to(root):
+            return True
+    return False
 
 
 def _reason(exc: BaseException) -> str:

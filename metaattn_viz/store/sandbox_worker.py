@@ -14,7 +14,7 @@ Arrow IPC stream of at most max_rows + 1 rows and about max_bytes (a larger answ
 error: one 100 MB value is enough to crash a browser tab). A failed answer's kind is
 "timeout" (interrupted at the time limit), "memory" (it needed more than its memory cap)
 or "error" (with DuckDB's message). Values of a type Arrow or Python would not carry as
-they are (TIME '24:00:00', TIMETZ's offset, a UHUGEINT past 2^127, a VARINT, BIT,
+they are (TIME '24:00:00', TIMETZ's offset, any UHUGEINT (one past 2^127 wrapped), a VARINT, BIT,
 dates and timestamps past Python's years) travel as DuckDB's own text of them.
 
 It must never open a file, a URL or another database, nor keep anything from one

@@ -142,8 +142,9 @@ def _baseline_notes(rows: list[dict]) -> list[str]:
 def paired_differences(rows: list[dict], a: str = "bayes", b: str = "priorfree") -> list[dict]:
     """Controller `a` against `b` at each budget both were evaluated at (the unbudgeted argmax
     included), paired over the validation windows: the mean of the per-window differences of
-    KL to dense (a - b; it equals the difference of the rows' KL, the windows being of one
-    length), its standard error, and in how many windows `a` is lower. Rows without
+    KL to dense (a - b; where every window is defined it equals the difference of the rows'
+    KL, the windows being of one length), its standard error, and in how many windows `a`
+    is lower. Rows without
     ``kl_windows`` (made before it existed) are skipped, and so is a window undefined on
     either side (a NaN, or None after `finite_or_null`): ``windows`` counts those paired."""
     by = {(r["controller"], r["budget"]): r for r in rows if r.get("kl_windows")}
