@@ -10,7 +10,8 @@ is split into paragraphs instead. The split is by article and deterministic: art
 with fewer than 10 articles the last one is held out for validation; so at least 2 are
 needed (validation is never the training text). Every problem with the file (missing,
 empty, binary, too short, a single article) raises DataError before any model work.
-Never imports the model or the UI.
+Never imports the model or the UI, nor torch at import (training/report.py reads the
+split's rule from here).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 VALIDATION_EVERY = 10
 SPLIT_RULE = (
@@ -28,6 +31,13 @@ SPLIT_RULE = (
     "(file order), else to training"
 )
 MIN_ARTICLES = 2  # one for training, one held out for validation
+
+
+def usual_rule(unit: str = "article") -> str:
+    """The split's rule in a report's words, for `unit`s ("articles i % 10 == 9")."""
+    return f"{unit}s i % {VALIDATION_EVERY} == {VALIDATION_EVERY - 1}"
+
+
 _TITLE = re.compile(r"^ = [^=].* =$")  # matched with trailing whitespace stripped (editors drop it)
 
 
@@ -66,7 +76,7 @@ class Split:
         usual rule, else (fewer than VALIDATION_EVERY texts) the last one."""
         n = len(self.train) + len(self.validation)
         if n >= VALIDATION_EVERY:
-            return f"{self.unit}s i % {VALIDATION_EVERY} == {VALIDATION_EVERY - 1}"
+            return usual_rule(self.unit)
         return f"the last of its {n} {self.unit}s"
 
     def describe(self) -> dict:
@@ -135,6 +145,8 @@ def load_split(path) -> Split:
 def windows(tokenizer, articles: list[str], seq_len: int, what: str = "training") -> torch.Tensor:
     """Concatenate the articles' tokens and cut them into [N, seq_len] windows; TooShort
     (a DataError) when they do not fill one."""
+    import torch
+
     ids: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for art in articles:
