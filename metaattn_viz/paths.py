@@ -53,8 +53,26 @@ def data_dir() -> Path:
 
 def storage_is_ephemeral() -> bool:
     """True on a Space whose routing log has no mounted storage: its runs are lost when the
-    Space restarts (the page says so)."""
-    return bool(os.environ.get("SPACE_ID")) and not (os.environ.get(DATA_ENV) or os.environ.get(DB_ENV))
+    Space restarts (the page says so). A Space has no lasting disk of its own, only a
+    mounted bucket, so the log's folder must lie under a mount point: a duplicate of a
+    Space inherits METAATTN_DATA but may have skipped the bucket."""
+    if not os.environ.get("SPACE_ID"):
+        return False
+    if not (os.environ.get(DATA_ENV) or os.environ.get(DB_ENV)):
+        return True
+    return not _under_a_mount(default_db_path().parent)
+
+
+def _under_a_mount(path: Path) -> bool:
+    """Whether `path` (or, where it does not exist yet, its nearest folder that does) lies
+    under a mount point other than the file system's root."""
+    path = path.absolute()
+    for folder in (path, *path.parents):
+        if folder == Path(folder.anchor):
+            return False
+        if os.path.ismount(folder):
+            return True
+    return False
 
 
 def default_db_path() -> Path:

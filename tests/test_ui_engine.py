@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -585,6 +586,11 @@ def test_the_deployment_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("METAATTN_DATA", "/data/metaattn-viz")
     monkeypatch.setenv("METAATTN_SHARED_LOG", "1")
     monkeypatch.setenv("METAATTN_QUEUE_SIZE", "7")
+    # a duplicate of the Space inherits METAATTN_DATA but may have skipped the bucket: only
+    # a folder under a mount point lasts
+    assert Deployment.detect().ephemeral_storage
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == "/data" or real_ismount(p))
     space = Deployment.detect()
     assert space.public and not space.scoped and not space.ephemeral_storage
     assert space.limits.max_size == 7

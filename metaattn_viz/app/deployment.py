@@ -10,8 +10,9 @@ visitor sees, what the page says about that and about storage, and the queue lim
 - Public with the operator's shared log (`METAATTN_SHARED_LOG=1`): runs still record
   their session, but every visitor reads every run, and the page says so.
 
-Storage: on a Space without METAATTN_DATA / METAATTN_DB (paths.storage_is_ephemeral) the
-log lives on the Space's own disk and is lost when it restarts; the page says so.
+Storage: on a Space without METAATTN_DATA / METAATTN_DB, or whose log's folder is not under
+a mount point (paths.storage_is_ephemeral), the log lives on the Space's own disk and is
+lost when it restarts; the page says so.
 
 Pure policy over plain values: never imports gradio, never opens the log.
 """
