@@ -282,6 +282,19 @@ def test_a_dropped_generate_connection_stops_its_generation(server):
     assert row["n_tokens"] < row["n_prompt_tokens"] + 256
 
 
+def test_a_direct_post_cannot_skip_the_queue(server):
+    """Gradio's direct route (POST /gradio_api/run/<name>) ran every call at once, past the
+    queue's limits (five generations together on a public server that allows two): it is
+    closed, as it is on a Space; clients join the queue (gradio_client does)."""
+    import httpx
+
+    data = ["The cat", 0.5, 1, "bayes", 0.0, 1.0, 0, False]
+    data += ["global", "off", 0.5, 64, 4, False, "", "total", "notional"]  # every input, in order
+    answer = httpx.post(server.url + "gradio_api/run/generate", json={"data": data}, timeout=30)
+    assert answer.status_code == 404, answer.text[:300]
+    assert "join the queue" in answer.text
+
+
 @pytest.mark.slow
 def test_sigterm_ends_the_run_in_flight_as_interrupted(tmp_path):
     """SIGTERM (a Space or container stopping) closes the server as Ctrl-C does: the run in

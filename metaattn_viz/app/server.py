@@ -89,7 +89,11 @@ def serve(
     _stop_on_sigterm()
     try:
         try:
-            demo.queue(default_concurrency_limit=limits.default, max_size=limits.max_size).launch(
+            # api_open=False: the direct REST routes (POST /gradio_api/run/<name>) would skip
+            # the queue and its limits; clients go through the queue (gradio_client does)
+            demo.queue(
+                default_concurrency_limit=limits.default, max_size=limits.max_size, api_open=False
+            ).launch(
                 server_name=host,
                 server_port=port,
                 show_error=True,
