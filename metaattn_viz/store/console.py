@@ -375,10 +375,19 @@ def _needs_text(t: pa.DataType) -> bool:
     return False
 
 
+# the whole numbers a JSON answer carries as numbers (orjson's range: a signed or unsigned
+# 64-bit integer); a HUGEINT or a DECIMAL(38, 0) beyond it is sent as its exact text
+JSON_INT_MIN, JSON_INT_MAX = -(2**63), 2**64 - 1
+
+
 def _as_text(v: Any) -> Any:
     """One value as _column_values shows it (a list, struct or map value by its members)."""
     if isinstance(v, Decimal):  # an int where it has no fraction, as DuckDB's type says
-        return int(v) if v.as_tuple().exponent == 0 else float(v)
+        if v.as_tuple().exponent != 0:
+            return float(v)
+        whole = int(v)
+        # past 64 bits JSON encoders refuse it (the page's answer failed): its exact text
+        return whole if JSON_INT_MIN <= whole <= JSON_INT_MAX else str(whole)
     if isinstance(v, float):
         if math.isfinite(v):
             return v
