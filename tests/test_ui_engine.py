@@ -347,9 +347,14 @@ def test_reroute_meets_the_new_budget_and_is_logged(engine):
     assert low.realized_cost == pytest.approx(0.2, abs=0.03)
     assert high.realized_cost == pytest.approx(0.8, abs=0.03)
     assert high.controller == "priorfree" and low.timings["reroute_ms"] > 0
+    # the run id is on the trace when reroute returns (an API client exports the run by
+    # it); it was set by a writer thread, and /reroute usually answered None
+    assert low.run_id is not None and high.run_id is not None and low.run_id != high.run_id
     engine.history.flush()
-    kinds = engine.history.runs()["kind"].tolist()
+    runs = engine.history.runs()
+    kinds = runs["kind"].tolist()
     assert kinds.count("reroute") == 2 and kinds.count("generate") == 1
+    assert {low.run_id, high.run_id} <= set(runs["run_id"])
     with pytest.raises(AppError, match="Nothing to re-route"):
         engine.analysis.reroute(app_requests.Text([], []), parse_settings(0.5))
 

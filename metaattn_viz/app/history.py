@@ -84,17 +84,15 @@ class RunHistory:
         return out
 
     def log_finished(self, trace: RoutingTrace, kind: str, owner: str | None = None) -> None:
-        """Log a complete trace (a re-route) off the request path, as `owner`'s run."""
+        """Log a complete trace (a re-route) as `owner`'s run. The run is started here (that
+        only queues it), so `trace.run_id` is set before the request answers (an API client
+        exports the run by it); the wait for its commit is off the request path."""
         run_log = self.run_log
         if run_log is None:
             return
-
-        def write():
-            rid = self.write(lambda: run_log.start_run(trace, kind, owner=owner))
-            if rid is not None:
-                self.write(lambda: run_log.finish(rid, trace, "done"))
-
-        self._writer.submit(write)
+        rid = self.write(lambda: run_log.start_run(trace, kind, owner=owner))
+        if rid is not None:
+            self._writer.submit(lambda: self.write(lambda: run_log.finish(rid, trace, "done")))
 
     def recorder(self, kind: str, owner: str | None = None) -> RunRecorder:
         """A recorder for one run of `owner` that grows while it streams."""
