@@ -24,7 +24,6 @@ from gradio.data_classes import FileData
 from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
-from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.exports import Downloads, run_label
 from metaattn_viz.app.requests import (
     GENERATION,
@@ -33,12 +32,12 @@ from metaattn_viz.app.requests import (
     parse_request,
     parse_settings,
     text_from_json,
+    trace_from_json,
     whole,
     words,
 )
 from metaattn_viz.app.ui_errors import user_errors
 from metaattn_viz.core.settings import DEFAULTS, UNCERTAINTY_MEASURES
-from metaattn_viz.core.trace import RoutingTrace
 
 SQL_MAX_ROWS = 500  # the console's default row limit
 SQL_ROWS_LIMIT = 10_000
@@ -67,14 +66,6 @@ def trace_json(trace, notes=()) -> dict:
 def _notes(*notes: str | None) -> list[str]:
     """The notes that apply (None: a note that does not)."""
     return [n for n in notes if n]
-
-
-def trace_from_json(d) -> RoutingTrace:
-    """A trace sent by a client (as /generate or /reroute returned it), or AppError."""
-    try:
-        return RoutingTrace.from_json(d)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise AppError(f"Expected a trace as returned by the generate endpoint: {exc}") from None
 
 
 API_POLL_S = 0.05  # how often /generate looks whether its job has ended

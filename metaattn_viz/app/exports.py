@@ -75,10 +75,17 @@ def figure_html(fig, filename: str = "metaattn-figure") -> str:
     )
 
 
+_LABEL_DROPPED = re.compile(r"[^A-Za-z0-9-]+")
+LABEL_CHARS = 8  # a run id's prefix names its files (a uuid4's first group)
+
+
 def run_label(trace: RoutingTrace | None) -> str:
-    """A short name for a trace's files: its run's id prefix, or "unlogged"."""
+    """A short name for a trace's files: its run's id prefix, or "unlogged". Part of a file
+    name, and the run id may be a client's (an API trace): only ASCII letters, digits and
+    hyphens are kept, at most LABEL_CHARS; a label with nothing left is "unlogged"."""
     run_id = getattr(trace, "run_id", None)
-    return str(run_id)[:8] if run_id else "unlogged"
+    label = _LABEL_DROPPED.sub("", run_id)[:LABEL_CHARS] if isinstance(run_id, str) else ""
+    return label or "unlogged"
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:

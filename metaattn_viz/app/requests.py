@@ -26,6 +26,7 @@ from metaattn_viz.core.settings import (
     SCOPES,
     RoutingSettings,
 )
+from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing.controller import KINDS
 
 MAX_PROMPT_CHARS = 16_000
@@ -34,6 +35,27 @@ MAX_NEW_TOKENS = 256
 # left): every view and the sweep stay interactive on two CPU cores.
 # At least the most new tokens plus one prompt token, so the longest generation fits.
 APP_MAX_CONTEXT = whole_from_env("METAATTN_APP_MAX_CONTEXT", 512, MAX_NEW_TOKENS + 1)
+
+
+def _strip_controls(text: str) -> tuple[str, int]:
+    """`text` without control characters (other than newline and tab) and unpaired
+    surrogates, CRLF as LF, and how many characters were removed."""
+    kept, dropped = [], 0
+    for ch in text.replace("\r\n", "\n"):
+        cat = unicodedata.category(ch)
+        if (cat == "Cc" and ch not in "\n\t") or cat == "Cs":
+            dropped += 1
+        else:
+            kept.append(ch)
+    return "".join(kept), dropped
+
+
+def _too_long(name: str, n: int) -> str:
+    return (
+        f"The {name} is {n:,} characters long; the app takes at most "
+        f"{MAX_PROMPT_CHARS:,} (the model routes the last {APP_MAX_CONTEXT} "
+        "tokens anyway). Shorten it and try again."
+    )
 
 
 def clean_prompt(text) -> tuple[str, list[str]]:
@@ -46,24 +68,27 @@ def clean_prompt(text) -> tuple[str, list[str]]:
         raise AppError(f"The prompt must be text, got {type(text).__name__}.")
     notes = []
     if len(text) > MAX_PROMPT_CHARS:
-        raise AppError(
-            f"The prompt is {len(text):,} characters long; the app takes at most "
-            f"{MAX_PROMPT_CHARS:,} (the model routes the last {APP_MAX_CONTEXT} "
-            "tokens anyway). Shorten it and try again."
-        )
-    kept, dropped = [], 0
-    for ch in text.replace("\r\n", "\n"):
-        cat = unicodedata.category(ch)
-        if (cat == "Cc" and ch not in "\n\t") or cat == "Cs":
-            dropped += 1
-        else:
-            kept.append(ch)
-    text = "".join(kept)
+        raise AppError(_too_long("prompt", len(text)))
+    text, dropped = _strip_controls(text)
     if dropped:
         notes.append(f"Removed {dropped} control character{'s' if dropped != 1 else ''} from the prompt.")
     if not text.strip():
         raise AppError("The prompt is empty: type some text (or pick an example) first.")
     return text, notes
+
+
+def trace_text(name: str, value) -> str:
+    """A trace's `prompt` or `output_text` as sent by a client, by the prompt's rules
+    (clean_prompt) except that it may be empty: None or absent is empty text, anything but
+    text is refused, more than MAX_PROMPT_CHARS characters is refused, control characters
+    and unpaired surrogates are removed (a NUL or a lone surrogate would reach the log)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise AppError(f"The trace's {name} must be text, got {type(value).__name__}.")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise AppError(_too_long(f"trace's {name}", len(value)))
+    return _strip_controls(value)[0]
 
 
 def _bound(x: float) -> str:
@@ -267,13 +292,44 @@ def text_from_json(d, vocab_size: int) -> Text:
     return Text(
         list(ids),
         [str(t) for t in tokens],
-        str(d.get("prompt") or ""),
+        trace_text("prompt", d.get("prompt")),
         n_prompt,
         truncated,
-        str(d.get("output_text") or ""),
+        trace_text("output_text", d.get("output_text")),
         controller,
         str(d.get("model") or ""),
     )
+
+
+# The most layers a trace sent to the app may have (the largest open models have ~130):
+# beyond it, no model made the trace, and its maps would only load the server.
+MAX_TRACE_LAYERS = 1024
+
+
+def trace_from_json(d) -> RoutingTrace:
+    """A whole trace sent by a client (as /generate or /reroute returned it, for /figure),
+    checked, or AppError in one sentence. Its size is refused before any array is built
+    (at most APP_MAX_CONTEXT tokens and MAX_TRACE_LAYERS layers: what the app itself
+    routes), then RoutingTrace.from_json checks every field (core.trace.record_problem,
+    RoutingTrace.problem) and here the controller is one of routing.controller.KINDS."""
+    lead = "Expected a trace as returned by the generate endpoint"
+    if not isinstance(d, dict):
+        raise AppError(f"{lead} (a JSON object), got {type(d).__name__}.")
+    ids, n_layers = d.get("token_ids"), d.get("n_layers")
+    if isinstance(ids, list) and len(ids) > APP_MAX_CONTEXT:
+        raise AppError(
+            f"The trace has {len(ids):,} tokens; the app takes traces of at most {APP_MAX_CONTEXT}."
+        )
+    if _count(n_layers) and n_layers > MAX_TRACE_LAYERS:
+        raise AppError(
+            f"The trace has {n_layers:,} layers; the app takes traces of at most {MAX_TRACE_LAYERS}."
+        )
+    if "controller" in d and d["controller"] not in KINDS:
+        raise AppError(f"{lead}: controller must be one of {', '.join(KINDS)}, got {d['controller']!r}.")
+    try:
+        return RoutingTrace.from_json(d)
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise AppError(f"{lead}: {str(exc).rstrip('.')}.") from None
 
 
 __all__ = [
@@ -288,6 +344,9 @@ __all__ = [
     "parse_settings",
     "parse_request",
     "text_from_json",
+    "trace_from_json",
+    "trace_text",
+    "MAX_TRACE_LAYERS",
     "MAX_PROMPT_CHARS",
     "MAX_NEW_TOKENS",
     "APP_MAX_CONTEXT",

@@ -193,6 +193,70 @@ class RoutingTrace:
             return {e: float("nan") for e in EXPERTS}
         return {e: float(self.weights[..., k].mean()) for k, e in enumerate(EXPERTS)}
 
+    # -- checking ---------------------------------------------------------------------------
+    def problem(self) -> str | None:
+        """The first thing that no routed model writes into a trace, as a sentence, or None
+        for a consistent trace. What ``from_json`` checks after reading a record (a record
+        from outside, an API client's, may be forged): the dims are whole numbers, every
+        array is exactly [n_layers, n_tokens, ...], concentrations finite and positive (a
+        prior-free controller's probabilities: >= 0, summing above 0), routes expert
+        indices, mixing weights finite, >= 0 and summing to 1, costs finite and >= 0,
+        lambdas finite, the text fields text."""
+        L, T = self.n_layers, self.n_tokens
+        for name in ("n_layers", "head_dim", "n_prompt_tokens", "truncated"):
+            if not _whole(getattr(self, name)):
+                return f"{name} must be a whole number, got {getattr(self, name)!r}"
+        if L < 1 or self.head_dim < 1:
+            return f"n_layers and head_dim must be at least 1, got {L} and {self.head_dim}"
+        if not 0 <= self.n_prompt_tokens <= T:
+            return f"n_prompt_tokens must be between 0 and the {T} tokens, got {self.n_prompt_tokens}"
+        if self.truncated < 0:
+            return f"truncated must be at least 0, got {self.truncated}"
+        for name in ("model", "controller", "controller_id", "prompt", "output_text"):
+            if not isinstance(getattr(self, name), str):
+                return f"{name} must be text, got {type(getattr(self, name)).__name__}"
+        if not isinstance(self.controller_trained, bool):
+            return f"controller_trained must be true or false, got {self.controller_trained!r}"
+        if self.run_id is not None and not isinstance(self.run_id, str):
+            return f"run_id must be text or null, got {type(self.run_id).__name__}"
+        if not isinstance(self.settings, RoutingSettings):
+            return f"settings must be routing settings, got {type(self.settings).__name__}"
+        if not all(_whole(t) and t >= 0 for t in self.token_ids):
+            return "token_ids must be whole numbers >= 0"
+        if len(self.tokens) != T or not all(isinstance(t, str) for t in self.tokens):
+            return f"tokens must be {T} strings, one per token id"
+        for name, tail in (("concentration", (K,)), ("routes", ()), ("hedged", ()), ("weights", (K,))):
+            if getattr(self, name).shape != (L, T, *tail):
+                return f"{name} must be an array of shape {(L, T, *tail)}, got {getattr(self, name).shape}"
+        for name in ("cost", "lam"):
+            if getattr(self, name).shape != (L, T):
+                return f"{name} must be an array of shape {(L, T)}, got {getattr(self, name).shape}"
+        if self.kl_to_dense is not None and np.shape(self.kl_to_dense) != (T,):
+            shape = np.shape(self.kl_to_dense)
+            return f"kl_to_dense must be null or hold one value per token ({T}), got shape {shape}"
+        if not T:
+            return None
+        c = self.concentration
+        if not np.isfinite(c).all():
+            return "concentration must be finite"
+        if self.point_estimate:
+            if (c < 0).any() or not (c.sum(-1) > 0).all():
+                return "concentration (the prior-free controller's probabilities) must be >= 0, not all 0"
+        elif not (c > 0).all():
+            return "concentration must be > 0 (Dirichlet concentrations)"
+        if not ((self.routes >= 0) & (self.routes < K)).all():
+            return f"routes must be expert indices in [0, {K})"
+        w = self.weights
+        if not np.isfinite(w).all() or (w < 0).any():
+            return "weights must be finite and >= 0"
+        if (np.abs(w.astype(np.float64).sum(-1) - 1.0) > WEIGHT_SUM_TOL).any():
+            return "the weights of each decision must sum to 1"
+        if not np.isfinite(self.cost).all() or (self.cost < 0).any():
+            return "cost must be finite and >= 0"
+        if not np.isfinite(self.lam).all():
+            return "lam must be finite"
+        return None
+
     # -- export -----------------------------------------------------------------------------
     def to_json(self) -> dict:
         """The `route --json` contract (docs/architecture.md), which is also the trace's
@@ -242,39 +306,56 @@ class RoutingTrace:
     def from_json(cls, data: dict | str) -> RoutingTrace:
         """The trace ``to_json`` wrote (its dict or that dict as JSON text), equal to the
         original on every stored field. A record without the arrays (an older ``route
-        --json``) is refused, naming what is missing."""
+        --json``) is refused, naming what is missing. Always checked (the record may come
+        from outside: an API client's, a file): ``record_problem`` before any array is
+        built, ``problem`` after; either raises ValueError with the sentence."""
         d = json.loads(data) if isinstance(data, str) else data
-        if not isinstance(d, dict):
-            raise ValueError(f"a trace record is a dict or its JSON text, got {type(d).__name__}")
-        missing = [k for k in _JSON_REQUIRED if k not in d]
-        if missing:
-            raise ValueError(f"not a full trace record: missing {', '.join(missing)}")
-        L, T = int(d["n_layers"]), len(d["token_ids"])
+        problem = record_problem(d)
+        if problem:
+            raise ValueError(problem)
+        L, T = d["n_layers"], len(d["token_ids"])
 
         def array(key: str, dtype, *tail: int) -> np.ndarray:
-            a = np.asarray(d[key], dtype)
-            if a.size != L * T * math.prod(tail):
-                raise ValueError(f"{key} must hold {L} layers x {T} tokens, got shape {a.shape}")
-            return a.reshape(L, T, *tail)
+            """d[key] as an [L, T, *tail] array of dtype, refusing any other shape, and
+            elements of another kind (text, null, nested lists of uneven length)."""
+            shape = (L, T, *tail)
+            raw = d[key]
+            if isinstance(raw, (list, tuple)) and len(raw) != L:  # before building it
+                raise ValueError(f"{key} must hold {L} layers, got {len(raw)}")
+            want = " x ".join(map(str, shape))
+            try:
+                a = np.asarray(raw)
+            except ValueError:  # lists of uneven length
+                raise ValueError(f"{key} must be an array of {want} (layers x tokens), not ragged") from None
+            if a.size == 0 and math.prod(shape) == 0:  # to_json of an empty trace
+                return a.astype(dtype).reshape(shape)
+            if a.shape != shape:
+                raise ValueError(f"{key} must be an array of {want} (layers x tokens), got shape {a.shape}")
+            if a.dtype.kind not in _KINDS[np.dtype(dtype).kind]:
+                raise ValueError(f"{key} must hold {_KIND_NAMES[np.dtype(dtype).kind]}, got {a.dtype}")
+            if key == "routes" and not ((a >= 0) & (a < K)).all():  # before it becomes int8
+                found = sorted({int(r) for r in a.flat})[:10]
+                raise ValueError(f"routes must be expert indices in [0, {K}), got {found}")
+            return a.astype(dtype)
 
         trace = cls(
             model=d["model"],
             controller=d["controller"],
             controller_id=d["controller_id"],
-            controller_trained=bool(d["controller_trained"]),
+            controller_trained=d["controller_trained"],
             settings=RoutingSettings.from_dict(d["settings"]),
             n_layers=L,
-            head_dim=int(d["head_dim"]),
-            token_ids=[int(t) for t in d["token_ids"]],
+            head_dim=d["head_dim"],
+            token_ids=list(d["token_ids"]),
             tokens=list(d["tokens"]),
-            n_prompt_tokens=int(d["n_prompt_tokens"]),
+            n_prompt_tokens=d["n_prompt_tokens"],
             concentration=array("concentration", np.float32, K),
             routes=array("routes", np.int8),
             hedged=array("hedged", bool),
             weights=array("weights", np.float32, K),
             cost=array("cost", np.float32),
             lam=array("lam", np.float32),
-            truncated=int(d["truncated"]),
+            truncated=d["truncated"],
             timings=dict(d["timings"]),
             created_at=float(d["created_at"]),
             prompt=d["prompt"],
@@ -283,12 +364,13 @@ class RoutingTrace:
             generation=_generation(d.get("generation")),  # absent from records before it
         )
         if d["kl_to_dense"] is not None:
-            trace.kl_to_dense = np.asarray(d["kl_to_dense"], np.float32)
-        if len(trace.tokens) != T:
-            raise ValueError(f"tokens and token_ids differ in length ({len(trace.tokens)} vs {T})")
-        if trace.routes.size and not (0 <= int(trace.routes.min()) and int(trace.routes.max()) < K):
-            found = sorted({int(r) for r in trace.routes.flat})
-            raise ValueError(f"routes must be expert indices in [0, {K}), got {found}")
+            kl = np.asarray(d["kl_to_dense"])
+            if kl.size and kl.dtype.kind not in _KINDS["f"]:
+                raise ValueError(f"kl_to_dense must be null or hold numbers, got {kl.dtype}")
+            trace.kl_to_dense = kl.astype(np.float32)
+        problem = trace.problem()
+        if problem:
+            raise ValueError(problem)
         return trace
 
 
@@ -306,6 +388,57 @@ def generation_record(max_new_tokens: int, temperature: float, top_p: float, see
         "seed": int(seed),
         "chat": bool(chat),
     }
+
+
+WEIGHT_SUM_TOL = 1e-3  # how far a decision's mixing weights may sum from 1 (float32 rounding)
+
+
+def _whole(x) -> bool:
+    """Whether `x` is an int (numpy's too), not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def record_problem(d) -> str | None:
+    """The first thing wrong with a trace record's plain fields (what ``from_json`` reads
+    before it builds any array), as a sentence, or None. Checks types only where a wrong
+    one would be read as something else or crash further on: ints that are ints (not
+    bools, floats or text), text that is text, dicts that are dicts."""
+    if not isinstance(d, dict):
+        return f"a trace record is a dict or its JSON text, got {type(d).__name__}"
+    missing = [k for k in _JSON_REQUIRED if k not in d]
+    if missing:
+        return f"not a full trace record: missing {', '.join(missing)}"
+    for name in ("n_layers", "head_dim", "n_prompt_tokens", "truncated"):
+        if not _whole(d[name]):
+            return f"{name} must be a whole number, got {d[name]!r}"
+    ids = d["token_ids"]
+    if not isinstance(ids, list) or not all(_whole(t) and t >= 0 for t in ids):
+        return "token_ids must be a list of whole numbers >= 0"
+    tokens = d["tokens"]
+    if not isinstance(tokens, list) or len(tokens) != len(ids) or not all(isinstance(t, str) for t in tokens):
+        return f"tokens must be a list of {len(ids)} strings, one per token id"
+    for name in ("settings", "timings"):
+        if not isinstance(d[name], dict):
+            return f"{name} must be a JSON object, got {type(d[name]).__name__}"
+    for name in ("model", "controller", "controller_id", "prompt", "output_text"):
+        if not isinstance(d[name], str):
+            return f"{name} must be text, got {type(d[name]).__name__}"
+    if not isinstance(d["controller_trained"], bool):
+        return f"controller_trained must be true or false, got {d['controller_trained']!r}"
+    if d["run_id"] is not None and not isinstance(d["run_id"], str):
+        return f"run_id must be text or null, got {type(d['run_id']).__name__}"
+    created = d["created_at"]
+    if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
+        return f"created_at must be a number, got {created!r}"
+    kl = d["kl_to_dense"]
+    if kl is not None and (not isinstance(kl, list) or len(kl) != len(ids)):
+        return f"kl_to_dense must be null or a list of one number per token ({len(ids)})"
+    return None
+
+
+# the kinds of JSON numbers an array of each dtype kind is read from, and their names
+_KINDS = {"f": "fiu", "i": "iu", "b": "b"}
+_KIND_NAMES = {"f": "numbers", "i": "whole numbers", "b": "true or false"}
 
 
 # what from_json reads (the rest of to_json's keys are derived)
@@ -342,7 +475,10 @@ def _generation(d) -> dict | None:
         return None
     if not isinstance(d, dict) or set(d) != set(GENERATION_KEYS):
         raise ValueError(f"generation must be null or hold {', '.join(GENERATION_KEYS)}, got {d!r}")
-    return generation_record(**d)
+    try:
+        return generation_record(**d)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"generation must hold numbers and a flag, got {d!r}") from None
 
 
 def _floats(a: np.ndarray) -> list:
@@ -351,4 +487,4 @@ def _floats(a: np.ndarray) -> list:
     return np.asarray(a).astype(np.float64).tolist()
 
 
-__all__ = ["GENERATION_KEYS", "RoutingTrace", "generation_record"]
+__all__ = ["GENERATION_KEYS", "WEIGHT_SUM_TOL", "RoutingTrace", "generation_record", "record_problem"]
