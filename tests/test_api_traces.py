@@ -183,3 +183,11 @@ def test_a_client_run_id_cannot_steer_the_figure_file(tmp_path):
 
     path = Downloads(tmp_path / "dl").figure(go.Figure(), "session", "api-maps", run_label(trace))
     assert path.name == "metaattn-api-maps-tmpx.html" and (tmp_path / "dl") in path.parents
+
+
+def test_an_unknown_run_is_named_short():
+    """A client may send a megabyte of run id: the refusal names its first 80 characters."""
+    from metaattn_viz.app.errors import no_such_run
+
+    assert str(no_such_run("abc")) == "There is no run 'abc' in the routing log."
+    assert len(str(no_such_run("x" * 1_000_000))) < 130

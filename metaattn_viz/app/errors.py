@@ -13,4 +13,10 @@ class AppError(Exception):
     """A problem to show the user in plain words (the server log has any detail)."""
 
 
-__all__ = ["AppError"]
+def no_such_run(run_id) -> AppError:
+    """A run id the routing log does not hold (for this reader), named short: a client may
+    send a megabyte of it."""
+    return AppError(f"There is no run {run_id!r:.80} in the routing log.")
+
+
+__all__ = ["AppError", "no_such_run"]

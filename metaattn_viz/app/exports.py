@@ -38,7 +38,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.errors import AppError, no_such_run
 from metaattn_viz.app.requests import choice
 from metaattn_viz.core.trace import RoutingTrace
 
@@ -123,7 +123,7 @@ def run_rows(history, run_id: str, fmt: str, owner: str | None, folder: Path) ->
         run_log.get_run(run_id, owner=owner)  # visible to this reader?
         store.export(run_log, out, fmt, owner=owner, run_id=run_id)
     except store.UnknownRun:
-        raise AppError(f"There is no run {run_id!r} in the routing log.") from None
+        raise no_such_run(run_id) from None
     except (store.StoreUnavailable, store.ExportNotWritten) as exc:
         raise AppError(str(exc)) from None
     return zip_folder(out, Path(folder) / f"metaattn-run-{run_id[:8]}-{fmt}.zip")

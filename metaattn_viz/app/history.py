@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.errors import AppError, no_such_run
 from metaattn_viz.app.exports import zip_folder
 from metaattn_viz.app.requests import choice
 from metaattn_viz.core.trace import RoutingTrace
@@ -142,7 +142,7 @@ class RunHistory:
                 trace = run_log.load_trace(run_id, owner=owner)
                 return trace, str(run_log.get_run(run_id, owner=owner)["status"])
             except store.UnknownRun:
-                raise AppError(f"There is no run {run_id!r} in the routing log.") from None
+                raise no_such_run(run_id) from None
 
     def runs(
         self,
