@@ -179,6 +179,34 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+# The command line in this process (tests of what it refuses before any work)
+
+
+class Reached(Exception):
+    """An expensive step was reached (not a ValueError: the CLI does not turn it into exit 2)."""
+
+
+def cli_code(args) -> int:
+    """The exit code of `metaattn-viz ARGS` run in this process (argparse exits, the
+    handlers return)."""
+    from metaattn_viz.cli import main
+
+    try:
+        return main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def cli_refused(args, capsys) -> str:
+    """The one error line of a refused command line (asserting exit 2 and no traceback)."""
+    assert cli_code(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 # A real app server in a subprocess (API and browser tests)
 
 ROOT = Path(__file__).resolve().parent.parent

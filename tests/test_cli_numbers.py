@@ -8,35 +8,12 @@ line is shown to reach it (so the stand-in is the step the refusals come before)
 from __future__ import annotations
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, Reached, cli_code, cli_refused
 
 from metaattn_viz.cli import main
 
 DATA = str(ROOT / "tests" / "data" / "wikitext2_excerpt.txt")  # the tests read no corpus/
 CONFIG = str(ROOT / "assets" / "models" / "smollm2-135m" / "config.json")
-
-
-class Reached(Exception):
-    """The expensive step was reached (not a ValueError: the CLI does not turn it into exit 2)."""
-
-
-def _code(args) -> int:
-    """The exit code of `metaattn-viz ARGS` run in this process (argparse exits, the
-    handlers return)."""
-    try:
-        return main(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-
-
-def _refused(args, capsys) -> str:
-    """The one error line of a refused command line (asserting exit 2 and no traceback)."""
-    assert _code(args) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # -- feature-maps ----------------------------------------------------------------------------------
@@ -73,7 +50,7 @@ def test_feature_maps_reaches_the_model_load_with_a_good_command_line(no_model_l
     ],
 )
 def test_feature_maps_refuses_numbers_before_the_model_loads(flag, value, message, no_model_load, capsys):
-    line = _refused(["feature-maps", "--data", DATA, flag, value], capsys)
+    line = cli_refused(["feature-maps", "--data", DATA, flag, value], capsys)
     assert line.startswith("metaattn-viz feature-maps: error:") and message in line
 
 
@@ -84,27 +61,27 @@ def test_feature_maps_refuses_cuda_where_there_is_none_before_the_model_loads(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SPACE_ID", raising=False)  # not ZeroGPU, where CUDA comes later
-    line = _refused(["feature-maps", "--data", DATA, "--device", "cuda"], capsys)
+    line = cli_refused(["feature-maps", "--data", DATA, "--device", "cuda"], capsys)
     assert "asks for CUDA" in line and "--device cpu" in line
-    assert "argument --device: device must be one of" in _refused(
+    assert "argument --device: device must be one of" in cli_refused(
         ["feature-maps", "--data", DATA, "--device", "gpu"], capsys
     )
 
 
 def test_feature_maps_refuses_a_missing_data_file_before_the_model_loads(no_model_load, tmp_path, capsys):
     missing = tmp_path / "none.raw"
-    assert f"data file not found: {missing}" in _refused(["feature-maps", "--data", str(missing)], capsys)
+    assert f"data file not found: {missing}" in cli_refused(["feature-maps", "--data", str(missing)], capsys)
 
 
 def test_feature_maps_refuses_an_out_it_cannot_write_before_the_model_loads(no_model_load, tmp_path, capsys):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     common = ["feature-maps", "--data", DATA, "--steps", "1", "--skip-eval", "--out"]
-    assert f"--out {a_file} is a file, not a folder" in _refused([*common, str(a_file)], capsys)
-    assert f"--out {a_file / 'sub'} cannot be made: {a_file} is a file" in _refused(
+    assert f"--out {a_file} is a file, not a folder" in cli_refused([*common, str(a_file)], capsys)
+    assert f"--out {a_file / 'sub'} cannot be made: {a_file} is a file" in cli_refused(
         [*common, str(a_file / "sub")], capsys
     )
-    assert "--out is empty" in _refused([*common, " "], capsys)
+    assert "--out is empty" in cli_refused([*common, " "], capsys)
     assert a_file.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # no checkpoint, no folder
 
@@ -112,7 +89,7 @@ def test_feature_maps_refuses_an_out_it_cannot_write_before_the_model_loads(no_m
 def test_feature_maps_help_names_the_command_it_was_reached_by(capsys):
     from metaattn_viz.training import feature_maps
 
-    assert _code(["feature-maps", "--help"]) == 0
+    assert cli_code(["feature-maps", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: metaattn-viz feature-maps ")
     with pytest.raises(SystemExit):
         feature_maps.main(["--help"], prog=feature_maps.MODULE_PROG)
@@ -162,7 +139,7 @@ def test_bench_reaches_its_rows_with_the_smallest_good_numbers(no_rows):
     ],
 )
 def test_bench_refuses_numbers_before_any_row(flag, value, message, no_rows, capsys):
-    line = _refused(
+    line = cli_refused(
         ["bench", "--no-model", "--seq-lens", "16", "--model-config", CONFIG, flag, value], capsys
     )
     assert line.startswith("metaattn-viz bench: error:") and message in line

@@ -14,34 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ROOT, CharTokenizer, routed_tiny, tiny_model
+from helpers import ROOT, CharTokenizer, Reached, cli_refused, routed_tiny, tiny_model
 
 from metaattn_viz.cli import main
 from metaattn_viz.training import data as data_mod
 from metaattn_viz.training.calibrate import CalibrationConfig, calibrate
 
 EXCERPT = ROOT / "tests" / "data" / "wikitext2_excerpt.txt"
-
-
-class Reached(Exception):
-    """An expensive step was reached (not a ValueError: the CLI does not turn it into exit 2)."""
-
-
-def _code(args) -> int:
-    try:
-        return main(args)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-
-
-def _refused(args, capsys) -> str:
-    """The one error line of a refused command line (exit 2, no traceback)."""
-    assert _code(args) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _no_model(monkeypatch):
@@ -127,7 +106,8 @@ def test_calibrate_too_short_does_not_suggest_a_seq_len_flag_it_lacks(tmp_path, 
     short = tmp_path / "short.txt"
     short.write_text(" = A = \n a few words .\n = B = \n and a few more .\n")
     monkeypatch.setattr(RoutedModel, "load", staticmethod(lambda *a, **k: routed_tiny(seed=1)))
-    line = _refused(["calibrate", "--data", str(short), "--steps", "1", "--out", str(tmp_path / "c")], capsys)
+    args = ["calibrate", "--data", str(short), "--steps", "1", "--out", str(tmp_path / "c")]
+    line = cli_refused(args, capsys)
     assert "the training text is shorter than one window" in line
     assert "--seq-len" not in line and "give a longer file" in line
 
@@ -140,7 +120,7 @@ def test_lambda_table_too_short_names_its_lengths(tmp_path, monkeypatch, capsys)
     r = routed_tiny(seed=1)
     r.controller("bayes").trained = True
     monkeypatch.setattr(RoutedModel, "load", staticmethod(lambda *a, **k: r))
-    line = _refused(
+    line = cli_refused(
         ["lambda-table", "--data", str(short), "--lengths", "64,128", "--out", str(tmp_path / "t")], capsys
     )
     assert "the calibration text is shorter than one window" in line
@@ -162,7 +142,7 @@ def test_eval_refuses_a_one_token_window_before_the_model_loads(monkeypatch, cap
     from metaattn_viz.training.evaluate import MIN_SEQ_LEN
 
     _no_model(monkeypatch)
-    line = _refused(["eval", "--data", str(EXCERPT), "--seq-len", "1"], capsys)
+    line = cli_refused(["eval", "--data", str(EXCERPT), "--seq-len", "1"], capsys)
     assert f"argument --seq-len: must be a whole number >= {MIN_SEQ_LEN}, got 1" in line
     with pytest.raises(Reached):  # the smallest accepted one goes on to the model
         main(["eval", "--data", str(EXCERPT), "--seq-len", str(MIN_SEQ_LEN), "--device", "cpu"])
@@ -179,7 +159,7 @@ def test_evaluate_refuses_a_window_length_it_cannot_score():
 
 def test_eval_refuses_a_local_window_out_of_range_before_the_model_loads(monkeypatch, capsys):
     _no_model(monkeypatch)
-    line = _refused(["eval", "--data", str(EXCERPT), "--window", "2000000"], capsys)
+    line = cli_refused(["eval", "--data", str(EXCERPT), "--window", "2000000"], capsys)
     assert "--window: window must be a whole number in [1, 1048576], got 2000000" in line
 
 
@@ -397,7 +377,7 @@ def test_bench_checks_the_model_config_before_any_row(content, message, tmp_path
     path = tmp_path / "config.json"
     if content is not None:
         path.write_bytes(content)
-    line = _refused(["bench", "--seq-lens", "16", "--model-config", str(path)], capsys)
+    line = cli_refused(["bench", "--seq-lens", "16", "--model-config", str(path)], capsys)
     assert line.startswith("metaattn-viz bench: error: argument --model-config:") and message in line
 
 
