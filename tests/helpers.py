@@ -179,6 +179,20 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+def tiny_corpus(tmp_path):
+    """A WikiText-style file of 12 short articles of random words (12 > 10: the usual
+    split holds one out), for runs of the research commands on tiny models."""
+    words = "the cat sat on a mat and the dog ran far away from home".split()
+    g = torch.Generator().manual_seed(0)
+    arts = []
+    for a in range(12):
+        body = " ".join(words[int(i)] for i in torch.randint(0, len(words), (120,), generator=g))
+        arts.append(f" = Article {a} = \n\n {body} \n")
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(arts))
+    return path
+
+
 # The command line in this process (tests of what it refuses before any work)
 
 

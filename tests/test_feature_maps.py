@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import MIXES, SIZES, TOL, CharTokenizer, make_qkv, make_weights, max_err, tiny_model
+from helpers import MIXES, SIZES, TOL, CharTokenizer, make_qkv, make_weights, max_err, tiny_corpus, tiny_model
 
 from metaattn_kernels import reference as ref
 from metaattn_kernels.cpu import routed_attention_cpu
@@ -364,23 +364,11 @@ def test_hedgehog_loss_is_the_cross_entropy_of_the_weights():
     assert float(loss) == pytest.approx(total / 24, rel=1e-5)
 
 
-def _corpus(tmp_path):
-    words = "the cat sat on a mat and the dog ran far away from home".split()
-    g = torch.Generator().manual_seed(0)
-    arts = []
-    for a in range(12):
-        body = " ".join(words[int(i)] for i in torch.randint(0, len(words), (120,), generator=g))
-        arts.append(f" = Article {a} = \n\n {body} \n")
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(arts))
-    return path
-
-
 def test_train_saves_loads_and_resumes(tmp_path):
     from metaattn_viz.training import feature_maps as fmod
 
     model = tiny_model()
-    data = _corpus(tmp_path)
+    data = tiny_corpus(tmp_path)
     cfg = fmod.FeatureMapConfig(steps=12, batch_size=2, seq_len=32, train_windows=4, val_windows=2)
     out = tmp_path / "maps"
     meta = fmod.train(

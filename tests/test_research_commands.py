@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ROOT, CharTokenizer, Reached, cli_refused, routed_tiny, tiny_model
+from helpers import ROOT, CharTokenizer, Reached, cli_refused, routed_tiny, tiny_corpus, tiny_model
 
 from metaattn_viz.cli import main
 from metaattn_viz.training import data as data_mod
@@ -238,18 +238,6 @@ def test_the_report_keeps_the_usual_rules_words():
 # -- feature-maps --------------------------------------------------------------------------------
 
 
-def _corpus(tmp_path):
-    words = "the cat sat on a mat and the dog ran far away from home".split()
-    g = torch.Generator().manual_seed(0)
-    arts = []
-    for a in range(12):
-        body = " ".join(words[int(i)] for i in torch.randint(0, len(words), (120,), generator=g))
-        arts.append(f" = Article {a} = \n\n {body} \n")
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(arts))
-    return path
-
-
 def test_feature_maps_measures_on_its_seq_len_and_eval_only_writes_nothing(tmp_path, monkeypatch):
     from metaattn_viz.routing import loading
     from metaattn_viz.training import feature_maps as fmod
@@ -263,7 +251,7 @@ def test_feature_maps_measures_on_its_seq_len_and_eval_only_writes_nothing(tmp_p
         return {"dense": 2.0, "all_linear": 3.0, "ratio": 1.5, "seq_len": kwargs.get("seq_len", 256)}
 
     monkeypatch.setattr(fmod, "all_linear_perplexity", all_linear_perplexity)
-    data, out = _corpus(tmp_path), tmp_path / "maps"
+    data, out = tiny_corpus(tmp_path), tmp_path / "maps"
     common = ["--data", str(data), "--out", str(out), "--seq-len", "32", "--eval-windows", "2"]
     assert fmod.main([*common, "--steps", "2", "--train-windows", "2", "--val-windows", "1"]) == 0
     assert [m.get("seq_len") for m in measured] == [32, 32]
