@@ -195,45 +195,19 @@ class RoutingTrace:
 
     # -- checking ---------------------------------------------------------------------------
     def problem(self) -> str | None:
-        """The first thing that no routed model writes into a trace, as a sentence, or None
-        for a consistent trace. What ``from_json`` checks after reading a record (a record
-        from outside, an API client's, may be forged): the dims are whole numbers, every
-        array is exactly [n_layers, n_tokens, ...], concentrations finite and positive (a
-        prior-free controller's probabilities: >= 0, summing above 0), routes expert
-        indices, mixing weights finite, >= 0 and summing to 1, costs finite and >= 0,
-        lambdas finite, the text fields text."""
+        """The first value no routed model writes into a trace, as a sentence, or None.
+        ``from_json`` runs it after ``record_problem`` (the plain fields' types) and after
+        building every array in its exact [n_layers, n_tokens, ...] shape, so it checks
+        values only: dims at least 1, the prompt within the text, concentrations finite and
+        positive (a prior-free controller's probabilities: >= 0, summing above 0), mixing
+        weights finite, >= 0 and summing to 1, costs finite and >= 0, lambdas finite."""
         L, T = self.n_layers, self.n_tokens
-        for name in ("n_layers", "head_dim", "n_prompt_tokens", "truncated"):
-            if not _whole(getattr(self, name)):
-                return f"{name} must be a whole number, got {getattr(self, name)!r}"
         if L < 1 or self.head_dim < 1:
             return f"n_layers and head_dim must be at least 1, got {L} and {self.head_dim}"
         if not 0 <= self.n_prompt_tokens <= T:
             return f"n_prompt_tokens must be between 0 and the {T} tokens, got {self.n_prompt_tokens}"
         if self.truncated < 0:
             return f"truncated must be at least 0, got {self.truncated}"
-        for name in ("model", "controller", "controller_id", "prompt", "output_text"):
-            if not isinstance(getattr(self, name), str):
-                return f"{name} must be text, got {type(getattr(self, name)).__name__}"
-        if not isinstance(self.controller_trained, bool):
-            return f"controller_trained must be true or false, got {self.controller_trained!r}"
-        if self.run_id is not None and not isinstance(self.run_id, str):
-            return f"run_id must be text or null, got {type(self.run_id).__name__}"
-        if not isinstance(self.settings, RoutingSettings):
-            return f"settings must be routing settings, got {type(self.settings).__name__}"
-        if not all(_whole(t) and t >= 0 for t in self.token_ids):
-            return "token_ids must be whole numbers >= 0"
-        if len(self.tokens) != T or not all(isinstance(t, str) for t in self.tokens):
-            return f"tokens must be {T} strings, one per token id"
-        for name, tail in (("concentration", (K,)), ("routes", ()), ("hedged", ()), ("weights", (K,))):
-            if getattr(self, name).shape != (L, T, *tail):
-                return f"{name} must be an array of shape {(L, T, *tail)}, got {getattr(self, name).shape}"
-        for name in ("cost", "lam"):
-            if getattr(self, name).shape != (L, T):
-                return f"{name} must be an array of shape {(L, T)}, got {getattr(self, name).shape}"
-        if self.kl_to_dense is not None and np.shape(self.kl_to_dense) != (T,):
-            shape = np.shape(self.kl_to_dense)
-            return f"kl_to_dense must be null or hold one value per token ({T}), got shape {shape}"
         if not T:
             return None
         c = self.concentration
@@ -244,8 +218,6 @@ class RoutingTrace:
                 return "concentration (the prior-free controller's probabilities) must be >= 0, not all 0"
         elif not (c > 0).all():
             return "concentration must be > 0 (Dirichlet concentrations)"
-        if not ((self.routes >= 0) & (self.routes < K)).all():
-            return f"routes must be expert indices in [0, {K})"
         w = self.weights
         if not np.isfinite(w).all() or (w < 0).any():
             return "weights must be finite and >= 0"
