@@ -83,6 +83,14 @@ def test_clean_prompt_removes_control_characters_and_keeps_every_script():
     assert app_requests.clean_prompt("plain")[1] == []
 
 
+def test_clean_prompt_removes_bidirectional_controls_and_keeps_right_to_left_text():
+    # U+202E would show "abc" as "cba" while the model reads "abc" (Trojan Source)
+    text, notes = app_requests.clean_prompt("x = \u202eabc\u202c; \u2067isolated\u2069 \u200fمرحبا")
+    assert text == "x = abc; isolated \u200fمرحبا"  # the mark U+200F and Arabic stay
+    assert len(notes) == 1 and "Removed 4 bidirectional control characters" in notes[0]
+    assert app_requests.trace_text("prompt", "a\u202eb") == "ab"
+
+
 @pytest.mark.parametrize(
     "bad,message",
     [

@@ -37,17 +37,30 @@ MAX_NEW_TOKENS = 256
 APP_MAX_CONTEXT = whole_from_env("METAATTN_APP_MAX_CONTEXT", 512, MAX_NEW_TOKENS + 1)
 
 
-def _strip_controls(text: str) -> tuple[str, int]:
-    """`text` without control characters (other than newline and tab) and unpaired
-    surrogates, CRLF as LF, and how many characters were removed."""
-    kept, dropped = [], 0
+# Bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): they
+# make the text shown read in another order than the text the model sees ("Trojan Source").
+# The marks U+200E/U+200F and right-to-left scripts themselves are kept.
+BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
+
+
+def _strip_controls(text: str) -> tuple[str, int, int]:
+    """`text` without control characters (other than newline and tab), unpaired
+    surrogates and bidirectional controls (BIDI_CONTROLS), CRLF as LF, and how many control
+    characters or surrogates, and how many bidirectional controls, were removed."""
+    kept, dropped, bidi = [], 0, 0
     for ch in text.replace("\r\n", "\n"):
         cat = unicodedata.category(ch)
         if (cat == "Cc" and ch not in "\n\t") or cat == "Cs":
             dropped += 1
+        elif ch in BIDI_CONTROLS:
+            bidi += 1
         else:
             kept.append(ch)
-    return "".join(kept), dropped
+    return "".join(kept), dropped, bidi
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 def _too_long(name: str, n: int) -> str:
@@ -60,8 +73,9 @@ def _too_long(name: str, n: int) -> str:
 
 def clean_prompt(text) -> tuple[str, list[str]]:
     """The prompt as the model will see it, and notes on what was changed. Control
-    characters (other than newline and tab) and unpaired surrogates are removed; mixed
-    scripts and emoji pass unchanged. Empty or over-long prompts raise AppError."""
+    characters (other than newline and tab), unpaired surrogates and bidirectional controls
+    are removed; mixed scripts, right-to-left text and emoji pass unchanged. Empty or
+    over-long prompts raise AppError."""
     if text is None:
         text = ""
     if not isinstance(text, str):
@@ -69,9 +83,15 @@ def clean_prompt(text) -> tuple[str, list[str]]:
     notes = []
     if len(text) > MAX_PROMPT_CHARS:
         raise AppError(_too_long("prompt", len(text)))
-    text, dropped = _strip_controls(text)
+    text, dropped, bidi = _strip_controls(text)
     if dropped:
-        notes.append(f"Removed {dropped} control character{'s' if dropped != 1 else ''} from the prompt.")
+        notes.append(f"Removed {_plural(dropped, 'control character')} from the prompt.")
+    if bidi:
+        notes.append(
+            f"Removed {_plural(bidi, 'bidirectional control character')} (U+202A-U+202E, "
+            "U+2066-U+2069) from the prompt: they make the text shown read in another order "
+            "than the text the model sees."
+        )
     if not text.strip():
         raise AppError("The prompt is empty: type some text (or pick an example) first.")
     return text, notes
@@ -81,7 +101,8 @@ def trace_text(name: str, value) -> str:
     """A trace's `prompt` or `output_text` as sent by a client, by the prompt's rules
     (clean_prompt) except that it may be empty: None or absent is empty text, anything but
     text is refused, more than MAX_PROMPT_CHARS characters is refused, control characters
-    and unpaired surrogates are removed (a NUL or a lone surrogate would reach the log)."""
+    unpaired surrogates and bidirectional controls are removed (a NUL or a lone surrogate
+    would reach the log)."""
     if value is None:
         return ""
     if not isinstance(value, str):
