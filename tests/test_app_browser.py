@@ -26,7 +26,7 @@ from urllib.parse import unquote
 import pytest
 from helpers import ROOT, AppServer
 
-from metaattn_viz.app.plots.style import THEMES
+from metaattn_viz.app.plots.style import THEMES, strip_text
 from metaattn_viz.app.tab_history import DEFAULT_SQL_COLUMNS
 from metaattn_viz.core.trace import RoutingTrace
 
@@ -631,12 +631,16 @@ def _theme(page, dark: bool) -> None:
 
 
 def test_the_figures_follow_the_theme_exports_open_and_a_shared_link_replays(page, browser, server, tmp_path):
-    page.fill("#prompt textarea", "The capital of France is Paris. The capital of Italy is")
+    page.fill("#prompt textarea", "The capital of France is Paris.\n\nThe capital of Italy is")
     page.locator("#chat input[type=checkbox]").uncheck()
     _set_number(page, "max-new", 6)
     page.click("#generate")
     _wait_status(page, "Done", 180_000)
     tokens = page.evaluate(TOKENS)
+    # every token can be seen and named: the blank line's two tokens show their newline as a glyph
+    assert tokens[7:9] == ["\u21b5", "\u21b5"] and all(t.strip() for t in tokens), tokens
+    names = page.locator("#strip").aria_snapshot()
+    assert 'button "\u21b5"' in names and 'button ""' not in names, names
     page.wait_for_function(f"() => ({MAP_LEN})(0) === {len(tokens)}", timeout=60_000)
 
     # -- the theme: every figure and the meters follow it, both ways ----------------------
@@ -665,7 +669,8 @@ def test_the_figures_follow_the_theme_exports_open_and_a_shared_link_replays(pag
     trace = RoutingTrace.from_json(
         _download(page, "download-trace", tmp_path / "trace.json").read_text("utf-8")
     )
-    assert trace.tokens == tokens and trace.run_id and f"run={trace.run_id}" in link
+    assert [strip_text(t) for t in trace.tokens] == tokens
+    assert trace.run_id and f"run={trace.run_id}" in link
     maps = _download(page, "download-maps", tmp_path / "maps.html")
     offline = browser.new_context()
     fetched = []

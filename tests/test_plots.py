@@ -233,9 +233,29 @@ def test_empty_trace_gives_placeholders_not_errors():
 def test_token_strip_is_the_full_attention_share_per_token():
     tr = make_trace()
     strip = plots.token_strip(tr)
-    assert [t for t, _ in strip] == tr.tokens
+    assert [t for t, _ in strip] == [plots.strip_text(t) for t in tr.tokens]
     expected = tr.weights[..., 0].mean(0)
     np.testing.assert_allclose([s for _, s in strip], expected, atol=5e-4)
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        (" the", " the"),
+        ("\n", "\u21b5"),
+        ("\n\n", "\u21b5\u21b5"),
+        ("   ", "\u2423\u2423\u2423"),
+        ("\t", "\u21e5"),
+        ("\r\n", "\u21b5"),
+        ("\u3000", "\u2423"),
+        ("", "\u2205"),
+        ("\u200b", "<U+200B>"),
+        ("\u200d\n", "<U+200D>\u21b5"),
+        ("\u00e9\u200b", "\u00e9\u200b"),  # a visible character: as the tokenizer gave it
+    ],
+)
+def test_the_strip_shows_a_token_with_nothing_visible_as_glyphs(text, shown):
+    assert plots.strip_text(text) == shown
 
 
 def test_token_labels_are_unique_and_printable():

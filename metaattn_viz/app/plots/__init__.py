@@ -29,7 +29,7 @@ from metaattn_viz.app.plots.maps import (
     titled,
 )
 from metaattn_viz.app.plots.meters import VARIETY_EXPLANATION, meter_values, meters, token_strip
-from metaattn_viz.app.plots.style import EXPERT_COLOURS, UIREVISION, token_label, token_labels
+from metaattn_viz.app.plots.style import EXPERT_COLOURS, UIREVISION, strip_text, token_label, token_labels
 from metaattn_viz.app.plots.sweep import POLICY_STYLES, pareto, pareto_front
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.core.trace import RoutingTrace
@@ -76,6 +76,7 @@ __all__ = [
     "ternary",
     "ternary_placeholder",
     "titled",
+    "strip_text",
     "token_label",
     "token_labels",
     "token_strip",

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from metaattn_viz.app.plots.maps import UNTRAINED_TITLE
-from metaattn_viz.app.plots.style import EXPERT_COLOURS
+from metaattn_viz.app.plots.style import EXPERT_COLOURS, strip_text
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.core.variety import routing_variety
 
@@ -30,9 +30,11 @@ VARIETY_EXPLANATION = (
 
 def token_strip(trace: RoutingTrace) -> list[tuple[str, float]]:
     """(token text, share of layers giving it full attention) per token, for a
-    gr.HighlightedText: the darker a token, the more layers attended to it in full."""
+    gr.HighlightedText: the darker a token, the more layers attended to it in full. A token
+    with nothing visible in it shows its whitespace as glyphs (style.strip_text)."""
     shares = trace.full_share_per_token()
-    return [(text, round(float(s), 3)) for text, s in zip(trace.tokens, shares.tolist(), strict=True)]
+    pairs = zip(trace.tokens, shares.tolist(), strict=True)
+    return [(strip_text(text), round(float(s), 3)) for text, s in pairs]
 
 
 def _finite(x) -> float | None:

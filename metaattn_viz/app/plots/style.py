@@ -1,8 +1,11 @@
 """What every figure of the app shares: the expert colours, the constant uirevision, the
-layout, the light and dark palettes, token axis labels, and the empty placeholder. Never
+layout, the light and dark palettes, token axis labels and strip texts, and the empty
+placeholder. Never
 imports gradio, torch or the model."""
 
 from __future__ import annotations
+
+import unicodedata
 
 import numpy as np
 import plotly.graph_objects as go
@@ -39,6 +42,35 @@ def token_label(pos: int, text: str, width: int = 12) -> str:
     if not shown.strip():
         shown = shown.replace(" ", OPEN_BOX) or OPEN_BOX
     return f"{pos}{THIN_SPACE}{shown}"
+
+
+# How a token with nothing visible in it shows in the token strip: each whitespace character
+# as a glyph (no line break: each token is a box of its own, which a line break would only
+# make taller), any other invisible one (a
+# format or control character: U+200B, U+200D, U+FEFF) as its code point, and an empty
+# token as U+2205, so every token of the strip can be seen, clicked and named by a screen
+# reader.
+WHITESPACE_GLYPHS = {" ": OPEN_BOX, "\t": "\u21e5", "\n": "\u21b5", "\r": ""}
+EMPTY_TOKEN = "\u2205"
+
+
+def _invisible(c: str) -> bool:
+    return c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp")
+
+
+def _glyph(c: str) -> str:
+    if c in WHITESPACE_GLYPHS:
+        return WHITESPACE_GLYPHS[c]
+    return OPEN_BOX if c.isspace() else f"<U+{ord(c):04X}>"
+
+
+def strip_text(text: str) -> str:
+    """`text` as the token strip shows it: unchanged where it has a visible character,
+    otherwise each character as a glyph (WHITESPACE_GLYPHS; other spaces, such as U+00A0
+    and U+3000, as OPEN_BOX; format characters as <U+200B>), or EMPTY_TOKEN."""
+    if not all(_invisible(c) for c in text):
+        return text
+    return "".join(_glyph(c) for c in text) or EMPTY_TOKEN
 
 
 def token_labels(trace: RoutingTrace) -> np.ndarray:
