@@ -7,6 +7,8 @@ line is shown to reach it (so the stand-in is the step the refusals come before)
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from helpers import ROOT, Reached, cli_code, cli_refused
 
@@ -162,3 +164,17 @@ def test_the_long_context_floor_leaves_the_long_decode_row_a_prompt(monkeypatch)
     model.model_rows(routed=object(), long_context=LONG_DECODE_NEW_TOKENS + 1)
     context, new_tokens = decodes[-1]
     assert context == LONG_DECODE_NEW_TOKENS + 1 and context - new_tokens == 1
+
+
+@pytest.mark.parametrize("name", ["attention", "compile_check", "gpu_check", "store", "ui"])
+def test_a_measuring_commands_help_says_what_it_does_in_whole_sentences(name, capsys):
+    """The description is the module docstring's first paragraph, never its first line cut
+    mid-sentence."""
+    module = importlib.import_module(f"metaattn_viz.bench.{name}")
+    with pytest.raises(SystemExit) as ended:
+        module.main(["--help"])
+    assert ended.value.code == 0
+    help_text = capsys.readouterr().out
+    description = " ".join(help_text.split("\n\n")[1].split())
+    assert description == " ".join(module.__doc__.split("\n\n")[0].split())
+    assert description.endswith((".", ")", ":")), description

@@ -32,7 +32,8 @@ VIEWS = """
 - **Uncertainty map**: total (entropy of the posterior mean), aleatoric, epistemic (mutual
   information) or vacuity (K / evidence). The prior-free controller is a point estimate: it
   has no epistemic part.
-- **Meters**: realised notional cost against the budget, the real attention FLOPs against
+- **Meters**: realised cost against the budget (notional costs, or a share of dense
+  attention FLOPs, as the run's cost model says), the real attention FLOPs against
   dense attention (for short texts linear attention costs more FLOPs than full), tokens per
   second, and KL(dense || routed) per token from a dense shadow pass (switch it off to save
   a forward pass per change). After a re-route the tokens/s meter shows the re-route's rate.

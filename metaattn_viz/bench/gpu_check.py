@@ -255,7 +255,7 @@ def _environment() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m metaattn_viz.bench.gpu_check", description=__doc__.split("\n")[0]
+        prog="python -m metaattn_viz.bench.gpu_check", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--out", default=os.environ.get("OUT") or "device-out", help="output folder")
     p.add_argument("--device", default="cuda")

@@ -249,7 +249,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m metaattn_viz.bench.store", description=__doc__.splitlines()[0]
+        prog="python -m metaattn_viz.bench.store", description=__doc__.split("\n\n")[0]
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-model", action="store_true", help="skip the real-generation overhead measurement")
