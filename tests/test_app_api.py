@@ -171,6 +171,15 @@ def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server):
     ):
         with pytest.raises(AppError, match=f"{name} must be text"):
             _ask(client, endpoint, **kw)
+    # /runs' filters name their choices in words, and an unknown one is refused, not empty
+    for kw, message in (
+        (dict(controller="bayesian"), "controller must be one of bayes, priorfree, got 'bayesian'"),
+        (dict(status="ok"), "status must be one of running, done, interrupted, failed, stopped"),
+        (dict(order_by="-when"), "order_by must be one of created_at, finished_at, n_tokens"),
+    ):
+        with pytest.raises(AppError) as err:
+            _ask(client, "/runs", **kw)
+        assert message in str(err.value), err.value
 
     # a flag sent as text means what it says; a budget out of reach is said, as on the page
     out = _ask(

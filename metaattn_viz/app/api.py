@@ -37,7 +37,7 @@ from metaattn_viz.app.requests import (
     words,
 )
 from metaattn_viz.app.ui_errors import user_errors
-from metaattn_viz.core.settings import DEFAULTS, UNCERTAINTY_MEASURES
+from metaattn_viz.core.settings import CONTROLLER_KINDS, DEFAULTS, UNCERTAINTY_MEASURES
 
 SQL_MAX_ROWS = 500  # the console's default row limit
 SQL_ROWS_LIMIT = 10_000
@@ -216,12 +216,15 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         request: gr.Request | None = None,
     ) -> dict:
         """The runs of the History tab, newest first: {columns, rows, notice}; `text`
-        searches prompt and output, `status` / `controller` filter (empty: any)."""
+        searches prompt and output, `status` / `controller` filter (empty: any; a
+        controller that is not one of CONTROLLER_KINDS is refused, not answered with no
+        runs)."""
         n = whole("limit", limit, 1, SQL_ROWS_LIMIT)
+        kind = words("controller", controller)
         df = engine.history.runs(
             words("text", text),
             words("status", status) or None,
-            words("controller", controller) or None,
+            choice("controller", kind, CONTROLLER_KINDS) if kind else None,
             words("order_by", order_by),
             n,
             owner=engine.deployment.reader(session_of(request)),

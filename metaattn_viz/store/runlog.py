@@ -155,7 +155,7 @@ class RunLog:
         process is going away mid-run; a crash is marked so on the next open)."""
         self._check_writable()
         if status not in FINAL_STATUSES:
-            raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
+            raise ValueError(f"status must be one of {', '.join(FINAL_STATUSES)}, got {status!r}")
         self._db.finish(run_id, trace, status, error)
 
     def file_problem(self) -> str | None:
@@ -244,10 +244,11 @@ class RunLog:
         column = order_by.lstrip("-")
         if column not in LIST_ORDERS:
             raise ValueError(
-                f"order_by must be one of {LIST_ORDERS} (prefix '-' for descending), got {order_by!r}"
+                f"order_by must be one of {', '.join(LIST_ORDERS)} (prefix '-' for descending), "
+                f"got {order_by!r}"
             )
         if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         sql = Q.LIST_RUNS.format(order=f"{column} {'DESC' if desc else 'ASC'}")
         return self._read_df(
             sql,
