@@ -4,6 +4,7 @@ work, and nothing reaches a file, a setting or the log's contents."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -345,7 +346,7 @@ def test_a_worker_out_of_memory_answer_names_the_consoles_cap(monkeypatch):
     assert sandbox.MEMORY_LIMIT in str(err.value) and "narrow it" in str(err.value)
 
 
-@pytest.mark.parametrize("how", ["signal.SIGSEGV", "signal.SIGKILL"])
+@pytest.mark.parametrize("how", ["signal.SIGSEGV", "signal.SIGKILL", "signal.SIGABRT"])
 def test_a_worker_ended_by_a_signal_is_reported_as_too_much_memory(tmp_path, monkeypatch, how):
     """A worker whose allocation fails under its address-space cap ends with SIGSEGV (the
     system's out-of-memory killer sends SIGKILL): the visitor reads that the query used too
@@ -375,6 +376,16 @@ def test_a_worker_that_exits_on_its_own_says_so_in_words():
     err = sandbox._ended_error(1)
     assert not isinstance(err, sandbox.SandboxMemory)
     assert "exit status 1" in str(err) and "run the query again" in str(err)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_worker_stopped_from_outside_is_not_blamed_on_the_querys_memory(sig):
+    from metaattn_viz.store import sandbox
+
+    err = sandbox._ended_error(-int(getattr(signal, sig)))
+    assert not isinstance(err, sandbox.SandboxMemory)
+    assert f"stopped from outside ({sig})" in str(err) and "memory" not in str(err)
+    assert "signal 77" in str(sandbox._ended_error(-77))  # no name: its number
 
 
 # (an expression, and the same value as DuckDB itself prints it: the reference)

@@ -78,19 +78,28 @@ def _memory_message() -> str:
     return f"the query needed more memory than the console allows ({MEMORY_LIMIT}); {_NARROW}"
 
 
+# The signals a worker over its memory ends with: SIGSEGV or SIGBUS where an allocation
+# failed under its address-space cap, SIGABRT where one failed in C++ with nothing to catch
+# it, SIGKILL from the system's out-of-memory killer.
+MEMORY_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGKILL})
+
+
 def _ended_error(returncode: int | None) -> SandboxError:
-    """Why a worker ended without answering, in words. Killed by a signal (a SIGSEGV where
-    an allocation failed under its address-space cap, a SIGKILL from the system's
-    out-of-memory killer): the query used too much memory. Any other end is the worker's
+    """Why a worker ended without answering, in words. Killed by one of MEMORY_SIGNALS: the
+    query used too much memory. Stopped by another signal (SIGTERM, SIGINT, SIGHUP: sent from
+    outside, a server shutting down, a person): said as such. Any other end is the worker's
     own failure, not the query's."""
     if returncode is not None and returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return SandboxMemory(
-            f"the query was stopped: it used more memory than the console allows (its worker "
-            f"process ended with {name}); {_NARROW}"
+        sig = next((s for s in signal.Signals if s == -returncode), None)
+        name = sig.name if sig is not None else f"signal {-returncode}"
+        if sig in MEMORY_SIGNALS:
+            return SandboxMemory(
+                f"the query was stopped: it used more memory than the console allows (its "
+                f"worker process ended with {name}); {_NARROW}"
+            )
+        return SandboxError(
+            f"the SQL console's worker process was stopped from outside ({name}) and was "
+            "replaced; run the query again"
         )
     return SandboxError(
         f"the SQL console's worker process ended unexpectedly (exit status {returncode}) and "
