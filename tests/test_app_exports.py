@@ -388,8 +388,28 @@ def test_a_link_with_bad_values_leaves_them_out_and_says_so():
         "controller",
     ):
         assert words in text, words
-    assert share.parse_shared({"prompt": "hi\x07"}).prompt == "hi"
+    cleaned = share.parse_shared({"prompt": "hi\x07"})
+    assert cleaned.prompt == "hi" and cleaned.notes == ["Removed 1 control character from the prompt."]
     assert "not in this server's routing log" in share.fallback_note("abc")
+
+
+def test_a_links_value_is_quoted_back_short_and_shown_as_text():
+    """A crafted link's value reaches a toast, which renders HTML: it is quoted back cut
+    short, and every toast is escaped (review 55: a link drew a heading and a link to
+    another site in the warning)."""
+    from metaattn_viz.app.errors import QUOTED_CHARS
+    from metaattn_viz.app.ui_errors import shown
+
+    evil = "x'.</p><h1>Session expired</h1><a href='https://evil.example/login'>Sign in again</a><p>"
+    got = share.parse_shared({"controller": evil, "budget": "9" * 5000, "chat": "<b>" * 100})
+    assert len(got.notes) == 3
+    for note in got.notes:
+        assert len(note) < 200 + QUOTED_CHARS, note
+        assert "\u2026" in note  # cut, and said to be
+    page = [shown(n) for n in got.notes]
+    assert not any("<" in n or ">" in n for n in page), page
+    (controller,) = [n for n in page if "controller" in n]
+    assert "&lt;/p&gt;&lt;h1&gt;" in controller and "'" in controller  # quotes stay as they are
 
 
 # -- theme, About, MCP ---------------------------------------------------------------------

@@ -519,6 +519,14 @@ def test_user_errors_turn_failures_into_plain_gradio_errors(caplog):
     with pytest.raises(gr.Error) as err:
         plain("user")
     assert err.value.message == "The prompt is empty."
+
+    @user_errors("reading a link")
+    def hostile():
+        raise AppError("Controller must be one of bayes, priorfree, got '<img src=x>'.")
+
+    with pytest.raises(gr.Error) as err:
+        hostile()
+    assert err.value.message == "Controller must be one of bayes, priorfree, got '&lt;img src=x&gt;'."
     with pytest.raises(gr.Error) as err:
         plain("bug")
     assert "Something went wrong while doing a thing (KeyError)" in err.value.message

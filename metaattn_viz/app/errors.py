@@ -8,15 +8,24 @@ Anything else is a bug: the UI logs its traceback and shows a short message inst
 
 from __future__ import annotations
 
+# At most this many characters of a value a visitor sent are quoted back in a message: a
+# link or a client may send a megabyte of it.
+QUOTED_CHARS = 80
+
 
 class AppError(Exception):
     """A problem to show the user in plain words (the server log has any detail)."""
 
 
+def quoted(value) -> str:
+    """`value` as a message quotes it back: its repr, cut to QUOTED_CHARS with an ellipsis."""
+    text = repr(value)
+    return text if len(text) <= QUOTED_CHARS else text[: QUOTED_CHARS - 1] + "\u2026"
+
+
 def no_such_run(run_id) -> AppError:
-    """A run id the routing log does not hold (for this reader), named short: a client may
-    send a megabyte of it."""
-    return AppError(f"There is no run {run_id!r:.80} in the routing log.")
+    """A run id the routing log does not hold (for this reader), named short (quoted)."""
+    return AppError(f"There is no run {quoted(run_id)} in the routing log.")
 
 
-__all__ = ["AppError", "no_such_run"]
+__all__ = ["AppError", "QUOTED_CHARS", "no_such_run", "quoted"]

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from metaattn_viz.app.environment import whole_from_env
-from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.errors import AppError, quoted
 from metaattn_viz.app.models import ModelChoice, catalogue, model_id, model_label
 from metaattn_viz.core.settings import DEFAULT_CONTROLLER, RoutingSettings
 from metaattn_viz.routing import zerogpu
@@ -134,7 +134,7 @@ class ModelHost:
             if model in (c.name, c.spec) or model_id(model) == c.id:
                 return c.id
         offered = ", ".join(c.name for c in self._choices.values())
-        raise AppError(f"This server does not offer the model {model!r} (it offers: {offered}).")
+        raise AppError(f"This server does not offer the model {quoted(model)} (it offers: {offered}).")
 
     # -- loading ----------------------------------------------------------------------------
     def start_loading(self, model: str | None = None) -> str:

@@ -15,7 +15,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from metaattn_viz.app.environment import whole_from_env
-from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.errors import AppError, quoted
 from metaattn_viz.core.settings import (
     COST_MODELS,
     DEFAULT_CONTROLLER,
@@ -123,19 +123,20 @@ def number(name: str, value, lo: float, hi: float) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise AppError(f"{name} must be a number between {span}, got {value!r}.") from None
+        raise AppError(f"{name} must be a number between {span}, got {quoted(value)}.") from None
     if not math.isfinite(v) or not lo <= v <= hi:
-        raise AppError(f"{name} must be between {span}, got {value!r}.")
+        raise AppError(f"{name} must be between {span}, got {quoted(value)}.")
     return v
 
 
 def whole(name: str, value, lo: int, hi: int) -> int:
     """`value` as an int in [lo, hi] (booleans refused), or AppError naming `name`."""
+    refusal = f"{name} must be a whole number between {_bound(lo)} and {_bound(hi)}, got {quoted(value)}."
     if isinstance(value, bool):
-        raise AppError(f"{name} must be a whole number between {_bound(lo)} and {_bound(hi)}, got {value!r}.")
+        raise AppError(refusal)
     v = number(name, value, lo, hi)
     if v != int(v):
-        raise AppError(f"{name} must be a whole number between {_bound(lo)} and {_bound(hi)}, got {value!r}.")
+        raise AppError(refusal)
     return int(v)
 
 
@@ -152,7 +153,7 @@ def flag(name: str, value) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    raise AppError(f"{name} must be true or false, got {value!r}.")
+    raise AppError(f"{name} must be true or false, got {quoted(value)}.")
 
 
 def words(name: str, value) -> str:
@@ -161,14 +162,14 @@ def words(name: str, value) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise AppError(f"{name} must be text, got {type(value).__name__} {value!r}.")
+        raise AppError(f"{name} must be text, got {type(value).__name__} {quoted(value)}.")
     return value
 
 
 def choice(name: str, value, options) -> str:
     """`value` if it is one of `options`, else AppError listing them."""
     if value not in options:
-        raise AppError(f"{name} must be one of {', '.join(map(str, options))}, got {value!r}.")
+        raise AppError(f"{name} must be one of {', '.join(map(str, options))}, got {quoted(value)}.")
     return value
 
 
@@ -251,7 +252,7 @@ def parse_request(
 ) -> GenerateRequest:
     text, notes = clean_prompt(prompt)
     if model is not None and not isinstance(model, str):
-        raise AppError(f"Model must be the name of an offered model, got {model!r}.")
+        raise AppError(f"Model must be the name of an offered model, got {quoted(model)}.")
     return GenerateRequest(
         prompt=text,
         settings=settings,
@@ -346,7 +347,8 @@ def trace_from_json(d) -> RoutingTrace:
             f"The trace has {n_layers:,} layers; the app takes traces of at most {MAX_TRACE_LAYERS}."
         )
     if "controller" in d and d["controller"] not in KINDS:
-        raise AppError(f"{lead}: controller must be one of {', '.join(KINDS)}, got {d['controller']!r}.")
+        kinds = ", ".join(KINDS)
+        raise AppError(f"{lead}: controller must be one of {kinds}, got {quoted(d['controller'])}.")
     try:
         return RoutingTrace.from_json(d)
     except (TypeError, ValueError, KeyError, OverflowError) as exc:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.errors import AppError, quoted
 from metaattn_viz.app.requests import (
     MAX_NEW_TOKENS,
     choice,
@@ -67,7 +67,7 @@ def _flag(v: str) -> bool:
         return True
     if s in FALSE:
         return False
-    raise AppError(f"Chat template must be 1 or 0, got {v!r}.")
+    raise AppError(f"Chat template must be 1 or 0, got {quoted(v)}.")
 
 
 @dataclass
@@ -157,7 +157,8 @@ def parse_shared(query: Mapping[str, str]) -> SharedRun | None:
     if prompt:
         known = True
         try:
-            shared.prompt = clean_prompt(str(prompt))[0]
+            shared.prompt, cleaned = clean_prompt(str(prompt))
+            shared.notes.extend(cleaned)
         except AppError as exc:
             shared.notes.append(f"The link's prompt was left out: {exc}")
     return shared if known else None

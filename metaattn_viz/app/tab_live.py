@@ -390,7 +390,7 @@ class LiveTab:
             # an answer that ended at once says why (the status line says it too)
             empty = display.empty_generation_note(last, req.max_new_tokens, req.chat)
             if empty and job.status == "done":
-                gr.Warning(empty)
+                warn([empty])
 
         def stop_previous(request: gr.Request):
             # A new Generate in this tab ends the run still streaming there (logged

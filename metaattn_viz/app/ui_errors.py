@@ -2,12 +2,15 @@
 logged with its traceback and shown as one short sentence that names what was being done.
 
 `user_errors(what)` decorates every callback (plain or generator); `warn(notes)` shows a
-job's notes as warnings. Never holds page layout or model logic.
+job's notes as warnings. Gradio shows a message as HTML, and a message may quote what a
+visitor sent (a shared link's value, a query): every message goes out escaped (`shown`), so
+it reads as the text it is. Never holds page layout or model logic.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
 
@@ -18,12 +21,18 @@ from metaattn_viz.app.errors import AppError
 log = logging.getLogger(__name__)
 
 
+def shown(message: str) -> str:
+    """`message` escaped for Gradio's toasts, which render HTML (quotes are left as they
+    are: an API client reads the same sentence)."""
+    return html.escape(message, quote=False)
+
+
 def as_gr_error(exc: BaseException, what: str) -> gr.Error:
     """The gr.Error the page shows for `exc`, raised while `what` (e.g. "generating")."""
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, AppError):
-        return gr.Error(str(exc), print_exception=False)
+        return gr.Error(shown(str(exc)), print_exception=False)
     log.error("%s failed", what, exc_info=exc)
     return gr.Error(
         f"Something went wrong while {what} ({type(exc).__name__}). The server log "
@@ -72,9 +81,9 @@ def user_errors(what: str):
 
 
 def warn(notes) -> None:
-    """Show each note as a gr.Warning (a toast)."""
+    """Show each note as a gr.Warning (a toast), escaped."""
     for note in notes:
-        gr.Warning(note)
+        gr.Warning(shown(note))
 
 
-__all__ = ["user_errors", "as_gr_error", "warn"]
+__all__ = ["user_errors", "as_gr_error", "shown", "warn"]
