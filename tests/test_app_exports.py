@@ -2,9 +2,10 @@
 browser: a tiny random routed model and a temporary routing log (tests/test_ui_engine.py's
 set-up). The trace's JSON reads back into an equal trace; a figure's page holds plotly.js
 itself (it opens offline); a run's rows are that run's only and only for a visitor who may
-read it; a link's settings survive the round trip and bad values are left out with a
-sentence; the page and /generate share one set of defaults; a generation that ends at once
-says why."""
+read it; a link's settings (the run's model among them) survive the round trip and bad
+values are left out with a sentence; a replay or a link puts the run's model on the
+dropdown where the server offers it, and says so where it does not; the page and /generate
+share one set of defaults; a generation that ends at once says why."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from metaattn_viz.app.deployment import Deployment
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.exports import PREVIOUS_MAX, PREVIOUS_S, Downloads
+from metaattn_viz.app.models import model_id
 from metaattn_viz.app.plots.style import THEMES, base_layout
 from metaattn_viz.app.requests import GENERATION, GenerateRequest, parse_request, parse_settings
 from metaattn_viz.core.trace import RoutingTrace
@@ -335,6 +337,7 @@ def test_a_link_carries_the_run_its_settings_and_prompt(engine):
     assert back.run_id == trace.run_id and back.prompt == "Share me, please." and back.notes == []
     s = trace.settings
     assert back.values == {
+        "model": trace.model,
         "budget": s.budget,
         "controller": trace.controller,
         "scope": s.scope,
@@ -391,6 +394,107 @@ def test_a_link_with_bad_values_leaves_them_out_and_says_so():
     cleaned = share.parse_shared({"prompt": "hi\x07"})
     assert cleaned.prompt == "hi" and cleaned.notes == ["Removed 1 control character from the prompt."]
     assert "not in this server's routing log" in share.fallback_note("abc")
+
+
+def _trace_stub(model):
+    """What share_query reads of a trace, made by `model`."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        settings=parse_settings(0.4),
+        run_id="abc",
+        generation=None,
+        controller="bayes",
+        prompt="hi",
+        model=model,
+    )
+
+
+def test_a_link_carries_the_runs_model_and_leaves_out_a_bad_one():
+    """A link names the model that made the run (a link without it leaves the page's model
+    as it is); a name that is no model's name is left out with a note, quoted short."""
+    from urllib.parse import parse_qsl
+
+    from metaattn_viz.app.ui_errors import shown
+
+    def back(query: str):
+        return share.parse_shared(dict(parse_qsl(query.lstrip("?"))))
+
+    query = share.share_query(_trace_stub("SmolLM2-135M-Instruct"), {"model": "tiny-llama"})
+    assert query.startswith("?run=abc&model=SmolLM2-135M-Instruct&budget=")  # the run's, not the control's
+    assert back(query).values["model"] == "SmolLM2-135M-Instruct" and back(query).notes == []
+    # a trace with no model (an old record): the dropdown's value stands in
+    assert back(share.share_query(_trace_stub(""), {"model": "tiny-llama"})).values["model"] == "tiny-llama"
+    # links made before links carried the model: as before
+    old = share.parse_shared({"run": "abc", "budget": "0.3"})
+    assert "model" not in old.values and old.notes == []
+    assert share.parse_shared({"model": "tiny-llama"}).values == {"model": "tiny-llama"}
+    for hostile in ("<img src=x onerror=alert(1)>", "m" * (share.MODEL_CHARS + 1), "a\u202eb", "a\nb"):
+        got = share.parse_shared({"model": hostile, "window": "64"})
+        assert got.values == {"window": 64}, hostile
+        (note,) = got.notes
+        assert note.startswith("The link's model was left out: Model must be a model's name"), note
+        assert "<" not in shown(note) and len(note) < 300
+
+
+def test_a_replay_or_a_link_puts_the_runs_model_on_the_dropdown_where_offered(engine):
+    import gradio as gr
+
+    from metaattn_viz.app.tab_live import LiveTab, missing_model_note, offered_model
+
+    choices = [
+        ("tiny-llama (untrained controllers)", "tiny-llama"),
+        ("SmolLM2-135M-Instruct", "smollm2-135m-instruct"),
+    ]
+    assert offered_model("SmolLM2-135M-Instruct", choices) == "smollm2-135m-instruct"  # a name
+    assert offered_model("tiny-llama", choices) == "tiny-llama"  # an id
+    assert offered_model("Other-Model", choices) is None and offered_model(None, choices) is None
+    assert missing_model_note("X", choices[:1]).endswith("Generate uses tiny-llama (untrained controllers).")
+    assert missing_model_note("X", choices).endswith("Generate uses the model picked in the Model list.")
+    with gr.Blocks():
+        live = LiveTab(gr.State(None), [], choices)
+    assert live.model in live.run_outputs and live.link_controls["model"] is live.model
+    # a link: an offered model lands on the dropdown; another is left out, saying what Generate uses
+    assert live.show_linked({"model": "SmolLM2-135M-Instruct"}) == {live.model: "smollm2-135m-instruct"}
+    notes: list[str] = []
+    assert live.show_linked({"model": "Other-Model", "budget": 0.3}, notes) == {live.routing.budget: 0.3}
+    assert notes == [
+        "This server does not offer the model 'Other-Model' that made the run; "
+        "Generate uses tiny-llama (untrained controllers)."
+    ]
+    # a replay: the run's model, where offered
+    trace = _generate(engine, "Replay me.")
+    trace.model = "SmolLM2-135M-Instruct"
+    assert live.show_run(trace, "total")[live.model] == "smollm2-135m-instruct"
+    trace.model = "Gone-Model"
+    with pytest.warns(
+        UserWarning,
+        match="does not offer the model 'Gone-Model' that made the run; Generate uses the model picked",
+    ):
+        out = live.show_run(trace, "total")
+    assert live.model not in out and out[live.controller] == trace.controller  # the rest is restored
+
+
+def test_historys_replay_and_a_shared_link_set_the_model_dropdown(engine, tmp_path):
+    from types import SimpleNamespace
+
+    from metaattn_viz.app.ui import build_app
+
+    demo = build_app(engine=engine, downloads=Downloads(tmp_path / "dl"))
+    (model,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model"]
+    assert len(model.choices) > 1  # the tiny model and the shipped one: the dropdown shows
+    trace = _generate(engine, "Replay me.")
+    engine.history.flush()
+    (replay,) = [d for d in demo.fns.values() if d.name == "replay"]
+    assert model in replay.outputs
+    out = replay.fn(trace.run_id, "total", None)
+    assert out[model] == model_id(trace.model) == "tiny-llama"
+    # a link whose run is not in this log: its model still lands on the dropdown
+    (open_link,) = [d.fn for d in demo.fns.values() if d.name == "open_link"]
+    link = SimpleNamespace(
+        query_params={"run": "elsewhere", "model": "SmolLM2-135M-Instruct"}, session_hash=None
+    )
+    assert open_link(link)[model] == "smollm2-135m-instruct"
 
 
 def test_a_links_value_is_quoted_back_short_and_shown_as_text():

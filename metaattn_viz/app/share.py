@@ -1,16 +1,19 @@
 """Shareable runs: the link that opens the page on a run, and what the page makes of one.
 
 A link is the page's address with a query string: `run=<run_id>` plus the settings the run
-was made with (routing: budget, controller, scope, hedge policy, threshold and measure,
-local window, cost model; generation: max new tokens, temperature, top-p, seed, chat template; the
-uncertainty measure shown) and its prompt, when the prompt is short enough for a link
-(MAX_LINK_PROMPT characters). Opening it, the page replays the run from its routing log
-with the run's own settings; when the run is not in this server's log, or is another
-visitor's on a public deployment, it opens with the link's settings and prompt alone and
-says so (ui.py wires this to the page's load event).
+was made with (the model that made it; routing: budget, controller, scope, hedge policy,
+threshold and measure, local window, cost model; generation: max new tokens, temperature,
+top-p, seed, chat template; the uncertainty measure shown) and its prompt, when the prompt
+is short enough for a link (MAX_LINK_PROMPT characters). Opening it, the page replays the
+run from its routing log with the run's own settings; when the run is not in this server's
+log, or is another visitor's on a public deployment, it opens with the link's settings and
+prompt alone and says so (ui.py wires this to the page's load event). A link without
+`model` (made before links carried it) leaves the page's model as it is.
 
 Pure functions of plain values: never imports gradio, never reads the log. A value in a
-link that the page would refuse is left out, and the note says which and why.
+link that the page would refuse is left out, and the note says which and why. The model is
+only checked to be a plausible name here (which models a server offers is the page's to
+know: tab_live.LiveTab.show_linked leaves out one it does not offer, and says so).
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from metaattn_viz.routing.controller import KINDS
 
 MAX_LINK_PROMPT = 2000  # longer prompts are left out of a link (the run itself still replays)
 RUN_ID_CHARS = 64
+MODEL_CHARS = 128  # a model's name in a link (a trace's `model`, or a model id), at most
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 # The link's parameters, in the order they are written: name -> (the control's words, parser).
 # Each parser takes the text from the link and returns the control's value or raises AppError.
 PARAMETERS = {
+    "model": ("Model", lambda v: _model_name(v)),
     "budget": ("Budget", lambda v: number("Budget", v, MIN_COST, 1.0)),
     "controller": ("Controller", lambda v: choice("Controller", v, KINDS)),
     "scope": ("Budget scope", lambda v: choice("Budget scope", v, SCOPES)),
@@ -59,6 +64,18 @@ PARAMETERS = {
     "chat": ("Chat template", lambda v: _flag(v)),
     "measure": ("Uncertainty measure", lambda v: choice("Uncertainty measure", v, UNCERTAINTY_MEASURES)),
 }
+
+
+def _model_name(v: str) -> str:
+    """A model's name as a link gives it: printable text of at most MODEL_CHARS characters,
+    without < or > (it is quoted back in a note if the server does not offer it)."""
+    s = str(v).strip()
+    if len(s) > MODEL_CHARS or not s.isprintable() or "<" in s or ">" in s:
+        raise AppError(
+            f"Model must be a model's name (at most {MODEL_CHARS} printable characters, "
+            f"no < or >), got {quoted(v)}."
+        )
+    return s
 
 
 def _flag(v: str) -> bool:
@@ -93,7 +110,8 @@ GENERATION_PARAMETERS = {
 
 def share_query(trace, values: Mapping) -> str:
     """The query string (with its "?") that opens the page on `trace`'s run: its run id (if
-    logged), its routing settings and controller, how its text was generated (the trace's
+    logged), the model that made it (the trace's `model`; where it has none, the control's
+    value), its routing settings and controller, how its text was generated (the trace's
     `generation`; where it has none, as for a run logged before the log kept it, the
     controls' `values` stand in), the other controls' `values` (keys of PARAMETERS:
     measure), and its prompt if it is at most MAX_LINK_PROMPT characters."""
@@ -105,6 +123,7 @@ def share_query(trace, values: Mapping) -> str:
     given = {
         **{k: v for k, v in values.items() if k in PARAMETERS and v is not None},
         **{k: made[key] for k, key in GENERATION_PARAMETERS.items() if key in made},
+        **({"model": trace.model} if trace.model else {}),
         "controller": trace.controller,
         "scope": s.scope,
         "hedge": s.hedge_policy,
@@ -196,6 +215,7 @@ __all__ = [
     "PARAMETERS",
     "GENERATION_PARAMETERS",
     "MAX_LINK_PROMPT",
+    "MODEL_CHARS",
     "share_query",
     "parse_shared",
     "page_url",

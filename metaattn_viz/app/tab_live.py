@@ -9,7 +9,9 @@ and word (display) the result. Inputs are passed as a set, so callbacks read the
 component, never by position. The controls start at the project's defaults
 (core.settings.DEFAULTS, requests.GENERATION). Every event that puts a new trace on the
 page is kept in `trace_events`, so the Export and share panel (live_exports.py) refreshes
-after each. Never holds model logic of its own.
+after each. A replay or a shared link sets the model dropdown to the run's model where this
+server offers it (`offered_model`), and says which model Generate uses where it does not
+(`missing_model_note`). Never holds model logic of its own.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import gradio as gr
 from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
+from metaattn_viz.app.errors import quoted
 from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.live_exports import ExportPanel
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX, BudgetSweep, TokenInspector
+from metaattn_viz.app.models import model_id
 from metaattn_viz.app.plotly_html import plotly_view
 from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request
 from metaattn_viz.app.routing_controls import (
@@ -51,6 +55,31 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing.controller import KINDS
 
 CONTROL_MIN_PX = 200  # a control's least width: a row of them wraps below it on a phone
+PICKED_MODEL = "the model picked in the Model list"  # what Generate uses, when not known here
+
+
+def offered_model(name: str | None, choices) -> str | None:
+    """The id among the model dropdown's (label, id) `choices` of the model `name` (a
+    trace's `model` or a link's: a model's name or its id), or None where the server does
+    not offer it. A dropdown refuses a value outside its choices, so only these are set."""
+    if not name:
+        return None
+    ids = [value for _, value in choices]
+    for candidate in (name, model_id(name)):
+        if candidate in ids:
+            return candidate
+    return None
+
+
+def missing_model_note(name: str, choices, current: str | None = None) -> str:
+    """What the page says when it cannot put the model `name` that made a run on the
+    dropdown: which model Generate uses instead (`current`, the dropdown's value where the
+    caller knows it; the only one offered; else the one picked in the Model list)."""
+    labels = {value: label for label, value in choices}
+    if current is None and len(labels) == 1:
+        current = next(iter(labels))
+    uses = labels.get(current, current) if current else PICKED_MODEL
+    return f"This server does not offer the model {quoted(name)} that made the run; Generate uses {uses}."
 
 
 class LiveTab:
@@ -251,6 +280,7 @@ class LiveTab:
             self.trace,
             self.inspector.pos,
             *self.generation_controls,
+            self.model,
             self.controller,
             r.budget,
             r.scope,
@@ -263,17 +293,22 @@ class LiveTab:
 
     def show_run(self, trace, measure: str) -> dict:
         """A logged run on the page (a replay): its views, the trace, the token positions,
-        its prompt, and its controller, routing settings and (where the log kept them, from
-        schema version 6 on) generation settings on the controls, so that Generate makes
-        the run again."""
+        its prompt, and its model, controller, routing settings and (where the log kept
+        them, from schema version 6 on) generation settings on the controls, so that
+        Generate makes the run again. A model this server does not offer leaves the
+        dropdown as it is, with a warning naming the model Generate uses instead."""
         made = trace.generation or {}
         generation = {key: made[field] for key, field in GENERATION_PARAMETERS.items() if field in made}
+        model = offered_model(trace.model, self.model.choices)
+        if trace.model and model is None:
+            warn([missing_model_note(trace.model, self.model.choices)])
         return {
             **self.show(trace, measure),
             self.trace: trace,
             self.inspector.pos: self.inspector.show_positions(trace),
             **({self.prompt: trace.prompt} if trace.prompt else {}),
             **self.show_linked(generation),
+            **({self.model: model} if model is not None else {}),
             self.controller: trace.controller,
             **self.routing.show(trace.settings),
         }
@@ -283,6 +318,7 @@ class LiveTab:
         """The controls a shareable link names, by its parameter (share.PARAMETERS)."""
         r = self.routing
         return {
+            "model": self.model,
             "budget": r.budget,
             "controller": self.controller,
             "scope": r.scope,
@@ -302,11 +338,20 @@ class LiveTab:
     def show_linked(self, values: dict, notes: list[str] | None = None) -> dict:
         """The controls set to a link's values (keys of link_controls), each kept within
         its control's range (a run made through the API may have a wider window); a value
-        so moved is said in `notes` (the next Generate uses the control's value)."""
+        so moved is said in `notes` (the next Generate uses the control's value). A model
+        this server does not offer is left out, said in `notes` too (the dropdown keeps its
+        value: on the page's load, where links are opened, the default)."""
         out = {}
         for key, value in values.items():
             control = self.link_controls[key]
-            if isinstance(control, gr.Slider):
+            if control is self.model:
+                model = offered_model(value, control.choices)
+                if model is None:
+                    if notes is not None:
+                        notes.append(missing_model_note(value, control.choices, control.value))
+                    continue
+                value = model
+            elif isinstance(control, gr.Slider):
                 kept = min(max(value, control.minimum), control.maximum)
                 if kept != value and notes is not None:
                     notes.append(
