@@ -524,3 +524,23 @@ def test_the_pages_table_shows_nested_values_as_duckdb_prints_them(log):
     want = duckdb.sql(sql.replace(") AS c", ")::VARCHAR AS c")).fetchall()[0]
     assert tuple(sql_table(df).iloc[0]) == want
     assert isinstance(df.iloc[0]["c0"], dict)  # the console's own answer is untouched
+
+
+def test_the_pages_table_shows_columns_of_the_same_name_each(log):
+    """Two columns named alike (a query's own, or a join's run_id) are each shown as they
+    came, by position; a nested cell in either is written as DuckDB prints it."""
+    from metaattn_viz.app.display import sql_table
+
+    df, _ = run_readonly_query(log, "SELECT 1 AS a, 2 AS a, [1, 2] AS s, {'x': 3} AS s, 'v' AS S")
+    shown = sql_table(df)
+    assert list(shown.columns) == ["a", "a", "s", "s", "S"]
+    assert shown.iloc[0].tolist() == [1, 2, "[1, 2]", "{'x': 3}", "v"]
+    assert list(df.iloc[0, 2]) == [1, 2]  # the console's own answer is untouched
+
+    joined, _ = run_readonly_query(
+        log, "SELECT * FROM runs r JOIN tokens t ON r.run_id = t.run_id ORDER BY t.pos LIMIT 3"
+    )
+    shown = sql_table(joined)
+    assert list(shown.columns).count("run_id") == 2 and shown.shape == joined.shape
+    ids = shown.iloc[:, [i for i, c in enumerate(shown.columns) if c == "run_id"]]
+    assert (ids.iloc[:, 0] == ids.iloc[:, 1]).all()

@@ -875,6 +875,57 @@ def test_compare_two_runs_token_by_token(db):
     assert df.attrs["agreement"] == pytest.approx(1 - 0.5 / 10)
 
 
+def test_list_runs_pages_through_what_count_runs_counts(filled):
+    """count_runs counts what list_runs lists without a limit (with the same filters), and
+    pages of list_runs at growing offsets cover every run once, in order."""
+    db, traces = filled
+    with RunLog(db, read_only=True) as log:
+        assert log.count_runs() == 6
+        assert log.count_runs(status="failed") == 1
+        assert log.count_runs(controller="priorfree", model="synthetic") == 3
+        assert log.count_runs(text="NEEDLE") == 1 and log.count_runs(text="no such words") == 0
+        whole = log.list_runs(limit=100)["run_id"].tolist()
+        pages = [log.list_runs(limit=4, offset=o)["run_id"].tolist() for o in (0, 4, 8)]
+        assert pages[0] + pages[1] == whole and len(pages[1]) == 2 and pages[2] == []
+        bayes = log.list_runs(controller="bayes")["run_id"].tolist()
+        assert log.list_runs(controller="bayes", limit=2, offset=2)["run_id"].tolist() == bayes[2:]
+        with pytest.raises(ValueError, match="status must be one of"):
+            log.count_runs(status="weird")
+
+
+def test_compare_counts_only_the_positions_and_layers_both_runs_have(db):
+    """A 6-token run against a 10-token run of another model with fewer layers: the
+    agreement and the same-token share are over the 6 positions and 2 layers both have,
+    and attrs hold the counts behind them (not a mean over 6 positions next to a share of
+    10)."""
+    a = synthetic_trace(n_layers=5, n_tokens=6, seed=41)
+    b = synthetic_trace(n_layers=2, n_tokens=10, seed=42)
+    b.model = "another-model"
+    b.tokens = list(b.tokens)
+    b.tokens[1] = "changed"  # a shared position
+    b.tokens[8] = "changed too"  # one only b has: not counted
+    with RunLog(db) as log:
+        df = log.compare(stream_run(log, a), stream_run(log, b))
+    same = int((a.routes[:2] == b.routes[:, :6]).sum())
+    assert len(df) == 10 and df["agreement"].isna().tolist() == [False] * 6 + [True] * 4
+    assert list(df.columns) == [
+        "pos",
+        "token_a",
+        "token_b",
+        "same_token",
+        "routes_a",
+        "routes_b",
+        "agreement",
+        "cost_a",
+        "cost_b",
+    ]
+    at = df.attrs
+    assert (at["positions"], at["layers"], at["decisions"], at["same_decisions"]) == (6, 2, 12, same)
+    assert at["agreement"] == pytest.approx(same / 12)
+    assert (at["same_token_positions"], at["same_tokens"]) == (5, pytest.approx(5 / 6))
+    np.testing.assert_allclose(df["agreement"][:6], (a.routes[:2] == b.routes[:, :6]).mean(0))
+
+
 def test_analytics_answer_from_the_routes(filled):
     db, traces = filled
     alltr = list(traces.values())

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import routed_tiny
+from helpers import routed_tiny, synthetic_trace
 
 from metaattn_viz.app import display
 from metaattn_viz.app import requests as app_requests
@@ -26,6 +26,7 @@ from metaattn_viz.app.deployment import LOCAL_LIMITS, PUBLIC_LIMITS, Deployment
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.exports import Downloads, _digest
+from metaattn_viz.app.history import RunHistory, RunsPage
 from metaattn_viz.app.requests import parse_request, parse_settings
 from metaattn_viz.core.settings import RoutingSettings
 
@@ -501,6 +502,81 @@ def test_the_runs_table_shows_the_useful_columns_cut_and_rounded():
     assert logged["prompt"][0] == "p" * 100  # the log's own frame is left as it was
 
 
+def _logged(history, *traces):
+    """Log finished synthetic traces straight into `history`'s log; their run ids."""
+    ids = [history.run_log.start_run(t) for t in traces]
+    for rid, t in zip(ids, traces, strict=True):
+        history.run_log.finish(rid, t, "done")
+    history.flush()
+    return ids
+
+
+def test_history_shows_the_runs_a_page_at_a_time_and_says_how_many(tmp_path):
+    """Not only the newest RUNS_PAGE runs: runs_page says how many match, pages through
+    all of them, and a page past the end (fewer runs match now) is the last one."""
+    h = RunHistory(str(tmp_path / "log.duckdb"))
+    try:
+        traces = [synthetic_trace(n_layers=2, n_tokens=4, seed=s) for s in range(7)]
+        traces[6].prompt = "the odd one"
+        _logged(h, *traces)
+        first = h.runs_page(size=3)
+        assert (first.offset, first.total, len(first.runs)) == (0, 7, 3)
+        assert first.has_next and not first.has_previous
+        pages = [h.runs_page(offset=o, size=3) for o in (0, 3, 6)]
+        seen = [r for page in pages for r in page.runs["run_id"]]
+        assert seen == h.runs(limit=100)["run_id"].tolist()  # each once, newest first
+        assert not pages[-1].has_next and pages[-1].has_previous
+        assert h.runs_page(offset=99, size=3).offset == 6  # past the end: the last page
+        assert h.runs_page(offset=-3, size=3).offset == 0
+        odd = h.runs_page(text="ODD one", offset=6, size=3)  # a filter: its own count
+        assert (odd.offset, odd.total, odd.runs["prompt"].tolist()) == (0, 1, ["the odd one"])
+        assert h.runs(limit=2, offset=6)["run_id"].tolist() == seen[6:]
+    finally:
+        h.close()
+    note = display.runs_page_note
+    assert note(pages[1], "newest first") == (
+        "Showing runs 4-6 of 7 (newest first); Previous and Next show the others, 3 at a time."
+    )
+    assert note(RunsPage(odd.runs, 0, 1), "most tokens") == "All 1 run (most tokens)."
+    assert note(RunsPage(odd.runs.iloc[:0], 0, 0), "newest first") == "No runs to show."
+
+
+def test_the_comparison_says_what_each_share_counts_and_how_the_runs_differ(tmp_path):
+    """A 6-token run of one model against a 9-token run of another with fewer layers: the
+    note names both models and lengths and gives each share its count, over the positions
+    and the layers both runs have; each map's title names its model and size."""
+    a = synthetic_trace(n_layers=5, n_tokens=6, seed=1)
+    b = synthetic_trace(n_layers=2, n_tokens=9, seed=2)
+    b.model = "other-model"
+    h = RunHistory(str(tmp_path / "log.duckdb"))
+    try:
+        ra, rb = _logged(h, a, b)
+        ta, tb, df = h.compare(ra, rb)
+        same_a, same_b, same_df = h.compare(ra, ra)
+    finally:
+        h.close()
+    at = df.attrs
+    note = display.compare_note(ta, tb, df)
+    assert "nan" not in note
+    assert f"Run A `{ra}` (synthetic, 5 layers, 6 tokens; bayes, budget 0.5," in note
+    assert f"run B `{rb}` (other-model, 2 layers, 9 tokens; bayes, budget 0.5," in note
+    assert (
+        "Compared over the 6 positions both runs have and the 2 layers both have (layers 0-1) "
+        f"only: the same expert in {at['agreement']:.0%} of 12 decisions (6 positions \u00d7 2 "
+        "layers), the same token at 100% of the 6 positions." in note
+    )
+    assert display.compare_title("A", ta, tb) == "A: budget 0.5, bayes, synthetic, 5 layers, 6 tokens"
+    assert display.compare_title("B", tb, ta) == "B: budget 0.5, bayes, other-model, 2 layers, 9 tokens"
+    # runs alike in model and size: no scope, no differences named
+    alike = display.compare_note(same_a, same_b, same_df)
+    assert alike.endswith(
+        ": the same expert in 100% of 30 decisions (6 positions \u00d7 5 layers), the same token "
+        "at 100% of the 6 positions."
+    )
+    assert f"`{ra}` (bayes, budget 0.5, cost" in alike
+    assert display.compare_title("A", same_a, same_b) == "A: budget 0.5, bayes"
+
+
 # -- the page's adapters -------------------------------------------------------------------
 def test_user_errors_turn_failures_into_plain_gradio_errors(caplog):
     import gradio as gr
@@ -549,6 +625,22 @@ def test_the_page_builds_with_named_api_endpoints(engine):
     examples = load_examples()
     assert len(examples) >= 4 and all(e["prompt"].strip() for e in examples)
     assert json.loads((Path(__file__).parent.parent / "assets" / "examples.json").read_text(encoding="utf-8"))
+
+
+def test_the_runs_endpoint_reaches_past_its_limit_with_an_offset(engine):
+    import gradio as gr
+
+    from metaattn_viz.app.ui import build_app
+
+    _logged(engine.history, *(synthetic_trace(n_layers=2, n_tokens=4, seed=s) for s in range(5)))
+    runs = next(d.fn for d in build_app(engine=engine).fns.values() if d.api_name == "runs")
+    assert runs is not None
+    newest_first = engine.history.runs()["run_id"].tolist()
+    out = runs(limit=2, offset=3)
+    assert [row[out["columns"].index("run_id")] for row in out["rows"]] == newest_first[3:5]
+    assert len(runs()["rows"]) == 5  # its defaults as before: the first 200
+    with pytest.raises(gr.Error, match="offset must be between 0 and"):
+        runs(offset=-1)
 
 
 # -- visitors apart (public deployment), storage and queue notices -----------------------

@@ -213,13 +213,15 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         controller: str = "",
         order_by: str = "-created_at",
         limit: int = 200,
+        offset: int = 0,
         request: gr.Request | None = None,
     ) -> dict:
         """The runs of the History tab, newest first: {columns, rows, notice}; `text`
         searches prompt and output, `status` / `controller` filter (empty: any; a
         controller that is not one of CONTROLLER_KINDS is refused, not answered with no
-        runs)."""
+        runs); `limit` runs from the `offset`-th on (0: the first)."""
         n = whole("limit", limit, 1, SQL_ROWS_LIMIT)
+        skip = whole("offset", offset, 0, 2_147_483_647)
         kind = words("controller", controller)
         df = engine.history.runs(
             words("text", text),
@@ -228,6 +230,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
             words("order_by", order_by),
             n,
             owner=engine.deployment.reader(session_of(request)),
+            offset=skip,
         )
         return table_json(df)
 

@@ -221,19 +221,54 @@ def replay_note(trace, status: str = "done") -> str:
 
 
 def compare_note(a, b, df) -> str:
-    """Two runs and how much they agree (df: the log's comparison, with its attrs)."""
+    """Two runs and how much they agree (df: the log's comparison; its attrs hold the
+    counts behind each share). Each share names its count and the positions and layers it
+    covers: where the runs differ in length or layer count, only those both have."""
+    at = df.attrs
+    head = f"Run A {_compared_run(a, b)} against run B {_compared_run(b, a)}"
+    positions, layers = at["positions"], at["layers"]
+    if not positions:
+        return f"{head}: they have no position in common to compare."
+    only = []
+    if positions < len(df):
+        only.append(f"the {positions:,} positions both runs have")
+    if a.n_layers != b.n_layers:
+        only.append(f"the {layers} layers both have (layers 0-{layers - 1})")
+    lead = f". Compared over {' and '.join(only)} only: " if only else ": "
     return (
-        f"Run A `{a.run_id}` ({a.controller}, budget {a.settings.budget}, cost "
-        f"{a.realized_cost:.3f}) against run B `{b.run_id}` ({b.controller}, budget "
-        f"{b.settings.budget}, cost {b.realized_cost:.3f}): the same expert in "
-        f"{100 * df.attrs['agreement']:.0f}% of decisions, the same token at "
-        f"{100 * df.attrs['same_tokens']:.0f}% of positions."
+        f"{head}{lead}the same expert in {at['agreement']:.0%} of {at['decisions']:,} decisions "
+        f"({positions:,} positions \u00d7 {layers} layers), the same token at "
+        f"{at['same_tokens']:.0%} of the {positions:,} positions."
     )
 
 
-def compare_title(label: str, trace) -> str:
-    """The title of one run's map in the comparison."""
-    return f"{label}: budget {trace.settings.budget}, {trace.controller}"
+def _differences(trace, other) -> list[str]:
+    """What sets `trace` apart from the run it is compared with: its model, layer count
+    and length, where they differ."""
+    out = []
+    if trace.model != other.model:
+        out.append(str(trace.model))
+    if trace.n_layers != other.n_layers:
+        out.append(f"{trace.n_layers} layers")
+    if trace.n_tokens != other.n_tokens:
+        out.append(f"{trace.n_tokens} tokens")
+    return out
+
+
+def _compared_run(trace, other) -> str:
+    """One run in the comparison's note: its id, what sets it apart, its routing."""
+    differs = ", ".join(_differences(trace, other))
+    return (
+        f"`{trace.run_id}` ({differs + '; ' if differs else ''}{trace.controller}, budget "
+        f"{trace.settings.budget}, cost {trace.realized_cost:.3f})"
+    )
+
+
+def compare_title(label: str, trace, other=None) -> str:
+    """The title of one run's map in the comparison; with `other` (the run it is compared
+    with), also its model, layer count and length where they differ from the other's."""
+    differs = _differences(trace, other) if other is not None else []
+    return ", ".join([f"{label}: budget {trace.settings.budget}", trace.controller, *differs])
 
 
 def inspect_note(trace, pos: int, view) -> str:
@@ -264,16 +299,35 @@ def runs_table(df):
     return df
 
 
+def runs_page_note(page, order: str) -> str:
+    """The line under the runs table: which of the runs that match it shows, in which
+    order (`order`: the sort's name, "newest first"); page: history.RunsPage."""
+    n, total = len(page.runs), page.total
+    if not total:
+        return "No runs to show."
+    if n >= total and not page.offset:
+        return f"All {total:,} run{'s' if total != 1 else ''} ({order})."
+    first, last = page.offset + 1, page.offset + n
+    return (
+        f"Showing runs {first:,}-{last:,} of {total:,} ({order}); Previous and Next show the "
+        f"others, {page.size:,} at a time."
+    )
+
+
 def sql_table(df):
     """The console's answer as the page's table shows it: a STRUCT, MAP or LIST cell as
     DuckDB prints it ({'layer': 1, 'n': 2}, {0=10, 1=20}, [x, y]), which a browser table
-    would show as "[object Object]" or flatten; the API (/sql) keeps them as JSON."""
-    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (dict, list, tuple))).any()]
+    would show as "[object Object]" or flatten; the API (/sql) keeps them as JSON. Columns
+    are taken by position, as a query may name two alike (SELECT 1 AS a, 2 AS a; a join's
+    run_id): each is shown."""
+    nested = [
+        i for i in range(df.shape[1]) if df.iloc[:, i].map(lambda v: isinstance(v, (dict, list, tuple))).any()
+    ]
     if not nested:
         return df
     out = df.copy()
-    for c in nested:
-        out[c] = out[c].map(lambda v: v if v is None else _duckdb_text(v))
+    for i in nested:
+        out.isetitem(i, out.iloc[:, i].map(lambda v: v if v is None else _duckdb_text(v)))
     return out
 
 
@@ -326,6 +380,7 @@ __all__ = [
     "compare_title",
     "inspect_note",
     "runs_table",
+    "runs_page_note",
     "sweep_table",
     "RUNS_COLUMNS",
     "RUN_ENDINGS",

@@ -1,5 +1,6 @@
 """The app's side of the routing log: writing runs as they happen, and reading them back
-for the History tab (replay, the runs table, compare, the SQL console, export).
+for the History tab (replay, the runs table a page at a time, compare, the SQL console,
+export).
 
 Two policies, each defined once:
 - writes (`write`, `RunRecorder`, `log_finished`) never fail a request: on a store problem
@@ -21,7 +22,9 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from metaattn_viz.app.errors import AppError, no_such_run
 from metaattn_viz.app.exports import zip_folder
@@ -33,6 +36,44 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 0.25  # routing-log batches while streaming
 SQL_TIMEOUT_S = 5.0  # the SQL console's time limit per query
 LOST_ERROR = "a write to the routing log failed: the tokens after it were not logged"
+
+
+RUNS_PAGE = 200  # the History tab's runs table shows this many runs at a time
+
+
+@dataclass(frozen=True)
+class RunsPage:
+    """One page of the runs table: its runs (a DataFrame), the position of the first of
+    them among the runs that match (0-based), how many match, and the page size."""
+
+    runs: Any
+    offset: int
+    total: int
+    size: int = RUNS_PAGE
+
+    @property
+    def has_previous(self) -> bool:
+        return self.offset > 0
+
+    @property
+    def has_next(self) -> bool:
+        return self.offset + len(self.runs) < self.total
+
+
+def page_start(offset: int, total: int, size: int) -> int:
+    """Where a page of `size` asked for at `offset` starts: at 0 or later, and at the last
+    page's start at most (runs deleted, or a filter that now matches fewer)."""
+    last = (max(total, 1) - 1) // size * size
+    return min(max(int(offset), 0), last)
+
+
+def _filters(text: str | None, status: str | None, controller: str | None) -> dict:
+    """The History tab's filters as RunLog.list_runs / count_runs take them (empty: none)."""
+    return {
+        "status": status or None,
+        "controller": controller or None,
+        "text": (text or "").strip() or None,
+    }
 
 
 class RunHistory:
@@ -152,18 +193,37 @@ class RunHistory:
         order_by: str = "-created_at",
         limit: int = 200,
         owner: str | None = None,
+        offset: int = 0,
     ):
         """The logged runs visible to `owner` (a DataFrame, newest first by default),
-        filtered."""
+        filtered: `limit` of them from the `offset`-th on."""
         with self._reading(ValueError) as run_log:  # ValueError: an unknown order_by
             return run_log.list_runs(
                 limit=limit,
-                status=status or None,
-                controller=controller or None,
-                text=(text or "").strip() or None,
+                offset=offset,
                 order_by=order_by,
                 owner=owner,
+                **_filters(text, status, controller),
             )
+
+    def runs_page(
+        self,
+        text: str = "",
+        status: str | None = None,
+        controller: str | None = None,
+        order_by: str = "-created_at",
+        offset: int = 0,
+        size: int = RUNS_PAGE,
+        owner: str | None = None,
+    ) -> RunsPage:
+        """One page of the History tab's runs table: `size` runs from `offset` on (from the
+        last page's start where fewer runs match now), and how many match in all."""
+        with self._reading(ValueError) as run_log:
+            filters = _filters(text, status, controller)
+            total = run_log.count_runs(owner=owner, **filters)
+            start = page_start(offset, total, size)
+            df = run_log.list_runs(limit=size, offset=start, order_by=order_by, owner=owner, **filters)
+        return RunsPage(df, start, total, size)
 
     def compare(self, run_a: str, run_b: str, owner: str | None = None):
         """Two runs visible to `owner` side by side: (their traces, the per-token
@@ -268,4 +328,4 @@ class RunRecorder:
         return None
 
 
-__all__ = ["RunHistory", "RunRecorder", "LOG_EVERY_S", "SQL_TIMEOUT_S"]
+__all__ = ["RunHistory", "RunRecorder", "RunsPage", "page_start", "LOG_EVERY_S", "RUNS_PAGE", "SQL_TIMEOUT_S"]

@@ -1,6 +1,6 @@
-"""The History tab: the runs in the routing log, filtered and sorted; pick two, replay one
-into the Live views (no model needed) or compare them; the read-only SQL console; the log
-as a download.
+"""The History tab: the runs in the routing log, filtered and sorted, RUNS_PAGE at a time
+(Previous / Next); pick two, replay one into the Live views (no model needed) or compare
+them; the read-only SQL console; the log as a download.
 
 `HistoryTab(tab)` builds the components (inside the page's gr.Tab `tab`) and
 `wire(engine, live, tabs)` attaches their events; a replay fills the Live tab's views and
@@ -19,6 +19,7 @@ from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads
+from metaattn_viz.app.history import RUNS_PAGE
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
 from metaattn_viz.app.tab_live import LiveTab
@@ -71,6 +72,22 @@ class HistoryTab:
             max_height=360,
             wrap=False,
         )
+        # RUNS_PAGE runs at a time: the line says which of how many, the buttons page
+        self.offset = gr.State(0)  # the shown page's first run, among those that match
+        with gr.Row():  # on a phone the line takes a row of its own, the buttons the next
+            with gr.Column(scale=1, min_width=320):
+                self.runs_note = gr.Markdown("", elem_id="runs-note")
+            self.previous = gr.Button(
+                f"Previous {RUNS_PAGE}",
+                size="sm",
+                scale=0,
+                min_width=130,
+                interactive=False,
+                elem_id="runs-previous",
+            )
+            self.next = gr.Button(
+                f"Next {RUNS_PAGE}", size="sm", scale=0, min_width=130, interactive=False, elem_id="runs-next"
+            )
         with gr.Row(equal_height=True):
             self.run_a = gr.Textbox(label="Run A", elem_id="run-a", scale=3)
             self.run_b = gr.Textbox(label="Run B", elem_id="run-b", scale=3)
@@ -131,31 +148,59 @@ class HistoryTab:
             return engine.deployment.reader(session_of(request))
 
         @user_errors("listing runs")
-        def list_runs(text, status, controller, sort, request: gr.Request):
-            return display.runs_table(
-                history.runs(
-                    text,
-                    None if status == ANY else status,
-                    None if controller == ANY else controller,
-                    SORTS.get(sort, "-created_at"),
-                    owner=reader(request),
-                )
+        def show_runs(text, status, controller, sort, offset, request):
+            """The page of runs from `offset` on (history.runs_page moves it back to the
+            last page where fewer match), its line, and the buttons it allows."""
+            page = history.runs_page(
+                text,
+                None if status == ANY else status,
+                None if controller == ANY else controller,
+                SORTS.get(sort, "-created_at"),
+                offset=int(offset or 0),
+                owner=reader(request),
+            )
+            order = sort if sort in SORTS else "newest first"
+            return (
+                display.runs_table(page.runs),
+                display.runs_page_note(page, order),
+                page.offset,
+                gr.Button(interactive=page.has_previous),
+                gr.Button(interactive=page.has_next),
             )
 
+        filters = [self.text, self.status, self.controller, self.sort]
+        shown = [self.runs, self.runs_note, self.offset, self.previous, self.next]
+
+        def first_runs(text, status, controller, sort, request: gr.Request):
+            return show_runs(text, status, controller, sort, 0, request)
+
+        def same_runs(text, status, controller, sort, offset, request: gr.Request):
+            return show_runs(text, status, controller, sort, offset, request)
+
+        def previous_runs(text, status, controller, sort, offset, request: gr.Request):
+            return show_runs(text, status, controller, sort, offset - RUNS_PAGE, request)
+
+        def next_runs(text, status, controller, sort, offset, request: gr.Request):
+            return show_runs(text, status, controller, sort, offset + RUNS_PAGE, request)
+
+        # a new filter or order starts at the first page; Refresh and coming back to the
+        # tab keep the page shown
         gr.on(
-            [
-                self.refresh.click,
-                self.text.submit,
-                self.status.input,
-                self.controller.input,
-                self.sort.input,
-                self.tab.select,
-            ],
-            list_runs,
-            [self.text, self.status, self.controller, self.sort],
-            self.runs,
+            [self.text.submit, self.status.input, self.controller.input, self.sort.input],
+            first_runs,
+            filters,
+            shown,
             api_visibility="private",
         )
+        gr.on(
+            [self.refresh.click, self.tab.select],
+            same_runs,
+            [*filters, self.offset],
+            shown,
+            api_visibility="private",
+        )
+        self.previous.click(previous_runs, [*filters, self.offset], shown, api_visibility="private")
+        self.next.click(next_runs, [*filters, self.offset], shown, api_visibility="private")
 
         def pick_run(run_a, evt: gr.SelectData):
             row = evt.row_value or []
@@ -189,8 +234,8 @@ class HistoryTab:
         @user_errors("comparing runs")
         def compare(run_a, run_b, request: gr.Request):
             a, b, df = history.compare(run_a, run_b, reader(request))
-            fa = plots.expert_map(a, COMPARE_MAP_HEIGHT, display.compare_title("A", a))
-            fb = plots.expert_map(b, COMPARE_MAP_HEIGHT, display.compare_title("B", b))
+            fa = plots.expert_map(a, COMPARE_MAP_HEIGHT, display.compare_title("A", a, b))
+            fb = plots.expert_map(b, COMPARE_MAP_HEIGHT, display.compare_title("B", b, a))
             return display.compare_note(a, b, df), figure_value(fa), figure_value(fb), df.round(3)
 
         self.compare.click(

@@ -53,6 +53,17 @@ def _of_owned_run(alias: str = "") -> str:
 _ONE_RUN = "($run_id::VARCHAR IS NULL OR run_id = $run_id::VARCHAR)"
 
 
+# The runs list_runs and count_runs answer with: visible to $owner, and matching the
+# filters that are not NULL ($text in the prompt or the output, case-insensitive).
+_LISTED = f"""{_owned()}
+          AND ($status::VARCHAR IS NULL OR status = $status::VARCHAR)
+          AND ($model::VARCHAR IS NULL OR model = $model::VARCHAR)
+          AND ($controller::VARCHAR IS NULL OR controller = $controller::VARCHAR)
+          AND ($text::VARCHAR IS NULL
+               OR contains(lower(coalesce(prompt, '')), lower($text::VARCHAR))
+               OR contains(lower(coalesce(output_text, '')), lower($text::VARCHAR)))"""
+
+
 def visible_rows(table: str, owner: str | None) -> tuple[str, dict[str, str]]:
     """(query, parameters) for the rows of log table `table` that `owner` sees: all of
     them for None, else those of owner's runs (the SQL console's copy of the log). Built
@@ -107,16 +118,13 @@ class Q:
 
     # -- browsing and analytics -------------------------------------------------------------
     LIST_RUNS = f"""
-        SELECT * FROM runs
-        WHERE {_owned()}
-          AND ($status::VARCHAR IS NULL OR status = $status::VARCHAR)
-          AND ($model::VARCHAR IS NULL OR model = $model::VARCHAR)
-          AND ($controller::VARCHAR IS NULL OR controller = $controller::VARCHAR)
-          AND ($text::VARCHAR IS NULL
-               OR contains(lower(coalesce(prompt, '')), lower($text::VARCHAR))
-               OR contains(lower(coalesce(output_text, '')), lower($text::VARCHAR)))
+        SELECT * FROM runs WHERE {_LISTED}
         ORDER BY {{order}} NULLS LAST, run_id
         LIMIT $limit OFFSET $offset"""
+    COUNT_RUNS = f"SELECT count(*) FROM runs WHERE {_LISTED}"
+    # Every position of either run; agreement, _decisions and _same_decisions only where
+    # both runs have the position, over the layers both have (RunLog.compare sums the
+    # last two into its attrs and drops them).
     COMPARE_RUNS = f"""
         WITH per_pos AS (
             SELECT d.run_id, d.pos,
@@ -127,7 +135,8 @@ class Q:
             WHERE d.run_id IN ($run_a, $run_b) AND {_of_owned_run("d.")}
             GROUP BY d.run_id, d.pos),
         agree AS (
-            SELECT a.pos, avg((a.expert = b.expert)::DOUBLE) AS agreement
+            SELECT a.pos, avg((a.expert = b.expert)::DOUBLE) AS agreement,
+                   count(*) AS decisions, count(*) FILTER (WHERE a.expert = b.expert) AS same
             FROM routes a JOIN routes b ON a.layer = b.layer AND a.pos = b.pos
             WHERE a.run_id = $run_a AND b.run_id = $run_b AND {_of_owned_run("a.")}
               AND {_of_owned_run("b.")}
@@ -136,7 +145,8 @@ class Q:
         SELECT p.pos, ta.text AS token_a, tb.text AS token_b,
                (ta.text IS NOT DISTINCT FROM tb.text) AS same_token,
                ra.routes AS routes_a, rb.routes AS routes_b, g.agreement,
-               ra.cost AS cost_a, rb.cost AS cost_b
+               ra.cost AS cost_a, rb.cost AS cost_b,
+               coalesce(g.decisions, 0) AS _decisions, coalesce(g.same, 0) AS _same_decisions
         FROM positions p
         LEFT JOIN per_pos ra ON ra.pos = p.pos AND ra.run_id = $run_a
         LEFT JOIN per_pos rb ON rb.pos = p.pos AND rb.run_id = $run_b

@@ -9,7 +9,7 @@ Interface (what the app, the CLI and the console use):
     log.append(run_id, trace)               # every few tokens while the trace grows
     log.finish(run_id, trace, "done")       # or "stopped" / "failed"; one transaction
     trace = log.load_trace(run_id)          # replay: an equal RoutingTrace
-    log.list_runs(...), log.compare(a, b), log.full_attention_share_by_layer(), ...
+    log.list_runs(...), log.count_runs(...), log.compare(a, b), log.full_attention_share_by_layer(), ...
     export(path_or_log, out_dir, "parquet")  # export.py
 
 Every reading method takes `owner` (owners.py): None reads every run; an owner's key
@@ -237,9 +237,10 @@ class RunLog:
         offset: int = 0,
         owner: str | None = None,
     ) -> pd.DataFrame:
-        """Runs (visible to `owner`) as a DataFrame, newest first by default. `text`
-        matches the prompt or the output (case-insensitive); `order_by` is a column of
-        LIST_ORDERS, '-' for descending."""
+        """Runs (visible to `owner`) as a DataFrame, newest first by default: `limit` of
+        them from the `offset`-th on. `text` matches the prompt or the output
+        (case-insensitive); `order_by` is a column of LIST_ORDERS, '-' for descending.
+        count_runs says how many match in all."""
         desc = order_by.startswith("-")
         column = order_by.lstrip("-")
         if column not in LIST_ORDERS:
@@ -247,34 +248,55 @@ class RunLog:
                 f"order_by must be one of {', '.join(LIST_ORDERS)} (prefix '-' for descending), "
                 f"got {order_by!r}"
             )
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         sql = Q.LIST_RUNS.format(order=f"{column} {'DESC' if desc else 'ASC'}")
-        return self._read_df(
-            sql,
-            owner,
-            {
-                "status": status,
-                "model": model,
-                "controller": controller,
-                "text": text or None,
-                "limit": int(limit),
-                "offset": int(offset),
-            },
-        )
+        filters = _run_filters(status, model, controller, text)
+        return self._read_df(sql, owner, {**filters, "limit": int(limit), "offset": int(offset)})
+
+    @_reads
+    def count_runs(
+        self,
+        status: str | None = None,
+        model: str | None = None,
+        controller: str | None = None,
+        text: str | None = None,
+        owner: str | None = None,
+    ) -> int:
+        """How many runs list_runs would list with these filters and no limit."""
+        self._check_open()
+        params = {**_run_filters(status, model, controller, text), "owner": check_owner(owner)}
+        row = self._db.cursor().execute(Q.COUNT_RUNS, params).fetchone()
+        return int(row[0]) if row else 0
 
     @_reads
     def compare(self, run_a: str, run_b: str, owner: str | None = None) -> pd.DataFrame:
-        """Two runs token by token: pos, token_a, token_b, same_token, routes_a, routes_b
-        (one letter per layer from `experts.symbol`: F full, L linear, W local window;
-        lower case when hedged), agreement (share of layers choosing the same expert),
-        cost_a, cost_b (mean over layers). df.attrs holds the overall agreement and the
-        share of identical tokens. UnknownRun unless both runs are visible to `owner`."""
+        """Two runs token by token, one row per position of either run: pos, token_a,
+        token_b, same_token, routes_a, routes_b (one letter per layer from
+        `experts.symbol`: F full, L linear, W local window; lower case when hedged),
+        agreement (share of the layers both runs have choosing the same expert; empty
+        where one run lacks the position), cost_a, cost_b (mean over layers).
+
+        df.attrs holds the counts behind the summary, over the positions both runs have
+        (`positions`) and the layers both have (`layers`): `decisions` compared and
+        `same_decisions` among them, `agreement` (their share), `same_token_positions` and
+        `same_tokens` (its share of `positions`); NaN shares when there is no shared
+        position. UnknownRun unless both runs are visible to `owner`."""
         for rid in (run_a, run_b):
             self.get_run(rid, owner)
         df = self._read_df(Q.COMPARE_RUNS, owner, {"run_a": str(run_a), "run_b": str(run_b)})
-        df.attrs["agreement"] = float(df["agreement"].mean()) if len(df) else float("nan")
-        df.attrs["same_tokens"] = float(df["same_token"].mean()) if len(df) else float("nan")
+        decisions = df.pop("_decisions").astype(int)
+        same_decisions = int(df.pop("_same_decisions").sum())
+        shared = decisions > 0
+        positions = int(shared.sum())
+        same_tokens = int(df.loc[shared, "same_token"].sum())
+        df.attrs.update(
+            positions=positions,
+            layers=int(decisions.max()) if positions else 0,
+            decisions=int(decisions.sum()),
+            same_decisions=same_decisions,
+            agreement=same_decisions / int(decisions.sum()) if positions else float("nan"),
+            same_token_positions=same_tokens,
+            same_tokens=same_tokens / positions if positions else float("nan"),
+        )
         return df
 
     # -- analytics -------------------------------------------------------------------------
@@ -320,6 +342,15 @@ class RunLog:
         from metaattn_viz.store.exporting import export  # export.py builds on RunLog
 
         return export(self, out_dir, fmt, owner)
+
+
+def _run_filters(
+    status: str | None, model: str | None, controller: str | None, text: str | None
+) -> dict[str, str | None]:
+    """The filter parameters of LIST_RUNS and COUNT_RUNS (None: no filter)."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    return {"status": status, "model": model, "controller": controller, "text": text or None}
 
 
 def open_or_explain(db: PathArg | None = None, enabled: bool = True) -> tuple[RunLog | None, str | None]:
