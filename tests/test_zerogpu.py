@@ -1,10 +1,14 @@
 """ZeroGPU wired into the app (routing/zerogpu.py, app/gpu_work.py, app/generation.py),
-checked with a stand-in `spaces` package: its GPU decorator records the duration asked for
-and runs the generation in a real forked process, arguments and yields pickled through
-queues, as ZeroGPU does. A generation streams the same tokens, routes and quality meter as
-without ZeroGPU; the run log and the job registry stay in this process and state changed in
-the worker does not come back; the duration follows zerogpu.estimate_seconds; a stop ends
-the worker; an error there fails the run cleanly. Off ZeroGPU the decorator is the identity."""
+checked with a stand-in `spaces` package that follows spaces 0.51.3's wrappers: its GPU
+decorator records the duration asked for and runs the work in a real forked process,
+arguments and results pickled through queues, and reuses that worker for later calls. A
+generation streams the same tokens, routes and quality meter as without ZeroGPU; the run
+log and the job registry stay in this process and state changed in the worker does not come
+back; the duration follows zerogpu.estimate_seconds; a stop stops the worker; every model
+the host offers reaches the worker, also one bound after it started; an error there fails
+the run cleanly, in the words it has off ZeroGPU, and a worker dying during the quality
+meter costs only the meter. Off ZeroGPU the decorator is the identity, and ZeroGPU is
+detected exactly as `spaces` detects it."""
 
 from __future__ import annotations
 
@@ -29,105 +33,132 @@ PROMPT = "The quick brown fox jumps over the lazy dog. "
 
 # The stand-in for Hugging Face's `spaces` package, written to a temporary folder on sys.path.
 FAKE_SPACES = '''
-"""A stand-in for `spaces` (tests/test_zerogpu.py): GPU(task, duration=...) records the
-duration and runs the generator `task` in a forked process, its arguments and every yield
-pickled through queues; closing the caller's generator tells the worker to stop at its next
-yield, as ZeroGPU does."""
+"""A stand-in for `spaces` (tests/test_zerogpu.py), following spaces 0.51.3's
+zero/wrappers.py: GPU(task, duration=...) records the duration asked for and runs `task` (a
+generator or a plain function) in a forked worker, its arguments and every result pickled
+through queues. Each decorated function keeps ONE worker and reuses it for later calls while
+it is alive and idle (a worker knows only what its process inherited when it was forked);
+a failed call's worker is not reused. Closing the caller's generator sets the worker's stop
+event, which it reads after its next item. An exception raised in the worker comes back as
+gr.Error(<its class name>, title="ZeroGPU worker error"); a worker that dies mid-call as
+gr.Error("GPU task aborted", same title)."""
 import functools
 import inspect
 import multiprocessing
 import os
 import pickle
 import threading
+import time
 
 calls = []    # (task name, duration asked for), in the calling process
-pids = []     # the process that produced each yield
-workers = []  # the forked processes
+pids = []     # the worker process that produced each result received
+workers = []  # every worker process forked
+drained = []  # after each stop: how many results the worker still sent before it stopped
 _fork = multiprocessing.get_context("fork")
+
+
+class _Worker:
+    def __init__(self, task, gen):
+        self.args, self.res, self.stop = _fork.SimpleQueue(), _fork.SimpleQueue(), _fork.Event()
+        self.proc = _fork.Process(
+            target=_loop, args=(task, gen, self.args, self.res, self.stop), daemon=True
+        )
+        # forked from a fresh thread: one that ran OpenMP (torch on the CPU) before would
+        # leave the child waiting for its thread pool, which a fork does not copy
+        starter = threading.Thread(target=self.proc.start)
+        starter.start()
+        starter.join()
+        workers.append(self.proc)
+
+    def get(self):
+        while self.res.empty():
+            if not self.proc.is_alive():  # spaces: its sentinel thread queues None
+                return "aborted", None
+            time.sleep(0.01)
+        return self.res.get()
+
+
+def _loop(task, gen, args_q, res_q, stop):
+    pid = os.getpid()
+    while True:
+        args, kwargs = pickle.loads(args_q.get())
+        stop.clear()
+        try:
+            if gen:
+                items = task(*args, **kwargs)
+                for item in items:
+                    if stop.is_set():
+                        items.close()
+                        break
+                    res_q.put(("ok", pickle.dumps((pid, item))))
+                res_q.put(("end", None))
+            else:
+                res_q.put(("ok", pickle.dumps((pid, task(*args, **kwargs)))))
+        except Exception as exc:
+            res_q.put(("error", type(exc).__name__))
+
+
+def _error(kind, payload):
+    import gradio as gr
+
+    message = "GPU task aborted" if kind == "aborted" else payload
+    return gr.Error(message, title="ZeroGPU worker error", print_exception=False)
 
 
 def GPU(task=None, *, duration=None, size=None):
     if task is None:
         return functools.partial(GPU, duration=duration, size=size)
-    if not inspect.isgeneratorfunction(task):
-        return _function(task, duration)
+    gen = inspect.isgeneratorfunction(task)
+    idle = []  # the decorated function's worker, while it is idle
 
-    @functools.wraps(task)
-    def handler(*args, **kwargs):
+    def start(args, kwargs):
         calls.append((task.__name__, duration(*args, **kwargs) if callable(duration) else duration))
-        jobs, results, stop = _fork.SimpleQueue(), _fork.SimpleQueue(), _fork.Event()
-        proc = _fork.Process(target=_work, args=(task, jobs, results, stop), daemon=True)
-        proc.start()
-        workers.append(proc)
-        jobs.put(pickle.dumps((args, kwargs)))
-        try:
-            while True:
-                kind, payload = results.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise RuntimeError(f"GPU task failed: {payload}")
-                pid, item = pickle.loads(payload)
-                pids.append(pid)
-                try:
-                    yield item
-                except GeneratorExit:
-                    stop.set()
-                    raise
-        finally:
-            while proc.is_alive():  # let a worker blocked on a full pipe finish
-                if not results.empty():
-                    results.get()
-                proc.join(0.05)
+        worker = idle.pop() if idle else None
+        if worker is None or not worker.proc.is_alive():
+            worker = _Worker(task, gen)
+        worker.args.put(pickle.dumps((args, kwargs)))
+        return worker
 
-    return handler
-
-
-def _function(task, duration):
-    """A plain function: run in a forked process, its result pickled back."""
-
-    @functools.wraps(task)
-    def handler(*args, **kwargs):
-        calls.append((task.__name__, duration(*args, **kwargs) if callable(duration) else duration))
-        results = _fork.SimpleQueue()
-
-        def work():
-            try:
-                results.put(("ok", pickle.dumps((os.getpid(), task(*args, **kwargs)))))
-            except Exception as exc:
-                results.put(("error", f"{type(exc).__name__}: {exc}"))
-
-        proc = _fork.Process(target=work, daemon=True)
-        # forked from a fresh thread: one that ran OpenMP (torch on the CPU) before would
-        # leave the child waiting for its thread pool, which a fork does not copy
-        starter = threading.Thread(target=proc.start)
-        starter.start()
-        starter.join()
-        workers.append(proc)
-        kind, payload = results.get()
-        proc.join()
-        if kind == "error":
-            raise RuntimeError(f"GPU task failed: {payload}")
-        pid, result = pickle.loads(payload)
+    def received(payload):
+        pid, item = pickle.loads(payload)
         pids.append(pid)
-        return result
+        return item
 
-    return handler
+    if not gen:
 
+        @functools.wraps(task)
+        def call(*args, **kwargs):
+            worker = start(args, kwargs)
+            kind, payload = worker.get()
+            if kind != "ok":
+                raise _error(kind, payload)
+            idle.append(worker)
+            return received(payload)
 
-def _work(task, jobs, results, stop):
-    args, kwargs = pickle.loads(jobs.get())
-    gen = task(*args, **kwargs)
-    try:
-        for item in gen:
-            if stop.is_set():
-                gen.close()
-                break
-            results.put(("yield", pickle.dumps((os.getpid(), item))))
-    except Exception as exc:
-        results.put(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    results.put(("end", None))
+        return call
+
+    @functools.wraps(task)
+    def stream(*args, **kwargs):
+        worker = start(args, kwargs)
+        while True:
+            kind, payload = worker.get()
+            if kind == "end":
+                idle.append(worker)
+                return
+            if kind != "ok":
+                raise _error(kind, payload)
+            try:
+                yield received(payload)
+            except GeneratorExit:
+                worker.stop.set()
+                drained.append(0)
+                while (kind := worker.get()[0]) == "ok":  # until the worker has stopped
+                    drained[-1] += 1
+                if kind == "end":
+                    idle.append(worker)
+                raise
+
+    return stream
 '''
 
 TOUCHED: list[int] = []  # appended to by the worker's stream: must stay empty here
@@ -150,6 +181,9 @@ def fake_zerogpu(tmp_path, monkeypatch):
         yield spaces
     finally:
         monkeypatch.delenv(zerogpu.ENV_ZEROGPU)
+        for proc in spaces.workers:  # idle workers wait for calls that will not come
+            proc.terminate()
+            proc.join(10)
         sys.modules.pop("spaces", None)
         importlib.reload(gpu_work)
 
@@ -227,7 +261,7 @@ def test_a_generation_on_zerogpu_matches_one_without_and_stays_logged_here(route
         expected = zerogpu.estimate_seconds(
             req.max_new_tokens, len(PROMPT.encode()), gpu_work.QUALITY_PASSES, cold=True
         )
-        assert spaces.calls == [("generate", expected)]
+        assert spaces.calls == [("_generate_in_worker", expected)]
 
         # the run log and the job registry live here
         on.history.flush()
@@ -244,14 +278,14 @@ def test_the_duration_follows_the_request(routed, tmp_path, monkeypatch):
         from metaattn_viz.app.requests import APP_MAX_CONTEXT
 
         assert spaces.calls == [
-            ("generate", zerogpu.estimate_seconds(2, len(PROMPT.encode()), 0, cold=True)),
-            ("generate", zerogpu.estimate_seconds(30, APP_MAX_CONTEXT, gpu_work.QUALITY_PASSES)),
+            ("_generate_in_worker", zerogpu.estimate_seconds(2, len(PROMPT.encode()), 0, cold=True)),
+            ("_generate_in_worker", zerogpu.estimate_seconds(30, APP_MAX_CONTEXT, gpu_work.QUALITY_PASSES)),
         ]
     assert zerogpu.estimate_seconds(0, 100_000, 2) > zerogpu.estimate_seconds(0, 100_000, 0)
     assert zerogpu.estimate_seconds(0, cold=True) > zerogpu.estimate_seconds(0)
 
 
-def test_a_stop_on_zerogpu_ends_the_worker_and_is_logged_here(routed, tmp_path, monkeypatch):
+def test_a_stop_on_zerogpu_stops_the_worker_and_is_logged_here(routed, tmp_path, monkeypatch):
     slowed(routed, 0.03)
     with fake_zerogpu(tmp_path, monkeypatch) as spaces, _engine(routed, tmp_path / "log.duckdb") as e:
         job = e.generations.start(_request(max_new=200), key="s")
@@ -265,9 +299,10 @@ def test_a_stop_on_zerogpu_ends_the_worker_and_is_logged_here(routed, tmp_path, 
         assert job.status == "stopped" and final.timings.get("stopped") is True
         assert n_prompt + 3 <= final.n_tokens < n_prompt + 200
         assert final.kl_to_dense is None  # a stopped run is not measured on ZeroGPU
-        for proc in spaces.workers:
-            proc.join(10)
-        assert spaces.workers and not any(p.is_alive() for p in spaces.workers)
+        # the worker stopped at its next token (not after 200) and serves the next request
+        assert spaces.drained and spaces.drained[-1] <= 2
+        e.generations.generate(_request(max_new=2, quality=False), timeout=60)
+        assert len(spaces.workers) == 1 and len(set(spaces.pids)) == 1
         e.history.flush()
         run = e.history.run_log.get_run(job.run_id)
         assert run["status"] == "stopped" and run["n_tokens"] == final.n_tokens
@@ -284,7 +319,7 @@ def test_an_error_in_the_worker_fails_the_run_cleanly(routed, tmp_path, monkeypa
     routed.stream = failing
     with fake_zerogpu(tmp_path, monkeypatch), _engine(routed, tmp_path / "log.duckdb") as e:
         job = e.generations.start(_request(quality=False))
-        with pytest.raises(RuntimeError, match="the GPU fell over"):
+        with pytest.raises(ValueError, match="the GPU fell over"):  # the worker's own error
             job.result(60)
         assert job.status == "failed"
         last = list(job.updates(timeout=10))[-1]  # the prefill came back before the error
@@ -427,3 +462,197 @@ def test_on_zerogpu_the_host_loads_every_model_in_this_thread_before_launch(tmp_
         assert {thread for _, thread in loads} == {threading.get_ident()}
         assert host.loaded_ids() == ids and host.max_loaded >= len(ids)  # none dropped
         assert all(host.is_ready(mid) for mid in ids)
+
+
+def _generate_direct(routed, max_new=2):
+    """What GenerationJob does: bind, then the updates of one GPU generation."""
+    from metaattn_viz.routing.model import Sampling
+
+    name = gpu_work.bind(routed)
+    req = _request(max_new=max_new, quality=False)
+    updates = gpu_work.generate_on_gpu(
+        name, req.prompt, req.settings, max_new, req.controller, Sampling(), False, None, False
+    )
+    trace = None
+    for update in updates:
+        trace = gpu_work.apply(trace, update)
+    return trace
+
+
+def test_a_model_bound_after_the_worker_started_gets_a_fresh_worker(tmp_path, monkeypatch):
+    """spaces reuses a GPU function's worker, which knows only the models bound before it
+    was forked: a model bound later (as the host does for one loaded after start-up) sends
+    the next calls to a fresh worker, which knows every model."""
+    a, b = routed_tiny("llama"), routed_tiny("qwen2")
+    with fake_zerogpu(tmp_path, monkeypatch) as spaces:
+        first = _generate_direct(a)
+        again = _generate_direct(a)  # the same worker, reused
+        assert len(spaces.workers) == 1 and len(set(spaces.pids)) == 1
+        late = _generate_direct(b)  # the old code: "the GPU work has no model 'tiny-qwen2'"
+        assert len(spaces.workers) == 2 and spaces.pids[-1] != spaces.pids[0]
+        back = _generate_direct(a)  # the fresh worker knows both, and is reused in turn
+        assert len(spaces.workers) == 2 and spaces.pids[-1] == spaces.pids[-2]
+        # no fresh worker for a model bound again, nor for the first binds before any call
+        _generate_direct(b)
+        assert len(spaces.workers) == 2
+    for got, routed in ((first, a), (again, a), (late, b), (back, a)):
+        ref = routed.route(PROMPT, parse_settings(0.5), 2)
+        assert got.token_ids == ref.token_ids and got.model == routed.name
+        np.testing.assert_array_equal(got.routes, ref.routes)
+
+
+def test_on_zerogpu_one_worker_serves_every_model_the_host_offers(tmp_path, monkeypatch):
+    """The host binds every model as it loads them, before any GPU call forks a worker, so
+    the worker spaces reuses serves a model first used after it started."""
+    from metaattn_viz.app.analysis import Analysis
+    from metaattn_viz.app.generation import Generations
+    from metaattn_viz.app.history import RunHistory
+    from metaattn_viz.app.host import ModelHost
+
+    models = {"model-a": routed_tiny("llama"), "model-b": routed_tiny("qwen2")}
+
+    def loader(choice):
+        if choice.spec not in models:
+            raise RuntimeError(f"{choice.name} is not offered in this test")
+        return models[choice.spec]
+
+    with fake_zerogpu(tmp_path, monkeypatch) as spaces:
+        host = ModelHost(["model-a", "model-b"], threads=False, loader=loader)
+        history = RunHistory(str(tmp_path / "log.duckdb"))
+        generations = Generations(host, history, Analysis(host, history))
+        try:
+            for spec in ("model-a", "model-b", "model-a"):
+                req = _request(max_new=2, quality=False)
+                req = parse_request(req.prompt, req.settings, max_new_tokens=2, quality=False, model=spec)
+                job = generations.start(req)
+                trace = job.result(60)
+                assert job.status == "done" and job.error is None, job.error
+                assert trace.model == models[spec].name
+        finally:
+            generations.stop_all()
+            history.close()
+        assert len(spaces.workers) == 1 and len(set(spaces.pids)) == 1
+
+
+def test_a_worker_that_dies_during_the_quality_meter_leaves_the_run_done(routed, tmp_path, monkeypatch):
+    """After the "end" update only the quality meter runs in the worker: the worker dying
+    there (its GPU time ran out) costs the meter, as a failed meter does off ZeroGPU."""
+    with fake_zerogpu(tmp_path, monkeypatch), _engine(routed, tmp_path / "log.duckdb") as e:
+        monkeypatch.setattr(gpu_work, "quality_kl", lambda *args, **kwargs: os._exit(1))
+        job = e.generations.start(_request(max_new=5, quality=True))
+        got = job.result(60)
+        assert job.status == "done" and job.error is None
+        assert "The quality meter could not be measured for this run." in job.notes
+        assert got.kl_to_dense is None
+        assert got.n_tokens == got.n_prompt_tokens + 5
+        e.history.flush()
+        run = e.history.run_log.get_run(job.run_id)
+        assert run["status"] == "done" and run["n_tokens"] == got.n_tokens
+        # a worker dying before the text is complete still fails the run
+        monkeypatch.setattr(routed, "stream", lambda *args, **kwargs: os._exit(1))
+        job = e.generations.start(_request(max_new=5, quality=True))
+        with pytest.raises(Exception, match="GPU task aborted"):
+            job.result(60)
+        assert job.status == "failed"
+
+
+class GPUFellOver(Exception):
+    """An exception type that is not built in (as torch.OutOfMemoryError is not)."""
+
+
+def _fails(routed, kind):  # a GPU task (gpu_work.on_device): travels by name
+    from metaattn_viz.app.errors import AppError
+
+    if kind == "app":
+        raise AppError("The text is too long for this model.")
+    if kind == "custom":
+        raise GPUFellOver("2 GiB asked, 1 GiB free")
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_errors_in_the_worker_reach_the_user_as_off_zerogpu(routed, tmp_path, monkeypatch):
+    """spaces shows a worker's exception as its bare class name: the GPU work sends its
+    errors back as data instead, and the main process raises them again, so the page says
+    what it says off ZeroGPU (an AppError's own sentence; else the usual sentence with the
+    type's name) and the server log has the worker's traceback."""
+    from metaattn_viz.app.errors import AppError
+    from metaattn_viz.app.ui_errors import as_gr_error
+
+    original = routed.stream
+
+    def failing(prompt, *args, **kwargs):  # in the worker: it keeps what it was forked with
+        stream = original(prompt, *args, **kwargs)
+        yield next(stream)  # the prefill
+        if "sentence" in prompt:
+            raise AppError("The prompt is too long for this model.")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    routed.stream = failing
+    with fake_zerogpu(tmp_path, monkeypatch) as spaces, _engine(routed, tmp_path / "log.duckdb") as e:
+        job = e.generations.start(_request(quality=False))
+        with pytest.raises(RuntimeError, match="illegal memory access") as caught:
+            job.result(60)
+        assert type(caught.value) is RuntimeError and job.status == "failed"
+        assert any("Raised in the ZeroGPU worker" in note for note in caught.value.__notes__)
+        shown = as_gr_error(caught.value, "generating")
+        assert shown.message.startswith(
+            "Something went wrong while generating (RuntimeError). The server log"
+        )
+
+        job = e.generations.start(_request(quality=False, prompt="A sentence of its own."))
+        with pytest.raises(AppError, match=r"^The prompt is too long for this model\.$"):
+            job.result(60)
+        assert as_gr_error(job.error, "generating").message == "The prompt is too long for this model."
+        assert job.status == "failed"
+
+        # the analyses (gpu_work.on_device -> run)
+        with pytest.raises(AppError, match=r"^The text is too long for this model\.$"):
+            gpu_work.on_device(routed, _fails, "app")
+        with pytest.raises(gpu_work.WorkerError, match="2 GiB asked") as caught:
+            gpu_work.on_device(routed, _fails, "custom")
+        assert type(caught.value).__name__ == "GPUFellOver"
+        assert as_gr_error(caught.value, "re-routing").message.startswith(
+            "Something went wrong while re-routing (GPUFellOver)."
+        )
+        with pytest.raises(RuntimeError, match="illegal memory access") as caught:
+            gpu_work.on_device(routed, _fails, "runtime")
+        assert type(caught.value) is RuntimeError
+        # an error sent back as data leaves the worker healthy: each GPU function kept one
+        assert len(spaces.workers) == 2
+
+
+def test_a_bare_zerogpu_worker_error_gets_the_usual_sentence():
+    """What spaces still shows as a class name (e.g. a result that would not pickle) reads
+    as the app's usual sentence; spaces' other messages (quota, queue) pass through."""
+    import gradio as gr
+
+    from metaattn_viz.app.ui_errors import as_gr_error
+
+    bare = gr.Error("PicklingError", title="ZeroGPU worker error")
+    assert as_gr_error(bare, "generating").message == (
+        "Something went wrong while generating (PicklingError). The server log has the details; "
+        "the app is still running."
+    )
+    quota = gr.Error("You have exceeded your ZeroGPU quota (60s requested vs. 10s left).", title="ZeroGPU")
+    assert as_gr_error(quota, "generating") is quota
+    aborted = gr.Error("GPU task aborted", title="ZeroGPU worker error")
+    assert as_gr_error(aborted, "generating") is aborted
+
+
+@pytest.mark.parametrize(
+    "value, on",
+    [("1", True), ("t", True), ("true", True), ("TRUE", True), ("T", True)]
+    + [(" true", False), ("true\n", False), ("yes", False), ("0", False), ("", False), (None, False)],
+)
+def test_zerogpu_is_detected_exactly_as_spaces_detects_it(value, on, tmp_path, monkeypatch):
+    """spaces (0.51.3, config.py) decorates when SPACES_ZERO_GPU.lower() is "1", "t" or
+    "true", with no stripping: the app thinks it is on ZeroGPU exactly then."""
+    folder = tmp_path / "fake_spaces"
+    (folder / "spaces").mkdir(parents=True)
+    (folder / "spaces" / "__init__.py").write_text(FAKE_SPACES)
+    monkeypatch.syspath_prepend(str(folder))
+    if value is None:
+        monkeypatch.delenv(zerogpu.ENV_ZEROGPU, raising=False)
+    else:
+        monkeypatch.setenv(zerogpu.ENV_ZEROGPU, value)
+    assert zerogpu.active() is on

@@ -21,7 +21,10 @@ applies to its own trace: on ZeroGPU it runs inside ``@spaces.GPU`` in a forked 
 job's thread (the quality meter then comes from Analysis, whose dense-logits cache it
 feeds). Either way the run log, this registry and that cache stay in this process. A stop
 closes the update generator: here that ends decoding at once; on ZeroGPU ``spaces`` tells
-the worker, which stops at its next token. The job's thread runs in the context of the
+the worker, which stops at its next token. On ZeroGPU an error after the text is complete
+(the worker dying during the quality meter, e.g. at the end of its GPU time) leaves the run
+`done` with the note that the quality meter could not be measured, as a failed meter does
+off ZeroGPU. The job's thread runs in the context of the
 request that started it, so ZeroGPU charges the GPU time to that visitor.
 """
 
@@ -45,6 +48,8 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing import zerogpu
 
 log = logging.getLogger(__name__)
+
+QUALITY_FAILED = "The quality meter could not be measured for this run."
 
 STREAM_INTERVAL_S = 0.25  # views refresh at most 4 times a second (every token if slower)
 SHUTDOWN_WAIT_S = 10.0  # how long a closing server waits for its generations to end
@@ -150,25 +155,36 @@ class GenerationJob:
                 APP_MAX_CONTEXT,
                 quality_on_gpu,
             )
+            ended = False  # the "end" update came: the text is complete, whatever follows
             with contextlib.closing(updates):  # leaving early (a stop, an error) stops the work
-                for update in updates:
-                    trace = gpu_work.apply(trace, update)
-                    if update["kind"] == "tokens":
-                        self._record(trace)
-                        self.phase = "decoding"
-                        self._publish(trace)
-                        if self.stop_event.is_set():
-                            trace.timings["stopped"] = True
-                            break
-                    elif update["kind"] == "end":
-                        gpu_work.mark_warm()
-                        self.status = self._stop_status if self.stop_event.is_set() else "done"
-                        if quality_on_gpu and trace.n_tokens > 1:
-                            self.phase = "quality"
+                try:
+                    for update in updates:
+                        trace = gpu_work.apply(trace, update)
+                        if update["kind"] == "tokens":
+                            self._record(trace)
+                            self.phase = "decoding"
                             self._publish(trace)
-                    elif update["kind"] == "quality" and update["error"]:
-                        log.error("quality (dense shadow) pass failed on the GPU: %s", update["error"])
-                        self.notes.append("The quality meter could not be measured for this run.")
+                            if self.stop_event.is_set():
+                                trace.timings["stopped"] = True
+                                break
+                        elif update["kind"] == "end":
+                            ended = True
+                            gpu_work.mark_warm()
+                            self.status = self._stop_status if self.stop_event.is_set() else "done"
+                            if quality_on_gpu and trace.n_tokens > 1:
+                                self.phase = "quality"
+                                self._publish(trace)
+                        elif update["kind"] == "quality" and update["error"]:
+                            log.error("quality (dense shadow) pass failed on the GPU: %s", update["error"])
+                            self.notes.append(QUALITY_FAILED)
+                except Exception:
+                    # After "end" only the quality meter runs (on ZeroGPU, in the worker): a
+                    # worker that dies there (its time ran out) costs the meter, not the run.
+                    if not ended:
+                        raise
+                    log.exception("the GPU work failed after the text was complete")
+                    if quality_on_gpu and trace is not None and trace.n_tokens > 1:
+                        self.notes.append(QUALITY_FAILED)
             if self.status is None:  # stopped before decoding ended
                 self.status = self._stop_status
             # no dense shadow pass on the way out, nor for a call nobody waits on
@@ -179,7 +195,7 @@ class GenerationJob:
                     trace.kl_to_dense = self.analysis.quality(trace)
                 except Exception:  # the generation itself succeeded: keep it
                     log.exception("quality (dense shadow) pass failed")
-                    self.notes.append("The quality meter could not be measured for this run.")
+                    self.notes.append(QUALITY_FAILED)
         except AppError as exc:
             self.error, self.status = exc, "failed"
         except Exception as exc:  # shown as a short message; the detail stays in the log

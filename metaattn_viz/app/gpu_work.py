@@ -13,18 +13,50 @@ strings and numpy arrays (no tensors), in this order:
   trace's scalars (timings, output text, truncation); the first also carries the trace's
   class and header (model, controller, settings...);
 - ``{"kind": "end", ...}`` when decoding has finished on its own: final timings and text;
-- ``{"kind": "quality", "kl": [T] or None, "error": None or a message}`` if asked.
+- ``{"kind": "quality", "kl": [T] or None, "error": None or a message}`` if asked;
+- on ZeroGPU only, ``{"kind": "error", ...}`` (``failure``) in place of the rest when the
+  work raised.
 
 ``apply`` rebuilds the trace from them on the receiving side. On ZeroGPU
-(routing/zerogpu.py) ``generate_on_gpu`` is ``generate`` under ``@spaces.GPU``, decorated
-when this module is imported (ZeroGPU wants its GPU functions known at start-up), with a
-duration estimated from the request (``gpu_seconds``): it runs in a forked worker, each
-update is pickled back as it is produced, and closing the generator in the main process
-stops the worker at its next yield. Anywhere else the decorator is the identity and the
-same code runs in the calling thread. The model travels by name: ``bind`` registers it in
-a module-level table in the main process before the first call, and a forked worker
-inherits the table (ZeroGPU moves the weights onto the GPU there, if the model was placed
-on "cuda" before the Space launched).
+(routing/zerogpu.py) ``generate_on_gpu`` is ``generate`` under ``@spaces.GPU`` (as
+``_generate_in_worker``, which sends its errors back, below), decorated when this module is
+imported (ZeroGPU wants its GPU functions known at start-up), with a duration estimated
+from the request (``gpu_seconds``): it runs in a forked worker, each update is pickled back
+as it is produced, and closing the generator in the main process stops the worker at its
+next yield. Anywhere else the decorator is the identity and the same code runs in the
+calling thread.
+
+Errors, on ZeroGPU: ``spaces`` shows an exception raised in a worker as its bare class name
+("RuntimeError", titled "ZeroGPU worker error"), and an AppError's sentence is lost with it.
+So the worker catches what the work raises and sends it back as data (``failure``: the
+type's name, the message, the worker's traceback, whether it is an AppError), and the main
+process raises it again (``apply``, ``on_device``): an AppError with its own sentence, a
+built-in exception as itself, any other as a ``WorkerError`` named after it. Its message
+and the worker's traceback (a note on the exception) reach the server log with the main
+process's traceback. Off ZeroGPU nothing is caught: the exception is the original.
+
+Models, on ZeroGPU: the model travels by name. ``bind`` registers it in a module-level
+table in the main process, and a forked worker inherits the table as it was when it was
+forked (ZeroGPU moves the weights onto the GPU there, if the model was placed on "cuda"
+before the Space launched). ``spaces`` (0.51.3) keeps one worker per decorated function
+and reuses it for later calls while it is alive and idle, so a worker knows only the models
+bound before it was forked. Two parts make every bound model reach the worker that serves
+it:
+
+- on ZeroGPU the model host (app/host.py) loads every offered model before the server
+  launches and binds each as it loads it, so all are bound before any GPU call can fork a
+  worker, and that worker serves them all;
+- a model bound (a new one, or another object under a bound name) after a GPU function was
+  called retires the GPU functions' workers: the next call of each GPU function
+  goes through a fresh copy of it, decorated again, and ``spaces`` forks a new worker for
+  it, which inherits the whole table (and pays the cold start again: ``gpu_seconds``).
+  The retired workers are left idle, as ``spaces`` leaves a worker it does not reuse.
+  Chosen over the alternatives: a model cannot travel as an argument (its weights would be
+  pickled to the worker on every call, and on ZeroGPU the main process holds them as
+  emulated CUDA tensors), and ``spaces`` gives no handle to end a worker (one that ends
+  itself mid-call is reported as an aborted task). On ZeroGPU the host loads a model after
+  start-up only when it was given one to serve (tests, the benchmark) and another is asked
+  for.
 
 Never: log runs, touch the job registry or the dense-logits cache (the main process keeps
 them, fed by the updates), import gradio or the store.
@@ -32,15 +64,21 @@ them, fed by the updates), import gradio or the store.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
+import functools
 import logging
+import threading
+import traceback
+import types
 import weakref
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, NoReturn
 
 import numpy as np
 
+from metaattn_viz.app.errors import AppError
 from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.core.trace import _GROWN, RoutingTrace  # the [L, T, ...] fields, in extend's order
 from metaattn_viz.routing import zerogpu
@@ -62,12 +100,24 @@ _CHANGING = frozenset(_GROWN) | {
 # name -> RoutedModel (bind); weak, so that a model the host drops can be freed
 _MODELS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _warm = False  # whether a GPU generation of this process has finished (gpu_seconds)
+_lock = threading.Lock()  # guards _MODELS' changes, _epoch and _called
+_epoch = 0  # the GPU functions' generation: bumped by a model bound after one was called
+_called = False  # a GPU function was called in this epoch (a worker may hold the table)
 
 
 def bind(routed) -> str:
-    """Register `routed` for the GPU work under its name (returned). Called in the main
-    process before the calls that name it, so that a worker forked later inherits it."""
-    _MODELS[routed.name] = routed
+    """Register `routed` for the GPU work under its name (returned), in the main process.
+    A worker forked later inherits it; if a GPU function was already called (its worker may
+    have been forked without it), the next GPU calls go to fresh workers (module docstring)."""
+    global _epoch, _called, _warm
+    with _lock:
+        if _MODELS.get(routed.name) is not routed:
+            _MODELS[routed.name] = routed
+            if _called:
+                _epoch, _called, _warm = _epoch + 1, False, False
+                log.info(
+                    "model %s bound after the GPU workers started: the next calls get fresh ones", routed.name
+                )
     return routed.name
 
 
@@ -79,6 +129,63 @@ def _routed(model: str):
             "a GPU worker knows only the models bound before it started)"
         )
     return routed
+
+
+# -- errors raised in a ZeroGPU worker, sent back as data ---------------------------------
+
+
+class WorkerError(RuntimeError):
+    """An exception of a type that is not built in, raised in a ZeroGPU worker and raised
+    again in the main process (``raise_failure``) as a subclass named after that type."""
+
+
+_WORKER_ERRORS: dict[tuple[str, str], type[WorkerError]] = {}
+
+
+def failure(exc: BaseException) -> dict:
+    """`exc`, raised by the GPU work in a worker, as data that pickles (module docstring)."""
+    return {
+        "kind": "error",
+        "type": type(exc).__name__,
+        "module": type(exc).__module__,
+        "message": str(exc),
+        "app": isinstance(exc, AppError),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+def _error_type(module: str, name: str) -> type[Exception]:
+    if module == "builtins":
+        cls = getattr(builtins, name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            return cls
+    key = (module, name)
+    if key not in _WORKER_ERRORS:
+        _WORKER_ERRORS[key] = types.new_class(
+            name, (WorkerError,), exec_body=lambda ns: ns.update(__module__=module)
+        )
+    return _WORKER_ERRORS[key]
+
+
+def raise_failure(update: dict) -> NoReturn:
+    """Raise again, in the main process, the exception a ``failure`` describes: an AppError
+    with its sentence; else one of the same type name (a built-in type, or a WorkerError
+    subclass) with its message and, as a note, the worker's traceback."""
+    message = str(update.get("message") or "")
+    if update.get("app"):
+        raise AppError(message)
+    cls = _error_type(str(update.get("module") or ""), str(update.get("type") or "Exception"))
+    try:
+        exc = cls(message)
+    except Exception:  # a built-in type that takes other arguments (UnicodeDecodeError...)
+        exc = _error_type("", str(update.get("type")))(message)
+    worker_tb = str(update.get("traceback") or "").rstrip()
+    if worker_tb:
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(f"Raised in the ZeroGPU worker:\n{worker_tb}")
+        else:  # pragma: no cover (Python 3.10)
+            log.error("the GPU work failed in its ZeroGPU worker:\n%s", worker_tb)
+    raise exc
 
 
 def quality_kl(routed, trace: RoutingTrace, dense_logits=None) -> np.ndarray:
@@ -157,6 +264,27 @@ def generate(
         yield {"kind": "quality", "kl": kl, "error": error}
 
 
+def _generate_in_worker(
+    model: str,
+    prompt: str,
+    settings: RoutingSettings,
+    max_new_tokens: int,
+    controller: str,
+    sampling,
+    chat: bool,
+    max_context: int | None,
+    quality: bool,
+) -> Generator[dict, None, None]:
+    """``generate`` as it runs in a ZeroGPU worker: what it raises is yielded as a
+    ``failure`` (module docstring). A stop (GeneratorExit) passes through."""
+    try:
+        yield from generate(
+            model, prompt, settings, max_new_tokens, controller, sampling, chat, max_context, quality
+        )
+    except Exception as exc:
+        yield failure(exc)
+
+
 def gpu_seconds(
     model: str,
     prompt: str,
@@ -185,16 +313,46 @@ def mark_warm() -> None:
     _warm = True
 
 
-# Decorated once, at import (ZeroGPU registers its GPU functions at start-up).
-generate_on_gpu = zerogpu.on_gpu(generate, duration=gpu_seconds)
+class _OnGpu:
+    """``fn`` under ``spaces.GPU`` (zerogpu.on_gpu), decorated at import (ZeroGPU reports
+    its GPU functions at start-up), and decorated again, as a fresh copy, after a model was
+    bound once a GPU function had been called: ``spaces`` keeps its workers per decorated
+    function, so the copy gets a fresh worker that knows every bound model (module
+    docstring)."""
+
+    def __init__(self, fn: Callable[..., Any], duration: Callable[..., int]):
+        self._fn, self._duration = fn, duration
+        self._epoch = _epoch
+        self._decorated = zerogpu.on_gpu(fn, duration=duration)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        global _called
+        with _lock:
+            if self._epoch != _epoch:
+                fn = self._fn
+                copy = types.FunctionType(
+                    fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+                )
+                copy.__kwdefaults__ = fn.__kwdefaults__
+                self._decorated = zerogpu.on_gpu(functools.update_wrapper(copy, fn), duration=self._duration)
+                self._epoch = _epoch
+            _called = True
+            decorated = self._decorated
+        return decorated(*args, **kwargs)
 
 
-def run(task, model: str, *args, passes: int = 1, tokens: int = 0) -> Any:
-    """``task(routed, *args)`` on the model bound as `model`, returning its (picklable)
-    result: the page's analyses (quality, re-route, sweep, attention view) on the GPU.
-    `task` is a module-level function (it travels by name); `passes` and `tokens` (the
-    prefills it runs and the tokens of each) size the GPU time asked for (run_seconds)."""
-    return task(_routed(model), *args)
+def run(task, model: str, *args, passes: int = 1, tokens: int = 0) -> dict:
+    """``task(routed, *args)`` on the model bound as `model`, in a ZeroGPU worker: the page's
+    analyses (quality, re-route, sweep, attention view) on the GPU. Returns
+    ``{"kind": "ok", "value": <its picklable result>}``, or the ``failure`` of what it raised
+    (``on_device`` unpacks it). `task` is a module-level function (it travels by name);
+    `passes` and `tokens` (the prefills it runs and the tokens of each) size the GPU time
+    asked for (run_seconds)."""
+    try:
+        return {"kind": "ok", "value": task(_routed(model), *args)}
+    except Exception as exc:
+        return failure(exc)
 
 
 def run_seconds(task, model: str, *args, passes: int = 1, tokens: int = 0) -> int:
@@ -202,21 +360,35 @@ def run_seconds(task, model: str, *args, passes: int = 1, tokens: int = 0) -> in
     return zerogpu.estimate_seconds(0, tokens, max(0, passes - 1), cold=not _warm)
 
 
-run_on_gpu = zerogpu.on_gpu(run, duration=run_seconds)
+# The GPU functions, decorated at import on ZeroGPU (ZeroGPU reports them at start-up);
+# anywhere else the plain functions.
+generate_on_gpu: Callable[..., Any]
+run_on_gpu: Callable[..., Any]
+if zerogpu.active():
+    generate_on_gpu = _OnGpu(_generate_in_worker, gpu_seconds)
+    run_on_gpu = _OnGpu(run, run_seconds)
+else:
+    generate_on_gpu, run_on_gpu = generate, run
 
 
 def on_device(routed, task, *args, passes: int = 1, tokens: int = 0) -> Any:
-    """``task(routed, *args)``: in a ZeroGPU worker when on ZeroGPU (the model bound first),
-    else right here."""
+    """``task(routed, *args)``: in a ZeroGPU worker when on ZeroGPU (the model bound first;
+    what it raised there is raised again here), else right here."""
     if not zerogpu.active():
         return task(routed, *args)
-    return run_on_gpu(task, bind(routed), *args, passes=passes, tokens=tokens)
+    result = run_on_gpu(task, bind(routed), *args, passes=passes, tokens=tokens)
+    if result.get("kind") == "error":
+        raise_failure(result)
+    return result["value"]
 
 
 def apply(trace: RoutingTrace | None, update: dict) -> RoutingTrace:
     """The trace with `update` applied (the first "tokens" update creates it; later ones
-    extend it in place, as the stream did): the receiving side of ``generate``."""
+    extend it in place, as the stream did): the receiving side of ``generate``. A
+    ``failure`` (on ZeroGPU) raises what the worker raised."""
     kind = update.get("kind")
+    if kind == "error":
+        raise_failure(update)
     if kind == "tokens":
         if trace is None:
             if "header" not in update:
@@ -238,7 +410,10 @@ def apply(trace: RoutingTrace | None, update: dict) -> RoutingTrace:
 
 
 __all__ = [
+    "WorkerError",
     "bind",
+    "failure",
+    "raise_failure",
     "generate",
     "generate_on_gpu",
     "gpu_seconds",

@@ -7,6 +7,13 @@ at a time (one lock); at most ``max_loaded`` models stay loaded (METAATTN_MAX_MO
 default 2), the least recently used dropped first. A dropped model is only forgotten: a
 generation still running on it keeps its own reference until it ends.
 
+On ZeroGPU (routing/zerogpu.py) every offered model is loaded when the host is made, in
+the calling thread, before the server launches, and none is dropped later. There every model
+is bound for the GPU work (gpu_work.bind) as soon as it is loaded, so all are bound before
+any GPU call can fork a worker, and the one worker `spaces` reuses knows them all; a
+model loaded after a GPU call (only when the host was given a model object to serve, as
+tests and the benchmark do) gets fresh workers (gpu_work's docstring, "Models").
+
 Also sets the server's torch threads (`configure_threads`). A model that cannot be loaded
 is reported in plain words (AppError) and the server keeps serving everything that does
 not need it. Never routes, logs or imports gradio.
@@ -21,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from metaattn_viz.app import gpu_work
 from metaattn_viz.app.environment import whole_from_env
 from metaattn_viz.app.errors import AppError, quoted
 from metaattn_viz.app.models import ModelChoice, catalogue, model_id, model_label
@@ -95,12 +103,15 @@ class ModelHost:
         self.spec = self._choices[self.default_id].spec
         # ZeroGPU (routing/zerogpu.py): `spaces` moves to the GPU only what was placed before
         # the Space launched, from the thread that imported it, so every offered model is
-        # loaded here, now, in this thread, without a warm-up pass (it would need the GPU),
-        # and none is loaded or dropped later
+        # loaded (and bound for the GPU work, before any GPU call forks a worker) here, now,
+        # in this thread, without a warm-up pass (it would need the GPU), and none is loaded
+        # or dropped later
         self.preload = zerogpu.active()
         if self.preload:
             self.max_loaded = max(self.max_loaded, len(self._choices))
         if routed is not None:
+            if self.preload:
+                gpu_work.bind(routed)
             self._loaded[self.default_id] = routed
             self._done[self.default_id] = threading.Event()
             self._done[self.default_id].set()
@@ -158,6 +169,8 @@ class ModelHost:
             t0 = time.perf_counter()
             try:
                 routed = self._loader(self._choices[mid])
+                if self.preload:  # ZeroGPU: bound before the calls that name it (module docstring)
+                    gpu_work.bind(routed)
                 if warm:
                     self._warm_up(routed)
                 with self._lock:

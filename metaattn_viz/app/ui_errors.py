@@ -2,9 +2,15 @@
 logged with its traceback and shown as one short sentence that names what was being done.
 
 `user_errors(what)` decorates every callback (plain or generator); `warn(notes)` shows a
-job's notes as warnings. Gradio shows a message as HTML, and a message may quote what a
-visitor sent (a shared link's value, a query): every message goes out escaped (`shown`), so
-it reads as the text it is. Never holds page layout or model logic.
+job's notes as warnings. A gr.Error passes through (``spaces`` words its quota and queue
+messages so on ZeroGPU), except ``spaces``' "ZeroGPU worker error" that is only an
+exception's class name: that one gets the usual sentence (the GPU work sends its own errors
+back as data, app/gpu_work.py, so this is what is left: e.g. a result that would not
+pickle).
+
+Gradio shows a message as HTML, and a message may quote what a visitor sent (a shared
+link's value, a query): every message goes out escaped (`shown`), so it reads as the text
+it is. Never holds page layout or model logic.
 """
 
 from __future__ import annotations
@@ -20,6 +26,18 @@ from metaattn_viz.app.errors import AppError
 
 log = logging.getLogger(__name__)
 
+# The title `spaces` (0.51.3, zero/wrappers.py) gives an exception raised in a ZeroGPU worker,
+# with the exception's class name as the whole message.
+ZEROGPU_WORKER_ERROR = "ZeroGPU worker error"
+
+
+def _something_went_wrong(what: str, name: str) -> gr.Error:
+    return gr.Error(
+        f"Something went wrong while {what} ({name}). The server log has the details; "
+        "the app is still running.",
+        print_exception=False,
+    )
+
 
 def shown(message: str) -> str:
     """`message` escaped for Gradio's toasts, which render HTML (quotes are left as they
@@ -30,15 +48,15 @@ def shown(message: str) -> str:
 def as_gr_error(exc: BaseException, what: str) -> gr.Error:
     """The gr.Error the page shows for `exc`, raised while `what` (e.g. "generating")."""
     if isinstance(exc, gr.Error):
+        message = str(getattr(exc, "message", ""))
+        if getattr(exc, "title", None) == ZEROGPU_WORKER_ERROR and message.isidentifier():
+            log.error("%s failed in a ZeroGPU worker with %s (spaces printed its traceback)", what, message)
+            return _something_went_wrong(what, message)
         return exc
     if isinstance(exc, AppError):
         return gr.Error(shown(str(exc)), print_exception=False)
     log.error("%s failed", what, exc_info=exc)
-    return gr.Error(
-        f"Something went wrong while {what} ({type(exc).__name__}). The server log "
-        "has the details; the app is still running.",
-        print_exception=False,
-    )
+    return _something_went_wrong(what, type(exc).__name__)
 
 
 def user_errors(what: str):

@@ -45,9 +45,12 @@ COLD_START_SECONDS = 30.0
 
 
 def active() -> bool:
-    """Whether this process runs on ZeroGPU with the ``spaces`` package importable (the
-    variable read as ``spaces`` reads it: "1", "t" or "true")."""
-    if os.environ.get(ENV_ZEROGPU, "").strip().lower() not in ("1", "t", "true"):
+    """Whether this process runs on ZeroGPU with the ``spaces`` package importable: the
+    variable read exactly as ``spaces`` (0.51.3, ``spaces/config.py``) reads it, "1", "t" or
+    "true" in any case and nothing else (not " true": ``spaces`` would not decorate then,
+    and the app must not expect it to)."""
+    value = os.environ.get(ENV_ZEROGPU)
+    if value is None or value.lower() not in ("1", "t", "true"):
         return False
     return importlib.util.find_spec("spaces") is not None
 
