@@ -440,7 +440,8 @@ def test_a_link_carries_the_runs_model_and_leaves_out_a_bad_one():
 def test_a_replay_or_a_link_puts_the_runs_model_on_the_dropdown_where_offered(engine):
     import gradio as gr
 
-    from metaattn_viz.app.tab_live import LiveTab, missing_model_note, offered_model
+    from metaattn_viz.app.models import missing_model_note, offered_model
+    from metaattn_viz.app.tab_live import LiveTab
 
     choices = [
         ("tiny-llama (untrained controllers)", "tiny-llama"),

@@ -6,7 +6,9 @@ shows. A model whose controllers are not trained says so in its label.
 Policy only: nothing here loads a model (host.py does, through routing/loading.py's
 resolution order). A model's id is the slug of its name, the same slug its shipped
 controllers live under and a trace's ``model`` turns into (``model_id``), so a trace finds
-the model that made it. Never imports gradio.
+the model that made it; `offered_model` finds a run's model among a dropdown's choices, and
+`missing_model_note` says which model Generate uses where the server does not offer it.
+Never imports gradio.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metaattn_viz import paths
+from metaattn_viz.app.errors import quoted
 from metaattn_viz.paths import MODEL_ENV
 from metaattn_viz.routing.controller import KINDS, META_FILE, WEIGHTS_FILE
 from metaattn_viz.routing.loading import BUNDLED_NAME, resolve, slugify
@@ -145,14 +148,45 @@ def catalogue(
     return list(out.values())
 
 
+# What Generate uses, in a note where the page does not know which model is picked
+PICKED_MODEL = "the model picked in the Model list"
+
+
+def offered_model(name: str | None, choices) -> str | None:
+    """The id among the model dropdown's (label, id) `choices` of the model `name` (a
+    trace's `model` or a link's: a model's name or its id), or None where the server does
+    not offer it. A dropdown refuses a value outside its choices, so only these are set."""
+    if not name:
+        return None
+    ids = [value for _, value in choices]
+    for candidate in (name, model_id(name)):
+        if candidate in ids:
+            return candidate
+    return None
+
+
+def missing_model_note(name: str, choices, current: str | None = None) -> str:
+    """What the page says when it cannot put the model `name` that made a run on the
+    dropdown: which model Generate uses instead (`current`, the dropdown's value where the
+    caller knows it; the only one offered; else the one picked in the Model list)."""
+    labels = {value: label for label, value in choices}
+    if current is None and len(labels) == 1:
+        current = next(iter(labels))
+    uses = labels.get(current, current) if current else PICKED_MODEL
+    return f"This server does not offer the model {quoted(name)} that made the run; Generate uses {uses}."
+
+
 __all__ = [
     "ENV_MODELS",
+    "PICKED_MODEL",
     "UNTRAINED",
     "ModelChoice",
     "catalogue",
     "choice_for_spec",
+    "missing_model_note",
     "model_id",
     "model_label",
+    "offered_model",
     "operator_specs",
     "shipped_models",
     "shipped_trained",

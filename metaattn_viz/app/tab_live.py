@@ -10,8 +10,8 @@ component, never by position. The controls start at the project's defaults
 (core.settings.DEFAULTS, requests.GENERATION). Every event that puts a new trace on the
 page is kept in `trace_events`, so the Export and share panel (live_exports.py) refreshes
 after each. A replay or a shared link sets the model dropdown to the run's model where this
-server offers it (`offered_model`), and says which model Generate uses where it does not
-(`missing_model_note`). Never holds model logic of its own.
+server offers it (models.offered_model), and says which model Generate uses where it does
+not (models.missing_model_note). Never holds model logic of its own.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import gradio as gr
 from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
-from metaattn_viz.app.errors import quoted
 from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.live_exports import ExportPanel
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX, BudgetSweep, TokenInspector
-from metaattn_viz.app.models import model_id
+from metaattn_viz.app.models import missing_model_note, offered_model
 from metaattn_viz.app.plotly_html import plotly_view
 from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request
 from metaattn_viz.app.routing_controls import (
@@ -55,31 +54,6 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing.controller import KINDS
 
 CONTROL_MIN_PX = 200  # a control's least width: a row of them wraps below it on a phone
-PICKED_MODEL = "the model picked in the Model list"  # what Generate uses, when not known here
-
-
-def offered_model(name: str | None, choices) -> str | None:
-    """The id among the model dropdown's (label, id) `choices` of the model `name` (a
-    trace's `model` or a link's: a model's name or its id), or None where the server does
-    not offer it. A dropdown refuses a value outside its choices, so only these are set."""
-    if not name:
-        return None
-    ids = [value for _, value in choices]
-    for candidate in (name, model_id(name)):
-        if candidate in ids:
-            return candidate
-    return None
-
-
-def missing_model_note(name: str, choices, current: str | None = None) -> str:
-    """What the page says when it cannot put the model `name` that made a run on the
-    dropdown: which model Generate uses instead (`current`, the dropdown's value where the
-    caller knows it; the only one offered; else the one picked in the Model list)."""
-    labels = {value: label for label, value in choices}
-    if current is None and len(labels) == 1:
-        current = next(iter(labels))
-    uses = labels.get(current, current) if current else PICKED_MODEL
-    return f"This server does not offer the model {quoted(name)} that made the run; Generate uses {uses}."
 
 
 class LiveTab:
