@@ -13,7 +13,18 @@ import torch
 from helpers import routed_tiny
 
 from metaattn_viz.core.settings import COSTS, FULL, LINEAR, LOCAL, RoutingSettings
-from metaattn_viz.routing.budget import decide, dual_ascent, solve_lambda
+from metaattn_viz.routing.budget import (
+    LAM_MAX,
+    decide,
+    decide_one,
+    dual_ascent,
+    solve_lambda,
+    steering_cost,
+    steering_cost_one,
+)
+from metaattn_viz.routing.budget import (
+    hedge_uncertainty as budget_hedge_uncertainty,
+)
 from metaattn_viz.routing.kv_cache import GrowableCache
 from metaattn_viz.routing.model import RoutedModel
 
@@ -95,6 +106,92 @@ def test_dual_ascent_tracks_the_budget():
     assert dual_ascent(lam, 1.0, s) > lam  # spent too much -> tighten
     assert dual_ascent(lam, 0.15, s) < lam
     assert dual_ascent(3.0, 1.0, s.with_(lam=3.0)) == 3.0  # fixed lambda never moves
+
+
+def _best_achievable(m, unc, budget, s):
+    """The mean cost closest to `budget` over every lambda that routes differently: the
+    breakpoints (ln m_j - ln m_k) / (c_j - c_k), just either side of each, and +-LAM_MAX
+    (a brute-force reference for the solver)."""
+    logm = torch.log(m.clamp_min(1e-30))
+    c = torch.tensor(COSTS)
+    points = {-LAM_MAX, LAM_MAX}
+    for j in range(3):
+        for k in range(j + 1, 3):
+            for bp in ((logm[:, j] - logm[:, k]) / (c[j] - c[k])).tolist():
+                points.update({bp - 1e-4, bp + 1e-4})
+    return min(abs(float(decide(m, unc, lam, s).cost.mean()) - budget) for lam in points)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_under_soft_hedging_the_solver_meets_the_budget_as_closely_as_any_lambda(seed):
+    """A soft-hedged decision can cost more than full attention (1.45), and a higher lambda
+    hedges more, so the cost is not monotone in lambda: the solver used to stop at
+    +LAM_MAX whenever the cost there was still above the budget (B = 0.98 cost 1.45, when
+    all full cost 1.0). Checked against every lambda that routes differently."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1 + seed % 5
+    m = torch.distributions.Dirichlet(torch.full((3,), 0.8)).sample((n,))
+    m = m.clamp_min(1e-6) / m.clamp_min(1e-6).sum(-1, keepdim=True)
+    budget = 0.16 + 0.83 * float(torch.rand((), generator=g))
+    s = RoutingSettings(budget=budget, hedge_policy="soft", hedge_threshold=0.5)
+    unc = budget_hedge_uncertainty(m, s)
+    got = abs(float(decide(m, unc, solve_lambda(m, unc, budget, s), s).cost.mean()) - budget)
+    assert got <= _best_achievable(m, unc, budget, s) + 1e-6
+
+
+def test_under_soft_hedging_the_solver_never_spends_above_dense_when_dense_is_closer():
+    m = torch.tensor([[0.2, 0.45, 0.35]])
+    s = RoutingSettings(budget=0.98, hedge_policy="soft", hedge_threshold=0.5)
+    unc = budget_hedge_uncertainty(m, s)
+    lam = solve_lambda(m, unc, 0.98, s)
+    assert float(decide(m, unc, lam, s).cost.mean()) == pytest.approx(1.0)  # was 1.45 at +LAM_MAX
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5, 0.8])
+def test_under_soft_hedging_dual_ascent_follows_the_hard_routes(budget):
+    """Fed the real cost, the ascent raised lambda on every overspending hedged decision,
+    which hedged more: lambda climbed to the thousands (the hard routes all linear, the
+    cost above dense). It follows the hard routes' cost, which falls as lambda rises: that
+    tracks the budget with lambda bounded, and hedging's extra experts come on top."""
+    rng = np.random.default_rng(0)
+    s = RoutingSettings(budget=budget, hedge_policy="soft", hedge_threshold=0.7)
+    lam, hard, real = 0.0, [], []
+    for _ in range(3000):
+        route, _, _, cost = decide_one(list(rng.gamma(1.0, size=3) + 0.05), lam, s)
+        hard.append(COSTS[route])
+        real.append(cost)
+        lam = dual_ascent(lam, steering_cost_one(route, cost, s), s)
+    assert np.mean(hard[500:]) == pytest.approx(budget, abs=0.02)
+    assert abs(lam) < 50 and np.mean(real) > np.mean(hard)  # the surcharge, on top
+
+
+def test_steering_cost_is_the_real_cost_unless_soft_hedging():
+    m = torch.tensor([[0.30, 0.40, 0.30], [0.05, 0.90, 0.05]])
+    unc = torch.tensor([0.99, 0.2])
+    for policy in ("off", "full"):
+        s = RoutingSettings(hedge_policy=policy, hedge_threshold=0.9)
+        dec = decide(m, unc, 0.0, s)
+        assert torch.equal(steering_cost(dec, s), dec.cost)
+    s = RoutingSettings(hedge_policy="soft", hedge_threshold=0.9)
+    dec = decide(m, unc, 0.0, s)
+    assert dec.cost[0] == pytest.approx(sum(COSTS))  # hedged over all three
+    assert steering_cost(dec, s).tolist() == pytest.approx([COSTS[LINEAR], COSTS[LINEAR]])
+    per_decision = torch.tensor([[1.0, 0.5, 0.2], [1.0, 0.4, 0.3]])
+    assert steering_cost(decide(m, unc, 0.0, s, per_decision), s, per_decision).tolist() == pytest.approx(
+        [0.5, 0.4]
+    )
+
+
+def test_a_soft_hedged_decision_keeps_its_chosen_expert_even_at_zero_mean():
+    """A prior-free softmax can underflow to an exact 0; a decision routed there (by a
+    large lambda) and hedged used to drop the expert it chose from its own mix."""
+    s = RoutingSettings(hedge_policy="soft", hedge_threshold=0.5)
+    m = torch.tensor([[0.5, 0.0, 0.5]])
+    dec = decide(m, torch.tensor([0.9]), 1000.0, s)
+    assert dec.routes.tolist() == [LINEAR] and bool(dec.hedged[0])
+    assert float(dec.weights[0, LINEAR]) > 0 and dec.cost[0] == pytest.approx(sum(COSTS))
+    route, w, hedged, cost = decide_one([0.5, 0.0, 0.5], 1000.0, s, point_estimate=True)
+    assert route == LINEAR and hedged and w[LINEAR] > 0 and cost == pytest.approx(sum(COSTS))
 
 
 # -- inside the model ------------------------------------------------------------------------
@@ -584,6 +681,27 @@ def test_budget_policy_decode_paths_agree_with_dual_ascent(scope, target, hedge)
             routes.add(route)
         assert fast.lam == pytest.approx(tensor.lam, abs=1e-4)
     assert len(routes) >= 2 and fast.lam != start  # lambda moved, and routes varied
+
+
+@pytest.mark.parametrize("path", ["fast", "tensor"])
+def test_under_soft_hedging_the_policys_lambda_follows_the_hard_routes(path):
+    """BudgetPolicy's decode steps, soft hedging, very unsure decisions: lambda used to climb
+    by every hedged decision's overspend (to 1e4, every hard route linear)."""
+    from metaattn_viz.routing.policies import BudgetPolicy
+
+    g = torch.Generator().manual_seed(3)
+    betas = torch.rand(400, 3, generator=g) * 2 + 0.3  # unsure: most non-full routes hedge
+    s = RoutingSettings(budget=0.5, scope="layer", hedge_policy="soft", hedge_threshold=0.5)
+    policy, hard = BudgetPolicy(s, 1, [0.0]), []
+    for t, beta in enumerate(betas):
+        if path == "fast":
+            _, (_, route, *_rest) = policy.decide_one(0, beta.tolist(), 10 + t)
+        else:
+            _, rec = policy.decide(0, beta.view(1, 1, 3), offset=10 + t, x=torch.zeros(1, 1, 8))
+            route = int(rec["routes"][0, 0])
+        hard.append(COSTS[route])
+    assert abs(policy.lam[0]) < 50
+    assert np.mean(hard[100:]) == pytest.approx(0.5, abs=0.05)
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])

@@ -5,7 +5,12 @@ monotonically as lambda grows, so bisection finds the lambda whose realised mean
 closest to the budget B. Decode-time: lambda follows the running cost by dual ascent.
 Hedging: a decision routed to a cheap expert whose uncertainty exceeds the threshold is
 mixed softly over the experts with non-negligible weight, or escalated to full attention;
-its real cost (every expert it computes) counts against the budget.
+its real cost (every expert it computes) counts against the budget. A soft-hedged decision
+can cost more than full attention (1.45 over all three), and raising lambda hedges more of
+them, so under soft hedging the mean cost is not monotone in lambda: `solve_lambda` finds the
+closest lambda exactly from where each decision's route changes (`_closest_lambda`)
+instead of bisecting, and the dual ascent follows the hard
+routes' cost (`steering_cost`), which does fall as lambda grows.
 
 The costs c are the settings' cost model's (routing/costs.py), handed in by the caller: the
 notional costs [K] by default (the same for every decision), or per-decision costs [N, K]
@@ -35,6 +40,7 @@ from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.routing.costs import notional_tensor
 
 LAM_MAX = 1.0e4  # |lambda| beyond which every decision is already at an extreme
+_TINY_WEIGHT = 1e-30  # a soft-hedged chosen expert's least weight
 CHEAPEST = COSTS.index(MIN_COST)  # the expert of the lowest budget (linear attention)
 _BISECT_STEPS = 64
 
@@ -99,7 +105,9 @@ def decide(
                 soft = soft.to(m.dtype)
             else:
                 keep = (m >= settings.hedge_min_weight) | weights.bool()
-                soft = m * keep
+                # the chosen expert stays in the mix even where its mean is exactly 0 (a
+                # prior-free softmax that underflowed): its weight is then tiny, not 0
+                soft = m.clamp_min(_TINY_WEIGHT) * keep
                 soft = soft / soft.sum(-1, keepdim=True)
             weights = torch.where(hedged[:, None], soft, weights)
     cost = ((weights > 0).to(c.dtype) * c).sum(-1)  # [N]
@@ -129,7 +137,10 @@ def decide_one(
             if settings.hedge_policy == "full":
                 weights = [1.0] + [0.0] * (K - 1)
             else:
-                keep = [p if (p >= settings.hedge_min_weight or k == route) else 0.0 for k, p in enumerate(m)]
+                keep = [
+                    max(p, _TINY_WEIGHT) if (p >= settings.hedge_min_weight or k == route) else 0.0
+                    for k, p in enumerate(m)
+                ]
                 z = sum(keep)
                 weights = [p / z for p in keep]
     cost = sum(c for w, c in zip(weights, costs, strict=True) if w > 0)
@@ -193,6 +204,8 @@ def solve_lambda(
     def mean_cost(lam: float) -> float:
         return float(decide(m, uncertainty, lam, settings, costs).cost.mean())
 
+    if settings.hedge_policy == "soft":  # not monotone in lambda (module docstring)
+        return _closest_lambda(m, uncertainty, budget, settings, costs)
     lo, hi = -LAM_MAX, LAM_MAX  # cost(lo) >= budget > cost(hi) is what we keep
     c_lo, c_hi = mean_cost(lo), mean_cost(hi)
     if c_hi >= budget:
@@ -209,6 +222,74 @@ def solve_lambda(
         if hi - lo < 1e-6:
             break
     return lo if abs(c_lo - budget) <= abs(c_hi - budget) else hi
+
+
+def _closest_lambda(
+    m: torch.Tensor,
+    uncertainty: torch.Tensor,
+    budget: float,
+    settings: RoutingSettings,
+    costs: torch.Tensor | None,
+) -> float:
+    """The lambda whose mean cost is closest to `budget` where the cost is not monotone in
+    lambda (soft hedging), found exactly: a decision's route changes only where two of its
+    experts' scores cross, lambda = (ln m_j - ln m_k) / (c_j - c_k), so its cost is a step
+    function with at most K(K-1)/2 steps. Each decision's cost on each of its own intervals
+    (`decide` at their midpoints), sorted by where it changes, gives the mean cost on every
+    interval of lambda at once; the best interval (on a tie: within the budget, then the
+    least lambda) gives its midpoint."""
+    n = m.shape[0]
+    logm = torch.log(m.float().clamp_min(1e-30))  # as `decide` scores
+    c = (notional_tensor(m.device) if costs is None else costs).expand(n, K).float()
+    cuts = []
+    for j in range(K):
+        for k in range(j + 1, K):
+            dc = c[:, j] - c[:, k]
+            cut = (logm[:, j] - logm[:, k]) / torch.where(dc == 0, torch.ones_like(dc), dc)
+            cuts.append(torch.where(dc == 0, torch.full_like(cut, LAM_MAX), cut))  # equal costs never cross
+    cuts_t = torch.stack(cuts, -1).double().clamp(-LAM_MAX, LAM_MAX).sort(-1).values  # [n, P]
+    ends = torch.cat([torch.full((n, 1), -LAM_MAX, dtype=torch.float64), cuts_t.cpu()], -1)
+    ends = torch.cat([ends, torch.full((n, 1), LAM_MAX, dtype=torch.float64)], -1)  # [n, P + 2]
+    mids = 0.5 * (ends[:, :-1] + ends[:, 1:])  # [n, P + 1]: one lambda inside each interval
+    step_cost = torch.stack(
+        [
+            decide(m, uncertainty, mids[:, i].to(m.device), settings, costs).cost.double().cpu()
+            for i in range(mids.shape[1])
+        ],
+        -1,
+    )  # [n, P + 1]
+    where = cuts_t.cpu().reshape(-1)
+    change = (step_cost[:, 1:] - step_cost[:, :-1]).reshape(-1)
+    order = torch.argsort(where, stable=True)
+    where, change = where[order], change[order]
+    at, last = torch.unique_consecutive(where, return_counts=True)
+    total = float(step_cost[:, 0].sum()) + torch.cumsum(change, 0)[torch.cumsum(last, 0) - 1]
+    lows = torch.cat([torch.tensor([-LAM_MAX], dtype=torch.float64), at])
+    highs = torch.cat([at, torch.tensor([LAM_MAX], dtype=torch.float64)])
+    means = torch.cat([step_cost[:, 0].sum().reshape(1), total]) / n
+    best = min(
+        (i for i in range(len(means)) if highs[i] > lows[i]),
+        key=lambda i: (abs(float(means[i]) - budget), float(means[i]) > budget, float(lows[i])),
+    )
+    return float(0.5 * (lows[best] + highs[best]))
+
+
+def steering_cost(
+    dec: Decisions, settings: RoutingSettings, costs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N] the cost the decode-time dual ascent follows: the real cost, except under soft
+    hedging, the hard route's cost. A soft-hedged decision's extra experts do not fall as
+    lambda rises (a higher lambda only hedges more), so following them would push lambda
+    up without end; its overspend shows in the realised cost (and the page says so)."""
+    if settings.hedge_policy != "soft":
+        return dec.cost
+    c = notional_tensor(dec.routes.device) if costs is None else costs
+    return c.expand(dec.routes.shape[0], K).gather(-1, dec.routes[:, None]).squeeze(-1)
+
+
+def steering_cost_one(route: int, cost: float, settings: RoutingSettings, costs=COSTS) -> float:
+    """`steering_cost` of one decision of `decide_one` (its route and real cost)."""
+    return costs[route] if settings.hedge_policy == "soft" else cost
 
 
 def _least_lambda_at(mean_cost, floor: float) -> float:

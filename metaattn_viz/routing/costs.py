@@ -102,7 +102,8 @@ class CostModel:
     def lowest_mean(self, n_tokens: int) -> float:
         """The lowest mean cost a group of the positions 0..n_tokens-1 can reach (every
         decision to its cheapest expert): the cheapest notional cost, or under "flops" that
-        routing's share of dense attention FLOPs (1 for a text within the local window)."""
+        routing's share of dense attention FLOPs (1 for a text no longer than the local window
+        and the head dimension)."""
         if self.notional:
             return MIN_COST
         return lowest_flops_ratio(np.arange(n_tokens), self.window, self.n_sink, self.head_dim)

@@ -145,7 +145,8 @@ class BudgetPolicy(RoutingPolicy):
                 lam = layer_lam
                 dec = budget_mod.decide(m, unc, lam, self.settings, costs)
                 if offset > 0:  # a decode step: lambda follows the running cost
-                    self._dual_ascent(layer, float(dec.cost.mean()))
+                    steer = budget_mod.steering_cost(dec, self.settings, costs)
+                    self._dual_ascent(layer, float(steer.mean()))
         b, t, _ = beta.shape
         return dec.weights.view(b, t, K), record(beta, dec, lam)
 
@@ -165,7 +166,7 @@ class BudgetPolicy(RoutingPolicy):
             route, w, hedged, cost = budget_mod.decide_one(
                 beta, lam, self.settings, self.point_estimate, costs
             )
-            self._dual_ascent(layer, cost)
+            self._dual_ascent(layer, budget_mod.steering_cost_one(route, cost, self.settings, costs))
         return w, (beta, route, hedged, w, cost, lam)
 
     def _costs_at(self, position: int, device: torch.device) -> torch.Tensor | None:
@@ -198,7 +199,7 @@ class BudgetPolicy(RoutingPolicy):
             lam = self._lam_t[layer].clone()  # the record keeps the lambda this decision used
             unc = budget_mod.hedge_uncertainty(beta, self.settings, self.point_estimate)
             dec = budget_mod.decide(m, unc, lam, self.settings, costs)
-            self._dual_ascent_t(layer, dec.cost[0].double())
+            self._dual_ascent_t(layer, budget_mod.steering_cost(dec, self.settings, costs)[0].double())
         rec = DeviceRecord(beta.reshape(K), dec.routes[0], dec.hedged[0], dec.weights[0], dec.cost[0], lam)
         return dec.weights.view(1, 1, K).float(), rec
 
