@@ -44,3 +44,21 @@ def test_prior_costs_price_the_prior_and_only_a_set_value_enters_the_hash():
     for bad in ((1.0, 0.0, 0.3), (1.0, 0.3), (1.0, float("nan"), 0.3), ("a", 1, 1)):
         with pytest.raises(ValueError, match="prior costs must be"):
             ControllerConfig(prior_costs=bad)
+
+
+def test_a_prior_below_the_least_concentration_is_refused_before_any_training():
+    """With prior_strength 0.3 the prior's linear concentration is 0.027, below beta_min =
+    0.05: an untrained controller started at (0.051, 0.182, 0.091) instead of the prior, and
+    its KL to the prior could never reach 0. Such a strength is refused, naming the least
+    one that works (0.55 under the notional costs); the prior-free controller has no prior."""
+    from metaattn_viz.routing.controller import ControllerConfig, ControllerStack
+    from metaattn_viz.training.calibrate import CalibrationConfig
+
+    with pytest.raises(ValueError, match=r"prior_strength 0.3 .* beta_min = 0.05; use a prior_strength above 0.55"):
+        ControllerConfig(prior_strength=0.3)
+    with pytest.raises(ValueError, match="prior_strength above 0.55"):
+        CalibrationConfig(prior_strength=0.3)
+    CalibrationConfig(controller="priorfree", prior_strength=0.3)  # no prior to start at
+    stack = ControllerStack(ControllerConfig(d_model=16, n_layers=1, prior_strength=0.6))
+    beta0 = torch.nn.functional.softplus(stack.layers[0].fc2.bias) + stack.config.beta_min
+    assert torch.allclose(beta0, stack.alpha0, rtol=1e-3)  # just above the limit: at the prior

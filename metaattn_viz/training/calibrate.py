@@ -141,6 +141,10 @@ class CalibrationConfig:
             self.prior_costs = check_prior_costs(self.prior_costs, len(COSTS))
         if not 0 <= self.soft_fraction <= 1:
             raise ValueError(f"soft_fraction must be in [0, 1], got {self.soft_fraction}")
+        if self.controller == "bayes":  # the prior the controllers start at, checked before any work
+            ControllerConfig(
+                prior_strength=self.prior_strength, prior_gamma=self.prior_gamma, prior_costs=self.prior_costs
+            )
 
 
 def elbo_terms(
