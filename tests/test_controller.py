@@ -54,7 +54,8 @@ def test_a_prior_below_the_least_concentration_is_refused_before_any_training():
     from metaattn_viz.routing.controller import ControllerConfig, ControllerStack
     from metaattn_viz.training.calibrate import CalibrationConfig
 
-    with pytest.raises(ValueError, match=r"prior_strength 0.3 .* beta_min = 0.05; use a prior_strength above 0.55"):
+    refused = r"prior_strength 0.3 .* beta_min = 0.05; use a prior_strength above 0.55"
+    with pytest.raises(ValueError, match=refused):
         ControllerConfig(prior_strength=0.3)
     with pytest.raises(ValueError, match="prior_strength above 0.55"):
         CalibrationConfig(prior_strength=0.3)
