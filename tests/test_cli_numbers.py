@@ -178,3 +178,29 @@ def test_a_measuring_commands_help_says_what_it_does_in_whole_sentences(name, ca
     description = " ".join(help_text.split("\n\n")[1].split())
     assert description == " ".join(module.__doc__.split("\n\n")[0].split())
     assert description.endswith((".", ")", ":")), description
+
+
+# -- route -------------------------------------------------------------------------------------------
+def test_route_reaches_the_model_load_with_a_good_command_line(no_model_load):
+    with pytest.raises(Reached):
+        main(["route", "--prompt", "hi", "--max-new-tokens", "4096", "--sinks", "0", "--no-log"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-new-tokens", "5000"], "--max-new-tokens must be a whole number in [0, 4096], got 5000"),
+        (["--sinks", "2000"], "--sinks: n_sink must be a whole number in [0, 1024], got 2000"),
+        (["--window", "0"], "--window: window must be a whole number in [1, 1048576], got 0"),
+        (["--hedge-threshold", "2"], "--hedge-threshold: hedge_threshold must be a finite number in [0, 1]"),
+        (["--budget", "7"], "--budget: budget must be a finite number in [0.15, 1], got 7"),
+    ],
+)
+def test_route_refuses_its_numbers_by_flag_before_the_model_loads(flags, message, no_model_load, capsys):
+    """A bad number used to be refused by its Python name (`n_sink`), and --max-new-tokens
+    over the generation's limit only after the model had loaded."""
+    from metaattn_viz.routing.generation import MAX_NEW_TOKENS
+
+    assert message in cli_refused(["route", "--prompt", "hi", "--no-log", *flags], capsys)
+    assert cli_code(["route", "--help"]) == 0
+    assert f"at most {MAX_NEW_TOKENS}" in capsys.readouterr().out  # the help's limit is the code's

@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("route", help="route a prompt (and optionally generate) and print the trace")
     p.add_argument("--prompt", required=True, help="text to route")
     _add_routing_args(p)
-    p.add_argument("--max-new-tokens", type=_whole(0), default=0, help="tokens to generate (default 0)")
+    p.add_argument(
+        "--max-new-tokens", type=_whole(0), default=0, help="tokens to generate (default 0, at most 4096)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=_whole(0), default=0, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -309,6 +311,19 @@ def _add_db_args(p: argparse.ArgumentParser, no_log_help: str = "do not log this
     g.add_argument("--no-log", action="store_true", help=no_log_help)
 
 
+# The routing settings' flags by their RoutingSettings field: a refusal names the flag
+SETTING_FLAGS = {
+    "budget": "--budget",
+    "scope": "--scope",
+    "hedge_policy": "--hedge",
+    "hedge_threshold": "--hedge-threshold",
+    "window": "--window",
+    "n_sink": "--sinks",
+    "linear_map": "--linear-map",
+    "cost_model": "--cost-model",
+}
+
+
 def settings_from_args(args) -> RoutingSettings:
     budget = None if str(args.budget).strip().lower() == "none" else args.budget
     if budget is not None:
@@ -318,16 +333,20 @@ def settings_from_args(args) -> RoutingSettings:
             raise UserError(
                 f"--budget must be a number in {BUDGET_RANGE} or 'none', got {args.budget!r}"
             ) from None
-    return RoutingSettings(
-        budget=budget,
-        scope=args.scope,
-        hedge_policy=args.hedge,
-        hedge_threshold=args.hedge_threshold,
-        window=args.window,
-        n_sink=args.sinks,
-        linear_map=args.linear_map,
-        cost_model=args.cost_model,
-    )
+    try:
+        return RoutingSettings(
+            budget=budget,
+            scope=args.scope,
+            hedge_policy=args.hedge,
+            hedge_threshold=args.hedge_threshold,
+            window=args.window,
+            n_sink=args.sinks,
+            linear_map=args.linear_map,
+            cost_model=args.cost_model,
+        )
+    except ValueError as exc:  # RoutingSettings names the setting first: say its flag
+        flag = SETTING_FLAGS.get(str(exc).split(" ", 1)[0])
+        raise UserError(f"{flag}: {exc}" if flag else str(exc)) from None
 
 
 def _cmd_serve(args) -> int:
@@ -384,12 +403,17 @@ def _cmd_export(args) -> int:
 def _cmd_route(args) -> int:
     import json
 
+    from metaattn_viz.routing.generation import MAX_NEW_TOKENS
     from metaattn_viz.routing.model import RoutedModel, Sampling
 
     settings = settings_from_args(args)  # validate before loading anything
     sampling = Sampling(temperature=args.temperature, seed=args.seed)
     if not args.prompt.strip():
         raise UserError("--prompt is empty: give some text to route")
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise UserError(
+            f"--max-new-tokens must be a whole number in [0, {MAX_NEW_TOKENS}], got {args.max_new_tokens}"
+        )
     device, dtype, backend = runtime_from_args(args)
     routed = RoutedModel.load(args.model, device=device, dtype=dtype, backend=backend)
     trace = routed.route(
