@@ -312,16 +312,9 @@ def _add_db_args(p: argparse.ArgumentParser, no_log_help: str = "do not log this
 
 
 # The routing settings' flags by their RoutingSettings field: a refusal names the flag
-SETTING_FLAGS = {
-    "budget": "--budget",
-    "scope": "--scope",
-    "hedge_policy": "--hedge",
-    "hedge_threshold": "--hedge-threshold",
-    "window": "--window",
-    "n_sink": "--sinks",
-    "linear_map": "--linear-map",
-    "cost_model": "--cost-model",
-}
+_SAME_NAME = ("budget", "scope", "hedge_threshold", "window", "linear_map", "cost_model")
+SETTING_FLAGS = {"hedge_policy": "--hedge", "n_sink": "--sinks"}
+SETTING_FLAGS |= {f: "--" + f.replace("_", "-") for f in _SAME_NAME}
 
 
 def settings_from_args(args) -> RoutingSettings:
