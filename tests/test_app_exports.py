@@ -582,3 +582,66 @@ def test_a_links_values_land_on_the_controls_within_their_ranges():
     assert notes == [
         f"Local window 4 is outside the page's range ({lowest:g}-{WINDOW_MAX:g}): set to {lowest:g}."
     ]
+
+
+# -- exports on a full disk, and runs the log cannot replay ----------------------------------
+def _disk_full_while_zipping(monkeypatch):
+    """The zip's second file fails as on a full disk (after the first was written)."""
+    import errno
+
+    write, calls = zipfile.ZipFile.write, {"n": 0}
+
+    def full(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "write", full)
+
+
+def test_an_export_that_fills_the_disk_says_so_and_leaves_nothing(engine, tmp_path, monkeypatch):
+    """The zip of the log or of a run's rows failing on a full disk: the sentence of a failed
+    copy (the log is unchanged), and neither the unzipped folder nor the partial zip stays
+    to keep the disk full. A run's rows leave no unzipped folder on success either."""
+    a = _generate(engine, "One run.")
+    dl = Downloads(tmp_path / "dl")
+    archive = dl.rows(engine.history, a.run_id, "csv", None, "sess")
+    assert sorted(p.name for p in archive.parent.iterdir()) == [archive.name]  # no rows/ beside it
+    _disk_full_while_zipping(monkeypatch)
+    for export in (
+        lambda: dl.log(engine.history, "parquet", None, "sess"),
+        lambda: dl.rows(engine.history, a.run_id, "parquet", None, "sess"),
+    ):
+        with pytest.raises(AppError) as err:
+            export()
+        msg = str(err.value)
+        assert "could not be written (No space left on device)" in msg and "log is unchanged" in msg
+    slots = [p for p in dl.root.rglob("*") if p.parent.name in ("log-parquet", "rows-parquet")]
+    assert len(slots) == 2 and all(list(slot.iterdir()) == [] for slot in slots)  # nothing kept
+    monkeypatch.undo()
+    assert _rows(dl.log(engine.history, "csv", None, "sess"), "runs") == 1  # the log reads as before
+
+
+def test_a_run_the_log_cannot_replay_is_a_sentence_and_its_link_falls_back(engine, tmp_path):
+    """A run whose settings this version rejects (an old or hand-edited log): History's
+    replay says which run and value, and a shared link to it opens on the link's settings,
+    saying why, rather than failing."""
+    from types import SimpleNamespace
+
+    from metaattn_viz.app.ui import build_app
+
+    demo = build_app(engine=engine, downloads=Downloads(tmp_path / "dl"))
+    trace = _generate(engine, "Edit me.")
+    engine.history.flush()
+    cur = engine.history.run_log.fresh_cursor()
+    cur.execute("UPDATE runs SET scope = 'zzz' WHERE run_id = $r", {"r": trace.run_id})
+    cur.close()
+    with pytest.raises(AppError) as err:
+        engine.history.replay(trace.run_id)
+    assert trace.run_id in str(err.value) and "'zzz'" in str(err.value)
+    (open_link,) = [d.fn for d in demo.fns.values() if d.name == "open_link"]
+    (status,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "run-status"]
+    link = SimpleNamespace(query_params={"run": trace.run_id, "budget": "0.3"}, session_hash=None)
+    note = open_link(link)[status]
+    assert "'zzz'" in note and "link's settings" in note and "not in this server's routing log" not in note

@@ -88,12 +88,32 @@ def run_label(trace: RoutingTrace | None) -> str:
     return label or "unlogged"
 
 
+def not_written(exc: OSError) -> AppError:
+    """An export's files that could not be written (a full disk), as the store says it
+    (ExportNotWritten) or in its words: the log itself is unchanged."""
+    from metaattn_viz import store
+
+    if isinstance(exc, store.ExportNotWritten):  # "the export could not be written (...)..."
+        text = str(exc)
+        return AppError(text[:1].upper() + text[1:])
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return AppError(
+        f"The export could not be written ({reason}); nothing of it was kept, and the "
+        "routing log is unchanged."
+    )
+
+
 def zip_folder(folder: Path, archive: Path) -> Path:
-    """Every file under `folder` into the zip `archive` (paths relative to `folder`)."""
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(folder).as_posix())
+    """Every file under `folder` into the zip `archive` (paths relative to `folder`). A zip
+    that cannot be written (a full disk) is removed, and AppError says so (not_written)."""
+    try:
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    zf.write(path, path.relative_to(folder).as_posix())
+    except OSError as exc:
+        archive.unlink(missing_ok=True)
+        raise not_written(exc) from None
     return archive
 
 
@@ -119,14 +139,19 @@ def run_rows(history, run_id: str, fmt: str, owner: str | None, folder: Path) ->
         raise AppError(history.log_problem or "The routing log is not available.")
     out = Path(folder) / "rows"
     try:
-        history.flush(EXPORT_TIMEOUT_S)  # the run's last rows, if still being written
-        run_log.get_run(run_id, owner=owner)  # visible to this reader?
-        store.export(run_log, out, fmt, owner=owner, run_id=run_id)
-    except store.UnknownRun:
-        raise no_such_run(run_id) from None
-    except (store.StoreUnavailable, store.ExportNotWritten) as exc:
-        raise AppError(str(exc)) from None
-    return zip_folder(out, Path(folder) / f"metaattn-run-{run_id[:8]}-{fmt}.zip")
+        try:
+            history.flush(EXPORT_TIMEOUT_S)  # the run's last rows, if still being written
+            run_log.get_run(run_id, owner=owner)  # visible to this reader?
+            store.export(run_log, out, fmt, owner=owner, run_id=run_id)
+        except store.UnknownRun:
+            raise no_such_run(run_id) from None
+        except store.StoreUnavailable as exc:
+            raise AppError(str(exc)) from None
+        except OSError as exc:  # ExportNotWritten, or its folder could not be made
+            raise not_written(exc) from None
+        return zip_folder(out, Path(folder) / f"metaattn-run-{run_id[:8]}-{fmt}.zip")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # the zip holds it (or it failed)
 
 
 class Downloads:
@@ -226,6 +251,7 @@ __all__ = [
     "figure_html",
     "run_rows",
     "run_label",
+    "not_written",
     "zip_folder",
     "KEEP_S",
 ]

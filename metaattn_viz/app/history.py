@@ -2,10 +2,14 @@
 for the History tab (replay, the runs table a page at a time, compare, the SQL console,
 export).
 
-Two policies, each defined once:
+Three policies, each defined once:
 - writes (`write`, `RunRecorder`, `log_finished`) never fail a request: on a store problem
-  the server keeps serving without logging and says why (`log_problem`);
-- reads the user asked for (`_reading`) turn a store problem into AppError, a sentence.
+  the server keeps serving without logging and says why (`log_problem`), and a generation
+  whose run is not logged says so in its notes;
+- reads the user asked for (`_reading`) turn a store problem into AppError, a sentence;
+- a log that another process held at startup (`StoreLocked`) is opened again, at most every
+  RETRY_OPEN_S, by the next status, read or write (`run_log`), so logging resumes once that
+  process lets go.
 
 Every write takes the run's `owner` and every read the `owner` whose runs it may see (keys
 of store.owners; None: every run); deployment.Deployment decides which, per visitor.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from metaattn_viz.app.errors import AppError, no_such_run
-from metaattn_viz.app.exports import zip_folder
+from metaattn_viz.app.exports import not_written, zip_folder
 from metaattn_viz.app.requests import choice
 from metaattn_viz.core.trace import RoutingTrace
 
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 0.25  # routing-log batches while streaming
 SQL_TIMEOUT_S = 5.0  # the SQL console's time limit per query
 LOST_ERROR = "a write to the routing log failed: the tokens after it were not logged"
+RETRY_OPEN_S = 5.0  # a log held by another process at startup is tried again this often
 
 
 RUNS_PAGE = 200  # the History tab's runs table shows this many runs at a time
@@ -81,29 +87,85 @@ class RunHistory:
     background writer, and the queries of the History tab."""
 
     def __init__(self, db: str | None = None, enabled: bool = True):
-        from metaattn_viz import store
-
-        self.run_log, self._open_problem = store.open_or_explain(db, enabled=enabled)
+        self._db = db
+        self._run_log = None
+        self._open_problem: str | None = None
+        self._retry_at: float | None = None  # when to try a locked log again (None: never)
+        self._open_lock = threading.Lock()
+        self._closed = False
         self._write_problem: str | None = None  # the last write's failure; a success clears it
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="run-log")
+        if enabled:
+            self._open()
+        else:
+            from metaattn_viz.store.runlog import LOGGING_OFF
+
+            self._open_problem = LOGGING_OFF
+
+    def _open(self) -> None:
+        """Open the log; when another process holds it, say so and try again later."""
+        from metaattn_viz import store
+        from metaattn_viz.store.errors import StoreLocked
+        from metaattn_viz.store.runlog import without_logging
+
+        try:
+            self._run_log = store.RunLog(self._db)
+        except StoreLocked as exc:
+            self._retry_at = time.monotonic() + RETRY_OPEN_S
+            problem = without_logging(exc, f" until it is free (tried again every {RETRY_OPEN_S:g} s)")
+            if problem != self._open_problem:
+                log.warning("%s", exc)
+            self._open_problem = problem
+            return
+        except store.StoreUnavailable as exc:
+            log.warning("%s", exc)
+            self._retry_at, self._open_problem = None, without_logging(exc)
+            return
+        if self._open_problem is not None:
+            log.info("routing log %s is free again: runs are logged from now on", self._run_log.path)
+        self._retry_at, self._open_problem = None, None
+
+    @property
+    def run_log(self):
+        """The open RunLog, or None when logging is off or the log is unavailable; a log
+        that another process held is tried again here (at most every RETRY_OPEN_S)."""
+        if self._run_log is None and self._retry_at is not None and time.monotonic() >= self._retry_at:
+            with self._open_lock:
+                due = self._retry_at is not None and time.monotonic() >= self._retry_at
+                if self._run_log is None and due and not self._closed:
+                    self._open()
+        return self._run_log
 
     @property
     def log_problem(self) -> str | None:
-        """Why runs are not logged: the log could not be opened, its file was deleted or
-        replaced while open, or the last write failed (a full disk; None once a write
-        succeeds again)."""
-        return self._open_problem or self.file_problem() or self._write_problem
+        """Why runs are not logged: the log could not be opened (or is still held by another
+        process), its file was deleted or replaced while open, or the last write failed (a
+        full disk; None once a write succeeds again)."""
+        run_log = self.run_log  # a held log is tried again first
+        return self._open_problem or self.file_problem(run_log) or self._write_problem
 
-    def file_problem(self) -> str | None:
+    @property
+    def unlogged(self) -> str | None:
+        """Why no run is logged while the log cannot be opened (None when it is open, or
+        when logging was turned off on purpose)."""
+        if self.run_log is not None:
+            return None
+        from metaattn_viz.store.runlog import LOGGING_OFF
+
+        return None if self._open_problem == LOGGING_OFF else self._open_problem
+
+    def file_problem(self, run_log=None) -> str | None:
         """A sentence if the log's file was deleted or replaced while open, else None."""
-        problem = self.run_log.file_problem() if self.run_log is not None else None
+        run_log = run_log if run_log is not None else self._run_log
+        problem = run_log.file_problem() if run_log is not None else None
         return f"Runs are not being logged: {problem}." if problem else None
 
     def status(self) -> dict:
         """The log's part of the page header."""
+        run_log = self.run_log
         return {
-            "logging": self.run_log is not None,
-            "log_path": str(self.run_log.path) if self.run_log is not None else None,
+            "logging": run_log is not None,
+            "log_path": str(run_log.path) if run_log is not None else None,
             "log_problem": self.log_problem,
         }
 
@@ -146,9 +208,11 @@ class RunHistory:
             self.write(lambda: self.run_log.flush(timeout))
 
     def close(self) -> None:
+        with self._open_lock:
+            self._closed, self._retry_at = True, None
         self._writer.shutdown(wait=True)
-        if self.run_log is not None:
-            self.run_log.close()
+        if self._run_log is not None:
+            self._run_log.close()
 
     # -- reading ----------------------------------------------------------------------------
     @contextmanager
@@ -252,13 +316,17 @@ class RunHistory:
 
         fmt = choice("Format", fmt, store.EXPORT_FORMATS)
         out = Path(folder) / "routing-log"
-        with self._reading(store.ExportNotWritten) as run_log:
-            run_log.flush(timeout=10)
-            store.export(run_log, out, fmt, owner=owner)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        archive = zip_folder(out, Path(folder) / f"metaattn-routing-log-{stamp}-{fmt}.zip")
-        shutil.rmtree(out, ignore_errors=True)  # the zip holds it
-        return archive
+        try:
+            with self._reading() as run_log:
+                run_log.flush(timeout=10)
+                try:
+                    store.export(run_log, out, fmt, owner=owner)
+                except OSError as exc:  # ExportNotWritten, or its folder could not be made
+                    raise not_written(exc) from None
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            return zip_folder(out, Path(folder) / f"metaattn-routing-log-{stamp}-{fmt}.zip")
+        finally:
+            shutil.rmtree(out, ignore_errors=True)  # the zip holds it (or it failed)
 
 
 class RunRecorder:
@@ -273,6 +341,14 @@ class RunRecorder:
         self.run_log = history.run_log  # None once logging stops for this run
         self.run_id: str | None = None
         self._last = 0.0
+        # the log cannot be opened (held by another process, damaged): said once, in the
+        # notes of the first update or of the finish
+        self._unlogged = history.unlogged if self.run_log is None else None
+
+    def _not_logged(self) -> str | None:
+        """The note that this run is not logged, the first time it is asked for."""
+        note, self._unlogged = self._unlogged, None
+        return None if note is None else f"This run is not logged: {note}"
 
     @property
     def started(self) -> bool:
@@ -282,7 +358,7 @@ class RunRecorder:
         """Log the run's first trace (its prompt, routed)."""
         run_log = self.run_log
         if run_log is None:
-            return None
+            return self._not_logged()
         self.run_id = self.history.write(lambda: run_log.start_run(trace, self.kind, owner=self.owner))
         self._last = time.monotonic()
         if self.run_id is None:
@@ -293,7 +369,9 @@ class RunRecorder:
     def update(self, trace: RoutingTrace) -> str | None:
         """Log the tokens since the last batch, if LOG_EVERY_S has passed."""
         run_log, run_id = self.run_log, self.run_id
-        if run_log is None or run_id is None or time.monotonic() - self._last < LOG_EVERY_S:
+        if run_log is None:
+            return self._not_logged()
+        if run_id is None or time.monotonic() - self._last < LOG_EVERY_S:
             return None
         ok = self.history.write(lambda: run_log.append(run_id, trace))
         self._last = time.monotonic()
@@ -316,7 +394,9 @@ class RunRecorder:
     ) -> str | None:
         """Log how the run ended (done / stopped / interrupted / failed, with the error)."""
         run_log, run_id = self.run_log, self.run_id
-        if run_id is None or run_log is None or trace is None:
+        if run_log is None:
+            return self._not_logged()
+        if run_id is None or trace is None:
             return None
         err = None if error is None else f"{type(error).__name__}: {error}"
         if (

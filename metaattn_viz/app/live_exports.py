@@ -21,7 +21,7 @@ import gradio as gr
 from metaattn_viz import store
 from metaattn_viz.app import display, plots, share
 from metaattn_viz.app.deployment import session_of
-from metaattn_viz.app.errors import AppError
+from metaattn_viz.app.errors import AppError, no_such_run
 from metaattn_viz.app.exports import Downloads, run_label
 from metaattn_viz.app.ui_errors import user_errors, warn
 
@@ -133,18 +133,25 @@ class ExportPanel:
             if shared.prompt is not None:
                 out[live.prompt] = shared.prompt
             measure = shared.values.get("measure", "total")
-            trace = None
+            trace, why = None, None
             if shared.run_id is not None:
                 try:
                     trace, status = history.replay_with_status(
                         shared.run_id, engine.deployment.reader(session_of(request))
                     )
-                except AppError:  # not in this log, another visitor's, or no log at all
-                    trace = None
+                except AppError as exc:  # not in this log, another visitor's, no log, unreadable
+                    trace, why = None, str(exc)
             if trace is None:  # the settings alone, on empty views (not the page's example run)
                 out.update(live.show(plots.empty_trace(), measure))
                 out[live.trace] = None
                 out[live.run_status] = share.fallback_note(shared.run_id)
+                if why not in (None, str(no_such_run(shared.run_id))) and history.run_log is not None:
+                    # the log holds the run but cannot replay it (a value this version
+                    # rejects), or cannot be read: say that, not that the run is missing
+                    out[live.run_status] = (
+                        f"{why} The page opened with the link's settings and prompt instead; "
+                        "press Generate to run it again."
+                    )
                 return out
             out.update(live.show_run(trace, measure))  # the run's own settings and prompt win
             out[live.run_status] = "Opened a shared link: " + display.replay_note(trace, status)

@@ -308,7 +308,8 @@ def decode_trace(
     """The RoutingTrace of a runs row, its tokens rows and its routes rows (columns as
     numpy arrays, Q.TOKENS_OF_RUN and Q.ROUTES_OF_RUN): the inverse of the encoding
     above. The caller checks that there are n_tokens token rows and n_layers x n_tokens
-    route rows."""
+    route rows. A value this version rejects (a setting out of range in an old or edited
+    log, timings that are not JSON) raises ValueError naming it."""
     L, T = int(run["n_layers"]), int(run["n_tokens"])
     layer, pos = np.asarray(routes["layer"], np.intp), np.asarray(routes["pos"], np.intp)
 
@@ -321,7 +322,25 @@ def decode_trace(
         return np.stack([grid(routes[f"{prefix}_{e}"], np.float32) for e in EXPERTS], -1)
 
     kl = np.ma.filled(np.ma.asarray(tokens["kl_to_dense"], np.float32), np.nan)  # NULL: NaN
-    settings = RoutingSettings.from_dict({name: run[column] for name, column in SETTINGS_COLUMNS.items()})
+    try:
+        settings = RoutingSettings.from_dict({name: run[column] for name, column in SETTINGS_COLUMNS.items()})
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"its routing settings are not ones this version accepts ({exc})") from exc
+    try:
+        timings = json.loads(run["timings"]) if run["timings"] else {}
+        if not isinstance(timings, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"its timings {str(run['timings'])[:80]!r} are not a JSON object ({exc})") from exc
+    try:
+        generation = (
+            None
+            if run.get("max_new_tokens") is None
+            else generation_record(**{key: run[key] for key in GENERATION_KEYS})
+        )
+    except (ValueError, TypeError) as exc:
+        values = {key: run.get(key) for key in GENERATION_KEYS}
+        raise ValueError(f"its generation settings {values} cannot be read ({exc})") from exc
     return RoutingTrace(
         model=run["model"],
         controller=run["controller"],
@@ -341,12 +360,10 @@ def decode_trace(
         lam=grid(routes["lam"], np.float32),
         kl_to_dense=None if T == 0 or np.isnan(kl).all() else kl,
         truncated=int(run["truncated"]),
-        timings=json.loads(run["timings"]) if run["timings"] else {},
+        timings=timings,
         created_at=run["created_at"].replace(tzinfo=_dt.timezone.utc).timestamp(),
         prompt=run["prompt"] or "",
         output_text=run["output_text"] or "",
         run_id=run["run_id"],
-        generation=None
-        if run.get("max_new_tokens") is None
-        else generation_record(**{key: run[key] for key in GENERATION_KEYS}),
+        generation=generation,
     )

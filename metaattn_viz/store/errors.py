@@ -1,9 +1,10 @@
 """The routing log's errors, shared by every store module (docs/architecture.md).
 
 `StoreUnavailable` always names the file and what the user can do about it; callers may
-carry on without logging. `ExportNotWritten` is an export's own failure to write its files
-(a full disk): the log is fine, and the message says so. This module defines errors only:
-it never imports DuckDB, the model code or gradio.
+carry on without logging. `StoreLocked` is the one that may pass: another process holds
+the file, and an open may succeed once it lets go. `ExportNotWritten` is an export's own
+failure to write its files (a full disk): the log is fine, and the message says so. This
+module defines errors only: it never imports DuckDB, the model code or gradio.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from __future__ import annotations
 class StoreUnavailable(RuntimeError):
     """The routing log cannot be opened or written; the message names the file and what
     to do. The caller can carry on without logging (`--no-log`)."""
+
+
+class StoreLocked(StoreUnavailable):
+    """The routing log is held by another process (a server writing it, or a reader such
+    as a running export); opening it again may succeed once that process lets go."""
 
 
 class ExportNotWritten(OSError):

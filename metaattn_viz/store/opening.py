@@ -1,22 +1,30 @@
 """Opening a routing log file: connect, migrate the schema, recover abandoned runs, and
 turn DuckDB's errors into messages a user can act on (docs/architecture.md).
 
-A database locked by another process, a file that is not a DuckDB database, a routing
-log written by a newer version, a DuckDB file that is not a routing log -> raise
-`StoreUnavailable` naming the path and what to do (`--db` elsewhere or `--no-log`).
-This module never overwrites, truncates or deletes a file it did not create, and never
-imports the model code, torch or gradio.
+A database locked by another process (`StoreLocked`: it may be free later), a file that
+is not a DuckDB database, a routing log written by a newer version, a DuckDB file that is
+not a routing log, a write-ahead log DuckDB cannot replay -> raise `StoreUnavailable`
+naming the path and what to do (`--db` elsewhere or `--no-log`).
+
+The write-ahead log (`<path>.wal`) holds every commit since the last checkpoint: after a
+crash, all the runs of a young log. DuckDB drops one it cannot replay without a word (a
+damaged header; or, when the main file is missing, any), and the next write would replace
+it; so a read-write open with a non-empty one refuses, writing nothing, when the main file
+is missing or DuckDB replayed nothing of it. This module never overwrites, truncates or
+deletes a file it did not create (a file it created for a log that then failed to open,
+a full disk, is removed), and never imports the model code, torch or gradio.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import duckdb
 
 from metaattn_viz.store import schema
-from metaattn_viz.store.errors import StoreUnavailable
+from metaattn_viz.store.errors import StoreLocked, StoreUnavailable
 from metaattn_viz.store.queries import Q
 
 log = logging.getLogger(__name__)
@@ -33,14 +41,43 @@ def _elsewhere(read_only: bool) -> str:
     return "pass --db with another path" + ("" if read_only else ", or --no-log to run without logging")
 
 
-def _unavailable(path: Path, exc: BaseException, read_only: bool) -> StoreUnavailable:
+def _holder(text: str) -> str:
+    """Who holds the lock, in DuckDB's words ("/usr/bin/python3 (PID 123)"), or ""."""
+    marker = "Conflicting lock is held in"
+    if marker not in text:
+        return ""
+    # the sentence ends at the first ". ": DuckDB 1.x adds "by user ...", 2.0 "However, ..."
+    return text.split(marker, 1)[1].strip().split(". ", 1)[0].strip().rstrip(".")
+
+
+def _unavailable(path: Path, exc: BaseException, read_only: bool, created: bool = False) -> StoreUnavailable:
     text = str(exc)
-    if "lock" in text.lower():
-        holder = text.split("Conflicting lock is held in", 1)[-1].split(". See also")[0].strip()
-        who = f" ({holder})" if holder and holder != text else ""
+    low = text.lower()
+    if "conflicting lock" in low or "could not set lock" in low:
+        holder = _holder(text)
+        who = f" ({holder})" if holder else ""
+        if "read-only mode" in low:  # the holder only reads: readers may share, a writer may not
+            return StoreLocked(
+                f"routing log {path} is open read-only in another process{who}, such as a "
+                "running `metaattn-viz export` or a notebook; DuckDB lets no process write "
+                "a database file while another reads it. Wait for that process to end (or "
+                f"close its connection), or {_elsewhere(read_only)}."
+            )
+        return StoreLocked(
+            f"routing log {path} is in use by another process{who}, which has it open for writing; DuckDB "
+            f"lets no other process open it meanwhile. Stop that process, or {_elsewhere(read_only)}."
+        )
+    if created:  # a new file this open had started (a full disk): removed by the caller
         return StoreUnavailable(
-            f"routing log {path} is in use by another process{who}. DuckDB allows one "
-            f"process per database file: stop that process, or {_elsewhere(read_only)}."
+            f"could not create routing log {path}: {_reason(text)}; what had been written of "
+            f"it was removed. Free some space, or {_elsewhere(read_only)}."
+        )
+    if "replaying wal" in low:
+        return StoreUnavailable(
+            f"cannot open routing log {path}: DuckDB could not replay its write-ahead log "
+            f"{wal_path(path)} ({_reason(text)}). Both files were left untouched: to start a "
+            f"new log move both away (keep them to try to recover the runs in it), or "
+            f"{_elsewhere(read_only)}."
         )
     if "not a valid DuckDB database" in text:
         return StoreUnavailable(
@@ -51,6 +88,46 @@ def _unavailable(path: Path, exc: BaseException, read_only: bool) -> StoreUnavai
         f"cannot open routing log {path}: {text}. To go on, {_elsewhere(read_only)} (the file "
         "was left untouched)."
     )
+
+
+def _reason(text: str) -> str:
+    """DuckDB's message without a trailing full stop (it goes inside a sentence)."""
+    return text.strip().rstrip(".")
+
+
+def wal_path(path: Path) -> Path:
+    """The write-ahead log DuckDB keeps beside `path`."""
+    return path.with_name(path.name + ".wal")
+
+
+def _size(path: Path) -> int:
+    """The size of the file at `path`; 0 when there is none."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
+
+
+def _wal_not_replayed(path: Path, wal_bytes: int, why: str, move: str) -> StoreUnavailable:
+    """A write-ahead log holding commits that opening the log would throw away; `move`:
+    what to move away to go on without them."""
+    wal = wal_path(path)
+    return StoreUnavailable(
+        f"routing log {path}: {why}; opening it would throw away the runs in {wal} "
+        f"({wal_bytes} bytes: what was logged since the last checkpoint). Nothing was opened "
+        f"or written: the files were left untouched. Keep them to try to recover those runs; "
+        f"{move}; or {_elsewhere(False)}."
+    )
+
+
+def _remove_created(path: Path, wal_existed: bool) -> None:
+    """Remove what a failed open of a new log created: the file (a 0-byte or half-written
+    one would block every later open) and its write-ahead log, if it made one."""
+    for created in (path, *(() if wal_existed else (wal_path(path),))):
+        try:
+            created.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("routing log %s: could not remove %s after a failed open: %s", path, created, exc)
 
 
 # What DuckDB raises where a file's blocks are missing or garbled (a truncated copy, a disk
@@ -67,8 +144,9 @@ def damaged(path: Path, exc: BaseException) -> StoreUnavailable:
     )
 
 
-def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """A connection to `path` (created read-write if missing), not yet migrated."""
+def connect(path: Path, read_only: bool, created: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection to `path` (created read-write if missing), not yet migrated. `created`:
+    the caller found no file at `path`, so one DuckDB leaves behind on failure is removed."""
     if path.is_dir():
         raise StoreUnavailable(f"routing log {path} is a directory; pass --db with a file path")
     if read_only and not path.exists():
@@ -84,12 +162,16 @@ def connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
                 f"cannot create the folder for routing log {path}: {exc}. "
                 "Pass --db with a writable path, or --no-log."
             ) from exc
+    wal_existed = wal_path(path).exists()
     try:
         return duckdb.connect(
             str(path), read_only=read_only, config={"checkpoint_threshold": CHECKPOINT_THRESHOLD}
         )
     except duckdb.Error as exc:
-        raise _unavailable(path, exc, read_only) from exc
+        error = _unavailable(path, exc, read_only, created)
+        if created and not isinstance(error, StoreLocked):  # locked: another process's file
+            _remove_created(path, wal_existed)
+        raise error from exc
 
 
 def _version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
@@ -152,14 +234,53 @@ def migrate(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None
         log.info("migrated routing log %s from schema version %d to %d", path, version, latest)
 
 
+def _check_replayed(con: duckdb.DuckDBPyConnection, path: Path, wal_bytes: int) -> None:
+    """Refuse a log whose non-empty write-ahead log DuckDB replayed nothing of (a damaged
+    header, or a crash in the middle of its first commit): it reads as what was
+    checkpointed alone, and the first write would replace the write-ahead log."""
+    tables = con.execute(Q.TABLES_IN_MAIN).fetchall()
+    row = con.execute(WAL_SIZE).fetchone()
+    found = re.match(r"\s*(\d+(?:\.\d+)?)", str(row[0]) if row is not None else "")
+    replayed_nothing = found is not None and float(found.group(1)) == 0  # DuckDB's "0 bytes"
+    if not tables or replayed_nothing:
+        raise _wal_not_replayed(
+            path,
+            wal_bytes,
+            "DuckDB replayed nothing of its write-ahead log (it is damaged, or holds only a "
+            "write cut short by a crash)",
+            f"to open the log without them (its older runs stay), move {wal_path(path)} away"
+            if tables
+            else f"to start a new log, move {path} and {wal_path(path)} away",
+        )
+
+
+# DuckDB's own account of the write-ahead log it replayed ("0 bytes" when it used none of it).
+WAL_SIZE = "SELECT wal_size FROM pragma_database_size() WHERE database_name = current_database()"
+
+
 def open_database(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     """(connection, recovered run ids): a connection to an up-to-date routing log.
 
     DuckDB lets one process open a file read-write, so a run still `running` when we open
     it read-write was left by a dead process: it is marked `interrupted` here (its
-    committed batches stay) and its id is returned."""
-    con = connect(path, read_only)
+    committed batches stay) and its id is returned. A write-ahead log DuckDB would drop is
+    refused before anything is written (see the module); a new file that fails to open is
+    removed."""
+    created, wal_bytes, wal_existed = False, 0, False
+    if not read_only and not path.is_dir():
+        wal_existed, wal_bytes = wal_path(path).exists(), _size(wal_path(path))
+        created = not path.exists()
+        if created and wal_bytes:  # DuckDB would delete the write-ahead log on connect
+            raise _wal_not_replayed(
+                path,
+                wal_bytes,
+                "the database file is missing but its write-ahead log is not",
+                f"to start a new log, move {wal_path(path)} away",
+            )
+    con = connect(path, read_only, created)
     try:
+        if wal_bytes:
+            _check_replayed(con, path, wal_bytes)
         migrate(con, path, read_only)
         recovered: list[str] = (
             []
@@ -170,9 +291,19 @@ def open_database(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnectio
         )
     except duckdb.Error as exc:  # a damaged file, found by the first reads
         con.close()
-        raise _unavailable(path, exc, read_only) from exc
+        if created:
+            _remove_created(path, wal_existed)
+        raise _unavailable(path, exc, read_only, created) from exc
+    except StoreUnavailable as exc:
+        con.close()
+        if not created:
+            raise
+        _remove_created(path, wal_existed)  # a new log whose schema could not be written
+        raise _unavailable(path, exc.__cause__ or exc, read_only, created) from exc
     except BaseException:
         con.close()
+        if created:
+            _remove_created(path, wal_existed)
         raise
     if recovered:
         log.warning(

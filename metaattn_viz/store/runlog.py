@@ -49,6 +49,7 @@ from metaattn_viz.store.writer import acquire, release
 log = logging.getLogger(__name__)
 
 PathArg = str | os.PathLike[str]
+LOGGING_OFF = "logging is off (--no-log)"
 
 
 def resolve_db_path(db: PathArg | None = None) -> Path:
@@ -205,7 +206,8 @@ class RunLog:
     def load_trace(self, run_id: str, owner: str | None = None) -> RoutingTrace:
         """Replay: the RoutingTrace of `run_id` rebuilt from the log alone (its committed
         positions, for a run that is still streaming or was interrupted); UnknownRun if
-        there is no such run visible to `owner`."""
+        there is no such run visible to `owner`; StoreUnavailable naming the run and the
+        value for a row this version cannot decode (a setting it no longer accepts)."""
         self._check_open()
         cur = self._db.cursor()
         cur.begin()  # one snapshot for the run row, its tokens and its routes
@@ -223,7 +225,14 @@ class RunLog:
                 f"{len(tok['pos'])} token rows and {len(rt['layer'])} route rows "
                 f"(expected {L * T}); the log is inconsistent"
             )
-        return codec.decode_trace(run, tok, rt)
+        try:
+            return codec.decode_trace(run, tok, rt)
+        except (ValueError, TypeError, IndexError, OverflowError) as exc:  # rows this code rejects
+            raise StoreUnavailable(
+                f"run {run_id} in routing log {self.path} cannot be replayed: {exc}. Its rows "
+                "(from another version, or edited by hand) are unchanged, and the other runs "
+                "replay as before."
+            ) from exc
 
     @_reads
     def list_runs(
@@ -353,14 +362,20 @@ def _run_filters(
     return {"status": status, "model": model, "controller": controller, "text": text or None}
 
 
+def without_logging(exc: StoreUnavailable, until: str = "") -> str:
+    """Why a server runs on without logging, in one paragraph: the store's sentence, then
+    "Running without logging" (`until`: when that may end)."""
+    reason = str(exc).rstrip()
+    return f"{reason}{'' if reason.endswith('.') else '.'} Running without logging{until}."
+
+
 def open_or_explain(db: PathArg | None = None, enabled: bool = True) -> tuple[RunLog | None, str | None]:
     """For the app and the CLI: (log, None), or (None, why) when logging is off or the log
     is unavailable, so the caller can run on without logging and show the reason."""
     if not enabled:
-        return None, "logging is off (--no-log)"
+        return None, LOGGING_OFF
     try:
         return RunLog(db), None
     except StoreUnavailable as exc:
         log.warning("%s", exc)
-        reason = str(exc).rstrip()
-        return None, f"{reason}{'' if reason.endswith('.') else '.'} Running without logging."
+        return None, without_logging(exc)

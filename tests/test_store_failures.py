@@ -1,0 +1,312 @@
+"""The routing log's files when something goes wrong around them: a write-ahead log DuckDB
+cannot replay (refused, both files kept), a new log that cannot be written (removed, not
+left to block every later open), a log held by another process (a clear sentence naming
+the holder, and a server that logs again once the holder lets go), a run whose settings this
+version rejects (a sentence naming the run and the value). Real DuckDB files throughout:
+the write-ahead logs come from a process killed before its checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import pytest
+from helpers import synthetic_trace
+
+from metaattn_viz import store
+from metaattn_viz.store import RunLog, StoreUnavailable
+from metaattn_viz.store.errors import StoreLocked
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+
+# Logs `n` runs, waits for their commit, and dies before any checkpoint: the runs are in
+# the write-ahead log only (or, for a log checkpointed before, on top of what it holds).
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from helpers import synthetic_trace
+    from metaattn_viz.store import RunLog
+    log = RunLog(sys.argv[1])
+    for seed in range(int(sys.argv[2])):
+        trace = synthetic_trace(n_layers=3, n_tokens=12, seed=100 + seed)
+        log.finish(log.start_run(trace), trace)
+    log.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def killed_writer(path: Path, n: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(path), str(n)], cwd=REPO, env=ENV, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL
+
+
+def wal(path: Path) -> Path:
+    return path.with_name(path.name + ".wal")
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def runs_in(path: Path) -> int:
+    with RunLog(path, read_only=True) as log:
+        return len(log.list_runs())
+
+
+@pytest.fixture
+def crashed(tmp_path):
+    """A fresh log whose 3 runs are all in its write-ahead log, and a copy of both files."""
+    db = tmp_path / "log" / "routing.duckdb"
+    killed_writer(db, 3)
+    assert wal(db).stat().st_size > 0 and db.stat().st_size <= 16384  # nothing checkpointed
+    copy = tmp_path / "copy"
+    shutil.copytree(db.parent, copy)
+    return db, copy
+
+
+def damage_header(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * 64)
+
+
+# -- write-ahead logs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["wal header overwritten", "database file missing"])
+def test_a_wal_duckdb_would_drop_is_refused_and_kept(crashed, damage):
+    """DuckDB drops such a write-ahead log without a word (and the first write, or the
+    close that follows it, replaces it): every run in it would be lost. The log is refused
+    and nothing is written, so the runs can still be recovered."""
+    db, copy = crashed
+    if damage == "database file missing":
+        db.unlink()
+    else:
+        damage_header(wal(db))
+    before = digests(db.parent)
+    for _ in range(2):  # refused again: the first attempt changed nothing
+        with pytest.raises(StoreUnavailable) as err:
+            RunLog(db)
+        msg = str(err.value)
+        assert str(wal(db)) in msg and "left untouched" in msg and "recover" in msg
+        assert "--db" in msg and "--no-log" in msg
+        assert digests(db.parent) == before
+    log, why = store.open_or_explain(db)  # the server runs on without logging, and says why
+    assert log is None and str(wal(db)) in why and "Running without logging" in why
+    assert digests(db.parent) == before
+    # what the message promises: the files were kept, so the runs are still there
+    for name in ("routing.duckdb", "routing.duckdb.wal"):
+        shutil.copy(copy / name, db.parent / name)
+    assert runs_in(db) == 3
+
+
+def test_a_damaged_wal_on_top_of_a_checkpointed_log_is_refused_and_its_older_runs_kept(tmp_path):
+    db = tmp_path / "routing.duckdb"
+    with RunLog(db) as log:  # closing checkpoints: these runs are in the database file
+        for seed in range(2):
+            trace = synthetic_trace(n_layers=3, n_tokens=8, seed=seed)
+            log.finish(log.start_run(trace), trace)
+    killed_writer(db, 3)  # and these in the write-ahead log only
+    damage_header(wal(db))
+    before = digests(tmp_path)
+    with pytest.raises(StoreUnavailable, match="its older runs stay") as err:
+        RunLog(db)
+    assert str(wal(db)) in str(err.value) and digests(tmp_path) == before
+    wal(db).rename(tmp_path / "kept.wal")  # the way on that the message gives
+    with RunLog(db) as log:
+        assert len(log.list_runs()) == 2
+
+
+def test_an_intact_or_torn_wal_is_replayed(crashed):
+    """A crash leaves the write-ahead log whole, or cut in its last commit: DuckDB replays
+    what it can, and the log opens with those runs."""
+    db, copy = crashed
+    with RunLog(db) as log:
+        assert len(log.list_runs()) == 3 and log.recovered_runs == []
+    for name in ("routing.duckdb", "routing.duckdb.wal"):
+        shutil.copy(copy / name, db.parent / name)
+    os.truncate(wal(db), wal(db).stat().st_size - 100)  # the last commit cut short
+    with RunLog(db) as log:
+        assert len(log.list_runs()) == 2
+
+
+def test_a_wal_duckdb_cannot_replay_part_way_names_it_and_keeps_both_files(crashed):
+    db, _ = crashed
+    with open(wal(db), "r+b") as f:  # a checksum that fails in the middle
+        f.seek(wal(db).stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    before = digests(db.parent)
+    with pytest.raises(StoreUnavailable, match="could not replay its write-ahead log") as err:
+        RunLog(db)
+    assert str(wal(db)) in str(err.value) and "left untouched" in str(err.value)
+    assert digests(db.parent) == before
+
+
+# -- a new log on a full disk -------------------------------------------------------------------
+OPEN_ON_A_FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # no file may grow past 4 KB
+    from metaattn_viz.store import open_or_explain
+    print(open_or_explain(sys.argv[1])[1])
+""")
+
+
+def test_a_new_log_that_cannot_be_written_is_removed_and_does_not_block_the_next_open(tmp_path):
+    """DuckDB leaves the file it started (0 bytes on a full disk) when it cannot write it,
+    and every later open then found "not a DuckDB database": the file is the open's own,
+    so it is removed, and the message does not call it left untouched."""
+    db = tmp_path / "routing.duckdb"
+    done = subprocess.run(
+        [sys.executable, "-c", OPEN_ON_A_FULL_DISK, str(db)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    why = done.stdout.strip()
+    assert why.startswith(f"could not create routing log {db}: ") and "File too large" in why
+    assert "removed" in why and "untouched" not in why and why.endswith("Running without logging.")
+    assert list(tmp_path.iterdir()) == []
+    with RunLog(db) as log:  # space again: the log is created
+        trace = synthetic_trace(n_layers=2, n_tokens=4)
+        log.finish(log.start_run(trace), trace)
+        assert len(log.list_runs()) == 1
+
+
+# -- a log held by another process --------------------------------------------------------------
+HOLD = (
+    "import sys, duckdb; con = duckdb.connect(sys.argv[1], read_only=sys.argv[2] == 'ro'); "
+    "print('ready', flush=True); sys.stdin.read()"
+)
+
+
+class Holder:
+    """Another process holding the log (read-only: as `metaattn-viz export` or a notebook)."""
+
+    def __init__(self, db: Path, read_only: bool):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(db), "ro" if read_only else "rw"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def logged(tmp_path):
+    db = tmp_path / "routing.duckdb"
+    with RunLog(db) as log:
+        trace = synthetic_trace(n_layers=2, n_tokens=5)
+        log.finish(log.start_run(trace), trace)
+    return db
+
+
+@pytest.mark.parametrize("reader", [False, True])
+def test_a_held_log_names_its_holder_and_what_it_is_doing(logged, reader):
+    holder = Holder(logged, read_only=reader)
+    try:
+        with pytest.raises(StoreLocked) as err:
+            RunLog(logged)
+        msg = str(err.value)
+        assert f"(PID {holder.proc.pid})" in msg and "another process" in msg
+        assert "See also" not in msg and "However" not in msg and "))." not in msg  # DuckDB's tail cut
+        if reader:  # readers may share a file: only writing it waits for them
+            assert "read-only" in msg and "one process per database file" not in msg
+            assert "export" in msg and "Wait for that process to end" in msg
+            with RunLog(logged, read_only=True) as log:
+                assert len(log.list_runs()) == 1
+        else:
+            assert "Stop that process" in msg
+    finally:
+        holder.release()
+
+
+def test_a_server_whose_log_was_held_at_startup_logs_once_it_is_free(logged, monkeypatch):
+    """The log is tried again (at most every RETRY_OPEN_S) by the next status, read or write;
+    meanwhile each generation's notes say that its run is not logged."""
+    from metaattn_viz.app import history as app_history
+    from metaattn_viz.app.errors import AppError
+
+    monkeypatch.setattr(app_history, "RETRY_OPEN_S", 0.0)  # every call tries again
+    holder = Holder(logged, read_only=False)
+    history = app_history.RunHistory(str(logged))
+    try:
+        status = history.status()
+        assert not status["logging"] and f"(PID {holder.proc.pid})" in status["log_problem"]
+        assert "until it is free" in status["log_problem"]
+        with pytest.raises(AppError, match="in use by another process"):
+            history.runs()
+        trace = synthetic_trace(n_layers=2, n_tokens=6, seed=3)
+        recorder = history.recorder("generate")  # as generation.py drives it: update, finish
+        assert recorder.run_log is None
+        note = recorder.update(trace)
+        assert note.startswith("This run is not logged: ") and "in use by another process" in note
+        assert recorder.update(trace) is None and recorder.finish(trace, "done", None) is None  # once
+        unused = history.recorder("generate")
+        assert "not logged" in unused.finish(trace, "done", None)  # a run with no token: at its end
+        holder.release()
+        status = history.status()
+        assert status["logging"] and status["log_problem"] is None
+        assert len(history.runs()) == 1  # History reads the log again
+        recorder = history.recorder("generate")
+        assert recorder.start(trace) is None and recorder.finish(trace, "done", None) is None
+        history.flush()
+        assert len(history.runs()) == 2 and history.replay(trace.run_id).run_id == trace.run_id
+    finally:
+        holder.release()
+        history.close()
+
+
+def test_logging_turned_off_adds_no_note_and_is_never_retried(logged, monkeypatch):
+    from metaattn_viz.app import history as app_history
+
+    monkeypatch.setattr(app_history, "RETRY_OPEN_S", 0.0)
+    history = app_history.RunHistory(str(logged), enabled=False)
+    try:
+        trace = synthetic_trace(n_layers=2, n_tokens=6)
+        recorder = history.recorder("generate")
+        assert recorder.update(trace) is None and recorder.finish(trace, "done", None) is None
+        assert history.run_log is None and history.log_problem == "logging is off (--no-log)"
+    finally:
+        history.close()
+
+
+# -- runs this version cannot read ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("column", "value", "named"),
+    [
+        ("scope", "'zzz'", "'zzz'"),
+        ("budget", "7.5", "7.5"),
+        ("timings", "'{not json'", "'{not json'"),
+        ("timings", "'[1, 2]'", "'[1, 2]'"),
+    ],
+)
+def test_a_run_whose_values_this_version_rejects_names_the_run_and_the_value(logged, column, value, named):
+    with RunLog(logged) as log:
+        good = log.list_runs()["run_id"][0]
+        trace = synthetic_trace(n_layers=2, n_tokens=5, seed=9)
+        bad = log.start_run(trace)
+        log.finish(bad, trace)
+    with duckdb.connect(str(logged)) as con:  # an old or hand-edited log
+        con.execute(f"UPDATE runs SET {column} = {value} WHERE run_id = $r", {"r": bad})
+    with RunLog(logged) as log:
+        with pytest.raises(StoreUnavailable) as err:
+            log.load_trace(bad)
+        msg = str(err.value)
+        assert bad in msg and str(logged) in msg and named in msg and "cannot be replayed" in msg
+        assert log.load_trace(good).run_id == good  # the others replay as before
