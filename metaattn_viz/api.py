@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metaattn_viz.core.trace import RoutingTrace
+from metaattn_viz.writable import output_problem
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -96,21 +97,35 @@ def load(
 
     ``model``: None (the bundled SmolLM2-135M-Instruct, routing/loading.py), a local folder,
     a ``.gguf`` file or a hub id (loaded, then placed by ``device``/``dtype``/``backend``
-    as ``RoutedModel.load`` does), or a ``(model, tokenizer)`` pair already in hand: a
-    transformers causal LM, routed where it is (moved only when ``device`` or ``dtype``
-    is given) and named ``name`` (default: the last part of its ``name_or_path``), which
-    picks the controllers shipped for it. Without shipped controllers the controllers are
+    as ``RoutedModel.load`` does; an empty path is refused, not taken for None; a checkpoint
+    that lacks weights the model needs, such as a base model's without its language-model
+    head, is refused by name rather than filled with random ones), or a ``(model, tokenizer)``
+    pair already in hand: a transformers causal LM, routed where it is (moved only when
+    ``device`` or ``dtype`` is given; ``backend`` alone keeps its device and dtype) and
+    named ``name`` (a string; default: the last part of its ``name_or_path``), which picks
+    the controllers shipped for it. Without shipped controllers the controllers are
     untrained: the log says so, and so do the traces and their figures.
-    ``controllers``: a folder laid out as ``assets/controllers/<model>`` (a ``bayes/`` and a
-    ``priorfree/`` folder, as ``calibrate(..., save=...)`` writes), used in place of the
-    shipped ones; a kind missing there, or made for another model shape, is untrained (said
-    in the log). Trained controllers calibrated on other weights than the model's (their
-    ``meta.json`` fingerprint, routing/fingerprint.py) are used, with a warning in the log
-    and ``routed.weights_notice(kind)`` saying so. ``routed.detach()`` (or
-    ``with mav.load(...) as routed:``) gives the model back."""
+    ``controllers``: a folder (``~`` is expanded) laid out as ``assets/controllers/<model>``
+    (a ``bayes/`` and a ``priorfree/`` folder, as ``calibrate(..., save=...)`` writes), used
+    in place of the shipped ones; a kind missing there, or made for another model shape, is
+    untrained (said in the log). Trained controllers calibrated on other weights than the
+    model's (their ``meta.json`` fingerprint, routing/fingerprint.py) are used, with a
+    warning in the log and ``routed.weights_notice(kind)`` saying so. ``routed.detach()``
+    (or ``with mav.load(...) as routed:``) gives the model back. Traces name their
+    controllers by kind: ``route(..., controller="priorfree")`` takes the name, not a
+    ControllerStack (``calibrate`` installs the stack it returns under its kind)."""
     from metaattn_viz.routing.model import RoutedModel
 
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a string (the model's name), got {type(name).__name__}")
+    if name is not None and not name.strip():
+        raise ValueError("name is empty: give the model's name, or leave name out for its name_or_path's")
     folders = _controller_folders(controllers)
+    if isinstance(model, (str, os.PathLike)) and not str(model).strip():
+        raise ValueError(
+            "model is an empty path: give a folder, a .gguf file or a hub id, or leave model out "
+            "(None) for the bundled model"
+        )
     if model is None or isinstance(model, (str, os.PathLike)):
         routed = RoutedModel.load(
             None if model is None else str(model),
@@ -120,14 +135,7 @@ def load(
             backend=backend,
         )
     elif isinstance(model, tuple) and len(model) == 2:
-        placing = device is not None or dtype is not None or backend is not None
-        if placing:  # refused before the model is routed, so a refusal leaves it as it was
-            from metaattn_viz.routing.device import check_placement
-
-            check_placement(device, dtype, backend)
-        routed = _given(*model, name, folders)
-        if placing:
-            routed.place(device, dtype, backend)
+        routed = _given(*model, name, folders, device=device, dtype=dtype, backend=backend)
     else:
         raise TypeError(
             "model must be None (the bundled model), a folder, a .gguf file or a hub id, "
@@ -141,20 +149,46 @@ def load(
     return routed
 
 
+def _folder(path: Any, argument: str) -> Path | None:
+    """``load``'s ``controllers`` and ``calibrate``'s ``save``: None, or the folder path with
+    ``~`` expanded (as the CLI expands its paths); refused, naming ``argument``, when it is not
+    a path, or is empty (which would be the current folder)."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{argument} must be a folder path (a str or os.PathLike), got {type(path).__name__}")
+    if not str(path).strip():
+        raise ValueError(f"{argument} must name a folder, got an empty path (it would be the current folder)")
+    return Path(path).expanduser()
+
+
 def _controller_folders(controllers: str | os.PathLike | None) -> dict[str, Path] | None:
     """kind -> folder of a controllers folder (``load``'s ``controllers``), or None."""
-    if controllers is None:
+    root = _folder(controllers, "controllers")
+    if root is None:
         return None
     from metaattn_viz.routing.controller import KINDS
 
-    root = Path(controllers)
     if not root.is_dir():
         raise FileNotFoundError(f"controllers: no such folder: {root}")
     return {kind: root / kind for kind in KINDS}
 
 
-def _given(model, tokenizer, name: str | None, folders: dict[str, Path] | None = None) -> RoutedModel:
-    """A RoutedModel of a model the caller already holds, left on its device and dtype."""
+def _given(
+    model,
+    tokenizer,
+    name: str | None,
+    folders: dict[str, Path] | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    backend: str | None = None,
+) -> RoutedModel:
+    """A RoutedModel of a model the caller already holds: moved to ``device`` in ``dtype``
+    where either is given, else left on its own device and dtype (``backend`` alone is the
+    default kernel backend there). A placement that cannot be made is refused before the
+    model is routed, so the refusal leaves it as it was."""
+    from metaattn_viz.routing import device as device_mod
     from metaattn_viz.routing import loading
     from metaattn_viz.routing.model import RoutedModel
 
@@ -168,6 +202,11 @@ def _given(model, tokenizer, name: str | None, folders: dict[str, Path] | None =
             "the model's weights are on the meta device (its shapes only, no values): load the "
             "weights first, e.g. from_pretrained without a meta device map"
         )
+    moving = device is not None or dtype is not None
+    if moving:
+        device_mod.check_placement(device, dtype, backend)
+    elif backend is not None:  # where the model is: Triton with a model on the CPU is refused
+        device_mod.resolve_backend(device_mod.parse_backend(backend), device_mod.placement_of(model))
     name = name or Path(str(getattr(config, "_name_or_path", "") or "")).name or type(model).__name__
     loaded = loading.LoadedModel(model, tokenizer, loading.ModelSource("given", name, name), 0.0, "given")
     routed = RoutedModel.from_loaded(loaded, folders)
@@ -178,6 +217,10 @@ def _given(model, tokenizer, name: str | None, folders: dict[str, Path] | None =
     # the controllers compute their features where the model runs (they stay float32)
     for stack in routed.controllers.values():
         stack.to(routed.device)
+    if moving:
+        routed.place(device, dtype, backend)
+    elif backend is not None:
+        routed.use_backend(backend)
     return routed
 
 
@@ -212,9 +255,13 @@ def calibrate(
     ``loss``, ``task``, ``kl``, ``cost``, ``hard``), and an exception it raises stops the
     run, installing and saving nothing.
 
-    ``save``: a folder laid out as ``assets/controllers/<model>``; the stack is written to
-    ``save/<controller>/`` (controller.safetensors and meta.json), which
+    ``save``: a folder (``~`` is expanded) laid out as ``assets/controllers/<model>``; the
+    stack is written to ``save/<controller>/`` (controller.safetensors and meta.json), which
     ``load(..., controllers=save)`` reads back. Without it the stack lives only on ``routed``.
+    A ``save`` that cannot be written (empty, a file in the way, a read-only place) is refused
+    before any training (writable.py, as the CLI's ``--out``); the stack is installed on
+    ``routed`` before it is written, so a write that fails all the same loses nothing.
+    ``seq_len``: at least 2 (a window trains on its next-token predictions).
 
     The model is handed back as it came: its parameters' ``requires_grad`` and torch's
     random state are restored (the run seeds its own)."""
@@ -224,23 +271,32 @@ def calibrate(
     from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import calibrate as calibration
     from metaattn_viz.training.data import TooShort
+    from metaattn_viz.training.evaluate import MIN_SEQ_LEN
 
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"routed must be a RoutedModel (from metaattn_viz.load), got {type(routed).__name__}")
     if controller not in KINDS:
         raise ValueError(f"controller must be one of {', '.join(KINDS)}, got {controller!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < MIN_SEQ_LEN:
+        raise ValueError(
+            f"seq_len must be a whole number >= {MIN_SEQ_LEN} (a window of seq_len tokens trains on "
+            f"its seq_len - 1 next-token predictions), got {seq_len!r}"
+        )
     cfg = calibration.CalibrationConfig(controller=controller, steps=steps, seq_len=seq_len, **options)
     routed.check_attached()
     if cfg.seq_len > routed.max_context:
         raise ValueError(
             f"seq_len {cfg.seq_len} is longer than the model's context ({routed.max_context} tokens)"
         )
-    if save is not None and not str(save).strip():
-        raise ValueError("save must name a folder, got an empty path (it would be the current folder)")
+    root = _folder(save, "save")
     source = _texts(texts)
-    target = None if save is None else Path(save) / controller
-    if target is not None and any(p.exists() and not p.is_dir() for p in (target, *target.parents)):
-        raise ValueError(f"save: {save} must be a folder (or not exist yet); a file is in the way")
+    target = None if root is None else root / controller
+    if target is not None:  # before training, which takes minutes (as the CLI's --out)
+        if any(p.exists() and not p.is_dir() for p in (target, *target.parents)):
+            raise ValueError(f"save: {root} must be a folder (or not exist yet); a file is in the way")
+        problem = output_problem(target, "save", folder=True)
+        if problem is not None:
+            raise ValueError(problem)
 
     params = list(routed.model.parameters())
     grads = [p.requires_grad for p in params]
@@ -270,10 +326,20 @@ def calibrate(
         stack = ControllerStack.load(Path(tmp) / "run")
     if not isinstance(source, Path):
         stack.meta["data"]["file"] = TEXTS_SOURCE.format(n=len(source))
-    if target is not None:
-        stack.save(target, stack.meta)
+    # installed first: a save that fails after all (a full disk) loses no training
     routed.controllers[controller] = stack.to(routed.device)
-    routed.controller_sources[controller] = str(target) if target is not None else "mav.calibrate (not saved)"
+    routed.controller_sources[controller] = "mav.calibrate (not saved)"
+    if target is not None:
+        try:
+            stack.save(target, stack.meta)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"save: the trained {controller} controllers could not be written to {target} "
+                f"({exc.strerror or exc}); they are installed on the routed model all the same: write "
+                f"them with `stack = routed.controllers[{controller!r}]; stack.save(folder, stack.meta)`",
+            ) from exc
+        routed.controller_sources[controller] = str(target)
     return stack
 
 

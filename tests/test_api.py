@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -126,6 +127,19 @@ def test_route_takes_settings_as_keywords():
         r.route(PROMPT, budgte=0.3)
 
 
+def test_a_backend_alone_keeps_the_given_models_device_and_dtype():
+    """`load((model, tok), backend="cpu")` routes the model where it is, in its own dtype (it
+    used to convert a bfloat16 model to float32 in place); device or dtype still move it."""
+    model = tiny_model().to(torch.bfloat16)
+    routed = mav.load((model, CharTokenizer()), backend="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16 and routed.model is model
+    assert routed.runtime() == {"device": "cpu", "dtype": "bfloat16", "backend": "cpu", "linear_map": "elu"}
+    assert routed.route(PROMPT, budget=0.3).n_tokens == len(PROMPT)
+    assert routed.detach() is model and next(model.parameters()).dtype == torch.bfloat16
+    moved = mav.load((model, CharTokenizer()), dtype="float32", backend="cpu")
+    assert next(model.parameters()).dtype == torch.float32 and moved.runtime()["dtype"] == "float32"
+
+
 # -- detach --------------------------------------------------------------------------------------
 def test_a_placement_that_cannot_be_made_leaves_the_model_as_it_was():
     """`load((model, tok), device="cuda")` without a GPU (or another placement refused) is
@@ -138,8 +152,11 @@ def test_a_placement_that_cannot_be_made_leaves_the_model_as_it_was():
         (dict(device="cuda"), DeviceUnavailable),
         (dict(dtype="float8"), ValueError),
         (dict(backend="tpu"), ValueError),
+        (dict(backend="triton"), DeviceUnavailable),  # where the model is: on the CPU
     ):
-        if error is DeviceUnavailable and torch.cuda.is_available():
+        if error is DeviceUnavailable and (
+            torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+        ):
             continue
         with pytest.raises(error):
             mav.load((model, CharTokenizer()), **kwargs)
@@ -403,6 +420,68 @@ def test_calibrate_refuses_bad_input_and_an_interrupted_run_installs_nothing(tmp
         mav.calibrate(routed, TEXTS, **fast)
 
 
+def test_a_save_that_cannot_be_written_is_refused_before_training(tmp_path):
+    """As the CLI's --out (writable.py): a folder where nothing can be made is named before
+    the first step, not found after the last one with a bare OSError."""
+    routed = mav.load((tiny_model(), CharTokenizer()), name="tiny")
+    untrained = routed.controllers["bayes"]
+    rows: list[dict] = []
+    fast = dict(steps=2, seq_len=64, val_windows=1, progress=False, on_step=rows.append)
+    with pytest.raises(
+        ValueError, match=r"^save /proc/metaattn-ctrl/bayes cannot be written: no file can be made"
+    ):
+        mav.calibrate(routed, TEXTS, save="/proc/metaattn-ctrl", **fast)
+    assert rows == [] and routed.controllers["bayes"] is untrained
+    with pytest.raises(ValueError, match=r"seq_len must be a whole number >= 2 .*got 1$"):
+        mav.calibrate(routed, TEXTS, **{**fast, "seq_len": 1})
+    with pytest.raises(TypeError, match="save must be a folder path .*got int"):
+        mav.calibrate(routed, TEXTS, save=7, **fast)  # type: ignore[arg-type]
+    assert rows == []
+
+
+def test_a_save_that_fails_after_training_keeps_the_trained_controllers(tmp_path, monkeypatch):
+    """The stack is installed before it is written: a write that fails all the same (a full
+    disk) says so, and the trained controllers route on."""
+    import errno
+
+    from metaattn_viz.routing.controller import ControllerStack
+
+    save = ControllerStack.save  # the run's own checkpoints (a temporary folder) still write
+
+    def full(self, folder, meta=None):
+        if Path(folder).is_relative_to(tmp_path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, folder, meta)
+
+    routed = mav.load((tiny_model(), CharTokenizer()), name="tiny")
+    monkeypatch.setattr(ControllerStack, "save", full)
+    with pytest.raises(
+        OSError, match="could not be written to .*No space left.*installed on the routed model"
+    ) as exc:
+        mav.calibrate(routed, TEXTS, steps=2, seq_len=64, val_windows=1, progress=False, save=tmp_path / "c")
+    assert exc.value.errno == errno.ENOSPC
+    stack = routed.controllers["bayes"]
+    assert stack.trained and routed.controller_sources["bayes"] == "mav.calibrate (not saved)"
+    assert routed.route(PROMPT, budget=0.5).controller_trained
+
+
+def test_save_and_controllers_expand_the_home_folder(tmp_path, monkeypatch):
+    """`~` means the home folder, as on the command line, not a folder named "~" here."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir()
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    routed = mav.load((tiny_model(), CharTokenizer()), name="tiny")
+    stack = mav.calibrate(
+        routed, TEXTS, steps=2, seq_len=64, val_windows=1, progress=False, save="~/ctrl/tiny"
+    )
+    assert (home / "ctrl" / "tiny" / "bayes" / "meta.json").is_file() and not (here / "~").exists()
+    assert routed.controller_sources["bayes"] == str(home / "ctrl" / "tiny" / "bayes")
+    again = mav.load((tiny_model(), CharTokenizer()), name="tiny", controllers="~/ctrl/tiny")
+    assert again.controllers["bayes"].content_hash() == stack.content_hash()
+
+
 # -- the README ----------------------------------------------------------------------------------
 def readme_python(block: int = 0) -> str:
     """The ``block``-th Python block of the README's "From Python" section."""
@@ -476,9 +555,14 @@ def test_prompts_and_arguments_of_the_wrong_kind_are_refused_by_name():
     vocab = r.model.config.vocab_size
     ok = r.route([5, 6, np.int64(7)], budget=0.5)  # token ids, numpy's whole numbers too
     assert ok.token_ids == [5, 6, 7]
-    for ids in ([-1, 5], [vocab], [1.5, 2.0], ["a", "b"], [True, 3]):
+    for ids in ([-1, 5], [vocab], [1.5, 2.0], [True, 3]):
         with pytest.raises(ValueError, match=rf"token ids must be whole numbers in \[0, {vocab}\)"):
             r.route(ids)
+    for batch in (["a", "b"], [[5, 6], [7]], [np.array([5, 6])]):  # said as a batch, not as bad ids
+        with pytest.raises(
+            ValueError, match="prompt is a list of texts or of token-id lists: batches are not"
+        ):
+            r.route(batch)
     with pytest.raises(ValueError, match="prompt is empty"):
         r.route([])
     with pytest.raises(

@@ -6,7 +6,10 @@ A stream whose model is detached between two tokens raises the error every entry
 raises after ``detach``; a model that is not a text causal LM (a base model without its LM
 head, a vision-language model) is refused by name when loaded, and left as it was; a
 ``max_context`` too small for the new tokens is named as the limit; ``calibrate`` on a single
-text is refused, since it would validate on its own training text.
+text is refused, since it would validate on its own training text. A ControllerStack where a
+trace needs its kind's name, a tokenizer with ids the model lacks, ``load`` arguments of the
+wrong kind, and a checkpoint without weights the model needs (transformers' logging left as
+it was) are refused by name; layer_types all full attention are not a sliding window.
 """
 
 from __future__ import annotations
@@ -132,3 +135,156 @@ def test_a_heading_without_its_trailing_space_still_starts_an_article(tmp_path):
     path.write_text(" = A =\n short text\n = B =  \n more\n", encoding="utf-8")
     split = data_mod.load_split(path)
     assert split.train == [" = A =\n short text".strip()] and split.validation == ["= B =  \n more"]
+
+
+# -- the controllers a trace names -----------------------------------------------------------------
+def test_a_controller_stack_in_place_of_its_kind_name_is_refused():
+    """A trace names its controllers by kind (its JSON record, a figure's title): the stack
+    calibrate returns is refused by route, stream and reroute with the name to pass (it
+    used to become the trace's `controller`, which then failed to_json)."""
+    routed = _loaded()
+    stack = routed.controllers["bayes"]
+    said = (
+        r"controller must be a controller kind name \('bayes', 'priorfree'\), got a ControllerStack: "
+        r"pass controller='bayes'"
+    )
+    with pytest.raises(TypeError, match=said):
+        routed.route("hello there", controller=stack)
+    with pytest.raises(TypeError, match=said):
+        next(routed.stream("hello there", controller=stack))  # type: ignore[arg-type]
+    trace = routed.route("hello there", controller="bayes")
+    with pytest.raises(TypeError, match=said):
+        routed.reroute(trace, RoutingSettings(budget=0.3), controller=stack)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"controller must be a controller kind name .*got NoneType$"):
+        routed.route("hello there", controller=None)
+    assert routed.reroute(trace, RoutingSettings(budget=0.3)).controller == "bayes"
+
+
+# -- a tokenizer that is not the model's ---------------------------------------------------------
+class WideTokenizer(CharTokenizer):
+    """A tokenizer of another model: 1,000 ids, its letters beyond a 256-id vocabulary."""
+
+    def __len__(self):
+        return 1000
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b + 300 if chr(b).isalpha() else b for b in text.encode("utf-8")]}
+
+
+def test_a_tokenizer_whose_ids_the_model_lacks_is_named():
+    """Its ids would fail with an IndexError deep in the embedding: said with both sizes."""
+    routed = mav.load((tiny_model(), WideTokenizer()), name="tiny")
+    with pytest.raises(
+        ValueError,
+        match=r"the tokenizer does not fit the model: it encoded the prompt to token id 416, but the "
+        r"model's vocabulary has 256 ids, the tokenizer's 1000; pass the model's own tokenizer",
+    ):
+        routed.route("hello there")
+    assert routed.route("12 34").n_tokens == 5  # its ids that fit still route
+
+
+# -- load's arguments ------------------------------------------------------------------------------
+def test_load_refuses_arguments_of_the_wrong_kind_by_name(tmp_path):
+    pair = (tiny_model(), CharTokenizer())
+    with pytest.raises(TypeError, match="name must be a string .*got int"):
+        mav.load(pair, name=123)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"controllers must be a folder path \(a str or os.PathLike\), got int"
+    ):
+        mav.load(pair, controllers=123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="controllers must name a folder, got an empty path"):
+        mav.load(pair, controllers="")
+    # the docs say None is the bundled model; an empty path is a mistake, not that
+    with pytest.raises(
+        ValueError, match=r"model is an empty path: .*leave model out \(None\) for the bundled"
+    ):
+        mav.load("")
+    assert pair[0].config._attn_implementation != "metaattn"  # none of them routed it
+
+
+# -- checkpoints without weights the model needs ---------------------------------------------------
+def _checkpoint(folder, model, drop=()):
+    """``model`` saved to ``folder`` as save_pretrained does, less the weights in ``drop``,
+    with a tokenizer (so that a load gets as far as it would with a real one)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(exist_ok=True)
+    model.config.save_pretrained(folder)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(folder)
+    return folder
+
+
+def test_a_checkpoint_without_weights_is_refused_and_transformers_logging_is_left_alone(tmp_path):
+    """A base model's checkpoint (no lm_head) or a partial one loaded silently with random
+    weights, and muted transformers for the rest of the session: now each is refused naming
+    the weights, and transformers' verbosity is what it was."""
+    torch.manual_seed(0)
+    base = _checkpoint(tmp_path / "base", transformers.LlamaModel(tiny_config("llama")).eval())
+    partial = _checkpoint(tmp_path / "partial", tiny_model(), drop=("model.layers.1.mlp.up_proj.weight",))
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_info()
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"base has no language-model head \(lm_head.weight not among its weights: a base "
+            r"model's checkpoint, .*: load a LlamaForCausalLM checkpoint, one saved with its head",
+        ):
+            mav.load(base)
+        with pytest.raises(
+            ValueError, match=r"partial lacks weights the model needs \(model.layers.1.mlp.up_proj.weight\)"
+        ):
+            mav.load(str(partial))
+        assert transformers.logging.get_verbosity() == transformers.logging.INFO
+    finally:
+        transformers.logging.set_verbosity(before)
+
+
+def test_missing_weights_are_named_a_few_at_a_time():
+    from metaattn_viz.routing.loading import NAMED_WEIGHTS, missing_weights
+
+    model = tiny_model()
+    keys = [f"model.layers.0.w{i}" for i in range(NAMED_WEIGHTS + 3)]
+    said = missing_weights(model, {"missing_keys": set(keys)}, "here")
+    assert said is not None and said.startswith("here lacks weights the model needs (model.layers.0.w0, ")
+    assert "3 more)" in said
+    assert missing_weights(model, {"missing_keys": set(), "mismatched_keys": []}, "here") is None
+
+
+# -- sliding windows ---------------------------------------------------------------------------------
+def test_layer_types_all_full_attention_are_not_taken_for_a_sliding_window():
+    """A Gemma 3 config made all full attention keeps a sliding_window that no layer uses (its
+    layers hold their own window: None): it routes. Mistral's layers read the config's window
+    whatever its layer_types: still refused."""
+    common = {
+        k: v
+        for k, v in tiny_config("llama").to_dict().items()
+        if k
+        in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+    }
+    full = ["full_attention"] * common["num_hidden_layers"]
+    torch.manual_seed(0)
+    gemma3 = transformers.AutoModelForCausalLM.from_config(
+        transformers.Gemma3TextConfig(**common, layer_types=full, attn_logit_softcapping=None)
+    ).eval()
+    assert gemma3.config.sliding_window
+    with mav.load((gemma3, CharTokenizer()), name="gemma3") as routed:
+        assert routed.route("hello there", budget=0.3).n_tokens == 11
+    mistral = transformers.AutoModelForCausalLM.from_config(
+        transformers.MistralConfig(**common, layer_types=full, sliding_window=64)
+    ).eval()
+    with pytest.raises(UnsupportedModel, match=r"sliding-window attention \(config.sliding_window=64\)"):
+        mav.load((mistral, CharTokenizer()), name="mistral")

@@ -109,7 +109,7 @@ def check_causal_lm(model) -> None:
         raise UnsupportedModel(
             f"{name} has no language-model head (a base model: it gives hidden states, not "
             f"next-token logits): load {_causal_lm_class(cfg)} instead (AutoModelForCausalLM "
-            "loads it from the same checkpoint)"
+            "loads it from a checkpoint saved with its head)"
         )
 
 
@@ -161,6 +161,12 @@ def attention_sites(model) -> list[AttentionSite]:
 
 
 def _sliding_window(model, sites: list[AttentionSite]) -> Any:
+    """Where the model attends through a sliding window, or None: its ``layer_types``, an
+    attention module's ``sliding_window``, else the config's ``sliding_window`` where
+    ``use_sliding_window`` does not turn it off. Not that last where the ``layer_types`` are
+    all full attention and every attention module holds its own window (None: a Gemma 3
+    config made all full attention keeps a ``sliding_window`` no layer uses); a module
+    without one reads the config's window itself (Mistral's, whatever its layer_types)."""
     cfg = model.config
     types = getattr(cfg, "layer_types", None) or []
     if "sliding_attention" in types:
@@ -170,8 +176,9 @@ def _sliding_window(model, sites: list[AttentionSite]) -> Any:
         window = getattr(site.attention, "sliding_window", None)
         if window:
             return f"layer {site.layer_idx} has sliding_window={window}"
+    per_layer = bool(types) and all(hasattr(site.attention, "sliding_window") for site in sites)
     window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", True):
+    if window and not per_layer and getattr(cfg, "use_sliding_window", True):
         return f"config.sliding_window={window}"
     return None
 

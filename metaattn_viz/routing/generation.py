@@ -69,9 +69,15 @@ def sample(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> in
 
 
 def token_ids(prompt: list, vocab_size: int) -> list[int]:
-    """A prompt given as token ids, checked: whole numbers in [0, vocab_size), at least one."""
+    """A prompt given as token ids, checked: whole numbers in [0, vocab_size), at least one;
+    a list of texts or of id lists (a batch) is refused as such."""
     if not prompt:
         raise ValueError("prompt is empty: type some text to route")
+    if any(isinstance(i, (str, bytes, list, tuple)) or getattr(i, "ndim", 0) for i in prompt):
+        raise ValueError(
+            "prompt is a list of texts or of token-id lists: batches are not supported; "
+            "route one text (or one list of token ids) at a time"
+        )
     for i in prompt:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= int(i) < vocab_size:
             raise ValueError(f"token ids must be whole numbers in [0, {vocab_size}), got {i!r}")
@@ -105,8 +111,11 @@ def stream(
     """Prefill the prompt, then decode token by token; yields the growing trace after the
     prefill and after every new token (the same object, extended in place). A prompt too
     long for the context (the smaller of ``max_context`` and the model's, less room for the
-    new tokens) is truncated from the left. Once ``routed`` is detached the stream is
-    refused, between two tokens too, with the error every entry point raises then."""
+    new tokens) is truncated from the left. ``controller``: the kind name ("bayes" or
+    "priorfree") of the stack in ``routed.controllers`` to route with, as the trace records
+    it; a ControllerStack itself is refused (``RoutedModel.controller_kind``). Once ``routed``
+    is detached the stream is refused, between two tokens too, with the error every entry
+    point raises then."""
     check_settings(settings)
     settings = RoutingSettings() if settings is None else settings
     sampling = Sampling() if sampling is None else sampling
@@ -124,7 +133,7 @@ def stream(
         raise ValueError(
             f"max_new_tokens must be a whole number in [0, {MAX_NEW_TOKENS}], got {max_new_tokens!r}"
         )
-    routed.controller(controller)  # validates the name
+    routed.controller_kind(controller)  # a kind name (the trace records it), else refused
     if isinstance(prompt, list):
         ids = token_ids(prompt, routed.model.config.vocab_size)
     else:

@@ -18,11 +18,18 @@ seconds. The cache is written to a temporary folder and renamed into place with 
 last, so a killed conversion never looks complete; a manifest that does not match the
 files, or files that fail to load, trigger a rebuild.
 
+A checkpoint that lacks weights the model needs (a base model's, saved without its
+language-model head; a partial one) is refused with ``IncompleteCheckpoint`` naming them,
+never loaded with random ones in their place. Transformers' own logging is quieted only
+while a model or tokenizer loads, then set back as it was (``_quiet``): loading a model
+does not mute transformers for the rest of the process.
+
 This module never touches routing: it returns a plain transformers model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -30,7 +37,9 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -50,6 +59,10 @@ SMOLLM2_CONFIG = paths.ASSETS_DIR / "models" / "smollm2-135m" / "config.json"
 
 class ModelUnavailable(RuntimeError):
     """No model could be found; the message lists what was tried and how to fix it."""
+
+
+class IncompleteCheckpoint(ValueError):
+    """A checkpoint without weights the model needs; the message names them."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,8 @@ def load(spec: str | None = None, cache_dir: Path | None = None) -> LoadedModel:
         except _Skip as exc:
             tried.append(f"{source.kind} {source.location}: {exc}")
             continue
+        except IncompleteCheckpoint:  # the model asked for, refused: another would not be it
+            raise
         except Exception as exc:  # a broken file must not hide the next candidate
             log.warning("loading %s failed: %s", source.location, exc)
             tried.append(f"{source.kind} {source.location}: failed ({type(exc).__name__}: {exc})")
@@ -232,16 +247,89 @@ def _transformers():
     import torch  # noqa: F401  (imported late: keeps `--help` fast)
     import transformers
 
-    transformers.logging.set_verbosity_error()
     return transformers
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET: dict = {"depth": 0, "verbosity": None}  # loads quieted now; the verbosity to restore
+
+
+@contextlib.contextmanager
+def _quiet(tf) -> Iterator[None]:
+    """Transformers' logging at error level for the block (its load report, which
+    ``missing_weights`` turns into a refusal, and notes on a checkpoint's configs), then
+    set back as it was; counted, so that loads in two threads restore it once, at the end."""
+    with _QUIET_LOCK:
+        if _QUIET["depth"] == 0:
+            _QUIET["verbosity"] = tf.logging.get_verbosity()
+            tf.logging.set_verbosity_error()
+        _QUIET["depth"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                tf.logging.set_verbosity(_QUIET["verbosity"])
+
+
+# weights a message names before it says how many more
+NAMED_WEIGHTS = 6
+
+
+def missing_weights(model, info: dict, where: str) -> str | None:
+    """Why a model loaded from the checkpoint at ``where`` cannot be used, as a sentence, when
+    transformers' loading info (``output_loading_info=True``) says weights were missing from
+    it or did not fit (it would have made them up at random), else None. A missing
+    language-model head is said as routing says it of a model handed over without one
+    (discovery.check_causal_lm): a base model's checkpoint."""
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    missing += sorted(
+        str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or ()
+    )
+    if not missing:
+        return None
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    head_keys = {f"{name}.weight" for name, module in model.named_modules() if module is head and name}
+    lacking = (
+        missing
+        if len(missing) <= NAMED_WEIGHTS
+        else [*missing[:NAMED_WEIGHTS], f"{len(missing) - NAMED_WEIGHTS} more"]
+    )
+    if head_keys & set(missing):
+        return (
+            f"{where} has no language-model head ({', '.join(lacking)} not among its weights: a base "
+            f"model's checkpoint, which gives hidden states, not next-token logits): load a "
+            f"{type(model).__name__} checkpoint, one saved with its head, instead"
+        )
+    return (
+        f"{where} lacks weights the model needs ({', '.join(lacking)}): transformers would fill them "
+        "with random values; load a complete checkpoint"
+    )
+
+
+def _causal_lm(tf, where: str, *args, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(*args, **kwargs)``, quieted, refusing a
+    checkpoint that lacks weights (``missing_weights``) with ``IncompleteCheckpoint``."""
+    with _quiet(tf):
+        model, info = tf.AutoModelForCausalLM.from_pretrained(*args, output_loading_info=True, **kwargs)
+    problem = missing_weights(model, info, where)
+    if problem is not None:
+        raise IncompleteCheckpoint(problem)
+    return model
+
+
+def _tokenizer(tf, *args, **kwargs):
+    with _quiet(tf):
+        return tf.AutoTokenizer.from_pretrained(*args, **kwargs)
 
 
 def _load_folder(folder: Path):
     import torch
 
     tf = _transformers()
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tok = tf.AutoTokenizer.from_pretrained(folder)
+    model = _causal_lm(tf, str(folder), folder, dtype=torch.float32)
+    tok = _tokenizer(tf, folder)
     return model, tok
 
 
@@ -253,19 +341,19 @@ def _load_hub(hub_id: str, tried: list[str]):
 
     tf = _transformers()
     revision = os.environ.get(MODEL_REVISION_ENV) or None
+    at = f" at revision {revision}" if revision else ""
     try:  # the local HF cache first: no network needed
-        model = tf.AutoModelForCausalLM.from_pretrained(
-            hub_id, dtype=torch.float32, revision=revision, local_files_only=True
+        model = _causal_lm(
+            tf, f"{hub_id}{at}", hub_id, dtype=torch.float32, revision=revision, local_files_only=True
         )
-        tok = tf.AutoTokenizer.from_pretrained(hub_id, revision=revision, local_files_only=True)
+        tok = _tokenizer(tf, hub_id, revision=revision, local_files_only=True)
         return model, tok
     except OSError:
         pass
-    at = f" at revision {revision}" if revision else ""
     if not hub_reachable():
         raise _Skip(f"not in the local Hugging Face cache{at} and the hub is unreachable (offline)")
-    model = tf.AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32, revision=revision)
-    tok = tf.AutoTokenizer.from_pretrained(hub_id, revision=revision)
+    model = _causal_lm(tf, f"{hub_id}{at}", hub_id, dtype=torch.float32, revision=revision)
+    tok = _tokenizer(tf, hub_id, revision=revision)
     return model, tok
 
 
@@ -318,8 +406,8 @@ def _load_gguf_cached(source: ModelSource, cache_root: Path):
 
     tf = _transformers()
     log.info("converting %s to float32 (first start only; cached in %s)", gguf, folder)
-    tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = _tokenizer(tf, gguf.parent, gguf_file=gguf.name)
+    model = _causal_lm(tf, str(gguf), gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The dequantised weights are plain float32: drop the GGUF quantiser so they serialise.
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:

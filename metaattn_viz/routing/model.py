@@ -134,18 +134,29 @@ class RoutedModel:
         kernels do not fit the GPU, with ``backend_notice`` saying why: device.fit_backend).
         Returns self."""
         placement = device_mod.resolve(device, dtype)
-        self.backend = device_mod.parse_backend(backend)
-        device_mod.resolve_backend(self.backend, placement)  # triton where it cannot run: refused
+        # triton where it cannot run: refused before the model moves
+        device_mod.resolve_backend(device_mod.parse_backend(backend), placement)
         self.model.to(device=placement.torch_device, dtype=placement.torch_dtype)
         for stack in self.controllers.values():
             stack.to(placement.torch_device)
         self.feature_maps = linear_maps.place(self.feature_maps, placement.torch_device)
         self.placement = placement
+        return self.use_backend(backend)
+
+    def use_backend(self, backend: str | None = None) -> RoutedModel:
+        """Make ``backend`` the default kernel backend where the model is now, without moving
+        it (``place``'s last step; the notebook API's for a model routed where it is): None
+        is the environment, else auto; Triton where it cannot run is refused, and "auto"
+        becomes "cpu" where the Triton kernels do not fit the GPU (``backend_notice`` says
+        why). Returns self."""
+        placement = self.placement
+        asked = device_mod.parse_backend(backend)
+        device_mod.resolve_backend(asked, placement)  # refused: the default stays as it was
         cfg = self.model.config
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         fm = self.feature_maps[0] if self.feature_maps else None
         self.backend, self.backend_notice = device_mod.fit_backend(
-            self.backend, placement, (cfg.num_attention_heads, kv_heads, self.head_dim), fm
+            asked, placement, (cfg.num_attention_heads, kv_heads, self.head_dim), fm
         )
         if self.backend_notice:
             log.warning("%s", self.backend_notice)
@@ -267,6 +278,26 @@ class RoutedModel:
         (what traces and the run log record)."""
         return settings.with_(linear_map=linear_maps.resolve(settings.linear_map, self.feature_maps))
 
+    def controller_kind(self, controller: Any) -> str:
+        """``controller`` checked as what a trace records: the kind name of one of
+        ``controllers`` ("bayes" or "priorfree"). Anything else is refused by name, a
+        ControllerStack too: a trace names its controllers by kind (its JSON record, a
+        figure's title, a re-route), and ``calibrate`` installs the stack it returns under its
+        kind, so the name routes with it."""
+        kinds = ", ".join(repr(k) for k in sorted(self.controllers))
+        if isinstance(controller, ControllerStack):
+            raise TypeError(
+                f"controller must be a controller kind name ({kinds}), got a ControllerStack: "
+                f"pass controller={controller.kind!r} (calibrate installs the stack it returns "
+                f"under its kind; put another stack in routed.controllers[{controller.kind!r}] first)"
+            )
+        if not isinstance(controller, str):
+            raise TypeError(
+                f"controller must be a controller kind name ({kinds}), got {type(controller).__name__}"
+            )
+        self.controller(controller)  # an unknown name: ValueError
+        return controller
+
     def controller(self, kind: str | ControllerStack) -> ControllerStack:
         """The controller stack of this kind (a stack given is its own answer)."""
         if isinstance(kind, ControllerStack):
@@ -383,7 +414,7 @@ class RoutedModel:
         check_settings(settings, required=True)
         if not hasattr(trace, "token_ids"):
             raise TypeError(f"trace must be a RoutingTrace (as route returns), got {type(trace).__name__}")
-        controller = controller or trace.controller
+        controller = self.controller_kind(trace.controller if controller is None else controller)
         if not len(trace.token_ids):
             raise ValueError("nothing to re-route: the trace has no tokens")
         ids = generation.token_ids(list(trace.token_ids), self.model.config.vocab_size)
@@ -444,6 +475,7 @@ class RoutedModel:
             ids = tok(prompt)["input_ids"]
         if not ids:
             raise ValueError("prompt is empty after tokenisation")
+        check_vocabulary(ids, self.model.config.vocab_size, tok)
         return list(ids)
 
     def applies_chat(self, chat: bool) -> bool:
@@ -468,7 +500,7 @@ class RoutedModel:
         return texts
 
     def new_trace(self, controller: str, settings: RoutingSettings, prompt: str = "") -> RoutingTrace:
-        stack = self.controller(controller)
+        stack = self.controller(self.controller_kind(controller))
         settings = self.resolve_linear_map(settings)
         return self.trace_class(
             model=self.name,
@@ -494,6 +526,31 @@ class RoutedModel:
             rec["cost"][:, b],
             rec["lam"][:, b],
         )
+
+
+def check_vocabulary(ids, vocab_size: int, tokenizer) -> None:
+    """Refuse token ids the model has no embedding for, from a tokenizer that is not the
+    model's (a larger vocabulary): said with both vocabulary sizes, where torch would fail
+    with an IndexError deep in the embedding."""
+    top = max(int(i) for i in ids)
+    if top < vocab_size:
+        return
+    own = _vocabulary_size(tokenizer)
+    theirs = f", the tokenizer's {own}" if own is not None else ""
+    raise ValueError(
+        f"the tokenizer does not fit the model: it encoded the prompt to token id {top}, but the "
+        f"model's vocabulary has {vocab_size} ids{theirs}; pass the model's own tokenizer"
+    )
+
+
+def _vocabulary_size(tokenizer) -> int | None:
+    """How many ids a tokenizer has, added tokens included (a transformers tokenizer's len),
+    or None where it does not say."""
+    try:
+        return len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+        return size if isinstance(size, int) else None
 
 
 def kl_per_token(dense_logits: torch.Tensor, routed_logits: torch.Tensor) -> torch.Tensor:
