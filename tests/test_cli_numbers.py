@@ -204,3 +204,24 @@ def test_route_refuses_its_numbers_by_flag_before_the_model_loads(flags, message
     assert message in cli_refused(["route", "--prompt", "hi", "--no-log", *flags], capsys)
     assert cli_code(["route", "--help"]) == 0
     assert f"at most {MAX_NEW_TOKENS}" in capsys.readouterr().out  # the help's limit is the code's
+
+
+def test_an_empty_model_and_a_one_token_window_are_refused_before_any_work(no_model_load, capsys):
+    """`--model ""` quietly meant the bundled model (the notebook's load("") is refused), and
+    a calibration's seq_len 1 trained on no next-token prediction at all."""
+    from metaattn_viz.training.calibrate import CalibrationConfig
+
+    assert "argument --model: is empty" in cli_refused(["route", "--prompt", "hi", "--model", " "], capsys)
+    with pytest.raises(ValueError, match=r"seq_len \(--seq-len\) must be a whole number >= 2, got 1"):
+        CalibrationConfig(seq_len=1)
+
+
+def test_feature_maps_refuses_a_checkpoint_missing_weights_in_one_line(monkeypatch, capsys):
+    from metaattn_viz.routing import loading
+
+    def incomplete(*args, **kwargs):
+        raise loading.IncompleteCheckpoint("checkpoint base/ lacks weights the model needs: lm_head.weight")
+
+    monkeypatch.setattr(loading, "load", incomplete)
+    line = cli_refused(["feature-maps", "--data", DATA, "--skip-eval", "--eval-only"], capsys)
+    assert "lacks weights the model needs: lm_head.weight" in line

@@ -54,11 +54,13 @@ def test_a_prior_below_the_least_concentration_is_refused_before_any_training():
     from metaattn_viz.routing.controller import ControllerConfig, ControllerStack
     from metaattn_viz.training.calibrate import CalibrationConfig
 
-    refused = r"prior_strength 0.3 .* beta_min = 0.05; use a prior_strength above 0.55"
+    refused = r"prior_strength 0.3 .* beta_min = 0.05; raise prior_strength above 0.55 or lower prior_gamma"
     with pytest.raises(ValueError, match=refused):
         ControllerConfig(prior_strength=0.3)
     with pytest.raises(ValueError, match="prior_strength above 0.55"):
         CalibrationConfig(prior_strength=0.3)
+    with pytest.raises(ValueError, match=r"lower prior_gamma \(--prior-gamma, now 5\)"):
+        CalibrationConfig(prior_gamma=5.0)  # the full expert's share: 3 / 13,581
     CalibrationConfig(controller="priorfree", prior_strength=0.3)  # no prior to start at
     stack = ControllerStack(ControllerConfig(d_model=16, n_layers=1, prior_strength=0.6))
     beta0 = torch.nn.functional.softplus(stack.layers[0].fc2.bias) + stack.config.beta_min

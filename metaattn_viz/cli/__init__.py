@@ -100,6 +100,7 @@ def _add_model_args(p: argparse.ArgumentParser, runtime: bool = True, several: b
     more = "; repeat it to offer several models on the page (env METAATTN_MODELS=A,B)" if several else ""
     p.add_argument(
         "--model",
+        type=_path,
         default=None,
         action="append" if several else "store",
         help="local HF folder, .gguf file or hub id (default: bundled SmolLM2-135M-"

@@ -118,7 +118,8 @@ class ControllerConfig:
             raise ValueError(
                 f"prior_strength {self.prior_strength:g} gives the prior a concentration of "
                 f"{least:.3g}, at or below the controller's least concentration beta_min = "
-                f"{self.beta_min:g}; use a prior_strength above {self.beta_min / share:.3g}"
+                f"{self.beta_min:g}; raise prior_strength above {self.beta_min / share:.3g} or "
+                f"lower prior_gamma (--prior-gamma, now {self.prior_gamma:g})"
             )
 
     @property

@@ -54,6 +54,7 @@ from metaattn_viz.routing.generation import MAX_SEED
 from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
 from metaattn_viz.training import data as data_mod
 from metaattn_viz.training import oracle
+from metaattn_viz.training.evaluate import MIN_SEQ_LEN
 from metaattn_viz.training.provenance import git_commit
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,10 @@ class CalibrationConfig:
         if self.controller not in CONTROLLER_KINDS:
             raise ValueError(f"controller (--controller) must be bayes or priorfree, got {self.controller!r}")
         for name in ("steps", "batch_size", "seq_len", "val_windows"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            v, least = getattr(self, name), MIN_SEQ_LEN if name == "seq_len" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ValueError(
-                    f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {v!r}"
+                    f"{name} (--{name.replace('_', '-')}) must be a whole number >= {least}, got {v!r}"
                 )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed (--seed) must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")

@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         loaded = loading.load(args.model)
-    except loading.ModelUnavailable as exc:
+    except (loading.ModelUnavailable, loading.IncompleteCheckpoint) as exc:
         return refuse(str(exc))
     model = loaded.model.to(placement.device)
     out = out or default_folder(loaded.slug)
