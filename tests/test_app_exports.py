@@ -645,3 +645,55 @@ def test_a_run_the_log_cannot_replay_is_a_sentence_and_its_link_falls_back(engin
     link = SimpleNamespace(query_params={"run": trace.run_id, "budget": "0.3"}, session_hash=None)
     note = open_link(link)[status]
     assert "'zzz'" in note and "link's settings" in note and "not in this server's routing log" not in note
+
+
+def test_a_link_to_a_logged_run_of_a_model_not_offered_warns_once(tmp_path):
+    """The link's model and then the replayed run's model each warned that the server does
+    not offer it, naming two different models Generate would use (review 65): the run's
+    own model speaks for a run that replays."""
+    import warnings
+    from types import SimpleNamespace
+
+    from metaattn_viz.app.ui import build_app
+
+    e = Engine(routed=routed_tiny(spread=3.0), db=str(tmp_path / "log.duckdb"))
+    try:
+        demo = build_app(engine=e, downloads=Downloads(tmp_path / "dl"))
+        trace = e.generations.generate(parse_request("Hello there.", parse_settings(0.4), max_new_tokens=2))
+        e.history.flush()
+        cur = e.history.run_log.fresh_cursor()
+        cur.execute("UPDATE runs SET model = 'Gone-Model' WHERE run_id = $r", {"r": trace.run_id})
+        cur.close()
+        (open_link,) = [d.fn for d in demo.fns.values() if d.name == "open_link"]
+        link = SimpleNamespace(query_params={"run": trace.run_id, "model": "Gone-Model"}, session_hash=None)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            open_link(link)
+        said = [str(w.message) for w in got if "Gone-Model" in str(w.message)]
+        assert len(said) == 1, said
+    finally:
+        e.close()
+
+
+def test_an_export_behind_a_busy_log_says_so_not_that_the_disk_failed(tmp_path, monkeypatch):
+    """Waiting for the log's writer raises TimeoutError, an OSError on Python 3.11: it read
+    as "the export could not be written" (review 65)."""
+    from helpers import synthetic_trace
+
+    from metaattn_viz.app import exports
+    from metaattn_viz.app.history import RunHistory
+
+    h = RunHistory(str(tmp_path / "log.duckdb"))
+    try:
+        t = synthetic_trace(n_layers=2, n_tokens=4)
+        rid = h.run_log.start_run(t)
+        h.run_log.finish(rid, t, "done")
+        h.flush()
+        monkeypatch.setattr(exports, "EXPORT_TIMEOUT_S", 0.2)
+        h._writer.submit(time.sleep, 1.5)  # the writer busy with a long write of another run
+        with pytest.raises(AppError) as err:
+            exports.run_rows(h, rid, "csv", None, tmp_path / "slot")
+        assert str(err.value) == exports.LOG_BUSY
+        assert not (tmp_path / "slot" / "rows").exists()
+    finally:
+        h.close()

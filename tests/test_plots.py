@@ -247,6 +247,7 @@ def test_token_strip_is_the_full_attention_share_per_token():
         ("   ", "\u2423\u2423\u2423"),
         ("\t", "\u21e5"),
         ("\r\n", "\u21b5"),
+        ("\r", "\u240d"),  # a lone carriage return is not an empty token
         ("\u3000", "\u2423"),
         ("", "\u2205"),
         ("\u200b", "<U+200B>"),

@@ -175,11 +175,25 @@ def test_a_new_log_that_cannot_be_written_is_removed_and_does_not_block_the_next
     why = done.stdout.strip()
     assert why.startswith(f"could not create routing log {db}: ") and "File too large" in why
     assert "removed" in why and "untouched" not in why and why.endswith("Running without logging.")
+    assert "Free some space" in why
     assert list(tmp_path.iterdir()) == []
     with RunLog(db) as log:  # space again: the log is created
         trace = synthetic_trace(n_layers=2, n_tokens=4)
         log.finish(log.start_run(trace), trace)
         assert len(log.list_runs()) == 1
+
+
+def test_a_new_log_where_no_file_can_be_made_is_not_blamed_on_the_disk():
+    """A log that cannot be created for another reason than space (here: /proc, where not
+    even root makes a file) read "free some space" (review 65)."""
+    from metaattn_viz.store import open_or_explain
+
+    path = Path("/proc/metaattn-viz-test-routing.duckdb")
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc on this system")
+    log, why = open_or_explain(str(path))
+    assert log is None and "could not create routing log" in why and not path.exists()
+    assert "Free some space" not in why and "To go on, pass --db with another path" in why
 
 
 # -- a log held by another process --------------------------------------------------------------

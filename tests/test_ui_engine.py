@@ -603,6 +603,10 @@ def test_user_errors_turn_failures_into_plain_gradio_errors(caplog):
     with pytest.raises(gr.Error) as err:
         hostile()
     assert err.value.message == "Controller must be one of bayes, priorfree, got '&lt;img src=x&gt;'."
+    # an API endpoint's client is a program: it reads the sentence as it is (review 65)
+    with pytest.raises(gr.Error) as err:
+        user_errors("reading a link", page=False)(hostile.__wrapped__)()
+    assert err.value.message == "Controller must be one of bayes, priorfree, got '<img src=x>'."
     with pytest.raises(gr.Error) as err:
         plain("bug")
     assert "Something went wrong while doing a thing (KeyError)" in err.value.message

@@ -97,7 +97,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
     `downloads`)."""
     g = GENERATION
 
-    @user_errors("generating")
+    @user_errors("generating", page=False)
     async def generate(
         prompt: str,
         budget: float = DEFAULTS.budget,
@@ -147,7 +147,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         empty = display.empty_generation_note(trace, req.max_new_tokens, req.chat)
         return trace_json(trace, [*job.notes, *_notes(empty, display.over_budget_note(trace))])
 
-    @user_errors("re-routing")
+    @user_errors("re-routing", page=False)
     def reroute(
         trace: dict,
         budget: float = DEFAULTS.budget,
@@ -178,7 +178,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
             new.kl_to_dense = engine.analysis.quality(new)
         return trace_json(new, _notes(display.over_budget_note(new)))
 
-    @user_errors("drawing the figure")
+    @user_errors("drawing the figure", page=False)
     def figure(trace: dict, measure: str = "total", request: gr.Request | None = None) -> FileData:
         """The routing maps of a trace (as /generate or /reroute returned it) as a
         standalone HTML page that opens offline (plotly.js inlined). PNG and SVG are drawn
@@ -194,7 +194,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         """Model and routing-log status."""
         return engine.status()
 
-    @user_errors("running the query")
+    @user_errors("running the query", page=False)
     def sql(query: str, max_rows: int = SQL_MAX_ROWS, request: gr.Request | None = None) -> dict:
         """The read-only SQL console over the routing log (runs, tokens, routes, experts):
         {columns, rows, notice}. The server process holds the database, so programs read a
@@ -206,7 +206,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         )
         return table_json(df, notice)
 
-    @user_errors("listing runs")
+    @user_errors("listing runs", page=False)
     def runs(
         text: str = "",
         status: str = "",
@@ -234,7 +234,7 @@ def add_endpoints(engine: Engine, downloads: Downloads) -> None:
         )
         return table_json(df)
 
-    @user_errors("exporting the routing log")
+    @user_errors("exporting the routing log", page=False)
     def export(fmt: str = "parquet", run_id: str = "", request: gr.Request | None = None) -> FileData:
         """The routing log (on a public deployment: this session's runs) as partitioned
         Parquet or CSV in a zip file; with `run_id`, that run's rows only."""

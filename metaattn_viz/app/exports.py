@@ -88,6 +88,11 @@ def run_label(trace: RoutingTrace | None) -> str:
     return label or "unlogged"
 
 
+# A wait for the routing log's writer that ran out (TimeoutError, an OSError on Python 3.11:
+# caught before one, as it says nothing of the disk)
+LOG_BUSY = "The routing log is busy writing runs; try the export again in a moment."
+
+
 def not_written(exc: OSError) -> AppError:
     """An export's files that could not be written (a full disk), as the store says it
     (ExportNotWritten) or in its words: the log itself is unchanged."""
@@ -147,6 +152,8 @@ def run_rows(history, run_id: str, fmt: str, owner: str | None, folder: Path) ->
             raise no_such_run(run_id) from None
         except store.StoreUnavailable as exc:
             raise AppError(str(exc)) from None
+        except TimeoutError:  # the flush: the log's writer is behind
+            raise AppError(LOG_BUSY) from None
         except OSError as exc:  # ExportNotWritten, or its folder could not be made
             raise not_written(exc) from None
         return zip_folder(out, Path(folder) / f"metaattn-run-{run_id[:8]}-{fmt}.zip")
@@ -252,6 +259,7 @@ __all__ = [
     "run_rows",
     "run_label",
     "not_written",
+    "LOG_BUSY",
     "zip_folder",
     "KEEP_S",
 ]

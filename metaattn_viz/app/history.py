@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from metaattn_viz.app.errors import AppError, no_such_run
-from metaattn_viz.app.exports import not_written, zip_folder
+from metaattn_viz.app.exports import LOG_BUSY, not_written, zip_folder
 from metaattn_viz.app.requests import choice
 from metaattn_viz.core.trace import RoutingTrace
 
@@ -318,9 +318,11 @@ class RunHistory:
         out = Path(folder) / "routing-log"
         try:
             with self._reading() as run_log:
-                run_log.flush(timeout=10)
                 try:
+                    run_log.flush(timeout=10)
                     store.export(run_log, out, fmt, owner=owner)
+                except TimeoutError:  # the flush: the log's writer is behind
+                    raise AppError(LOG_BUSY) from None
                 except OSError as exc:  # ExportNotWritten, or its folder could not be made
                     raise not_written(exc) from None
             stamp = time.strftime("%Y%m%d-%H%M%S")

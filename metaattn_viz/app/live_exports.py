@@ -127,12 +127,6 @@ class ExportPanel:
             shared = share.parse_shared(query)
             if shared is None:  # an ordinary visit: nothing changes
                 return {live.run_status: gr.skip()}
-            notes = list(shared.notes)
-            out = live.show_linked(shared.values, notes)  # adds a note for each value it moves
-            warn(notes)
-            if shared.prompt is not None:
-                out[live.prompt] = shared.prompt
-            measure = shared.values.get("measure", "total")
             trace, why = None, None
             if shared.run_id is not None:
                 try:
@@ -141,6 +135,17 @@ class ExportPanel:
                     )
                 except AppError as exc:  # not in this log, another visitor's, no log, unreadable
                     trace, why = None, str(exc)
+            # a run that replays sets the model itself (show_run, with its own note where this
+            # server does not offer it): the link's model applies only to the settings alone
+            values = dict(shared.values)
+            if trace is not None:
+                values.pop("model", None)
+            notes = list(shared.notes)
+            out = live.show_linked(values, notes)  # adds a note for each value it moves
+            warn(notes)
+            if shared.prompt is not None:
+                out[live.prompt] = shared.prompt
+            measure = shared.values.get("measure", "total")
             if trace is None:  # the settings alone, on empty views (not the page's example run)
                 out.update(live.show(plots.empty_trace(), measure))
                 out[live.trace] = None

@@ -9,8 +9,9 @@ back as data, app/gpu_work.py, so this is what is left: e.g. a result that would
 pickle).
 
 Gradio shows a message as HTML, and a message may quote what a visitor sent (a shared
-link's value, a query): every message goes out escaped (`shown`), so it reads as the text
-it is. Never holds page layout or model logic.
+link's value, a query): every message on the page goes out escaped (`shown`), so it reads
+as the text it is; the named API endpoints (`page=False`) give a program the sentence as it
+is. Never holds page layout or model logic.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def _something_went_wrong(what: str, name: str) -> gr.Error:
 
 def shown(message: str) -> str:
     """`message` escaped for Gradio's toasts, which render HTML (quotes are left as they
-    are: an API client reads the same sentence)."""
+    are, so the sentence reads as an API client gets it unescaped)."""
     return html.escape(message, quote=False)
 
 
-def as_gr_error(exc: BaseException, what: str) -> gr.Error:
-    """The gr.Error the page shows for `exc`, raised while `what` (e.g. "generating")."""
+def as_gr_error(exc: BaseException, what: str, page: bool = True) -> gr.Error:
+    """The gr.Error the page shows for `exc`, raised while `what` (e.g. "generating");
+    `page` False: for an API client (gradio_client), which reads the sentence unescaped."""
     if isinstance(exc, gr.Error):
         message = str(getattr(exc, "message", ""))
         if getattr(exc, "title", None) == ZEROGPU_WORKER_ERROR and message.isidentifier():
@@ -54,14 +56,15 @@ def as_gr_error(exc: BaseException, what: str) -> gr.Error:
             return _something_went_wrong(what, message)
         return exc
     if isinstance(exc, AppError):
-        return gr.Error(shown(str(exc)), print_exception=False)
+        return gr.Error(shown(str(exc)) if page else str(exc), print_exception=False)
     log.error("%s failed", what, exc_info=exc)
     return _something_went_wrong(what, type(exc).__name__)
 
 
-def user_errors(what: str):
+def user_errors(what: str, page: bool = True):
     """Decorate a callback (plain, generator or coroutine) so that failures become plain
-    messages."""
+    messages: escaped for a page's toast, or (`page` False, the named API endpoints) as
+    they are, for a program."""
 
     def wrap(fn):
         if inspect.iscoroutinefunction(fn):
@@ -71,7 +74,7 @@ def user_errors(what: str):
                 try:
                     return await fn(*args, **kwargs)
                 except Exception as exc:  # a cancellation (BaseException) passes through
-                    raise as_gr_error(exc, what) from None
+                    raise as_gr_error(exc, what, page) from None
 
             return coro
 
@@ -82,7 +85,7 @@ def user_errors(what: str):
                 try:
                     yield from fn(*args, **kwargs)
                 except Exception as exc:
-                    raise as_gr_error(exc, what) from None
+                    raise as_gr_error(exc, what, page) from None
 
             return gen
 
@@ -91,7 +94,7 @@ def user_errors(what: str):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                raise as_gr_error(exc, what) from None
+                raise as_gr_error(exc, what, page) from None
 
         return call
 

@@ -67,10 +67,12 @@ def _unavailable(path: Path, exc: BaseException, read_only: bool, created: bool 
             f"routing log {path} is in use by another process{who}, which has it open for writing; DuckDB "
             f"lets no other process open it meanwhile. Stop that process, or {_elsewhere(read_only)}."
         )
-    if created:  # a new file this open had started (a full disk): removed by the caller
+    if created:  # a new file this open had started: removed by the caller
+        full = any(s in low for s in ("no space left", "file too large", "disk quota"))
         return StoreUnavailable(
-            f"could not create routing log {path}: {_reason(text)}; what had been written of "
-            f"it was removed. Free some space, or {_elsewhere(read_only)}."
+            f"could not create routing log {path}: {_reason(text)}; anything of it this open "
+            f"had written was removed. {'Free some space, or' if full else 'To go on,'} "
+            f"{_elsewhere(read_only)}."
         )
     if "replaying wal" in low:
         return StoreUnavailable(

@@ -50,7 +50,7 @@ def token_label(pos: int, text: str, width: int = 12) -> str:
 # format or control character: U+200B, U+200D, U+FEFF) as its code point, and an empty
 # token as U+2205, so every token of the strip can be seen, clicked and named by a screen
 # reader.
-WHITESPACE_GLYPHS = {" ": OPEN_BOX, "\t": "\u21e5", "\n": "\u21b5", "\r": ""}
+WHITESPACE_GLYPHS = {" ": OPEN_BOX, "\t": "\u21e5", "\n": "\u21b5", "\r": "\u240d"}
 EMPTY_TOKEN = "\u2205"
 
 
@@ -66,11 +66,12 @@ def _glyph(c: str) -> str:
 
 def strip_text(text: str) -> str:
     """`text` as the token strip shows it: unchanged where it has a visible character,
-    otherwise each character as a glyph (WHITESPACE_GLYPHS; other spaces, such as U+00A0
-    and U+3000, as OPEN_BOX; format characters as <U+200B>), or EMPTY_TOKEN."""
+    otherwise each character as a glyph (WHITESPACE_GLYPHS, a CRLF as one newline; other
+    spaces, such as U+00A0 and U+3000, as OPEN_BOX; format characters as <U+200B>), or
+    EMPTY_TOKEN."""
     if not all(_invisible(c) for c in text):
         return text
-    return "".join(_glyph(c) for c in text) or EMPTY_TOKEN
+    return "".join(_glyph(c) for c in text.replace("\r\n", "\n")) or EMPTY_TOKEN
 
 
 def token_labels(trace: RoutingTrace) -> np.ndarray:
