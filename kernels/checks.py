@@ -54,8 +54,10 @@ def check_routed_attention_args(
         raise ValueError(f"q and k must have the same head dim, got q {d}, k {dk}")
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
-    if tq < 1 or d < 1 or b < 1:
-        raise ValueError(f"q must have at least one batch row, query and feature, got shape {tuple(q.shape)}")
+    if tq < 1 or d < 1 or b < 1 or hq < 1:
+        raise ValueError(
+            f"q must have at least one batch row, head, query and feature, got shape {tuple(q.shape)}"
+        )
     if tk < tq:
         raise ValueError(f"k must hold at least as many positions as q (Tk >= Tq), got Tk={tk}, Tq={tq}")
 
@@ -73,9 +75,13 @@ def check_routed_attention_args(
     # expert's additive band mask spreads a NaN key to earlier rows, the reference's dense mix
     # spreads it through experts of weight 0, triton's elu + 1 maps NaN to 1). One host
     # synchronisation for every tensor's least and greatest value (aminmax propagates NaN; one
-    # pass with no temporary, about 20 times cheaper than isfinite().all() on the CPU).
-    named = (("weights", weights), ("q", q), ("k", k), ("v", v))
-    extremes = torch.stack([e.float() for _, x in named for e in torch.aminmax(x)]).tolist()
+    # pass with no temporary, about 20 times cheaper than isfinite().all() on the CPU), in
+    # float64 (a finite float64 beyond float32's range stays finite). Of k and v only the
+    # positions of this call's queries: the cache before them was checked when it was new,
+    # and a decode step must not scan the whole cache in every layer.
+    new_k, new_v = k[:, :, tk - tq :], v[:, :, tk - tq :]
+    named = (("weights", weights), ("q", q), ("k", new_k), ("v", new_v))
+    extremes = torch.stack([e.double() for _, x in named for e in torch.aminmax(x)]).tolist()
     for i, (name, _) in enumerate(named):
         if not all(math.isfinite(e) for e in extremes[2 * i : 2 * i + 2]):
             raise ValueError(f"{name} must be finite (found NaN or inf)")

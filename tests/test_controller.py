@@ -56,12 +56,26 @@ def test_a_prior_below_the_least_concentration_is_refused_before_any_training():
 
     refused = r"prior_strength 0.3 .* beta_min = 0.05; raise prior_strength above 0.55 or lower prior_gamma"
     with pytest.raises(ValueError, match=refused):
-        ControllerConfig(prior_strength=0.3)
+        ControllerConfig(prior_strength=0.3).check_prior()
     with pytest.raises(ValueError, match="prior_strength above 0.55"):
         CalibrationConfig(prior_strength=0.3)
     with pytest.raises(ValueError, match=r"lower prior_gamma \(--prior-gamma, now 5\)"):
         CalibrationConfig(prior_gamma=5.0)  # the full expert's share: 3 / 13,581
     CalibrationConfig(controller="priorfree", prior_strength=0.3)  # no prior to start at
+    ControllerConfig(kind="priorfree", prior_strength=0.3).check_prior()
     stack = ControllerStack(ControllerConfig(d_model=16, n_layers=1, prior_strength=0.6))
     beta0 = torch.nn.functional.softplus(stack.layers[0].fc2.bias) + stack.config.beta_min
     assert torch.allclose(beta0, stack.alpha0, rtol=1e-3)  # just above the limit: at the prior
+
+
+def test_controllers_saved_with_a_weak_prior_still_load(tmp_path):
+    """The prior check is for training: controllers saved with such a prior (before it
+    existed) loaded as untrained once it ran on every ControllerConfig (review 66)."""
+    from metaattn_viz.routing.controller import ControllerConfig, ControllerStack
+
+    stack = ControllerStack(ControllerConfig(d_model=16, n_layers=1, prior_strength=0.5))
+    stack.save(tmp_path / "bayes")
+    back = ControllerStack.load(tmp_path / "bayes")
+    assert back.config.prior_strength == 0.5
+    saved, loaded = stack.state_dict(), back.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)

@@ -229,6 +229,27 @@ def test_bad_input_raises_value_error_naming_the_argument(case):
         routed_attention(*args, **kw)
 
 
+def test_the_finiteness_check_keeps_float64_range_empty_heads_and_the_cache_out():
+    """Review 66: a finite float64 beyond float32's range read as infinite, a q of no heads
+    crashed in aminmax, and a decode step scanned its whole cache in every layer: the
+    cache's keys before this call's queries were checked when they were new."""
+    q, k, v = make_qkv(tq=5, tk=12)
+    w = make_weights("random", 2, 5)
+    y, _ = routed_attention(q.double(), k.double(), v.double() * 1e39, w.double(), window=8, n_sink=4)
+    assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="at least one batch row, head"):
+        routed_attention(q[:, :0], k, v, w, window=8, n_sink=4)
+    tk = k.shape[2]
+    old = k.clone()
+    old[:, :, 0] = float("nan")  # before the queries' positions: a cache entry, not checked again
+    assert tk > 5
+    routed_attention(q, old, v, w, window=8, n_sink=4, backend="reference")
+    new = k.clone()
+    new[:, :, tk - 1] = float("nan")
+    with pytest.raises(ValueError, match="k must be finite"):
+        routed_attention(q, new, v, w, window=8, n_sink=4)
+
+
 def test_triton_backend_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = make_qkv(tq=5)

@@ -147,6 +147,25 @@ def test_under_soft_hedging_the_solver_never_spends_above_dense_when_dense_is_cl
     assert float(decide(m, unc, lam, s).cost.mean()) == pytest.approx(1.0)  # was 1.45 at +LAM_MAX
 
 
+def test_under_soft_hedging_a_budget_below_the_flops_floor_keeps_a_lambda_decoding_can_move():
+    """The exact solver returned the middle of the last interval, about 5,000 (review 66):
+    a dual ascent of step 1 would need thousands of tokens to bring it back. Like the
+    bisection's _least_lambda_at, it keeps the least lambda that routes as +LAM_MAX does."""
+    from metaattn_viz.routing.costs import CostModel
+
+    torch.manual_seed(0)
+    n = 300
+    s = RoutingSettings(budget=0.16, cost_model="flops", hedge_policy="soft", hedge_threshold=1.0)
+    costs = CostModel.of(s, head_dim=64).group(torch.arange(n))
+    beta = torch.rand(n, 3) * 5 + 0.2
+    m = beta / beta.sum(-1, keepdim=True)
+    unc = budget_hedge_uncertainty(beta, s)
+    lam = solve_lambda(m, unc, 0.16, s, costs)
+    at = float(decide(m, unc, lam, s, costs).cost.mean())
+    assert lam < 1000 and at == pytest.approx(float(decide(m, unc, LAM_MAX, s, costs).cost.mean()))
+    assert float(decide(m, unc, lam * 0.99, s, costs).cost.mean()) > at  # the least such lambda
+
+
 @pytest.mark.parametrize("budget", [0.2, 0.5, 0.8])
 def test_under_soft_hedging_dual_ascent_follows_the_hard_routes(budget):
     """Fed the real cost, the ascent raised lambda on every overspending hedged decision,

@@ -237,7 +237,7 @@ def _closest_lambda(
     function with at most K(K-1)/2 steps. Each decision's cost on each of its own intervals
     (`decide` at their midpoints), sorted by where it changes, gives the mean cost on every
     interval of lambda at once; the best interval (on a tie: within the budget, then the
-    least lambda) gives its midpoint."""
+    least lambda) gives its midpoint, or where it runs to +-LAM_MAX its end nearest 0."""
     n = m.shape[0]
     logm = torch.log(m.float().clamp_min(1e-30))  # as `decide` scores
     c = (notional_tensor(m.device) if costs is None else costs).expand(n, K).float()
@@ -271,7 +271,24 @@ def _closest_lambda(
         (i for i in range(len(means)) if highs[i] > lows[i]),
         key=lambda i: (abs(float(means[i]) - budget), float(means[i]) > budget, float(lows[i])),
     )
-    return float(0.5 * (lows[best] + highs[best]))
+    last = best  # the intervals after it that cost the same (a cut no route's cost follows)
+    while last + 1 < len(means) and float(means[last + 1]) == float(means[best]):
+        last += 1
+    lo, hi = float(lows[best]), float(highs[last])
+    # an open end of the range: the lambda of the interval nearest the other end, so that
+    # decoding, which starts from it, can move it (as _least_lambda_at does); else its middle
+    if hi >= LAM_MAX > lo:
+        lam = lo + max(1e-6, 1e-6 * abs(lo))
+    elif lo <= -LAM_MAX < hi:
+        lam = hi - max(1e-6, 1e-6 * abs(hi))
+    else:
+        lam = 0.5 * (lo + hi)
+    if (
+        abs(float(decide(m, uncertainty, lam, settings, costs).cost.double().mean()) - float(means[best]))
+        > 1e-9
+    ):
+        lam = 0.5 * (lo + hi)  # too near a cut to route as the interval does (float32)
+    return lam
 
 
 def steering_cost(

@@ -104,13 +104,14 @@ class ControllerConfig:
             raise ValueError("the 'attention' features need n_heads and n_kv_heads")
         if self.prior_costs is not None:
             self.prior_costs = check_prior_costs(self.prior_costs, self.n_experts)
-        if self.kind == "bayes":
-            self._check_prior_above_beta_min()
 
-    def _check_prior_above_beta_min(self) -> None:
-        """An untrained Bayesian controller starts at the prior (softplus(b) + beta_min =
-        alpha0), which it cannot where a prior concentration is at or below beta_min: it
-        would start elsewhere, and the KL to the prior would have a floor above 0."""
+    def check_prior(self) -> None:
+        """Before training a Bayesian controller (training/calibrate.py): it starts at the
+        prior (softplus(b) + beta_min = alpha0), which it cannot where a prior concentration
+        is at or below beta_min: it would start elsewhere, and the KL to the prior would have
+        a floor above 0. Not checked on load: controllers saved with such a prior still load."""
+        if self.kind != "bayes":
+            return
         alpha0 = prior_concentration(self.prior_cost_values, self.prior_strength, self.prior_gamma)
         least = float(alpha0.min())
         if least <= self.beta_min:

@@ -145,7 +145,7 @@ class CalibrationConfig:
         if self.controller == "bayes":  # the prior the controllers start at, checked before any work
             ControllerConfig(
                 prior_strength=self.prior_strength, prior_gamma=self.prior_gamma, prior_costs=self.prior_costs
-            )
+            ).check_prior()
 
 
 def elbo_terms(
