@@ -908,17 +908,7 @@ def test_compare_counts_only_the_positions_and_layers_both_runs_have(db):
         df = log.compare(stream_run(log, a), stream_run(log, b))
     same = int((a.routes[:2] == b.routes[:, :6]).sum())
     assert len(df) == 10 and df["agreement"].isna().tolist() == [False] * 6 + [True] * 4
-    assert list(df.columns) == [
-        "pos",
-        "token_a",
-        "token_b",
-        "same_token",
-        "routes_a",
-        "routes_b",
-        "agreement",
-        "cost_a",
-        "cost_b",
-    ]
+    assert list(df.columns) == list(store.COMPARE_COLUMNS)
     at = df.attrs
     assert (at["positions"], at["layers"], at["decisions"], at["same_decisions"]) == (6, 2, 12, same)
     assert at["agreement"] == pytest.approx(same / 12)

@@ -264,23 +264,11 @@ def generate(
         yield {"kind": "quality", "kl": kl, "error": error}
 
 
-def _generate_in_worker(
-    model: str,
-    prompt: str,
-    settings: RoutingSettings,
-    max_new_tokens: int,
-    controller: str,
-    sampling,
-    chat: bool,
-    max_context: int | None,
-    quality: bool,
-) -> Generator[dict, None, None]:
-    """``generate`` as it runs in a ZeroGPU worker: what it raises is yielded as a
-    ``failure`` (module docstring). A stop (GeneratorExit) passes through."""
+def _generate_in_worker(*args, **kwargs) -> Generator[dict, None, None]:
+    """``generate`` (its arguments) as it runs in a ZeroGPU worker: what it raises is yielded
+    as a ``failure`` (module docstring). A stop (GeneratorExit) passes through."""
     try:
-        yield from generate(
-            model, prompt, settings, max_new_tokens, controller, sampling, chat, max_context, quality
-        )
+        yield from generate(*args, **kwargs)
     except Exception as exc:
         yield failure(exc)
 

@@ -104,17 +104,7 @@ class HistoryTab:
                     plots.expert_map(empty, height=COMPARE_MAP_HEIGHT), "compare-b", COMPARE_MAP_HEIGHT
                 )
         self.cmp_table = gr.Dataframe(
-            headers=[
-                "pos",
-                "token_a",
-                "token_b",
-                "same_token",
-                "routes_a",
-                "routes_b",
-                "agreement",
-                "cost_a",
-                "cost_b",
-            ],
+            headers=list(store.COMPARE_COLUMNS),
             interactive=False,
             elem_id="compare-table",
             label="Token by token (F full, L linear, W local window; lower case = hedged)",

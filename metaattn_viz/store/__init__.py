@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 # public name -> the submodule that defines it
 _HOME = {
     "StoreUnavailable": "errors",
+    "StoreLocked": "errors",
     "ExportNotWritten": "errors",
     "UnknownRun": "errors",
     "EXPORT_FORMATS": "exporting",
+    "COMPARE_COLUMNS": "queries",
     "export": "exporting",
     "session_owner": "owners",
     "user_owner": "owners",
@@ -50,9 +52,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from metaattn_viz.store.errors import ExportNotWritten, StoreUnavailable, UnknownRun
+    from metaattn_viz.store.errors import ExportNotWritten, StoreLocked, StoreUnavailable, UnknownRun
     from metaattn_viz.store.exporting import EXPORT_FORMATS, export
     from metaattn_viz.store.owners import session_owner, user_owner
+    from metaattn_viz.store.queries import COMPARE_COLUMNS
     from metaattn_viz.store.runlog import RunLog, open_or_explain, resolve_db_path
     from metaattn_viz.store.schema import (
         FINAL_STATUSES,
@@ -65,6 +68,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "COMPARE_COLUMNS",
     "EXPORT_FORMATS",
     "ExportNotWritten",
     "FINAL_STATUSES",
@@ -73,6 +77,7 @@ __all__ = [
     "RunLog",
     "SETTINGS_COLUMNS",
     "STATUSES",
+    "StoreLocked",
     "StoreUnavailable",
     "UNCERTAINTY_COLUMNS",
     "UnknownRun",

@@ -16,6 +16,19 @@ from __future__ import annotations
 from metaattn_viz.store.schema import FINAL_COLUMNS, LOG_TABLES, PROGRESS_COLUMNS
 
 # What list_runs may order by, and the buckets of runs_over_time.
+# The columns of RunLog.compare's table, in order (COMPARE_RUNS' final SELECT without its
+# two counting columns, which compare moves into the table's attrs)
+COMPARE_COLUMNS = (
+    "pos",
+    "token_a",
+    "token_b",
+    "same_token",
+    "routes_a",
+    "routes_b",
+    "agreement",
+    "cost_a",
+    "cost_b",
+)
 LIST_ORDERS = (
     "created_at",
     "finished_at",
