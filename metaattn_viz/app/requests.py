@@ -131,12 +131,16 @@ def number(name: str, value, lo: float, hi: float) -> float:
 
 def whole(name: str, value, lo: int, hi: int) -> int:
     """`value` as an int in [lo, hi] (booleans refused), or AppError naming `name`."""
-    refusal = f"{name} must be a whole number between {_bound(lo)} and {_bound(hi)}, got {quoted(value)}."
+
+    def refused() -> AppError:
+        span = f"between {_bound(lo)} and {_bound(hi)}"
+        return AppError(f"{name} must be a whole number {span}, got {quoted(value)}.")
+
     if isinstance(value, bool):
-        raise AppError(refusal)
+        raise refused()
     v = number(name, value, lo, hi)
     if v != int(v):
-        raise AppError(refusal)
+        raise refused()
     return int(v)
 
 
