@@ -5,6 +5,7 @@ use by name (tests/test_api.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from metaattn_viz.cli.outputs import check_output
 DATA = str(ROOT / "tests" / "data" / "wikitext2_excerpt.txt")  # the tests read no corpus/
 
 
-def _cli(*args, timeout=180):
+def _cli(*args, timeout=180, stdin=b""):
     return subprocess.run(
         [sys.executable, "-m", "metaattn_viz", *args],
+        input=stdin,
         capture_output=True,
         timeout=timeout,
         cwd=ROOT,
@@ -146,39 +148,79 @@ def test_deploy_refuses_a_space_id_the_hub_would(capsys):
     assert "--space 'bad name!/x y': not a name the Hub accepts" in capsys.readouterr().err
 
 
-# -- the real model: a prompt that is not UTF-8; a log that fails in an unforeseen way ------------
+# -- the prompt: checked before the model loads; "-" reads standard input ---------------------------
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading the model fails the test: the checks under test come before it."""
+    from metaattn_viz.routing.model import RoutedModel
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the prompt was checked")
+
+    monkeypatch.setattr(RoutedModel, "load", load)
+
+
+@pytest.mark.parametrize(
+    "prompt, stdin, expected",
+    [
+        ("hi \udcff", b"", "--prompt: prompt is not valid UTF-8 text: an unpaired surrogate (U+DCFF)"),
+        ("  \n", b"", "--prompt: prompt is empty"),
+        ("-", b"hello \xff world", "standard input is not valid UTF-8 text: byte 6 (0xff)"),
+        ("-", b" \n\t", "standard input: prompt is empty"),
+    ],
+)
+def test_route_refuses_a_prompt_it_cannot_route_before_loading_the_model(
+    no_model, monkeypatch, capsys, prompt, stdin, expected
+):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    assert main(["route", "--prompt", prompt, "--no-log"]) == 2
+    assert f"metaattn-viz route: error: {expected}" in capsys.readouterr().err
+
+
+def test_prompt_text_reads_standard_input_whole_for_a_dash():
+    import io
+
+    from metaattn_viz.cli.route import prompt_text
+
+    assert prompt_text("-x") == "-x"
+    assert prompt_text("-", io.BytesIO("line one\nzwei – drei 😀\n".encode())) == "line one\nzwei – drei 😀\n"
+
+
+# -- the real model: bytes on the command line; a prompt on stdin; a log that fails --------------
 @pytest.mark.slow
 def test_route_refuses_bytes_that_are_not_utf8_and_keeps_its_result_when_the_log_fails(tmp_path):
     out = _cli("route", "--prompt", b"hello \xff world", "--no-log")
     err = out.stderr.decode()
     assert out.returncode == 2 and "Traceback" not in err, err[-2000:]
-    assert "prompt is not valid UTF-8 text" in err
+    assert "--prompt: prompt is not valid UTF-8 text" in err and "loaded" not in err  # no model load
     # a database DuckDB opens but whose schema version is not a number: the log fails in a
-    # way no check foresaw, and the route's result is printed all the same
+    # way no check foresaw, and the route's result (of a prompt read from stdin) is printed
     odd = tmp_path / "odd.duckdb"
     with duckdb.connect(str(odd)) as con:
         con.execute(
             "CREATE TABLE schema_version (version VARCHAR); INSERT INTO schema_version VALUES ('abc')"
         )
-    out = _cli("route", "--prompt", "The cat sat", "--db", str(odd), "--json")
+    out = _cli("route", "--prompt", "-", "--db", str(odd), "--json", stdin=b"The cat sat")
     err = out.stderr.decode()
     assert out.returncode == 0, err[-2000:]
     assert "warning: run not logged" in err and "not a metaattn-viz routing log" in err
-    assert b'"token_ids"' in out.stdout
+    assert json.loads(out.stdout)["prompt"] == "The cat sat"
 
 
 def test_whatever_the_log_raises_route_keeps_its_trace(monkeypatch, capsys, tmp_path):
     """The failures no check foresaw (not StoreUnavailable) are a warning naming the log."""
     from helpers import synthetic_trace
 
-    import metaattn_viz.cli as cli
     from metaattn_viz import store
+    from metaattn_viz.cli import route as route_cli
 
     def broken(*args, **kwargs):
         raise RuntimeError("the disk said no")
 
     monkeypatch.setattr(store, "RunLog", broken)
-    assert cli._log_trace(synthetic_trace(n_layers=2, n_tokens=3), tmp_path / "log.duckdb") is None
+    assert route_cli.log_trace(synthetic_trace(n_layers=2, n_tokens=3), tmp_path / "log.duckdb") is None
     err = capsys.readouterr().err
     assert f"warning: run not logged to {tmp_path / 'log.duckdb'}: RuntimeError: the disk said no" in err
 

@@ -18,7 +18,7 @@ back exactly as it was handed over.
 
 Names other packages import from here (kept here, or re-exported): RoutedModel, Sampling,
 TrainRouting, kl_per_token, PILOT_TOKENS, GLOBAL_COST_TOLERANCE, register_attention,
-ATTN_NAME. Never: import the store or the UI.
+ATTN_NAME, prompt_problem. Never: import the store or the UI.
 """
 
 from __future__ import annotations
@@ -72,6 +72,23 @@ __all__ = [
 
 # tokens of context a token's text is decoded after: a UTF-8 character has at most 4 bytes
 TOKEN_TEXT_CONTEXT = 4
+
+
+def prompt_problem(prompt) -> str | None:
+    """Why `prompt` cannot be routed as text (not text, empty, or holding an unpaired
+    surrogate, which is what undecodable bytes on a command line become), or None. Pure, so
+    a command checks it before it spends seconds loading the model."""
+    if not isinstance(prompt, str):
+        return "prompt must be text (or a list of token ids)"
+    if not prompt.strip():
+        return "prompt is empty: type some text to route"
+    bad = next((i for i, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:
+        return (
+            f"prompt is not valid UTF-8 text: an unpaired surrogate (U+{ord(prompt[bad]):04X}) "
+            f"at character {bad}"
+        )
+    return None
 
 
 class RoutedModel:
@@ -454,16 +471,9 @@ class RoutedModel:
         `applies_chat(chat)`, else as the tokenizer encodes a text by default, with the
         special tokens it adds (a Llama, Gemma or Mistral tokenizer's BOS; SmolLM2's adds
         none), so a trace is of the input ``model.generate(**tokenizer(prompt))`` sees."""
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be text (or a list of token ids)")
-        if not prompt.strip():
-            raise ValueError("prompt is empty: type some text to route")
-        bad = next((i for i, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff"), None)
-        if bad is not None:  # what undecodable bytes on a command line become (surrogateescape)
-            raise ValueError(
-                f"prompt is not valid UTF-8 text: an unpaired surrogate (U+{ord(prompt[bad]):04X}) "
-                f"at character {bad}"
-            )
+        problem = prompt_problem(prompt)
+        if problem is not None:
+            raise ValueError(problem)
         tok = self.tokenizer
         if self.applies_chat(chat):
             ids = tok.apply_chat_template(
