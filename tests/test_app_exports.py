@@ -623,6 +623,29 @@ def test_an_export_that_fills_the_disk_says_so_and_leaves_nothing(engine, tmp_pa
     assert _rows(dl.log(engine.history, "csv", None, "sess"), "runs") == 1  # the log reads as before
 
 
+@pytest.mark.parametrize("fails", ["mkdir", "write_text"])
+def test_a_download_the_disk_cannot_take_is_a_sentence_and_leaves_no_file(tmp_path, monkeypatch, fails):
+    """A trace or figure download whose folder or file cannot be written (a full disk): the
+    failed-export sentence, not "Something went wrong (OSError)", and no partial file."""
+    import errno
+    import pathlib
+
+    dl = Downloads(tmp_path / "dl")
+    dl.write("sess", "trace", "first.json", "{}")  # the visitor's folder exists already
+    real = getattr(pathlib.Path, fails)
+
+    def full(self, *args, **kwargs):
+        if self.name == "second.json" or (fails == "mkdir" and self.parent.name == "trace"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, fails, full)
+    with pytest.raises(AppError, match=r"could not be written \(No space left on device\); nothing"):
+        dl.write("sess", "trace", "second.json", "{}")
+    monkeypatch.undo()
+    assert [p.name for p in dl.root.rglob("*.json")] == ["first.json"]
+
+
 def test_a_run_the_log_cannot_replay_is_a_sentence_and_its_link_falls_back(engine, tmp_path):
     """A run whose settings this version rejects (an old or hand-edited log): History's
     replay says which run and value, and a shared link to it opens on the link's settings,

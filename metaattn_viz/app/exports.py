@@ -185,8 +185,11 @@ class Downloads:
             self._drop_previous(kind_dir)
         self.prune(keep=visitor)
         new = kind_dir / uuid.uuid4().hex
-        new.mkdir(parents=True)
-        visitor.touch()  # its age is that of its newest file
+        try:
+            new.mkdir(parents=True)
+            visitor.touch()  # its age is that of its newest file
+        except OSError as exc:  # a full disk: said as a failed export is
+            raise not_written(exc) from None
         return new
 
     @staticmethod
@@ -219,9 +222,14 @@ class Downloads:
                 pass
 
     def write(self, session: str | None, kind: str, name: str, text: str) -> Path:
-        """`text` as the file `name`, the visitor's current file of `kind`."""
+        """`text` as the file `name`, the visitor's current file of `kind`. A folder or
+        file that cannot be written (a full disk) is AppError (not_written), nothing kept."""
         path = self.slot(session, kind) / name
-        path.write_text(text, encoding="utf-8")
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:  # a full disk: no partial file is kept
+            path.unlink(missing_ok=True)
+            raise not_written(exc) from None
         return path
 
     def trace(self, trace: RoutingTrace, session: str | None) -> Path:
