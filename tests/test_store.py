@@ -893,6 +893,33 @@ def test_list_runs_pages_through_what_count_runs_counts(filled):
             log.count_runs(status="weird")
 
 
+def test_runs_page_counts_the_runs_it_lists_when_one_is_logged_between(filled, monkeypatch):
+    """A run logged between the count and the page (here: while the page's start is worked
+    out) is in neither: the page and its "of N" come from one snapshot. The next page read
+    sees it."""
+    from metaattn_viz.store import runlog
+
+    db, _ = filled
+    real, logged = runlog.page_start, []
+
+    def start_then_log(offset, total, size):
+        if not logged:
+            with RunLog(db) as writer:
+                tr = synthetic_trace(n_layers=4, n_tokens=5, seed=99)
+                logged.append(writer.start_run(tr))
+                writer.finish(logged[0], tr, status="done")
+        return real(offset, total, size)
+
+    monkeypatch.setattr(runlog, "page_start", start_then_log)
+    with RunLog(db) as log:
+        runs, start, total = log.runs_page(size=50)
+        assert (start, total) == (0, 6) and len(runs) == 6 and logged[0] not in set(runs["run_id"])
+        runs, start, total = log.runs_page(size=4, offset=99)  # past the end: the last page
+        assert (start, total) == (4, 7) and len(runs) == 3
+        with pytest.raises(ValueError, match="order_by must be one of"):
+            log.runs_page(size=4, order_by="-nonsense")
+
+
 def test_compare_counts_only_the_positions_and_layers_both_runs_have(db):
     """A 6-token run against a 10-token run of another model with fewer layers: the
     agreement and the same-token share are over the 6 positions and 2 layers both have,

@@ -66,15 +66,8 @@ class RunsPage:
         return self.offset + len(self.runs) < self.total
 
 
-def page_start(offset: int, total: int, size: int) -> int:
-    """Where a page of `size` asked for at `offset` starts: at 0 or later, and at the last
-    page's start at most (runs deleted, or a filter that now matches fewer)."""
-    last = (max(total, 1) - 1) // size * size
-    return min(max(int(offset), 0), last)
-
-
 def _filters(text: str | None, status: str | None, controller: str | None) -> dict:
-    """The History tab's filters as RunLog.list_runs / count_runs take them (empty: none)."""
+    """The History tab's filters as RunLog.runs_page takes them (empty: none)."""
     return {
         "status": status or None,
         "controller": controller or None,
@@ -281,12 +274,11 @@ class RunHistory:
         owner: str | None = None,
     ) -> RunsPage:
         """One page of the History tab's runs table: `size` runs from `offset` on (from the
-        last page's start where fewer runs match now), and how many match in all."""
+        last page's start where fewer runs match now), and how many match in all, from one
+        snapshot of the log (RunLog.runs_page)."""
         with self._reading(ValueError) as run_log:
             filters = _filters(text, status, controller)
-            total = run_log.count_runs(owner=owner, **filters)
-            start = page_start(offset, total, size)
-            df = run_log.list_runs(limit=size, offset=start, order_by=order_by, owner=owner, **filters)
+            df, start, total = run_log.runs_page(size, offset, order_by=order_by, owner=owner, **filters)
         return RunsPage(df, start, total, size)
 
     def compare(self, run_a: str, run_b: str, owner: str | None = None):
@@ -410,4 +402,4 @@ class RunRecorder:
         return None
 
 
-__all__ = ["RunHistory", "RunRecorder", "RunsPage", "page_start", "LOG_EVERY_S", "RUNS_PAGE", "SQL_TIMEOUT_S"]
+__all__ = ["RunHistory", "RunRecorder", "RunsPage", "LOG_EVERY_S", "RUNS_PAGE", "SQL_TIMEOUT_S"]

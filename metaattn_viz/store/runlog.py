@@ -9,7 +9,8 @@ Interface (what the app, the CLI and the console use):
     log.append(run_id, trace)               # every few tokens while the trace grows
     log.finish(run_id, trace, "done")       # or "stopped" / "failed"; one transaction
     trace = log.load_trace(run_id)          # replay: an equal RoutingTrace
-    log.list_runs(...), log.count_runs(...), log.compare(a, b), log.full_attention_share_by_layer(), ...
+    log.list_runs(...), log.count_runs(...), log.runs_page(...), log.compare(a, b)
+    log.full_attention_share_by_layer(), ...
     export(path_or_log, out_dir, "parquet")  # export.py
 
 Every reading method takes `owner` (owners.py): None reads every run; an owner's key
@@ -250,16 +251,40 @@ class RunLog:
         them from the `offset`-th on. `text` matches the prompt or the output
         (case-insensitive); `order_by` is a column of LIST_ORDERS, '-' for descending.
         count_runs says how many match in all."""
-        desc = order_by.startswith("-")
-        column = order_by.lstrip("-")
-        if column not in LIST_ORDERS:
-            raise ValueError(
-                f"order_by must be one of {', '.join(LIST_ORDERS)} (prefix '-' for descending), "
-                f"got {order_by!r}"
-            )
-        sql = Q.LIST_RUNS.format(order=f"{column} {'DESC' if desc else 'ASC'}")
+        sql = _list_sql(order_by)
         filters = _run_filters(status, model, controller, text)
         return self._read_df(sql, owner, {**filters, "limit": int(limit), "offset": int(offset)})
+
+    @_reads
+    def runs_page(
+        self,
+        size: int,
+        offset: int = 0,
+        status: str | None = None,
+        model: str | None = None,
+        controller: str | None = None,
+        text: str | None = None,
+        order_by: str = "-created_at",
+        owner: str | None = None,
+    ) -> tuple[pd.DataFrame, int, int]:
+        """A page of list_runs and how many runs match in all, read in one transaction (one
+        snapshot: a run logged meanwhile is in both or in neither): (runs, start, total),
+        `size` runs from the `offset`-th on, or from the last page's start (page_start)
+        where fewer match."""
+        self._check_open()
+        sql = _list_sql(order_by)
+        params = {**_run_filters(status, model, controller, text), "owner": check_owner(owner)}
+        cur = self._db.fresh_cursor()  # its own transaction, closed here
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            row = cur.execute(Q.COUNT_RUNS, params).fetchone()
+            total = int(row[0]) if row else 0
+            start = page_start(offset, total, size)
+            df = cur.execute(sql, {**params, "limit": int(size), "offset": start}).df()
+            cur.execute("ROLLBACK")  # it only read
+        finally:
+            cur.close()
+        return df, start, total
 
     @_reads
     def count_runs(
@@ -351,6 +376,24 @@ class RunLog:
         from metaattn_viz.store.exporting import export  # export.py builds on RunLog
 
         return export(self, out_dir, fmt, owner)
+
+
+def _list_sql(order_by: str) -> str:
+    """LIST_RUNS ordered by `order_by`: a column of LIST_ORDERS, '-' for descending."""
+    desc = order_by.startswith("-")
+    column = order_by.lstrip("-")
+    if column not in LIST_ORDERS:
+        raise ValueError(
+            f"order_by must be one of {', '.join(LIST_ORDERS)} (prefix '-' for descending), got {order_by!r}"
+        )
+    return Q.LIST_RUNS.format(order=f"{column} {'DESC' if desc else 'ASC'}")
+
+
+def page_start(offset: int, total: int, size: int) -> int:
+    """Where a page of `size` asked for at `offset` starts: at 0 or later, and at the last
+    page's start at most (runs deleted, or a filter that now matches fewer)."""
+    last = (max(total, 1) - 1) // size * size
+    return min(max(int(offset), 0), last)
 
 
 def _run_filters(
