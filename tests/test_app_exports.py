@@ -560,6 +560,28 @@ def test_serve_mcp_without_gradios_mcp_extra_is_refused_in_words(capsys):
     server.check_mcp(False)  # no --mcp: nothing to check
 
 
+def test_serve_mcp_is_refused_where_visitors_runs_are_kept_apart(monkeypatch, capsys):
+    """Gradio's MCP server calls the app through one shared client (one session): on a
+    public server or a Space every MCP caller would read the others' runs. Refused there,
+    installed extra or not; a shared log (every run visible on purpose) may offer it."""
+    from metaattn_viz.app import server
+    from metaattn_viz.cli import main
+
+    monkeypatch.setattr(server, "mcp_available", lambda: True)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("METAATTN_SHARED_LOG", raising=False)
+    assert server.mcp_problem(True) is None  # local: one person's runs
+    assert server.mcp_problem(True, public=True) == server.MCP_SCOPED
+    with pytest.raises(RuntimeError, match="one shared client"):
+        server.serve(port=1, public=True, mcp=True)  # refused before anything starts
+    assert main(["serve", "--mcp", "--public", "--port", "1"]) == 2
+    assert "every MCP caller would be the same visitor" in capsys.readouterr().err
+    monkeypatch.setenv("SPACE_ID", "someone/space")
+    assert server.mcp_problem(True) == server.MCP_SCOPED
+    monkeypatch.setenv("METAATTN_SHARED_LOG", "1")
+    assert server.mcp_problem(True) is None
+
+
 def test_a_links_values_land_on_the_controls_within_their_ranges():
     import gradio as gr
 

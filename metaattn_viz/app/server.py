@@ -30,6 +30,16 @@ MCP_MISSING = (
 )
 
 
+# Gradio's MCP server (6.x, gradio/mcp.py) calls the app's endpoints through one cached
+# gradio_client.Client: one session for every MCP caller, so one visitor.
+MCP_SCOPED = (
+    "--mcp is refused where each visitor sees only their own runs (a public server or a "
+    "Space): Gradio's MCP server calls the app through one shared client, so every MCP "
+    "caller would be the same visitor and read the others' runs. Offer MCP on a local "
+    "server, or on a public one whose log is shared on purpose (METAATTN_SHARED_LOG=1)."
+)
+
+
 class CannotListen(OSError):
     """The server could not bind its host and port."""
 
@@ -39,10 +49,23 @@ def mcp_available() -> bool:
     return importlib.util.find_spec("mcp") is not None
 
 
-def check_mcp(mcp: bool) -> None:
-    """Refuse `mcp=True` where Gradio's MCP extra is missing (RuntimeError, MCP_MISSING)."""
-    if mcp and not mcp_available():
-        raise RuntimeError(MCP_MISSING)
+def mcp_problem(mcp: bool, public: bool = False) -> str | None:
+    """Why `mcp=True` cannot be served here, or None: where visitors' runs are kept apart
+    (MCP_SCOPED), or where Gradio's MCP extra is missing (MCP_MISSING)."""
+    if not mcp:
+        return None
+    from metaattn_viz.app.deployment import Deployment
+
+    if Deployment.detect(public).scoped:
+        return MCP_SCOPED
+    return None if mcp_available() else MCP_MISSING
+
+
+def check_mcp(mcp: bool, public: bool = False) -> None:
+    """Refuse `mcp=True` where it cannot be served (RuntimeError, mcp_problem)."""
+    problem = mcp_problem(mcp, public)
+    if problem is not None:
+        raise RuntimeError(problem)
 
 
 def resolve_host_port(host: str | None, port: int | None) -> tuple[str, int]:
@@ -69,7 +92,7 @@ def serve(
     public: bool = False,
     mcp: bool = False,
 ) -> None:
-    check_mcp(mcp)  # before anything loads
+    check_mcp(mcp, public)  # before anything loads
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from metaattn_viz.app.deployment import Deployment
     from metaattn_viz.app.theme import PAGE_CSS

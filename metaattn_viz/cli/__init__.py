@@ -334,11 +334,12 @@ def settings_from_args(args) -> RoutingSettings:
 
 
 def _cmd_serve(args) -> int:
-    from metaattn_viz.app.server import MCP_MISSING, CannotListen, mcp_available, resolve_host_port
+    from metaattn_viz.app.server import CannotListen, mcp_problem, resolve_host_port
     from metaattn_viz.routing import device as device_mod
 
-    if args.mcp and not mcp_available():  # before anything loads
-        raise UserError(MCP_MISSING)
+    problem = mcp_problem(args.mcp, args.public)  # before anything loads
+    if problem is not None:
+        raise UserError(problem)
     host, port = resolve_host_port(args.host, args.port)  # ValueError: a usage error
     runtime_from_args(args)  # refuse a bad device before the server starts
     # the app loads its model with RoutedModel.load(), which reads these
