@@ -103,7 +103,8 @@ def load(
     pair already in hand: a transformers causal LM, routed where it is (moved only when
     ``device`` or ``dtype`` is given; ``backend`` alone keeps its device and dtype) and
     named ``name`` (a string; default: the last part of its ``name_or_path``), which picks
-    the controllers shipped for it. Without shipped controllers the controllers are
+    the controllers shipped for it (``name`` with anything but a pair is refused: a loaded
+    model takes its own name). Without shipped controllers the controllers are
     untrained: the log says so, and so do the traces and their figures.
     ``controllers``: a folder (``~`` is expanded) laid out as ``assets/controllers/<model>``
     (a ``bayes/`` and a ``priorfree/`` folder, as ``calibrate(..., save=...)`` writes), used
@@ -127,6 +128,11 @@ def load(
             "(None) for the bundled model"
         )
     if model is None or isinstance(model, (str, os.PathLike)):
+        if name is not None:  # it would be ignored: the loader names what it loads
+            raise ValueError(
+                "name names a (model, tokenizer) pair; a model loaded from a path, a hub id or "
+                "the bundled one takes its own name. For other controllers, pass controllers="
+            )
         routed = RoutedModel.load(
             None if model is None else str(model),
             controllers_dir=folders,

@@ -107,6 +107,9 @@ def test_load_refuses_what_is_not_a_model():
         mav.load(42)
     with pytest.raises(TypeError, match="transformers causal LM"):
         mav.load((object(), CharTokenizer()))
+    for model in (None, "some/folder"):  # refused before anything loads, not ignored
+        with pytest.raises(ValueError, match=r"name names a \(model, tokenizer\) pair"):
+            mav.load(model, name="mine")
 
 
 # -- route's keyword settings --------------------------------------------------------------------
