@@ -141,3 +141,25 @@ def test_cast_columns_keep_their_names_and_order(con):
 def test_a_value_that_cannot_be_shown_is_a_sentence_naming_the_column(column):
     with pytest.raises(ConsoleError, match=r"column 'x' holds a value that cannot be shown .*x::VARCHAR"):
         _column_values(column, "x")
+
+
+# Strings inside nested values: DuckDB quotes some (and escapes \ and ') and leaves others bare.
+NESTED_STRINGS = [
+    *("a", "x y", "é x", "1", "-", "a;b", "a|b", "a/b", "a>b", "a\tb", "a\nb", "\u00a0a"),
+    *("", "  ", " lead", "trail ", "\tlead", "\nx", "x\r", "\vx", "\fx"),
+    *("it's", "a\\b", "a,b", "[x]", "{k}", "(x)", "a:b", "a=b", 'q"d', "'"),
+    *("NULL", "null", "nULl", "NULL "),
+]
+
+
+def test_the_pages_table_quotes_strings_inside_nested_values_as_duckdb_does(con):
+    """Each string in a LIST, as a STRUCT's value and field name, and as a MAP's key and
+    value: the page's text is DuckDB's own ::VARCHAR of the same value."""
+    for text in NESTED_STRINGS:
+        s = "'" + text.replace("'", "''") + "'"  # an SQL literal (a backslash is itself)
+        exprs = [f"[{s}, 'b']", f"{{'k': {s}, 'it''s a \\': 1}}", f"MAP([{s}], [{s}])", f"[[{s}], NULL]"]
+        sql = "SELECT " + ", ".join(f"{e} AS c{i}" for i, e in enumerate(exprs))
+        want = con.execute(sql.replace(" AS c", "::VARCHAR AS c")).fetchall()[0]
+        df, _ = run_readonly_query(con, sql)
+        shown = tuple(sql_table(df).iloc[0])
+        assert shown == want, (text, shown, want)

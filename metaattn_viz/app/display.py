@@ -331,14 +331,41 @@ def sql_table(df):
     return out
 
 
+# A string inside a nested value that DuckDB's ::VARCHAR puts in quotes (as DuckDB 2.0 does):
+# one holding any of these, empty, "null" in any case, or with whitespace at either end.
+_QUOTED_CHARS = frozenset("'\\,[]{}():=\"")
+_EDGE_SPACE = " \t\n\r\v\f"
+
+
+def _quoted(text: str) -> str:
+    """`text` in quotes, as DuckDB writes a quoted nested string (\\ and \\' escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _nested_string(text: str) -> str:
+    """A string inside a LIST, STRUCT or MAP as DuckDB's ::VARCHAR writes it: bare, or
+    quoted where it would otherwise read as something else."""
+    if (
+        not text
+        or text[0] in _EDGE_SPACE
+        or text[-1] in _EDGE_SPACE
+        or text.lower() == "null"
+        or not _QUOTED_CHARS.isdisjoint(text)
+    ):
+        return _quoted(text)
+    return text
+
+
 def _duckdb_text(v) -> str:
     """A value inside a nested cell, as DuckDB's ::VARCHAR writes it."""
     if v is None:
         return "NULL"
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"'{k}': {_duckdb_text(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, str):
+        return _nested_string(v)
+    if isinstance(v, dict):  # a STRUCT: its field names always quoted
+        return "{" + ", ".join(f"{_quoted(str(k))}: {_duckdb_text(x)}" for k, x in v.items()) + "}"
     if isinstance(v, list) and v and all(isinstance(x, tuple) and len(x) == 2 for x in v):  # a MAP
         return "{" + ", ".join(f"{_duckdb_text(k)}={_duckdb_text(x)}" for k, x in v) + "}"
     if isinstance(v, (list, tuple)):
