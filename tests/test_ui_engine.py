@@ -563,7 +563,8 @@ def test_the_comparison_says_what_each_share_counts_and_how_the_runs_differ(tmp_
     assert (
         "Compared over the 6 positions both runs have and the 2 layers both have (layers 0-1) "
         f"only: the same expert in {at['agreement']:.0%} of 12 decisions (6 positions \u00d7 2 "
-        "layers), the same token at 100% of the 6 positions." in note
+        "layers), the same token text at 100% of the 6 positions (the two models' tokenizers "
+        "may split text differently)." in note
     )
     assert display.compare_title("A", ta, tb) == "A: budget 0.5, bayes, synthetic, 5 layers, 6 tokens"
     assert display.compare_title("B", tb, ta) == "B: budget 0.5, bayes, other-model, 2 layers, 9 tokens"

@@ -235,10 +235,14 @@ def compare_note(a, b, df) -> str:
     if a.n_layers != b.n_layers:
         only.append(f"the {layers} layers both have (layers 0-{layers - 1})")
     lead = f". Compared over {' and '.join(only)} only: " if only else ": "
+    # two models' tokenizers may cut a text apart differently: a position is then not the
+    # same piece of text, and only the tokens' text is compared
+    token = "token" if a.model == b.model else "token text"
+    caveat = "" if a.model == b.model else " (the two models' tokenizers may split text differently)"
     return (
         f"{head}{lead}the same expert in {at['agreement']:.0%} of {at['decisions']:,} decisions "
-        f"({positions:,} positions \u00d7 {layers} layers), the same token at "
-        f"{at['same_tokens']:.0%} of the {positions:,} positions."
+        f"({positions:,} positions \u00d7 {layers} layers), the same {token} at "
+        f"{at['same_tokens']:.0%} of the {positions:,} positions{caveat}."
     )
 
 
