@@ -475,7 +475,7 @@ def test_an_existing_space_gets_its_volumes_variables_and_hardware_before_the_up
         "add_space_variable",
         "add_space_variable",
         "add_space_variable",
-        "get_space_variables",  # a past hub deploy's METAATTN_MODEL_REVISION would go
+        "get_space_variables",  # any variable the plan does not set would go
         "request_space_hardware",
         "list_repo_files",
         "create_commit",
@@ -507,11 +507,13 @@ def test_the_upload_is_one_commit_that_mirrors_the_plan(no_bundled):
 
 
 @pytest.mark.parametrize(
-    "before, deleted", [({"METAATTN_MODEL": "x"}, [("a/b", "METAATTN_MODEL")]), ({"OTHER": "y"}, [])]
+    "before, deleted",
+    [({"METAATTN_MODEL": "x"}, [("a/b", "METAATTN_MODEL")]), ({"GRADIO_ANALYTICS_ENABLED": "False"}, [])],
 )
 def test_a_hub_weights_deploy_removes_the_model_variable_a_past_deploy_set(no_bundled, before, deleted):
     """Without the GGUF the upload deletes the one a past deploy sent up, so METAATTN_MODEL,
-    which pointed at it, must go too; where it was never set, nothing is deleted."""
+    which pointed at it, must go too; where it was never set, nothing is deleted (a variable
+    the plan sets stays; tests/test_deploy_safety.py: any other goes)."""
     code, text, api = _deploy_with("--space", "a/b", space_variables=before)
     assert code == 0, text
     assert [c[1] for c in api.calls if c[0] == "delete_space_variable"] == deleted

@@ -2,11 +2,11 @@
 
 `push` carries out a `DeployPlan` with an `HfApi`-like object: create the storage bucket;
 create the Space with the plan's hardware, variables and bucket mount, or, where it
-exists, set its volumes (remove them without storage), variables (and remove the ones the
-plan unsets) and hardware; then upload the staged files in one commit, the bundled GGUF
-among them when the plan ships it (docs/deploy.md, "What a deploy does on the Hub"). The
-calls are thin so that a test can hand in a fake object and check every call and argument
-without a network.
+exists, set its volumes (remove them without storage), variables (and remove every other
+variable the Space has; its secrets are never touched) and hardware; then upload the
+staged files in one commit, the bundled GGUF among them when the plan ships it
+(docs/deploy.md, "What a deploy does on the Hub"). The calls are thin so that a test can
+hand in a fake object and check every call and argument without a network.
 
 Never decides anything (the plan did), never reads the manifest, never prints.
 """
@@ -65,6 +65,8 @@ def failure(exc: BaseException) -> HubFailure:
     can deploy), "could not reach the Hub" where no answer came (offline, DNS, a timeout:
     huggingface_hub's HTTP client's transport errors, and OSErrors that are not HTTP
     answers)."""
+    if isinstance(exc, HubFailure):  # said already
+        return exc
     what = f"{type(exc).__name__}: {exc}"
     response = getattr(exc, "response", None)
     transport = any(c.__name__ == "TransportError" for c in type(exc).__mro__)
@@ -97,38 +99,44 @@ def push(plan: DeployPlan, api: Any, root: Path) -> str:
     `create_repo` call, so it never starts on other hardware than the plan's (creating a
     Gradio Space on cpu-basic needs a paid plan since 2026-07; a free account can host
     ZeroGPU Spaces: docs/deploy.md). An existing Space gets them through the Space calls:
-    the volumes set (or, with `storage: null`, removed), the variables added and the ones
-    the plan unsets deleted, the hardware requested. All of this comes before the upload,
-    so the build that the upload starts already runs with them.
+    the volumes set (or, with `storage: null`, removed), the variables added and every
+    other variable on the Space deleted (the Spacefile owns them: one it no longer names,
+    such as METAATTN_SHARED_LOG, must not stay set; secrets stay), the hardware requested.
+    All of this comes before the upload, so the build that the upload starts already runs
+    with them; and the staging comes before all of it, so a checkout file that became a
+    link since the plan was made stops the deploy before any Hub call.
 
     The upload is one commit (`create_commit`, not `upload_folder`, which may split a
     folder into several commits, each starting a build of a half-updated Space). It
     mirrors the plan: files on the Space that the plan does not list are deleted in that
     commit (`.gitattributes` excepted, by the Hub's rule). So a variable that pointed at
-    such a file (METAATTN_MODEL at a GGUF an earlier deploy uploaded) is removed too, when
-    the plan unsets it.
+    such a file (METAATTN_MODEL at a GGUF an earlier deploy uploaded) is removed too, as
+    the plan does not set it.
     """
     from huggingface_hub import Volume
 
-    volumes = None
-    if plan.storage is not None:
-        api.create_bucket(plan.bucket_id, private=True, exist_ok=True)
-        volumes = [Volume(type="bucket", source=plan.bucket_id, mount_path=plan.storage.mount_path)]
-    url = None
-    if api.repo_exists(plan.space, repo_type="space"):
-        _update_space(plan, api, volumes)
-    else:
-        url = api.create_repo(
-            plan.space,
-            repo_type="space",
-            space_sdk="gradio",
-            private=plan.private,
-            space_hardware=plan.hardware,
-            space_variables=[{"key": k, "value": v} for k, v in plan.variables.items()],
-            space_volumes=volumes,
-        )
     with tempfile.TemporaryDirectory(prefix="metaattn-deploy-") as tmp:
-        plan.stage(root, Path(tmp))
+        try:  # first: a file that became a link after planning stops it before any Hub call
+            plan.stage(root, Path(tmp))
+        except ValueError as exc:
+            raise HubFailure(f"nothing was changed on the Hub: {exc}") from None
+        volumes = None
+        if plan.storage is not None:
+            api.create_bucket(plan.bucket_id, private=True, exist_ok=True)
+            volumes = [Volume(type="bucket", source=plan.bucket_id, mount_path=plan.storage.mount_path)]
+        url = None
+        if api.repo_exists(plan.space, repo_type="space"):
+            _update_space(plan, api, volumes)
+        else:
+            url = api.create_repo(
+                plan.space,
+                repo_type="space",
+                space_sdk="gradio",
+                private=plan.private,
+                space_hardware=plan.hardware,
+                space_variables=[{"key": k, "value": v} for k, v in plan.variables.items()],
+                space_volumes=volumes,
+            )
         api.create_commit(
             repo_id=plan.space,
             repo_type="space",
@@ -147,11 +155,10 @@ def _update_space(plan: DeployPlan, api: Any, volumes: list[Any] | None) -> None
         api.delete_space_volumes(plan.space)
     for key, value in plan.variables.items():
         api.add_space_variable(plan.space, key, value)
-    if plan.unset_variables:
-        present = api.get_space_variables(plan.space) or {}
-        for key in plan.unset_variables:
-            if key in present:
-                api.delete_space_variable(plan.space, key)
+    # The Spacefile owns the Space's variables: one it no longer names goes (secrets are
+    # another list, which get_space_variables does not return and nothing here touches).
+    for key in plan.removed_variables(api.get_space_variables(plan.space) or {}):
+        api.delete_space_variable(plan.space, key)
     api.request_space_hardware(plan.space, plan.hardware)
 
 

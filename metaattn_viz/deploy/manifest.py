@@ -1,11 +1,12 @@
 """The Space manifest (`Spacefile`, YAML): read it and check it against its schema.
 
 Everything `metaattn-viz deploy` needs to know about a Space that is not code lives in the
-manifest: the default Space name, hardware and visibility, plain variables, the storage
-bucket mount, which weights the Space loads (the bundled GGUF the controllers were
-calibrated on, or the hub's copy), what to upload, and which requirements file and Python
-version each hardware gets (docs/deploy.md, "The manifest"). A bad manifest
-raises `ManifestError` naming the field, before anything else happens.
+manifest: the default Space name, hardware and visibility, plain variables (never secrets:
+one that looks like a secret is refused, `secret_variable_problem`), the storage bucket
+mount, which weights the Space loads (the bundled GGUF the controllers were calibrated on,
+or the hub's copy), what to upload, and which requirements file and Python version each
+hardware gets (docs/deploy.md, "The manifest"). A bad manifest raises `ManifestError`
+naming the field, before anything else happens.
 
 Pure reading and checking: never touches the network, never writes, never calls the Hub
 (only huggingface_hub's list of hardware names and its repo-id rules, `hub_name_problem`,
@@ -34,6 +35,13 @@ PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# A plain Space variable is readable by anyone who can see the Space; these look like secrets
+# and must be Space secrets instead (docs/deploy.md, "The manifest"): a name with one of
+# SECRET_WORDS as a word part (split at "_", any case: HF_TOKEN, OPENAI_API_KEY, but not
+# MAX_NEW_TOKENS or KEYBOARD_LAYOUT), or a value holding a Hugging Face token (hf_ and at
+# least 20 letters and digits in a row; real ones have 34).
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "APIKEY", "CREDENTIALS")
+_HF_TOKEN = re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}")
 
 # Which weights the Space loads (docs/deploy.md, "The model on a Space"): the GGUF that the
 # controllers were calibrated on, uploaded into the Space, or the hub's safetensors.
@@ -235,10 +243,30 @@ def _model(c: _Checker, raw: Any) -> SpaceModel:
     )
 
 
+def secret_variable_problem(name: str, value: Any) -> str | None:
+    """Why a plain variable `name`=`value` looks like a secret (SECRET_WORDS, a Hugging Face
+    token in the value), or None. Never quotes the value."""
+    words = [w for w in name.upper().split("_") if w in SECRET_WORDS]
+    if words:
+        return f"its name has the word {words[0]}"
+    if isinstance(value, str) and _HF_TOKEN.search(value):
+        return "its value holds a Hugging Face token (hf_ and a long run of letters and digits)"
+    return None
+
+
 def _variables(c: _Checker, raw: Any) -> dict[str, str]:
     m = c.mapping(raw, "variables", None, set())
     out = {}
     for key, value in m.items():
+        # before any check that could quote the value
+        why = secret_variable_problem(key, value)
+        if why is not None:
+            raise c.fail(
+                f"variables.{key}",
+                f"looks like a secret ({why}); a plain variable is readable by anyone who "
+                "can see the Space: take it out of the Spacefile and set it as a Space secret "
+                "(the Space's Settings, Variables and secrets)",
+            )
         name = c.match(key, f"variables.{key}", _ENV_NAME, "an environment variable name")
         # A YAML `False` or `1` would reach the Space as "False"/"1" anyway; asking for a
         # quoted string keeps the manifest saying exactly what the Space gets.

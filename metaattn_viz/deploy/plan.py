@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -38,8 +40,9 @@ REQUIREMENTS = "requirements.txt"
 GENERATED = (README, REQUIREMENTS)
 # The Hub refuses a push of a binary file over about 1 MB that is not stored through LFS/Xet.
 PLAIN_BINARY_LIMIT = 1_000_000
-# File names that hold secrets by convention: a plan that would upload one has a problem, so
-# nothing goes up (the upload takes untracked files git does not ignore: a stray one would).
+# File names that hold secrets by convention, matched in any case (prod.ENV too): a plan that
+# would upload one has a problem, so nothing goes up (the upload takes untracked files git
+# does not ignore: a stray one would).
 SECRET_NAMES = (
     ".env",
     ".env.*",
@@ -50,6 +53,12 @@ SECRET_NAMES = (
     "*.key",
     "id_rsa*",
     "id_ed25519*",
+)
+# What a deploy does to the Space's other variables; the dry run, offline, cannot know which
+# the Space has, so it says the rule (with the names it knows a past deploy may have set).
+UNSET_RULE = (
+    "every other variable on the Space{known}, and any the Spacefile no longer names "
+    "(the Space's secrets stay)"
 )
 _FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.DOTALL)
 _PIN = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;#]+)")
@@ -100,7 +109,9 @@ class DeployPlan:
     readme_text: str
     requirements_text: str
     weights: str = HUB  # which weights the Space loads (manifest.BUNDLED_GGUF or HUB)
-    unset_variables: tuple[str, ...] = ()  # removed from the Space if a past deploy set them
+    # named in the dry run: what a past deploy set that this plan does not; a deploy removes
+    # every variable on the Space that `variables` does not set (`removed_variables`)
+    unset_variables: tuple[str, ...] = ()
     problems: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
 
@@ -117,6 +128,13 @@ class DeployPlan:
         """Whether the deploy removes the Space's volumes: with `storage: null`, a bucket a
         past deploy mounted must not stay mounted (with METAATTN_DATA pointing into it)."""
         return self.storage is None
+
+    def removed_variables(self, on_space: Iterable[str]) -> tuple[str, ...]:
+        """Which of the Space's variables `on_space` (names) a deploy deletes: every one this
+        plan does not set. The Spacefile owns the variables, so one an operator took out of
+        it (METAATTN_SHARED_LOG=1 shares every visitor's runs) must not stay set. Secrets are
+        not variables: the Hub keeps them apart, and a deploy never touches them."""
+        return tuple(sorted(set(on_space) - set(self.variables)))
 
     @property
     def total_bytes(self) -> int:
@@ -136,6 +154,7 @@ class DeployPlan:
             "total_bytes": self.total_bytes,
             "variables": self.variables,
             "unset_variables": list(self.unset_variables),
+            "unset_other_variables": True,  # every variable on the Space not in `variables`
             "remove_volumes": self.remove_volumes,
             "storage": None
             if self.storage is None
@@ -171,8 +190,7 @@ class DeployPlan:
                 f"{self.storage.env}={self.storage.data_dir}"
             )
         lines.append("variables  " + (", ".join(f"{k}={v}" for k, v in self.variables.items()) or "none"))
-        if self.unset_variables:
-            lines.append("unset      " + ", ".join(self.unset_variables) + " (those a past deploy set)")
+        lines.append("unset      " + UNSET_RULE.format(known=_known_unset(self.unset_variables)))
         if self.weights == BUNDLED_GGUF:
             lines.append(f"weights    the bundled GGUF the controllers were calibrated on ({MODEL_ENV})")
         else:
@@ -209,8 +227,12 @@ class DeployPlan:
             target.parent.mkdir(parents=True, exist_ok=True)
             if f.generated:
                 target.write_text(generated[f.path], encoding="utf-8")
-            else:
-                shutil.copy2(Path(f.source) if f.source else root / f.path, target)
+            elif f.source:  # the one file from outside, by its path on this machine
+                shutil.copy2(Path(f.source), target)
+            else:  # a link made after planning would upload whatever it points at
+                if (link := link_target(root, f.path)) is not None:
+                    raise ValueError(f"{f.path} is a symbolic link to {link} since the plan was made")
+                shutil.copy2(root / f.path, target, follow_symlinks=False)
 
 
 def build_plan(
@@ -281,6 +303,14 @@ def build_plan(
             continue
         if path in outside:
             files.append(outside[path])
+            continue
+        link = link_target(root, path)
+        if link is not None:
+            problems.append(
+                f"{path} is a symbolic link, or lies under one, to {link}: a deploy uploads "
+                "no links (the file would go up from wherever it points); put the file itself "
+                "there, or add it to upload.exclude"
+            )
             continue
         if looks_secret(path):
             problems.append(
@@ -392,9 +422,22 @@ def front_matter(
 
 
 def looks_secret(path: str) -> bool:
-    """Whether a file's name is one that holds secrets by convention (SECRET_NAMES)."""
-    name = PurePosixPath(path).name
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_NAMES)
+    """Whether a file's name is one that holds secrets by convention (SECRET_NAMES), in any
+    case: `prod.ENV` and `ID_RSA` hold the same secrets as `prod.env` and `id_rsa`."""
+    name = PurePosixPath(path).name.lower()
+    return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in SECRET_NAMES)
+
+
+def link_target(root: Path, path: str) -> Path | None:
+    """Where a symbolic link takes `path` of checkout `root` (the file itself is a link, or a
+    folder above it inside the checkout is), or None for a plain file there. The upload
+    would read the file it points at, which may lie outside the checkout (~/secret.txt)."""
+    literal = root.resolve() / path
+    try:
+        real = literal.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return Path(os.readlink(literal)) if literal.is_symlink() else literal
+    return None if real == literal else real
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -437,9 +480,12 @@ def lfs_covered(root: Path, paths: list[str]) -> dict[str, bool]:
 
 
 def _checkout_files(root: Path) -> list[str]:
-    """Files of the checkout that exist: tracked, plus untracked ones git does not ignore."""
+    """Files of the checkout that exist: tracked, plus untracked ones git does not ignore.
+    Links are kept whatever they point at (a folder, nothing): the plan refuses them."""
     out = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-    return [p for p in dict.fromkeys(out.split("\0")) if p and (root / p).is_file()]
+    return [
+        p for p in dict.fromkeys(out.split("\0")) if p and ((root / p).is_file() or (root / p).is_symlink())
+    ]
 
 
 def _git(root: Path, *args: str, stdin: str | None = None) -> str:
@@ -456,6 +502,12 @@ def _git(root: Path, *args: str, stdin: str | None = None) -> str:
 
 def _dump_front_matter(front: dict[str, Any]) -> str:
     return yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000)
+
+
+def _known_unset(names: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    return f": {', '.join(names)} if a past deploy set {'it' if len(names) == 1 else 'them'}"
 
 
 def _human(n: int) -> str:
