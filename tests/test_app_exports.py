@@ -582,6 +582,15 @@ def test_serve_mcp_is_refused_where_visitors_runs_are_kept_apart(monkeypatch, ca
     assert server.mcp_problem(True) is None
 
 
+@pytest.mark.parametrize("empty", [None, "", "  "])
+def test_an_empty_number_box_is_said_as_empty(empty):
+    """A Seed (or any number) box left empty: a sentence, not "got None"."""
+    with pytest.raises(AppError, match=r"^Seed is empty: give a number between 0 and 2,147,483,647\.$"):
+        parse_request(PROMPT, parse_settings(0.4), max_new_tokens=5, quality=False, chat=False, seed=empty)
+    with pytest.raises(AppError, match=r"^Max new tokens is empty: give a number between 0 and "):
+        parse_request(PROMPT, parse_settings(0.4), max_new_tokens=empty, quality=False, chat=False)
+
+
 def test_a_links_values_land_on_the_controls_within_their_ranges():
     import gradio as gr
 

@@ -714,6 +714,14 @@ def test_the_deployment_comes_from_the_environment(monkeypatch):
     assert space.limits.max_size == 7
 
 
+def test_the_header_starts_each_sentence_with_a_capital(engine):
+    base = engine.status()
+    line = display.status_markdown(base)
+    assert ". Runs logged to `" in line and ". runs" not in line
+    off = {**base, "logging": False, "log_problem": "the log is locked"}
+    assert ". Runs not logged: the log is locked." in display.status_markdown(off)
+
+
 def test_the_header_says_who_sees_the_runs_whether_they_last_and_when_it_is_busy(engine):
     base = engine.status()
     assert base["public"] is False and base["runs_visible_to"] == "everyone"

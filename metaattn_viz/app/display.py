@@ -60,11 +60,11 @@ def status_markdown(status: dict) -> str:
             if c.get("weights_notice"):
                 model += f". \u26a0 {kind} controllers: {c['weights_notice']}"
     if not s["logging"]:
-        logging_ = f"runs not logged: {s['log_problem']}"
+        logging_ = f"Runs not logged: {s['log_problem']}"
     elif s.get("log_problem"):  # open, but the last write failed (a full disk)
-        logging_ = f"runs logged to `{s['log_path']}`, but the last write failed. {s['log_problem']}"
+        logging_ = f"Runs logged to `{s['log_path']}`, but the last write failed. {s['log_problem']}"
     else:
-        logging_ = f"runs logged to `{s['log_path']}`"
+        logging_ = f"Runs logged to `{s['log_path']}`"
     line = f"{model}. {logging_}. At most {s['max_context']} tokens are routed."
     notes = [n for n in (visibility_note(s), storage_note(s), queue_note(s)) if n]
     return line + "".join(f"\n\n{n}" for n in notes)

@@ -118,8 +118,11 @@ def _bound(x: float) -> str:
 
 
 def number(name: str, value, lo: float, hi: float) -> float:
-    """`value` as a finite float in [lo, hi], or AppError naming the control `name`."""
+    """`value` as a finite float in [lo, hi], or AppError naming the control `name` (an
+    empty box, None or blank, said as such)."""
     span = f"{_bound(lo)} and {_bound(hi)}"
+    if value is None or (isinstance(value, str) and not value.strip()):  # a box left empty
+        raise AppError(f"{name} is empty: give a number between {span}.")
     try:
         v = float(value)
     except (TypeError, ValueError):
