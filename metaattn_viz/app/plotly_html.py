@@ -49,11 +49,13 @@ function plotConfig() {
   return config;
 }
 // On a narrow screen (a phone) the title and the toolbar, both at the top, overlap and the
-// one-line title and notes run past the right edge: smaller type, lines broken to the
-// width, and the toolbar gets a strip of its own above the title (upright at the right, it
-// covered the colorbars' labels).
+// one-line title and notes run past the right edge (a placeholder's centred message past
+// both): smaller type, lines broken to the width, and the toolbar gets a strip of its own
+// above the title (upright at the right, it covered the colorbars' labels). A ternary
+// leaves room at its right for the colorbar (its corner's "local" met the colorbar's ticks).
 const NARROW_PX = 640;
 const TOOLBAR_PX = 30;  // the height of plotly's toolbar strip
+const TERNARY_SHARE = 0.84;  // of the plot area's width, for the triangle (the rest: its corner's label)
 function wrapped(text, chars) {
   // break at spaces into lines of at most `chars` visible characters (tags do not count)
   const lines = [];
@@ -78,7 +80,15 @@ function narrowed(layout) {
   let extra = 0;  // px more at the top: the title's extra lines, and a top note's
   if (out.annotations) {
     out.annotations = out.annotations.map((a) => {
-      if (a.xanchor !== 'left') return a;
+      if (a.xanchor !== 'left') {
+        // centred on the plot area (a placeholder), off the figure's middle by half the
+        // margins' difference: lines as wide as the room on its nearer edge allows
+        const m = out.margin || {};
+        const room = width - Math.abs((m.l ?? 80) - (m.r ?? 80)) - 16;
+        const text = wrapped(a.text || '', Math.max(12, Math.floor(room / 7.5)));
+        const font = Object.assign({}, a.font, {size: Math.min((a.font || {}).size || 12, 12)});
+        return Object.assign({}, a, {text: text, align: 'center', font: font});
+      }
       const text = wrapped(a.text || '', Math.floor(width / 6.5));
       if ((a.y || 0) >= 0.99) extra = Math.max(extra, 11 * (count(text) - 1));
       const font = Object.assign({}, a.font, {size: Math.min((a.font || {}).size || 12, 9)});
@@ -94,6 +104,9 @@ function narrowed(layout) {
       // from the top down, below the toolbar's strip and above the notes
       yref: 'container', y: 1, yanchor: 'top', pad: {t: 16 + TOOLBAR_PX},
     });
+  }
+  if (out.ternary) {
+    out.ternary = Object.assign({}, out.ternary, {domain: {x: [0, TERNARY_SHARE], y: [0, 1]}});
   }
   extra += TOOLBAR_PX;
   out.margin = Object.assign({}, out.margin, {t: ((out.margin || {}).t || 60) + extra});

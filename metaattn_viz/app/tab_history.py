@@ -4,9 +4,9 @@ them; the read-only SQL console; the log as a download.
 
 `HistoryTab(tab)` builds the components (inside the page's gr.Tab `tab`) and
 `wire(engine, live, tabs)` attaches their events; a replay fills the Live tab's views and
-controls and switches to it. Callbacks are thin adapters over `engine.history`, each
-reading only the runs its visitor may see (engine.deployment.reader). Never holds model or
-store logic of its own.
+controls and switches to it (refused while the tab's generation runs). Callbacks are thin
+adapters over `engine.history`, each reading only the runs its visitor may see
+(engine.deployment.reader). Never holds model or store logic of its own.
 """
 
 from __future__ import annotations
@@ -43,9 +43,14 @@ DEFAULT_SQL = (
     "FROM routes GROUP BY layer ORDER BY layer"
 )
 # The columns DEFAULT_SQL answers with: the console's table shows them before the first
-# query, rather than Gradio's placeholder columns "1 2 3" (a test runs the query).
+# query, rather than Gradio's placeholder columns "1 2 3" (a test runs the query). They are
+# the first value's columns, not the table's `headers`: Gradio labels a table with no
+# columns (sql_started's) with its `headers`, which showed them again after a refused query.
 DEFAULT_SQL_COLUMNS = ["layer", "full_share", "mean_uncertainty"]
 COMPARE_MAP_HEIGHT = 360
+# Replay refused while the tab's generation streams (re-route's refusal, tab_live.py, says
+# the same first sentence)
+REPLAY_WHILE_GENERATING = "A generation is running: stop it first, then replay the run."
 
 
 class HistoryTab:
@@ -115,7 +120,9 @@ class HistoryTab:
             self.sql_run = gr.Button("Run query", elem_id="sql-run")
             self.sql_note = gr.Markdown("", elem_id="sql-note")
             self.sql_result = gr.Dataframe(
-                headers=DEFAULT_SQL_COLUMNS,
+                pd.DataFrame(columns=DEFAULT_SQL_COLUMNS),
+                headers=[],  # a table without columns is shown without any (not "1 2 3")
+                column_count=0,
                 interactive=False,
                 max_height=360,
                 wrap=False,
@@ -205,6 +212,13 @@ class HistoryTab:
 
         @user_errors("replaying the run")
         def replay(run_id, measure, request: gr.Request):
+            # The stream of a running generation would draw over the replayed run, and the
+            # page end on the generated run under the replayed run's prompt and controls:
+            # refused, the page left as it is (as live_reroute refuses a re-route)
+            key = session_of(request)
+            if key is not None and engine.generations.running(key):
+                gr.Warning(REPLAY_WHILE_GENERATING)
+                return gr.skip()
             trace, status = history.replay_with_status(run_id, reader(request))
             return {
                 **live.show_run(trace, measure),
@@ -243,7 +257,8 @@ class HistoryTab:
         def sql_started():
             """The earlier answer and its note go before a query runs, so that a refused or
             failed query (its message is the error toast) leaves neither standing as if it
-            were this query's (nor a "running" note that never ends)."""
+            were this query's (nor a "running" note that never ends): a table with no
+            columns, shown without any (the default query's stood over it)."""
             return pd.DataFrame(), ""
 
         self.sql_run.click(
