@@ -326,6 +326,22 @@ def test_sigterm_ends_the_run_in_flight_as_interrupted(tmp_path):
     assert "terminate called" not in log and "Traceback" not in log, log
 
 
+def test_a_stop_signal_stops_the_generations_before_gradio_closes():
+    """SIGTERM/SIGINT tell the generations to stop at once, then end Gradio's wait loop:
+    stopped only in `serve`'s finally, after Gradio's close waited up to 5 s on the open
+    streams, a generation decoded on for those seconds."""
+    from types import SimpleNamespace
+
+    from metaattn_viz.app import server
+
+    calls = []
+    gens = SimpleNamespace(stop_all=lambda wait=10.0: calls.append(wait))
+    handler = server.stop_handler(SimpleNamespace(generations=gens))
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGTERM, None)
+    assert calls == [0.0]  # told at once, not waited for here
+
+
 def _run_ids(client) -> set[str]:
     q = _ask(client, "/sql", query="SELECT run_id FROM runs")
     return {row[0] for row in q["rows"]}

@@ -109,7 +109,7 @@ def serve(
         "public" if deployment.public else "local",
         "their owner" if deployment.scoped else "everyone",
     )
-    _stop_on_sigterm()
+    _stop_on_signals(demo.engine)
     try:
         try:
             # api_open=False: the direct REST routes (POST /gradio_api/run/<name>) would skip
@@ -137,17 +137,29 @@ def serve(
         demo.engine.close()
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (a container or Space stopping, `kill`) ends the server as Ctrl-C does:
-    Gradio's wait loop returns on KeyboardInterrupt, then `serve` closes the engine.
-    Python's default for SIGTERM is to die at once, without a word in the log."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread
+def stop_handler(engine):
+    """The handler of SIGTERM and SIGINT: the running generations are told to stop at once
+    (after their current token, as "interrupted"), then KeyboardInterrupt ends Gradio's wait
+    loop and `serve` closes the engine. Gradio's close waits up to 5 s for open event
+    streams first: stopped only then, a generation decoded on for those seconds, past a
+    container's stop grace (Docker's 10 s) with what came after."""
 
     def interrupt(signum, frame):
+        engine.generations.stop_all(wait=0.0)  # stop now; engine.close() waits for them
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    return interrupt
+
+
+def _stop_on_signals(engine) -> None:
+    """SIGTERM (a container or Space stopping, `kill`) ends the server as Ctrl-C does
+    (stop_handler). Python's default for SIGTERM is to die at once, without a word in the
+    log."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    handler = stop_handler(engine)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def _assets_dir():
