@@ -26,10 +26,14 @@ from metaattn_viz.app.exports import Downloads, run_label
 from metaattn_viz.app.live_exports import download, download_button, no_download
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
 from metaattn_viz.app.shown_frame import shown_frame
-from metaattn_viz.app.ui_errors import user_errors
+from metaattn_viz.app.ui_errors import user_errors, warn
 from metaattn_viz.core.trace import RoutingTrace
 
 PICK_A_TOKEN = "Pick a token to see the attention it used."
+# while a run streams the page's trace is still the previous run (live_stream.py)
+INSPECT_WHILE_STREAMING = (
+    "A generation is running: the inspector works on its tokens once it ends (or stop it first)."
+)
 # On a phone (390 px) two figures or tables side by side were 124-160 px wide each: a row's
 # children get this width at least, and the row wraps below it.
 FIGURE_MIN_PX = 340
@@ -149,8 +153,12 @@ class TokenInspector:
             return {}
         return {**self._inspected(trace, pos, request), self.pos: pos}
 
-    def wire(self, engine: Engine, downloads: Downloads, trace: gr.State, strip: gr.HighlightedText) -> None:
-        """Inspect on the button and on a click in the token `strip`; `trace`: the page's."""
+    def wire(
+        self, engine: Engine, downloads: Downloads, trace: gr.State, strip: gr.HighlightedText, streaming
+    ) -> None:
+        """Inspect on the button and on a click in the token `strip`; `trace`: the page's;
+        `streaming(session)`: whether a run streams there (live_stream.Streams.streaming),
+        whose tokens are not in `trace` yet: the inspector says so and waits for its end."""
 
         def inspected(shown: RoutingTrace, pos: int, request) -> dict:
             """The inspector's views of token `pos` of `shown`."""
@@ -182,13 +190,18 @@ class TokenInspector:
 
         @user_errors("inspecting the token")
         def inspect_token(shown, pos, request: gr.Request):
+            if streaming(session_of(request)):
+                warn([INSPECT_WHILE_STREAMING])
+                return gr.skip()
             if shown is None or shown.n_tokens == 0:
                 raise AppError("Nothing to inspect yet: generate (or replay) a text first.")
             return inspected(shown, min(max(int(pos), 0), shown.n_tokens - 1), request)
 
         self.inspect.click(inspect_token, [trace, self.pos], self.outputs, api_visibility="private")
 
-        def pick_token(evt: gr.SelectData):
+        def pick_token(evt: gr.SelectData, request: gr.Request):
+            if streaming(session_of(request)):  # the slider spans the previous run
+                return gr.skip()
             return evt.index if isinstance(evt.index, int) else evt.index[0]
 
         strip.select(pick_token, None, self.pos, api_visibility="private", queue=False).then(
@@ -267,4 +280,11 @@ class BudgetSweep:
         )
 
 
-__all__ = ["BudgetSweep", "PICK_A_TOKEN", "TokenInspector", "shown_key", "sweep_note"]
+__all__ = [
+    "BudgetSweep",
+    "INSPECT_WHILE_STREAMING",
+    "PICK_A_TOKEN",
+    "TokenInspector",
+    "shown_key",
+    "sweep_note",
+]

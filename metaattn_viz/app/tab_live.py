@@ -11,7 +11,8 @@ component, never by position. The controls start at the project's defaults
 page is kept in `trace_events`, so the Export and share panel (live_exports.py) refreshes
 after each. A replay or a shared link sets the model dropdown to the run's model where this
 server offers it (models.offered_model), and says which model Generate uses where it does
-not (models.missing_model_note). Never holds model logic of its own.
+not (models.missing_model_note). While a run streams the page's trace is still the previous
+run's: `streams` (live_stream.py) tells the events that read it. Never holds model logic.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.live_exports import ExportPanel
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX, BudgetSweep, TokenInspector
+from metaattn_viz.app.live_stream import Streams
 from metaattn_viz.app.models import missing_model_note, offered_model
 from metaattn_viz.app.plotly_html import plotly_view
 from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request
@@ -71,6 +73,7 @@ class LiveTab:
         app/examples.py; replayed with no model), else empty placeholders."""
         self.trace = trace  # the page's current RoutingTrace (None before the first run)
         self.trace_events: list = []  # events after which the page shows a new trace
+        self.streams = Streams()  # the runs streaming now (the trace is the previous run's)
         empty = initial if initial is not None else plots.empty_trace()
         models = models or []
         with gr.Row():
@@ -340,7 +343,7 @@ class LiveTab:
     # The callbacks' names are their (private) endpoints' names; the named API endpoints
     # (api.py) own "generate" and "reroute".
     def wire(self, engine: Engine, downloads: Downloads) -> None:
-        self.inspector.wire(engine, downloads, self.trace, self.strip)
+        self.inspector.wire(engine, downloads, self.trace, self.strip, self.streams.streaming)
         self.sweep.wire(engine, downloads, self.trace, self.routing)
         self._wire_generation(engine)
         self._wire_reroute(engine)
@@ -381,18 +384,20 @@ class LiveTab:
             )
             key = session_of(request)
             job = engine.generations.start(req, key=key, owner=engine.deployment.owner(key))
-            yield {self.run_status: "Routing the prompt\u2026"}
-            warned, last = 0, None
+            # the frames draw the measure and view picked now, or later while the run streams
+            stream = self.streams.open(key, (data[self.measure], bool(data[self.relative])))
+            warned, last, drawn = 0, None, None
             try:
+                yield {self.run_status: "Routing the prompt\u2026"}
                 for snap in job.updates():
                     if len(job.notes) > warned:
                         warn(job.notes[warned:])
                         warned = len(job.notes)
                     if snap is None:
                         continue
-                    last = snap
+                    last, drawn = snap, stream.view
                     out = {
-                        **self.show(snap, data[self.measure], data[self.relative]),
+                        **self.show(snap, *drawn),
                         self.run_status: display.run_status(job, snap),
                     }
                     if job.done:
@@ -400,8 +405,11 @@ class LiveTab:
                         out.update({self.trace: snap, self.inspector.pos: positions})
                     yield out
             finally:
+                again = self.streams.close(key, stream, drawn)
                 if not job.done:  # the page went away: the visitor ended the run ("stopped")
                     job.stop()
+            if again is not None:  # a measure or view picked as the last frame went out
+                yield {self.maps: plots.routing_maps_json(last, again[0], relative=again[1])}
             if len(job.notes) > warned:
                 warn(job.notes[warned:])
             if job.error is not None:
@@ -451,11 +459,26 @@ class LiveTab:
         self.trace_events.append(generated)
         self.follow(generated)
 
-        def stop(request: gr.Request):
-            if request is not None and engine.generations.stop(request.session_hash):
+        stopping = gr.State(False)  # whether the last Stop ended a run (its toast follows)
+
+        def stop(request: gr.Request):  # not queued: it acts at once, even with a full queue
+            return request is not None and engine.generations.stop(session_of(request))
+
+        def say_stopping(stopped):
+            if stopped:
                 gr.Info("Stopping the generation\u2026")
 
-        self.stop.click(stop, None, None, api_visibility="private", queue=False)
+        # a toast shows from a queued event only (Gradio prints it otherwise): in a group
+        # of its own, never waiting behind a generation
+        self.stop.click(stop, None, stopping, api_visibility="private", queue=False).then(
+            say_stopping,
+            stopping,
+            None,
+            api_visibility="private",
+            concurrency_id="notices",
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
 
         def pick_model(model):  # load a newly picked model while the visitor types
             if model:
@@ -553,7 +576,9 @@ class LiveTab:
         self.follow(rerouted)
 
         @user_errors("redrawing the maps")
-        def redraw_maps(trace, measure, relative):
+        def redraw_maps(trace, measure, relative, request: gr.Request):
+            if self.streams.pick(session_of(request), (measure, bool(relative))):
+                return gr.skip()  # the run's frames draw it: the trace is the previous run's
             shown = trace if trace is not None else plots.empty_trace()
             return plots.routing_maps_json(shown, measure, relative=bool(relative))
 
