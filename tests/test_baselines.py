@@ -15,7 +15,13 @@ from metaattn_viz.core.settings import RoutingSettings
 from metaattn_viz.core.variety import layer_majority, routing_variety
 from metaattn_viz.routing.model import kl_per_token
 from metaattn_viz.training import layer_maps, oracle
-from metaattn_viz.training.baselines import layer_map_policy, routes_policy, units_within
+from metaattn_viz.training.baselines import (
+    layer_map_policy,
+    random_policy,
+    routes_policy,
+    salience_policy,
+    units_within,
+)
 from metaattn_viz.training.evaluate import evaluate
 from metaattn_viz.training.report import paired_differences, tables
 
@@ -73,6 +79,20 @@ def test_units_within_never_exceeds_the_budget():
             assert cost > b - (COSTS[hi] - COSTS[lo]) / n - 1e-9  # no unit left unspent
     assert units_within(0.5, 30) == (FULL, LOCAL, 8)  # (8 + 22 * 0.3) / 30 = 0.4867
     assert units_within(0.1, 30) is None
+
+
+@pytest.mark.parametrize("make", [lambda b: random_policy(b, seed=0), salience_policy])
+def test_random_and_salience_spend_what_units_within_gives_never_past_the_budget(make):
+    """They rounded to the nearest count: at B = 0.75 a window of 256 tokens spent 0.751."""
+    for n in (1, 7, 30, 256):
+        x = torch.randn(1, n, 8, generator=torch.Generator().manual_seed(n))
+        for b in (0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0):
+            d = make(b)(0, x, torch.zeros(n, 3), torch.zeros(n))
+            hi, lo, k = units_within(b, n)
+            assert set(d.routes.tolist()) <= {hi, lo} and int((d.routes == hi).sum()) == k, (b, n)
+            assert float(d.cost.mean()) <= b + 1e-6, (b, n)
+    with pytest.raises(ValueError, match=r"budget 0.1 is below the cheapest cost: give at least 0.15"):
+        make(0.1)
 
 
 def test_units_within_at_least_reaches_the_budget_with_the_fewest_units():

@@ -243,3 +243,49 @@ def test_several_controllers_with_one_out_get_a_subfolder_each(tmp_path, capsys)
         table = LambdaTable.from_json((out / kind / lambda_table.FILE).read_text())
         shipped = ControllerStack.load(default_folder("smollm2-135m-instruct", kind))
         assert table.controller_hash == shipped.content_hash(), kind
+
+
+def test_every_controller_s_folder_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """`--out OUT` with two controllers where OUT/priorfree is a file: refused before the
+    model loads (the Bayesian table was written, the prior-free one computed, then a
+    FileExistsError), and nothing is made; so is a table file that is a folder."""
+    from helpers import Reached, cli_refused
+
+    from metaattn_viz.routing.model import RoutedModel
+
+    def load(*args, **kwargs):
+        raise Reached("the model was loaded")
+
+    monkeypatch.setattr(RoutedModel, "load", staticmethod(load))
+    out = tmp_path / "tables"
+    out.mkdir()
+    (out / "priorfree").write_text("x")
+    line = cli_refused(["lambda-table", "--controllers", "bayes,priorfree", "--out", str(out)], capsys)
+    assert f"--out {out / 'priorfree'} is a file, not a folder" in line
+    assert sorted(p.name for p in out.iterdir()) == ["priorfree"]
+    (out / "priorfree").unlink()
+    (out / "priorfree" / lambda_table.FILE).mkdir(parents=True)
+    line = cli_refused(["lambda-table", "--controllers", "bayes,priorfree", "--out", str(out)], capsys)
+    assert f"{out / 'priorfree' / lambda_table.FILE} is a folder" in line
+
+
+def test_the_controllers_own_folders_are_checked_before_the_tables(tmp_path, capsys, monkeypatch):
+    from helpers import cli_refused
+
+    import metaattn_viz.routing.controller as controller_mod
+    from metaattn_viz.routing.model import RoutedModel
+
+    r = routed_tiny(seed=1)
+    for kind in ("bayes", "priorfree"):
+        r.controller(kind).trained = True
+    monkeypatch.setattr(RoutedModel, "load", staticmethod(lambda *a, **k: r))
+    monkeypatch.setattr(controller_mod, "default_folder", lambda slug, kind: tmp_path / slug / kind)
+
+    def build(*args, **kwargs):
+        raise AssertionError("a table was built")
+
+    monkeypatch.setattr(lambda_table, "build", build)
+    (tmp_path / r.slug).mkdir()
+    (tmp_path / r.slug / "priorfree").write_text("x")
+    line = cli_refused(["lambda-table", "--controllers", "bayes,priorfree", "--lengths", "32"], capsys)
+    assert f"the controller's folder {tmp_path / r.slug / 'priorfree'} is a file, not a folder" in line

@@ -463,13 +463,19 @@ def _cmd_eval(args) -> int:
         for row in rows:
             progress(row)
     if report is not None:
-        from metaattn_viz.training.report import write_report
+        from pathlib import Path
+
+        from metaattn_viz.training.report import PLOT_FILE, write_report
 
         cmd = shlex.join(["metaattn-viz", *args.argv])  # quoted: it reruns as written
         try:
             write_report(rows, report, cmd)
-        except OSError as exc:
-            raise UserError(f"--report {report}: {exc.strerror or exc} (the rows are above)") from None
+        except OSError as exc:  # name the path that failed: the plot is written after the report
+            failed = report if exc.filename is None else Path(os.fsdecode(exc.filename))
+            what = "" if failed == report else f": {failed}"
+            if failed.name == PLOT_FILE:
+                what = f" was written, but not its plot {failed}"
+            raise UserError(f"--report {report}{what}: {exc.strerror or exc} (the rows are above)") from None
     return 0
 
 

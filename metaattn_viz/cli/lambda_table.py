@@ -94,13 +94,35 @@ def _command(args, kind: str, lengths: tuple[int, ...], budgets: tuple[float, ..
     return " ".join(words)
 
 
+def _folders(out: Path | None, kinds: list[str], slug: str | None) -> dict[str, Path]:
+    """Where each controller's table goes: `out` (one controller), OUT/<kind> (several: they
+    never share one file), or without `out` the controller's own folder (`slug`: the
+    model's; None: unknown before it loads, and those are left out)."""
+    from metaattn_viz.routing.controller import default_folder
+
+    if out is None:
+        return {} if slug is None else {k: default_folder(slug, k) for k in kinds}
+    return {k: out / k if len(kinds) > 1 else out for k in kinds}
+
+
+def _check_folders(folders: dict[str, Path], flag: str) -> None:
+    """UserError naming `flag` for a table folder (or its table file) that cannot be written,
+    before the tables' minutes of work: a table made must not be lost, nor left alone."""
+    from metaattn_viz.cli.outputs import check_output
+    from metaattn_viz.routing import lambda_table
+
+    for folder in folders.values():
+        check_output(folder, flag, folder=True)
+        check_output(folder / lambda_table.FILE, flag, folder=False)
+
+
 def _cmd_lambda_table(args) -> int:
     from metaattn_viz.cli import UserError
     from metaattn_viz.cli.outputs import check_output
     from metaattn_viz.core.settings import DEFAULTS
     from metaattn_viz.paths import REPO_ROOT
     from metaattn_viz.routing import lambda_table
-    from metaattn_viz.routing.controller import KINDS, default_folder
+    from metaattn_viz.routing.controller import KINDS
     from metaattn_viz.routing.model import RoutedModel
     from metaattn_viz.training import data as data_mod
 
@@ -110,6 +132,7 @@ def _cmd_lambda_table(args) -> int:
     kinds = [k.strip() for k in args.controllers.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds):
         raise UserError(f"--controllers must name some of {', '.join(KINDS)}, got {args.controllers!r}")
+    _check_folders(_folders(out_arg, kinds, None), "--out")  # each controller's, before any work
     if args.texts < 1:
         raise UserError(f"--texts must be at least 1, got {args.texts}")
     data = Path(args.data) if args.data else REPO_ROOT / "corpus" / "wikitext2" / "wiki.dev.raw"
@@ -122,6 +145,9 @@ def _cmd_lambda_table(args) -> int:
     untrained = [k for k in kinds if not routed.controller(k).trained]
     if untrained:
         raise UserError(f"no trained {', '.join(untrained)} controllers (`make calibrate`)")
+    folders = _folders(out_arg, kinds, routed.slug)
+    if out_arg is None:  # the controllers' own folders, known once the model has loaded
+        _check_folders(folders, "the controller's folder")
     # window 0 is left out: the benchmark's text (bench/model.py) opens the calibration split,
     # so that the prefill row of `bench` routes a text the table was not made from
     tokens = lengths[-1]
@@ -147,10 +173,7 @@ def _cmd_lambda_table(args) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": _command(args, kind, lengths, budgets),
         }
-        if out_arg is None:
-            out = default_folder(routed.slug, kind)
-        else:  # several tables never share one file
-            out = out_arg / kind if len(kinds) > 1 else out_arg
+        out = folders[kind]
         out.mkdir(parents=True, exist_ok=True)
         path = out / lambda_table.FILE
         tmp = path.with_suffix(".json.tmp")  # a run stopped halfway leaves the old table whole

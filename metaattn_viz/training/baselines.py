@@ -17,7 +17,7 @@ Pure functions of their inputs; never runs the model or decides from a controlle
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -69,14 +69,29 @@ def static_policy(expert: int) -> Baseline:
     return policy
 
 
+def _spending(budget: float) -> Callable[[int], tuple[int, int, int]]:
+    """``units_within(budget, n)`` as a function of `n`; ValueError for a budget below the
+    cheapest cost, which no baseline meets."""
+    if units_within(budget, 1) is None:
+        raise ValueError(f"budget {budget:g} is below the cheapest cost: give at least {COSTS[LINEAR]:g}")
+
+    def spend(n: int) -> tuple[int, int, int]:
+        within = units_within(budget, n)
+        assert within is not None  # None depends on the budget alone
+        return within
+
+    return spend
+
+
 def random_policy(budget: float, seed: int) -> Baseline:
-    """Each layer sends a random share of its tokens to the expensive expert."""
-    hi, lo, share = budget_shares(budget)
+    """Each layer sends a random share of its tokens to the expensive expert: as many as
+    ``units_within`` gives, so the notional cost never passes the budget."""
+    spend = _spending(budget)
     gen = torch.Generator().manual_seed(seed)
 
     def policy(layer, x, m, unc):
         n = m.shape[0]
-        k = int(round(share * n))
+        hi, lo, k = spend(n)
         pick = torch.randperm(n, generator=gen)[:k]
         routes = torch.full((n,), lo, dtype=torch.long)
         routes[pick] = hi
@@ -86,13 +101,14 @@ def random_policy(budget: float, seed: int) -> Baseline:
 
 
 def salience_policy(budget: float) -> Baseline:
-    """Each layer sends its tokens of largest residual norm to the expensive expert."""
-    hi, lo, share = budget_shares(budget)
+    """Each layer sends its tokens of largest residual norm to the expensive expert: as many
+    as ``units_within`` gives, so the notional cost never passes the budget."""
+    spend = _spending(budget)
 
     def policy(layer, x, m, unc):
         sal = x.float().norm(dim=-1).reshape(-1)  # [N]
         n = sal.shape[0]
-        k = int(round(share * n))
+        hi, lo, k = spend(n)
         routes = torch.full((n,), lo, dtype=torch.long)
         routes[sal.topk(k).indices] = hi
         return decisions(routes)

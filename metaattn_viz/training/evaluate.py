@@ -65,6 +65,7 @@ __all__ = [
     "budget_shares",
     "evaluate",
     "flops_ratio",
+    "perplexity",
     "random_policy",
     "routing_variety",
     "run_policy",
@@ -77,6 +78,16 @@ DEFAULT_MAX_TOKENS = 4096  # validation tokens scored
 DEFAULT_SEQ_LEN = 256  # window length
 MIN_SEQ_LEN = 2  # a window scores seq_len - 1 next-token predictions
 HEDGE_CALIB_WINDOWS = 4  # calibration windows a hedged row's threshold is set on
+
+
+def perplexity(nll: float, n: int) -> float:
+    """exp of the mean negative log-likelihood of `n` tokens; infinite where that is beyond
+    float range (a model far off the text), not an OverflowError after the rows have run
+    (the report shows it as "–", and `eval --json` as null)."""
+    try:
+        return math.exp(nll / n)
+    except OverflowError:
+        return math.inf
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -149,7 +160,7 @@ def run_policy(
             rel_err.append((rec["rel_error"], rec["routes"]))
     w = np.concatenate(weights, 1)
     row: dict[str, Any] = {
-        "ppl": math.exp(nll / n),
+        "ppl": perplexity(nll, n),
         "kl_to_dense": kl / n,
         "kl_windows": kl_windows,
         "realized_cost": float(np.concatenate(costs, 1).mean()),
@@ -181,22 +192,23 @@ def run_policy(
     return row
 
 
-def _calibration_windows(routed: RoutedModel, split, seq_len: int, n: int) -> torch.Tensor:
-    """The first `n` windows of the calibration split (the training articles)."""
-    return data_mod.windows(routed.tokenizer, split.train, seq_len, "calibration")[:n]
+def _needs_calibration(budgets, baselines: bool, n_layers: int) -> bool:
+    """Whether some row reads the calibration split: the layer maps (and the hedged rows,
+    whose budgets lie within theirs) at a budget below 1 that a baseline can meet."""
+    return baselines and any(b < 1.0 and units_within(b, n_layers) is not None for b in budgets)
 
 
-def _new_baselines(routed, split, val, budgets, settings, calib_windows: int) -> list:
+def _new_baselines(routed, calib, val, budgets, settings, calib_windows: int) -> list:
     """Plan entries (name, budget, make) of the layer maps and the oracle at the budgets
-    below 1; ``make()`` -> (policy, extra row fields) runs their calibration or errors pass
-    the first time a row needs it, and the results are reused across budgets."""
+    below 1 (`calib`: the calibration split's windows); ``make()`` -> (policy, extra row
+    fields) runs their calibration or errors pass the first time a row needs it, and the
+    results are reused across budgets."""
     cache: dict = {}
     n_layers = routed.n_layers
 
     def calibrator() -> layer_maps.LayerMapCalibrator:
         if "maps" not in cache:
-            windows = _calibration_windows(routed, split, val.shape[1], calib_windows)
-            cache["maps"] = layer_maps.LayerMapCalibrator(routed, windows, settings)
+            cache["maps"] = layer_maps.LayerMapCalibrator(routed, calib[:calib_windows], settings)
         return cache["maps"]
 
     def static(b, at_least=False):
@@ -283,6 +295,11 @@ def evaluate(
     split = data_mod.load_split(data_path)
     val = data_mod.windows(routed.tokenizer, split.validation, seq_len, "validation")
     val = val[: max(1, max_tokens // seq_len)]
+    # the calibration split's windows (layer maps, hedge thresholds), also before the dense
+    # pass: a split too short for one window is refused here, not after the controllers' rows
+    calib = None
+    if _needs_calibration(budgets, baselines, routed.n_layers):
+        calib = data_mod.windows(routed.tokenizer, split.train, seq_len, "calibration")
     t0 = time.perf_counter()
     dense_logits, dense_nll, n = [], 0.0, 0
     for i in range(val.shape[0]):
@@ -290,7 +307,7 @@ def evaluate(
         dense_logits.append(lg)
         dense_nll += float(torch.nn.functional.cross_entropy(lg[0, :-1].float(), val[i, 1:], reduction="sum"))
         n += seq_len - 1
-    dense_ppl = math.exp(dense_nll / n)
+    dense_ppl = perplexity(dense_nll, n)
     common = {
         "linear_map": linear_map,
         "dense_ppl": dense_ppl,
@@ -309,7 +326,8 @@ def evaluate(
 
     def hedged(b: float, measure: str):
         """A hedged Bayesian row: its threshold from the calibration split (training/hedging.py)."""
-        windows = _calibration_windows(routed, split, seq_len, HEDGE_CALIB_WINDOWS)
+        assert calib is not None  # a hedged row's budget is one the layer maps run at
+        windows = calib[:HEDGE_CALIB_WINDOWS]
         value = hedging.threshold(routed, windows, base.with_(budget=b, hedge_measure=measure), "bayes")
         info = {
             "policy": hedging.POLICY,
@@ -337,7 +355,7 @@ def evaluate(
             plan.append(("random", b, None, fixed(random_policy(b, seed))))
             plan.append(("salience-topk", b, None, fixed(salience_policy(b))))
     if baselines:
-        new = _new_baselines(routed, split, val, budgets, base, calib_windows)
+        new = _new_baselines(routed, calib, val, budgets, base, calib_windows)
         plan += [(name, b, None, make) for name, b, make in new]
     rows = []
     for name, b, ctrl, make in plan:
