@@ -20,6 +20,8 @@ serves.
   folder stays small. `log` is the whole routing log (RunHistory.export) as a file there. The page serves it
   directly (gr.set_static_paths), so files are not copied into Gradio's cache; the paths
   hold random parts, so a file is reachable only through the link its visitor was given.
+  A server's own folder is removed when it exits, and, should it be killed first, by the
+  next server that starts on the machine (`remove_abandoned`; the rule is Downloads').
 
 Never imports gradio; never holds page layout.
 """
@@ -27,9 +29,11 @@ Never imports gradio; never holds page layout.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -45,7 +49,7 @@ from metaattn_viz.core.trace import RoutingTrace
 log = logging.getLogger(__name__)
 
 KEEP_S = 3600.0  # a visitor's folder is removed this long after their last download was made
-EXPORT_TIMEOUT_S = 10.0  # how long a run's export waits for the log's pending writes
+EXPORT_TIMEOUT_S = 10.0  # how long an export (a run's rows, the whole log) waits for pending writes
 PREVIOUS_S = 120.0  # a visitor's earlier file of a kind is kept this long after a newer one
 PREVIOUS_MAX = 8  # and at most this many of them (the newest)
 _KIND = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")  # a kind of file: a folder name, never a path
@@ -161,12 +165,82 @@ def run_rows(history, run_id: str, fmt: str, owner: str | None, folder: Path) ->
         shutil.rmtree(out, ignore_errors=True)  # the zip holds it (or it failed)
 
 
+OWN_PREFIX = "metaattn-downloads-"  # a server's own folder: this, its PID, a random part
+_OWN = re.compile(re.escape(OWN_PREFIX) + r"[0-9]+-[a-z0-9_]+")
+_STAGING_PREFIX = ".metaattn-downloads-new-"  # its name until it is locked
+
+
+def _own_folder() -> tuple[Path, int]:
+    """A new folder of this process's in the temporary directory, and the descriptor that
+    holds it locked for as long as the process lives. It is made under a staging name,
+    locked, then renamed, so that no other server ever sees it unlocked (a process killed
+    in between leaves only the empty staging folder, which holds nothing of a visitor's)."""
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX))
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        root = staging.with_name(f"{OWN_PREFIX}{os.getpid()}-{staging.name[len(_STAGING_PREFIX) :]}")
+        os.rename(staging, root)
+    except OSError:
+        os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return root, fd
+
+
+def remove_abandoned(parent: Path | str | None = None) -> list[Path]:
+    """Remove the folders of downloads that servers of this user left in `parent` (the
+    temporary directory) by ending without cleaning up (killed, crashed): those whose
+    lock no process holds (see Downloads). Returns them."""
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    try:
+        entries = [p for p in parent.iterdir() if _OWN.fullmatch(p.name)]
+    except OSError:  # an unreadable temporary directory: nothing to do here
+        return []
+    removed = []
+    for path in entries:
+        try:  # a link or a file is never followed or removed; nor is another user's folder
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its server is still running
+                continue
+            shutil.rmtree(path, ignore_errors=True)  # under the lock: one remover at a time
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
 class Downloads:
-    """The folder of downloadable files, one sub-folder per visitor (see the module)."""
+    """The folder of downloadable files, one sub-folder per visitor (see the module).
+
+    Without `root`, a folder of the server's own in the temporary directory, named
+    metaattn-downloads-<PID>-<random>, removed when the process exits. A server killed
+    first (SIGKILL, a crash, a lost machine) cannot remove it, and its files hold its
+    visitors' prompts, so each server that starts removes the folders left so first
+    (`remove_abandoned`). The rule for which those are: a server holds its folder locked
+    (flock, on the folder itself) from before it has that name until it ends, and the
+    kernel lets go of the lock when the process ends, however it ends; a folder whose
+    lock can be taken has no server, and is removed under that lock. A running server's
+    folder is never removed, whatever its PID (the PID in the name is for a person
+    reading the directory: a reused PID, or a server in another PID namespace sharing
+    the directory, does not fool the lock). Only this user's real folders of that name
+    are looked at: never a link, never another user's folder. A folder whose lock is
+    kept by a process the server forked (which inherits it) stays until that ends too."""
 
     def __init__(self, root: Path | str | None = None, keep_s: float = KEEP_S):
+        self._lock_fd: int | None = None
         if root is None:  # a folder of its own, removed when the process ends
-            self.root = Path(tempfile.mkdtemp(prefix="metaattn-downloads-"))
+            gone = remove_abandoned()
+            if gone:
+                log.info("removed %d downloads folders left by servers that were killed", len(gone))
+            self.root, self._lock_fd = _own_folder()
             atexit.register(self.close)
         else:
             self.root = Path(root)
@@ -253,6 +327,9 @@ class Downloads:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:  # released once the folder is gone
+            os.close(fd)
 
 
 def _digest(session: str) -> str:
@@ -269,5 +346,6 @@ __all__ = [
     "not_written",
     "LOG_BUSY",
     "zip_folder",
+    "remove_abandoned",
     "KEEP_S",
 ]

@@ -5,7 +5,9 @@ export).
 Three policies, each defined once:
 - writes (`write`, `RunRecorder`, `log_finished`) never fail a request: on a store problem
   the server keeps serving without logging and says why (`log_problem`), and a generation
-  whose run is not logged says so in its notes;
+  whose run is not logged says so in its notes; a wait for writes (`flush`) that runs out
+  is the caller's TimeoutError, never a reason given for not logging (a slow write is not
+  a failed one);
 - reads the user asked for (`_reading`) turn a store problem into AppError, a sentence;
 - a log that another process held at startup (`StoreLocked`) is opened again, at most every
   RETRY_OPEN_S, by the next status, read or write (`run_log`), so logging resumes once that
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaattn_viz.app import exports
 from metaattn_viz.app.errors import AppError, no_such_run
 from metaattn_viz.app.exports import LOG_BUSY, not_written, zip_folder
 from metaattn_viz.app.requests import choice
@@ -195,10 +198,15 @@ class RunHistory:
         return RunRecorder(self, kind, owner)
 
     def flush(self, timeout: float | None = 30.0) -> None:
-        """Wait until every run handed to the log so far is committed."""
+        """Wait until every run handed to the log so far is committed: TimeoutError if
+        that takes more than `timeout` s in all (the writes go on, and nothing is reported),
+        while a write that failed is reported as every write's failure is (`write`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._writer.submit(lambda: None).result(timeout)
-        if self.run_log is not None:
-            self.write(lambda: self.run_log.flush(timeout))
+        run_log = self.run_log
+        if run_log is not None:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            self.write(lambda: run_log.flush(left))  # its TimeoutError passes through
 
     def close(self) -> None:
         with self._open_lock:
@@ -228,8 +236,9 @@ class RunHistory:
         return self.replay_with_status(run_id, owner)[0]
 
     def replay_with_status(self, run_id: str, owner: str | None = None) -> tuple[RoutingTrace, str]:
-        """`replay`, and the run's status in the log (running, done, stopped, ...): a
-        replay of a run still streaming, or cut short, holds only part of it."""
+        """`replay`, and the run's status in the log (running, done, stopped, ...), read
+        with its rows in one snapshot: a replay of a run still streaming, or cut short,
+        holds only part of it, and its status says so."""
         from metaattn_viz import store
 
         with self._reading() as run_log:
@@ -237,8 +246,7 @@ class RunHistory:
             if not run_id:
                 raise AppError("Pick a run first (click a row of the runs table).")
             try:
-                trace = run_log.load_trace(run_id, owner=owner)
-                return trace, str(run_log.get_run(run_id, owner=owner)["status"])
+                return run_log.load_trace_with_status(run_id, owner=owner)
             except store.UnknownRun:
                 raise no_such_run(run_id) from None
 
@@ -311,7 +319,7 @@ class RunHistory:
         try:
             with self._reading() as run_log:
                 try:
-                    run_log.flush(timeout=10)
+                    run_log.flush(timeout=exports.EXPORT_TIMEOUT_S)
                     store.export(run_log, out, fmt, owner=owner)
                 except TimeoutError:  # the flush: the log's writer is behind
                     raise AppError(LOG_BUSY) from None

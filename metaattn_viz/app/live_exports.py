@@ -94,8 +94,12 @@ class ExportPanel:
             if trace is None or trace.n_tokens == 0:
                 return self.cleared()
             session = session_of(request)
+            busy = False
             if trace.run_id is None:
-                history.flush(10.0)  # a re-route is logged in the background: wait for its id
+                try:
+                    history.flush(10.0)  # a re-route is logged in the background: wait for its id
+                except TimeoutError:  # the log's writer is behind (a slow disk): no rows this time
+                    busy = True
             values = {key: data[c] for key, c in live.link_controls.items()}
             out = {
                 self.link: share.share_link(referer(request), share.share_query(trace, values)),
@@ -108,7 +112,7 @@ class ExportPanel:
             }
             for fmt, button in self.rows.items():
                 out[button] = no_download()
-                if trace.run_id is None:  # not logged: no rows to export
+                if trace.run_id is None or busy:  # not logged, or not yet written: no rows
                     continue
                 try:
                     reader = engine.deployment.reader(session)

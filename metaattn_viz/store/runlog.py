@@ -9,6 +9,7 @@ Interface (what the app, the CLI and the console use):
     log.append(run_id, trace)               # every few tokens while the trace grows
     log.finish(run_id, trace, "done")       # or "stopped" / "failed"; one transaction
     trace = log.load_trace(run_id)          # replay: an equal RoutingTrace
+    trace, status = log.load_trace_with_status(run_id)  # and its status, same snapshot
     log.list_runs(...), log.count_runs(...), log.runs_page(...), log.compare(a, b)
     log.full_attention_share_by_layer(), ...
     export(path_or_log, out_dir, "parquet")  # export.py
@@ -180,7 +181,8 @@ class RunLog:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything queued so far is committed; raise StoreUnavailable if a
-        write of a run still streaming in this process failed."""
+        write of a run still streaming in this process failed, and TimeoutError if the
+        writer is still writing after `timeout` s (slow, not failed: the write goes on)."""
         self._check_open()
         self._db.flush(timeout)
 
@@ -203,22 +205,29 @@ class RunLog:
         self._check_open()
         return self._run_row(self._db.cursor(), run_id, owner)
 
-    @_reads
     def load_trace(self, run_id: str, owner: str | None = None) -> RoutingTrace:
         """Replay: the RoutingTrace of `run_id` rebuilt from the log alone (its committed
         positions, for a run that is still streaming or was interrupted); UnknownRun if
         there is no such run visible to `owner`; StoreUnavailable naming the run and the
         value for a row this version cannot decode (a setting it no longer accepts)."""
+        return self.load_trace_with_status(run_id, owner)[0]
+
+    @_reads
+    def load_trace_with_status(self, run_id: str, owner: str | None = None) -> tuple[RoutingTrace, str]:
+        """`load_trace`, and the run's status (running, done, stopped, ...) from the same
+        snapshot as its rows: a run still streaming reads as running with the positions
+        committed so far, never as done with only part of them."""
         self._check_open()
-        cur = self._db.cursor()
-        cur.begin()  # one snapshot for the run row, its tokens and its routes
+        cur = self._db.fresh_cursor()  # its own transaction, closed here
         try:
+            cur.execute("BEGIN TRANSACTION")  # one snapshot: the runs row, tokens, routes
             run = self._run_row(cur, run_id, owner)
             params = {"run_id": run_id, "n_tokens": run["n_tokens"]}
             tok = cur.execute(Q.TOKENS_OF_RUN, params).fetchnumpy()
             rt = cur.execute(Q.ROUTES_OF_RUN, params).fetchnumpy()
+            cur.execute("ROLLBACK")  # it only read
         finally:
-            cur.commit()
+            cur.close()
         L, T = int(run["n_layers"]), int(run["n_tokens"])
         if len(tok["pos"]) != T or len(rt["layer"]) != L * T:
             raise StoreUnavailable(
@@ -227,7 +236,7 @@ class RunLog:
                 f"(expected {L * T}); the log is inconsistent"
             )
         try:
-            return codec.decode_trace(run, tok, rt)
+            return codec.decode_trace(run, tok, rt), str(run["status"])
         except (ValueError, TypeError, IndexError, OverflowError) as exc:  # rows this code rejects
             raise StoreUnavailable(
                 f"run {run_id} in routing log {self.path} cannot be replayed: {exc}. Its rows "

@@ -12,10 +12,11 @@ cursor / fresh_cursor for reading, close.
 `start_run` and `append` only queue (append copies the new positions out of the trace)
 and return, so logging costs a generation almost nothing; the writer lets them gather for
 up to COMMIT_WINDOW_S to share a commit. `finish` and `flush` wait for their commit and
-raise `StoreUnavailable` if it failed (so does the next append after a failed write). A
-run is `done` only in the transaction that writes its last rows. Closing (or exiting the
-interpreter) while a run streams writes what was queued and marks the run `interrupted`;
-a crash loses at most the last COMMIT_WINDOW_S of a stream.
+raise `StoreUnavailable` if it failed (so does the next append after a failed write); a
+`flush(timeout)` that runs out first raises TimeoutError: the write is slow, not failed,
+and goes on. A run is `done` only in the transaction that writes its last rows. Closing
+(or exiting the interpreter) while a run streams writes what was queued and marks the run
+`interrupted`; a crash loses at most the last COMMIT_WINDOW_S of a stream.
 
 Never imports the model code, torch or gradio; knows no SQL beyond the names in Q.
 """
@@ -214,7 +215,8 @@ class Database:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything queued so far is committed; raise the error of a failed
-        write of a run still streaming in this process."""
+        write of a run still streaming in this process, or TimeoutError when the writer has
+        not got there within `timeout` s (its round is still being written)."""
         with self._cond:
             self._wait(self._seq, timeout)
             for st in self._runs.values():
@@ -248,7 +250,9 @@ class Database:
         return self._seq
 
     def _wait(self, ticket: int, timeout: float | None = None) -> None:
-        """Block until the writer has dealt with `ticket` (caller holds self._cond)."""
+        """Block until the writer has dealt with `ticket` (caller holds self._cond);
+        TimeoutError if it has not within `timeout` s: a slow write is not a failed one (the
+        writer goes on, and reports a failure to the waiters of its round when there is one)."""
         self._waiting += 1
         self._cond.notify_all()
         try:
@@ -256,7 +260,7 @@ class Database:
         finally:
             self._waiting -= 1
         if not done:
-            raise StoreUnavailable(f"routing log {self.path}: a write did not complete within {timeout:g} s")
+            raise TimeoutError(f"routing log {self.path}: a write did not complete within {timeout:g} s")
 
     # -- the writer thread -----------------------------------------------------------------
     def _write_loop(self) -> None:
