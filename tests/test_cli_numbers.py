@@ -40,7 +40,7 @@ def test_feature_maps_reaches_the_model_load_with_a_good_command_line(no_model_l
     [
         ("--steps", "0", "--steps must be a whole number >= 1, got 0"),
         ("--batch-size", "-2", "--batch-size must be a whole number >= 1, got -2"),
-        ("--seq-len", "0", "--seq-len must be a whole number >= 1"),
+        ("--seq-len", "0", "--seq-len must be a whole number >= 2"),
         ("--train-windows", "0", "--train-windows must be a whole number >= 1"),
         ("--val-windows", "0", "--val-windows must be a whole number >= 1"),
         ("--eval-windows", "0", "--eval-windows must be a whole number >= 1, got 0"),

@@ -93,6 +93,7 @@ def _cmd_calibrate(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     from metaattn_viz.cli.outputs import check_output
+    from metaattn_viz.training import checkpoints
 
     out = check_output(args.out, "--out", folder=True)  # before training, which takes minutes
     try:
@@ -100,7 +101,9 @@ def _cmd_calibrate(args) -> int:
         # without one is refused here, before the data and the model load
         device_mod.resolve(args.device, "float32")
         data_mod.load_split(args.data)  # fail on a bad file before loading the model
-    except (data_mod.DataError, device_mod.DeviceUnavailable) as exc:
+        if out is not None and not args.resume:  # an unfinished run's checkpoint, before the load
+            checkpoints.refuse_unfinished(out)
+    except (data_mod.DataError, device_mod.DeviceUnavailable, checkpoints.CheckpointError) as exc:
         raise UserError(str(exc)) from None
     # the reference backend in training (routing/policies.py, differentiable) on any device
     routed = RoutedModel.load(args.model, device=args.device, dtype="float32", backend="auto")

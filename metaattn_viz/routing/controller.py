@@ -322,12 +322,17 @@ class ControllerStack(nn.Module):
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, folder: Path, meta: dict | None = None) -> Path:
-        from safetensors.torch import save_file
+        """Write the weights (safetensors, renamed into place) and meta.json into `folder`,
+        both with the mode a new file gets (0666 less the umask)."""
+        from safetensors.torch import save as serialise
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        # not save_file, whose file is private (0600): a service running as another user could
+        # read meta.json and not the weights. Made anew: a killed write's leftover keeps its mode
+        tmp.unlink(missing_ok=True)
+        tmp.write_bytes(serialise({k: v.detach().contiguous() for k, v in self.state_dict().items()}))
         tmp.replace(folder / WEIGHTS_FILE)
         self.invalidate_hash()
         self.lambda_table = None  # made for the weights before these (a table there is stale)

@@ -7,10 +7,12 @@ meta.json that records how they were distilled. This module is the one definitio
 format (`save`, `load`) and of where a model's maps live (`default_folder`), so that the
 routed model can read them without importing the training code that writes them.
 
-`load_for_model` is lenient like the controllers' loader: maps that are missing, unreadable
-or made for another model shape give None and a reason, and the model still runs with
-elu + 1. `select` is the policy: "elu" needs nothing, "learned" without maps is a
-ValueError that names the setting and says how to make them.
+`load` refuses a folder without maps, or with a file it cannot read, with MapsUnavailable
+(one line naming the file). `load_for_model` is lenient like the controllers' loader:
+maps that are missing, unreadable or made for another model shape give None and a
+reason, and the model still runs with elu + 1. `select` is the policy: "elu" needs
+nothing, "learned" without maps is a ValueError that names the setting and says how to
+make them.
 
 Never: train maps (metaattn_viz.training.feature_maps does), apply them (the kernels do),
 or decide routes.
@@ -37,14 +39,20 @@ TENSORS = ("q_weight", "q_bias", "k_weight", "k_bias")  # FeatureMap's fields, i
 TRAIN_COMMAND = "python -m metaattn_viz.training.feature_maps --data corpus/wikitext2/wiki.dev.raw"
 
 
+class MapsUnavailable(ValueError):
+    """No feature maps in a folder, or a maps file that cannot be read; the message names
+    the file and says how to make them."""
+
+
 def default_folder(model_slug: str) -> Path:
     """Where the shipped maps of a model live: assets/feature_maps/<model-slug>/."""
     return paths.FEATURE_MAPS_DIR / model_slug
 
 
 def save(maps: list[FeatureMap], folder: Path, meta: dict) -> Path:
-    """Write the maps (safetensors, keys layers.<i>.<tensor>) and meta.json into `folder`."""
-    from safetensors.torch import save_file
+    """Write the maps (safetensors, keys layers.<i>.<tensor>) and meta.json into `folder`,
+    both with the mode a new file gets (0666 less the umask)."""
+    from safetensors.torch import save as serialise
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,25 +62,34 @@ def save(maps: list[FeatureMap], folder: Path, meta: dict) -> Path:
         for name in TENSORS
     }
     tmp = folder / (WEIGHTS_FILE + ".tmp")  # renamed into place: a killed write never looks complete
-    save_file(tensors, str(tmp))
+    # not save_file, whose file is private (0600): another user (a service) could read
+    # meta.json and not the maps. Made anew: a killed write's leftover would keep its mode
+    tmp.unlink(missing_ok=True)
+    tmp.write_bytes(serialise(tensors))
     tmp.replace(folder / WEIGHTS_FILE)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 
 def load(folder: Path) -> list[FeatureMap]:
-    """The per-layer FeatureMaps saved by `save` (float32, on the CPU); ValueError if the
-    folder holds none."""
+    """The per-layer FeatureMaps saved by `save` (float32, on the CPU); MapsUnavailable if
+    the folder holds none, or a file that is not whole maps (truncated, another format)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise ValueError(
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise MapsUnavailable(
             f"no feature maps in {folder} (expected {WEIGHTS_FILE}); train them with {TRAIN_COMMAND}"
         )
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    n = 1 + max(int(key.split(".")[1]) for key in tensors)
-    return [FeatureMap(*(tensors[f"layers.{i}.{name}"].float() for name in TENSORS)) for i in range(n)]
+    try:
+        tensors = load_file(str(path))
+        n = 1 + max(int(key.split(".")[1]) for key in tensors)
+        return [FeatureMap(*(tensors[f"layers.{i}.{name}"].float() for name in TENSORS)) for i in range(n)]
+    except Exception as exc:  # the safetensors reader's errors, a missing tensor, a bad shape
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+        raise MapsUnavailable(
+            f"{path} is not a readable feature-maps file ({why}); train them again with {TRAIN_COMMAND}"
+        ) from None
 
 
 def load_meta(folder: Path) -> dict:

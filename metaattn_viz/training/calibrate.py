@@ -52,14 +52,16 @@ from metaattn_viz.routing.controller import (
 from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, weights_fingerprint
 from metaattn_viz.routing.generation import MAX_SEED
 from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
+from metaattn_viz.training import checkpoints, oracle
 from metaattn_viz.training import data as data_mod
-from metaattn_viz.training import oracle
+from metaattn_viz.training.checkpoints import CHECKPOINT
+from metaattn_viz.training.checkpoints import check_resumable as _check_resumable  # tests import it here
 from metaattn_viz.training.evaluate import MIN_SEQ_LEN
 from metaattn_viz.training.provenance import git_commit
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
 AUX_SCOPES = ("global", "layer", "both")
+RESUMED = ("config", "stack", "opt", "sched", "rng", "step", "history")  # what a resume reads
 
 
 @dataclass
@@ -273,16 +275,18 @@ def calibrate(
     ``on_step`` is called after every step (and its checkpoint, if one is due) with that
     step's history row; an exception it raises stops the run there, like an interrupt, and
     leaves the last checkpoint for ``resume``. It only observes: the results are the same
-    with or without it.
+    with or without it. A checkpoint in ``out_dir`` that is not marked finished is refused
+    without ``resume`` (training/checkpoints.py).
     """
     split = data_mod.load_split(data_path)  # every data problem surfaces here, before training
     # "auto" is recorded (and trained with) as the map it means for this model
     cfg = dataclasses.replace(cfg, linear_map=linear_maps.resolve(cfg.linear_map, routed.feature_maps))
+    slug = model_slug or _slug(routed.name)
+    out_dir = Path(out_dir) if out_dir else default_folder(slug, cfg.controller)
+    resume_from = checkpoints.start(out_dir, resume)  # before any work: an unfinished run is refused
     tok = routed.tokenizer
     train_ids = data_mod.windows(tok, split.train, cfg.seq_len, "training")
     val_ids = data_mod.windows(tok, split.validation, cfg.seq_len, "validation")[: cfg.val_windows]
-    slug = model_slug or _slug(routed.name)
-    out_dir = Path(out_dir) if out_dir else default_folder(slug, cfg.controller)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(routed.model.parameters()).device
 
@@ -301,16 +305,9 @@ def calibrate(
     # what a checkpoint must have been made from, besides the settings: this data file and
     # this copy of the model's weights (also recorded in meta.json)
     fingerprint = weights_fingerprint(routed.model)
-    if resume and ckpt_path.is_file():
-        try:
-            ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)  # wherever it was saved
-            saved = ckpt["config"]
-        except Exception as exc:  # truncated, or not a checkpoint at all
-            raise ValueError(
-                f"--resume: {ckpt_path} is not a readable checkpoint ({type(exc).__name__}); "
-                "remove it to start over"
-            ) from None
-        _check_resumable(ckpt_path, ckpt, saved, asdict(cfg), split, fingerprint)
+    if resume_from is not None:
+        ckpt = checkpoints.read(resume_from, RESUMED, map_location=device, resume=True)
+        _check_resumable(ckpt_path, ckpt, ckpt["config"], asdict(cfg), split, fingerprint)
         stack.load_state_dict(ckpt["stack"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
@@ -355,8 +352,8 @@ def calibrate(
                 )
                 bar.update(1)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                tmp = ckpt_path.with_suffix(".tmp")
-                torch.save(
+                checkpoints.write(
+                    ckpt_path,
                     {
                         "config": asdict(cfg),
                         "data_sha256": split.sha256,
@@ -368,9 +365,7 @@ def calibrate(
                         "step": step + 1,
                         "history": history,
                     },
-                    tmp,
                 )
-                tmp.replace(ckpt_path)
             if on_step is not None:
                 on_step(dict(row))  # a copy: the callback cannot alter the history
     finally:  # an interrupted run closes its progress bar too
@@ -401,50 +396,9 @@ def calibrate(
         "torch_threads": torch.get_num_threads(),
     }
     stack.cpu().save(out_dir, meta)
+    checkpoints.mark_finished(ckpt_path)  # its work is saved: a new run in out_dir may replace it
     stack.trained = True
     return stack.meta
-
-
-def _check_resumable(
-    path: Path, ckpt: dict, saved: dict, config: dict, split: data_mod.Split, fingerprint: str
-) -> None:
-    """Refuse (ValueError, one line naming what differs) a checkpoint made with other
-    settings, from another data file or on another copy of the model's weights: resuming
-    it would train on a mix and record only the second half's data in meta.json.
-
-    A checkpoint from before the data and weights were recorded in it cannot be checked on
-    those two; it is resumed with a warning rather than refused, since refusing would throw
-    away its steps when the data are most likely the same (its settings still must match)."""
-    differs = []
-    settings = sorted(
-        k for k in set(saved) | set(config) if saved.get(k, "(unset)") != config.get(k, "(unset)")
-    )
-    if settings:
-        differs.append(f"settings ({', '.join(settings)})")
-    unchecked = []
-    if "data_sha256" not in ckpt:
-        unchecked.append("data file")
-    elif ckpt["data_sha256"] != split.sha256:
-        differs.append(f"data (sha256 {ckpt['data_sha256'][:12]}..., {split.path} is {split.sha256[:12]}...)")
-    if "weights_fingerprint" not in ckpt:
-        unchecked.append("model weights")
-    elif ckpt["weights_fingerprint"] != fingerprint:
-        differs.append(
-            f"model weights (fingerprint {ckpt['weights_fingerprint'][:12]}..., "
-            f"these are {fingerprint[:12]}...)"
-        )
-    if differs:
-        raise ValueError(
-            f"--resume: {path} was made with other {' and other '.join(differs)}; remove it "
-            "or rerun with the same ones"
-        )
-    if unchecked:
-        log.warning(
-            "--resume: %s does not record its %s (made before checkpoints did); resuming on "
-            "the assumption that they are the same; remove it to start over if not",
-            path,
-            " or ".join(unchecked),
-        )
 
 
 def _feature_maps_identity(routed: RoutedModel, linear_map: str) -> dict:

@@ -18,10 +18,12 @@ trained alone on its cached q, k (layers do not interact: the loss of layer l on
 layer l's q, k, which do not depend on any map). Layer-by-layer is what makes this cheap.
 
 Seeded per layer (seed + layer), deterministic with one torch thread; a checkpoint after
-each layer lets a run resume. The result is a safetensors file and a meta.json (every
-hyperparameter, the data file's SHA-256, the commit, the model slug, per-layer losses
-before and after, and elu + 1's loss for comparison). `all_linear_perplexity` measures the
-model with every token of every layer routed to the linear expert, with either map.
+each layer lets a run resume (training/checkpoints.py: an unfinished run's checkpoint is
+never overwritten without --resume). The result is a safetensors file and a meta.json
+(every hyperparameter, the data file's SHA-256, the model's weights fingerprint, the
+commit, the model slug, per-layer losses before and after, and elu + 1's loss for
+comparison). `all_linear_perplexity` measures the model with every token of every layer
+routed to the linear expert, with either map.
 
 Command: python -m metaattn_viz.training.feature_maps --data corpus/wikitext2/wiki.dev.raw
 Never: change the model's weights, import gradio or the store, or decide routes.
@@ -42,16 +44,21 @@ from pathlib import Path
 import torch
 
 from metaattn_viz import paths
+from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, weights_fingerprint
 from metaattn_viz.routing.generation import MAX_SEED
 from metaattn_viz.routing.linear_maps import (  # the on-disk format: one definition
     META_FILE,
     TENSORS,
+    MapsUnavailable,
     default_folder,
     load,
     load_meta,
     save,
 )
+from metaattn_viz.training import checkpoints
 from metaattn_viz.training import data as data_mod
+from metaattn_viz.training.checkpoints import CHECKPOINT
+from metaattn_viz.training.evaluate import MIN_SEQ_LEN
 from metaattn_viz.writable import output_problem
 
 paths.ensure_kernels_importable()
@@ -60,7 +67,6 @@ from metaattn_kernels.feature_maps import FeatureMap, hedgehog, input_scale, phi
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 CAPTURE_NAME = "metaattn_capture"  # transformers attention function that records q, k
 LINEAR_NAME = "metaattn_all_linear"  # transformers attention function: every token linear
 
@@ -78,9 +84,10 @@ class FeatureMapConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "train_windows", "val_windows"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+            # a window scores seq_len - 1 next-token predictions (perplexity needs one)
+            v, least = getattr(self, name), MIN_SEQ_LEN if name == "seq_len" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= {least}, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
         for name in ("lr", "weight_decay"):
@@ -207,7 +214,13 @@ def perplexity(
     backend: str = "cpu",
 ) -> float:
     """Perplexity of next-token prediction over windows input_ids [N, T]: dense (all_linear
-    False), or with every token of every layer on the linear expert (maps None: elu + 1)."""
+    False), or with every token of every layer on the linear expert (maps None: elu + 1);
+    infinite where it is too large for a float."""
+    if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < MIN_SEQ_LEN:
+        raise ValueError(
+            f"perplexity needs windows of at least {MIN_SEQ_LEN} tokens, got input_ids of shape "
+            f"{tuple(input_ids.shape)}"
+        )
     nll, count = 0.0, 0
     _state["maps"], _state["backend"] = maps, backend
     try:
@@ -223,7 +236,10 @@ def perplexity(
             count += ids.shape[1] - 1
     finally:
         _state.pop("maps", None)
-    return math.exp(nll / count)
+    try:
+        return math.exp(nll / count)
+    except OverflowError:
+        return math.inf
 
 
 def all_linear_perplexity(
@@ -315,26 +331,28 @@ def train(
     progress: bool = True,
 ) -> dict:
     """Distil every layer's feature maps; saves them (safetensors + meta.json) to out_dir and
-    returns the meta. A checkpoint after each layer; `resume` continues from it."""
+    returns the meta. A checkpoint after each layer; `resume` continues from it (one made on
+    other settings, data or weights is refused), and without it a checkpoint in out_dir not
+    marked finished is refused (training/checkpoints.py)."""
     split = data_mod.load_split(data_path)  # data problems surface here, before model work
+    out_dir = Path(out_dir)
+    resume_from = checkpoints.start(out_dir, resume)  # before any work: an unfinished run is refused
     train_ids = data_mod.windows(tokenizer, split.train, cfg.seq_len, "training")
     order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     train_ids = train_ids[order[: cfg.train_windows]]
     val_ids = data_mod.windows(tokenizer, split.validation, cfg.seq_len, "validation")[: cfg.val_windows]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
     done: list[dict] = []
     states: list[dict] = []
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["config"] != asdict(cfg) or ckpt["sha256"] != split.sha256:
-            raise ValueError(
-                f"--resume: {ckpt_path} was made with other settings or data; remove it "
-                "or rerun with the same ones"
-            )
+    fingerprint = weights_fingerprint(model)  # which copy of the weights the maps are distilled from
+    if resume_from is not None:
+        ckpt = checkpoints.read(resume_from, ("config", "layers", "states"), resume=True)
+        if "data_sha256" not in ckpt and "sha256" in ckpt:  # older checkpoints' name for it
+            ckpt["data_sha256"] = ckpt["sha256"]
+        checkpoints.check_resumable(ckpt_path, ckpt, ckpt["config"], asdict(cfg), split, fingerprint)
         done, states = ckpt["layers"], ckpt["states"]
         log.info("resuming after layer %d (%s)", len(done), ckpt_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for p in model.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
@@ -360,9 +378,16 @@ def train(
         }
         done.append(row)
         states.append({k: v.detach().clone() for k, v in maps.state_dict().items()})
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"config": asdict(cfg), "sha256": split.sha256, "layers": done, "states": states}, tmp)
-        tmp.replace(ckpt_path)
+        checkpoints.write(
+            ckpt_path,
+            {
+                "config": asdict(cfg),
+                "data_sha256": split.sha256,
+                "weights_fingerprint": fingerprint,
+                "layers": done,
+                "states": states,
+            },
+        )
         if progress:
             log.info(
                 "layer %d: val loss elu+1 %.4f -> learned %.4f (%.1f s)",
@@ -379,6 +404,8 @@ def train(
         "form": "phi(x) = [softmax(x D^-1/4 W + b), softmax(-(x D^-1/4 W + b))], W [D, D/2] per head",
         "model": model_name,
         "model_slug": model_slug,
+        "weights_fingerprint": fingerprint,
+        "weights_fingerprint_kind": FINGERPRINT_KIND,
         "layers": n_layers,
         "q_heads": int(cfg_model.num_attention_heads),
         "kv_heads": int(cfg_model.num_key_value_heads),
@@ -396,6 +423,7 @@ def train(
         "torch_threads": torch.get_num_threads(),
     }
     save([_frozen(s) for s in states], out_dir, meta)
+    checkpoints.mark_finished(ckpt_path)  # its work is saved: a new run in out_dir may replace it
     return meta
 
 
@@ -435,8 +463,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """The command (`prog` names it in its help and errors). Everything a user can get wrong
-    (numbers, the device, the data file, --out) is refused with exit code 2 and one line
-    naming it, before the model loads."""
+    (numbers, the device, the data file, --out and an unfinished run's checkpoint there) is
+    refused with exit code 2 and one line naming it, before the model loads; what only the
+    model shows (a text shorter than one of its windows, a checkpoint --resume cannot use,
+    maps --eval-only cannot read) in the same way, after it."""
     from metaattn_viz.routing import device as device_mod
     from metaattn_viz.routing import loading
 
@@ -479,6 +509,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         if problem:
             return refuse(problem)
         out = Path(args.out).expanduser()
+        if not (args.eval_only or args.resume):
+            try:
+                checkpoints.refuse_unfinished(out)
+            except checkpoints.CheckpointError as exc:
+                return refuse(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         loaded = loading.load(args.model)
@@ -486,6 +521,15 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return refuse(str(exc))
     model = loaded.model.to(placement.device)
     out = out or default_folder(loaded.slug)
+    try:
+        return _train_and_measure(args, cfg, model, loaded, out)
+    # a text too short for a window; a checkpoint --resume cannot use; no readable maps to measure
+    except (data_mod.DataError, checkpoints.CheckpointError, MapsUnavailable) as exc:
+        return refuse(str(exc))
+
+
+def _train_and_measure(args, cfg: FeatureMapConfig, model, loaded, out: Path) -> int:
+    """main's work once the model is loaded: train (unless --eval-only), then measure."""
     if not args.eval_only:
         meta = train(
             model,
@@ -503,10 +547,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         )
     if args.skip_eval:
         return 0
-    try:
-        maps = load(out)
-    except ValueError as exc:  # --eval-only where no maps were trained
-        return refuse(str(exc))
+    maps = load(out)  # MapsUnavailable: --eval-only where none were trained, or a damaged file
     # on windows of --seq-len, the length the maps were trained on (and that meta.json records)
     measure = {"windows": args.eval_windows, "seq_len": cfg.seq_len}
     before = all_linear_perplexity(model, loaded.tokenizer, args.data, None, **measure)
