@@ -330,16 +330,23 @@ def test_a_stop_signal_stops_the_generations_before_gradio_closes():
     """SIGTERM/SIGINT tell the generations to stop at once, then end Gradio's wait loop:
     stopped only in `serve`'s finally, after Gradio's close waited up to 5 s on the open
     streams, a generation decoded on for those seconds."""
+    import threading
     from types import SimpleNamespace
 
     from metaattn_viz.app import server
 
-    calls = []
-    gens = SimpleNamespace(stop_all=lambda wait=10.0: calls.append(wait))
-    handler = server.stop_handler(SimpleNamespace(generations=gens))
-    with pytest.raises(KeyboardInterrupt):
-        handler(signal.SIGTERM, None)
-    assert calls == [0.0]  # told at once, not waited for here
+    calls, lock, done = [], threading.Lock(), threading.Event()
+
+    def stop_all(wait=10.0):
+        with lock:  # as Generations.stop_all takes its lock
+            calls.append(wait)
+        done.set()
+
+    handler = server.stop_handler(SimpleNamespace(generations=SimpleNamespace(stop_all=stop_all)))
+    with lock:  # the main thread inside stop_all already (a second Ctrl-C while closing)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGTERM, None)  # returns: it does not wait on the lock
+    assert done.wait(5) and calls == [0.0]  # told at once, not waited for
 
 
 def _run_ids(client) -> set[str]:

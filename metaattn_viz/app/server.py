@@ -145,7 +145,9 @@ def stop_handler(engine):
     container's stop grace (Docker's 10 s) with what came after."""
 
     def interrupt(signum, frame):
-        engine.generations.stop_all(wait=0.0)  # stop now; engine.close() waits for them
+        # on a thread of its own: the handler runs in the main thread, which may hold the
+        # generations' lock itself (a second Ctrl-C while `serve` closes the engine)
+        threading.Thread(target=engine.generations.stop_all, kwargs={"wait": 0.0}, daemon=True).start()
         raise KeyboardInterrupt
 
     return interrupt
