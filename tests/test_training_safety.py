@@ -185,6 +185,97 @@ def test_a_finished_runs_folder_can_be_trained_again_without_resume(tmp_path):
     _maps_run(model, data, maps_out)
 
 
+def _unmarked(path):
+    """The checkpoint at `path` as a run from before runs were marked finished left it."""
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["finished"]
+    torch.save(ckpt, path)
+
+
+def test_a_run_finished_before_runs_were_marked_is_trained_again_without_resume(
+    tmp_path, monkeypatch, capsys
+):
+    """A checkpoint with no "finished" key whose work is complete (calibrate: every step;
+    feature maps: every layer) is a finished run's: `make calibrate` and `make feature-maps`
+    rerun on a checkout that trained before the mark. One that is not complete is refused."""
+    from metaattn_viz.cli import main
+    from metaattn_viz.routing.model import RoutedModel
+    from metaattn_viz.training import checkpoints
+
+    out, r = tmp_path / "c", routed_tiny(seed=1)
+    calibrate(r, EXCERPT, CAL_CFG, out_dir=out, progress=False, model_slug="t")
+    _unmarked(out / "checkpoint.pt")
+    checkpoints.refuse_unfinished(out)  # the command's check before the model loads
+
+    def loaded(*args, **kwargs):
+        raise Reached("the model was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(RoutedModel, "load", loaded)
+        with pytest.raises(Reached):
+            main(["calibrate", "--data", str(EXCERPT), "--out", str(out)])
+    steps = []
+    calibrate(
+        r,
+        EXCERPT,
+        CAL_CFG,
+        out_dir=out,
+        progress=False,
+        model_slug="t",
+        on_step=lambda row: steps.append(row["step"]),
+    )
+    assert steps == [1, 2, 3]
+
+    model, data, maps_out = tiny_model(), tiny_corpus(tmp_path), tmp_path / "maps"
+    _maps_run(model, data, maps_out)
+    _unmarked(maps_out / fmod.CHECKPOINT)
+    _stand_in_model(monkeypatch, model)  # the command: checked before the model loads, then trained
+    args = ["--data", str(data), "--out", str(maps_out), "--skip-eval"]
+    small = ["--steps", "2", "--seq-len", "32", "--train-windows", "2", "--val-windows", "1"]
+    assert fmod.main([*args, *small], prog=fmod.MODULE_PROG) == 0
+    _unmarked(maps_out / fmod.CHECKPOINT)
+    _maps_run(model, data, maps_out)  # the library function, which knows the model's layers
+    # an unfinished run in a folder that holds an earlier run's maps is still refused
+    _interrupted_maps_run(model, data, maps_out, monkeypatch)
+    with pytest.raises(ValueError, match=r"holds the checkpoint of a run that has not finished"):
+        _maps_run(model, data, maps_out)
+    _no_model_load(monkeypatch)  # the maps saved beside it are not its own: refused before the load
+    assert fmod.main([*args, *small], prog=fmod.MODULE_PROG) == 2
+    assert "has not finished: pass --resume to continue it" in _one_line_refusal(capsys)
+
+
+def _saved_on_cuda(monkeypatch, path, ckpt):
+    """`ckpt` saved at `path` as `--device cuda` saves it, on a machine without CUDA."""
+    import torch.serialization
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(ckpt, path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_a_checkpoint_saved_on_cuda_is_read_on_a_machine_without_one(tmp_path, monkeypatch):
+    from metaattn_viz.training import checkpoints
+
+    out = tmp_path / "c"
+    out.mkdir()
+    unfinished = {"config": {"steps": 3}, "step": 2, "stack": {"w": torch.zeros(2)}}
+    _saved_on_cuda(monkeypatch, out / "checkpoint.pt", unfinished)
+    with pytest.raises(RuntimeError, match="CUDA"):  # as torch reads it without a map_location
+        torch.load(out / "checkpoint.pt", weights_only=False)
+    with pytest.raises(checkpoints.CheckpointError, match="has not finished: pass --resume"):
+        checkpoints.refuse_unfinished(out)
+    _saved_on_cuda(monkeypatch, out / "checkpoint.pt", {**unfinished, "finished": True})
+    checkpoints.refuse_unfinished(out)  # a finished run's: replaced
+
+    model, data, maps_out = tiny_model(), tiny_corpus(tmp_path), tmp_path / "maps"
+    _interrupted_maps_run(model, data, maps_out, monkeypatch)
+    ckpt = torch.load(maps_out / fmod.CHECKPOINT, weights_only=False)
+    _saved_on_cuda(monkeypatch, maps_out / fmod.CHECKPOINT, ckpt)
+    meta = _maps_run(model, data, maps_out, resume=True)
+    assert len(meta["per_layer"]) == 3
+
+
 # -- --resume: a checkpoint it can use, or a plain refusal ---------------------------------------
 
 
@@ -288,6 +379,29 @@ def test_a_perplexity_too_large_for_a_float_is_infinite():
 
     ids = torch.zeros(2, 6, dtype=torch.long)
     assert fmod.perplexity(certain_of_the_wrong_token, ids, all_linear=False) == float("inf")
+
+
+def test_feature_maps_writes_an_infinite_perplexity_as_null_in_strict_json(tmp_path, monkeypatch, capsys):
+    """An infinite perplexity (a model certain of the wrong tokens) and the ratio of two
+    (NaN) are null in the printed result and in meta.json, as eval --json writes them."""
+    import json
+
+    def strict(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)
+    _stand_in_model(monkeypatch, model)
+    data, out = tiny_corpus(tmp_path), tmp_path / "maps"
+    args = ["--data", str(data), "--out", str(out), "--steps", "2", "--seq-len", "32"]
+    assert fmod.main([*args, "--train-windows", "2", "--val-windows", "1", "--eval-windows", "1"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{") :], parse_constant=strict)
+    meta = json.loads((out / linear_maps.META_FILE).read_text(), parse_constant=strict)
+    assert meta["all_linear_perplexity"] == result
+    assert result["elu+1"]["dense"] is None and result["elu+1"]["ratio"] is None
+    assert result["learned"]["tokens"] == 32
 
 
 # -- trained weights are as readable as their meta.json --------------------------------------------

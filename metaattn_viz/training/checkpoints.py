@@ -2,13 +2,16 @@
 feature_maps.py's maps) from which an interrupted run continues with --resume.
 
 One rule for both commands. A run marks its checkpoint finished once its results are saved
-beside it. A run started without --resume in a folder whose checkpoint is not marked
-finished is refused before any work: it would overwrite another run's work, and lose it
-if it then failed too. A finished run's checkpoint is replaced (its work is in the saved
-results, which the new run replaces anyway), so a documented command reruns on the folder
-it wrote. --resume where there is no checkpoint starts from the beginning with a warning
-(a scripted rerun goes on); --resume of a file that is not a readable checkpoint, or of one
-made with other settings, another data file or other model weights, is refused.
+beside it. A run started without --resume in a folder whose checkpoint is not finished is
+refused before any work: it would overwrite another run's work, and lose it if it then
+failed too. A finished run's checkpoint is replaced (its work is in the saved results,
+which the new run replaces anyway), so a documented command reruns on the folder it wrote.
+A checkpoint from before runs were marked is finished when its work is complete
+(`steps_done`: calibrate's, every step; feature_maps.py judges its own, every layer). Only
+metadata is read to judge it, on the CPU: a checkpoint saved on CUDA is judged anywhere.
+--resume where there is no checkpoint starts from the beginning with a warning (a scripted
+rerun goes on); --resume of a file that is not a readable checkpoint, or of one made with
+other settings, another data file or other model weights, is refused.
 
 Every refusal is a CheckpointError (a ValueError): one line naming the file and what to do.
 A checkpoint is written to a temporary file renamed into place, so a run killed while
@@ -18,6 +21,7 @@ writing leaves the last whole one. Never imports the model, gradio or the store.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +41,20 @@ def path_in(folder: Path | str) -> Path:
     return Path(folder) / CHECKPOINT
 
 
-def start(folder: Path | str, resume: bool) -> Path | None:
+def steps_done(ckpt: dict) -> bool:
+    """Whether a calibrate checkpoint's run did every step of its settings (its work is
+    complete), for one from before runs were marked finished."""
+    step, config = ckpt.get("step"), ckpt.get("config")
+    steps = config.get("steps") if isinstance(config, dict) else None
+    return isinstance(step, int) and isinstance(steps, int) and step >= steps
+
+
+def start(folder: Path | str, resume: bool, complete: Callable[[dict], bool] = steps_done) -> Path | None:
     """The checkpoint a run in `folder` continues from, or None to start from the beginning
-    (with a warning when --resume finds none). Without `resume`, a checkpoint not marked
-    finished is refused."""
+    (with a warning when --resume finds none). Without `resume`, a checkpoint that is not
+    finished (`refuse_unfinished`, with `complete`) is refused."""
     if not resume:
-        refuse_unfinished(folder)
+        refuse_unfinished(folder, complete)
         return None
     path = path_in(folder)
     if not path.exists():
@@ -51,13 +63,16 @@ def start(folder: Path | str, resume: bool) -> Path | None:
     return path
 
 
-def refuse_unfinished(folder: Path | str) -> None:
-    """CheckpointError when `folder` holds a checkpoint that is not marked finished (or one
-    that cannot be read): a run started there would overwrite it."""
+def refuse_unfinished(folder: Path | str, complete: Callable[[dict], bool] = steps_done) -> None:
+    """CheckpointError when `folder` holds a checkpoint of a run that has not finished (or
+    one that cannot be read): a run started there would overwrite it. Finished: marked so,
+    or, from before runs were marked, its work is complete (`complete`: calibrate's
+    `steps_done` unless the command passes its own)."""
     path = path_in(folder)
     if not path.exists():
         return
-    if not read(path).get(FINISHED):
+    ckpt = read(path, map_location="cpu")  # only its metadata: saved on CUDA, judged anywhere
+    if not (ckpt.get(FINISHED) or complete(ckpt)):
         raise CheckpointError(
             f"{path} holds the checkpoint of a run that has not finished: pass --resume to continue "
             "it, or remove it (or choose another --out) to start over"

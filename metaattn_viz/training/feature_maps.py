@@ -59,6 +59,7 @@ from metaattn_viz.training import checkpoints
 from metaattn_viz.training import data as data_mod
 from metaattn_viz.training.checkpoints import CHECKPOINT
 from metaattn_viz.training.evaluate import MIN_SEQ_LEN
+from metaattn_viz.training.report import finite_or_null
 from metaattn_viz.writable import output_problem
 
 paths.ensure_kernels_importable()
@@ -332,11 +333,12 @@ def train(
 ) -> dict:
     """Distil every layer's feature maps; saves them (safetensors + meta.json) to out_dir and
     returns the meta. A checkpoint after each layer; `resume` continues from it (one made on
-    other settings, data or weights is refused), and without it a checkpoint in out_dir not
-    marked finished is refused (training/checkpoints.py)."""
+    other settings, data or weights is refused), and without it a checkpoint in out_dir of
+    a run that has not finished is refused (training/checkpoints.py, `all_layers_done`)."""
     split = data_mod.load_split(data_path)  # data problems surface here, before model work
     out_dir = Path(out_dir)
-    resume_from = checkpoints.start(out_dir, resume)  # before any work: an unfinished run is refused
+    # before any work: an unfinished run is refused
+    resume_from = checkpoints.start(out_dir, resume, all_layers_done(out_dir, model.config.num_hidden_layers))
     train_ids = data_mod.windows(tokenizer, split.train, cfg.seq_len, "training")
     order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     train_ids = train_ids[order[: cfg.train_windows]]
@@ -346,7 +348,8 @@ def train(
     states: list[dict] = []
     fingerprint = weights_fingerprint(model)  # which copy of the weights the maps are distilled from
     if resume_from is not None:
-        ckpt = checkpoints.read(resume_from, ("config", "layers", "states"), resume=True)
+        # its states are used on the CPU, where LayerMaps trains: saved on CUDA, read anywhere
+        ckpt = checkpoints.read(resume_from, ("config", "layers", "states"), map_location="cpu", resume=True)
         if "data_sha256" not in ckpt and "sha256" in ckpt:  # older checkpoints' name for it
             ckpt["data_sha256"] = ckpt["sha256"]
         checkpoints.check_resumable(ckpt_path, ckpt, ckpt["config"], asdict(cfg), split, fingerprint)
@@ -425,6 +428,28 @@ def train(
     save([_frozen(s) for s in states], out_dir, meta)
     checkpoints.mark_finished(ckpt_path)  # its work is saved: a new run in out_dir may replace it
     return meta
+
+
+def all_layers_done(out_dir: Path, n_layers: int | None = None):
+    """For checkpoints.refuse_unfinished: whether a checkpoint from before runs were marked
+    finished holds every layer of the model (`n_layers`). Before the model loads, where the
+    count is unknown: whether the maps saved beside it are its own (meta.json's per_layer,
+    written once every layer was done, is its layers)."""
+
+    def complete(ckpt: dict) -> bool:
+        layers = ckpt.get("layers")
+        if not isinstance(layers, list):
+            return False
+        if n_layers is not None:
+            return len(layers) >= n_layers
+        try:
+            saved = load_meta(out_dir)["per_layer"]
+        except (OSError, ValueError, KeyError, TypeError):  # none saved, or not maps' meta
+            return False
+        same = [json.dumps(finite_or_null(rows), sort_keys=True) for rows in (saved, layers)]
+        return bool(layers) and same[0] == same[1]
+
+    return complete
 
 
 def _frozen(state: dict) -> FeatureMap:
@@ -511,7 +536,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         out = Path(args.out).expanduser()
         if not (args.eval_only or args.resume):
             try:
-                checkpoints.refuse_unfinished(out)
+                checkpoints.refuse_unfinished(out, all_layers_done(out))
             except checkpoints.CheckpointError as exc:
                 return refuse(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -552,13 +577,14 @@ def _train_and_measure(args, cfg: FeatureMapConfig, model, loaded, out: Path) ->
     measure = {"windows": args.eval_windows, "seq_len": cfg.seq_len}
     before = all_linear_perplexity(model, loaded.tokenizer, args.data, None, **measure)
     after = all_linear_perplexity(model, loaded.tokenizer, args.data, maps, dense=before["dense"], **measure)
-    result = {"elu+1": before, "learned": after}
-    print(json.dumps(result, indent=2))
+    # strict JSON, as eval --json: an infinite perplexity (and a ratio of two) is null
+    result = finite_or_null({"elu+1": before, "learned": after})
+    print(json.dumps(result, indent=2, allow_nan=False))
     if args.eval_only:  # only measures: the maps' meta.json (the shipped one by default) is kept
         return 0
     meta = load_meta(out)
     meta["all_linear_perplexity"] = result
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / META_FILE).write_text(json.dumps(finite_or_null(meta), indent=2, allow_nan=False) + "\n")
     return 0
 
 
