@@ -3,29 +3,32 @@ tiny random routed model, a temporary routing log and the page built over them
 (tests/test_page_fixes.py's set-up), a generation driven frame by frame.
 
 While a run streams, the page's trace is still the previous run's until the run's last
-frame: Stop says "Stopping the generation…" in a toast (Gradio shows one from a queued
-event only); an uncertainty measure or per-token view picked mid-run is drawn by the run's
-frames and its end, never over the previous run, and the link follows it; a token clicked
-in the streaming text is not the previous run's (the inspector says it works once the run
-ends)."""
+frame: Stop says "Stopping the generation…" in the status line, outside the queue (which
+may be full), until the run's end; an uncertainty measure or per-token view picked mid-run,
+while the run waits for its model or while Generate waits in the queue, is drawn by the
+run's frames and its end (or, for a run that draws none, on the page's trace), never over
+the previous run, and the link follows it; a token clicked in the streaming text is not the
+previous run's (the inspector says it works once the run ends); a replay, a re-route or an
+inspection is refused until the run's last frame is out, even after its job ended."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
+import threading
 import types
 import warnings
-from unittest import mock
 
 import gradio as gr
 import pytest
-from gradio.context import LocalContext
 from helpers import routed_tiny
 
 from metaattn_viz.app import plots
 from metaattn_viz.app.engine import Engine
+from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.exports import Downloads
+from metaattn_viz.app.history import RunRecorder
+from metaattn_viz.app.live_stream import GENERATION_RUNNING, STOPPING
 from metaattn_viz.app.plots.maps import MEASURE_LABELS
 from metaattn_viz.app.requests import parse_request, parse_settings
 
@@ -89,48 +92,66 @@ def _by_id(out: dict) -> dict:
     return {getattr(c, "elem_id", None) or c: v for c, v in out.items()}
 
 
-# -- 1. Stop's toast -----------------------------------------------------------------------------
-def test_stop_says_stopping_in_a_toast_through_the_queue(page, monkeypatch):
-    """Gradio shows gr.Info as a toast only from a queued event (it prints it otherwise):
-    Stop's events run as Gradio would, and "Stopping the generation…" reaches the queue."""
-    stop_button = page.components["stop"]
-    chain = [d for d in page.fns.values() if (stop_button._id, "click") in [tuple(t) for t in d.targets]]
-    assert chain and not chain[0].queue  # the stop itself acts at once, queue or not
-    for d in chain:  # and what follows it
-        chain += [e for e in page.fns.values() if e.trigger_after == d._id and e not in chain]
+# -- 1. Stop's word --------------------------------------------------------------------------------
+def _stop_chain(demo) -> list:
+    """The events a click on Stop runs: its own and those that follow it."""
+    button = demo.components["stop"]
+    chain = [d for d in demo.fns.values() if (button._id, "click") in [tuple(t) for t in d.targets]]
+    for d in chain:
+        chain += [e for e in demo.fns.values() if e.trigger_after == d._id and e not in chain]
+    return chain
+
+
+def test_stop_says_stopping_in_the_status_line_without_the_queue(page, monkeypatch):
+    """Stop acts and answers outside the queue: a queued event (a toast's) was refused with
+    "This application is currently busy" when the queue was full, though the run stopped."""
+    chain = _stop_chain(page)
+    assert [d.name for d in chain] == ["stop"] and not chain[0].queue
+    assert chain[0].outputs == [page.components["run-status"]]
     stopped = []
     monkeypatch.setattr(page.engine.generations, "stop", lambda key: stopped.append(key) or True)
-    queue = mock.Mock()
-    values = {}
-    for d in chain:
-        assert not d.queue or d.concurrency_id != "model"  # never behind a generation
-        args = [values.get(b._id) for b in d.inputs]
-        with contextlib.ExitStack() as stack:
-            if d.queue:  # a queued event runs with its Blocks and event id in context
-                blocks = types.SimpleNamespace(_queue=queue)
-                tokens = (LocalContext.blocks.set(blocks), LocalContext.event_id.set("e1"))
-                stack.callback(
-                    lambda t=tokens: (LocalContext.blocks.reset(t[0]), LocalContext.event_id.reset(t[1]))
-                )
-            out = _call(d.fn, *args, request=_request("stop-session"))
-        if len(d.outputs) == 1:
-            values[d.outputs[0]._id] = out
+    assert _call(chain[0].fn, request=_request("stop-session")) == STOPPING
     assert stopped == ["stop-session"]
-    logged = [c.kwargs.get("log") for c in queue.log_message.call_args_list]
-    assert logged == ["Stopping the generation\u2026"]
 
 
 def test_stop_with_nothing_running_says_nothing(page):
-    say = _dep(page, "say_stopping")
-    queue = mock.Mock()
-    tokens = (LocalContext.blocks.set(types.SimpleNamespace(_queue=queue)), LocalContext.event_id.set("e2"))
+    assert _call(_dep(page, "stop").fn, request=_request("idle-session")) == gr.skip()
+
+
+def test_after_stop_the_status_line_says_stopping_until_the_run_ends(page, monkeypatch):
+    """A frame drawn after Stop while the run still decodes says "Stopping…" (not
+    "Generating…" over Stop's own line); the run's last frame says it stopped."""
+    routed = page.engine.host.routed_model()
+    real_stream, real_finish = routed.stream, RunRecorder.finish
+    release, finished = threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):  # the prompt's frame, then the next token on release
+        for n, trace in enumerate(real_stream(*args, **kwargs)):
+            yield trace
+            if n == 0:
+                release.wait(30)
+
+    def finish(self, *args, **kwargs):  # the run stopped, its end not yet out
+        finished.wait(30)
+        return real_finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(routed, "stream", held)
+    monkeypatch.setattr(RunRecorder, "finish", finish)
+    session = "stopping"
+    frames = _stream(page, session, max_new=20)
     try:
-        assert _call(_dep(page, "stop").fn, request=_request("idle-session")) is False
-        say.fn(False)
+        status = [_by_id(next(frames))["run-status"], _by_id(next(frames))["run-status"]]
+        assert status[1].startswith("Generating")
+        assert _call(_dep(page, "stop").fn, request=_request(session)) == STOPPING
+        release.set()
+        assert _by_id(next(frames))["run-status"] == STOPPING  # the token after the stop
+        finished.set()
+        rest = [_by_id(out) for out in frames]
     finally:
-        LocalContext.blocks.reset(tokens[0])
-        LocalContext.event_id.reset(tokens[1])
-    queue.log_message.assert_not_called()
+        release.set()
+        finished.set()
+        frames.close()
+    assert rest[-1]["run-status"].startswith("Stopped: ")
 
 
 # -- 2. the uncertainty measure and per-token view picked while a run streams -------------------
@@ -217,3 +238,119 @@ def test_a_token_clicked_mid_run_is_never_the_previous_runs(page):
     assert _call(pick_token, click, request=request) == 2
     shown = _by_id(_call(inspect_token, final, 2, request=request))
     assert shown["conc-table"].equals(plots.concentration_table(final, 2))
+
+
+# -- 4. a pick before the run's first frame ------------------------------------------------------
+def test_a_measure_picked_while_the_run_waits_for_its_model_is_drawn_when_it_fails(page, monkeypatch):
+    """The run fails before its first frame (the model never loaded): the maps, which the
+    pick left to the run, show the page's trace in the picked view (the dropdown's)."""
+    redraw = _dep(page, "redraw_maps").fn
+    previous = _generate(page, OTHER)
+    go = threading.Event()
+
+    def loading(*args, **kwargs):
+        go.wait(30)
+        raise AppError("The model is still loading; try again in a few seconds.")
+
+    monkeypatch.setattr(page.engine.host, "routed_model", loading)
+    session = "fails-early"
+    frames = _stream(page, session, measure="total", relative=False)
+    outs = []
+    try:
+        outs.append(_by_id(next(frames)))  # "Routing the prompt…"
+        assert _call(redraw, previous, "vacuity", True, request=_request(session)) == gr.skip()
+        go.set()
+        with pytest.raises(gr.Error, match="still loading"):
+            for out in frames:
+                outs.append(_by_id(out))
+    finally:
+        go.set()
+        frames.close()
+    maps = [out["routing-maps"] for out in outs if "routing-maps" in out]
+    assert maps == [plots.routing_maps_json(previous, "vacuity", relative=True)]
+
+
+def test_a_measure_picked_while_generate_waits_in_the_queue_is_the_runs(page):
+    """Gradio takes Generate's inputs (the measure among them) when it is pressed: a measure
+    picked while it waits in the queue is drawn over the page's trace at once, and the run's
+    frames draw it too; one picked before the press is the press's own."""
+    redraw = _dep(page, "redraw_maps").fn
+    stop_previous = _dep(page, "stop_previous").fn
+    previous = _generate(page, OTHER)
+    session = "queued"
+    request = _request(session)
+    _call(redraw, previous, "aleatoric", False, request=request)  # before the press
+    _call(stop_previous, request=request)  # Generate pressed with "epistemic" (say, a link's)
+    picked = _call(redraw, previous, "vacuity", True, request=request)  # while it waits
+    assert picked == plots.routing_maps_json(previous, "vacuity", relative=True)
+    outs = [_by_id(out) for out in _stream(page, session, measure="epistemic", relative=False)]
+    drawn = [out["routing-maps"] for out in outs if "routing-maps" in out]
+    assert drawn and all(_view(m) == (MEASURE_LABELS["vacuity"], True) for m in drawn)
+
+    _call(redraw, previous, "aleatoric", False, request=request)  # the run over: before a press
+    _call(stop_previous, request=request)
+    outs = [_by_id(out) for out in _stream(page, session, measure="epistemic", relative=False)]
+    drawn = [out["routing-maps"] for out in outs if "routing-maps" in out]
+    assert drawn and all(_view(m) == (MEASURE_LABELS["epistemic"], False) for m in drawn)
+
+    # Generate pressed while a run streams, a pick as that run ends: the new run's too
+    ending = _stream(page, session, measure="total")
+    next(ending)
+    _call(stop_previous, request=request)  # ends the run streaming
+    assert _call(redraw, previous, "aleatoric", True, request=request) == gr.skip()
+    drawn = [out["routing-maps"] for out in map(_by_id, ending) if "routing-maps" in out]
+    assert drawn and _view(drawn[-1]) == (MEASURE_LABELS["aleatoric"], True)
+    outs = [_by_id(out) for out in _stream(page, session, measure="total", relative=False)]
+    drawn = [out["routing-maps"] for out in outs if "routing-maps" in out]
+    assert drawn and all(_view(m) == (MEASURE_LABELS["aleatoric"], True) for m in drawn)
+
+
+# -- 5. the run's job over, its last frame not yet out -------------------------------------------
+def test_a_run_is_going_on_until_its_last_frame_is_out(page, monkeypatch):
+    """The job ends before the stream sends its last frame (which puts the run on the page):
+    meanwhile a replay (drawn over by that frame), a re-route and an inspection are refused,
+    each with the same first sentence."""
+    engine = page.engine
+    done = _generate(page, OTHER)
+    engine.history.flush()
+    routed = engine.host.routed_model()
+    real_stream, release = routed.stream, threading.Event()
+
+    def held(*args, **kwargs):
+        for n, trace in enumerate(real_stream(*args, **kwargs)):
+            yield trace
+            if n == 0:
+                release.wait(30)
+
+    monkeypatch.setattr(routed, "stream", held)
+    session = "last-frame-pending"
+    request = _request(session)
+    reroute = _dep(page, "live_reroute")
+    data = {block: block.value for block in reroute.inputs}
+    data.update({block: done for block in reroute.inputs if isinstance(block, gr.State)})
+    data[page.components["budget"]] = 0.3  # done was routed at 0.5
+    frames = _stream(page, session, max_new=4)
+    try:
+        while "routing-maps" not in _by_id(next(frames)):  # the prompt's frame is drawn
+            pass
+        release.set()
+        for _ in range(600):  # the job ends; the stream has not sent its last frame
+            if not engine.generations.running(session):
+                break
+            threading.Event().wait(0.05)
+        assert not engine.generations.running(session)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            assert _call(_dep(page, "replay").fn, done.run_id, "total", request=request) == gr.skip()
+            assert reroute.fn(data, request=request) == gr.skip()
+            assert _call(_dep(page, "inspect_token").fn, done, 0, request=request) == gr.skip()
+        rest = [_by_id(out) for out in frames]
+    finally:
+        release.set()
+        frames.close()
+    messages = [str(w.message) for w in said]
+    assert len(messages) == 3 and all(m.startswith(f"{GENERATION_RUNNING}: ") for m in messages)
+    final = next(v for out in rest for v in out.values() if hasattr(v, "token_ids"))
+    assert final.prompt == PROMPT  # the last frame: the run, which no replay was drawn under
+    # the last frame out: replayed
+    assert page.components["prompt"] in _call(_dep(page, "replay").fn, done.run_id, "total", request=request)

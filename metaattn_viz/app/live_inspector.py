@@ -24,15 +24,16 @@ from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.exports import Downloads, run_label
 from metaattn_viz.app.live_exports import download, download_button, no_download
+from metaattn_viz.app.live_stream import GENERATION_RUNNING
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
 from metaattn_viz.app.shown_frame import shown_frame
 from metaattn_viz.app.ui_errors import user_errors, warn
 from metaattn_viz.core.trace import RoutingTrace
 
 PICK_A_TOKEN = "Pick a token to see the attention it used."
-# while a run streams the page's trace is still the previous run (live_stream.py)
+# while a run goes on the page's trace is still the previous run (live_stream.py)
 INSPECT_WHILE_STREAMING = (
-    "A generation is running: the inspector works on its tokens once it ends (or stop it first)."
+    f"{GENERATION_RUNNING}: the inspector works on its tokens once it ends (or stop it first)."
 )
 # On a phone (390 px) two figures or tables side by side were 124-160 px wide each: a row's
 # children get this width at least, and the row wraps below it.
@@ -154,10 +155,10 @@ class TokenInspector:
         return {**self._inspected(trace, pos, request), self.pos: pos}
 
     def wire(
-        self, engine: Engine, downloads: Downloads, trace: gr.State, strip: gr.HighlightedText, streaming
+        self, engine: Engine, downloads: Downloads, trace: gr.State, strip: gr.HighlightedText, going_on
     ) -> None:
         """Inspect on the button and on a click in the token `strip`; `trace`: the page's;
-        `streaming(session)`: whether a run streams there (live_stream.Streams.streaming),
+        `going_on(session)`: whether a run goes on there (live_stream.Streams.going_on),
         whose tokens are not in `trace` yet: the inspector says so and waits for its end."""
 
         def inspected(shown: RoutingTrace, pos: int, request) -> dict:
@@ -190,7 +191,7 @@ class TokenInspector:
 
         @user_errors("inspecting the token")
         def inspect_token(shown, pos, request: gr.Request):
-            if streaming(session_of(request)):
+            if going_on(session_of(request)):
                 warn([INSPECT_WHILE_STREAMING])
                 return gr.skip()
             if shown is None or shown.n_tokens == 0:
@@ -200,7 +201,7 @@ class TokenInspector:
         self.inspect.click(inspect_token, [trace, self.pos], self.outputs, api_visibility="private")
 
         def pick_token(evt: gr.SelectData, request: gr.Request):
-            if streaming(session_of(request)):  # the slider spans the previous run
+            if going_on(session_of(request)):  # the slider spans the previous run
                 return gr.skip()
             return evt.index if isinstance(evt.index, int) else evt.index[0]
 

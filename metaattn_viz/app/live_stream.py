@@ -1,29 +1,64 @@
 """The Live tab's streaming generations as its other events see them (mechanics, no page
 layout): while a run streams in a browser session, the page's trace (a gr.State) still
 holds the previous run; the stream's last frame replaces it. So an event that reads the
-trace asks `streaming(session)` first, and the uncertainty measure and per-token view
-picked while a run streams are handed to the run (`pick`), whose frames draw them.
+trace asks `going_on(session, jobs)` first (the run's job, or its stream until the last
+frame is out), and the uncertainty measure and per-token view picked while a run streams
+are handed to the run (`pick`), whose frames draw them.
 
-`open` a stream when a generation starts drawing (with the view its controls had then),
-read `view` for each frame, and `close` it after the last frame: `close` says which view
-to draw again when one was picked after the last frame was drawn (under one lock with
-`pick`, so no pick falls between the two). After `close` the trace is the run's own and
-an event draws it itself.
+`submit` when a Generate is pressed (Gradio takes its inputs, the measure and view among
+them, then; the run may wait in the queue), `open` a stream when the generation starts
+drawing (with the view its controls had at `submit`, or one picked since), read `view` for
+each frame, and `close` it after the last frame: `close` says which view to draw again
+when one was picked after the last frame was drawn, or while the run drew no frame at all
+(then the trace the page showed at the pick, `Stream.shown`, is drawn: a run that fails
+before its first frame leaves it on the page). `close` and `pick` share one lock, so no
+pick falls between the two. After `close` the trace is the run's own and an event draws it
+itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 View = tuple[str, bool]  # the uncertainty measure (bottom map) and the per-token view
+
+# the first sentence of every refusal while a run goes on in the session (re-route, replay,
+# token inspector)
+GENERATION_RUNNING = "A generation is running"
+# the status line from Stop until the run's last frame (which says it stopped): Stop is not
+# queued, so that it acts even when the queue is full, and only a queued event shows a toast
+STOPPING = "Stopping the generation\u2026"
+MAX_SESSIONS = 1024  # the sessions whose Generates and picks are kept (the oldest go first)
+MAX_SUBMITTED = 8  # a session's Generates waiting to run (one that never ran leaves a mark)
 
 
 @dataclass
 class Stream:
-    """One run's frames: the view they draw."""
+    """One run's frames: the view they draw; `picked`: a view was picked while it ran, on
+    the page's trace `shown` (the previous run's)."""
 
     view: View
+    picked: bool = False
+    shown: Any = None
+
+
+def _keep(table: dict, session: str, value) -> None:
+    """`table[session] = value`, the session now the newest; the oldest beyond MAX_SESSIONS
+    dropped (a session gone leaves its entries behind)."""
+    table.pop(session, None)
+    table[session] = value
+    while len(table) > MAX_SESSIONS:
+        del table[next(iter(table))]
+
+
+def stopping(job) -> bool:
+    """Whether `job` (generation.GenerationJob) was stopped and has not stopped decoding yet:
+    its frames say STOPPING (a stopped run's quality meter has its own line)."""
+    return job.stop_event.is_set() and not job.done and job.phase in ("starting", "prefill", "decoding")
 
 
 class Streams:
@@ -32,24 +67,49 @@ class Streams:
     def __init__(self):
         self._lock = threading.Lock()
         self._open: dict[str, Stream] = {}
+        self._count = itertools.count(1)  # orders submits and picks
+        self._submitted: dict[str, deque[int]] = {}  # Generates not yet drawing, oldest first
+        self._picked: dict[str, tuple[int, View]] = {}  # the latest pick (for a run not open)
+
+    def submit(self, session: str | None) -> None:
+        """A Generate of `session` is pressed: its inputs are taken now, and a view picked
+        from now until it starts drawing is the run's (`open`)."""
+        if session is not None:
+            with self._lock:
+                marks = self._submitted.get(session) or deque(maxlen=MAX_SUBMITTED)
+                marks.append(next(self._count))
+                _keep(self._submitted, session, marks)
 
     def open(self, session: str | None, view: View) -> Stream:
-        """A run of `session` starts drawing `view` (a session's newer run replaces an older
-        one still ending). Without a session (a direct call) the stream is not registered."""
+        """A run of `session` starts drawing `view`, its controls' view when it was
+        submitted, or the view picked since (a session's newer run replaces an older one
+        still ending). Without a session (a direct call) the stream is not registered."""
         stream = Stream(view)
         if session is not None:
             with self._lock:
+                marks = self._submitted.get(session)
+                submitted = marks.popleft() if marks else 0  # this run's submit (the oldest)
+                seq, picked = self._picked.get(session, (0, view))
+                if seq > submitted:
+                    stream.view = picked
+                if not marks:  # no other Generate of the session waits: nothing to keep
+                    self._submitted.pop(session, None)
+                    self._picked.pop(session, None)
                 self._open[session] = stream
         return stream
 
-    def pick(self, session: str | None, view: View) -> bool:
-        """`view` picked in `session`: handed to the run streaming there, if one is (True:
-        its frames draw it from the next one on)."""
+    def pick(self, session: str | None, view: View, shown=None) -> bool:
+        """`view` picked in `session`, over the page's trace `shown`: handed to the run
+        streaming there, if one is (True: its frames draw it from the next one on), and
+        kept for a run submitted before the pick that has not started drawing."""
+        if session is None:
+            return False
         with self._lock:
-            stream = self._open.get(session) if session is not None else None
+            _keep(self._picked, session, (next(self._count), view))
+            stream = self._open.get(session)
             if stream is None:
                 return False
-            stream.view = view
+            stream.view, stream.picked, stream.shown = view, True, shown
             return True
 
     def streaming(self, session: str | None) -> bool:
@@ -57,13 +117,23 @@ class Streams:
         with self._lock:
             return session is not None and session in self._open
 
+    def going_on(self, session: str | None, jobs) -> bool:
+        """Whether a run is going on in `session`: its generation runs (`jobs`:
+        generation.Generations), or its stream has not sent the last frame, which puts its
+        trace on the page (the job ends first). An event that reads or replaces the page's
+        trace (re-route, replay, the token inspector) is refused meanwhile."""
+        return session is not None and (jobs.running(session) or self.streaming(session))
+
     def close(self, session: str | None, stream: Stream, drawn: View | None) -> View | None:
         """The run's last frame (of view `drawn`, None if it drew none) is out: the view to
-        draw again if another was picked since, else None."""
+        draw again if another was picked since (of a run that drew no frame: any view
+        picked while it ran, to be drawn on `stream.shown`), else None."""
         with self._lock:
             if session is not None and self._open.get(session) is stream:
                 del self._open[session]
-            return stream.view if drawn is not None and stream.view != drawn else None
+            if drawn is None:
+                return stream.view if stream.picked else None
+            return stream.view if stream.view != drawn else None
 
 
-__all__ = ["Stream", "Streams", "View"]
+__all__ = ["GENERATION_RUNNING", "STOPPING", "Stream", "Streams", "View", "stopping"]

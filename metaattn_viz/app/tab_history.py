@@ -21,6 +21,7 @@ from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.history import RUNS_PAGE
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX
+from metaattn_viz.app.live_stream import GENERATION_RUNNING
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
 from metaattn_viz.app.tab_live import LiveTab
 from metaattn_viz.app.ui_errors import user_errors
@@ -48,9 +49,9 @@ DEFAULT_SQL = (
 # columns (sql_started's) with its `headers`, which showed them again after a refused query.
 DEFAULT_SQL_COLUMNS = ["layer", "full_share", "mean_uncertainty"]
 COMPARE_MAP_HEIGHT = 360
-# Replay refused while the tab's generation streams (re-route's refusal, tab_live.py, says
-# the same first sentence)
-REPLAY_WHILE_GENERATING = "A generation is running: stop it first, then replay the run."
+# Replay refused while the tab's generation goes on (its first sentence is re-route's and
+# the inspector's too)
+REPLAY_WHILE_GENERATING = f"{GENERATION_RUNNING}: stop it first, then replay the run."
 
 
 class HistoryTab:
@@ -214,9 +215,9 @@ class HistoryTab:
         def replay(run_id, measure, request: gr.Request):
             # The stream of a running generation would draw over the replayed run, and the
             # page end on the generated run under the replayed run's prompt and controls:
-            # refused, the page left as it is (as live_reroute refuses a re-route)
-            key = session_of(request)
-            if key is not None and engine.generations.running(key):
+            # refused, the page left as it is (as live_reroute refuses a re-route), until
+            # the stream's last frame is out (the job ends before it)
+            if live.streams.going_on(session_of(request), engine.generations):
                 gr.Warning(REPLAY_WHILE_GENERATING)
                 return gr.skip()
             trace, status = history.replay_with_status(run_id, reader(request))

@@ -25,7 +25,7 @@ from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.live_exports import ExportPanel
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX, BudgetSweep, TokenInspector
-from metaattn_viz.app.live_stream import Streams
+from metaattn_viz.app.live_stream import GENERATION_RUNNING, STOPPING, Streams, stopping
 from metaattn_viz.app.models import missing_model_note, offered_model
 from metaattn_viz.app.plotly_html import plotly_view
 from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request
@@ -343,7 +343,10 @@ class LiveTab:
     # The callbacks' names are their (private) endpoints' names; the named API endpoints
     # (api.py) own "generate" and "reroute".
     def wire(self, engine: Engine, downloads: Downloads) -> None:
-        self.inspector.wire(engine, downloads, self.trace, self.strip, self.streams.streaming)
+        def going_on(session):  # a run of the session: its trace is not the page's yet
+            return self.streams.going_on(session, engine.generations)
+
+        self.inspector.wire(engine, downloads, self.trace, self.strip, going_on)
         self.sweep.wire(engine, downloads, self.trace, self.routing)
         self._wire_generation(engine)
         self._wire_reroute(engine)
@@ -398,7 +401,8 @@ class LiveTab:
                     last, drawn = snap, stream.view
                     out = {
                         **self.show(snap, *drawn),
-                        self.run_status: display.run_status(job, snap),
+                        # after Stop (its line) the status says so until the run's end
+                        self.run_status: STOPPING if stopping(job) else display.run_status(job, snap),
                     }
                     if job.done:
                         positions = self.inspector.show_positions(snap)
@@ -408,8 +412,10 @@ class LiveTab:
                 again = self.streams.close(key, stream, drawn)
                 if not job.done:  # the page went away: the visitor ended the run ("stopped")
                     job.stop()
-            if again is not None:  # a measure or view picked as the last frame went out
-                yield {self.maps: plots.routing_maps_json(last, again[0], relative=again[1])}
+            if again is not None:  # picked as the last frame went out, or while none was drawn
+                shown = last if last is not None else stream.shown  # the page's, if none drawn
+                shown = shown if shown is not None else plots.empty_trace()
+                yield {self.maps: plots.routing_maps_json(shown, again[0], relative=again[1])}
             if len(job.notes) > warned:
                 warn(job.notes[warned:])
             if job.error is not None:
@@ -426,6 +432,7 @@ class LiveTab:
             # before its own generation (the chain below), never after it.
             if request is not None:
                 engine.generations.stop(session_of(request))
+                self.streams.submit(session_of(request))  # the view picked from now is the run's
 
         started = gr.on(
             [self.generate.click, self.prompt.submit],
@@ -459,25 +466,15 @@ class LiveTab:
         self.trace_events.append(generated)
         self.follow(generated)
 
-        stopping = gr.State(False)  # whether the last Stop ended a run (its toast follows)
+        def stop(request: gr.Request):
+            # Not queued: it acts at once, and answers, even with a full queue (a queued
+            # toast was refused there). The status line says it until the run's last frame.
+            if request is not None and engine.generations.stop(session_of(request)):
+                return STOPPING
+            return gr.skip()
 
-        def stop(request: gr.Request):  # not queued: it acts at once, even with a full queue
-            return request is not None and engine.generations.stop(session_of(request))
-
-        def say_stopping(stopped):
-            if stopped:
-                gr.Info("Stopping the generation\u2026")
-
-        # a toast shows from a queued event only (Gradio prints it otherwise): in a group
-        # of its own, never waiting behind a generation
-        self.stop.click(stop, None, stopping, api_visibility="private", queue=False).then(
-            say_stopping,
-            stopping,
-            None,
-            api_visibility="private",
-            concurrency_id="notices",
-            concurrency_limit=None,
-            show_progress="hidden",
+        self.stop.click(
+            stop, None, self.run_status, api_visibility="private", queue=False, show_progress="hidden"
         )
 
         def pick_model(model):  # load a newly picked model while the visitor types
@@ -504,9 +501,9 @@ class LiveTab:
                 # nothing changed (a box left with Tab, a slider released where it was):
                 # no re-route, and no run in the log
                 return gr.skip()
-            if request is not None and engine.generations.running(request.session_hash):
+            if self.streams.going_on(session_of(request), engine.generations):
                 gr.Warning(
-                    "A generation is running: the new settings apply to the next one (or stop it first)."
+                    f"{GENERATION_RUNNING}: the new settings apply to the next one (or stop it first)."
                 )
                 return gr.skip()
             owner = engine.deployment.owner(session_of(request))
@@ -577,7 +574,7 @@ class LiveTab:
 
         @user_errors("redrawing the maps")
         def redraw_maps(trace, measure, relative, request: gr.Request):
-            if self.streams.pick(session_of(request), (measure, bool(relative))):
+            if self.streams.pick(session_of(request), (measure, bool(relative)), trace):
                 return gr.skip()  # the run's frames draw it: the trace is the previous run's
             shown = trace if trace is not None else plots.empty_trace()
             return plots.routing_maps_json(shown, measure, relative=bool(relative))
