@@ -729,16 +729,13 @@ def test_an_example_run_shows_before_the_model(browser, tmp_path):
         context = browser.new_context(viewport={"width": 1400, "height": 1200})
         context.route(OUTSIDE, lambda route: route.abort())
         pg = context.new_page()
-        t0 = time.monotonic()
         pg.goto(srv.url)
         pg.wait_for_function(f"({MAP_LEN})(0) === {shipped.n_tokens}", timeout=60_000)
-        seconds = time.monotonic() - t0
         assert "An example run" in pg.inner_text("#run-status")
         assert pg.inner_text("#meters").strip()
         assert not srv.status()["model_ready"]  # shown without the model
         pg.screenshot(path=str(tmp_path / "example-before-model.png"))
         context.close()
-    assert seconds < 60
 
 
 # the boxes of the maps' title and its two notes, and of the plot itself (CSS px)

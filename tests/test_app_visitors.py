@@ -80,19 +80,19 @@ def test_hostile_queries_are_stopped_in_time_and_the_server_keeps_answering(publ
     from gradio_client.exceptions import AppError
 
     client = public_server.client()
-    _sql(client, "SELECT 1 AS one")  # the console's worker is up: time the queries only
     hostile = [
         "SELECT repeat('a', 2000000000)",
         "SELECT count(*) FROM range(100000) a, range(100000) b WHERE a.range + b.range = -1",
     ]
+    stopped = f"stopped: the query ran past the {SQL_TIMEOUT_S:g} s time limit"
     for query in hostile:
         t0 = time.monotonic()
         with pytest.raises(AppError) as err:
             _sql(client, query)
         took = time.monotonic() - t0
-        assert took <= SQL_TIMEOUT_S + 1.0, (query, took, str(err.value))
-        said = str(err.value).lower()  # refused (a memory cap) or stopped (the time limit)
-        assert any(w in said for w in ("stopped", "refused", "not allowed", "memory", "limit")), said
+        assert took < 10 * SQL_TIMEOUT_S, (query, took, str(err.value))  # a hang, not a slow stop
+        said = str(err.value)  # stopped at the time limit, or refused for the memory cap
+        assert stopped in said or "more memory than the console allows" in said, said
         assert "Traceback" not in str(err.value)
         assert public_server.alive()
         assert _sql(client, "SELECT 41 + 1 AS answer") == [{"answer": 42}]

@@ -130,3 +130,37 @@ def test_the_global_scope_solves_lambda_with_the_measure_it_hedges_on():
     grid = np.linspace(-20, 20, 4001)
     best = min(abs(cost(v) - 0.5) for v in grid)
     assert abs(cost(lam) - 0.5) <= best + 1e-9
+
+
+@pytest.mark.parametrize(
+    "beta, point_estimate, measure, threshold, want",
+    [
+        # threshold 0: only an uncertainty of exactly 0 is spared ...
+        ([0.2, 0.5, 0.3], True, "epistemic", 0.0, False),  # a point estimate: epistemic part 0
+        ([0.0, 1.0, 0.0], True, "total", 0.0, False),  # a certain decision: entropy 0
+        ([0.0, 0.0, 1.0], True, "total", 0.0, False),
+        ([0.01, 0.98, 0.01], True, "total", 0.0, True),  # ... any other is hedged
+        ([0.5, 8.0, 0.5], False, "epistemic", 0.0, True),
+        # threshold 1 (the top of the scale): not even the uniform posterior is hedged
+        ([1.0, 1.0, 1.0], False, "total", 1.0, False),
+        ([0.4, 0.4, 0.4], True, "total", 1.0, False),
+    ],
+)
+def test_the_hedge_threshold_is_exclusive_at_both_ends_of_its_range(
+    beta, point_estimate, measure, threshold, want
+):
+    """A decision is hedged when its uncertainty is strictly above the threshold: at 0 a
+    point estimate (epistemic part 0) or a certain decision is never hedged; at 1 nothing is,
+    the uniform posterior (total uncertainty exactly 1) included. The tensor path and the
+    plain-Python decode path decide alike."""
+    s = RoutingSettings(hedge_policy="full", hedge_threshold=threshold, hedge_measure=measure)
+    t = torch.tensor([beta])
+    m = t / t.sum(-1, keepdim=True)
+    lam = 1.0  # a uniform posterior goes to a cheap expert, where hedging applies
+    dec = budget_mod.decide(m, budget_mod.hedge_uncertainty(t, s, point_estimate), lam, s)
+    route, weights, hedged, cost = budget_mod.decide_one(beta, lam, s, point_estimate)
+    assert route != FULL and int(dec.routes[0]) == route
+    assert bool(dec.hedged[0]) == hedged == want
+    one_hot = [1.0 if k == (FULL if want else route) else 0.0 for k in range(3)]
+    assert weights == dec.weights[0].tolist() == one_hot
+    assert cost == pytest.approx(float(dec.cost[0])) == (1.0 if want else COSTS[route])

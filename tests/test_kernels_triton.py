@@ -165,8 +165,35 @@ def test_triton_rejects_float64():
         run("triton", q, k, v, make_weights("random", 2, 5).to(DEV), window=8, n_sink=4)
 
 
+class _OnDevice:
+    """What `resolve_backend` reads of a tensor: where it lives and whether it wants grads."""
+
+    def __init__(self, is_cuda: bool, requires_grad: bool = False):
+        self.is_cuda, self.requires_grad = is_cuda, requires_grad
+
+
+def test_auto_backend_is_triton_for_cuda_tensors_unless_they_need_gradients():
+    """The choice of "auto", on stand-ins for CUDA tensors (so it runs without a GPU): triton
+    for CUDA tensors, the CPU kernels for CPU ones and for a call that must backpropagate
+    (the Triton kernels have no backward); other names are returned as given."""
+    import metaattn_kernels.dispatch as kernels
+
+    cuda, cpu = _OnDevice(True), _OnDevice(False)
+    assert kernels.resolve_backend("auto", cuda, cuda, cuda) == "triton"
+    assert kernels.resolve_backend("auto", cpu, cpu, cpu) == "cpu"
+    wants_grad = _OnDevice(True, requires_grad=True)
+    for tensors in ((cuda, cuda, wants_grad), (wants_grad, cuda, cuda)):
+        assert kernels.resolve_backend("auto", *tensors) == "cpu"
+        with torch.no_grad():  # no graph is built: nothing needs a backward
+            assert kernels.resolve_backend("auto", *tensors) == "triton"
+    for name in ("triton", "cpu", "reference"):
+        assert kernels.resolve_backend(name, cpu, cpu, cpu) == name
+        assert kernels.resolve_backend(name, cuda, cuda, cuda) == name
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="auto picks triton only for CUDA tensors")
 def test_auto_backend_is_triton_on_cuda():
+    """The same choice on real CUDA tensors."""
     import metaattn_kernels.dispatch as kernels
 
     q, k, v = to_dev(*make_qkv(tq=5))

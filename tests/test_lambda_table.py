@@ -43,6 +43,16 @@ def test_lookup_interpolates_in_budget_and_log_length_for_its_settings_and_lengt
     assert t.lookup(s.with_(budget=None), 4096) is None
     assert t.lookup(s.with_(hedge_policy="soft"), 4096) is None  # a setting that moves lambda
     assert t.lookup(s.with_(linear_map="learned"), 4096) is None
+    # every other setting that moves the lambda the search settles at
+    for other in (
+        dict(window=32),
+        dict(n_sink=2),
+        dict(cost_model="flops"),
+        dict(hedge_threshold=0.5),
+        dict(hedge_min_weight=0.2),
+        dict(hedge_measure="epistemic"),
+    ):
+        assert t.lookup(s.with_(**other), 4096) is None, other
     assert t.lookup(s.with_(dual_step=3.0, backend="reference"), 4096) == pytest.approx(2.0)
     one = _table(s, lengths=(512,), lambdas=((2.0, 1.0),))
     assert one.lookup(s, 700) == pytest.approx(1.5) and one.lookup(s, 1024) is None

@@ -108,6 +108,19 @@ def test_dual_ascent_tracks_the_budget():
     assert dual_ascent(3.0, 1.0, s.with_(lam=3.0)) == 3.0  # fixed lambda never moves
 
 
+@pytest.mark.parametrize("step", [0.3, 1.0, 2.5])
+def test_dual_ascent_moves_lambda_by_the_step_times_the_overspend(step):
+    """lambda <- lambda + eta (cost_t - B), on floats and on tensors alike, within +-LAM_MAX."""
+    s = RoutingSettings(budget=0.4, dual_step=step)
+    for lam, cost in ((0.0, 1.0), (2.0, 0.15), (-1.5, 0.4)):
+        want = lam + step * (cost - 0.4)
+        assert dual_ascent(lam, cost, s) == pytest.approx(want, abs=1e-12)
+        got = dual_ascent(torch.tensor([lam]), torch.tensor([cost]), s)
+        assert got.tolist() == pytest.approx([want], abs=1e-6)
+    assert dual_ascent(LAM_MAX, 1.0, s) == LAM_MAX and dual_ascent(-LAM_MAX, 0.0, s) == -LAM_MAX
+    assert dual_ascent(torch.tensor([LAM_MAX]), torch.tensor([1.0]), s).tolist() == [LAM_MAX]
+
+
 def _best_achievable(m, unc, budget, s):
     """The mean cost closest to `budget` over every lambda that routes differently: the
     breakpoints (ln m_j - ln m_k) / (c_j - c_k), just either side of each, and +-LAM_MAX

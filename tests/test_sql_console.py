@@ -193,16 +193,20 @@ def test_the_row_cap_stops_fetching(log):
 
 
 def test_the_time_limit_interrupts_a_long_query(log):
+    """Stopped with ConsoleTimeout (a query of 10^13 rows would take hours); the bound only
+    keeps a stop that never comes from hanging the suite (benchmarks time the stop)."""
     import time
 
+    from metaattn_viz.store.sandbox import KILL_GRACE_S
+
     t0 = time.perf_counter()
-    with pytest.raises(ConsoleTimeout, match="0.5 s time limit"):
+    with pytest.raises(ConsoleTimeout, match=r"stopped: the query ran past the 0\.5 s time limit"):
         run_readonly_query(
             log,
             "SELECT count(*) FROM range(100000000) a, range(100000) b WHERE a.range + b.range = 7",
             timeout_s=0.5,
         )
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 10 * (0.5 + KILL_GRACE_S)  # a hang, not a slow stop
     df, _ = run_readonly_query(log, "SELECT count(*) FROM runs")  # the log still answers
     assert df.iloc[0, 0] == 3
 
@@ -239,7 +243,8 @@ def test_works_on_a_plain_connection_too():
 def test_a_huge_query_is_answered_refused_or_stopped_within_the_limit(log, sql, answer):
     import time
 
-    run_readonly_query(log, "SELECT 1")  # a worker is up: its start is not the query's time
+    from metaattn_viz.store.sandbox import KILL_GRACE_S
+
     t0 = time.perf_counter()
     try:
         df, _ = run_readonly_query(log, sql, timeout_s=3)
@@ -247,7 +252,7 @@ def test_a_huge_query_is_answered_refused_or_stopped_within_the_limit(log, sql, 
         assert isinstance(exc, ConsoleTimeout) or "more memory than the console allows" in str(exc), str(exc)
     else:
         assert answer is not None and df.iloc[0, 0] == answer
-    assert time.perf_counter() - t0 < 3 + 1
+    assert time.perf_counter() - t0 < 10 * (3 + KILL_GRACE_S)  # a hang, not a slow stop
     df, _ = run_readonly_query(log, "SELECT count(*) FROM runs")  # the console still answers
     assert df.iloc[0, 0] == 3
 
@@ -281,7 +286,8 @@ def test_the_sandbox_connection_is_locked_down():
 
 
 def test_a_worker_that_does_not_answer_is_killed_at_the_limit(tmp_path, monkeypatch):
-    """The last resort when DuckDB cannot stop: the process is killed, a spare started."""
+    """The last resort when DuckDB cannot stop: the process is killed once the limit and
+    KILL_GRACE_S have passed, and a spare started."""
     import time
 
     from metaattn_viz.store import sandbox, sandbox_worker
@@ -293,14 +299,28 @@ def test_a_worker_that_does_not_answer_is_killed_at_the_limit(tmp_path, monkeypa
     )
     assert sandbox_worker.READY == b"ready"
     monkeypatch.setattr(sandbox, "WORKER_SCRIPT", stuck)
+    workers, guards = [], []
+
+    class Worker(sandbox._Worker):  # the pool's workers, and how long each wait may take
+        def __init__(self):
+            super().__init__()
+            workers.append(self)
+
+        def _guarded(self, seconds, fn):
+            guards.append(seconds)
+            return super()._guarded(seconds, fn)
+
+    monkeypatch.setattr(sandbox, "_Worker", Worker)
     pool = sandbox._Pool(1)
     try:
         t0 = time.perf_counter()
-        with pytest.raises(sandbox.SandboxTimeout):
+        with pytest.raises(sandbox.SandboxTimeout, match="ran past its time limit and was stopped"):
             pool.run({"sql": "SELECT 1"}, {}, timeout_s=0.5)
-        assert time.perf_counter() - t0 < 0.5 + sandbox.KILL_GRACE_S + 1
-        spare = pool._idle[0]
-        assert spare.alive  # started at once for the next query
+        assert time.perf_counter() - t0 < 10 * (0.5 + sandbox.KILL_GRACE_S)  # a hang, not a slow kill
+        assert guards == [sandbox.START_TIMEOUT_S, 0.5 + sandbox.KILL_GRACE_S]  # the start, the query
+        stuck_worker, spare = workers
+        assert stuck_worker.proc.returncode == -signal.SIGKILL  # killed (and reaped)
+        assert pool._idle == [spare] and spare.alive  # started at once for the next query
     finally:
         pool.close()
 

@@ -228,6 +228,46 @@ def test_a_streaming_run_is_running_then_done_with_all_its_rows(db):
         assert count(log, "SELECT count(*) FROM tokens WHERE is_prompt") == full.n_prompt_tokens
 
 
+def test_appends_merged_into_one_commit_leave_the_run_row_as_of_the_last(db, monkeypatch):
+    """Several appends queued before one commit are merged into one slice per run: the
+    run's row then shows the text, measures and wall time of the last of them, not the first."""
+    from types import SimpleNamespace
+
+    from metaattn_viz.store import codec, writer
+
+    monkeypatch.setattr(writer, "COMMIT_WINDOW_S", 600.0)  # only the flush commits
+    clock = [1000.0]
+    monkeypatch.setattr(writer, "time", SimpleNamespace(monotonic=lambda: clock[0], time=writer.time.time))
+    rounds, codec_merge = [], codec.merge_slices
+
+    def merge(slices):  # records what each commit round merges
+        rounds.append([(rid, sl.start, sl.end) for rid, sl in slices])
+        return codec_merge(slices)
+
+    monkeypatch.setattr(codec, "merge_slices", merge)
+    full = synthetic_trace(n_layers=2, n_tokens=20, seed=4)
+    with RunLog(db) as log:
+        parts = grow(full, 4)
+        trace = next(parts)
+        run_id = log.start_run(trace)
+        log.flush()
+        for i, trace in zip(range(3), parts, strict=False):
+            clock[0] = 1000.0 + (i + 1) * 1.5  # 1.5 s, 3 s, 4.5 s after the start
+            trace.output_text = f"text after {trace.n_tokens} tokens"
+            log.append(run_id, trace)
+        log.flush()
+        p = full.n_prompt_tokens
+        n = p + 12
+        assert rounds[-1] == [(run_id, 0, p + 4), (run_id, p + 4, p + 8), (run_id, p + 8, n)]  # one round
+        row = log.get_run(run_id)
+        assert row["status"] == "running" and row["n_tokens"] == n
+        assert row["output_text"] == f"text after {n} tokens"
+        assert row["wall_ms"] == pytest.approx(4500.0)
+        assert row["realized_cost"] == pytest.approx(trace.realized_cost, rel=1e-6)
+        assert count(log, "SELECT count(*) FROM routes WHERE run_id = $r", r=run_id) == 2 * n
+        log.finish(run_id, trace)
+
+
 def test_append_refuses_gaps_and_finished_runs(db):
     full = synthetic_trace(n_layers=2, n_tokens=10, seed=2)
     with RunLog(db) as log:
