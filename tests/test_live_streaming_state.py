@@ -9,7 +9,11 @@ while the run waits for its model or while Generate waits in the queue, is drawn
 run's frames and its end (or, for a run that draws none, on the page's trace), never over
 the previous run, and the link follows it; a token clicked in the streaming text is not the
 previous run's (the inspector says it works once the run ends); a replay, a re-route or an
-inspection is refused until the run's last frame is out, even after its job ended."""
+inspection is refused until the run's last frame is out, even after its job ended. Stop
+also stops a Generate still waiting in the queue (as it starts), says nothing during the
+quality meter (which it does not stop), and a run that fails before its first frame says so
+in the status line; an older run of the session still ending counts as going on but never
+draws over the newer one."""
 
 from __future__ import annotations
 
@@ -353,4 +357,152 @@ def test_a_run_is_going_on_until_its_last_frame_is_out(page, monkeypatch):
     final = next(v for out in rest for v in out.values() if hasattr(v, "token_ids"))
     assert final.prompt == PROMPT  # the last frame: the run, which no replay was drawn under
     # the last frame out: replayed
+    assert page.components["prompt"] in _call(_dep(page, "replay").fn, done.run_id, "total", request=request)
+
+
+# -- 6. Stop before the first frame, in the queue, during the quality meter ----------------------
+def _status_lines(outs) -> list[str]:
+    return [out["run-status"] for out in outs if "run-status" in out]
+
+
+def test_a_run_stopped_then_failing_before_its_first_frame_says_it_failed(page, monkeypatch):
+    """Stop while the run waits for its model, which then fails to load: no frame was
+    drawn, and the status line said "Stopping…" to the end (only a toast said it failed)."""
+    go = threading.Event()
+
+    def loading(*args, **kwargs):
+        go.wait(30)
+        raise AppError("The model is still loading; try again in a few seconds.")
+
+    monkeypatch.setattr(page.engine.host, "routed_model", loading)
+    session = "stopped-then-fails"
+    frames = _stream(page, session)
+    outs = []
+    try:
+        outs.append(_by_id(next(frames)))  # "Routing the prompt…"
+        outs.append({"run-status": _call(_dep(page, "stop").fn, request=_request(session))})
+        assert outs[-1]["run-status"] == STOPPING
+        go.set()
+        with pytest.raises(gr.Error, match="still loading"):
+            for out in frames:
+                outs.append(_by_id(out))
+    finally:
+        go.set()
+        frames.close()
+    assert _status_lines(outs)[-1] == "The generation failed."
+
+
+def test_stop_while_generate_waits_in_the_queue_stops_that_run(page):
+    """Stop pressed while this tab's Generate waits in the queue (nothing running): the run
+    is stopped as it starts (it ran to "Done", Stop said nothing); a later Generate runs."""
+    session = "stop-in-queue"
+    request = _request(session)
+    _call(_dep(page, "stop_previous").fn, request=request)  # Generate pressed, queued
+    assert _call(_dep(page, "stop").fn, request=request) == STOPPING
+    status = _status_lines([_by_id(out) for out in _stream(page, session, max_new=4)])
+    assert status[0] == STOPPING and status[-1].startswith("Stopped: ")
+    _call(_dep(page, "stop_previous").fn, request=request)  # the next Generate is not stopped
+    assert _status_lines([_by_id(out) for out in _stream(page, session, max_new=4)])[-1].startswith("Done")
+
+
+def test_stop_while_generate_waits_behind_the_run_it_ended_stops_the_queued_run(page, monkeypatch):
+    """Generate B pressed while run A streams (stop_previous ends A), Stop while B waits:
+    the Stop went to A, already stopping, and B ran to "Done"."""
+    routed = page.engine.host.routed_model()
+    real_stream, release = routed.stream, threading.Event()
+
+    def held(*args, **kwargs):
+        for n, trace in enumerate(real_stream(*args, **kwargs)):
+            yield trace
+            if n == 0:
+                release.wait(30)
+
+    monkeypatch.setattr(routed, "stream", held)
+    session = "stop-behind"
+    request = _request(session)
+    a = _stream(page, session, prompt=OTHER, max_new=20)
+    try:
+        while "routing-maps" not in _by_id(next(a)):
+            pass
+        _call(_dep(page, "stop_previous").fn, request=request)  # Generate B, queued
+        assert _call(_dep(page, "stop").fn, request=request) == STOPPING
+        release.set()
+        a_out = [_by_id(out) for out in a]
+    finally:
+        release.set()
+        a.close()
+    monkeypatch.setattr(routed, "stream", real_stream)
+    assert _status_lines(a_out)[-1].startswith("Stopped: ")
+    b_status = _status_lines([_by_id(out) for out in _stream(page, session, max_new=4)])
+    assert b_status[-1].startswith("Stopped: ")
+
+
+def test_stop_during_the_quality_meter_says_nothing(page, monkeypatch):
+    """The text is complete and the quality meter runs: Stop stops nothing there, and said
+    "Stopping…" for the whole pass, then "Done"."""
+    real_quality, go, measuring = page.engine.analysis.quality, threading.Event(), threading.Event()
+
+    def slow_quality(trace):
+        measuring.set()
+        go.wait(30)
+        return real_quality(trace)
+
+    monkeypatch.setattr(page.engine.analysis, "quality", slow_quality)
+    session = "stop-in-quality"
+    dep = _dep(page, "live_generate")
+    c = page.components
+    data = {block: block.value for block in dep.inputs}
+    data.update({c["prompt"]: PROMPT, c["max-new"]: 3, c["chat"]: False})
+    data.update({b: True for b in dep.inputs if (getattr(b, "label", "") or "").startswith("Quality meter")})
+    frames = dep.fn(data, request=_request(session))
+    status = []
+    try:
+        for out in frames:
+            status += _status_lines([_by_id(out)])
+            if measuring.is_set() and status[-1].startswith("Measuring quality"):
+                break
+        assert _call(_dep(page, "stop").fn, request=_request(session)) == gr.skip()
+        go.set()
+        status += _status_lines([_by_id(out) for out in frames])
+    finally:
+        go.set()
+        frames.close()
+    assert status[-1].startswith("Done")
+
+
+# -- 7. an older run still ending when a newer one closes ----------------------------------------
+def test_an_older_run_still_ending_is_going_on_and_never_draws_over_the_newer(page, monkeypatch):
+    """Run A waits for its model; Generate B stops it and runs to its end first: A's stream
+    still counted (a replay is refused), and A, superseded, writes nothing more (its last
+    frame landed over B and over an accepted replay)."""
+    engine = page.engine
+    done = _generate(page, OTHER)
+    engine.history.flush()
+    real, gate, calls = engine.host.routed_model, threading.Event(), []
+
+    def routed(*args, **kwargs):  # run A waits for its model (another one loading, say)
+        calls.append(1)
+        if len(calls) == 1:
+            gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.host, "routed_model", routed)
+    session = "older-still-ending"
+    request = _request(session)
+    a = _stream(page, session, prompt="Older run A text here. ", max_new=4)
+    try:
+        next(a)  # A started: waits for its model
+        _call(_dep(page, "stop_previous").fn, request=request)  # Generate B: stops A
+        b_out = [_by_id(out) for out in _stream(page, session, max_new=2)]
+        assert _status_lines(b_out)[-1].startswith("Done")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            assert _call(_dep(page, "replay").fn, done.run_id, "total", request=request) == gr.skip()
+        assert [str(w.message) for w in said][0].startswith(f"{GENERATION_RUNNING}: ")
+        gate.set()
+        a_out = [_by_id(out) for out in a]
+    finally:
+        gate.set()
+        a.close()
+    assert a_out == []  # neither its trace, its maps nor its status line
     assert page.components["prompt"] in _call(_dep(page, "replay").fn, done.run_id, "total", request=request)

@@ -14,6 +14,12 @@ when one was picked after the last frame was drawn, or while the run drew no fra
 before its first frame leaves it on the page). `close` and `pick` share one lock, so no
 pick falls between the two. After `close` the trace is the run's own and an event draws it
 itself.
+
+A session may have several streams open: a run still ending (waiting for its model, say)
+when a newer Generate of the session opens its own. Every open stream counts in
+`going_on`, but only the newest draws the page: an older one is `superseded` (its job
+stopped) and writes nothing more. `stop` (the Stop button) stops the session's run, and a
+Generate pressed before it that has not started drawing yet (`open` stops its job at once).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class Stream:
     view: View
     picked: bool = False
     shown: Any = None
+    job: Any = None  # its generation.GenerationJob (None for a direct call)
+    superseded: bool = False  # a newer stream of the session draws the page: write nothing
 
 
 def _keep(table: dict, session: str, value) -> None:
@@ -55,21 +63,28 @@ def _keep(table: dict, session: str, value) -> None:
         del table[next(iter(table))]
 
 
+def stoppable(job) -> bool:
+    """Whether Stop stops `job` (generation.GenerationJob): it has not stopped decoding yet
+    (its quality meter, after the text, runs to its end)."""
+    return not job.done and job.phase in ("starting", "prefill", "decoding")
+
+
 def stopping(job) -> bool:
-    """Whether `job` (generation.GenerationJob) was stopped and has not stopped decoding yet:
-    its frames say STOPPING (a stopped run's quality meter has its own line)."""
-    return job.stop_event.is_set() and not job.done and job.phase in ("starting", "prefill", "decoding")
+    """Whether `job` was stopped and has not stopped decoding yet: its frames say STOPPING
+    (a stopped run's quality meter has its own line)."""
+    return job.stop_event.is_set() and stoppable(job)
 
 
 class Streams:
-    """The runs streaming now, one per browser session."""
+    """The runs streaming now, by browser session (the newest last)."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._open: dict[str, Stream] = {}
+        self._open: dict[str, list[Stream]] = {}
         self._count = itertools.count(1)  # orders submits and picks
         self._submitted: dict[str, deque[int]] = {}  # Generates not yet drawing, oldest first
         self._picked: dict[str, tuple[int, View]] = {}  # the latest pick (for a run not open)
+        self._stopped: dict[str, int] = {}  # the latest Stop while a Generate was not open
 
     def submit(self, session: str | None) -> None:
         """A Generate of `session` is pressed: its inputs are taken now, and a view picked
@@ -80,23 +95,53 @@ class Streams:
                 marks.append(next(self._count))
                 _keep(self._submitted, session, marks)
 
-    def open(self, session: str | None, view: View) -> Stream:
-        """A run of `session` starts drawing `view`, its controls' view when it was
-        submitted, or the view picked since (a session's newer run replaces an older one
-        still ending). Without a session (a direct call) the stream is not registered."""
-        stream = Stream(view)
+    def open(self, session: str | None, view: View, job=None) -> Stream:
+        """A run of `session` (its `job`) starts drawing `view`, its controls' view when it
+        was submitted, or the view picked since. An older stream of the session still open
+        is superseded (its job stopped); a Stop pressed after every Generate of the session
+        so far, this one's included, stops `job` at once. Without a session (a direct call)
+        the stream is not registered."""
+        stream = Stream(view, job=job)
         if session is not None:
             with self._lock:
                 marks = self._submitted.get(session)
+                newest = marks[-1] if marks else 0  # the session's latest Generate
                 submitted = marks.popleft() if marks else 0  # this run's submit (the oldest)
                 seq, picked = self._picked.get(session, (0, view))
                 if seq > submitted:
                     stream.view = picked
+                if newest and self._stopped.get(session, 0) > newest and job is not None:
+                    job.stop()  # Stop pressed while this run waited in the queue
                 if not marks:  # no other Generate of the session waits: nothing to keep
                     self._submitted.pop(session, None)
                     self._picked.pop(session, None)
-                self._open[session] = stream
+                    self._stopped.pop(session, None)
+                older = self._open.get(session) or []
+                for old in older:
+                    old.superseded = True
+                    if old.job is not None:
+                        old.job.stop()
+                _keep(self._open, session, [*older, stream])
         return stream
+
+    def stop(self, session: str | None, jobs) -> bool:
+        """Stop pressed in `session`: its running generation stops (`jobs`:
+        generation.Generations), and so does a Generate pressed before that has not started
+        drawing (`open`). Whether the status line says STOPPING: such a Generate waits, or
+        the newest run is one Stop stops (`stopping`; not its quality meter, say)."""
+        if session is None:
+            return False
+        with self._lock:
+            waiting = bool(self._submitted.get(session))
+            if waiting:
+                _keep(self._stopped, session, next(self._count))
+            streams = self._open.get(session) or []
+            job = streams[-1].job if streams else None
+        if job is None:  # no stream yet (a direct call, or its job just started)
+            return jobs.stop(session) or waiting
+        if waiting or stoppable(job):
+            jobs.stop(session)
+        return waiting or stopping(job)
 
     def pick(self, session: str | None, view: View, shown=None) -> bool:
         """`view` picked in `session`, over the page's trace `shown`: handed to the run
@@ -106,16 +151,18 @@ class Streams:
             return False
         with self._lock:
             _keep(self._picked, session, (next(self._count), view))
-            stream = self._open.get(session)
-            if stream is None:
+            streams = self._open.get(session)
+            if not streams:
                 return False
+            stream = streams[-1]
             stream.view, stream.picked, stream.shown = view, True, shown
             return True
 
     def streaming(self, session: str | None) -> bool:
-        """Whether a run streams in `session` (its trace is not yet the page's)."""
+        """Whether a run streams in `session` (its trace is not yet the page's), the newest
+        or an older one still ending."""
         with self._lock:
-            return session is not None and session in self._open
+            return session is not None and bool(self._open.get(session))
 
     def going_on(self, session: str | None, jobs) -> bool:
         """Whether a run is going on in `session`: its generation runs (`jobs`:
@@ -129,11 +176,14 @@ class Streams:
         draw again if another was picked since (of a run that drew no frame: any view
         picked while it ran, to be drawn on `stream.shown`), else None."""
         with self._lock:
-            if session is not None and self._open.get(session) is stream:
-                del self._open[session]
+            streams = self._open.get(session) if session is not None else None
+            if streams and stream in streams:
+                streams.remove(stream)
+                if not streams:
+                    del self._open[session]
             if drawn is None:
                 return stream.view if stream.picked else None
             return stream.view if stream.view != drawn else None
 
 
-__all__ = ["GENERATION_RUNNING", "STOPPING", "Stream", "Streams", "View", "stopping"]
+__all__ = ["GENERATION_RUNNING", "STOPPING", "Stream", "Streams", "View", "stoppable", "stopping"]

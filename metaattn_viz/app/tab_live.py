@@ -388,11 +388,13 @@ class LiveTab:
             key = session_of(request)
             job = engine.generations.start(req, key=key, owner=engine.deployment.owner(key))
             # the frames draw the measure and view picked now, or later while the run streams
-            stream = self.streams.open(key, (data[self.measure], bool(data[self.relative])))
+            stream = self.streams.open(key, (data[self.measure], bool(data[self.relative])), job)
             warned, last, drawn = 0, None, None
             try:
-                yield {self.run_status: "Routing the prompt\u2026"}
+                yield {self.run_status: STOPPING if stopping(job) else "Routing the prompt\u2026"}
                 for snap in job.updates():
+                    if stream.superseded:  # a newer Generate of the session draws the page
+                        return
                     if len(job.notes) > warned:
                         warn(job.notes[warned:])
                         warned = len(job.notes)
@@ -412,10 +414,15 @@ class LiveTab:
                 again = self.streams.close(key, stream, drawn)
                 if not job.done:  # the page went away: the visitor ended the run ("stopped")
                     job.stop()
+            if stream.superseded:
+                return
+            # no frame drawn (it failed first): the status line says how it ended, not Stop's
+            end = {self.run_status: display.run_status(job, None)} if drawn is None else {}
             if again is not None:  # picked as the last frame went out, or while none was drawn
-                shown = last if last is not None else stream.shown  # the page's, if none drawn
-                shown = shown if shown is not None else plots.empty_trace()
-                yield {self.maps: plots.routing_maps_json(shown, again[0], relative=again[1])}
+                shown = last or stream.shown or plots.empty_trace()  # the page's, if none drawn
+                end[self.maps] = plots.routing_maps_json(shown, again[0], relative=again[1])
+            if end:
+                yield end
             if len(job.notes) > warned:
                 warn(job.notes[warned:])
             if job.error is not None:
@@ -467,11 +474,10 @@ class LiveTab:
         self.follow(generated)
 
         def stop(request: gr.Request):
-            # Not queued: it acts at once, and answers, even with a full queue (a queued
-            # toast was refused there). The status line says it until the run's last frame.
-            if request is not None and engine.generations.stop(session_of(request)):
-                return STOPPING
-            return gr.skip()
+            # Not queued: it acts at once, and answers, even with a full queue (a queued toast
+            # was refused there); the status line says it until the run's end (Streams.stop)
+            said = request is not None and self.streams.stop(session_of(request), engine.generations)
+            return STOPPING if said else gr.skip()
 
         self.stop.click(
             stop, None, self.run_status, api_visibility="private", queue=False, show_progress="hidden"
