@@ -490,3 +490,30 @@ def stand_in_gpu(monkeypatch) -> None:
 
     monkeypatch.setattr(launching, "triton_interpreted", lambda: False)
     monkeypatch.setattr(launching, "_device", lambda: "a GPU with 64 KiB per block")
+
+
+# -- the page over a tiny model, its callbacks called directly (no browser) -------------------
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def tiny_page(folder: Path, spread: float = 1.0):
+    """The page built over a tiny random routed model (`routed_tiny(spread=...)`) and a log
+    and downloads under `folder`: its components by elem_id (`demo.components`); the engine
+    closed after."""
+    from metaattn_viz.app.engine import Engine
+    from metaattn_viz.app.exports import Downloads
+    from metaattn_viz.app.ui import build_app
+
+    engine = Engine(routed=routed_tiny(spread=spread), db=str(folder / "log.duckdb"))
+    try:
+        demo = build_app(engine=engine, downloads=Downloads(folder / "dl"))
+        demo.components = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+        yield demo
+    finally:
+        engine.close()
+
+
+def callbacks(demo, name: str) -> list:
+    """The page's event handlers named `name` (a callback's function name)."""
+    return [d for d in demo.fns.values() if d.name == name]

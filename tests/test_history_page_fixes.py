@@ -13,11 +13,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
-from helpers import routed_tiny, synthetic_trace
+from helpers import callbacks, synthetic_trace, tiny_page
 
 from metaattn_viz.app import plots
-from metaattn_viz.app.engine import Engine
-from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.plotly_html import PLOTLY_JS, PLOTLY_VIEW_JS, figure_value
 from metaattn_viz.app.requests import parse_request, parse_settings
 from metaattn_viz.app.tab_history import DEFAULT_SQL_COLUMNS
@@ -29,18 +27,12 @@ CHROMIUM = "/usr/bin/chromium"
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     """The page over a tiny model, its components by elem_id."""
-    from metaattn_viz.app.ui import build_app
-
-    tmp = tmp_path_factory.mktemp("history-page")
-    engine = Engine(routed=routed_tiny(), db=str(tmp / "log.duckdb"))
-    demo = build_app(engine=engine, downloads=Downloads(tmp / "dl"))
-    demo.components = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    yield demo
-    engine.close()
+    with tiny_page(tmp_path_factory.mktemp("history-page")) as demo:
+        yield demo
 
 
 def _fn(demo, name: str):
-    return next(d for d in demo.fns.values() if d.name == name)
+    return callbacks(demo, name)[0]
 
 
 def _request(max_new=3):

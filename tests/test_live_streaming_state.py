@@ -25,12 +25,10 @@ import warnings
 
 import gradio as gr
 import pytest
-from helpers import routed_tiny
+from helpers import callbacks, tiny_page
 
 from metaattn_viz.app import plots
-from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
-from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.history import RunRecorder
 from metaattn_viz.app.live_stream import GENERATION_RUNNING, STOPPING
 from metaattn_viz.app.plots.maps import MEASURE_LABELS
@@ -43,18 +41,12 @@ OTHER = "Completely different words here, nothing alike at all. "
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     """The page over a tiny model: its components by elem_id, its callbacks by name."""
-    from metaattn_viz.app.ui import build_app
-
-    tmp = tmp_path_factory.mktemp("page")
-    engine = Engine(routed=routed_tiny(spread=3.0), db=str(tmp / "log.duckdb"))
-    demo = build_app(engine=engine, downloads=Downloads(tmp / "dl"))
-    demo.components = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    yield demo
-    engine.close()
+    with tiny_page(tmp_path_factory.mktemp("page"), spread=3.0) as demo:
+        yield demo
 
 
 def _dep(demo, name: str):
-    return next(d for d in demo.fns.values() if d.name == name)
+    return callbacks(demo, name)[0]
 
 
 def _request(session: str):

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import gradio as gr
 import pytest
-from helpers import routed_tiny
+from helpers import callbacks, tiny_page
 
 from metaattn_viz.app import examples, live_inspector, plots
-from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.errors import AppError
-from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.live_inspector import PICK_A_TOKEN
 from metaattn_viz.app.requests import parse_request, parse_settings
 
@@ -28,18 +26,12 @@ READABLE_PX = 300  # the least width a figure or table of the page is readable a
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     """The page over a tiny model: its components by elem_id, its callbacks by name."""
-    from metaattn_viz.app.ui import build_app
-
-    tmp = tmp_path_factory.mktemp("page")
-    engine = Engine(routed=routed_tiny(spread=3.0), db=str(tmp / "log.duckdb"))
-    demo = build_app(engine=engine, downloads=Downloads(tmp / "dl"))
-    demo.components = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    yield demo
-    engine.close()
+    with tiny_page(tmp_path_factory.mktemp("page"), spread=3.0) as demo:
+        yield demo
 
 
 def _fns(demo, name: str) -> list:
-    return [d for d in demo.fns.values() if d.name == name]
+    return callbacks(demo, name)
 
 
 def _fn(demo, name: str):
