@@ -28,10 +28,12 @@ Never imports gradio, transformers, torch or the model code; its SQL is in queri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,20 @@ class RunLog:
         closed with the log, or by the caller."""
         self._check_open()
         return self._db.fresh_cursor()
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of its own in a read-only transaction: every read through it sees the log
+        as of one moment (a run logged meanwhile in all of them or in none); closed after.
+        Never the thread's shared cursor, which a failed read would leave in a transaction."""
+        self._check_open()
+        cur = self._db.fresh_cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            yield cur
+            cur.execute("ROLLBACK")  # it only read
+        finally:
+            cur.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -217,17 +233,11 @@ class RunLog:
         """`load_trace`, and the run's status (running, done, stopped, ...) from the same
         snapshot as its rows: a run still streaming reads as running with the positions
         committed so far, never as done with only part of them."""
-        self._check_open()
-        cur = self._db.fresh_cursor()  # its own transaction, closed here
-        try:
-            cur.execute("BEGIN TRANSACTION")  # one snapshot: the runs row, tokens, routes
+        with self._snapshot() as cur:  # the runs row, tokens and routes as of one moment
             run = self._run_row(cur, run_id, owner)
             params = {"run_id": run_id, "n_tokens": run["n_tokens"]}
             tok = cur.execute(Q.TOKENS_OF_RUN, params).fetchnumpy()
             rt = cur.execute(Q.ROUTES_OF_RUN, params).fetchnumpy()
-            cur.execute("ROLLBACK")  # it only read
-        finally:
-            cur.close()
         L, T = int(run["n_layers"]), int(run["n_tokens"])
         if len(tok["pos"]) != T or len(rt["layer"]) != L * T:
             raise StoreUnavailable(
@@ -280,19 +290,13 @@ class RunLog:
         snapshot: a run logged meanwhile is in both or in neither): (runs, start, total),
         `size` runs from the `offset`-th on, or from the last page's start (page_start)
         where fewer match."""
-        self._check_open()
         sql = _list_sql(order_by)
         params = {**_run_filters(status, model, controller, text), "owner": check_owner(owner)}
-        cur = self._db.fresh_cursor()  # its own transaction, closed here
-        try:
-            cur.execute("BEGIN TRANSACTION")
+        with self._snapshot() as cur:
             row = cur.execute(Q.COUNT_RUNS, params).fetchone()
             total = int(row[0]) if row else 0
             start = page_start(offset, total, size)
             df = cur.execute(sql, {**params, "limit": int(size), "offset": start}).df()
-            cur.execute("ROLLBACK")  # it only read
-        finally:
-            cur.close()
         return df, start, total
 
     @_reads
