@@ -324,16 +324,13 @@ class ControllerStack(nn.Module):
     def save(self, folder: Path, meta: dict | None = None) -> Path:
         """Write the weights (safetensors, renamed into place) and meta.json into `folder`,
         both with the mode a new file gets (0666 less the umask)."""
-        from safetensors.torch import save as serialise
+        from metaattn_viz.routing.tensor_files import save_tensors
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        # not save_file, whose file is private (0600): a service running as another user could
-        # read meta.json and not the weights. Made anew: a killed write's leftover keeps its mode
-        tmp.unlink(missing_ok=True)
-        tmp.write_bytes(serialise({k: v.detach().contiguous() for k, v in self.state_dict().items()}))
-        tmp.replace(folder / WEIGHTS_FILE)
+        save_tensors(
+            {k: v.detach().contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS_FILE
+        )
         self.invalidate_hash()
         self.lambda_table = None  # made for the weights before these (a table there is stale)
         full_meta = {"config": asdict(self.config), "content_hash": self.content_hash(), **(meta or {})}

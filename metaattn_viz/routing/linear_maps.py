@@ -52,7 +52,7 @@ def default_folder(model_slug: str) -> Path:
 def save(maps: list[FeatureMap], folder: Path, meta: dict) -> Path:
     """Write the maps (safetensors, keys layers.<i>.<tensor>) and meta.json into `folder`,
     both with the mode a new file gets (0666 less the umask)."""
-    from safetensors.torch import save as serialise
+    from metaattn_viz.routing.tensor_files import save_tensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,12 +61,7 @@ def save(maps: list[FeatureMap], folder: Path, meta: dict) -> Path:
         for i, fm in enumerate(maps)
         for name in TENSORS
     }
-    tmp = folder / (WEIGHTS_FILE + ".tmp")  # renamed into place: a killed write never looks complete
-    # not save_file, whose file is private (0600): another user (a service) could read
-    # meta.json and not the maps. Made anew: a killed write's leftover would keep its mode
-    tmp.unlink(missing_ok=True)
-    tmp.write_bytes(serialise(tensors))
-    tmp.replace(folder / WEIGHTS_FILE)
+    save_tensors(tensors, folder / WEIGHTS_FILE)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
