@@ -418,6 +418,24 @@ def test_train_saves_loads_and_resumes(tmp_path):
     assert ppl0["dense"] == ppl1["dense"] and ppl0["all_linear"] != ppl1["all_linear"]
 
 
+def test_a_diverged_layer_is_saved_as_strict_json(tmp_path, monkeypatch):
+    """A NaN validation loss (a layer whose maps diverged) is null in meta.json, which stays
+    strict JSON (Python's json writes NaN, which no other reader accepts)."""
+    from metaattn_viz.training import feature_maps as fmod
+
+    monkeypatch.setattr(fmod, "eval_loss", lambda maps, q, k, scaling: float("nan"))
+    cfg = fmod.FeatureMapConfig(steps=2, batch_size=2, seq_len=32, train_windows=4, val_windows=2)
+    out = tmp_path / "maps"
+    fmod.train(
+        tiny_model(), CharTokenizer(), tiny_corpus(tmp_path), cfg, out, model_slug="tiny", progress=False
+    )
+    text = (out / fmod.META_FILE).read_text()
+    on_disk = json.loads(text, parse_constant=lambda c: pytest.fail(f"meta.json holds {c}"))
+    assert on_disk["mean_val_loss_learned"] is None
+    assert all(row["val_loss_learned"] is None for row in on_disk["per_layer"])
+    assert len(fmod.load(out)) == 3
+
+
 def test_load_of_an_empty_folder_says_how_to_train(tmp_path):
     from metaattn_viz.training import feature_maps as fmod
 

@@ -175,6 +175,12 @@ def test_a_decode_state_keeps_the_map_it_was_built_with():
 
 
 # -- loading -----------------------------------------------------------------------------------
+def test_maps_with_a_non_finite_meta_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="Out of range float"):
+        linear_maps.save(random_maps(), tmp_path / "maps", {"val_loss": float("nan")})
+    assert not (tmp_path / "maps").exists()
+
+
 def test_maps_are_loaded_for_the_model_and_refused_for_another_shape(tmp_path, caplog):
     maps = random_maps()
     linear_maps.save(maps, tmp_path / "ok", {"kind": "hedgehog"})

@@ -51,9 +51,11 @@ def default_folder(model_slug: str) -> Path:
 
 def save(maps: list[FeatureMap], folder: Path, meta: dict) -> Path:
     """Write the maps (safetensors, keys layers.<i>.<tensor>) and meta.json into `folder`,
-    both with the mode a new file gets (0666 less the umask)."""
+    both with the mode a new file gets (0666 less the umask). meta.json is strict JSON: a
+    NaN or infinity in `meta` is a ValueError before anything is written."""
     from metaattn_viz.routing.tensor_files import save_tensors
 
+    text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -62,7 +64,7 @@ def save(maps: list[FeatureMap], folder: Path, meta: dict) -> Path:
         for name in TENSORS
     }
     save_tensors(tensors, folder / WEIGHTS_FILE)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / META_FILE).write_text(text)
     return folder
 
 

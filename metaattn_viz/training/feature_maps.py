@@ -425,7 +425,8 @@ def train(
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(),
     }
-    save([_frozen(s) for s in states], out_dir, meta)
+    # strict JSON: a diverged layer's NaN loss is written as null
+    save([_frozen(s) for s in states], out_dir, finite_or_null(meta))
     checkpoints.mark_finished(ckpt_path)  # its work is saved: a new run in out_dir may replace it
     return meta
 
