@@ -30,6 +30,7 @@ from helpers import callbacks, tiny_page
 from metaattn_viz.app import plots
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.history import RunRecorder
+from metaattn_viz.app.live_inspector import sweep_note
 from metaattn_viz.app.live_stream import GENERATION_RUNNING, STOPPING
 from metaattn_viz.app.plots.maps import MEASURE_LABELS
 from metaattn_viz.app.requests import parse_request, parse_settings
@@ -460,6 +461,64 @@ def test_stop_during_the_quality_meter_says_nothing(page, monkeypatch):
         go.set()
         frames.close()
     assert status[-1].startswith("Done")
+
+
+# -- 6b. the sweep and the quality meter while a run streams -------------------------------------
+def test_the_sweep_is_refused_while_a_run_streams(page):
+    sweep = _dep(page, "sweep")
+    previous = _generate(page, OTHER)
+    session = "sweep-mid-run"
+    data = {block: block.value for block in sweep.inputs}
+    data[next(b for b in sweep.inputs if isinstance(b, gr.State))] = previous
+    frames = _stream(page, session)
+    try:
+        next(frames)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            assert sweep.fn(data, request=_request(session), progress=lambda *a, **k: None) == gr.skip()
+        assert any(f"{GENERATION_RUNNING}: the sweep works" in str(w.message) for w in said)
+        for _ in frames:
+            pass
+    finally:
+        frames.close()
+    out = _by_id(sweep.fn(data, request=_request(session), progress=lambda *a, **k: None))
+    assert out["sweep-note"] == sweep_note(previous)  # the run over: it sweeps the page's text
+
+
+def test_a_quality_meter_ticked_mid_run_measures_the_run_at_its_end_never_the_previous(page):
+    tick = next(d for d in callbacks(page, "measure_quality") if d.trigger_after is None).fn
+    after_run = _dep(page, "measure_after_run").fn
+    previous = _generate(page, OTHER)
+    assert previous.kl_to_dense is None
+    session = "quality-mid-run"
+    request = _request(session)
+    frames = _stream(page, session)  # started with the box clear
+    try:
+        next(frames)
+        assert _call(tick, previous, True, request=request) == (gr.skip(), gr.skip())
+        outs = [_by_id(out) for out in frames]
+    finally:
+        frames.close()
+    assert previous.kl_to_dense is None  # the previous run was not measured
+    final = next(v for out in outs for v in out.values() if hasattr(v, "token_ids"))
+    assert final.kl_to_dense is None  # the run did not measure itself
+    meters, measured = _call(after_run, final, True, request=request)
+    assert measured is final and final.kl_to_dense is not None and meters == plots.meters(final)
+    # once: the next run's end measures nothing it was not asked to
+    assert _call(after_run, final, True, request=request) == (gr.skip(), gr.skip())
+    # ticked, then cleared again before the run's end: nothing measured
+    again = _stream(page, session, prompt=OTHER)
+    try:
+        next(again)
+        _call(tick, final, True, request=request)
+        outs = [_by_id(out) for out in again]
+    finally:
+        again.close()
+    other = next(v for out in outs for v in out.values() if hasattr(v, "token_ids"))
+    assert _call(after_run, other, False, request=request) == (gr.skip(), gr.skip())
+    assert other.kl_to_dense is None
+    # a session that never ticked mid-run: its run's end measures nothing
+    assert _call(after_run, other, True, request=_request("never-ticked")) == (gr.skip(), gr.skip())
 
 
 # -- 7. an older run still ending when a newer one closes ----------------------------------------

@@ -126,10 +126,13 @@ def test_the_inspector_follows_a_reroute_and_clears_for_another_text(page):
 
 def test_the_inspector_and_sweep_refresh_after_every_event_that_brings_a_trace(page):
     parents = {page.fns[d.trigger_after].name for d in _fns(page, "refresh_after_trace")}
-    # generation, re-route (after its quality meter), History's replay
-    assert parents == {"live_generate", "measure_quality", "replay"}
+    # generation, re-route, History's replay
+    assert parents == {"live_generate", "live_reroute", "replay"}
+    # the quality meter measures after a re-route, and after a run where it was ticked mid-run
     after_reroute = [d for d in _fns(page, "measure_quality") if d.trigger_after is not None]
-    assert page.fns[after_reroute[0].trigger_after].name == "live_reroute"
+    assert [page.fns[d.trigger_after].name for d in after_reroute] == ["live_reroute"]
+    after_run = _fns(page, "measure_after_run")
+    assert [page.fns[d.trigger_after].name for d in after_run] == ["live_generate"]
 
 
 # -- 6. the sweep of another text goes ---------------------------------------------------------

@@ -35,6 +35,7 @@ PICK_A_TOKEN = "Pick a token to see the attention it used."
 INSPECT_WHILE_STREAMING = (
     f"{GENERATION_RUNNING}: the inspector works on its tokens once it ends (or stop it first)."
 )
+SWEEP_WHILE_STREAMING = f"{GENERATION_RUNNING}: the sweep works on its text once it ends (or stop it first)."
 # On a phone (390 px) two figures or tables side by side were 124-160 px wide each: a row's
 # children get this width at least, and the row wraps below it.
 FIGURE_MIN_PX = 340
@@ -250,12 +251,16 @@ class BudgetSweep:
         ids = tuple(int(i) for i in trace.token_ids) if trace is not None else None
         return self.cleared() if swept is not None and ids != tuple(swept) else {}
 
-    def wire(self, engine: Engine, downloads: Downloads, trace: gr.State, routing) -> None:
+    def wire(self, engine: Engine, downloads: Downloads, trace: gr.State, routing, going_on) -> None:
         """Sweep the page's `trace` from the routing controls' settings (`routing`, a
-        routing_controls.RoutingControls)."""
+        routing_controls.RoutingControls); refused while a run goes on in the session
+        (`going_on(session)`), whose text is not the page's trace yet."""
 
         @user_errors("sweeping budgets")
         def sweep(data, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (gradio injects a tracker here)
+            if going_on(session_of(request)):
+                warn([SWEEP_WHILE_STREAMING])
+                return gr.skip()
             shown = data[trace]
             if shown is None:
                 raise AppError("Nothing to sweep yet: generate (or replay) a text first.")
@@ -285,6 +290,7 @@ __all__ = [
     "BudgetSweep",
     "INSPECT_WHILE_STREAMING",
     "PICK_A_TOKEN",
+    "SWEEP_WHILE_STREAMING",
     "TokenInspector",
     "shown_key",
     "sweep_note",

@@ -1,5 +1,5 @@
 """The Live tab: generate and watch routing fill in, re-route on any routing control, the
-quality meter; with the token inspector and the budget sweep (live_inspector.py), which
+quality meter (live_quality.py); with the token inspector and the budget sweep (live_inspector.py), which
 follow every new trace (`follow`).
 
 `LiveTab(trace, examples)` builds the components (inside the page's gr.Tab) and
@@ -25,6 +25,7 @@ from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.live_exports import ExportPanel
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX, BudgetSweep, TokenInspector
+from metaattn_viz.app.live_quality import QualityMeter
 from metaattn_viz.app.live_stream import GENERATION_RUNNING, STOPPING, Streams, stopping
 from metaattn_viz.app.models import missing_model_note, offered_model
 from metaattn_viz.app.plotly_html import plotly_view
@@ -189,7 +190,8 @@ class LiveTab:
                 min_width=CONTROL_MIN_PX,
             )
             with gr.Column(min_width=CONTROL_MIN_PX):  # a checkbox ignores its own min_width
-                self.quality = gr.Checkbox(GENERATION.quality, label="Quality meter (dense shadow pass)")
+                self.quality_meter = QualityMeter()
+                self.quality = self.quality_meter.box
         # commits a slider's value from the keyboard (routing_controls.COMMIT_JS): in the
         # page, out of sight
         self.commit_keys = gr.HTML(
@@ -347,9 +349,12 @@ class LiveTab:
             return self.streams.going_on(session, engine.generations)
 
         self.inspector.wire(engine, downloads, self.trace, self.strip, going_on)
-        self.sweep.wire(engine, downloads, self.trace, self.routing)
-        self._wire_generation(engine)
-        self._wire_reroute(engine)
+        self.sweep.wire(engine, downloads, self.trace, self.routing, going_on)
+        generated = self._wire_generation(engine)
+        rerouted = self._wire_reroute(engine)
+        self.trace_events += self.quality_meter.wire(
+            engine, self.trace, self.meters, going_on, after=[rerouted], ended=generated
+        )
 
     def follow(self, event) -> None:
         """After `event`, which put a new trace on the page (a generation, a re-route, a
@@ -369,7 +374,7 @@ class LiveTab:
             show_progress="hidden",
         )
 
-    def _wire_generation(self, engine: Engine) -> None:
+    def _wire_generation(self, engine: Engine):
         @user_errors("generating")
         def live_generate(data, request: gr.Request):
             settings = self.routing.settings(data)
@@ -488,8 +493,9 @@ class LiveTab:
                 engine.host.start_loading(model)
 
         self.model.input(pick_model, self.model, None, api_visibility="private", queue=False)
+        return generated
 
-    def _wire_reroute(self, engine: Engine) -> None:
+    def _wire_reroute(self, engine: Engine):
         @user_errors("re-routing")
         def live_reroute(data, request: gr.Request):
             trace = data[self.trace]
@@ -519,13 +525,6 @@ class LiveTab:
                 self.run_status: display.reroute_note(new),
                 self.trace: new,
             }
-
-        @user_errors("measuring quality")
-        def measure_quality(trace, quality):
-            if not quality or trace is None or trace.n_tokens < 2 or trace.kl_to_dense is not None:
-                return gr.skip(), gr.skip()
-            trace.kl_to_dense = engine.analysis.quality(trace)
-            return plots.meters(trace), trace
 
         r = self.routing
         # A slider commits its value on release (pointer up, or its box losing focus), on
@@ -559,23 +558,8 @@ class LiveTab:
             # refused with its own errors; RoutingControls reads them (the radios are
             # checked by parse_settings, the measure by show)
             preprocess=False,
-        ).then(
-            measure_quality,
-            [self.trace, self.quality],
-            [self.meters, self.trace],
-            api_visibility="private",
-            concurrency_id="model",
-            concurrency_limit=engine.deployment.limits.model,
-            show_progress="hidden",
         )
-        measured = self.quality.input(
-            measure_quality,
-            [self.trace, self.quality],
-            [self.meters, self.trace],
-            api_visibility="private",
-            show_progress="hidden",
-        )
-        self.trace_events += [rerouted, measured]
+        self.trace_events.append(rerouted)
         self.follow(rerouted)
 
         @user_errors("redrawing the maps")
@@ -594,6 +578,7 @@ class LiveTab:
             queue=False,
         )
         self.trace_events.append(redrawn)  # the maps' page follows the measure and the view
+        return rerouted
 
 
 __all__ = ["LiveTab"]
