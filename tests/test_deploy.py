@@ -315,6 +315,8 @@ def _set(path: str, value):
         (_set("runtimes.cpu.hardware", ["cpu-basic", "t4-small"]), "runtimes.gpu.hardware"),
         (_set("runtimes.gpu.hardware", ["t4-smol"]), "runtimes.gpu.hardware"),
         (_set("runtimes.zerogpu.python_version", "3.11"), "runtimes.zerogpu.python_version"),
+        (_set("runtimes.zerogpu.python_version", "3.10"), "runtimes.zerogpu.python_version"),
+        (_set("runtimes.cpu.python_version", "3.10"), "runtimes.cpu.python_version"),
         (_set("runtimes.cpu.requirement", "x.txt"), "runtimes.cpu.requirement"),
         (lambda raw: raw.pop("model"), "model"),
     ],
@@ -740,6 +742,28 @@ def test_requirements_agree_with_requirements_txt(runtime):
     shared = {k: v for k, v in base.items() if k not in HARDWARE_PINNED}
     assert {k: v for k, v in mine.items() if k not in HARDWARE_PINNED} == shared
     assert "torch" in mine
+
+
+def test_a_space_gets_only_a_python_the_pins_install_on():
+    """The pins' floor (their packages' Requires-Python, as installed here) is the project's
+    requires-python and the least Python a Spacefile may ask for."""
+    import importlib.metadata
+
+    import tomllib
+    from packaging.specifiers import SpecifierSet
+
+    from metaattn_viz.deploy.manifest import PYTHONS, ZEROGPU_PYTHONS
+
+    floor = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert floor == f">={PYTHONS[0]}"
+    needs = {}
+    for name in pins((ROOT / "requirements.txt").read_text()):
+        needs[name] = SpecifierSet(importlib.metadata.metadata(name).get("Requires-Python") or "")
+        # every pinned package installs on the least Python a Space may get
+        assert PYTHONS[0] + ".0" in needs[name], (name, needs[name])
+    # and the pins rule out 3.10 (which ZeroGPU offers too)
+    assert any("3.10.13" not in spec for spec in needs.values())
+    assert ZEROGPU_PYTHONS == ("3.12",)
 
 
 def test_each_hardware_gets_the_right_torch_build():

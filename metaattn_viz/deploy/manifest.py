@@ -29,9 +29,11 @@ from metaattn_viz.paths import MODEL_ENV, MODEL_REVISION_ENV
 
 HARDWARE = tuple(h.value for h in SpaceHardware)
 ZEROGPU = "zero-a10g"
-# ZeroGPU builds only on these Pythons (Hub docs, mid-2026: "3.10 or 3.12").
-ZEROGPU_PYTHONS = ("3.10", "3.12")
-PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+# The Pythons a Space may get: the pinned requirements (numpy 2.4, pandas 3.1, scipy 1.17,
+# transformers 5.23, duckdb 2.0, ...) install on 3.11 or newer only.
+PYTHONS = ("3.11", "3.12", "3.13")
+# ZeroGPU builds only on Python 3.10 or 3.12 (Hub docs, mid-2026): of ours, 3.12.
+ZEROGPU_PYTHONS = tuple(p for p in ("3.10", "3.12") if p in PYTHONS)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
@@ -291,13 +293,14 @@ def _runtimes(c: _Checker, raw: Any) -> tuple[Runtime, ...]:
                     f"{where}.hardware", f"'{h}' is listed by runtimes.{seen[h]} already", c.source
                 )
             seen[h] = name
-        python = c.choice(r["python_version"], f"{where}.python_version", PYTHONS)
-        if ZEROGPU in hardware and python not in ZEROGPU_PYTHONS:
+        if ZEROGPU in hardware and r["python_version"] not in ZEROGPU_PYTHONS:
             raise ManifestError(
                 f"{where}.python_version",
-                f"ZeroGPU builds only on Python {' or '.join(ZEROGPU_PYTHONS)}",
+                f"ZeroGPU builds only on Python 3.10 or 3.12, and this project's pinned "
+                f"requirements need 3.11 or newer: use {' or '.join(ZEROGPU_PYTHONS)}",
                 c.source,
             )
+        python = c.choice(r["python_version"], f"{where}.python_version", PYTHONS)
         runtimes.append(
             Runtime(str(name), c.string(r["requirements"], f"{where}.requirements"), python, hardware)
         )

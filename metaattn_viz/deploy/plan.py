@@ -403,7 +403,7 @@ def front_matter(
     """The Space's README front matter: the checkout's, with what the hardware decides.
 
     sdk_version follows the gradio pin of the requirements the Space installs, so the
-    two cannot disagree; python_version follows the hardware (ZeroGPU takes 3.10/3.12).
+    two cannot disagree; python_version follows the hardware (ZeroGPU takes 3.12: manifest.ZEROGPU_PYTHONS).
     `models:` always links the Space to the model's page on the Hub; `preload_from_hub`
     (the hub's weights at the pinned revision) only when the Space loads the hub's copy.
     """
