@@ -11,10 +11,15 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from metaattn_kernels.dispatch import EXPERTS, routes_to_weights
+from metaattn_kernels.feature_maps import FeatureMap
+
+if TYPE_CHECKING:  # for annotations: the routed model is imported where one is built
+    from metaattn_viz.routing.model import RoutedModel
 
 
 def tiny_config(arch: str = "llama", **overrides):
@@ -119,6 +124,33 @@ def routed_tiny(arch="llama", seed=0, spread=1.0, **overrides):
     return RoutedModel(model, CharTokenizer(), ctrl, f"tiny-{arch}")
 
 
+def random_maps(n_layers=3, hq=6, hkv=2, d=16, seed=0, spread=3.0) -> list[FeatureMap]:
+    """Learned-looking maps for the tiny model (tiny_config): far from uniform features."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        return random_feature_map(hq, hkv, d, spread=spread, generator=g)
+
+    return [one() for _ in range(n_layers)]
+
+
+def routed_with_maps(maps, seed=1, spread=30.0) -> RoutedModel:
+    """routed_tiny's model and controllers, with learned feature maps handed over."""
+    from metaattn_viz.routing import linear_maps
+    from metaattn_viz.routing.controller import KINDS, ControllerStack, config_for_model
+    from metaattn_viz.routing.model import RoutedModel
+
+    model = tiny_model(seed=seed)
+    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed) for k in KINDS}
+    with torch.no_grad():
+        for stack in ctrl.values():
+            for layer in stack.layers:
+                layer.fc2.weight.mul_(spread)
+    return RoutedModel(
+        model, CharTokenizer(), ctrl, "tiny-llama", feature_maps=linear_maps.MapChoice(maps, "test")
+    )
+
+
 # Attention inputs for the kernel tests (reference, CPU and Triton backends)
 
 TOL = 1e-4  # max abs error, float32
@@ -152,6 +184,20 @@ def random_feature_map(hq=6, hkv=2, d=16, seed=0, spread=None, generator=None):
     wk = proj(hkv)
     bk = torch.randn(hkv, d // 2, generator=g)
     return FeatureMap(wq, bq, wk, bk)
+
+
+HQ, HKV, D = 9, 3, 16  # random_map's heads (query, key/value) and head dimension
+
+
+def random_map(hq=HQ, hkv=HKV, d=D, seed=0, spread=3.0) -> FeatureMap:
+    """A learned-looking map: weights large enough that the features differ from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    return FeatureMap(
+        torch.randn(hq, d, d // 2, generator=g) * spread / d**0.5,
+        torch.randn(hq, d // 2, generator=g),
+        torch.randn(hkv, d, d // 2, generator=g) * spread / d**0.5,
+        torch.randn(hkv, d // 2, generator=g),
+    )
 
 
 def make_weights(mix, b, t, seed=0):
@@ -517,3 +563,47 @@ def tiny_page(folder: Path, spread: float = 1.0):
 def callbacks(demo, name: str) -> list:
     """The page's event handlers named `name` (a callback's function name)."""
     return [d for d in demo.fns.values() if d.name == name]
+
+
+# -- colour-vision deficiency: how far apart two colours look (the plots' tests) -------------
+
+# Machado et al. (2009) simulation matrices at full severity (linear RGB)
+CVD_SIMULATIONS = {
+    "normal": np.eye(3),
+    "protan": [
+        [0.152286, 1.052583, -0.204868],
+        [0.114503, 0.786281, 0.099216],
+        [-0.003882, -0.048116, 1.051998],
+    ],
+    "deutan": [
+        [0.367322, 0.860646, -0.227968],
+        [0.280085, 0.672501, 0.047413],
+        [-0.011820, 0.042940, 0.968881],
+    ],
+    "tritan": [
+        [1.255528, -0.076749, -0.178779],
+        [-0.078411, 0.930809, 0.147602],
+        [0.004733, 0.691367, 0.303900],
+    ],
+}
+
+
+def _linear(hexcol):
+    c = np.array([int(hexcol[i : i + 2], 16) for i in (1, 3, 5)]) / 255
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def _lab(rgb):
+    xyz = (
+        np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+        @ rgb
+        / np.array([0.95047, 1.0, 1.08883])
+    )
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def cvd_distance(a: str, b: str, vision: str) -> float:
+    """CIE76 distance in Lab between two hex colours as seen under `vision`."""
+    m = np.asarray(CVD_SIMULATIONS[vision])
+    return float(np.linalg.norm(_lab(np.clip(m @ _linear(a), 0, 1)) - _lab(np.clip(m @ _linear(b), 0, 1))))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import routed_tiny
+from helpers import random_maps, routed_tiny, routed_with_maps
 
 from metaattn_viz.core.experts import COSTS, FULL, LINEAR, LOCAL
 from metaattn_viz.core.settings import RoutingSettings
@@ -223,8 +223,6 @@ def test_the_oracle_ranks_the_linear_expert_the_rows_route_with(monkeypatch):
     """Below the local cost the oracle weighs local against linear: with learned maps its
     linear errors must be the learned linear expert's, not elu + 1's (which put the shipped
     oracle row at 0.25 above random)."""
-    from test_linear_map import random_maps, routed_with_maps
-
     r = routed_with_maps(random_maps(n_layers=3))
     seen = []
     measured = oracle.expert_errors

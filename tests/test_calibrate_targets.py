@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import routed_tiny
+from helpers import random_maps, routed_tiny, routed_with_maps
 
 from metaattn_viz.core.experts import COSTS, FULL, LINEAR, K
 from metaattn_viz.routing.controller import ControllerStack
@@ -91,8 +91,6 @@ def test_dense_pass_errors_are_the_oracles_and_the_logits_the_dense_models():
 
 @pytest.mark.parametrize("kind", ["bayes", "priorfree"])
 def test_calibrate_with_learned_maps_attention_features_and_targets_on_a_tiny_model(tmp_path, kind):
-    from test_linear_map import random_maps, routed_with_maps
-
     r = routed_with_maps(random_maps(), seed=1, spread=1.0)
     common = dict(controller=kind, steps=16, seq_len=48, val_windows=1, soft_fraction=0.5, checkpoint_every=8)
     cfg = CalibrationConfig(

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import CharTokenizer, random_feature_map, tiny_model
+from helpers import CharTokenizer, random_feature_map, random_maps, tiny_model
 
 from metaattn_kernels.feature_maps import phi_key, phi_query
 from metaattn_viz.core.settings import RoutingSettings
@@ -93,8 +93,6 @@ def test_prefill_and_token_by_token_decoding_route_identically(kind, linear_map,
     """Causality: the concentrations and routes of tokens P..T-1 decoded one at a time (the
     CPU decode path, numpy controller), or as one block after the cache (`block`: the
     batched path with keys before its queries), equal those of one prefill of all T tokens."""
-    from test_linear_map import random_maps
-
     maps = random_maps() if linear_map == "learned" else None
     r = _routed(maps)
     assert r.controller(kind).uses_attention
@@ -189,8 +187,6 @@ def test_the_linear_expert_takes_the_features_the_signals_mapped(monkeypatch):
     """Under a learned map, a prefill's linear expert reads phi(q) and phi(k) as the
     controllers' attention signals computed them (signals.take_mapped) instead of mapping
     q and k again: the same logits and routes, bit for bit, as when it maps them itself."""
-    from test_linear_map import random_maps
-
     from metaattn_viz.routing import session as session_mod
     from metaattn_viz.routing import signals
 
@@ -216,8 +212,6 @@ def test_the_linear_expert_takes_the_features_the_signals_mapped(monkeypatch):
 
 
 def test_take_mapped_refuses_other_tensors_maps_and_gradients():
-    from test_linear_map import random_maps
-
     from metaattn_viz.routing.signals import take_mapped
 
     fm = random_maps()[0]

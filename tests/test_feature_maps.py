@@ -15,26 +15,27 @@ import sys
 
 import pytest
 import torch
-from helpers import MIXES, SIZES, TOL, CharTokenizer, make_qkv, make_weights, max_err, tiny_corpus, tiny_model
+from helpers import (
+    HKV,
+    HQ,
+    MIXES,
+    SIZES,
+    TOL,
+    CharTokenizer,
+    D,
+    make_qkv,
+    make_weights,
+    max_err,
+    random_map,
+    tiny_corpus,
+    tiny_model,
+)
 
 from metaattn_kernels import reference as ref
 from metaattn_kernels.cpu import routed_attention_cpu
 from metaattn_kernels.decode import decode_step, linear_state_upto
 from metaattn_kernels.dispatch import routed_attention
 from metaattn_kernels.feature_maps import FeatureMap, elu_plus_one, hedgehog, input_scale
-
-HQ, HKV, D = 9, 3, 16
-
-
-def random_map(hq=HQ, hkv=HKV, d=D, seed=0, spread=3.0) -> FeatureMap:
-    """A learned-looking map: weights large enough that the features differ from uniform."""
-    g = torch.Generator().manual_seed(seed)
-    return FeatureMap(
-        torch.randn(hq, d, d // 2, generator=g) * spread / d**0.5,
-        torch.randn(hq, d // 2, generator=g),
-        torch.randn(hkv, d, d // 2, generator=g) * spread / d**0.5,
-        torch.randn(hkv, d // 2, generator=g),
-    )
 
 
 def direct_linear(q, k, v, fm):

@@ -21,8 +21,7 @@ if DEV == "cpu" and not _LATE:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from helpers import RefusingGPU, pytest_in_fresh_interpreter, stand_in_gpu  # noqa: E402
-from test_feature_maps import random_map  # noqa: E402
+from helpers import RefusingGPU, pytest_in_fresh_interpreter, random_map, stand_in_gpu  # noqa: E402
 
 in_this_process = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET was set")
 

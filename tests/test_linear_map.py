@@ -13,39 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import CharTokenizer, random_feature_map, routed_tiny, synthetic_trace, tiny_model
+from helpers import CharTokenizer, random_maps, routed_tiny, routed_with_maps, synthetic_trace, tiny_model
 
-from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_kernels.reference import routed_attention_reference
 from metaattn_viz.core.settings import LINEAR, LINEAR_MAPS, RoutingSettings
 from metaattn_viz.routing import linear_maps, loading
-from metaattn_viz.routing.controller import KINDS, ControllerStack, config_for_model
 from metaattn_viz.routing.model import RoutedModel
 
 TOL = 1e-4
-
-
-def random_maps(n_layers=3, hq=6, hkv=2, d=16, seed=0, spread=3.0) -> list[FeatureMap]:
-    """Learned-looking maps for the tiny model (helpers.tiny_config): far from uniform features."""
-    g = torch.Generator().manual_seed(seed)
-
-    def one():
-        return random_feature_map(hq, hkv, d, spread=spread, generator=g)
-
-    return [one() for _ in range(n_layers)]
-
-
-def routed_with_maps(maps, seed=1, spread=30.0) -> RoutedModel:
-    """helpers.routed_tiny's model and controllers, with learned feature maps handed over."""
-    model = tiny_model(seed=seed)
-    ctrl = {k: ControllerStack(config_for_model(model.config, k), seed=seed) for k in KINDS}
-    with torch.no_grad():
-        for stack in ctrl.values():
-            for layer in stack.layers:
-                layer.fc2.weight.mul_(spread)
-    return RoutedModel(
-        model, CharTokenizer(), ctrl, "tiny-llama", feature_maps=linear_maps.MapChoice(maps, "test")
-    )
 
 
 def ids_of(n=40, seed=7):

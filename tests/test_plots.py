@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import CVD_SIMULATIONS, cvd_distance
 
 from metaattn_viz.app import attention_maps, plots
 from metaattn_viz.core.settings import COSTS, EXPERTS, UNCERTAINTY_MEASURES, RoutingSettings
@@ -85,48 +86,6 @@ def test_expert_map_sends_int8_routes_hover_numbers_and_hedge_marks():
     payload = json.loads(fig.to_json())
     assert payload["data"][0]["z"]["dtype"] == "i1"
     assert "bdata" in payload["data"][0]["customdata"]
-
-
-# Machado et al. (2009) simulation matrices at full severity (linear RGB)
-CVD_SIMULATIONS = {
-    "normal": np.eye(3),
-    "protan": [
-        [0.152286, 1.052583, -0.204868],
-        [0.114503, 0.786281, 0.099216],
-        [-0.003882, -0.048116, 1.051998],
-    ],
-    "deutan": [
-        [0.367322, 0.860646, -0.227968],
-        [0.280085, 0.672501, 0.047413],
-        [-0.011820, 0.042940, 0.968881],
-    ],
-    "tritan": [
-        [1.255528, -0.076749, -0.178779],
-        [-0.078411, 0.930809, 0.147602],
-        [0.004733, 0.691367, 0.303900],
-    ],
-}
-
-
-def _linear(hexcol):
-    c = np.array([int(hexcol[i : i + 2], 16) for i in (1, 3, 5)]) / 255
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
-def _lab(rgb):
-    xyz = (
-        np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-        @ rgb
-        / np.array([0.95047, 1.0, 1.08883])
-    )
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
-
-
-def cvd_distance(a: str, b: str, vision: str) -> float:
-    """CIE76 distance in Lab between two hex colours as seen under `vision`."""
-    m = np.asarray(CVD_SIMULATIONS[vision])
-    return float(np.linalg.norm(_lab(np.clip(m @ _linear(a), 0, 1)) - _lab(np.clip(m @ _linear(b), 0, 1))))
 
 
 def test_expert_map_colours_are_told_apart_under_colour_vision_deficiency():

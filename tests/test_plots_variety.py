@@ -12,7 +12,7 @@ import re
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-from test_plots import CVD_SIMULATIONS, cvd_distance
+from helpers import CVD_SIMULATIONS, cvd_distance
 
 from metaattn_viz.app import plots
 from metaattn_viz.app.plots.maps import USUAL, USUAL_LABEL
