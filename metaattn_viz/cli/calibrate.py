@@ -65,11 +65,15 @@ def _cmd_calibrate(args) -> int:
     from metaattn_viz.training import data as data_mod
     from metaattn_viz.training.calibrate import CalibrationConfig, calibrate
 
+    budgets = None
+    if args.train_budgets is not None:
+        try:  # a budget out of range, named by the flag it came from
+            budgets = _parse_budgets(args.train_budgets, "--train-budgets")
+        except ValueError as exc:
+            raise UserError(f"--train-budgets: {exc}") from None
     listed = {
         "features": None if args.features is None else tuple(f.strip() for f in args.features.split(",")),
-        "train_budgets": None
-        if args.train_budgets is None
-        else _parse_budgets(args.train_budgets, "--train-budgets"),
+        "train_budgets": budgets,
         "prior_costs": None
         if args.prior_costs is None
         else _parse_numbers("--prior-costs", args.prior_costs),

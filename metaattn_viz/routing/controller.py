@@ -395,36 +395,66 @@ def config_for_model(model_config, kind: str, features: tuple[str, ...] = BASE_F
     )
 
 
+def shape_problem(config: ControllerConfig, model_config, kind: str | None = None) -> str | None:
+    """What in a controller stack's config does not fit a model of ``model_config``, in
+    words, or None where it fits: its layers, d_model and, for a stack reading the attention
+    features, its query and kv head counts (as ``config_for_model`` makes them), and its kind
+    where ``kind`` names the one it is to route as. The one definition of which stacks route
+    a model: ``load_for_model`` falls back to untrained controllers on it, ``check_fits``
+    (a stack handed over or installed by hand) refuses with it."""
+    want = config_for_model(model_config, config.kind, config.features)
+    problems = []
+    if kind is not None and config.kind != kind:
+        problems.append(f"it is a {config.kind} stack, not {kind}")
+    if config.n_layers != want.n_layers:
+        problems.append(f"{config.n_layers} layers where the model has {want.n_layers}")
+    if config.d_model != want.d_model:
+        problems.append(f"d_model {config.d_model} where the model's hidden size is {want.d_model}")
+    if config.uses_attention and (config.n_heads, config.n_kv_heads) != (want.n_heads, want.n_kv_heads):
+        problems.append(
+            f"{config.n_heads} query / {config.n_kv_heads} kv heads where the model has "
+            f"{want.n_heads} / {want.n_kv_heads}"
+        )
+    return "; ".join(problems) or None
+
+
+def check_fits(stack, model_config, kind: str | None = None, name: str = "the controller stack") -> None:
+    """Refuse a stack (``name`` says which, e.g. ``routed.controllers['bayes']``) that is not a
+    ControllerStack or does not fit the model (``shape_problem``), where routing would fail
+    deep inside torch (an IndexError for a missing layer, a matmul's shapes for another
+    hidden size)."""
+    if not isinstance(stack, ControllerStack):
+        raise TypeError(f"{name} must be a ControllerStack, got {type(stack).__name__}")
+    problem = shape_problem(stack.config, model_config, kind)
+    if problem is not None:
+        raise ValueError(
+            f"{name} does not fit this model: {problem}. Install controllers made for this model "
+            "(mav.calibrate trains them; mav.load(..., controllers=folder) loads saved ones)"
+        )
+
+
 def load_for_model(
     model_config, model_slug: str, kind: str = "bayes", folder: Path | None = None
 ) -> ControllerChoice:
-    """The shipped controllers for this model, or untrained ones (said plainly) if none fit."""
+    """The shipped controllers for this model, or untrained ones (said plainly) if none fit
+    (``shape_problem``)."""
     if kind not in KINDS:
         raise ValueError(f"controller must be one of {KINDS}, got {kind!r}")
     folder = Path(folder) if folder else default_folder(model_slug, kind)
-    expected = config_for_model(model_config, kind)
     notes = []
     if (folder / WEIGHTS_FILE).is_file():
         try:
             stack = ControllerStack.load(folder)
-            c = stack.config
-            heads = config_for_model(model_config, kind, ("base", "attention"))
-            fits_heads = not c.uses_attention or (c.n_heads, c.n_kv_heads) == (
-                heads.n_heads,
-                heads.n_kv_heads,
-            )
-            if (c.kind, c.d_model, c.n_layers) == (kind, expected.d_model, expected.n_layers) and fits_heads:
+            problem = shape_problem(stack.config, model_config, kind)
+            if problem is None:
                 return ControllerChoice(stack, str(folder))
-            notes.append(
-                f"{folder}: made for another model shape ({c.kind}, D={c.d_model}, L={c.n_layers}, "
-                f"heads {c.n_heads}/{c.n_kv_heads})"
-            )
+            notes.append(f"{folder}: made for another model shape ({problem})")
         except Exception as exc:  # corrupt file: fall back, and say so
             notes.append(f"{folder}: unreadable ({type(exc).__name__}: {exc})")
     else:
         notes.append(f"no trained {kind} controllers at {folder}")
     for n in notes:
         log.warning("%s; using UNTRAINED controllers (run `metaattn-viz calibrate`)", n)
-    stack = ControllerStack(expected)
+    stack = ControllerStack(config_for_model(model_config, kind))
     stack.eval()
     return ControllerChoice(stack, "untrained", notes)

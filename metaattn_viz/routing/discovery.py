@@ -11,7 +11,12 @@ are found alike.
 A model whose attention needs what routing does not honour is refused before anything is
 changed, with an ``UnsupportedModel`` error that names the model class and the feature:
 sliding-window layers, logit soft-capping, attention sinks, non-causal or cross-attention,
-or attention outside the interface. So is a model that is not a text causal LM
+values of another head dim than the queries and keys (multi-head latent attention with
+``v_head_dim`` != ``qk_head_dim``), layers of different head dims, or attention outside the
+interface (a model without attention, such as Mamba, or a hybrid whose other layers mix
+tokens otherwise, such as Qwen3-Next's linear-attention layers). ``head_dim`` is the head dim
+the attention function receives (the attention modules' own, not the config's
+``head_dim``, which is the rotary part alone in DeepSeek's MLA). So is a model that is not a text causal LM
 (``check_causal_lm``, which reads nothing but the model's config and head, so a loader can
 call it before anything else reads the config): a composite model such as a
 vision-language one, an encoder-decoder model, or a base model without its
@@ -152,12 +157,91 @@ def attention_sites(model) -> list[AttentionSite]:
             f"{_model_name(model)}: no attention module calls transformers' attention interface "
             f"({INTERFACE_NAME}) with a layer_idx, so routing cannot reach its attention"
         )
+    if isinstance(n_layers, int) and set(found) < set(range(n_layers)):  # a hybrid
+        raise UnsupportedModel(_hybrid_message(model, sorted(found), n_layers))
     if sorted(found) != list(range(len(found))) or (n_layers is not None and len(found) != n_layers):
         raise UnsupportedModel(
             f"{_model_name(model)}: attention modules with layer_idx {sorted(found)} found through "
             f"the interface, but the config has {n_layers} layers (layer_idx must count them from 0)"
         )
     return [found[i] for i in range(len(found))]
+
+
+def _layer_list(indices: list[int]) -> str:
+    """Layer indices in words: "layer 3", "layers 0, 1, 2", at most eight named."""
+    shown = ", ".join(str(i) for i in indices[:8]) + (", ..." if len(indices) > 8 else "")
+    return f"layer{'s' if len(indices) > 1 else ''} {shown}"
+
+
+def _hybrid_message(model, attention: list[int], n_layers: int) -> str:
+    """Why a model whose attention through the interface is in some of its layers only is
+    refused: the other layers named, with what its config's ``layer_types`` calls them
+    (Qwen3-Next's "linear_attention")."""
+    others = sorted(set(range(n_layers)) - set(attention))
+    types = getattr(model.config, "layer_types", None)
+    kinds = ""
+    if isinstance(types, (list, tuple)) and len(types) == n_layers:
+        kinds = f" ({', '.join(sorted({str(types[i]) for i in others}))}, per config.layer_types)"
+    return (
+        f"{_model_name(model)} is a hybrid model: attention through transformers' attention "
+        f"interface ({INTERFACE_NAME}) is in {_layer_list(attention)} only; {_layer_list(others)} "
+        f"of its {n_layers} mix tokens otherwise{kinds}. Routing chooses an attention expert in "
+        "every layer, so it takes models whose every layer is attention"
+    )
+
+
+def head_dims(site: AttentionSite, config) -> tuple[int | None, int | None]:
+    """(query/key head dim, value head dim) of an attention layer: those its module shapes
+    the tensors it hands the attention function with, its own ``qk_head_dim`` (multi-head
+    latent attention's, whose config's ``head_dim`` is the rotary part alone) or
+    ``head_dim``, and ``v_head_dim`` (else the query/key one); a module naming neither, the
+    config's ``head_dim`` or hidden size / heads. None where nothing says."""
+
+    def whole(value) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    module = site.attention
+    qk = whole(getattr(module, "qk_head_dim", None)) or whole(getattr(module, "head_dim", None))
+    if qk is None:
+        heads = whole(getattr(config, "num_attention_heads", None))
+        hidden = whole(getattr(config, "hidden_size", None))
+        qk = whole(getattr(config, "head_dim", None)) or (hidden // heads if hidden and heads else None)
+    return qk, whole(getattr(module, "v_head_dim", None)) or qk
+
+
+def head_dim(model, sites: list[AttentionSite]) -> int:
+    """The head dim of the queries and keys the model's attention function receives (the
+    "flops" cost model's and the trace's ``head_dim``); ``check_supported`` has refused
+    models whose layers differ in it or whose values have another."""
+    qk, _ = head_dims(sites[0], model.config)
+    if qk is None:
+        raise UnsupportedModel(
+            f"{_model_name(model)}: neither its attention modules (head_dim) nor its config "
+            "(head_dim, hidden_size / num_attention_heads) say its attention head dim"
+        )
+    return qk
+
+
+def _head_dim_problem(model, sites: list[AttentionSite]) -> str | None:
+    """Where the head dims a model's attention function receives are not what routing's
+    experts take (one head dim for queries, keys and values, the same in every layer): what
+    the model has, said after its name, or None."""
+    dims = [head_dims(site, model.config) for site in sites]
+    for site, (qk, v) in zip(sites, dims, strict=True):
+        if qk is not None and v != qk:
+            return (
+                f"has a value head dim other than its query/key head dim (layer {site.layer_idx}: "
+                f"values of head dim {v}, queries and keys of {qk}; in multi-head latent attention, "
+                "v_head_dim != qk_head_dim): routing does not honour it (its experts take keys and "
+                "values of one head dim)"
+            )
+    sizes = sorted({qk for qk, _ in dims if qk is not None})
+    if len(sizes) > 1:
+        return (
+            f"has layers of different head dims ({', '.join(map(str, sizes))}): routing does not "
+            "honour it (it and its cost model take one head dim for every layer)"
+        )
+    return None
 
 
 def _sliding_window(model, sites: list[AttentionSite]) -> Any:
@@ -213,6 +297,9 @@ def check_supported(model) -> list[AttentionSite]:
                 f"{name} has non-causal attention (layer {site.layer_idx}); "
                 "routing handles causal attention only"
             )
+    dims = _head_dim_problem(model, sites)
+    if dims:
+        raise UnsupportedModel(f"{name} {dims}")
     return sites
 
 

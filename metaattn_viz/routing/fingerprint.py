@@ -4,12 +4,15 @@ Controllers are calibrated on one copy of a model's weights (the bundled Q4_1 GG
 dequantised to float32). Another copy of "the same" model (the hub's bfloat16 safetensors,
 another quantisation) routes differently, so `meta.json` records the fingerprint of the
 weights calibration saw, and loading compares it with the weights actually loaded
-(docs/method.md, "Choices this project made"). Never changes the model.
+(docs/method.md, "Choices this project made"). Controllers calibrated for another model
+altogether (meta.json's model name or architecture) are told apart from another copy of
+the same model's weights (controllers_notice). Never changes the model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 
 import torch
 
@@ -44,3 +47,68 @@ def fingerprint_notice(recorded: str | None, loaded: str) -> str | None:
     if recorded != loaded:
         return "calibrated on another copy of these weights: routing may differ from docs/results.md"
     return None
+
+
+# what a model's config says it is, recorded in meta.json ("architecture") beside the name:
+# the same in every copy of a model's weights (a GGUF and the hub's safetensors alike)
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+# how a copy of a model is named after the model: its format and quantisation (a GGUF's
+# "-Q4_K_M", a repository's "-GGUF", "-bf16", "-AWQ"), taken off before names are compared
+_COPY_SUFFIX = re.compile(
+    r"(-(gguf|ggml|safetensors|onnx|mlx|awq|gptq|exl2|\d+bit|int\d+|u?fp\d+|bf16|f\d+|i?q\d+(-[a-z0-9]{1,3})*))+$"
+)
+
+
+def architecture(config) -> dict:
+    """The model's kind and shape from its (text) config: ARCHITECTURE_KEYS that it has."""
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    values = {key: getattr(text, key, None) for key in ARCHITECTURE_KEYS}
+    return {key: value for key, value in values.items() if isinstance(value, (str, int))}
+
+
+def same_model_name(a: str, b: str) -> bool:
+    """Whether two model names name one model: compared as slugs (case and punctuation aside,
+    a hub id by its last part), with a copy's format or quantisation suffix taken off."""
+
+    def base(name: str) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", name.strip().split("/")[-1].lower()).strip("-")
+        return _COPY_SUFFIX.sub("", slug) or slug
+
+    return base(a) == base(b)
+
+
+def controllers_notice(meta: dict, loaded: str, name: str, config) -> str | None:
+    """The notice for trained controllers (their ``meta``, meta.json) routing the weights
+    fingerprinted ``loaded`` of the model ``name`` with ``config``, else None.
+
+    Calibrated on these very weights: None. Calibrated for another model (meta.json's
+    ``model`` names another, or its ``architecture`` differs from this model's, where both
+    are recorded): said so, by name, since their routing is then at best that of controllers
+    never trained for this model. Else another copy of the same model (another quantisation,
+    another dtype; fingerprint_notice)."""
+    recorded = meta.get("weights_fingerprint")
+    if recorded == loaded:
+        return None
+    other = meta.get("model")
+    other = other.strip() if isinstance(other, str) else ""
+    was = meta.get("architecture")
+    was = was if isinstance(was, dict) else {}
+    now = architecture(config)
+    differs = [k for k in ARCHITECTURE_KEYS if k in was and k in now and was[k] != now[k]]
+    if differs:
+        label = f"{other or 'another model'} ({', '.join(f'{k} {was[k]}' for k in differs)})"
+        these = f"these weights ({', '.join(f'{k} {now[k]}' for k in differs)})"
+    elif other and not same_model_name(other, name):
+        label, these = other, f"these weights ({name})"
+    else:  # the same model, as far as is recorded: another copy of its weights
+        return fingerprint_notice(recorded, loaded)
+    untrained = "routing is at best that of controllers untrained for this model"
+    return f"calibrated for {label}, not {these}: {untrained}"

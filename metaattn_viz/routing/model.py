@@ -39,8 +39,8 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.routing import device as device_mod
 from metaattn_viz.routing import discovery, generation, linear_maps
 from metaattn_viz.routing import prefill as prefill_mod
-from metaattn_viz.routing.controller import KINDS, ControllerStack, load_for_model
-from metaattn_viz.routing.fingerprint import fingerprint_notice
+from metaattn_viz.routing.controller import KINDS, ControllerStack, check_fits, load_for_model
+from metaattn_viz.routing.fingerprint import controllers_notice
 from metaattn_viz.routing.generation import Sampling
 from metaattn_viz.routing.loading import slugify
 from metaattn_viz.routing.policies import Baseline, TrainRouting
@@ -108,7 +108,8 @@ class RoutedModel:
         weights_fingerprint: str | None = None,
         feature_maps: linear_maps.MapChoice | None = None,
     ):
-        discovery.check_causal_lm(model)  # before anything reads its config
+        # refused (UnsupportedModel, naming why) before anything reads its config
+        sites = discovery.check_supported(model)
         # every module's train/eval mode as handed over: detach gives it back
         self._modes = [(m, m.training) for m in model.modules()]
         self.model = model.eval()
@@ -125,7 +126,7 @@ class RoutedModel:
         self.feature_maps_source = choice.source
         cfg = model.config
         self.n_layers: int = cfg.num_hidden_layers
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = discovery.head_dim(model, sites)  # as the attention function receives it
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.placement = device_mod.placement_of(self.model)
         self.feature_maps = linear_maps.place(choice.maps, self.device)
@@ -265,7 +266,7 @@ class RoutedModel:
         """A RoutedModel of a loaded model (routing/loading.py) with the controllers and
         feature maps shipped for its slug, or those in ``controllers_dir`` (kind -> folder)
         and ``feature_maps_dir``."""
-        discovery.check_causal_lm(loaded.model)  # before the controllers read its config
+        discovery.check_supported(loaded.model)  # before the controllers read its config
         controllers, sources = {}, {}
         for kind in KINDS:
             folder = (controllers_dir or {}).get(kind)
@@ -277,12 +278,13 @@ class RoutedModel:
 
     def weights_notice(self, kind: str) -> str | None:
         """What to tell the user when the `kind` controllers were calibrated on another copy of
-        these weights (meta.json's fingerprint against the loaded one), else None. Untrained
+        these weights (meta.json's fingerprint against the loaded one) or for another model
+        (fingerprint.controllers_notice), else None. Untrained
         controllers are labelled as such elsewhere; a model not loaded here has no fingerprint."""
         stack = self.controller(kind)
         if not stack.trained or self.weights_fingerprint is None:
             return None
-        return fingerprint_notice((stack.meta or {}).get("weights_fingerprint"), self.weights_fingerprint)
+        return controllers_notice(stack.meta or {}, self.weights_fingerprint, self.name, self.model.config)
 
     def linear_maps_for(self, settings: RoutingSettings) -> list | None:
         """The per-layer feature maps of the linear expert under these settings: None for
@@ -316,11 +318,14 @@ class RoutedModel:
         return controller
 
     def controller(self, kind: str | ControllerStack) -> ControllerStack:
-        """The controller stack of this kind (a stack given is its own answer)."""
+        """The controller stack of this kind (a stack given is its own answer), refused where
+        it does not fit the model (one put in ``controllers`` by hand: controller.check_fits)."""
         if isinstance(kind, ControllerStack):
+            check_fits(kind, self.model.config)
             return kind
         if kind not in self.controllers:
             raise ValueError(f"controller must be one of {sorted(self.controllers)}, got {kind!r}")
+        check_fits(self.controllers[kind], self.model.config, kind, f"routed.controllers[{kind!r}]")
         return self.controllers[kind]
 
     @contextlib.contextmanager

@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from numbers import Integral, Real
 from pathlib import Path
 
 import torch
 
-from metaattn_viz.core.dirichlet import kl_dirichlet
+from metaattn_viz.core.dirichlet import kl_dirichlet, prior_concentration
 from metaattn_viz.core.experts import FULL, LINEAR, LOCAL
 from metaattn_viz.core.settings import (
     CONTROLLER_KINDS,
@@ -49,7 +50,7 @@ from metaattn_viz.routing.controller import (
     config_for_model,
     default_folder,
 )
-from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, weights_fingerprint
+from metaattn_viz.routing.fingerprint import FINGERPRINT_KIND, architecture, weights_fingerprint
 from metaattn_viz.routing.generation import MAX_SEED
 from metaattn_viz.routing.model import RoutedModel, TrainRouting, kl_per_token
 from metaattn_viz.training import checkpoints, oracle
@@ -101,28 +102,38 @@ class CalibrationConfig:
     checkpoint_every: int = 16
 
     def __post_init__(self):
+        """Every setting checked before any work, each refusal a ValueError naming the
+        setting and its allowed range (the CLI reports it as a usage error, exit 2)."""
         if self.controller not in CONTROLLER_KINDS:
             raise ValueError(f"controller (--controller) must be bayes or priorfree, got {self.controller!r}")
         for name in ("steps", "batch_size", "seq_len", "val_windows"):
-            v, least = getattr(self, name), MIN_SEQ_LEN if name == "seq_len" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < least:
-                raise ValueError(
-                    f"{name} (--{name.replace('_', '-')}) must be a whole number >= {least}, got {v!r}"
-                )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            least = MIN_SEQ_LEN if name == "seq_len" else 1
+            setattr(self, name, _whole(f"{name} (--{name.replace('_', '-')})", getattr(self, name), least))
+        # no CLI flag: the recipe's fixed choices, settable from the notebook
+        self.hidden = _whole("hidden (the controllers' hidden width)", self.hidden, 1)
+        self.checkpoint_every = _whole("checkpoint_every", self.checkpoint_every, 1)
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed (--seed) must be a whole number in [0, {MAX_SEED}], got {self.seed!r}")
-        for name in (
-            "lr",
-            "beta_kl",
-            "cost_weight",
-            "soft_fraction",
-            "prior_strength",
-            "prior_gamma",
-            "aux_weight",
+        self.seed = int(self.seed)
+        # the local expert's window and sinks: the routing settings' ranges (core/settings.py),
+        # checked here rather than by the first training step's settings
+        try:
+            local = RoutingSettings(budget=None, window=self.window, n_sink=self.n_sink)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (the local expert while training)") from None
+        self.window, self.n_sink = local.window, local.n_sink
+        for name, least, above in (
+            ("lr", 0.0, True),
+            ("weight_decay", 0.0, False),
+            ("beta_kl", 0.0, False),
+            ("cost_weight", 0.0, False),
+            ("soft_fraction", 0.0, False),
+            ("prior_strength", 0.0, True),
+            ("prior_gamma", 0.0, False),
+            ("aux_weight", 0.0, False),
         ):
-            v = float(getattr(self, name))
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            setattr(self, name, _number(name, getattr(self, name), least, above))
         if self.linear_map not in LINEAR_MAPS:
             raise ValueError(
                 f"linear_map (--linear-map) must be one of {', '.join(LINEAR_MAPS)}, got {self.linear_map!r}"
@@ -131,23 +142,69 @@ class CalibrationConfig:
             raise ValueError(
                 f"aux_scope (--aux-scope) must be one of {', '.join(AUX_SCOPES)}, got {self.aux_scope!r}"
             )
+        if isinstance(self.features, str):  # one name, not its letters
+            self.features = (self.features,)
         self.features = tuple(self.features)
         if "base" not in self.features or any(f not in FEATURE_GROUPS for f in self.features):
             raise ValueError(
                 f"features (--features) must name base and any of {', '.join(FEATURE_GROUPS)}, "
                 f"got {self.features}"
             )
-        self.train_budgets = tuple(float(b) for b in self.train_budgets)
+        budgets = (self.train_budgets,) if isinstance(self.train_budgets, (str, Real)) else self.train_budgets
+        try:
+            budgets = tuple(budgets)
+        except TypeError:
+            budgets = (budgets,)
+        if not all(isinstance(b, Real) and not isinstance(b, bool) for b in budgets):
+            raise ValueError(
+                f"train_budgets (--train-budgets) must be numbers in [{min(COSTS)}, 1], "
+                f"got {self.train_budgets!r}"
+            )
+        self.train_budgets = tuple(float(b) for b in budgets)
         if any(not (math.isfinite(b) and min(COSTS) <= b <= 1.0) for b in self.train_budgets):
             raise ValueError(f"train_budgets must lie in [{min(COSTS)}, 1], got {self.train_budgets}")
         if self.prior_costs is not None:
             self.prior_costs = check_prior_costs(self.prior_costs, len(COSTS))
         if not 0 <= self.soft_fraction <= 1:
             raise ValueError(f"soft_fraction must be in [0, 1], got {self.soft_fraction}")
-        if self.controller == "bayes":  # the prior the controllers start at, checked before any work
-            ControllerConfig(
-                prior_strength=self.prior_strength, prior_gamma=self.prior_gamma, prior_costs=self.prior_costs
-            ).check_prior()
+        # the prior the controllers start at (Bayesian) or record (prior-free): finite numbers,
+        # which a large prior_gamma or prior_strength, or a tiny prior cost, overflows
+        prior = ControllerConfig(
+            kind=self.controller,
+            prior_strength=self.prior_strength,
+            prior_gamma=self.prior_gamma,
+            prior_costs=self.prior_costs,
+        )
+        alpha0 = prior_concentration(prior.prior_cost_values, self.prior_strength, self.prior_gamma)
+        if not bool(torch.isfinite(alpha0).all()) or not bool((alpha0 > 0).all()):
+            costs = ", ".join(f"{c:g}" for c in prior.prior_cost_values)
+            raise ValueError(
+                f"prior_strength {self.prior_strength:g}, prior_gamma (--prior-gamma) {self.prior_gamma:g} "
+                f"and the prior costs ({costs}) give the prior concentrations "
+                f"{[round(float(a), 4) for a in alpha0]}, each of which must be a finite number > 0 "
+                "(strength * cost^-gamma, normalised): lower prior_gamma or prior_strength, or "
+                "bring the prior costs (--prior-costs) closer together"
+            )
+        prior.check_prior()  # Bayesian: the prior must lie above the controller's least concentration
+
+
+def _whole(label: str, value, least: int) -> int:
+    """A whole number >= ``least`` (a bool is not one), or ValueError naming ``label``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+        raise ValueError(f"{label} must be a whole number >= {least}, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value, least: float, above: bool) -> float:
+    """A finite number >= ``least`` (> it when ``above``; a bool or a string is not one) as
+    a float, or ValueError naming ``name`` and the range."""
+    rule = f"a finite number {'>' if above else '>='} {least:g}"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < least or (above and v == least):
+        raise ValueError(f"{name} must be {rule}, got {v!r}")
+    return v
 
 
 def elbo_terms(
@@ -378,6 +435,8 @@ def calibrate(
     meta = {
         "controller": cfg.controller,
         "model": routed.name,
+        # what that model is (its kind and shape), told apart from another model's on load
+        "architecture": architecture(routed.model.config),
         # which copy of the model's weights these controllers belong to (routing/fingerprint.py)
         "weights_fingerprint": fingerprint,
         "weights_fingerprint_kind": FINGERPRINT_KIND,
