@@ -218,6 +218,61 @@ def test_decode_steps_keep_the_running_cost_near_the_budget(routed, scope):
     assert np.allclose(decode, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("budget", [0.3, 0.9])
+def test_a_short_prompt_never_spends_more_than_dense_under_a_budget(monkeypatch, budget, scope, path):
+    """A reviewer's case: untrained controllers (at the prior, which prefers linear) and a
+    5-token prompt with 8 new tokens, every position below the head dimension (16), so that
+    the cheapest routing costs exactly dense. The prefill's lambda, solved at that floor
+    (the least lambda that routes there), let the first decode step send every layer to
+    linear attention at 16 / 6 = 2.7x dense (10.7x with SmolLM2's head dimension 64), and
+    the run spent more than dense under a budget below 1. No decode step under a budget may
+    pick an expert dearer than full attention at its position (budget.py)."""
+    import metaattn_viz.routing.session as session_mod
+
+    if path == "device":  # decide_step, as on a GPU
+        monkeypatch.setattr(session_mod, "host_decode", lambda device, dtype: False)
+    routed = routed_tiny(seed=0)
+    assert routed.head_dim == 16
+    s = RoutingSettings(budget=budget, scope=scope, cost_model="flops")
+    trace = routed.route(ids_of(5), s, max_new_tokens=8)
+    n = trace.n_prompt_tokens
+    assert (n, trace.n_tokens) == (5, 13) and trace.lowest_flops_ratio == 1.0
+    m = trace.concentration / trace.concentration.sum(-1, keepdims=True)
+    assert (m.argmax(-1) == 1).all()  # every posterior prefers linear attention
+    assert trace.attention_flops_ratio <= max(budget, trace.lowest_flops_ratio) + 1e-6
+    assert trace.realized_cost == pytest.approx(1.0, abs=1e-5)
+    assert (trace.routes[:, n:] != 1).all() and np.allclose(trace.cost[:, n:], 1.0)
+
+
+def test_a_decode_step_under_a_budget_leaves_out_experts_dearer_than_full():
+    """The rule itself, in each decode path: below the head dimension linear attention costs
+    more than full, so it is no candidate however much the posterior prefers it and whatever
+    lambda (negative: spending up); from the head dimension on it is. Without a budget (the
+    posterior's own argmax) or at a fixed lambda the decisions stay as they were, and the
+    notional costs never leave an expert out (none costs more than full)."""
+    beta = [0.2, 5.0, 0.5]  # linear first by far
+    fast, tensor = (BudgetPolicy(flops_settings(0.5), 1, [-3.0], head_dim=16) for _ in range(2))
+    for pos in (3, 10, 14):
+        _, (_, route, _, _, cost, _) = fast.decide_one(0, beta, pos)
+        weights, rec = tensor.decide(0, torch.tensor(beta).view(1, 1, 3), offset=pos, x=torch.zeros(1, 1, 8))
+        assert route == int(rec["routes"][0, 0]) != 1 and cost <= 1.0
+    at_d = BudgetPolicy(flops_settings(0.5), 1, [0.0], head_dim=16)
+    _, (_, route, _, _, cost, _) = at_d.decide_one(0, beta, 15)
+    assert route == 1 and cost == 1.0  # at p = d - 1 linear costs what full does
+    for s in (flops_settings(None), flops_settings(0.5, lam=0.0)):
+        _, (_, route, _, _, cost, _) = BudgetPolicy(s, 1, [0.0], head_dim=16).decide_one(0, beta, 3)
+        assert route == 1 and cost == pytest.approx(4.0)
+    _, (_, route, _, _, cost, _) = BudgetPolicy(RoutingSettings(budget=0.5), 1, [-3.0]).decide_one(0, beta, 3)
+    assert route == 1 and cost == COSTS[1]
+    m = torch.tensor([beta]) / sum(beta)
+    c = torch.tensor([COSTS])
+    a = budget_mod.decide(m, torch.zeros(1), -3.0, RoutingSettings(), c)
+    b = budget_mod.decide(m, torch.zeros(1), -3.0, RoutingSettings(), c, within_full=True)
+    assert torch.equal(a.routes, b.routes) and torch.equal(a.cost, b.cost)
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("hedge", ["off", "soft"])
 def test_the_decode_paths_agree_under_flops(scope, hedge):

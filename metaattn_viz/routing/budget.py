@@ -23,6 +23,18 @@ depends on the position, so a budget at the bottom is solved like any other (the
 ends at +LAM_MAX: every decision to its cheapest expert, and the cost is what that costs).
 At an extreme lambda sits at -LAM_MAX / +LAM_MAX and is never solved or moved.
 
+A decode step under a budget (`within_full`) never picks an expert that costs more than full
+attention at its position. Full attention is exact (the dense model's own), so such an
+expert is dominated: it spends more and reads no better. A prefill's lambda is solved with
+every decision's cost in view (the group's mean meets max(B, floor)); a decode decision is
+judged alone at the lambda it inherits, and the dual ascent corrects only after a step has
+spent. Under the notional costs no expert costs more than full, so a step's cost stays in
+[cheapest, 1] and nothing changes; under "flops" linear attention costs d / (p + 1) times
+full below the head dimension d, and a small lambda (the one `solve_lambda` keeps at the
+floor of a short prompt, solved in the prefill's units) let one step spend ~10x dense. With
+the rule a step costs at most dense, as the dual ascent's step size assumes
+(docs/method.md, "Budget", "Decoding").
+
 Pure maths on [N, K] posteriors (tensors; `decide_one` in plain Python for one decode
 decision): never sees the model, the kernels or the UI, and never computes a cost itself.
 """
@@ -82,16 +94,21 @@ def decide(
     lam,
     settings: RoutingSettings,
     costs: torch.Tensor | None = None,
+    within_full: bool = False,
 ) -> Decisions:
     """Route N decisions. m: [N, K] posterior means; uncertainty: [N] (`hedge_uncertainty`);
     lam: scalar, 0-d or [N] tensor; costs: [K] or [N, K] float32 on m's device (None: the
-    notional costs). Off the CPU nothing here waits for the device (no data-dependent
-    branch), so a decode step can decide without a host synchronisation."""
+    notional costs); `within_full`: an expert costing more than full attention at the
+    decision is no candidate (a decode step under a budget, module docstring). Off the CPU
+    nothing here waits for the device (no data-dependent branch), so a decode step can
+    decide without a host synchronisation."""
     c = notional_tensor(m.device) if costs is None else costs
     lam_t = torch.as_tensor(lam, dtype=torch.float32, device=m.device)
     if lam_t.dim() == 1:
         lam_t = lam_t[:, None]
     score = torch.log(m.float().clamp_min(1e-30)) - lam_t * c  # [N, K]
+    if within_full:
+        score = score.masked_fill(c > c[..., FULL : FULL + 1], -math.inf)
     routes = score.argmax(-1)  # [N]
     weights = torch.nn.functional.one_hot(routes, K).to(m.dtype)  # [N, K]
     hedged = torch.zeros_like(routes, dtype=torch.bool)
@@ -120,13 +137,16 @@ def decide_one(
     settings: RoutingSettings,
     point_estimate: bool = False,
     costs: tuple[float, ...] = COSTS,
+    within_full: bool = False,
 ) -> tuple[int, list[float], bool, float]:
     """`decide` for one decision in plain Python (the decode-time hot path):
     concentrations (or probabilities, `point_estimate`) of K experts and their K costs ->
-    (route, weights, hedged, cost)."""
+    (route, weights, hedged, cost); `within_full` as `decide` takes it."""
     total = sum(beta)
     m = [b / total for b in beta]
     scores = [math.log(max(p, 1e-30)) - lam * c for p, c in zip(m, costs, strict=True)]
+    if within_full:
+        scores = [-math.inf if c > costs[FULL] else v for v, c in zip(scores, costs, strict=True)]
     route = max(range(len(scores)), key=scores.__getitem__)  # first max, like argmax
     weights = [0.0] * K
     weights[route] = 1.0

@@ -113,6 +113,12 @@ class BudgetPolicy(RoutingPolicy):
         self.costs = CostModel.of(settings, head_dim)
         # whether a decision's costs depend on its position (the "flops" cost model)
         self.reads_position = not self.costs.notional
+        # decode steps under a budget leave out any expert dearer than full attention at
+        # their position: full is exact, so it is dominated, and one such step (linear below
+        # the head dimension) could spend many times dense before the dual ascent reacts
+        # (budget.py's module docstring). Only "flops" has such experts: the notional costs
+        # are decided exactly as before.
+        self.within_full = self.reads_position and settings.lam is None and settings.budget is not None
         # decide_step under "flops": (position, its costs [1, K] on the device), per token
         self._step_costs: tuple[int, torch.Tensor] | None = None
         self.n_layers = n_layers
@@ -143,8 +149,10 @@ class BudgetPolicy(RoutingPolicy):
                 self.lam[layer] = lam
             else:
                 lam = layer_lam
-                dec = budget_mod.decide(m, unc, lam, self.settings, costs)
-                if offset > 0:  # a decode step: lambda follows the running cost
+                # a decode step (offset > 0): no expert dearer than full; lambda follows the running cost
+                cap = self.within_full and offset > 0
+                dec = budget_mod.decide(m, unc, lam, self.settings, costs, within_full=cap)
+                if offset > 0:
                     steer = budget_mod.steering_cost(dec, self.settings, costs)
                     self._dual_ascent(layer, float(steer.mean()))
         b, t, _ = beta.shape
@@ -164,7 +172,7 @@ class BudgetPolicy(RoutingPolicy):
             assert layer_lam is not None, "a decode step before the prefill solved lambda"
             lam = layer_lam
             route, w, hedged, cost = budget_mod.decide_one(
-                beta, lam, self.settings, self.point_estimate, costs
+                beta, lam, self.settings, self.point_estimate, costs, within_full=self.within_full
             )
             self._dual_ascent(layer, budget_mod.steering_cost_one(route, cost, self.settings, costs))
         return w, (beta, route, hedged, w, cost, lam)
@@ -198,7 +206,7 @@ class BudgetPolicy(RoutingPolicy):
                 self._cost_t = torch.zeros((), dtype=torch.float64, device=dev)
             lam = self._lam_t[layer].clone()  # the record keeps the lambda this decision used
             unc = budget_mod.hedge_uncertainty(beta, self.settings, self.point_estimate)
-            dec = budget_mod.decide(m, unc, lam, self.settings, costs)
+            dec = budget_mod.decide(m, unc, lam, self.settings, costs, within_full=self.within_full)
             self._dual_ascent_t(layer, budget_mod.steering_cost(dec, self.settings, costs)[0].double())
         rec = DeviceRecord(beta.reshape(K), dec.routes[0], dec.hedged[0], dec.weights[0], dec.cost[0], lam)
         return dec.weights.view(1, 1, K).float(), rec
