@@ -4,6 +4,7 @@ awkward sizes for the kernel tests, and a real app server in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -505,6 +506,80 @@ def grow(full: RoutingTrace, chunks):
     # what the model sets once the run is complete
     trace.output_text, trace.timings = full.output_text, dict(full.timings)
     trace.kl_to_dense = full.kl_to_dense
+
+
+TRACE_ARRAYS = ("concentration", "routes", "hedged", "weights", "cost", "lam")
+
+
+def assert_same_trace(got, want, n_tokens: int | None = None):
+    """`got` equals `want` (its first n_tokens positions): every field a replay restores."""
+    import pytest
+
+    n = want.n_tokens if n_tokens is None else n_tokens
+    for name in (
+        "model",
+        "controller",
+        "controller_id",
+        "controller_trained",
+        "settings",
+        "n_layers",
+        "head_dim",
+        "n_prompt_tokens",
+        "truncated",
+        "prompt",
+    ):
+        assert getattr(got, name) == getattr(want, name), name
+    assert got.token_ids == want.token_ids[:n]
+    assert got.tokens == want.tokens[:n]
+    for name in TRACE_ARRAYS:
+        a, b = getattr(got, name), getattr(want, name)[:, :n]
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)  # float32 exactly
+    assert got.created_at == pytest.approx(want.created_at, abs=1e-6)
+    if n_tokens is None:
+        assert got.output_text == want.output_text
+        assert got.timings == want.timings
+        if want.kl_to_dense is None:
+            assert got.kl_to_dense is None
+        else:
+            np.testing.assert_array_equal(got.kl_to_dense, want.kl_to_dense.astype(np.float32))
+
+
+def stream_run(log, full, chunks=3, kind="generate"):
+    """Stream `full` into the log as the app does: start, append as it grows, finish."""
+    trace = None
+    for trace in grow(full, chunks):
+        if trace.run_id is None:
+            log.start_run(trace, kind=kind)
+        log.append(trace.run_id, trace)
+    log.finish(trace.run_id, trace)
+    return trace.run_id
+
+
+def count(path_or_log, sql, **params):
+    """The first value of `sql` on a routing log (a RunLog, or a file opened read-only)."""
+    import duckdb
+
+    from metaattn_viz.store import RunLog
+
+    if isinstance(path_or_log, RunLog):
+        return path_or_log.fresh_cursor().execute(sql, params).fetchone()[0]
+    with duckdb.connect(str(path_or_log), read_only=True) as con:
+        return con.execute(sql, params).fetchone()[0]
+
+
+@contextlib.contextmanager
+def writing_schema_version(monkeypatch, version: int):
+    """This version's code writing a log of the older schema `version`: only the migrations
+    up to it, and runs inserted without the columns added since (schema.RUNS_COLUMNS)."""
+    from metaattn_viz.store import schema
+    from metaattn_viz.store.queries import Q
+
+    later = ", ".join(c.name for c in schema.RUNS_COLUMNS if c.since > version)
+    with monkeypatch.context() as m:
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:version])
+        m.setattr(Q, "INSERT_RUNS", f"INSERT INTO runs BY NAME SELECT * EXCLUDE ({later}) FROM _new_runs")
+        yield
 
 
 class RefusingGPU:

@@ -1,6 +1,6 @@
 """The layout docs/architecture.md describes holds: every path it names exists, imports
-point down the layers, no library module is longer than 600 lines, and the bottom layers
-load without torch."""
+point down the layers, no library module is longer than 600 lines, the bottom layers
+load without torch, and test files share helpers only through tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -94,6 +94,17 @@ def test_no_library_module_is_longer_than_600_lines():
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert not long, long
+
+
+def test_test_files_import_shared_helpers_from_helpers_only():
+    """CONTRIBUTING.md: test files import shared helpers from tests/helpers.py, never from
+    conftest.py or from one another."""
+    tests = ROOT / "tests"
+    stray = {
+        p.name: sorted(n for n in imported_names(p) if n.split(".")[0].startswith(("test_", "conftest")))
+        for p in sorted(tests.glob("*.py"))
+    }
+    assert not {name: found for name, found in stray.items() if found}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))

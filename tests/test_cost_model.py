@@ -13,8 +13,7 @@ import duckdb
 import numpy as np
 import pytest
 import torch
-from helpers import routed_tiny, synthetic_trace
-from test_store import assert_same_trace, count, stream_run, writing_schema_version
+from helpers import assert_same_trace, count, routed_tiny, stream_run, synthetic_trace, writing_schema_version
 
 from metaattn_kernels.flops import expert_flops
 from metaattn_viz import store

@@ -4,7 +4,6 @@ traces (helpers.synthetic_trace) keep it fast; the real-model replay is marked s
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -19,59 +18,14 @@ import duckdb
 import numpy as np
 import pytest
 import torch
-from helpers import grow, synthetic_trace
+from helpers import assert_same_trace, count, grow, stream_run, synthetic_trace, writing_schema_version
 
 from metaattn_viz import store
 from metaattn_viz.core.dirichlet import uncertainties
 from metaattn_viz.core.settings import FULL, RoutingSettings
 from metaattn_viz.store import RunLog, StoreUnavailable, UnknownRun, schema
-from metaattn_viz.store.queries import Q
 
 REPO = Path(__file__).resolve().parent.parent
-ARRAYS = ("concentration", "routes", "hedged", "weights", "cost", "lam")
-
-
-def assert_same_trace(got, want, n_tokens: int | None = None):
-    """`got` equals `want` (its first n_tokens positions): every field a replay restores."""
-    n = want.n_tokens if n_tokens is None else n_tokens
-    for name in (
-        "model",
-        "controller",
-        "controller_id",
-        "controller_trained",
-        "settings",
-        "n_layers",
-        "head_dim",
-        "n_prompt_tokens",
-        "truncated",
-        "prompt",
-    ):
-        assert getattr(got, name) == getattr(want, name), name
-    assert got.token_ids == want.token_ids[:n]
-    assert got.tokens == want.tokens[:n]
-    for name in ARRAYS:
-        a, b = getattr(got, name), getattr(want, name)[:, :n]
-        assert a.dtype == b.dtype, name
-        np.testing.assert_array_equal(a, b, err_msg=name)  # float32 exactly
-    assert got.created_at == pytest.approx(want.created_at, abs=1e-6)
-    if n_tokens is None:
-        assert got.output_text == want.output_text
-        assert got.timings == want.timings
-        if want.kl_to_dense is None:
-            assert got.kl_to_dense is None
-        else:
-            np.testing.assert_array_equal(got.kl_to_dense, want.kl_to_dense.astype(np.float32))
-
-
-def stream_run(log, full, chunks=3, kind="generate"):
-    """Stream `full` into the log as the app does: start, append as it grows, finish."""
-    trace = None
-    for trace in grow(full, chunks):
-        if trace.run_id is None:
-            log.start_run(trace, kind=kind)
-        log.append(trace.run_id, trace)
-    log.finish(trace.run_id, trace)
-    return trace.run_id
 
 
 def full_disk(monkeypatch, when=lambda work: True) -> dict:
@@ -89,24 +43,6 @@ def full_disk(monkeypatch, when=lambda work: True) -> dict:
 
     monkeypatch.setattr(writer, "_write", maybe_full)
     return failing
-
-
-def count(path_or_log, sql, **params):
-    if isinstance(path_or_log, RunLog):
-        return path_or_log.fresh_cursor().execute(sql, params).fetchone()[0]
-    with duckdb.connect(str(path_or_log), read_only=True) as con:
-        return con.execute(sql, params).fetchone()[0]
-
-
-@contextlib.contextmanager
-def writing_schema_version(monkeypatch, version: int):
-    """This version's code writing a log of the older schema `version`: only the migrations
-    up to it, and runs inserted without the columns added since (schema.RUNS_COLUMNS)."""
-    later = ", ".join(c.name for c in schema.RUNS_COLUMNS if c.since > version)
-    with monkeypatch.context() as m:
-        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:version])
-        m.setattr(Q, "INSERT_RUNS", f"INSERT INTO runs BY NAME SELECT * EXCLUDE ({later}) FROM _new_runs")
-        yield
 
 
 def sha(path: Path) -> str:
