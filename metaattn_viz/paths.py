@@ -39,16 +39,25 @@ def cache_dir() -> Path:
     return _user_dir("XDG_CACHE_HOME", ".cache") / "metaattn-viz"
 
 
+def path_from_env(name: str) -> Path | None:
+    """The path variable `name` holds, read by the rule the CLI's --db reads its value with:
+    ~ expanded; unset or empty, None (the default); only spaces, a ValueError naming the
+    variable (a path of spaces is never meant, and would be made in the working directory)."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    if not raw.strip():
+        raise ValueError(f"{name} is blank ({raw!r}): give a path, or unset it for the default")
+    return Path(raw).expanduser()
+
+
 def data_dir() -> Path:
     """Persistent data (the routing log): METAATTN_DATA, else $XDG_DATA_HOME/metaattn-viz.
 
     On a Space, METAATTN_DATA points into a mounted storage bucket (`metaattn-viz deploy`
     sets it); Spaces no longer have a `/data` volume of their own.
     """
-    explicit = os.environ.get(DATA_ENV)
-    if explicit:
-        return Path(explicit)
-    return _user_dir("XDG_DATA_HOME", ".local/share") / "metaattn-viz"
+    return path_from_env(DATA_ENV) or _user_dir("XDG_DATA_HOME", ".local/share") / "metaattn-viz"
 
 
 def storage_is_ephemeral() -> bool:
@@ -76,9 +85,9 @@ def _under_a_mount(path: Path) -> bool:
 
 
 def default_db_path() -> Path:
-    """The routing log: METAATTN_DB, else <data_dir>/routing.duckdb."""
-    explicit = os.environ.get(DB_ENV)
-    return Path(explicit) if explicit else data_dir() / "routing.duckdb"
+    """The routing log: METAATTN_DB, else <data_dir>/routing.duckdb (each read by
+    `path_from_env`: ~ expanded, blank refused)."""
+    return path_from_env(DB_ENV) or data_dir() / "routing.duckdb"
 
 
 def ensure_kernels_importable() -> None:

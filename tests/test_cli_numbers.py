@@ -223,5 +223,5 @@ def test_feature_maps_refuses_a_checkpoint_missing_weights_in_one_line(monkeypat
         raise loading.IncompleteCheckpoint("checkpoint base/ lacks weights the model needs: lm_head.weight")
 
     monkeypatch.setattr(loading, "load", incomplete)
-    line = cli_refused(["feature-maps", "--data", DATA, "--skip-eval", "--eval-only"], capsys)
+    line = cli_refused(["feature-maps", "--data", DATA, "--eval-only"], capsys)
     assert "lacks weights the model needs: lm_head.weight" in line

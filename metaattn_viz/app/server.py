@@ -71,15 +71,22 @@ def check_mcp(mcp: bool, public: bool = False) -> None:
 def resolve_host_port(host: str | None, port: int | None) -> tuple[str, int]:
     if host is None:
         host = "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
-    if port is None:
-        name = "PORT" if os.environ.get("PORT") else "GRADIO_SERVER_PORT"
-        env = os.environ.get(name)
-        try:
-            port = int(env) if env else DEFAULT_PORT
-        except ValueError:
-            raise ValueError(f"${name} must be a port number (1..65535), got {env!r}") from None
+    if port is not None:
+        if not 0 < port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {port}")
+        return host, port
+    # no --port: $PORT, else $GRADIO_SERVER_PORT, else the default; a bad one is refused
+    # naming the variable it came from (never --port, which was not given)
+    name = "PORT" if os.environ.get("PORT") else "GRADIO_SERVER_PORT"
+    env = os.environ.get(name)
+    if not env:
+        return host, DEFAULT_PORT
+    try:
+        port = int(env)
+    except ValueError:
+        port = 0
     if not 0 < port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {port}")
+        raise ValueError(f"${name} must be a port number (1..65535), got {env!r}")
     return host, port
 
 

@@ -214,15 +214,18 @@ def run_bench(
     """All benchmark rows; prints them (a JSON list with json=True, else one line per row).
     model=True adds the whole-model rows of bench/model.py (routing overhead, prefill, decode).
     `repeats` applies to every timed row; None keeps each row's own (ATTENTION_REPEATS here,
-    bench/model.py's for the model rows: the counts docs/benchmarks.md records)."""
+    bench/model.py's for the model rows: the counts docs/benchmarks.md records). The model
+    is loaded first, so a row that runs past its context is refused before anything is timed."""
+    from metaattn_viz.bench.model import model_rows, rows_model
+
     attention_repeats = ATTENTION_REPEATS if repeats is None else repeats
+    routed = rows_model(long_context, prefill_len, device, dtype, backend, model_config) if model else None
     rows = attention_rows(seq_lens, repeats=attention_repeats, device=device, dtype=dtype, backend=backend)
     if model:
-        from metaattn_viz.bench.model import model_rows
-
         rows += [
             dict(kind="model", mix=f"budget {r['budget']}", baseline="dense model", **r)
             for r in model_rows(
+                routed,
                 budget=budget,
                 long_context=long_context,
                 prefill_len=prefill_len,

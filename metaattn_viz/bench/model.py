@@ -242,6 +242,40 @@ def random_weights_model(
     return RoutedModel.from_loaded(loaded).place(device, dtype, backend)
 
 
+def check_context(context: int, prefill_len: int, long_context: int) -> None:
+    """A ValueError naming the flag (bench's --prefill-len, --long-context) whose row would
+    run past the model's `context` tokens, in lambda-table's words for its --lengths."""
+    from metaattn_viz.cli.lambda_table import beyond_context
+
+    for flag, tokens in (("--prefill-len", prefill_len), ("--long-context", long_context)):
+        problem = beyond_context(flag, tokens, context)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+def rows_model(
+    long_context: int = 8192,
+    prefill_len: int = 4096,
+    device: str | None = None,
+    dtype: str | None = None,
+    backend: str | None = None,
+    model_config: str | None = None,
+    quick: bool = False,
+) -> RoutedModel:
+    """The model of `model_rows`: the bundled one, or the architecture of `model_config`
+    with random weights (its context made long enough for both rows), placed; refused
+    (`check_context`) where the prefill or long decode row would run past its context, as
+    soon as it is known and before any row is timed (quick runs neither row)."""
+    if model_config:
+        context = max(long_context, prefill_len) + 64
+        routed = random_weights_model(model_config, device, dtype, backend, context)
+    else:
+        routed = RoutedModel.load(device=device, dtype=dtype, backend=backend)
+    if not quick:
+        check_context(routed.max_context, prefill_len, long_context)
+    return routed
+
+
 def model_rows(
     routed: RoutedModel | None = None,
     budget: float = 0.3,
@@ -255,12 +289,13 @@ def model_rows(
     repeats: int | None = None,
 ) -> list[dict]:
     """The whole-model rows; `routed` or, without one, the bundled model (or the architecture
-    of `model_config` with random weights) placed on device/dtype with backend. `repeats`:
-    the timed repeats of the routing-overhead and prefill rows (None: OVERHEAD_REPEATS and
-    PREFILL_REPEATS, what docs/benchmarks.md records); the decode rows time blocks of tokens."""
-    if routed is None and model_config:
-        routed = random_weights_model(model_config, device, dtype, backend, long_context + 64)
-    routed = routed or RoutedModel.load(device=device, dtype=dtype, backend=backend)
+    of `model_config` with random weights, its context made long enough for both rows)
+    placed on device/dtype with backend. `repeats`: the timed repeats of the routing-overhead
+    and prefill rows (None: OVERHEAD_REPEATS and PREFILL_REPEATS, what docs/benchmarks.md
+    records); the decode rows time blocks of tokens. A model loaded here is checked by
+    `rows_model` (its context against the rows) before any row is timed."""
+    if routed is None:
+        routed = rows_model(long_context, prefill_len, device, dtype, backend, model_config, quick)
     plain = plain_copy(routed)
     with torch.no_grad():  # scoped: never switch autograd off for the caller
         timed = {} if repeats is None else {"repeats": repeats}

@@ -24,10 +24,13 @@ def _cmd_examples(args) -> int:
     from metaattn_viz.app.examples import MAX_NEW_TOKENS, TRACES_DIR, generate
     from metaattn_viz.cli import UserError
     from metaattn_viz.cli.outputs import check_output
+    from metaattn_viz.routing.generation import MAX_NEW_TOKENS as GENERATION_CAP
 
     n = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-    if n < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {n}")
+    # one check, before the model loads: at least one new token (an example shows its
+    # generation), at most what a generation allows (routing/generation.py, as route checks)
+    if not 1 <= n <= GENERATION_CAP:
+        raise UserError(f"--max-new-tokens must be at least 1 and at most {GENERATION_CAP}, got {n}")
     # before the model loads: "" refused, and the shipped folder checked too when --out is not given
     if args.out is None:
         out = check_output(TRACES_DIR, "the default --out", folder=True)

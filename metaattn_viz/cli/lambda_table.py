@@ -50,6 +50,15 @@ def add_lambda_table_parser(sub) -> None:
     p.set_defaults(handler=_cmd_lambda_table)
 
 
+def beyond_context(flag: str, tokens: int, context: int) -> str | None:
+    """The one check (and wording) of a length a command asks for against the model's
+    context (`RoutedModel.max_context`): None where it fits; lambda-table's --lengths and
+    bench's --prefill-len and --long-context are refused with it."""
+    if tokens <= context:
+        return None
+    return f"{flag}: {tokens} tokens is more than the model's context ({context})"
+
+
 def _budgets(text: str | None) -> tuple[float, ...]:
     from metaattn_viz.cli import UserError
     from metaattn_viz.core.settings import RoutingSettings
@@ -138,10 +147,9 @@ def _cmd_lambda_table(args) -> int:
     data = Path(args.data) if args.data else REPO_ROOT / "corpus" / "wikitext2" / "wiki.dev.raw"
     split = data_mod.load_split(data)  # a bad file fails before the model loads
     routed = RoutedModel.load()
-    if lengths[-1] > routed.max_context:
-        raise UserError(
-            f"--lengths: {lengths[-1]} tokens is more than the model's context ({routed.max_context})"
-        )
+    too_long = beyond_context("--lengths", lengths[-1], routed.max_context)
+    if too_long is not None:
+        raise UserError(too_long)
     untrained = [k for k in kinds if not routed.controller(k).trained]
     if untrained:
         raise UserError(f"no trained {', '.join(untrained)} controllers (`make calibrate`)")
@@ -156,8 +164,13 @@ def _cmd_lambda_table(args) -> int:
     except data_mod.TooShort as exc:  # lambda-table has no --seq-len: its windows are its longest length
         remedy = f"give a longer file or shorter --lengths (the windows are as long as the longest, {tokens})"
         raise UserError(str(exc.with_remedy(remedy))) from None
-    if wins.shape[0] < args.texts:
-        raise UserError(f"{data} holds {wins.shape[0] + 1} calibration windows of {tokens} tokens")
+    if wins.shape[0] < args.texts:  # window 0 stays out (above): --texts N needs N + 1 windows
+        held = wins.shape[0] + 1
+        fix = f"give --texts {held - 1} or fewer, " if held > 1 else "give "
+        raise UserError(
+            f"--texts {args.texts} needs {args.texts + 1} calibration windows of {tokens} tokens (the "
+            f"first stays out), but {data} holds {held}: {fix}a longer file or shorter --lengths"
+        )
     texts = [wins[i : i + 1].to(routed.device) for i in range(wins.shape[0])]
     written = {}
     for kind in kinds:

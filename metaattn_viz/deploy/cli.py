@@ -82,11 +82,11 @@ def run_deploy(
     from metaattn_viz.deploy.plan import build_plan
 
     make_api = make_api or hub.make_api
-    root = Path(args.root or paths.REPO_ROOT).resolve()
     try:
+        root = _root(args.root)
         if args.hardware is not None and args.hardware not in HARDWARE:
             raise ValueError(f"--hardware {args.hardware!r}: unknown (one of: {', '.join(HARDWARE)})")
-        manifest = load_manifest(Path(args.manifest) if args.manifest else root / MANIFEST)
+        manifest = load_manifest(_manifest_path(args.manifest, root))
         owner, name = _split_space(args.space, manifest.name)
         api = None if args.dry_run else make_api(hub.resolve_token(environ))
         if owner is None and api is not None:
@@ -122,11 +122,42 @@ def run_deploy(
     return EXIT_OK
 
 
+def _root(root: str | None) -> Path:
+    """The checkout to deploy: --root, checked to be a folder (a ValueError naming the flag
+    and the path), else this one."""
+    if root is None:
+        return paths.REPO_ROOT.resolve()
+    if not root.strip():
+        raise ValueError("--root is empty: give the folder of the checkout to deploy")
+    folder = Path(root).expanduser()
+    if not folder.exists():
+        raise ValueError(f"--root {root}: no such folder")
+    if not folder.is_dir():
+        raise ValueError(f"--root {root}: not a folder (give the checkout to deploy, with its {MANIFEST})")
+    return folder.resolve()
+
+
+def _manifest_path(manifest: str | None, root: Path) -> Path:
+    """--manifest, checked not to be blank or a folder (a ValueError naming the flag and the
+    path), else the Spacefile in the checkout."""
+    if manifest is None:
+        return root / MANIFEST
+    if not manifest.strip():
+        raise ValueError(f"--manifest is empty: give a manifest file, or leave it out for the {MANIFEST}")
+    path = Path(manifest).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--manifest {manifest}: a folder, not a manifest file (such as {path / MANIFEST})")
+    return path
+
+
 def _split_space(space: str | None, default_name: str) -> tuple[str | None, str]:
     """(owner or None, name) from --space: OWNER/NAME, NAME, or nothing. A name the Hub
-    would refuse is a user error here, before the dry run or any Hub call (exit 2)."""
-    if not space:
+    would refuse (or a blank one) is a user error here, before the dry run or any Hub call
+    (exit 2)."""
+    if space is None:
         return None, default_name
+    if not space.strip():
+        raise ValueError("--space is empty: give OWNER/NAME or NAME, or leave it out for the default")
     from metaattn_viz.deploy.manifest import hub_name_problem
 
     owner, slash, name = space.rpartition("/")
@@ -139,5 +170,6 @@ def _split_space(space: str | None, default_name: str) -> tuple[str | None, str]
 
 
 def _fail(exc: BaseException, code: int) -> int:
-    print(f"metaattn-viz deploy: {exc}", file=sys.stderr)
+    # one line, as every subcommand's errors (cli/__init__.py: "metaattn-viz CMD: error: ...")
+    print(f"metaattn-viz deploy: error: {exc}", file=sys.stderr)
     return code

@@ -147,6 +147,10 @@ def load_manifest(path: Path) -> Manifest:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError("(file)", f"{path} does not exist", str(path)) from None
+    except IsADirectoryError:
+        raise ManifestError("(file)", f"{path} is a folder, not a manifest file", str(path)) from None
+    except OSError as exc:  # not a folder on the way, no permission: in words, not [Errno N]
+        raise ManifestError("(file)", f"{path} cannot be read ({exc.strerror or exc})", str(path)) from None
     except yaml.YAMLError as exc:
         raise ManifestError("(file)", f"not valid YAML ({exc})", str(path)) from None
     except UnicodeDecodeError as exc:

@@ -67,30 +67,40 @@ class Placement:
         return self.device.startswith("cuda")
 
 
+def _asked(spec: str | None, env: str) -> tuple[str, str]:
+    """What was asked and where it came from: (the value, "" for a flag or an argument,
+    whose caller names it; "<VARIABLE>: " for the environment; "auto" where neither)."""
+    if spec is not None:
+        return spec, ""
+    raw = os.environ.get(env)
+    return (raw, f"{env}: ") if raw else ("auto", "")
+
+
 def parse_device(spec: str | None) -> str:
-    """The device asked for (None: ``METAATTN_DEVICE``, else "auto"), checked for syntax only."""
-    raw = spec if spec is not None else os.environ.get(ENV_DEVICE) or "auto"
+    """The device asked for (None: ``METAATTN_DEVICE``, else "auto"), checked for syntax only;
+    a bad value from the environment is refused naming the variable."""
+    raw, source = _asked(spec, ENV_DEVICE)
     value = str(raw).strip().lower()
     if not _DEVICE_RE.match(value):
-        raise ValueError(f"device must be one of {DEVICES_HELP}, got {raw!r}")
+        raise ValueError(f"{source}device must be one of {DEVICES_HELP}, got {raw!r}")
     return value
 
 
 def parse_dtype(spec: str | None) -> str:
     """The dtype asked for (None: ``METAATTN_DTYPE``, else "auto"), checked for syntax only."""
-    raw = spec if spec is not None else os.environ.get(ENV_DTYPE) or "auto"
+    raw, source = _asked(spec, ENV_DTYPE)
     value = str(raw).strip().lower()
     if value not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {raw!r}")
+        raise ValueError(f"{source}dtype must be one of {', '.join(DTYPES)}, got {raw!r}")
     return value
 
 
 def parse_backend(spec: str | None) -> str:
     """The backend asked for (None: ``METAATTN_BACKEND``, else "auto"), checked for syntax only."""
-    raw = spec if spec is not None else os.environ.get(ENV_BACKEND) or "auto"
+    raw, source = _asked(spec, ENV_BACKEND)
     value = str(raw).strip().lower()
     if value not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {raw!r}")
+        raise ValueError(f"{source}backend must be one of {', '.join(BACKENDS)}, got {raw!r}")
     return value
 
 

@@ -176,7 +176,7 @@ def connect(path: Path, read_only: bool, created: bool = False) -> duckdb.DuckDB
         raise error from exc
 
 
-def _version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
+def _version(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> int:
     """The file's schema version: 0 for an empty database."""
     tables = {r[0] for r in con.execute(Q.TABLES_IN_MAIN).fetchall()}
     if "schema_version" in tables:
@@ -187,14 +187,14 @@ def _version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
         except (TypeError, ValueError):  # a table of that name that is not ours
             raise StoreUnavailable(
                 f"{path} has a schema_version table whose version is {value!r}, not a number: "
-                "it is not a metaattn-viz routing log (it was left untouched). Pass --db with "
-                "another path, or --no-log."
+                f"it is not a metaattn-viz routing log (it was left untouched). To go on, "
+                f"{_elsewhere(read_only)}."
             ) from None
     if tables:
         raise StoreUnavailable(
             f"{path} is a DuckDB database but not a metaattn-viz routing log (it has tables "
-            f"{sorted(tables)} and no schema_version); it was left untouched. Pass --db with "
-            "another path, or --no-log."
+            f"{sorted(tables)} and no schema_version); it was left untouched. To go on, "
+            f"{_elsewhere(read_only)}."
         )
     return 0
 
@@ -202,7 +202,7 @@ def _version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
 def migrate(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None:
     """Bring the file to schema.latest_schema_version(), each migration in the transaction
     that records its version; refuse newer files, and read-only opens that would need it."""
-    version = _version(con, path)
+    version = _version(con, path, read_only)
     latest = schema.latest_schema_version()
     if version > latest:
         raise StoreUnavailable(

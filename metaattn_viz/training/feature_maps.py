@@ -476,14 +476,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    ap.add_argument(
+    only = ap.add_mutually_exclusive_group()  # measure only, or train only: never both (nothing)
+    only.add_argument(
         "--eval-only",
         action="store_true",
         help="only measure all-linear perplexity with the maps in --out, on windows of --seq-len, "
         "and print it (writes nothing)",
     )
+    only.add_argument("--skip-eval", action="store_true", help="train only, no perplexity")
     ap.add_argument("--eval-windows", type=int, default=16, help="validation windows for perplexity")
-    ap.add_argument("--skip-eval", action="store_true", help="train only, no perplexity")
     return ap
 
 
