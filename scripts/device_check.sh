@@ -23,6 +23,9 @@ PY="${PYTHON:-python3}"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+  # Triton builds its launcher with a C compiler and Python's headers at the first launch:
+  # without them every Triton launch fails, and this line says why
+  "$PY" -c "import os, shutil, sysconfig; cc = os.environ.get('CC') or next(filter(None, map(shutil.which, ('cc', 'gcc', 'clang'))), None); print('C compiler', cc or 'none', '| Python.h', os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"
 } 2>&1 | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check here')" || exit 2
 

@@ -94,7 +94,7 @@ class RunHistory:
         if enabled:
             self._open()
         else:
-            from metaattn_viz.store.runlog import LOGGING_OFF
+            from metaattn_viz.store.errors import LOGGING_OFF
 
             self._open_problem = LOGGING_OFF
 
@@ -146,7 +146,7 @@ class RunHistory:
         when logging was turned off on purpose)."""
         if self.run_log is not None:
             return None
-        from metaattn_viz.store.runlog import LOGGING_OFF
+        from metaattn_viz.store.errors import LOGGING_OFF
 
         return None if self._open_problem == LOGGING_OFF else self._open_problem
 

@@ -149,7 +149,9 @@ def check_correctness(device: str) -> dict:
 def _decision_is_sync_free(r) -> bool | str:
     """A decode decision (controller, decide_step, dual ascent, record) and the attention it
     routes (kernels.triton_decode, the cache of a 300-token context, the linear state caught
-    up) with CUDA's sync debugging set to raise on any host synchronisation."""
+    up) with CUDA's sync debugging set to raise on any host synchronisation. The first token
+    runs before that: it copies the prefill's lambdas to the device once per generation
+    (`BudgetPolicy.decide_step`), a synchronising copy; every token after it is checked."""
     from metaattn_kernels.triton_decode import decode_step_device
     from metaattn_viz.routing.policies import BudgetPolicy
 
@@ -167,8 +169,6 @@ def _decision_is_sync_free(r) -> bool | str:
     hd = getattr(cfg, "head_dim", None) or d // hq
     q = torch.randn(1, hq, 1, hd, device=r.device)
     k, v = (torch.randn(1, hkv, 300, hd, device=r.device) for _ in range(2))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
     from metaattn_viz.routing.signals import AttentionView, SignalState
 
     # controllers that read attention features get this step's q and keys (and their sums)
@@ -177,15 +177,22 @@ def _decision_is_sync_free(r) -> bool | str:
         if stack.uses_attention
         else None
     )
-    try:
-        with torch.no_grad():
-            for layer in range(r.n_layers):
-                weights, _ = pol.decide_step(layer, stack.concentration(layer, h, x, pos, view), 40)
-                decode_step_device(q, k, v, weights, window=s.window, n_sink=s.n_sink)
-    except RuntimeError as exc:
-        return f"synchronised: {exc}"
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+
+    def token(position: int) -> None:
+        for layer in range(r.n_layers):
+            weights, _ = pol.decide_step(layer, stack.concentration(layer, h, x, pos, view), position)
+            decode_step_device(q, k, v, weights, window=s.window, n_sink=s.n_sink)
+
+    with torch.no_grad():
+        token(40)  # the generation's first token: its one copy of lambda to the device
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            token(41)
+        except RuntimeError as exc:
+            return f"synchronised: {exc}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     return True
 
 

@@ -9,6 +9,10 @@ module defines errors only: it never imports DuckDB, the model code or gradio.
 
 from __future__ import annotations
 
+# why a log is not written when logging was switched off (--no-log); light to import, so
+# that code with logging off (the GPU check's engine, on a machine without DuckDB) needs none
+LOGGING_OFF = "logging is off (--no-log)"
+
 
 class StoreUnavailable(RuntimeError):
     """The routing log cannot be opened or written; the message names the file and what

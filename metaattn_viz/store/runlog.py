@@ -43,7 +43,7 @@ import pandas as pd
 from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.paths import default_db_path
 from metaattn_viz.store import codec
-from metaattn_viz.store.errors import StoreUnavailable, UnknownRun
+from metaattn_viz.store.errors import LOGGING_OFF, StoreUnavailable, UnknownRun
 from metaattn_viz.store.opening import DAMAGED, damaged
 from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import LIST_ORDERS, TIME_BUCKETS, Q
@@ -53,7 +53,6 @@ from metaattn_viz.store.writer import acquire, release
 log = logging.getLogger(__name__)
 
 PathArg = str | os.PathLike[str]
-LOGGING_OFF = "logging is off (--no-log)"
 
 
 def resolve_db_path(db: PathArg | None = None) -> Path:
