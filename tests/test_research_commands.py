@@ -341,6 +341,7 @@ def test_bench_repeats_reaches_the_model_rows(flag, attention, model_repeats, mo
         return []
 
     monkeypatch.setattr(model, "model_rows", model_rows)
+    monkeypatch.setattr(model, "rows_model", lambda *a, **k: "the model")  # loaded before any row
     assert main(["bench", "--seq-lens", "16", *flag]) == 0
     assert seen == {"attention": attention, "model": model_repeats}
 

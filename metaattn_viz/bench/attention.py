@@ -225,7 +225,7 @@ def run_bench(
         rows += [
             dict(kind="model", mix=f"budget {r['budget']}", baseline="dense model", **r)
             for r in model_rows(
-                routed,
+                routed=routed,
                 budget=budget,
                 long_context=long_context,
                 prefill_len=prefill_len,

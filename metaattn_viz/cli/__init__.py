@@ -185,12 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_parser(sub)
 
-    p = sub.add_parser("eval", help="compare routing policies on held-out text (JSON rows)")
+    p = sub.add_parser(
+        "eval",
+        help="compare routing policies on held-out text: the rows on stdout at the end (a line "
+        "each, or --json), each also on stderr as it is scored",
+    )
     p.add_argument("--data", required=True, help="UTF-8 text file; its validation split is used")
     p.add_argument("--budgets", default=None, help="comma-separated budgets")
     p.add_argument("--max-tokens", type=_whole(1), default=None, help="validation tokens to score")
     # 2: a window scores seq_len - 1 next-token predictions (training/evaluate.py, MIN_SEQ_LEN)
-    p.add_argument("--seq-len", type=_whole(2), default=None, help="window length (default 256)")
+    p.add_argument(
+        "--seq-len",
+        type=_whole(2),
+        default=None,
+        help="window length (default 256; at most the model's context, checked once it loads)",
+    )
     p.add_argument("--window", type=_whole(1), default=DEFAULTS.window, help="local expert window")
     p.add_argument(
         "--scope",
@@ -221,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the tables into this markdown file (and pareto.png beside it)",
     )
     _add_model_args(p)
-    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.add_argument(
+        "--json", action="store_true", help="print the rows on stdout as a JSON list (default: a line each)"
+    )
     p.set_defaults(handler=_cmd_eval)
 
     p = sub.add_parser("bench", help="speed: routed vs dense attention and whole model (ratios)")
@@ -431,13 +442,15 @@ def _cmd_eval(args) -> int:
         raise UserError(str(exc)) from None
     device, dtype, backend = runtime_from_args(args)
     routed = RoutedModel.load(args.model, device=device, dtype=dtype, backend=backend)
+    # the model's context is known once it has loaded: checked then, before any pass
+    from metaattn_viz.cli.lambda_table import beyond_context
 
-    def progress(row):
-        print(
-            f"{row['controller']:>14} budget={row['budget']} cost={row['realized_cost']:.3f} "
-            f"ppl={row['ppl']:.2f} kl={row['kl_to_dense']:.4f}",
-            file=sys.stderr,
-        )
+    too_long = beyond_context("--seq-len", seq_len, routed.max_context)
+    if too_long is not None:
+        raise UserError(too_long)
+
+    def progress(row):  # each row as it is scored, on stderr: stdout gets the rows at the end
+        print(_eval_line(row), file=sys.stderr)
 
     try:
         rows = evaluate(
@@ -461,7 +474,7 @@ def _cmd_eval(args) -> int:
         print(json.dumps(finite_or_null(rows), allow_nan=False))  # strict JSON: NaN is null
     else:
         for row in rows:
-            progress(row)
+            print(_eval_line(row))
     if report is not None:
         from pathlib import Path
 
@@ -477,6 +490,14 @@ def _cmd_eval(args) -> int:
                 what = f" was written, but not its plot {failed}"
             raise UserError(f"--report {report}{what}: {exc.strerror or exc} (the rows are above)") from None
     return 0
+
+
+def _eval_line(row: dict) -> str:
+    """One row of `eval` as a line of text (its progress on stderr, its result on stdout)."""
+    return (
+        f"{row['controller']:>14} budget={row['budget']} cost={row['realized_cost']:.3f} "
+        f"ppl={row['ppl']:.2f} kl={row['kl_to_dense']:.4f}"
+    )
 
 
 def _cmd_feature_maps(args) -> int:
@@ -517,7 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     from metaattn_viz.routing.loading import ModelUnavailable
 
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:  # stdout's reader went away (`| head`): end quietly
+        return _stdout_gone()
     except (UserError, ModelUnavailable) as exc:
         print(f"metaattn-viz {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -528,5 +553,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metaattn-viz {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except Exception as exc:
+        if "duckdb" in sys.modules:  # DuckDB's report of a Ctrl-C is an interrupt as well
+            from metaattn_viz.store.interrupts import is_interrupt
+
+            if is_interrupt(exc):
+                return _interrupted()
+        raise
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
+EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
+
+
+def _interrupted() -> int:
+    print("interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _stdout_gone() -> int:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null, so that the
+    interpreter's own flush at exit finds nowhere to fail again (Python's documented
+    recipe for SIGPIPE), and end with the shell's status for it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # stdout is no file descriptor (captured)
+        pass
+    return EXIT_PIPE

@@ -59,6 +59,8 @@ def cmd_route(args) -> int:
         raise UserError(
             f"--max-new-tokens must be a whole number in [0, {MAX_NEW_TOKENS}], got {args.max_new_tokens}"
         )
+    if not args.no_log:
+        log_path(args.db)  # a log that cannot be written is refused before the model loads
     device, dtype, backend = runtime_from_args(args)
     routed = RoutedModel.load(args.model, device=device, dtype=dtype, backend=backend)
     trace = routed.route(
@@ -89,15 +91,42 @@ def cmd_route(args) -> int:
     return 0
 
 
+def log_path(db):
+    """The routing log's path (--db, else METAATTN_DB, else the default), when a file can be
+    written there (writable.py, as `export` checks its --out); else UserError naming where
+    the path came from and why, before any work."""
+    import os
+
+    from metaattn_viz import store
+    from metaattn_viz.cli.outputs import check_output
+    from metaattn_viz.paths import DB_ENV
+
+    path = store.resolve_db_path(db)
+    if db:
+        check_output(path, "--db", folder=False)
+        return path
+    from metaattn_viz.cli import UserError
+
+    source = DB_ENV if os.environ.get(DB_ENV, "").strip() else "the routing log"
+    try:
+        check_output(path, source, folder=False)
+    except UserError as exc:
+        raise UserError(f"{exc} (pass --db with another path, or --no-log)") from None
+    return path
+
+
 def log_trace(trace, db) -> str | None:
     """Write a finished trace to the routing log; a log problem never loses the result: any
     failure (an unreadable, locked or malformed database) is a warning naming the log, and
-    the trace is printed all the same."""
+    the trace is printed all the same. Ctrl-C is not a log problem: it is KeyboardInterrupt
+    (DuckDB's own report of it too, store/interrupts.py); a run it cuts short is marked
+    `interrupted` when the log closes."""
     from metaattn_viz import store
+    from metaattn_viz.store.interrupts import keyboard_interrupts
 
     path = store.resolve_db_path(db)
     try:
-        with store.RunLog(path) as log:
+        with keyboard_interrupts(), store.RunLog(path) as log:
             run_id = log.start_run(trace, kind="route")
             log.finish(run_id, trace, status="done")
         return run_id

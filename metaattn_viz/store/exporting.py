@@ -4,8 +4,9 @@ pandas): runs, tokens and routes as Parquet or CSV, hive-partitioned by day=YYYY
 
 Writes only under the folder it is given, and refuses one that already holds an export;
 an export that fails part way removes what it wrote (and the folder, if it made it). Never
-writes to the log itself (it reads one snapshot, then rolls back). Never imports the
-model code, torch or gradio.
+writes to the log itself (it reads one snapshot, then rolls back). Ctrl-C while DuckDB
+reads or copies is KeyboardInterrupt (store/interrupts.py), after the same clean-up. Never
+imports the model code, torch or gradio.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from metaattn_viz.store.errors import ExportNotWritten
+from metaattn_viz.store.interrupts import keyboard_interrupts
 from metaattn_viz.store.opening import DAMAGED, damaged
 from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import Q
@@ -43,7 +45,9 @@ def export(
     with `run_id`, only that run (no rows if `owner` may not see it).
     Refuses to write into existing non-empty table folders.
     CSV has a header row; NULL is an empty field and an empty string is "" (DuckDB reads
-    that back with allow_quoted_nulls = false). Returns the rows written per table."""
+    that back with allow_quoted_nulls = false). Returns the rows written per table.
+    Ctrl-C (DuckDB's interrupt included) removes what was written and raises
+    KeyboardInterrupt."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
     params = {"owner": check_owner(owner), "run_id": None if run_id is None else str(run_id)}
@@ -61,11 +65,13 @@ def export(
             "--out folder (nothing was written)"
         )
     own = not isinstance(source, RunLog)
-    log = source if isinstance(source, RunLog) else RunLog(source, read_only=True)
+    with keyboard_interrupts():
+        log = source if isinstance(source, RunLog) else RunLog(source, read_only=True)
     made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)  # once the log opened: a refused one leaves no folder
-        counts = _copy(log, targets, fmt, params)
+        with keyboard_interrupts():  # Ctrl-C inside DuckDB: cleaned up below, then re-raised
+            counts = _copy(log, targets, fmt, params)
     except BaseException as exc:
         if made:
             shutil.rmtree(out, ignore_errors=True)
