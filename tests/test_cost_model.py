@@ -272,6 +272,32 @@ def test_a_decode_step_under_a_budget_leaves_out_experts_dearer_than_full():
     assert torch.equal(a.routes, b.routes) and torch.equal(a.cost, b.cost)
 
 
+def test_a_soft_hedge_never_mixes_in_an_expert_dearer_than_full():
+    """Soft hedging adds every expert of posterior weight >= hedge_min_weight to the route;
+    below the head dimension under a budget it leaves out linear attention as the route
+    does (it made one step cost 34x dense on the bundled model), and keeps it from there on.
+    Every decode path agrees."""
+    beta = [0.8, 3.0, 3.5]  # local first, linear close behind, full above hedge_min_weight
+    s = flops_settings(0.5, hedge_policy="soft", hedge_threshold=0.0)
+    for pos in (3, 20):
+        fast, tensor, step = (BudgetPolicy(s, 1, [0.0], head_dim=16) for _ in range(3))
+        w, (_, route, hedged, _, cost, _) = fast.decide_one(0, beta, pos)
+        weights, rec = tensor.decide(0, torch.tensor(beta).view(1, 1, 3), offset=pos, x=torch.zeros(1, 1, 8))
+        w_step, _ = step.decide_step(0, torch.tensor(beta).view(1, 1, 3), pos)
+        assert route == 2 and hedged
+        assert np.allclose(w, weights.view(-1).numpy(), atol=1e-6)
+        assert np.allclose(w, w_step.view(-1).numpy(), atol=1e-6)
+        if pos < 16:  # linear dearer than full: not in the mix, and the step pays local + full
+            assert w[1] == 0.0 and w[0] > 0 and cost == pytest.approx(2.0)
+        else:
+            assert w[1] > 0
+    # with the notional costs (none dearer than full) the hedge is as before
+    _, (_, route, _, _, cost, _) = BudgetPolicy(
+        RoutingSettings(budget=0.5, hedge_policy="soft", hedge_threshold=0.0), 1, [0.0]
+    ).decide_one(0, beta, 3)
+    assert cost == pytest.approx(sum(COSTS))
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("hedge", ["off", "soft"])
 def test_the_decode_paths_agree_under_flops(scope, hedge):

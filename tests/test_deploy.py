@@ -316,6 +316,7 @@ def _set(path: str, value):
         (_set("runtimes.gpu.hardware", ["t4-smol"]), "runtimes.gpu.hardware"),
         (_set("runtimes.zerogpu.python_version", "3.11"), "runtimes.zerogpu.python_version"),
         (_set("runtimes.zerogpu.python_version", "3.10"), "runtimes.zerogpu.python_version"),
+        (_set("runtimes.zerogpu.python_version", 3.12), "runtimes.zerogpu.python_version"),
         (_set("runtimes.cpu.python_version", "3.10"), "runtimes.cpu.python_version"),
         (_set("runtimes.cpu.requirement", "x.txt"), "runtimes.cpu.requirement"),
         (lambda raw: raw.pop("model"), "model"),
@@ -744,12 +745,19 @@ def test_requirements_agree_with_requirements_txt(runtime):
     assert "torch" in mine
 
 
+def test_an_unquoted_python_version_is_told_to_be_quoted():
+    raw = _raw()
+    raw["runtimes"]["zerogpu"]["python_version"] = 3.12  # YAML's float, unquoted
+    with pytest.raises(ManifestError, match=r"must be a string, got float 3\.12 \(quote it\)"):
+        parse_manifest(raw)
+
+
 def test_a_space_gets_only_a_python_the_pins_install_on():
     """The pins' floor (their packages' Requires-Python, as installed here) is the project's
     requires-python and the least Python a Spacefile may ask for."""
     import importlib.metadata
-
     import tomllib
+
     from packaging.specifiers import SpecifierSet
 
     from metaattn_viz.deploy.manifest import PYTHONS, ZEROGPU_PYTHONS

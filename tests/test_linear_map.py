@@ -183,7 +183,7 @@ def test_the_shipped_maps_fit_the_shipped_model():
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(loading.SMOLLM2_CONFIG.parent)
-    choice = linear_maps.load_for_model(config, "smollm2-135m-instruct")
+    choice = linear_maps.load_for_model(config, "smollm2-135m-instruct", None, config.head_dim)
     assert choice.maps is not None, choice.source
     assert len(choice.maps) == config.num_hidden_layers
     assert linear_maps.load_meta(linear_maps.default_folder("smollm2-135m-instruct"))["kind"] == "hedgehog"

@@ -167,6 +167,23 @@ def test_latent_attention_routes_with_the_head_dim_its_attention_receives():
     routed.detach()
 
 
+def test_learned_maps_for_latent_attention_are_judged_by_the_head_dim_it_receives(tmp_path):
+    """Feature maps of head dim 16 fit the MLA model above (its config's head_dim says 8):
+    one definition of the head dim, the attention's own (discovery.head_dim)."""
+    from helpers import random_maps
+
+    from metaattn_viz.routing import linear_maps, loading
+
+    model = _deepseek_v3(v_head_dim=16)
+    linear_maps.save(random_maps(n_layers=2, hq=4, hkv=4, d=16), tmp_path / "maps", {"kind": "hedgehog"})
+    loaded = loading.LoadedModel(
+        model, CharTokenizer(), loading.ModelSource("config", "-", "mla16"), 0.0, "config"
+    )
+    routed = RoutedModel.from_loaded(loaded, feature_maps_dir=tmp_path / "maps")
+    assert routed.feature_maps is not None and routed.feature_maps_source == str(tmp_path / "maps")
+    routed.detach()
+
+
 def test_layers_of_different_head_dims_are_refused():
     model = tiny_model()
     model.model.layers[1].self_attn.head_dim = 8

@@ -800,7 +800,7 @@ def filled(db):
                 controller="bayes" if i % 2 == 0 else "priorfree",
                 budget=0.3 if i < 3 else 0.6,
             )
-            tr.created_at = dt.datetime(2026, 1, 1 + i // 2, 12, tzinfo=dt.timezone.utc).timestamp()
+            tr.created_at = dt.datetime(2026, 1, 1 + i // 2, 12, tzinfo=dt.UTC).timestamp()
             if i == 5:
                 tr.prompt = "A needle in the haystack"
             rid = log.start_run(tr)

@@ -367,7 +367,7 @@ def test_feature_maps_eval_only_refuses_a_damaged_maps_file_naming_it(tmp_path, 
     line = _one_line_refusal(capsys)
     assert f"{out / linear_maps.WEIGHTS_FILE} is not a readable feature-maps file" in line
     # the routed model still runs without them, saying why
-    choice = linear_maps.load_for_model(tiny_model().config, "tiny", out)
+    choice = linear_maps.load_for_model(tiny_model().config, "tiny", out, 16)
     assert choice.maps is None and "unreadable" in choice.source
 
 

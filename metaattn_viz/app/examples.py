@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from metaattn_viz import paths
@@ -354,7 +354,7 @@ def _make_all(
         "settings": routed.resolve_linear_map(settings).to_dict(),  # as the traces record them
         "max_new_tokens": max_new_tokens,
         "sampling": "greedy",
-        "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "date": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "project_commit": commit,
         "examples": entries,
     }

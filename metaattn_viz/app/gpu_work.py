@@ -181,10 +181,7 @@ def raise_failure(update: dict) -> NoReturn:
         exc = _error_type("", str(update.get("type")))(message)
     worker_tb = str(update.get("traceback") or "").rstrip()
     if worker_tb:
-        if hasattr(exc, "add_note"):  # Python 3.11+
-            exc.add_note(f"Raised in the ZeroGPU worker:\n{worker_tb}")
-        else:  # pragma: no cover (Python 3.10)
-            log.error("the GPU work failed in its ZeroGPU worker:\n%s", worker_tb)
+        exc.add_note(f"Raised in the ZeroGPU worker:\n{worker_tb}")
     raise exc
 
 

@@ -559,7 +559,8 @@ class LiveTab:
             # checked by parse_settings, the measure by show)
             preprocess=False,
         )
-        self.trace_events.append(rerouted)
+        # in trace_events through the quality meter's event after it (live_quality.py), which
+        # may add the KL to the trace: the exports refresh once, after both
         self.follow(rerouted)
 
         @user_errors("redrawing the maps")

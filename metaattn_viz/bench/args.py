@@ -14,9 +14,9 @@ LONG_DECODE_NEW_TOKENS = 16
 
 def model_config(text: str) -> str:
     """An argparse type: the path of a transformers config.json (or a folder holding one)
-    that exists, is JSON and names its model_type; checked here because the model rows,
-    which read it, run after minutes of attention rows (and a missing path would be looked
-    up on the Hub)."""
+    that exists, is JSON and names its model_type; checked here, as the command line is
+    read, so that a bad one is a usage error before any import or work (and a missing path
+    is never looked up on the Hub)."""
     import json
     from pathlib import Path
 

@@ -166,7 +166,7 @@ def _decision_is_sync_free(r) -> bool | str:
     pos = torch.arange(40, 41, device=r.device)
     cfg = r.model.config
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or d // hq
+    hd = r.head_dim
     q = torch.randn(1, hq, 1, hd, device=r.device)
     k, v = (torch.randn(1, hkv, 300, hd, device=r.device) for _ in range(2))
     from metaattn_viz.routing.signals import AttentionView, SignalState

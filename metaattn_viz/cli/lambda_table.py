@@ -183,7 +183,7 @@ def _cmd_lambda_table(args) -> int:
             **table.meta,
             "data": str(data.relative_to(REPO_ROOT)) if data.is_relative_to(REPO_ROOT) else str(data),
             "split": f"calibration, windows 1-{len(texts)} of {tokens} tokens",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": _command(args, kind, lengths, budgets),
         }
         out = folders[kind]

@@ -297,6 +297,8 @@ def _runtimes(c: _Checker, raw: Any) -> tuple[Runtime, ...]:
                     f"{where}.hardware", f"'{h}' is listed by runtimes.{seen[h]} already", c.source
                 )
             seen[h] = name
+        # a string first (an unquoted 3.12 is a YAML float: "quote it"), then ZeroGPU's rule
+        c.string(r["python_version"], f"{where}.python_version")
         if ZEROGPU in hardware and r["python_version"] not in ZEROGPU_PYTHONS:
             raise ManifestError(
                 f"{where}.python_version",

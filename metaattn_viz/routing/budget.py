@@ -23,8 +23,8 @@ depends on the position, so a budget at the bottom is solved like any other (the
 ends at +LAM_MAX: every decision to its cheapest expert, and the cost is what that costs).
 At an extreme lambda sits at -LAM_MAX / +LAM_MAX and is never solved or moved.
 
-A decode step under a budget (`within_full`) never picks an expert that costs more than full
-attention at its position. Full attention is exact (the dense model's own), so such an
+A decode step under a budget (`within_full`) never picks, nor hedges in, an expert that costs
+more than full attention at its position. Full attention is exact (the dense model's own), so such an
 expert is dominated: it spends more and reads no better. A prefill's lambda is solved with
 every decision's cost in view (the group's mean meets max(B, floor)); a decode decision is
 judged alone at the lambda it inherits, and the dual ascent corrects only after a step has
@@ -32,7 +32,8 @@ spent. Under the notional costs no expert costs more than full, so a step's cost
 [cheapest, 1] and nothing changes; under "flops" linear attention costs d / (p + 1) times
 full below the head dimension d, and a small lambda (the one `solve_lambda` keeps at the
 floor of a short prompt, solved in the prefill's units) let one step spend ~10x dense. With
-the rule a step costs at most dense, as the dual ascent's step size assumes
+the rule a step's route costs at most dense, as the dual ascent's step size assumes; a
+hedged step pays its extra experts on top, as always, but never one dearer than full
 (docs/method.md, "Budget", "Decoding").
 
 Pure maths on [N, K] posteriors (tensors; `decide_one` in plain Python for one decode
@@ -107,8 +108,9 @@ def decide(
     if lam_t.dim() == 1:
         lam_t = lam_t[:, None]
     score = torch.log(m.float().clamp_min(1e-30)) - lam_t * c  # [N, K]
-    if within_full:
-        score = score.masked_fill(c > c[..., FULL : FULL + 1], -math.inf)
+    dearer = c > c[..., FULL : FULL + 1] if within_full else None  # [K] or [N, K]
+    if dearer is not None:
+        score = score.masked_fill(dearer, -math.inf)
     routes = score.argmax(-1)  # [N]
     weights = torch.nn.functional.one_hot(routes, K).to(m.dtype)  # [N, K]
     hedged = torch.zeros_like(routes, dtype=torch.bool)
@@ -122,6 +124,8 @@ def decide(
                 soft = soft.to(m.dtype)
             else:
                 keep = (m >= settings.hedge_min_weight) | weights.bool()
+                if dearer is not None:  # nor is such an expert hedged in
+                    keep = keep & ~dearer
                 # the chosen expert stays in the mix even where its mean is exactly 0 (a
                 # prior-free softmax that underflowed): its weight is then tiny, not 0
                 soft = m.clamp_min(_TINY_WEIGHT) * keep
@@ -158,7 +162,10 @@ def decide_one(
                 weights = [1.0] + [0.0] * (K - 1)
             else:
                 keep = [
-                    max(p, _TINY_WEIGHT) if (p >= settings.hedge_min_weight or k == route) else 0.0
+                    max(p, _TINY_WEIGHT)
+                    if (p >= settings.hedge_min_weight or k == route)
+                    and not (within_full and costs[k] > costs[FULL])
+                    else 0.0
                     for k, p in enumerate(m)
                 ]
                 z = sum(keep)

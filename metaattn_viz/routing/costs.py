@@ -12,9 +12,10 @@
     ``attention_flops_ratio`` measures).
   - one decode decision at position p: c[k] = flops(p)[k] / flops(p)[FULL] (a group of one:
     relative to dense attention at that position); the dual ascent keeps the running mean
-    of these near B. Under a budget such a decision never takes an expert costing more than
-    1 (dearer than full attention there: linear below the head dimension; budget.py's
-    ``within_full``), so no decode step costs more than dense.
+    of these near B. Under a budget such a decision never takes (nor hedges in) an expert
+    costing more than 1 (dearer than full attention there: linear below the head
+    dimension; budget.py's ``within_full``), so no decode step's route costs more than
+    dense (a hedge's extra experts come on top, as always).
   Full attention costs 1 on average over a group, so B >= 1 is still exactly dense.
 
 A ``CostModel`` is built once per session (its window, sinks and head dimension do not

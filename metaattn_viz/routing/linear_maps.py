@@ -99,9 +99,10 @@ class MapChoice:
     source: str  # the folder they came from, or why there are none
 
 
-def load_for_model(model_config, model_slug: str, folder: Path | None = None) -> MapChoice:
-    """The learned maps shipped for this model (`folder`, default `default_folder`), or None
-    with the reason when they are missing, unreadable or made for another model shape."""
+def load_for_model(model_config, model_slug: str, folder: Path | None, head_dim: int) -> MapChoice:
+    """The learned maps shipped for this model (`folder`, None: `default_folder`), or None
+    with the reason when they are missing, unreadable or made for another model shape
+    (`head_dim`: the model's, as its attention receives it, discovery.head_dim)."""
     folder = Path(folder) if folder else default_folder(model_slug)
     if not (folder / WEIGHTS_FILE).is_file():
         return MapChoice(None, f"no learned feature maps at {folder}")
@@ -112,8 +113,7 @@ def load_for_model(model_config, model_slug: str, folder: Path | None = None) ->
         log.warning("%s; linear_map='learned' is unavailable", reason)
         return MapChoice(None, reason)
     hq, hkv = model_config.num_attention_heads, model_config.num_key_value_heads
-    d = getattr(model_config, "head_dim", None) or model_config.hidden_size // hq
-    want = (model_config.num_hidden_layers, hq, hkv, d)
+    want = (model_config.num_hidden_layers, hq, hkv, head_dim)
     got = (len(maps), maps[0].q_heads, maps[0].kv_heads, maps[0].head_dim)
     if got != want or any((fm.q_heads, fm.kv_heads, fm.head_dim) != got[1:] for fm in maps):
         reason = (

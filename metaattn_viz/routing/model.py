@@ -266,14 +266,15 @@ class RoutedModel:
         """A RoutedModel of a loaded model (routing/loading.py) with the controllers and
         feature maps shipped for its slug, or those in ``controllers_dir`` (kind -> folder)
         and ``feature_maps_dir``."""
-        discovery.check_supported(loaded.model)  # before the controllers read its config
+        sites = discovery.check_supported(loaded.model)  # before the controllers read its config
         controllers, sources = {}, {}
         for kind in KINDS:
             folder = (controllers_dir or {}).get(kind)
             choice = load_for_model(loaded.model.config, loaded.slug, kind, folder)
             controllers[kind], sources[kind] = choice.stack, choice.source
         fingerprint = getattr(loaded, "weights_fingerprint", None)
-        maps = linear_maps.load_for_model(loaded.model.config, loaded.slug, feature_maps_dir)
+        head_dim = discovery.head_dim(loaded.model, sites)
+        maps = linear_maps.load_for_model(loaded.model.config, loaded.slug, feature_maps_dir, head_dim)
         return cls(loaded.model, loaded.tokenizer, controllers, loaded.name, sources, fingerprint, maps)
 
     def weights_notice(self, kind: str) -> str | None:

@@ -59,7 +59,7 @@ class TraceSlice:
 # -- encoding -------------------------------------------------------------------------------
 def utc(epoch_s: float) -> _dt.datetime:
     """A naive UTC datetime, as the log's TIMESTAMP columns hold."""
-    return _dt.datetime.fromtimestamp(epoch_s, _dt.timezone.utc).replace(tzinfo=None)
+    return _dt.datetime.fromtimestamp(epoch_s, _dt.UTC).replace(tzinfo=None)
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -361,7 +361,7 @@ def decode_trace(
         kl_to_dense=None if T == 0 or np.isnan(kl).all() else kl,
         truncated=int(run["truncated"]),
         timings=timings,
-        created_at=run["created_at"].replace(tzinfo=_dt.timezone.utc).timestamp(),
+        created_at=run["created_at"].replace(tzinfo=_dt.UTC).timestamp(),
         prompt=run["prompt"] or "",
         output_text=run["output_text"] or "",
         run_id=run["run_id"],

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -450,7 +450,7 @@ def calibrate(
         "loss_curve_every_10": history[::10],
         "train_seconds_this_run": round(time.perf_counter() - t0, 1),
         "project_commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }

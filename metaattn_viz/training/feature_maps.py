@@ -38,7 +38,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -422,7 +422,7 @@ def train(
         "mean_val_teacher_entropy": round(sum(r["val_teacher_entropy"] for r in done) / n_layers, 5),
         "train_seconds_this_run": round(time.perf_counter() - t0, 1),
         "project_commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(),
     }
     # strict JSON: a diverged layer's NaN loss is written as null

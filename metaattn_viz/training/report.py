@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from metaattn_viz.core.experts import EXPERTS
@@ -190,7 +190,7 @@ def tables(rows: list[dict], command: str) -> str:
     lines = [
         BEGIN,
         "",
-        f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by:",
+        f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} by:",
         "",
         f"```\n{command}\n```",
         "",
