@@ -135,6 +135,16 @@ def test_the_inspector_and_sweep_refresh_after_every_event_that_brings_a_trace(p
     assert [page.fns[d.trigger_after].name for d in after_run] == ["live_generate"]
 
 
+def test_the_exports_refresh_once_after_a_run_and_after_a_re_route(page):
+    """The Export and share panel's downloads are rebuilt after the quality meter's step
+    that follows a run or a re-route (it may add the KL), not also before it."""
+    parents = [page.fns[d.trigger_after].name for d in _fns(page, "refresh") if d.trigger_after is not None]
+    assert parents.count("measure_after_run") == 1  # after a generation
+    assert parents.count("measure_quality") == 2  # after a re-route, and a tick of the box
+    assert "live_generate" not in parents and "live_reroute" not in parents
+    assert parents.count("replay") == 1 and parents.count("redraw_maps") == 1
+
+
 # -- 6. the sweep of another text goes ---------------------------------------------------------
 def test_a_sweep_is_cleared_when_another_text_comes(page):
     refresh = _fn(page, "refresh_after_trace")

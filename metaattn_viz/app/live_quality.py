@@ -30,8 +30,10 @@ class QualityMeter:
     def wire(self, engine: Engine, trace: gr.State, meters: gr.HTML, going_on, after: list, ended) -> list:
         """Measure the page's `trace` into `meters` when the box is ticked and after each event
         of `after`; after `ended` (a generation) only where the box was ticked while it ran.
-        `going_on(session)`: whether a run goes on there. Returns the events that may put a
-        measured trace on the page."""
+        `going_on(session)`: whether a run goes on there. Returns the events after which the
+        page's trace is final (the exports refresh after each): those after `after` and
+        `ended` stand for them. The check after `ended` is not queued behind other model work
+        (it usually measures nothing), as a tick is not."""
 
         def measure(shown, wanted: bool):
             if not wanted or shown is None or shown.n_tokens < 2 or shown.kl_to_dense is not None:
@@ -58,7 +60,7 @@ class QualityMeter:
         quiet = {"api_visibility": "private", "show_progress": "hidden"}
         io = ([trace, self.box], [meters, trace])
         events = [event.then(measure_quality, *io, **model, **quiet) for event in after]
-        events.append(ended.then(measure_after_run, *io, **model, **quiet))
+        events.append(ended.then(measure_after_run, *io, **quiet))
         events.append(self.box.input(measure_quality, *io, **quiet))
         return events
 

@@ -475,7 +475,8 @@ class LiveTab:
             show_progress="minimal",
             trigger_mode="multiple",
         )
-        self.trace_events.append(generated)
+        # in trace_events through the quality meter's check after it (live_quality.py), which
+        # may add the KL: the exports refresh once, after both
         self.follow(generated)
 
         def stop(request: gr.Request):
