@@ -89,6 +89,22 @@ def _by_id(out: dict) -> dict:
     return {getattr(c, "elem_id", None) or c: v for c, v in out.items()}
 
 
+def _hold_after_first_frame(page, monkeypatch) -> threading.Event:
+    """The routed model's stream yields its first trace (the prompt's), then waits until the
+    returned event is set (30 s at most) before it goes on."""
+    routed = page.engine.host.routed_model()
+    real_stream, release = routed.stream, threading.Event()
+
+    def held(*args, **kwargs):
+        for n, trace in enumerate(real_stream(*args, **kwargs)):
+            yield trace
+            if n == 0:
+                release.wait(30)
+
+    monkeypatch.setattr(routed, "stream", held)
+    return release
+
+
 # -- 1. Stop's word --------------------------------------------------------------------------------
 def _stop_chain(demo) -> list:
     """The events a click on Stop runs: its own and those that follow it."""
@@ -118,21 +134,13 @@ def test_stop_with_nothing_running_says_nothing(page):
 def test_after_stop_the_status_line_says_stopping_until_the_run_ends(page, monkeypatch):
     """A frame drawn after Stop while the run still decodes says "Stopping…" (not
     "Generating…" over Stop's own line); the run's last frame says it stopped."""
-    routed = page.engine.host.routed_model()
-    real_stream, real_finish = routed.stream, RunRecorder.finish
-    release, finished = threading.Event(), threading.Event()
-
-    def held(*args, **kwargs):  # the prompt's frame, then the next token on release
-        for n, trace in enumerate(real_stream(*args, **kwargs)):
-            yield trace
-            if n == 0:
-                release.wait(30)
+    release = _hold_after_first_frame(page, monkeypatch)  # the next token on release
+    real_finish, finished = RunRecorder.finish, threading.Event()
 
     def finish(self, *args, **kwargs):  # the run stopped, its end not yet out
         finished.wait(30)
         return real_finish(self, *args, **kwargs)
 
-    monkeypatch.setattr(routed, "stream", held)
     monkeypatch.setattr(RunRecorder, "finish", finish)
     session = "stopping"
     frames = _stream(page, session, max_new=20)
@@ -310,16 +318,7 @@ def test_a_run_is_going_on_until_its_last_frame_is_out(page, monkeypatch):
     engine = page.engine
     done = _generate(page, OTHER)
     engine.history.flush()
-    routed = engine.host.routed_model()
-    real_stream, release = routed.stream, threading.Event()
-
-    def held(*args, **kwargs):
-        for n, trace in enumerate(real_stream(*args, **kwargs)):
-            yield trace
-            if n == 0:
-                release.wait(30)
-
-    monkeypatch.setattr(routed, "stream", held)
+    release = _hold_after_first_frame(page, monkeypatch)
     session = "last-frame-pending"
     request = _request(session)
     reroute = _dep(page, "live_reroute")
@@ -401,16 +400,7 @@ def test_stop_while_generate_waits_in_the_queue_stops_that_run(page):
 def test_stop_while_generate_waits_behind_the_run_it_ended_stops_the_queued_run(page, monkeypatch):
     """Generate B pressed while run A streams (stop_previous ends A), Stop while B waits:
     the Stop went to A, already stopping, and B ran to "Done"."""
-    routed = page.engine.host.routed_model()
-    real_stream, release = routed.stream, threading.Event()
-
-    def held(*args, **kwargs):
-        for n, trace in enumerate(real_stream(*args, **kwargs)):
-            yield trace
-            if n == 0:
-                release.wait(30)
-
-    monkeypatch.setattr(routed, "stream", held)
+    release = _hold_after_first_frame(page, monkeypatch)
     session = "stop-behind"
     request = _request(session)
     a = _stream(page, session, prompt=OTHER, max_new=20)
@@ -424,7 +414,7 @@ def test_stop_while_generate_waits_behind_the_run_it_ended_stops_the_queued_run(
     finally:
         release.set()
         a.close()
-    monkeypatch.setattr(routed, "stream", real_stream)
+    monkeypatch.undo()  # B streams unheld
     assert _status_lines(a_out)[-1].startswith("Stopped: ")
     b_status = _status_lines([_by_id(out) for out in _stream(page, session, max_new=4)])
     assert b_status[-1].startswith("Stopped: ")
