@@ -194,6 +194,27 @@ def test_resume_from_a_damaged_checkpoint_says_which_file(tmp_path):
             calibrate(r, EXCERPT, cfg, out_dir=out, resume=True, progress=False, model_slug="t")
 
 
+class _RunsCode:
+    """An object whose unpickling calls a function: what a hostile checkpoint would hold."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["METAATTN_TEST_PWNED"]),))
+
+
+def test_resume_of_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    # a checkpoint is loaded with weights_only: tensors and plain data, never arbitrary objects
+    r = routed_tiny(seed=1)
+    cfg = CalibrationConfig(steps=2, seq_len=64, val_windows=1)
+    out = tmp_path / "c"
+    out.mkdir()
+    pwned = tmp_path / "pwned"
+    monkeypatch.setenv("METAATTN_TEST_PWNED", str(pwned))
+    torch.save({"config": {}, "step": _RunsCode()}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint.pt is not a readable checkpoint \(UnpicklingError\)"):
+        calibrate(r, EXCERPT, cfg, out_dir=out, resume=True, progress=False, model_slug="t")
+    assert not pwned.exists()
+
+
 def test_a_seed_out_of_range_is_refused_before_any_work():
     for seed in (-1, 2**63, 10**20, 1.5, True):
         with pytest.raises(ValueError, match=rf"seed \(--seed\) must be a whole number in \[0, {MAX_SEED}\]"):

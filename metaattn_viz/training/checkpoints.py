@@ -15,7 +15,8 @@ other settings, another data file or other model weights, is refused.
 
 Every refusal is a CheckpointError (a ValueError): one line naming the file and what to do.
 A checkpoint is written to a temporary file renamed into place, so a run killed while
-writing leaves the last whole one. Never imports the model, gradio or the store.
+writing leaves the last whole one. It is read with `weights_only` (tensors and plain data):
+a file from elsewhere runs no code when read. Never imports the model, gradio or the store.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def read(path: Path, required: tuple[str, ...] = (), map_location: Any = None, r
     file, or one that is not a checkpoint of this command."""
     prefix = "--resume: " if resume else ""
     try:
-        ckpt = torch.load(path, weights_only=False, map_location=map_location)  # wherever it was saved
+        ckpt = torch.load(path, weights_only=True, map_location=map_location)  # tensors and plain data only
     except Exception as exc:  # truncated, a folder, or not a torch file at all
         why = type(exc).__name__
     else:
