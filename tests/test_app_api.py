@@ -316,14 +316,27 @@ def test_sigterm_ends_the_run_in_flight_as_interrupted(tmp_path):
         client.submit(prompt="Write a long story about a dragon.", max_new_tokens=256, api_name="/generate")
         run_id = _wait_for_a_running_run(client, since=set())
         srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(60) is not None
+        code = srv.proc.wait(60)
         log = srv.log_tail()
+    assert code == 128 + signal.SIGTERM, log  # as a shell reports a command SIGTERM ended
     with duckdb.connect(str(srv.db), read_only=True) as con:  # read-only: nothing recovers runs
         status, n_tokens, n_prompt = con.execute(
             "SELECT status, n_tokens, n_prompt_tokens FROM runs WHERE run_id = ?", [run_id]
         ).fetchone()
     assert status == "interrupted" and n_tokens > n_prompt, log
     assert "terminate called" not in log and "Traceback" not in log, log
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_server_as_it_ends_every_command(tmp_path):
+    """Ctrl-C (SIGINT) ends `serve` with `interrupted` and exit 130, as every other command
+    (Gradio's wait loop takes the KeyboardInterrupt and returned: serve exited 0)."""
+    with AppServer(tmp_path) as srv:
+        srv.proc.send_signal(signal.SIGINT)
+        code = srv.proc.wait(60)
+        log = srv.log_tail()
+    assert code == 130 and "interrupted" in log.splitlines(), log
+    assert "Traceback" not in log, log
 
 
 def test_a_stop_signal_stops_the_generations_before_gradio_closes():
@@ -342,11 +355,13 @@ def test_a_stop_signal_stops_the_generations_before_gradio_closes():
             calls.append(wait)
         done.set()
 
-    handler = server.stop_handler(SimpleNamespace(generations=SimpleNamespace(stop_all=stop_all)))
+    signals: list[int] = []
+    handler = server.stop_handler(SimpleNamespace(generations=SimpleNamespace(stop_all=stop_all)), signals)
     with lock:  # the main thread inside stop_all already (a second Ctrl-C while closing)
         with pytest.raises(KeyboardInterrupt):
             handler(signal.SIGTERM, None)  # returns: it does not wait on the lock
     assert done.wait(5) and calls == [0.0]  # told at once, not waited for
+    assert signals == [signal.SIGTERM]  # serve returns it: the CLI exits 143
 
 
 def _run_ids(client) -> set[str]:

@@ -12,7 +12,7 @@ import sys
 
 import duckdb
 import pytest
-from helpers import ROOT, THREAD_ENV
+from helpers import ROOT, THREAD_ENV, free_port
 
 from metaattn_viz.cli import UserError, main
 from metaattn_viz.cli.outputs import check_output
@@ -278,6 +278,20 @@ def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path):
     err = out.stderr.decode()
     assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: the port is taken" in err, err
     assert "Traceback" not in err
+    assert "serving on" not in err  # found before the app is built: it never said it served
+
+
+def test_serve_on_a_host_that_is_not_this_machines_says_so_before_building_the_app(monkeypatch):
+    from metaattn_viz.app import server
+
+    def never(**kwargs):
+        raise AssertionError("the app was built")
+
+    monkeypatch.setattr("metaattn_viz.app.ui.build_app", never)
+    for host in ("no-such-host.invalid", "192.0.2.1"):  # no such name; TEST-NET-1, not ours
+        refused = rf"cannot listen on {host}:\d+: .*another --port or --host"
+        with pytest.raises(server.CannotListen, match=refused):
+            server.serve(host=host, port=free_port())
 
 
 def test_serve_refuses_db_with_no_log_and_a_port_that_is_not_a_number(capsys, monkeypatch):

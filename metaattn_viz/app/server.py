@@ -9,8 +9,9 @@ figure, status, sql, runs, export) as tools at /gradio_api/mcp/; it needs Gradio
 extra (the `mcp` package), and without it the server refuses to start with a sentence
 saying so. The model loads in the background after the server is up, so the page answers
 at once. Ctrl-C or SIGTERM (a Space or container stopping) ends the server: the runs in
-flight are logged `interrupted`, then the routing log closes. A host and port it cannot
-listen on is `CannotListen`.
+flight are logged `interrupted`, then the routing log closes, and `serve` returns the
+signal that ended it (the CLI exits 128 + its number, 130 for Ctrl-C, as other commands
+do). A host and port it cannot listen on is `CannotListen`, found before the app is built.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import threading
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,26 @@ def resolve_host_port(host: str | None, port: int | None) -> tuple[str, int]:
     return host, port
 
 
+def _cannot_listen(host: str, port: int, why) -> CannotListen:
+    return CannotListen(
+        f"cannot listen on {host}:{port}: the port is taken or the address is not this "
+        f"machine's; pass another --port or --host ({why})"
+    )
+
+
+def check_listen(host: str, port: int) -> None:
+    """CannotListen unless `host`:`port` can be bound now (as Gradio binds it: with
+    SO_REUSEADDR, so a port in TIME_WAIT passes), before anything is built or loaded. Gradio
+    tries again when it starts listening: a port taken in between is still refused."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as exc:  # taken, not this machine's address, or no such host (gaierror)
+        raise _cannot_listen(host, port, exc.strerror or exc) from None
+
+
 def serve(
     host: str | None = None,
     port: int | None = None,
@@ -98,7 +120,9 @@ def serve(
     log_runs: bool = True,
     public: bool = False,
     mcp: bool = False,
-) -> None:
+) -> int | None:
+    """Serve the page until a stop signal; the signal's number (None: Gradio's loop ended
+    without one)."""
     check_mcp(mcp, public)  # before anything loads
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from metaattn_viz.app.deployment import Deployment
@@ -106,6 +130,7 @@ def serve(
     from metaattn_viz.app.ui import build_app
 
     host, port = resolve_host_port(host, port)
+    check_listen(host, port)  # before the app is built and its model starts loading
     deployment = Deployment.detect(public)
     limits = deployment.limits  # METAATTN_QUEUE_SIZE checked before the model starts loading
     demo = build_app(model=model, db=db, log_runs=log_runs, deployment=deployment)
@@ -116,7 +141,8 @@ def serve(
         "public" if deployment.public else "local",
         "their owner" if deployment.scoped else "everyone",
     )
-    _stop_on_signals(demo.engine)
+    signals: list[int] = []  # the stop signals received
+    _stop_on_signals(demo.engine, signals)
     try:
         try:
             # api_open=False: the direct REST routes (POST /gradio_api/run/<name>) would skip
@@ -136,22 +162,23 @@ def serve(
             if "port" not in str(exc).lower():  # another failure of the launch: not a bind
                 raise
             # Gradio found nowhere to listen ("Cannot find empty port ..."; nothing is served yet)
-            raise CannotListen(
-                f"cannot listen on {host}:{port}: the port is taken or the address is not this "
-                f"machine's; pass another --port or --host ({exc})"
-            ) from exc
+            raise _cannot_listen(host, port, exc) from exc
     finally:  # Ctrl-C or SIGTERM: the runs in flight end as "interrupted", the log closes
         demo.engine.close()
+    # Gradio's loop takes the KeyboardInterrupt of a stop signal (stop_handler) and returns
+    return signals[0] if signals else None
 
 
-def stop_handler(engine):
+def stop_handler(engine, signals: list[int] | None = None):
     """The handler of SIGTERM and SIGINT: the running generations are told to stop at once
-    (after their current token, as "interrupted"), then KeyboardInterrupt ends Gradio's wait
-    loop and `serve` closes the engine. Gradio's close waits up to 5 s for open event
-    streams first: stopped only then, a generation decoded on for those seconds, past a
-    container's stop grace (Docker's 10 s) with what came after."""
+    (after their current token, as "interrupted"), the signal is added to `signals`, then
+    KeyboardInterrupt ends Gradio's wait loop and `serve` closes the engine. Gradio's close
+    waits up to 5 s for open event streams first: stopped only then, a generation decoded on
+    for those seconds, past a container's stop grace (Docker's 10 s) with what came after."""
 
     def interrupt(signum, frame):
+        if signals is not None:
+            signals.append(signum)
         # on a thread of its own: the handler runs in the main thread, which may hold the
         # generations' lock itself (a second Ctrl-C while `serve` closes the engine)
         threading.Thread(target=engine.generations.stop_all, kwargs={"wait": 0.0}, daemon=True).start()
@@ -160,13 +187,13 @@ def stop_handler(engine):
     return interrupt
 
 
-def _stop_on_signals(engine) -> None:
+def _stop_on_signals(engine, signals: list[int]) -> None:
     """SIGTERM (a container or Space stopping, `kill`) ends the server as Ctrl-C does
-    (stop_handler). Python's default for SIGTERM is to die at once, without a word in the
-    log."""
+    (stop_handler, which adds each to `signals`). Python's default for SIGTERM is to die at
+    once, without a word in the log."""
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
-    handler = stop_handler(engine)
+    handler = stop_handler(engine, signals)
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import shlex
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -364,7 +365,7 @@ def _cmd_serve(args) -> int:
     from metaattn_viz.app.server import serve
 
     try:
-        serve(
+        signum = serve(
             host=host,
             port=port,
             model=args.model,
@@ -375,7 +376,9 @@ def _cmd_serve(args) -> int:
         )
     except CannotListen as exc:
         raise UserError(str(exc)) from None
-    return 0
+    if signum == signal.SIGINT:  # Ctrl-C: as every command ends on it
+        return _interrupted()
+    return 128 + signum if signum else 0  # SIGTERM: 143, as a shell reports it
 
 
 def _cmd_export(args) -> int:
