@@ -27,7 +27,7 @@ import gradio as gr
 import pytest
 from helpers import callbacks, tiny_page
 
-from metaattn_viz.app import plots
+from metaattn_viz.app import gradio_queue, live_stream, plots, tab_live
 from metaattn_viz.app.errors import AppError
 from metaattn_viz.app.history import RunRecorder
 from metaattn_viz.app.live_inspector import sweep_note
@@ -418,6 +418,48 @@ def test_stop_while_generate_waits_behind_the_run_it_ended_stops_the_queued_run(
     assert _status_lines(a_out)[-1].startswith("Stopped: ")
     b_status = _status_lines([_by_id(out) for out in _stream(page, session, max_new=4)])
     assert b_status[-1].startswith("Stopped: ")
+
+
+def test_a_generate_the_queue_refused_leaves_no_run_waiting(page, monkeypatch):
+    """A Generate the full queue refused never ran: a Stop after it said "Stopping…" until
+    the next Generate, and that Generate's run took the refused one's place in the order (a
+    Stop while it waited stopped nothing). With nothing of the session in Gradio's queue
+    REFUSED_AFTER_S after its press, it is forgotten."""
+    pending: dict[str, bool] = {}
+    monkeypatch.setattr(tab_live, "session_pending", lambda session: pending.get(session))
+    session = "refused-by-the-queue"
+    request = _request(session)
+    pending[session] = False  # pressed; its generation is not in the queue (yet)
+    _call(_dep(page, "stop_previous").fn, request=request)
+    assert _call(_dep(page, "stop").fn, request=request) == STOPPING  # just pressed: it may be queued yet
+    monkeypatch.setattr(live_stream, "REFUSED_AFTER_S", -1.0)  # ... long ago: it was refused
+    assert _call(_dep(page, "stop").fn, request=request) == gr.skip()
+    _call(_dep(page, "stop_previous").fn, request=_request("another-session"))  # never forgotten
+    pending["another-session"] = None  # where Gradio's queue cannot be read
+    assert _call(_dep(page, "stop").fn, request=_request("another-session")) == STOPPING
+
+    # a refused Generate, then one that runs, with a Stop while it waits: that run stops
+    _call(_dep(page, "stop_previous").fn, request=request)  # refused
+    pending[session] = True  # the next one is queued
+    _call(_dep(page, "stop_previous").fn, request=request)
+    assert _call(_dep(page, "stop").fn, request=request) == STOPPING
+    status = _status_lines([_by_id(out) for out in _stream(page, session, max_new=4)])
+    assert status[-1].startswith("Stopped: ")
+
+
+def test_session_pending_reads_the_pages_gradio_queue(page):
+    """What gradio_queue reads of the pinned Gradio's queue is where it reads it."""
+    from gradio.context import LocalContext
+
+    assert gradio_queue.session_pending("queue-reader") is None  # outside an event: cannot tell
+    token = LocalContext.blocks.set(page)
+    try:
+        assert gradio_queue.session_pending("queue-reader") is False
+        page._queue.pending_event_ids_session["queue-reader"] = {"an-event"}
+        assert gradio_queue.session_pending("queue-reader") is True
+    finally:
+        page._queue.pending_event_ids_session.pop("queue-reader", None)
+        LocalContext.blocks.reset(token)
 
 
 def test_stop_during_the_quality_meter_says_nothing(page, monkeypatch):

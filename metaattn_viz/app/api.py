@@ -25,6 +25,7 @@ from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads, run_label
+from metaattn_viz.app.gradio_queue import client_gone
 from metaattn_viz.app.requests import (
     GENERATION,
     choice,
@@ -69,27 +70,6 @@ def _notes(*notes: str | None) -> list[str]:
 
 
 API_POLL_S = 0.05  # how often /generate looks whether its job has ended
-
-
-def client_gone():
-    """A check whether the client of the event now being processed has gone. Gradio marks
-    a queued event not alive when its client's event stream closes, but cancels no running
-    coroutine, so an endpoint that runs for long asks. Reads Gradio's queue (internals of
-    the pinned Gradio 6, read defensively: where they differ, it says "not gone" and
-    tests/test_app_api.py fails); outside an event (a direct call) never gone."""
-    from gradio.context import LocalContext
-
-    queue = getattr(LocalContext.blocks.get(None), "_queue", None)
-    event_id = LocalContext.event_id.get(None)
-
-    def gone() -> bool:
-        for job_set in getattr(queue, "active_jobs", None) or []:
-            for event in job_set or []:
-                if getattr(event, "_id", None) == event_id:
-                    return not getattr(event, "alive", True)
-        return False
-
-    return gone
 
 
 def add_endpoints(engine: Engine, downloads: Downloads) -> None:

@@ -20,12 +20,18 @@ when a newer Generate of the session opens its own. Every open stream counts in
 `going_on`, but only the newest draws the page: an older one is `superseded` (its job
 stopped) and writes nothing more. `stop` (the Stop button) stops the session's run, and a
 Generate pressed before it that has not started drawing yet (`open` stops its job at once).
+
+A Generate the queue refused (full) never opens: its mark would say a run waits. So
+`submit` and `stop` take whether the session has anything in Gradio's queue
+(gradio_queue.session_pending): with nothing there for REFUSED_AFTER_S after its press, a
+Generate was refused and its mark goes.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +46,9 @@ GENERATION_RUNNING = "A generation is running"
 STOPPING = "Stopping the generation\u2026"
 MAX_SESSIONS = 1024  # the sessions whose Generates and picks are kept (the oldest go first)
 MAX_SUBMITTED = 8  # a session's Generates waiting to run (one that never ran leaves a mark)
+# how long after its press a Generate with nothing of its session in Gradio's queue counts
+# as refused: the press's own event answers first, then the page pushes the generation
+REFUSED_AFTER_S = 5.0
 
 
 @dataclass
@@ -82,18 +91,30 @@ class Streams:
         self._lock = threading.Lock()
         self._open: dict[str, list[Stream]] = {}
         self._count = itertools.count(1)  # orders submits and picks
-        self._submitted: dict[str, deque[int]] = {}  # Generates not yet drawing, oldest first
+        # Generates not yet drawing, oldest first: (order, time.monotonic() of the press)
+        self._submitted: dict[str, deque[tuple[int, float]]] = {}
         self._picked: dict[str, tuple[int, View]] = {}  # the latest pick (for a run not open)
         self._stopped: dict[str, int] = {}  # the latest Stop while a Generate was not open
 
-    def submit(self, session: str | None) -> None:
+    def submit(self, session: str | None, pending: bool | None = None) -> None:
         """A Generate of `session` is pressed: its inputs are taken now, and a view picked
-        from now until it starts drawing is the run's (`open`)."""
+        from now until it starts drawing is the run's (`open`). `pending`: whether the
+        session has events in Gradio's queue (None: cannot tell), for `_drop_refused`."""
         if session is not None:
             with self._lock:
+                self._drop_refused(session, pending)
                 marks = self._submitted.get(session) or deque(maxlen=MAX_SUBMITTED)
-                marks.append(next(self._count))
+                marks.append((next(self._count), time.monotonic()))
                 _keep(self._submitted, session, marks)
+
+    def _drop_refused(self, session: str, pending: bool | None) -> None:
+        """Forget the session's Generates not yet drawing when the queue holds nothing of
+        the session and the newest was pressed over REFUSED_AFTER_S ago: the queue refused
+        them, and no run of theirs will open (holding self._lock)."""
+        marks = self._submitted.get(session)
+        if pending is False and marks and time.monotonic() - marks[-1][1] > REFUSED_AFTER_S:
+            for table in (self._submitted, self._picked, self._stopped):
+                table.pop(session, None)
 
     def open(self, session: str | None, view: View, job=None) -> Stream:
         """A run of `session` (its `job`) starts drawing `view`, its controls' view when it
@@ -105,8 +126,8 @@ class Streams:
         if session is not None:
             with self._lock:
                 marks = self._submitted.get(session)
-                newest = marks[-1] if marks else 0  # the session's latest Generate
-                submitted = marks.popleft() if marks else 0  # this run's submit (the oldest)
+                newest = marks[-1][0] if marks else 0  # the session's latest Generate
+                submitted = marks.popleft()[0] if marks else 0  # this run's submit (the oldest)
                 seq, picked = self._picked.get(session, (0, view))
                 if seq > submitted:
                     stream.view = picked
@@ -124,14 +145,16 @@ class Streams:
                 _keep(self._open, session, [*older, stream])
         return stream
 
-    def stop(self, session: str | None, jobs) -> bool:
+    def stop(self, session: str | None, jobs, pending: bool | None = None) -> bool:
         """Stop pressed in `session`: its running generation stops (`jobs`:
         generation.Generations), and so does a Generate pressed before that has not started
         drawing (`open`). Whether the status line says STOPPING: such a Generate waits, or
-        the newest run is one Stop stops (`stopping`; not its quality meter, say)."""
+        the newest run is one Stop stops (`stopping`; not its quality meter, say).
+        `pending`: as for `submit`."""
         if session is None:
             return False
         with self._lock:
+            self._drop_refused(session, pending)
             waiting = bool(self._submitted.get(session))
             if waiting:
                 _keep(self._stopped, session, next(self._count))
@@ -186,4 +209,13 @@ class Streams:
             return stream.view if stream.view != drawn else None
 
 
-__all__ = ["GENERATION_RUNNING", "STOPPING", "Stream", "Streams", "View", "stoppable", "stopping"]
+__all__ = [
+    "GENERATION_RUNNING",
+    "REFUSED_AFTER_S",
+    "STOPPING",
+    "Stream",
+    "Streams",
+    "View",
+    "stoppable",
+    "stopping",
+]

@@ -23,6 +23,7 @@ from metaattn_viz.app import display, plots
 from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads
+from metaattn_viz.app.gradio_queue import session_pending
 from metaattn_viz.app.live_exports import ExportPanel
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX, BudgetSweep, TokenInspector
 from metaattn_viz.app.live_quality import QualityMeter
@@ -443,8 +444,10 @@ class LiveTab:
             # wait for the old run to finish. Not queued, so it runs at once, and always
             # before its own generation (the chain below), never after it.
             if request is not None:
-                engine.generations.stop(session_of(request))
-                self.streams.submit(session_of(request))  # the view picked from now is the run's
+                session = session_of(request)
+                engine.generations.stop(session)
+                # the view picked from now is the run's
+                self.streams.submit(session, session_pending(session))
 
         started = gr.on(
             [self.generate.click, self.prompt.submit],
@@ -482,7 +485,8 @@ class LiveTab:
         def stop(request: gr.Request):
             # Not queued: it acts at once, and answers, even with a full queue (a queued toast
             # was refused there); the status line says it until the run's end (Streams.stop)
-            said = request is not None and self.streams.stop(session_of(request), engine.generations)
+            session = session_of(request) if request is not None else None
+            said = self.streams.stop(session, engine.generations, session_pending(session))
             return STOPPING if said else gr.skip()
 
         self.stop.click(
