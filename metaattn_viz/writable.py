@@ -3,16 +3,20 @@ minutes (an evaluation, a lambda table, a calibration, feature maps) must not fi
 the end that its `--out` or `--report` cannot be written, and lose what it computed.
 
 `output_problem(path, flag, folder)` says why `path` could not be written, naming the flag:
-empty, a folder where a file goes (or a file where a folder goes), under something that is
-not a folder, or where the nearest folder that exists is not writable. It leaves nothing
-behind (it makes no folder; the test file it writes to try a folder is removed at once).
-Pure checks on the file system, importable from every layer (cli/outputs.py turns a
-problem into the CLI's UserError; training/feature_maps.py refuses with it).
+empty, a folder where a file goes (or a file where a folder goes), a named pipe, a device or
+a socket (`special_file`: opening a named pipe to try it would wait for ever for a reader,
+and every writer here replaces or appends to a regular file, which /dev/null is not), under
+something that is not a folder, or where the nearest folder that exists is not writable. It
+leaves nothing behind (it makes no folder; the test file it writes to try a folder is
+removed at once). Pure checks on the file system, importable from every layer
+(cli/outputs.py turns a problem into the CLI's UserError; training/feature_maps.py refuses
+with it; store/opening.py refuses a routing log with `special_file`).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -24,6 +28,9 @@ def output_problem(path: str | os.PathLike[str], flag: str, folder: bool) -> str
         return f"{flag} is empty: give a {'folder' if folder else 'file'} path"
     p = Path(path).expanduser()
     if p.exists():
+        special = special_file(p)
+        if special is not None:  # opened below to try it, a named pipe would wait for a reader
+            return f"{flag} {p} is {special}, not a {'folder' if folder else 'regular file'}"
         if folder and not p.is_dir():
             return f"{flag} {p} is a file, not a folder"
         if not folder and p.is_dir():
@@ -39,6 +46,27 @@ def output_problem(path: str | os.PathLike[str], flag: str, folder: bool) -> str
     if problem:
         return f"{flag} {p} cannot be written: {problem}"
     return None
+
+
+def special_file(path: str | os.PathLike[str]) -> str | None:
+    """What is at `path` when it is neither a regular file nor a folder (links followed), in
+    words ("a named pipe (FIFO)", "a character device", ...); None when it is one of those,
+    or nothing is there. Only looked at (stat): opening a named pipe waits for its reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, what in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return what
+    return "a special file"
 
 
 def _unwritable(target: Path) -> str | None:
@@ -60,4 +88,4 @@ def _unwritable(target: Path) -> str | None:
     return None
 
 
-__all__ = ["output_problem"]
+__all__ = ["output_problem", "special_file"]

@@ -1037,11 +1037,13 @@ def _small_files_only():
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
 
-def test_an_export_that_cannot_write_says_so_and_not_that_the_log_is_damaged(filled, tmp_path):
+@pytest.mark.parametrize("name", ["out", 'the "out" folder'])
+def test_an_export_that_cannot_write_says_so_and_not_that_the_log_is_damaged(filled, tmp_path, name):
     """A COPY failing on a full disk is the export's problem: the log is fine, and telling
-    the user to restore it from a copy could lose their runs."""
+    the user to restore it from a copy could lose their runs (a folder whose name holds a
+    quote, where DuckDB's quotes end early, too)."""
     db, _ = filled
-    out = tmp_path / "out"
+    out = tmp_path / name
     done = subprocess.run(
         [
             sys.executable,
@@ -1087,6 +1089,30 @@ def test_only_an_error_quoting_a_file_under_the_export_folder_is_the_exports(tmp
         f'file \\"{out}/tokens/data_0.csv\\": File too large","errno":"27"}}'
     )
     assert _about(nested, out, log_file)
+
+
+def test_an_error_naming_an_export_file_is_the_exports_whatever_the_folder_is_called(tmp_path):
+    """Which file DuckDB names decides, found as the paths themselves: a quote in the
+    folder's name (which ended what the quoted-path pattern took), a relative --out (named
+    as given), a folder named after the log, or a log inside the folder."""
+    from metaattn_viz.store.exporting import _about
+
+    log_file = tmp_path / "routing.duckdb"
+
+    def wrote(path) -> Exception:
+        return Exception(f'Could not write file "{path}": No space left on device')
+
+    quoted = tmp_path / 'say "hi"'
+    assert _about(wrote(quoted / "routes" / "day=2024-01-01" / "data_0.csv"), quoted, log_file)
+    assert _about(wrote(quoted / "experts.csv"), quoted, log_file)
+    assert _about(wrote("tokens/day=2024-01-01/data_0.csv"), Path("."), log_file)
+    after_log = tmp_path / "routing.duckdb.export"
+    assert _about(wrote(after_log / "runs" / "data_0.parquet"), after_log, log_file)
+    read = Exception(f'Could not read from file "{log_file}": Input/output error')
+    assert not _about(read, tmp_path, log_file)  # the log, inside the export folder
+    assert not _about(read, quoted, log_file)
+    corrupt = Exception("Corrupt database file: computed checksum 1 does not match stored checksum 2")
+    assert not _about(corrupt, quoted, log_file)  # no file named: the log's
 
 
 def test_export_from_an_open_log_in_this_process(db, tmp_path):

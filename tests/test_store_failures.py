@@ -1,7 +1,9 @@
 """The routing log's files when something goes wrong around them: a write-ahead log DuckDB
-cannot replay (refused, both files kept), a new log that cannot be written (removed, not
-left to block every later open), a log held by another process (a clear sentence naming
-the holder, and a server that logs again once the holder lets go), a run whose settings this
+cannot replay (refused, read-only too, both files kept), one deleted while the log is open
+(reported), a new log that cannot be written (removed, not left to block every later open),
+a migration that cannot be committed (its cause said), a log held by another process (a
+clear sentence naming the holder, and a server that logs again once the holder lets go), a
+path that is not a regular file (refused at once, not waited on), a run whose settings this
 version rejects (a sentence naming the run and the value). Real DuckDB files throughout:
 the write-ahead logs come from a process killed before its checkpoint."""
 
@@ -14,14 +16,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import duckdb
 import pytest
-from helpers import synthetic_trace
+from helpers import synthetic_trace, writing_schema_version
 
 from metaattn_viz import store
-from metaattn_viz.store import RunLog, StoreUnavailable
+from metaattn_viz.store import RunLog, StoreUnavailable, opening
 from metaattn_viz.store.errors import StoreLocked
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,6 +151,76 @@ def test_a_wal_duckdb_cannot_replay_part_way_names_it_and_keeps_both_files(crash
     assert digests(db.parent) == before
 
 
+@pytest.mark.parametrize("damage", ["wal header overwritten", "database file missing"])
+def test_a_wal_duckdb_would_drop_is_refused_read_only_too(crashed, damage):
+    """A read-only open (an export, a notebook) replays the write-ahead log in memory; one
+    DuckDB drops read as an empty log ("open it once read-write", which then refused) or a
+    missing one ("nothing has been logged there yet"), and an export of a checkpointed log
+    left its runs out and said it had exported them all."""
+    db, _ = crashed
+    with RunLog(db, read_only=True) as log:  # an intact one is read, and left as it was
+        assert len(log.list_runs()) == 3
+    if damage == "database file missing":
+        db.unlink()
+    else:
+        damage_header(wal(db))
+    before = digests(db.parent)
+    with pytest.raises(StoreUnavailable) as err:
+        RunLog(db, read_only=True)
+    msg = str(err.value)
+    assert str(wal(db)) in msg and "left untouched" in msg and "recover" in msg and "--no-log" not in msg
+    assert "nothing has been logged" not in msg and "is empty" not in msg
+    out = db.parent / "export"
+    with pytest.raises(StoreUnavailable, match="write-ahead log"):
+        store.export(db, out)
+    assert not out.exists() and digests(db.parent) == before
+
+
+def test_an_export_of_a_checkpointed_log_whose_wal_duckdb_would_drop_is_refused(tmp_path):
+    db = tmp_path / "routing.duckdb"
+    with RunLog(db) as log:  # closing checkpoints: these runs are in the database file
+        for seed in range(3):
+            trace = synthetic_trace(n_layers=3, n_tokens=8, seed=seed)
+            log.finish(log.start_run(trace), trace)
+    killed_writer(db, 3)  # and these in the write-ahead log only
+    damage_header(wal(db))
+    before = digests(tmp_path)
+    out = tmp_path / "export"
+    with pytest.raises(StoreUnavailable, match="reading it would leave out the runs in") as err:
+        store.export(db, out)  # was: "exported 3 runs", of 6
+    assert str(wal(db)) in str(err.value) and "its older runs stay" in str(err.value)
+    assert not out.exists() and digests(tmp_path) == before
+    wal(db).rename(tmp_path / "kept.wal")  # the way on that the message gives
+    assert store.export(db, out)["runs"] == 3
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows refuses to delete an open file")
+def test_a_wal_deleted_while_the_log_is_open_is_reported_and_a_clean_stop_keeps_its_runs(tmp_path):
+    """DuckDB goes on committing into a write-ahead log deleted under it, which no open after
+    a crash finds: the runs logged since were lost to a SIGKILL without a word. It is
+    reported as a deleted file is; closing the log (which checkpoints) still keeps them."""
+    db = tmp_path / "routing.duckdb"
+
+    def log_run(log: RunLog, seed: int) -> None:
+        trace = synthetic_trace(n_layers=3, n_tokens=12, seed=seed)
+        log.finish(log.start_run(trace), trace)
+        log.flush()
+
+    with RunLog(db) as log:
+        log_run(log, 7)
+        assert wal(db).exists() and log.file_problem() is None
+        wal(db).unlink()
+        log_run(log, 8)
+        problem = log.file_problem()
+        assert problem is not None and str(wal(db)) in problem and "deleted while it was open" in problem
+        assert "crash" in problem and not wal(db).exists()
+    assert not wal(db).exists()  # checkpointed on close
+    with RunLog(db) as log:  # no write-ahead log, and DuckDB holds none: nothing to report
+        assert not wal(db).exists() and log.file_problem() is None and len(log.list_runs()) == 2
+        log_run(log, 9)  # a new one, made by DuckDB: nothing to report either
+        assert wal(db).exists() and log.file_problem() is None
+
+
 # -- a new log on a full disk -------------------------------------------------------------------
 OPEN_ON_A_FULL_DISK = textwrap.dedent("""
     import resource, signal, sys
@@ -194,6 +267,45 @@ def test_a_new_log_where_no_file_can_be_made_is_not_blamed_on_the_disk():
     log, why = open_or_explain(str(path))
     assert log is None and "could not create routing log" in why and not path.exists()
     assert "Free some space" not in why and "To go on, pass --db with another path" in why
+
+
+# -- a migration on a full disk -----------------------------------------------------------------
+class CommitFails:
+    """A connection whose commit fails as DuckDB's does on a full disk: DuckDB has rolled
+    the transaction back by the time it raises."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self._con = con
+
+    def __getattr__(self, name: str):
+        return getattr(self._con, name)
+
+    def commit(self) -> None:
+        self._con.rollback()
+        raise duckdb.TransactionException(
+            'TransactionContext Error: Failed to commit: Could not write file "routing.duckdb.wal": '
+            "No space left on device"
+        )
+
+
+def test_a_migration_that_cannot_be_committed_says_why(tmp_path, monkeypatch):
+    """Migrating on a full disk said "cannot rollback - no transaction is active": the
+    rollback after DuckDB's own hid the reason."""
+    db = tmp_path / "routing.duckdb"
+    with writing_schema_version(monkeypatch, 1), RunLog(db) as log:
+        trace = synthetic_trace(n_layers=2, n_tokens=5)
+        log.finish(log.start_run(trace), trace)
+    connect = opening.connect
+    with monkeypatch.context() as m:
+        m.setattr(opening, "connect", lambda *args, **kwargs: CommitFails(connect(*args, **kwargs)))
+        with pytest.raises(StoreUnavailable) as err:
+            RunLog(db)
+    msg = str(err.value)
+    assert msg.startswith(f"could not migrate routing log {db} from schema version 1 to ")
+    assert "No space left on device" in msg and "no transaction is active" not in msg
+    assert "the file is unchanged. Free some space, or pass --db with another path, or --no-log" in msg
+    with RunLog(db) as log:  # space again: migrated, and its run kept
+        assert len(log.list_runs()) == 1
 
 
 # -- a log held by another process --------------------------------------------------------------
@@ -324,3 +436,82 @@ def test_a_run_whose_values_this_version_rejects_names_the_run_and_the_value(log
         msg = str(err.value)
         assert bad in msg and str(logged) in msg and named in msg and "cannot be replayed" in msg
         assert log.load_trace(good).run_id == good  # the others replay as before
+
+
+# -- a path that is not a regular file ----------------------------------------------------------
+def promptly(fn, seconds: float = 30.0):
+    """fn()'s result (or its exception): a failed test, not a hung one, where it blocks."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "blocked: a named pipe opened to write waits for a reader"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_named_pipe_or_a_device_is_refused_as_a_log_or_an_output_without_waiting(tmp_path):
+    """`route --db FIFO` hung before the model loaded (writable.py opened the pipe to try it,
+    and waited for a reader), and `export --db FIFO` in DuckDB's connect; /dev/null is no log
+    either (and a report written through a temporary file would replace it)."""
+    from metaattn_viz.cli import UserError
+    from metaattn_viz.cli.route import log_path
+    from metaattn_viz.writable import output_problem
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    problem = promptly(lambda: output_problem(fifo, "--db", folder=False))
+    assert problem == f"--db {fifo} is a named pipe (FIFO), not a regular file"
+    with pytest.raises(UserError, match="named pipe"):
+        promptly(lambda: log_path(str(fifo)))
+    assert output_problem(fifo, "--out", folder=True) == f"--out {fifo} is a named pipe (FIFO), not a folder"
+    if Path("/dev/null").exists():
+        assert output_problem("/dev/null", "--report", folder=False) == (
+            "--report /dev/null is a character device, not a regular file"
+        )
+    assert output_problem(tmp_path / "new.duckdb", "--db", folder=False) is None  # files and folders
+    assert output_problem(tmp_path, "--out", folder=True) is None  # as before
+    # the log itself, read-only (export) and read-write, in a process of its own: DuckDB's
+    # connect would hold the registry's lock while it waited
+    log = tmp_path / "routing.duckdb"
+    with RunLog(log) as run_log:
+        trace = synthetic_trace(n_layers=2, n_tokens=4)
+        run_log.finish(run_log.start_run(trace), trace)
+    os.mkfifo(wal(log))  # a write-ahead log that is a pipe
+    opens = textwrap.dedent("""
+        import sys
+        from metaattn_viz.store import RunLog, StoreUnavailable
+        for path in sys.argv[1:]:
+            for read_only in (True, False):
+                try:
+                    RunLog(path, read_only=read_only).close()
+                    print("opened")
+                except StoreUnavailable as exc:
+                    print(exc)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", opens, str(fifo), str(log)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 4
+    for line in lines[:2]:
+        assert line.startswith(f"routing log {fifo} is a named pipe (FIFO), not a regular file")
+    for line in lines[2:]:
+        assert f"its write-ahead log {wal(log)} is a named pipe (FIFO)" in line
+    assert "--no-log" not in lines[0] and "--no-log" in lines[1]
+    assert fifo.exists() and not wal(fifo).exists()

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 from metaattn_viz.store.errors import ExportNotWritten
 from metaattn_viz.store.interrupts import keyboard_interrupts
-from metaattn_viz.store.opening import DAMAGED, damaged
+from metaattn_viz.store.opening import damaged, is_damaged
 from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import Q
 from metaattn_viz.store.runlog import PathArg, RunLog
 
 EXPORT_FORMATS = ("parquet", "csv")
+TABLES = ("runs", "tokens", "routes")  # each a hive-partitioned folder; then experts.<fmt>
 
 
 def sql_string(path: Path) -> str:
@@ -52,12 +54,7 @@ def export(
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {fmt!r}")
     params = {"owner": check_owner(owner), "run_id": None if run_id is None else str(run_id)}
     out = Path(out_dir).expanduser()
-    targets = {
-        "runs": out / "runs",
-        "tokens": out / "tokens",
-        "routes": out / "routes",
-        "experts": out / f"experts.{fmt}",
-    }
+    targets = {**{table: out / table for table in TABLES}, "experts": out / f"experts.{fmt}"}
     busy = [str(p) for p in targets.values() if p.exists() and (p.is_file() or any(p.iterdir()))]
     if busy:
         raise ValueError(
@@ -81,12 +78,12 @@ def export(
                     shutil.rmtree(target, ignore_errors=True)
                 else:
                     target.unlink(missing_ok=True)
-        if isinstance(exc, DAMAGED) and _about(exc, out, log.path):  # writing the export, not reading the log
+        if is_damaged(exc) and _about(exc, out, log.path):  # writing the export, not reading the log
             raise ExportNotWritten(
                 f"the export could not be written ({_reason(exc)}); nothing of it was kept, and "
                 "the routing log is unchanged"
             ) from exc
-        if isinstance(exc, DAMAGED):
+        if is_damaged(exc):
             raise damaged(log.path, exc) from exc
         raise
     finally:
@@ -96,16 +93,27 @@ def export(
 
 
 def _about(exc: BaseException, out: Path, log_path: Path) -> bool:
-    """Whether DuckDB's error is about writing the export: a file it quotes lies under
-    `out` and is not the log itself (a COPY that could not write, a full disk, which is no
-    sign of a damaged log; an error reading the log quotes the log)."""
-    root = out.resolve()
-    log_file = Path(log_path).resolve()
-    for quoted in re.findall(r'"([^"]+)"', _reason(exc)):  # the reason unwrapped from its JSON
-        path = Path(quoted).resolve()
-        if path != log_file and path.is_relative_to(root):
-            return True
-    return False
+    """Whether DuckDB's error is about writing the export: it names one of the export's
+    files under `out` and not the log (a COPY that could not write, a full disk, which is no
+    sign of a damaged log; an error reading the log names the log, or no file). Looked for
+    as the paths themselves, as DuckDB spells them (as given, relative or not), never by
+    what it quotes: a folder's name may hold a quote. Where one path holds the other (a log
+    in the export folder, an export folder named after the log), the longer one decides."""
+    text = _reason(exc)  # the reason unwrapped from its JSON
+    names = [(str(log), False) for log in _spellings(Path(log_path))]
+    for root in _spellings(out):  # its folders' contents, and experts.<fmt>
+        names += [(str(root / table) + os.sep, True) for table in TABLES] + [(str(root / "experts."), True)]
+    named: set[bool] = set()
+    for name, export in sorted(names, key=lambda n: -len(n[0])):
+        if name in text:
+            named.add(export)
+            text = text.replace(name, "\0" * len(name))  # not found again inside a shorter name
+    return named == {True}
+
+
+def _spellings(path: Path) -> set[Path]:
+    """`path` as given, absolute, and with its links resolved: how DuckDB may name it."""
+    return {path, path.absolute(), path.resolve()}
 
 
 def _reason(exc: BaseException) -> str:

@@ -3,15 +3,17 @@ turn DuckDB's errors into messages a user can act on (docs/architecture.md).
 
 A database locked by another process (`StoreLocked`: it may be free later), a file that
 is not a DuckDB database, a routing log written by a newer version, a DuckDB file that is
-not a routing log, a write-ahead log DuckDB cannot replay -> raise `StoreUnavailable`
-naming the path and what to do (`--db` elsewhere or `--no-log`).
+not a routing log, a write-ahead log DuckDB cannot replay, a path that is not a regular
+file (a named pipe would block the open for ever) -> raise `StoreUnavailable` naming the
+path and what to do (`--db` elsewhere or `--no-log`).
 
 The write-ahead log (`<path>.wal`) holds every commit since the last checkpoint: after a
 crash, all the runs of a young log. DuckDB drops one it cannot replay without a word (a
-damaged header; or, when the main file is missing, any), and the next write would replace
-it; so a read-write open with a non-empty one refuses, writing nothing, when the main file
-is missing or DuckDB replayed nothing of it. This module never overwrites, truncates or
-deletes a file it did not create (a file it created for a log that then failed to open,
+damaged header; or, when the main file is missing, any): a read-only open then reads the
+log without those runs (an export leaves them out), and a read-write one's next write
+would replace it. So an open with a non-empty one refuses, writing nothing, when the main
+file is missing or DuckDB replayed nothing of it. This module never overwrites, truncates
+or deletes a file it did not create (a file it created for a log that then failed to open,
 a full disk, is removed), and never imports the model code, torch or gradio.
 """
 
@@ -26,6 +28,7 @@ import duckdb
 from metaattn_viz.store import schema
 from metaattn_viz.store.errors import StoreLocked, StoreUnavailable
 from metaattn_viz.store.queries import Q
+from metaattn_viz.writable import special_file
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +71,9 @@ def _unavailable(path: Path, exc: BaseException, read_only: bool, created: bool 
             f"lets no other process open it meanwhile. Stop that process, or {_elsewhere(read_only)}."
         )
     if created:  # a new file this open had started: removed by the caller
-        full = any(s in low for s in ("no space left", "file too large", "disk quota"))
         return StoreUnavailable(
             f"could not create routing log {path}: {_reason(text)}; anything of it this open "
-            f"had written was removed. {'Free some space, or' if full else 'To go on,'} "
-            f"{_elsewhere(read_only)}."
+            f"had written was removed. {_go_on(text)} {_elsewhere(read_only)}."
         )
     if "replaying wal" in low:
         return StoreUnavailable(
@@ -97,6 +98,14 @@ def _reason(text: str) -> str:
     return text.strip().rstrip(".")
 
 
+def _go_on(text: str) -> str:
+    """How the sentence after a failed write starts: "Free some space, or" where DuckDB's
+    message says the disk (or the file size limit, or the quota) is full, else "To go on,"."""
+    low = text.lower()
+    full = any(s in low for s in ("no space left", "file too large", "disk quota"))
+    return "Free some space, or" if full else "To go on,"
+
+
 def wal_path(path: Path) -> Path:
     """The write-ahead log DuckDB keeps beside `path`."""
     return path.with_name(path.name + ".wal")
@@ -110,15 +119,22 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _wal_not_replayed(path: Path, wal_bytes: int, why: str, move: str) -> StoreUnavailable:
-    """A write-ahead log holding commits that opening the log would throw away; `move`:
-    what to move away to go on without them."""
+def _wal_not_replayed(
+    path: Path, wal_bytes: int, why: str, move: str, read_only: bool, lost: str | None = None
+) -> StoreUnavailable:
+    """A write-ahead log holding commits that opening the log would throw away (or, read
+    only, leave out of every read: an export would miss its runs); `move`: what to move
+    away to go on without them; `lost`: what becomes of its runs, where not that."""
     wal = wal_path(path)
+    if read_only:
+        lost, done = lost or "reading it would leave out", "read"
+    else:
+        lost, done = lost or "opening it would throw away", "opened"
     return StoreUnavailable(
-        f"routing log {path}: {why}; opening it would throw away the runs in {wal} "
-        f"({wal_bytes} bytes: what was logged since the last checkpoint). Nothing was opened "
-        f"or written: the files were left untouched. Keep them to try to recover those runs; "
-        f"{move}; or {_elsewhere(False)}."
+        f"routing log {path}: {why}; {lost} the runs in {wal} ({wal_bytes} bytes: what was "
+        f"logged since the last checkpoint). Nothing was {done} or written: the files were "
+        f"left untouched. Keep them to try to recover those runs; {move}; or "
+        f"{_elsewhere(read_only)}."
     )
 
 
@@ -133,12 +149,21 @@ def _remove_created(path: Path, wal_existed: bool) -> None:
 
 
 # What DuckDB raises where a file's blocks are missing or garbled (a truncated copy, a disk
-# error): found when a query first reads them, on open or any time later.
+# error): found when a query first reads them, on open or any time later. A block whose
+# checksum fails is a bare duckdb.Error (is_damaged).
 DAMAGED = (duckdb.IOException, duckdb.InternalException, duckdb.SerializationException, duckdb.FatalException)
 
 
+def is_damaged(exc: BaseException) -> bool:
+    """Whether DuckDB's error says the file is damaged: one of DAMAGED, or the bare
+    duckdb.Error of its data-corruption error, which has no Python class of its own ("Corrupt
+    database file: computed checksum ... does not match stored checksum ...": a block
+    overwritten in place)."""
+    return isinstance(exc, DAMAGED) or (type(exc) is duckdb.Error and "corrupt" in str(exc).lower())
+
+
 def damaged(path: Path, exc: BaseException) -> StoreUnavailable:
-    """A read of the log that DuckDB could not do (DAMAGED), in words."""
+    """A read of the log that DuckDB could not do (is_damaged), in words."""
     return StoreUnavailable(
         f"routing log {path} could not be read ({type(exc).__name__}: {exc}); the file may be "
         "damaged (truncated, or written by something else). Restore it from a copy, or pass "
@@ -151,6 +176,19 @@ def connect(path: Path, read_only: bool, created: bool = False) -> duckdb.DuckDB
     the caller found no file at `path`, so one DuckDB leaves behind on failure is removed."""
     if path.is_dir():
         raise StoreUnavailable(f"routing log {path} is a directory; pass --db with a file path")
+    # DuckDB would wait for ever on a named pipe (for a reader), and cannot keep a log in a device
+    what = special_file(path)
+    if what is not None:
+        raise StoreUnavailable(
+            f"routing log {path} is {what}, not a regular file (it was left untouched). To go "
+            f"on, {_elsewhere(read_only)}."
+        )
+    what = special_file(wal_path(path))
+    if what is not None:
+        raise StoreUnavailable(
+            f"routing log {path}: its write-ahead log {wal_path(path)} is {what}, not a regular "
+            f"file (both were left untouched). To go on, move it away, or {_elsewhere(read_only)}."
+        )
     if read_only and not path.exists():
         raise StoreUnavailable(
             f"no routing log at {path} (nothing has been logged there yet); "
@@ -227,24 +265,25 @@ def migrate(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> None
             con.execute(Q.RECORD_VERSION, {"version": target})
         con.commit()
     except duckdb.Error as exc:
-        con.rollback()
+        try:
+            con.rollback()
+        except duckdb.Error:  # a failed commit (a full disk) has rolled back already
+            pass
         raise StoreUnavailable(
-            f"could not migrate routing log {path} from schema version "
-            f"{version} to {latest}: {exc}; the file is unchanged."
+            f"could not migrate routing log {path} from schema version {version} to "
+            f"{latest}: {_reason(str(exc))}; the file is unchanged. {_go_on(str(exc))} "
+            f"{_elsewhere(read_only)}."
         ) from exc
     if version:
         log.info("migrated routing log %s from schema version %d to %d", path, version, latest)
 
 
-def _check_replayed(con: duckdb.DuckDBPyConnection, path: Path, wal_bytes: int) -> None:
+def _check_replayed(con: duckdb.DuckDBPyConnection, path: Path, wal_bytes: int, read_only: bool) -> None:
     """Refuse a log whose non-empty write-ahead log DuckDB replayed nothing of (a damaged
     header, or a crash in the middle of its first commit): it reads as what was
     checkpointed alone, and the first write would replace the write-ahead log."""
     tables = con.execute(Q.TABLES_IN_MAIN).fetchall()
-    row = con.execute(WAL_SIZE).fetchone()
-    found = re.match(r"\s*(\d+(?:\.\d+)?)", str(row[0]) if row is not None else "")
-    replayed_nothing = found is not None and float(found.group(1)) == 0  # DuckDB's "0 bytes"
-    if not tables or replayed_nothing:
+    if not tables or wal_size(con) == 0:
         raise _wal_not_replayed(
             path,
             wal_bytes,
@@ -253,11 +292,21 @@ def _check_replayed(con: duckdb.DuckDBPyConnection, path: Path, wal_bytes: int) 
             f"to open the log without them (its older runs stay), move {wal_path(path)} away"
             if tables
             else f"to start a new log, move {path} and {wal_path(path)} away",
+            read_only,
         )
 
 
-# DuckDB's own account of the write-ahead log it replayed ("0 bytes" when it used none of it).
+# DuckDB's own account of the write-ahead log it holds: what it replayed on open, and what
+# was committed since ("0 bytes" when it used none of it, or holds none).
 WAL_SIZE = "SELECT wal_size FROM pragma_database_size() WHERE database_name = current_database()"
+
+
+def wal_size(con: duckdb.DuckDBPyConnection) -> float | None:
+    """The number in DuckDB's account of its write-ahead log ("17.4 KiB" -> 17.4; 0 for
+    "0 bytes"): zero or not is all it tells. None where DuckDB words it otherwise."""
+    row = con.execute(WAL_SIZE).fetchone()
+    found = re.match(r"\s*(\d+(?:\.\d+)?)", str(row[0]) if row is not None else "")
+    return float(found.group(1)) if found is not None else None
 
 
 def open_database(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
@@ -266,23 +315,25 @@ def open_database(path: Path, read_only: bool) -> tuple[duckdb.DuckDBPyConnectio
     DuckDB lets one process open a file read-write, so a run still `running` when we open
     it read-write was left by a dead process: it is marked `interrupted` here (its
     committed batches stay) and its id is returned. A write-ahead log DuckDB would drop is
-    refused before anything is written (see the module); a new file that fails to open is
-    removed."""
+    refused before anything is written (see the module), read-only too (its runs would be
+    left out of every read); a new file that fails to open is removed."""
     created, wal_bytes, wal_existed = False, 0, False
-    if not read_only and not path.is_dir():
+    if not path.is_dir():
         wal_existed, wal_bytes = wal_path(path).exists(), _size(wal_path(path))
-        created = not path.exists()
-        if created and wal_bytes:  # DuckDB would delete the write-ahead log on connect
+        created = not read_only and not path.exists()
+        if wal_bytes and not path.exists():  # DuckDB would delete it (read-write), or find no log
             raise _wal_not_replayed(
                 path,
                 wal_bytes,
                 "the database file is missing but its write-ahead log is not",
                 f"to start a new log, move {wal_path(path)} away",
+                read_only,
+                "without it DuckDB cannot read" if read_only else None,
             )
     con = connect(path, read_only, created)
     try:
         if wal_bytes:
-            _check_replayed(con, path, wal_bytes)
+            _check_replayed(con, path, wal_bytes, read_only)
         migrate(con, path, read_only)
         recovered: list[str] = (
             []

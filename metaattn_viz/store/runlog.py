@@ -44,11 +44,11 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.paths import default_db_path
 from metaattn_viz.store import codec
 from metaattn_viz.store.errors import LOGGING_OFF, StoreUnavailable, UnknownRun
-from metaattn_viz.store.opening import DAMAGED, damaged
+from metaattn_viz.store.opening import damaged, is_damaged, wal_path
 from metaattn_viz.store.owners import check_owner
 from metaattn_viz.store.queries import LIST_ORDERS, TIME_BUCKETS, Q
 from metaattn_viz.store.schema import FINAL_STATUSES, STATUSES
-from metaattn_viz.store.writer import acquire, release
+from metaattn_viz.store.writer import WAL_DELETED, acquire, release
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,16 @@ def resolve_db_path(db: PathArg | None = None) -> Path:
 
 def _reads(method):
     """A read of the log: where DuckDB finds the file's blocks missing or garbled (a
-    truncated copy), StoreUnavailable naming the file, not DuckDB's exception."""
+    truncated copy, a block that fails its checksum), StoreUnavailable naming the file, not
+    DuckDB's exception."""
 
     @functools.wraps(method)
     def read(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except DAMAGED as exc:
+        except duckdb.Error as exc:
+            if not is_damaged(exc):
+                raise
             raise damaged(self.path, exc) from exc
 
     return read
@@ -178,10 +181,18 @@ class RunLog:
 
     def file_problem(self) -> str | None:
         """A sentence if the file this handle opened was deleted or replaced since (its
-        writes then go nowhere that outlives this process); None while all is well."""
+        writes then go nowhere that outlives this process), or the write-ahead log DuckDB
+        writes was deleted (what is logged since is lost in a crash); None while all is
+        well."""
         gone = self._db.file_gone()
         if gone is None:
             return None
+        if gone == WAL_DELETED:
+            return (
+                f"the routing log's write-ahead log {wal_path(self.path)} was deleted while it "
+                "was open, so runs logged since would be lost if this process crashed "
+                "(restart to log again; a clean stop keeps them)"
+            )
         return (
             f"the routing log's file was {gone} while it was open, so runs are not kept "
             "(restart to log again)"

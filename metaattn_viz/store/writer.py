@@ -40,7 +40,7 @@ from metaattn_viz.core.trace import RoutingTrace
 from metaattn_viz.store import codec
 from metaattn_viz.store.codec import TraceSlice
 from metaattn_viz.store.errors import StoreUnavailable
-from metaattn_viz.store.opening import open_database
+from metaattn_viz.store.opening import open_database, wal_path, wal_size
 from metaattn_viz.store.queries import Q
 from metaattn_viz.store.schema import FINAL_ARROW_SCHEMA, PROGRESS_ARROW_SCHEMA, RUNS_ARROW_SCHEMA
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # to about 1% of a core, and bounds what a crash can lose of a stream: its last second.
 COMMIT_WINDOW_S = 1.0
 CLOSED_ERROR = "the routing log was closed while this run was streaming"
+WAL_DELETED = "write-ahead log deleted"  # what Database.file_gone says of it
 FINISH_LOST_ERROR = "a write to the routing log failed: the end of this run was not logged"
 
 
@@ -105,13 +106,31 @@ class Database:
         self._closed = False
 
     def file_gone(self) -> str | None:
-        """None while `path` is still the file this Database opened; else what became of it
-        ("deleted" or "replaced"). A deleted file keeps taking writes through the open
-        connection, and they vanish when it closes."""
+        """None while `path` is still the file this Database opened and the write-ahead log
+        DuckDB is writing is still at its path; else what became of them: "deleted" or
+        "replaced" (the file: a deleted one keeps taking writes through the open connection,
+        and they vanish when it closes), or WAL_DELETED (commits go on into the deleted
+        write-ahead log, which no open after a crash finds: they are kept only if this
+        process closes the log, which checkpoints them into the file)."""
         now = _identity(self.path)
-        if now == self._identity:
-            return None
-        return "deleted" if now is None else "replaced"
+        if now != self._identity:
+            return "deleted" if now is None else "replaced"
+        return WAL_DELETED if self._wal_deleted() else None
+
+    def _wal_deleted(self) -> bool:
+        """Whether DuckDB is committing into a write-ahead log no longer at its path (deleted
+        under it). No file there is also the rule from a checkpoint, which removes it, to the
+        next commit, which makes it again: so DuckDB's own account says whether it holds one,
+        read between two looks at the path, so that neither a checkpoint nor a first commit
+        in between is taken for a deletion. A read-only log writes none."""
+        wal = wal_path(self.path)
+        if self.read_only or wal.exists():
+            return False
+        try:
+            held = wal_size(self.cursor())
+        except (duckdb.Error, StoreUnavailable):  # closed or closing: nothing more is written
+            return False
+        return bool(held) and not wal.exists()
 
     @property
     def recovered(self) -> list[str]:
