@@ -86,6 +86,7 @@ class Database:
     def __init__(self, path: Path, read_only: bool):
         self.path = path
         self.read_only = read_only
+        self.con: duckdb.DuckDBPyConnection | None  # None once closed
         self.con, self._recovered = open_database(path, read_only)
         self._identity = _identity(path)  # the file opened, to notice it deleted or replaced
         self.key = str(path)  # its key in the registry (acquire sets it)
@@ -149,7 +150,7 @@ class Database:
     def fresh_cursor(self) -> duckdb.DuckDBPyConnection:
         """A new cursor, closed with the database (or by the caller)."""
         with self._cursor_lock:
-            if self._closed:
+            if self._closed or self.con is None:
                 raise StoreUnavailable(f"routing log {self.path} is closed")
             cur = self.con.cursor()
             self._cursors.add(cur)
@@ -355,7 +356,14 @@ class Database:
                 except duckdb.Error:
                     pass
             self._cursors.clear()
-            self.con.close()
+            # closed, and dropped: the threads' own cursors (a Gradio worker thread lives on)
+            # and the connection, which a closed RunLog still holding this Database kept
+            # alive to the interpreter's end, where DuckDB's bindings printed "nanobind:
+            # leaked ..." (a server stopped by Ctrl-C or SIGTERM)
+            self._local = threading.local()
+            con, self.con = self.con, None
+            if con is not None:
+                con.close()
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
