@@ -276,6 +276,7 @@ def test_auroc_against_a_direct_count():
     pos, neg = scores[labels], scores[~labels]
     direct = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
     assert auroc(scores, labels) == pytest.approx(direct)
+    assert auroc(scores, labels.astype(int)) == pytest.approx(direct)  # 0/1 labels: the same (was -0.08)
     # undefined (one class empty; a constant side) is None, so `eval --json` stays strict JSON
     assert auroc(scores, np.zeros(200, bool)) is None and auroc(scores, np.ones(200, bool)) is None
     assert spearman(scores, np.zeros(200)) is None

@@ -179,6 +179,34 @@ def test_under_soft_hedging_a_budget_below_the_flops_floor_keeps_a_lambda_decodi
     assert float(decide(m, unc, lam * 0.99, s, costs).cost.mean()) > at  # the least such lambda
 
 
+def test_under_full_hedging_a_budget_the_escalations_keep_out_of_reach_leaves_lambda_movable():
+    """Every cheap route of an unsure prefill escalates, so the cost is 1 at any lambda: the
+    solver returned +1e4, and decoding (about one unit of lambda per step) stayed all-cheap
+    for thousands of tokens. It keeps the lambda at which the hard routes spend B."""
+    torch.manual_seed(1)
+    beta = torch.distributions.Gamma(0.7, 1.0).sample((400, 3)) + 0.05
+    m = beta / beta.sum(-1, keepdim=True)
+    s = RoutingSettings(budget=0.3, hedge_policy="full", hedge_threshold=0.05, scope="layer")
+    unc = budget_hedge_uncertainty(beta, s)
+    assert float(decide(m, unc, LAM_MAX, s).cost.mean()) > 0.3  # out of reach with escalations
+    lam = solve_lambda(m, unc, 0.3, s)
+    hard = RoutingSettings(budget=0.3, hedge_policy="off")
+    assert abs(lam) < 100 and lam == solve_lambda(m, unc, 0.3, hard)
+    assert float(decide(m, unc, lam, hard).cost.mean()) == pytest.approx(0.3, abs=0.01)
+
+
+def test_a_cost_no_lambda_changes_gives_lambda_zero():
+    """Where every expert costs the same (per-decision costs, as "flops" hands in), every
+    lambda routes at the floor, and the least lambda "at the floor" was -1e4, which decoding
+    would start from. Lambda 0: no end of the range."""
+    s = RoutingSettings(budget=0.3, cost_model="flops", scope="layer")
+    costs = torch.ones(4, 3)
+    m = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]])
+    unc = budget_hedge_uncertainty(m, s)
+    assert float(decide(m, unc, -LAM_MAX, s, costs).cost.mean()) == 1.0
+    assert solve_lambda(m, unc, 0.3, s, costs) == 0.0
+
+
 @pytest.mark.parametrize("budget", [0.2, 0.5, 0.8])
 def test_under_soft_hedging_dual_ascent_follows_the_hard_routes(budget):
     """Fed the real cost, the ascent raised lambda on every overspending hedged decision,

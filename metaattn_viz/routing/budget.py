@@ -18,10 +18,18 @@ notional costs [K] by default (the same for every decision), or per-decision cos
 
 The ends of the budget range are defined once, in `extreme_route`: B >= 1 routes every
 decision to full attention (the dense model); under the notional costs B <= the cheapest
-cost routes every decision to the cheapest expert. Under "flops" the cheapest expert
-depends on the position, so a budget at the bottom is solved like any other (the bisection
-ends at +LAM_MAX: every decision to its cheapest expert, and the cost is what that costs).
-At an extreme lambda sits at -LAM_MAX / +LAM_MAX and is never solved or moved.
+cost routes every decision to the cheapest expert, hedging or not (the all-linear anchor:
+B = 0.151 with hedging on may spend far more, docs/method.md, "Budget"). Under "flops" the
+cheapest expert depends on the position, so a budget at the bottom is solved like any other
+(the bisection ends at +LAM_MAX: every decision to its cheapest expert, and the cost is what
+that costs). At an extreme lambda sits at -LAM_MAX / +LAM_MAX and is never solved or moved.
+
+Where no lambda brings the realised cost down to B (the floor is above it), the solver does
+not leave lambda at an end of the range unless the routes need it (B at the bottom): under
+hedging "full", whose escalations alone can spend more than B, lambda is the one at which
+the hard routes spend B (as the dual ascent of soft hedging follows the hard routes), and a
+cost that no lambda changes gives lambda 0. Decoding starts from that lambda, and a dual
+ascent of about one unit per step could never bring it back from 1e4.
 
 A decode step under a budget (`within_full`) never picks, nor hedges in, an expert that costs
 more than full attention at its position. Full attention is exact (the dense model's own), so such an
@@ -43,7 +51,7 @@ decision): never sees the model, the kernels or the UI, and never computes a cos
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -223,7 +231,9 @@ def solve_lambda(
     their cheapest is met as closely as it can be: under the notional costs at +LAM_MAX;
     under "flops" (where that is common: a short text, on which linear attention costs more
     than full) at the least lambda that routes as +LAM_MAX does, so that decoding, which
-    starts from this lambda, can move it by dual ascent."""
+    starts from this lambda, can move it by dual ascent. Under hedging "full", where the
+    escalations alone keep the cost above B, the lambda at which the hard routes spend B
+    (module docstring)."""
     ext = extreme_lambda(budget, settings.cost_model)
     if ext is not None:
         return ext
@@ -236,6 +246,8 @@ def solve_lambda(
     lo, hi = -LAM_MAX, LAM_MAX  # cost(lo) >= budget > cost(hi) is what we keep
     c_lo, c_hi = mean_cost(lo), mean_cost(hi)
     if c_hi >= budget:
+        if settings.hedge_policy == "full":  # the escalations spend it: steer the hard routes
+            return solve_lambda(m, uncertainty, budget, replace(settings, hedge_policy="off"), costs)
         return hi if settings.cost_model == "notional" else _least_lambda_at(mean_cost, c_hi)
     if c_lo <= budget:
         return lo
@@ -337,8 +349,12 @@ def steering_cost_one(route: int, cost: float, settings: RoutingSettings, costs=
 
 
 def _least_lambda_at(mean_cost, floor: float) -> float:
-    """The least lambda (to 1e-6) whose mean cost is the floor, mean_cost(+LAM_MAX)."""
+    """The least lambda (to 1e-6) whose mean cost is the floor, mean_cost(+LAM_MAX); 0 where
+    every lambda costs the floor (no lambda changes a route's cost: -LAM_MAX would leave
+    decoding at an end of the range)."""
     lo, hi = -LAM_MAX, LAM_MAX  # cost(lo) > floor >= cost(hi) is what we keep
+    if mean_cost(lo) <= floor:
+        return 0.0
     for _ in range(_BISECT_STEPS):
         mid = 0.5 * (lo + hi)
         if mean_cost(mid) <= floor:

@@ -91,9 +91,10 @@ def perplexity(nll: float, n: int) -> float:
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """Area under the ROC curve of `scores` for the boolean labels (Mann-Whitney U); None
-    where it is undefined (one class empty, e.g. every error 0 in windows no longer than the
-    local window)."""
+    """Area under the ROC curve of `scores` for the labels (booleans, or 0/1, which would
+    otherwise index and invert as integers) (Mann-Whitney U); None where it is undefined
+    (one class empty, e.g. every error 0 in windows no longer than the local window)."""
+    positive = np.asarray(positive, dtype=bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return None
