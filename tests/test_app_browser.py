@@ -795,3 +795,134 @@ def test_on_a_phone_the_maps_title_and_notes_fit_and_do_not_overlap(browser, ser
         assert a["y"] + a["height"] <= b["y"] + 1 and min(a["width"], b["width"]) >= 300, (a, b)
     finally:
         context.close()
+
+
+# -- keyboard and screen-reader users (a review of the page) ------------------------------
+# The focused element: its tag, type, name, the id of its nearest block and its outline.
+FOCUSED = """() => {
+  const a = document.activeElement, s = getComputedStyle(a);
+  return {tag: a.tagName, type: a.type, name: a.name, block: (a.closest('[id]') || {}).id,
+          outline: s.outlineStyle, width: s.outlineWidth, color: s.outlineColor};
+}"""
+# The theme's accent colour as the page computes it (Gradio's --color-accent, light or dark).
+ACCENT = """() => {
+  const d = document.createElement('div');
+  d.style.color = 'var(--color-accent)';
+  document.querySelector('.gradio-container').appendChild(d);
+  const c = getComputedStyle(d).color;
+  d.remove();
+  return c;
+}"""
+# Gradio's red "Error" badges on components (a failed event's outputs), toasts left out.
+ERROR_BADGES = """() => [...document.querySelectorAll('.error')]
+  .filter((e) => e.offsetParent && !e.closest('.toast-wrap') && e.innerText.trim() === 'Error')
+  .map((e) => (e.closest('[id]') || {}).id)"""
+LIVE_REGION = """() => {
+  const r = document.querySelector('#run-status [role=status]');
+  return r ? {live: r.getAttribute('aria-live'), text: r.innerText,
+              timer: !!r.querySelector('[data-testid=status-tracker]')} : null;
+}"""
+RADIO_NAMES = """(sel) => [...document.querySelectorAll(sel + ' input[type=radio]')].map((r) => r.name)"""
+
+
+def _tab_to(page, test: str, presses: int = 6) -> dict:
+    """Press Tab until the focused element passes `test` (a JS predicate on FOCUSED's dict)."""
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(FOCUSED)
+        if page.evaluate(f"(f) => ({test})(f)", focused):
+            return focused
+    raise AssertionError(f"Tab never reached {test}: {focused}")
+
+
+def test_keyboard_and_screen_reader_users_see_focus_hear_the_status_and_know_each_control(page, tmp_path):
+    """Sliders and radio buttons showed no focus (Gradio 6's CSS); the status line was never
+    announced; the plots had no name; the seven reset buttons had one name; each radio button
+    was a group of its own (arrow keys did nothing, each a Tab stop); a window typed between
+    the slider's steps was routed as typed while the handle showed another value."""
+    # -- a focus ring in the accent colour, light and dark ----------------------------------
+    page.locator("#budget input[type=number]").focus()
+    ring = _tab_to(page, "(f) => f.type === 'range'")
+    accent = page.evaluate(ACCENT)
+    assert (ring["outline"], ring["width"], ring["color"]) == ("solid", "2px", accent), ring
+    page.locator("#budget").screenshot(path=str(tmp_path / "focus-slider.png"))
+    ring = _tab_to(page, "(f) => f.type === 'radio'")
+    assert ring["block"] == "controller" and (ring["outline"], ring["color"]) == ("solid", accent), ring
+    _theme(page, True)
+    dark = page.evaluate(FOCUSED)
+    assert (dark["outline"], dark["color"]) == ("solid", page.evaluate(ACCENT)), dark
+    page.locator("#controller").screenshot(path=str(tmp_path / "focus-radio-dark.png"))
+    _theme(page, False)
+
+    # -- each radio group is one group: one Tab stop, the arrow keys move the choice ----------
+    for sel in ("#controller", "#cost-model", "#hedge-measure"):
+        names = page.evaluate(RADIO_NAMES, sel)
+        assert len(names) >= 2 and len(set(names)) == 1, (sel, names)
+    page.locator("#controller input[type=radio]:checked").focus()
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("() => document.activeElement.value") == "priorfree"
+    assert page.locator("#controller input[value=priorfree]").is_checked()
+    _wait_status(page, "Re-routed", 120_000)  # a change, as a click is: the run re-routed
+    page.keyboard.press("Shift+Tab")  # out of the group, not to its other button
+    assert page.evaluate(FOCUSED)["block"] != "controller"
+
+    # -- every reset button names its slider --------------------------------------------------
+    resets = page.evaluate(
+        "() => [...document.querySelectorAll('button.reset-button')].map((b) => b.getAttribute('aria-label'))"
+    )
+    assert len(resets) >= 6 and len(set(resets)) == len(resets), resets
+    for name in (
+        "Max new tokens",
+        "Temperature",
+        "Top-p",
+        "Compute budget",
+        "Hedge threshold",
+        "Local window",
+    ):
+        assert f"Reset {name} to its default value" in resets, resets
+
+    # -- every plot is an image named by its title --------------------------------------------
+    plots = page.evaluate(
+        "() => [...document.querySelectorAll('.metaattn-plot')]"
+        ".map((d) => [d.getAttribute('role'), d.getAttribute('aria-label')])"
+    )
+    assert plots and all(role == "img" and label for role, label in plots), plots
+    assert ["img", "Routing: expert per decision (top) and its uncertainty (bottom)"] in plots, plots
+
+    # -- a window between the slider's steps: routed, and shown, at the nearest step ----------
+    _set_number(page, "window", 13)
+    page.wait_for_function("() => document.querySelector('#window input[type=number]').value === '16'")
+    assert page.locator("#window input[type=range]").input_value() == "16"
+
+    # -- the status line is a polite live region, without Gradio's timer, after a run too -----
+    region = page.evaluate(LIVE_REGION)
+    assert region and region["live"] == "polite" and not region["timer"], region
+    page.fill("#prompt textarea", "A status line to hear.")
+    page.locator("#chat input[type=checkbox]").uncheck()
+    _set_number(page, "max-new", 2)
+    page.click("#generate")
+    _wait_status(page, "Done", 180_000)
+    region = page.evaluate(LIVE_REGION)
+    assert region and region["live"] == "polite" and region["text"].startswith("Done"), region
+    assert len(set(page.evaluate(RADIO_NAMES, "#controller"))) == 1  # still one group
+
+
+def test_a_refused_generate_says_so_in_a_toast_and_marks_no_view(page, tmp_path):
+    """A prompt of spaces put red "Error" badges on the meters, the status line, the maps, the
+    strip and the inspector's position, over the previous run's views; a seed of -1 got
+    Gradio's own sentence."""
+    shown = _status(page)
+    page.fill("#prompt textarea", "   ")
+    page.click("#generate")
+    _toast(page, "The prompt is empty")
+    time.sleep(3)  # the generation's event would have failed by now
+    assert page.evaluate(ERROR_BADGES) == []
+    assert _status(page) == shown
+    page.screenshot(path=str(tmp_path / "refused-generate.png"))
+    _dismiss_toasts(page)
+    page.fill("#prompt textarea", "A seed below zero.")
+    page.get_by_label("Seed").fill("-1")
+    page.click("#generate")
+    _toast(page, "Seed must be a whole number between 0 and 2,147,483,647, got -1.")
+    time.sleep(2)
+    assert page.evaluate(ERROR_BADGES) == [] and _status(page) == shown

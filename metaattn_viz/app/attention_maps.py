@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from metaattn_kernels.feature_maps import FeatureMap, phi_key, phi_query
+from metaattn_viz.app.plots.style import printable
 from metaattn_viz.core.settings import FULL, LINEAR, LOCAL
 from metaattn_viz.paths import ASSETS_DIR
 
@@ -171,8 +172,7 @@ def attention_view(
 def _display_tokens(tokens: list[str], positions: list[int]) -> list[str]:
     out = []
     for p, t in zip(positions, tokens, strict=True):
-        t = t.replace("\n", "\\n").replace("\t", "\\t")
-        t = "".join(c if c.isprintable() else "\ufffd" for c in t)
+        t = printable(t)  # as the maps' axes name it (a zero-width space as <U+200B>)
         out.append(f"{t}" if t.strip() else f"[{p}]{t}")
     # bertviz keys its token boxes by text in places: make each label unique
     seen: dict[str, int] = {}

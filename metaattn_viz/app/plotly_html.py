@@ -9,7 +9,9 @@ the theme or take a toolbar configuration. Here only the latest frame is drawn, 
 previous draw finishes; the figure is recoloured for the theme the page shows and redrawn
 when it switches (theme.py); a figure drawn while hidden (a closed accordion, another tab)
 is resized when it is shown. The toolbar's camera saves a PNG and the extra button an SVG,
-both drawn in the browser by plotly.js (the server has no image renderer). plotly.js is
+both drawn in the browser by plotly.js (the server has no image renderer). To a screen
+reader each plot is an image named by its figure's title (plotly's SVG, read out tick
+label by tick label, is hidden from it; the toolbar is not). plotly.js is
 served from the installed plotly package, so the page works offline. Never builds figures
 (plots/ does).
 """
@@ -25,6 +27,7 @@ import plotly as plotly_package
 from metaattn_viz.app.theme import THEME_JS
 
 PLOTLY_JS = Path(plotly_package.__file__).parent / "package_data" / "plotly.min.js"
+DEFAULT_NAME = "Plot"  # a plot's accessible name where its figure has no title
 PLOTLY_VIEW_JS = (
     THEME_JS
     + r"""
@@ -112,6 +115,14 @@ function narrowed(layout) {
   out.margin = Object.assign({}, out.margin, {t: ((out.margin || {}).t || 60) + extra});
   return out;
 }
+function plotName(fig) {
+  // the plot's accessible name: its title as plain text, without plotly's tags (<br>, <b>,
+  // <sup>...) but with a token's name such as <U+200B>, which plotly shows as text
+  const t = (fig && fig.layout && fig.layout.title) || '';
+  const text = typeof t === 'string' ? t : t.text || '';
+  const tags = /<\/?(br|b|i|em|sup|sub|span|a|s|u)(\s[^>]*)?\/?>/gi;
+  return text.replace(tags, ' ').replace(/\s+/g, ' ').trim() || DEFAULT_NAME;
+}
 const isDark = metaattnWatchTheme(element, () => draw());
 function draw() {
   const div = element.querySelector('.metaattn-plot');
@@ -121,10 +132,16 @@ function draw() {
   if (!value) return;
   busy = true;
   const fig = typeof value === 'string' ? JSON.parse(value) : value;
+  div.setAttribute('aria-label', plotName(fig));
   const dark = isDark();
   const data = metaattnThemedData(fig.data, dark), layout = narrowed(metaattnThemed(fig.layout, dark));
   Promise.resolve(window.Plotly.react(div, data, layout, plotConfig()))
-    .then(() => { div.dataset.theme = dark ? 'dark' : 'light'; })
+    .then(() => {
+      div.dataset.theme = dark ? 'dark' : 'light';
+      // the picture is read as its name: its tick labels one by one said nothing useful
+      // (the toolbar's buttons, outside these, stay reachable)
+      for (const svg of div.querySelectorAll('svg.main-svg')) svg.setAttribute('aria-hidden', 'true');
+    })
     .catch((e) => console.error('metaattn plot', e))
     .finally(() => {
       busy = false;
@@ -149,16 +166,23 @@ def figure_value(fig) -> str:
 def plotly_view(fig, elem_id: str, height: int, filename: str | None = None) -> gr.HTML:
     """A gr.HTML whose value is a plotly figure's JSON (figure_value), drawn and updated in
     place; its toolbar saves `filename`.png / .svg (default: metaattn-<elem_id>). The page
-    must serve PLOTLY_JS (gr.set_static_paths)."""
+    must serve PLOTLY_JS (gr.set_static_paths). The plot is an image to a screen reader
+    (role="img"), named by each figure's title (DEFAULT_NAME where it has none)."""
     name = filename or f"metaattn-{elem_id}"
     return gr.HTML(
         figure_value(fig),
         elem_id=elem_id,
-        html_template=f"<div class='metaattn-plot' style='width:100%;min-height:{int(height)}px'></div>",
+        html_template=(
+            f"<div class='metaattn-plot' role='img' aria-label='{DEFAULT_NAME}' "
+            f"style='width:100%;min-height:{int(height)}px'></div>"
+        ),
         head=f"<script src='gradio_api/file={PLOTLY_JS.as_posix()}'></script>",
-        js_on_load=f"const FILENAME = {json.dumps(name)};\n" + PLOTLY_VIEW_JS,
+        js_on_load=(
+            f"const FILENAME = {json.dumps(name)}, DEFAULT_NAME = {json.dumps(DEFAULT_NAME)};\n"
+            + PLOTLY_VIEW_JS
+        ),
         apply_default_css=False,
     )
 
 
-__all__ = ["plotly_view", "figure_value", "PLOTLY_JS", "PLOTLY_VIEW_JS"]
+__all__ = ["plotly_view", "figure_value", "PLOTLY_JS", "PLOTLY_VIEW_JS", "DEFAULT_NAME"]

@@ -31,6 +31,7 @@ from metaattn_viz.routing.controller import KINDS
 
 MAX_PROMPT_CHARS = 16_000
 MAX_NEW_TOKENS = 256
+SEED_MAX = 2**31 - 1  # a generation's seed is a whole number from 0 to this
 # The app routes at most this many tokens (prompt + generation; the prompt is cut from the
 # left): every view and the sweep stay interactive on two CPU cores.
 # At least the most new tokens plus one prompt token, so the longest generation fits.
@@ -267,7 +268,7 @@ def parse_request(
         max_new_tokens=whole("Max new tokens", max_new_tokens, 0, MAX_NEW_TOKENS),
         temperature=number("Temperature", temperature, 0.0, 2.0),
         top_p=number("Top-p", top_p, 0.01, 1.0),
-        seed=whole("Seed", seed, 0, 2**31 - 1),
+        seed=whole("Seed", seed, 0, SEED_MAX),
         chat=flag("Chat template", chat),
         quality=flag("Quality meter", quality),
         notes=tuple(notes),
@@ -379,5 +380,6 @@ __all__ = [
     "MAX_TRACE_LAYERS",
     "MAX_PROMPT_CHARS",
     "MAX_NEW_TOKENS",
+    "SEED_MAX",
     "APP_MAX_CONTEXT",
 ]

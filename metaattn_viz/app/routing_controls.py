@@ -8,14 +8,16 @@ A value is committed (and the text re-routed) when a slider is released, its box
 focus, Enter is pressed in its box, or the arrow keys stop moving it (`COMMIT_JS`); never on
 each keystroke, where "0.35" would pass through "0" and "0.3". The sliders hand their value
 over as typed (the re-route's event skips Gradio's preprocessing; `as_typed`): an empty box
-gets a sentence (`empty`), a number beyond the slider's ends is taken at the nearest end, as
-the box shows it once it loses focus.
+gets a sentence (`empty`), a number beyond the slider's ends is taken at the nearest end and
+one between its steps at the nearest step (`on_step`), where the handle shows it, and the
+box is set to it (`box_updates`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from decimal import Decimal
 
 import gradio as gr
 
@@ -134,14 +136,28 @@ class RoutingControls:
         ]
 
     def _value(self, data: dict, name: str):
-        """A slider's value, a number beyond its ends taken at the nearest one (the box
-        shows it so once it loses focus); the local window a whole number."""
+        """A slider's value as its handle shows it: a number beyond its ends taken at the
+        nearest one, one between its steps at the nearest step (`on_step`: a window of 13
+        is 16, a budget of 0.151 is 0.15); the local window a whole number. The box shows
+        it so after the re-route (`box_updates`)."""
         slider = self.sliders[name]
         value = as_typed(data[slider])
         if value is None:
             return None
-        value = min(max(value, slider.minimum), slider.maximum)
+        value = on_step(value, slider.minimum, slider.maximum, slider.step)
         return round(value) if name == "window" else value
+
+    def box_updates(self, data: dict) -> dict:
+        """The sliders whose box holds another number than the value used (`_value`: beyond
+        an end, between steps), set to that value. Gradio's box clamps itself to the ends
+        when it loses focus but keeps a number between steps, while the handle goes to the
+        nearest step: the box said 13 over a window routed, and shown, as 16."""
+        out = {}
+        for name, slider in self.sliders.items():
+            typed, used = as_typed(data[slider]), self._value(data, name)
+            if typed is not None and typed != used:
+                out[slider] = used
+        return out
 
     def settings(self, data: dict) -> RoutingSettings:
         """The settings from a callback's input values (AppError with a sentence for an
@@ -178,6 +194,24 @@ class RoutingControls:
         }
 
 
+def _decimals(x: float) -> int:
+    """How many decimals `x` is written with (0.01: 2, 8: 0)."""
+    exponent = Decimal(repr(float(x))).normalize().as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
+
+
+def on_step(value: float, lo: float, hi: float, step: float) -> float:
+    """`value` where a slider from `lo` to `hi` by `step` puts its handle: within the ends,
+    at the nearest step from `lo` (rounded to the decimals of `lo` and `step`, so 0.15 +
+    0.01 is 0.16, not 0.16000000000000003). Only the page's sliders snap: the API and the
+    CLI take any value in range."""
+    value = min(max(value, lo), hi)
+    if step and step > 0:
+        value = lo + round((value - lo) / step) * step
+        value = round(min(max(value, lo), hi), max(_decimals(lo), _decimals(step)))
+    return value
+
+
 def _num(x: float) -> str:
     return f"{x:g}"
 
@@ -185,6 +219,7 @@ def _num(x: float) -> str:
 __all__ = [
     "RoutingControls",
     "as_typed",
+    "on_step",
     "COMMIT_JS",
     "SLIDER_IDS",
     "SCOPE_LABELS",

@@ -4,7 +4,8 @@ follow every new trace (`follow`).
 
 `LiveTab(trace, examples)` builds the components (inside the page's gr.Tab) and
 `wire(engine, downloads)` attaches their events, each callback a thin adapter: read the
-named inputs, parse them (requests.py), call one engine part, draw (plots, attention_maps)
+named inputs, parse them (requests.py; Generate's through live_request.py, checked before it
+queues), call one engine part, draw (plots, attention_maps)
 and word (display) the result. Inputs are passed as a set, so callbacks read them by
 component, never by position. The controls start at the project's defaults
 (core.settings.DEFAULTS, requests.GENERATION). Every event that puts a new trace on the
@@ -27,10 +28,11 @@ from metaattn_viz.app.gradio_queue import session_pending
 from metaattn_viz.app.live_exports import ExportPanel
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX, BudgetSweep, TokenInspector
 from metaattn_viz.app.live_quality import QualityMeter
+from metaattn_viz.app.live_request import generation_request
 from metaattn_viz.app.live_stream import GENERATION_RUNNING, STOPPING, Streams, stopping
 from metaattn_viz.app.models import missing_model_note, offered_model
 from metaattn_viz.app.plotly_html import plotly_view
-from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS, parse_request
+from metaattn_viz.app.requests import GENERATION, MAX_NEW_TOKENS
 from metaattn_viz.app.routing_controls import (
     COMMIT_JS,
     CONTROLLER_LABELS,
@@ -106,7 +108,9 @@ class LiveTab:
                     )
                     self.top_p = gr.Slider(0.05, 1.0, value=g.top_p, step=0.05, label="Top-p")
                 with gr.Row():
-                    self.seed = gr.Number(g.seed, precision=0, label="Seed", minimum=0)
+                    # no minimum: Gradio's check ("Value -1 is less than minimum value 0.")
+                    # ran before the app's (live_request.seed) on every event reading it
+                    self.seed = gr.Number(g.seed, precision=0, label="Seed")
                     self.chat = gr.Checkbox(g.chat, label="Chat template (instruct model)", elem_id="chat")
         if examples:
             gr.Examples(
@@ -378,19 +382,7 @@ class LiveTab:
     def _wire_generation(self, engine: Engine):
         @user_errors("generating")
         def live_generate(data, request: gr.Request):
-            settings = self.routing.settings(data)
-            req = parse_request(
-                data[self.prompt],
-                settings,
-                data[self.controller],
-                data[self.max_new],
-                data[self.temperature],
-                data[self.top_p],
-                data[self.seed],
-                data[self.chat],
-                data[self.quality],
-                data[self.model] or "",
-            )
+            req = generation_request(self, data)
             key = session_of(request)
             job = engine.generations.start(req, key=key, owner=engine.deployment.owner(key))
             # the frames draw the measure and view picked now, or later while the run streams
@@ -438,6 +430,13 @@ class LiveTab:
             if empty and job.status == "done":
                 warn([empty])
 
+        @user_errors("generating")
+        def check_generate(data):
+            # a refused Generate says so in its toast alone, and changes nothing: no outputs
+            # here, where the generation's (the views) took Gradio's "Error" badges
+            # (live_request.py); queued, as Gradio 6 shows no toast for an unqueued error
+            generation_request(self, data)
+
         def stop_previous(request: gr.Request):
             # A new Generate in this tab ends the run still streaming there (logged
             # "stopped"), before the new one queues: with one model slot it would otherwise
@@ -449,34 +448,34 @@ class LiveTab:
                 # the view picked from now is the run's
                 self.streams.submit(session, session_pending(session))
 
-        started = gr.on(
+        asked = {*self.generation_controls, self.controller, self.quality, self.model, *self.routing.inputs}
+        # "multiple": Gradio drops a trigger while the event is pending ("once", its
+        # default), which made a second Generate during a stream do nothing at all; the
+        # values as sent (preprocess=False), which live_request reads with the app's words
+        checked = gr.on(
             [self.generate.click, self.prompt.submit],
-            stop_previous,
-            None,
+            check_generate,
+            asked,
             None,
             api_visibility="private",
-            queue=False,
+            concurrency_limit=None,  # no model: never waits for a run
+            show_progress="hidden",
             trigger_mode="multiple",
+            preprocess=False,
         )
-        # "multiple": Gradio drops a trigger while the event is pending ("once", its
-        # default), which made a second Generate during a stream do nothing at all
+        started = checked.success(
+            stop_previous, None, None, api_visibility="private", queue=False, trigger_mode="multiple"
+        )
         generated = started.then(
             live_generate,
-            {
-                *self.generation_controls,
-                self.controller,
-                self.quality,
-                self.measure,
-                self.relative,
-                self.model,
-                *self.routing.inputs,
-            },
+            {*asked, self.measure, self.relative},
             [*self.views, self.run_status, self.trace, self.inspector.pos],
             api_visibility="private",
             concurrency_id="model",
             concurrency_limit=engine.deployment.limits.model,
             show_progress="minimal",
             trigger_mode="multiple",
+            preprocess=False,
         )
         # in trace_events through the quality meter's check after it (live_quality.py), which
         # may add the KL: the exports refresh once, after both
@@ -512,23 +511,25 @@ class LiveTab:
                 shown = self.routing.show(trace.settings)
                 return {c: shown[c] for c in self.routing.sliders.values() if as_typed(data[c]) is None}
             settings = self.routing.settings(data)
+            boxes = self.routing.box_updates(data)  # a box between steps shows the step used
             if trace is None:
-                return {self.run_status: "The settings apply to the next generation."}
+                return {**boxes, self.run_status: "The settings apply to the next generation."}
             if self.routing.same(settings, trace.settings) and data[self.controller] == trace.controller:
                 # nothing changed (a box left with Tab, a slider released where it was):
                 # no re-route, and no run in the log
-                return gr.skip()
+                return boxes or gr.skip()
             if self.streams.going_on(session_of(request), engine.generations):
                 gr.Warning(
                     f"{GENERATION_RUNNING}: the new settings apply to the next one (or stop it first)."
                 )
-                return gr.skip()
+                return boxes or gr.skip()
             owner = engine.deployment.owner(session_of(request))
             new = engine.analysis.reroute(trace, settings, data[self.controller], owner=owner)
             return {
                 **self.show(new, data[self.measure], data[self.relative]),
                 self.run_status: display.reroute_note(new),
                 self.trace: new,
+                **boxes,
             }
 
         r = self.routing

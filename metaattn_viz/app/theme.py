@@ -13,7 +13,9 @@ menu, or the system's preference), or on the app's container when the page is em
   stay the same, except black lines and markers off a heatmap, which take the dark
   theme's text colour (`metaattnThemedData`).
 - `PAGE_CSS` recolours the meters' text (plain HTML) for the dark theme with Gradio's own
-  CSS variable, and keeps bertviz's frames readable on a narrow screen (a phone).
+  CSS variable, keeps bertviz's frames readable on a narrow screen (a phone), and gives
+  sliders and radio buttons the keyboard focus ring Gradio 6's CSS takes away
+  (`FOCUS_RING`).
 
 Downloaded HTML figures are drawn light (exports.py); a PNG or SVG taken from a figure's
 toolbar is drawn as the page shows it. bertviz's views are pages of their own (light, in a
@@ -103,11 +105,19 @@ function metaattnWatchTheme(el, onChange) {
 # as wide as the inspector: at 390 px (a 300 px frame) the right column's labels were cut.
 # Its frame keeps BERTVIZ_MIN_PX and scrolls sideways in its slot (shown_frame.py) instead.
 BERTVIZ_MIN_PX = 360
+# Gradio 6 draws no focus on a slider (its range input has `outline: none`) and only a faint
+# border change on a radio button, so a keyboard user could not see where Tab had landed. A
+# ring in the theme's accent colour (Gradio defines --color-accent for light and dark) on
+# :focus-visible: shown for the keyboard, not on every click.
+FOCUS_RING = "2px solid var(--color-accent)"
 PAGE_CSS = f"""
 .dark .metaattn-meters, .dark .metaattn-meters .meter div {{ color: var(--body-text-color) !important; }}
 .metaattn-frame-slot {{ overflow-x: auto; }}
 .metaattn-frame-slot iframe.metaattn-bertviz {{ min-width: {BERTVIZ_MIN_PX}px; }}
+input[type=range]:focus-visible, input[type=radio]:focus-visible {{
+  outline: {FOCUS_RING} !important; outline-offset: 2px !important;
+}}
 """
 
 
-__all__ = ["THEME_JS", "PAGE_CSS", "BERTVIZ_MIN_PX"]
+__all__ = ["THEME_JS", "PAGE_CSS", "BERTVIZ_MIN_PX", "FOCUS_RING"]

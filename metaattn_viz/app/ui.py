@@ -8,8 +8,10 @@ its token inspector and budget sweep, live_inspector.py), the History tab
 (api.py: `/generate`, `/reroute`, `/figure`, `/status`, `/sql`, `/runs`, `/export`). Each
 tab wires its own events next to its components; a shared link is opened when the page
 loads. Every callback is a thin adapter over one engine part; user mistakes surface as
-plain sentences (ui_errors.py). The page's CSS for the dark theme (theme.PAGE_CSS) goes to
-`launch` (server.py). Never holds model logic of its own.
+plain sentences (ui_errors.py). The page's CSS for the dark theme and the focus ring
+(theme.PAGE_CSS) goes to `launch` (server.py); what it adds for screen readers and the
+keyboard in the browser (accessibility.py) runs from a hidden element. Never holds model
+logic of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import gradio as gr
 from metaattn_viz.app import attention_maps, display
 from metaattn_viz.app import examples as example_runs
 from metaattn_viz.app.about import INTRO, about_markdown
+from metaattn_viz.app.accessibility import ACCESSIBILITY_JS
 from metaattn_viz.app.api import add_endpoints
 from metaattn_viz.app.deployment import Deployment
 from metaattn_viz.app.engine import Engine
@@ -79,6 +82,14 @@ def build_app(
                 history = HistoryTab(history_tab)
             with gr.Tab("About", id="about"):
                 gr.Markdown(about_markdown(), elem_id="about")
+        # live regions, reset buttons' names, radio groups (accessibility.py): out of sight
+        gr.HTML(
+            "",
+            elem_id="accessibility",
+            js_on_load=ACCESSIBILITY_JS,
+            visible="hidden",
+            apply_default_css=False,
+        )
         _wire_header(engine, status, timer)
         live.wire(engine, downloads)
         history.wire(engine, live, tabs, downloads)

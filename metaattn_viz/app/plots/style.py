@@ -33,17 +33,6 @@ THEMES = {
 }
 
 
-def token_label(pos: int, text: str, width: int = 12) -> str:
-    """A unique, printable axis label for the token at `pos`."""
-    shown = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    shown = "".join(c if c.isprintable() else "\ufffd" for c in shown)
-    if len(shown) > width:
-        shown = shown[: width - 1] + "\u2026"
-    if not shown.strip():
-        shown = shown.replace(" ", OPEN_BOX) or OPEN_BOX
-    return f"{pos}{THIN_SPACE}{shown}"
-
-
 # How a token with nothing visible in it shows in the token strip: each whitespace character
 # as a glyph (no line break: each token is a box of its own, which a line break would only
 # make taller), any other invisible one (a
@@ -62,6 +51,26 @@ def _glyph(c: str) -> str:
     if c in WHITESPACE_GLYPHS:
         return WHITESPACE_GLYPHS[c]
     return OPEN_BOX if c.isspace() else f"<U+{ord(c):04X}>"
+
+
+def printable(text: str) -> str:
+    """`text` on one line with nothing invisible in it, for an axis label, a hover or a
+    bertviz token: newline, tab and carriage return escaped (\\n), any other character that
+    is not printable named as the token strip names it (`_glyph`: U+00A0 as OPEN_BOX,
+    U+200B as <U+200B>; they were all U+FFFD, the mark of a token holding part of a
+    character, which keeps its U+FFFD: routing/model.py)."""
+    shown = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return "".join(c if c.isprintable() else _glyph(c) for c in shown)
+
+
+def token_label(pos: int, text: str, width: int = 12) -> str:
+    """A unique, printable axis label for the token at `pos` (`printable`)."""
+    shown = printable(text)
+    if len(shown) > width:
+        shown = shown[: width - 1] + "\u2026"
+    if not shown.strip():
+        shown = shown.replace(" ", OPEN_BOX) or OPEN_BOX
+    return f"{pos}{THIN_SPACE}{shown}"
 
 
 def strip_text(text: str) -> str:
