@@ -364,9 +364,35 @@ def test_the_meter_says_which_cost_model_counts(routed):
     from metaattn_viz.app import plots
 
     html = plots.meters(routed.route(ids_of(20), flops_settings(0.6)))
-    assert "data-cost-model='flops'" in html and "dense attention FLOPs" in html
+    # per decision, in dense FLOPs: a mean of decode steps' own ratios is not the run's share
+    # of dense FLOPs (the FLOPs meter beside it), which the label said it was
+    assert (
+        "data-cost-model='flops'" in html and "realised cost per decision, in dense attention FLOPs" in html
+    )
     html = plots.meters(routed.route(ids_of(20), RoutingSettings(budget=0.6)))
     assert "data-cost-model='notional'" in html and "realised notional cost" in html
+
+
+def test_the_sweep_under_flops_puts_every_row_at_its_share_of_dense_flops(routed):
+    """The controllers' rows were shares of dense FLOPs and the baselines' notional costs, on
+    one axis labelled notional: at 0.3 random routing looked as cheap as the controller
+    while spending 2.5x its FLOPs. Every row is now at its FLOPs share, and the axis says so."""
+    from metaattn_viz.app import plots
+    from metaattn_viz.app.analysis import sweep_rows
+
+    rows = sweep_rows(routed, ids_of(96), flops_settings(0.3), [0.3])
+    assert all(r["cost_model"] == "flops" for r in rows)
+    for r in rows:
+        assert r["realized_cost"] == pytest.approx(r["flops_ratio"], abs=1e-6), r
+    random_row = next(r for r in rows if r["policy"] == "random")
+    assert abs(random_row["realized_cost"] - 0.3) > 0.05  # met 0.3 in notional costs, not in FLOPs
+    fig = plots.pareto(rows)
+    assert fig.layout.xaxis.title.text == "realised share of dense attention FLOPs"
+    notional = sweep_rows(routed, ids_of(96), RoutingSettings(budget=0.3), [0.3])
+    assert next(r for r in notional if r["policy"] == "random")["realized_cost"] == pytest.approx(
+        0.3, abs=0.02
+    )
+    assert plots.pareto(notional).layout.xaxis.title.text == "realised notional cost per decision"
 
 
 # -- the routing log --------------------------------------------------------------------------

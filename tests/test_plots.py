@@ -318,6 +318,10 @@ def test_pareto_plot_has_a_series_per_policy():
         {"policy": "dense", "budget": 1.0, "realized_cost": 1.0, "kl_to_dense": 0.0, "label": "dense"},
     ]
     fig = plots.pareto(rows)
+    assert fig.layout.xaxis.range[1] == pytest.approx(1.05)
+    # a soft-hedged point above dense (up to 1.45) stays on the plot
+    rows.append({"policy": "bayes", "budget": 0.9, "realized_cost": 1.4, "kl_to_dense": 0.0, "label": None})
+    assert plots.pareto(rows).layout.xaxis.range[1] == pytest.approx(1.45)
     names = [t.name for t in fig.data]
     for policy in ("bayes", "priorfree", "random", "salience", "static", "dense"):
         assert plots.POLICY_STYLES[policy]["name"] in names

@@ -178,7 +178,11 @@ def sweep_rows(
     routed, ids: list[int], base: RoutingSettings, budgets, dense=None, progress=None
 ) -> list[dict]:
     """The rows of ``Analysis.sweep`` for token ids `ids` on `routed` (`dense`: the dense
-    logits [T, V], None: computed here)."""
+    logits [T, V], None: computed here). Each row's `realized_cost` is in the cost model's
+    units (`cost_model`): under "flops" every row's is its share of dense attention FLOPs,
+    what the controllers' budget counts there. The baselines (random, salience top-k, static)
+    meet their budget in notional costs, as they are defined, so under "flops" they sit at
+    what that really spends (random at B = 0.3 near 0.75 on a long text), not at B."""
     import torch
 
     from metaattn_viz.routing.model import kl_per_token
@@ -213,14 +217,17 @@ def sweep_rows(
         )
         rec = res.records
         kl = kl_per_token(dense[:-1], res.logits[0, :-1])
+        flops = flops_ratio(rec["weights"], T, routed.head_dim, base.window, base.n_sink)
         rows.append(
             {
                 "policy": policy,
                 "budget": budget,
                 "label": label,
-                "realized_cost": float(rec["cost"].mean()),
+                # a policy's records carry notional costs whatever the cost model
+                "realized_cost": flops if base.cost_model == "flops" else float(rec["cost"].mean()),
+                "cost_model": base.cost_model,
                 "kl_to_dense": float(kl.mean()),
-                "flops_ratio": flops_ratio(rec["weights"], T, routed.head_dim, base.window, base.n_sink),
+                "flops_ratio": flops,
                 "tokens": T,
             }
         )
@@ -230,6 +237,7 @@ def sweep_rows(
             "budget": 1.0,
             "label": "dense (every decision full)",
             "realized_cost": 1.0,
+            "cost_model": base.cost_model,
             "kl_to_dense": 0.0,
             "flops_ratio": 1.0,
             "tokens": T,

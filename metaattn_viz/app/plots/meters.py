@@ -20,7 +20,9 @@ from metaattn_viz.core.variety import routing_variety
 # How the cost meter names what its cost counts, per RoutingSettings.cost_model
 COST_MODEL_WORDS = {
     "notional": "realised notional cost per decision",
-    "flops": "realised cost: share of dense attention FLOPs",
+    # each decision's FLOPs relative to dense (a prefill's over the group, a decode step's at
+    # its position), averaged: what the budget counts; the FLOPs meter is the whole run's share
+    "flops": "realised cost per decision, in dense attention FLOPs",
 }
 VARIETY_EXPLANATION = (
     "share of decisions that differ from their layer's usual expert: 0 % is a fixed "

@@ -28,9 +28,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+# the x axis, per the rows' cost model (under "flops" every row is at its FLOPs share)
+SWEEP_COST_WORDS = {
+    "notional": "realised notional cost per decision",
+    "flops": "realised share of dense attention FLOPs",
+}
+
+
 def pareto(rows: list[dict], height: int = 440) -> go.Figure:
     """KL to dense against realised cost; `rows` have policy, budget, realized_cost,
-    kl_to_dense (analysis.Analysis.sweep)."""
+    cost_model, kl_to_dense (analysis.Analysis.sweep)."""
     title = "Budget sweep: quality against cost (lower left is better)"
     if not rows:
         return empty(
@@ -70,7 +77,12 @@ def pareto(rows: list[dict], height: int = 440) -> go.Figure:
                 hoverinfo="skip",
             )
         )
-    fig.update_xaxes(title_text="realised notional cost per decision", range=[0, 1.05], gridcolor="#eee")
+    cost_model = next((r.get("cost_model") for r in rows if r.get("cost_model")), "notional")
+    # soft hedging can spend above dense (1.45 at most): the axis reaches every point
+    right = max(1.05, max(r["realized_cost"] for r in rows) + 0.05)
+    fig.update_xaxes(
+        title_text=SWEEP_COST_WORDS.get(cost_model, cost_model), range=[0, right], gridcolor="#eee"
+    )
     fig.update_yaxes(
         title_text="KL(dense \u2016 routed), nats per token", rangemode="tozero", gridcolor="#eee"
     )
