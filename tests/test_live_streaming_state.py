@@ -447,6 +447,19 @@ def test_a_generate_the_queue_refused_leaves_no_run_waiting(page, monkeypatch):
     assert status[-1].startswith("Stopped: ")
 
 
+def test_the_quality_meters_mid_run_ticks_keep_at_most_max_sessions():
+    """A session that ticked the quality meter mid-run is remembered until its run ends: one
+    whose page closed first stayed for the server's life; the oldest now go first."""
+    from metaattn_viz.app.live_quality import QualityMeter
+
+    meter = QualityMeter()
+    for i in range(live_stream.MAX_SESSIONS + 5):
+        meter._remember(f"s{i}")
+    meter._remember("s10")  # ticked again: the newest
+    assert len(meter.pending) == live_stream.MAX_SESSIONS
+    assert "s0" not in meter.pending and list(meter.pending)[-1] == "s10"
+
+
 def test_session_pending_reads_the_pages_gradio_queue(page):
     """What gradio_queue reads of the pinned Gradio's queue is where it reads it."""
     from gradio.context import LocalContext
