@@ -163,3 +163,25 @@ def test_the_pages_table_quotes_strings_inside_nested_values_as_duckdb_does(con)
         df, _ = run_readonly_query(con, sql)
         shown = tuple(sql_table(df).iloc[0])
         assert shown == want, (text, shown, want)
+
+
+def test_the_api_carries_every_double_and_timestamp_exactly(con):
+    """/sql and /runs rounded every float to 10 decimal places (1.234e-12 read 0.0, 0.1 + 0.2
+    read 0.3, a budget of 0.24000000000000002 read 0.24) and cut timestamps to milliseconds:
+    pandas' to_json. Each value now reaches JSON as Python has it."""
+    import pandas as pd
+
+    df, _ = run_readonly_query(con, "SELECT 1.234e-12::DOUBLE AS s, 0.1::DOUBLE + 0.2::DOUBLE AS x")
+    assert json.loads(json.dumps(table_json(df)))["rows"] == [[1.234e-12, 0.1 + 0.2]]
+    # /runs: the log's own DataFrame (timestamps with microseconds, a missing value, numpy ints)
+    runs = pd.DataFrame(
+        {
+            "created_at": [pd.Timestamp("2026-12-08 02:25:59.843445", tz="UTC")],
+            "kl": [float("nan")],
+            "n": pd.array([42], dtype="int64"),
+            "budget": [0.24000000000000002],
+        }
+    )
+    rows = json.loads(json.dumps(table_json(runs)))["rows"]
+    assert rows == [["2026-12-08T02:25:59.843445+00:00", None, 42, 0.24000000000000002]]
+    assert pd.Timestamp(rows[0][0]) == runs["created_at"][0]

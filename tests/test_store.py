@@ -204,6 +204,30 @@ def test_appends_merged_into_one_commit_leave_the_run_row_as_of_the_last(db, mon
         log.finish(run_id, trace)
 
 
+@pytest.mark.parametrize(
+    "timings, wall_ms",
+    [
+        ({"prefill_ms": 40.0, "decode_ms": 200.0, "total_ms": 250.5}, 250.5),  # a generation
+        ({"reroute_ms": 812.0, "prefill_ms": 800.0}, 812.0),  # a re-route
+        ({"prefill_ms": 40.0, "decode_ms": 60.0}, 100.0),  # a generation cut short
+        ({"prefill_ms": float("nan")}, None),  # no account: from its start in the log
+    ],
+)
+def test_a_runs_wall_time_is_its_own_not_the_logs(db, timings, wall_ms):
+    """A re-route or a `route` run is started in the log once complete, and was logged with
+    wall_ms about 1 (its re-route took 650-840 ms); a streamed one left out its prefill."""
+    trace = synthetic_trace(n_layers=2, n_tokens=8, seed=3)
+    trace.timings = dict(timings)
+    with RunLog(db) as log:
+        run_id = log.start_run(trace)
+        log.finish(run_id, trace)
+        row = log.get_run(run_id)
+    if wall_ms is None:
+        assert 0 < row["wall_ms"] < 5000
+    else:
+        assert row["wall_ms"] == pytest.approx(wall_ms)
+
+
 def test_append_refuses_gaps_and_finished_runs(db):
     full = synthetic_trace(n_layers=2, n_tokens=10, seed=2)
     with RunLog(db) as log:

@@ -16,9 +16,13 @@ gr.Blocks. Never holds model logic of its own.
 from __future__ import annotations
 
 import asyncio
-import json
+import datetime as dt
+import math
+from decimal import Decimal
 
 import gradio as gr
+import numpy as np
+import pandas as pd
 from gradio.data_classes import FileData
 
 from metaattn_viz.app import display, plots
@@ -44,11 +48,35 @@ SQL_MAX_ROWS = 500  # the console's default row limit
 SQL_ROWS_LIMIT = 10_000
 
 
+def json_cell(v):
+    """One table value as JSON carries it, exactly: a float at full precision (pandas'
+    to_json kept 10 decimal places: 1.234e-12 read 0.0), a timestamp in ISO 8601 to the
+    microsecond, NaN, NaT and other missing values as null, numpy scalars as Python ones,
+    lists and structs by their members."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if v is None or v is pd.NaT or v is pd.NA:
+        return None
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, Decimal):  # a number: an int where it has no fraction
+        return int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, (dt.datetime, dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, dt.timedelta):
+        return str(v)
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [json_cell(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): json_cell(x) for k, x in v.items()}
+    return v
+
+
 def table_json(df, notice: str | None = None) -> dict:
     """A DataFrame as the endpoints return tables: {columns, rows, notice}."""
     return {
         "columns": list(df.columns),
-        "rows": json.loads(df.to_json(orient="values", date_format="iso")),
+        "rows": [[json_cell(v) for v in row] for row in df.astype(object).itertuples(index=False)],
         "notice": notice,
     }
 

@@ -103,10 +103,29 @@ def run_row(run_id: str, trace: RoutingTrace, kind: str, owner: str | None = Non
     return row
 
 
+def run_wall_ms(trace: RoutingTrace, logged_ms: float) -> float:
+    """The run's wall time: the trace's own account where it has one (a generation's
+    `total_ms`, or its prefill and decoding so far when it was cut short; a re-route's
+    `reroute_ms`), else `logged_ms`, from its start in the log to its end there. A run is
+    started in the log only after its prefill (a stream), or once it is complete (a
+    re-route, `route`): that alone gave a re-route about 1 ms."""
+    ms = {}
+    for key in ("total_ms", "reroute_ms", "prefill_ms", "decode_ms"):
+        v = trace.timings.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            ms[key] = float(v)
+    if "total_ms" in ms or "reroute_ms" in ms:
+        return ms.get("total_ms", ms.get("reroute_ms", logged_ms))
+    if "prefill_ms" in ms:
+        return ms["prefill_ms"] + ms.get("decode_ms", 0.0)
+    return logged_ms
+
+
 def final_fields(
     run_id: str, trace: RoutingTrace, status: str, error: str | None, wall_ms: float, finished_at: float
 ) -> dict[str, Any]:
-    """The runs fields that finish writes (schema.FINAL_COLUMNS)."""
+    """The runs fields that finish writes (schema.FINAL_COLUMNS); `wall_ms`: from the run's
+    start in the log to its end there (`run_wall_ms` prefers the trace's own account)."""
     return {
         "run_id": run_id,
         "status": status,
@@ -115,7 +134,7 @@ def final_fields(
         "output_text": safe_text(trace.output_text),
         "realized_cost": _finite_or_none(trace.realized_cost),
         "flops_ratio": _finite_or_none(trace.attention_flops_ratio),
-        "wall_ms": wall_ms,
+        "wall_ms": run_wall_ms(trace, wall_ms),
         "timings": json.dumps(trace.timings, default=_json_default),
         "error": None if error is None else safe_text(error),
     }
