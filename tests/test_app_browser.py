@@ -926,3 +926,50 @@ def test_a_refused_generate_says_so_in_a_toast_and_marks_no_view(page, tmp_path)
     _toast(page, "Seed must be a whole number between 0 and 2,147,483,647, got -1.")
     time.sleep(2)
     assert page.evaluate(ERROR_BADGES) == [] and _status(page) == shown
+
+
+COMPARE_ROWS = "#compare-table [role=row]:has([role=gridcell])"
+
+
+def test_a_run_with_no_budget_replays_as_such_and_a_failed_compare_leaves_no_old_one(page, server, tmp_path):
+    """Replaying a run routed with no budget set the slider to 1 (Generate then made a dense
+    run of a run that spent 0.29), said "budget None" and put budget=1 in its link; Run B set
+    to an unknown id after a comparison left the earlier note (naming the old run B), both
+    maps and the table standing under the "Error" badge."""
+    client = server.client()
+    ask = dict(api_name="/generate", max_new_tokens=2, chat=False, quality=False)
+    free = client.predict(prompt="The capital of France is", budget=None, **ask)
+    kept = client.predict(prompt="The capital of Italy is", budget=0.4, **ask)
+    assert free["budget"] is None and kept["budget"] == 0.4
+    page.get_by_role("tab", name="History").click()
+    page.fill("#run-a textarea, #run-a input", free["run_id"])
+    page.fill("#run-b textarea, #run-b input", kept["run_id"])
+    page.click("#compare")
+    page.get_by_text("the same expert in").first.wait_for(timeout=60_000)
+    note = page.inner_text("#compare-note")
+    assert "no budget" in note and "None" not in note and kept["run_id"] in note
+    assert page.evaluate(PLOT_LEN, "#compare-a") > 0 and page.locator(COMPARE_ROWS).count() > 0
+    # run B unknown: the toast says so, and nothing of the earlier comparison stays
+    page.fill("#run-b textarea, #run-b input", "no-such-run")
+    page.click("#compare")
+    _toast(page, "There is no run")
+    # (the note's block then holds only the failed event's "Error" badge)
+    page.wait_for_function(
+        "() => !document.querySelector('#compare-note').innerText.includes('the same expert')", timeout=30_000
+    )
+    assert "Run A" not in page.inner_text("#compare-note") and page.locator(COMPARE_ROWS).count() == 0
+    assert page.evaluate(PLOT_LEN, "#compare-a") <= 0 and page.evaluate(PLOT_LEN, "#compare-b") <= 0
+    page.screenshot(path=str(tmp_path / "failed-compare.png"), full_page=True)
+    _dismiss_toasts(page)
+    # replay the run with no budget: a warning names the budget the slider stands in with
+    page.click("#replay")
+    _toast(page, "was routed with no budget")
+    page.wait_for_function(STATUS_HAS, arg="Replayed run", timeout=60_000)
+    assert "no budget" in _status(page) and "None" not in _status(page)
+    budget = float(page.locator("#budget input[type=number]").input_value())
+    assert budget == pytest.approx(min(max(free["realized_cost"], 0.15), 1.0), abs=0.0051)
+    warned = page.locator(".toast-body", has_text="was routed with no budget").first.inner_text()
+    assert f"set to {budget:g}" in warned and f"use budget {budget:g}" in warned
+    page.wait_for_function(f"() => ({LINK})().includes('run={free['run_id']}')", timeout=60_000)
+    assert "budget=" not in page.evaluate(LINK)
+    page.screenshot(path=str(tmp_path / "no-budget-replay.png"), full_page=True)

@@ -61,11 +61,14 @@ def status_markdown(status: dict) -> str:
                 model += f". \u26a0 {kind} controllers: {c['weights_notice']}"
     if not s["logging"]:
         logging_ = f"Runs not logged: {s['log_problem']}"
+    elif s.get("log_file_problem"):  # its file deleted or replaced while open: no write failed
+        logging_ = f"Runs are not being logged to `{s['log_path']}`: {s['log_file_problem']}"
     elif s.get("log_problem"):  # open, but the last write failed (a full disk)
         logging_ = f"Runs logged to `{s['log_path']}`, but the last write failed. {s['log_problem']}"
     else:
         logging_ = f"Runs logged to `{s['log_path']}`"
-    line = f"{model}. {logging_}. At most {s['max_context']} tokens are routed."
+    # a problem may end its own sentence: one period, not two
+    line = f"{model}. {logging_.rstrip('.')}. At most {s['max_context']} tokens are routed."
     notes = [n for n in (visibility_note(s), storage_note(s), queue_note(s)) if n]
     return line + "".join(f"\n\n{n}" for n in notes)
 
@@ -201,23 +204,48 @@ def hedge_note(trace) -> str | None:
     )
 
 
-# a replayed run that is not whole: what its status says about the tokens it holds
+def budget_words(settings) -> str:
+    """A run's budget in a sentence: "budget 0.5", or "no budget" for a run routed without
+    one (settings.budget None: each decision the controller's own pick), which read
+    "budget None"."""
+    return "no budget" if settings.budget is None else f"budget {settings.budget:g}"
+
+
+# a replayed run that is not whole: what its status says about the tokens it holds (a
+# clause of its own: "the run was failed" read as if someone had failed it)
 _PARTIAL = {
-    "running": "still streaming: the tokens logged so far",
-    "stopped": "stopped before its end",
-    "interrupted": "interrupted (the server went away mid-run): the tokens logged until then",
-    "failed": "failed: the tokens logged before the failure",
+    "running": "the run is still streaming: these are the tokens logged so far",
+    "stopped": "the run was stopped before its end",
+    "interrupted": (
+        "the run was interrupted (the server went away mid-run): these are the tokens logged until then"
+    ),
+    "failed": "the run failed: these are the tokens logged before the failure",
 }
+# an interrupted run whose error says why (its process ended, a write to the log failed):
+# the error speaks, not the guess that the server went away
+_INTERRUPTED_WHY = "the run was interrupted: these are the tokens logged until then"
+ERROR_CHARS = 300  # a logged error is cut to this length in a replay's note
 
 
-def replay_note(trace, status: str = "done") -> str:
-    """The line of a replayed run; `status` (the log's) says when it holds only part of a run."""
+def replay_note(trace, status: str = "done", error: str | None = None) -> str:
+    """The line of a replayed run; `status` (the log's) says when it holds only part of a
+    run, and `error` (the log's `error` of a run that failed or was interrupted) why it
+    ended, in a code span (an exception's text is no Markdown)."""
+    error = " ".join((error or "").split())
     partial = _PARTIAL.get(status)
-    return (
+    if status == "interrupted" and error:
+        partial = _INTERRUPTED_WHY
+    line = (
         f"Replayed run `{trace.run_id}` from the routing log: {trace.n_tokens} tokens, "
-        f"{trace.controller} controller, budget {trace.settings.budget}"
-        + (f"; the run was {partial}." if partial else ".")
+        f"{trace.controller} controller, {budget_words(trace.settings)}"
+        + (f"; {partial}." if partial else ".")
     )
+    if not partial or not error:
+        return line
+    if len(error) > ERROR_CHARS:
+        error = error[: ERROR_CHARS - 1] + "\u2026"
+    error = error.replace("`", "'")  # a backtick would end the code span
+    return f"{line} The log says why: `{error}`."
 
 
 def compare_note(a, b, df) -> str:
@@ -246,9 +274,15 @@ def compare_note(a, b, df) -> str:
     )
 
 
+# A cost model in the comparison's note (core.settings.COST_MODELS): a budget and a cost
+# count notional costs or a share of dense attention FLOPs, so two runs' costs compare
+# only under the same one.
+COST_MODEL_WORDS = {"notional": "notional costs", "flops": "costs in attention FLOPs"}
+
+
 def _differences(trace, other) -> list[str]:
-    """What sets `trace` apart from the run it is compared with: its model, layer count
-    and length, where they differ."""
+    """What sets `trace` apart from the run it is compared with: its model, layer count,
+    length and cost model, where they differ."""
     out = []
     if trace.model != other.model:
         out.append(str(trace.model))
@@ -256,6 +290,9 @@ def _differences(trace, other) -> list[str]:
         out.append(f"{trace.n_layers} layers")
     if trace.n_tokens != other.n_tokens:
         out.append(f"{trace.n_tokens} tokens")
+    cost_model = trace.settings.cost_model
+    if cost_model != other.settings.cost_model:
+        out.append(COST_MODEL_WORDS.get(cost_model, f"cost model {cost_model}"))
     return out
 
 
@@ -263,16 +300,17 @@ def _compared_run(trace, other) -> str:
     """One run in the comparison's note: its id, what sets it apart, its routing."""
     differs = ", ".join(_differences(trace, other))
     return (
-        f"`{trace.run_id}` ({differs + '; ' if differs else ''}{trace.controller}, budget "
-        f"{trace.settings.budget}, cost {trace.realized_cost:.3f})"
+        f"`{trace.run_id}` ({differs + '; ' if differs else ''}{trace.controller}, "
+        f"{budget_words(trace.settings)}, cost {trace.realized_cost:.3f})"
     )
 
 
 def compare_title(label: str, trace, other=None) -> str:
     """The title of one run's map in the comparison; with `other` (the run it is compared
-    with), also its model, layer count and length where they differ from the other's."""
+    with), also its model, layer count, length and cost model where they differ from the
+    other's."""
     differs = _differences(trace, other) if other is not None else []
-    return ", ".join([f"{label}: budget {trace.settings.budget}", trace.controller, *differs])
+    return ", ".join([f"{label}: {budget_words(trace.settings)}", trace.controller, *differs])
 
 
 def inspect_note(trace, pos: int, view) -> str:
@@ -406,6 +444,7 @@ __all__ = [
     "run_status",
     "empty_generation_note",
     "reroute_note",
+    "budget_words",
     "replay_note",
     "compare_note",
     "compare_title",

@@ -53,6 +53,10 @@ class Engine:
         their weights notice), where it runs, logging, who sees the runs and whether they
         last, and how many tokens are routed at most."""
         model, logging = self.host.status(), self.history.status()
+        # the log's file deleted or replaced while open, on its own (log_problem says a
+        # failed write the same way): the header words it as what it is, no failed write
+        run_log = self.history.run_log
+        logging["log_file_problem"] = run_log.file_problem() if run_log is not None else None
         if self.deployment.public and logging["log_path"]:  # a visitor needs no server paths
             logging = {**logging, "log_path": Path(logging["log_path"]).name}
         return {

@@ -6,9 +6,11 @@ that opens the page on the run; and open such a link.
 downloads, demo)` refreshes them after every event that puts a new trace on the page
 (`live.trace_events`: a generation, a re-route, a replay, a new uncertainty measure) and
 opens a shared link when the page loads (share.py: the run replayed from the log with
-its settings, or the link's settings and prompt alone, with a sentence saying why). The
-files are written by exports.Downloads; a visitor exports only runs they may read
-(engine.deployment.reader). Never holds model or store logic of its own.
+its settings, or the link's settings and prompt alone, with a sentence saying why). A
+replayed run's note (`replay_note`, History's Replay's too) names the error the log
+records for a run that failed or was interrupted. The files are written by
+exports.Downloads; a visitor exports only runs they may read (engine.deployment.reader).
+Never holds model or store logic of its own.
 """
 
 from __future__ import annotations
@@ -50,6 +52,22 @@ def download(path) -> gr.DownloadButton:
 
 def no_download() -> gr.DownloadButton:
     return gr.DownloadButton(value=None, interactive=False)
+
+
+def replay_note(history, trace, status: str, owner: str | None) -> str:
+    """display.replay_note of a run replayed from the log (History's Replay, a shared
+    link), with the `error` its runs row records where it failed or was interrupted:
+    RunHistory.replay_with_status hands over the trace and the status; by then the error is
+    final, so this second read finds the one the replay's snapshot held. A log that fails
+    this read leaves the note without it (the replay itself has succeeded)."""
+    error = None
+    run_log = history.run_log
+    if status in ("failed", "interrupted") and run_log is not None and trace.run_id:
+        try:
+            error = run_log.get_run(trace.run_id, owner).get("error")
+        except Exception as exc:  # the note goes without the error; the run is on the page
+            log.warning("no error text for replayed run %s: %s", trace.run_id, exc)
+    return display.replay_note(trace, status, error)
 
 
 def referer(request: gr.Request | None) -> str | None:
@@ -132,11 +150,10 @@ class ExportPanel:
             if shared is None:  # an ordinary visit: nothing changes
                 return {live.run_status: gr.skip()}
             trace, why = None, None
+            reader = engine.deployment.reader(session_of(request))
             if shared.run_id is not None:
                 try:
-                    trace, status = history.replay_with_status(
-                        shared.run_id, engine.deployment.reader(session_of(request))
-                    )
+                    trace, status = history.replay_with_status(shared.run_id, reader)
                 except AppError as exc:  # not in this log, another visitor's, no log, unreadable
                     trace, why = None, str(exc)
             # a run that replays sets the model itself (show_run, with its own note where this
@@ -163,7 +180,7 @@ class ExportPanel:
                     )
                 return out
             out.update(live.show_run(trace, measure))  # the run's own settings and prompt win
-            out[live.run_status] = "Opened a shared link: " + display.replay_note(trace, status)
+            out[live.run_status] = "Opened a shared link: " + replay_note(history, trace, status, reader)
             return out
 
         targets = [*live.run_outputs, *live.link_controls.values(), live.prompt, live.run_status]
@@ -176,4 +193,4 @@ class ExportPanel:
         loaded.then(refresh, inputs, self.outputs, api_visibility="private", show_progress="hidden")
 
 
-__all__ = ["ExportPanel", "download", "download_button", "no_download", "PNG_SVG_NOTE"]
+__all__ = ["ExportPanel", "download", "download_button", "no_download", "replay_note", "PNG_SVG_NOTE"]

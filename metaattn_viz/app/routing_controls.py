@@ -1,8 +1,9 @@
 """The Live tab's routing controls as one object: the sliders and radios that make a
 `RoutingSettings` (budget, scope, hedge policy, threshold and measure, local window, cost
 model), their labels, and the two ways between them and settings (`settings` from a
-callback's values, `show` of a replayed run's). tab_live.py lays them out among its other
-controls.
+callback's values, `show` of a replayed run's). The budget slider cannot say "no budget": a
+run routed without one is shown at its realised cost, with a warning (`no_budget_note`).
+tab_live.py lays them out among its other controls.
 
 A value is committed (and the text re-routed) when a slider is released, its box loses
 focus, Enter is pressed in its box, or the arrow keys stop moving it (`COMMIT_JS`); never on
@@ -181,10 +182,50 @@ class RoutingControls:
         settings as resolved, e.g. linear_map "auto" as "learned", so not `a == b`)."""
         return all(getattr(a, f) == getattr(b, f) for f in CONTROL_FIELDS)
 
-    def show(self, s: RoutingSettings) -> dict:
-        """The controls set to `s` (a replayed run's settings)."""
+    def unchanged(self, settings: RoutingSettings, trace) -> bool:
+        """Whether the controls' `settings` are those `trace` is shown with (`show`): `same`,
+        with a run of no budget taken at the budget its slider stands in with, so that a
+        commit that moves nothing (Tab through the box) does not re-route it."""
+        shown = trace.settings.with_(budget=self.shown_budget(trace.settings, trace.realized_cost))
+        return self.same(settings, shown)
+
+    def shown_budget(self, s: RoutingSettings, realized_cost: float = math.nan) -> float:
+        """The budget slider's value for a run of settings `s`: its budget, or for a run
+        routed with no budget, which the slider cannot express, its `realized_cost` on the
+        slider's step (the budget that asks for what the run spent; the slider's default
+        where there is none, a run of no decisions). It was 1, and Generate then made a
+        dense run of a run that spent 0.29."""
+        if s.budget is not None:
+            return s.budget
+        slider = self.budget
+        if not math.isfinite(realized_cost):
+            return float(slider.value)
+        return on_step(realized_cost, slider.minimum, slider.maximum, slider.step)
+
+    def no_budget_note(self, trace) -> str | None:
+        """The warning that a replayed run had no budget, which the slider cannot express,
+        naming the budget Generate and a re-route use instead (None for a run with one). A
+        toast shows it as plain text: no Markdown (the status line names the run)."""
+        if trace.settings.budget is not None:
+            return None
+        cost = trace.realized_cost
+        used = self.shown_budget(trace.settings, cost)
+        why = (
+            f"the nearest it comes to the run's realised cost ({cost:.3f})"
+            if math.isfinite(cost)
+            else "its default (the run holds no decisions)"
+        )
+        return (
+            f"This run was routed with no budget (each decision the controller's own pick, with "
+            f"no cost to meet), which the budget slider cannot express: it is set to {used:g}, "
+            f"{why}. Generate and a re-route use budget {used:g}."
+        )
+
+    def show(self, s: RoutingSettings, realized_cost: float = math.nan) -> dict:
+        """The controls set to `s` (a replayed run's settings; with no budget, the slider at
+        the run's `realized_cost`: `shown_budget`)."""
         return {
-            self.budget: s.budget if s.budget is not None else 1.0,
+            self.budget: self.shown_budget(s, realized_cost),
             self.scope: s.scope,
             self.hedge_policy: s.hedge_policy,
             self.hedge_threshold: s.hedge_threshold,

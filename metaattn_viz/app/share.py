@@ -114,7 +114,8 @@ def share_query(trace, values: Mapping) -> str:
     value), its routing settings and controller, how its text was generated (the trace's
     `generation`; where it has none, as for a run logged before the log kept it, the
     controls' `values` stand in), the other controls' `values` (keys of PARAMETERS:
-    measure), and its prompt if it is at most MAX_LINK_PROMPT characters."""
+    measure), and its prompt if it is at most MAX_LINK_PROMPT characters. A run routed with
+    no budget has no `budget` (a link cannot say "none": opened, the run's replay says so)."""
     s = trace.settings
     params: dict[str, str] = {}
     if trace.run_id:
@@ -132,7 +133,11 @@ def share_query(trace, values: Mapping) -> str:
         "window": s.window,
         "cost_model": s.cost_model,
     }
-    if s.budget is not None:
+    # a run with no budget: none in the link (the budget slider's value, which stands in
+    # for it on the page, is not the run's)
+    if s.budget is None:
+        given.pop("budget", None)
+    else:
         given["budget"] = s.budget
     for key in PARAMETERS:
         if key in given:

@@ -20,6 +20,7 @@ from metaattn_viz.app.deployment import session_of
 from metaattn_viz.app.engine import Engine
 from metaattn_viz.app.exports import Downloads
 from metaattn_viz.app.history import RUNS_PAGE
+from metaattn_viz.app.live_exports import replay_note
 from metaattn_viz.app.live_inspector import FIGURE_MIN_PX
 from metaattn_viz.app.live_stream import GENERATION_RUNNING
 from metaattn_viz.app.plotly_html import figure_value, plotly_view
@@ -220,10 +221,11 @@ class HistoryTab:
             if live.streams.going_on(session_of(request), engine.generations):
                 gr.Warning(REPLAY_WHILE_GENERATING)
                 return gr.skip()
-            trace, status = history.replay_with_status(run_id, reader(request))
+            owner = reader(request)
+            trace, status = history.replay_with_status(run_id, owner)
             return {
                 **live.show_run(trace, measure),
-                live.run_status: display.replay_note(trace, status),
+                live.run_status: replay_note(history, trace, status, owner),
                 tabs: gr.Tabs(selected="live"),
             }
 
@@ -243,11 +245,18 @@ class HistoryTab:
             fb = plots.expert_map(b, COMPARE_MAP_HEIGHT, display.compare_title("B", b, a))
             return display.compare_note(a, b, df), figure_value(fa), figure_value(fb), df.round(3)
 
-        self.compare.click(
-            compare,
-            [self.run_a, self.run_b],
-            [self.compare_note, self.cmp_a, self.cmp_b, self.cmp_table],
-            api_visibility="private",
+        compared = [self.compare_note, self.cmp_a, self.cmp_b, self.cmp_table]
+        blank = figure_value(plots.expert_map(plots.empty_trace(), height=COMPARE_MAP_HEIGHT))
+
+        def compare_started():
+            """The previous comparison goes before a new one runs (as sql_started's answer
+            does), so that a failed compare (its message is the error toast: run B empty or
+            unknown) leaves no note, maps or table of the earlier runs standing under its
+            "Error" badge as if they were this comparison's."""
+            return "", blank, blank, pd.DataFrame(columns=list(store.COMPARE_COLUMNS))
+
+        self.compare.click(compare_started, None, compared, api_visibility="private", queue=False).then(
+            compare, [self.run_a, self.run_b], compared, api_visibility="private"
         )
 
         @user_errors("running the query")

@@ -280,12 +280,14 @@ class LiveTab:
         its prompt, and its model, controller, routing settings and (where the log kept
         them, from schema version 6 on) generation settings on the controls, so that
         Generate makes the run again. A model this server does not offer leaves the
-        dropdown as it is, with a warning naming the model Generate uses instead."""
+        dropdown as it is, and a run with no budget sets the slider to its realised cost
+        (`RoutingControls.shown_budget`), each with a warning naming what Generate uses."""
         made = trace.generation or {}
         generation = {key: made[field] for key, field in GENERATION_PARAMETERS.items() if field in made}
         model = offered_model(trace.model, self.model.choices)
         if trace.model and model is None:
             warn([missing_model_note(trace.model, self.model.choices)])
+        warn(filter(None, [self.routing.no_budget_note(trace)]))
         return {
             **self.show(trace, measure),
             self.trace: trace,
@@ -294,7 +296,7 @@ class LiveTab:
             **self.show_linked(generation),
             **({self.model: model} if model is not None else {}),
             self.controller: trace.controller,
-            **self.routing.show(trace.settings),
+            **self.routing.show(trace.settings, trace.realized_cost),
         }
 
     @property
@@ -508,13 +510,13 @@ class LiveTab:
                 warn(empty)
                 if trace is None:
                     return gr.skip()
-                shown = self.routing.show(trace.settings)
+                shown = self.routing.show(trace.settings, trace.realized_cost)
                 return {c: shown[c] for c in self.routing.sliders.values() if as_typed(data[c]) is None}
             settings = self.routing.settings(data)
             boxes = self.routing.box_updates(data)  # a box between steps shows the step used
             if trace is None:
                 return {**boxes, self.run_status: "The settings apply to the next generation."}
-            if self.routing.same(settings, trace.settings) and data[self.controller] == trace.controller:
+            if self.routing.unchanged(settings, trace) and data[self.controller] == trace.controller:
                 # nothing changed (a box left with Tab, a slider released where it was):
                 # no re-route, and no run in the log
                 return boxes or gr.skip()

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from metaattn_viz.core.dirichlet import uncertainties
 from metaattn_viz.core.experts import EXPERTS
-from metaattn_viz.core.settings import RoutingSettings
+from metaattn_viz.core.settings import CONTROLLER_KINDS, RoutingSettings
 from metaattn_viz.core.trace import GENERATION_KEYS, RoutingTrace, generation_record
 from metaattn_viz.store.schema import SETTINGS_COLUMNS, UNCERTAINTY_COLUMNS
 
@@ -328,7 +328,8 @@ def decode_trace(
     numpy arrays, Q.TOKENS_OF_RUN and Q.ROUTES_OF_RUN): the inverse of the encoding
     above. The caller checks that there are n_tokens token rows and n_layers x n_tokens
     route rows. A value this version rejects (a setting out of range in an old or edited
-    log, timings that are not JSON) raises ValueError naming it."""
+    log, a controller it does not know, timings that are not JSON) raises ValueError naming
+    it."""
     L, T = int(run["n_layers"]), int(run["n_tokens"])
     layer, pos = np.asarray(routes["layer"], np.intp), np.asarray(routes["pos"], np.intp)
 
@@ -341,6 +342,11 @@ def decode_trace(
         return np.stack([grid(routes[f"{prefix}_{e}"], np.float32) for e in EXPERTS], -1)
 
     kl = np.ma.filled(np.ma.asarray(tokens["kl_to_dense"], np.float32), np.nan)  # NULL: NaN
+    if run["controller"] not in CONTROLLER_KINDS:  # the page's radio, a re-route, a link: none has it
+        raise ValueError(
+            f"its controller {str(run['controller'])[:80]!r} is not one this version knows "
+            f"({', '.join(CONTROLLER_KINDS)})"
+        )
     try:
         settings = RoutingSettings.from_dict({name: run[column] for name, column in SETTINGS_COLUMNS.items()})
     except (ValueError, TypeError) as exc:
