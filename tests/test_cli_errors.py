@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -292,6 +293,15 @@ def test_serve_on_a_host_that_is_not_this_machines_says_so_before_building_the_a
         refused = rf"cannot listen on {host}:\d+: .*another --port or --host"
         with pytest.raises(server.CannotListen, match=refused):
             server.serve(host=host, port=free_port())
+    served = ["127.0.0.1", "localhost", "0.0.0.0"]  # as Gradio serves them: they pass
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        served += ["::1", "[::1]"]  # Gradio strips the brackets
+    except OSError:  # a machine without IPv6
+        pass
+    for host in served:
+        server.check_listen(host, free_port())
 
 
 def test_serve_refuses_db_with_no_log_and_a_port_that_is_not_a_number(capsys, monkeypatch):

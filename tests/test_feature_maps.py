@@ -365,6 +365,24 @@ def test_hedgehog_loss_is_the_cross_entropy_of_the_weights():
     assert float(loss) == pytest.approx(total / 24, rel=1e-5)
 
 
+def test_a_config_with_numpy_numbers_makes_a_checkpoint_that_loads(tmp_path):
+    """A notebook's FeatureMapConfig(lr=np.float64(...)) kept the numpy float: its
+    checkpoint's config did not load as plain data (checkpoints.read, weights_only), and
+    the run failed at its end, marking the checkpoint finished."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from metaattn_viz.training import checkpoints
+    from metaattn_viz.training import feature_maps as fmod
+
+    cfg = fmod.FeatureMapConfig(lr=np.float64(0.02), weight_decay=np.float32(0.0))
+    assert type(cfg.lr) is float and type(cfg.weight_decay) is float and cfg.lr == 0.02
+    path = tmp_path / "checkpoint.pt"
+    checkpoints.write(path, {"config": asdict(cfg), "layers": []})
+    assert checkpoints.read(path)["config"]["lr"] == 0.02
+
+
 def test_train_saves_loads_and_resumes(tmp_path):
     from metaattn_viz.training import feature_maps as fmod
 

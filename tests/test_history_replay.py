@@ -119,6 +119,27 @@ def test_a_run_with_no_budget_replays_with_a_warning_and_its_link_carries_no_bud
     assert again[slider] == 0.4 and _link(page, kept, 0.7)["budget"] == "0.4"
 
 
+def test_a_run_between_the_sliders_steps_replays_at_the_nearest_step_with_a_warning(page):
+    """A run made through the API or the CLI (budget 0.151, threshold 0.333, window 13) was
+    shown as typed; the page's snapping then made a commit that moved nothing (Tab through a
+    box) re-route it to 0.15 / 0.33 / 16 and log a run, and Generate silently made another.
+    The sliders show the nearest step, a warning says so, and such a commit re-routes nothing."""
+    c = page.components
+    settings = parse_settings(0.151, hedge_policy="full", hedge_threshold=0.333, window=13)
+    req = parse_request(PROMPT, settings, max_new_tokens=3, quality=False, chat=False)
+    trace = page.engine.generations.generate(req)
+    page.engine.history.flush()
+    with pytest.warns(UserWarning, match="values the sliders cannot hold") as warned:
+        out = _fn(page, "replay").fn(trace.run_id, "total", VISITOR)
+    said = _said(warned)
+    for typed, shown in (("budget 0.151", "0.15"), ("threshold 0.333", "0.33"), ("window 13", "16")):
+        assert f"{typed} is shown as {shown}" in said
+    assert (out[c["budget"]], out[c["hedge-threshold"]], out[c["window"]]) == (0.15, 0.33, 16)
+    reroute = _fn(page, "live_reroute")
+    data = {block: out.get(block, getattr(block, "value", None)) for block in reroute.inputs}
+    assert reroute.fn(data, VISITOR) == gr.skip()  # nothing moved: no re-route, no run logged
+
+
 def test_the_notes_and_titles_say_no_budget_where_they_said_budget_none(page):
     a = synthetic_trace(n_layers=2, n_tokens=6, seed=1, budget=None)
     b = synthetic_trace(n_layers=2, n_tokens=6, seed=2)

@@ -1,8 +1,10 @@
 """The Live tab's routing controls as one object: the sliders and radios that make a
 `RoutingSettings` (budget, scope, hedge policy, threshold and measure, local window, cost
 model), their labels, and the two ways between them and settings (`settings` from a
-callback's values, `show` of a replayed run's). The budget slider cannot say "no budget": a
-run routed without one is shown at its realised cost, with a warning (`no_budget_note`).
+callback's values, `show` of a replayed run's). The sliders cannot hold every run's values: a
+run routed without a budget is shown at its realised cost, and a budget, threshold or window
+between the sliders' steps (the API and the CLI take any) at the nearest step, each with a
+warning naming what Generate and a re-route use (`replay_notes`).
 tab_live.py lays them out among its other controls.
 
 A value is committed (and the text re-routed) when a slider is released, its box loses
@@ -184,52 +186,76 @@ class RoutingControls:
 
     def unchanged(self, settings: RoutingSettings, trace) -> bool:
         """Whether the controls' `settings` are those `trace` is shown with (`show`): `same`,
-        with a run of no budget taken at the budget its slider stands in with, so that a
-        commit that moves nothing (Tab through the box) does not re-route it."""
-        shown = trace.settings.with_(budget=self.shown_budget(trace.settings, trace.realized_cost))
-        return self.same(settings, shown)
+        with the run's settings as the sliders hold them (`shown_settings`), so that a
+        commit that moves nothing (Tab through a box) does not re-route it."""
+        return self.same(settings, self.shown_settings(trace.settings, trace.realized_cost))
 
     def shown_budget(self, s: RoutingSettings, realized_cost: float = math.nan) -> float:
-        """The budget slider's value for a run of settings `s`: its budget, or for a run
-        routed with no budget, which the slider cannot express, its `realized_cost` on the
-        slider's step (the budget that asks for what the run spent; the slider's default
-        where there is none, a run of no decisions). It was 1, and Generate then made a
-        dense run of a run that spent 0.29."""
-        if s.budget is not None:
-            return s.budget
+        """The budget slider's value for a run of settings `s`: its budget on the slider's
+        step, or for a run routed with no budget, which the slider cannot express, its
+        `realized_cost` there (the budget that asks for what the run spent; the slider's
+        default where there is none, a run of no decisions). It was 1, and Generate then
+        made a dense run of a run that spent 0.29."""
         slider = self.budget
+        if s.budget is not None:
+            return on_step(s.budget, slider.minimum, slider.maximum, slider.step)
         if not math.isfinite(realized_cost):
             return float(slider.value)
         return on_step(realized_cost, slider.minimum, slider.maximum, slider.step)
 
-    def no_budget_note(self, trace) -> str | None:
-        """The warning that a replayed run had no budget, which the slider cannot express,
-        naming the budget Generate and a re-route use instead (None for a run with one). A
-        toast shows it as plain text: no Markdown (the status line names the run)."""
-        if trace.settings.budget is not None:
-            return None
-        cost = trace.realized_cost
-        used = self.shown_budget(trace.settings, cost)
-        why = (
-            f"the nearest it comes to the run's realised cost ({cost:.3f})"
-            if math.isfinite(cost)
-            else "its default (the run holds no decisions)"
-        )
-        return (
-            f"This run was routed with no budget (each decision the controller's own pick, with "
-            f"no cost to meet), which the budget slider cannot express: it is set to {used:g}, "
-            f"{why}. Generate and a re-route use budget {used:g}."
+    def shown_settings(self, s: RoutingSettings, realized_cost: float = math.nan) -> RoutingSettings:
+        """`s` as the sliders hold it: the budget as `shown_budget`, the threshold and the
+        window at the nearest step (a run made through the API or the CLI may lie between
+        them: shown as typed, the next commit snapped them and re-routed a run that moved
+        nothing, and Generate silently made another run)."""
+        t, w = self.hedge_threshold, self.window
+        return s.with_(
+            budget=self.shown_budget(s, realized_cost),
+            hedge_threshold=on_step(s.hedge_threshold, t.minimum, t.maximum, t.step),
+            window=round(on_step(s.window, w.minimum, w.maximum, w.step)),
         )
 
+    def replay_notes(self, trace) -> list[str]:
+        """The warnings for a replayed run the sliders cannot hold as it was routed (no
+        budget; a value between their steps), naming what Generate and a re-route use. A
+        toast shows them as plain text: no Markdown (the status line names the run)."""
+        s, cost = trace.settings, trace.realized_cost
+        shown = self.shown_settings(s, cost)
+        notes = []
+        if s.budget is None:
+            why = (
+                f"the nearest it comes to the run's realised cost ({cost:.3f})"
+                if math.isfinite(cost)
+                else "its default (the run holds no decisions)"
+            )
+            notes.append(
+                f"This run was routed with no budget (each decision the controller's own pick, "
+                f"with no cost to meet), which the budget slider cannot express: it is set to "
+                f"{shown.budget:g}, {why}. Generate and a re-route use budget {shown.budget:g}."
+            )
+        moved = [
+            f"{label} {_num(getattr(s, f))} is shown as {_num(getattr(shown, f))}"
+            for f, label in (("budget", "budget"), ("hedge_threshold", "threshold"), ("window", "window"))
+            if getattr(s, f) is not None and getattr(s, f) != getattr(shown, f)
+        ]
+        if moved:
+            notes.append(
+                f"This run was routed with values the sliders cannot hold (made through the API "
+                f"or the CLI): {'; '.join(moved)}, the nearest step, which Generate and a re-route use."
+            )
+        return notes
+
     def show(self, s: RoutingSettings, realized_cost: float = math.nan) -> dict:
-        """The controls set to `s` (a replayed run's settings; with no budget, the slider at
-        the run's `realized_cost`: `shown_budget`)."""
+        """The controls set to `s` (a replayed run's settings) as the sliders hold them
+        (`shown_settings`: with no budget at the run's `realized_cost`, values between steps
+        at the nearest one)."""
+        shown = self.shown_settings(s, realized_cost)
         return {
-            self.budget: self.shown_budget(s, realized_cost),
+            self.budget: shown.budget,
             self.scope: s.scope,
             self.hedge_policy: s.hedge_policy,
-            self.hedge_threshold: s.hedge_threshold,
-            self.window: min(max(s.window, WINDOW_MIN), WINDOW_MAX),
+            self.hedge_threshold: shown.hedge_threshold,
+            self.window: shown.window,
             self.hedge_measure: s.hedge_measure,
             self.cost_model: s.cost_model,
         }

@@ -103,8 +103,9 @@ def check_listen(host: str, port: int) -> None:
     """CannotListen unless `host`:`port` can be bound now (as Gradio binds it: with
     SO_REUSEADDR, so a port in TIME_WAIT passes), before anything is built or loaded. Gradio
     tries again when it starts listening: a port taken in between is still refused."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # "[::1]", as Gradio takes it
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(address)

@@ -280,14 +280,15 @@ class LiveTab:
         its prompt, and its model, controller, routing settings and (where the log kept
         them, from schema version 6 on) generation settings on the controls, so that
         Generate makes the run again. A model this server does not offer leaves the
-        dropdown as it is, and a run with no budget sets the slider to its realised cost
-        (`RoutingControls.shown_budget`), each with a warning naming what Generate uses."""
+        dropdown as it is, and a run with no budget or with values between the sliders'
+        steps sets them as they can (`RoutingControls.shown_settings`), each with a warning
+        naming what Generate uses."""
         made = trace.generation or {}
         generation = {key: made[field] for key, field in GENERATION_PARAMETERS.items() if field in made}
         model = offered_model(trace.model, self.model.choices)
         if trace.model and model is None:
             warn([missing_model_note(trace.model, self.model.choices)])
-        warn(filter(None, [self.routing.no_budget_note(trace)]))
+        warn(self.routing.replay_notes(trace))
         return {
             **self.show(trace, measure),
             self.trace: trace,

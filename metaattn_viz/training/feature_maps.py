@@ -95,6 +95,9 @@ class FeatureMapConfig:
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+            # a plain float: a numpy one (from a notebook) in the checkpoint's config would
+            # not load as plain data (checkpoints.read), and the run fail at its end
+            object.__setattr__(self, name, v)
 
 
 class LayerMaps(torch.nn.Module):
