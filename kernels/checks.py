@@ -25,6 +25,24 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def grad_inputs(q, k, v, weights, linear_state=None, features=None) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a routed_attention call a gradient may flow to, by name (the optional
+    linear_state and features where given)."""
+    named = [("q", q), ("k", k), ("v", v), ("weights", weights)]
+    if linear_state is not None:
+        named += [("linear_state S", linear_state[0]), ("linear_state z", linear_state[1])]
+    if features is not None:
+        named += [("features phi(q)", features[0]), ("features phi(k)", features[1])]
+    return named
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a graph through any of `tensors`: grad mode is on and one of
+    them requires grad. Such a call must keep its graph: the Triton kernels have no backward,
+    so it takes the cpu path (kernels.dispatch), which then differentiates (kernels.cpu)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _check_tensor(name: str, x, ndim: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -137,6 +155,14 @@ def check_routed_attention_args(
     if backend == "triton":
         if q.dtype not in TRITON_DTYPES:
             raise ValueError(f"backend='triton' takes float16, bfloat16 or float32 tensors, got {q.dtype}")
+        inputs = grad_inputs(q, k, v, weights, linear_state, features)
+        if needs_grad(*(x for _, x in inputs)):
+            # its output would carry no graph: a loss would silently lose this attention's terms
+            name = next(n for n, x in inputs if x.requires_grad)
+            raise ValueError(
+                f"backend='triton' has no backward, but {name} requires grad: use backend='cpu' "
+                "(or 'auto', which takes it for gradients), or call under torch.no_grad()"
+            )
         if not q.is_cuda and not triton_interpreted():
             raise ValueError(
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)"

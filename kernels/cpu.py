@@ -50,6 +50,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from metaattn_kernels.checks import needs_grad
 from metaattn_kernels.decode import linear_readout, window_keys
 from metaattn_kernels.experts import FULL, LINEAR, LOCAL
 from metaattn_kernels.reference import compute_dtype
@@ -490,7 +491,8 @@ def routed_attention_cpu(
     if tq == 1:
         y, new_state = _decode_step(q, k, v, w, active, window, n_sink, scale, linear_state, eps, feature_map)
         return y.to(out_dtype), new_state
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w))
+    # a linear_state or features that require grad need the graph too (no reused buffers)
+    grad = needs_grad(q, k, v, w, *(linear_state or ()), *(features or ()))
     shared = not grad and q.device.type == "cpu" and _BUFS_LOCK.acquire(blocking=False)
     _SCRATCH.on = shared
     try:

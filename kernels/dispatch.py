@@ -4,8 +4,9 @@
 token (full, linear, local; ids FULL, LINEAR, LOCAL) and runs each only on the rows
 routed to it. Backends: "reference" (dense PyTorch twins, the specification),
 "cpu" (fast PyTorch path, also the autograd path on any device), "triton" (CUDA, or
-the Triton interpreter when TRITON_INTERPRET=1), "auto" (triton for CUDA tensors
-that need no gradient, cpu otherwise). Triton is imported lazily, only when used.
+the Triton interpreter when TRITON_INTERPRET=1; inference only: it refuses inputs that
+require grad), "auto" (triton for CUDA tensors of a dtype it takes that need no gradient,
+cpu otherwise). Triton is imported lazily, only when used.
 
 `kernels.decode.decode_step` is the CPU hot path of token-by-token generation for trusted
 callers (the routed model): routes as plain floats, no argument checks, a lazily
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from metaattn_kernels.checks import check_routed_attention_args
+from metaattn_kernels.checks import TRITON_DTYPES, check_routed_attention_args, grad_inputs, needs_grad
 from metaattn_kernels.experts import EXPERTS, FULL, LINEAR, LOCAL
 from metaattn_kernels.feature_maps import FeatureMap
 from metaattn_kernels.flops import attention_flops
@@ -43,10 +44,13 @@ __all__ = [
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """The backend "auto" stands for with these tensors; other names are returned as given."""
+    """The backend "auto" stands for with these tensors (q first, then every input a gradient
+    may flow to); other names are returned as given. Triton only where it can serve the call
+    in full: q on CUDA in a dtype its kernels take (float64 would be refused) and no tensor
+    needing a gradient (they have no backward); the cpu path otherwise."""
     if backend != "auto":
         return backend
-    if tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if tensors[0].is_cuda and tensors[0].dtype in TRITON_DTYPES and not needs_grad(*tensors):
         return "triton"
     return "cpu"
 
@@ -84,7 +88,8 @@ def routed_attention(
     backend, and by triton unless it must map keys before Tk - Tq too (no linear_state with
     Tk > Tq); the reference maps q and k itself.
     Returns (y [B, Hq, Tq, D] in q's dtype, (S, z) float32 after all Tk keys).
-    Bad arguments raise ValueError naming the argument.
+    Bad arguments raise ValueError naming the argument; so does backend="triton" when an input
+    requires grad (its kernels have no backward; "auto" takes the cpu path then).
     """
     check_routed_attention_args(
         q, k, v, weights, window, n_sink, scale, linear_state, backend, eps, feature_map, features
@@ -92,7 +97,7 @@ def routed_attention(
     args = dict(window=window, n_sink=n_sink, scale=scale, linear_state=linear_state, eps=eps)
     if feature_map is not None:  # None adds no keyword: the elu + 1 calls stay exactly as they were
         args["feature_map"] = feature_map
-    backend = resolve_backend(backend, q, k, v, weights)
+    backend = resolve_backend(backend, *(x for _, x in grad_inputs(q, k, v, weights, linear_state, features)))
     if backend == "reference":
         from metaattn_kernels.reference import routed_attention_reference
 

@@ -179,6 +179,22 @@ def test_cpu_gradients_match_reference():
         assert max_err(a, b) <= 1e-10
 
 
+def test_cpu_gradients_reach_a_linear_state_alone():
+    """Only the linear state requires grad (q, k, v and the weights do not): the cpu path
+    keeps the graph all the same, and the state's gradients are the reference's."""
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, tq=17, tk=25, d=8, dtype=torch.float64)
+    w = make_weights("hedged", 1, 17).double()
+    state = ref.linear_state(k[:, :, :8], v[:, :, :8])
+    grads = {}
+    for backend in ("reference", "cpu"):
+        leaves = tuple(x.clone().requires_grad_() for x in state)
+        y, _ = routed_attention(q, k, v, w, window=4, n_sink=2, linear_state=leaves, backend=backend)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads[backend] = [x.grad for x in leaves]
+    for a, b in zip(grads["reference"], grads["cpu"], strict=True):
+        assert a is not None and b is not None and max_err(a, b) <= 1e-10
+
+
 def test_auto_backend_is_cpu_for_cpu_tensors():
     q, k, v = make_qkv(tq=5)
     assert kernels.resolve_backend("auto", q, k, v) == "cpu"

@@ -9,6 +9,7 @@ cases is a cover (every size, window, sink count and mix appears), not a product
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -166,10 +167,30 @@ def test_triton_rejects_float64():
 
 
 class _OnDevice:
-    """What `resolve_backend` reads of a tensor: where it lives and whether it wants grads."""
+    """What `resolve_backend` reads of a tensor: where it lives, its dtype and whether it
+    wants grads."""
 
-    def __init__(self, is_cuda: bool, requires_grad: bool = False):
-        self.is_cuda, self.requires_grad = is_cuda, requires_grad
+    def __init__(self, is_cuda: bool, requires_grad: bool = False, dtype: torch.dtype = torch.float32):
+        self.is_cuda, self.requires_grad, self.dtype = is_cuda, requires_grad, dtype
+
+
+class _CudaStandIn(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what `routed_attention` reads to choose "auto"
+    (so the choice runs without a GPU); every computation stays on the CPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def _no_triton(monkeypatch):
+    """Make a launch of the Triton path fail the test: "auto" must not take it."""
+    import metaattn_kernels.triton_routed as routed
+
+    def refuse(*args, **kw):
+        raise AssertionError("backend='auto' took the Triton path")
+
+    monkeypatch.setattr(routed, "routed_attention_triton", refuse)
 
 
 def test_auto_backend_is_triton_for_cuda_tensors_unless_they_need_gradients():
@@ -189,6 +210,90 @@ def test_auto_backend_is_triton_for_cuda_tensors_unless_they_need_gradients():
     for name in ("triton", "cpu", "reference"):
         assert kernels.resolve_backend(name, cpu, cpu, cpu) == name
         assert kernels.resolve_backend(name, cuda, cuda, cuda) == name
+
+
+def test_auto_backend_is_cpu_for_dtypes_triton_does_not_take(monkeypatch):
+    """float64 on CUDA: "auto" takes the cpu path (the Triton kernels would refuse it), and
+    the call returns the reference's answer instead of raising."""
+    import metaattn_kernels.dispatch as kernels
+
+    assert kernels.resolve_backend("auto", *[_OnDevice(True, dtype=torch.float64)] * 3) == "cpu"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert kernels.resolve_backend("auto", *[_OnDevice(True, dtype=dtype)] * 3) == "triton"
+    _no_triton(monkeypatch)
+    q, k, v = (x.as_subclass(_CudaStandIn) for x in make_qkv(b=1, tq=9, dtype=torch.float64))
+    w = make_weights("hedged", 1, 9).double()
+    assert q.is_cuda
+    y, _ = run("auto", q, k, v, w, window=4, n_sink=1)
+    assert y.dtype == torch.float64
+    assert max_err(y, run("reference", q, k, v, w, window=4, n_sink=1)[0]) <= 1e-10
+
+
+@pytest.mark.parametrize("needs", ["linear_state", "features"])
+def test_auto_backend_is_cpu_when_a_linear_state_or_features_need_gradients(monkeypatch, needs):
+    """On CUDA, "auto" reads every input a gradient may flow to, not only q, k, v and the
+    weights: a linear state (or precomputed features) that requires grad takes the cpu path,
+    whose output keeps the graph; a linear state's gradients are the reference's."""
+    from helpers import random_map
+
+    from metaattn_kernels.reference import linear_state
+
+    _no_triton(monkeypatch)
+    q, k, v = make_qkv(b=1, hq=4, hkv=2, tq=9, tk=14, d=8, seed=2)
+    w = make_weights("hedged", 1, 9)
+    kw = dict(window=4, n_sink=1)
+    if needs == "linear_state":
+        leaves = [x.clone().requires_grad_() for x in linear_state(k[:, :, :5], v[:, :, :5])]
+        kw["linear_state"] = tuple(leaves)
+    else:
+        fm = random_map(4, 2, 8)
+        leaves = [fm.query(q).requires_grad_(), fm.key(k[:, :, 5:]).requires_grad_()]
+        kw.update(feature_map=fm, features=tuple(x.as_subclass(_CudaStandIn) for x in leaves))
+    cuda = [x.as_subclass(_CudaStandIn) for x in (q, k, v, w)]
+    y, _ = run("auto", *cuda, **kw)
+    assert y.requires_grad
+    y.sum().backward()
+    assert all(x.grad is not None and bool(x.grad.abs().sum() > 0) for x in leaves)
+    if needs == "linear_state":
+        ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]
+        y_ref, _ = run("reference", q, k, v, w, **{**kw, "linear_state": tuple(ref_leaves)})
+        y_ref.sum().backward()
+        assert max_err(y, y_ref) <= TOL
+        for a, b in zip(leaves, ref_leaves, strict=True):
+            assert max_err(a.grad, b.grad) <= 1e-4
+
+
+@in_this_process
+def test_triton_refuses_inputs_that_require_grad():
+    """backend="triton" has no backward: an input that requires grad is refused by name
+    (its output would carry no graph, and a loss would silently lose the attention terms);
+    under torch.no_grad() the same call runs."""
+    from helpers import random_map
+
+    from metaattn_kernels.reference import linear_state
+
+    q, k, v = to_dev(*make_qkv(b=1, hq=4, hkv=2, tq=5, tk=8, d=8))
+    w = make_weights("hedged", 1, 5).to(DEV)
+    fm = random_map(4, 2, 8).to(DEV)
+    inputs = [q, k, v, w, *linear_state(k[:, :, :3], v[:, :, :3]), fm.query(q), fm.key(k[:, :, 3:])]
+    names = [
+        "q",
+        "k",
+        "v",
+        "weights",
+        "linear_state S",
+        "linear_state z",
+        "features phi(q)",
+        "features phi(k)",
+    ]
+    for i, name in enumerate(names):
+        args = [x.clone().requires_grad_(j == i) for j, x in enumerate(inputs)]
+        kw = dict(window=4, n_sink=1, linear_state=tuple(args[4:6]), feature_map=fm, features=tuple(args[6:]))
+        with pytest.raises(ValueError, match=rf"backend='triton'.*{re.escape(name)} requires grad"):
+            run("triton", *args[:4], **kw)
+        with torch.no_grad():
+            y, _ = run("triton", *args[:4], **kw)
+        assert not y.requires_grad and y.shape == q.shape
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="auto picks triton only for CUDA tensors")
