@@ -640,6 +640,41 @@ def callbacks(demo, name: str) -> list:
     return [d for d in demo.fns.values() if d.name == name]
 
 
+def controls_at(demo, dep, trace=None, **values) -> dict:
+    """The inputs of the page's event `dep` (a `callbacks` entry) at their start values; the
+    routing controls and the controller at `trace`'s settings and the page's trace (a
+    gr.State) `trace`, where given; then `values` by the controls' elem_ids or labels."""
+    import gradio as gr
+
+    c = demo.components
+    data = {block: getattr(block, "value", None) for block in dep.inputs}
+    if trace is not None:
+        s = trace.settings
+        by_label = {"Budget scope": s.scope, "Hedge policy": s.hedge_policy}
+        by_block = {
+            c["budget"]: s.budget,
+            c["controller"]: trace.controller,
+            c["hedge-measure"]: s.hedge_measure,
+            c["cost-model"]: s.cost_model,
+        }
+        for block in dep.inputs:
+            label = getattr(block, "label", "") or ""
+            if block in by_block:
+                data[block] = by_block[block]
+            elif label.startswith("Hedge threshold"):
+                data[block] = s.hedge_threshold
+            elif label.startswith("Local window"):
+                data[block] = float(s.window)
+            elif label in by_label:
+                data[block] = by_label[label]
+            elif isinstance(block, gr.State):
+                data[block] = trace  # the page's trace
+    labelled = {getattr(b, "label", None): b for b in dep.inputs}
+    for key, value in values.items():
+        data[c.get(key) or labelled[key]] = value
+    return data
+
+
 # -- colour-vision deficiency: how far apart two colours look (the plots' tests) -------------
 
 # Machado et al. (2009) simulation matrices at full severity (linear RGB)

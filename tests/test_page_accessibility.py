@@ -18,7 +18,7 @@ import json
 
 import gradio as gr
 import pytest
-from helpers import callbacks, tiny_page
+from helpers import callbacks, controls_at, tiny_page
 
 from metaattn_viz.app import attention_maps, plots
 from metaattn_viz.app.errors import AppError
@@ -46,31 +46,8 @@ def _by_id(out: dict) -> dict:
 
 
 def _values(demo, dep, trace=None, **values) -> dict:
-    """A callback's inputs at the controls' start values (the trace's settings where given),
-    then `values` by the controls' elem_ids or labels."""
-    c = demo.components
-    data = {block: block.value for block in dep.inputs}
-    if trace is not None:
-        s = trace.settings
-        by_label = {"Budget scope": s.scope, "Hedge policy": s.hedge_policy}
-        for block in dep.inputs:
-            label = getattr(block, "label", "") or ""
-            if block is c["budget"]:
-                data[block] = s.budget
-            elif label.startswith("Hedge threshold"):
-                data[block] = s.hedge_threshold
-            elif label.startswith("Local window"):
-                data[block] = float(s.window)
-            elif block is c["controller"]:
-                data[block] = trace.controller
-            elif label in by_label:
-                data[block] = by_label[label]
-            elif isinstance(block, gr.State):
-                data[block] = trace  # the page's trace
-    labelled = {getattr(b, "label", None): b for b in dep.inputs}
-    for key, value in values.items():
-        data[c.get(key) or labelled[key]] = value
-    return data
+    """A callback's inputs (helpers.controls_at)."""
+    return controls_at(demo, dep, trace, **values)
 
 
 def _generate_steps(demo) -> list:

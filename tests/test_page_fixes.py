@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gradio as gr
 import pytest
-from helpers import callbacks, tiny_page
+from helpers import callbacks, controls_at, tiny_page
 
 from metaattn_viz.app import examples, live_inspector, plots
 from metaattn_viz.app.errors import AppError
@@ -50,38 +50,8 @@ def _by_id(out: dict) -> dict:
 
 def _reroute_data(demo, trace, **values) -> dict:
     """live_reroute's inputs: the controls at the trace's settings, then `values` (by the
-    controls' elem_ids)."""
-    fn = _fns(demo, "live_reroute")[0]
-    c = demo.components
-    s = trace.settings
-    data = {}
-    for block in fn.inputs:
-        label = getattr(block, "label", "") or ""
-        if block is c["budget"]:
-            data[block] = s.budget
-        elif label.startswith("Hedge threshold"):
-            data[block] = s.hedge_threshold
-        elif label.startswith("Local window"):
-            data[block] = float(s.window)
-        elif block is c["controller"]:
-            data[block] = trace.controller
-        elif block is c["hedge-measure"]:
-            data[block] = s.hedge_measure
-        elif block is c["cost-model"]:
-            data[block] = s.cost_model
-        elif block is c["measure"]:
-            data[block] = "total"
-        elif block is c["relative"]:
-            data[block] = False
-        elif label == "Budget scope":
-            data[block] = s.scope
-        elif label == "Hedge policy":
-            data[block] = s.hedge_policy
-        else:  # the page's trace
-            data[block] = trace
-    for key, value in values.items():
-        data[c[key]] = value
-    return data
+    controls' elem_ids; helpers.controls_at)."""
+    return controls_at(demo, _fns(demo, "live_reroute")[0], trace, measure="total", relative=False, **values)
 
 
 # -- 1. the token slider on the shipped example run ------------------------------------------

@@ -81,6 +81,18 @@ def damage_header(path: Path) -> None:
         f.write(b"\xff" * 64)
 
 
+def checkpointed_under_a_damaged_wal(db: Path, n: int) -> Path:
+    """`db` with `n` runs checkpointed into its file (closing checkpoints) and 3 more in a
+    write-ahead log left by a killed writer, whose header is then overwritten."""
+    with RunLog(db) as log:
+        for seed in range(n):
+            trace = synthetic_trace(n_layers=3, n_tokens=8, seed=seed)
+            log.finish(log.start_run(trace), trace)
+    killed_writer(db, 3)
+    damage_header(wal(db))
+    return db
+
+
 # -- write-ahead logs ---------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["wal header overwritten", "database file missing"])
 def test_a_wal_duckdb_would_drop_is_refused_and_kept(crashed, damage):
@@ -110,13 +122,7 @@ def test_a_wal_duckdb_would_drop_is_refused_and_kept(crashed, damage):
 
 
 def test_a_damaged_wal_on_top_of_a_checkpointed_log_is_refused_and_its_older_runs_kept(tmp_path):
-    db = tmp_path / "routing.duckdb"
-    with RunLog(db) as log:  # closing checkpoints: these runs are in the database file
-        for seed in range(2):
-            trace = synthetic_trace(n_layers=3, n_tokens=8, seed=seed)
-            log.finish(log.start_run(trace), trace)
-    killed_writer(db, 3)  # and these in the write-ahead log only
-    damage_header(wal(db))
+    db = checkpointed_under_a_damaged_wal(tmp_path / "routing.duckdb", 2)
     before = digests(tmp_path)
     with pytest.raises(StoreUnavailable, match="its older runs stay") as err:
         RunLog(db)
@@ -177,13 +183,7 @@ def test_a_wal_duckdb_would_drop_is_refused_read_only_too(crashed, damage):
 
 
 def test_an_export_of_a_checkpointed_log_whose_wal_duckdb_would_drop_is_refused(tmp_path):
-    db = tmp_path / "routing.duckdb"
-    with RunLog(db) as log:  # closing checkpoints: these runs are in the database file
-        for seed in range(3):
-            trace = synthetic_trace(n_layers=3, n_tokens=8, seed=seed)
-            log.finish(log.start_run(trace), trace)
-    killed_writer(db, 3)  # and these in the write-ahead log only
-    damage_header(wal(db))
+    db = checkpointed_under_a_damaged_wal(tmp_path / "routing.duckdb", 3)
     before = digests(tmp_path)
     out = tmp_path / "export"
     with pytest.raises(StoreUnavailable, match="reading it would leave out the runs in") as err:
